@@ -1,0 +1,112 @@
+"""Checkpoints: weights in safetensors, the manifest as JSON inside the same file's header.
+
+One file per checkpoint keeps writes atomic (temp file + rename) and makes a checkpoint impossible to
+separate from its description. The manifest holds the format version, the model family and
+architecture, the resolved config, the step, metrics and lineage (sha256 of the inputs it was made from).
+Nothing is unpickled: safetensors stores raw tensors and a JSON header.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bigmodel import __version__
+from bigmodel.errors import UserError
+from bigmodel.io import atomic_path
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "bigmodel"
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """Write tensors + manifest atomically. Tensors are made contiguous and detached from autograd."""
+    full = {
+        "format_version": FORMAT_VERSION,
+        "kind": "checkpoint",
+        "bigmodel_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **manifest,
+    }
+    plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata={MANIFEST_KEY: json.dumps(full, sort_keys=True, default=str)})
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest alone (reads only the header). Refuses anything that is not a bigmodel checkpoint."""
+    with _open(path) as handle:
+        return _manifest_of(path, handle)
+
+
+def load_checkpoint(path: Path, prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Manifest and the tensors whose names start with `prefix` (all of them by default)."""
+    with _open(path) as handle:
+        manifest = _manifest_of(path, handle)
+        try:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+        except Exception as exc:  # safetensors raises its own error type for truncated data
+            raise UserError(f"checkpoint {path} is truncated or corrupt ({exc}); re-create it") from exc
+    return manifest, tensors
+
+
+def _open(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (run the stage that writes it, or fix the path)")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:
+        raise UserError(
+            f"{path} is not a readable safetensors checkpoint ({exc}); it may be truncated or another "
+            "kind of file: re-create it with 'bigmodel init' or 'bigmodel train'"
+        ) from exc
+
+
+def _manifest_of(path: Path, handle: Any) -> dict[str, Any]:
+    text = (handle.metadata() or {}).get(MANIFEST_KEY)
+    if text is None:
+        raise UserError(f"{path} is a safetensors file but not a bigmodel checkpoint (no manifest)")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: the checkpoint manifest is corrupt ({exc}); re-create it") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: checkpoint format version {version} is not supported by bigmodel {__version__} "
+            f"(expects {FORMAT_VERSION}); re-create it with this version"
+        )
+    return manifest
+
+
+def check_shapes(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose tensors do not match the model built from its architecture."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    if missing or extra or wrong:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:5])}" if missing else "",
+                f"unexpected {', '.join(extra[:5])}" if extra else "",
+                f"shape mismatch {', '.join(wrong[:5])}" if wrong else "",
+            )
+            if part
+        )
+        raise UserError(f"{path} does not match its architecture ({detail}); re-create the checkpoint")
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state dict under the 'model.' prefix (room for optimizer state beside it)."""
+    return {f"model.{name}": tensor for name, tensor in model.state_dict().items()}

@@ -1,0 +1,266 @@
+"""The `bigmodel` command line. Thin on purpose: parse flags, load the config, call a stage's run().
+
+Exit codes: 0 success; 1 a gate failed or the run broke; 2 the user's input is wrong (one line on
+stderr naming the problem and the fix; --debug adds the traceback). With --json, stdout carries exactly
+one JSON object and every human line goes to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from bigmodel import __version__, console
+from bigmodel.config import STDIO, load_config, section_help
+from bigmodel.errors import EXIT_FAILED, EXIT_USER, RunFailed, UserError
+
+app = typer.Typer(
+    name="bigmodel",
+    help="From raw data to a deployed, verified ONNX model, driven by YAML configs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="Show, validate and describe experiment configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Experiment YAML file.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
+]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Override run_dir.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (outputs, metrics) on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+def execute(name: str, action: Callable[[], dict[str, Any]], json_out: bool, quiet: bool, debug: bool) -> None:
+    """Run `action`, map its failure to an exit code and one stderr line, print --json output."""
+    console.set_quiet(quiet)
+    try:
+        outputs = action()
+    except UserError as exc:
+        _fail(name, EXIT_USER, f"error: {exc}", json_out, debug)
+    except RunFailed as exc:
+        _fail(name, EXIT_FAILED, f"failed: {exc}", json_out, debug)
+    except KeyboardInterrupt:
+        _fail(name, 130, "interrupted", json_out, debug)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
+    except Exception as exc:  # a bug or an environment failure: say so, keep the traceback for --debug
+        hint = "" if debug else " (re-run with --debug for the traceback)"
+        _fail(name, EXIT_FAILED, f"error: {type(exc).__name__}: {exc}{hint}", json_out, debug)
+    if json_out:
+        console.emit_json({"ok": True, "command": name, **outputs})
+
+
+def _fail(name: str, code: int, message: str, json_out: bool, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(message.replace("\n", " "), file=sys.stderr, flush=True)
+    if json_out:
+        console.emit_json({"ok": False, "command": name, "exit_code": code, "error": message})
+    raise typer.Exit(code)
+
+
+def _stage_command(name: str, summary: str) -> None:
+    """Register `bigmodel <name> -c CONFIG ...` for a stage that needs nothing but the config."""
+
+    def command(
+        config: ConfigOpt,
+        set_: SetOpt = None,
+        run_dir: RunDirOpt = None,
+        json_out: JsonOpt = False,
+        quiet: QuietOpt = False,
+        debug: DebugOpt = False,
+    ) -> None:
+        from bigmodel.stages import STAGES
+
+        execute(name, lambda: STAGES[name].run(load_config(config, set_, run_dir)), json_out, quiet, debug)
+
+    app.command(name, help=summary, epilog=section_help(name) or None)(command)
+
+
+_stage_command("prepare", "Read raw data, split it (seeded) and fit statistics on the training split.")
+_stage_command("init", "Build the model from the config and write a seeded initial checkpoint.")
+_stage_command("train", "Train from the initial checkpoint; write best/last checkpoints and metrics.jsonl.")
+_stage_command("compress", "Prune, quantise or distil a trained model (not yet available).")
+_stage_command("export", "Export a checkpoint to ONNX; publish it only if it matches PyTorch (parity gate).")
+
+
+@app.command("eval", epilog=section_help("eval"))
+def eval_command(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    fail_under: Annotated[
+        Optional[list[str]],
+        typer.Option("--fail-under", metavar="METRIC=VALUE", help="Exit 1 when METRIC < VALUE (repeatable)."),
+    ] = None,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score a checkpoint on the val or test split; write metrics.json."""
+    from bigmodel.stages import STAGES
+
+    def action() -> dict[str, Any]:
+        overrides = list(set_ or [])
+        for gate in fail_under or []:
+            metric, sep, value = gate.partition("=")
+            if not sep or not metric:
+                raise UserError(f"--fail-under {gate!r}: expected METRIC=VALUE, e.g. --fail-under accuracy=0.97")
+            overrides.append(f"eval.fail_under.{metric}={value}")
+        return STAGES["eval"].run(load_config(config, overrides, run_dir))
+
+    execute("eval", action, json_out, quiet, debug)
+
+
+@app.command("infer", epilog=section_help("infer"))
+def infer_command(
+    config: Annotated[Optional[Path], typer.Option("-c", "--config", help="Experiment YAML file.")] = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="ONNX model (infer.model).")] = None,
+    input_: Annotated[Optional[str], typer.Option("--input", "-i", help="Rows to predict, '-' for stdin.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where predictions go, '-' for stdout.")] = None,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Predict with the exported ONNX model (ONNX Runtime only). Without -c, --model and --input suffice."""
+
+    def action() -> dict[str, Any]:
+        from bigmodel import infer
+        from bigmodel.config import InferConfig
+
+        overrides = list(set_ or [])
+        for key, value in (("model", model), ("input", input_), ("output", output)):
+            if value is not None:
+                overrides.append(f"infer.{key}={value}")
+        if config is None:
+            if model is None or input_ is None:
+                raise UserError("infer needs -c CONFIG, or both --model FILE.onnx and --input FILE (or '-')")
+            if set_:
+                raise UserError("--set needs -c CONFIG; without a config use --model/--input/--output")
+            settings = InferConfig(model=model, input=Path(input_), output=Path(output or STDIO))
+            _refuse_stdout_clash(json_out, settings.output)
+            return infer.run_standalone(settings)
+        loaded = load_config(config, overrides, run_dir)
+        _refuse_stdout_clash(json_out, loaded.infer.output)
+        from bigmodel.stages import STAGES
+
+        return STAGES["infer"].run(loaded)
+
+    execute("infer", action, json_out, quiet, debug)
+
+
+def _refuse_stdout_clash(json_out: bool, output: Path | None) -> None:
+    if json_out and output is not None and str(output) == STDIO:
+        raise UserError("--json and predictions on stdout ('-') both need stdout; write predictions to a file")
+
+
+@app.command("pipeline")
+def pipeline_command(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
+    stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run stages even when up to date.")] = False,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run prepare -> init -> train -> eval -> export -> infer, skipping stages that are up to date."""
+    from bigmodel import pipeline
+
+    execute(
+        "pipeline",
+        lambda: pipeline.run(load_config(config, set_, run_dir), start, stop, force),
+        json_out, quiet, debug,
+    )
+
+
+@app.command("inspect")
+def inspect_command(
+    path: Annotated[Path, typer.Argument(help="A checkpoint, ONNX model, manifest or stage folder.")],
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Say what an artifact is: kind, architecture, parameters, step, metrics, lineage."""
+    from bigmodel import inspect
+
+    def action() -> dict[str, Any]:
+        info = inspect.run(path)
+        if not json_out:
+            console.print_mapping(info)
+        return info
+
+    execute("inspect", action, json_out, False, debug)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, debug: DebugOpt = False) -> None:
+    """Print the fully resolved config (defaults filled in, paths absolute) as YAML."""
+    from bigmodel.config import dump_yaml
+
+    def action() -> dict[str, Any]:
+        sys.stdout.write(dump_yaml(load_config(config, set_, run_dir)))
+        return {}
+
+    execute("config show", action, False, False, debug)
+
+
+@config_app.command("validate")
+def config_validate(
+    config: ConfigOpt, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False
+) -> None:
+    """Check a config without running anything: keys, types, ranges, cross-field rules, input files."""
+
+    def action() -> dict[str, Any]:
+        loaded = load_config(config, set_)
+        if not loaded.data.path.is_file():
+            raise UserError(f"data.path: file not found: {loaded.data.path}")
+        console.info(f"{config}: ok")
+        return {"config": str(config), "valid": True}
+
+    execute("config validate", action, json_out, False, debug)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of the config (point your editor's YAML language server at it)."""
+    import json
+
+    from bigmodel.config import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"bigmodel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """From raw data to a deployed, verified ONNX model, driven by YAML configs."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,456 @@
+"""The experiment config: one pydantic schema for defaults, help text, validation and the JSON Schema.
+
+A config is one YAML file with shared top-level keys (run_dir, seed, threads, device), a `data` and a
+`model` section, and one section per stage. Loading does, in order:
+
+1. read the YAML (`yaml.safe_load` only) and merge the files it `extends` (a base first, this file on top);
+2. resolve relative paths against the folder of the file that wrote them;
+3. apply `--set key.path=value` overrides (value parsed as YAML; relative paths against the current dir);
+4. validate: unknown keys are errors (with a did-you-mean), values are typed and range-checked, and
+   cross-field checks are collected into one message.
+
+Every failure is a UserError whose one line names the file, the key path, the problem and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bigmodel.errors import UserError, did_you_mean
+from bigmodel.metrics import SCALARS as SCALAR_METRICS
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class TabularDataConfig(Section):
+    format: Literal["tabular"] = Field("tabular", description="Kind of data: 'tabular' (a CSV file).")
+    path: Path = Field(description="CSV file with a header row (may be gzip-compressed, *.csv.gz).")
+    target: str = Field(description="Name of the column to predict.")
+    features: list[str] | None = Field(
+        None, description="Feature columns, in order. Default: every column except the target."
+    )
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="'classification' (target is a label) or 'regression' (a number)."
+    )
+    val_fraction: Fraction = Field(0.1, description="Fraction of rows held out for validation.")
+    test_fraction: Fraction = Field(0.2, description="Fraction of rows held out for the final test.")
+    stratify: bool = Field(
+        True, description="Keep class proportions equal across splits (classification only)."
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> TabularDataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
+                "must be < 0.9 so that training keeps at least 10% of the rows"
+            )
+        return self
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class MLPConfig(Section):
+    family: Literal["mlp"] = Field("mlp", description="Model family: 'mlp' (tabular).")
+    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(
+        [256], description="Width of each hidden layer; [] gives a linear model."
+    )
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field(
+        "relu", description="Nonlinearity between layers."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
+
+
+# --------------------------------------------------------------------------------------- the stages
+
+InitScheme = Literal["normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"]
+
+
+class InitConfig(Section):
+    scheme: InitScheme | None = Field(
+        None,
+        description="Weight init: normal, xavier_uniform, xavier_normal, kaiming_uniform, "
+        "kaiming_normal (biases zero). Default: the family's own (mlp: kaiming_uniform).",
+    )
+    std: float = Field(0.02, gt=0.0, description="Standard deviation for scheme 'normal'.")
+
+
+class TrainConfig(Section):
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd, adam or adamw.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay (decoupled for adamw).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum > 0).")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (
+        Field((0.9, 0.999), description="Adam/AdamW betas.")
+    )
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "cosine",
+        description="LR schedule after warmup: constant, cosine (decay to min_lr) or linear (to min_lr).",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    min_lr: float = Field(0.0, ge=0.0, description="LR at the end of cosine/linear decay.")
+    batch_size: int = Field(64, gt=0, description="Rows per optimizer step.")
+    epochs: int | None = Field(50, gt=0, description="Passes over the training rows.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimizer steps (overrides epochs when set)."
+    )
+    eval_every: int | None = Field(
+        None, gt=0, description="Evaluate on val every N steps. Default: once per epoch."
+    )
+    patience: int | None = Field(
+        None, gt=0, description="Early stopping: stop after N evaluations without improvement."
+    )
+    monitor: Literal["loss", "accuracy"] = Field(
+        "loss", description="Val metric that picks the best checkpoint and drives early stopping."
+    )
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm.")
+    loss: Literal["auto", "cross_entropy", "mse"] = Field(
+        "auto", description="auto: cross_entropy for classification, mse for regression."
+    )
+
+    @model_validator(mode="after")
+    def _optimizer_settings_agree(self) -> TrainConfig:
+        problems = []
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            problems.append(
+                f"train.nesterov needs train.optimizer 'sgd' with train.momentum > 0 "
+                f"(got optimizer '{self.optimizer}', momentum {self.momentum})"
+            )
+        if self.min_lr > self.lr:
+            problems.append(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        if self.epochs is None and self.max_steps is None:
+            problems.append("set train.epochs or train.max_steps")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+CheckpointRef = Annotated[
+    str,
+    Field(description="Which checkpoint: 'best', 'last', 'init', or a path to a .safetensors file."),
+]
+
+
+class EvalConfig(Section):
+    split: Literal["val", "test"] = Field("test", description="Which held-out split to evaluate.")
+    checkpoint: CheckpointRef = "best"
+    fail_under: dict[str, float] = Field(
+        {}, description="Gate: exit 1 when a metric is below its value, e.g. {accuracy: 0.97}."
+    )
+
+
+class ExportConfig(Section):
+    checkpoint: CheckpointRef = "best"
+    opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18).")
+    atol: float = Field(
+        1e-4, gt=0.0, description="Parity gate: max abs difference allowed between ONNX and PyTorch."
+    )
+    parity_rows: int = Field(256, gt=0, description="Held-out rows used by the parity check.")
+
+
+class InferConfig(Section):
+    model: Path | None = Field(None, description="ONNX model. Default: <run_dir>/export/model.onnx.")
+    input: Path | None = Field(
+        None,
+        description="CSV or JSONL rows to predict, or '-' for stdin. Default: the prepared test split "
+        "(<run_dir>/prepare/test.csv).",
+    )
+    output: Path | None = Field(
+        None,
+        description="Where predictions go (CSV or JSONL), or '-' for stdout. "
+        "Default: <run_dir>/infer/predictions.csv.",
+    )
+    format: Literal["auto", "csv", "jsonl"] = Field(
+        "auto", description="Input/output format; auto goes by the file extension (.jsonl, else csv); on stdin a "
+        "first line starting with '{' means jsonl."
+    )
+    batch_size: int = Field(1024, gt=0, description="Rows per ONNX Runtime call.")
+    threads: int | None = Field(
+        None, gt=0, description="ONNX Runtime intra-op threads. Default: the top-level threads."
+    )
+    providers: list[str] = Field(
+        ["CPUExecutionProvider"], description="ONNX Runtime execution providers, in priority order."
+    )
+
+
+class Config(Section):
+    """One experiment, from raw data to predictions."""
+
+    extends: str | list[str] | None = Field(
+        None,
+        description="Base config file(s) merged under this one (paths relative to this file).",
+        exclude=True,
+    )
+    run_dir: Path | None = Field(
+        None,
+        description="Folder for every artifact, one sub-folder per stage. "
+        "Default: runs/<config file name> in the current directory.",
+    )
+    seed: int = Field(0, ge=0, description="Seed for splits, init, shuffling and sampling.")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads for PyTorch and ONNX Runtime. Default: all cores."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where PyTorch runs: auto picks cuda when available, else cpu."
+    )
+    data: TabularDataConfig
+    model: MLPConfig = Field(default_factory=MLPConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Config:
+        problems = []
+        task = self.data.task
+        if self.train.loss == "mse" and task == "classification":
+            problems.append("train.loss 'mse' needs data.task 'regression' (got 'classification')")
+        if self.train.loss == "cross_entropy" and task == "regression":
+            problems.append("train.loss 'cross_entropy' needs data.task 'classification'")
+        if self.train.monitor == "accuracy" and task == "regression":
+            problems.append("train.monitor 'accuracy' needs data.task 'classification'; use 'loss'")
+        for name in self.eval.fail_under:
+            if name not in SCALAR_METRICS[task]:
+                problems.append(
+                    f"eval.fail_under.{name}: not a {task} metric{did_you_mean(name, SCALAR_METRICS[task])}; "
+                    f"available: {', '.join(SCALAR_METRICS[task])}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def stage_dir(self, stage: str) -> Path:
+        """`<run_dir>/<stage>`: where a stage writes its artifacts."""
+        return (self.run_dir or Path("runs")) / stage
+
+    def checkpoint_path(self, ref: str) -> Path:
+        """'init' / 'best' / 'last' name the run's own checkpoints; anything else is a file path."""
+        named = {
+            "init": self.stage_dir("init") / "model.safetensors",
+            "best": self.stage_dir("train") / "best.safetensors",
+            "last": self.stage_dir("train") / "last.safetensors",
+        }
+        return named.get(ref, Path(ref))
+
+    def section_hash(self, *names: str) -> str:
+        """Fingerprint of some sections, so a pipeline knows when a stage's settings changed."""
+        dumped = self.model_dump(mode="json")
+        picked = {name: dumped.get(name) for name in names}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+STDIO = "-"
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, run_dir: str | Path | None = None
+) -> Config:
+    """Read, merge, resolve, override and validate a config file. Raises UserError on any mistake."""
+    path = Path(path)
+    raw = _read_with_extends(path, chain=())
+    for override in overrides or []:
+        _apply_override(raw, override)
+    if run_dir is not None:
+        raw["run_dir"] = str(Path(run_dir).absolute())
+    elif raw.get("run_dir") is None:
+        raw["run_dir"] = str(Path.cwd() / "runs" / path.name.split(".")[0])
+    raw.pop("extends", None)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {format_validation_error(exc)}") from exc
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (check the path given to -c/--config)")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file; a config must be YAML text") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: a config must be a YAML mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise UserError(f"{path}: 'extends' forms a cycle: {cycle}; remove one of the links")
+    raw = _read_yaml(path)
+    _resolve_paths(raw, base=path.parent)
+    bases = raw.pop("extends", None)
+    if bases is None:
+        return raw
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{path}: extends must be a file name or a list of them")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, _read_with_extends(path.parent / base, (*chain, resolved)))
+    return deep_merge(merged, raw)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge mappings recursively; anything else in `top` replaces what `base` had."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key_path, sep, text = override.partition("=")
+    if not sep or not key_path.strip():
+        raise UserError(f"--set {override!r}: expected key.path=value, e.g. --set train.lr=0.001")
+    try:
+        # '-' (stdin/stdout) would parse as a YAML list item; keep it the string it means.
+        value = text.strip() if text.strip() == STDIO else (yaml.safe_load(text) if text.strip() else None)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {override!r}: the value is not valid YAML ({exc})") from exc
+    keys = key_path.strip().split(".")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            where = ".".join(keys[: i + 1])
+            raise UserError(f"--set {override!r}: {where} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+    # Paths given on the command line are relative to where the user runs the command.
+    if tuple(keys) in PATH_KEYS and isinstance(value, str) and value != STDIO:
+        node[keys[-1]] = str(Path(value).absolute())
+
+
+# ---------------------------------------------------------------------------- path-valued settings
+
+
+def _is_path_annotation(annotation: Any) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    candidates = [annotation, *typing.get_args(annotation)]
+    return [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+
+
+def _path_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every key path whose value is a filesystem path, read off the schema itself."""
+    keys: set[tuple[str, ...]] = set()
+    for name, field in model.model_fields.items():
+        if _is_path_annotation(field.annotation):
+            keys.add((*prefix, name))
+        for section in _sections_in(field.annotation):
+            keys |= _path_keys(section, (*prefix, name))
+    return keys
+
+
+PATH_KEYS = _path_keys(Config)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make relative paths written in a config file relative to that file's folder."""
+    for keys in PATH_KEYS:
+        node: Any = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get(keys[-1])
+        if isinstance(value, str) and value != STDIO and not Path(value).is_absolute():
+            node[keys[-1]] = str((base / value).absolute())
+
+
+# ------------------------------------------------------------------------------- error formatting
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """All problems of one validation in one line: 'key.path: what is wrong (what is allowed)'."""
+    messages = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        where = ".".join(loc) if loc else "config"
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            hint = did_you_mean(loc[-1], allowed)
+            messages.append(
+                f"{where}: unknown key{hint}; allowed here: {', '.join(sorted(allowed))}"
+            )
+        elif kind == "missing":
+            messages.append(f"{where}: required key is missing")
+        elif kind == "value_error" and not loc:
+            messages.append(str(error["msg"]).removeprefix("Value error, "))
+        else:
+            msg = str(error["msg"]).removeprefix("Value error, ")
+            messages.append(f"{where}: {msg} (got {error.get('input')!r})")
+    return "; ".join(messages)
+
+
+def _allowed_keys(loc: list[str]) -> set[str]:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return set()
+        sections = _sections_in(model.model_fields[part].annotation)
+        model = sections[0] if sections else None
+    return set(model.model_fields) if model else set()
+
+
+def section_help(section: str) -> str:
+    """'key: description (default)' lines for one section, for a stage's --help."""
+    field = Config.model_fields.get(section)
+    sections = _sections_in(field.annotation) if field else []
+    if not sections:
+        return ""
+    lines = [f"Config section '{section}':"]
+    for name, sub in sections[0].model_fields.items():
+        default = "" if sub.is_required() else f" [default: {sub.get_default(call_default_factory=True)!r}]"
+        lines.append(f"  {section}.{name}: {sub.description or ''}{default}")
+    return "\n".join(lines)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "bigmodel config"
+    return schema
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,33 @@
+"""The two ways a run can fail on purpose, and their exit codes.
+
+UserError (exit 2): the input is wrong (config, paths, data, checkpoint); the message names what and how
+to fix it. GateFailed (exit 1): the work ran but its result failed a check (parity, metric threshold).
+RunFailed (exit 1): the run broke, e.g. the loss diverged. Anything else that escapes is a bug and also
+exits 1.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USER = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input. The message is one line: the problem and the fix."""
+
+
+class RunFailed(Exception):
+    """The work started but could not finish (a diverged loss, a broken run); exit 1."""
+
+
+class GateFailed(RunFailed):
+    """The stage ran to the end but its result failed a configured gate; exit 1."""
+
+
+def did_you_mean(name: str, choices: list[str] | set[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,13 @@
+"""export: a checkpoint -> a verified ONNX model. The model is published only if it passes the gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bigmodel.config import Config
+
+
+def run(config: Config) -> dict[str, Any]:
+    from bigmodel.export import tabular
+
+    return tabular.run(config)

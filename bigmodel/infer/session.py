@@ -1,0 +1,46 @@
+"""Opening an exported model with ONNX Runtime and reading the metadata bigmodel stamped into it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from bigmodel.errors import UserError
+
+
+def open_session(path: Path, providers: list[str], threads: int | None) -> ort.InferenceSession:
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path} (run 'bigmodel export' first, or set infer.model)")
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise UserError(
+            f"infer.providers: {', '.join(unknown)} not available in this onnxruntime; "
+            f"available: {', '.join(available)}"
+        )
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a loadable ONNX model ({first}); re-run 'bigmodel export'") from exc
+
+
+def metadata(session: ort.InferenceSession, path: Path) -> dict[str, Any]:
+    """The `bigmodel.*` metadata as Python values; refuses models bigmodel did not export."""
+    raw = session.get_modelmeta().custom_metadata_map
+    meta = {}
+    for key, value in raw.items():
+        if key.startswith("bigmodel."):
+            try:
+                meta[key.removeprefix("bigmodel.")] = json.loads(value)
+            except json.JSONDecodeError:
+                meta[key.removeprefix("bigmodel.")] = value
+    if "kind" not in meta:
+        raise UserError(f"{path} has no bigmodel metadata; export it with 'bigmodel export'")
+    return meta

@@ -1,0 +1,163 @@
+"""Predict rows from CSV or JSONL (a file or stdin) with an exported tabular model.
+
+Columns are matched by name against the feature names stored in the model. The target column may be
+present (it is passed through, and accuracy is reported). Output columns: `prediction` (the label, or
+the value for regression), then `prob_<label>` for each class; any other unknown column is an error, as is a
+missing feature or a non-numeric value.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from bigmodel import console, metrics
+from bigmodel.config import STDIO, InferConfig
+from bigmodel.errors import UserError
+from bigmodel.infer.session import metadata, open_session
+from bigmodel.io import atomic_open
+from bigmodel.tabular_io import parse_number, read_csv, read_text
+
+
+def predict_file(
+    model: Path | str, source: Path | str, dest: Path | str, settings: InferConfig, threads: int | None
+) -> dict[str, Any]:
+    model, source, dest = Path(model), Path(source), Path(dest)
+    session = open_session(model, settings.providers, threads)
+    meta = metadata(session, model)
+    if meta["kind"] != "tabular":
+        raise UserError(f"{model} is a '{meta['kind']}' model; this input needs a tabular model")
+    records = _read_records(source, settings.format)
+    x, targets = _to_matrix(records, meta["features"], meta["target"], source)
+
+    outputs = np.concatenate([
+        session.run(None, {"features": x[i : i + settings.batch_size]})[0]
+        for i in range(0, len(x), settings.batch_size)
+    ])
+    rows = _prediction_rows(outputs, meta, targets)
+    _write(rows, dest, _format(settings.format, dest))
+    result: dict[str, Any] = {"predictions": str(dest), "rows": len(rows), "model": str(model)}
+    if targets is not None and meta["task"] == "classification":
+        known = {label: i for i, label in enumerate(meta["labels"])}
+        if all(t in known for t in targets):
+            y = np.array([known[t] for t in targets])
+            result["accuracy"] = metrics.classification(y, outputs, meta["labels"])["accuracy"]
+    console.info(
+        f"infer: {len(rows)} rows -> {'stdout' if str(dest) == STDIO else dest}"
+        + (f" (accuracy against the '{meta['target']}' column: {result['accuracy']:.4f})"
+           if "accuracy" in result else "")
+    )
+    return result
+
+
+def _format(setting: str, path: Path) -> str:
+    if setting != "auto":
+        return setting
+    return "jsonl" if path.name.endswith((".jsonl", ".jsonl.gz", ".ndjson")) else "csv"
+
+
+def _read_records(source: Path, setting: str) -> list[dict[str, Any]]:
+    """Rows as dicts column -> cell, each with its 1-based line number under key None."""
+    if str(source) == STDIO:
+        text = sys.stdin.read()
+        # stdin has no extension to go by: a JSON object on the first line means JSONL.
+        fmt = setting if setting != "auto" else ("jsonl" if text.lstrip().startswith("{") else "csv")
+    else:
+        if not source.is_file():
+            raise UserError(f"input file not found: {source} (set infer.input or --input)")
+        text = read_text(source)
+        fmt = _format(setting, source)
+    if fmt == "csv":
+        header, cells = read_csv(source, text)
+        return [{None: i + 2, **dict(zip(header, row))} for i, row in enumerate(cells)]
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}: line {line_no} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise UserError(f"{source}: line {line_no} must be a JSON object of column: value")
+        records.append({None: line_no, **record})
+    if not records:
+        raise UserError(f"{source}: no rows to predict")
+    return records
+
+
+def _to_matrix(
+    records: list[dict[Any, Any]], features: list[str], target: str, source: Path
+) -> tuple[np.ndarray, list[str] | None]:
+    columns = {k for k in records[0] if k is not None}
+    missing = [f for f in features if f not in columns]
+    extra = sorted(columns - set(features) - {target})
+    if missing:
+        raise UserError(
+            f"{source}: missing feature column(s) {', '.join(missing[:5])}"
+            + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            + "; the model needs every feature it was trained on"
+        )
+    if extra:
+        raise UserError(
+            f"{source}: unknown column(s) {', '.join(extra[:5])}; the model takes "
+            f"{len(features)} features (and optionally '{target}'): drop the others"
+        )
+    x = np.empty((len(records), len(features)), dtype=np.float32)
+    for r, record in enumerate(records):
+        line = record[None]
+        for c, name in enumerate(features):
+            if name not in record:
+                raise UserError(f"{source}: line {line} has no value for column '{name}'")
+            x[r, c] = parse_number(str(record[name]) if record[name] is not None else "", line, name, source)
+    targets = [str(rec.get(target, "")).strip() for rec in records] if target in columns else None
+    return x, targets
+
+
+def _prediction_rows(
+    outputs: np.ndarray, meta: dict[str, Any], targets: list[str] | None
+) -> list[dict[str, Any]]:
+    # The true target passes through under its own name unless that clashes with an output column.
+    target_col = meta["target"]
+    if target_col == "prediction" or target_col.startswith("prob_"):
+        target_col = f"{target_col}_true"
+    rows = []
+    for i, out in enumerate(outputs):
+        row: dict[str, Any] = {} if targets is None else {target_col: targets[i]}
+        if meta["task"] == "classification":
+            row["prediction"] = meta["labels"][int(out.argmax())]
+            row.update({f"prob_{label}": float(p) for label, p in zip(meta["labels"], out)})
+        else:
+            row["prediction"] = float(out)
+        rows.append(row)
+    return rows
+
+
+def _write(rows: list[dict[str, Any]], dest: Path, fmt: str) -> None:
+    if str(dest) == STDIO:
+        _write_to(sys.stdout, rows, fmt)
+        sys.stdout.flush()
+        return
+    with atomic_open(dest) as handle:
+        _write_to(handle, rows, fmt)
+
+
+def _write_to(handle: IO[str], rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "jsonl":
+        for row in rows:
+            handle.write(json.dumps(_nest_probabilities(row)) + "\n")
+        return
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+
+
+def _nest_probabilities(row: dict[str, Any]) -> dict[str, Any]:
+    probs = {k.removeprefix("prob_"): v for k, v in row.items() if k.startswith("prob_")}
+    plain = {k: v for k, v in row.items() if not k.startswith("prob_")}
+    return {**plain, "probabilities": probs} if probs else plain

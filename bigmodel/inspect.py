@@ -1,0 +1,97 @@
+"""inspect: say what an artifact is (checkpoint, ONNX model, prepared data), without PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bigmodel.errors import UserError
+from bigmodel.io import read_json
+
+
+def run(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        for candidate in ("manifest.json", "model.onnx", "best.safetensors", "model.safetensors"):
+            if (path / candidate).exists():
+                return run(path / candidate)
+        raise UserError(f"{path}: no bigmodel artifact in this folder")
+    if not path.is_file():
+        raise UserError(f"not found: {path}")
+    if path.suffix == ".onnx":
+        return _onnx(path)
+    if path.suffix == ".json":
+        manifest = read_json(path, "manifest")
+        return {"kind": manifest.get("kind", "json"), "path": str(path), **manifest}
+    return _checkpoint(path)
+
+
+def _checkpoint(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            meta = handle.metadata() or {}
+            shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
+    except Exception as exc:
+        raise UserError(f"{path} is not a bigmodel checkpoint, ONNX model or manifest ({exc})") from exc
+    if "bigmodel" not in meta:
+        raise UserError(f"{path} is a safetensors file but not a bigmodel checkpoint (no manifest)")
+    manifest = json.loads(meta["bigmodel"])
+    params = sum(_numel(s) for k, s in shapes.items() if k.startswith("model.") and not _is_buffer(k))
+    return {
+        "kind": manifest.get("kind"),
+        "path": str(path),
+        "family": manifest.get("family"),
+        "architecture": manifest.get("architecture"),
+        "parameters": params,
+        "step": manifest.get("step"),
+        "metrics": manifest.get("metrics"),
+        "lineage": manifest.get("lineage"),
+        "created": manifest.get("created"),
+        "bigmodel_version": manifest.get("bigmodel_version"),
+    }
+
+
+def _onnx(path: Path) -> dict[str, Any]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable ONNX model ({exc})") from exc
+    meta = {p.key.removeprefix("bigmodel."): _maybe_json(p.value) for p in model.metadata_props}
+    params = sum(_numel(list(t.dims)) for t in model.graph.initializer)
+    return {
+        "kind": "onnx",
+        "path": str(path),
+        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+        "inputs": [_io(v) for v in model.graph.input],
+        "outputs": [_io(v) for v in model.graph.output],
+        "parameters": params,
+        "size_bytes": path.stat().st_size,
+        "metadata": meta,
+    }
+
+
+def _io(value: Any) -> dict[str, Any]:
+    dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    return {"name": value.name, "shape": dims}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _is_buffer(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("feature_mean", "feature_std", "target_mean", "target_std")
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value

@@ -1,0 +1,91 @@
+"""Artifact I/O without PyTorch: atomic writes, JSON manifests, content hashes.
+
+Every file is written to a temporary name in the same folder, flushed to disk, then renamed over the
+target (os.replace is atomic on POSIX and Windows), so a crash leaves either the old file or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from bigmodel.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} exists and is not a regular file; choose a file path to write to")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that becomes `path` only when the block succeeds.
+
+    A target that exists and is not a regular file (/dev/stdout, a named pipe) is written in place:
+    renaming over it would replace the device with a plain file.
+    """
+    encoding = None if "b" in mode else "utf-8"
+    if path.exists() and not path.is_file():
+        with open(path, mode, encoding=encoding) as handle:
+            yield handle
+        return
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as handle:
+        yield handle
+
+
+def write_json(path: Path, payload: Any) -> None:
+    with atomic_open(path) as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Read a JSON artifact; a missing or unreadable one is the user's to fix (exit 2)."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path} (run the stage that makes it first)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is corrupt ({exc}); delete it and re-run its stage") from exc
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one line; a line is small enough that the write is all-or-nothing in practice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def require_file(path: Path, what: str, fix: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path} ({fix})")
+    return path

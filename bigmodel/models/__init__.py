@@ -1,0 +1,1 @@
+"""Model families, one readable file each. The registry (bigmodel.registry) maps names to them."""

@@ -1,0 +1,38 @@
+"""pipeline: run the stages in order, exactly as if called one by one, skipping up-to-date ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bigmodel import console
+from bigmodel.config import Config
+from bigmodel.errors import UserError
+from bigmodel.stages import ORDER, STAGES
+
+# Stages a pipeline runs by default; compress joins when it is available for the config's family.
+DEFAULT_STAGES = [name for name in ORDER if name != "compress"]
+
+
+def run(config: Config, start: str | None = None, stop: str | None = None, force: bool = False) -> dict[str, Any]:
+    names = _select(start, stop)
+    results: dict[str, Any] = {}
+    for name in names:
+        stage = STAGES[name]
+        if not force and stage.is_up_to_date(config):
+            console.info(f"pipeline: {name} is up to date, skipped")
+            results[name] = {"skipped": True}
+            continue
+        console.info(f"pipeline: {name}")
+        results[name] = stage.run(config)
+    return {"stages": results}
+
+
+def _select(start: str | None, stop: str | None) -> list[str]:
+    for flag, value in (("--from", start), ("--to", stop)):
+        if value is not None and value not in DEFAULT_STAGES:
+            raise UserError(f"{flag} {value!r}: not a pipeline stage; stages: {', '.join(DEFAULT_STAGES)}")
+    first = DEFAULT_STAGES.index(start) if start else 0
+    last = DEFAULT_STAGES.index(stop) if stop else len(DEFAULT_STAGES) - 1
+    if first > last:
+        raise UserError(f"--from {start} comes after --to {stop}; stages run in the order {' -> '.join(DEFAULT_STAGES)}")
+    return DEFAULT_STAGES[first : last + 1]

@@ -1,0 +1,13 @@
+"""prepare: raw data -> split, fitted, on-disk training data (one module per data format)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bigmodel.config import Config
+
+
+def run(config: Config) -> dict[str, Any]:
+    from bigmodel.prepare import tabular
+
+    return tabular.run(config)

@@ -1,0 +1,89 @@
+"""The stages, in pipeline order, with what each reads and writes.
+
+Each stage module exposes `run(config) -> outputs`. After a successful run a stamp records the hash of
+the config sections the stage depends on; `pipeline` skips a stage when its outputs exist, are newer than
+its inputs, and the stamp matches the current config (the same rule as make, plus the config).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bigmodel.config import STDIO, Config
+from bigmodel.io import write_json
+
+STAMP = ".stamp.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]
+    inputs: Callable[[Config], list[Path]]
+    outputs: Callable[[Config], list[Path]]
+
+    def run(self, config: Config) -> dict[str, Any]:
+        module = importlib.import_module(f"bigmodel.{self.name}")
+        outputs = module.run(config)
+        self._write_stamp(config)
+        return outputs
+
+    def is_up_to_date(self, config: Config) -> bool:
+        outputs = self.outputs(config)
+        inputs = [p for p in self.inputs(config) if str(p) != STDIO]
+        if not outputs or any(str(p) == STDIO or not p.exists() for p in outputs):
+            return False
+        if any(not p.exists() for p in inputs):
+            return False
+        if inputs and min(p.stat().st_mtime for p in outputs) < max(p.stat().st_mtime for p in inputs):
+            return False
+        return self._read_stamp(config) == config.section_hash(*self.sections)
+
+    def _stamp_path(self, config: Config) -> Path:
+        return config.stage_dir(self.name) / STAMP
+
+    def _write_stamp(self, config: Config) -> None:
+        write_json(self._stamp_path(config), {"config": config.section_hash(*self.sections)})
+
+    def _read_stamp(self, config: Config) -> str | None:
+        try:
+            return json.loads(self._stamp_path(config).read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def _in(stage: str, *names: str) -> Callable[[Config], list[Path]]:
+    return lambda c: [c.stage_dir(stage) / n for n in names]
+
+
+def _ckpt(ref_of: Callable[[Config], str]) -> Callable[[Config], list[Path]]:
+    return lambda c: [c.checkpoint_path(ref_of(c)), c.stage_dir("prepare") / "data.safetensors"]
+
+
+_EVERYWHERE = ("seed", "threads")
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("prepare", ("data", "seed"), lambda c: [c.data.path],
+              _in("prepare", "manifest.json", "data.safetensors", "test.csv")),
+        Stage("init", ("data", "model", "init", "seed"), _in("prepare", "manifest.json"),
+              _in("init", "model.safetensors")),
+        Stage("train", ("model", "train", *_EVERYWHERE),
+              lambda c: [c.stage_dir("init") / "model.safetensors", c.stage_dir("prepare") / "data.safetensors"],
+              _in("train", "best.safetensors", "last.safetensors")),
+        Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), _in("eval", "metrics.json")),
+        Stage("compress", ("compress",), lambda c: [], lambda c: []),
+        Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _in("export", "model.onnx")),
+        Stage("infer", ("infer", "threads"),
+              lambda c: [c.infer.model or c.stage_dir("export") / "model.onnx",
+                         c.infer.input or c.stage_dir("prepare") / "test.csv"],
+              lambda c: [c.infer.output or c.stage_dir("infer") / "predictions.csv"]),
+    )
+}
+ORDER = list(STAGES)

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bigmodel import registry
+from bigmodel.checkpoint import FORMAT_VERSION, load_checkpoint, read_manifest, save_checkpoint
+from bigmodel.errors import UserError
+from bigmodel.io import atomic_open
+
+ARCH = {"family": "mlp", "task": "classification", "n_inputs": 4, "n_outputs": 3,
+        "hidden_sizes": [5], "activation": "relu", "dropout": 0.0}
+
+
+def write(path: Path, arch: dict = ARCH) -> torch.nn.Module:
+    model = registry.build_model(arch)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    save_checkpoint(path, tensors, {"family": "mlp", "architecture": arch, "step": 7})
+    return model
+
+
+def test_round_trip_keeps_weights_and_manifest(tmp_path: Path) -> None:
+    model = write(tmp_path / "c.safetensors")
+    loaded, manifest = registry.load_model(tmp_path / "c.safetensors")
+    assert manifest["step"] == 7 and manifest["format_version"] == FORMAT_VERSION
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    write(path)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(UserError, match="truncated or corrupt|not a readable"):
+        load_checkpoint(path)
+
+
+def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    path.write_text("hello, not a checkpoint")
+    with pytest.raises(UserError, match="not a readable safetensors checkpoint"):
+        read_manifest(path)
+
+
+def test_safetensors_without_manifest_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(UserError, match="not a bigmodel checkpoint"):
+        read_manifest(path)
+
+
+def test_other_format_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"bigmodel": json.dumps({"format_version": 99})})
+    with pytest.raises(UserError, match="format version 99"):
+        read_manifest(path)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    model = write(path, {**ARCH, "hidden_sizes": [9]})
+    # A manifest that claims [5] while the weights are [9] wide: the shapes give it away.
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    save_checkpoint(path, tensors, {"family": "mlp", "architecture": ARCH})
+    with pytest.raises(UserError, match="does not match its architecture.*shape mismatch"):
+        registry.load_model(path)
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="checkpoint not found"):
+        registry.load_model(tmp_path / "none.safetensors")
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_open(path) as handle:
+        handle.write("half")
+        raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_manifest_header_is_plain_json_not_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    write(path)
+    raw = path.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + header_len])
+    assert json.loads(header["__metadata__"]["bigmodel"])["architecture"] == ARCH

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bigmodel.config import Config, json_schema, load_config
+from bigmodel.errors import UserError
+from tests.conftest import write_config
+
+BASE = {"data": {"path": "data.csv", "target": "y"}}
+
+
+def load(tmp_path: Path, config: dict, *overrides: str) -> Config:
+    return load_config(write_config(tmp_path / "c.yaml", config), list(overrides))
+
+
+def error_of(tmp_path: Path, config: dict, *overrides: str) -> str:
+    with pytest.raises(UserError) as info:
+        load(tmp_path, config, *overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_fill_in_and_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    config = load(tmp_path, BASE)
+    assert config.train.optimizer == "adamw"
+    assert config.data.path == tmp_path / "data.csv"
+    assert config.run_dir == Path.cwd() / "runs" / "c"
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    message = error_of(tmp_path, {**BASE, "train": {"lrr": 0.1}})
+    assert "train.lrr: unknown key (did you mean 'lr'?)" in message
+    assert str(tmp_path / "c.yaml") in message
+
+
+def test_bad_value_names_key_and_value(tmp_path: Path) -> None:
+    message = error_of(tmp_path, {**BASE, "train": {"lr": -1}})
+    assert "train.lr" in message and "greater than 0" in message and "-1" in message
+
+
+def test_cross_field_problems_are_reported_together(tmp_path: Path) -> None:
+    message = error_of(
+        tmp_path, {**BASE, "train": {"optimizer": "adam", "nesterov": True, "lr": 0.1, "min_lr": 0.5}}
+    )
+    assert "train.nesterov" in message and "train.min_lr" in message
+
+
+def test_errors_across_sections_are_collected(tmp_path: Path) -> None:
+    message = error_of(tmp_path, {**BASE, "model": {"dropout": 1.5}, "train": {"batch_size": 0}})
+    assert "model.dropout" in message and "train.batch_size" in message
+
+
+def test_set_parses_yaml_values(tmp_path: Path) -> None:
+    config = load(
+        tmp_path, BASE, "train.lr=3e-4", "model.hidden_sizes=[8, 4]", "train.nesterov=false",
+        "eval.fail_under.accuracy=0.5",
+    )
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.model.hidden_sizes == [8, 4]
+    assert config.eval.fail_under == {"accuracy": 0.5}
+
+
+def test_set_is_validated_like_the_file(tmp_path: Path) -> None:
+    assert "train.epochs" in error_of(tmp_path, BASE, "train.epochs=-3")
+    assert "expected key.path=value" in error_of(tmp_path, BASE, "train.lr")
+    assert "is a value, not a section" in error_of(tmp_path, BASE, "data.path.x=1")
+
+
+def test_set_paths_are_relative_to_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    config = load_config(write_config(tmp_path / "sub" / "c.yaml", BASE), ["data.path=other.csv"])
+    assert config.data.path == tmp_path / "other.csv"
+
+
+def test_extends_merges_and_resolves_each_file_relative_to_itself(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    write_config(tmp_path / "base" / "base.yaml", {**BASE, "train": {"lr": 0.5, "epochs": 3}})
+    config = load(tmp_path, {"extends": "base/base.yaml", "train": {"lr": 0.1}})
+    assert config.train.lr == 0.1 and config.train.epochs == 3
+    assert config.data.path == tmp_path / "base" / "data.csv"
+
+
+def test_extends_cycle_is_refused(tmp_path: Path) -> None:
+    write_config(tmp_path / "a.yaml", {"extends": "c.yaml"})
+    assert "cycle" in error_of(tmp_path, {"extends": "a.yaml", **BASE})
+
+
+def test_invalid_yaml_reports_the_line(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("data:\n  path: x\n  target: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML at line"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_section_hash_tracks_only_the_named_sections(tmp_path: Path) -> None:
+    a = load(tmp_path, BASE)
+    b = load(tmp_path, BASE, "train.lr=0.5")
+    assert a.section_hash("train") != b.section_hash("train")
+    assert a.section_hash("data", "model") == b.section_hash("data", "model")
+
+
+def test_json_schema_carries_descriptions_and_forbids_unknown_keys() -> None:
+    schema = json_schema()
+    train = schema["$defs"]["TrainConfig"]
+    assert train["additionalProperties"] is False
+    assert "learning rate" in train["properties"]["lr"]["description"].lower()
+    assert train["properties"]["lr"]["exclusiveMinimum"] == 0
