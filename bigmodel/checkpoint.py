@@ -108,5 +108,9 @@ def check_shapes(path: Path, expected: dict[str, torch.Tensor], found: dict[str,
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A model's state dict under the 'model.' prefix (room for optimizer state beside it)."""
-    return {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    """A model's state dict under the 'model.' prefix (room for optimizer state beside it).
+
+    Tied weights (GPT's lm_head is its token embedding) are stored once: safetensors refuses
+    aliased tensors, and the model re-ties them when it is built."""
+    tied = getattr(model, "tied_weights", {})
+    return {f"model.{name}": t for name, t in model.state_dict().items() if name not in tied}

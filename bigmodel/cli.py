@@ -92,9 +92,27 @@ def _stage_command(name: str, summary: str) -> None:
 
 _stage_command("prepare", "Read raw data, split it (seeded) and fit statistics on the training split.")
 _stage_command("init", "Build the model from the config and write a seeded initial checkpoint.")
-_stage_command("train", "Train from the initial checkpoint; write best/last checkpoints and metrics.jsonl.")
 _stage_command("compress", "Prune, quantise or distil a trained model (not yet available).")
 _stage_command("export", "Export a checkpoint to ONNX; publish it only if it matches PyTorch (parity gate).")
+
+
+@app.command("train", epilog=section_help("train"))
+def train_command(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from train/last.safetensors, bitwise as if never stopped.")
+    ] = False,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train from the initial checkpoint; write best/last checkpoints and metrics.jsonl."""
+    from bigmodel.stages import STAGES
+
+    execute("train", lambda: STAGES["train"].run(load_config(config, set_, run_dir), resume=resume),
+            json_out, quiet, debug)
 
 
 @app.command("eval", epilog=section_help("eval"))
@@ -229,7 +247,11 @@ def config_validate(
 
     def action() -> dict[str, Any]:
         loaded = load_config(config, set_)
-        if not loaded.data.path.is_file():
+        if loaded.data.format == "text":
+            from bigmodel.prepare.text import source_files
+
+            source_files(loaded.data)  # raises when a file or glob finds nothing
+        elif not loaded.data.path.is_file():
             raise UserError(f"data.path: file not found: {loaded.data.path}")
         console.info(f"{config}: ok")
         return {"config": str(config), "valid": True}

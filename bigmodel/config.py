@@ -17,12 +17,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sysconfig
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from bigmodel.errors import UserError, did_you_mean
 from bigmodel.metrics import SCALARS as SCALAR_METRICS
@@ -65,6 +66,76 @@ class TabularDataConfig(Section):
         return self
 
 
+class TokenizerConfig(Section):
+    kind: Literal["char", "bpe", "file"] = Field(
+        "char",
+        description="char: one token per character (vocabulary from the data); bpe: byte-level BPE "
+        "trained on the corpus (HF tokenizers); file: an existing tokenizer.json.",
+    )
+    vocab_size: int = Field(4096, ge=260, le=4_294_967_295, description="BPE vocabulary size.")
+    path: Path | None = Field(None, description="tokenizer.json for kind 'file'.")
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> TokenizerConfig:
+        if self.kind == "file" and self.path is None:
+            raise ValueError("data.tokenizer.kind 'file' needs data.tokenizer.path (a tokenizer.json)")
+        return self
+
+
+class CleaningConfig(Section):
+    normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation form.")
+    strip_control: bool = Field(
+        True, description="Drop control characters other than newline and tab."
+    )
+    dedupe: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (after cleaning).")
+    max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
+
+
+class TextDataConfig(Section):
+    format: Literal["text"] = Field("text", description="Kind of data: 'text' (files or JSONL).")
+    path: Path | None = Field(
+        None,
+        description="A text file, a glob ('corpus/*.txt'), or a .jsonl file. '{stdlib}' expands to "
+        "this Python's standard-library folder.",
+    )
+    paths: list[Path] = Field([], description="More files or globs, read after data.path.")
+    jsonl_field: str = Field("text", description="Field holding the text in .jsonl sources.")
+    document: Literal["file", "paragraph", "line"] = Field(
+        "file",
+        description="What one document is in plain-text files (JSONL: one record). Cleaning filters, "
+        "dedupe and the 'document' split work per document.",
+    )
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    split: Literal["tail", "document"] = Field(
+        "tail",
+        description="tail: the last val_fraction of the text is val (as nanoGPT); document: each "
+        "document goes to val with probability val_fraction (seeded).",
+    )
+    val_fraction: Fraction = Field(0.1, description="Fraction of the text held out for validation.")
+    chunk_chars: int = Field(
+        1 << 20, ge=1024, description="Characters read at a time; peak memory follows this, not the corpus."
+    )
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> TextDataConfig:
+        if self.path is None and not self.paths:
+            raise ValueError("set data.path (a file or glob) or data.paths")
+        return self
+
+
+def _tag_of(key: str, default: str) -> Any:
+    """Pick a union member by `key`, defaulting when the config leaves it out."""
+    return lambda value: value.get(key, default) if isinstance(value, dict) else getattr(value, key, default)
+
+
+DataConfig = Annotated[
+    Annotated[TabularDataConfig, Tag("tabular")] | Annotated[TextDataConfig, Tag("text")],
+    Discriminator(_tag_of("format", "tabular")),
+]
+
+
 # -------------------------------------------------------------------------------------------- model
 
 
@@ -79,16 +150,40 @@ class MLPConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
 
 
+class GPTConfig(Section):
+    family: Literal["gpt"] = Field("gpt", description="Model family: 'gpt' (decoder-only language model).")
+    n_layer: int = Field(4, gt=0, description="Transformer blocks.")
+    n_head: int = Field(4, gt=0, description="Attention heads per block.")
+    n_embd: int = Field(128, gt=0, description="Embedding width (a multiple of n_head).")
+    block_size: int = Field(64, gt=0, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, residuals, embeddings.")
+    bias: bool = Field(False, description="Biases in Linear layers and LayerNorms.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        return self
+
+
+ModelConfig = Annotated[
+    Annotated[MLPConfig, Tag("mlp")] | Annotated[GPTConfig, Tag("gpt")],
+    Discriminator(_tag_of("family", "mlp")),
+]
+UNION_TAGS = {"data": {"tabular", "text"}, "model": {"mlp", "gpt"}}
+
+
 # --------------------------------------------------------------------------------------- the stages
 
-InitScheme = Literal["normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"]
+InitScheme = Literal["gpt2", "normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"]
 
 
 class InitConfig(Section):
     scheme: InitScheme | None = Field(
         None,
-        description="Weight init: normal, xavier_uniform, xavier_normal, kaiming_uniform, "
-        "kaiming_normal (biases zero). Default: the family's own (mlp: kaiming_uniform).",
+        description="Weight init: gpt2 (gpt only), normal, xavier_uniform, xavier_normal, "
+        "kaiming_uniform, kaiming_normal (biases zero). Default: the family's own (mlp: "
+        "kaiming_uniform, gpt: gpt2).",
     )
     std: float = Field(0.02, gt=0.0, description="Standard deviation for scheme 'normal'.")
 
@@ -123,6 +218,20 @@ class TrainConfig(Section):
         "loss", description="Val metric that picks the best checkpoint and drives early stopping."
     )
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm.")
+    grad_accum_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step (gpt); the step sees batch_size x this."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast matmuls to bfloat16 (CPU and CUDA); weights stay fp32."
+    )
+    compile: bool = Field(False, description="torch.compile the model (gpt).")
+    eval_batches: int = Field(
+        50, gt=0, description="gpt: val batches per evaluation (the same fixed batches every time)."
+    )
+    log_every: int = Field(50, gt=0, description="gpt: append train loss, lr and tokens/s every N steps.")
+    save_every: int | None = Field(
+        None, gt=0, description="Write the resumable 'last' checkpoint every N steps. Default: eval_every."
+    )
     loss: Literal["auto", "cross_entropy", "mse"] = Field(
         "auto", description="auto: cross_entropy for classification, mse for regression."
     )
@@ -151,11 +260,24 @@ CheckpointRef = Annotated[
 
 
 class EvalConfig(Section):
-    split: Literal["val", "test"] = Field("test", description="Which held-out split to evaluate.")
+    split: Literal["val", "test"] = Field(
+        "test", description="Which held-out split to evaluate (text data has only 'val')."
+    )
     checkpoint: CheckpointRef = "best"
     fail_under: dict[str, float] = Field(
         {}, description="Gate: exit 1 when a metric is below its value, e.g. {accuracy: 0.97}."
     )
+    fail_above: dict[str, float] = Field(
+        {}, description="Gate: exit 1 when a metric is above its value, e.g. {loss: 2.0}."
+    )
+    text_file: Path | None = Field(
+        None, description="gpt: score this text file (encoded with the run's tokenizer) instead of val."
+    )
+    samples: int = Field(0, ge=0, description="gpt: print this many samples generated from the prompt.")
+    prompt: str = Field("\n", description="gpt: prompt the samples start from.")
+    max_new_tokens: int = Field(200, gt=0, description="gpt: tokens generated per sample.")
+    temperature: float = Field(0.8, ge=0.0, description="gpt: sampling temperature (0 = greedy).")
+    top_k: int | None = Field(200, gt=0, description="gpt: sample only among the k likeliest tokens.")
 
 
 class ExportConfig(Section):
@@ -212,28 +334,43 @@ class Config(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where PyTorch runs: auto picks cuda when available, else cpu."
     )
-    data: TabularDataConfig
-    model: MLPConfig = Field(default_factory=MLPConfig)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=MLPConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
 
+    @property
+    def task(self) -> str:
+        """classification, regression (tabular data) or lm (text data)."""
+        return "lm" if self.data.format == "text" else self.data.task
+
     @model_validator(mode="after")
     def _sections_agree(self) -> Config:
         problems = []
-        task = self.data.task
+        task = self.task
+        pairs = {"tabular": "mlp", "text": "gpt"}
+        if pairs[self.data.format] != self.model.family:
+            problems.append(
+                f"model.family '{self.model.family}' cannot learn data.format '{self.data.format}' "
+                f"(use model.family '{pairs[self.data.format]}')"
+            )
+        if self.init.scheme == "gpt2" and self.model.family != "gpt":
+            problems.append("init.scheme 'gpt2' is for model.family 'gpt'")
+        if task == "lm" and self.eval.split == "test":
+            problems.append("eval.split 'test': text data has a val split only; use 'val'")
         if self.train.loss == "mse" and task == "classification":
             problems.append("train.loss 'mse' needs data.task 'regression' (got 'classification')")
         if self.train.loss == "cross_entropy" and task == "regression":
             problems.append("train.loss 'cross_entropy' needs data.task 'classification'")
         if self.train.monitor == "accuracy" and task == "regression":
             problems.append("train.monitor 'accuracy' needs data.task 'classification'; use 'loss'")
-        for name in self.eval.fail_under:
+        for name in [*self.eval.fail_under, *self.eval.fail_above]:
             if name not in SCALAR_METRICS[task]:
                 problems.append(
-                    f"eval.fail_under.{name}: not a {task} metric{did_you_mean(name, SCALAR_METRICS[task])}; "
+                    f"eval gate '{name}': not a {task} metric{did_you_mean(name, SCALAR_METRICS[task])}; "
                     f"available: {', '.join(SCALAR_METRICS[task])}"
                 )
         if problems:
@@ -351,10 +488,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             where = ".".join(keys[: i + 1])
             raise UserError(f"--set {override!r}: {where} is a value, not a section")
         node = child
-    node[keys[-1]] = value
     # Paths given on the command line are relative to where the user runs the command.
-    if tuple(keys) in PATH_KEYS and isinstance(value, str) and value != STDIO:
-        node[keys[-1]] = str(Path(value).absolute())
+    node[keys[-1]] = resolve_path(value, Path.cwd()) if tuple(keys) in PATH_KEYS else value
 
 
 # ---------------------------------------------------------------------------- path-valued settings
@@ -365,8 +500,10 @@ def _is_path_annotation(annotation: Any) -> bool:
 
 
 def _sections_in(annotation: Any) -> list[type[BaseModel]]:
-    candidates = [annotation, *typing.get_args(annotation)]
-    return [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+    """The section classes an annotation can hold (through Optional, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [section for arg in typing.get_args(annotation) for section in _sections_in(arg)]
 
 
 def _path_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
@@ -383,17 +520,28 @@ def _path_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tupl
 PATH_KEYS = _path_keys(Config)
 
 
+STDLIB = "{stdlib}"
+
+
+def resolve_path(value: Any, base: Path) -> Any:
+    """A path string made absolute against `base`; '{stdlib}' is this Python's standard library
+    folder (text that exists on every machine with Python); '-' (stdin/stdout) stays as it is."""
+    if isinstance(value, list):
+        return [resolve_path(v, base) for v in value]
+    if not isinstance(value, str) or value == STDIO:
+        return value
+    value = value.replace(STDLIB, sysconfig.get_paths()["stdlib"])
+    return value if Path(value).is_absolute() else str((base / value).absolute())
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     """Make relative paths written in a config file relative to that file's folder."""
     for keys in PATH_KEYS:
         node: Any = raw
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            continue
-        value = node.get(keys[-1])
-        if isinstance(value, str) and value != STDIO and not Path(value).is_absolute():
-            node[keys[-1]] = str((base / value).absolute())
+        if isinstance(node, dict) and keys[-1] in node:
+            node[keys[-1]] = resolve_path(node[keys[-1]], base)
 
 
 # ------------------------------------------------------------------------------- error formatting
@@ -403,11 +551,17 @@ def format_validation_error(exc: ValidationError) -> str:
     """All problems of one validation in one line: 'key.path: what is wrong (what is allowed)'."""
     messages = []
     for error in exc.errors():
-        loc = [str(part) for part in error["loc"]]
+        raw_loc = [str(part) for part in error["loc"]]
+        # pydantic names the union member in the location (data.text.path): users wrote data.path.
+        loc = [p for i, p in enumerate(raw_loc) if not (i == 1 and p in UNION_TAGS.get(raw_loc[0], ()))]
         where = ".".join(loc) if loc else "config"
         kind = error["type"]
-        if kind == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
+        if kind == "union_tag_invalid":
+            key = "format" if where == "data" else "family"
+            ctx = error.get("ctx", {})
+            messages.append(f"{where}.{key}: unknown value {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
+        elif kind == "extra_forbidden":
+            allowed = _allowed_keys(raw_loc[:-1])
             hint = did_you_mean(loc[-1], allowed)
             messages.append(
                 f"{where}: unknown key{hint}; allowed here: {', '.join(sorted(allowed))}"
@@ -423,13 +577,26 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def _allowed_keys(loc: list[str]) -> set[str]:
+    """Keys allowed at a location; a union member named in `loc` (data.text) selects that member."""
     model: type[BaseModel] | None = Config
+    choices: list[type[BaseModel]] = []
     for part in loc:
+        tagged = [c for c in choices if _tag_default(c) == part]
+        if tagged:
+            model, choices = tagged[0], []
+            continue
         if model is None or part not in model.model_fields:
             return set()
-        sections = _sections_in(model.model_fields[part].annotation)
-        model = sections[0] if sections else None
+        choices = _sections_in(model.model_fields[part].annotation)
+        model = choices[0] if choices else None
     return set(model.model_fields) if model else set()
+
+
+def _tag_default(section: type[BaseModel]) -> str | None:
+    for key in ("format", "family"):
+        if key in section.model_fields:
+            return section.model_fields[key].default
+    return None
 
 
 def section_help(section: str) -> str:

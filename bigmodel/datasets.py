@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,21 @@ from bigmodel.io import read_json, require_file
 DATA_FILE = "data.safetensors"
 MANIFEST_FILE = "manifest.json"
 TEST_CSV = "test.csv"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def shard_name(split: str) -> str:
+    return f"{split}.bin"
+
+
+def prepared_files(config: Config) -> list[Path]:
+    """What `prepare` writes for this config's data format (the inputs of init and train)."""
+    folder = config.stage_dir("prepare")
+    if config.data.format == "text":
+        names = [MANIFEST_FILE, shard_name("train"), shard_name("val"), TOKENIZER_FILE]
+    else:
+        names = [MANIFEST_FILE, DATA_FILE, TEST_CSV]
+    return [folder / name for name in names]
 
 
 def data_manifest(config: Config) -> dict[str, Any]:
@@ -32,3 +48,16 @@ def load_split(config: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
     if f"{split}_x" not in arrays:
         raise UserError(f"{path} has no '{split}' split; re-run 'bigmodel prepare'")
     return arrays[f"{split}_x"], arrays[f"{split}_y"]
+
+
+def load_tokens(config: Config, split: str) -> np.ndarray:
+    """A token shard as a read-only memmap: nothing is loaded until it is indexed."""
+    manifest = data_manifest(config)
+    path = require_file(
+        config.stage_dir("prepare") / shard_name(split), f"{split} token shard", "run 'bigmodel prepare' first"
+    )
+    dtype = np.dtype(manifest["dtype"])
+    if path.stat().st_size != manifest["tokens"][split] * dtype.itemsize:
+        raise UserError(f"{path} does not have the {manifest['tokens'][split]} tokens its manifest says; "
+                        "re-run 'bigmodel prepare'")
+    return np.memmap(path, dtype=dtype, mode="r")

@@ -1,4 +1,8 @@
-"""init: model config + prepared data -> a seeded initial checkpoint (<run_dir>/init/model.safetensors)."""
+"""init: model config + prepared data -> a seeded initial checkpoint (<run_dir>/init/model.safetensors).
+
+It also reports what the model will cost: parameters and, for the GPT, training FLOPs per token and
+the memory training will need at the configured batch size.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ import torch
 from bigmodel import console, registry
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config
-from bigmodel.datasets import DATA_FILE, data_manifest
+from bigmodel.datasets import TOKENIZER_FILE, data_manifest, prepared_files
 from bigmodel.io import sha256_file
+from bigmodel.models import gpt
 from bigmodel.runtime import setup_torch
 
 
@@ -20,23 +25,53 @@ def run(config: Config) -> dict[str, Any]:
     arch = registry.architecture(config.model, data)
     model = registry.build_model(arch)
     scheme = registry.init_weights(model, arch["family"], config.init.scheme, config.init.std)
-    _load_statistics(model, data["statistics"])
+    if arch["family"] == "mlp":
+        _load_statistics(model, data["statistics"])
 
-    n_params = registry.count_parameters(model)
     path = config.stage_dir("init") / "model.safetensors"
     manifest = {
         "family": arch["family"],
         "architecture": arch,
-        "data": {k: data[k] for k in ("task", "target", "features", "labels")},
+        "data": data_info(config, data),
         "config": config.model_dump(mode="json"),
         "init_scheme": scheme,
         "step": 0,
         "metrics": {},
-        "lineage": {"data": sha256_file(config.stage_dir("prepare") / DATA_FILE)},
+        "lineage": {"data": sha256_file(prepared_files(config)[1])},
     }
     save_checkpoint(path, model_tensors(model), manifest)
-    console.info(f"init: {arch['family']} with {n_params:,} parameters ({scheme} init) -> {path}")
-    return {"checkpoint": str(path), "parameters": n_params, "init_scheme": scheme}
+    report = _report(model, arch, config)
+    console.info(f"init: {arch['family']} with {report['parameters']:,} parameters ({scheme} init) -> {path}")
+    if arch["family"] == "gpt":
+        memory = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["training_memory_bytes"].items())
+        console.info(
+            f"init: {report['parameters_without_position_embeddings']:,} without position embeddings; "
+            f"{report['flops_per_token']:,} training FLOPs per token; training memory at batch "
+            f"{config.train.batch_size}: {memory}"
+        )
+    return {"checkpoint": str(path), "init_scheme": scheme, **report}
+
+
+def data_info(config: Config, data: dict[str, Any]) -> dict[str, Any]:
+    """What later artifacts must know about the data: columns and labels, or the tokenizer itself."""
+    if config.data.format == "text":
+        tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
+        return {"task": "lm", "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json}
+    return {k: data[k] for k in ("task", "target", "features", "labels")}
+
+
+def _report(model: torch.nn.Module, arch: dict[str, Any], config: Config) -> dict[str, Any]:
+    if arch["family"] != "gpt":
+        return {"parameters": registry.count_parameters(model)}
+    counts = gpt.parameter_counts(model)
+    return {
+        "parameters": counts["total"],
+        "parameters_without_position_embeddings": counts["without_position_embeddings"],
+        "flops_per_token": gpt.flops_per_token(arch, counts["without_position_embeddings"]),
+        "training_memory_bytes": gpt.training_memory(
+            arch, counts["total"], config.train.batch_size, config.train.optimizer, config.train.precision
+        ),
+    }
 
 
 def _load_statistics(model: torch.nn.Module, stats: dict[str, Any]) -> None:

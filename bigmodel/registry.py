@@ -13,10 +13,10 @@ from torch import nn
 
 from bigmodel.checkpoint import check_shapes, load_checkpoint
 from bigmodel.errors import UserError
-from bigmodel.models import mlp
+from bigmodel.models import gpt, mlp
 
-FAMILIES = {"mlp": mlp}
-DEFAULT_INIT = {"mlp": "kaiming_uniform"}
+FAMILIES = {"mlp": mlp, "gpt": gpt}
+DEFAULT_INIT = {"mlp": "kaiming_uniform", "gpt": "gpt2"}
 
 
 def _family(name: str) -> Any:
@@ -47,8 +47,10 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise UserError(f"{path}: checkpoint manifest has no architecture; re-create the checkpoint")
     model = build_model(manifest["architecture"])
     weights = {k.removeprefix("model."): v for k, v in tensors.items()}
-    check_shapes(path, model.state_dict(), weights)
-    model.load_state_dict(weights)
+    tied = getattr(model, "tied_weights", {})
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied}
+    check_shapes(path, expected, weights)
+    model.load_state_dict(weights, strict=False)  # tied aliases are filled through their source
     return model, manifest
 
 

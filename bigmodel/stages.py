@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel.config import STDIO, Config
+from bigmodel.datasets import prepared_files
 from bigmodel.io import write_json
 
 STAMP = ".stamp.json"
@@ -27,9 +28,11 @@ class Stage:
     inputs: Callable[[Config], list[Path]]
     outputs: Callable[[Config], list[Path]]
 
-    def run(self, config: Config) -> dict[str, Any]:
+    available: Callable[[Config], bool] = lambda c: True
+
+    def run(self, config: Config, **options: Any) -> dict[str, Any]:
         module = importlib.import_module(f"bigmodel.{self.name}")
-        outputs = module.run(config)
+        outputs = module.run(config, **options)
         self._write_stamp(config)
         return outputs
 
@@ -62,7 +65,17 @@ def _in(stage: str, *names: str) -> Callable[[Config], list[Path]]:
 
 
 def _ckpt(ref_of: Callable[[Config], str]) -> Callable[[Config], list[Path]]:
-    return lambda c: [c.checkpoint_path(ref_of(c)), c.stage_dir("prepare") / "data.safetensors"]
+    return lambda c: [c.checkpoint_path(ref_of(c)), *prepared_files(c)]
+
+
+def _sources(config: Config) -> list[Path]:
+    """prepare's inputs: the data file (globs are not tracked; use --force after adding files)."""
+    path = config.data.path
+    return [path] if path is not None and path.is_file() else []
+
+
+def _tabular_only(config: Config) -> bool:  # the GPT's export and infer arrive with the deploy issue
+    return config.model.family == "mlp"
 
 
 _EVERYWHERE = ("seed", "threads")
@@ -70,20 +83,21 @@ _EVERYWHERE = ("seed", "threads")
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("prepare", ("data", "seed"), lambda c: [c.data.path],
-              _in("prepare", "manifest.json", "data.safetensors", "test.csv")),
+        Stage("prepare", ("data", "seed"), _sources, prepared_files),
         Stage("init", ("data", "model", "init", "seed"), _in("prepare", "manifest.json"),
               _in("init", "model.safetensors")),
         Stage("train", ("model", "train", *_EVERYWHERE),
-              lambda c: [c.stage_dir("init") / "model.safetensors", c.stage_dir("prepare") / "data.safetensors"],
+              lambda c: [c.stage_dir("init") / "model.safetensors", *prepared_files(c)],
               _in("train", "best.safetensors", "last.safetensors")),
         Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), _in("eval", "metrics.json")),
-        Stage("compress", ("compress",), lambda c: [], lambda c: []),
-        Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _in("export", "model.onnx")),
+        Stage("compress", ("compress",), lambda c: [], lambda c: [], available=lambda c: False),
+        Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _in("export", "model.onnx"),
+              available=_tabular_only),
         Stage("infer", ("infer", "threads"),
               lambda c: [c.infer.model or c.stage_dir("export") / "model.onnx",
                          c.infer.input or c.stage_dir("prepare") / "test.csv"],
-              lambda c: [c.infer.output or c.stage_dir("infer") / "predictions.csv"]),
+              lambda c: [c.infer.output or c.stage_dir("infer") / "predictions.csv"],
+              available=_tabular_only),
     )
 }
 ORDER = list(STAGES)

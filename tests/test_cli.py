@@ -51,7 +51,7 @@ def test_fail_under_gate_exits_1_and_unknown_metric_exits_2(fresh_run: Path) -> 
     assert failed.code == 1 and "eval gate failed: accuracy" in failed.stderr
     assert cli("eval", "-c", fresh_run, "--fail-under", "accuracy=0.5").code == 0
     line = one_line_error(cli("eval", "-c", fresh_run, "--fail-under", "acuracy=0.5"))
-    assert "eval.fail_under.acuracy: not a classification metric (did you mean 'accuracy'?)" in line
+    assert "eval gate 'acuracy': not a classification metric (did you mean 'accuracy'?)" in line
 
 
 def test_compress_is_not_yet_available(digits_run: Path) -> None:

@@ -1,13 +1,26 @@
-"""eval: a checkpoint + a held-out split -> metrics.json; `fail_under` turns it into a CI gate."""
+"""eval: a checkpoint + held-out data -> metrics.json; fail_under / fail_above turn it into a CI gate."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from bigmodel.config import Config
+from bigmodel.errors import GateFailed
 
 
 def run(config: Config) -> dict[str, Any]:
+    if config.model.family == "gpt":
+        from bigmodel.eval import lm
+
+        return lm.run(config)
     from bigmodel.eval import tabular
 
     return tabular.run(config)
+
+
+def check_gate(scores: dict[str, Any], fail_under: dict[str, float], fail_above: dict[str, float]) -> None:
+    """Exit 1 (GateFailed) when a metric crosses its threshold (names were checked with the config)."""
+    failures = [f"{name} {scores[name]:.4f} < {limit}" for name, limit in fail_under.items() if scores[name] < limit]
+    failures += [f"{name} {scores[name]:.4f} > {limit}" for name, limit in fail_above.items() if scores[name] > limit]
+    if failures:
+        raise GateFailed(f"eval gate failed: {'; '.join(failures)}")

@@ -9,7 +9,7 @@ import torch
 from bigmodel import console, metrics, registry
 from bigmodel.config import Config
 from bigmodel.datasets import load_split
-from bigmodel.errors import GateFailed
+from bigmodel.eval import check_gate
 from bigmodel.io import sha256_file, write_json
 from bigmodel.runtime import setup_torch
 
@@ -40,16 +40,5 @@ def run(config: Config) -> dict[str, Any]:
     headline = {k: scores[k] for k in metrics.HEADLINE[task]}
     console.info(f"eval ({ec.split}, {scores['rows']} rows): "
                  + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
-    check_gate(scores, ec.fail_under)
+    check_gate(scores, ec.fail_under, ec.fail_above)
     return {"metrics_file": str(out), "split": ec.split, **headline}
-
-
-def check_gate(scores: dict[str, Any], fail_under: dict[str, float]) -> None:
-    """Exit 1 (GateFailed) when any metric is below its threshold (names were checked with the config)."""
-    failures = []
-    for name, threshold in fail_under.items():
-        value = scores[name]
-        if value < threshold:
-            failures.append(f"{name} {value:.4f} < {threshold}")
-    if failures:
-        raise GateFailed(f"eval gate failed: {'; '.join(failures)}")

@@ -8,6 +8,10 @@ from bigmodel.config import Config
 
 
 def run(config: Config) -> dict[str, Any]:
+    if config.data.format == "text":
+        from bigmodel.prepare import text
+
+        return text.run(config)
     from bigmodel.prepare import tabular
 
     return tabular.run(config)

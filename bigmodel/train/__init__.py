@@ -7,7 +7,11 @@ from typing import Any
 from bigmodel.config import Config
 
 
-def run(config: Config) -> dict[str, Any]:
+def run(config: Config, resume: bool = False) -> dict[str, Any]:
+    if config.model.family == "gpt":
+        from bigmodel.train import lm
+
+        return lm.run(config, resume=resume)
     from bigmodel.train import tabular
 
-    return tabular.run(config)
+    return tabular.run(config, resume=resume)

@@ -1,14 +1,16 @@
 """Training recipe for the tabular MLP. Reads top to bottom: setup, data, loop, save.
 
 Every `eval_every` steps the model is scored on the val split; the best score so far is saved as
-best.safetensors, the current weights as last.safetensors (both atomically), and a record is appended to
-metrics.jsonl. Early stopping ends the run after `patience` evaluations without improvement.
+best.safetensors, the full training state as last.safetensors (both atomically; `--resume` continues
+from it bitwise), and a record is appended to metrics.jsonl. Early stopping ends the run after
+`patience` evaluations without improvement.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,22 +18,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel import console, registry
-from bigmodel.checkpoint import model_tensors, save_checkpoint
+from bigmodel.checkpoint import model_tensors, read_manifest, save_checkpoint
 from bigmodel.config import Config
-from bigmodel.datasets import DATA_FILE, data_manifest, load_split
+from bigmodel.datasets import DATA_FILE, load_split
 from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import append_jsonl, sha256_file
 from bigmodel.runtime import setup_torch
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
+from bigmodel.train.state import (
+    LoopState,
+    check_matches_config,
+    restore_training_state,
+    run_lock,
+    save_training_state,
+    truncate_log,
+)
 
 
-def run(config: Config) -> dict[str, Any]:
+def run(config: Config, resume: bool = False) -> dict[str, Any]:
+    out_dir = config.stage_dir("train")
+    with run_lock(out_dir):
+        return _train(config, resume, out_dir)
+
+
+def _train(config: Config, resume: bool, out_dir: Path) -> dict[str, Any]:
     # ---- setup
     device = setup_torch(config)
     tc = config.train
     init_path = config.stage_dir("init") / "model.safetensors"
     model, init_manifest = registry.load_model(init_path)
-    _check_matches_config(config, init_manifest)
+    check_matches_config(config, init_manifest)
     model.to(device)
     optimizer = build_optimizer(model, tc)
     loss_fn = _loss_fn(config.data.task)
@@ -42,42 +58,51 @@ def run(config: Config) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_x) / tc.batch_size)
     total_steps = tc.max_steps or (tc.epochs or 1) * steps_per_epoch
     eval_every = tc.eval_every or steps_per_epoch
-    shuffle = torch.Generator().manual_seed(config.seed)
 
-    out_dir = config.stage_dir("train")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+    last_path = out_dir / "last.safetensors"
+    unused_sampler = torch.Generator()  # tabular batches come from per-epoch permutations instead
+    loop = LoopState()
+    if resume:
+        if not last_path.is_file():
+            raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
+        loop = restore_training_state(last_path, model, optimizer, unused_sampler)
+        truncate_log(metrics_path, loop.step)
+        console.info(f"train: resuming from step {loop.step} ({last_path})")
+        if tc.patience is not None and loop.evals_since_best >= tc.patience:
+            total_steps = loop.step  # that run had stopped early: there is nothing left to do
+    else:
+        metrics_path.unlink(missing_ok=True)
     lineage = {"init": sha256_file(init_path), "data": sha256_file(config.stage_dir("prepare") / DATA_FILE)}
 
-    def save(name: str, step: int, metrics: dict[str, float]) -> None:
-        manifest = {
-            **{k: init_manifest[k] for k in ("family", "architecture", "data")},
-            "config": config.model_dump(mode="json"),
-            "step": step,
-            "metrics": metrics,
-            "lineage": lineage,
-        }
-        save_checkpoint(out_dir / f"{name}.safetensors", model_tensors(model), manifest)
+    def manifest(metrics: dict[str, float]) -> dict[str, Any]:
+        return {**{k: init_manifest[k] for k in ("family", "architecture", "data")},
+                "config": config.model_dump(mode="json"), "step": loop.step, "metrics": metrics,
+                "lineage": lineage}
 
     # ---- loop
-    best_score, best_metrics, evals_since_best = math.inf, {}, 0
-    step, start = 0, time.perf_counter()
+    best_metrics: dict[str, float] = {}
+    start = time.perf_counter()
     console.info(
         f"train: {registry.count_parameters(model):,} parameters, {len(train_x)} rows, "
         f"{total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
+        + (f", from step {loop.step}" if loop.step else "")
     )
     with console.Progress("train", total_steps) as progress:
-        while step < total_steps:
+        while loop.step < total_steps:
+            # Each epoch's order comes from (seed, epoch) alone, so a resumed run re-creates it.
+            epoch, done = divmod(loop.step, steps_per_epoch)
+            shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             order = torch.randperm(len(train_x), generator=shuffle).to(device)
-            for batch in order.split(tc.batch_size):
+            for batch in order.split(tc.batch_size)[done:]:
                 model.train()
-                lr = lr_at(step, total_steps, tc)
+                lr = lr_at(loop.step, total_steps, tc)
                 set_lr(optimizer, lr)
                 loss = loss_fn(model(train_x[batch]), train_y[batch], model)
                 if not torch.isfinite(loss):
                     raise RunFailed(
-                        f"train: loss became {loss.item()} at step {step}; lower train.lr or set "
+                        f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or set "
                         "train.grad_clip (the last good checkpoints were kept)"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -85,53 +110,44 @@ def run(config: Config) -> dict[str, Any]:
                 if tc.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
-                step += 1
-                progress.update(step, loss=loss.item(), lr=lr)
+                loop.step += 1
+                progress.update(loop.step, loss=loss.item(), lr=lr)
 
-                if step % eval_every == 0 or step == total_steps:
+                stop = False
+                if loop.step % eval_every == 0 or loop.step == total_steps:
                     val = evaluate(model, val_x, val_y, loss_fn)
-                    record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                              "train_loss": loss.item(), **{f"val_{k}": v for k, v in val.items()},
-                              "elapsed_s": round(time.perf_counter() - start, 3)}
-                    append_jsonl(metrics_path, record)
+                    append_jsonl(metrics_path, {
+                        "step": loop.step, "epoch": loop.step / steps_per_epoch, "lr": lr,
+                        "train_loss": loss.item(), **{f"val_{k}": v for k, v in val.items()},
+                        "elapsed_s": round(time.perf_counter() - start, 3)})
                     score = val["loss"] if tc.monitor == "loss" else -val["accuracy"]
-                    save("last", step, val)
-                    if score < best_score:
-                        best_score, best_metrics, evals_since_best = score, {**val, "step": step}, 0
-                        save("best", step, val)
+                    if score < loop.best_score:
+                        loop.best_score, loop.best_step, loop.evals_since_best = score, loop.step, 0
+                        best_metrics = val
+                        save_checkpoint(out_dir / "best.safetensors", model_tensors(model), manifest(val))
                     else:
-                        evals_since_best += 1
-                    if tc.patience is not None and evals_since_best >= tc.patience:
-                        console.info(f"train: early stop at step {step} (no val improvement in "
+                        loop.evals_since_best += 1
+                    if tc.patience is not None and loop.evals_since_best >= tc.patience:
+                        console.info(f"train: early stop at step {loop.step} (no val improvement in "
                                      f"{tc.patience} evaluations)")
-                        total_steps = step
-                if step >= total_steps:
+                        stop = True
+                    save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
+                if stop or loop.step >= total_steps:
+                    total_steps = loop.step
                     break
 
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items() if k != "step")
-    console.info(f"train: best at step {best_metrics.get('step')}: {summary}")
+    if not best_metrics:  # resumed after the best was found: read it back from its checkpoint
+        best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
+    console.info(f"train: best at step {loop.best_step}: {summary}")
     return {
         "best": str(out_dir / "best.safetensors"),
-        "last": str(out_dir / "last.safetensors"),
+        "last": str(last_path),
         "metrics_log": str(metrics_path),
-        "steps": step,
-        "best_step": best_metrics.get("step"),
-        "best_metrics": {k: v for k, v in best_metrics.items() if k != "step"},
+        "steps": loop.step,
+        "best_step": loop.best_step,
+        "best_metrics": best_metrics,
     }
-
-
-def _check_matches_config(config: Config, init_manifest: dict[str, Any]) -> None:
-    expected = registry.architecture(config.model, data_manifest(config))
-    found = init_manifest.get("architecture")
-    if found != expected:
-        diff = ", ".join(
-            f"{k} {found.get(k)!r} vs config {expected.get(k)!r}"
-            for k in expected
-            if not found or found.get(k) != expected.get(k)
-        )
-        raise UserError(
-            f"the init checkpoint does not match the config ({diff}); re-run 'bigmodel init'"
-        )
 
 
 def _loss_fn(task: str) -> Any:

@@ -1,0 +1,122 @@
+"""Tokenizers for the language model: character-level, or byte-level BPE through HF `tokenizers`.
+
+Both are stored as one JSON document (`tokenizer.json`): HF's own format for BPE, and
+`{"type": "bigmodel-char", "vocab": [...]}` for characters. The JSON text is copied into every
+checkpoint (and later the ONNX model), so an artifact always carries the tokenizer that made its data.
+No PyTorch here: `infer` uses this module too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from bigmodel.errors import UserError
+
+CHAR_TYPE = "bigmodel-char"
+END_OF_TEXT = "<|endoftext|>"
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    eot_id: int | None  # token appended after each document, if the tokenizer has one
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def to_json(self) -> str: ...
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the sorted set of characters seen in the corpus."""
+
+    kind = "char"
+    eot_id = None
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+        self.vocab_size = len(vocab)
+        self._ids = {ch: i for i, ch in enumerate(vocab)}
+
+    @classmethod
+    def from_chars(cls, chars: Iterable[str]) -> CharTokenizer:
+        return cls(sorted(set(chars)))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[ch] for ch in text]
+        except KeyError as exc:
+            raise UserError(
+                f"character {exc.args[0]!r} is not in this char-level model's vocabulary "
+                f"({self.vocab_size} characters seen in its training text); remove it from the input"
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"type": CHAR_TYPE, "vocab": self.vocab}, ensure_ascii=False)
+
+
+class BPETokenizer:
+    """A HF `tokenizers` tokenizer (byte-level BPE when bigmodel trains it)."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: object) -> None:
+        self._tok = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()  # type: ignore[attr-defined]
+        self.eot_id = tokenizer.token_to_id(END_OF_TEXT)  # type: ignore[attr-defined]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids  # type: ignore[attr-defined]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]  # type: ignore[attr-defined]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)  # type: ignore[attr-defined]
+
+    def to_json(self) -> str:
+        return self._tok.to_str()  # type: ignore[attr-defined]
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int) -> BPETokenizer:
+    """Byte-level BPE (as GPT-2): every byte is in the base alphabet, so no input is ever unknown."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer(tok)
+
+
+def from_json(text: str, origin: str = "tokenizer") -> Tokenizer:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{origin}: not a valid tokenizer JSON ({exc})") from exc
+    if isinstance(data, dict) and data.get("type") == CHAR_TYPE:
+        return CharTokenizer(list(data["vocab"]))
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return BPETokenizer(HFTokenizer.from_str(text))
+    except Exception as exc:  # tokenizers raises its own exception type
+        raise UserError(f"{origin}: not a tokenizer.json that HF tokenizers can load ({exc})") from exc
+
+
+def load(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise UserError(f"tokenizer not found: {path} (set data.tokenizer.path to a tokenizer.json)")
+    return from_json(path.read_text(encoding="utf-8"), str(path))

@@ -1,0 +1,138 @@
+"""Everything exact resume needs, saved in one checkpoint file and restored bitwise.
+
+A resumable checkpoint holds, besides the model: the optimizer state (tensors under `optim.`), the
+global torch RNG (dropout), the data sampler's generator, the CUDA RNGs when present, and the loop's
+counters (step, best score, evaluations since the best). torch.load is never used: RNG states are
+uint8 tensors in safetensors, scalars are JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigmodel import registry
+from bigmodel.checkpoint import load_checkpoint, model_tensors, save_checkpoint
+from bigmodel.config import Config
+from bigmodel.datasets import data_manifest
+from bigmodel.errors import UserError
+from bigmodel.io import atomic_open
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    best_score: float = float("inf")
+    best_step: int | None = None
+    evals_since_best: int = 0
+    tokens_seen: int = 0
+
+
+def save_training_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator,
+    loop: LoopState, manifest: dict[str, Any],
+) -> None:
+    tensors = model_tensors(model)
+    optim = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in optim["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.sampler"] = sampler.get_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    resume = {"loop": asdict(loop), "param_groups": optim["param_groups"], "optimizer_scalars": scalars}
+    save_checkpoint(path, tensors, {**manifest, "resume": resume})
+
+
+def restore_training_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator
+) -> LoopState:
+    """Load a resumable checkpoint into the live objects; returns the loop counters."""
+    manifest, tensors = load_checkpoint(path)
+    if "resume" not in manifest:
+        raise UserError(f"{path} has no training state to resume from; start without --resume")
+    resume = manifest["resume"]
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=False)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, entries in resume["optimizer_scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": resume["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    sampler.set_state(tensors["rng.sampler"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return LoopState(**resume["loop"])
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Refuse a second `train` on the same run directory while one is running.
+
+    An advisory flock: the kernel drops it when the process dies, even by kill -9, so a crashed run
+    never leaves a stale lock behind.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / ".lock"
+    handle = open(lock_path, "a+")
+    try:
+        import fcntl
+
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise UserError(
+                f"{folder} is being trained by another process (pid {holder}); wait for it to finish "
+                "or use another --run-dir"
+            ) from None
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    # Temporary files in a locked folder can only be leftovers of a killed run.
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines written after the checkpoint being resumed (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_open(path) as handle:
+        handle.write("".join(line + "\n" for line in kept))
+
+
+def check_matches_config(config: Config, init_manifest: dict[str, Any]) -> None:
+    """The init checkpoint must be the model the config describes (else: re-run init)."""
+    expected = registry.architecture(config.model, data_manifest(config))
+    found = init_manifest.get("architecture") or {}
+    if found != expected:
+        diff = ", ".join(f"{k} {found.get(k)!r} vs config {v!r}" for k, v in expected.items() if found.get(k) != v)
+        raise UserError(f"the init checkpoint does not match the config ({diff}); re-run 'bigmodel init'")

@@ -1,0 +1,334 @@
+"""The language model: tokenizers, text prepare, the GPT and its KV cache, training, resume, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from bigmodel import registry
+from bigmodel import tokenizer as tokenizers
+from bigmodel.errors import UserError
+from bigmodel.models.gpt import GPT, causal_mask
+from tests.conftest import cli, write_config
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+ARCH = {"family": "gpt", "task": "lm", "vocab_size": 50, "n_layer": 2, "n_head": 2, "n_embd": 32,
+        "block_size": 16, "dropout": 0.0, "bias": False}
+
+
+def corpus(tmp: Path, modules: tuple[str, ...] = ("textwrap.py", "shlex.py", "fnmatch.py")) -> Path:
+    """Real text that exists wherever Python does: a few standard-library modules."""
+    path = tmp / "corpus.txt"
+    path.write_text("".join((STDLIB / m).read_text(encoding="utf-8") for m in modules), encoding="utf-8")
+    return path
+
+
+def lm_config(tmp: Path, data: dict | None = None, **train: object) -> Path:
+    return write_config(tmp / "lm.yaml", {
+        "seed": 0, "threads": 1, "run_dir": "run",
+        "data": {"format": "text", "path": str(corpus(tmp)), **(data or {})},
+        "model": {"family": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "train": {"batch_size": 8, "max_steps": 30, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10,
+                  "eval_batches": 4, "log_every": 5, **train},
+        "eval": {"split": "val"},
+    })
+
+
+# ---- tokenizers
+
+
+def test_char_tokenizer_round_trips_and_refuses_unknown_characters() -> None:
+    tok = tokenizers.CharTokenizer.from_chars("hello world\n")
+    assert tok.decode(tok.encode("hello\nworld")) == "hello\nworld"
+    again = tokenizers.from_json(tok.to_json())
+    assert again.encode("low") == tok.encode("low")
+    with pytest.raises(UserError, match="'Z' is not in this char-level model's vocabulary"):
+        tok.encode("Zoo")
+
+
+def test_bpe_tokenizer_round_trips_any_text(tmp_path: Path) -> None:
+    text = corpus(tmp_path).read_text()
+    tok = tokenizers.train_bpe(iter([text]), vocab_size=400)
+    assert tok.vocab_size == 400
+    for sample in (text[:2000], "naïve café — 日本語 🙂\n\ttabs", ""):
+        assert tok.decode(tok.encode(sample)) == sample
+    assert len(tok.encode(text[:5000])) < 5000 * 0.6  # merges actually compress
+    again = tokenizers.from_json(tok.to_json())
+    assert again.encode(text[:500]) == tok.encode(text[:500])
+
+
+# ---- prepare
+
+
+def prepare(config: Path) -> dict:
+    result = cli("prepare", "-c", config, "--json", "-q")
+    assert result.code == 0, result.stderr
+    return json.loads((config.parent / "run" / "prepare" / "manifest.json").read_text())
+
+
+def test_char_prepare_tail_split_and_shards(tmp_path: Path) -> None:
+    manifest = prepare(lm_config(tmp_path, {"cleaning": {"dedupe": False}}))
+    text = (tmp_path / "corpus.txt").read_text()
+    assert manifest["characters"]["train"] == int(len(text) * 0.9)
+    assert manifest["tokens"]["train"] + manifest["tokens"]["val"] == len(text)
+    assert manifest["dtype"] == "uint16"
+    tok = tokenizers.load(tmp_path / "run" / "prepare" / "tokenizer.json")
+    train = np.memmap(tmp_path / "run" / "prepare" / "train.bin", dtype=np.uint16, mode="r")
+    assert tok.decode(train[:300].tolist()) == text[:300]
+
+
+def test_chunked_streaming_gives_the_same_shards(tmp_path: Path) -> None:
+    shards = []
+    for name, chunk in (("small", 1024), ("large", 1 << 22)):
+        folder = tmp_path / name
+        folder.mkdir()
+        prepare(lm_config(folder, {"chunk_chars": chunk, "tokenizer": {"kind": "bpe", "vocab_size": 300}}))
+        shards.append((folder / "run" / "prepare" / "train.bin").read_bytes())
+    assert shards[0] == shards[1]
+
+
+def test_cleaning_dedupes_filters_and_strips_control_characters(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("same line\nsame line\nx\nbell\x07 here\n" + "long " * 50 + "\nok line\n")
+    config = write_config(tmp_path / "c.yaml", {
+        "run_dir": "run", "model": {"family": "gpt"}, "eval": {"split": "val"},
+        "data": {"format": "text", "path": "a.txt", "document": "line", "split": "document", "val_fraction": 0.3,
+                 "cleaning": {"min_chars": 3, "max_chars": 100}},
+    })
+    report = prepare(config)["cleaning"]
+    assert report["documents_seen"] == 6
+    assert report["dropped"] == {"too_short": 1, "too_long": 1, "duplicate": 1}
+    assert report["control_chars_removed"] == 1
+
+
+def test_jsonl_sources_and_their_errors(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": f"document number {i}\n"}) + "\n" for i in range(40)))
+    config = write_config(tmp_path / "c.yaml", {
+        "run_dir": "run", "model": {"family": "gpt"}, "eval": {"split": "val"},
+        "data": {"format": "text", "path": "d.jsonl", "jsonl_field": "body"},
+    })
+    assert prepare(config)["cleaning"]["documents_kept"] == 40
+    result = cli("prepare", "-c", config, "--set", "data.jsonl_field=text")
+    assert result.code == 2 and "line 1 has no text field 'text'" in result.stderr
+
+
+def test_prepare_globs_and_missing_files(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text(f"part {i} " * 200)
+    config = write_config(tmp_path / "c.yaml", {
+        "run_dir": "run", "model": {"family": "gpt"}, "eval": {"split": "val"},
+        "data": {"format": "text", "path": "part*.txt"},
+    })
+    assert len(prepare(config)["sources"]) == 3
+    result = cli("prepare", "-c", config, "--set", "data.path=nothing*.txt")
+    assert result.code == 2 and "no files match" in result.stderr
+
+
+# ---- the model
+
+
+def test_kv_cache_decoding_equals_the_full_forward() -> None:
+    torch.manual_seed(0)
+    model = GPT(ARCH).eval()
+    idx = torch.randint(0, 50, (3, 12))
+    full, _ = model(idx)
+    logits, past = model(idx[:, :5])  # a prompt of 5, then one token at a time
+    steps = [logits]
+    for t in range(5, 12):
+        logits, past = model(idx[:, t : t + 1], past)
+        steps.append(logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_causal_mask_is_bottom_right_aligned() -> None:
+    mask = causal_mask(2, 5)  # 3 past tokens, 2 new
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_context_longer_than_block_size_is_refused_and_generate_crops() -> None:
+    model = GPT(ARCH).eval()
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=40, temperature=0)
+    assert out.shape == (1, 43)
+
+
+def test_tied_weights_survive_a_checkpoint_round_trip(tmp_path: Path) -> None:
+    from bigmodel.checkpoint import model_tensors, save_checkpoint
+
+    model = GPT(ARCH)
+    save_checkpoint(tmp_path / "c.safetensors", model_tensors(model), {"family": "gpt", "architecture": ARCH})
+    loaded, _ = registry.load_model(tmp_path / "c.safetensors")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+# ---- init, train, resume, eval
+
+
+def test_init_reports_parameters_flops_and_memory(tmp_path: Path) -> None:
+    config = lm_config(tmp_path)
+    prepare(config)
+    report = cli("init", "-c", config, "--json", "-q").json()
+    model, _ = registry.load_model(tmp_path / "run" / "init" / "model.safetensors")
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["parameters"] - report["parameters_without_position_embeddings"] == 32 * 32
+    n = report["parameters_without_position_embeddings"]
+    assert report["flops_per_token"] == 6 * n + 12 * 1 * 2 * 16 * 32
+    assert report["training_memory_bytes"]["optimizer"] == 8 * report["parameters"]
+
+
+def run_pipeline(config: Path, *extra: str) -> dict:
+    result = cli("pipeline", "-c", config, "--to", "eval", "--json", "-q", *extra)
+    assert result.code == 0, result.stderr
+    return result.json()["stages"]
+
+
+def test_training_lowers_the_loss_and_eval_reports_lm_metrics(tmp_path: Path) -> None:
+    stages = run_pipeline(lm_config(tmp_path), "--set", "eval.samples=2", "--set", "eval.max_new_tokens=20")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0]
+    ev = stages["eval"]
+    assert ev["perplexity"] == pytest.approx(np.exp(ev["loss"]))
+    assert ev["bits_per_char"] == pytest.approx(ev["bits_per_token"])  # char level: one token, one char
+    assert len(ev["samples"]) == 2 and all(s.startswith("\n") for s in ev["samples"])
+    again = cli("eval", "-c", tmp_path / "lm.yaml", "--set", "eval.samples=2", "--set",
+                "eval.max_new_tokens=20", "--json", "-q").json()
+    assert again["samples"] == ev["samples"]  # seeded sampling
+
+
+def test_bpe_run_reports_fewer_bits_per_char_than_per_token(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, {"tokenizer": {"kind": "bpe", "vocab_size": 300}}, max_steps=10)
+    ev = run_pipeline(config)["eval"]
+    assert ev["bits_per_char"] < ev["bits_per_token"]
+    text = tmp_path / "other.txt"
+    text.write_text((STDLIB / "glob.py").read_text())
+    other = cli("eval", "-c", config, "--set", f"eval.text_file={text}", "--json", "-q").json()
+    assert other["source"] == str(text) and other["loss"] > 0
+
+
+def test_eval_text_with_unknown_characters_is_a_user_error(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=5)
+    run_pipeline(config)
+    text = tmp_path / "odd.txt"
+    text.write_text("日本語")
+    result = cli("eval", "-c", config, "--set", f"eval.text_file={text}")
+    assert result.code == 2 and "not in this char-level model's vocabulary" in result.stderr
+
+
+def _train_process(config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("rng.")}
+
+
+def assert_resume_after_kill_is_exact(config: Path, total_steps: int, volatile: tuple[str, ...]) -> None:
+    """Train once uninterrupted; train again, kill -9 mid-run, resume; both must end bitwise equal."""
+    train_dir = config.parent / "run" / "train"
+    last = train_dir / "last.safetensors"
+    assert cli("train", "-c", config, "-q").code == 0
+    uninterrupted = _state(last)
+    uninterrupted_log = (train_dir / "metrics.jsonl").read_text()
+    last.unlink()
+
+    proc = _train_process(config)
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # somewhere in the middle of the run, possibly mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from bigmodel.checkpoint import read_manifest
+
+    assert read_manifest(last)["step"] < total_steps, "the run finished before the kill; make it longer"
+
+    assert cli("train", "-c", config, "--resume", "-q").code == 0
+    resumed = _state(last)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "resume diverged"
+
+    def records(text: str) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in volatile} for line in text.splitlines()]
+
+    assert records((train_dir / "metrics.jsonl").read_text()) == records(uninterrupted_log)
+
+
+def test_gpt_resume_after_kill_9_is_bitwise_identical(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=80, save_every=5, eval_every=20, log_every=10)
+    run_pipeline(config, "--to", "init")
+    assert_resume_after_kill_is_exact(config, 80, volatile=("tokens_per_s",))
+
+
+def test_tabular_resume_after_kill_9_is_bitwise_identical(tmp_path: Path) -> None:
+    from tests.conftest import tiny_digits
+
+    config = tiny_digits(tmp_path, epochs=80, eval_every=5)
+    assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
+    assert_resume_after_kill_is_exact(config, 80 * 20, volatile=("elapsed_s",))
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, optimizer="sgd", momentum=0.0, lr=1e9, warmup_steps=0, max_steps=50, save_every=1,
+                       eval_every=1000)
+    run_pipeline(config, "--to", "init")
+    result = cli("train", "-c", config)
+    assert result.code == 1 and "loss became" in result.stderr
+    last = tmp_path / "run" / "train" / "last.safetensors"
+    if last.exists():  # steps before the explosion were saved; they are finite
+        assert all(torch.isfinite(t).all() for k, t in _state(last).items() if t.is_floating_point())
+
+
+def test_second_train_on_the_same_run_dir_is_refused(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=100000)
+    run_pipeline(config, "--to", "init")
+    proc = _train_process(config)
+    lock = tmp_path / "run" / "train" / ".lock"
+    deadline = time.time() + 60
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        result = cli("train", "-c", config)
+        assert result.code == 2 and f"being trained by another process (pid {proc.pid})" in result.stderr
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert cli("train", "-c", config, "--set", "train.max_steps=2", "-q").code == 0  # the kill freed it
+
+
+def test_bf16_autocast_keeps_attention_in_fp32_and_cache_consistent() -> None:
+    torch.manual_seed(0)
+    model = GPT(ARCH).eval()
+    idx = torch.randint(0, 50, (2, 10))
+    seen: list[torch.dtype] = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):  # records the dtype attention runs in; the real kernel does the work
+        seen.append(q.dtype)
+        return original(q, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full, _ = model(idx)
+            first, past = model(idx[:, :6])
+            rest, _ = model(idx[:, 6:], past)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    assert set(seen) == {torch.float32}
+    assert full.dtype == torch.bfloat16  # the projections did run in bf16
+    assert torch.allclose(torch.cat([first, rest], 1).float(), full.float(), atol=0.05)
