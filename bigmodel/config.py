@@ -260,8 +260,8 @@ CheckpointRef = Annotated[
 
 
 class EvalConfig(Section):
-    split: Literal["val", "test"] = Field(
-        "test", description="Which held-out split to evaluate (text data has only 'val')."
+    split: Literal["val", "test"] | None = Field(
+        None, description="Which held-out split to evaluate. Default: test (tabular), val (text has only val)."
     )
     checkpoint: CheckpointRef = "best"
     fail_under: dict[str, float] = Field(
@@ -335,12 +335,30 @@ class Config(Section):
         "auto", description="Where PyTorch runs: auto picks cuda when available, else cpu."
     )
     data: DataConfig
-    model: ModelConfig = Field(default_factory=MLPConfig)
+    model: ModelConfig = Field(
+        default_factory=MLPConfig, description="The model; its family defaults to gpt for text data, mlp for tabular."
+    )
     init: InitConfig = Field(default_factory=InitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_follow_the_data(cls, raw: Any) -> Any:
+        """Text data means a GPT unless the config says otherwise; eval.split defaults to the split
+        the data has (test for tabular, val for text)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+            return raw
+        text = raw["data"].get("format") == "text"
+        model = raw.get("model") or {}  # an empty `model:` in YAML is None
+        if isinstance(model, dict) and "family" not in model:
+            raw = {**raw, "model": {"family": "gpt" if text else "mlp", **model}}
+        evaluation = raw.get("eval") or {}
+        if isinstance(evaluation, dict) and evaluation.get("split") is None:
+            raw = {**raw, "eval": {**evaluation, "split": "val" if text else "test"}}
+        return raw
 
     @property
     def task(self) -> str:

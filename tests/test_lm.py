@@ -332,3 +332,26 @@ def test_bf16_autocast_keeps_attention_in_fp32_and_cache_consistent() -> None:
     assert set(seen) == {torch.float32}
     assert full.dtype == torch.bfloat16  # the projections did run in bf16
     assert torch.allclose(torch.cat([first, rest], 1).float(), full.float(), atol=0.05)
+
+
+def test_gradient_accumulation_matches_one_larger_batch(tmp_path: Path) -> None:
+    """2 micro-batches of 4 windows see the same windows as 1 batch of 8 (the sampler draws them in
+    the same order), and the averaged gradient is the same up to float summation order."""
+    weights = []
+    for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = lm_config(folder, batch_size=batch, grad_accum_steps=accum, max_steps=5, eval_every=5)
+        run_pipeline(config, "--to", "train")
+        weights.append(_state(folder / "run" / "train" / "last.safetensors"))
+    for key, value in weights[0].items():
+        if key.startswith("model."):
+            assert torch.allclose(value, weights[1][key], atol=1e-5), key
+
+
+def test_compiled_training_saves_plain_checkpoints(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, compile=True, max_steps=3, eval_every=3)
+    stages = run_pipeline(config, "--to", "train")
+    assert np.isfinite(stages["train"]["best_val_loss"])
+    with safe_open(str(tmp_path / "run" / "train" / "best.safetensors"), "pt") as handle:
+        assert not any("_orig_mod" in key for key in handle.keys())
