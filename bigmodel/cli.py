@@ -7,6 +7,7 @@ one JSON object and every human line goes to stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -150,31 +151,45 @@ def infer_command(
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="ONNX model (infer.model).")] = None,
     input_: Annotated[Optional[str], typer.Option("--input", "-i", help="Rows to predict, '-' for stdin.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where predictions go, '-' for stdout.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="gpt: the prompt to continue.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="gpt: tokens to generate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="gpt: 0 is greedy.")] = None,
+    bench: Annotated[bool, typer.Option("--bench", help="gpt: measure prefill and per-token latency instead.")] = False,
+    batch: Annotated[int, typer.Option("--batch", help="--bench: sequences decoded together.")] = 1,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="--bench: prompt length.")] = 16,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="--bench: tokens decoded per repeat.")] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", help="--bench: timed repeats (after one warm-up).")] = 5,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Predict with the exported ONNX model (ONNX Runtime only). Without -c, --model and --input suffice."""
+    """Predict or generate with the exported ONNX model (ONNX Runtime only). Without -c, --model and
+    --input (or --prompt) suffice."""
 
     def action() -> dict[str, Any]:
         from bigmodel import infer
         from bigmodel.config import InferConfig
 
-        overrides = list(set_ or [])
-        for key, value in (("model", model), ("input", input_), ("output", output)):
-            if value is not None:
-                overrides.append(f"infer.{key}={value}")
+        given = {"model": model, "input": input_, "output": output, "prompt": prompt,
+                 "max_new_tokens": max_new_tokens, "temperature": temperature}
+        bench_settings = ({"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                           "repeats": repeats} if bench else None)
         if config is None:
-            if model is None or input_ is None:
-                raise UserError("infer needs -c CONFIG, or both --model FILE.onnx and --input FILE (or '-')")
+            if model is None:
+                raise UserError("infer needs -c CONFIG, or --model FILE.onnx (with --input FILE/'-' or --prompt)")
             if set_:
-                raise UserError("--set needs -c CONFIG; without a config use --model/--input/--output")
-            settings = InferConfig(model=model, input=Path(input_), output=Path(output or STDIO))
-            _refuse_stdout_clash(json_out, settings.output)
-            return infer.run_standalone(settings)
+                raise UserError("--set needs -c CONFIG; without a config use the infer options")
+            settings = InferConfig(**{k: v for k, v in given.items() if v is not None})
+            _refuse_stdout_clash(json_out, settings.output or Path(STDIO), bench)
+            return infer.run_standalone(settings, bench_settings)
+        overrides = list(set_ or []) + [
+            f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items() if v is not None
+        ]
         loaded = load_config(config, overrides, run_dir)
-        _refuse_stdout_clash(json_out, loaded.infer.output)
+        _refuse_stdout_clash(json_out, loaded.infer.output, bench)
+        if bench:
+            return infer.run(loaded, bench_settings)
         from bigmodel.stages import STAGES
 
         return STAGES["infer"].run(loaded)
@@ -182,8 +197,8 @@ def infer_command(
     execute("infer", action, json_out, quiet, debug)
 
 
-def _refuse_stdout_clash(json_out: bool, output: Path | None) -> None:
-    if json_out and output is not None and str(output) == STDIO:
+def _refuse_stdout_clash(json_out: bool, output: Path | None, bench: bool) -> None:
+    if json_out and not bench and output is not None and str(output) == STDIO:
         raise UserError("--json and predictions on stdout ('-') both need stdout; write predictions to a file")
 
 

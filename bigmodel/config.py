@@ -286,20 +286,29 @@ class ExportConfig(Section):
     atol: float = Field(
         1e-4, gt=0.0, description="Parity gate: max abs difference allowed between ONNX and PyTorch."
     )
-    parity_rows: int = Field(256, gt=0, description="Held-out rows used by the parity check.")
+    parity_rows: int = Field(256, gt=0, description="mlp: held-out rows used by the parity check.")
+    parity_steps: int = Field(
+        8, ge=1, description="gpt: decode steps after the prompt in the parity check (held-out text)."
+    )
+    optimize: bool = Field(
+        False, description="gpt: also save ONNX Runtime's offline-optimised graph (model.optimized.onnx)."
+    )
+    external_data: bool = Field(
+        False, description="Store weights in model.onnx.data (always done past 2 GB of weights)."
+    )
 
 
 class InferConfig(Section):
     model: Path | None = Field(None, description="ONNX model. Default: <run_dir>/export/model.onnx.")
     input: Path | None = Field(
         None,
-        description="CSV or JSONL rows to predict, or '-' for stdin. Default: the prepared test split "
-        "(<run_dir>/prepare/test.csv).",
+        description="mlp: CSV or JSONL rows to predict; gpt: prompts, one per line or JSONL {\"prompt\": ...}; "
+        "'-' for stdin. Default (mlp): the prepared test split (<run_dir>/prepare/test.csv).",
     )
     output: Path | None = Field(
         None,
-        description="Where predictions go (CSV or JSONL), or '-' for stdout. "
-        "Default: <run_dir>/infer/predictions.csv.",
+        description="Where predictions go (CSV or JSONL; gpt: text or JSONL), or '-' for stdout. "
+        "Default: <run_dir>/infer/predictions.csv (mlp) or generations.jsonl (gpt).",
     )
     format: Literal["auto", "csv", "jsonl"] = Field(
         "auto", description="Input/output format; auto goes by the file extension (.jsonl, else csv); on stdin a "
@@ -310,8 +319,19 @@ class InferConfig(Section):
         None, gt=0, description="ONNX Runtime intra-op threads. Default: the top-level threads."
     )
     providers: list[str] = Field(
-        ["CPUExecutionProvider"], description="ONNX Runtime execution providers, in priority order."
+        ["CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in priority order, e.g. [CUDAExecutionProvider, "
+        "CPUExecutionProvider] with onnxruntime-gpu.",
     )
+    prompt: str | None = Field(None, description="gpt: one prompt (else infer.input: one per line, or JSONL).")
+    max_new_tokens: int = Field(200, gt=0, description="gpt: tokens to generate per prompt.")
+    temperature: float = Field(0.8, ge=0.0, description="gpt: sampling temperature; 0 is greedy.")
+    top_k: int | None = Field(None, gt=0, description="gpt: sample among the k likeliest tokens only.")
+    top_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="gpt: sample from the smallest set of tokens with this much probability."
+    )
+    seed: int | None = Field(None, ge=0, description="gpt: sampling seed. Default: the top-level seed.")
+    stop: list[str] = Field([], description="gpt: stop generating when one of these strings appears.")
 
 
 class Config(Section):

@@ -16,6 +16,7 @@ from typing import Any
 
 from bigmodel.config import STDIO, Config
 from bigmodel.datasets import prepared_files
+from bigmodel.infer import default_output as default_infer_output
 from bigmodel.io import write_json
 
 STAMP = ".stamp.json"
@@ -74,8 +75,11 @@ def _sources(config: Config) -> list[Path]:
     return [path] if path is not None and path.is_file() else []
 
 
-def _tabular_only(config: Config) -> bool:  # the GPT's export and infer arrive with the deploy issue
-    return config.model.family == "mlp"
+def _infer_inputs(config: Config) -> list[Path]:
+    model = config.infer.model or config.stage_dir("export") / "model.onnx"
+    if config.infer.input is not None:
+        return [model, config.infer.input]
+    return [model] if config.model.family == "gpt" else [model, config.stage_dir("prepare") / "test.csv"]
 
 
 _EVERYWHERE = ("seed", "threads")
@@ -91,13 +95,9 @@ STAGES: dict[str, Stage] = {
               _in("train", "best.safetensors", "last.safetensors")),
         Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), _in("eval", "metrics.json")),
         Stage("compress", ("compress",), lambda c: [], lambda c: [], available=lambda c: False),
-        Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _in("export", "model.onnx"),
-              available=_tabular_only),
-        Stage("infer", ("infer", "threads"),
-              lambda c: [c.infer.model or c.stage_dir("export") / "model.onnx",
-                         c.infer.input or c.stage_dir("prepare") / "test.csv"],
-              lambda c: [c.infer.output or c.stage_dir("infer") / "predictions.csv"],
-              available=_tabular_only),
+        Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _in("export", "model.onnx")),
+        Stage("infer", ("infer", "seed", "threads"), _infer_inputs,
+              lambda c: [c.infer.output or default_infer_output(c)]),
     )
 }
 ORDER = list(STAGES)

@@ -8,6 +8,10 @@ from bigmodel.config import Config
 
 
 def run(config: Config) -> dict[str, Any]:
+    if config.model.family == "gpt":
+        from bigmodel.export import gpt
+
+        return gpt.run(config)
     from bigmodel.export import tabular
 
     return tabular.run(config)

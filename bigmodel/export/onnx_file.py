@@ -18,6 +18,7 @@ import torch
 
 from bigmodel import console
 from bigmodel.errors import GateFailed
+from bigmodel.io import atomic_path
 
 
 def export_dynamo(
@@ -46,8 +47,12 @@ def export_dynamo(
         program.save(str(path))
 
 
-def stamp_and_check(path: Path, metadata: dict[str, Any]) -> onnx.ModelProto:
-    """Write `bigmodel.*` metadata into the file and run the full ONNX checker on it."""
+def stamp_and_check(path: Path, metadata: dict[str, Any], external_data: bool = False) -> None:
+    """Write `bigmodel.*` metadata into the file and run the full ONNX checker on it.
+
+    With external_data the weights go to `<name>.data` beside the model (needed past protobuf's 2 GB
+    limit); the checker then reads the model from its path.
+    """
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for key, value in metadata.items():
@@ -55,17 +60,42 @@ def stamp_and_check(path: Path, metadata: dict[str, Any]) -> onnx.ModelProto:
         entry.key = f"bigmodel.{key}"
         entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     model.producer_name = "bigmodel"
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return model
+    for stale in path.parent.glob(f"{path.name}.data"):
+        stale.unlink()
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+    else:
+        onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def optimize_offline(model: Path, out: Path) -> Path:
+    """Save ONNX Runtime's offline-optimised graph (extended level: fusions that stay portable across
+    CPUs, unlike the layout optimisations of level 'all')."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with atomic_path(out) as tmp:
+        options.optimized_model_filepath = str(tmp)
+        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return out
 
 
 def publish_or_reject(tmp: Path, final: Path, passed: bool, failure: str) -> None:
     """Rename the checked model into place, or keep it aside as *.rejected.onnx and fail (exit 1)."""
+    data, final_data = tmp.with_name(f"{tmp.name}.data"), final.with_name(f"{final.name}.data")
     if passed:
+        if data.exists():  # the weights first: the model must never point at missing data
+            os.replace(data, final_data)
+        else:
+            final_data.unlink(missing_ok=True)
         os.replace(tmp, final)
         return
     rejected = final.with_suffix(".rejected.onnx")
+    if data.exists():
+        data.unlink()  # the rejected copy is for reading its graph; its weights are not kept
     os.replace(tmp, rejected)
     final.unlink(missing_ok=True)  # an older model must not pass for this checkpoint's export
     raise GateFailed(f"{failure}; the model was not published (kept for debugging as {rejected})")

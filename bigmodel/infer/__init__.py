@@ -1,33 +1,56 @@
-"""infer: an ONNX model + rows -> predictions, with ONNX Runtime alone (PyTorch is never imported)."""
+"""infer: an ONNX model + inputs -> predictions or generations, with ONNX Runtime alone.
+
+PyTorch is never imported on this path. What kind of model a file holds (tabular or gpt) is read from
+its own metadata, so `bigmodel infer --model FILE.onnx` needs no config at all.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from bigmodel.config import Config, InferConfig
+from bigmodel.config import STDIO, Config, InferConfig
+from bigmodel.errors import UserError
 
 
-def run(config: Config) -> dict[str, Any]:
+def default_output(config: Config) -> Path:
+    name = "generations.jsonl" if config.model.family == "gpt" else "predictions.csv"
+    return config.stage_dir("infer") / name
+
+
+def run(config: Config, bench: dict[str, int] | None = None) -> dict[str, Any]:
+    settings = config.infer
+    model = settings.model or config.stage_dir("export") / "model.onnx"
+    default_input = None if config.model.family == "gpt" else config.stage_dir("prepare") / "test.csv"
+    seed = settings.seed if settings.seed is not None else config.seed
+    return predict(model, settings, settings.input or default_input, settings.output or default_output(config),
+                   settings.threads or config.threads, seed, bench)
+
+
+def run_standalone(settings: InferConfig, bench: dict[str, int] | None = None) -> dict[str, Any]:
+    """`bigmodel infer --model M ...` without an experiment config: the ONNX file is all it needs."""
+    assert settings.model is not None
+    return predict(settings.model, settings, settings.input, settings.output or Path(STDIO),
+                   settings.threads, settings.seed or 0, bench)
+
+
+def predict(model: Path, settings: InferConfig, source: Path | None, dest: Path, threads: int | None,
+            seed: int, bench: dict[str, int] | None) -> dict[str, Any]:
+    from bigmodel.infer.session import metadata, open_session
+
+    session = open_session(Path(model), settings.providers, threads)
+    meta = metadata(session, Path(model))
+    if meta["kind"] == "gpt":
+        from bigmodel.infer import gpt
+
+        decoder = gpt.Decoder.from_session(session, meta, Path(model))
+        if bench is not None:
+            return gpt.bench(decoder, seed=seed, **bench)
+        return gpt.generate(decoder, settings, source, Path(dest), seed)
+    if bench is not None:
+        raise UserError("--bench measures language-model decoding; this is a tabular model")
+    if source is None:
+        raise UserError("infer needs rows to predict: --input FILE (CSV or JSONL) or '-' for stdin")
     from bigmodel.infer import tabular
 
-    return tabular.predict_file(
-        model=config.infer.model or config.stage_dir("export") / "model.onnx",
-        source=config.infer.input or config.stage_dir("prepare") / "test.csv",
-        dest=config.infer.output or config.stage_dir("infer") / "predictions.csv",
-        settings=config.infer,
-        threads=config.infer.threads or config.threads,
-    )
-
-
-def run_standalone(settings: InferConfig) -> dict[str, Any]:
-    """`bigmodel infer --model M --input I`: no experiment config, the ONNX file is all it needs."""
-    from bigmodel.infer import tabular
-
-    assert settings.model is not None and settings.input is not None
-    return tabular.predict_file(
-        model=settings.model,
-        source=settings.input,
-        dest=settings.output or "-",
-        settings=settings,
-        threads=settings.threads,
-    )
+    return tabular.predict_file(session, meta, Path(model), Path(source), Path(dest), settings)

@@ -19,19 +19,13 @@ import numpy as np
 from bigmodel import console, metrics
 from bigmodel.config import STDIO, InferConfig
 from bigmodel.errors import UserError
-from bigmodel.infer.session import metadata, open_session
 from bigmodel.io import atomic_open
 from bigmodel.tabular_io import parse_number, read_csv, read_text
 
 
 def predict_file(
-    model: Path | str, source: Path | str, dest: Path | str, settings: InferConfig, threads: int | None
+    session: Any, meta: dict[str, Any], model: Path, source: Path, dest: Path, settings: InferConfig
 ) -> dict[str, Any]:
-    model, source, dest = Path(model), Path(source), Path(dest)
-    session = open_session(model, settings.providers, threads)
-    meta = metadata(session, model)
-    if meta["kind"] != "tabular":
-        raise UserError(f"{model} is a '{meta['kind']}' model; this input needs a tabular model")
     records = _read_records(source, settings.format)
     x, targets = _to_matrix(records, meta["features"], meta["target"], source)
 

@@ -1,0 +1,166 @@
+"""Export the GPT as one decoder graph with a KV cache, and gate it on parity with PyTorch.
+
+Graph: input_ids (B, T) int64, past_keys / past_values (L, B, nh, P, hs) float32 ->
+logits (B, T, V), present_keys / present_values (L, B, nh, P+T, hs). Batch, T and P are dynamic and P
+may be 0, so the same file serves the prompt (empty past) and every decode step.
+
+The tokenizer, the hyper-parameters, the bigmodel version and the checkpoint's sha256 travel in the
+model's metadata: `infer` needs nothing but the .onnx file (and its .data file when weights are stored
+as external data).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bigmodel import __version__, console, registry
+from bigmodel.config import Config
+from bigmodel.datasets import load_tokens
+from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
+from bigmodel.io import sha256_file, write_json
+from bigmodel.runtime import setup_torch
+
+TWO_GB = 2 * 1024**3
+
+
+class DecoderStep(torch.nn.Module):
+    """The GPT's forward with the per-layer cache stacked into two tensors (fewer graph inputs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        past = [(past_keys[i], past_values[i]) for i in range(past_keys.size(0))]
+        logits, present = self.model(input_ids, past)
+        return logits, torch.stack([k for k, _ in present]), torch.stack([v for _, v in present])
+
+
+def empty_cache(arch: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarray]:
+    shape = (arch["n_layer"], batch, arch["n_head"], 0, arch["n_embd"] // arch["n_head"])
+    return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+
+
+def run(config: Config) -> dict[str, Any]:
+    setup_torch(config)
+    xc = config.export
+    ckpt = config.checkpoint_path(xc.checkpoint)
+    model, manifest = registry.load_model(ckpt)
+    model.eval()
+    arch = manifest["architecture"]
+    step = DecoderStep(model).eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    external = xc.external_data or weight_bytes > TWO_GB
+
+    out_dir = config.stage_dir("export")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / "model.onnx"
+    val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
+    with tempfile.TemporaryDirectory(dir=out_dir) as work:
+        tmp = Path(work) / "model.onnx"
+        _trace(step, arch, tmp, xc.opset)
+        stamp_and_check(tmp, {
+            "kind": "gpt",
+            "tokenizer": manifest["data"]["tokenizer"],
+            "block_size": arch["block_size"],
+            "vocab_size": arch["vocab_size"],
+            "n_layer": arch["n_layer"],
+            "n_head": arch["n_head"],
+            "head_size": arch["n_embd"] // arch["n_head"],
+            "architecture": arch,
+            "version": __version__,
+            "lineage": {"checkpoint": sha256_file(ckpt)},
+        }, external_data=external)
+        parity = check_parity(step, tmp, val_tokens, arch, xc.atol, xc.parity_steps, config.threads)
+        report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset,
+                  "external_data": external, **parity}
+        write_json(out_dir / "parity.json", report)
+        console.info(
+            f"export: parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode "
+            f"steps (batch {parity['batch']}, held-out text): max abs logit diff {parity['max_abs_diff']:.3g} "
+            f"(atol {xc.atol}) -> {'ok' if parity['passed'] else 'FAILED'}"
+        )
+        publish_or_reject(
+            tmp, final, parity["passed"],
+            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol {xc.atol} at "
+            f"{parity['worst']}",
+        )
+    outputs: dict[str, Any] = {"model": str(final), "parity_report": str(out_dir / "parity.json"),
+                               "max_abs_diff": parity["max_abs_diff"], "passed": True,
+                               "external_data": external}
+    if xc.optimize:
+        optimized = optimize_offline(final, out_dir / "model.optimized.onnx")
+        check = check_parity(step, optimized, val_tokens, arch, xc.atol, xc.parity_steps, config.threads)
+        outputs["optimized_model"] = str(optimized)
+        outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
+        console.info(f"export: ORT-optimized graph -> {optimized} (max abs diff {check['max_abs_diff']:.3g})")
+    console.info(f"export: {final} ({final.stat().st_size:,} bytes{', weights in model.onnx.data' if external else ''})")
+    return outputs
+
+
+def _trace(step: DecoderStep, arch: dict[str, Any], path: Path, opset: int) -> None:
+    L, H, hs = arch["n_layer"], arch["n_head"], arch["n_embd"] // arch["n_head"]
+    block = arch["block_size"]
+    # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
+    t_example, p_example = min(3, block - 1), min(2, max(block - 3, 0))
+    ids = torch.zeros(2, t_example, dtype=torch.long)
+    past = torch.zeros(L, 2, H, p_example, hs)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=block)
+    past_len = torch.export.Dim("past", min=0, max=block)
+    export_dynamo(
+        step, (ids, past, past.clone()), path,
+        ["input_ids", "past_keys", "past_values"], ["logits", "present_keys", "present_values"],
+        {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len},
+         "past_values": {1: batch, 3: past_len}},
+        opset,
+    )
+
+
+def check_parity(
+    step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: dict[str, Any], atol: float,
+    decode_steps: int, threads: int | None,
+) -> dict[str, Any]:
+    """Prompt + decode steps on held-out text, through ORT and PyTorch with their own caches."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    block = arch["block_size"]
+    decode_steps = min(decode_steps, block - 1)
+    prompt_len = max(1, min(block - decode_steps, 32))
+    batch = 2
+    span = prompt_len + decode_steps
+    if len(tokens) < span * batch:  # tiny val splits: repeat them, it is only a numeric check
+        tokens = np.resize(tokens, span * batch)
+    starts = np.linspace(0, len(tokens) - span, batch).astype(np.int64)
+    windows = np.stack([tokens[s : s + span] for s in starts])  # (batch, span)
+
+    keys, values = empty_cache(arch, batch)
+    torch_past = (torch.from_numpy(keys), torch.from_numpy(values))
+    diffs: list[float] = []
+    for i in range(decode_steps + 1):
+        chunk = windows[:, :prompt_len] if i == 0 else windows[:, prompt_len + i - 1 : prompt_len + i]
+        logits, keys, values = session.run(None, {"input_ids": chunk, "past_keys": keys, "past_values": values})
+        with torch.no_grad():
+            ref_logits, *torch_past = step(torch.from_numpy(chunk), *torch_past)
+        diffs.append(float(np.abs(logits - ref_logits.numpy()).max()))
+    worst = int(np.argmax(diffs))
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt_len,
+        "decode_steps": decode_steps,
+        "max_abs_diff_per_step": diffs,
+        "max_abs_diff": max(diffs),
+        "worst": "the prompt" if worst == 0 else f"decode step {worst}",
+        "atol": atol,
+        "passed": bool(max(diffs) <= atol),
+    }

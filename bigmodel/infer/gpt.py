@@ -1,0 +1,249 @@
+"""Generate text with an exported GPT through ONNX Runtime (no PyTorch).
+
+Decoding: greedy (temperature 0) or sampling with temperature, top-k and top-p; stop strings; a seed.
+The context never exceeds block_size: a longer prompt keeps its last block_size tokens, and once the
+window is full each step re-reads the last block_size tokens (the same policy as the PyTorch model's
+`generate`, so greedy output matches it token for token).
+
+Prompts are processed one at a time. Batching prompts of different lengths would need padding and an
+attention mask in the graph; one at a time keeps the graph simple, and each prompt's output is exactly
+what it would be alone (the random stream of a prompt depends only on the seed and the prompt). The
+graph itself takes any batch size (see `bench`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bigmodel import console
+from bigmodel import tokenizer as tokenizers
+from bigmodel.config import STDIO, InferConfig
+from bigmodel.errors import UserError
+from bigmodel.io import atomic_open
+from bigmodel.tabular_io import read_text
+
+
+@dataclass
+class Decoder:
+    """One ONNX session and what its metadata says about the model."""
+
+    session: ort.InferenceSession
+    tokenizer: tokenizers.Tokenizer
+    block_size: int
+    cache_shape: tuple[int, int, int]  # n_layer, n_head, head_size
+
+    @classmethod
+    def from_session(cls, session: ort.InferenceSession, meta: dict[str, Any], path: Path) -> Decoder:
+        # metadata() decodes JSON values; the tokenizer is wanted back as its JSON text.
+        raw = meta["tokenizer"] if isinstance(meta["tokenizer"], str) else json.dumps(meta["tokenizer"])
+        tok = tokenizers.from_json(raw, f"{path} (tokenizer)")
+        return cls(session, tok, int(meta["block_size"]), (meta["n_layer"], meta["n_head"], meta["head_size"]))
+
+    def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        n_layer, n_head, head_size = self.cache_shape
+        shape = (n_layer, batch, n_head, 0, head_size)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def run(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
+        logits, keys, values = self.session.run(
+            None, {"input_ids": ids, "past_keys": keys, "past_values": values}
+        )
+        return logits, keys, values
+
+    def tokens(self, prompt_ids: list[int], settings: InferConfig, rng: np.random.Generator) -> Iterator[int]:
+        """New token ids after the prompt, one at a time."""
+        ids = list(prompt_ids[-self.block_size :])
+        logits, keys, values = self.run(np.array([ids], dtype=np.int64), *self.empty_cache(1))
+        for _ in range(settings.max_new_tokens):
+            next_id = pick(logits[0, -1], settings, rng)
+            yield next_id
+            ids.append(next_id)
+            if keys.shape[3] + 1 > self.block_size:  # window full: re-read the last block_size tokens
+                window = np.array([ids[-self.block_size :]], dtype=np.int64)
+                logits, keys, values = self.run(window, *self.empty_cache(1))
+            else:
+                logits, keys, values = self.run(np.array([[next_id]], dtype=np.int64), keys, values)
+
+
+def pick(logits: np.ndarray, settings: InferConfig, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise sample after temperature, top-k and top-p (nucleus)."""
+    if settings.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / settings.temperature
+    if settings.top_k is not None and settings.top_k < len(scaled):
+        kth = np.partition(scaled, -settings.top_k)[-settings.top_k]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if settings.top_p is not None and settings.top_p < 1.0:
+        order = np.argsort(-probs)
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, settings.top_p)) + 1]  # smallest set >= top_p
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def prompt_rng(seed: int, prompt: str) -> np.random.Generator:
+    """A prompt's random stream depends on the seed and the prompt alone, not on its position."""
+    return np.random.default_rng([seed, zlib.crc32(prompt.encode("utf-8"))])
+
+
+def complete(decoder: Decoder, prompt: str, settings: InferConfig, seed: int,
+             stream: Any = None) -> dict[str, Any]:
+    """Generate for one prompt; stream the new text to `stream` as it is decoded, if given."""
+    if not prompt:
+        raise UserError("empty prompt: give at least one character to continue from")
+    prompt_ids = decoder.tokenizer.encode(prompt)
+    new_ids: list[int] = []
+    text, shown, reason = "", 0, "max_new_tokens"
+    for token in decoder.tokens(prompt_ids, settings, prompt_rng(seed, prompt)):
+        new_ids.append(token)
+        text = decoder.tokenizer.decode(new_ids)
+        stop_at = _first_stop(text, settings.stop)
+        if stop_at is not None:
+            text, reason = text[:stop_at], "stop"
+            break
+        if stream is not None:  # hold back what could still turn into a stop string or a split char
+            safe = len(text) - _holdback(text, settings.stop)
+            if safe > shown:
+                stream.write(text[shown:safe])
+                stream.flush()
+                shown = safe
+    if stream is not None and len(text) > shown:
+        stream.write(text[shown:])
+        stream.flush()
+    return {"prompt": prompt, "completion": text, "new_tokens": len(new_ids), "stop_reason": reason,
+            "prompt_tokens": len(prompt_ids), "cropped": len(prompt_ids) > decoder.block_size}
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    longest = 1 if text.endswith("\ufffd") else 0  # half a UTF-8 character from byte-level BPE
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if stop.startswith(text[-n:]):
+                longest = max(longest, n)
+                break
+    return longest
+
+
+# ------------------------------------------------------------------------------------- the stage
+
+
+def read_prompts(settings: InferConfig, source: Path | None) -> list[str]:
+    """--prompt, else a text file (one prompt per line), a JSONL file ({"prompt": ...}) or stdin."""
+    if settings.prompt is not None:
+        return [settings.prompt]
+    if source is None:
+        raise UserError("no prompt: give --prompt TEXT, or --input FILE (.txt one per line, .jsonl) or '-'")
+    text = sys.stdin.read() if str(source) == STDIO else read_text(_existing(source))
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and (source.suffix == ".jsonl" or (str(source) == STDIO and lines[0].lstrip().startswith("{"))):
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{source}: line {number} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise UserError(f"{source}: line {number} needs a string field 'prompt'")
+            prompts.append(record["prompt"])
+        return prompts
+    if not lines:
+        raise UserError(f"{source}: no prompts (one prompt per line expected)")
+    return lines
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"input file not found: {path} (set infer.input or --input)")
+    return path
+
+
+def generate(decoder: Decoder, settings: InferConfig, source: Path | None, dest: Path,
+             seed: int) -> dict[str, Any]:
+    prompts = read_prompts(settings, source)
+    to_stdout = str(dest) == STDIO
+    fmt = "jsonl" if settings.format == "jsonl" or (settings.format == "auto" and dest.suffix == ".jsonl") else "text"
+    stream = sys.stdout if to_stdout and fmt == "text" and sys.stdout.isatty() else None
+    results = []
+    for prompt in prompts:
+        if stream is not None:
+            stream.write(prompt)
+        results.append(complete(decoder, prompt, settings, seed, stream))
+        if stream is not None:
+            stream.write("\n")
+    if stream is None:
+        _write(results, dest, fmt)
+    new_tokens = sum(r["new_tokens"] for r in results)
+    console.info(f"infer: {len(results)} prompt(s), {new_tokens} new tokens -> {'stdout' if to_stdout else dest}")
+    return {"generations": str(dest), "prompts": len(results), "new_tokens": new_tokens,
+            "results": results if len(results) <= 16 else results[:16]}
+
+
+def _write(results: list[dict[str, Any]], dest: Path, fmt: str) -> None:
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in results] if fmt == "jsonl" else [
+        r["prompt"] + r["completion"] + "\n" for r in results
+    ]
+    if str(dest) == STDIO:
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
+        return
+    with atomic_open(dest) as handle:
+        handle.write("".join(lines))
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+def bench(decoder: Decoder, batch: int, prompt_tokens: int, new_tokens: int, repeats: int,
+          seed: int) -> dict[str, Any]:
+    """Prefill latency, per-token decode latency (p50, p95) and tokens/s on random prompts."""
+    if prompt_tokens + new_tokens > decoder.block_size:
+        raise UserError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the block size "
+            f"{decoder.block_size}; the benchmark measures cached decoding inside one window"
+        )
+    rng = np.random.default_rng(seed)
+    vocab = decoder.tokenizer.vocab_size
+    prefill, per_token, rates = [], [], []
+    for _ in range(repeats + 1):  # the first round warms up and is not counted
+        ids = rng.integers(0, vocab, size=(batch, prompt_tokens), dtype=np.int64)
+        start = time.perf_counter()
+        logits, keys, values = decoder.run(ids, *decoder.empty_cache(batch))
+        first = time.perf_counter() - start
+        steps = []
+        decode_start = time.perf_counter()
+        for _ in range(new_tokens):
+            step_start = time.perf_counter()
+            next_ids = logits[:, -1].argmax(-1).reshape(batch, 1).astype(np.int64)
+            logits, keys, values = decoder.run(next_ids, keys, values)
+            steps.append(time.perf_counter() - step_start)
+        decode = time.perf_counter() - decode_start
+        prefill.append(first)
+        per_token.extend(steps)
+        rates.append(batch * new_tokens / decode)
+    counted = per_token[new_tokens:]
+    return {
+        "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+        "prefill_ms": round(1000 * float(np.median(prefill[1:])), 3),
+        "per_token_ms_p50": round(1000 * float(np.percentile(counted, 50)), 3),
+        "per_token_ms_p95": round(1000 * float(np.percentile(counted, 95)), 3),
+        "tokens_per_s": round(float(np.median(rates[1:])), 1),
+    }

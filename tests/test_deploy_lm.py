@@ -1,0 +1,172 @@
+"""Deploying the GPT: KV-cache ONNX export with its parity gate, and generation with ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bigmodel import registry
+from bigmodel import tokenizer as tokenizers
+from bigmodel.export.gpt import DecoderStep, check_parity
+from tests.conftest import cli, cli_subprocess
+from tests.test_lm import lm_config, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT trained for a few steps and exported: the model every test here deploys."""
+    tmp = tmp_path_factory.mktemp("lm")
+    config = lm_config(tmp, max_steps=40)
+    result = cli("pipeline", "-c", config, "--to", "export", "-q")
+    assert result.code == 0, result.stderr
+    return config
+
+
+def onnx_of(config: Path) -> Path:
+    return config.parent / "run" / "export" / "model.onnx"
+
+
+def generate(config: Path, *args: str) -> list[dict]:
+    result = cli("infer", "--model", onnx_of(config), "--json", "-o", config.parent / "out.jsonl", *args)
+    assert result.code == 0, result.stderr
+    return [json.loads(line) for line in (config.parent / "out.jsonl").read_text().splitlines()]
+
+
+def test_export_writes_one_checked_graph_with_everything_infer_needs(lm_run: Path) -> None:
+    model = onnx.load(str(onnx_of(lm_run)))
+    onnx.checker.check_model(model, full_check=True)
+    names = [i.name for i in model.graph.input]
+    assert names == ["input_ids", "past_keys", "past_values"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["bigmodel.block_size"]) == 32
+    assert tokenizers.from_json(meta["bigmodel.tokenizer"]).vocab_size > 50
+    report = json.loads((lm_run.parent / "run" / "export" / "parity.json").read_text())
+    assert report["passed"] and report["decode_steps"] == 8 and report["max_abs_diff"] < 1e-4
+
+
+def test_a_corrupted_export_is_caught_by_the_parity_gate(lm_run: Path) -> None:
+    model, manifest = registry.load_model(lm_run.parent / "run" / "train" / "best.safetensors")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[3, 5] += 0.5  # one perturbed weight
+    tokens = np.fromfile(lm_run.parent / "run" / "prepare" / "val.bin", dtype=np.uint16).astype(np.int64)
+    report = check_parity(DecoderStep(model.eval()), onnx_of(lm_run), tokens, manifest["architecture"], 1e-4, 8, 1)
+    assert not report["passed"] and report["max_abs_diff"] > 1e-4
+
+
+def test_failed_gate_publishes_nothing(lm_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(lm_run.parent / "run", tmp_path / "run")
+    shutil.copy(lm_run, tmp_path / "lm.yaml")
+    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.atol=1e-30")
+    assert result.code == 1 and "export parity failed" in result.stderr
+    assert not (tmp_path / "run" / "export" / "model.onnx").exists()
+
+
+def test_external_data_and_offline_optimisation(lm_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(lm_run.parent / "run", tmp_path / "run")
+    shutil.copy(lm_run, tmp_path / "lm.yaml")
+    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.external_data=true",
+                 "--set", "export.optimize=true", "--json", "-q")
+    assert result.code == 0, result.stderr
+    export = tmp_path / "run" / "export"
+    assert (export / "model.onnx.data").stat().st_size > (export / "model.onnx").stat().st_size
+    assert result.json()["optimized_max_abs_diff"] < 1e-4
+    out = generate(tmp_path / "lm.yaml", "--prompt", "def ", "-t", "0", "-n", "10")
+    assert len(out) == 1 and out[0]["new_tokens"] == 10
+
+
+def test_greedy_ort_generation_equals_pytorch(lm_run: Path) -> None:
+    model, manifest = registry.load_model(lm_run.parent / "run" / "train" / "best.safetensors")
+    tok = tokenizers.from_json(manifest["data"]["tokenizer"])
+    prompt = "def main(args):\n    "
+    ids = torch.tensor([tok.encode(prompt)])
+    expected = tok.decode(model.eval().generate(ids, 60, temperature=0)[0, ids.size(1):].tolist())
+    out = generate(lm_run, "--prompt", prompt, "-t", "0", "-n", "60")  # 21 + 60 > block 32: crops too
+    assert out[0]["completion"] == expected
+
+
+def test_prompts_one_by_one_equal_the_batch_and_sampling_is_seeded(lm_run: Path) -> None:
+    prompts = ["import os\n", "class A:", "    return x"]
+    batch_file = lm_run.parent / "prompts.jsonl"
+    batch_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    together = generate(lm_run, "--input", batch_file, "-n", "15", "-t", "1.0")
+    alone = [generate(lm_run, "--prompt", p, "-n", "15", "-t", "1.0")[0] for p in prompts]
+    assert [r["completion"] for r in together] == [r["completion"] for r in alone]
+    again = generate(lm_run, "--input", batch_file, "-n", "15", "-t", "1.0")
+    assert again == together
+
+
+def test_stop_strings_end_the_completion(lm_run: Path) -> None:
+    free = generate(lm_run, "--prompt", "def ", "-t", "0", "-n", "40")[0]["completion"]
+    stop = free[5:7]
+    config = lm_run.parent / "stop.yaml"
+    config.write_text(lm_run.read_text())
+    result = cli("infer", "-c", config, "--prompt", "def ", "-t", "0", "-n", "40", "--set",
+                 f"infer.stop={json.dumps([stop])}", "--json", "-o", lm_run.parent / "stop.jsonl")
+    assert result.code == 0, result.stderr
+    record = json.loads((lm_run.parent / "stop.jsonl").read_text())
+    assert record["stop_reason"] == "stop" and stop not in record["completion"]
+    assert free.startswith(record["completion"])
+
+
+def test_prompt_longer_than_the_block_is_cropped(lm_run: Path) -> None:
+    out = generate(lm_run, "--prompt", "x = 1\n" * 20, "-t", "0", "-n", "5")[0]
+    assert out["cropped"] is True and out["new_tokens"] == 5
+
+
+def test_bad_inputs_are_user_errors(lm_run: Path, tmp_path: Path) -> None:
+    model = onnx_of(lm_run)
+    empty = cli("infer", "--model", model, "--prompt", "")
+    assert empty.code == 2 and "empty prompt" in empty.stderr
+    unknown = cli("infer", "--model", model, "--prompt", "日本")
+    assert unknown.code == 2 and "not in this char-level model's vocabulary" in unknown.stderr
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"\x00not an onnx file")
+    wrong = cli("infer", "--model", bogus, "--prompt", "def ")
+    assert wrong.code == 2 and "not a loadable ONNX model" in wrong.stderr
+    provider = cli("infer", "--model", model, "--prompt", "def ", "-c", lm_run, "--set",
+                   'infer.providers=["TensorrtExecutionProvider"]')
+    assert provider.code == 2 and "available: " in provider.stderr and "CPUExecutionProvider" in provider.stderr
+
+
+def test_bench_reports_latency_and_throughput(lm_run: Path) -> None:
+    result = cli("infer", "--model", onnx_of(lm_run), "--bench", "--batch", "4", "--prompt-tokens", "8",
+                 "--new-tokens", "8", "--repeats", "2", "--json")
+    assert result.code == 0, result.stderr
+    bench = result.json()
+    assert bench["batch"] == 4 and bench["tokens_per_s"] > 0
+    assert 0 < bench["per_token_ms_p50"] <= bench["per_token_ms_p95"]
+    too_long = cli("infer", "--model", onnx_of(lm_run), "--bench", "--prompt-tokens", "30", "--new-tokens", "8")
+    assert too_long.code == 2 and "exceed the block size" in too_long.stderr
+
+
+def test_generation_streams_from_stdin_without_torch(lm_run: Path) -> None:
+    script = (
+        "import sys, runpy\n"
+        "sys.argv = ['bigmodel', 'infer', '--model', sys.argv[1], '--input', '-', '-n', '5', '-t', '0', '-q']\n"
+        "try:\n    runpy.run_module('bigmodel', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('|torch imported' if 'torch' in sys.modules else '|no torch', code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(onnx_of(lm_run))], input="def \nclass \n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().endswith("|no torch 0"), proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("def ") and any(line.startswith("class ") for line in lines)
+
+
+def test_pipeline_runs_export_and_infer_for_the_gpt(lm_run: Path) -> None:
+    result = cli_subprocess("pipeline", "-c", lm_run, "--set", "infer.prompt=def ", "--set", "infer.max_new_tokens=5",
+                            "--json", "-q")
+    assert result.code == 0, result.stderr
+    stages = json.loads(result.stdout)["stages"]
+    assert stages["export"] == {"skipped": True} and stages["infer"]["new_tokens"] == 5
