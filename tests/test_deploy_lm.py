@@ -16,7 +16,7 @@ from bigmodel import registry
 from bigmodel import tokenizer as tokenizers
 from bigmodel.export.gpt import DecoderStep, check_parity
 from tests.conftest import cli, cli_subprocess
-from tests.test_lm import lm_config, run_pipeline
+from tests.test_lm import lm_config
 
 
 @pytest.fixture(scope="module")

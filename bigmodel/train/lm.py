@@ -31,12 +31,11 @@ from bigmodel.io import append_jsonl, sha256_file
 from bigmodel.runtime import setup_torch
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
-    LoopState,
     check_matches_config,
-    restore_training_state,
+    checkpoint_manifest,
     run_lock,
     save_training_state,
-    truncate_log,
+    start_or_resume,
 )
 
 
@@ -75,24 +74,14 @@ def _train(config: Config, resume: bool, out_dir: Path) -> dict[str, Any]:
     # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
     last_path = out_dir / "last.safetensors"
-    loop = LoopState()
-    if resume:
-        if not last_path.is_file():
-            raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
-        loop = restore_training_state(last_path, model, optimizer, sampler)
-        truncate_log(metrics_path, loop.step)
-        console.info(f"train: resuming from step {loop.step} ({last_path})")
-        if tc.patience is not None and loop.evals_since_best >= tc.patience:
-            total_steps = loop.step  # that run had stopped early: there is nothing left to do
-    else:
-        metrics_path.unlink(missing_ok=True)
+    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, sampler, tc.patience)
+    if stopped_early:
+        total_steps = loop.step  # that run had stopped early: there is nothing left to do
 
     lineage = {"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
 
     def manifest(metrics: dict[str, float]) -> dict[str, Any]:
-        return {**{k: init_manifest[k] for k in ("family", "architecture", "data")},
-                "config": config.model_dump(mode="json"), "step": loop.step, "metrics": metrics,
-                "lineage": lineage}
+        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage)
 
     step_model = torch.compile(model) if tc.compile else model  # checkpoints always use `model`
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bigmodel import registry
+from bigmodel import console, registry
 from bigmodel.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import data_manifest
@@ -136,3 +136,31 @@ def check_matches_config(config: Config, init_manifest: dict[str, Any]) -> None:
     if found != expected:
         diff = ", ".join(f"{k} {found.get(k)!r} vs config {v!r}" for k, v in expected.items() if found.get(k) != v)
         raise UserError(f"the init checkpoint does not match the config ({diff}); re-run 'bigmodel init'")
+
+
+def start_or_resume(
+    out_dir: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    sampler: torch.Generator, patience: int | None,
+) -> tuple[LoopState, bool]:
+    """A fresh loop (and a fresh metrics.jsonl), or the state of last.safetensors with the log cut back
+    to its step. Also says whether that run had already stopped early (nothing is left to do then)."""
+    metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
+    if not resume:
+        metrics_path.unlink(missing_ok=True)
+        return LoopState(), False
+    if not last_path.is_file():
+        raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
+    loop = restore_training_state(last_path, model, optimizer, sampler)
+    truncate_log(metrics_path, loop.step)
+    console.info(f"train: resuming from step {loop.step} ({last_path})")
+    return loop, patience is not None and loop.evals_since_best >= patience
+
+
+def checkpoint_manifest(
+    init_manifest: dict[str, Any], config: Config, loop: LoopState, metrics: dict[str, float],
+    lineage: dict[str, str],
+) -> dict[str, Any]:
+    """What every checkpoint of a training run says about itself."""
+    return {**{k: init_manifest[k] for k in ("family", "architecture", "data")},
+            "config": config.model_dump(mode="json"), "step": loop.step, "metrics": metrics,
+            "lineage": lineage}

@@ -21,17 +21,16 @@ from bigmodel import console, registry
 from bigmodel.checkpoint import model_tensors, read_manifest, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import DATA_FILE, load_split
-from bigmodel.errors import RunFailed, UserError
+from bigmodel.errors import RunFailed
 from bigmodel.io import append_jsonl, sha256_file
 from bigmodel.runtime import setup_torch
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
-    LoopState,
     check_matches_config,
-    restore_training_state,
+    checkpoint_manifest,
     run_lock,
     save_training_state,
-    truncate_log,
+    start_or_resume,
 )
 
 
@@ -63,23 +62,13 @@ def _train(config: Config, resume: bool, out_dir: Path) -> dict[str, Any]:
     metrics_path = out_dir / "metrics.jsonl"
     last_path = out_dir / "last.safetensors"
     unused_sampler = torch.Generator()  # tabular batches come from per-epoch permutations instead
-    loop = LoopState()
-    if resume:
-        if not last_path.is_file():
-            raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
-        loop = restore_training_state(last_path, model, optimizer, unused_sampler)
-        truncate_log(metrics_path, loop.step)
-        console.info(f"train: resuming from step {loop.step} ({last_path})")
-        if tc.patience is not None and loop.evals_since_best >= tc.patience:
-            total_steps = loop.step  # that run had stopped early: there is nothing left to do
-    else:
-        metrics_path.unlink(missing_ok=True)
+    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, unused_sampler, tc.patience)
+    if stopped_early:
+        total_steps = loop.step  # that run had stopped early: there is nothing left to do
     lineage = {"init": sha256_file(init_path), "data": sha256_file(config.stage_dir("prepare") / DATA_FILE)}
 
     def manifest(metrics: dict[str, float]) -> dict[str, Any]:
-        return {**{k: init_manifest[k] for k in ("family", "architecture", "data")},
-                "config": config.model_dump(mode="json"), "step": loop.step, "metrics": metrics,
-                "lineage": lineage}
+        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage)
 
     # ---- loop
     best_metrics: dict[str, float] = {}
