@@ -29,8 +29,6 @@ class Stage:
     inputs: Callable[[Config], list[Path]]
     outputs: Callable[[Config], list[Path]]
 
-    available: Callable[[Config], bool] = lambda c: True
-
     def run(self, config: Config, **options: Any) -> dict[str, Any]:
         module = importlib.import_module(f"bigmodel.{self.name}")
         outputs = module.run(config, **options)
@@ -94,7 +92,7 @@ STAGES: dict[str, Stage] = {
               lambda c: [c.stage_dir("init") / "model.safetensors", *prepared_files(c)],
               _in("train", "best.safetensors", "last.safetensors")),
         Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), _in("eval", "metrics.json")),
-        Stage("compress", ("compress",), lambda c: [], lambda c: [], available=lambda c: False),
+        Stage("compress", ("compress",), lambda c: [], lambda c: []),
         Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _in("export", "model.onnx")),
         Stage("infer", ("infer", "seed", "threads"), _infer_inputs,
               lambda c: [c.infer.output or default_infer_output(c)]),
