@@ -354,3 +354,42 @@ def test_compiled_training_saves_plain_checkpoints(tmp_path: Path) -> None:
     assert np.isfinite(stages["train"]["best_val_loss"])
     with safe_open(str(tmp_path / "run" / "train" / "best.safetensors"), "pt") as handle:
         assert not any("_orig_mod" in key for key in handle.keys())
+
+
+def test_gpt_forward_equals_an_independent_textbook_computation() -> None:
+    """The same weights through explicit matrix products (no SDPA, no nn modules): the model computes
+    exactly pre-LN attention + MLP blocks with a causal softmax and a tied output head."""
+    torch.manual_seed(0)
+    arch = {**ARCH, "bias": True}
+    model = GPT(arch).eval()
+    from bigmodel.models.gpt import init_weights
+
+    init_weights(model, "gpt2", 0.02)
+    for block in model.transformer.h:  # non-zero biases, so a dropped bias would show
+        for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            torch.nn.init.normal_(linear.bias, std=0.02)
+    idx = torch.randint(0, 50, (2, 12))
+    B, T, C, H = 2, 12, arch["n_embd"], arch["n_head"]
+    p = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def ln(x: torch.Tensor, name: str) -> torch.Tensor:
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5) * p[f"{name}.weight"] + p[f"{name}.bias"]
+
+    x = p["transformer.wte.weight"][idx] + p["transformer.wpe.weight"][:T]
+    causal = torch.ones(T, T).tril().bool()
+    for i in range(arch["n_layer"]):
+        pre = f"transformer.h.{i}"
+        qkv = ln(x, f"{pre}.ln_1") @ p[f"{pre}.attn.c_attn.weight"].T + p[f"{pre}.attn.c_attn.bias"]
+        q, k, v = (t.reshape(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=-1))
+        scores = (q @ k.transpose(-1, -2)) / (C // H) ** 0.5
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        att = att.transpose(1, 2).reshape(B, T, C)
+        x = x + att @ p[f"{pre}.attn.c_proj.weight"].T + p[f"{pre}.attn.c_proj.bias"]
+        h = ln(x, f"{pre}.ln_2") @ p[f"{pre}.mlp.c_fc.weight"].T + p[f"{pre}.mlp.c_fc.bias"]
+        h = 0.5 * h * (1 + torch.erf(h / 2**0.5))  # exact GELU
+        x = x + h @ p[f"{pre}.mlp.c_proj.weight"].T + p[f"{pre}.mlp.c_proj.bias"]
+    expected = ln(x, "transformer.ln_f") @ p["transformer.wte.weight"].T  # the tied head
+    with torch.no_grad():
+        logits, _ = model(idx)
+    assert torch.allclose(logits, expected, atol=1e-5)
