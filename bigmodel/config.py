@@ -298,6 +298,40 @@ class ExportConfig(Section):
     )
 
 
+class QuantizeStep(Section):
+    """int8 through onnxruntime.quantization on the exported graph (quant_pre_process first)."""
+
+    method: Literal["quantize"] = Field("quantize", description="Step kind.")
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="dynamic: int8 weights, activations quantised on the fly (no data needed); static: "
+        "activations too, with ranges calibrated on training batches (needs the prepared data).",
+    )
+    calibration: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="static: how activation ranges are chosen from the calibration batches."
+    )
+    calibration_batches: int = Field(8, gt=0, description="static: training batches used for calibration.")
+    per_channel: bool = Field(False, description="One scale per output channel of each weight matrix.")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.mode == "static"
+
+
+class CompressConfig(Section):
+    checkpoint: CheckpointRef = "best"
+    steps: list[QuantizeStep] = Field(
+        [], description="Ordered compression steps, e.g. [{method: quantize, mode: dynamic}]."
+    )
+
+    @model_validator(mode="after")
+    def _onnx_steps_come_last(self) -> CompressConfig:
+        kinds = [step.method for step in self.steps]
+        if "quantize" in kinds and kinds.index("quantize") != len(kinds) - 1:
+            raise ValueError("compress.steps: 'quantize' makes an ONNX model, so it must be the last step")
+        return self
+
+
 class InferConfig(Section):
     model: Path | None = Field(None, description="ONNX model. Default: <run_dir>/export/model.onnx.")
     input: Path | None = Field(
@@ -361,6 +395,7 @@ class Config(Section):
     init: InitConfig = Field(default_factory=InitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
 

@@ -9,8 +9,8 @@ from bigmodel.config import Config
 from bigmodel.errors import UserError
 from bigmodel.stages import ORDER, STAGES
 
-# Stages a pipeline runs; compress joins them when it exists (it answers "not yet available" today).
-DEFAULT_STAGES = [name for name in ORDER if name != "compress"]
+# Stages a pipeline runs. compress runs when the config lists compress.steps (else it is skipped).
+DEFAULT_STAGES = ORDER
 
 
 def run(config: Config, start: str | None = None, stop: str | None = None, force: bool = False) -> dict[str, Any]:
@@ -18,6 +18,8 @@ def run(config: Config, start: str | None = None, stop: str | None = None, force
     results: dict[str, Any] = {}
     for name in names:
         stage = STAGES[name]
+        if name == "compress" and not config.compress.steps:
+            continue
         if not force and stage.is_up_to_date(config):
             console.info(f"pipeline: {name} is up to date, skipped")
             results[name] = {"skipped": True}

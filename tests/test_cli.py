@@ -54,8 +54,8 @@ def test_fail_under_gate_exits_1_and_unknown_metric_exits_2(fresh_run: Path) -> 
     assert "eval gate 'acuracy': not a classification metric (did you mean 'accuracy'?)" in line
 
 
-def test_compress_is_not_yet_available(digits_run: Path) -> None:
-    assert "not yet available" in one_line_error(cli("compress", "-c", digits_run))
+def test_compress_without_steps_says_how_to_add_one(digits_run: Path) -> None:
+    assert "compress.steps is empty: add a step" in one_line_error(cli("compress", "-c", digits_run))
 
 
 def test_config_show_validate_and_schema(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bigmodel.config import Config
@@ -24,3 +25,14 @@ def check_gate(scores: dict[str, Any], fail_under: dict[str, float], fail_above:
     failures += [f"{name} {scores[name]:.4f} > {limit}" for name, limit in fail_above.items() if scores[name] > limit]
     if failures:
         raise GateFailed(f"eval gate failed: {'; '.join(failures)}")
+
+
+def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
+    """(metrics, task, step) of any artifact — checkpoint or ONNX model — with the eval code."""
+    if config.model.family == "gpt":
+        from bigmodel.eval import lm
+
+        return lm.scores_for(config, path)
+    from bigmodel.eval import tabular
+
+    return tabular.scores_for(config, path)

@@ -1,19 +1,21 @@
 """Evaluate a GPT checkpoint: loss, perplexity, bits per token and per character, and samples.
 
-The text (the val shard, or eval.text_file encoded with the checkpoint's own tokenizer) is cut into
+The text (the val shard, or eval.text_file encoded with the model's own tokenizer) is cut into
 consecutive windows of block_size + 1 tokens; every token after the first of its window is predicted
-once. bits_per_char divides the total bits by the characters those predicted tokens decode to, so it is
+once. A checkpoint runs in PyTorch, an .onnx model (fp32 or int8) in ONNX Runtime; both feed the same
+scoring code, so compressed models are measured exactly like the original. bits_per_char divides the total bits by the characters those predicted tokens decode to, so it is
 comparable across tokenizers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bigmodel import console, registry
 from bigmodel import tokenizer as tokenizers
@@ -29,26 +31,19 @@ def run(config: Config) -> dict[str, Any]:
     device = setup_torch(config)
     ec = config.eval
     path = config.checkpoint_path(ec.checkpoint)
-    model, manifest = registry.load_model(path)
-    model.to(device).eval()
-    tok = tokenizers.from_json(manifest["data"]["tokenizer"], f"{path} (tokenizer)")
-    if ec.text_file is not None:
-        text = require_file(ec.text_file, "eval.text_file", "fix the path").read_text(encoding="utf-8")
-        tokens = np.asarray(tok.encode(text), dtype=np.int64)
-        source = str(ec.text_file)
-    else:
-        tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
-        source = "val"
-    scores = score(model, tokens, tok, batch_size=config.train.batch_size, device=device)
-    samples = generate_samples(model, tok, config, device) if ec.samples else []
+    scores, source, step, model, tok, decoder = _score_artifact(config, path, device)
+    samples: list[str] = []
+    if ec.samples:
+        samples = (_onnx_samples(decoder, config) if decoder is not None
+                   else generate_samples(model, tok, config, device))
 
     report = {"source": source, "checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
-              "step": manifest.get("step"), "metrics": scores, "samples": samples}
+              "step": step, "metrics": scores, "samples": samples}
     out = config.stage_dir("eval") / "metrics.json"
     write_json(out, report)
     console.info(
-        f"eval ({source}, {scores['tokens']:,} tokens): loss {scores['loss']:.4f}, perplexity "
-        f"{scores['perplexity']:.3f}, {scores['bits_per_char']:.4f} bits/char, "
+        f"eval ({source}, {scores['tokens']:,} tokens{', ONNX' if decoder else ''}): loss {scores['loss']:.4f}, "
+        f"perplexity {scores['perplexity']:.3f}, {scores['bits_per_char']:.4f} bits/char, "
         f"{scores['bits_per_token']:.4f} bits/token"
     )
     for i, sample in enumerate(samples):
@@ -58,26 +53,93 @@ def run(config: Config) -> dict[str, Any]:
     return {"metrics_file": str(out), "source": source, **headline, "samples": samples}
 
 
-@torch.no_grad()
-def score(model: torch.nn.Module, tokens: np.ndarray, tok: tokenizers.Tokenizer, batch_size: int,
-          device: torch.device) -> dict[str, float]:
-    block = model.block_size
+LogitsFn = Callable[[np.ndarray], np.ndarray]  # token ids (B, T) -> logits (B, T, V)
+
+
+def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
+    """Metrics of a checkpoint or an .onnx model on val (or eval.text_file), without writing anything."""
+    scores, _, step, *_ = _score_artifact(config, path, setup_torch(config))
+    return scores, "lm", step
+
+
+def _score_artifact(config: Config, path: Path, device: torch.device) -> tuple[Any, ...]:
+    if path.suffix == ".onnx":
+        logits_fn, block, tok, step, decoder = _onnx_model(path, config)
+        model = None
+    else:
+        model, manifest = registry.load_model(path)
+        model.to(device).eval()
+        tok = tokenizers.from_json(manifest["data"]["tokenizer"], f"{path} (tokenizer)")
+        logits_fn, block, step, decoder = _torch_logits(model, device), model.block_size, manifest.get("step"), None
+    ec = config.eval
+    if ec.text_file is not None:
+        text = require_file(ec.text_file, "eval.text_file", "fix the path").read_text(encoding="utf-8")
+        tokens = np.asarray(tok.encode(text), dtype=np.int64)
+        source = str(ec.text_file)
+    else:
+        tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
+        source = "val"
+    scores = score(logits_fn, block, tokens, tok, batch_size=config.train.batch_size)
+    return scores, source, step, model, tok, decoder
+
+
+def _torch_logits(model: torch.nn.Module, device: torch.device) -> LogitsFn:
+    @torch.no_grad()
+    def logits(ids: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(ids).to(device))[0].float().cpu().numpy()
+
+    return logits
+
+
+def _onnx_model(path: Path, config: Config) -> tuple[LogitsFn, int, tokenizers.Tokenizer, None, Any]:
+    """An exported (fp32 or int8) GPT, scored through ONNX Runtime with an empty cache."""
+    from bigmodel.infer.gpt import Decoder
+    from bigmodel.infer.session import metadata, open_session
+
+    session = open_session(path, config.infer.providers, config.infer.threads or config.threads)
+    meta = metadata(session, path)
+    if meta["kind"] != "gpt":
+        raise UserError(f"{path} is a '{meta['kind']}' model, not a language model")
+    decoder = Decoder.from_session(session, meta, path)
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        return decoder.run(ids, *decoder.empty_cache(len(ids)))[0]
+
+    return logits, decoder.block_size, decoder.tokenizer, None, decoder
+
+
+def _onnx_samples(decoder: Any, config: Config) -> list[str]:
+    from bigmodel.infer.gpt import complete
+
+    ec = config.eval
+    settings = config.infer.model_copy(update={
+        "max_new_tokens": ec.max_new_tokens, "temperature": ec.temperature, "top_k": ec.top_k, "top_p": None,
+        "stop": []})
+    return [ec.prompt + complete(decoder, ec.prompt, settings, config.seed + i)["completion"]
+            for i in range(ec.samples)]
+
+
+def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.Tokenizer,
+          batch_size: int) -> dict[str, float]:
+    """Loss over consecutive windows; the same code for checkpoints and ONNX models."""
     if len(tokens) < 2:
         raise UserError(f"the text to evaluate has {len(tokens)} tokens; at least 2 are needed")
-    span = block + 1
     n_windows = max(1, (len(tokens) - 1) // block)
+    starts = [i * block for i in range(n_windows)]
     total_nats, predicted = 0.0, 0
     predicted_ids: list[np.ndarray] = []
-    starts = [i * block for i in range(n_windows)]
     for i in range(0, len(starts), batch_size):
-        windows = [tokens[s : s + span] for s in starts[i : i + batch_size]]
+        windows = [tokens[s : s + block + 1] for s in starts[i : i + batch_size]]
         width = min(len(w) for w in windows)
-        batch = torch.from_numpy(np.stack([w[:width] for w in windows])).to(device)
-        logits, _ = model(batch[:, :-1])
-        nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nats += nats.item()
-        predicted += batch[:, 1:].numel()
-        predicted_ids.append(batch[:, 1:].reshape(-1).cpu().numpy())
+        batch = np.stack([w[:width] for w in windows])
+        logits = logits_fn(batch[:, :-1]).astype(np.float64)
+        targets = batch[:, 1:]
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=-1))
+        picked = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+        total_nats += float((log_norm - picked).sum())
+        predicted += targets.size
+        predicted_ids.append(targets.reshape(-1))
     n_chars = len(tok.decode(np.concatenate(predicted_ids).tolist()))
     loss = total_nats / predicted
     return {

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import torch
 
 from bigmodel import console, metrics, registry
 from bigmodel.config import Config
 from bigmodel.datasets import load_split
+from bigmodel.errors import UserError
 from bigmodel.eval import check_gate
 from bigmodel.io import sha256_file, write_json
 from bigmodel.runtime import setup_torch
@@ -18,21 +22,13 @@ def run(config: Config) -> dict[str, Any]:
     setup_torch(config)
     ec = config.eval
     path = config.checkpoint_path(ec.checkpoint)
-    model, manifest = registry.load_model(path)
-    x, y = load_split(config, ec.split)
-    with torch.no_grad():
-        predicted = model.eval().predict(torch.from_numpy(x)).numpy()
-    task = manifest["architecture"]["task"]
-    if task == "classification":
-        scores = metrics.classification(y, predicted, manifest["data"]["labels"])
-    else:
-        scores = metrics.regression(y, predicted)
+    scores, task, step = scores_for(config, path)
 
     report = {
         "split": ec.split,
         "checkpoint": str(path),
         "checkpoint_sha256": sha256_file(path),
-        "step": manifest.get("step"),
+        "step": step,
         "metrics": scores,
     }
     out = config.stage_dir("eval") / "metrics.json"
@@ -42,3 +38,28 @@ def run(config: Config) -> dict[str, Any]:
                  + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
     check_gate(scores, ec.fail_under, ec.fail_above)
     return {"metrics_file": str(out), "split": ec.split, **headline}
+
+
+def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
+    """Metrics of a checkpoint or an .onnx model on eval.split, without writing anything."""
+    x, y = load_split(config, config.eval.split or "test")
+    if path.suffix == ".onnx":  # an exported (fp32 or int8) model, run by ONNX Runtime
+        predicted, task, labels, step = _onnx_predict(path, x, config)
+    else:
+        model, manifest = registry.load_model(path)
+        with torch.no_grad():
+            predicted = model.eval().predict(torch.from_numpy(x)).numpy()
+        task, labels, step = manifest["architecture"]["task"], manifest["data"]["labels"], manifest.get("step")
+    # The same metric code for every artifact, so compressed models are measured like the original.
+    scores = metrics.classification(y, predicted, labels) if task == "classification" else metrics.regression(y, predicted)
+    return scores, task, step
+
+
+def _onnx_predict(path: Path, x: np.ndarray, config: Config) -> tuple[np.ndarray, str, list[str], None]:
+    from bigmodel.infer.session import metadata, open_session
+
+    session = open_session(path, config.infer.providers, config.infer.threads or config.threads)
+    meta = metadata(session, path)
+    if meta["kind"] != "tabular":
+        raise UserError(f"{path} is a '{meta['kind']}' model, not a tabular one")
+    return session.run(None, {"features": x})[0], meta["task"], meta["labels"], None

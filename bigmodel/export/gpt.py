@@ -51,8 +51,12 @@ def empty_cache(arch: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarra
 
 def run(config: Config) -> dict[str, Any]:
     setup_torch(config)
+    return export_checkpoint(config, config.checkpoint_path(config.export.checkpoint), config.stage_dir("export"))
+
+
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+    """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
-    ckpt = config.checkpoint_path(xc.checkpoint)
     model, manifest = registry.load_model(ckpt)
     model.eval()
     arch = manifest["architecture"]
@@ -60,7 +64,6 @@ def run(config: Config) -> dict[str, Any]:
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     external = xc.external_data or weight_bytes > TWO_GB
 
-    out_dir = config.stage_dir("export")
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "model.onnx"
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)

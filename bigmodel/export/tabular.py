@@ -36,14 +36,17 @@ class Deployed(torch.nn.Module):
 
 def run(config: Config) -> dict[str, Any]:
     setup_torch(config)
+    return export_checkpoint(config, config.checkpoint_path(config.export.checkpoint), config.stage_dir("export"))
+
+
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+    """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
-    ckpt = config.checkpoint_path(xc.checkpoint)
     model, manifest = registry.load_model(ckpt)
     deployed = Deployed(model.eval()).eval()
     task = manifest["architecture"]["task"]
     output_name = "probabilities" if task == "classification" else "prediction"
 
-    out_dir = config.stage_dir("export")
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "model.onnx"
     rows = _parity_rows(config, xc.parity_rows)

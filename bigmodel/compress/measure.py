@@ -1,0 +1,72 @@
+"""One row of the compression report: size, sparsity, the main metric (eval's code) and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bigmodel.config import Config
+from bigmodel.eval import scores_for
+from bigmodel.infer.session import metadata, open_session
+
+MAIN_METRIC = {"classification": "accuracy", "regression": "mse", "lm": "loss"}
+
+
+def measure(config: Config, name: str, model_path: Path) -> dict[str, Any]:
+    scores, task, _ = scores_for(config, model_path)
+    parameters, nonzeros, weight_bytes = _weights(model_path)
+    data_file = model_path.with_name(f"{model_path.name}.data")
+    file_bytes = model_path.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
+    headline = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    return {
+        "name": name,
+        "artifact": str(model_path),
+        "parameters": parameters,
+        "nonzeros": nonzeros,
+        "file_bytes": file_bytes,
+        "weight_bytes": weight_bytes,
+        "metric": MAIN_METRIC[task],
+        "metrics": headline,
+        "latency_ms": latency_ms(config, model_path),
+    }
+
+
+def _weights(path: Path) -> tuple[int, int, int]:
+    """Parameters, non-zeros and bytes of the weight tensors (initializers of 2+ elements)."""
+    model = onnx.load(str(path))
+    parameters = nonzeros = nbytes = 0
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init, base_dir=str(path.parent))
+        if array.size < 2:
+            continue  # scalars: shapes, zero points, constants
+        parameters += array.size
+        nonzeros += int(np.count_nonzero(array))
+        nbytes += array.nbytes
+    return parameters, nonzeros, nbytes
+
+
+def latency_ms(config: Config, path: Path, calls: int = 200) -> float:
+    """Median ONNX Runtime latency of what the model is for: one row (tabular) or one decode step at
+    batch 1 with a 16-token past (gpt)."""
+    session = open_session(path, ["CPUExecutionProvider"], config.infer.threads or config.threads)
+    meta = metadata(session, path)
+    if meta["kind"] == "gpt":
+        shape = (meta["n_layer"], 1, meta["n_head"], 16, meta["head_size"])
+        feeds = {"input_ids": np.zeros((1, 1), np.int64), "past_keys": np.zeros(shape, np.float32),
+                 "past_values": np.zeros(shape, np.float32)}
+    else:
+        feeds = {"features": np.zeros((1, len(meta["features"])), np.float32)}
+    for _ in range(10):
+        session.run(None, feeds)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 4)

@@ -1,0 +1,97 @@
+"""int8 quantisation of an exported ONNX graph with onnxruntime.quantization.
+
+quant_pre_process (shape inference and graph clean-up) runs first, as ONNX Runtime recommends. Dynamic
+mode stores int8 weights and quantises activations on the fly; static mode also quantises activations,
+with ranges calibrated on batches of the prepared training data (MinMax, entropy or percentile), in
+the QDQ format. torch.ao.quantization is not used: it is deprecated and its models cannot be exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from bigmodel import console
+from bigmodel.config import Config, QuantizeStep
+from bigmodel.datasets import load_split, load_tokens
+from bigmodel.io import atomic_path
+
+CALIBRATION = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+
+
+def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
+    logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node
+    with tempfile.TemporaryDirectory(dir=out.parent) as work, console.stdout_to_stderr():
+        pre = Path(work) / "model.pre.onnx"
+        quant_pre_process(str(fp32), str(pre))
+        with atomic_path(out) as tmp:
+            if step.mode == "dynamic":
+                quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=step.per_channel)
+            else:
+                quantize_static(
+                    str(pre), str(tmp), _calibration_reader(step, config),
+                    quant_format=QuantFormat.QDQ, per_channel=step.per_channel,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    calibrate_method=CALIBRATION[step.calibration],
+                    extra_options={"CalibMovingAverage": True} if step.calibration == "minmax" else {},
+                )
+    _copy_metadata(fp32, out)
+    return out
+
+
+def _copy_metadata(source: Path, target: Path) -> None:
+    """The quantizer drops metadata_props; infer needs them (tokenizer, labels...)."""
+    import onnx
+
+    model = onnx.load(str(target))
+    del model.metadata_props[:]
+    model.metadata_props.extend(onnx.load(str(source), load_external_data=False).metadata_props)
+    with atomic_path(target) as tmp:
+        onnx.save(model, str(tmp))
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _calibration_reader(step: QuantizeStep, config: Config) -> _Batches:
+    """Training batches in the graph's input format: features, or token windows with an empty cache."""
+    rng = np.random.default_rng(config.seed)
+    batch = config.train.batch_size
+    feeds: list[dict[str, Any]] = []
+    if config.model.family == "gpt":
+        tokens = load_tokens(config, "train")
+        block, arch = config.model.block_size, config.model
+        shape = (arch.n_layer, batch, arch.n_head, 0, arch.n_embd // arch.n_head)
+        for _ in range(step.calibration_batches):
+            starts = rng.integers(0, len(tokens) - block, size=batch)
+            ids = np.stack([tokens[s : s + block] for s in starts]).astype(np.int64)
+            feeds.append({"input_ids": ids, "past_keys": np.zeros(shape, np.float32),
+                          "past_values": np.zeros(shape, np.float32)})
+    else:
+        x, _ = load_split(config, "train")
+        for _ in range(step.calibration_batches):
+            feeds.append({"features": x[rng.integers(0, len(x), size=batch)]})
+    return _Batches(feeds)

@@ -1,0 +1,83 @@
+"""compress: int8 quantisation of the exported graph, measured by the same eval code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tests.conftest import cli
+from tests.test_lm import lm_config
+
+
+def copy_run(source_config: Path, tmp: Path) -> Path:
+    shutil.copytree(source_config.parent / "run", tmp / "run")
+    return Path(shutil.copy(source_config, tmp / source_config.name))
+
+
+def compress(config: Path, *steps: str) -> dict:
+    result = cli("compress", "-c", config, "--set", f"compress.steps=[{', '.join(steps)}]", "--json", "-q")
+    assert result.code == 0, result.stderr
+    return result.json()
+
+
+def test_dynamic_int8_shrinks_digits_and_keeps_accuracy(digits_run: Path, tmp_path: Path) -> None:
+    config = copy_run(digits_run, tmp_path)
+    out = compress(config, "{method: quantize}")
+    fp32, int8 = out["steps"]
+    assert int8["weight_bytes"] < 0.35 * fp32["weight_bytes"]
+    assert int8["metrics"]["accuracy"] >= fp32["metrics"]["accuracy"] - 0.02
+    report = json.loads((tmp_path / "run" / "compress" / "report.json").read_text())
+    assert [row["name"] for row in report["steps"]] == ["fp32 (export)", "1: quantize dynamic"]
+    model = onnx.load(out["model"])
+    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in model.graph.node)
+    # eval and infer take the int8 file as it is (its metadata was carried over).
+    evaluated = cli("eval", "-c", config, "--set", f"eval.checkpoint={out['model']}", "--json", "-q")
+    assert evaluated.json()["accuracy"] == pytest.approx(int8["metrics"]["accuracy"])
+    predicted = cli("infer", "-c", config, "--set", f"infer.model={out['model']}", "--json", "-q")
+    assert predicted.code == 0 and predicted.json()["accuracy"] == pytest.approx(int8["metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
+def test_static_int8_with_each_calibration(digits_run: Path, tmp_path: Path, calibration: str) -> None:
+    config = copy_run(digits_run, tmp_path)
+    out = compress(config, f"{{method: quantize, mode: static, calibration: {calibration}, calibration_batches: 4}}")
+    fp32, int8 = out["steps"]
+    assert int8["metrics"]["accuracy"] >= fp32["metrics"]["accuracy"] - 0.03
+    ops = {node.op_type for node in onnx.load(out["model"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_gpt_int8_stays_close_and_still_generates(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=30)
+    assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
+    out = compress(config, "{method: quantize, per_channel: true}")
+    fp32, int8 = out["steps"]
+    assert abs(int8["metrics"]["loss"] - fp32["metrics"]["loss"]) < 0.05 * fp32["metrics"]["loss"]
+    generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json", "-o",
+                    tmp_path / "g.jsonl")
+    assert generated.code == 0, generated.stderr
+
+
+def test_bad_compress_settings_are_user_errors(digits_run: Path, tmp_path: Path) -> None:
+    config = copy_run(digits_run, tmp_path)
+    empty = cli("compress", "-c", config)
+    assert empty.code == 2 and "compress.steps is empty" in empty.stderr
+    bad = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, calibration: kmeans}]")
+    assert bad.code == 2 and "compress.steps.0.calibration" in bad.stderr
+    zero = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, calibration_batches: 0}]")
+    assert zero.code == 2 and "calibration_batches" in zero.stderr
+    (tmp_path / "run" / "prepare" / "data.safetensors").unlink()
+    missing = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, mode: static}]")
+    assert missing.code == 2 and "calibrates on the prepared training data" in missing.stderr
+
+
+def test_pipeline_runs_compress_when_steps_are_configured(digits_run: Path, tmp_path: Path) -> None:
+    config = copy_run(digits_run, tmp_path)
+    result = cli("pipeline", "-c", config, "--set", "compress.steps=[{method: quantize}]", "--json", "-q")
+    assert result.code == 0, result.stderr
+    stages = result.json()["stages"]
+    assert stages["train"] == {"skipped": True} and "report" in stages["compress"]
