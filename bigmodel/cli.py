@@ -93,7 +93,7 @@ def _stage_command(name: str, summary: str) -> None:
 
 _stage_command("prepare", "Read raw data, split it (seeded) and fit statistics on the training split.")
 _stage_command("init", "Build the model from the config and write a seeded initial checkpoint.")
-_stage_command("compress", "Prune, quantise or distil a trained model (not yet available).")
+_stage_command("compress", "Quantise a trained model to int8 and measure it with the eval code (compress.steps).")
 _stage_command("export", "Export a checkpoint to ONNX; publish it only if it matches PyTorch (parity gate).")
 
 

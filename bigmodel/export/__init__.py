@@ -9,13 +9,10 @@ from bigmodel.config import Config
 
 
 def run(config: Config) -> dict[str, Any]:
-    if config.model.family == "gpt":
-        from bigmodel.export import gpt
+    from bigmodel.runtime import setup_torch
 
-        return gpt.run(config)
-    from bigmodel.export import tabular
-
-    return tabular.run(config)
+    setup_torch(config)
+    return export_checkpoint(config, config.checkpoint_path(config.export.checkpoint), config.stage_dir("export"))
 
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
 from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
 from bigmodel.io import sha256_file, write_json
-from bigmodel.runtime import setup_torch
 
 TWO_GB = 2 * 1024**3
 
@@ -47,11 +46,6 @@ class DecoderStep(torch.nn.Module):
 def empty_cache(arch: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarray]:
     shape = (arch["n_layer"], batch, arch["n_head"], 0, arch["n_embd"] // arch["n_head"])
     return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
-
-
-def run(config: Config) -> dict[str, Any]:
-    setup_torch(config)
-    return export_checkpoint(config, config.checkpoint_path(config.export.checkpoint), config.stage_dir("export"))
 
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:

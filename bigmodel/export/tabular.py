@@ -20,7 +20,6 @@ from bigmodel.config import Config
 from bigmodel.datasets import load_split
 from bigmodel.export.onnx_file import export_dynamo, publish_or_reject, stamp_and_check
 from bigmodel.io import sha256_file, write_json
-from bigmodel.runtime import setup_torch
 
 
 class Deployed(torch.nn.Module):
@@ -32,11 +31,6 @@ class Deployed(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.predict(features)
-
-
-def run(config: Config) -> dict[str, Any]:
-    setup_torch(config)
-    return export_checkpoint(config, config.checkpoint_path(config.export.checkpoint), config.stage_dir("export"))
 
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:

@@ -28,19 +28,12 @@ from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
     check_matches_config,
     checkpoint_manifest,
-    run_lock,
     save_training_state,
     start_or_resume,
 )
 
 
-def run(config: Config, resume: bool = False) -> dict[str, Any]:
-    out_dir = config.stage_dir("train")
-    with run_lock(out_dir):
-        return _train(config, resume, out_dir)
-
-
-def _train(config: Config, resume: bool, out_dir: Path) -> dict[str, Any]:
+def train(config: Config, resume: bool, out_dir: Path) -> dict[str, Any]:
     # ---- setup
     device = setup_torch(config)
     tc = config.train
