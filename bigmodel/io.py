@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,3 +89,17 @@ def require_file(path: Path, what: str, fix: str) -> Path:
     if not path.is_file():
         raise UserError(f"{what} not found: {path} ({fix})")
     return path
+
+
+def jsonl_objects(lines: Iterable[str], source: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; invalid JSON or a non-object is the user's to fix."""
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}: line {line_no} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise UserError(f"{source}: line {line_no} must be a JSON object")
+        yield line_no, record

@@ -29,7 +29,7 @@ from bigmodel import console
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import STDIO, InferConfig
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open
+from bigmodel.io import atomic_open, jsonl_objects
 from bigmodel.tabular_io import read_text
 
 
@@ -156,12 +156,8 @@ def read_prompts(settings: InferConfig, source: Path | None) -> list[str]:
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and (source.suffix == ".jsonl" or (str(source) == STDIO and lines[0].lstrip().startswith("{"))):
         prompts = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{source}: line {number} is not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        for number, record in jsonl_objects(lines, source):
+            if not isinstance(record.get("prompt"), str):
                 raise UserError(f"{source}: line {number} needs a string field 'prompt'")
             prompts.append(record["prompt"])
         return prompts

@@ -19,7 +19,7 @@ import numpy as np
 from bigmodel import console, metrics
 from bigmodel.config import STDIO, InferConfig
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open
+from bigmodel.io import atomic_open, jsonl_objects
 from bigmodel.tabular_io import parse_number, read_csv, read_text
 
 
@@ -69,17 +69,7 @@ def _read_records(source: Path, setting: str) -> list[dict[str, Any]]:
     if fmt == "csv":
         header, cells = read_csv(source, text)
         return [{None: i + 2, **dict(zip(header, row))} for i, row in enumerate(cells)]
-    records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{source}: line {line_no} is not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise UserError(f"{source}: line {line_no} must be a JSON object of column: value")
-        records.append({None: line_no, **record})
+    records = [{None: line_no, **record} for line_no, record in jsonl_objects(text.splitlines(), source)]
     if not records:
         raise UserError(f"{source}: no rows to predict")
     return records

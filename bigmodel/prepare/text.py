@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from bigmodel import tokenizer as tokenizers
 from bigmodel.config import Config, TextDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, shard_name
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open, atomic_path, sha256_file, write_json
+from bigmodel.io import atomic_open, atomic_path, jsonl_objects, sha256_file, write_json
 
 
 @dataclass
@@ -171,14 +170,8 @@ def _paragraphs(handle: Any) -> Iterator[str]:
 
 
 def _jsonl_documents(handle: Any, path: Path, key: str) -> Iterator[Iterator[str]]:
-    for line_no, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: line {line_no} is not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get(key), str):
+    for line_no, record in jsonl_objects(handle, path):
+        if not isinstance(record.get(key), str):
             raise UserError(
                 f"{path}: line {line_no} has no text field '{key}' (set data.jsonl_field to the field's name)"
             )
