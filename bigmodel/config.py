@@ -170,7 +170,9 @@ ModelConfig = Annotated[
     Annotated[MLPConfig, Tag("mlp")] | Annotated[GPTConfig, Tag("gpt")],
     Discriminator(_tag_of("family", "mlp")),
 ]
-UNION_TAGS = {"data": {"tabular", "text"}, "model": {"mlp", "gpt"}}
+# Union members are picked by these keys; pydantic puts the member's tag into error locations.
+UNION_TAGS = {"tabular", "text", "mlp", "gpt", "quantize", "prune"}
+TAG_KEYS = {"data": "format", "model": "family", "steps": "method"}
 
 
 # --------------------------------------------------------------------------------------- the stages
@@ -318,10 +320,47 @@ class QuantizeStep(Section):
         return self.mode == "static"
 
 
+class PruneStep(Section):
+    """Magnitude pruning of a checkpoint, optionally fine-tuned by the normal training loop."""
+
+    method: Literal["prune"] = Field("prune", description="Step kind.")
+    kind: Literal["unstructured", "structured"] = Field(
+        "unstructured",
+        description="unstructured: zero the smallest weights; structured: remove whole MLP neurons (gpt) "
+        "or hidden units (mlp), so the saved model is smaller and faster.",
+    )
+    scope: Literal["global", "layer"] = Field(
+        "global", description="unstructured: one threshold over all weight matrices, or one per matrix."
+    )
+    sparsity: float = Field(
+        0.5, ge=0.0, lt=1.0, description="Fraction of weights (unstructured) or neurons (structured) removed."
+    )
+    schedule: Literal["one_shot", "gradual"] = Field(
+        "one_shot", description="gradual: prune in `rounds` steps of a cubic schedule (Zhu & Gupta 2017)."
+    )
+    rounds: int = Field(4, gt=0, description="gradual: pruning rounds; fine-tuning is split between them.")
+    finetune_steps: int = Field(
+        0, ge=0, description="Training steps after pruning (normal loop; pruned weights stay zero)."
+    )
+    finetune_lr: float | None = Field(
+        None, gt=0.0, description="Constant LR for fine-tuning. Default: train.min_lr, or train.lr / 10."
+    )
+
+    @property
+    def needs_data(self) -> bool:
+        return self.finetune_steps > 0
+
+
+CompressStep = Annotated[
+    Annotated[QuantizeStep, Tag("quantize")] | Annotated[PruneStep, Tag("prune")],
+    Discriminator(_tag_of("method", "quantize")),
+]
+
+
 class CompressConfig(Section):
     checkpoint: CheckpointRef = "best"
-    steps: list[QuantizeStep] = Field(
-        [], description="Ordered compression steps, e.g. [{method: quantize, mode: dynamic}]."
+    steps: list[CompressStep] = Field(
+        [], description="Ordered compression steps, e.g. [{method: prune, sparsity: 0.5}, {method: quantize}]."
     )
 
     @model_validator(mode="after")
@@ -626,11 +665,12 @@ def format_validation_error(exc: ValidationError) -> str:
     for error in exc.errors():
         raw_loc = [str(part) for part in error["loc"]]
         # pydantic names the union member in the location (data.text.path): users wrote data.path.
-        loc = [p for i, p in enumerate(raw_loc) if not (i == 1 and p in UNION_TAGS.get(raw_loc[0], ()))]
+        loc = [p for i, p in enumerate(raw_loc) if not (i > 0 and p in UNION_TAGS and _is_union_slot(raw_loc[i - 1]))]
         where = ".".join(loc) if loc else "config"
         kind = error["type"]
         if kind == "union_tag_invalid":
-            key = "format" if where == "data" else "family"
+            container = next((p for p in reversed(loc) if not p.isdigit()), "")
+            key = TAG_KEYS.get(container, "kind")
             ctx = error.get("ctx", {})
             messages.append(f"{where}.{key}: unknown value {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
         elif kind == "extra_forbidden":
@@ -649,11 +689,17 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(messages)
 
 
+def _is_union_slot(parent: str) -> bool:
+    return parent in TAG_KEYS or parent.isdigit()
+
+
 def _allowed_keys(loc: list[str]) -> set[str]:
     """Keys allowed at a location; a union member named in `loc` (data.text) selects that member."""
     model: type[BaseModel] | None = Config
     choices: list[type[BaseModel]] = []
     for part in loc:
+        if part.isdigit():  # a list index: the list's item type stays the candidate
+            continue
         tagged = [c for c in choices if _tag_default(c) == part]
         if tagged:
             model, choices = tagged[0], []
@@ -666,7 +712,7 @@ def _allowed_keys(loc: list[str]) -> set[str]:
 
 
 def _tag_default(section: type[BaseModel]) -> str | None:
-    for key in ("format", "family"):
+    for key in ("format", "family", "method"):
         if key in section.model_fields:
             return section.model_fields[key].default
     return None

@@ -1,8 +1,9 @@
 """compress: an ordered list of compression steps, each measured with the same eval code.
 
-Today's step is `quantize` (int8 through onnxruntime.quantization). The chain: the checkpoint is
-exported through the gated export (`compress/fp32/model.onnx`), every step's result is scored by the
-eval code exactly as the original, and `compress/report.json` plus a printed table compare parameters,
+Steps: `prune` (magnitude pruning of the checkpoint, unstructured or structured, optionally fine-tuned)
+and `quantize` (int8 through onnxruntime.quantization, on the exported graph; always last). The
+checkpoint and every step's result are exported through the gated export and scored by the eval code
+exactly as the original, and `compress/report.json` plus a printed table compare parameters,
 non-zeros, file and weight bytes, the main metric and latency before and after each step.
 """
 
@@ -21,7 +22,7 @@ from bigmodel.runtime import setup_torch
 
 
 def run(config: Config) -> dict[str, Any]:
-    from bigmodel.compress import quantize
+    from bigmodel.compress import prune, quantize
     from bigmodel.export import export_checkpoint
 
     cc = config.compress
@@ -32,32 +33,41 @@ def run(config: Config) -> dict[str, Any]:
             missing = [p for p in prepared_files(config) if not p.exists()]
             if missing:
                 raise UserError(
-                    f"compress step {number} ({step.method} {step.mode}) calibrates on the prepared training "
-                    f"data, but {missing[0]} is missing; run 'bigmodel prepare' first, or use mode 'dynamic'"
+                    f"compress step {number} ({step.method}) needs the prepared training data (calibration "
+                    f"or fine-tuning batches), but {missing[0]} is missing; run 'bigmodel prepare' first"
                 )
     setup_torch(config)
     out_dir = config.stage_dir("compress")
     checkpoint = config.checkpoint_path(cc.checkpoint)
-    exported = export_checkpoint(config, checkpoint, out_dir / "fp32")
-    current = Path(exported["model"])
+    current = Path(export_checkpoint(config, checkpoint, out_dir / "fp32")["model"])
     rows = [measure(config, "fp32 (export)", current)]
+    sparsity: dict[str, dict[str, float]] = {}
     for number, step in enumerate(cc.steps, start=1):
-        console.info(f"compress: step {number}: {step.method} ({step.mode})")
-        current = quantize.run(step, config, current, out_dir / "model.int8.onnx")
-        rows.append(measure(config, f"{number}: {step.method} {step.mode}", current))
+        if step.method == "prune":
+            label = f"{number}: prune {step.kind} {step.sparsity:g}"
+            console.info(f"compress: step {label}")
+            checkpoint, sparsity[label] = prune.run(step, config, checkpoint, out_dir / f"step{number}")
+            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}")["model"])
+        else:
+            label = f"{number}: quantize {step.mode}"
+            console.info(f"compress: step {label}")
+            current = quantize.run(step, config, current, out_dir / "model.int8.onnx")
+        rows.append(measure(config, label, current))
 
-    report = {"checkpoint": str(checkpoint), "steps": rows, "baseline": rows[0]["name"], "result": str(current)}
+    report = {"checkpoint": str(checkpoint), "steps": rows, "baseline": rows[0]["name"], "result": str(current),
+              "sparsity_per_layer": sparsity}
     write_json(out_dir / "report.json", report)
     _print_table(rows)
-    return {"model": str(current), "report": str(out_dir / "report.json"), "steps": rows}
+    return {"model": str(current), "checkpoint": str(checkpoint), "report": str(out_dir / "report.json"),
+            "steps": rows}
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     metric = rows[0]["metric"]
-    header = f"{'step':<22}{'params':>10}{'non-zero':>10}{'file KB':>10}{'weights KB':>12}{metric:>12}{'latency ms':>12}"
+    header = f"{'step':<30}{'params':>10}{'non-zero':>10}{'file KB':>10}{'weights KB':>12}{metric:>12}{'latency ms':>12}"
     console.info(header)
     for row in rows:
         console.info(
-            f"{row['name']:<22}{row['parameters']:>10,}{row['nonzeros']:>10,}{row['file_bytes'] / 1024:>10.1f}"
+            f"{row['name']:<30}{row['parameters']:>10,}{row['nonzeros']:>10,}{row['file_bytes'] / 1024:>10.1f}"
             f"{row['weight_bytes'] / 1024:>12.1f}{row['metrics'][metric]:>12.4f}{row['latency_ms']:>12.3f}"
         )

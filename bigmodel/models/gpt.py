@@ -85,11 +85,11 @@ def causal_mask(n_new: int, n_total: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: dict[str, Any]) -> None:
+    def __init__(self, arch: dict[str, Any], hidden: int) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(arch["n_embd"], 4 * arch["n_embd"], bias=arch["bias"])
+        self.c_fc = nn.Linear(arch["n_embd"], hidden, bias=arch["bias"])
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * arch["n_embd"], arch["n_embd"], bias=arch["bias"])
+        self.c_proj = nn.Linear(hidden, arch["n_embd"], bias=arch["bias"])
         self.dropout = nn.Dropout(arch["dropout"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +97,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, arch: dict[str, Any]) -> None:
+    def __init__(self, arch: dict[str, Any], layer: int) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(arch["n_embd"], arch["bias"])
         self.attn = CausalSelfAttention(arch)
         self.ln_2 = LayerNorm(arch["n_embd"], arch["bias"])
-        self.mlp = MLP(arch)
+        self.mlp = MLP(arch, mlp_widths(arch)[layer])
 
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
@@ -126,7 +126,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(arch["vocab_size"], arch["n_embd"]),
                 wpe=nn.Embedding(arch["block_size"], arch["n_embd"]),
                 drop=nn.Dropout(arch["dropout"]),
-                h=nn.ModuleList([Block(arch) for _ in range(arch["n_layer"])]),
+                h=nn.ModuleList([Block(arch, i) for i in range(arch["n_layer"])]),
                 ln_f=LayerNorm(arch["n_embd"], arch["bias"]),
             )
         )
@@ -176,6 +176,11 @@ class GPT(nn.Module):
             else:
                 logits, past = self(next_id, past)
         return idx
+
+
+def mlp_widths(arch: dict[str, Any]) -> list[int]:
+    """Hidden width of each block's MLP: 4 x n_embd, unless structured pruning narrowed them."""
+    return list(arch.get("mlp_hidden") or [4 * arch["n_embd"]] * arch["n_layer"])
 
 
 def build(arch: dict[str, Any]) -> GPT:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,19 @@ from bigmodel.train.state import (
 )
 
 
-def train(config: Config, resume: bool, out_dir: Path) -> dict[str, Any]:
+def train(
+    config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
+    after_step: Callable[[torch.nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """start_from: train from this checkpoint instead of init (compress fine-tunes this way);
+    after_step: called after every optimizer step (compress keeps pruned weights at zero with it)."""
     # ---- setup
     device = setup_torch(config)
     tc = config.train
-    init_path = config.stage_dir("init") / "model.safetensors"
+    init_path = start_from or config.stage_dir("init") / "model.safetensors"
     model, init_manifest = registry.load_model(init_path)
-    check_matches_config(config, init_manifest)
+    if start_from is None:
+        check_matches_config(config, init_manifest)
     model.to(device)
     optimizer = build_optimizer(model, tc)
     sampler = torch.Generator().manual_seed(config.seed)
@@ -109,6 +116,8 @@ def train(config: Config, resume: bool, out_dir: Path) -> dict[str, Any]:
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
+            if after_step is not None:
+                after_step(model)
             optimizer.zero_grad(set_to_none=True)
             loop.step += 1
             loop.tokens_seen += tokens_per_step

@@ -1,0 +1,167 @@
+"""Magnitude pruning of a checkpoint (Han et al. 2015), optionally fine-tuned by the training loop.
+
+- unstructured: zero the smallest-magnitude entries of every weight matrix (Linear layers; embeddings
+  and norms are left alone), with one threshold over all matrices (`global`) or one per matrix
+  (`layer`). During fine-tuning a mask re-zeroes them after every optimizer step.
+- structured: remove whole MLP neurons (gpt: rows of c_fc and columns of c_proj in each block) or
+  hidden units (mlp: rows of one Linear and columns of the next), ranked by the product of their
+  incoming and outgoing weight norms. The rebuilt model is genuinely smaller, so its ONNX file is too.
+  Weights an earlier unstructured step set to zero stay zero through this step's fine-tuning.
+- gradual: `rounds` prune-then-fine-tune rounds whose sparsity follows the cubic schedule of Zhu &
+  Gupta 2017, s_r = s * (1 - (1 - r / rounds)^3).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigmodel import console, registry
+from bigmodel.checkpoint import model_tensors, save_checkpoint
+from bigmodel.config import Config, PruneStep
+from bigmodel.io import sha256_file
+
+Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
+
+
+def run(step: PruneStep, config: Config, checkpoint: Path, work_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Prune (and fine-tune) `checkpoint`; returns the new checkpoint and a per-layer sparsity report."""
+    model, manifest = registry.load_model(checkpoint)
+    rounds = step.rounds if step.schedule == "gradual" else 1
+    masks: Masks = {}
+    for r in range(1, rounds + 1):
+        target = step.sparsity * (1 - (1 - r / rounds) ** 3)
+        if step.kind == "structured":
+            model, manifest = prune_structured(model, manifest, target)
+            masks = {name: w != 0 for name, w in prunable(model).items()}  # earlier steps' zeros stay zero
+        else:
+            masks = magnitude_masks(model, target, step.scope)
+            apply_masks(model, masks)
+        console.info(f"compress: prune round {r}/{rounds}: {step.kind} to sparsity {target:.3f}")
+        if step.finetune_steps:
+            steps = max(1, step.finetune_steps // rounds)
+            model = finetune(config, step, model, manifest, masks, steps, work_dir / f"round{r}")
+    report = sparsity_report(model)
+    manifest = {**manifest, "step": manifest.get("step"),
+                "lineage": {**manifest.get("lineage", {}), "pruned_from": sha256_file(checkpoint)},
+                "pruning": {"kind": step.kind, "sparsity": step.sparsity, "per_layer": report}}
+    out = work_dir / "model.safetensors"
+    save_checkpoint(out, model_tensors(model), manifest)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------- unstructured
+
+
+def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight matrices pruning may touch: every Linear weight except the tied output head."""
+    tied = getattr(model, "tied_weights", {})
+    return {
+        f"{name}.weight": module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and f"{name}.weight" not in tied
+    }
+
+
+def magnitude_masks(model: nn.Module, sparsity: float, scope: str) -> Masks:
+    weights = prunable(model)
+    if sparsity <= 0:
+        return {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+    if scope == "global":
+        everything = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+        threshold = _kth_smallest(everything, sparsity)
+        return {name: w.detach().abs() > threshold for name, w in weights.items()}
+    return {name: w.detach().abs() > _kth_smallest(w.detach().abs().flatten(), sparsity)
+            for name, w in weights.items()}
+
+
+def _kth_smallest(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    k = max(1, int(math.floor(fraction * values.numel())))
+    return values.kthvalue(k).values
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask)
+
+
+def sparsity_report(model: nn.Module) -> dict[str, float]:
+    return {name: round(float((w == 0).float().mean()), 4) for name, w in prunable(model).items()}
+
+
+# ------------------------------------------------------------------------------------ structured
+
+
+@torch.no_grad()
+def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float) -> tuple[nn.Module, dict[str, Any]]:
+    """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded down)."""
+    arch = dict(manifest["architecture"])
+    pairs = _neuron_pairs(model)
+    original = arch.get("original_widths") or [first.out_features for first, _ in pairs]
+    keep_idx = []
+    for (first, second), width in zip(pairs, original):
+        keep = max(1, math.ceil(width * (1 - fraction)))
+        score = first.weight.norm(dim=1) * second.weight.norm(dim=0)  # in-norm x out-norm per neuron
+        keep_idx.append(score.topk(min(keep, first.out_features)).indices.sort().values)
+    widths = [len(k) for k in keep_idx]
+    if arch["family"] == "gpt":
+        arch["mlp_hidden"] = widths
+    else:
+        arch["hidden_sizes"] = widths
+    arch["original_widths"] = original
+    smaller = registry.build_model(arch)
+    state = model.state_dict()
+    for (first, second), keep, (new_first, new_second) in zip(pairs, keep_idx, _neuron_pairs(smaller)):
+        new_first.weight.copy_(first.weight[keep])
+        if first.bias is not None:
+            new_first.bias.copy_(first.bias[keep])
+        new_second.weight.copy_(second.weight[:, keep])
+        if second.bias is not None:
+            new_second.bias.copy_(second.bias)
+    # Everything that is not a pruned pair (embeddings, norms, attention, buffers) carries over as is.
+    resized = {n for f, s in _neuron_pairs(smaller) for n in _names(smaller, f) | _names(smaller, s)}
+    smaller.load_state_dict({k: v for k, v in state.items() if k not in resized} | {
+        k: v for k, v in smaller.state_dict().items() if k in resized}, strict=False)
+    return smaller, {**manifest, "architecture": arch}
+
+
+def _neuron_pairs(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+    """(layer making the hidden neurons, layer reading them) for every prunable hidden layer."""
+    if hasattr(model, "transformer"):
+        return [(block.mlp.c_fc, block.mlp.c_proj) for block in model.transformer.h]
+    linears = [m for m in model.net if isinstance(m, nn.Linear)]
+    return list(zip(linears[:-1], linears[1:]))
+
+
+def _names(model: nn.Module, module: nn.Module) -> set[str]:
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    return {f"{prefix}.{p}" for p, _ in module.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------- fine-tune
+
+
+def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: dict[str, Any], masks: Masks,
+             steps: int, work_dir: Path) -> nn.Module:
+    """A short run of the family's own training recipe from the pruned weights, masks held."""
+    from bigmodel.train import lm, tabular
+
+    start = work_dir / "start.safetensors"
+    save_checkpoint(start, model_tensors(model), manifest)
+    tc = config.train
+    lr = step.finetune_lr or (tc.min_lr if tc.min_lr > 0 else tc.lr / 10)
+    train_cfg = tc.model_copy(update={
+        "max_steps": steps, "lr": lr, "min_lr": lr, "schedule": "constant", "warmup_steps": 0,
+        "eval_every": steps, "save_every": steps, "patience": None, "compile": False,
+    })
+    recipe = lm if config.model.family == "gpt" else tabular
+    result = recipe.train(config.model_copy(update={"train": train_cfg}), False, work_dir,
+                          start_from=start, after_step=(lambda m: apply_masks(m, masks)) if masks else None)
+    tuned, _ = registry.load_model(Path(result["last"]))
+    return tuned
