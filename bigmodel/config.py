@@ -171,7 +171,6 @@ ModelConfig = Annotated[
     Discriminator(_tag_of("family", "mlp")),
 ]
 # Union members are picked by these keys; pydantic puts the member's tag into error locations.
-UNION_TAGS = {"tabular", "text", "mlp", "gpt", "quantize", "prune"}
 TAG_KEYS = {"data": "format", "model": "family", "steps": "method"}
 
 
@@ -351,8 +350,30 @@ class PruneStep(Section):
         return self.finetune_steps > 0
 
 
+class DistillStep(Section):
+    """Knowledge distillation (Hinton et al. 2015) into a smaller student, trained by the normal loop."""
+
+    method: Literal["distill"] = Field("distill", description="Step kind.")
+    student: dict[str, Any] = Field(
+        description="The student: model settings that differ from the teacher's, e.g. {n_layer: 2}."
+    )
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Weight of the soft loss: alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy.",
+    )
+    temperature: float = Field(2.0, gt=0.0, description="Softening temperature T for both distributions.")
+    steps: int = Field(1000, gt=0, description="Training steps for the student.")
+    lr: float | None = Field(None, gt=0.0, description="Student peak LR. Default: train.lr.")
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+
 CompressStep = Annotated[
-    Annotated[QuantizeStep, Tag("quantize")] | Annotated[PruneStep, Tag("prune")],
+    Annotated[QuantizeStep, Tag("quantize")]
+    | Annotated[PruneStep, Tag("prune")]
+    | Annotated[DistillStep, Tag("distill")],
     Discriminator(_tag_of("method", "quantize")),
 ]
 
@@ -485,9 +506,28 @@ class Config(Section):
                     f"eval gate '{name}': not a {task} metric{did_you_mean(name, SCALAR_METRICS[task])}; "
                     f"available: {', '.join(SCALAR_METRICS[task])}"
                 )
+        for number, step in enumerate(self.compress.steps):
+            if step.method != "distill":
+                continue
+            if task == "regression":
+                problems.append(f"compress.steps.{number}: distill needs class probabilities or a language "
+                                "model; regression has neither")
+            try:
+                self.student_model(step)
+            except ValidationError as exc:
+                within = ("model", self.model.family)
+                problems.append(f"compress.steps.{number}.student: {format_validation_error(exc, within)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def student_model(self, step: DistillStep) -> MLPConfig | GPTConfig:
+        """The student's model settings: the teacher's, with the step's overrides (validated)."""
+        if "family" in step.student and step.student["family"] != self.model.family:
+            raise ValidationError.from_exception_data("student", [{
+                "type": "value_error", "loc": ("family",), "input": step.student["family"],
+                "ctx": {"error": "a student is of the teacher's family"}}])
+        return type(self.model).model_validate({**self.model.model_dump(), **step.student})
 
     def stage_dir(self, stage: str) -> Path:
         """`<run_dir>/<stage>`: where a stage writes its artifacts."""
@@ -659,8 +699,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 # ------------------------------------------------------------------------------- error formatting
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """All problems of one validation in one line: 'key.path: what is wrong (what is allowed)'."""
+def format_validation_error(exc: ValidationError, within: tuple[str, ...] = ()) -> str:
+    """All problems of one validation in one line: 'key.path: what is wrong (what is allowed)'.
+    `within`: the config section the validated data belongs to (for the allowed keys)."""
     messages = []
     for error in exc.errors():
         raw_loc = [str(part) for part in error["loc"]]
@@ -674,7 +715,7 @@ def format_validation_error(exc: ValidationError) -> str:
             ctx = error.get("ctx", {})
             messages.append(f"{where}.{key}: unknown value {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
         elif kind == "extra_forbidden":
-            allowed = _allowed_keys(raw_loc[:-1])
+            allowed = _allowed_keys([*within, *raw_loc[:-1]])
             hint = did_you_mean(loc[-1], allowed)
             messages.append(
                 f"{where}: unknown key{hint}; allowed here: {', '.join(sorted(allowed))}"
@@ -687,6 +728,15 @@ def format_validation_error(exc: ValidationError) -> str:
             msg = str(error["msg"]).removeprefix("Value error, ")
             messages.append(f"{where}: {msg} (got {error.get('input')!r})")
     return "; ".join(messages)
+
+
+def _all_sections(model: type[BaseModel]) -> set[type[BaseModel]]:
+    found = {model}
+    for field in model.model_fields.values():
+        for section in _sections_in(field.annotation):
+            if section not in found:
+                found |= _all_sections(section)
+    return found
 
 
 def _is_union_slot(parent: str) -> bool:
@@ -712,9 +762,11 @@ def _allowed_keys(loc: list[str]) -> set[str]:
 
 
 def _tag_default(section: type[BaseModel]) -> str | None:
+    """A union member's tag: its format/family/method field, a Literal of exactly one value."""
     for key in ("format", "family", "method"):
-        if key in section.model_fields:
-            return section.model_fields[key].default
+        field = section.model_fields.get(key)
+        if field is not None and len(typing.get_args(field.annotation)) == 1:
+            return field.default
     return None
 
 
@@ -740,3 +792,8 @@ def json_schema() -> dict[str, Any]:
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# Every tag a union member answers to (data.format, model.family, compress step method), read off the
+# schema, so new members need no list kept by hand.
+UNION_TAGS = {tag for section in _all_sections(Config) if (tag := _tag_default(section)) is not None}

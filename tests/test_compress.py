@@ -148,3 +148,46 @@ def test_bad_pruning_settings_are_user_errors(digits_run: Path) -> None:
     ):
         result = cli("compress", "-c", digits_run, "--set", f"compress.steps={steps}")
         assert result.code == 2 and expected in result.stderr, result.stderr
+
+
+# ---- distillation
+
+
+def test_distilled_student_is_smaller_and_trained_by_the_normal_loop(digits_run: Path, tmp_path: Path) -> None:
+    config = copy_run(digits_run, tmp_path)
+    out = compress(config, "{method: distill, student: {hidden_sizes: [8]}, steps: 60, temperature: 3.0}")
+    teacher, student = out["steps"]
+    assert student["parameters"] < teacher["parameters"]
+    assert student["metrics"]["accuracy"] > 0.5
+    log = (tmp_path / "run" / "compress" / "step1" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["step"] == 60
+
+
+def test_alpha_zero_is_plain_training_of_the_same_student(digits_run: Path, tmp_path: Path) -> None:
+    """With alpha 0 the distillation loss is exactly cross-entropy: the scratch control."""
+    import torch
+
+    from bigmodel.compress.distill import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 3)
+    out, x, y = torch.randn(5, 3), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    assert torch.equal(distillation_loss(teacher, 0.0, 2.0)(out, x, y), torch.nn.functional.cross_entropy(out, y))
+    # alpha 1 is the softened KL alone, scaled by T^2; it vanishes when student == teacher.
+    same = teacher(x).detach()
+    assert distillation_loss(teacher, 1.0, 2.0)(same, x, y).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_student_with_another_vocabulary_or_bad_settings_is_refused(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=5)
+    assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
+    # Re-prepare other text: the teacher's vocabulary no longer matches the data the student learns.
+    (tmp_path / "other.txt").write_text("abc abc abc\n" * 500)
+    cli("prepare", "-c", config, "--set", f"data.path={tmp_path / 'other.txt'}", "-q")
+    result = cli("compress", "-c", config, "--set", f"data.path={tmp_path / 'other.txt'}", "--set",
+                 "compress.steps=[{method: distill, student: {n_layer: 1}, steps: 2}]")
+    assert result.code == 2 and "must share the tokenizer" in result.stderr
+    bad = cli("compress", "-c", config, "--set", "compress.steps=[{method: distill, student: {n_layr: 1}}]")
+    assert bad.code == 2 and "student: n_layr: unknown key (did you mean 'n_layer'?)" in bad.stderr
+    alpha = cli("compress", "-c", config, "--set", "compress.steps=[{method: distill, student: {}, alpha: 1.5}]")
+    assert alpha.code == 2 and "compress.steps.0.alpha" in alpha.stderr

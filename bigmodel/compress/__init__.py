@@ -1,7 +1,7 @@
 """compress: an ordered list of compression steps, each measured with the same eval code.
 
-Steps: `prune` (magnitude pruning of the checkpoint, unstructured or structured, optionally fine-tuned)
-and `quantize` (int8 through onnxruntime.quantization, on the exported graph; always last). The
+Steps: `prune` (magnitude pruning of the checkpoint, unstructured or structured, optionally fine-tuned),
+`distill` (a smaller student trained on the checkpoint's soft targets) and `quantize` (int8 through onnxruntime.quantization, on the exported graph; always last). The
 checkpoint and every step's result are exported through the gated export and scored by the eval code
 exactly as the original, and `compress/report.json` plus a printed table compare parameters,
 non-zeros, file and weight bytes, the main metric and latency before and after each step.
@@ -22,7 +22,7 @@ from bigmodel.runtime import setup_torch
 
 
 def run(config: Config) -> dict[str, Any]:
-    from bigmodel.compress import prune, quantize
+    from bigmodel.compress import distill, prune, quantize
     from bigmodel.export import export_checkpoint
 
     cc = config.compress
@@ -47,6 +47,11 @@ def run(config: Config) -> dict[str, Any]:
             label = f"{number}: prune {step.kind} {step.sparsity:g}"
             console.info(f"compress: step {label}")
             checkpoint, sparsity[label] = prune.run(step, config, checkpoint, out_dir / f"step{number}")
+            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}")["model"])
+        elif step.method == "distill":
+            label = f"{number}: distill a={step.alpha:g} T={step.temperature:g}"
+            console.info(f"compress: step {label}")
+            checkpoint = distill.run(step, config, checkpoint, out_dir / f"step{number}")
             current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}")["model"])
         else:
             label = f"{number}: quantize {step.mode}"

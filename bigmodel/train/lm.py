@@ -42,9 +42,12 @@ from bigmodel.train.state import (
 def train(
     config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
+    loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """start_from: train from this checkpoint instead of init (compress fine-tunes this way);
-    after_step: called after every optimizer step (compress keeps pruned weights at zero with it)."""
+    after_step: called after every optimizer step (compress keeps pruned weights at zero with it);
+    loss_hook(output, inputs, targets): the training loss instead of the task's own (distillation).
+    Validation always scores the task's own loss."""
     # ---- setup
     device = setup_torch(config)
     tc = config.train
@@ -105,7 +108,10 @@ def train(
                 x, y = sample_batch(train_tokens, sampler, batch, block, device)
                 with autocast:
                     logits, _ = step_model(x)
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+                    if loss_hook is not None:
+                        loss = loss_hook(logits, x, y)
+                    else:
+                        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
                 (loss / tc.grad_accum_steps).backward()
                 step_loss += loss.item() / tc.grad_accum_steps
             if not math.isfinite(step_loss):

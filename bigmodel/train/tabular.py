@@ -37,9 +37,12 @@ from bigmodel.train.state import (
 def train(
     config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
+    loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """start_from: train from this checkpoint instead of init (compress fine-tunes this way);
-    after_step: called after every optimizer step (compress keeps pruned weights at zero with it)."""
+    after_step: called after every optimizer step (compress keeps pruned weights at zero with it);
+    loss_hook(output, inputs, targets): the training loss instead of the task's own (distillation).
+    Validation always scores the task's own loss."""
     # ---- setup
     device = setup_torch(config)
     tc = config.train
@@ -88,7 +91,11 @@ def train(
                 model.train()
                 lr = lr_at(loop.step, total_steps, tc)
                 set_lr(optimizer, lr)
-                loss = loss_fn(model(train_x[batch]), train_y[batch], model)
+                out = model(train_x[batch])
+                if loss_hook is not None:
+                    loss = loss_hook(out, train_x[batch], train_y[batch])
+                else:
+                    loss = loss_fn(out, train_y[batch], model)
                 if not torch.isfinite(loss):
                     raise RunFailed(
                         f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or set "

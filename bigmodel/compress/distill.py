@@ -1,0 +1,98 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015): a smaller student learns from the teacher.
+
+Loss per token (or row): alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, with both
+distributions softened at temperature T; the T^2 keeps the soft term's gradients on the hard term's
+scale. The student starts from the family's own init (seeded) and is trained by the family's normal
+training recipe, so checkpoints, progress, metrics.jsonl and resume all apply. alpha = 0 is plain
+training of the same student from scratch: the control a distillation result is compared against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bigmodel import console, registry
+from bigmodel.checkpoint import model_tensors, save_checkpoint
+from bigmodel.config import Config, DistillStep
+from bigmodel.datasets import data_manifest
+from bigmodel.errors import UserError
+from bigmodel.runtime import resolve_device
+
+
+def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -> Path:
+    device = resolve_device(config.device)
+    teacher, teacher_manifest = registry.load_model(teacher_path)
+    teacher.to(device).eval().requires_grad_(False)
+    student_cfg = config.student_model(step)
+    arch = registry.architecture(student_cfg, data_manifest(config))
+    _check_compatible(teacher_manifest["architecture"], arch)
+
+    torch.manual_seed(config.seed)
+    student = registry.build_model(arch)
+    registry.init_weights(student, arch["family"], config.init.scheme, config.init.std)
+    if arch["family"] == "mlp":  # the same data: the teacher's standardisation statistics apply
+        student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(("feature_", "target_"))},
+                                strict=False)
+    start = work_dir / "student_init.safetensors"
+    save_checkpoint(start, model_tensors(student), {**teacher_manifest, "architecture": arch, "family": arch["family"],
+                                                    "step": 0, "metrics": {}})
+    console.info(f"compress: student {registry.count_parameters(student):,} parameters, teacher "
+                 f"{registry.count_parameters(teacher):,}; {step.steps} steps")
+
+    tc = config.train
+    train_cfg = tc.model_copy(update={
+        "max_steps": step.steps, "lr": step.lr or tc.lr, "warmup_steps": min(tc.warmup_steps, step.steps // 10),
+        "eval_every": min(tc.eval_every or step.steps, step.steps), "save_every": None, "patience": None,
+        "compile": False,
+    })
+    student_config = config.model_copy(update={"train": train_cfg, "model": student_cfg})
+    recipe = _recipe(config)
+    result = recipe.train(student_config, False, work_dir, start_from=start,
+                          loss_hook=distillation_loss(teacher, step.alpha, step.temperature))
+    return Path(result["best"])
+
+
+def distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: float) -> Any:
+    def loss(student_out: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_out = teacher(inputs)
+            teacher_out = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out  # gpt: (logits, cache)
+        classes = student_out.size(-1)
+        student_logits = student_out.float().reshape(-1, classes)
+        teacher_logits = teacher_out.float().reshape(-1, classes)
+        hard = F.cross_entropy(student_logits, targets.reshape(-1))
+        if alpha == 0:
+            return hard
+        soft = F.kl_div(  # KL(teacher || student), averaged over tokens (rows)
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            log_target=True, reduction="batchmean",
+        )
+        return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+    return loss
+
+
+def _check_compatible(teacher: dict[str, Any], student: dict[str, Any]) -> None:
+    """Soft targets only make sense over the same outputs: same vocabulary (or classes) and inputs."""
+    keys = ("vocab_size",) if student["family"] == "gpt" else ("n_inputs", "n_outputs")
+    for key in keys:
+        if teacher.get(key) != student.get(key):
+            raise UserError(
+                f"distill: the teacher's {key} is {teacher.get(key)} but the student's data gives "
+                f"{student.get(key)}; teacher and student must share the tokenizer/labels (re-prepare the "
+                "same data, or distil from a teacher trained on it)"
+            )
+    if student["family"] == "gpt" and student["block_size"] > teacher["block_size"]:
+        raise UserError(f"distill: student block_size {student['block_size']} exceeds the teacher's "
+                        f"{teacher['block_size']}; the teacher cannot score such contexts")
+
+
+def _recipe(config: Config) -> Any:
+    from bigmodel.train import lm, tabular
+
+    return lm if config.model.family == "gpt" else tabular
