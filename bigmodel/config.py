@@ -331,6 +331,11 @@ class PruneStep(Section):
     scope: Literal["global", "layer"] = Field(
         "global", description="unstructured: one threshold over all weight matrices, or one per matrix."
     )
+    structure: Literal["mlp", "heads"] = Field(
+        "mlp",
+        description="structured: what is removed — mlp: MLP neurons (gpt) or hidden units (mlp); heads: "
+        "attention heads (gpt; the same number in every layer, so the KV cache keeps one shape).",
+    )
     sparsity: float = Field(
         0.5, ge=0.0, lt=1.0, description="Fraction of weights (unstructured) or neurons (structured) removed."
     )
@@ -507,6 +512,9 @@ class Config(Section):
                     f"available: {', '.join(SCALAR_METRICS[task])}"
                 )
         for number, step in enumerate(self.compress.steps):
+            if step.method == "prune" and step.structure == "heads" and self.model.family != "gpt":
+                problems.append(f"compress.steps.{number}.structure 'heads' needs model.family 'gpt' (an MLP "
+                                "has no attention heads; use 'mlp')")
             if step.method != "distill":
                 continue
             if task == "regression":

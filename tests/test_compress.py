@@ -191,3 +191,25 @@ def test_student_with_another_vocabulary_or_bad_settings_is_refused(tmp_path: Pa
     assert bad.code == 2 and "student: n_layr: unknown key (did you mean 'n_layer'?)" in bad.stderr
     alpha = cli("compress", "-c", config, "--set", "compress.steps=[{method: distill, student: {}, alpha: 1.5}]")
     assert alpha.code == 2 and "compress.steps.0.alpha" in alpha.stderr
+
+
+def test_structured_pruning_of_attention_heads_keeps_one_cache_shape(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=20)  # 2 heads of 16 in one layer
+    assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
+    out = compress(config, "{method: prune, kind: structured, structure: heads, sparsity: 0.5, finetune_steps: 4}",
+                   "{method: quantize, mode: static, calibration_batches: 2}")
+    fp32, pruned, int8 = out["steps"]
+    from bigmodel.checkpoint import read_manifest
+
+    arch = read_manifest(Path(out["checkpoint"]))["architecture"]
+    assert (arch["n_head"], arch["head_size"]) == (1, 16)
+    assert pruned["parameters"] == fp32["parameters"] - 4 * 32 * 16  # q, k, v rows and c_proj columns
+    generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json",
+                    "-o", tmp_path / "g.jsonl")
+    assert generated.code == 0, generated.stderr
+
+
+def test_heads_are_refused_for_a_tabular_model(digits_run: Path) -> None:
+    result = cli("compress", "-c", digits_run, "--set",
+                 "compress.steps=[{method: prune, kind: structured, structure: heads}]")
+    assert result.code == 2 and "structure 'heads' needs model.family 'gpt'" in result.stderr

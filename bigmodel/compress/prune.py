@@ -3,8 +3,9 @@
 - unstructured: zero the smallest-magnitude entries of every weight matrix (Linear layers; embeddings
   and norms are left alone), with one threshold over all matrices (`global`) or one per matrix
   (`layer`). During fine-tuning a mask re-zeroes them after every optimizer step.
-- structured: remove whole MLP neurons (gpt: rows of c_fc and columns of c_proj in each block) or
-  hidden units (mlp: rows of one Linear and columns of the next), ranked by the product of their
+- structured: remove whole MLP neurons (gpt: rows of c_fc and columns of c_proj in each block), attention
+  heads (gpt: the same number in every layer) or hidden units (mlp: rows of one Linear and columns of
+  the next), ranked by the product of their
   incoming and outgoing weight norms. The rebuilt model is genuinely smaller, so its ONNX file is too.
   Weights an earlier unstructured step set to zero stay zero through this step's fine-tuning.
 - gradual: `rounds` prune-then-fine-tune rounds whose sparsity follows the cubic schedule of Zhu &
@@ -24,6 +25,7 @@ from bigmodel import console, registry
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config, PruneStep
 from bigmodel.io import sha256_file
+from bigmodel.models.gpt import head_size as gpt_head_size
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -35,7 +37,10 @@ def run(step: PruneStep, config: Config, checkpoint: Path, work_dir: Path) -> tu
     masks: Masks = {}
     for r in range(1, rounds + 1):
         target = step.sparsity * (1 - (1 - r / rounds) ** 3)
-        if step.kind == "structured":
+        if step.kind == "structured" and step.structure == "heads":
+            model, manifest = prune_heads(model, manifest, target)
+            masks = {name: w != 0 for name, w in prunable(model).items()}
+        elif step.kind == "structured":
             model, manifest = prune_structured(model, manifest, target)
             masks = {name: w != 0 for name, w in prunable(model).items()}  # earlier steps' zeros stay zero
         else:
@@ -128,6 +133,41 @@ def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float
     resized = {n for f, s in _neuron_pairs(smaller) for n in _names(smaller, f) | _names(smaller, s)}
     smaller.load_state_dict({k: v for k, v in state.items() if k not in resized} | {
         k: v for k, v in smaller.state_dict().items() if k in resized}, strict=False)
+    return smaller, {**manifest, "architecture": arch}
+
+
+@torch.no_grad()
+def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> tuple[nn.Module, dict[str, Any]]:
+    """Remove `fraction` of the attention heads (of the original count) from every layer.
+
+    A head's score is the norm of its query/key/value rows in c_attn times the norm of its columns in
+    c_proj. Every layer keeps the same number of heads, so the stacked KV cache of the exported graph
+    keeps one shape; the head size does not change.
+    """
+    arch = dict(manifest["architecture"])
+    hs = gpt_head_size(arch)
+    original = arch.get("original_heads") or arch["n_head"]
+    keep = max(1, math.ceil(original * (1 - fraction)))
+    kept: list[torch.Tensor] = []
+    for block in model.transformer.h:
+        attn = block.attn
+        rows = attn.c_attn.weight.view(3, attn.n_head, hs, -1)  # (q/k/v, head, hs, n_embd)
+        cols = attn.c_proj.weight.view(-1, attn.n_head, hs)  # (n_embd, head, hs)
+        score = rows.pow(2).sum(dim=(0, 2, 3)).sqrt() * cols.pow(2).sum(dim=(0, 2)).sqrt()
+        kept.append(score.topk(min(keep, attn.n_head)).indices.sort().values)
+    arch.update(n_head=len(kept[0]), head_size=hs, original_heads=original)
+    smaller = registry.build_model(arch)
+    state = dict(model.state_dict())
+    for i, (block, heads) in enumerate(zip(model.transformer.h, kept)):
+        attn, prefix = block.attn, f"transformer.h.{i}.attn"
+        state[f"{prefix}.c_attn.weight"] = attn.c_attn.weight.view(3, attn.n_head, hs, -1)[:, heads].reshape(
+            3 * len(heads) * hs, -1)
+        if attn.c_attn.bias is not None:
+            state[f"{prefix}.c_attn.bias"] = attn.c_attn.bias.view(3, attn.n_head, hs)[:, heads].reshape(-1)
+        state[f"{prefix}.c_proj.weight"] = attn.c_proj.weight.view(-1, attn.n_head, hs)[:, heads].reshape(
+            attn.c_proj.weight.size(0), -1)
+    smaller.load_state_dict({k: v for k, v in state.items() if k not in getattr(smaller, "tied_weights", {})},
+                            strict=False)
     return smaller, {**manifest, "architecture": arch}
 
 

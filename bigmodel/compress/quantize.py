@@ -47,10 +47,13 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
                 quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=step.per_channel)
             else:
                 quantize_static(
-                    str(pre), str(tmp), _calibration_reader(step, config),
+                    str(pre), str(tmp), _calibration_reader(step, config, fp32),
                     quant_format=QuantFormat.QDQ, per_channel=step.per_channel,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                     calibrate_method=CALIBRATION[step.calibration],
+                    # Only the inputs of matrix products: the attention graph masks scores with -inf,
+                    # and an activation range that includes -inf quantises everything to garbage.
+                    op_types_to_quantize=["MatMul", "Gemm"],
                     extra_options={"CalibMovingAverage": True} if step.calibration == "minmax" else {},
                 )
     _copy_metadata(fp32, out)
@@ -76,20 +79,30 @@ class _Batches(CalibrationDataReader):
         return next(self._feeds, None)
 
 
-def _calibration_reader(step: QuantizeStep, config: Config) -> _Batches:
-    """Training batches in the graph's input format: features, or token windows with an empty cache."""
+def _calibration_reader(step: QuantizeStep, config: Config, model: Path) -> _Batches:
+    """Training batches in the graph's input format: features, or token windows with an empty cache
+    shaped as the model being quantised says (pruning may have changed its heads)."""
+    import onnx
+
+    meta = {p.key.removeprefix("bigmodel."): p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
     rng = np.random.default_rng(config.seed)
     batch = config.train.batch_size
     feeds: list[dict[str, Any]] = []
     if config.model.family == "gpt":
+        # Calibrate on decoding as it happens: the fp32 graph reads the first half of each window, and
+        # the second half is fed with that real cache. (An empty cache gives its inputs no range.)
+        import onnxruntime as ort
+
+        fp32 = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         tokens = load_tokens(config, "train")
-        block, arch = config.model.block_size, config.model
-        shape = (arch.n_layer, batch, arch.n_head, 0, arch.n_embd // arch.n_head)
+        block = int(meta["block_size"])
+        half = max(1, block // 2)
+        empty = np.zeros((int(meta["n_layer"]), batch, int(meta["n_head"]), 0, int(meta["head_size"])), np.float32)
         for _ in range(step.calibration_batches):
             starts = rng.integers(0, len(tokens) - block, size=batch)
             ids = np.stack([tokens[s : s + block] for s in starts]).astype(np.int64)
-            feeds.append({"input_ids": ids, "past_keys": np.zeros(shape, np.float32),
-                          "past_values": np.zeros(shape, np.float32)})
+            _, keys, values = fp32.run(None, {"input_ids": ids[:, :half], "past_keys": empty, "past_values": empty})
+            feeds.append({"input_ids": ids[:, half:], "past_keys": keys, "past_values": values})
     else:
         x, _ = load_split(config, "train")
         for _ in range(step.calibration_batches):

@@ -24,6 +24,7 @@ from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
 from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
 from bigmodel.io import sha256_file, write_json
+from bigmodel.models.gpt import head_size
 
 TWO_GB = 2 * 1024**3
 
@@ -44,7 +45,7 @@ class DecoderStep(torch.nn.Module):
 
 
 def empty_cache(arch: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarray]:
-    shape = (arch["n_layer"], batch, arch["n_head"], 0, arch["n_embd"] // arch["n_head"])
+    shape = (arch["n_layer"], batch, arch["n_head"], 0, head_size(arch))
     return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
 
 
@@ -71,7 +72,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             "vocab_size": arch["vocab_size"],
             "n_layer": arch["n_layer"],
             "n_head": arch["n_head"],
-            "head_size": arch["n_embd"] // arch["n_head"],
+            "head_size": head_size(arch),
             "architecture": arch,
             "version": __version__,
             "lineage": {"checkpoint": sha256_file(ckpt)},
@@ -104,7 +105,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
 
 
 def _trace(step: DecoderStep, arch: dict[str, Any], path: Path, opset: int) -> None:
-    L, H, hs = arch["n_layer"], arch["n_head"], arch["n_embd"] // arch["n_head"]
+    L, H, hs = arch["n_layer"], arch["n_head"], head_size(arch)
     block = arch["block_size"]
     # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
     t_example, p_example = min(3, block - 1), min(2, max(block - 3, 0))

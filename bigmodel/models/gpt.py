@@ -37,20 +37,21 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, arch: dict[str, Any]) -> None:
         super().__init__()
         self.n_head = arch["n_head"]
-        self.n_embd = arch["n_embd"]
+        self.head_size = head_size(arch)
+        self.width = self.n_head * self.head_size  # n_embd, unless heads were pruned
         self.dropout = arch["dropout"]
-        self.c_attn = nn.Linear(self.n_embd, 3 * self.n_embd, bias=arch["bias"])  # q, k, v at once
-        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=arch["bias"])
+        self.c_attn = nn.Linear(arch["n_embd"], 3 * self.width, bias=arch["bias"])  # q, k, v at once
+        self.c_proj = nn.Linear(self.width, arch["n_embd"], bias=arch["bias"])
         self.resid_dropout = nn.Dropout(self.dropout)
 
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.width, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
             v = torch.cat([past[1], v], dim=2)
@@ -62,7 +63,7 @@ class CausalSelfAttention(nn.Module):
                 y = attend(q.float(), k.float(), v.float(), past is not None, dropout)
         else:
             y = attend(q, k, v, past is not None, dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.width)  # re-assemble heads: (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
@@ -178,6 +179,11 @@ class GPT(nn.Module):
         return idx
 
 
+def head_size(arch: dict[str, Any]) -> int:
+    """Per-head width: n_embd / n_head, kept fixed when structured pruning removes heads."""
+    return int(arch.get("head_size") or arch["n_embd"] // arch["n_head"])
+
+
 def mlp_widths(arch: dict[str, Any]) -> list[int]:
     """Hidden width of each block's MLP: 4 x n_embd, unless structured pruning narrowed them."""
     return list(arch.get("mlp_hidden") or [4 * arch["n_embd"]] * arch["n_layer"])
@@ -233,7 +239,7 @@ def flops_per_token(arch: dict[str, Any], n_params_no_pos: int) -> int:
     """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus 12·L·H·Q·T for
     attention scores and values (PaLM, Chowdhery et al. 2022, appendix B)."""
     L, H = arch["n_layer"], arch["n_head"]
-    Q, T = arch["n_embd"] // arch["n_head"], arch["block_size"]
+    Q, T = head_size(arch), arch["block_size"]
     return 6 * n_params_no_pos + 12 * L * H * Q * T
 
 
