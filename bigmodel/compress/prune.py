@@ -105,34 +105,27 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float) -> tuple[nn.Module, dict[str, Any]]:
-    """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded down)."""
+    """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded up kept)."""
     arch = dict(manifest["architecture"])
+    modules = dict(model.named_modules())
     pairs = _neuron_pairs(model)
-    original = arch.get("original_widths") or [first.out_features for first, _ in pairs]
-    keep_idx = []
+    original = arch.get("original_widths") or [modules[first].out_features for first, _ in pairs]
+    state = dict(model.state_dict())
+    widths = []
     for (first, second), width in zip(pairs, original):
         keep = max(1, math.ceil(width * (1 - fraction)))
-        score = first.weight.norm(dim=1) * second.weight.norm(dim=0)  # in-norm x out-norm per neuron
-        keep_idx.append(score.topk(min(keep, first.out_features)).indices.sort().values)
-    widths = [len(k) for k in keep_idx]
-    if arch["family"] == "gpt":
-        arch["mlp_hidden"] = widths
-    else:
-        arch["hidden_sizes"] = widths
+        # A neuron's score: the norm of its incoming weights times the norm of its outgoing weights.
+        score = modules[first].weight.norm(dim=1) * modules[second].weight.norm(dim=0)
+        kept = score.topk(min(keep, modules[first].out_features)).indices.sort().values
+        state[f"{first}.weight"] = state[f"{first}.weight"][kept]
+        if f"{first}.bias" in state:
+            state[f"{first}.bias"] = state[f"{first}.bias"][kept]
+        state[f"{second}.weight"] = state[f"{second}.weight"][:, kept]
+        widths.append(len(kept))
+    arch["mlp_hidden" if arch["family"] == "gpt" else "hidden_sizes"] = widths
     arch["original_widths"] = original
     smaller = registry.build_model(arch)
-    state = model.state_dict()
-    for (first, second), keep, (new_first, new_second) in zip(pairs, keep_idx, _neuron_pairs(smaller)):
-        new_first.weight.copy_(first.weight[keep])
-        if first.bias is not None:
-            new_first.bias.copy_(first.bias[keep])
-        new_second.weight.copy_(second.weight[:, keep])
-        if second.bias is not None:
-            new_second.bias.copy_(second.bias)
-    # Everything that is not a pruned pair (embeddings, norms, attention, buffers) carries over as is.
-    resized = {n for f, s in _neuron_pairs(smaller) for n in _names(smaller, f) | _names(smaller, s)}
-    smaller.load_state_dict({k: v for k, v in state.items() if k not in resized} | {
-        k: v for k, v in smaller.state_dict().items() if k in resized}, strict=False)
+    smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
     return smaller, {**manifest, "architecture": arch}
 
 
@@ -166,22 +159,16 @@ def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> 
             state[f"{prefix}.c_attn.bias"] = attn.c_attn.bias.view(3, attn.n_head, hs)[:, heads].reshape(-1)
         state[f"{prefix}.c_proj.weight"] = attn.c_proj.weight.view(-1, attn.n_head, hs)[:, heads].reshape(
             attn.c_proj.weight.size(0), -1)
-    smaller.load_state_dict({k: v for k, v in state.items() if k not in getattr(smaller, "tied_weights", {})},
-                            strict=False)
+    smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
     return smaller, {**manifest, "architecture": arch}
 
 
-def _neuron_pairs(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
-    """(layer making the hidden neurons, layer reading them) for every prunable hidden layer."""
+def _neuron_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Names of (the layer making the hidden neurons, the layer reading them) for each hidden layer."""
     if hasattr(model, "transformer"):
-        return [(block.mlp.c_fc, block.mlp.c_proj) for block in model.transformer.h]
-    linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        return [(f"transformer.h.{i}.mlp.c_fc", f"transformer.h.{i}.mlp.c_proj") for i in range(len(model.transformer.h))]
+    linears = [f"net.{i}" for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
     return list(zip(linears[:-1], linears[1:]))
-
-
-def _names(model: nn.Module, module: nn.Module) -> set[str]:
-    prefix = next(name for name, m in model.named_modules() if m is module)
-    return {f"{prefix}.{p}" for p, _ in module.named_parameters()}
 
 
 # ------------------------------------------------------------------------------------- fine-tune
