@@ -61,6 +61,11 @@ def _onnx(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise UserError(f"{path} is not a readable ONNX model ({exc})") from exc
     meta = {p.key.removeprefix("bigmodel."): _maybe_json(p.value) for p in model.metadata_props}
+    if "tokenizer" in meta:  # the whole vocabulary (and BPE merges) is too long to show: summarise it
+        from bigmodel import tokenizer
+
+        tok = tokenizer.from_json(next(p.value for p in model.metadata_props if p.key == "bigmodel.tokenizer"))
+        meta["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size}
     params = sum(_numel(list(t.dims)) for t in model.graph.initializer)
     return {
         "kind": "onnx",
