@@ -41,19 +41,55 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], manifest: dict
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest alone (reads only the header). Refuses anything that is not a bigmodel checkpoint."""
-    with _open(path) as handle:
-        return _manifest_of(path, handle)
+
+    def read() -> dict[str, Any]:
+        with _open(path) as handle:
+            return _manifest_of(path, handle)
+
+    return _consistent_read(path, read)
 
 
 def load_checkpoint(path: Path, prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Manifest and the tensors whose names start with `prefix` (all of them by default)."""
-    with _open(path) as handle:
-        manifest = _manifest_of(path, handle)
+
+    def read() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        with _open(path) as handle:
+            manifest = _manifest_of(path, handle)
+            try:
+                tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+            except Exception as exc:  # safetensors raises its own error type for truncated data
+                raise UserError(f"checkpoint {path} is truncated or corrupt ({exc}); re-create it") from exc
+        return manifest, tensors
+
+    return _consistent_read(path, read)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _consistent_read(path: Path, read: Any, attempts: int = 5) -> Any:
+    """Read a checkpoint that a running `train` may replace (atomically) at any moment.
+
+    safetensors reads the header and maps the data through separate opens of the path, so a rename in
+    between can pair one file's header with the other file's data. The read counts only if the file
+    is the same one before and after it; otherwise it is read again.
+    """
+    for _ in range(attempts):
+        before = _identity(path)
         try:
-            tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
-        except Exception as exc:  # safetensors raises its own error type for truncated data
-            raise UserError(f"checkpoint {path} is truncated or corrupt ({exc}); re-create it") from exc
-    return manifest, tensors
+            result = read()
+        except UserError:
+            if _identity(path) != before:
+                continue  # replaced while being read: read the new one
+            raise
+        if _identity(path) == before:
+            return result
+    raise UserError(f"{path} kept changing while being read (a training run is writing it); try again")
 
 
 def _open(path: Path) -> Any:

@@ -93,3 +93,33 @@ def test_manifest_header_is_plain_json_not_pickle(tmp_path: Path) -> None:
     header_len = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + header_len])
     assert json.loads(header["__metadata__"]["bigmodel"])["architecture"] == ARCH
+
+
+def _rewrite_forever(path: str, stop: object) -> None:
+    i = 0
+    while not stop.is_set():  # type: ignore[attr-defined]
+        save_checkpoint(Path(path), {"model.w": torch.full((500,), float(i))}, {"step": i, "pad": "x" * (i % 40)})
+        i += 1
+
+
+def test_reading_while_a_run_replaces_the_checkpoint_is_consistent(tmp_path: Path) -> None:
+    """safetensors opens the path twice; a rename in between must not pair one file's header with
+    another's data (it did: 'smaller than the required mapping size', or worse, wrong tensors)."""
+    import multiprocessing
+    import time
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, {"model.w": torch.zeros(500)}, {"step": 0})
+    stop = multiprocessing.Event()
+    writer = multiprocessing.Process(target=_rewrite_forever, args=(str(path), stop))
+    writer.start()
+    reads, deadline = 0, time.time() + 3
+    try:
+        while time.time() < deadline:
+            manifest, tensors = load_checkpoint(path)
+            assert torch.equal(tensors["model.w"], torch.full((500,), float(manifest["step"])))
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 100
