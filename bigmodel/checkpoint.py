@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,23 +73,24 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _consistent_read(path: Path, read: Any, attempts: int = 5) -> Any:
+def _consistent_read(path: Path, read: Any, attempts: int = 20) -> Any:
     """Read a checkpoint that a running `train` may replace (atomically) at any moment.
 
     safetensors reads the header and maps the data through separate opens of the path, so a rename in
     between can pair one file's header with the other file's data. The read counts only if the file
     is the same one before and after it; otherwise it is read again.
     """
-    for _ in range(attempts):
+    for attempt in range(attempts):
         before = _identity(path)
         try:
             result = read()
         except UserError:
-            if _identity(path) != before:
-                continue  # replaced while being read: read the new one
-            raise
-        if _identity(path) == before:
-            return result
+            if _identity(path) == before:
+                raise
+        else:
+            if _identity(path) == before:
+                return result
+        time.sleep(0.005 * attempt)  # replaced while being read: read the new one, a little later
     raise UserError(f"{path} kept changing while being read (a training run is writing it); try again")
 
 

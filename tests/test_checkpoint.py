@@ -96,10 +96,13 @@ def test_manifest_header_is_plain_json_not_pickle(tmp_path: Path) -> None:
 
 
 def _rewrite_forever(path: str, stop: object) -> None:
+    import time
+
     i = 0
     while not stop.is_set():  # type: ignore[attr-defined]
         save_checkpoint(Path(path), {"model.w": torch.full((500,), float(i))}, {"step": i, "pad": "x" * (i % 40)})
         i += 1
+        time.sleep(0.002)  # hundreds of rewrites a second; a training run writes every few seconds
 
 
 def test_reading_while_a_run_replaces_the_checkpoint_is_consistent(tmp_path: Path) -> None:
