@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from bigmodel.config import Config
 from bigmodel.eval import scores_for
-from bigmodel.infer.session import metadata, open_session
+from bigmodel.infer.session import open_model
 
 MAIN_METRIC = {"classification": "accuracy", "regression": "mse", "lm": "loss"}
 
@@ -54,8 +54,7 @@ def _weights(path: Path) -> tuple[int, int, int]:
 def latency_ms(config: Config, path: Path, calls: int = 200) -> float:
     """Median ONNX Runtime latency of what the model is for: one row (tabular) or one decode step at
     batch 1 with a 16-token past (gpt)."""
-    session = open_session(path, ["CPUExecutionProvider"], config.infer.threads or config.threads)
-    meta = metadata(session, path)
+    session, meta = open_model(path, ["CPUExecutionProvider"], config.infer.threads or config.threads)
     if meta["kind"] == "gpt":
         shape = (meta["n_layer"], 1, meta["n_head"], 16, meta["head_size"])
         feeds = {"input_ids": np.zeros((1, 1), np.int64), "past_keys": np.zeros(shape, np.float32),

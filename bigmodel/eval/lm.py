@@ -2,15 +2,16 @@
 
 The text (the val shard, or eval.text_file encoded with the model's own tokenizer) is cut into
 consecutive windows of block_size + 1 tokens; every token after the first of its window is predicted
-once. A checkpoint runs in PyTorch, an .onnx model (fp32 or int8) in ONNX Runtime; both feed the same
-scoring code, so compressed models are measured exactly like the original. bits_per_char divides the total bits by the characters those predicted tokens decode to, so it is
-comparable across tokenizers.
+once. bits_per_char divides the total bits by the characters those predicted tokens decode to, so it
+is comparable across tokenizers. A checkpoint runs in PyTorch, an .onnx model (fp32 or int8) in ONNX
+Runtime; both feed the same scoring code, so compressed models are measured exactly like the original.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,21 @@ def run(config: Config) -> dict[str, Any]:
     device = setup_torch(config)
     ec = config.eval
     path = config.checkpoint_path(ec.checkpoint)
-    scores, source, step, model, tok, decoder = _score_artifact(config, path, device)
+    artifact = load_artifact(path, config, device)
+    scores, source = score_artifact(artifact, config)
     samples: list[str] = []
     if ec.samples:
-        samples = (_onnx_samples(decoder, config) if decoder is not None
-                   else generate_samples(model, tok, config, device))
+        samples = (_onnx_samples(artifact.decoder, config) if artifact.decoder is not None
+                   else generate_samples(artifact.model, artifact.tokenizer, config, device))
 
     report = {"source": source, "checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
-              "step": step, "metrics": scores, "samples": samples}
+              "step": artifact.step, "metrics": scores, "samples": samples}
     out = config.stage_dir("eval") / "metrics.json"
     write_json(out, report)
     console.info(
-        f"eval ({source}, {scores['tokens']:,} tokens{', ONNX' if decoder else ''}): loss {scores['loss']:.4f}, "
-        f"perplexity {scores['perplexity']:.3f}, {scores['bits_per_char']:.4f} bits/char, "
-        f"{scores['bits_per_token']:.4f} bits/token"
+        f"eval ({source}, {scores['tokens']:,} tokens{', ONNX' if artifact.decoder else ''}): loss "
+        f"{scores['loss']:.4f}, perplexity {scores['perplexity']:.3f}, {scores['bits_per_char']:.4f} "
+        f"bits/char, {scores['bits_per_token']:.4f} bits/token"
     )
     for i, sample in enumerate(samples):
         console.info(f"--- sample {i + 1} ---\n{sample}")
@@ -56,56 +58,54 @@ def run(config: Config) -> dict[str, Any]:
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # token ids (B, T) -> logits (B, T, V)
 
 
+@dataclass
+class Artifact:
+    """A language model to score, whatever it is stored as."""
+
+    logits: LogitsFn
+    block_size: int
+    tokenizer: tokenizers.Tokenizer
+    step: int | None = None  # training step (checkpoints only)
+    model: torch.nn.Module | None = None  # checkpoints: the PyTorch model
+    decoder: Any = None  # .onnx models: the ONNX Runtime decoder
+
+
 def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
     """Metrics of a checkpoint or an .onnx model on val (or eval.text_file), without writing anything."""
-    scores, _, step, *_ = _score_artifact(config, path, setup_torch(config))
-    return scores, "lm", step
+    artifact = load_artifact(path, config, setup_torch(config))
+    return score_artifact(artifact, config)[0], "lm", artifact.step
 
 
-def _score_artifact(config: Config, path: Path, device: torch.device) -> tuple[Any, ...]:
+def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
     if path.suffix == ".onnx":
-        logits_fn, block, tok, step, decoder = _onnx_model(path, config)
-        model = None
-    else:
-        model, manifest = registry.load_model(path)
-        model.to(device).eval()
-        tok = tokenizers.from_json(manifest["data"]["tokenizer"], f"{path} (tokenizer)")
-        logits_fn, block, step, decoder = _torch_logits(model, device), model.block_size, manifest.get("step"), None
-    ec = config.eval
-    if ec.text_file is not None:
-        text = require_file(ec.text_file, "eval.text_file", "fix the path").read_text(encoding="utf-8")
-        tokens = np.asarray(tok.encode(text), dtype=np.int64)
-        source = str(ec.text_file)
-    else:
-        tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
-        source = "val"
-    scores = score(logits_fn, block, tokens, tok, batch_size=config.train.batch_size)
-    return scores, source, step, model, tok, decoder
+        from bigmodel.infer.gpt import Decoder
+        from bigmodel.infer.session import open_model
 
+        session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, "gpt")
+        decoder = Decoder.from_session(session, meta, path)
+        return Artifact(lambda ids: decoder.run(ids, *decoder.empty_cache(len(ids)))[0],
+                        decoder.block_size, decoder.tokenizer, decoder=decoder)
+    model, manifest = registry.load_model(path)
+    model.to(device).eval()
 
-def _torch_logits(model: torch.nn.Module, device: torch.device) -> LogitsFn:
     @torch.no_grad()
     def logits(ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(ids).to(device))[0].float().cpu().numpy()
 
-    return logits
+    tok = tokenizers.from_json(manifest["data"]["tokenizer"], f"{path} (tokenizer)")
+    return Artifact(logits, model.block_size, tok, step=manifest.get("step"), model=model)
 
 
-def _onnx_model(path: Path, config: Config) -> tuple[LogitsFn, int, tokenizers.Tokenizer, None, Any]:
-    """An exported (fp32 or int8) GPT, scored through ONNX Runtime with an empty cache."""
-    from bigmodel.infer.gpt import Decoder
-    from bigmodel.infer.session import metadata, open_session
-
-    session = open_session(path, config.infer.providers, config.infer.threads or config.threads)
-    meta = metadata(session, path)
-    if meta["kind"] != "gpt":
-        raise UserError(f"{path} is a '{meta['kind']}' model, not a language model")
-    decoder = Decoder.from_session(session, meta, path)
-
-    def logits(ids: np.ndarray) -> np.ndarray:
-        return decoder.run(ids, *decoder.empty_cache(len(ids)))[0]
-
-    return logits, decoder.block_size, decoder.tokenizer, None, decoder
+def score_artifact(artifact: Artifact, config: Config) -> tuple[dict[str, float], str]:
+    """Scores on eval.text_file (encoded with the artifact's own tokenizer) or the val shard."""
+    ec = config.eval
+    if ec.text_file is not None:
+        text = require_file(ec.text_file, "eval.text_file", "fix the path").read_text(encoding="utf-8")
+        tokens, source = np.asarray(artifact.tokenizer.encode(text), dtype=np.int64), str(ec.text_file)
+    else:
+        tokens, source = np.asarray(load_tokens(config, "val"), dtype=np.int64), "val"
+    scores = score(artifact.logits, artifact.block_size, tokens, artifact.tokenizer, config.train.batch_size)
+    return scores, source
 
 
 def _onnx_samples(decoder: Any, config: Config) -> list[str]:

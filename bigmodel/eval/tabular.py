@@ -12,7 +12,6 @@ import torch
 from bigmodel import console, metrics, registry
 from bigmodel.config import Config
 from bigmodel.datasets import load_split
-from bigmodel.errors import UserError
 from bigmodel.eval import check_gate
 from bigmodel.io import sha256_file, write_json
 from bigmodel.runtime import setup_torch
@@ -56,10 +55,7 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
 
 
 def _onnx_predict(path: Path, x: np.ndarray, config: Config) -> tuple[np.ndarray, str, list[str], None]:
-    from bigmodel.infer.session import metadata, open_session
+    from bigmodel.infer.session import open_model
 
-    session = open_session(path, config.infer.providers, config.infer.threads or config.threads)
-    meta = metadata(session, path)
-    if meta["kind"] != "tabular":
-        raise UserError(f"{path} is a '{meta['kind']}' model, not a tabular one")
+    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, "tabular")
     return session.run(None, {"features": x})[0], meta["task"], meta["labels"], None

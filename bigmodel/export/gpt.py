@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from bigmodel import __version__, console, registry
 from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
 from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
+from bigmodel.infer.session import open_session
 from bigmodel.io import sha256_file, write_json
 from bigmodel.models.gpt import head_size
 
@@ -128,10 +128,7 @@ def check_parity(
     decode_steps: int, threads: int | None,
 ) -> dict[str, Any]:
     """Prompt + decode steps on held-out text, through ORT and PyTorch with their own caches."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, ["CPUExecutionProvider"], threads)
     block = arch["block_size"]
     decode_steps = min(decode_steps, block - 1)
     prompt_len = max(1, min(block - decode_steps, 32))

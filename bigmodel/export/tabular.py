@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from bigmodel import __version__, console, registry
 from bigmodel.config import Config
 from bigmodel.datasets import load_split
 from bigmodel.export.onnx_file import export_dynamo, publish_or_reject, stamp_and_check
+from bigmodel.infer.session import open_session
 from bigmodel.io import sha256_file, write_json
 
 
@@ -89,10 +89,7 @@ def check_parity(
     deployed: torch.nn.Module, path: Path, rows: np.ndarray, atol: float, threads: int | None
 ) -> dict[str, Any]:
     """Compare ORT with PyTorch on `rows`, as one batch and as single rows (the dynamic axis)."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, ["CPUExecutionProvider"], threads)
     with torch.no_grad():
         expected = deployed(torch.from_numpy(rows)).numpy()
     batched = session.run(None, {"features": rows})[0]

@@ -36,10 +36,9 @@ def run_standalone(settings: InferConfig, bench: dict[str, int] | None = None) -
 
 def predict(model: Path, settings: InferConfig, source: Path | None, dest: Path, threads: int | None,
             seed: int, bench: dict[str, int] | None) -> dict[str, Any]:
-    from bigmodel.infer.session import metadata, open_session
+    from bigmodel.infer.session import open_model
 
-    session = open_session(Path(model), settings.providers, threads)
-    meta = metadata(session, Path(model))
+    session, meta = open_model(Path(model), settings.providers, threads)
     if meta["kind"] == "gpt":
         from bigmodel.infer import gpt
 

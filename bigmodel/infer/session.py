@@ -31,6 +31,17 @@ def open_session(path: Path, providers: list[str], threads: int | None) -> ort.I
         raise UserError(f"{path} is not a loadable ONNX model ({first}); re-run 'bigmodel export'") from exc
 
 
+def open_model(
+    path: Path, providers: list[str], threads: int | None, kind: str | None = None
+) -> tuple[ort.InferenceSession, dict[str, Any]]:
+    """A session and the model's bigmodel metadata; refuses a model of another kind than `kind`."""
+    session = open_session(path, providers, threads)
+    meta = metadata(session, path)
+    if kind is not None and meta["kind"] != kind:
+        raise UserError(f"{path} is a '{meta['kind']}' model; this needs a '{kind}' model")
+    return session, meta
+
+
 def metadata(session: ort.InferenceSession, path: Path) -> dict[str, Any]:
     """The `bigmodel.*` metadata as Python values; refuses models bigmodel did not export."""
     raw = session.get_modelmeta().custom_metadata_map
