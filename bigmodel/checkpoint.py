@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,21 @@ def load_checkpoint(path: Path, prefix: str = "") -> tuple[dict[str, Any], dict[
         return manifest, tensors
 
     return _consistent_read(path, read)
+
+
+def iter_tensors(path: Path, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors whose names start with `prefix`, one at a time: loading a large model this way never
+    holds more than one full tensor beyond the model itself. For files no one replaces meanwhile (a run
+    reading its own or its init checkpoint); `load_checkpoint` guards against concurrent replacement."""
+    with _open(path) as handle:
+        _manifest_of(path, handle)
+        for name in handle.keys():
+            if name.startswith(prefix):
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as exc:
+                    raise UserError(f"checkpoint {path} is truncated or corrupt ({exc}); re-create it") from exc
+                yield name, tensor
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

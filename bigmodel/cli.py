@@ -43,28 +43,52 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 
 
-def execute(name: str, action: Callable[[], dict[str, Any]], json_out: bool, quiet: bool, debug: bool) -> None:
-    """Run `action`, map its failure to an exit code and one stderr line, print --json output."""
-    console.set_quiet(quiet)
+def execute(
+    name: str, action: Callable[[], dict[str, Any] | None], json_out: bool, quiet: bool, debug: bool
+) -> None:
+    """Run `action`, map its failure to an exit code and one stderr line, print --json output (unless
+    the action returns None: it reported itself). In a torchrun job only rank 0 speaks; every rank
+    then leaves through distributed.shutdown."""
+    main = console.is_main_process()
+    console.set_quiet(quiet or not main)
+    exit_code = 0
     try:
-        outputs = action()
-    except UserError as exc:
-        _fail(name, EXIT_USER, f"error: {exc}", json_out, debug)
-    except RunFailed as exc:
-        _fail(name, EXIT_FAILED, f"failed: {exc}", json_out, debug)
-    except KeyboardInterrupt:
-        _fail(name, 130, "interrupted", json_out, debug)
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(141) from None
-    except Exception as exc:  # a bug or an environment failure: say so, keep the traceback for --debug
-        hint = "" if debug else " (re-run with --debug for the traceback)"
-        _fail(name, EXIT_FAILED, f"error: {type(exc).__name__}: {exc}{hint}", json_out, debug)
-    if json_out:
-        console.emit_json({"ok": True, "command": name, **outputs})
+        try:
+            outputs = action()
+        except UserError as exc:
+            _fail(name, EXIT_USER, f"error: {exc}", json_out, debug)
+        except RunFailed as exc:
+            _fail(name, EXIT_FAILED, f"failed: {exc}", json_out, debug)
+        except KeyboardInterrupt:
+            _fail(name, 130, "interrupted", json_out, debug)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+        except Exception as exc:  # a bug or an environment failure: say so, keep the traceback for --debug
+            hint = "" if debug else " (re-run with --debug for the traceback)"
+            _fail(name, EXIT_FAILED, f"error: {type(exc).__name__}: {exc}{hint}", json_out, debug)
+        if json_out and main and outputs is not None:
+            console.emit_json({"ok": True, "command": name, **outputs})
+    except typer.Exit as exit_:
+        exit_code = exit_.exit_code
+        raise
+    finally:
+        # Loaded only by distributed training: end its process group cleanly (and exit at once).
+        distributed = sys.modules.get("bigmodel.distributed")
+        if distributed is not None:
+            distributed.shutdown(exit_code)
 
 
 def _fail(name: str, code: int, message: str, json_out: bool, debug: bool) -> None:
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        # The other ranks stay quiet about input errors (rank 0 reports the same one); anything else
+        # may be theirs alone, so it is printed, marked with the rank.
+        if code != EXIT_USER:
+            if debug:
+                traceback.print_exc()
+            print(f"[rank {rank}] {message}".replace("\n", " "), file=sys.stderr, flush=True)
+        raise typer.Exit(code)
     if debug:
         traceback.print_exc()
     print(message.replace("\n", " "), file=sys.stderr, flush=True)
@@ -104,6 +128,16 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from train/last.safetensors, bitwise as if never stopped.")
     ] = False,
+    until_step: Annotated[
+        Optional[int],
+        typer.Option("--until-step", min=1, help="Stop after this step (schedule unchanged, resumable "
+                     "checkpoint written); continue later with --resume. For time-limited jobs."),
+    ] = None,
+    nproc: Annotated[
+        Optional[int],
+        typer.Option("--nproc", min=1, help="Train on N processes on this machine: launches torchrun "
+                     "(train.distributed picks DDP or FSDP). Multi-node: run torchrun yourself (README)."),
+    ] = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -112,8 +146,36 @@ def train_command(
     """Train from the initial checkpoint; write best/last checkpoints and metrics.jsonl."""
     from bigmodel.stages import STAGES
 
-    execute("train", lambda: STAGES["train"].run(load_config(config, set_, run_dir), resume=resume),
-            json_out, quiet, debug)
+    if nproc is None:
+        execute("train", lambda: STAGES["train"].run(load_config(config, set_, run_dir), resume=resume,
+                                                     until_step=until_step), json_out, quiet, debug)
+        return
+    child_args = ["train", "-c", str(config)]
+    for override in set_ or []:
+        child_args += ["--set", override]
+    for flag, value in (("--resume", resume), ("--json", json_out), ("--quiet", quiet), ("--debug", debug)):
+        child_args += [flag] if value else []
+    child_args += ["--until-step", str(until_step)] if until_step is not None else []
+    child_args += ["--run-dir", str(run_dir)] if run_dir is not None else []
+    exit_code = 0
+
+    def check_then_launch() -> None:
+        """Input mistakes are reported here, once, before any worker starts."""
+        nonlocal exit_code
+        from bigmodel import distributed
+        from bigmodel.io import require_file
+
+        loaded = load_config(config, set_, run_dir)
+        if loaded.model.family != "gpt":
+            raise UserError("--nproc: distributed training is for the gpt family; train tabular models "
+                            "in one process")
+        for path in STAGES["train"].inputs(loaded):
+            require_file(path, "training input", "run the stage that writes it first")
+        exit_code = distributed.launch(nproc, child_args)
+
+    execute("train", check_then_launch, json_out, quiet, debug)
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 @app.command("eval", epilog=section_help("eval"))

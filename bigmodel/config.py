@@ -189,6 +189,18 @@ class InitConfig(Section):
     std: float = Field(0.02, gt=0.0, description="Standard deviation for scheme 'normal'.")
 
 
+class FSDPConfig(Section):
+    param_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype the gathered parameters compute in (bf16 halves all-gather traffic)."
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype gradients are reduce-scattered in (fp32 keeps the sum exact enough)."
+    )
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered parameters after forward (less memory, one more all-gather)."
+    )
+
+
 class TrainConfig(Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd, adam or adamw.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
@@ -236,6 +248,21 @@ class TrainConfig(Section):
     loss: Literal["auto", "cross_entropy", "mse"] = Field(
         "auto", description="auto: cross_entropy for classification, mse for regression."
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun (gpt): ddp replicates the model on every rank; fsdp (FSDP2) shards "
+        "parameters, gradients and optimizer state. The global batch stays batch_size x grad_accum_steps.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend. auto: nccl on CUDA, gloo on CPU."
+    )
+    timeout_s: int = Field(
+        1800, gt=0, description="Seconds a rank waits for the others in a collective before failing."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="gpt: recompute each block's activations in backward (less memory, ~1/3 more compute)."
+    )
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 settings (train.distributed: fsdp).")
 
     @model_validator(mode="after")
     def _optimizer_settings_agree(self) -> TrainConfig:

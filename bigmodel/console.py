@@ -22,6 +22,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job (torchrun sets RANK), or not distributed: the process that speaks."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def info(message: str) -> None:
     """One human-readable line on stderr (suppressed by --quiet)."""
     if not _quiet:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel.config import STDIO, Config
+from bigmodel.console import is_main_process
 from bigmodel.datasets import prepared_files
 from bigmodel.infer import default_output as default_infer_output
 from bigmodel.io import write_json
@@ -50,6 +51,8 @@ class Stage:
         return config.stage_dir(self.name) / STAMP
 
     def _write_stamp(self, config: Config) -> None:
+        if not is_main_process():  # one writer per distributed job
+            return
         write_json(self._stamp_path(config), {"config": config.section_hash(*self.sections)})
 
     def _read_stamp(self, config: Config) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, nh, P, hs) keys, values
 
@@ -133,6 +134,9 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(arch["n_embd"], arch["vocab_size"], bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        # Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"):
+        # keep only each block's input in training and recompute the rest in backward.
+        self.activation_checkpointing = False
 
     def forward(self, idx: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens."""
@@ -144,7 +148,10 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         present: KVCache = []
         for i, block in enumerate(self.transformer.h):
-            x, layer_kv = block(x, None if past is None else past[i])
+            if self.activation_checkpointing and self.training and past is None:
+                x, layer_kv = checkpoint(block, x, None, use_reentrant=False)
+            else:
+                x, layer_kv = block(x, None if past is None else past[i])
             present.append(layer_kv)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         return logits, present

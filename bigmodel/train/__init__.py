@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from bigmodel.config import Config
+from bigmodel.console import is_main_process
+from bigmodel.distributed import launched_by_torchrun
+from bigmodel.errors import UserError
 
 
-def run(config: Config, resume: bool = False) -> dict[str, Any]:
+def run(config: Config, resume: bool = False, until_step: int | None = None) -> dict[str, Any]:
     from bigmodel.train.state import run_lock
 
     if config.model.family == "gpt":
         from bigmodel.train import lm as recipe
     else:
+        if launched_by_torchrun():
+            raise UserError("distributed training (torchrun, --nproc) is for the gpt family; train tabular "
+                            "models in one process")
         from bigmodel.train import tabular as recipe
     out_dir = config.stage_dir("train")
-    with run_lock(out_dir):  # one training process per run directory
-        return recipe.train(config, resume, out_dir)
+    # One training job per run directory; within a distributed job rank 0 holds the lock for all.
+    with run_lock(out_dir) if is_main_process() else contextlib.nullcontext():
+        return recipe.train(config, resume, out_dir, until_step=until_step)

@@ -8,6 +8,8 @@
 - Every eval_every steps: loss on a fixed set of val windows (the same every time); the best is saved
   as best.safetensors. Every save_every steps: last.safetensors with the full training state.
 - A NaN/Inf loss stops the run (exit 1) before the optimizer touches the weights.
+- Under torchrun (see bigmodel/distributed.py) each rank trains on its own slice of the same global
+  batch with DDP or FSDP2; rank 0 logs and writes the (consolidated) checkpoints.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bigmodel import console, registry
-from bigmodel.checkpoint import model_tensors, save_checkpoint
-from bigmodel.config import Config
+from bigmodel import console, distributed, registry
+from bigmodel.checkpoint import read_manifest
+from bigmodel.config import Config, TrainConfig
 from bigmodel.datasets import load_tokens, prepared_files
 from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import append_jsonl, sha256_file
+from bigmodel.registry import count_parameters
 from bigmodel.runtime import setup_torch
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
     check_matches_config,
     checkpoint_manifest,
+    save_model,
     save_training_state,
     start_or_resume,
 )
@@ -43,22 +47,26 @@ def train(
     config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
     loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    until_step: int | None = None,
 ) -> dict[str, Any]:
-    """start_from: train from this checkpoint instead of init (compress fine-tunes this way);
+    """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
+    start_from: train from this checkpoint instead of init (compress fine-tunes this way);
     after_step: called after every optimizer step (compress keeps pruned weights at zero with it);
     loss_hook(output, inputs, targets): the training loss instead of the task's own (distillation).
     Validation always scores the task's own loss."""
     # ---- setup
-    device = setup_torch(config)
     tc = config.train
+    world, device = distributed.start(tc, setup_torch(config))
     init_path = start_from or config.stage_dir("init") / "model.safetensors"
-    model, init_manifest = registry.load_model(init_path)
+    model, init_manifest = load_model(init_path, world, tc, device)
     if start_from is None:
         check_matches_config(config, init_manifest)
-    model.to(device)
+    model.activation_checkpointing = tc.activation_checkpointing
     optimizer = build_optimizer(model, tc)
-    sampler = torch.Generator().manual_seed(config.seed)
+    parallel_model = distributed.wrap_ddp(model, world, device) if world.mode == "ddp" else model
+    sampler = torch.Generator().manual_seed(config.seed)  # the same on every rank: same global batches
     block, batch = model.block_size, tc.batch_size
+    my_rows, micro_batch = rank_share(batch * tc.grad_accum_steps, batch, world)
 
     # ---- data
     train_tokens = load_tokens(config, "train")
@@ -77,43 +85,54 @@ def train(
     # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
     last_path = out_dir / "last.safetensors"
-    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, sampler, tc.patience)
+    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, sampler, tc.patience, world)
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
+    # The schedule spans total_steps; this process may stop sooner (until_step) and be resumed later.
+    stop_step = total_steps if until_step is None else min(total_steps, max(until_step, loop.step))
 
-    lineage = {"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
+    lineage = ({"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
+               if world.is_main else {})  # only rank 0 writes manifests
 
     def manifest(metrics: dict[str, float]) -> dict[str, Any]:
         return checkpoint_manifest(init_manifest, config, loop, metrics, lineage)
 
-    step_model = torch.compile(model) if tc.compile else model  # checkpoints always use `model`
+    # The step runs through DDP (and torch.compile) when asked; checkpoints and evaluation use `model`.
+    step_model = torch.compile(parallel_model) if tc.compile else parallel_model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
                 else contextlib.nullcontext())
 
     # ---- loop
     console.info(
-        f"train: {registry.count_parameters(model):,} parameters, {len(train_tokens):,} train tokens, "
+        f"train: {count_parameters(model):,} parameters, {len(train_tokens):,} train tokens, "
         f"{total_steps} steps x {tokens_per_step:,} tokens, eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
+        + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
     )
     start, start_step, last_loss = time.perf_counter(), loop.step, float("nan")
     window_start, window_step = start, loop.step  # tokens/s is reported per log window
-    with console.Progress("train", total_steps) as progress:
-        while loop.step < total_steps:
+    with console.Progress("train", stop_step) as progress:
+        while loop.step < stop_step:
             model.train()
             lr = lr_at(loop.step, total_steps, tc)
             set_lr(optimizer, lr)
+            # Every rank draws the whole step's windows and keeps its own rows of them.
+            windows = torch.cat([sample_windows(train_tokens, sampler, batch, block)
+                                 for _ in range(tc.grad_accum_steps)])[my_rows]
+            micro_batches = windows.split(micro_batch)
             step_loss = 0.0
-            for _ in range(tc.grad_accum_steps):
-                x, y = sample_batch(train_tokens, sampler, batch, block, device)
-                with autocast:
-                    logits, _ = step_model(x)
-                    if loss_hook is not None:
-                        loss = loss_hook(logits, x, y)
-                    else:
-                        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-                (loss / tc.grad_accum_steps).backward()
-                step_loss += loss.item() / tc.grad_accum_steps
+            for i, rows in enumerate(micro_batches):
+                x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
+                with distributed.gradient_sync(parallel_model, world, sync=i == len(micro_batches) - 1):
+                    with autocast:
+                        logits, _ = step_model(x)
+                        if loss_hook is not None:
+                            loss = loss_hook(logits, x, y)
+                        else:
+                            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+                    (loss / len(micro_batches)).backward()
+                step_loss += loss.item() / len(micro_batches)
+            step_loss = world.mean(step_loss)  # every rank sees the global loss (and stops together on NaN)
             if not math.isfinite(step_loss):
                 raise RunFailed(
                     f"train: loss became {step_loss} at step {loop.step + 1}; lower train.lr or set "
@@ -133,27 +152,28 @@ def train(
             tokens_per_s = (loop.step - window_step) * tokens_per_step / max(now - window_start, 1e-9)
             progress.update(loop.step, loss=step_loss, lr=lr, tok_s=round(tokens_per_s))
             if loop.step % tc.log_every == 0:
-                append_jsonl(metrics_path, {"step": loop.step, "train_loss": step_loss, "lr": lr,
-                                            "tokens": loop.tokens_seen, "tokens_per_s": round(tokens_per_s, 1)})
+                if world.is_main:
+                    append_jsonl(metrics_path, {"step": loop.step, "train_loss": step_loss, "lr": lr,
+                                                "tokens": loop.tokens_seen, "tokens_per_s": round(tokens_per_s, 1)})
                 window_start, window_step = now, loop.step
             stop = False
             if loop.step % eval_every == 0 or loop.step == total_steps:
-                val_loss = evaluate(model, val_batches, autocast)
-                append_jsonl(metrics_path, {"step": loop.step, "val_loss": val_loss, "train_loss": step_loss,
-                                            "lr": lr, "tokens": loop.tokens_seen})
+                val_loss = evaluate(model, val_batches, autocast, world)
+                if world.is_main:
+                    append_jsonl(metrics_path, {"step": loop.step, "val_loss": val_loss, "train_loss": step_loss,
+                                                "lr": lr, "tokens": loop.tokens_seen})
                 if val_loss < loop.best_score:
                     loop.best_score, loop.best_step, loop.evals_since_best = val_loss, loop.step, 0
-                    save_checkpoint(out_dir / "best.safetensors", model_tensors(model),
-                                    manifest({"val_loss": val_loss}))
+                    save_model(out_dir / "best.safetensors", model, manifest({"val_loss": val_loss}), world)
                 else:
                     loop.evals_since_best += 1
                 if tc.patience is not None and loop.evals_since_best >= tc.patience:
                     console.info(f"train: early stop at step {loop.step} (no val improvement in "
                                  f"{tc.patience} evaluations)")
                     stop = True
-            if loop.step % save_every == 0 or loop.step == total_steps or stop:
+            if loop.step % save_every == 0 or loop.step in (total_steps, stop_step) or stop:
                 save_training_state(last_path, model, optimizer, sampler, loop,
-                                    manifest({"train_loss": step_loss}))
+                                    manifest({"train_loss": step_loss}), world)
             if stop:
                 break
 
@@ -173,13 +193,37 @@ def train(
     }
 
 
-def sample_batch(
-    tokens: np.ndarray, generator: torch.Generator, batch: int, block: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch random windows: inputs (B, T) and the same windows shifted by one as targets (B, T)."""
+def load_model(
+    path: Path, world: distributed.World, tc: TrainConfig, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model to train, on `device`: FSDP builds it sharded from the meta device and streams the
+    weights into the shards; otherwise the whole model is loaded."""
+    if world.mode == "fsdp":
+        manifest = read_manifest(path)
+        model = distributed.build_sharded(manifest["architecture"], tc, device)
+        distributed.load_weights(model, path)
+        return model, manifest
+    model, manifest = registry.load_model(path)
+    return model.to(device), manifest
+
+
+def rank_share(global_rows: int, batch: int, world: distributed.World) -> tuple[slice, int]:
+    """This rank's contiguous rows of a step's global batch, and the micro-batch size that splits them
+    evenly without exceeding train.batch_size (one process: all rows, in batch_size micro-batches)."""
+    if global_rows % world.size:
+        raise UserError(
+            f"the global batch (train.batch_size x train.grad_accum_steps = {global_rows}) must split evenly "
+            f"over {world.size} processes; change batch_size or grad_accum_steps, or the process count"
+        )
+    mine = global_rows // world.size
+    micro = max(d for d in range(1, min(batch, mine) + 1) if mine % d == 0)
+    return slice(world.rank * mine, (world.rank + 1) * mine), micro
+
+
+def sample_windows(tokens: np.ndarray, generator: torch.Generator, batch: int, block: int) -> torch.Tensor:
+    """batch random windows of block + 1 tokens (B, T+1): inputs are [:, :-1], targets [:, 1:]."""
     starts = torch.randint(len(tokens) - block - 1, (batch,), generator=generator).numpy()
-    windows = torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64))
-    return windows[:, :-1].to(device), windows[:, 1:].to(device)
+    return torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64))
 
 
 def fixed_batches(
@@ -192,14 +236,22 @@ def fixed_batches(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], autocast: Any) -> float:
+def evaluate(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], autocast: Any,
+    world: distributed.World = distributed.SINGLE,
+) -> float:
+    """Mean loss over the batches; ranks score every world.size-th batch. Every rank runs the same
+    number of forwards (FSDP gathers parameters in each one), re-scoring batch 0 uncounted if short."""
     model.eval()
-    losses = []
-    for x, y in batches:
+    total = 0.0
+    for first in range(0, len(batches), world.size):
+        index = first + world.rank
+        x, y = batches[index if index < len(batches) else 0]
         with autocast:
             logits, _ = model(x)
-        losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).item())
-    return float(np.mean(losses))
+        if index < len(batches):
+            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    return world.sum(total) / len(batches)
 
 
 def _saved_step(path: Path) -> str:

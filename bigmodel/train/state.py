@@ -3,7 +3,8 @@
 A resumable checkpoint holds, besides the model: the optimizer state (tensors under `optim.`), the
 global torch RNG (dropout), the data sampler's generator, the CUDA RNGs when present, and the loop's
 counters (step, best score, evaluations since the best). torch.load is never used: RNG states are
-uint8 tensors in safetensors, scalars are JSON.
+uint8 tensors in safetensors, scalars are JSON. Distributed runs write the same consolidated file
+(rank 0 writes, FSDP shards are gathered first), so any world size can resume any other's.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 import torch
 
 from bigmodel import console, registry
-from bigmodel.checkpoint import load_checkpoint, model_tensors, save_checkpoint
+from bigmodel.checkpoint import iter_tensors, model_tensors, read_manifest, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import data_manifest
+from bigmodel.distributed import SINGLE, World, gather, like, load_weights
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open
 
@@ -35,10 +37,19 @@ class LoopState:
     tokens_seen: int = 0
 
 
+def save_model(path: Path, model: torch.nn.Module, manifest: dict[str, Any], world: World = SINGLE) -> None:
+    """A weights-only checkpoint (best.safetensors). Under FSDP every rank must call it (it gathers)."""
+    tensors = gather(model_tensors(model), world)
+    if world.is_main:
+        save_checkpoint(path, tensors, manifest)
+
+
 def save_training_state(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator,
-    loop: LoopState, manifest: dict[str, Any],
+    loop: LoopState, manifest: dict[str, Any], world: World = SINGLE,
 ) -> None:
+    """The resumable checkpoint, consolidated: the same file whatever the world size that wrote it.
+    Under FSDP every rank must call it (it gathers the shards); rank 0 writes."""
     tensors = model_tensors(model)
     optim = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -48,6 +59,9 @@ def save_training_state(
                 tensors[f"optim.{pid}.{key}"] = value
             else:
                 scalars.setdefault(str(pid), {})[key] = value
+    tensors = gather(tensors, world)
+    if not world.is_main:
+        return
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.sampler"] = sampler.get_state()
     if torch.cuda.is_available():
@@ -60,24 +74,27 @@ def save_training_state(
 def restore_training_state(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator
 ) -> LoopState:
-    """Load a resumable checkpoint into the live objects; returns the loop counters."""
-    manifest, tensors = load_checkpoint(path)
+    """Load a resumable checkpoint into the live objects; returns the loop counters.
+
+    Works at any world size: tensors are read one at a time and each rank keeps its shard of them."""
+    manifest = read_manifest(path)
     if "resume" not in manifest:
         raise UserError(f"{path} has no training state to resume from; start without --resume")
     resume = manifest["resume"]
-    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(weights, strict=False)
+    load_weights(model, path)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
+    for key, value in iter_tensors(path, "optim."):
+        _, pid, name = key.split(".", 2)
+        param = params[int(pid)]
+        state.setdefault(int(pid), {})[name] = value if name == "step" else like(value, param)
     for pid, entries in resume["optimizer_scalars"].items():
         state.setdefault(int(pid), {}).update(entries)
     optimizer.load_state_dict({"state": state, "param_groups": resume["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    sampler.set_state(tensors["rng.sampler"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    rng = dict(iter_tensors(path, "rng."))
+    torch.set_rng_state(rng["rng.torch"])
+    sampler.set_state(rng["rng.sampler"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return LoopState(**resume["loop"])
@@ -140,18 +157,20 @@ def check_matches_config(config: Config, init_manifest: dict[str, Any]) -> None:
 
 def start_or_resume(
     out_dir: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    sampler: torch.Generator, patience: int | None,
+    sampler: torch.Generator, patience: int | None, world: World = SINGLE,
 ) -> tuple[LoopState, bool]:
     """A fresh loop (and a fresh metrics.jsonl), or the state of last.safetensors with the log cut back
     to its step. Also says whether that run had already stopped early (nothing is left to do then)."""
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
     if not resume:
-        metrics_path.unlink(missing_ok=True)
+        if world.is_main:
+            metrics_path.unlink(missing_ok=True)
         return LoopState(), False
     if not last_path.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
     loop = restore_training_state(last_path, model, optimizer, sampler)
-    truncate_log(metrics_path, loop.step)
+    if world.is_main:
+        truncate_log(metrics_path, loop.step)
     console.info(f"train: resuming from step {loop.step} ({last_path})")
     return loop, patience is not None and loop.evals_since_best >= patience
 

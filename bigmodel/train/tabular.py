@@ -38,8 +38,10 @@ def train(
     config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
     loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    until_step: int | None = None,
 ) -> dict[str, Any]:
-    """start_from: train from this checkpoint instead of init (compress fine-tunes this way);
+    """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
+    start_from: train from this checkpoint instead of init (compress fine-tunes this way);
     after_step: called after every optimizer step (compress keeps pruned weights at zero with it);
     loss_hook(output, inputs, targets): the training loss instead of the task's own (distillation).
     Validation always scores the task's own loss."""
@@ -81,8 +83,10 @@ def train(
         f"{total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
     )
-    with console.Progress("train", total_steps) as progress:
-        while loop.step < total_steps:
+    # The schedule spans total_steps; this process may stop sooner (until_step) and be resumed later.
+    stop_step = total_steps if until_step is None else min(total_steps, max(until_step, loop.step))
+    with console.Progress("train", stop_step) as progress:
+        while loop.step < stop_step:
             # Each epoch's order comes from (seed, epoch) alone, so a resumed run re-creates it.
             epoch, done = divmod(loop.step, steps_per_epoch)
             shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -130,11 +134,14 @@ def train(
                                      f"{tc.patience} evaluations)")
                         stop = True
                     save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
-                if stop or loop.step >= total_steps:
-                    total_steps = loop.step
+                elif loop.step == stop_step:  # stopping between evaluations: keep the state to resume from
+                    save_training_state(last_path, model, optimizer, unused_sampler, loop,
+                                        manifest({"train_loss": loss.item()}))
+                if stop or loop.step >= stop_step:
+                    stop_step = loop.step
                     break
 
-    if not best_metrics:  # resumed after the best was found: read it back from its checkpoint
+    if not best_metrics and (out_dir / "best.safetensors").is_file():  # resumed after the best was found
         best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
     summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
     console.info(f"train: best at step {loop.best_step}: {summary}")
