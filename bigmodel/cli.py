@@ -264,6 +264,37 @@ def _refuse_stdout_clash(json_out: bool, output: Path | None, bench: bool) -> No
         raise UserError("--json and predictions on stdout ('-') both need stdout; write predictions to a file")
 
 
+@app.command("plan", epilog=section_help("plan"))
+def plan_command(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="Training tokens (plan.tokens).")] = None,
+    hardware: Annotated[
+        Optional[str], typer.Option("--hardware", help="Accelerator profile or 'local' (plan.hardware).")
+    ] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices (plan.devices).")] = None,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Estimate parameters, FLOPs, memory per device, storage, time and energy; nothing is run."""
+
+    def action() -> dict[str, Any]:
+        from bigmodel import plan
+
+        overrides = list(set_ or [])
+        for key, value in (("tokens", tokens), ("hardware", hardware), ("devices", devices)):
+            if value is not None:
+                overrides.append(f"plan.{key}={value}")
+        report = plan.run(load_config(config, overrides, run_dir))
+        if not json_out:
+            plan.render(report)
+        return report
+
+    execute("plan", action, json_out, quiet, debug)
+
+
 @app.command("pipeline")
 def pipeline_command(
     config: ConfigOpt,

@@ -460,6 +460,34 @@ class InferConfig(Section):
     stop: list[str] = Field([], description="gpt: stop generating when one of these strings appears.")
 
 
+HARDWARE = ("local", "a10", "l4", "a100-80gb", "h100-sxm", "h200", "mi300x")
+
+
+class PlanConfig(Section):
+    tokens: int | None = Field(
+        None, gt=0, description="Training tokens to plan for. Default: train.max_steps x tokens per step, "
+        "else epochs x the prepared train tokens, else the compute-optimal 20 per parameter.",
+    )
+    hardware: Literal[HARDWARE] = Field(  # type: ignore[valid-type]
+        "h100-sxm", description="Accelerator profile (published dense peak and board power), or 'local': "
+        "measure this machine's matmul peak.",
+    )
+    devices: int = Field(1, gt=0, description="Devices training together (train.distributed shards across them).")
+    mfu: float = Field(
+        0.4, gt=0.0, le=1.0, description="Assumed model FLOPs utilisation (large, well-tuned runs reach 0.35-0.55)."
+    )
+    power_w: float | None = Field(None, gt=0.0, description="Power per device in watts. Default: the profile's board power.")
+    pue: float = Field(1.0, ge=1.0, description="Facility overhead multiplying the devices' energy (datacenters: ~1.1-1.5).")
+    vocab_size: int | None = Field(
+        None, gt=0, description="Vocabulary size before the data is prepared. Default: the prepared data's, or "
+        "data.tokenizer.vocab_size for BPE.",
+    )
+    inference_batch: int = Field(1, gt=0, description="Sequences generated at once, for the inference memory.")
+    inference_context: int | None = Field(
+        None, gt=0, description="Tokens of context held in the KV cache. Default: model.block_size."
+    )
+
+
 class Config(Section):
     """One experiment, from raw data to predictions."""
 
@@ -490,6 +518,7 @@ class Config(Section):
     compress: CompressConfig = Field(default_factory=CompressConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     @model_validator(mode="before")
     @classmethod

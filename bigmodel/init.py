@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from bigmodel import console, registry
+from bigmodel import accounting, console, registry
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import TOKENIZER_FILE, data_manifest, prepared_files
@@ -67,9 +67,11 @@ def _report(model: torch.nn.Module, arch: dict[str, Any], config: Config) -> dic
     return {
         "parameters": counts["total"],
         "parameters_without_position_embeddings": counts["without_position_embeddings"],
-        "flops_per_token": gpt.flops_per_token(arch, counts["without_position_embeddings"]),
-        "training_memory_bytes": gpt.training_memory(
-            arch, counts["total"], config.train.batch_size, config.train.optimizer, config.train.precision
+        "flops_per_token": accounting.flops_per_token(arch, counts["without_position_embeddings"]),
+        "training_memory_bytes": accounting.training_memory(
+            arch, counts["total"], batch=config.train.batch_size, precision=config.train.precision,
+            optimizer=config.train.optimizer, momentum=config.train.momentum,
+            activation_checkpointing=config.train.activation_checkpointing,
         ),
     }
 

@@ -26,25 +26,13 @@ import torch.nn.functional as F
 
 from bigmodel import console, registry
 from bigmodel.config import load_config
-from bigmodel.models.gpt import flops_per_token, parameter_counts
+from bigmodel.plan import matmul_peak
+from bigmodel.accounting import flops_per_token
+from bigmodel.models.gpt import parameter_counts
 from bigmodel.stages import STAGES
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.yaml"
 NANOGPT_TOKENS_PER_S = 12 * 64 / 0.045  # nanoGPT baby GPT on this machine: ~45 ms per iteration
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.5) -> float:
-    """FLOP/s of a square matmul, the best of several timed bursts."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        best = max(best, 10 * 2 * size**3 / (time.perf_counter() - start))
-    return best
 
 
 def handwritten_loop(config, steps: int, precision: str, compile_model: bool) -> float:

@@ -240,30 +240,3 @@ def init_weights(model: GPT, scheme: str, std: float) -> None:
 def parameter_counts(model: GPT) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())  # the tied head is counted once
     return {"total": total, "without_position_embeddings": total - model.transformer.wpe.weight.numel()}
-
-
-def flops_per_token(arch: dict[str, Any], n_params_no_pos: int) -> int:
-    """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus 12·L·H·Q·T for
-    attention scores and values (PaLM, Chowdhery et al. 2022, appendix B)."""
-    L, H = arch["n_layer"], arch["n_head"]
-    Q, T = head_size(arch), arch["block_size"]
-    return 6 * n_params_no_pos + 12 * L * H * Q * T
-
-
-def training_memory(arch: dict[str, Any], n_params: int, batch_size: int, optimizer: str, precision: str) -> dict[str, int]:
-    """Bytes training needs: weights, gradients, optimizer state (fp32), and activations kept for
-    backward, after Korthikanti et al. 2022 (34·s·b·h + 5·a·s²·b bytes per layer in 16-bit, doubled in
-    fp32) plus the logits and their gradient."""
-    s, b, h, a = arch["block_size"], batch_size, arch["n_embd"], arch["n_head"]
-    per_layer_16bit = 34 * s * b * h + 5 * a * s * s * b
-    width = 2 if precision == "bf16" else 4
-    activations = arch["n_layer"] * per_layer_16bit * width // 2 + 2 * b * s * arch["vocab_size"] * 4
-    states = {"sgd": 1, "adam": 2, "adamw": 2}[optimizer]
-    memory = {
-        "weights": 4 * n_params,
-        "gradients": 4 * n_params,
-        "optimizer": 4 * n_params * states,
-        "activations": activations,
-    }
-    memory["total"] = sum(memory.values())
-    return memory

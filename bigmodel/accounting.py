@@ -1,0 +1,122 @@
+"""What a GPT costs, from its architecture alone: FLOPs, memory and bytes on disk.
+
+Used by `init` (a one-line report) and `plan` (the full estimate). Every formula names its source;
+where bigmodel's own implementation differs from the paper's assumptions, the constant says so and
+was measured on this implementation (tests/test_plan.py re-measures it on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MiB = 2**20
+
+# Activation bytes one GPT block keeps for backward, per (sequence position x batch row x n_embd).
+# fp32: the tensors autograd saves are ln_1's input, c_attn's input, q, k, v, the attention output,
+# c_proj's input, ln_2's input, c_fc's input, GELU's input (4 wide) and the MLP projection's input
+# (4 wide): 17 values x 4 bytes. This is Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+# Large Transformer Models", sec. 4.1) without their 5·a·s² attention-score term, which fused (flash)
+# attention never stores, and without dropout masks (dropout 0). bf16 autocast: matmul inputs are
+# bf16 but norms, residuals and attention (kept in fp32 by models/gpt.py) are not: 56 bytes measured.
+BLOCK_ACTIVATION_BYTES = {"fp32": 68, "bf16": 56}
+# Outside the blocks: the embedding sum, ln_f's and lm_head's inputs (fp32), and per logit the fp32
+# logits, log-softmax, and their gradients during the loss's backward (4 x 4 bytes).
+OUTER_ACTIVATION_BYTES = 3 * 4
+LOGIT_BYTES = 4 * 4
+# Optimizer state per parameter (fp32): Adam/AdamW keep two moments; SGD a momentum buffer (if any).
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
+
+
+def flops_per_token(arch: dict[str, Any], n_params_no_pos: int) -> int:
+    """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus 12·L·H·Q·T for
+    attention scores and values (PaLM, Chowdhery et al. 2022, appendix B)."""
+    from bigmodel.models.gpt import head_size
+
+    L, H = arch["n_layer"], arch["n_head"]
+    Q, T = head_size(arch), arch["block_size"]
+    return 6 * n_params_no_pos + 12 * L * H * Q * T
+
+
+def block_parameters(arch: dict[str, Any]) -> int:
+    """Parameters of the largest transformer block (what FSDP gathers at once)."""
+    from bigmodel.models.gpt import head_size, mlp_widths
+
+    d, width, bias = arch["n_embd"], arch["n_head"] * head_size(arch), int(arch["bias"])
+    norms = 2 * d * (1 + bias)
+    attention = 3 * d * width + 3 * width * bias + width * d + d * bias
+    mlp = 2 * d * max(mlp_widths(arch)) + max(mlp_widths(arch)) * bias + d * bias
+    return norms + attention + mlp
+
+
+def training_memory(
+    arch: dict[str, Any], n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
+    momentum: float = 0.9, sharding: str = "none", devices: int = 1, activation_checkpointing: bool = False,
+    fsdp_param_bytes: int = 4, runtime: int = 0,
+) -> dict[str, int]:
+    """Peak bytes on one device for a training step with `batch` sequences on that device.
+
+    Sharded state (ZeRO-3 accounting, Rajbhandari et al. 2019; here FSDP2) divides weights, gradients
+    and optimizer state by `devices` and adds the two blocks FSDP holds unsharded at once (the current
+    and the prefetched one). DDP keeps everything whole plus its gradient buckets (a second copy of the
+    gradients, PyTorch's default). Gradients and activations are not held at once: gradients appear
+    during backward as activations are freed, so the step's peak takes the larger of the two.
+    """
+    shards = devices if sharding == "fsdp" else 1
+    weights = 4 * n_params // shards
+    if precision == "bf16" and sharding != "fsdp":
+        weights += 2 * n_params  # autocast's bf16 copies of the weights, kept for backward
+    if sharding == "fsdp":
+        weights += 2 * block_parameters(arch) * fsdp_param_bytes  # gathered blocks
+    gradients = 4 * n_params // shards + (4 * n_params if sharding == "ddp" and devices > 1 else 0)
+    states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
+    optimizer_bytes = 4 * states * n_params // shards
+    activations = activation_memory(arch, batch, precision, activation_checkpointing)
+    memory = {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer_bytes,
+        "activations": activations,
+        "runtime": runtime,
+    }
+    memory["total"] = weights + optimizer_bytes + max(gradients, activations) + runtime
+    return memory
+
+
+def activation_memory(arch: dict[str, Any], batch: int, precision: str, checkpointing: bool) -> int:
+    """Bytes of activations kept for backward (see BLOCK_ACTIVATION_BYTES). With activation
+    checkpointing (Chen et al. 2016) each block keeps only its fp32 input; during backward one block
+    at a time is recomputed, and its activations and their gradients (about as large again, measured)
+    are alive together."""
+    tokens = batch * arch["block_size"]
+    per_block = BLOCK_ACTIVATION_BYTES[precision] * tokens * arch["n_embd"]
+    if checkpointing:
+        blocks = arch["n_layer"] * 4 * tokens * arch["n_embd"] + 2 * per_block
+    else:
+        blocks = arch["n_layer"] * per_block
+    return blocks + OUTER_ACTIVATION_BYTES * tokens * arch["n_embd"] + LOGIT_BYTES * tokens * arch["vocab_size"]
+
+
+def inference_memory(arch: dict[str, Any], n_params: int, *, batch: int, context: int, weight_bytes: float,
+                     cache_bytes: int = 4) -> dict[str, int]:
+    """Bytes to generate: the weights, and the KV cache (keys and values of every layer for every
+    position of the context: 2·L·b·T·d values) plus one step's logits."""
+    weights = int(weight_bytes * n_params)
+    kv_cache = 2 * arch["n_layer"] * batch * context * arch["n_embd"] * cache_bytes
+    logits = batch * arch["vocab_size"] * 4
+    return {"weights": weights, "kv_cache": kv_cache, "logits": logits, "total": weights + kv_cache + logits}
+
+
+def disk_sizes(arch: dict[str, Any], n_params: int, optimizer: str, momentum: float = 0.9) -> dict[str, int]:
+    """Bytes on disk. Checkpoints: fp32 safetensors, the tied embedding once; the resumable one adds the
+    optimizer state. ONNX: the exporter stores the tied embedding twice (for the lookup and, transposed,
+    for the output matmul); int8 quantises the matmul weights to one byte and keeps the rest fp32."""
+    states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
+    embedding = arch["vocab_size"] * arch["n_embd"]
+    positions = arch["block_size"] * arch["n_embd"]
+    matmul = n_params - positions  # blocks (their norms too: a rounding error) and the output copy
+    return {
+        "checkpoint": 4 * n_params,
+        "training_state": 4 * n_params * (1 + states),
+        "onnx_fp32": 4 * (n_params + embedding),
+        "onnx_int8": 4 * (embedding + positions) + matmul,
+    }

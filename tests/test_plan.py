@@ -1,0 +1,125 @@
+"""bigmodel plan: counts checked against models actually built, memory against a measured training step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bigmodel import accounting, plan
+from tests.conftest import CONFIGS, cli, tiny_digits
+from tests.test_lm import lm_config
+
+# One training step (two, so the optimizer state exists) of bigmodel's GPT and optimizer in a fresh
+# process; prints how far the peak resident memory rose above what the process held before the model.
+# MALLOC_MMAP_THRESHOLD_ makes every large allocation its own mapping, returned to the OS when freed,
+# so the peak RSS is what was really held at once. The peak is VmHWM, this process image's own:
+# getrusage's ru_maxrss would also count the parent's pages at fork time (Linux keeps it across exec).
+PROBE = """
+import contextlib, json, os, sys
+import torch, torch.nn.functional as F
+from bigmodel import registry
+from bigmodel.config import TrainConfig
+from bigmodel.train.optim import build_optimizer
+arch, batch, precision, checkpointing = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+torch.manual_seed(0)
+x = torch.randint(arch["vocab_size"], (batch, arch["block_size"] + 1))
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+model = registry.build_model(arch)
+model.activation_checkpointing = checkpointing
+optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", max_steps=2))
+autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+for _ in range(2):
+    with autocast:
+        logits, _ = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+print(int(status["VmHWM"].split()[0]) * 1024 - before)
+"""
+ARCH = {"family": "gpt", "task": "lm", "vocab_size": 65, "n_layer": 4, "n_head": 4, "n_embd": 256,
+        "block_size": 256, "dropout": 0.0, "bias": False}
+
+
+def plan_json(config: Path, *args: str) -> dict:
+    result = cli("plan", "-c", config, "--json", *args)
+    assert result.code == 0, result.stderr
+    return result.json()
+
+
+def test_parameters_equal_what_init_builds(tmp_path: Path) -> None:
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "mlp").mkdir()
+    gpt, digits = lm_config(tmp_path / "gpt"), tiny_digits(tmp_path / "mlp")
+    for config in (gpt, digits):
+        for stage in ("prepare", "init"):
+            assert cli(stage, "-c", config, "-q").code == 0
+        built = cli("init", "-c", config, "--json", "-q").json()["parameters"]
+        assert plan_json(config)["model"]["parameters"] == built
+    # The checkpoint init wrote is the size plan predicts (the manifest header adds a little).
+    report = plan_json(gpt)
+    written = (tmp_path / "gpt" / "run" / "init" / "model.safetensors").stat().st_size
+    assert report["storage"]["checkpoint"] <= written <= report["storage"]["checkpoint"] * 1.25
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
+@pytest.mark.parametrize("precision,checkpointing", [("fp32", False), ("bf16", False), ("fp32", True)])
+def test_memory_estimate_is_within_25_percent_of_a_measured_step(precision: str, checkpointing: bool) -> None:
+    batch = 16
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps([ARCH, batch, precision, checkpointing])],
+        capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr
+    measured = int(probe.stdout.split()[-1])
+    n_params = 12 * 4 * 256**2 + 65 * 256 + 256 * 256 + 9 * 256  # blocks, embeddings, norms
+    estimate = accounting.training_memory(ARCH, n_params, batch=batch, precision=precision,
+                                          activation_checkpointing=checkpointing, runtime=plan.CPU_RUNTIME)
+    assert abs(estimate["total"] - measured) <= 0.25 * measured, (estimate, measured)
+
+
+def test_gpt3_175b_plans_from_its_config_alone() -> None:
+    report = plan_json(CONFIGS / "gpt3_175b.yaml")
+    L, d, T, V = 96, 12288, 2048, 50257
+    params = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d  # embeddings, blocks with biases, ln_f
+    assert report["model"]["parameters"] == params
+    assert 174e9 < params < 176e9
+    compute = report["compute"]
+    assert compute["flops_per_token"] == 6 * (params - T * d) + 12 * L * 96 * 128 * T
+    assert compute["total_flops"] == pytest.approx(3.2e23, rel=0.02)  # GPT-3's reported 3.14e23, + attention
+    memory = report["training_memory_per_device"]
+    assert memory["sharding"] == "fsdp" and memory["fits"]
+    assert memory["optimizer"] == 8 * params // 768
+    days = report["time_and_energy"]["days"]
+    assert days == pytest.approx(3.229e23 / (768 * 989e12 * 0.4) / 86400, rel=0.01)
+    assert report["storage"]["checkpoint"] == 4 * params
+
+
+def test_sharding_and_precision_move_the_memory_the_right_way(tmp_path: Path) -> None:
+    config = CONFIGS / "gpt3_175b.yaml"
+    one = plan_json(config, "--devices", "1")["training_memory_per_device"]
+    many = plan_json(config, "--devices", "64")["training_memory_per_device"]
+    ddp = plan_json(config, "--devices", "64", "--set", "train.distributed=ddp")["training_memory_per_device"]
+    assert not one["fits"] and one["optimizer"] == 64 * many["optimizer"]
+    assert ddp["gradients"] == 2 * one["gradients"]  # DDP's buckets: a second copy of the gradients
+    no_ckpt = plan_json(config, "--set", "train.activation_checkpointing=false")["training_memory_per_device"]
+    assert no_ckpt["activations"] > 5 * many["activations"]
+
+
+def test_plan_says_what_it_needs_before_prepare(tmp_path: Path) -> None:
+    config = lm_config(tmp_path)  # a char tokenizer: the vocabulary comes from the data
+    result = cli("plan", "-c", config)
+    assert result.code == 2
+    assert "run prepare, or pass --set plan.vocab_size=N" in result.stderr
+    assert plan_json(config, "--set", "plan.vocab_size=100")["model"]["architecture"]["vocab_size"] == 100
+    unknown = cli("plan", "-c", config, "--hardware", "tpu9")
+    assert unknown.code == 2 and "plan.hardware" in unknown.stderr
