@@ -295,6 +295,21 @@ def plan_command(
     execute("plan", action, json_out, quiet, debug)
 
 
+@app.command("report")
+def report_command(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Plots and a one-page HTML report of a run, from its artifacts (<run_dir>/report/index.html)."""
+    from bigmodel import report
+
+    execute("report", lambda: report.run(load_config(config, set_, run_dir)), json_out, quiet, debug)
+
+
 @app.command("pipeline")
 def pipeline_command(
     config: ConfigOpt,

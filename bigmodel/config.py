@@ -52,6 +52,10 @@ class TabularDataConfig(Section):
     )
     val_fraction: Fraction = Field(0.1, description="Fraction of rows held out for validation.")
     test_fraction: Fraction = Field(0.2, description="Fraction of rows held out for the final test.")
+    train_subset: float = Field(
+        1.0, gt=0.0, le=1.0, description="Keep this fraction of the training rows (seeded; per class when "
+        "stratified); val and test stay whole. For small-data experiments and learning curves.",
+    )
     stratify: bool = Field(
         True, description="Keep class proportions equal across splits (classification only)."
     )
@@ -92,6 +96,15 @@ class CleaningConfig(Section):
     max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
 
 
+class BPEDropoutAugment(Section):
+    """Subword regularisation (Provilkov et al. 2020, BPE-dropout): extra copies of the training text,
+    each segmented with every BPE merge skipped with probability `dropout` (seeded)."""
+
+    kind: Literal["bpe_dropout"] = Field("bpe_dropout", description="Augmentation kind.")
+    dropout: float = Field(0.1, gt=0.0, lt=1.0, description="Probability that a BPE merge is skipped.")
+    copies: int = Field(1, ge=1, le=16, description="Differently segmented copies of the train text added to train.bin.")
+
+
 class TextDataConfig(Section):
     format: Literal["text"] = Field("text", description="Kind of data: 'text' (files or JSONL).")
     path: Path | None = Field(
@@ -117,11 +130,17 @@ class TextDataConfig(Section):
     chunk_chars: int = Field(
         1 << 20, ge=1024, description="Characters read at a time; peak memory follows this, not the corpus."
     )
+    augment: list[BPEDropoutAugment] = Field(
+        [], description="Applied by prepare to the train split only: [{kind: bpe_dropout, dropout: 0.1, copies: 1}]."
+    )
 
     @model_validator(mode="after")
     def _has_a_source(self) -> TextDataConfig:
         if self.path is None and not self.paths:
             raise ValueError("set data.path (a file or glob) or data.paths")
+        if self.augment and self.tokenizer.kind == "char":
+            raise ValueError("data.augment bpe_dropout needs a BPE tokenizer (data.tokenizer.kind: bpe): a "
+                             "character-level tokenizer has no merges to drop")
         return self
 
 
@@ -171,7 +190,7 @@ ModelConfig = Annotated[
     Discriminator(_tag_of("family", "mlp")),
 ]
 # Union members are picked by these keys; pydantic puts the member's tag into error locations.
-TAG_KEYS = {"data": "format", "model": "family", "steps": "method"}
+TAG_KEYS = {"data": "format", "model": "family", "steps": "method", "augment": "kind"}
 
 
 # --------------------------------------------------------------------------------------- the stages
@@ -187,6 +206,39 @@ class InitConfig(Section):
         "kaiming_uniform, gpt: gpt2).",
     )
     std: float = Field(0.02, gt=0.0, description="Standard deviation for scheme 'normal'.")
+
+
+class NoiseAugment(Section):
+    """Gaussian noise on the features, scaled by each feature's training standard deviation."""
+
+    kind: Literal["noise"] = Field("noise", description="Augmentation kind.")
+    std: float = Field(0.1, gt=0.0, description="Noise std in units of each feature's training std.")
+    p: float = Field(1.0, gt=0.0, le=1.0, description="Probability that a training row is augmented.")
+
+
+class FeatureDropoutAugment(Section):
+    """Each feature of a row is replaced by its training mean (0 after standardisation) with probability rate."""
+
+    kind: Literal["feature_dropout"] = Field("feature_dropout", description="Augmentation kind.")
+    rate: float = Field(0.1, gt=0.0, lt=1.0, description="Probability that a feature is dropped.")
+    p: float = Field(1.0, gt=0.0, le=1.0, description="Probability that a training row is augmented.")
+
+
+class MixupAugment(Section):
+    """mixup (Zhang et al. 2018): a row and its one-hot label become a convex combination with another
+    row of the batch and its label, with weight lambda ~ Beta(alpha, alpha). Classification only."""
+
+    kind: Literal["mixup"] = Field("mixup", description="Augmentation kind.")
+    alpha: float = Field(0.2, gt=0.0, description="Beta(alpha, alpha) parameter of the mixing weight.")
+    p: float = Field(1.0, gt=0.0, le=1.0, description="Probability that a training row is mixed.")
+
+
+TabularAugment = Annotated[
+    Annotated[NoiseAugment, Tag("noise")]
+    | Annotated[FeatureDropoutAugment, Tag("feature_dropout")]
+    | Annotated[MixupAugment, Tag("mixup")],
+    Discriminator(_tag_of("kind", "noise")),
+]
 
 
 class FSDPConfig(Section):
@@ -247,6 +299,13 @@ class TrainConfig(Section):
     )
     loss: Literal["auto", "cross_entropy", "mse"] = Field(
         "auto", description="auto: cross_entropy for classification, mse for regression."
+    )
+    augment: list[TabularAugment] = Field(
+        [], description="Tabular: transforms applied, in order, to training batches only (never val/test), "
+        "e.g. [{kind: noise, std: 0.1}, {kind: mixup, alpha: 0.2}]. Text: see data.augment.",
+    )
+    tensorboard: bool = Field(
+        False, description="Also log metrics to TensorBoard in <run_dir>/train/tensorboard (the 'tensorboard' extra)."
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -567,6 +626,12 @@ class Config(Section):
                     f"eval gate '{name}': not a {task} metric{did_you_mean(name, SCALAR_METRICS[task])}; "
                     f"available: {', '.join(SCALAR_METRICS[task])}"
                 )
+        for number, augment in enumerate(self.train.augment):
+            if task == "lm":
+                problems.append(f"train.augment.{number} ({augment.kind}) is for tabular data; text is "
+                                "augmented by prepare (data.augment: [{kind: bpe_dropout}])")
+            elif augment.kind == "mixup" and task != "classification":
+                problems.append(f"train.augment.{number}: mixup mixes class labels; for regression use noise")
         for number, step in enumerate(self.compress.steps):
             if step.method == "prune" and step.structure == "heads" and self.model.family != "gpt":
                 problems.append(f"compress.steps.{number}.structure 'heads' needs model.family 'gpt' (an MLP "
@@ -790,7 +855,9 @@ def format_validation_error(exc: ValidationError, within: tuple[str, ...] = ()) 
             messages.append(str(error["msg"]).removeprefix("Value error, "))
         else:
             msg = str(error["msg"]).removeprefix("Value error, ")
-            messages.append(f"{where}: {msg} (got {error.get('input')!r})")
+            value = error.get("input")
+            # A section's own check (its input is the whole section) says everything in its message.
+            messages.append(f"{where}: {msg}" if isinstance(value, dict) else f"{where}: {msg} (got {value!r})")
     return "; ".join(messages)
 
 

@@ -231,7 +231,8 @@ def render(report: dict[str, Any]) -> None:
              "set plan.power_w" if t["energy_kwh"] is None else f"{t['power_w_per_device']:g} W per device"),
         ]
         for row in rows:
-            table.add_row(*row)
+            heading = not row[0].startswith(" ")
+            table.add_row(*row, style="bold cyan" if heading else None)
     Console(width=max(Console().width, 110)).print(table)
 
 

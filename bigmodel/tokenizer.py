@@ -9,9 +9,10 @@ No PyTorch here: `infer` uses this module too.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bigmodel.errors import UserError
 
@@ -81,6 +82,45 @@ class BPETokenizer:
 
     def to_json(self) -> str:
         return self._tok.to_str()  # type: ignore[attr-defined]
+
+    def encode_with_dropout(self, text: str, dropout: float, rng: Any) -> list[int]:
+        """BPE-dropout (Provilkov et al. 2020): segment `text` with each applicable merge skipped with
+        probability `dropout`, drawing from `rng` (a numpy Generator).
+
+        HF tokenizers' BPE has a dropout option, but it draws from an unseeded thread-local RNG (the
+        same text segments differently in every process), which would make prepare irreproducible. So
+        the merge loop runs here, on the tokenizer's own pre-tokenizer, merge ranks and vocabulary;
+        with dropout 0 it gives exactly encode()'s ids (tested)."""
+        ranks, vocab, specials = self._merge_table()
+        ids: list[int] = []
+        # Special tokens written in the text stay whole, as in encode().
+        for part in specials.split(text) if specials.pattern else [text]:
+            if part in vocab and specials.fullmatch(part):
+                ids.append(vocab[part])
+                continue
+            for piece, _ in self._tok.pre_tokenizer.pre_tokenize_str(part):  # type: ignore[attr-defined]
+                symbols = list(piece)
+                while len(symbols) > 1:
+                    kept = rng.random(len(symbols) - 1) >= dropout  # which merges survive this round
+                    candidates = [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:]))
+                                  if kept[i] and pair in ranks]
+                    if not candidates:
+                        break
+                    _, i = min(candidates)  # the highest-priority merge, leftmost first (as HF's BPE)
+                    symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+                ids += [vocab[symbol] for symbol in symbols]
+        return ids
+
+    def _merge_table(self) -> tuple[dict[tuple[str, str], int], dict[str, int], re.Pattern[str]]:
+        """Merge ranks, vocabulary (special tokens included) and a pattern that splits out the specials."""
+        if not hasattr(self, "_merges"):
+            spec = json.loads(self.to_json())
+            model = spec["model"]
+            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+            pattern = re.compile("(" + "|".join(map(re.escape, added)) + ")" if added else "")
+            self._merges = ({pair: rank for rank, pair in enumerate(merges)}, {**model["vocab"], **added}, pattern)
+        return self._merges
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int) -> BPETokenizer:

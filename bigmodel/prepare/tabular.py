@@ -141,7 +141,8 @@ def _split(n: int, strata: np.ndarray | None, data: Any, seed: int) -> dict[str,
         n_val = int(round(len(group) * data.val_fraction))
         parts["test"].append(shuffled[:n_test])
         parts["val"].append(shuffled[n_test : n_test + n_val])
-        parts["train"].append(shuffled[n_test + n_val :])
+        train = shuffled[n_test + n_val :]  # in random order: its head is a random subset
+        parts["train"].append(train[: max(1, int(round(len(train) * data.train_subset)))])
     split = {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
     for name in SPLITS:
         if len(split[name]) == 0:

@@ -19,6 +19,7 @@ import unicodedata
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -80,6 +81,8 @@ def run(config: Config) -> dict[str, Any]:
         "seed": config.seed,
         "tokens": counts["tokens"],
         "characters": counts["chars"],
+        "augment": {"steps": [a.model_dump() for a in data.augment],
+                    "train_tokens_added": counts["augmented_tokens"]},
         "cleaning": report.__dict__,
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
@@ -92,6 +95,10 @@ def run(config: Config) -> dict[str, Any]:
         f"prepare: {tok.kind} tokenizer, vocab {tok.vocab_size}; tokens train {counts['tokens']['train']:,}, "
         f"val {counts['tokens']['val']:,} ({np.dtype(dtype).name})"
     )
+    if data.augment:
+        copies = sum(a.copies for a in data.augment)
+        console.info(f"prepare: bpe_dropout added {copies} re-segmented cop{'y' if copies == 1 else 'ies'} of the "
+                     f"train text: {counts['augmented_tokens']:,} of the {counts['tokens']['train']:,} train tokens")
     return {
         "manifest": str(out_dir / MANIFEST_FILE),
         "train": str(out_dir / shard_name("train")),
@@ -271,14 +278,16 @@ def _encode(
     rng = np.random.default_rng(seed)
     doc_split: dict[int, str] = {}
     offset = 0
+    augmented = 0  # train tokens that BPE-dropout copies added
 
-    def write(handle: BinaryIO, split: str, text: str, end_of_doc: bool) -> None:
-        ids = tok.encode(text) if text else []
+    def write(handle: BinaryIO, split: str, text: str, end_of_doc: bool, encode: Any = tok.encode) -> int:
+        ids = encode(text) if text else []
         if end_of_doc and tok.eot_id is not None:
             ids.append(tok.eot_id)
         np.asarray(ids, dtype=dtype).tofile(handle)
         tokens[split] += len(ids)
         chars[split] += len(text)
+        return len(ids)
 
     with ExitStack() as stack:
         shards = {
@@ -296,6 +305,22 @@ def _encode(
             if cut < len(chunk):
                 write(shards["val"], "val", chunk[cut:], last)
             offset += len(chunk)
+        # BPE-dropout: whole extra passes over the train text, appended after it (never interleaved
+        # chunk by chunk, which would teach the model that text repeats itself).
+        for number, augment in enumerate(data.augment):
+            for copy in range(augment.copies):
+                rng = np.random.default_rng([seed, number, copy])
+                encode = partial(tok.encode_with_dropout, dropout=augment.dropout, rng=rng)
+                offset = 0
+                for index, chunk, last in _kept_chunks(files, data, keep):
+                    if data.split == "document":
+                        train_part = chunk if doc_split[index] == "train" else ""
+                    else:
+                        train_part = chunk[: max(0, min(len(chunk), boundary - offset))]
+                        offset += len(chunk)
+                    if train_part:
+                        augmented += write(shards["train"], "train", train_part,
+                                           last and len(train_part) == len(chunk), encode)
         for handle in shards.values():
             handle.flush()
     for split in ("train", "val"):
@@ -305,4 +330,4 @@ def _encode(
                 + ("use data.split 'tail' or more documents" if data.split == "document"
                    else "use more text or change data.val_fraction")
             )
-    return {"tokens": tokens, "chars": chars}
+    return {"tokens": tokens, "chars": chars, "augmented_tokens": augmented}

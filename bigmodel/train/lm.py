@@ -30,9 +30,10 @@ from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config, TrainConfig
 from bigmodel.datasets import load_tokens, prepared_files
 from bigmodel.errors import RunFailed, UserError
-from bigmodel.io import append_jsonl, sha256_file
+from bigmodel.io import sha256_file
 from bigmodel.registry import count_parameters
 from bigmodel.runtime import setup_torch
+from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
     check_matches_config,
@@ -90,6 +91,7 @@ def train(
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
     # The schedule spans total_steps; this process may stop sooner (until_step) and be resumed later.
     stop_step = total_steps if until_step is None else min(total_steps, max(until_step, loop.step))
+    log = MetricsLog(metrics_path, tc.tensorboard, loop.step, writes=world.is_main)
 
     lineage = ({"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
                if world.is_main else {})  # only rank 0 writes manifests
@@ -152,16 +154,14 @@ def train(
             tokens_per_s = (loop.step - window_step) * tokens_per_step / max(now - window_start, 1e-9)
             progress.update(loop.step, loss=step_loss, lr=lr, tok_s=round(tokens_per_s))
             if loop.step % tc.log_every == 0:
-                if world.is_main:
-                    append_jsonl(metrics_path, {"step": loop.step, "train_loss": step_loss, "lr": lr,
-                                                "tokens": loop.tokens_seen, "tokens_per_s": round(tokens_per_s, 1)})
+                log.write({"step": loop.step, "train_loss": step_loss, "lr": lr, "tokens": loop.tokens_seen,
+                           "tokens_per_s": round(tokens_per_s, 1)})
                 window_start, window_step = now, loop.step
             stop = False
             if loop.step % eval_every == 0 or loop.step == total_steps:
                 val_loss = evaluate(model, val_batches, autocast, world)
-                if world.is_main:
-                    append_jsonl(metrics_path, {"step": loop.step, "val_loss": val_loss, "train_loss": step_loss,
-                                                "lr": lr, "tokens": loop.tokens_seen})
+                log.write({"step": loop.step, "val_loss": val_loss, "train_loss": step_loss, "lr": lr,
+                           "tokens": loop.tokens_seen})
                 if val_loss < loop.best_score:
                     loop.best_score, loop.best_step, loop.evals_since_best = val_loss, loop.step, 0
                     save_model(out_dir / "best.safetensors", model, manifest({"val_loss": val_loss}), world)
@@ -177,6 +177,7 @@ def train(
             if stop:
                 break
 
+    log.close()
     elapsed = time.perf_counter() - start
     tokens_per_s = (loop.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
     console.info(f"train: step {loop.step}, best val loss {loop.best_score:.4f} at step {loop.best_step}, "

@@ -23,8 +23,10 @@ from bigmodel.checkpoint import model_tensors, read_manifest, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import DATA_FILE, load_split
 from bigmodel.errors import RunFailed
-from bigmodel.io import append_jsonl, sha256_file
+from bigmodel.io import sha256_file
 from bigmodel.runtime import setup_torch
+from bigmodel.train.augment import augment_batch
+from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
     check_matches_config,
@@ -85,6 +87,10 @@ def train(
     )
     # The schedule spans total_steps; this process may stop sooner (until_step) and be resumed later.
     stop_step = total_steps if until_step is None else min(total_steps, max(until_step, loop.step))
+    log = MetricsLog(metrics_path, tc.tensorboard, loop.step)
+    n_outputs = init_manifest["architecture"]["n_outputs"]
+    augmented_rows: dict[str, int] = {}  # rows each augmentation touched in this process
+    batch_rows = 0
     with console.Progress("train", stop_step) as progress:
         while loop.step < stop_step:
             # Each epoch's order comes from (seed, epoch) alone, so a resumed run re-creates it.
@@ -95,11 +101,17 @@ def train(
                 model.train()
                 lr = lr_at(loop.step, total_steps, tc)
                 set_lr(optimizer, lr)
-                out = model(train_x[batch])
-                if loss_hook is not None:
+                if loss_hook is not None:  # compress's fine-tuning and distillation: no augmentation
+                    out = model(train_x[batch])
                     loss = loss_hook(out, train_x[batch], train_y[batch])
                 else:
-                    loss = loss_fn(out, train_y[batch], model)
+                    x, target = train_x[batch], train_y[batch]
+                    batch_rows += len(batch)
+                    if tc.augment:
+                        x, target = augment_batch(x, target, tc.augment, model, n_outputs, config.seed,
+                                                  loop.step, augmented_rows)
+                    out = model(x)
+                    loss = loss_fn(out, target, model)
                 if not torch.isfinite(loss):
                     raise RunFailed(
                         f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or set "
@@ -118,7 +130,7 @@ def train(
                 stop = False
                 if loop.step % eval_every == 0 or loop.step == total_steps:
                     val = evaluate(model, val_x, val_y, loss_fn)
-                    append_jsonl(metrics_path, {
+                    log.write({
                         "step": loop.step, "epoch": loop.step / steps_per_epoch, "lr": lr,
                         "train_loss": loss.item(), **{f"val_{k}": v for k, v in val.items()},
                         "elapsed_s": round(time.perf_counter() - start, 3)})
@@ -141,10 +153,14 @@ def train(
                     stop_step = loop.step
                     break
 
+    log.close()
     if not best_metrics and (out_dir / "best.safetensors").is_file():  # resumed after the best was found
         best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
     summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
     console.info(f"train: best at step {loop.best_step}: {summary}")
+    if augmented_rows:
+        console.info("train: augmented " + ", ".join(f"{kind} {rows:,} rows" for kind, rows in augmented_rows.items())
+                     + f" of {batch_rows:,} training rows drawn")
     return {
         "best": str(out_dir / "best.safetensors"),
         "last": str(last_path),
@@ -152,6 +168,7 @@ def train(
         "steps": loop.step,
         "best_step": loop.best_step,
         "best_metrics": best_metrics,
+        "augmented_rows": augmented_rows,
     }
 
 

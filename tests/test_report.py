@@ -1,0 +1,111 @@
+"""bigmodel report: plots and a self-contained HTML page from a run's artifacts; TensorBoard logging."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli
+from tests.test_lm import lm_config
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (the first one, right after the signature)."""
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def assert_report_is_complete(config: Path, expected_plots: set[str]) -> str:
+    result = cli("report", "-c", config, "--json", "-q")
+    assert result.code == 0, result.stderr
+    out = result.json()
+    report_dir = Path(out["report"]).parent
+    assert {Path(p).name for p in out["plots"]} == expected_plots
+    page = Path(out["report"]).read_text()
+    inline = dict(re.findall(r'<figure id="([^"]+)"><img alt="[^"]+" src="data:image/png;base64,([^"]+)"', page))
+    assert set(inline) == expected_plots  # the page shows every plot, embedded
+    for name in expected_plots:
+        data = (report_dir / name).read_bytes()
+        assert png_size(data) == (800, 450)
+        assert base64.b64decode(inline[name]) == data
+    assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
+    return page
+
+
+def test_report_of_a_classifier_run(fresh_run: Path) -> None:
+    page = assert_report_is_complete(fresh_run, {
+        "loss_vs_step.png", "loss_vs_epoch.png", "lr.png", "val_accuracy.png", "confusion_matrix.png", "per_class.png",
+    })
+    for section in ("Summary", "Plots", "Metrics of every stage", "Predictions (first rows)", "Config", "Data manifest"):
+        assert f"<h2>{section}</h2>" in page
+    assert '<span class="pass">passed</span>' in page  # the export parity verdict
+    assert "accuracy" in page and "parameters" in page
+
+
+def test_report_of_a_language_model_with_compression(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=20)
+    steps = "compress.steps=[{method: quantize}]"
+    for stage in ("prepare", "init", "train", "eval", "export", "infer"):
+        overrides = ["--set", "infer.prompt=def ", "--set", "infer.max_new_tokens=20"] if stage == "infer" else []
+        result = cli(stage, "-c", config, "-q", *overrides)
+        assert result.code == 0, result.stderr
+    assert cli("compress", "-c", config, "-q", "--set", steps).code == 0
+    page = assert_report_is_complete(config, {
+        "loss_vs_step.png", "loss_vs_tokens.png", "lr.png", "tokens_per_s.png", "compress_tradeoff.png",
+    })
+    assert "<h2>Samples</h2>" in page and "<pre>def" in page
+    assert "quantize dynamic" in page
+
+
+def test_report_needs_matplotlib_and_something_to_report(tmp_path: Path) -> None:
+    config = lm_config(tmp_path)
+    empty = cli("report", "-c", config)
+    assert empty.code == 2 and "nothing to report" in empty.stderr
+    # The same command where matplotlib cannot be imported (None in sys.modules makes import fail).
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['bigmodel', 'report', '-c', sys.argv[1]];"
+            "from bigmodel.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("install the extra: pip install 'bigmodel[report]'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_tensorboard_logs_what_metrics_jsonl_logs(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = lm_config(tmp_path, max_steps=20, tensorboard=True)
+    for stage in ("prepare", "init", "train"):
+        assert cli(stage, "-c", config, "-q").code == 0
+    board = EventAccumulator(str(tmp_path / "run" / "train" / "tensorboard"))
+    board.Reload()
+    records = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert [(e.step, pytest.approx(e.value)) for e in board.Scalars("val_loss")] == val
+    assert {"train_loss", "lr", "tokens_per_s"} <= set(board.Tags()["scalars"])
+
+    code = ("import sys; sys.modules['torch.utils.tensorboard'] = None;"
+            "sys.argv = ['bigmodel', 'train', '-c', sys.argv[1]]; from bigmodel.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pip install 'bigmodel[tensorboard]'" in proc.stderr
+
+
+def test_no_color_is_respected(tmp_path: Path) -> None:
+    config = lm_config(tmp_path)
+    command = [sys.executable, "-m", "bigmodel", "plan", "-c", str(config), "--set", "plan.vocab_size=50"]
+    colored = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FORCE_COLOR": "1"})
+    plain = subprocess.run(command, capture_output=True, text=True,
+                           env={**os.environ, "FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert colored.returncode == plain.returncode == 0
+    color = re.compile(r"\x1b\[[0-9;]*3[0-7][;m]")  # an SGR sequence setting a foreground colour
+    assert color.search(colored.stdout)
+    assert not color.search(plain.stdout)
