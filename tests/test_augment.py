@@ -15,7 +15,7 @@ from bigmodel import tokenizer as tokenizers
 from bigmodel.config import FeatureDropoutAugment, MixupAugment, NoiseAugment
 from bigmodel.models.mlp import MLP
 from bigmodel.train.augment import augment_batch
-from tests.conftest import cli, tiny_digits, write_config
+from tests.conftest import CONFIGS, cli, tiny_digits, write_config
 from tests.test_lm import corpus
 
 ALL = [NoiseAugment(std=0.5), FeatureDropoutAugment(rate=0.3, p=0.5), MixupAugment(alpha=0.4)]
@@ -182,3 +182,18 @@ def test_transforms_apply_in_the_listed_order() -> None:
     noise_then_drop, _ = augment_batch(x, y, [NoiseAugment(), FeatureDropoutAugment(rate=0.5)], model, 3, 0, 0, {})
     drop_then_noise, _ = augment_batch(x, y, [FeatureDropoutAugment(rate=0.5), NoiseAugment()], model, 3, 0, 0, {})
     assert not torch.equal(noise_then_drop, drop_then_noise)
+
+
+def test_regression_trains_with_feature_noise(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "reg.yaml", {
+        "extends": str(CONFIGS / "diabetes.yaml"), "run_dir": "run", "threads": 1,
+        "train": {"epochs": 5, "patience": None, "augment": [{"kind": "noise", "std": 0.2, "p": 0.5}]},
+        "eval": {"fail_under": {}},
+    })
+    for stage in ("prepare", "init"):
+        assert cli(stage, "-c", config, "-q").code == 0
+    trained = cli("train", "-c", config, "--json")
+    assert trained.code == 0, trained.stderr
+    touched = trained.json()["augmented_rows"]["noise"]
+    assert 0.4 * 5 * 270 < touched < 0.6 * 5 * 310  # about half of the ~290 training rows, 5 epochs
+    assert "train: augmented noise" in trained.stderr
