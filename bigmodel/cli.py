@@ -150,30 +150,16 @@ def train_command(
         execute("train", lambda: STAGES["train"].run(load_config(config, set_, run_dir), resume=resume,
                                                      until_step=until_step), json_out, quiet, debug)
         return
-    child_args = ["train", "-c", str(config)]
-    for override in set_ or []:
-        child_args += ["--set", override]
-    for flag, value in (("--resume", resume), ("--json", json_out), ("--quiet", quiet), ("--debug", debug)):
-        child_args += [flag] if value else []
-    child_args += ["--until-step", str(until_step)] if until_step is not None else []
-    child_args += ["--run-dir", str(run_dir)] if run_dir is not None else []
     exit_code = 0
 
-    def check_then_launch() -> None:
-        """Input mistakes are reported here, once, before any worker starts."""
+    def launch() -> None:  # the workers print the outputs
         nonlocal exit_code
-        from bigmodel import distributed
-        from bigmodel.io import require_file
+        from bigmodel.train.launch import train_on_processes
 
-        loaded = load_config(config, set_, run_dir)
-        if loaded.model.family != "gpt":
-            raise UserError("--nproc: distributed training is for the gpt family; train tabular models "
-                            "in one process")
-        for path in STAGES["train"].inputs(loaded):
-            require_file(path, "training input", "run the stage that writes it first")
-        exit_code = distributed.launch(nproc, child_args)
+        exit_code = train_on_processes(nproc, config, list(set_ or []), run_dir, resume=resume,
+                                       until_step=until_step, json_out=json_out, quiet=quiet, debug=debug)
 
-    execute("train", check_then_launch, json_out, quiet, debug)
+    execute("train", launch, json_out, quiet, debug)
     if exit_code:
         raise typer.Exit(exit_code)
 
