@@ -48,6 +48,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     mode: str = "none"  # none | ddp | fsdp
+    device: str = "cpu"  # where collectives' tensors live (NCCL reduces CUDA tensors only)
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +61,7 @@ class World:
     def sum(self, value: float) -> float:
         if self.size == 1:
             return value
-        total = torch.tensor([value], dtype=torch.float64)
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return float(total.item())
 
@@ -81,7 +82,7 @@ def start(tc: TrainConfig, device: torch.device) -> tuple[World, torch.device]:
         raise UserError("train.backend 'nccl' needs CUDA devices; use gloo (or auto) to train on CPU")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=tc.timeout_s))
-    return World(rank, size, local_rank, tc.distributed), device
+    return World(rank, size, local_rank, tc.distributed, str(device)), device
 
 
 def shutdown(exit_code: int) -> None:
@@ -131,7 +132,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def wrap_ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

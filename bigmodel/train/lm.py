@@ -64,7 +64,7 @@ def train(
         check_matches_config(config, init_manifest)
     model.activation_checkpointing = tc.activation_checkpointing
     optimizer = build_optimizer(model, tc)
-    parallel_model = distributed.wrap_ddp(model, world, device) if world.mode == "ddp" else model
+    parallel_model = distributed.wrap_ddp(model, device) if world.mode == "ddp" else model
     sampler = torch.Generator().manual_seed(config.seed)  # the same on every rank: same global batches
     block, batch = model.block_size, tc.batch_size
     my_rows, micro_batch = rank_share(batch * tc.grad_accum_steps, batch, world)
