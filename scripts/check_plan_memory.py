@@ -1,0 +1,101 @@
+"""How close is `bigmodel plan`'s training-memory estimate to a measured training step? Prints JSON.
+
+Each case builds bigmodel's GPT and optimizer, runs two training steps (the second has optimizer state)
+and reads the peak: on CUDA the allocator's max_memory_allocated (the CUDA context and cuBLAS
+workspaces are outside it, so the estimate is compared without its `runtime` term); on CPU the
+process's VmHWM in a fresh process, as tests/test_plan.py does (with plan's CPU runtime term).
+
+    python scripts/check_plan_memory.py                 # CPU, the test's small GPT
+    python scripts/check_plan_memory.py --device cuda   # a GPT-2-small shape on one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bigmodel import accounting, plan, registry
+from bigmodel.config import TrainConfig
+from bigmodel.train.optim import build_optimizer
+
+SHAPES = {
+    "cpu": ({"vocab_size": 65, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256}, 16),
+    "cuda": ({"vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}, 8),
+}
+CASES = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
+
+
+def training_steps(arch: dict, batch: int, precision: str, checkpointing: bool, device: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randint(arch["vocab_size"], (batch, arch["block_size"] + 1), device=device)
+    model = registry.build_model(arch).to(device)
+    model.activation_checkpointing = checkpointing
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", max_steps=2))
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    for _ in range(2):
+        with autocast:
+            logits, _ = model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def measure_cuda(arch: dict, batch: int, precision: str, checkpointing: bool) -> int:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    training_steps(arch, batch, precision, checkpointing, "cuda")
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool) -> int:
+    """In a fresh process: VmHWM counts only that process image's own peak."""
+    code = (
+        "import json, os, sys; sys.path.insert(0, os.getcwd()); torch_threads = 1\n"
+        "import torch; torch.set_num_threads(1)\n"
+        "from scripts.check_plan_memory import training_steps\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "before = rss()\n"
+        "training_steps(*json.loads(sys.argv[1]), 'cpu')\n"
+        "status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())\n"
+        "print(int(status['VmHWM'].split()[0]) * 1024 - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([arch, batch, precision, checkpointing])],
+                          capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                          check=True)
+    return int(done.stdout.split()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+    shape, batch = SHAPES[args.device]
+    arch = {"family": "gpt", "task": "lm", "dropout": 0.0, "bias": False, **shape}
+    with torch.device("meta"):
+        n_params = registry.count_parameters(registry.build_model(arch))
+    results = []
+    for precision, checkpointing in CASES:
+        measure = measure_cuda if args.device == "cuda" else measure_cpu
+        measured = measure(arch, batch, precision, checkpointing)
+        runtime = 0 if args.device == "cuda" else plan.CPU_RUNTIME
+        estimate = accounting.training_memory(arch, n_params, batch=batch, precision=precision,
+                                              activation_checkpointing=checkpointing, runtime=runtime)
+        results.append({"precision": precision, "activation_checkpointing": checkpointing,
+                        "measured_mib": round(measured / 2**20, 1), "estimate_mib": round(estimate["total"] / 2**20, 1),
+                        "estimate_over_measured": round(estimate["total"] / measured, 3)})
+    print(json.dumps({"device": args.device, "parameters": n_params, "batch": batch, "shape": shape,
+                      "cases": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
