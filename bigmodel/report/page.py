@@ -46,8 +46,8 @@ def render(config: Config, artifacts: dict[str, Any], figures: dict[str, tuple[s
 
 def _summary(artifacts: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
-    model = artifacts.get("train") or artifacts.get("init")
-    if model and "parameters" in model:
+    model = next((artifacts[k] for k in ("train", "init") if "parameters" in artifacts.get(k, {})), None)
+    if model:
         arch = model.get("architecture") or {}
         rows.append(("model", f"{arch.get('family', '?')} with {model['parameters']:,} parameters"))
     data = artifacts.get("prepare")
