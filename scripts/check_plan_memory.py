@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from bigmodel import accounting, plan, registry
 from bigmodel.config import TrainConfig
 from bigmodel.train.optim import build_optimizer
+
+REPO = Path(__file__).resolve().parent.parent
 
 SHAPES = {
     "cpu": ({"vocab_size": 65, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256}, 16),
@@ -58,9 +61,13 @@ def measure_cuda(arch: dict, batch: int, precision: str, checkpointing: bool) ->
 
 
 def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool) -> int:
-    """In a fresh process: VmHWM counts only that process image's own peak."""
+    """In a fresh process, how far the peak resident memory rose above what it held before the model.
+
+    MALLOC_MMAP_THRESHOLD_ makes every large allocation its own mapping, returned to the OS when freed,
+    so the peak is what was really held at once. The peak is VmHWM, this process image's own:
+    getrusage's ru_maxrss would also count the parent's pages at fork (Linux keeps it across exec)."""
     code = (
-        "import json, os, sys; sys.path.insert(0, os.getcwd()); torch_threads = 1\n"
+        "import json, os, sys; sys.path.insert(0, os.getcwd())\n"
         "import torch; torch.set_num_threads(1)\n"
         "from scripts.check_plan_memory import training_steps\n"
         "def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
@@ -71,7 +78,7 @@ def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool) -> 
     )
     done = subprocess.run([sys.executable, "-c", code, json.dumps([arch, batch, precision, checkpointing])],
                           capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-                          check=True)
+                          cwd=REPO, check=True)
     return int(done.stdout.split()[-1])
 
 

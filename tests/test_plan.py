@@ -2,50 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bigmodel import accounting, plan
+from scripts.check_plan_memory import measure_cpu
 from tests.conftest import CONFIGS, cli, tiny_digits
 from tests.test_lm import lm_config
 
-# One training step (two, so the optimizer state exists) of bigmodel's GPT and optimizer in a fresh
-# process; prints how far the peak resident memory rose above what the process held before the model.
-# MALLOC_MMAP_THRESHOLD_ makes every large allocation its own mapping, returned to the OS when freed,
-# so the peak RSS is what was really held at once. The peak is VmHWM, this process image's own:
-# getrusage's ru_maxrss would also count the parent's pages at fork time (Linux keeps it across exec).
-PROBE = """
-import contextlib, json, os, sys
-import torch, torch.nn.functional as F
-from bigmodel import registry
-from bigmodel.config import TrainConfig
-from bigmodel.train.optim import build_optimizer
-arch, batch, precision, checkpointing = json.loads(sys.argv[1])
-torch.set_num_threads(1)
-torch.manual_seed(0)
-x = torch.randint(arch["vocab_size"], (batch, arch["block_size"] + 1))
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-before = rss()
-model = registry.build_model(arch)
-model.activation_checkpointing = checkpointing
-optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", max_steps=2))
-autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-for _ in range(2):
-    with autocast:
-        logits, _ = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-print(int(status["VmHWM"].split()[0]) * 1024 - before)
-"""
 ARCH = {"family": "gpt", "task": "lm", "vocab_size": 65, "n_layer": 4, "n_head": 4, "n_embd": 256,
         "block_size": 256, "dropout": 0.0, "bias": False}
 
@@ -75,12 +40,7 @@ def test_parameters_equal_what_init_builds(tmp_path: Path) -> None:
 @pytest.mark.parametrize("precision,checkpointing", [("fp32", False), ("bf16", False), ("fp32", True)])
 def test_memory_estimate_is_within_25_percent_of_a_measured_step(precision: str, checkpointing: bool) -> None:
     batch = 16
-    probe = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps([ARCH, batch, precision, checkpointing])],
-        capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=300,
-    )
-    assert probe.returncode == 0, probe.stderr
-    measured = int(probe.stdout.split()[-1])
+    measured = measure_cpu(ARCH, batch, precision, checkpointing)  # two steps of bigmodel's GPT + AdamW
     n_params = 12 * 4 * 256**2 + 65 * 256 + 256 * 256 + 9 * 256  # blocks, embeddings, norms
     estimate = accounting.training_memory(ARCH, n_params, batch=batch, precision=precision,
                                           activation_checkpointing=checkpointing, runtime=plan.CPU_RUNTIME)
