@@ -104,7 +104,7 @@ def shutdown(exit_code: int) -> None:
 
 
 def build_sharded(arch: dict[str, Any], tc: TrainConfig, device: torch.device) -> nn.Module:
-    """FSDP2: build on the meta device (no memory), shard every block and the root, then allocate only
+    """FSDP2 (GPT): build on the meta device (no memory), shard every block and the root, then allocate only
     this rank's shards on `device`. Their values are garbage until `load_weights` fills them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -114,7 +114,7 @@ def build_sharded(arch: dict[str, Any], tc: TrainConfig, device: torch.device) -
         model = registry.build_model(arch)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     policy = MixedPrecisionPolicy(param_dtype=dtypes[tc.fsdp.param_dtype], reduce_dtype=dtypes[tc.fsdp.reduce_dtype])
-    for block in _blocks(model):
+    for block in model.transformer.h:  # type: ignore[union-attr]
         fully_shard(block, mp_policy=policy, reshard_after_forward=tc.fsdp.reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=tc.fsdp.reshard_after_forward)
     model.to_empty(device=device)
@@ -122,14 +122,6 @@ def build_sharded(arch: dict[str, Any], tc: TrainConfig, device: torch.device) -
     # output in case it is modified in place. Training never touches the cache, so the warning is noise.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated layers to shard one by one: GPT blocks, MLP hidden layers."""
-    transformer = getattr(model, "transformer", None)
-    if transformer is not None:
-        return list(transformer.h)
-    return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -175,10 +167,10 @@ def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `reference` is: this rank's shard of it when reference is an FSDP shard."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    full = full.to(device=reference.device, dtype=reference.dtype)
     if isinstance(reference, DTensor):
-        full = full.to(device=reference.device, dtype=reference.dtype)
         return distribute_tensor(full, reference.device_mesh, reference.placements)
-    return full.to(device=reference.device, dtype=reference.dtype)
+    return full
 
 
 @torch.no_grad()

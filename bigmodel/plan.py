@@ -82,6 +82,9 @@ def run(config: Config) -> dict[str, Any]:
         fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=hardware.runtime_bytes,
     )
     context = pc.inference_context or arch["block_size"]
+    serving = {name: accounting.inference_memory(arch, n_params, batch=pc.inference_batch, context=context,
+                                                 weight_bytes=width, cache_bytes=width)
+               for name, width in (("fp32", 4), ("bf16", 2))}
     peak = hardware.bf16_flops if tc.precision == "bf16" else hardware.fp32_flops
     seconds = total_flops / (pc.devices * peak * pc.mfu)
     power = pc.power_w or hardware.power_w
@@ -108,11 +111,9 @@ def run(config: Config) -> dict[str, Any]:
         "inference_memory": {
             "batch": pc.inference_batch,
             "context": context,
-            **{f"{name}_total": accounting.inference_memory(
-                arch, n_params, batch=pc.inference_batch, context=context, weight_bytes=width,
-                cache_bytes=4 if name == "fp32" else 2)["total"] for name, width in (("fp32", 4), ("bf16", 2))},
-            "kv_cache_fp32": accounting.inference_memory(
-                arch, n_params, batch=pc.inference_batch, context=context, weight_bytes=4)["kv_cache"],
+            "fp32_total": serving["fp32"]["total"],
+            "bf16_total": serving["bf16"]["total"],
+            "kv_cache_fp32": serving["fp32"]["kv_cache"],
         },
         "storage": accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum),
         "time_and_energy": {

@@ -41,6 +41,7 @@ from bigmodel.train.state import (
     save_model,
     save_training_state,
     start_or_resume,
+    stop_step,
 )
 
 
@@ -89,8 +90,7 @@ def train(
     loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, sampler, tc.patience, world)
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
-    # The schedule spans total_steps; this process may stop sooner (until_step) and be resumed later.
-    stop_step = total_steps if until_step is None else min(total_steps, max(until_step, loop.step))
+    last_step = stop_step(total_steps, until_step, loop.step)
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step, writes=world.is_main)
 
     lineage = ({"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
@@ -113,8 +113,8 @@ def train(
     )
     start, start_step, last_loss = time.perf_counter(), loop.step, float("nan")
     window_start, window_step = start, loop.step  # tokens/s is reported per log window
-    with console.Progress("train", stop_step) as progress:
-        while loop.step < stop_step:
+    with console.Progress("train", last_step) as progress:
+        while loop.step < last_step:
             model.train()
             lr = lr_at(loop.step, total_steps, tc)
             set_lr(optimizer, lr)
@@ -171,7 +171,7 @@ def train(
                     console.info(f"train: early stop at step {loop.step} (no val improvement in "
                                  f"{tc.patience} evaluations)")
                     stop = True
-            if loop.step % save_every == 0 or loop.step in (total_steps, stop_step) or stop:
+            if loop.step % save_every == 0 or loop.step in (total_steps, last_step) or stop:
                 save_training_state(last_path, model, optimizer, sampler, loop,
                                     manifest({"train_loss": step_loss}), world)
             if stop:

@@ -175,6 +175,12 @@ def start_or_resume(
     return loop, patience is not None and loop.evals_since_best >= patience
 
 
+def stop_step(total_steps: int, until_step: int | None, step: int) -> int:
+    """Where this process stops: the schedule's end, or until_step (never before the step it resumed
+    at); the schedule itself always spans total_steps, so a later --resume continues it unchanged."""
+    return total_steps if until_step is None else min(total_steps, max(until_step, step))
+
+
 def checkpoint_manifest(
     init_manifest: dict[str, Any], config: Config, loop: LoopState, metrics: dict[str, float],
     lineage: dict[str, str],

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel import console, registry
-from bigmodel.checkpoint import model_tensors, read_manifest, save_checkpoint
+from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config
 from bigmodel.datasets import DATA_FILE, load_split
 from bigmodel.errors import RunFailed
@@ -31,8 +31,10 @@ from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
     check_matches_config,
     checkpoint_manifest,
+    save_model,
     save_training_state,
     start_or_resume,
+    stop_step,
 )
 
 
@@ -85,14 +87,13 @@ def train(
         f"{total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
     )
-    # The schedule spans total_steps; this process may stop sooner (until_step) and be resumed later.
-    stop_step = total_steps if until_step is None else min(total_steps, max(until_step, loop.step))
+    last_step = stop_step(total_steps, until_step, loop.step)
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step)
     n_outputs = init_manifest["architecture"]["n_outputs"]
     augmented_rows: dict[str, int] = {}  # rows each augmentation touched in this process
     batch_rows = 0
-    with console.Progress("train", stop_step) as progress:
-        while loop.step < stop_step:
+    with console.Progress("train", last_step) as progress:
+        while loop.step < last_step:
             # Each epoch's order comes from (seed, epoch) alone, so a resumed run re-creates it.
             epoch, done = divmod(loop.step, steps_per_epoch)
             shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -138,7 +139,7 @@ def train(
                     if score < loop.best_score:
                         loop.best_score, loop.best_step, loop.evals_since_best = score, loop.step, 0
                         best_metrics = val
-                        save_checkpoint(out_dir / "best.safetensors", model_tensors(model), manifest(val))
+                        save_model(out_dir / "best.safetensors", model, manifest(val))
                     else:
                         loop.evals_since_best += 1
                     if tc.patience is not None and loop.evals_since_best >= tc.patience:
@@ -146,11 +147,11 @@ def train(
                                      f"{tc.patience} evaluations)")
                         stop = True
                     save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
-                elif loop.step == stop_step:  # stopping between evaluations: keep the state to resume from
+                elif loop.step == last_step:  # stopping between evaluations: keep the state to resume from
                     save_training_state(last_path, model, optimizer, unused_sampler, loop,
                                         manifest({"train_loss": loss.item()}))
-                if stop or loop.step >= stop_step:
-                    stop_step = loop.step
+                if stop or loop.step >= last_step:
+                    last_step = loop.step
                     break
 
     log.close()
