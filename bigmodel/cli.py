@@ -19,7 +19,7 @@ import typer
 
 from bigmodel import __version__, console
 from bigmodel.config import STDIO, load_config, section_help
-from bigmodel.errors import EXIT_FAILED, EXIT_USER, RunFailed, UserError
+from bigmodel.errors import EXIT_FAILED, EXIT_USER, GateFailed, RunFailed, UserError
 
 app = typer.Typer(
     name="bigmodel",
@@ -58,7 +58,8 @@ def execute(
         except UserError as exc:
             _fail(name, EXIT_USER, f"error: {exc}", json_out, debug)
         except RunFailed as exc:
-            _fail(name, EXIT_FAILED, f"failed: {exc}", json_out, debug)
+            outputs = exc.outputs if isinstance(exc, GateFailed) else {}
+            _fail(name, EXIT_FAILED, f"failed: {exc}", json_out, debug, outputs)
         except KeyboardInterrupt:
             _fail(name, 130, "interrupted", json_out, debug)
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
@@ -79,7 +80,8 @@ def execute(
             distributed.shutdown(exit_code)
 
 
-def _fail(name: str, code: int, message: str, json_out: bool, debug: bool) -> None:
+def _fail(name: str, code: int, message: str, json_out: bool, debug: bool,
+          outputs: dict[str, Any] | None = None) -> None:
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         # The other ranks stay quiet about input errors (rank 0 reports the same one); anything else
@@ -93,7 +95,7 @@ def _fail(name: str, code: int, message: str, json_out: bool, debug: bool) -> No
         traceback.print_exc()
     print(message.replace("\n", " "), file=sys.stderr, flush=True)
     if json_out:
-        console.emit_json({"ok": False, "command": name, "exit_code": code, "error": message})
+        console.emit_json({**(outputs or {}), "ok": False, "command": name, "exit_code": code, "error": message})
     raise typer.Exit(code)
 
 

@@ -8,6 +8,8 @@ exits 1.
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USER = 2
@@ -22,7 +24,12 @@ class RunFailed(Exception):
 
 
 class GateFailed(RunFailed):
-    """The stage ran to the end but its result failed a configured gate; exit 1."""
+    """The stage ran to the end but its result failed a configured gate; exit 1. `outputs` is what the
+    stage would have returned (its metrics): a CI job reading --json sees by how much it failed."""
+
+    def __init__(self, message: str, outputs: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.outputs = outputs or {}
 
 
 def did_you_mean(name: str, choices: list[str] | set[str]) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 from bigmodel import console
 from bigmodel.config import Config
-from bigmodel.errors import UserError
+from bigmodel.errors import GateFailed, UserError
 from bigmodel.stages import ORDER, STAGES
 
 # Stages a pipeline runs. compress runs when the config lists compress.steps (else it is skipped).
@@ -25,7 +25,11 @@ def run(config: Config, start: str | None = None, stop: str | None = None, force
             results[name] = {"skipped": True}
             continue
         console.info(f"pipeline: {name}")
-        results[name] = stage.run(config)
+        try:
+            results[name] = stage.run(config)
+        except GateFailed as gate:  # --json still reports every stage so far, the failing one included
+            gate.outputs = {"stages": {**results, name: gate.outputs}}
+            raise
     return {"stages": results}
 
 

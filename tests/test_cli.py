@@ -54,6 +54,19 @@ def test_fail_under_gate_exits_1_and_unknown_metric_exits_2(fresh_run: Path) -> 
     assert "eval gate 'acuracy': not a classification metric (did you mean 'accuracy'?)" in line
 
 
+def test_failed_gate_still_reports_its_metrics_in_json(fresh_run: Path) -> None:
+    """A CI job reading --json sees by how much the gate failed, from eval and from pipeline."""
+    failed = cli("eval", "-c", fresh_run, "--fail-under", "accuracy=1.01", "--json")
+    payload = json.loads(failed.stdout)
+    assert failed.code == 1 and payload["ok"] is False and payload["exit_code"] == 1
+    assert payload["error"].startswith("failed: eval gate failed: accuracy")
+    assert 0.0 <= payload["accuracy"] < 1.01 and payload["metrics_file"].endswith("metrics.json")
+    piped = cli("pipeline", "-c", fresh_run, "--from", "eval", "--to", "eval",
+                "--set", "eval.fail_under={accuracy: 1.01}", "--json")
+    stages = json.loads(piped.stdout)["stages"]
+    assert piped.code == 1 and stages["eval"]["accuracy"] == payload["accuracy"]
+
+
 def test_compress_without_steps_says_how_to_add_one(digits_run: Path) -> None:
     assert "compress.steps is empty: add a step" in one_line_error(cli("compress", "-c", digits_run))
 

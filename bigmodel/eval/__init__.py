@@ -19,12 +19,15 @@ def run(config: Config) -> dict[str, Any]:
     return tabular.run(config)
 
 
-def check_gate(scores: dict[str, Any], fail_under: dict[str, float], fail_above: dict[str, float]) -> None:
-    """Exit 1 (GateFailed) when a metric crosses its threshold (names were checked with the config)."""
+def check_gate(scores: dict[str, Any], fail_under: dict[str, float], fail_above: dict[str, float],
+               outputs: dict[str, Any]) -> dict[str, Any]:
+    """`outputs`, or exit 1 (GateFailed, carrying them) when a metric crosses its threshold (names were
+    checked with the config)."""
     failures = [f"{name} {scores[name]:.4f} < {limit}" for name, limit in fail_under.items() if scores[name] < limit]
     failures += [f"{name} {scores[name]:.4f} > {limit}" for name, limit in fail_above.items() if scores[name] > limit]
     if failures:
-        raise GateFailed(f"eval gate failed: {'; '.join(failures)}")
+        raise GateFailed(f"eval gate failed: {'; '.join(failures)}", outputs)
+    return outputs
 
 
 def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:

@@ -50,9 +50,9 @@ def run(config: Config) -> dict[str, Any]:
     )
     for i, sample in enumerate(samples):
         console.info(f"--- sample {i + 1} ---\n{sample}")
-    check_gate(scores, ec.fail_under, ec.fail_above)
     headline = {k: scores[k] for k in ("loss", "perplexity", "bits_per_char", "bits_per_token")}
-    return {"metrics_file": str(out), "source": source, **headline, "samples": samples}
+    outputs = {"metrics_file": str(out), "source": source, **headline, "samples": samples}
+    return check_gate(scores, ec.fail_under, ec.fail_above, outputs)
 
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # token ids (B, T) -> logits (B, T, V)

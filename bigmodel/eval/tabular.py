@@ -35,8 +35,8 @@ def run(config: Config) -> dict[str, Any]:
     headline = {k: scores[k] for k in metrics.HEADLINE[task]}
     console.info(f"eval ({ec.split}, {scores['rows']} rows): "
                  + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
-    check_gate(scores, ec.fail_under, ec.fail_above)
-    return {"metrics_file": str(out), "split": ec.split, **headline}
+    outputs = {"metrics_file": str(out), "split": ec.split, **headline}
+    return check_gate(scores, ec.fail_under, ec.fail_above, outputs)
 
 
 def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
