@@ -7,7 +7,7 @@ was measured on this implementation (tests/test_plan.py re-measures it on CPU).
 
 from __future__ import annotations
 
-from typing import Any
+from bigmodel.arch import DecoderArch
 
 MiB = 2**20
 
@@ -27,29 +27,28 @@ LOGIT_BYTES = 4 * 4
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
 
 
-def flops_per_token(arch: dict[str, Any], n_params_no_pos: int) -> int:
+def flops_per_token(arch: DecoderArch, n_params_no_pos: int) -> int:
     """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus 12·L·H·Q·T for
     attention scores and values (PaLM, Chowdhery et al. 2022, appendix B)."""
-    from bigmodel.models.gpt import head_size
-
-    L, H = arch["n_layer"], arch["n_head"]
-    Q, T = head_size(arch), arch["block_size"]
+    L, H = arch.n_layer, arch.n_head
+    Q, T = arch.head_size, arch.block_size
     return 6 * n_params_no_pos + 12 * L * H * Q * T
 
 
-def block_parameters(arch: dict[str, Any]) -> int:
+def block_parameters(arch: DecoderArch) -> int:
     """Parameters of the largest transformer block (what FSDP gathers at once)."""
-    from bigmodel.models.gpt import head_size, mlp_widths
-
-    d, width, bias = arch["n_embd"], arch["n_head"] * head_size(arch), int(arch["bias"])
-    norms = 2 * d * (1 + bias)
-    attention = 3 * d * width + 3 * width * bias + width * d + d * bias
-    mlp = 2 * d * max(mlp_widths(arch)) + max(mlp_widths(arch)) * bias + d * bias
+    d, bias = arch.n_embd, int(arch.bias)
+    norms = 2 * d * (1 + int(bias and arch.norm == "layernorm"))
+    qkv = arch.q_width + 2 * arch.kv_width
+    attention = d * qkv + qkv * int(arch.qkv_bias) + arch.q_width * d + d * bias
+    hidden = max(arch.mlp_hidden)
+    matrices = 3 if arch.mlp == "swiglu" else 2
+    mlp = matrices * d * hidden + (matrices - 1) * hidden * bias + d * bias
     return norms + attention + mlp
 
 
 def training_memory(
-    arch: dict[str, Any], n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
+    arch: DecoderArch, n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
     momentum: float = 0.9, sharding: str = "none", devices: int = 1, activation_checkpointing: bool = False,
     fsdp_param_bytes: int = 4, runtime: int = 0,
 ) -> dict[str, int]:
@@ -82,41 +81,44 @@ def training_memory(
     return memory
 
 
-def activation_memory(arch: dict[str, Any], batch: int, precision: str, checkpointing: bool) -> int:
+def activation_memory(arch: DecoderArch, batch: int, precision: str, checkpointing: bool) -> int:
     """Bytes of activations kept for backward (see BLOCK_ACTIVATION_BYTES). With activation
     checkpointing (Chen et al. 2016) each block keeps only its fp32 input; during backward one block
     at a time is recomputed, and its activations and their gradients (about as large again, measured)
     are alive together."""
-    tokens = batch * arch["block_size"]
-    per_block = BLOCK_ACTIVATION_BYTES[precision] * tokens * arch["n_embd"]
+    tokens = batch * arch.block_size
+    per_block = BLOCK_ACTIVATION_BYTES[precision] * tokens * arch.n_embd
     if checkpointing:
-        blocks = arch["n_layer"] * 4 * tokens * arch["n_embd"] + 2 * per_block
+        blocks = arch.n_layer * 4 * tokens * arch.n_embd + 2 * per_block
     else:
-        blocks = arch["n_layer"] * per_block
-    return blocks + OUTER_ACTIVATION_BYTES * tokens * arch["n_embd"] + LOGIT_BYTES * tokens * arch["vocab_size"]
+        blocks = arch.n_layer * per_block
+    return blocks + OUTER_ACTIVATION_BYTES * tokens * arch.n_embd + LOGIT_BYTES * tokens * arch.vocab_size
 
 
-def inference_memory(arch: dict[str, Any], n_params: int, *, batch: int, context: int, weight_bytes: float,
+def inference_memory(arch: DecoderArch, n_params: int, *, batch: int, context: int, weight_bytes: float,
                      cache_bytes: int = 4) -> dict[str, int]:
     """Bytes to generate: the weights, and the KV cache (keys and values of every layer for every
-    position of the context: 2·L·b·T·d values) plus one step's logits."""
+    position of the context: 2·L·b·T·(n_kv_head·head_size) values; grouped-query attention stores
+    n_kv_head heads, not n_head) plus one step's logits."""
     weights = int(weight_bytes * n_params)
-    kv_cache = 2 * arch["n_layer"] * batch * context * arch["n_embd"] * cache_bytes
-    logits = batch * arch["vocab_size"] * 4
+    kv_cache = 2 * arch.n_layer * batch * context * arch.kv_width * cache_bytes
+    logits = batch * arch.vocab_size * 4
     return {"weights": weights, "kv_cache": kv_cache, "logits": logits, "total": weights + kv_cache + logits}
 
 
-def disk_sizes(arch: dict[str, Any], n_params: int, optimizer: str, momentum: float = 0.9) -> dict[str, int]:
+def disk_sizes(arch: DecoderArch, n_params: int, optimizer: str, momentum: float = 0.9) -> dict[str, int]:
     """Bytes on disk. Checkpoints: fp32 safetensors, the tied embedding once; the resumable one adds the
     optimizer state. ONNX: the exporter stores the tied embedding twice (for the lookup and, transposed,
     for the output matmul); int8 quantises the matmul weights to one byte and keeps the rest fp32."""
     states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
-    embedding = arch["vocab_size"] * arch["n_embd"]
-    positions = arch["block_size"] * arch["n_embd"]
-    matmul = n_params - positions  # blocks (their norms too: a rounding error) and the output copy
+    embedding = arch.vocab_size * arch.n_embd
+    positions = arch.block_size * arch.n_embd if arch.position == "learned" else 0
+    head_copy = embedding if arch.tie_embeddings else 0  # untied: the head is a parameter already
+    # blocks (their norms too: a rounding error) and the output head (the tied copy, or its own weights)
+    matmul = n_params - positions - (0 if arch.tie_embeddings else embedding)
     return {
         "checkpoint": 4 * n_params,
         "training_state": 4 * n_params * (1 + states),
-        "onnx_fp32": 4 * (n_params + embedding),
+        "onnx_fp32": 4 * (n_params + head_copy),
         "onnx_int8": 4 * (embedding + positions) + matmul,
     }

@@ -34,7 +34,7 @@ Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, not silently dropped."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -172,16 +172,42 @@ class MLPConfig(Section):
 class GPTConfig(Section):
     family: Literal["gpt"] = Field("gpt", description="Model family: 'gpt' (decoder-only language model).")
     n_layer: int = Field(4, gt=0, description="Transformer blocks.")
-    n_head: int = Field(4, gt=0, description="Attention heads per block.")
-    n_embd: int = Field(128, gt=0, description="Embedding width (a multiple of n_head).")
+    n_head: int = Field(4, gt=0, description="Attention (query) heads per block.")
+    n_kv_head: int | None = Field(
+        None, gt=0, description="Key/value heads (grouped-query attention, must divide n_head). Default: n_head."
+    )
+    n_embd: int = Field(128, gt=0, description="Embedding width (a multiple of n_head unless head_size is set).")
+    head_size: int | None = Field(None, gt=0, description="Width of one head. Default: n_embd / n_head.")
     block_size: int = Field(64, gt=0, description="Context length in tokens.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, residuals, embeddings.")
     bias: bool = Field(False, description="Biases in Linear layers and LayerNorms.")
+    qkv_bias: bool | None = Field(
+        None, description="Bias in the query/key/value projection (Qwen2 has it alone). Default: bias."
+    )
+    position: Literal["learned", "rope"] = Field(
+        "learned", description="Position encoding: learned embeddings (GPT-2) or rotary (rope, Llama)."
+    )
+    rope_theta: float = Field(10000.0, gt=0.0, description="rope: base of the rotation frequencies.")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="layernorm (GPT-2) or rmsnorm (Llama).")
+    norm_eps: float = Field(1e-5, gt=0.0, description="Epsilon of the norms.")
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = Field(
+        "gelu", description="MLP: gelu, gelu_tanh (GPT-2's approximation) or swiglu (Llama: gate, up, down)."
+    )
+    intermediate_size: int | None = Field(None, gt=0, description="MLP hidden width. Default: 4 x n_embd.")
+    tie_embeddings: bool = Field(True, description="The output head shares the token embedding's weights.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GPTConfig:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        problems = []
+        if self.head_size is None and self.n_embd % self.n_head:
+            problems.append(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head}) "
+                            "(or set model.head_size)")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            problems.append(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
+        if self.position == "rope" and (self.head_size or self.n_embd // self.n_head) % 2:
+            problems.append("model.position 'rope' needs an even head size")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -206,6 +232,20 @@ class InitConfig(Section):
         "kaiming_uniform, gpt: gpt2).",
     )
     std: float = Field(0.02, gt=0.0, description="Standard deviation for scheme 'normal'.")
+    from_: Path | None = Field(
+        None, alias="from",
+        description="Import a pretrained decoder instead of initialising one: a Hugging Face model folder "
+        "(config.json + safetensors; gpt2, llama, mistral, qwen2) or a llama GGUF file. Its tokenizer is "
+        "used by prepare, and the model section is filled from it.",
+    )
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Import: dtype of the written init checkpoint (training upcasts to fp32)."
+    )
+    verify: bool = Field(
+        True, description="Import: check the model's logits against transformers loading the same files "
+        "(needs the 'hf' extra); false records the checkpoint as unverified.",
+    )
+    atol: float = Field(1e-4, gt=0.0, description="Import parity gate: max abs logit difference allowed (fp32).")
 
 
 class NoiseAugment(Section):
@@ -612,6 +652,16 @@ class Config(Section):
             )
         if self.init.scheme == "gpt2" and self.model.family != "gpt":
             problems.append("init.scheme 'gpt2' is for model.family 'gpt'")
+        if self.init.from_ is not None:
+            if self.model.family != "gpt":
+                problems.append(f"init.from imports decoder language models (model.family 'gpt'), not "
+                                f"'{self.model.family}'")
+            elif "tokenizer" in self.data.model_fields_set:
+                problems.append("data.tokenizer: an imported model (init.from) brings its own tokenizer; remove "
+                                "data.tokenizer")
+            if self.init.scheme is not None:
+                problems.append("init.scheme: an imported model (init.from) keeps its pretrained weights; remove "
+                                "init.scheme")
         if task == "lm" and self.eval.split == "test":
             problems.append("eval.split 'test': text data has a val split only; use 'val'")
         if self.train.loss == "mse" and task == "classification":
@@ -791,10 +841,11 @@ def _path_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tupl
     """Every key path whose value is a filesystem path, read off the schema itself."""
     keys: set[tuple[str, ...]] = set()
     for name, field in model.model_fields.items():
+        key = field.alias or name  # what a config file writes (init.from)
         if _is_path_annotation(field.annotation):
-            keys.add((*prefix, name))
+            keys.add((*prefix, key))
         for section in _sections_in(field.annotation):
-            keys |= _path_keys(section, (*prefix, name))
+            keys |= _path_keys(section, (*prefix, key))
     return keys
 
 
@@ -885,11 +936,12 @@ def _allowed_keys(loc: list[str]) -> set[str]:
         if tagged:
             model, choices = tagged[0], []
             continue
-        if model is None or part not in model.model_fields:
+        fields = {field.alias or name: field for name, field in model.model_fields.items()} if model else {}
+        if part not in fields:
             return set()
-        choices = _sections_in(model.model_fields[part].annotation)
+        choices = _sections_in(fields[part].annotation)
         model = choices[0] if choices else None
-    return set(model.model_fields) if model else set()
+    return {field.alias or name for name, field in model.model_fields.items()} if model else set()
 
 
 def _tag_default(section: type[BaseModel]) -> str | None:
@@ -910,7 +962,7 @@ def section_help(section: str) -> str:
     lines = [f"Config section '{section}':"]
     for name, sub in sections[0].model_fields.items():
         default = "" if sub.is_required() else f" [default: {sub.get_default(call_default_factory=True)!r}]"
-        lines.append(f"  {section}.{name}: {sub.description or ''}{default}")
+        lines.append(f"  {section}.{sub.alias or name}: {sub.description or ''}{default}")
     return "\n".join(lines)
 
 
@@ -922,7 +974,7 @@ def json_schema() -> dict[str, Any]:
 
 
 def dump_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 # Every tag a union member answers to (data.format, model.family, compress step method), read off the

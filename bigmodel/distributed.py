@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bigmodel.arch import DecoderArch
 from bigmodel.config import TrainConfig
 from bigmodel.errors import UserError
 
@@ -103,7 +104,7 @@ def shutdown(exit_code: int) -> None:
 # ---- the model on many processes
 
 
-def build_sharded(arch: dict[str, Any], tc: TrainConfig, device: torch.device) -> nn.Module:
+def build_sharded(arch: DecoderArch, tc: TrainConfig, device: torch.device) -> nn.Module:
     """FSDP2 (GPT): build on the meta device (no memory), shard every block and the root, then allocate only
     this rank's shards on `device`. Their values are garbage until `load_weights` fills them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

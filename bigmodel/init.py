@@ -6,32 +6,38 @@ the memory training will need at the configured batch size.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
 from bigmodel import accounting, console, registry
+from bigmodel import tokenizer as tokenizers
+from bigmodel.arch import AnyArch, DecoderArch
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import TOKENIZER_FILE, data_manifest, prepared_files
+from bigmodel.errors import GateFailed, UserError
 from bigmodel.io import sha256_file
 from bigmodel.models import gpt
-from bigmodel.runtime import setup_torch
+from bigmodel.runtime import peak_rss_bytes, setup_torch
 
 
 def run(config: Config) -> dict[str, Any]:
     setup_torch(config)
+    if config.init.from_ is not None:
+        return import_pretrained(config)
     data = data_manifest(config)
     arch = registry.architecture(config.model, data)
     model = registry.build_model(arch)
-    scheme = registry.init_weights(model, arch["family"], config.init.scheme, config.init.std)
-    if arch["family"] == "mlp":
+    scheme = registry.init_weights(model, arch.family, config.init.scheme, config.init.std)
+    if "statistics" in data:  # tabular: the standardisation travels inside the model
         _load_statistics(model, data["statistics"])
 
     path = config.stage_dir("init") / "model.safetensors"
     manifest = {
-        "family": arch["family"],
-        "architecture": arch,
+        "family": arch.family,
+        "architecture": arch.to_dict(),
         "data": data_info(config, data),
         "config": config.model_dump(mode="json"),
         "init_scheme": scheme,
@@ -41,8 +47,8 @@ def run(config: Config) -> dict[str, Any]:
     }
     save_checkpoint(path, model_tensors(model), manifest)
     report = _report(model, arch, config)
-    console.info(f"init: {arch['family']} with {report['parameters']:,} parameters ({scheme} init) -> {path}")
-    if arch["family"] == "gpt":
+    console.info(f"init: {arch.family} with {report['parameters']:,} parameters ({scheme} init) -> {path}")
+    if "training_memory_bytes" in report:
         memory = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["training_memory_bytes"].items())
         console.info(
             f"init: {report['parameters_without_position_embeddings']:,} without position embeddings; "
@@ -52,16 +58,76 @@ def run(config: Config) -> dict[str, Any]:
     return {"checkpoint": str(path), "init_scheme": scheme, **report}
 
 
+def import_pretrained(config: Config) -> dict[str, Any]:
+    """init.from: a pretrained decoder, weights streamed in, checked against transformers, saved as the
+    run's init checkpoint. Nothing is written when the parity gate fails."""
+    from bigmodel import pretrained
+    from bigmodel.pretrained import build
+
+    source_path = config.init.from_
+    assert source_path is not None
+    start = time.perf_counter()
+    source = pretrained.describe(source_path)
+    pretrained.check_config(config.model, source.arch, source_path)
+    arch = pretrained.with_config_overrides(source.arch, config.model)
+    data = data_manifest(config)
+    if data.get("tokenizer", {}).get("source") != str(source_path):
+        raise UserError(f"the prepared data was not tokenized with {source_path.name}'s tokenizer; re-run "
+                        "'bigmodel prepare' with this init.from")
+    for note in source.notes:
+        console.info(f"init: {note}")
+    model = build.build(source, arch)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    if config.init.verify:
+        tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
+        parity = build.check_parity(model, source, tok, config.init.atol)
+        console.info(f"init: parity with {parity['reference']} on a {parity['prompt_tokens']}-token prompt: max abs "
+                     f"logit diff {parity['max_abs_diff']:.3g} (atol {config.init.atol}) -> "
+                     f"{'ok' if parity['passed'] else 'FAILED'}")
+        if not parity["passed"]:
+            raise GateFailed(f"import parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol "
+                             f"{config.init.atol}; nothing was written", {"parity": parity})
+    else:
+        parity = {"verified": False}
+        console.info("init: parity check skipped (init.verify: false): the checkpoint is recorded as unverified")
+
+    path = config.stage_dir("init") / "model.safetensors"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.init.dtype]
+    record = {"source": str(source_path), "format": source.format, "model_type": source.model_type,
+              "source_dtype": source.dtype, "sha256": sha256_file(source_path) if source_path.is_file() else None,
+              "notes": source.notes, "parity": parity, "seconds": round(seconds, 2), "peak_rss_bytes": peak}
+    manifest = {
+        "family": arch.family,
+        "architecture": arch.to_dict(),
+        "data": data_info(config, data),
+        "config": config.model_dump(mode="json"),
+        "init_scheme": "pretrained",
+        "import": record,
+        "step": 0,
+        "metrics": {},
+        "lineage": {"data": sha256_file(prepared_files(config)[1])},
+    }
+    save_checkpoint(path, {name: t.to(dtype) for name, t in model_tensors(model).items()}, manifest)
+    report = _report(model, arch, config)
+    console.info(f"init: imported {source.model_type} ({source.format}, {source.dtype}) with "
+                 f"{report['parameters']:,} parameters in {seconds:.1f} s, peak RSS "
+                 f"{(peak or 0) / 2**20:,.0f} MiB -> {path}")
+    return {"checkpoint": str(path), "init_scheme": "pretrained", "import": record, **report}
+
+
 def data_info(config: Config, data: dict[str, Any]) -> dict[str, Any]:
-    """What later artifacts must know about the data: columns and labels, or the tokenizer itself."""
+    """What later artifacts must know about the data: columns and labels, or the tokenizer itself (with
+    an imported model's special tokens and chat template)."""
     if config.data.format == "text":
         tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
-        return {"task": "lm", "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json}
+        return {"task": "lm", "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json,
+                "special_tokens": data.get("special_tokens") or {}, "chat_template": data.get("chat_template")}
     return {k: data[k] for k in ("task", "target", "features", "labels")}
 
 
-def _report(model: torch.nn.Module, arch: dict[str, Any], config: Config) -> dict[str, Any]:
-    if arch["family"] != "gpt":
+def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, Any]:
+    if not isinstance(arch, DecoderArch):
         return {"parameters": registry.count_parameters(model)}
     counts = gpt.parameter_counts(model)
     return {

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 
 from bigmodel import accounting, registry
+from bigmodel.arch import AnyArch, DecoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import MANIFEST_FILE
 from bigmodel.errors import UserError
 from bigmodel.io import read_json
+from bigmodel.models import gpt
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,13 @@ def run(config: Config) -> dict[str, Any]:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = registry.build_model(arch)
     n_params = registry.count_parameters(model)
-    report: dict[str, Any] = {"model": {"family": arch["family"], "parameters": n_params, "architecture": arch}}
-    if arch["family"] != "gpt":
+    report: dict[str, Any] = {"model": {"family": arch.family, "parameters": n_params,
+                                        "architecture": arch.to_dict()}}
+    if not isinstance(arch, DecoderArch):
         report["planned_in_s"] = round(time.perf_counter() - start, 3)
         return report
 
-    n_no_pos = n_params - arch["block_size"] * arch["n_embd"]
+    n_no_pos = gpt.parameter_counts(model)["without_position_embeddings"]
     hardware = _hardware(pc.hardware)
     flops_per_token = accounting.flops_per_token(arch, n_no_pos)
     tokens, tokens_from = _training_tokens(config, arch, n_params)
@@ -81,7 +84,7 @@ def run(config: Config) -> dict[str, Any]:
         activation_checkpointing=tc.activation_checkpointing,
         fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=hardware.runtime_bytes,
     )
-    context = pc.inference_context or arch["block_size"]
+    context = pc.inference_context or arch.block_size
     serving = {name: accounting.inference_memory(arch, n_params, batch=pc.inference_batch, context=context,
                                                  weight_bytes=width, cache_bytes=width)
                for name, width in (("fp32", 4), ("bf16", 2))}
@@ -133,7 +136,7 @@ def run(config: Config) -> dict[str, Any]:
     return report
 
 
-def _architecture(config: Config) -> dict[str, Any]:
+def _architecture(config: Config) -> AnyArch:
     """The architecture init would build: from the prepared data when there is some, else from what the
     config alone says (a GPT needs only the vocabulary size)."""
     manifest_path = config.stage_dir("prepare") / MANIFEST_FILE
@@ -153,11 +156,11 @@ def _architecture(config: Config) -> dict[str, Any]:
     return registry.architecture(config.model, {"vocab_size": vocab})
 
 
-def _training_tokens(config: Config, arch: dict[str, Any], n_params: int) -> tuple[int, str]:
+def _training_tokens(config: Config, arch: DecoderArch, n_params: int) -> tuple[int, str]:
     tc = config.train
     if config.plan.tokens is not None:
         return config.plan.tokens, "plan.tokens"
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * arch["block_size"]
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * arch.block_size
     if tc.max_steps is not None:
         return tc.max_steps * tokens_per_step, "train.max_steps"
     manifest_path = config.stage_dir("prepare") / MANIFEST_FILE

@@ -1,6 +1,6 @@
-"""Model registry: family name -> how to describe, build, initialise and load that family.
+"""Models by architecture: build, initialise and load any family's network (see families.py).
 
-A checkpoint's manifest carries its `architecture` dict; `build_model(architecture)` rebuilds the exact
+A checkpoint's manifest carries its typed `architecture`; `build_model(architecture)` rebuilds the exact
 network, so later stages never need the config that created it.
 """
 
@@ -11,41 +11,38 @@ from typing import Any
 
 from torch import nn
 
+from bigmodel import arch as arches
+from bigmodel.arch import AnyArch
 from bigmodel.checkpoint import check_shapes, load_checkpoint
-from bigmodel.errors import UserError
-from bigmodel.models import gpt, mlp
-
-FAMILIES = {"mlp": mlp, "gpt": gpt}
-DEFAULT_INIT = {"mlp": "kaiming_uniform", "gpt": "gpt2"}
+from bigmodel.families import family
 
 
-def _family(name: str) -> Any:
-    if name not in FAMILIES:
-        raise UserError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name]
+def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> AnyArch:
+    return family(model_cfg.family).module("model").architecture(model_cfg, data_manifest)
 
 
-def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> dict[str, Any]:
-    return _family(model_cfg.family).architecture(model_cfg, data_manifest)
+def build_model(arch: AnyArch | dict[str, Any]) -> nn.Module:
+    """The network of an architecture (a typed one, or its stored dict form)."""
+    typed = arches.parse(arch, "architecture")
+    return family(typed.family).module("model").build(typed)
 
 
-def build_model(arch: dict[str, Any]) -> nn.Module:
-    return _family(arch.get("family", "?")).build(arch)
-
-
-def init_weights(model: nn.Module, family: str, scheme: str | None, std: float) -> str:
+def init_weights(model: nn.Module, family_name: str, scheme: str | None, std: float) -> str:
     """Initialise in place; returns the scheme used (the family default when `scheme` is None)."""
-    chosen = scheme or DEFAULT_INIT[family]
-    _family(family).init_weights(model, chosen, std)
+    chosen = scheme or family(family_name).default_init
+    family(family_name).module("model").init_weights(model, chosen, std)
     return chosen
+
+
+def manifest_arch(manifest: dict[str, Any], origin: Path | str) -> AnyArch:
+    """The typed architecture a checkpoint manifest records (validated; old manifests upgraded)."""
+    return arches.parse(manifest.get("architecture"), f"checkpoint {origin}")
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes and load its weights, verifying every shape."""
     manifest, tensors = load_checkpoint(path, prefix="model.")
-    if "architecture" not in manifest:
-        raise UserError(f"{path}: checkpoint manifest has no architecture; re-create the checkpoint")
-    model = build_model(manifest["architecture"])
+    model = build_model(manifest_arch(manifest, path))
     weights = {k.removeprefix("model."): v for k, v in tensors.items()}
     tied = getattr(model, "tied_weights", {})
     expected = {k: v for k, v in model.state_dict().items() if k not in tied}

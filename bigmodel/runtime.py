@@ -25,3 +25,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("device 'mps' was asked for but MPS is not available; set device: cpu or auto")
     return torch.device(name)
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Linux VmHWM: this image's own, unlike getrusage, which
+    keeps a forking parent's pages), or None where /proc is not available."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

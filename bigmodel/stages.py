@@ -16,7 +16,8 @@ from typing import Any
 
 from bigmodel.config import STDIO, Config
 from bigmodel.console import is_main_process
-from bigmodel.datasets import prepared_files
+from bigmodel.datasets import TEST_CSV, prepared_files
+from bigmodel.families import family
 from bigmodel.infer import default_output as default_infer_output
 from bigmodel.io import write_json
 
@@ -80,7 +81,8 @@ def _infer_inputs(config: Config) -> list[Path]:
     model = config.infer.model or config.stage_dir("export") / "model.onnx"
     if config.infer.input is not None:
         return [model, config.infer.input]
-    return [model] if config.model.family == "gpt" else [model, config.stage_dir("prepare") / "test.csv"]
+    test_split = config.stage_dir("prepare") / TEST_CSV
+    return [model, test_split] if family(config.model.family).infer_reads_test_split else [model]
 
 
 _EVERYWHERE = ("seed", "threads")

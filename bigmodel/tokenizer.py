@@ -80,6 +80,9 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)  # type: ignore[attr-defined]
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)  # type: ignore[attr-defined]
+
     def to_json(self) -> str:
         return self._tok.to_str()  # type: ignore[attr-defined]
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bigmodel.arch import DecoderArch, TabularArch
 from bigmodel import console
 from bigmodel.export.gpt import DecoderStep, _trace
 from bigmodel.export.onnx_file import export_dynamo
@@ -68,7 +69,7 @@ def decode_torch(model: gpt.GPT, prompts: np.ndarray, new: int, cache: bool) -> 
 def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> dict:
     arch = {"family": "gpt", "task": "lm", "vocab_size": 65, "block_size": 64, "dropout": 0.0, "bias": False, **shape}
     torch.manual_seed(0)
-    model = gpt.GPT(arch).eval()
+    model = gpt.GPT(DecoderArch(**arch)).eval()
     gpt.init_weights(model, "gpt2", 0.02)
     path = tmp / f"{name}.onnx"
     _trace(DecoderStep(model).eval(), arch, path, 18)
@@ -99,7 +100,7 @@ def bench_classifier(threads: int, repeats: int, tmp: Path) -> dict:
     arch = {"family": "mlp", "task": "classification", "n_inputs": 64, "n_outputs": 10,
             "hidden_sizes": [512], "activation": "relu", "dropout": 0.2}
     torch.manual_seed(0)
-    model = mlp.MLP(arch).eval()
+    model = mlp.MLP(TabularArch(**arch)).eval()
 
     class Deployed(torch.nn.Module):
         def __init__(self) -> None:

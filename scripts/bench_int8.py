@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigmodel.arch import DecoderArch
 from bigmodel import console
 from bigmodel.compress import quantize
 from bigmodel.config import QuantizeStep
@@ -40,7 +41,7 @@ def main() -> None:
             arch = {"family": "gpt", "task": "lm", "vocab_size": 65, "block_size": 64, "dropout": 0.0,
                     "bias": False, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
             torch.manual_seed(0)
-            model = gpt.GPT(arch).eval()
+            model = gpt.GPT(DecoderArch(**arch)).eval()
             gpt.init_weights(model, "gpt2", 0.02)
             fp32 = Path(tmp) / f"{name}.onnx"
             _trace(DecoderStep(model).eval(), arch, fp32, 18)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel import accounting, plan, registry
+from bigmodel.arch import DecoderArch
 from bigmodel.config import TrainConfig
 from bigmodel.train.optim import build_optimizer
 
@@ -95,7 +96,7 @@ def main() -> None:
         measure = measure_cuda if args.device == "cuda" else measure_cpu
         measured = measure(arch, batch, precision, checkpointing)
         runtime = 0 if args.device == "cuda" else plan.CPU_RUNTIME
-        estimate = accounting.training_memory(arch, n_params, batch=batch, precision=precision,
+        estimate = accounting.training_memory(DecoderArch(**arch), n_params, batch=batch, precision=precision,
                                               activation_checkpointing=checkpointing, runtime=runtime)
         results.append({"precision": precision, "activation_checkpointing": checkpointing,
                         "measured_mib": round(measured / 2**20, 1), "estimate_mib": round(estimate["total"] / 2**20, 1),

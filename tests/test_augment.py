@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from bigmodel import tokenizer as tokenizers
+from bigmodel.arch import TabularArch
 from bigmodel.config import FeatureDropoutAugment, MixupAugment, NoiseAugment
 from bigmodel.models.mlp import MLP
 from bigmodel.train.augment import augment_batch
@@ -22,8 +23,8 @@ ALL = [NoiseAugment(std=0.5), FeatureDropoutAugment(rate=0.3, p=0.5), MixupAugme
 
 
 def model_with_statistics() -> MLP:
-    model = MLP({"task": "classification", "activation": "relu", "n_inputs": 6, "n_outputs": 3,
-                 "hidden_sizes": [8], "dropout": 0.0})
+    model = MLP(TabularArch(task="classification", activation="relu", n_inputs=6, n_outputs=3,
+                            hidden_sizes=[8], dropout=0.0))
     model.feature_mean.copy_(torch.arange(6.0))
     model.feature_std.copy_(torch.full((6,), 2.0))
     return model

@@ -56,7 +56,8 @@ def test_a_corrupted_export_is_caught_by_the_parity_gate(lm_run: Path) -> None:
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[3, 5] += 0.5  # one perturbed weight
     tokens = np.fromfile(lm_run.parent / "run" / "prepare" / "val.bin", dtype=np.uint16).astype(np.int64)
-    report = check_parity(DecoderStep(model.eval()), onnx_of(lm_run), tokens, manifest["architecture"], 1e-4, 8, 1)
+    arch = registry.manifest_arch(manifest, "best")
+    report = check_parity(DecoderStep(model.eval()), onnx_of(lm_run), tokens, arch, 1e-4, 8, 1)
     assert not report["passed"] and report["max_abs_diff"] > 1e-4
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from bigmodel.arch import DecoderArch
 from bigmodel import registry
 from bigmodel import tokenizer as tokenizers
 from bigmodel.errors import UserError
@@ -138,7 +139,7 @@ def test_prepare_globs_and_missing_files(tmp_path: Path) -> None:
 
 def test_kv_cache_decoding_equals_the_full_forward() -> None:
     torch.manual_seed(0)
-    model = GPT(ARCH).eval()
+    model = GPT(DecoderArch(**ARCH)).eval()
     idx = torch.randint(0, 50, (3, 12))
     full, _ = model(idx)
     logits, past = model(idx[:, :5])  # a prompt of 5, then one token at a time
@@ -155,7 +156,7 @@ def test_causal_mask_is_bottom_right_aligned() -> None:
 
 
 def test_context_longer_than_block_size_is_refused_and_generate_crops() -> None:
-    model = GPT(ARCH).eval()
+    model = GPT(DecoderArch(**ARCH)).eval()
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=40, temperature=0)
@@ -165,7 +166,7 @@ def test_context_longer_than_block_size_is_refused_and_generate_crops() -> None:
 def test_tied_weights_survive_a_checkpoint_round_trip(tmp_path: Path) -> None:
     from bigmodel.checkpoint import model_tensors, save_checkpoint
 
-    model = GPT(ARCH)
+    model = GPT(DecoderArch(**ARCH))
     save_checkpoint(tmp_path / "c.safetensors", model_tensors(model), {"family": "gpt", "architecture": ARCH})
     loaded, _ = registry.load_model(tmp_path / "c.safetensors")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
@@ -313,7 +314,7 @@ def test_second_train_on_the_same_run_dir_is_refused(tmp_path: Path) -> None:
 
 def test_bf16_autocast_keeps_attention_in_fp32_and_cache_consistent() -> None:
     torch.manual_seed(0)
-    model = GPT(ARCH).eval()
+    model = GPT(DecoderArch(**ARCH)).eval()
     idx = torch.randint(0, 50, (2, 10))
     seen: list[torch.dtype] = []
     original = torch.nn.functional.scaled_dot_product_attention
@@ -363,7 +364,7 @@ def test_gpt_forward_equals_an_independent_textbook_computation() -> None:
     exactly pre-LN attention + MLP blocks with a causal softmax and a tied output head."""
     torch.manual_seed(0)
     arch = {**ARCH, "bias": True}
-    model = GPT(arch).eval()
+    model = GPT(DecoderArch(**arch)).eval()
     from bigmodel.models.gpt import init_weights
 
     init_weights(model, "gpt2", 0.02)

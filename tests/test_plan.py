@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel.arch import DecoderArch
 from bigmodel import accounting, plan
 from scripts.check_plan_memory import measure_cpu
 from tests.conftest import CONFIGS, cli, tiny_digits
@@ -42,7 +43,7 @@ def test_memory_estimate_is_within_25_percent_of_a_measured_step(precision: str,
     batch = 16
     measured = measure_cpu(ARCH, batch, precision, checkpointing)  # two steps of bigmodel's GPT + AdamW
     n_params = 12 * 4 * 256**2 + 65 * 256 + 256 * 256 + 9 * 256  # blocks, embeddings, norms
-    estimate = accounting.training_memory(ARCH, n_params, batch=batch, precision=precision,
+    estimate = accounting.training_memory(DecoderArch(**ARCH), n_params, batch=batch, precision=precision,
                                           activation_checkpointing=checkpointing, runtime=plan.CPU_RUNTIME)
     assert abs(estimate["total"] - measured) <= 0.25 * measured, (estimate, measured)
 

@@ -20,6 +20,7 @@ from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config, DistillStep
 from bigmodel.datasets import data_manifest
 from bigmodel.errors import UserError
+from bigmodel.families import family
 from bigmodel.runtime import resolve_device
 
 
@@ -29,16 +30,16 @@ def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -
     teacher.to(device).eval().requires_grad_(False)
     student_cfg = config.student_model(step)
     arch = registry.architecture(student_cfg, data_manifest(config))
-    _check_compatible(teacher_manifest["architecture"], arch)
+    _check_compatible(registry.manifest_arch(teacher_manifest, teacher_path).to_dict(), arch.to_dict())
 
     torch.manual_seed(config.seed)
     student = registry.build_model(arch)
-    registry.init_weights(student, arch["family"], config.init.scheme, config.init.std)
-    if arch["family"] == "mlp":  # the same data: the teacher's standardisation statistics apply
+    registry.init_weights(student, arch.family, config.init.scheme, config.init.std)
+    if arch.family == "mlp":  # the same data: the teacher's standardisation statistics apply
         student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(("feature_", "target_"))},
                                 strict=False)
     start = work_dir / "student_init.safetensors"
-    save_checkpoint(start, model_tensors(student), {**teacher_manifest, "architecture": arch, "family": arch["family"],
+    save_checkpoint(start, model_tensors(student), {**teacher_manifest, "architecture": arch.to_dict(), "family": arch.family,
                                                     "step": 0, "metrics": {}})
     console.info(f"compress: student {registry.count_parameters(student):,} parameters, teacher "
                  f"{registry.count_parameters(teacher):,}; {step.steps} steps")
@@ -93,6 +94,4 @@ def _check_compatible(teacher: dict[str, Any], student: dict[str, Any]) -> None:
 
 
 def _recipe(config: Config) -> Any:
-    from bigmodel.train import lm, tabular
-
-    return lm if config.model.family == "gpt" else tabular
+    return family(config.model.family).module("recipe")

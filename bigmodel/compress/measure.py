@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bigmodel import decoder_graph
 from bigmodel.config import Config
+from bigmodel.decoder_graph import CacheLayout
 from bigmodel.eval import scores_for
 from bigmodel.infer.session import open_model
 
@@ -55,10 +57,8 @@ def latency_ms(config: Config, path: Path, calls: int = 200) -> float:
     """Median ONNX Runtime latency of what the model is for: one row (tabular) or one decode step at
     batch 1 with a 16-token past (gpt)."""
     session, meta = open_model(path, ["CPUExecutionProvider"], config.infer.threads or config.threads)
-    if meta["kind"] == "gpt":
-        shape = (meta["n_layer"], 1, meta["n_head"], 16, meta["head_size"])
-        feeds = {"input_ids": np.zeros((1, 1), np.int64), "past_keys": np.zeros(shape, np.float32),
-                 "past_values": np.zeros(shape, np.float32)}
+    if meta["kind"] == decoder_graph.KIND:
+        feeds = decoder_graph.feeds(np.zeros((1, 1), np.int64), *CacheLayout.from_metadata(meta).empty(1, past=16))
     else:
         feeds = {"features": np.zeros((1, len(meta["features"])), np.float32)}
     for _ in range(10):

@@ -24,8 +24,9 @@ from torch import nn
 from bigmodel import console, registry
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config, PruneStep
+from bigmodel.errors import UserError
+from bigmodel.families import family
 from bigmodel.io import sha256_file
-from bigmodel.models.gpt import head_size as gpt_head_size
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -106,27 +107,29 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
 @torch.no_grad()
 def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float) -> tuple[nn.Module, dict[str, Any]]:
     """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded up kept)."""
-    arch = dict(manifest["architecture"])
+    arch = registry.manifest_arch(manifest, "the model being pruned")
     modules = dict(model.named_modules())
-    pairs = _neuron_pairs(model)
-    original = arch.get("original_widths") or [modules[first].out_features for first, _ in pairs]
+    groups = _neuron_groups(model)
+    original = arch.original_widths or [modules[makers[0]].out_features for makers, _ in groups]
     state = dict(model.state_dict())
     widths = []
-    for (first, second), width in zip(pairs, original):
+    for (makers, reader), width in zip(groups, original):
         keep = max(1, math.ceil(width * (1 - fraction)))
         # A neuron's score: the norm of its incoming weights times the norm of its outgoing weights.
-        score = modules[first].weight.norm(dim=1) * modules[second].weight.norm(dim=0)
-        kept = score.topk(min(keep, modules[first].out_features)).indices.sort().values
-        state[f"{first}.weight"] = state[f"{first}.weight"][kept]
-        if f"{first}.bias" in state:
-            state[f"{first}.bias"] = state[f"{first}.bias"][kept]
-        state[f"{second}.weight"] = state[f"{second}.weight"][:, kept]
+        incoming = torch.stack([modules[name].weight.norm(dim=1) for name in makers]).prod(dim=0)
+        score = incoming * modules[reader].weight.norm(dim=0)
+        kept = score.topk(min(keep, modules[makers[0]].out_features)).indices.sort().values
+        for name in makers:
+            state[f"{name}.weight"] = state[f"{name}.weight"][kept]
+            if f"{name}.bias" in state:
+                state[f"{name}.bias"] = state[f"{name}.bias"][kept]
+        state[f"{reader}.weight"] = state[f"{reader}.weight"][:, kept]
         widths.append(len(kept))
-    arch["mlp_hidden" if arch["family"] == "gpt" else "hidden_sizes"] = widths
-    arch["original_widths"] = original
+    key = "mlp_hidden" if arch.family == "gpt" else "hidden_sizes"
+    arch = arch.model_copy(update={key: tuple(widths), "original_widths": tuple(original)})
     smaller = registry.build_model(arch)
     smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
-    return smaller, {**manifest, "architecture": arch}
+    return smaller, {**manifest, "architecture": arch.to_dict()}
 
 
 @torch.no_grad()
@@ -137,9 +140,12 @@ def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> 
     c_proj. Every layer keeps the same number of heads, so the stacked KV cache of the exported graph
     keeps one shape; the head size does not change.
     """
-    arch = dict(manifest["architecture"])
-    hs = gpt_head_size(arch)
-    original = arch.get("original_heads") or arch["n_head"]
+    arch = registry.manifest_arch(manifest, "the model being pruned")
+    if arch.n_kv_head != arch.n_head:
+        raise UserError(f"compress: head pruning of a grouped-query attention model ({arch.n_head} query heads "
+                        f"over {arch.n_kv_head} key/value heads) is not supported; prune 'mlp' instead")
+    hs = arch.head_size
+    original = arch.original_heads or arch.n_head
     keep = max(1, math.ceil(original * (1 - fraction)))
     kept: list[torch.Tensor] = []
     for block in model.transformer.h:
@@ -148,7 +154,8 @@ def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> 
         cols = attn.c_proj.weight.view(-1, attn.n_head, hs)  # (n_embd, head, hs)
         score = rows.pow(2).sum(dim=(0, 2, 3)).sqrt() * cols.pow(2).sum(dim=(0, 2)).sqrt()
         kept.append(score.topk(min(keep, attn.n_head)).indices.sort().values)
-    arch.update(n_head=len(kept[0]), head_size=hs, original_heads=original)
+    n_kept = len(kept[0])
+    arch = arch.model_copy(update={"n_head": n_kept, "n_kv_head": n_kept, "original_heads": original})
     smaller = registry.build_model(arch)
     state = dict(model.state_dict())
     for i, (block, heads) in enumerate(zip(model.transformer.h, kept)):
@@ -160,15 +167,20 @@ def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> 
         state[f"{prefix}.c_proj.weight"] = attn.c_proj.weight.view(-1, attn.n_head, hs)[:, heads].reshape(
             attn.c_proj.weight.size(0), -1)
     smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
-    return smaller, {**manifest, "architecture": arch}
+    return smaller, {**manifest, "architecture": arch.to_dict()}
 
 
-def _neuron_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Names of (the layer making the hidden neurons, the layer reading them) for each hidden layer."""
+def _neuron_groups(model: nn.Module) -> list[tuple[list[str], str]]:
+    """For each hidden layer: the layers making its neurons (SwiGLU: gate and up) and the layer reading them."""
     if hasattr(model, "transformer"):
-        return [(f"transformer.h.{i}.mlp.c_fc", f"transformer.h.{i}.mlp.c_proj") for i in range(len(model.transformer.h))]
+        groups = []
+        for i, block in enumerate(model.transformer.h):
+            prefix = f"transformer.h.{i}.mlp"
+            makers = [f"{prefix}.c_gate", f"{prefix}.c_fc"] if block.mlp.swiglu else [f"{prefix}.c_fc"]
+            groups.append((makers, f"{prefix}.c_proj"))
+        return groups
     linears = [f"net.{i}" for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
-    return list(zip(linears[:-1], linears[1:]))
+    return [([first], second) for first, second in zip(linears[:-1], linears[1:])]
 
 
 # ------------------------------------------------------------------------------------- fine-tune
@@ -177,8 +189,6 @@ def _neuron_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: dict[str, Any], masks: Masks,
              steps: int, work_dir: Path) -> nn.Module:
     """A short run of the family's own training recipe from the pruned weights, masks held."""
-    from bigmodel.train import lm, tabular
-
     start = work_dir / "start.safetensors"
     save_checkpoint(start, model_tensors(model), manifest)
     tc = config.train
@@ -187,7 +197,7 @@ def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: dict[s
         "max_steps": steps, "lr": lr, "min_lr": lr, "schedule": "constant", "warmup_steps": 0,
         "eval_every": steps, "save_every": steps, "patience": None, "compile": False,
     })
-    recipe = lm if config.model.family == "gpt" else tabular
+    recipe = family(config.model.family).module("recipe")
     result = recipe.train(config.model_copy(update={"train": train_cfg}), False, work_dir,
                           start_from=start, after_step=(lambda m: apply_masks(m, masks)) if masks else None)
     tuned, _ = registry.load_model(Path(result["last"]))

@@ -12,7 +12,6 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import (
@@ -27,8 +26,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bigmodel import console
 from bigmodel.config import Config, QuantizeStep
-from bigmodel.datasets import load_split, load_tokens
-from bigmodel.infer.session import open_model
+from bigmodel.families import family
 from bigmodel.io import atomic_path
 
 CALIBRATION = {
@@ -81,26 +79,7 @@ class _Batches(CalibrationDataReader):
 
 
 def _calibration_reader(step: QuantizeStep, config: Config, model: Path) -> _Batches:
-    """Training batches in the graph's input format: features, or token windows with an empty cache
-    shaped as the model being quantised says (pruning may have changed its heads)."""
+    """Training batches in the graph's own input format (the family's exporter knows it)."""
     rng = np.random.default_rng(config.seed)
-    batch = config.train.batch_size
-    feeds: list[dict[str, Any]] = []
-    if config.model.family == "gpt":
-        # Calibrate on decoding as it happens: the fp32 graph reads the first half of each window, and
-        # the second half is fed with that real cache. (An empty cache gives its inputs no range.)
-        session, meta = open_model(model, ["CPUExecutionProvider"], config.threads, "gpt")
-        tokens = load_tokens(config, "train")
-        block = meta["block_size"]
-        half = max(1, block // 2)
-        empty = np.zeros((meta["n_layer"], batch, meta["n_head"], 0, meta["head_size"]), np.float32)
-        for _ in range(step.calibration_batches):
-            starts = rng.integers(0, len(tokens) - block, size=batch)
-            ids = np.stack([tokens[s : s + block] for s in starts]).astype(np.int64)
-            _, keys, values = session.run(None, {"input_ids": ids[:, :half], "past_keys": empty, "past_values": empty})
-            feeds.append({"input_ids": ids[:, half:], "past_keys": keys, "past_values": values})
-    else:
-        x, _ = load_split(config, "train")
-        for _ in range(step.calibration_batches):
-            feeds.append({"features": x[rng.integers(0, len(x), size=batch)]})
-    return _Batches(feeds)
+    exporter = family(config.model.family).module("exporter")
+    return _Batches(exporter.calibration_feeds(config, model, step.calibration_batches, rng))

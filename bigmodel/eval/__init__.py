@@ -7,16 +7,11 @@ from typing import Any
 
 from bigmodel.config import Config
 from bigmodel.errors import GateFailed
+from bigmodel.families import family
 
 
 def run(config: Config) -> dict[str, Any]:
-    if config.model.family == "gpt":
-        from bigmodel.eval import lm
-
-        return lm.run(config)
-    from bigmodel.eval import tabular
-
-    return tabular.run(config)
+    return family(config.model.family).module("evaluator").run(config)
 
 
 def check_gate(scores: dict[str, Any], fail_under: dict[str, float], fail_above: dict[str, float],
@@ -32,10 +27,4 @@ def check_gate(scores: dict[str, Any], fail_under: dict[str, float], fail_above:
 
 def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
     """(metrics, task, step) of any artifact — checkpoint or ONNX model — with the eval code."""
-    if config.model.family == "gpt":
-        from bigmodel.eval import lm
-
-        return lm.scores_for(config, path)
-    from bigmodel.eval import tabular
-
-    return tabular.scores_for(config, path)
+    return family(config.model.family).module("evaluator").scores_for(config, path)

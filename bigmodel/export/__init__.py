@@ -17,10 +17,6 @@ def run(config: Config) -> dict[str, Any]:
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     """The gated export of any checkpoint into any folder (compress uses it before quantising)."""
-    if config.model.family == "gpt":
-        from bigmodel.export import gpt
+    from bigmodel.families import family
 
-        return gpt.export_checkpoint(config, ckpt, out_dir)
-    from bigmodel.export import tabular
-
-    return tabular.export_checkpoint(config, ckpt, out_dir)
+    return family(config.model.family).module("exporter").export_checkpoint(config, ckpt, out_dir)

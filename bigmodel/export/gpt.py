@@ -1,8 +1,6 @@
 """Export the GPT as one decoder graph with a KV cache, and gate it on parity with PyTorch.
 
-Graph: input_ids (B, T) int64, past_keys / past_values (L, B, nh, P, hs) float32 ->
-logits (B, T, V), present_keys / present_values (L, B, nh, P+T, hs). Batch, T and P are dynamic and P
-may be 0, so the same file serves the prompt (empty past) and every decode step.
+The graph's inputs, outputs, cache layout and metadata are bigmodel/decoder_graph.py's contract.
 
 The tokenizer, the hyper-parameters, the bigmodel version and the checkpoint's sha256 travel in the
 model's metadata: `infer` needs nothing but the .onnx file (and its .data file when weights are stored
@@ -18,13 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import __version__, console, registry
+from bigmodel import __version__, console, decoder_graph, registry
+from bigmodel.arch import DecoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
 from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
-from bigmodel.infer.session import open_session
+from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
-from bigmodel.models.gpt import head_size
+from bigmodel.decoder_graph import CacheLayout
 
 TWO_GB = 2 * 1024**3
 
@@ -44,17 +43,12 @@ class DecoderStep(torch.nn.Module):
         return logits, torch.stack([k for k, _ in present]), torch.stack([v for _, v in present])
 
 
-def empty_cache(arch: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarray]:
-    shape = (arch["n_layer"], batch, arch["n_head"], 0, head_size(arch))
-    return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
-
-
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
     model, manifest = registry.load_model(ckpt)
     model.eval()
-    arch = manifest["architecture"]
+    arch = registry.manifest_arch(manifest, ckpt)
     step = DecoderStep(model).eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     external = xc.external_data or weight_bytes > TWO_GB
@@ -66,14 +60,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         tmp = Path(work) / "model.onnx"
         _trace(step, arch, tmp, xc.opset)
         stamp_and_check(tmp, {
-            "kind": "gpt",
-            "tokenizer": manifest["data"]["tokenizer"],
-            "block_size": arch["block_size"],
-            "vocab_size": arch["vocab_size"],
-            "n_layer": arch["n_layer"],
-            "n_head": arch["n_head"],
-            "head_size": head_size(arch),
-            "architecture": arch,
+            **decoder_graph.metadata(arch, manifest["data"]),
             "version": __version__,
             "lineage": {"checkpoint": sha256_file(ckpt)},
         }, external_data=external)
@@ -104,19 +91,18 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     return outputs
 
 
-def _trace(step: DecoderStep, arch: dict[str, Any], path: Path, opset: int) -> None:
-    L, H, hs = arch["n_layer"], arch["n_head"], head_size(arch)
-    block = arch["block_size"]
+def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int) -> None:
+    block = arch.block_size
     # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
     t_example, p_example = min(3, block - 1), min(2, max(block - 3, 0))
     ids = torch.zeros(2, t_example, dtype=torch.long)
-    past = torch.zeros(L, 2, H, p_example, hs)
+    past = torch.from_numpy(CacheLayout.of(arch).empty(2, p_example)[0])
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=block)
     past_len = torch.export.Dim("past", min=0, max=block)
     export_dynamo(
         step, (ids, past, past.clone()), path,
-        ["input_ids", "past_keys", "past_values"], ["logits", "present_keys", "present_values"],
+        list(decoder_graph.INPUTS), list(decoder_graph.OUTPUTS),
         {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len},
          "past_values": {1: batch, 3: past_len}},
         opset,
@@ -124,12 +110,12 @@ def _trace(step: DecoderStep, arch: dict[str, Any], path: Path, opset: int) -> N
 
 
 def check_parity(
-    step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: dict[str, Any], atol: float,
+    step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: DecoderArch, atol: float,
     decode_steps: int, threads: int | None,
 ) -> dict[str, Any]:
     """Prompt + decode steps on held-out text, through ORT and PyTorch with their own caches."""
     session = open_session(path, ["CPUExecutionProvider"], threads)
-    block = arch["block_size"]
+    block = arch.block_size
     decode_steps = min(decode_steps, block - 1)
     prompt_len = max(1, min(block - decode_steps, 32))
     batch = 2
@@ -139,12 +125,12 @@ def check_parity(
     starts = np.linspace(0, len(tokens) - span, batch).astype(np.int64)
     windows = np.stack([tokens[s : s + span] for s in starts])  # (batch, span)
 
-    keys, values = empty_cache(arch, batch)
+    keys, values = CacheLayout.of(arch).empty(batch)
     torch_past = (torch.from_numpy(keys), torch.from_numpy(values))
     diffs: list[float] = []
     for i in range(decode_steps + 1):
         chunk = windows[:, :prompt_len] if i == 0 else windows[:, prompt_len + i - 1 : prompt_len + i]
-        logits, keys, values = session.run(None, {"input_ids": chunk, "past_keys": keys, "past_values": values})
+        logits, keys, values = session.run(None, decoder_graph.feeds(chunk, keys, values))
         with torch.no_grad():
             ref_logits, *torch_past = step(torch.from_numpy(chunk), *torch_past)
         diffs.append(float(np.abs(logits - ref_logits.numpy()).max()))
@@ -159,3 +145,21 @@ def check_parity(
         "atol": atol,
         "passed": bool(max(diffs) <= atol),
     }
+
+
+def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Static quantisation's calibration data: decoding as it happens. The fp32 graph reads the first
+    half of each training window, and the second half is fed with that real cache (an empty cache
+    would give the cache inputs no range). The cache is shaped as `model` says (pruning may change it)."""
+    session, meta = open_model(model, ["CPUExecutionProvider"], config.threads, decoder_graph.KIND)
+    tokens = load_tokens(config, "train")
+    block, batch = int(meta["block_size"]), config.train.batch_size
+    half = max(1, block // 2)
+    empty = CacheLayout.from_metadata(meta).empty(batch)
+    feeds = []
+    for _ in range(batches):
+        starts = rng.integers(0, len(tokens) - block, size=batch)
+        ids = np.stack([tokens[s : s + block] for s in starts]).astype(np.int64)
+        _, keys, values = session.run(None, decoder_graph.feeds(ids[:, :half], *empty))
+        feeds.append(decoder_graph.feeds(ids[:, half:], keys, values))
+    return feeds

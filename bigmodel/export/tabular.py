@@ -107,3 +107,9 @@ def check_parity(
         "atol": atol,
         "passed": bool(max_diff <= atol),
     }
+
+
+def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Static quantisation's calibration data: batches of training rows."""
+    x, _ = load_split(config, "train")
+    return [{"features": x[rng.integers(0, len(x), size=config.train.batch_size)]} for _ in range(batches)]

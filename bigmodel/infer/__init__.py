@@ -10,18 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel.config import STDIO, Config, InferConfig
+from bigmodel.datasets import TEST_CSV
 from bigmodel.errors import UserError
+from bigmodel.families import family
 
 
 def default_output(config: Config) -> Path:
-    name = "generations.jsonl" if config.model.family == "gpt" else "predictions.csv"
-    return config.stage_dir("infer") / name
+    return config.stage_dir("infer") / family(config.model.family).infer_output
 
 
 def run(config: Config, bench: dict[str, int] | None = None) -> dict[str, Any]:
     settings = config.infer
     model = settings.model or config.stage_dir("export") / "model.onnx"
-    default_input = None if config.model.family == "gpt" else config.stage_dir("prepare") / "test.csv"
+    default_input = config.stage_dir("prepare") / TEST_CSV if family(config.model.family).infer_reads_test_split else None
     seed = settings.seed if settings.seed is not None else config.seed
     return predict(model, settings, settings.input or default_input, settings.output or default_output(config),
                    settings.threads or config.threads, seed, bench)

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bigmodel import console
+from bigmodel import console, decoder_graph
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import STDIO, InferConfig
+from bigmodel.decoder_graph import CacheLayout
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, jsonl_objects
 from bigmodel.tabular_io import read_text
@@ -40,24 +41,24 @@ class Decoder:
     session: ort.InferenceSession
     tokenizer: tokenizers.Tokenizer
     block_size: int
-    cache_shape: tuple[int, int, int]  # n_layer, n_head, head_size
+    cache: CacheLayout
+    eos_ids: frozenset[int] = frozenset()  # generation ends when one of these is produced
+    chat_template: str | None = None
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, meta: dict[str, Any], path: Path) -> Decoder:
         # metadata() decodes JSON values; the tokenizer is wanted back as its JSON text.
         raw = meta["tokenizer"] if isinstance(meta["tokenizer"], str) else json.dumps(meta["tokenizer"])
         tok = tokenizers.from_json(raw, f"{path} (tokenizer)")
-        return cls(session, tok, int(meta["block_size"]), (meta["n_layer"], meta["n_head"], meta["head_size"]))
+        special = meta.get("special_tokens") or {}
+        return cls(session, tok, int(meta["block_size"]), CacheLayout.from_metadata(meta),
+                   frozenset(special.get("eos") or []), meta.get("chat_template"))
 
     def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        n_layer, n_head, head_size = self.cache_shape
-        shape = (n_layer, batch, n_head, 0, head_size)
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        return self.cache.empty(batch)
 
     def run(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
-        logits, keys, values = self.session.run(
-            None, {"input_ids": ids, "past_keys": keys, "past_values": values}
-        )
+        logits, keys, values = self.session.run(None, decoder_graph.feeds(ids, keys, values))
         return logits, keys, values
 
     def tokens(self, prompt_ids: list[int], settings: InferConfig, rng: np.random.Generator) -> Iterator[int]:

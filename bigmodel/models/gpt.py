@@ -1,12 +1,18 @@
-"""A GPT-style decoder-only language model, as in nanoGPT / GPT-2.
+"""A decoder-only language model: GPT-2 as in nanoGPT by default, Llama-family options when asked.
 
-Token + learned position embeddings, pre-LayerNorm blocks (Radford et al. 2019), causal self-attention
-through `scaled_dot_product_attention`, a 4x GELU MLP, dropout, and an output head tied to the token
-embedding (Press & Wolf 2017).
+Token embeddings, pre-norm blocks (Radford et al. 2019), causal self-attention through
+`scaled_dot_product_attention`, an MLP, dropout, and an output head tied to the token embedding (Press &
+Wolf 2017) or its own. The options of `DecoderArch` cover the Llama family:
+- positions: learned (GPT-2) or rotary (RoFormer, Su et al. 2021), in Hugging Face's rotate-half layout;
+- norm: LayerNorm, or RMSNorm (Zhang & Sennrich 2019), computed in fp32 as Llama does;
+- MLP: GELU (exact or tanh), or SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer");
+- grouped-query attention (Ainslie et al. 2023): n_kv_head key/value heads shared by n_head query heads;
+  the KV cache stores n_kv_head heads.
 
 The forward takes an optional KV cache (`past`: per layer, keys and values of the tokens already seen)
 and returns the updated one (`present`), so one graph serves both the prompt and every decode step.
-Shapes: B batch, T new tokens, P past tokens, C n_embd, nh heads, hs = C / nh, V vocab.
+Shapes: B batch, T new tokens, P past tokens, C n_embd, nh query heads, nkv key/value heads, hs head
+size, V vocab.
 """
 
 from __future__ import annotations
@@ -19,43 +25,107 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, nh, P, hs) keys, values
+from bigmodel.arch import DecoderArch
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, nkv, P, hs) keys, values
 
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's own cannot drop only the bias)."""
 
-    def __init__(self, ndim: int, bias: bool) -> None:
+    def __init__(self, ndim: int, bias: bool, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), in fp32 whatever the input dtype (as Llama)."""
+
+    def __init__(self, ndim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(arch: DecoderArch) -> nn.Module:
+    if arch.norm == "rmsnorm":
+        return RMSNorm(arch.n_embd, arch.norm_eps)
+    return LayerNorm(arch.n_embd, arch.bias, arch.norm_eps)
+
+
+def rope_inverse_frequencies(arch: DecoderArch) -> torch.Tensor:
+    """(hs/2,) rotation frequencies theta^(-2i/hs), rescaled as the checkpoint's rope_scaling says."""
+    hs = arch.head_size
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    scaling = arch.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":  # position interpolation (Chen et al. 2023)
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between (Llama 3.1).
+    old_context = scaling.original_max_position_embeddings
+    low_wavelen = old_context / scaling.low_freq_factor
+    high_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(arch: DecoderArch, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, hs) for the rotary embedding of these positions (T,)."""
+    freqs = positions.float()[:, None] * rope_inverse_frequencies(arch).to(positions.device)[None, :]  # (T, hs/2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: the two halves share frequencies
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, h, T, hs) by position: pairs (i, i + hs/2) turn by their angle (rotate-half, as HF)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, arch: dict[str, Any]) -> None:
+    def __init__(self, arch: DecoderArch) -> None:
         super().__init__()
-        self.n_head = arch["n_head"]
-        self.head_size = head_size(arch)
-        self.width = self.n_head * self.head_size  # n_embd, unless heads were pruned
-        self.dropout = arch["dropout"]
-        self.c_attn = nn.Linear(arch["n_embd"], 3 * self.width, bias=arch["bias"])  # q, k, v at once
-        self.c_proj = nn.Linear(self.width, arch["n_embd"], bias=arch["bias"])
+        self.arch = arch
+        self.n_head, self.n_kv_head, self.head_size = arch.n_head, arch.n_kv_head, arch.head_size
+        self.dropout = arch.dropout
+        # q, k, v at once: (nh + 2 nkv) * hs outputs
+        self.c_attn = nn.Linear(arch.n_embd, arch.q_width + 2 * arch.kv_width, bias=arch.qkv_bias)
+        self.c_proj = nn.Linear(arch.q_width, arch.n_embd, bias=arch.bias)
         self.resid_dropout = nn.Dropout(self.dropout)
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.width, dim=2)
+        q, k, v = self.c_attn(x).split([self.arch.q_width, self.arch.kv_width, self.arch.kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
+            k = torch.cat([past[0], k], dim=2)  # (B, nkv, P+T, hs)
             v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
+            k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
         dropout = self.dropout if self.training else 0.0
         if torch.is_autocast_enabled(x.device.type):
             # Under bf16 autocast, attend in fp32: PyTorch's CPU flash-attention backward is several
@@ -64,8 +134,14 @@ class CausalSelfAttention(nn.Module):
                 y = attend(q.float(), k.float(), v.float(), past is not None, dropout)
         else:
             y = attend(q, k, v, past is not None, dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.width)  # re-assemble heads: (B, T, nh * hs)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.arch.q_width)  # re-assemble heads: (B, T, nh * hs)
+        return self.resid_dropout(self.c_proj(y)), present
+
+
+def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
+    """(B, nkv, S, hs) -> (B, nkv * times, S, hs), each head repeated `times` times in a row."""
+    B, n_kv, S, hs = x.shape
+    return x[:, :, None].expand(B, n_kv, times, S, hs).reshape(B, n_kv * times, S, hs)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_past: bool, dropout: float) -> torch.Tensor:
@@ -87,53 +163,60 @@ def causal_mask(n_new: int, n_total: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: dict[str, Any], hidden: int) -> None:
+    """GELU: c_proj(gelu(c_fc(x))). SwiGLU: c_proj(silu(c_gate(x)) * c_fc(x)) (Shazeer 2020)."""
+
+    def __init__(self, arch: DecoderArch, hidden: int) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(arch["n_embd"], hidden, bias=arch["bias"])
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(hidden, arch["n_embd"], bias=arch["bias"])
-        self.dropout = nn.Dropout(arch["dropout"])
+        self.swiglu = arch.mlp == "swiglu"
+        if self.swiglu:
+            self.c_gate = nn.Linear(arch.n_embd, hidden, bias=arch.bias)
+        self.c_fc = nn.Linear(arch.n_embd, hidden, bias=arch.bias)
+        # gelu_tanh is GPT-2's own activation (Hendrycks & Gimpel 2016, tanh approximation).
+        self.act = nn.SiLU() if self.swiglu else nn.GELU(approximate="tanh" if arch.mlp == "gelu_tanh" else "none")
+        self.c_proj = nn.Linear(hidden, arch.n_embd, bias=arch.bias)
+        self.dropout = nn.Dropout(arch.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        hidden = self.act(self.c_gate(x)) * self.c_fc(x) if self.swiglu else self.act(self.c_fc(x))
+        return self.dropout(self.c_proj(hidden))
 
 
 class Block(nn.Module):
-    def __init__(self, arch: dict[str, Any], layer: int) -> None:
+    def __init__(self, arch: DecoderArch, layer: int) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(arch["n_embd"], arch["bias"])
+        self.ln_1 = make_norm(arch)
         self.attn = CausalSelfAttention(arch)
-        self.ln_2 = LayerNorm(arch["n_embd"], arch["bias"])
-        self.mlp = MLP(arch, mlp_widths(arch)[layer])
+        self.ln_2 = make_norm(arch)
+        self.mlp = MLP(arch, arch.mlp_hidden[layer])
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        attended, present = self.attn(self.ln_1(x), past)
+        attended, present = self.attn(self.ln_1(x), past, rope)
         x = x + attended
         x = x + self.mlp(self.ln_2(x))
         return x, present
 
 
 class GPT(nn.Module):
-    # lm_head.weight *is* transformer.wte.weight; checkpoints store it once (safetensors refuses aliases).
-    tied_weights = {"lm_head.weight": "transformer.wte.weight"}
-
-    def __init__(self, arch: dict[str, Any]) -> None:
+    def __init__(self, arch: DecoderArch) -> None:
         super().__init__()
         self.arch = arch
-        self.block_size: int = arch["block_size"]
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(arch["vocab_size"], arch["n_embd"]),
-                wpe=nn.Embedding(arch["block_size"], arch["n_embd"]),
-                drop=nn.Dropout(arch["dropout"]),
-                h=nn.ModuleList([Block(arch, i) for i in range(arch["n_layer"])]),
-                ln_f=LayerNorm(arch["n_embd"], arch["bias"]),
-            )
-        )
-        self.lm_head = nn.Linear(arch["n_embd"], arch["vocab_size"], bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        self.block_size: int = arch.block_size
+        modules: dict[str, nn.Module] = {"wte": nn.Embedding(arch.vocab_size, arch.n_embd)}
+        if arch.position == "learned":
+            modules["wpe"] = nn.Embedding(arch.block_size, arch.n_embd)
+        modules.update(drop=nn.Dropout(arch.dropout), h=nn.ModuleList([Block(arch, i) for i in range(arch.n_layer)]),
+                       ln_f=make_norm(arch))
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(arch.n_embd, arch.vocab_size, bias=False)
+        # A tied lm_head.weight *is* transformer.wte.weight; checkpoints store it once (safetensors
+        # refuses aliases) and loading re-ties it.
+        self.tied_weights: dict[str, str] = {}
+        if arch.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+            self.tied_weights = {"lm_head.weight": "transformer.wte.weight"}
         # Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"):
         # keep only each block's input in training and recompute the rest in backward.
         self.activation_checkpointing = False
@@ -145,13 +228,19 @@ class GPT(nn.Module):
         if P + T > self.block_size:
             raise ValueError(f"context of {P + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(P, P + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.arch.position == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rope_cos_sin(self.arch, pos)
+        x = self.transformer.drop(x)
         present: KVCache = []
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and past is None:
-                x, layer_kv = checkpoint(block, x, None, use_reentrant=False)
+                x, layer_kv = checkpoint(block, x, None, rope, use_reentrant=False)
             else:
-                x, layer_kv = block(x, None if past is None else past[i])
+                x, layer_kv = block(x, None if past is None else past[i], rope)
             present.append(layer_kv)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         return logits, present
@@ -186,38 +275,31 @@ class GPT(nn.Module):
         return idx
 
 
-def head_size(arch: dict[str, Any]) -> int:
-    """Per-head width: n_embd / n_head, kept fixed when structured pruning removes heads."""
-    return int(arch.get("head_size") or arch["n_embd"] // arch["n_head"])
-
-
-def mlp_widths(arch: dict[str, Any]) -> list[int]:
-    """Hidden width of each block's MLP: 4 x n_embd, unless structured pruning narrowed them."""
-    return list(arch.get("mlp_hidden") or [4 * arch["n_embd"]] * arch["n_layer"])
-
-
-def build(arch: dict[str, Any]) -> GPT:
+def build(arch: DecoderArch) -> GPT:
     return GPT(arch)
 
 
-def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "family": "gpt",
-        "task": "lm",
-        "vocab_size": data_manifest["vocab_size"],
-        **{k: getattr(model_cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")},
-    }
+def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> DecoderArch:
+    """The architecture a `model:` config section describes, with the prepared data's vocabulary."""
+    fields = model_cfg.model_dump(exclude={"family", "intermediate_size", "qkv_bias", "n_kv_head", "head_size"})
+    return DecoderArch(
+        vocab_size=data_manifest["vocab_size"], **fields,
+        n_kv_head=model_cfg.n_kv_head or model_cfg.n_head,
+        head_size=model_cfg.head_size or model_cfg.n_embd // model_cfg.n_head,
+        mlp_hidden=[model_cfg.intermediate_size or 4 * model_cfg.n_embd] * model_cfg.n_layer,
+        qkv_bias=model_cfg.bias if model_cfg.qkv_bias is None else model_cfg.qkv_bias,
+    )
 
 
 def init_weights(model: GPT, scheme: str, std: float) -> None:
     """`gpt2`: N(0, 0.02) everywhere and N(0, 0.02/sqrt(2 * n_layer)) for the projections that write
     into the residual stream, so its variance does not grow with depth (GPT-2 paper, section 2.3).
     Other schemes apply to the Linear weights; embeddings keep N(0, std)."""
-    n_layer = model.arch["n_layer"]
+    n_layer = model.arch.n_layer
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02 if scheme == "gpt2" else std)
-        elif isinstance(module, nn.Linear) and module is not model.lm_head:  # lm_head is wte
+        elif isinstance(module, nn.Linear) and not (model.arch.tie_embeddings and module is model.lm_head):  # tied: wte
             if scheme == "gpt2":
                 scale = 1 / math.sqrt(2 * n_layer) if name.endswith("c_proj") else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=0.02 * scale)
@@ -238,5 +320,6 @@ def init_weights(model: GPT, scheme: str, std: float) -> None:
 
 
 def parameter_counts(model: GPT) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())  # the tied head is counted once
-    return {"total": total, "without_position_embeddings": total - model.transformer.wpe.weight.numel()}
+    total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    wpe = model.transformer["wpe"].weight.numel() if "wpe" in model.transformer else 0
+    return {"total": total, "without_position_embeddings": total - wpe}

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigmodel.arch import TabularArch
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -22,17 +24,17 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: dict[str, Any]) -> None:
+    def __init__(self, arch: TabularArch) -> None:
         super().__init__()
-        self.task: str = arch["task"]
-        self.activation: str = arch["activation"]
-        n_in, n_out = arch["n_inputs"], arch["n_outputs"]
+        self.task: str = arch.task
+        self.activation: str = arch.activation
+        n_in, n_out = arch.n_inputs, arch.n_outputs
         layers: list[nn.Module] = []
         width = n_in
-        for hidden in arch["hidden_sizes"]:
-            layers += [nn.Linear(width, hidden), ACTIVATIONS[arch["activation"]]()]
-            if arch["dropout"] > 0:
-                layers.append(nn.Dropout(arch["dropout"]))
+        for hidden in arch.hidden_sizes:
+            layers += [nn.Linear(width, hidden), ACTIVATIONS[arch.activation]()]
+            if arch.dropout > 0:
+                layers.append(nn.Dropout(arch.dropout))
             width = hidden
         layers.append(nn.Linear(width, n_out))
         self.net = nn.Sequential(*layers)
@@ -54,21 +56,20 @@ class MLP(nn.Module):
         return out.squeeze(-1) * self.target_std + self.target_mean
 
 
-def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> dict[str, Any]:
+def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> TabularArch:
     """Everything needed to rebuild the network, derived from the config and the prepared data."""
     task = data_manifest["task"]
-    return {
-        "family": "mlp",
-        "task": task,
-        "n_inputs": len(data_manifest["features"]),
-        "n_outputs": len(data_manifest["labels"]) if task == "classification" else 1,
-        "hidden_sizes": list(model_cfg.hidden_sizes),
-        "activation": model_cfg.activation,
-        "dropout": model_cfg.dropout,
-    }
+    return TabularArch(
+        task=task,
+        n_inputs=len(data_manifest["features"]),
+        n_outputs=len(data_manifest["labels"]) if task == "classification" else 1,
+        hidden_sizes=list(model_cfg.hidden_sizes),
+        activation=model_cfg.activation,
+        dropout=model_cfg.dropout,
+    )
 
 
-def build(arch: dict[str, Any]) -> MLP:
+def build(arch: TabularArch) -> MLP:
     return MLP(arch)
 
 

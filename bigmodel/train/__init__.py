@@ -9,18 +9,17 @@ from bigmodel.config import Config
 from bigmodel.console import is_main_process
 from bigmodel.distributed import launched_by_torchrun
 from bigmodel.errors import UserError
+from bigmodel.families import family
 
 
 def run(config: Config, resume: bool = False, until_step: int | None = None) -> dict[str, Any]:
     from bigmodel.train.state import run_lock
 
-    if config.model.family == "gpt":
-        from bigmodel.train import lm as recipe
-    else:
-        if launched_by_torchrun():
-            raise UserError("distributed training (torchrun, --nproc) is for the gpt family; train tabular "
-                            "models in one process")
-        from bigmodel.train import tabular as recipe
+    model_family = family(config.model.family)
+    if launched_by_torchrun() and not model_family.distributed:
+        raise UserError(f"distributed training (torchrun, --nproc) is not available for the "
+                        f"{model_family.name} family; train it in one process")
+    recipe = model_family.module("recipe")
     out_dir = config.stage_dir("train")
     # One training job per run directory; within a distributed job rank 0 holds the lock for all.
     with run_lock(out_dir) if is_main_process() else contextlib.nullcontext():

@@ -7,6 +7,7 @@ from pathlib import Path
 from bigmodel import distributed
 from bigmodel.config import load_config
 from bigmodel.errors import UserError
+from bigmodel.families import family
 from bigmodel.io import require_file
 
 
@@ -18,8 +19,9 @@ def train_on_processes(
     from bigmodel.stages import STAGES
 
     config = load_config(config_path, overrides, run_dir)
-    if config.model.family != "gpt":
-        raise UserError("--nproc: distributed training is for the gpt family; train tabular models in one process")
+    if not family(config.model.family).distributed:
+        raise UserError(f"--nproc: distributed training is not available for the {config.model.family} family; "
+                        "train it in one process")
     for path in STAGES["train"].inputs(config):
         require_file(path, "training input", "run the stage that writes it first")
     child_args = ["train", "-c", str(config_path)]

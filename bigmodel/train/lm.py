@@ -201,7 +201,7 @@ def load_model(
     weights into the shards; otherwise the whole model is loaded."""
     if world.mode == "fsdp":
         manifest = read_manifest(path)
-        model = distributed.build_sharded(manifest["architecture"], tc, device)
+        model = distributed.build_sharded(registry.manifest_arch(manifest, path), tc, device)
         distributed.load_weights(model, path)
         return model, manifest
     model, manifest = registry.load_model(path)

@@ -147,12 +147,32 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def check_matches_config(config: Config, init_manifest: dict[str, Any]) -> None:
-    """The init checkpoint must be the model the config describes (else: re-run init)."""
-    expected = registry.architecture(config.model, data_manifest(config))
-    found = init_manifest.get("architecture") or {}
+    """The init checkpoint must be the model the config describes (else: re-run init). An imported model
+    is described by its source (init.from): the keys the config sets must agree with it."""
+    if config.init.from_ is not None:
+        _check_matches_import(config, init_manifest)
+        return
+    expected = registry.architecture(config.model, data_manifest(config)).to_dict()
+    found = registry.manifest_arch(init_manifest, "init").to_dict()
     if found != expected:
         diff = ", ".join(f"{k} {found.get(k)!r} vs config {v!r}" for k, v in expected.items() if found.get(k) != v)
         raise UserError(f"the init checkpoint does not match the config ({diff}); re-run 'bigmodel init'")
+
+
+def _check_matches_import(config: Config, init_manifest: dict[str, Any]) -> None:
+    from bigmodel import pretrained
+
+    source = (init_manifest.get("import") or {}).get("source")
+    if source != str(config.init.from_):
+        raise UserError(f"the init checkpoint was not imported from {config.init.from_} (it came from "
+                        f"{source or 'bigmodel init'}); re-run 'bigmodel init'")
+    arch = registry.manifest_arch(init_manifest, "init")
+    pretrained.check_config(config.model, arch, Path(source))
+    changed = [key for key in ("block_size", "dropout")
+               if key in config.model.model_fields_set and getattr(config.model, key) != getattr(arch, key)]
+    if changed:
+        raise UserError(f"model.{changed[0]} changed since the import ({getattr(arch, changed[0])!r} in the init "
+                        "checkpoint); re-run 'bigmodel init'")
 
 
 def start_or_resume(

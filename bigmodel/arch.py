@@ -1,0 +1,136 @@
+"""A model's architecture as one typed, validated, torch-free object per family.
+
+The config builds it (`from_config`), checkpoints store it in their manifest, ONNX models carry it in
+their metadata, `plan`/`accounting` read it, and the model code is built from it. Derived values (head
+size, KV heads, the MLP width of each layer) are fields filled in when the object is made, so every
+reader sees the same numbers and no code re-derives them from dict keys.
+
+Checkpoints written before this object existed stored a plain dict with fewer keys; `parse` fills the
+missing ones with the values those models had (learned positions, LayerNorm, GELU, tied head), so old
+checkpoints and ONNX files keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bigmodel.errors import UserError
+
+
+class Arch(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class RopeScaling(BaseModel):
+    """Rotary frequency scaling of the supported checkpoints: `linear` (position interpolation, Chen et
+    al. 2023) and `llama3` (Llama 3.1's frequency-dependent scaling)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["linear", "llama3"]
+    factor: float = Field(gt=0)
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+class DecoderArch(Arch):
+    """A decoder-only transformer: GPT-2 by default, Llama/Mistral/Qwen2 through the options."""
+
+    family: Literal["gpt"] = "gpt"
+    task: Literal["lm"] = "lm"
+    vocab_size: int = Field(gt=0)
+    n_layer: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    n_kv_head: int = Field(gt=0, description="Key/value heads (grouped-query attention when < n_head).")
+    n_embd: int = Field(gt=0)
+    head_size: int = Field(gt=0)
+    block_size: int = Field(gt=0, description="Longest context the model attends over.")
+    mlp_hidden: tuple[int, ...] = Field(description="Hidden width of each layer's MLP.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = False  # Linear layers and LayerNorms
+    qkv_bias: bool = False  # the query/key/value projection (Qwen2 has it without the others)
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    tie_embeddings: bool = True
+    # Structured pruning's bookkeeping: the widths and head count before the first pruning.
+    original_widths: tuple[int, ...] | None = None
+    original_heads: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for key in ("n_layer", "n_head", "n_embd"):
+            if not isinstance(raw.get(key), int) or raw[key] <= 0:
+                return raw  # field validation names the problem
+        raw.setdefault("n_kv_head", raw["n_head"])
+        if raw.get("head_size") is None:
+            raw["head_size"] = raw["n_embd"] // raw["n_head"]
+        if raw.get("mlp_hidden") is None:
+            raw["mlp_hidden"] = [4 * raw["n_embd"]] * raw["n_layer"]
+        elif isinstance(raw["mlp_hidden"], int):
+            raw["mlp_hidden"] = [raw["mlp_hidden"]] * raw["n_layer"]
+        raw.setdefault("qkv_bias", raw.get("bias", False))
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DecoderArch:
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if len(self.mlp_hidden) != self.n_layer:
+            raise ValueError(f"mlp_hidden has {len(self.mlp_hidden)} widths for {self.n_layer} layers")
+        if self.position == "rope" and self.head_size % 2:
+            raise ValueError(f"rope needs an even head_size (got {self.head_size})")
+        return self
+
+    @property
+    def q_width(self) -> int:
+        return self.n_head * self.head_size
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_kv_head * self.head_size
+
+
+class TabularArch(Arch):
+    """A multi-layer perceptron on standardised features."""
+
+    family: Literal["mlp"] = "mlp"
+    task: Literal["classification", "regression"]
+    n_inputs: int = Field(gt=0)
+    n_outputs: int = Field(gt=0)
+    hidden_sizes: tuple[int, ...]
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    original_widths: tuple[int, ...] | None = None
+
+
+AnyArch = Union[DecoderArch, TabularArch]
+ARCHES: dict[str, type[Arch]] = {"gpt": DecoderArch, "mlp": TabularArch}
+
+
+def parse(raw: Any, origin: str) -> AnyArch:
+    """Validate a stored architecture (checkpoint manifest, ONNX metadata); one-line error if it is not one."""
+    if isinstance(raw, (DecoderArch, TabularArch)):
+        return raw
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: no model architecture recorded; re-create it with this version of bigmodel")
+    family = raw.get("family")
+    if family not in ARCHES:
+        raise UserError(f"{origin}: unknown model family {family!r}; known: {', '.join(sorted(ARCHES))}")
+    try:
+        return ARCHES[family].model_validate(raw)  # type: ignore[return-value]
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'architecture'}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"{origin}: invalid model architecture ({problems}); re-create it") from None

@@ -1,0 +1,65 @@
+"""The contract of an exported decoder graph, shared by export, infer, quantize and compress's measure.
+
+Graph: input_ids (B, T) int64, past_keys / past_values (L, B, nkv, P, hs) float32 ->
+logits (B, T, V), present_keys / present_values (L, B, nkv, P+T, hs). nkv is the number of key/value
+heads (n_head unless the model uses grouped-query attention). Batch, T and P are dynamic and P may be 0,
+so one file serves the prompt (empty past) and every decode step.
+
+Metadata (`bigmodel.*` keys, JSON values) makes the file self-contained: the tokenizer, its special
+tokens and chat template, and the architecture. No PyTorch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+KIND = "gpt"
+INPUTS = ("input_ids", "past_keys", "past_values")
+OUTPUTS = ("logits", "present_keys", "present_values")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The stacked KV cache's fixed dimensions."""
+
+    n_layer: int
+    n_kv_head: int
+    head_size: int
+
+    def empty(self, batch: int, past: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Zero keys and values for `batch` sequences and `past` positions (0: no past yet)."""
+        shape = (self.n_layer, batch, self.n_kv_head, past, self.head_size)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    @classmethod
+    def of(cls, arch: Any) -> CacheLayout:
+        return cls(arch.n_layer, arch.n_kv_head, arch.head_size)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> CacheLayout:
+        # Files exported before grouped-query attention have no n_kv_head: they cache n_head heads.
+        return cls(int(meta["n_layer"]), int(meta.get("n_kv_head") or meta["n_head"]), int(meta["head_size"]))
+
+
+def feeds(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+    return dict(zip(INPUTS, (ids, keys, values)))
+
+
+def metadata(arch: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """What infer needs from the file: the tokenizer (with its special tokens and chat template) and shapes."""
+    return {
+        "kind": KIND,
+        "tokenizer": data["tokenizer"],
+        "special_tokens": data.get("special_tokens") or {},
+        "chat_template": data.get("chat_template"),
+        "block_size": arch.block_size,
+        "vocab_size": arch.vocab_size,
+        "n_layer": arch.n_layer,
+        "n_head": arch.n_head,
+        "n_kv_head": arch.n_kv_head,
+        "head_size": arch.head_size,
+        "architecture": arch.to_dict(),
+    }

@@ -1,0 +1,59 @@
+"""The family table: for each model family, the code that builds, trains, evaluates and exports it.
+
+Stages look a family up here instead of branching on its name, so a new family is one entry (and its
+modules), and an unknown one is a one-line error. Modules are named, not imported, so this table costs
+nothing to import (`infer` must not pull in PyTorch) and a stage loads only the family it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from bigmodel.arch import ARCHES, Arch
+from bigmodel.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    data_format: str  # the `data.format` it learns from
+    onnx_kind: str  # `bigmodel.kind` in its ONNX metadata
+    default_init: str
+    model: str  # build(arch), architecture(model_cfg, data), init_weights(model, scheme, std)
+    recipe: str  # train(config, resume, out_dir, ...)
+    evaluator: str  # run(config), scores_for(config, path)
+    exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...)
+    infer_output: str  # default file name of infer's output
+    infer_reads_test_split: bool  # infer's default input is the prepared test split
+    distributed: bool  # trains under torchrun (DDP/FSDP)
+
+    @property
+    def arch(self) -> type[Arch]:
+        return ARCHES[self.name]
+
+    def module(self, role: str) -> ModuleType:
+        """The module that plays `role` (model, recipe, evaluator, exporter) for this family."""
+        return importlib.import_module(getattr(self, role))
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt": Family(
+        name="gpt", data_format="text", onnx_kind="gpt", default_init="gpt2", model="bigmodel.models.gpt",
+        recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
+        infer_output="generations.jsonl", infer_reads_test_split=False, distributed=True,
+    ),
+    "mlp": Family(
+        name="mlp", data_format="tabular", onnx_kind="tabular", default_init="kaiming_uniform",
+        model="bigmodel.models.mlp", recipe="bigmodel.train.tabular", evaluator="bigmodel.eval.tabular",
+        exporter="bigmodel.export.tabular", infer_output="predictions.csv", infer_reads_test_split=True,
+        distributed=False,
+    ),
+}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
