@@ -204,6 +204,8 @@ def infer_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="gpt: the prompt to continue.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="gpt: tokens to generate.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="gpt: 0 is greedy.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="gpt: prompts are user messages in the model's chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="gpt, --chat: a system message.")] = None,
     bench: Annotated[bool, typer.Option("--bench", help="gpt: measure prefill and per-token latency instead.")] = False,
     batch: Annotated[int, typer.Option("--batch", help="--bench: sequences decoded together.")] = 1,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="--bench: prompt length.")] = 16,
@@ -222,7 +224,8 @@ def infer_command(
         from bigmodel.config import InferConfig
 
         given = {"model": model, "input": input_, "output": output, "prompt": prompt,
-                 "max_new_tokens": max_new_tokens, "temperature": temperature}
+                 "max_new_tokens": max_new_tokens, "temperature": temperature, "chat": chat or None,
+                 "system": system}
         bench_settings = ({"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                            "repeats": repeats} if bench else None)
         if config is None:

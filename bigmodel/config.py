@@ -557,6 +557,11 @@ class InferConfig(Section):
     )
     seed: int | None = Field(None, ge=0, description="gpt: sampling seed. Default: the top-level seed.")
     stop: list[str] = Field([], description="gpt: stop generating when one of these strings appears.")
+    chat: bool = Field(
+        False, description="gpt: each prompt is a user message, rendered with the model's chat template (an "
+        "imported model's); JSONL input may give {\"messages\": [{\"role\", \"content\"}, ...]} instead.",
+    )
+    system: str | None = Field(None, description="gpt, chat: a system message put before each conversation.")
 
 
 HARDWARE = ("local", "a10", "l4", "a100-80gb", "h100-sxm", "h200", "mi300x")

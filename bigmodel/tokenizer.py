@@ -83,6 +83,9 @@ class BPETokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)  # type: ignore[attr-defined]
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)  # type: ignore[attr-defined]
+
     def to_json(self) -> str:
         return self._tok.to_str()  # type: ignore[attr-defined]
 

@@ -18,14 +18,14 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from bigmodel import console, decoder_graph
+from bigmodel import chat, console, decoder_graph
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import STDIO, InferConfig
 from bigmodel.decoder_graph import CacheLayout
@@ -44,6 +44,7 @@ class Decoder:
     cache: CacheLayout
     eos_ids: frozenset[int] = frozenset()  # generation ends when one of these is produced
     chat_template: str | None = None
+    special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, meta: dict[str, Any], path: Path) -> Decoder:
@@ -52,7 +53,17 @@ class Decoder:
         tok = tokenizers.from_json(raw, f"{path} (tokenizer)")
         special = meta.get("special_tokens") or {}
         return cls(session, tok, int(meta["block_size"]), CacheLayout.from_metadata(meta),
-                   frozenset(special.get("eos") or []), meta.get("chat_template"))
+                   frozenset(special.get("eos") or []), meta.get("chat_template"), special)
+
+    def chat_prompt(self, messages: list[chat.Message]) -> str:
+        """The conversation rendered with the model's own chat template, the assistant's turn opened."""
+        if not self.chat_template:
+            raise UserError("--chat: this model has no chat template (imported models bring theirs); "
+                            "give plain prompts instead")
+        names = {"bos": self.special_tokens.get("bos"), "eos": (self.special_tokens.get("eos") or [None])[0]}
+        tokens = {name: None if i is None else self.tokenizer.id_to_token(i)  # type: ignore[attr-defined]
+                  for name, i in names.items()}
+        return chat.render(self.chat_template, messages, tokens)
 
     def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         return self.cache.empty(batch)
@@ -68,6 +79,8 @@ class Decoder:
         for _ in range(settings.max_new_tokens):
             next_id = pick(logits[0, -1], settings, rng)
             yield next_id
+            if next_id in self.eos_ids:
+                return
             ids.append(next_id)
             if keys.shape[3] + 1 > self.block_size:  # window full: re-read the last block_size tokens
                 window = np.array([ids[-self.block_size :]], dtype=np.int64)
@@ -101,15 +114,25 @@ def prompt_rng(seed: int, prompt: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(prompt.encode("utf-8"))])
 
 
-def complete(decoder: Decoder, prompt: str, settings: InferConfig, seed: int,
+Prompt = str | list[chat.Message]  # plain text, or a conversation (chat)
+
+
+def complete(decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int,
              stream: Any = None) -> dict[str, Any]:
-    """Generate for one prompt; stream the new text to `stream` as it is decoded, if given."""
-    if not prompt:
+    """Generate for one prompt; stream the new text to `stream` as it is decoded, if given. With
+    settings.chat the prompt is a user message (or a whole conversation) in the model's chat template.
+    Generation ends at max_new_tokens, a stop string, or the model's end-of-sequence token."""
+    text_in = _prompt_text(decoder, prompt, settings)
+    if not text_in:
         raise UserError("empty prompt: give at least one character to continue from")
-    prompt_ids = decoder.tokenizer.encode(prompt)
+    prompt_ids = decoder.tokenizer.encode(text_in)
     new_ids: list[int] = []
     text, shown, reason = "", 0, "max_new_tokens"
-    for token in decoder.tokens(prompt_ids, settings, prompt_rng(seed, prompt)):
+    key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    for token in decoder.tokens(prompt_ids, settings, prompt_rng(seed, key)):
+        if token in decoder.eos_ids:
+            reason = "eos"
+            break
         new_ids.append(token)
         text = decoder.tokenizer.decode(new_ids)
         stop_at = _first_stop(text, settings.stop)
@@ -125,8 +148,20 @@ def complete(decoder: Decoder, prompt: str, settings: InferConfig, seed: int,
     if stream is not None and len(text) > shown:
         stream.write(text[shown:])
         stream.flush()
-    return {"prompt": prompt, "completion": text, "new_tokens": len(new_ids), "stop_reason": reason,
-            "prompt_tokens": len(prompt_ids), "cropped": len(prompt_ids) > decoder.block_size}
+    return {"prompt": prompt, "completion": text, "new_tokens": len(new_ids) + (reason == "eos"),
+            "stop_reason": reason, "prompt_tokens": len(prompt_ids), "cropped": len(prompt_ids) > decoder.block_size,
+            **({"chat": True} if settings.chat else {})}
+
+
+def _prompt_text(decoder: Decoder, prompt: Prompt, settings: InferConfig) -> str:
+    if not settings.chat:
+        if not isinstance(prompt, str):
+            raise UserError("a {\"messages\": [...]} prompt is a conversation: give --chat (infer.chat: true)")
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if settings.system is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": settings.system})
+    return decoder.chat_prompt(messages)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
@@ -147,8 +182,9 @@ def _holdback(text: str, stops: list[str]) -> int:
 # ------------------------------------------------------------------------------------- the stage
 
 
-def read_prompts(settings: InferConfig, source: Path | None) -> list[str]:
-    """--prompt, else a text file (one prompt per line), a JSONL file ({"prompt": ...}) or stdin."""
+def read_prompts(settings: InferConfig, source: Path | None) -> list[Prompt]:
+    """--prompt, else a text file (one prompt per line), a JSONL file ({"prompt": ...} or, with --chat,
+    {"messages": [...]}) or stdin."""
     if settings.prompt is not None:
         return [settings.prompt]
     if source is None:
@@ -156,11 +192,14 @@ def read_prompts(settings: InferConfig, source: Path | None) -> list[str]:
     text = sys.stdin.read() if str(source) == STDIO else read_text(_existing(source))
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and (source.suffix == ".jsonl" or (str(source) == STDIO and lines[0].lstrip().startswith("{"))):
-        prompts = []
+        prompts: list[Prompt] = []
         for number, record in jsonl_objects(lines, source):
-            if not isinstance(record.get("prompt"), str):
-                raise UserError(f"{source}: line {number} needs a string field 'prompt'")
-            prompts.append(record["prompt"])
+            if "messages" in record:
+                prompts.append(chat.check_messages(record["messages"], f"{source}: line {number}"))
+            elif isinstance(record.get("prompt"), str):
+                prompts.append(record["prompt"])
+            else:
+                raise UserError(f"{source}: line {number} needs a string field 'prompt' (or 'messages' with --chat)")
         return prompts
     if not lines:
         raise UserError(f"{source}: no prompts (one prompt per line expected)")
@@ -181,8 +220,8 @@ def generate(decoder: Decoder, settings: InferConfig, source: Path | None, dest:
     stream = sys.stdout if to_stdout and fmt == "text" and sys.stdout.isatty() else None
     results = []
     for prompt in prompts:
-        if stream is not None:
-            stream.write(prompt)
+        if stream is not None and not settings.chat:
+            stream.write(prompt if isinstance(prompt, str) else "")
         results.append(complete(decoder, prompt, settings, seed, stream))
         if stream is not None:
             stream.write("\n")
@@ -196,7 +235,8 @@ def generate(decoder: Decoder, settings: InferConfig, source: Path | None, dest:
 
 def _write(results: list[dict[str, Any]], dest: Path, fmt: str) -> None:
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in results] if fmt == "jsonl" else [
-        r["prompt"] + r["completion"] + "\n" for r in results
+        (r["prompt"] if isinstance(r["prompt"], str) and not r.get("chat") else "") + r["completion"] + "\n"
+        for r in results
     ]
     if str(dest) == STDIO:
         sys.stdout.write("".join(lines))

@@ -60,7 +60,8 @@ def run(config: Config) -> dict[str, Any]:
         )
 
     # Pass 2 (bpe): the tokenizer.
-    tok = _tokenizer(data, files, keep, chars)
+    pretrained = _pretrained_tokenizer(config.init.from_) if config.init.from_ is not None else None
+    tok = pretrained[0] if pretrained else _tokenizer(data, files, keep, chars)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
 
     # Pass 3: encode into the shards.
@@ -73,7 +74,9 @@ def run(config: Config) -> dict[str, Any]:
         "kind": "text-data",
         "format_version": 1,
         "sources": [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files],
-        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "file": TOKENIZER_FILE},
+        "tokenizer": {"kind": "pretrained" if pretrained else tok.kind, "vocab_size": tok.vocab_size,
+                      "file": TOKENIZER_FILE, **({"source": str(config.init.from_)} if pretrained else {})},
+        **(pretrained[1] if pretrained else {}),
         "vocab_size": tok.vocab_size,
         "dtype": np.dtype(dtype).name,
         "split": data.split,
@@ -253,6 +256,18 @@ def _kept_chunks(files: list[Path], data: TextDataConfig, keep: list[bool]) -> I
 
 
 # ------------------------------------------------------------------------------- tokenizer, encoding
+
+
+def _pretrained_tokenizer(source_path: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+    """The imported model's own tokenizer, with its special tokens and chat template (init.from)."""
+    from bigmodel import pretrained
+
+    source = pretrained.describe(source_path)
+    tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
+    if tok.eot_id is None and source.special_tokens.get("eos"):  # documents end with the model's own EOS
+        tok.eot_id = source.special_tokens["eos"][0]
+    console.info(f"prepare: the tokenizer of {source_path.name} ({source.model_type}, vocab {tok.vocab_size})")
+    return tok, {"special_tokens": source.special_tokens, "chat_template": source.chat_template}
 
 
 def _tokenizer(data: TextDataConfig, files: list[Path], keep: list[bool], chars: set[str]) -> tokenizers.Tokenizer:

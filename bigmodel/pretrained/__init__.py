@@ -1,0 +1,118 @@
+"""Import of pretrained decoders: a Hugging Face model folder or a GGUF file -> bigmodel's decoder.
+
+`describe(path)` reads only the small parts of a source (config.json or the GGUF header, the tokenizer)
+and returns its architecture, tokenizer and a plan of every weight: which file tensor goes where in
+bigmodel's model, with which shape. `load_weights(model, source)` then streams the tensors one at a
+time into a model built on the meta device, so an import never holds more than the model and one
+tensor in memory.
+
+The source is untrusted input: nothing in it is executed (custom code named by `auto_map` is ignored,
+`trust_remote_code` is never used), nothing is unpickled (`pytorch_model.bin` is refused), and every
+tensor's name, shape and dtype is checked against the architecture before anything is allocated.
+Anything the decoder cannot represent exactly (sliding windows it would cut, mixtures of experts,
+unknown rope scaling) is refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bigmodel.arch import DecoderArch
+from bigmodel.errors import UserError
+
+# A weight's destination: (bigmodel parameter name, first row it fills). Fused q/k/v projections are
+# filled from three file tensors at three row offsets.
+Target = tuple[str, int]
+POSITIONS = "transformer.wpe.weight"  # a learned position table may be cut to a shorter context
+
+
+@dataclass
+class Source:
+    """A pretrained model on disk, described without reading its weights."""
+
+    path: Path
+    format: str  # "hf" (a Hugging Face folder) or "gguf"
+    model_type: str  # config.json's model_type, or the GGUF general.architecture
+    arch: DecoderArch
+    tokenizer_json: str
+    special_tokens: dict[str, Any]  # bos, eos (list), pad ids
+    chat_template: str | None
+    dtype: str  # the weights' dtype in the file (a GGUF quantisation type name for GGUF)
+    shapes: dict[str, tuple[int, ...]]  # file tensor name -> shape in bigmodel's layout
+    targets: dict[str, Target]  # file tensor name -> where it goes
+    read: Callable[[], Iterator[tuple[str, Any]]]  # file tensors one at a time, in bigmodel's layout
+    notes: list[str] = field(default_factory=list)  # what the import adapted (printed, recorded)
+
+
+def describe(path: Path) -> Source:
+    """Read a pretrained model's architecture, tokenizer and weight plan (no weights are loaded)."""
+    if not path.exists():
+        raise UserError(f"init.from: {path} does not exist (give a Hugging Face model folder or a .gguf file)")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from bigmodel.pretrained import gguf_file
+
+        return gguf_file.describe(path)
+    if path.is_dir():
+        from bigmodel.pretrained import hf
+
+        return hf.describe(path)
+    raise UserError(f"init.from: {path} is neither a model folder (with config.json) nor a .gguf file")
+
+
+def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every parameter of the model is filled exactly once, by tensors of the right shape."""
+    filled: dict[str, int] = {}
+    wrong = []
+    for name, (target, row) in source.targets.items():
+        shape = source.shapes[name]
+        if target not in expected:
+            raise UserError(f"{source.path}: tensor {name} has no place in the {source.model_type} architecture "
+                            "read from its config; the file and its config disagree")
+        want = expected[target]
+        if target == POSITIONS:
+            shape = (min(shape[0], want[0]), *shape[1:])
+        if shape[1:] != want[1:] or row + shape[0] > want[0]:
+            wrong.append(f"{name} {shape} (into {target} {want} at row {row})")
+        filled[target] = filled.get(target, 0) + shape[0]
+    if wrong:
+        raise UserError(f"{source.path}: tensor shapes do not match the architecture its config describes: "
+                        f"{'; '.join(wrong[:4])}")
+    missing = [name for name, shape in expected.items() if filled.get(name, 0) != shape[0]]
+    if missing:
+        raise UserError(f"{source.path}: weights missing for {', '.join(missing[:5])}"
+                        f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}; the file is incomplete")
+
+
+def check_config(model_cfg: Any, arch: DecoderArch, origin: Path) -> None:
+    """Keys the user set in `model:` must agree with the imported architecture (block_size may shrink
+    the context, dropout is a training setting)."""
+    derived = {
+        "n_kv_head": arch.n_kv_head, "head_size": arch.head_size, "intermediate_size": arch.mlp_hidden[0],
+    }
+    contradictions = []
+    for key in sorted(model_cfg.model_fields_set - {"family", "dropout"}):
+        wanted = getattr(model_cfg, key)
+        have = derived.get(key, getattr(arch, key, None))
+        if key == "block_size":
+            if wanted > arch.block_size:
+                contradictions.append(f"model.block_size {wanted} exceeds the imported model's context "
+                                      f"{arch.block_size}")
+            continue
+        if wanted != have:
+            contradictions.append(f"model.{key} is {wanted!r} but {origin.name} has {have!r}")
+    if contradictions:
+        raise UserError(f"the config contradicts the imported model: {'; '.join(contradictions)}; remove those "
+                        "keys from model: (an imported model's shape comes from its checkpoint)")
+
+
+def with_config_overrides(arch: DecoderArch, model_cfg: Any) -> DecoderArch:
+    """The imported architecture with what the config may change: a shorter context, dropout."""
+    update: dict[str, Any] = {}
+    if "block_size" in model_cfg.model_fields_set:
+        update["block_size"] = model_cfg.block_size
+    if "dropout" in model_cfg.model_fields_set:
+        update["dropout"] = model_cfg.dropout
+    return arch.model_copy(update=update) if update else arch

@@ -1,0 +1,189 @@
+"""GGUF files (llama.cpp's format) of llama-architecture models, read with the `gguf` package.
+
+Quantised tensors are dequantised to float32 one at a time. llama.cpp's converter permutes the rows of
+the query and key projections (its RoPE pairs neighbouring dimensions, Hugging Face's rotate-half pairs
+i with i + hs/2); the permutation is undone here, per head, with n_kv_head heads for the keys. The
+tokenizer is rebuilt from the vocabulary and merges the file carries (byte-level BPE, as transformers
+does for `tokenizer.ggml.model == "gpt2"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigmodel.arch import DecoderArch, RopeScaling
+from bigmodel.errors import UserError
+from bigmodel.pretrained import Source, Target
+from bigmodel.pretrained.hf import qkv_rows
+
+SUPPORTED = ("llama",)
+LAYER = {
+    "attn_norm.weight": "ln_1.weight",
+    "ffn_norm.weight": "ln_2.weight",
+    "attn_output.weight": "attn.c_proj.weight",
+    "ffn_gate.weight": "mlp.c_gate.weight",
+    "ffn_up.weight": "mlp.c_fc.weight",
+    "ffn_down.weight": "mlp.c_proj.weight",
+}
+
+
+def describe(path: Path) -> Source:
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise UserError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError and friends for files that are not GGUF
+        raise UserError(f"{path}: not a readable GGUF file ({exc})") from exc
+    meta = {name: field.contents() for name, field in reader.fields.items()
+            if not name.startswith("tokenizer.ggml.")}
+    architecture = meta.get("general.architecture")
+    if architecture not in SUPPORTED:
+        raise UserError(f"{path}: GGUF architecture {architecture!r} is not supported; bigmodel imports "
+                        f"{', '.join(SUPPORTED)} GGUF files (and gpt2/llama/mistral/qwen2 Hugging Face folders)")
+    arch = _arch(meta, reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise UserError(f"{path}: the file carries rope_freqs (Llama 3.1-style rope scaling baked into a tensor), "
+                        "which bigmodel does not import; use the model's Hugging Face folder")
+    targets = _targets(arch, tensors, path)
+    shapes = {name: tuple(reversed([int(d) for d in tensors[name].shape])) for name in targets}
+    kinds = sorted({tensors[name].tensor_type.name for name in targets})
+    tokenizer_json, special, template = _tokenizer(reader, path)
+    return Source(
+        path=path, format="gguf", model_type=architecture, arch=arch, tokenizer_json=tokenizer_json,
+        special_tokens=special, chat_template=template, dtype="/".join(kinds), shapes=shapes, targets=targets,
+        read=lambda: _read(path, arch, targets), notes=[],
+    )
+
+
+def _arch(meta: dict[str, Any], reader: Any, path: Path) -> DecoderArch:
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{name}", default)
+        if value is None:
+            raise UserError(f"{path}: GGUF metadata llama.{name} is missing")
+        return value
+
+    if meta.get("llama.expert_count"):
+        raise UserError(f"{path}: a mixture-of-experts model (llama.expert_count = {meta['llama.expert_count']}) "
+                        "cannot be imported; bigmodel's decoder has one MLP per layer")
+    scaling = None
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind == "linear":
+        scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor")))
+    elif kind not in ("none", None):
+        raise UserError(f"{path}: rope scaling {kind!r} is not supported (bigmodel reproduces 'linear' and 'llama3')")
+    n_embd, n_head, n_layer = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in reader.fields else []
+    return DecoderArch(
+        vocab_size=int(meta.get("llama.vocab_size") or len(tokens)), n_layer=n_layer, n_head=n_head,
+        n_kv_head=int(key("attention.head_count_kv", n_head)), n_embd=n_embd,
+        head_size=int(meta.get("llama.attention.key_length") or n_embd // n_head),
+        block_size=int(key("context_length")), mlp_hidden=[int(key("feed_forward_length"))] * n_layer,
+        bias=False, qkv_bias=False, position="rope", rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=scaling, norm="rmsnorm", norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        mlp="swiglu", tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+    )
+
+
+def _targets(arch: DecoderArch, tensors: dict[str, Any], path: Path) -> dict[str, Target]:
+    rows = qkv_rows(arch)
+    targets: dict[str, Target] = {}
+    for name in tensors:
+        if name == "token_embd.weight":
+            targets[name] = ("transformer.wte.weight", 0)
+        elif name == "output_norm.weight":
+            targets[name] = ("transformer.ln_f.weight", 0)
+        elif name == "output.weight":
+            targets[name] = ("lm_head.weight", 0)
+        elif name.startswith("blk."):
+            layer, _, rest = name.removeprefix("blk.").partition(".")
+            prefix = f"transformer.h.{layer}."
+            if rest in LAYER:
+                targets[name] = (prefix + LAYER[rest], 0)
+            elif rest in ("attn_q.weight", "attn_k.weight", "attn_v.weight"):
+                targets[name] = (prefix + "attn.c_attn.weight", rows[rest[5]])
+    extra = sorted(set(tensors) - set(targets))
+    if extra:
+        raise UserError(f"{path}: tensors {', '.join(extra[:4])} have no place in a llama decoder; this GGUF "
+                        "file is a variant bigmodel does not import")
+    return targets
+
+
+def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: per head, rows (0, 2, 4, ..., 1, 3, ...) back to (0, 1, 2, ...)."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _read(path: Path, arch: DecoderArch, targets: dict[str, Target]) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    for tensor in GGUFReader(str(path)).tensors:
+        if tensor.name not in targets:
+            continue
+        # The reader gives numpy order (GGUF lists dimensions fastest-first); dequantised, that is
+        # PyTorch's (out, in).
+        weight = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        if tensor.name.endswith("attn_q.weight"):
+            weight = unpermute(weight, arch.n_head)
+        elif tensor.name.endswith("attn_k.weight"):
+            weight = unpermute(weight, arch.n_kv_head)
+        yield tensor.name, torch.from_numpy(np.array(weight, dtype=np.float32))  # a writable copy of the mapped file
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 byte values (byte-level BPE's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _tokenizer(reader: Any, path: Path) -> tuple[str, dict[str, Any], str | None]:
+    """A byte-level BPE `tokenizers.Tokenizer` from the file's vocabulary and merges; control tokens
+    (type 3) become special tokens. The same construction as transformers' GGUF converter."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    def field(name: str, default: Any = None) -> Any:
+        return reader.fields[name].contents() if name in reader.fields else default
+
+    if field("tokenizer.ggml.model") != "gpt2":
+        raise UserError(f"{path}: tokenizer kind {field('tokenizer.ggml.model')!r} is not supported (byte-level "
+                        "BPE, 'gpt2', only)")
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type") or []
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, kind in zip(tokens, types) if kind == 3 and set(t) <= alphabet])
+    user = [AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types) if kind == 4]
+    if user:
+        tok.add_tokens(user)
+    bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    add_bos = bool(field("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    single = ([f"{tokens[bos]}:0"] if add_bos else []) + ["$A:0"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=[*single, "$B:1"], special_tokens=[(tokens[bos], bos)] if add_bos else [])
+    special = {"bos": bos, "eos": [eos] if eos is not None else [], "pad": field("tokenizer.ggml.padding_token_id")}
+    return tok.to_str(), special, field("tokenizer.chat_template")

@@ -1,0 +1,305 @@
+"""Hugging Face model folders: config.json + model.safetensors (or a sharded index) + tokenizer.json.
+
+The architecture is read from config.json's `model_type` (never from the folder's name): gpt2, llama,
+mistral and qwen2. Weights are read from safetensors only; a folder with only `pytorch_model.bin`
+(a pickle, which can run code when loaded) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigmodel.arch import DecoderArch, RopeScaling
+from bigmodel.errors import UserError
+from bigmodel.pretrained import Source, Target
+
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# Buffers some GPT-2 files carry beside the weights (the causal mask, rotary caches): not parameters.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def describe(folder: Path) -> Source:
+    config = _read_json(folder / "config.json", "config.json")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise UserError(f"{folder}/config.json: model_type {model_type!r} is not supported; bigmodel imports "
+                        f"{', '.join(SUPPORTED)} (read from config.json, whatever the folder is called)")
+    moe = [key for key in MOE_KEYS if config.get(key)]
+    if moe:
+        raise UserError(f"{folder}: a mixture-of-experts model ({moe[0]} = {config[moe[0]]}) cannot be imported; "
+                        "bigmodel's decoder has one MLP per layer")
+    notes = []
+    if config.get("auto_map"):
+        notes.append("config.json names custom code (auto_map); it was ignored: the architecture is bigmodel's "
+                     f"own {model_type}")
+    arch = (_gpt2_arch if model_type == "gpt2" else _llama_arch)(config, notes, folder)
+    files = _weight_files(folder)
+    shapes, dtypes = _headers(files)
+    targets = (_gpt2_targets if model_type == "gpt2" else _llama_targets)(arch, shapes, folder)
+    for name in set(shapes) - set(targets):
+        del shapes[name]
+    kinds = sorted({dtypes[name] for name in targets})
+    bad = [kind for kind in kinds if kind not in FLOAT_DTYPES]
+    if bad:
+        raise UserError(f"{folder}: weights of dtype {bad[0]} cannot be imported (float32, float16 or bfloat16 only)")
+    transposed = _gpt2_conv1d(targets) if model_type == "gpt2" else set()
+    shapes = {name: tuple(reversed(s)) if name in transposed else s for name, s in shapes.items()}
+    tokenizer_json, special, template = _tokenizer(folder, config)
+    return Source(
+        path=folder, format="hf", model_type=model_type, arch=arch, tokenizer_json=tokenizer_json,
+        special_tokens=special, chat_template=template, dtype="/".join(FLOAT_DTYPES[k] for k in kinds),
+        shapes=shapes, targets=targets, read=lambda: _read(files, targets, transposed), notes=notes,
+    )
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path.parent}: no {what}; a Hugging Face model folder needs config.json beside its weights")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
+
+
+# ------------------------------------------------------------------------------------ architecture
+
+
+def _context(config: dict[str, Any], key: str, notes: list[str]) -> int:
+    """The context length, limited to the sliding window when there is one: within the window, sliding-
+    window attention is exactly full attention, so the model is exact up to that length."""
+    context = int(config[key])
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types") or []
+    sliding = window is not None and (config.get("use_sliding_window", True) is not False
+                                     or "sliding_attention" in layer_types)
+    if sliding and int(window) < context:
+        notes.append(f"context limited to the sliding window of {window} tokens (max_position_embeddings "
+                     f"{context}): attention is exact within the window")
+        context = int(window)
+    return context
+
+
+def _gpt2_arch(config: dict[str, Any], notes: list[str], folder: Path) -> DecoderArch:
+    activation = config.get("activation_function", "gelu_new")
+    mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(activation)
+    refusals = {
+        "activation_function": mlp is None,
+        "scale_attn_by_inverse_layer_idx": bool(config.get("scale_attn_by_inverse_layer_idx")),
+        "add_cross_attention": bool(config.get("add_cross_attention")),
+        "scale_attn_weights": config.get("scale_attn_weights", True) is False,
+    }
+    for key, refused in refusals.items():
+        if refused:
+            raise UserError(f"{folder}/config.json: {key} = {config.get(key)!r} is not supported by bigmodel's "
+                            "GPT-2 (it would change what the model computes)")
+    n_embd = int(config["n_embd"])
+    return DecoderArch(
+        vocab_size=int(config["vocab_size"]), n_layer=int(config["n_layer"]), n_head=int(config["n_head"]),
+        n_embd=n_embd, block_size=int(config.get("n_positions", 1024)),
+        mlp_hidden=[int(config.get("n_inner") or 4 * n_embd)] * int(config["n_layer"]),
+        bias=True, qkv_bias=True, position="learned", norm="layernorm",
+        norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), mlp=mlp,
+        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+    )
+
+
+def rope_settings(config: dict[str, Any], origin: str) -> tuple[float, RopeScaling | None]:
+    """rope_theta and scaling, from transformers >= 5's `rope_parameters` or the older rope_theta/rope_scaling."""
+    params = dict(config.get("rope_parameters") or {})
+    if not params:
+        params = {**(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, None
+    if kind not in ("linear", "llama3"):
+        raise UserError(f"{origin}: rope scaling {kind!r} is not supported (bigmodel reproduces 'linear' and "
+                        "'llama3' exactly); the model would compute something else")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, RopeScaling(kind=kind, **{k: params[k] for k in keys if k in params})
+
+
+def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> DecoderArch:
+    model_type = config["model_type"]
+    origin = f"{folder}/config.json"
+    if config.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
+    if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise UserError(f"{origin}: attention_bias/mlp_bias on a llama model are not supported")
+    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    n_layer = int(config["num_hidden_layers"])
+    theta, scaling = rope_settings(config, origin)
+    return DecoderArch(
+        vocab_size=int(config["vocab_size"]), n_layer=n_layer, n_head=n_head,
+        n_kv_head=int(config.get("num_key_value_heads") or n_head), n_embd=n_embd,
+        head_size=int(config.get("head_dim") or n_embd // n_head),
+        block_size=_context(config, "max_position_embeddings", notes),
+        mlp_hidden=[int(config["intermediate_size"])] * n_layer,
+        bias=False, qkv_bias=model_type == "qwen2", position="rope", rope_theta=theta, rope_scaling=scaling,
+        norm="rmsnorm", norm_eps=float(config.get("rms_norm_eps", 1e-6)), mlp="swiglu",
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = _read_json(index, "model.safetensors.index.json").get("weight_map") or {}
+        names = sorted(set(weight_map.values()))
+        for name in names:  # shard names come from an untrusted file: plain names inside this folder only
+            if Path(name).name != name or not name.endswith(".safetensors"):
+                raise UserError(f"{index}: shard {name!r} is not a .safetensors file in the model folder")
+            if not (folder / name).is_file():
+                raise UserError(f"{index}: shard {name} is missing; download the whole model folder")
+        return [folder / name for name in names]
+    if any(folder.glob("pytorch_model*.bin")) or (folder / "model.pt").exists():
+        raise UserError(f"{folder}: has only pickle weights (pytorch_model.bin), which can run code when loaded; "
+                        "bigmodel reads safetensors only: get the model's model.safetensors (most hub models "
+                        "have one), or convert it where you trust the file")
+    raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
+
+
+def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Names, shapes and dtypes of every tensor, from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    shapes, dtypes = {}, {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    shapes[name], dtypes[name] = tuple(tensor.get_shape()), tensor.get_dtype()
+        except Exception as exc:  # safetensors raises its own types for damaged files
+            raise UserError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return shapes, dtypes
+
+
+def _read(files: list[Path], targets: dict[str, Target], transposed: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                if name in targets:
+                    tensor = handle.get_tensor(name)
+                    yield name, tensor.t() if name in transposed else tensor
+
+
+def _unplaced(shapes: dict[str, tuple[int, ...]], placed: dict[str, Target], folder: Path) -> None:
+    extra = [n for n in shapes if n not in placed and not n.endswith(IGNORED_SUFFIXES)]
+    if extra:
+        raise UserError(f"{folder}: tensors {', '.join(sorted(extra)[:4])} have no place in the architecture "
+                        "config.json describes; the weights and the config disagree")
+
+
+def _gpt2_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
+    """GPT-2 uses bigmodel's own names (nanoGPT copied them), with or without the 'transformer.' prefix."""
+    targets: dict[str, Target] = {}
+    for name in shapes:
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        ours = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        if ours == "lm_head.weight" and arch.tie_embeddings:
+            continue  # the tied head is the token embedding
+        targets[name] = (ours, 0)
+    _unplaced(shapes, targets, folder)
+    return targets
+
+
+def _gpt2_conv1d(targets: dict[str, Target]) -> set[str]:
+    """GPT-2's Conv1D layers store weights as (in, out): transposed to Linear's (out, in) on the way in."""
+    conv = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+    return {name for name, (ours, _) in targets.items() if ours.endswith(conv)}
+
+
+LLAMA_LAYER = {
+    "input_layernorm.weight": "ln_1.weight",
+    "post_attention_layernorm.weight": "ln_2.weight",
+    "self_attn.o_proj.weight": "attn.c_proj.weight",
+    "mlp.gate_proj.weight": "mlp.c_gate.weight",
+    "mlp.up_proj.weight": "mlp.c_fc.weight",
+    "mlp.down_proj.weight": "mlp.c_proj.weight",
+}
+
+
+def qkv_rows(arch: DecoderArch) -> dict[str, int]:
+    """Where q, k and v start in the fused c_attn projection."""
+    return {"q": 0, "k": arch.q_width, "v": arch.q_width + arch.kv_width}
+
+
+def _llama_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
+    targets: dict[str, Target] = {}
+    rows = qkv_rows(arch)
+    for name in shapes:
+        if name == "model.embed_tokens.weight":
+            targets[name] = ("transformer.wte.weight", 0)
+        elif name == "model.norm.weight":
+            targets[name] = ("transformer.ln_f.weight", 0)
+        elif name == "lm_head.weight":
+            if not arch.tie_embeddings:
+                targets[name] = ("lm_head.weight", 0)
+        elif name.startswith("model.layers."):
+            layer, _, rest = name.removeprefix("model.layers.").partition(".")
+            prefix = f"transformer.h.{layer}."
+            if rest in LLAMA_LAYER:
+                targets[name] = (prefix + LLAMA_LAYER[rest], 0)
+            elif rest.startswith("self_attn.") and rest[10:12] in ("q_", "k_", "v_") and rest[11:17] == "_proj.":
+                kind = rest.split(".")[-1]  # weight or bias
+                targets[name] = (f"{prefix}attn.c_attn.{kind}", rows[rest[10]])
+    if "lm_head.weight" in shapes and arch.tie_embeddings:
+        shapes.pop("lm_head.weight")  # some files store the tied head too: it is the embedding
+    _unplaced(shapes, targets, folder)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer(folder: Path, config: dict[str, Any]) -> tuple[str, dict[str, Any], str | None]:
+    """tokenizer.json (HF tokenizers), with special-token ids and the chat template from tokenizer_config.json."""
+    from bigmodel import tokenizer as tokenizers
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no tokenizer.json; bigmodel needs the model's fast tokenizer file beside "
+                        "its weights (a folder saved by transformers has one)")
+    text = path.read_text(encoding="utf-8")
+    tok = tokenizers.from_json(text, str(path))
+    settings = _read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").is_file() else {}
+    generation = (_read_json(folder / "generation_config.json", "")
+                  if (folder / "generation_config.json").is_file() else {})
+
+    def token_id(key: str) -> int | None:
+        value = settings.get(key)
+        if isinstance(value, dict):  # {"content": "<s>", ...}
+            value = value.get("content")
+        return tok.token_to_id(value) if isinstance(value, str) else None  # type: ignore[attr-defined]
+
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not eos_ids and token_id("eos_token") is not None:
+        eos_ids = [token_id("eos_token")]
+    bos = config.get("bos_token_id")
+    special = {"bos": bos if isinstance(bos, int) else token_id("bos_token"), "eos": eos_ids,
+               "pad": token_id("pad_token")}
+    template = settings.get("chat_template")
+    if not isinstance(template, str):
+        jinja = folder / "chat_template.jinja"
+        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    return text, special, template

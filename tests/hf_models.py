@@ -1,0 +1,129 @@
+"""Tiny random Hugging Face models written by transformers itself, for the import tests.
+
+Each is saved with `save_pretrained(safe_serialization=True)` next to a small byte-level BPE tokenizer
+(trained here with HF tokenizers) and a tokenizer_config.json with a ChatML template. Weights are drawn
+with a large initializer range so that logits are O(1): a wrong rotation or a swapped projection then
+moves them far beyond the 1e-4 parity tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789 def add(a, b): return a + b\n" * 20
+        + "Sphinx of black quartz, judge my vow. Pack my box with five dozen liquor jugs.\n" * 20)
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 300) -> int:
+    """A byte-level BPE tokenizer.json (+ tokenizer_config.json); returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>"}))
+    return tok.get_vocab_size()
+
+
+def make(kind: str, folder: Path, **overrides: object) -> Path:
+    """gpt2, llama (GQA 4/2, untied), llama_tied_scaled (llama3 rope scaling), mistral, qwen2 (q/k/v bias,
+    untied head)."""
+    import transformers
+
+    vocab = write_tokenizer(folder) + 12  # a model vocabulary larger than the tokenizer's, as real ones often are
+    common = dict(vocab_size=vocab, initializer_range=0.3, eos_token_id=2, bos_token_id=None)
+    llama_shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    configs = {
+        "gpt2": lambda: transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **common),
+        "llama": lambda: transformers.LlamaConfig(**llama_shape, rope_theta=500.0, tie_word_embeddings=False,
+                                                  **common),
+        "llama_tied_scaled": lambda: transformers.LlamaConfig(
+            **llama_shape, tie_word_embeddings=True, rope_parameters={
+                "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **common),
+        "mistral": lambda: transformers.MistralConfig(**llama_shape, sliding_window=4096, head_dim=16,
+                                                      tie_word_embeddings=False, **common),
+        "qwen2": lambda: transformers.Qwen2Config(**llama_shape, tie_word_embeddings=False, **common),
+    }
+    config = configs[kind]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # biases and norm weights away from their 0 / 1 init, so a dropped one shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def write_gguf(folder: Path, path: Path) -> Path:
+    """A llama.cpp-style GGUF file (F32 tensors) of the llama folder `folder`, written with the `gguf`
+    package as llama.cpp's converter writes it: its names, q/k rows permuted for its RoPE layout, and the
+    tokenizer as vocabulary + merges + token types."""
+    import gguf
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    tokens += [f"<unused{i}>" for i in range(config["vocab_size"] - len(tokens))]  # the model's padded rows
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(CHATML)
+
+    def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:  # llama.cpp's convert_hf_to_gguf
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in load_file(str(folder / "model.safetensors")).items():
+        if name.startswith("model.layers."):
+            index, rest = name.removeprefix("model.layers.").split(".", 1)
+            module = rest.removesuffix(".weight")
+            if module == "self_attn.q_proj":
+                tensor = permute(tensor, n_head)
+            elif module == "self_attn.k_proj":
+                tensor = permute(tensor, n_kv)
+            gguf_name = f"blk.{index}.{layer[module]}.weight"
+        else:
+            gguf_name = names[name]
+        writer.add_tensor(gguf_name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,215 @@
+"""Importing pretrained decoders (init.from), checked against transformers on the same files.
+
+Tiny random models are written by transformers itself (tests/hf_models.py): GPT-2, Llama with
+grouped-query attention and an untied head, Llama with llama3 rope scaling and a tied head, Mistral with
+a head size independent of the width, Qwen2 with q/k/v bias, and a GGUF file of the Llama. Each goes
+through import parity, a few training steps, the ONNX export gate, and greedy generation with ONNX
+Runtime that must equal transformers' `generate` token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bigmodel import registry
+from bigmodel import tokenizer as tokenizers
+from bigmodel.checkpoint import read_manifest
+from bigmodel.config import InferConfig
+from bigmodel.infer.gpt import Decoder
+from bigmodel.infer.session import open_model
+from tests import hf_models
+from tests.conftest import cli, write_config
+
+transformers = pytest.importorskip("transformers")
+
+CORPUS = "The quick brown fox jumps over the lazy dog. 0123456789\nSphinx of black quartz, judge my vow.\n" * 150
+
+
+def import_config(tmp: Path, source: Path, **sections: object) -> Path:
+    (tmp / "corpus.txt").write_text(CORPUS)
+    config = {
+        "seed": 0, "threads": 1, "run_dir": "run",
+        "data": {"format": "text", "path": "corpus.txt"},
+        "init": {"from": str(source)},
+        "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "lr": 1e-4},
+        **sections,
+    }
+    return write_config(tmp / "import.yaml", config)
+
+
+def hf_greedy(source: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    options = {"dtype": torch.float32, "local_files_only": True}
+    if source.suffix == ".gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, **options)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **options)
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False,
+                         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def ort_greedy(model_path: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    session, meta = open_model(model_path, ["CPUExecutionProvider"], 1, "gpt")
+    decoder = Decoder.from_session(session, meta, model_path)
+    settings = InferConfig(max_new_tokens=new_tokens, temperature=0)
+    return list(decoder.tokens(prompt_ids, settings, np.random.default_rng(0)))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    made = {kind: hf_models.make(kind, root / kind) for kind in
+            ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2")}
+    made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
+    return made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "gguf"])
+def test_import_trains_exports_and_generates_like_transformers(kind: str, sources: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    source = sources[kind]
+    config = import_config(tmp_path, source)
+    result = cli("pipeline", "-c", config, "--to", "init", "-q")
+    assert result.code == 0, result.stderr
+    init = tmp_path / "run" / "init" / "model.safetensors"
+    manifest = read_manifest(init)
+    parity = manifest["import"]["parity"]
+    assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["same_greedy_tokens"]
+    arch = registry.manifest_arch(manifest, init)
+    if kind == "mistral":
+        assert arch.head_size * arch.n_head != arch.n_embd  # a head size of its own
+    if kind != "gpt2":
+        assert arch.position == "rope" and arch.norm == "rmsnorm" and arch.n_kv_head == 2 and arch.n_head == 4
+    assert arch.qkv_bias == (kind in ("gpt2", "qwen2"))
+
+    # The model's logits are O(1), so the 1e-4 gate above is a real test of the arithmetic.
+    model, _ = registry.load_model(init)
+    tok = tokenizers.from_json(manifest["data"]["tokenizer"])
+    ids = tok.encode("The quick brown fox jumps")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0]
+    assert logits.std() > 0.5
+
+    # Export the imported weights; ORT's greedy tokens equal transformers' generate, token for token.
+    result = cli("export", "-c", config, "--set", "export.checkpoint=init", "-q")
+    assert result.code == 0, result.stderr
+    onnx_path = tmp_path / "run" / "export" / "model.onnx"
+    ours = ort_greedy(onnx_path, ids, 20)
+    theirs = hf_greedy(source, ids, 20)
+    assert ours == theirs[: len(ours)] and (len(ours) == 20 or ours[-1] == 2)
+
+    # A few steps of continued pre-training, then eval: the recipe runs unchanged on the import.
+    result = cli("pipeline", "-c", config, "--to", "eval", "--json", "-q")
+    assert result.code == 0, result.stderr
+    assert np.isfinite(result.json()["stages"]["eval"]["loss"])
+
+
+def test_gguf_tokenizer_equals_the_folders(sources: dict[str, Path]) -> None:
+    """The tokenizer rebuilt from GGUF vocabulary + merges encodes exactly like the original tokenizer.json."""
+    from bigmodel import pretrained
+
+    folder_tok = tokenizers.from_json(pretrained.describe(sources["llama"]).tokenizer_json)
+    gguf_source = pretrained.describe(sources["gguf"])
+    gguf_tok = tokenizers.from_json(gguf_source.tokenizer_json)
+    for text in ["The quick brown fox", "0123456789 def add(a, b):", "<|im_start|>user\nhi<|im_end|>\n", "  x\n\n"]:
+        assert gguf_tok.encode(text) == folder_tok.encode(text)
+    assert gguf_source.special_tokens["eos"] == [2] and gguf_source.chat_template == hf_models.CHATML
+
+
+def test_resume_of_an_imported_model_is_exact(sources: dict[str, Path], tmp_path: Path) -> None:
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    for folder in (straight, chunked):
+        folder.mkdir()
+        config = import_config(folder, sources["llama"], train={
+            "max_steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 2, "lr": 1e-3})
+        assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
+    assert cli("train", "-c", straight / "import.yaml", "-q").code == 0
+    assert cli("train", "-c", chunked / "import.yaml", "--until-step", "2", "-q").code == 0
+    assert cli("train", "-c", chunked / "import.yaml", "--resume", "-q").code == 0
+    a, _ = registry.load_model(straight / "run" / "train" / "last.safetensors")
+    b, _ = registry.load_model(chunked / "run" / "train" / "last.safetensors")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_the_parity_gate_catches_a_wrong_weight(sources: dict[str, Path]) -> None:
+    from bigmodel import pretrained
+    from bigmodel.pretrained import build
+
+    source = pretrained.describe(sources["qwen2"])
+    model = build.build(source, source.arch)
+    tok = tokenizers.from_json(source.tokenizer_json)
+    assert build.check_parity(model, source, tok, 1e-4)["passed"]
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.bias[40] += 0.05  # one key bias
+    report = build.check_parity(model, source, tok, 1e-4)
+    assert not report["passed"] and report["max_abs_diff"] > 1e-4
+
+
+def test_unverified_import_is_recorded_as_such(sources: dict[str, Path], tmp_path: Path) -> None:
+    config = import_config(tmp_path, sources["gpt2"], model={"block_size": 32})
+    result = cli("pipeline", "-c", config, "--to", "init", "--set", "init.verify=false", "--set", "init.dtype=bf16", "-q")
+    assert result.code == 0, result.stderr
+    init = tmp_path / "run" / "init" / "model.safetensors"
+    manifest = read_manifest(init)
+    assert manifest["import"]["parity"] == {"verified": False}
+    assert registry.manifest_arch(manifest, init).block_size == 32  # the context may be shortened
+    from safetensors import safe_open
+
+    with safe_open(str(init), "pt") as handle:
+        assert handle.get_tensor("model.transformer.wte.weight").dtype == torch.bfloat16
+        assert handle.get_tensor("model.transformer.wpe.weight").shape[0] == 32
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def _one_line_error(result: object, *words: str) -> None:
+    assert result.code == 2, result.stderr  # type: ignore[attr-defined]
+    lines = result.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr  # type: ignore[attr-defined]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def _variant(source: Path, tmp: Path, **config_changes: object) -> Path:
+    folder = tmp / "variant"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_pickle_weights_are_refused(sources: dict[str, Path], tmp_path: Path) -> None:
+    folder = _variant(sources["llama"], tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    _one_line_error(cli("pipeline", "-c", import_config(tmp_path, folder), "--to", "init", "-q"), "pytorch_model.bin",
+                    "safetensors")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"model_type": "falcon"}, ("model_type 'falcon'", "gpt2, llama, mistral, qwen2")),
+    ({"num_local_experts": 8}, ("mixture-of-experts",)),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, ("rope scaling 'yarn'",)),
+    ({"num_hidden_layers": 3}, ("weights missing",)),
+])
+def test_what_cannot_be_represented_is_refused_by_name(sources: dict[str, Path], tmp_path: Path,
+                                                       change: dict, words: tuple[str, ...]) -> None:
+    folder = _variant(sources["llama"], tmp_path, **change)
+    config = import_config(tmp_path, folder)
+    assert cli("prepare", "-c", config, "-q").code in (0, 2)
+    _one_line_error(cli("init", "-c", config, "-q"), *words)
+    assert not (tmp_path / "run" / "init" / "model.safetensors").exists()
+
+
+def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[str, Path], tmp_path: Path) -> None:
+    config = import_config(tmp_path, sources["llama"], model={"n_layer": 6, "norm": "layernorm"})
+    _one_line_error(cli("pipeline", "-c", config, "--to", "init", "-q"), "model.n_layer is 6", "model.norm")
