@@ -18,7 +18,10 @@ MiB = 2**20
 # Large Transformer Models", sec. 4.1) without their 5·a·s² attention-score term, which fused (flash)
 # attention never stores, and without dropout masks (dropout 0). bf16 autocast: matmul inputs are
 # bf16 but norms, residuals and attention (kept in fp32 by models/gpt.py) are not: 56 bytes measured.
+# Other shapes (grouped-query attention, a head width of its own, SwiGLU) scale the same count: see
+# block_activation_values.
 BLOCK_ACTIVATION_BYTES = {"fp32": 68, "bf16": 56}
+GPT2_BLOCK_VALUES = 17
 # Outside the blocks: the embedding sum, ln_f's and lm_head's inputs (fp32), and per logit the fp32
 # logits, log-softmax, and their gradients during the loss's backward (4 x 4 bytes).
 OUTER_ACTIVATION_BYTES = 3 * 4
@@ -87,12 +90,23 @@ def activation_memory(arch: DecoderArch, batch: int, precision: str, checkpointi
     at a time is recomputed, and its activations and their gradients (about as large again, measured)
     are alive together."""
     tokens = batch * arch.block_size
-    per_block = BLOCK_ACTIVATION_BYTES[precision] * tokens * arch.n_embd
+    per_value = BLOCK_ACTIVATION_BYTES[precision] / GPT2_BLOCK_VALUES
+    per_block = int(per_value * tokens * max(block_activation_values(arch)))
     if checkpointing:
         blocks = arch.n_layer * 4 * tokens * arch.n_embd + 2 * per_block
     else:
         blocks = arch.n_layer * per_block
     return blocks + OUTER_ACTIVATION_BYTES * tokens * arch.n_embd + LOGIT_BYTES * tokens * arch.vocab_size
+
+
+def block_activation_values(arch: DecoderArch) -> list[int]:
+    """Values per token each block saves for backward (17·n_embd for GPT-2's shape): the norms' and
+    c_attn's inputs (3d: ln_1, c_attn, ln_2), q, k and v, the attention output and c_proj's input (2 q
+    widths), the MLP's input (d), and inside the MLP GELU's input and c_proj's input (2 hidden), or for
+    SwiGLU the gate and up outputs, silu's output and their product (4 hidden)."""
+    d = arch.n_embd
+    attention = arch.q_width + 2 * arch.kv_width + 2 * arch.q_width
+    return [4 * d + attention + (4 if arch.mlp == "swiglu" else 2) * hidden for hidden in arch.mlp_hidden]
 
 
 def inference_memory(arch: DecoderArch, n_params: int, *, batch: int, context: int, weight_bytes: float,

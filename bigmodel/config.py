@@ -409,6 +409,10 @@ class EvalConfig(Section):
 
 class ExportConfig(Section):
     checkpoint: CheckpointRef = "best"
+    format: Literal["onnx", "hf", "both"] = Field(
+        "onnx", description="onnx: model.onnx for ONNX Runtime; hf: a Hugging Face folder (export/hf: gpt2, llama "
+        "or qwen2, checked by loading it in transformers); both.",
+    )
     opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18).")
     atol: float = Field(
         1e-4, gt=0.0, description="Parity gate: max abs difference allowed between ONNX and PyTorch."
@@ -667,6 +671,9 @@ class Config(Section):
             if self.init.scheme is not None:
                 problems.append("init.scheme: an imported model (init.from) keeps its pretrained weights; remove "
                                 "init.scheme")
+        if self.export.format != "onnx" and self.model.family != "gpt":
+            problems.append(f"export.format '{self.export.format}' writes decoder language models; use 'onnx' for "
+                            f"model.family '{self.model.family}'")
         if task == "lm" and self.eval.split == "test":
             problems.append("eval.split 'test': text data has a val split only; use 'val'")
         if self.train.loss == "mse" and task == "classification":

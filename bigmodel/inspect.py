@@ -11,6 +11,8 @@ from bigmodel.io import read_json
 
 
 def run(path: Path) -> dict[str, Any]:
+    if (path.is_dir() and (path / "config.json").is_file()) or path.suffix.lower() == ".gguf":
+        return _pretrained(path)
     if path.is_dir():
         for candidate in ("manifest.json", "model.onnx", "best.safetensors", "model.safetensors"):
             if (path / candidate).exists():
@@ -48,8 +50,31 @@ def _checkpoint(path: Path) -> dict[str, Any]:
         "step": manifest.get("step"),
         "metrics": manifest.get("metrics"),
         "lineage": manifest.get("lineage"),
+        **({"import": manifest["import"]} if "import" in manifest else {}),
         "created": manifest.get("created"),
         "bigmodel_version": manifest.get("bigmodel_version"),
+    }
+
+
+def _pretrained(path: Path) -> dict[str, Any]:
+    """A Hugging Face folder or GGUF file as `init.from` would import it (headers only, no weights)."""
+    from bigmodel import pretrained
+    from bigmodel import tokenizer as tokenizers
+
+    source = pretrained.describe(path)
+    tok = tokenizers.from_json(source.tokenizer_json, f"{path} (tokenizer)")
+    parameters = sum(_numel(list(shape)) for shape in source.shapes.values())
+    return {
+        "kind": f"pretrained ({source.format})",
+        "path": str(path),
+        "model_type": source.model_type,
+        "architecture": source.arch.to_dict(),
+        "parameters": parameters,
+        "weights_dtype": source.dtype,
+        "tensors": len(source.shapes),
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "special_tokens": source.special_tokens,
+                      "chat_template": source.chat_template is not None},
+        "notes": source.notes,
     }
 
 

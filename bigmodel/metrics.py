@@ -57,11 +57,11 @@ def regression(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
 HEADLINE = {
     "classification": ("accuracy", "f1_macro", "loss"),
     "regression": ("mse", "mae", "r2"),
-    "lm": ("loss", "perplexity", "bits_per_char", "bits_per_token"),
+    "lm": ("loss", "perplexity", "bits_per_char", "bits_per_byte", "bits_per_token"),
 }
 # The scalar metrics each task reports: what eval.fail_under may name.
 SCALARS = {
     "classification": ("accuracy", "loss", "precision_macro", "recall_macro", "f1_macro"),
     "regression": ("mse", "mae", "r2"),
-    "lm": ("loss", "perplexity", "bits_per_char", "bits_per_token"),
+    "lm": ("loss", "perplexity", "bits_per_char", "bits_per_byte", "bits_per_token"),
 }

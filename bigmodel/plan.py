@@ -137,8 +137,15 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def _architecture(config: Config) -> AnyArch:
-    """The architecture init would build: from the prepared data when there is some, else from what the
-    config alone says (a GPT needs only the vocabulary size)."""
+    """The architecture init would build: an imported model's own (read from its config.json or GGUF
+    header, no weights), else from the prepared data when there is some, else from what the config alone
+    says (a GPT needs only the vocabulary size)."""
+    if config.init.from_ is not None:
+        from bigmodel import pretrained
+
+        source = pretrained.describe(config.init.from_)
+        pretrained.check_config(config.model, source.arch, config.init.from_)
+        return pretrained.with_config_overrides(source.arch, config.model)
     manifest_path = config.stage_dir("prepare") / MANIFEST_FILE
     if manifest_path.is_file():
         manifest = read_json(manifest_path, "prepared-data manifest")

@@ -85,6 +85,12 @@ def _infer_inputs(config: Config) -> list[Path]:
     return [model, test_split] if family(config.model.family).infer_reads_test_split else [model]
 
 
+def _export_outputs(config: Config) -> list[Path]:
+    folder = config.stage_dir("export")
+    onnx, hf = folder / "model.onnx", folder / "hf" / "model.safetensors"
+    return {"onnx": [onnx], "hf": [hf], "both": [onnx, hf]}[config.export.format]
+
+
 _EVERYWHERE = ("seed", "threads")
 
 STAGES: dict[str, Stage] = {
@@ -99,7 +105,7 @@ STAGES: dict[str, Stage] = {
         Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), _in("eval", "metrics.json")),
         Stage("compress", ("compress", "export", "seed"), _ckpt(lambda c: c.compress.checkpoint),
               _in("compress", "report.json")),
-        Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _in("export", "model.onnx")),
+        Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _export_outputs),
         Stage("infer", ("infer", "seed", "threads"), _infer_inputs,
               lambda c: [c.infer.output or default_infer_output(c)]),
     )

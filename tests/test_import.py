@@ -213,3 +213,56 @@ def test_what_cannot_be_represented_is_refused_by_name(sources: dict[str, Path],
 def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[str, Path], tmp_path: Path) -> None:
     config = import_config(tmp_path, sources["llama"], model={"n_layer": 6, "norm": "layernorm"})
     _one_line_error(cli("pipeline", "-c", config, "--to", "init", "-q"), "model.n_layer is 6", "model.norm")
+
+
+# ------------------------------------------------------------------------------ export.format: hf
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama_tied_scaled"])
+def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str, Path], tmp_path: Path) -> None:
+    """export.format hf writes a folder transformers loads with bigmodel's logits; the written folder
+    imports back into the same weights."""
+    config = import_config(tmp_path, sources[kind])
+    result = cli("pipeline", "-c", config, "--to", "export", "--set", "export.checkpoint=init",
+                 "--set", "export.format=hf", "--json", "-q")
+    assert result.code == 0, result.stderr
+    folder = tmp_path / "run" / "export" / "hf"
+    assert result.json()["stages"]["export"]["hf_max_abs_diff"] <= 1e-4
+    assert not (tmp_path / "run" / "export" / "model.onnx").exists()  # format hf writes only the folder
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf_tok("The quick brown fox")["input_ids"] == tokenizers.from_json(
+        (folder / "tokenizer.json").read_text()).encode("The quick brown fox")
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                      add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    from bigmodel import pretrained
+    from bigmodel.pretrained import build
+
+    again = pretrained.describe(folder)
+    rebuilt = build.build(again, again.arch)
+    original, _ = registry.load_model(tmp_path / "run" / "init" / "model.safetensors")
+    for (name, a), (_, b) in zip(original.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_hf_export_of_a_native_gpt_is_gpt2_with_zero_biases(tmp_path: Path) -> None:
+    from tests.test_lm import lm_config
+
+    config = lm_config(tmp_path, data={"tokenizer": {"kind": "bpe", "vocab_size": 300}}, max_steps=10)
+    result = cli("pipeline", "-c", config, "--to", "export", "--set", "export.format=both", "--json", "-q")
+    assert result.code == 0, result.stderr
+    stages = result.json()["stages"]
+    assert stages["export"]["hf_model_type"] == "gpt2" and stages["export"]["hf_max_abs_diff"] <= 1e-4
+    assert (tmp_path / "run" / "export" / "model.onnx").exists()
+
+
+def test_hf_export_refuses_what_transformers_cannot_compute(tmp_path: Path) -> None:
+    from tests.test_lm import lm_config
+
+    config = lm_config(tmp_path, max_steps=2)  # a char-level tokenizer
+    assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
+    _one_line_error(cli("export", "-c", config, "--set", "export.format=hf", "-q"), "character-level")
+    config = lm_config(tmp_path, data={"tokenizer": {"kind": "bpe", "vocab_size": 300}}, max_steps=2)
+    overrides = ["--set", "model.position=rope", "--set", "model.norm=layernorm"]
+    assert cli("pipeline", "-c", config, "--to", "train", "-q", *overrides).code == 0
+    _one_line_error(cli("export", "-c", config, "--set", "export.format=hf", "-q", *overrides),
+                    "no Hugging Face architecture", "position rope")

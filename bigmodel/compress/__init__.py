@@ -39,7 +39,7 @@ def run(config: Config) -> dict[str, Any]:
     setup_torch(config)
     out_dir = config.stage_dir("compress")
     checkpoint = config.checkpoint_path(cc.checkpoint)
-    current = Path(export_checkpoint(config, checkpoint, out_dir / "fp32")["model"])
+    current = Path(export_checkpoint(config, checkpoint, out_dir / "fp32", "onnx")["model"])
     rows = [measure(config, "fp32 (export)", current)]
     sparsity: dict[str, dict[str, float]] = {}
     for number, step in enumerate(cc.steps, start=1):
@@ -47,12 +47,12 @@ def run(config: Config) -> dict[str, Any]:
             label = f"{number}: prune {step.kind} {step.sparsity:g}"
             console.info(f"compress: step {label}")
             checkpoint, sparsity[label] = prune.run(step, config, checkpoint, out_dir / f"step{number}")
-            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}")["model"])
+            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}", "onnx")["model"])
         elif step.method == "distill":
             label = f"{number}: distill a={step.alpha:g} T={step.temperature:g}"
             console.info(f"compress: step {label}")
             checkpoint = distill.run(step, config, checkpoint, out_dir / f"step{number}")
-            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}")["model"])
+            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}", "onnx")["model"])
         else:
             label = f"{number}: quantize {step.mode}"
             console.info(f"compress: step {label}")

@@ -46,11 +46,11 @@ def run(config: Config) -> dict[str, Any]:
     console.info(
         f"eval ({source}, {scores['tokens']:,} tokens{', ONNX' if artifact.decoder else ''}): loss "
         f"{scores['loss']:.4f}, perplexity {scores['perplexity']:.3f}, {scores['bits_per_char']:.4f} "
-        f"bits/char, {scores['bits_per_token']:.4f} bits/token"
+        f"bits/char, {scores['bits_per_byte']:.4f} bits/byte, {scores['bits_per_token']:.4f} bits/token"
     )
     for i, sample in enumerate(samples):
         console.info(f"--- sample {i + 1} ---\n{sample}")
-    headline = {k: scores[k] for k in ("loss", "perplexity", "bits_per_char", "bits_per_token")}
+    headline = {k: scores[k] for k in ("loss", "perplexity", "bits_per_char", "bits_per_byte", "bits_per_token")}
     outputs = {"metrics_file": str(out), "source": source, **headline, "samples": samples}
     return check_gate(scores, ec.fail_under, ec.fail_above, outputs)
 
@@ -140,15 +140,19 @@ def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.T
         total_nats += float((log_norm - picked).sum())
         predicted += targets.size
         predicted_ids.append(targets.reshape(-1))
-    n_chars = len(tok.decode(np.concatenate(predicted_ids).tolist()))
+    text = tok.decode(np.concatenate(predicted_ids).tolist())
+    n_chars, n_bytes = len(text), len(text.encode("utf-8"))
     loss = total_nats / predicted
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_token": loss / math.log(2),
         "bits_per_char": total_nats / math.log(2) / max(n_chars, 1),
+        # per UTF-8 byte: comparable across tokenizers and languages (as in the Pile and GPT-NeoX reports)
+        "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1),
         "tokens": predicted,
         "characters": n_chars,
+        "bytes": n_bytes,
     }
 
 

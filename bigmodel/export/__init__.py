@@ -15,8 +15,16 @@ def run(config: Config) -> dict[str, Any]:
     return export_checkpoint(config, config.checkpoint_path(config.export.checkpoint), config.stage_dir("export"))
 
 
-def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
-    """The gated export of any checkpoint into any folder (compress uses it before quantising)."""
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: str | None = None) -> dict[str, Any]:
+    """The gated export of any checkpoint into any folder (compress uses it, ONNX only, before quantising)."""
     from bigmodel.families import family
 
-    return family(config.model.family).module("exporter").export_checkpoint(config, ckpt, out_dir)
+    chosen = formats or config.export.format
+    outputs: dict[str, Any] = {}
+    if chosen in ("onnx", "both"):
+        outputs.update(family(config.model.family).module("exporter").export_checkpoint(config, ckpt, out_dir))
+    if chosen in ("hf", "both"):
+        from bigmodel.export import hf
+
+        outputs.update(hf.export_checkpoint(config, ckpt, out_dir))
+    return outputs

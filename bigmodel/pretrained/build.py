@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -51,42 +53,45 @@ def parity_ids(tokenizer: Any, block_size: int) -> np.ndarray:
     return np.asarray([ids], dtype=np.int64)
 
 
-def reference_logits(source: Source, ids: np.ndarray) -> np.ndarray:
-    """Logits of transformers' own implementation loading the same files (fp32, its own code only)."""
+def load_transformers(folder: Path, gguf_file: str | None = None) -> tuple[ModuleType, torch.nn.Module]:
+    """transformers and its own model for a folder (or a GGUF file in it): fp32, local files, no remote code."""
     try:
         import transformers
     except ImportError as exc:
-        raise UserError("the import parity check needs transformers (a verification extra): "
-                        "pip install 'bigmodel[hf]', or skip the check with --set init.verify=false "
-                        "(the checkpoint is then recorded as unverified)") from exc
+        raise UserError("checking against transformers needs the verification extra: pip install 'bigmodel[hf]' "
+                        "(for an import, --set init.verify=false skips the check and records the checkpoint "
+                        "as unverified)") from exc
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     options: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True, "trust_remote_code": False}
+    if gguf_file is not None:
+        options["gguf_file"] = gguf_file
     with console.stdout_to_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if source.format == "gguf":
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(source.path.parent), gguf_file=source.path.name, **options)
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(source.path), **options)
-        model.eval()
-        with torch.no_grad():
-            logits = model(torch.from_numpy(ids)).logits.float().numpy()
-    del model
-    return logits
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **options)
+    return transformers, model.eval()
+
+
+def reference_logits(source: Source, ids: np.ndarray) -> tuple[np.ndarray, str]:
+    """Logits of transformers' own implementation loading the same files, and its version."""
+    if source.format == "gguf":
+        transformers, model = load_transformers(source.path.parent, source.path.name)
+    else:
+        transformers, model = load_transformers(source.path)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids)).logits.float().numpy()
+    return logits, f"transformers {transformers.__version__}"
 
 
 def check_parity(model: torch.nn.Module, source: Source, tokenizer: Any, atol: float) -> dict[str, Any]:
     """bigmodel's logits against transformers' on the same files and prompt."""
-    import transformers
-
     ids = parity_ids(tokenizer, model.block_size)
     with torch.no_grad():
         ours = model(torch.from_numpy(ids))[0].float().numpy()
-    reference = reference_logits(source, ids)
+    reference, version = reference_logits(source, ids)
     vocab = min(ours.shape[-1], reference.shape[-1])
     diff = float(np.abs(ours[..., :vocab] - reference[..., :vocab]).max())
-    return {"verified": True, "reference": f"transformers {transformers.__version__}", "prompt_tokens": ids.shape[1],
+    return {"verified": True, "reference": version, "prompt_tokens": ids.shape[1],
             "max_abs_diff": diff, "atol": atol, "passed": bool(diff <= atol),
             "same_greedy_tokens": bool((ours.argmax(-1) == reference.argmax(-1)).all())}

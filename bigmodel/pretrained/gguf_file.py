@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
 from bigmodel.arch import DecoderArch, RopeScaling
 from bigmodel.errors import UserError
 from bigmodel.pretrained import Source, Target
@@ -122,7 +120,8 @@ def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _read(path: Path, arch: DecoderArch, targets: dict[str, Target]) -> Iterator[tuple[str, torch.Tensor]]:
+def _read(path: Path, arch: DecoderArch, targets: dict[str, Target]) -> Iterator[tuple[str, Any]]:
+    import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
 

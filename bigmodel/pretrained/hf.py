@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bigmodel.arch import DecoderArch, RopeScaling
 from bigmodel.errors import UserError
 from bigmodel.pretrained import Source, Target
@@ -181,7 +179,7 @@ def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, s
     shapes, dtypes = {}, {}
     for path in files:
         try:
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open(str(path), framework="numpy") as handle:  # headers only: no torch needed
                 for name in handle.keys():
                     tensor = handle.get_slice(name)
                     shapes[name], dtypes[name] = tuple(tensor.get_shape()), tensor.get_dtype()
@@ -190,7 +188,7 @@ def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, s
     return shapes, dtypes
 
 
-def _read(files: list[Path], targets: dict[str, Target], transposed: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _read(files: list[Path], targets: dict[str, Target], transposed: set[str]) -> Iterator[tuple[str, Any]]:
     from safetensors import safe_open
 
     for path in files:

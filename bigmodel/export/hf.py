@@ -1,0 +1,180 @@
+"""export.format hf: a checkpoint -> a Hugging Face model folder that transformers loads as its own.
+
+The decoder is written as the Hugging Face architecture that computes exactly the same function:
+- learned positions + LayerNorm + GELU -> `gpt2` (biases the model does not have are written as zeros,
+  which changes nothing; GPT-2's Conv1D layers store weights transposed);
+- rotary positions + RMSNorm + SwiGLU -> `llama`, or `qwen2` when the q/k/v projection has a bias.
+Anything else has no Hugging Face twin and is refused by name. The folder is published only when
+transformers, loading it, gives bigmodel's logits on held-out text within export.atol (the round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigmodel import console, registry
+from bigmodel import tokenizer as tokenizers
+from bigmodel.arch import DecoderArch
+from bigmodel.config import Config
+from bigmodel.datasets import load_tokens
+from bigmodel.errors import GateFailed, UserError
+from bigmodel.io import write_json
+from bigmodel.pretrained.hf import LLAMA_LAYER, qkv_rows
+
+FOLDER = "hf"
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+    model, manifest = registry.load_model(ckpt)
+    model.eval()
+    arch = registry.manifest_arch(manifest, ckpt)
+    if not isinstance(arch, DecoderArch):
+        raise UserError("export.format 'hf' writes decoder language models; this checkpoint is a tabular MLP")
+    tok = tokenizers.from_json(manifest["data"]["tokenizer"], f"{ckpt} (tokenizer)")
+    if not isinstance(tok, tokenizers.BPETokenizer):
+        raise UserError("export.format 'hf': a character-level tokenizer has no Hugging Face form; use a BPE "
+                        "tokenizer (data.tokenizer.kind: bpe) or an imported model's")
+    model_type = hf_model_type(arch)
+    tensors = (_gpt2_tensors if model_type == "gpt2" else _llama_tensors)(model, arch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / FOLDER
+    with tempfile.TemporaryDirectory(dir=out_dir) as work:
+        folder = Path(work) / FOLDER
+        _write_folder(folder, model_type, arch, tensors, manifest["data"])
+        ids = _held_out_windows(config, arch)
+        parity = round_trip(model, folder, ids, config.export.atol)
+        write_json(out_dir / "hf_parity.json", {"checkpoint": str(ckpt), "folder": str(final), **parity})
+        console.info(f"export: transformers loads the {model_type} folder; max abs logit diff "
+                     f"{parity['max_abs_diff']:.3g} on held-out text (atol {config.export.atol}) -> "
+                     f"{'ok' if parity['passed'] else 'FAILED'}")
+        if not parity["passed"]:
+            raise GateFailed(f"hf export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol "
+                             f"{config.export.atol}; the folder was not published", {"parity": parity})
+        if final.exists():
+            shutil.rmtree(final)
+        folder.rename(final)
+    console.info(f"export: {final} ({model_type}, {sum(t.numel() for t in tensors.values()):,} values)")
+    return {"hf_folder": str(final), "hf_model_type": model_type, "hf_max_abs_diff": parity["max_abs_diff"]}
+
+
+def hf_model_type(arch: DecoderArch) -> str:
+    uniform = len(set(arch.mlp_hidden)) == 1
+    if (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh"):
+        if arch.n_kv_head == arch.n_head and arch.q_width == arch.n_embd and uniform:
+            return "gpt2"
+    if (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu") and not arch.bias and uniform:
+        return "qwen2" if arch.qkv_bias else "llama"
+    raise UserError(f"export.format 'hf': no Hugging Face architecture computes this model (position "
+                    f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
+                    f"bias {arch.bias}); gpt2 and llama/qwen2 shapes can be written")
+
+
+def _hf_config(model_type: str, arch: DecoderArch, data: dict[str, Any]) -> dict[str, Any]:
+    special = data.get("special_tokens") or {}
+    eos = special.get("eos") or []
+    common = {"model_type": model_type, "vocab_size": arch.vocab_size, "tie_word_embeddings": arch.tie_embeddings,
+              "bos_token_id": special.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+              "torch_dtype": "float32"}
+    if model_type == "gpt2":
+        return {**common, "architectures": ["GPT2LMHeadModel"], "n_positions": arch.block_size,
+                "n_embd": arch.n_embd, "n_layer": arch.n_layer, "n_head": arch.n_head, "n_inner": arch.mlp_hidden[0],
+                "activation_function": "gelu_new" if arch.mlp == "gelu_tanh" else "gelu",
+                "layer_norm_epsilon": arch.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": arch.rope_theta}
+    if arch.rope_scaling is not None:
+        scaling = arch.rope_scaling.model_dump()
+        rope = {**rope, "rope_type": scaling.pop("kind"), **scaling}
+    return {**common, "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+            "hidden_size": arch.n_embd, "intermediate_size": arch.mlp_hidden[0], "num_hidden_layers": arch.n_layer,
+            "num_attention_heads": arch.n_head, "num_key_value_heads": arch.n_kv_head, "head_dim": arch.head_size,
+            "max_position_embeddings": arch.block_size, "rms_norm_eps": arch.norm_eps, "hidden_act": "silu",
+            "rope_parameters": rope, "rope_theta": arch.rope_theta, "attention_bias": False, "mlp_bias": False,
+            "use_sliding_window": False, "attention_dropout": 0.0}
+
+
+def _gpt2_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch.Tensor]:
+    """bigmodel's names are GPT-2's; missing biases become zeros, Linear weights become Conv1D's (in, out)."""
+    state = {name: t.detach() for name, t in model.state_dict().items() if name not in model.tied_weights}
+    tensors = {}
+    for name, tensor in state.items():
+        tensors[name] = tensor.t().contiguous() if name.endswith(GPT2_CONV1D) else tensor
+    for i in range(arch.n_layer):  # the biases GPT-2 always has
+        prefix = f"transformer.h.{i}."
+        widths = {"ln_1": arch.n_embd, "ln_2": arch.n_embd, "attn.c_attn": arch.q_width + 2 * arch.kv_width,
+                  "attn.c_proj": arch.n_embd, "mlp.c_fc": arch.mlp_hidden[i], "mlp.c_proj": arch.n_embd}
+        for module, width in widths.items():
+            tensors.setdefault(f"{prefix}{module}.bias", torch.zeros(width))
+    tensors.setdefault("transformer.ln_f.bias", torch.zeros(arch.n_embd))
+    return tensors
+
+
+def _llama_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch.Tensor]:
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    ours_to_hf = {ours: hf for hf, ours in LLAMA_LAYER.items()}
+    rows = qkv_rows(arch)
+    sizes = {"q": arch.q_width, "k": arch.kv_width, "v": arch.kv_width}
+    tensors = {"model.embed_tokens.weight": state["transformer.wte.weight"],
+               "model.norm.weight": state["transformer.ln_f.weight"]}
+    if not arch.tie_embeddings:
+        tensors["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(arch.n_layer):
+        prefix, hf_prefix = f"transformer.h.{i}.", f"model.layers.{i}."
+        for ours, hf in ours_to_hf.items():
+            tensors[hf_prefix + hf] = state[prefix + ours]
+        for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
+            fused = state[f"{prefix}attn.c_attn.{kind}"]
+            for part, start in rows.items():
+                tensors[f"{hf_prefix}self_attn.{part}_proj.{kind}"] = fused[start : start + sizes[part]]
+    return {name: t.contiguous() for name, t in tensors.items()}
+
+
+def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dict[str, torch.Tensor],
+                  data: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({name: t.float() for name, t in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(_hf_config(model_type, arch, data), indent=2))
+    (folder / "tokenizer.json").write_text(data["tokenizer"], encoding="utf-8")
+    tok = tokenizers.from_json(data["tokenizer"])
+    special = data.get("special_tokens") or {}
+
+    def text(token_id: Any) -> str | None:
+        return tok.id_to_token(token_id) if isinstance(token_id, int) else None  # type: ignore[attr-defined]
+
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": arch.block_size,
+                "bos_token": text(special.get("bos")), "eos_token": text((special.get("eos") or [None])[0]),
+                "pad_token": text(special.get("pad")), "chat_template": data.get("chat_template")}
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in settings.items() if v is not None},
+                                                             indent=2))
+
+
+def _held_out_windows(config: Config, arch: DecoderArch) -> np.ndarray:
+    tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
+    span = min(32, arch.block_size)
+    if len(tokens) < 2 * span:
+        tokens = np.resize(tokens, 2 * span)
+    starts = np.linspace(0, len(tokens) - span, 2).astype(np.int64)
+    return np.stack([tokens[s : s + span] for s in starts])
+
+
+def round_trip(model: torch.nn.Module, folder: Path, ids: np.ndarray, atol: float) -> dict[str, Any]:
+    """transformers loading `folder` against bigmodel's model, on the same token windows."""
+    from bigmodel.pretrained.build import load_transformers
+
+    transformers, reference = load_transformers(folder, None)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(ids)).logits.float().numpy()
+        ours = model(torch.from_numpy(ids))[0].float().numpy()
+    diff = float(np.abs(ours - theirs).max())
+    return {"reference": f"transformers {transformers.__version__}", "max_abs_diff": diff, "atol": atol,
+            "passed": bool(diff <= atol), "windows": list(ids.shape)}
