@@ -79,8 +79,6 @@ class Decoder:
         for _ in range(settings.max_new_tokens):
             next_id = pick(logits[0, -1], settings, rng)
             yield next_id
-            if next_id in self.eos_ids:
-                return
             ids.append(next_id)
             if keys.shape[3] + 1 > self.block_size:  # window full: re-read the last block_size tokens
                 window = np.array([ids[-self.block_size :]], dtype=np.int64)

@@ -135,7 +135,8 @@ def _read(path: Path, arch: DecoderArch, targets: dict[str, Target]) -> Iterator
             weight = unpermute(weight, arch.n_head)
         elif tensor.name.endswith("attn_k.weight"):
             weight = unpermute(weight, arch.n_kv_head)
-        yield tensor.name, torch.from_numpy(np.array(weight, dtype=np.float32))  # a writable copy of the mapped file
+        # F32 tensors come straight from the read-only mapped file: those (small ones) are copied
+        yield tensor.name, torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
