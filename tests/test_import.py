@@ -266,3 +266,40 @@ def test_hf_export_refuses_what_transformers_cannot_compute(tmp_path: Path) -> N
     assert cli("pipeline", "-c", config, "--to", "train", "-q", *overrides).code == 0
     _one_line_error(cli("export", "-c", config, "--set", "export.format=hf", "-q", *overrides),
                     "no Hugging Face architecture", "position rope")
+
+
+def test_chat_prompt_is_rendered_as_transformers_renders_it(sources: dict[str, Path], tmp_path: Path) -> None:
+    """--chat renders the imported template (in jinja2's sandbox) exactly as transformers does."""
+    config = import_config(tmp_path, sources["llama"])
+    assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
+    assert cli("export", "-c", config, "--set", "export.checkpoint=init", "-q").code == 0
+    onnx_path = tmp_path / "run" / "export" / "model.onnx"
+    session, meta = open_model(onnx_path, ["CPUExecutionProvider"], 1, "gpt")
+    decoder = Decoder.from_session(session, meta, onnx_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(sources["llama"]))
+    assert decoder.chat_prompt(messages) == hf_tok.apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True)
+    assert decoder.eos_ids == {2}
+    out = tmp_path / "chat.jsonl"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    result = cli("infer", "-m", onnx_path, "-i", tmp_path / "in.jsonl", "-o", out, "--chat", "-n", "5", "-t", "0")
+    assert result.code == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["chat"] and record["prompt"] == messages and 1 <= record["new_tokens"] <= 5
+    _one_line_error(cli("infer", "-m", onnx_path, "-i", tmp_path / "in.jsonl", "-o", out, "-q"), "--chat")
+
+
+def test_compress_runs_on_an_imported_llama(sources: dict[str, Path], tmp_path: Path) -> None:
+    """Structured MLP pruning of a SwiGLU model (gate, up and down together) and static int8 on its graph;
+    head pruning of a grouped-query model is refused by name."""
+    steps = [{"method": "prune", "kind": "structured", "sparsity": 0.5}, {"method": "quantize", "mode": "static",
+                                                                            "calibration_batches": 2}]
+    config = import_config(tmp_path, sources["llama"], compress={"checkpoint": "init", "steps": steps})
+    result = cli("pipeline", "-c", config, "--to", "compress", "--json", "-q")
+    assert result.code == 0, result.stderr
+    rows = json.loads((tmp_path / "run" / "compress" / "report.json").read_text())["steps"]
+    assert rows[1]["parameters"] < rows[0]["parameters"] and np.isfinite(rows[-1]["metrics"]["loss"])
+    heads = [{"method": "prune", "kind": "structured", "structure": "heads", "sparsity": 0.5}]
+    _one_line_error(cli("compress", "-c", config, "--set", f"compress.steps={json.dumps(heads)}", "-q"),
+                    "grouped-query attention")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bigmodel import arch as arches
 from bigmodel import chat, console, decoder_graph
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import STDIO, InferConfig
@@ -51,6 +52,8 @@ class Decoder:
         # metadata() decodes JSON values; the tokenizer is wanted back as its JSON text.
         raw = meta["tokenizer"] if isinstance(meta["tokenizer"], str) else json.dumps(meta["tokenizer"])
         tok = tokenizers.from_json(raw, f"{path} (tokenizer)")
+        if "architecture" in meta:  # validated like a checkpoint's (older files upgrade, broken ones are refused)
+            arches.parse(meta["architecture"], str(path))
         special = meta.get("special_tokens") or {}
         return cls(session, tok, int(meta["block_size"]), CacheLayout.from_metadata(meta),
                    frozenset(special.get("eos") or []), meta.get("chat_template"), special)
