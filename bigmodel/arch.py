@@ -1,9 +1,10 @@
 """A model's architecture as one typed, validated, torch-free object per family.
 
-The config builds it (`from_config`), checkpoints store it in their manifest, ONNX models carry it in
-their metadata, `plan`/`accounting` read it, and the model code is built from it. Derived values (head
-size, KV heads, the MLP width of each layer) are fields filled in when the object is made, so every
-reader sees the same numbers and no code re-derives them from dict keys.
+The config builds it (each family's `architecture(model_cfg, data)`), checkpoints store it in their
+manifest, ONNX models carry it in their metadata, `plan`/`accounting` read it, and the model code is
+built from it. Derived values (head size, KV heads, the MLP width of each layer) are fields filled in
+when the object is made, so every reader sees the same numbers and no code re-derives them from dict
+keys.
 
 Checkpoints written before this object existed stored a plain dict with fewer keys; `parse` fills the
 missing ones with the values those models had (learned positions, LayerNorm, GELU, tied head), so old
@@ -12,7 +13,7 @@ checkpoints and ONNX files keep working.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,9 +22,18 @@ from bigmodel.errors import UserError
 
 class Arch(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # What a distillation student must share with its teacher (same outputs over the same inputs).
+    interface: ClassVar[tuple[str, ...]] = ()
+    # The field holding each hidden layer's width (what structured pruning narrows).
+    hidden_widths_field: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @property
+    def context(self) -> int | None:
+        """The longest input sequence the model reads (None: rows, not sequences)."""
+        return None
 
 
 class RopeScaling(BaseModel):
@@ -41,6 +51,8 @@ class RopeScaling(BaseModel):
 class DecoderArch(Arch):
     """A decoder-only transformer: GPT-2 by default, Llama/Mistral/Qwen2 through the options."""
 
+    interface: ClassVar[tuple[str, ...]] = ("vocab_size",)
+    hidden_widths_field: ClassVar[str] = "mlp_hidden"
     family: Literal["gpt"] = "gpt"
     task: Literal["lm"] = "lm"
     vocab_size: int = Field(gt=0)
@@ -95,6 +107,10 @@ class DecoderArch(Arch):
         return self
 
     @property
+    def context(self) -> int | None:
+        return self.block_size
+
+    @property
     def q_width(self) -> int:
         return self.n_head * self.head_size
 
@@ -106,6 +122,8 @@ class DecoderArch(Arch):
 class TabularArch(Arch):
     """A multi-layer perceptron on standardised features."""
 
+    interface: ClassVar[tuple[str, ...]] = ("n_inputs", "n_outputs")
+    hidden_widths_field: ClassVar[str] = "hidden_sizes"
     family: Literal["mlp"] = "mlp"
     task: Literal["classification", "regression"]
     n_inputs: int = Field(gt=0)

@@ -736,7 +736,12 @@ class Config(Section):
     def section_hash(self, *names: str) -> str:
         """Fingerprint of some sections, so a pipeline knows when a stage's settings changed."""
         dumped = self.model_dump(mode="json")
-        picked = {name: dumped.get(name) for name in names}
+        picked = {}
+        for name in names:  # a section, or one key of it ("init.from_")
+            value: Any = dumped
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            picked[name] = value
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 

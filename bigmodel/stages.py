@@ -72,9 +72,20 @@ def _ckpt(ref_of: Callable[[Config], str]) -> Callable[[Config], list[Path]]:
 
 
 def _sources(config: Config) -> list[Path]:
-    """prepare's inputs: the data file (globs are not tracked; use --force after adding files)."""
+    """prepare's inputs: the data file (globs are not tracked; use --force after adding files), and an
+    imported model's files (its tokenizer is prepare's)."""
     path = config.data.path
-    return [path] if path is not None and path.is_file() else []
+    return [*([path] if path is not None and path.is_file() else []), *_pretrained_files(config)]
+
+
+def _pretrained_files(config: Config) -> list[Path]:
+    """What init.from names: a GGUF file, or a folder's config and tokenizer (weights are named by them)."""
+    source = config.init.from_
+    if source is None:
+        return []
+    if source.is_dir():
+        return [p for p in (source / "config.json", source / "tokenizer.json") if p.exists()]
+    return [source]
 
 
 def _infer_inputs(config: Config) -> list[Path]:
@@ -96,8 +107,9 @@ _EVERYWHERE = ("seed", "threads")
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("prepare", ("data", "seed"), _sources, prepared_files),
-        Stage("init", ("data", "model", "init", "seed"), _in("prepare", "manifest.json"),
+        Stage("prepare", ("data", "seed", "init.from_"), _sources, prepared_files),
+        Stage("init", ("data", "model", "init", "seed"),
+              lambda c: [c.stage_dir("prepare") / "manifest.json", *_pretrained_files(c)],
               _in("init", "model.safetensors")),
         Stage("train", ("model", "train", *_EVERYWHERE),
               lambda c: [c.stage_dir("init") / "model.safetensors", *prepared_files(c)],

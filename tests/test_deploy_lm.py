@@ -171,3 +171,20 @@ def test_pipeline_runs_export_and_infer_for_the_gpt(lm_run: Path) -> None:
     assert result.code == 0, result.stderr
     stages = json.loads(result.stdout)["stages"]
     assert stages["export"] == {"skipped": True} and stages["infer"]["new_tokens"] == 5
+
+
+def test_an_onnx_file_from_before_grouped_query_attention_still_generates(lm_run: Path, tmp_path: Path) -> None:
+    """Files exported before n_kv_head existed have no such metadata (nor special tokens): they cache n_head
+    heads and generate as before."""
+    model = onnx.load(str(onnx_of(lm_run)))
+    dropped = {"bigmodel.n_kv_head", "bigmodel.special_tokens", "bigmodel.chat_template"}
+    kept = [p for p in model.metadata_props if p.key not in dropped]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    args = ("--prompt", "def ", "-n", "12", "-t", "0", "--json", "-o")
+    now = cli("infer", "--model", onnx_of(lm_run), *args, tmp_path / "a.jsonl")
+    before = cli("infer", "--model", old, *args, tmp_path / "b.jsonl")
+    assert now.code == before.code == 0, before.stderr
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel.arch import DecoderArch
 from bigmodel import accounting, plan
+from bigmodel.arch import DecoderArch
 from scripts.check_plan_memory import measure_cpu
 from tests.conftest import CONFIGS, cli, tiny_digits
 from tests.test_lm import lm_config
@@ -84,3 +84,20 @@ def test_plan_says_what_it_needs_before_prepare(tmp_path: Path) -> None:
     assert plan_json(config, "--set", "plan.vocab_size=100")["model"]["architecture"]["vocab_size"] == 100
     unknown = cli("plan", "-c", config, "--hardware", "tpu9")
     assert unknown.code == 2 and "plan.hardware" in unknown.stderr
+
+
+def test_llama_options_are_planned_from_the_architecture(tmp_path: Path) -> None:
+    """Grouped-query attention shrinks the KV cache to n_kv_head heads; rope has no position table; the
+    parameter count equals the model init builds with these options."""
+    options = ["--set", "model.position=rope", "--set", "model.norm=rmsnorm", "--set", "model.mlp=swiglu",
+               "--set", "model.n_kv_head=1", "--set", "model.intermediate_size=80", "--set", "model.tie_embeddings=false"]
+    config = lm_config(tmp_path)
+    for stage in ("prepare", "init"):
+        assert cli(stage, "-c", config, "-q", *options).code == 0
+    built = cli("init", "-c", config, "--json", "-q", *options).json()
+    report = plan_json(config, *options)
+    assert report["model"]["parameters"] == built["parameters"]
+    assert report["model"]["parameters_without_position_embeddings"] == built["parameters"]
+    arch = report["model"]["architecture"]
+    context = report["inference_memory"]["context"]
+    assert report["inference_memory"]["kv_cache_fp32"] == 2 * arch["n_layer"] * context * 1 * arch["head_size"] * 4

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel import console, registry
+from bigmodel.arch import AnyArch
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config, DistillStep
 from bigmodel.datasets import data_manifest
@@ -30,14 +31,14 @@ def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -
     teacher.to(device).eval().requires_grad_(False)
     student_cfg = config.student_model(step)
     arch = registry.architecture(student_cfg, data_manifest(config))
-    _check_compatible(registry.manifest_arch(teacher_manifest, teacher_path).to_dict(), arch.to_dict())
+    _check_compatible(registry.manifest_arch(teacher_manifest, teacher_path), arch)
 
     torch.manual_seed(config.seed)
     student = registry.build_model(arch)
     registry.init_weights(student, arch.family, config.init.scheme, config.init.std)
-    if arch.family == "mlp":  # the same data: the teacher's standardisation statistics apply
-        student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(("feature_", "target_"))},
-                                strict=False)
+    # The same data: statistics the teacher carries as buffers (tabular standardisation) apply to the student.
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(("feature_", "target_"))},
+                            strict=False)
     start = work_dir / "student_init.safetensors"
     save_checkpoint(start, model_tensors(student), {**teacher_manifest, "architecture": arch.to_dict(), "family": arch.family,
                                                     "step": 0, "metrics": {}})
@@ -78,19 +79,18 @@ def distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: float
     return loss
 
 
-def _check_compatible(teacher: dict[str, Any], student: dict[str, Any]) -> None:
+def _check_compatible(teacher: AnyArch, student: AnyArch) -> None:
     """Soft targets only make sense over the same outputs: same vocabulary (or classes) and inputs."""
-    keys = ("vocab_size",) if student["family"] == "gpt" else ("n_inputs", "n_outputs")
-    for key in keys:
-        if teacher.get(key) != student.get(key):
+    for key in student.interface:
+        if getattr(teacher, key) != getattr(student, key):
             raise UserError(
-                f"distill: the teacher's {key} is {teacher.get(key)} but the student's data gives "
-                f"{student.get(key)}; teacher and student must share the tokenizer/labels (re-prepare the "
+                f"distill: the teacher's {key} is {getattr(teacher, key)} but the student's data gives "
+                f"{getattr(student, key)}; teacher and student must share the tokenizer/labels (re-prepare the "
                 "same data, or distil from a teacher trained on it)"
             )
-    if student["family"] == "gpt" and student["block_size"] > teacher["block_size"]:
-        raise UserError(f"distill: student block_size {student['block_size']} exceeds the teacher's "
-                        f"{teacher['block_size']}; the teacher cannot score such contexts")
+    if student.context is not None and teacher.context is not None and student.context > teacher.context:
+        raise UserError(f"distill: student block_size {student.context} exceeds the teacher's "
+                        f"{teacher.context}; the teacher cannot score such contexts")
 
 
 def _recipe(config: Config) -> Any:

@@ -125,8 +125,7 @@ def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float
                 state[f"{name}.bias"] = state[f"{name}.bias"][kept]
         state[f"{reader}.weight"] = state[f"{reader}.weight"][:, kept]
         widths.append(len(kept))
-    key = "mlp_hidden" if arch.family == "gpt" else "hidden_sizes"
-    arch = arch.model_copy(update={key: tuple(widths), "original_widths": tuple(original)})
+    arch = arch.model_copy(update={arch.hidden_widths_field: tuple(widths), "original_widths": tuple(original)})
     smaller = registry.build_model(arch)
     smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
     return smaller, {**manifest, "architecture": arch.to_dict()}

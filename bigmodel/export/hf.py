@@ -26,7 +26,7 @@ from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
 from bigmodel.errors import GateFailed, UserError
 from bigmodel.io import write_json
-from bigmodel.pretrained.hf import LLAMA_LAYER, qkv_rows
+from bigmodel.pretrained.hf import LLAMA_LAYER, LLAMA_QKV
 
 FOLDER = "hf"
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -119,8 +119,7 @@ def _gpt2_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch.
 def _llama_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch.Tensor]:
     state = {name: t.detach() for name, t in model.state_dict().items()}
     ours_to_hf = {ours: hf for hf, ours in LLAMA_LAYER.items()}
-    rows = qkv_rows(arch)
-    sizes = {"q": arch.q_width, "k": arch.kv_width, "v": arch.kv_width}
+    widths = {"q": arch.q_width, "k": arch.kv_width, "v": arch.kv_width}
     tensors = {"model.embed_tokens.weight": state["transformer.wte.weight"],
                "model.norm.weight": state["transformer.ln_f.weight"]}
     if not arch.tie_embeddings:
@@ -130,9 +129,9 @@ def _llama_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch
         for ours, hf in ours_to_hf.items():
             tensors[hf_prefix + hf] = state[prefix + ours]
         for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
-            fused = state[f"{prefix}attn.c_attn.{kind}"]
-            for part, start in rows.items():
-                tensors[f"{hf_prefix}self_attn.{part}_proj.{kind}"] = fused[start : start + sizes[part]]
+            q, k, v = state[f"{prefix}attn.c_attn.{kind}"].split(list(widths.values()))
+            for module, part in LLAMA_QKV.items():
+                tensors[f"{hf_prefix}{module}.{kind}"] = {"q": q, "k": k, "v": v}[part]
     return {name: t.contiguous() for name, t in tensors.items()}
 
 

@@ -95,7 +95,7 @@ def run(config: Config) -> dict[str, Any]:
         f"(dropped: {dropped}), {report.chars_kept:,} characters"
     )
     console.info(
-        f"prepare: {tok.kind} tokenizer, vocab {tok.vocab_size}; tokens train {counts['tokens']['train']:,}, "
+        f"prepare: {manifest['tokenizer']['kind']} tokenizer, vocab {tok.vocab_size}; tokens train {counts['tokens']['train']:,}, "
         f"val {counts['tokens']['val']:,} ({np.dtype(dtype).name})"
     )
     if data.augment:

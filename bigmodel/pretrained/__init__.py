@@ -62,6 +62,26 @@ def describe(path: Path) -> Source:
     raise UserError(f"init.from: {path} is neither a model folder (with config.json) nor a .gguf file")
 
 
+def decoder_targets(arch: DecoderArch, names: list[str], top: dict[str, str], layer_prefix: str,
+                    layer: dict[str, str], qkv: dict[str, str]) -> dict[str, Target]:
+    """Where each file tensor goes: `top` maps whole-model tensors, `layer` the tensors of block N (named
+    `<layer_prefix>N.<rest>`), and `qkv` the query/key/value projections (rest without .weight/.bias ->
+    q, k or v), which fill the rows of the fused c_attn. Unknown names are left out (the caller refuses)."""
+    rows = {"q": 0, "k": arch.q_width, "v": arch.q_width + arch.kv_width}
+    targets: dict[str, Target] = {}
+    for name in names:
+        if name in top:
+            targets[name] = (top[name], 0)
+        elif name.startswith(layer_prefix):
+            index, _, rest = name.removeprefix(layer_prefix).partition(".")
+            module, _, kind = rest.rpartition(".")
+            if rest in layer:
+                targets[name] = (f"transformer.h.{index}.{layer[rest]}", 0)
+            elif module in qkv:
+                targets[name] = (f"transformer.h.{index}.attn.c_attn.{kind}", rows[qkv[module]])
+    return targets
+
+
 def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> None:
     """Every parameter of the model is filled exactly once, by tensors of the right shape."""
     filled: dict[str, int] = {}

@@ -6,6 +6,8 @@ shapes, and only then are the parameters allocated and filled, one file tensor a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -67,7 +69,9 @@ def load_transformers(folder: Path, gguf_file: str | None = None) -> tuple[Modul
     options: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
-    with console.stdout_to_stderr(), warnings.catch_warnings():
+    # Its GGUF loader draws a progress bar that no setting turns off: the reference's chatter is dropped
+    # (failures still raise).
+    with console.stdout_to_stderr(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **options)
     return transformers, model.eval()

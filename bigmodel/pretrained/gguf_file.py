@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 from bigmodel.arch import DecoderArch, RopeScaling
 from bigmodel.errors import UserError
-from bigmodel.pretrained import Source, Target
-from bigmodel.pretrained.hf import qkv_rows
+from bigmodel.pretrained import Source, Target, decoder_targets
 
 SUPPORTED = ("llama",)
 LAYER = {
@@ -91,22 +90,10 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path) -> DecoderArch:
 
 
 def _targets(arch: DecoderArch, tensors: dict[str, Any], path: Path) -> dict[str, Target]:
-    rows = qkv_rows(arch)
-    targets: dict[str, Target] = {}
-    for name in tensors:
-        if name == "token_embd.weight":
-            targets[name] = ("transformer.wte.weight", 0)
-        elif name == "output_norm.weight":
-            targets[name] = ("transformer.ln_f.weight", 0)
-        elif name == "output.weight":
-            targets[name] = ("lm_head.weight", 0)
-        elif name.startswith("blk."):
-            layer, _, rest = name.removeprefix("blk.").partition(".")
-            prefix = f"transformer.h.{layer}."
-            if rest in LAYER:
-                targets[name] = (prefix + LAYER[rest], 0)
-            elif rest in ("attn_q.weight", "attn_k.weight", "attn_v.weight"):
-                targets[name] = (prefix + "attn.c_attn.weight", rows[rest[5]])
+    top = {"token_embd.weight": "transformer.wte.weight", "output_norm.weight": "transformer.ln_f.weight",
+           "output.weight": "lm_head.weight"}
+    qkv = {"attn_q": "q", "attn_k": "k", "attn_v": "v"}
+    targets = decoder_targets(arch, list(tensors), top, "blk.", LAYER, qkv)
     extra = sorted(set(tensors) - set(targets))
     if extra:
         raise UserError(f"{path}: tensors {', '.join(extra[:4])} have no place in a llama decoder; this GGUF "

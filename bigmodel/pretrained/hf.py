@@ -14,7 +14,7 @@ from typing import Any
 
 from bigmodel.arch import DecoderArch, RopeScaling
 from bigmodel.errors import UserError
-from bigmodel.pretrained import Source, Target
+from bigmodel.pretrained import Source, Target, decoder_targets
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
@@ -236,32 +236,16 @@ LLAMA_LAYER = {
 }
 
 
-def qkv_rows(arch: DecoderArch) -> dict[str, int]:
-    """Where q, k and v start in the fused c_attn projection."""
-    return {"q": 0, "k": arch.q_width, "v": arch.q_width + arch.kv_width}
+LLAMA_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 
 
 def _llama_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
-    targets: dict[str, Target] = {}
-    rows = qkv_rows(arch)
-    for name in shapes:
-        if name == "model.embed_tokens.weight":
-            targets[name] = ("transformer.wte.weight", 0)
-        elif name == "model.norm.weight":
-            targets[name] = ("transformer.ln_f.weight", 0)
-        elif name == "lm_head.weight":
-            if not arch.tie_embeddings:
-                targets[name] = ("lm_head.weight", 0)
-        elif name.startswith("model.layers."):
-            layer, _, rest = name.removeprefix("model.layers.").partition(".")
-            prefix = f"transformer.h.{layer}."
-            if rest in LLAMA_LAYER:
-                targets[name] = (prefix + LLAMA_LAYER[rest], 0)
-            elif rest.startswith("self_attn.") and rest[10:12] in ("q_", "k_", "v_") and rest[11:17] == "_proj.":
-                kind = rest.split(".")[-1]  # weight or bias
-                targets[name] = (f"{prefix}attn.c_attn.{kind}", rows[rest[10]])
-    if "lm_head.weight" in shapes and arch.tie_embeddings:
-        shapes.pop("lm_head.weight")  # some files store the tied head too: it is the embedding
+    top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
+    if arch.tie_embeddings:
+        shapes.pop("lm_head.weight", None)  # some files store the tied head too: it is the embedding
+    else:
+        top["lm_head.weight"] = "lm_head.weight"
+    targets = decoder_targets(arch, list(shapes), top, "model.layers.", LLAMA_LAYER, LLAMA_QKV)
     _unplaced(shapes, targets, folder)
     return targets
 
