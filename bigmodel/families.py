@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from bigmodel.arch import ARCHES, Arch
@@ -25,6 +26,7 @@ class Family:
     recipe: str  # train(config, resume, out_dir, ...)
     evaluator: str  # run(config), scores_for(config, path)
     exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...)
+    inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench): ONNX Runtime only
     infer_output: str  # default file name of infer's output
     infer_reads_test_split: bool  # infer's default input is the prepared test split
     distributed: bool  # trains under torchrun (DDP/FSDP)
@@ -42,15 +44,23 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family(
         name="gpt", data_format="text", onnx_kind="gpt", default_init="gpt2", model="bigmodel.models.gpt",
         recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
-        infer_output="generations.jsonl", infer_reads_test_split=False, distributed=True,
+        inferer="bigmodel.infer.gpt", infer_output="generations.jsonl", infer_reads_test_split=False, distributed=True,
     ),
     "mlp": Family(
         name="mlp", data_format="tabular", onnx_kind="tabular", default_init="kaiming_uniform",
         model="bigmodel.models.mlp", recipe="bigmodel.train.tabular", evaluator="bigmodel.eval.tabular",
-        exporter="bigmodel.export.tabular", infer_output="predictions.csv", infer_reads_test_split=True,
+        exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", infer_output="predictions.csv", infer_reads_test_split=True,
         distributed=False,
     ),
 }
+
+
+def family_of_onnx_kind(kind: str, path: Path) -> Family:
+    """The family whose exporter stamps `kind` into its ONNX files."""
+    for candidate in FAMILIES.values():
+        if candidate.onnx_kind == kind:
+            return candidate
+    raise UserError(f"{path}: a '{kind}' model, which this version of bigmodel cannot run")
 
 
 def family(name: str) -> Family:

@@ -11,8 +11,7 @@ from typing import Any
 
 from bigmodel.config import STDIO, Config, InferConfig
 from bigmodel.datasets import TEST_CSV
-from bigmodel.errors import UserError
-from bigmodel.families import family
+from bigmodel.families import family, family_of_onnx_kind
 
 
 def default_output(config: Config) -> Path:
@@ -40,17 +39,5 @@ def predict(model: Path, settings: InferConfig, source: Path | None, dest: Path,
     from bigmodel.infer.session import open_model
 
     session, meta = open_model(Path(model), settings.providers, threads)
-    if meta["kind"] == "gpt":
-        from bigmodel.infer import gpt
-
-        decoder = gpt.Decoder.from_session(session, meta, Path(model))
-        if bench is not None:
-            return gpt.bench(decoder, seed=seed, **bench)
-        return gpt.generate(decoder, settings, source, Path(dest), seed)
-    if bench is not None:
-        raise UserError("--bench measures language-model decoding; this is a tabular model")
-    if source is None:
-        raise UserError("infer needs rows to predict: --input FILE (CSV or JSONL) or '-' for stdin")
-    from bigmodel.infer import tabular
-
-    return tabular.predict_file(session, meta, Path(model), Path(source), Path(dest), settings)
+    inferer = family_of_onnx_kind(meta["kind"], Path(model)).module("inferer")
+    return inferer.run_model(session, meta, Path(model), settings, source, Path(dest), seed, bench)

@@ -183,6 +183,15 @@ def _holdback(text: str, stops: list[str]) -> int:
 # ------------------------------------------------------------------------------------- the stage
 
 
+def run_model(session: ort.InferenceSession, meta: dict[str, Any], path: Path, settings: InferConfig,
+              source: Path | None, dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
+    """infer's entry for decoder models: generate, or measure decoding with --bench."""
+    decoder = Decoder.from_session(session, meta, path)
+    if bench_settings is not None:
+        return bench(decoder, seed=seed, **bench_settings)
+    return generate(decoder, settings, source, dest, seed)
+
+
 def read_prompts(settings: InferConfig, source: Path | None) -> list[Prompt]:
     """--prompt, else a text file (one prompt per line), a JSONL file ({"prompt": ...} or, with --chat,
     {"messages": [...]}) or stdin."""

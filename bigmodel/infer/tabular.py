@@ -23,6 +23,16 @@ from bigmodel.io import atomic_open, jsonl_objects
 from bigmodel.tabular_io import parse_number, read_csv, read_text
 
 
+def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferConfig, source: Path | None,
+              dest: Path, seed: int, bench: dict[str, int] | None) -> dict[str, Any]:
+    """infer's entry for tabular models: predict the rows of a file (or stdin)."""
+    if bench is not None:
+        raise UserError("--bench measures language-model decoding; this is a tabular model")
+    if source is None:
+        raise UserError("infer needs rows to predict: --input FILE (CSV or JSONL) or '-' for stdin")
+    return predict_file(session, meta, path, source, dest, settings)
+
+
 def predict_file(
     session: Any, meta: dict[str, Any], model: Path, source: Path, dest: Path, settings: InferConfig
 ) -> dict[str, Any]:
