@@ -48,7 +48,8 @@ def check_messages(messages: Any, origin: str) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{origin}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
     for number, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        valid = isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
+        if not valid:
             raise UserError(f"{origin}: message {number} must be {{\"role\": one of {', '.join(ROLES)}, "
                             "\"content\": a string}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

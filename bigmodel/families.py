@@ -44,13 +44,14 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family(
         name="gpt", data_format="text", onnx_kind="gpt", default_init="gpt2", model="bigmodel.models.gpt",
         recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
-        inferer="bigmodel.infer.gpt", infer_output="generations.jsonl", infer_reads_test_split=False, distributed=True,
+        inferer="bigmodel.infer.gpt", infer_output="generations.jsonl", infer_reads_test_split=False,
+        distributed=True,
     ),
     "mlp": Family(
         name="mlp", data_format="tabular", onnx_kind="tabular", default_init="kaiming_uniform",
         model="bigmodel.models.mlp", recipe="bigmodel.train.tabular", evaluator="bigmodel.eval.tabular",
-        exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", infer_output="predictions.csv", infer_reads_test_split=True,
-        distributed=False,
+        exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", infer_output="predictions.csv",
+        infer_reads_test_split=True, distributed=False,
     ),
 }
 

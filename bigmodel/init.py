@@ -95,8 +95,9 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     path = config.stage_dir("init") / "model.safetensors"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.init.dtype]
     record = {"source": str(source_path), "format": source.format, "model_type": source.model_type,
-              "parameters": registry.count_parameters(model), "source_dtype": source.dtype, "sha256": sha256_file(source_path) if source_path.is_file() else None,
-              "notes": source.notes, "parity": parity, "seconds": round(seconds, 2), "peak_rss_bytes": peak}
+              "parameters": registry.count_parameters(model), "source_dtype": source.dtype,
+              "sha256": sha256_file(source_path) if source_path.is_file() else None, "notes": source.notes,
+              "parity": parity, "seconds": round(seconds, 2), "peak_rss_bytes": peak}
     manifest = {
         "family": arch.family,
         "architecture": arch.to_dict(),

@@ -113,3 +113,19 @@ def test_json_schema_carries_descriptions_and_forbids_unknown_keys() -> None:
     assert train["additionalProperties"] is False
     assert "learning rate" in train["properties"]["lr"]["description"].lower()
     assert train["properties"]["lr"]["exclusiveMinimum"] == 0
+
+
+def test_init_from_is_a_path_key_and_its_conflicts_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = {"data": {"format": "text", "path": "corpus.txt"}, "init": {"from": "models/llama"}}
+    config = load(tmp_path, text)
+    assert config.init.from_ == tmp_path / "models" / "llama"  # relative to the config file, like data.path
+    monkeypatch.chdir(tmp_path / "..")
+    assert load(tmp_path, text, "init.from=elsewhere").init.from_ == Path.cwd() / "elsewhere"
+    assert "from" in json_schema()["$defs"]["InitConfig"]["properties"]
+    message = error_of(tmp_path, {**text, "data": {**text["data"], "tokenizer": {"kind": "bpe"}},
+                                  "init": {"from": "m", "scheme": "normal"}})
+    assert "data.tokenizer: an imported model (init.from) brings its own tokenizer" in message
+    assert "init.scheme: an imported model (init.from) keeps its pretrained weights" in message
+    message = error_of(tmp_path, {**BASE, "init": {"from": "m"}, "export": {"format": "hf"}})
+    assert "init.from imports decoder language models" in message and "export.format 'hf'" in message
+    assert "did you mean 'from'" in error_of(tmp_path, {**text, "init": {"frm": "m"}})

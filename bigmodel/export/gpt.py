@@ -20,10 +20,10 @@ from bigmodel import __version__, console, decoder_graph, registry
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
+from bigmodel.decoder_graph import CacheLayout
 from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
-from bigmodel.decoder_graph import CacheLayout
 
 TWO_GB = 2 * 1024**3
 

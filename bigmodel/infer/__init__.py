@@ -21,7 +21,8 @@ def default_output(config: Config) -> Path:
 def run(config: Config, bench: dict[str, int] | None = None) -> dict[str, Any]:
     settings = config.infer
     model = settings.model or config.stage_dir("export") / "model.onnx"
-    default_input = config.stage_dir("prepare") / TEST_CSV if family(config.model.family).infer_reads_test_split else None
+    reads_test_split = family(config.model.family).infer_reads_test_split
+    default_input = config.stage_dir("prepare") / TEST_CSV if reads_test_split else None
     seed = settings.seed if settings.seed is not None else config.seed
     return predict(model, settings, settings.input or default_input, settings.output or default_output(config),
                    settings.threads or config.threads, seed, bench)

@@ -95,8 +95,8 @@ def run(config: Config) -> dict[str, Any]:
         f"(dropped: {dropped}), {report.chars_kept:,} characters"
     )
     console.info(
-        f"prepare: {manifest['tokenizer']['kind']} tokenizer, vocab {tok.vocab_size}; tokens train {counts['tokens']['train']:,}, "
-        f"val {counts['tokens']['val']:,} ({np.dtype(dtype).name})"
+        f"prepare: {manifest['tokenizer']['kind']} tokenizer, vocab {tok.vocab_size}; tokens train "
+        f"{counts['tokens']['train']:,}, val {counts['tokens']['val']:,} ({np.dtype(dtype).name})"
     )
     if data.augment:
         copies = sum(a.copies for a in data.augment)
