@@ -17,7 +17,7 @@ from bigmodel.arch import AnyArch, DecoderArch
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import TOKENIZER_FILE, data_manifest, prepared_files
-from bigmodel.errors import GateFailed, UserError
+from bigmodel.errors import UserError
 from bigmodel.io import sha256_file
 from bigmodel.models import gpt
 from bigmodel.runtime import peak_rss_bytes, setup_torch
@@ -82,12 +82,8 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     if config.init.verify:
         tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
         parity = build.check_parity(model, source, tok, config.init.atol)
-        console.info(f"init: parity with {parity['reference']} on a {parity['prompt_tokens']}-token prompt: max abs "
-                     f"logit diff {parity['max_abs_diff']:.3g} (atol {config.init.atol}) -> "
-                     f"{'ok' if parity['passed'] else 'FAILED'}")
-        if not parity["passed"]:
-            raise GateFailed(f"import parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol "
-                             f"{config.init.atol}; nothing was written", {"parity": parity})
+        build.enforce(parity, "init", f"parity with {parity['reference']} on a {parity['prompt_tokens']}-token "
+                      "prompt", "nothing was written")
     else:
         parity = {"verified": False}
         console.info("init: parity check skipped (init.verify: false): the checkpoint is recorded as unverified")

@@ -109,6 +109,15 @@ def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int) -> None
     )
 
 
+def held_out_windows(tokens: np.ndarray, batch: int, span: int) -> np.ndarray:
+    """(batch, span) evenly spaced windows of held-out tokens for a parity check; tiny val splits are
+    repeated (it is only a numeric check)."""
+    if len(tokens) < span * batch:
+        tokens = np.resize(tokens, span * batch)
+    starts = np.linspace(0, len(tokens) - span, batch).astype(np.int64)
+    return np.stack([tokens[s : s + span] for s in starts])
+
+
 def check_parity(
     step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: DecoderArch, atol: float,
     decode_steps: int, threads: int | None,
@@ -119,11 +128,7 @@ def check_parity(
     decode_steps = min(decode_steps, block - 1)
     prompt_len = max(1, min(block - decode_steps, 32))
     batch = 2
-    span = prompt_len + decode_steps
-    if len(tokens) < span * batch:  # tiny val splits: repeat them, it is only a numeric check
-        tokens = np.resize(tokens, span * batch)
-    starts = np.linspace(0, len(tokens) - span, batch).astype(np.int64)
-    windows = np.stack([tokens[s : s + span] for s in starts])  # (batch, span)
+    windows = held_out_windows(tokens, batch, prompt_len + decode_steps)
 
     keys, values = CacheLayout.of(arch).empty(batch)
     torch_past = (torch.from_numpy(keys), torch.from_numpy(values))

@@ -24,8 +24,10 @@ from bigmodel import tokenizer as tokenizers
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
-from bigmodel.errors import GateFailed, UserError
+from bigmodel.errors import UserError
+from bigmodel.export.gpt import held_out_windows
 from bigmodel.io import write_json
+from bigmodel.pretrained import build
 from bigmodel.pretrained.hf import LLAMA_LAYER, LLAMA_QKV
 
 FOLDER = "hf"
@@ -49,15 +51,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         folder = Path(work) / FOLDER
         _write_folder(folder, model_type, arch, tensors, manifest["data"])
-        ids = _held_out_windows(config, arch)
+        val = np.asarray(load_tokens(config, "val"), dtype=np.int64)
+        ids = held_out_windows(val, batch=2, span=min(32, arch.block_size))
         parity = round_trip(model, folder, ids, config.export.atol)
         write_json(out_dir / "hf_parity.json", {"checkpoint": str(ckpt), "folder": str(final), **parity})
-        console.info(f"export: transformers loads the {model_type} folder; max abs logit diff "
-                     f"{parity['max_abs_diff']:.3g} on held-out text (atol {config.export.atol}) -> "
-                     f"{'ok' if parity['passed'] else 'FAILED'}")
-        if not parity["passed"]:
-            raise GateFailed(f"hf export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol "
-                             f"{config.export.atol}; the folder was not published", {"parity": parity})
+        build.enforce(parity, "export", f"transformers loads the {model_type} folder, held-out text",
+                      "the folder was not published")
         if final.exists():
             shutil.rmtree(final)
         folder.rename(final)
@@ -157,23 +156,10 @@ def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dic
                                                              indent=2))
 
 
-def _held_out_windows(config: Config, arch: DecoderArch) -> np.ndarray:
-    tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
-    span = min(32, arch.block_size)
-    if len(tokens) < 2 * span:
-        tokens = np.resize(tokens, 2 * span)
-    starts = np.linspace(0, len(tokens) - span, 2).astype(np.int64)
-    return np.stack([tokens[s : s + span] for s in starts])
-
-
 def round_trip(model: torch.nn.Module, folder: Path, ids: np.ndarray, atol: float) -> dict[str, Any]:
     """transformers loading `folder` against bigmodel's model, on the same token windows."""
-    from bigmodel.pretrained.build import load_transformers
-
-    transformers, reference = load_transformers(folder, None)
+    transformers, reference = build.load_transformers(folder)
     with torch.no_grad():
         theirs = reference(torch.from_numpy(ids)).logits.float().numpy()
-        ours = model(torch.from_numpy(ids))[0].float().numpy()
-    diff = float(np.abs(ours - theirs).max())
-    return {"reference": f"transformers {transformers.__version__}", "max_abs_diff": diff, "atol": atol,
-            "passed": bool(diff <= atol), "windows": list(ids.shape)}
+    return {**build.compare(model, ids, theirs, f"transformers {transformers.__version__}", atol),
+            "windows": list(ids.shape)}

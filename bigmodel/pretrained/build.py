@@ -19,7 +19,7 @@ import torch
 
 from bigmodel import console, registry
 from bigmodel.arch import DecoderArch
-from bigmodel.errors import UserError
+from bigmodel.errors import GateFailed, UserError
 from bigmodel.pretrained import POSITIONS, Source, check_plan
 
 PARITY_TEXT = (
@@ -91,11 +91,25 @@ def reference_logits(source: Source, ids: np.ndarray) -> tuple[np.ndarray, str]:
 def check_parity(model: torch.nn.Module, source: Source, tokenizer: Any, atol: float) -> dict[str, Any]:
     """bigmodel's logits against transformers' on the same files and prompt."""
     ids = parity_ids(tokenizer, model.block_size)
+    reference, version = reference_logits(source, ids)
+    return {"verified": True, "prompt_tokens": ids.shape[1], **compare(model, ids, reference, version, atol)}
+
+
+def compare(model: torch.nn.Module, ids: np.ndarray, reference: np.ndarray, version: str,
+            atol: float) -> dict[str, Any]:
+    """bigmodel's logits on `ids` against a reference's: the max abs difference, and the greedy tokens."""
     with torch.no_grad():
         ours = model(torch.from_numpy(ids))[0].float().numpy()
-    reference, version = reference_logits(source, ids)
-    vocab = min(ours.shape[-1], reference.shape[-1])
-    diff = float(np.abs(ours[..., :vocab] - reference[..., :vocab]).max())
-    return {"verified": True, "reference": version, "prompt_tokens": ids.shape[1],
-            "max_abs_diff": diff, "atol": atol, "passed": bool(diff <= atol),
+    diff = float(np.abs(ours - reference).max())
+    return {"reference": version, "max_abs_diff": diff, "atol": atol, "passed": bool(diff <= atol),
             "same_greedy_tokens": bool((ours.argmax(-1) == reference.argmax(-1)).all())}
+
+
+def enforce(parity: dict[str, Any], stage: str, checked: str, unpublished: str) -> None:
+    """Print a transformers comparison's verdict; exit 1 (GateFailed, with the report) when it failed."""
+    verdict = "ok" if parity["passed"] else "FAILED"
+    console.info(f"{stage}: {checked}: max abs logit diff {parity['max_abs_diff']:.3g} (atol {parity['atol']}) "
+                 f"-> {verdict}")
+    if not parity["passed"]:
+        raise GateFailed(f"{stage} parity with {parity['reference']} failed: max abs logit diff "
+                         f"{parity['max_abs_diff']:.3g} > atol {parity['atol']}; {unpublished}", {"parity": parity})

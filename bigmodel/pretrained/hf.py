@@ -41,14 +41,12 @@ def describe(folder: Path) -> Source:
     files = _weight_files(folder)
     shapes, dtypes = _headers(files)
     targets = (_gpt2_targets if model_type == "gpt2" else _llama_targets)(arch, shapes, folder)
-    for name in set(shapes) - set(targets):
-        del shapes[name]
     kinds = sorted({dtypes[name] for name in targets})
     bad = [kind for kind in kinds if kind not in FLOAT_DTYPES]
     if bad:
         raise UserError(f"{folder}: weights of dtype {bad[0]} cannot be imported (float32, float16 or bfloat16 only)")
     transposed = _gpt2_conv1d(targets) if model_type == "gpt2" else set()
-    shapes = {name: tuple(reversed(s)) if name in transposed else s for name, s in shapes.items()}
+    shapes = {name: tuple(reversed(shapes[name])) if name in transposed else shapes[name] for name in targets}
     tokenizer_json, special, template = _tokenizer(folder, config)
     return Source(
         path=folder, format="hf", model_type=model_type, arch=arch, tokenizer_json=tokenizer_json,
@@ -67,6 +65,10 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object")
     return value
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    return _read_json(path, path.name) if path.is_file() else {}
 
 
 # ------------------------------------------------------------------------------------ architecture
@@ -263,9 +265,8 @@ def _tokenizer(folder: Path, config: dict[str, Any]) -> tuple[str, dict[str, Any
                         "its weights (a folder saved by transformers has one)")
     text = path.read_text(encoding="utf-8")
     tok = tokenizers.from_json(text, str(path))
-    settings = _read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").is_file() else {}
-    generation = (_read_json(folder / "generation_config.json", "")
-                  if (folder / "generation_config.json").is_file() else {})
+    settings = _optional_json(folder / "tokenizer_config.json")
+    generation = _optional_json(folder / "generation_config.json")
 
     def token_id(key: str) -> int | None:
         value = settings.get(key)
