@@ -7,6 +7,7 @@ No PyTorch here: `infer` uses this module.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from bigmodel.errors import UserError
@@ -14,10 +15,37 @@ from bigmodel.errors import UserError
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
+# ChatML (OpenAI; used by Qwen and SmolLM2), built in for models that bring no template of their own.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_END = "<|im_end|>"
+
 
 def render(template: str, messages: list[Message], special_tokens: dict[str, str | None],
            add_generation_prompt: bool = True) -> str:
     """The prompt text for `messages`, ending with the assistant's turn opened (add_generation_prompt)."""
+    import jinja2
+
+    try:
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          **{f"{name}_token": value or "" for name, value in special_tokens.items()})
+    except UserError:
+        raise
+    except jinja2.TemplateError as exc:
+        raise UserError(f"the model's chat template cannot be rendered ({exc})") from exc
+
+
+def token_texts(tokenizer: Any, special_tokens: dict[str, Any]) -> dict[str, str | None]:
+    """The bos/eos token strings a template writes (`{{ bos_token }}`), from the model's special token ids."""
+    ids = {"bos": special_tokens.get("bos"), "eos": (special_tokens.get("eos") or [None])[0]}
+    return {name: None if i is None else tokenizer.id_to_token(i) for name, i in ids.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> Any:
+    """A template compiled once (fine-tuning data renders it for every example)."""
     import datetime
     import json
 
@@ -34,13 +62,9 @@ def render(template: str, messages: list[Message], special_tokens: dict[str, str
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
-        compiled = env.from_string(template)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               **{f"{name}_token": value or "" for name, value in special_tokens.items()})
-    except UserError:
-        raise
+        return env.from_string(template)
     except jinja2.TemplateError as exc:
-        raise UserError(f"the model's chat template cannot be rendered ({exc})") from exc
+        raise UserError(f"the model's chat template cannot be compiled ({exc})") from exc
 
 
 def check_messages(messages: Any, origin: str) -> list[Message]:

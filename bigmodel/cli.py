@@ -365,6 +365,8 @@ def config_validate(
             from bigmodel.prepare.text import source_files
 
             source_files(loaded.data)  # raises when a file or glob finds nothing
+        elif loaded.data.format == "sft" and loaded.data.val_path is not None and not loaded.data.val_path.is_file():
+            raise UserError(f"data.val_path: file not found: {loaded.data.val_path}")
         elif not loaded.data.path.is_file():
             raise UserError(f"data.path: file not found: {loaded.data.path}")
         console.info(f"{config}: ok")

@@ -144,13 +144,40 @@ class TextDataConfig(Section):
         return self
 
 
+class SFTDataConfig(Section):
+    """Supervised fine-tuning examples in JSONL, one per line, in any of three shapes:
+    {"prompt", "completion"}; Alpaca {"instruction", "input", "output"}; or chat {"messages": [{"role",
+    "content"}, ...]} (system/user/assistant, OpenAI style)."""
+
+    format: Literal["sft"] = Field("sft", description="Kind of data: 'sft' (instruction or chat examples, JSONL).")
+    path: Path = Field(description="JSONL file of training examples (a val split is held out of it unless "
+                       "data.val_path is set).")
+    val_path: Path | None = Field(None, description="JSONL file of validation examples. Default: hold out "
+                                  "data.val_fraction of data.path (seeded).")
+    val_fraction: Fraction = Field(0.1, description="Fraction of the examples held out for validation (no val_path).")
+    template: Literal["auto", "model", "chatml", "plain"] = Field(
+        "auto", description="How an example becomes text: model (the imported model's own chat template), "
+        "chatml (built in), plain (prompt + completion, Alpaca's prompt for Alpaca records; single-turn only); "
+        "auto: model when the model has a chat template, else chatml.",
+    )
+    train_on: Literal["completion", "all", "last_turn"] = Field(
+        "completion", description="Tokens the loss covers: completion (every assistant turn, never the prompt), "
+        "all (the whole rendered example), last_turn (the last assistant turn only).",
+    )
+    too_long: Literal["truncate", "error"] = Field(
+        "truncate", description="An example longer than model.block_size tokens: truncate (cut its end; counted "
+        "and reported) or error (refuse the data, naming the line).",
+    )
+
+
 def _tag_of(key: str, default: str) -> Any:
     """Pick a union member by `key`, defaulting when the config leaves it out."""
     return lambda value: value.get(key, default) if isinstance(value, dict) else getattr(value, key, default)
 
 
 DataConfig = Annotated[
-    Annotated[TabularDataConfig, Tag("tabular")] | Annotated[TextDataConfig, Tag("text")],
+    Annotated[TabularDataConfig, Tag("tabular")] | Annotated[TextDataConfig, Tag("text")]
+    | Annotated[SFTDataConfig, Tag("sft")],
     Discriminator(_tag_of("format", "tabular")),
 ]
 
@@ -293,6 +320,31 @@ class FSDPConfig(Section):
     )
 
 
+LORA_GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"),
+               "all-linear": ("q", "k", "v", "o", "gate", "up", "down")}
+LoRATarget = Literal["q", "k", "v", "o", "gate", "up", "down", "attention", "mlp", "all-linear"]
+
+
+class LoRAConfig(Section):
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) B A x on the targeted projections, with the
+    base weights frozen. A is Kaiming-initialised and B zero, so training starts from the base model."""
+
+    rank: int = Field(8, gt=0, description="Rank r of each adapter (A: r x in, B: out x r).")
+    alpha: float = Field(16.0, gt=0.0, description="Scale: the update is multiplied by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    targets: list[LoRATarget] = Field(
+        ["all-linear"], min_length=1,
+        description="Projections that get adapters, the same names for GPT-2 and Llama-style models: q, k, v, o "
+        "(attention), gate, up, down (MLP; GPT-2's MLP has up and down), or the groups attention, mlp, all-linear "
+        "(every projection but the output head; QLoRA, Dettmers et al. 2023, found this matches full fine-tuning).",
+    )
+
+    def projections(self) -> tuple[str, ...]:
+        """The targets with groups expanded, in a fixed order."""
+        wanted = {name for target in self.targets for name in LORA_GROUPS.get(target, (target,))}
+        return tuple(name for name in LORA_GROUPS["all-linear"] if name in wanted)
+
+
 class TrainConfig(Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd, adam or adamw.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
@@ -362,6 +414,10 @@ class TrainConfig(Section):
         False, description="gpt: recompute each block's activations in backward (less memory, ~1/3 more compute)."
     )
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 settings (train.distributed: fsdp).")
+    lora: LoRAConfig | None = Field(
+        None, description="gpt: train low-rank adapters instead of every weight, e.g. {rank: 8, alpha: 16, targets: "
+        "[attention]}; checkpoints then hold the adapter only, tied to the init checkpoint by its sha256.",
+    )
 
     @model_validator(mode="after")
     def _optimizer_settings_agree(self) -> TrainConfig:
@@ -426,6 +482,10 @@ class ExportConfig(Section):
     )
     external_data: bool = Field(
         False, description="Store weights in model.onnx.data (always done past 2 GB of weights)."
+    )
+    peft: bool = Field(
+        False, description="A LoRA checkpoint: also write its adapter as a PEFT folder (export/peft: "
+        "adapter_config.json + adapter_model.safetensors) for the Hugging Face ecosystem.",
     )
 
 
@@ -635,7 +695,7 @@ class Config(Section):
         the data has (test for tabular, val for text)."""
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             return raw
-        text = raw["data"].get("format") == "text"
+        text = raw["data"].get("format") in ("text", "sft")
         model = raw.get("model") or {}  # an empty `model:` in YAML is None
         if isinstance(model, dict) and "family" not in model:
             raw = {**raw, "model": {"family": "gpt" if text else "mlp", **model}}
@@ -647,13 +707,13 @@ class Config(Section):
     @property
     def task(self) -> str:
         """classification, regression (tabular data) or lm (text data)."""
-        return "lm" if self.data.format == "text" else self.data.task
+        return "lm" if self.data.format in ("text", "sft") else self.data.task
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Config:
         problems = []
         task = self.task
-        pairs = {"tabular": "mlp", "text": "gpt"}
+        pairs = {"tabular": "mlp", "text": "gpt", "sft": "gpt"}
         if pairs[self.data.format] != self.model.family:
             problems.append(
                 f"model.family '{self.model.family}' cannot learn data.format '{self.data.format}' "
@@ -671,6 +731,16 @@ class Config(Section):
             if self.init.scheme is not None:
                 problems.append("init.scheme: an imported model (init.from) keeps its pretrained weights; remove "
                                 "init.scheme")
+        if self.data.format == "sft" and self.init.from_ is None:
+            problems.append("data.format 'sft' fine-tunes a pretrained model and uses its tokenizer: set init.from "
+                            "(a Hugging Face model folder or a GGUF file)")
+        if self.train.lora is not None:
+            if self.model.family != "gpt":
+                problems.append(f"train.lora adapts decoder language models (model.family 'gpt'), not "
+                                f"'{self.model.family}'")
+            elif self.train.distributed == "fsdp":
+                problems.append("train.lora trains under DDP only (the adapters are small: sharding them saves "
+                                "nothing); set train.distributed 'ddp'")
         if self.export.format != "onnx" and self.model.family != "gpt":
             problems.append(f"export.format '{self.export.format}' writes decoder language models; use 'onnx' for "
                             f"model.family '{self.model.family}'")

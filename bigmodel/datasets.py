@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,21 @@ def shard_name(split: str) -> str:
     return f"{split}.bin"
 
 
+def sft_files(folder: Path, split: str) -> dict[str, Path]:
+    """A split of fine-tuning examples: token ids, the trained-token mask, and where each example starts."""
+    return {"tokens": folder / shard_name(split), "mask": folder / f"{split}.mask.bin",
+            "starts": folder / f"{split}.starts.bin"}
+
+
 def prepared_files(config: Config) -> list[Path]:
-    """What `prepare` writes for this config's data format (the inputs of init and train)."""
+    """What `prepare` writes for this config's data format (the inputs of init and train); the second is
+    the one whose sha256 a checkpoint's lineage records."""
     folder = config.stage_dir("prepare")
     if config.data.format == "text":
         names = [MANIFEST_FILE, shard_name("train"), shard_name("val"), TOKENIZER_FILE]
+    elif config.data.format == "sft":
+        return [folder / MANIFEST_FILE, *sft_files(folder, "train").values(), *sft_files(folder, "val").values(),
+                folder / TOKENIZER_FILE]
     else:
         names = [MANIFEST_FILE, DATA_FILE, TEST_CSV]
     return [folder / name for name in names]
@@ -61,3 +72,35 @@ def load_tokens(config: Config, split: str) -> np.ndarray:
         raise UserError(f"{path} does not have the {manifest['tokens'][split]} tokens its manifest says; "
                         "re-run 'bigmodel prepare'")
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+@dataclass
+class Examples:
+    """A split of fine-tuning examples (memmapped): example i is tokens[starts[i]:starts[i + 1]], and
+    mask marks the tokens the loss predicts."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.starts[i], self.starts[i + 1]
+        return self.tokens[a:b], self.mask[a:b]
+
+
+def load_examples(config: Config, split: str) -> Examples:
+    """A split prepared from data.format 'sft', checked against its manifest."""
+    manifest = data_manifest(config)
+    paths = sft_files(config.stage_dir("prepare"), split)
+    for path in paths.values():
+        require_file(path, f"{split} examples", "run 'bigmodel prepare' first")
+    tokens = load_tokens(config, split)
+    mask = np.memmap(paths["mask"], dtype=np.uint8, mode="r")
+    starts = np.fromfile(paths["starts"], dtype=np.int64)
+    if len(mask) != len(tokens) or len(starts) != manifest["examples"][split] + 1 or starts[-1] != len(tokens):
+        raise UserError(f"{paths['starts'].parent}: the {split} examples do not match their manifest; "
+                        "re-run 'bigmodel prepare'")
+    return Examples(tokens, mask, starts)

@@ -182,8 +182,11 @@ def load_weights(model: nn.Module, source: Path, prefix: str = "model.") -> None
 
     from bigmodel.checkpoint import iter_tensors
 
-    targets = dict(model.named_parameters())
-    targets.update(model.named_buffers())
+    if getattr(model, "lora", None) is not None:  # an adapted model's checkpoints hold its adapters only
+        targets = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    else:
+        targets = dict(model.named_parameters())
+        targets.update(model.named_buffers())
     seen = set()
     for name, full in iter_tensors(source, prefix):
         name = name.removeprefix(prefix)

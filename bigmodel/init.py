@@ -116,7 +116,7 @@ def import_pretrained(config: Config) -> dict[str, Any]:
 def data_info(config: Config, data: dict[str, Any]) -> dict[str, Any]:
     """What later artifacts must know about the data: columns and labels, or the tokenizer itself (with
     an imported model's special tokens and chat template)."""
-    if config.data.format == "text":
+    if config.task == "lm":
         tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
         return {"task": "lm", "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json,
                 "special_tokens": data.get("special_tokens") or {}, "chat_template": data.get("chat_template")}

@@ -14,6 +14,7 @@ from torch import nn
 from bigmodel import arch as arches
 from bigmodel.arch import AnyArch
 from bigmodel.checkpoint import check_shapes, load_checkpoint
+from bigmodel.errors import UserError
 from bigmodel.families import family
 
 
@@ -39,9 +40,12 @@ def manifest_arch(manifest: dict[str, Any], origin: Path | str) -> AnyArch:
     return arches.parse(manifest.get("architecture"), f"checkpoint {origin}")
 
 
-def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes and load its weights, verifying every shape."""
+def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes and load its weights, verifying every shape. A LoRA
+    adapter checkpoint is loaded onto its base (checked by sha256) and, with `merge`, folded into it."""
     manifest, tensors = load_checkpoint(path, prefix="model.")
+    if "adapter" in manifest:
+        return _load_adapted(path, manifest, tensors, merge), manifest
     model = build_model(manifest_arch(manifest, path))
     weights = {k.removeprefix("model."): v for k, v in tensors.items()}
     tied = getattr(model, "tied_weights", {})
@@ -49,6 +53,27 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     check_shapes(path, expected, weights)
     model.load_state_dict(weights, strict=False)  # tied aliases are filled through their source
     return model, manifest
+
+
+def _load_adapted(path: Path, manifest: dict[str, Any], tensors: dict[str, Any], merge: bool) -> nn.Module:
+    from bigmodel import lora
+    from bigmodel.io import sha256_file
+
+    record = manifest["adapter"]
+    base = Path(record["base"]["path"])
+    if not base.is_file():
+        raise UserError(f"{path} is a LoRA adapter of {base}, which is missing; re-create it with 'bigmodel init' "
+                        "(the same config) or put it back")
+    found = sha256_file(base)
+    if found != record["base"]["sha256"]:
+        raise UserError(f"{path} is a LoRA adapter trained on base weights with sha256 {record['base']['sha256'][:12]}, "
+                        f"but {base} now has {found[:12]}; an adapter fits only its own base: re-run 'bigmodel train'")
+    model, _ = load_model(base)
+    lora.apply(model, lora.settings_of(record), seed=0)
+    weights = {k.removeprefix("model."): v for k, v in tensors.items()}
+    check_shapes(path, {k: v.detach() for k, v in lora.adapter_tensors(model).items()}, weights)
+    model.load_state_dict(weights, strict=False)
+    return lora.merge(model) if merge else model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ class Tokenizer(Protocol):
     eot_id: int | None  # token appended after each document, if the tokenizer has one
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def to_json(self) -> str: ...
 
@@ -54,6 +55,9 @@ class CharTokenizer:
                 f"({self.vocab_size} characters seen in its training text); remove it from the input"
             ) from None
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        return self.encode(text), [(i, i + 1) for i in range(len(text))]
+
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
 
@@ -73,6 +77,12 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids  # type: ignore[attr-defined]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of text as written (no BOS/EOS added: a chat template writes its own, as transformers'
+        apply_chat_template), with each token's character span in `text`."""
+        encoding = self._tok.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+        return encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts)]  # type: ignore[attr-defined]

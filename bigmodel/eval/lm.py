@@ -21,7 +21,7 @@ import torch
 from bigmodel import console, registry
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import Config
-from bigmodel.datasets import load_tokens
+from bigmodel.datasets import Examples, load_examples, load_tokens
 from bigmodel.errors import UserError
 from bigmodel.eval import check_gate
 from bigmodel.io import require_file, sha256_file, write_json
@@ -85,7 +85,7 @@ def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
         decoder = Decoder.from_session(session, meta, path)
         return Artifact(lambda ids: decoder.run(ids, *decoder.empty_cache(len(ids)))[0],
                         decoder.block_size, decoder.tokenizer, decoder=decoder)
-    model, manifest = registry.load_model(path)
+    model, manifest = registry.load_model(path, merge=False)  # a LoRA checkpoint runs as base + adapter
     model.to(device).eval()
 
     @torch.no_grad()
@@ -102,6 +102,9 @@ def score_artifact(artifact: Artifact, config: Config) -> tuple[dict[str, float]
     if ec.text_file is not None:
         text = require_file(ec.text_file, "eval.text_file", "fix the path").read_text(encoding="utf-8")
         tokens, source = np.asarray(artifact.tokenizer.encode(text), dtype=np.int64), str(ec.text_file)
+    elif config.data.format == "sft":  # fine-tuning examples: the loss on their trained tokens only
+        examples = load_examples(config, "val")
+        return score_examples(artifact.logits, examples, artifact.tokenizer, config.train.batch_size), "val"
     else:
         tokens, source = np.asarray(load_tokens(config, "val"), dtype=np.int64), "val"
     scores = score(artifact.logits, artifact.block_size, tokens, artifact.tokenizer, config.train.batch_size)
@@ -140,7 +143,30 @@ def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.T
         total_nats += float((log_norm - picked).sum())
         predicted += targets.size
         predicted_ids.append(targets.reshape(-1))
-    text = tok.decode(np.concatenate(predicted_ids).tolist())
+    return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()))
+
+
+def score_examples(logits_fn: LogitsFn, examples: Examples, tok: tokenizers.Tokenizer,
+                   batch_size: int) -> dict[str, float]:
+    """Loss over every val example's trained tokens (the completions), each example padded in its batch."""
+    from bigmodel.train.batches import IGNORE, pad
+
+    total_nats, predicted_ids, predicted = 0.0, [], 0
+    for first in range(0, len(examples), batch_size):
+        x, y = pad([examples.example(i) for i in range(first, min(first + batch_size, len(examples)))], 0)
+        logits = logits_fn(x.numpy()).astype(np.float64)
+        targets = y.numpy()
+        scored = targets != IGNORE
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=-1))
+        picked = np.take_along_axis(shifted, np.where(scored, targets, 0)[..., None], axis=-1)[..., 0]
+        total_nats += float(((log_norm - picked) * scored).sum())
+        predicted += int(scored.sum())
+        predicted_ids.append(targets[scored])
+    return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()))
+
+
+def _scores(total_nats: float, predicted: int, text: str) -> dict[str, float]:
     n_chars, n_bytes = len(text), len(text.encode("utf-8"))
     loss = total_nats / predicted
     return {

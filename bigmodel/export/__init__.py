@@ -27,4 +27,8 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: str | 
         from bigmodel.export import hf
 
         outputs.update(hf.export_checkpoint(config, ckpt, out_dir))
+    if config.export.peft and formats is None:
+        from bigmodel.export import hf
+
+        outputs.update(hf.export_peft(config, ckpt, out_dir))
     return outputs

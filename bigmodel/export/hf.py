@@ -31,6 +31,7 @@ from bigmodel.pretrained import build
 from bigmodel.pretrained.hf import LLAMA_LAYER, LLAMA_QKV
 
 FOLDER = "hf"
+PEFT_FOLDER = "peft"
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -62,6 +63,29 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         folder.rename(final)
     console.info(f"export: {final} ({model_type}, {sum(t.numel() for t in tensors.values()):,} values)")
     return {"hf_folder": str(final), "hf_model_type": model_type, "hf_max_abs_diff": parity["max_abs_diff"]}
+
+
+def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+    """A LoRA checkpoint's adapter as a PEFT folder (export/peft) for the Hugging Face twin of its base."""
+    from bigmodel import lora
+    from bigmodel.checkpoint import read_manifest
+
+    if "adapter" not in read_manifest(ckpt):
+        raise UserError(f"export.peft: {ckpt} is not a LoRA adapter checkpoint (train with train.lora); remove "
+                        "export.peft")
+    model, manifest = registry.load_model(ckpt, merge=False)
+    arch = registry.manifest_arch(manifest, ckpt)
+    assert isinstance(arch, DecoderArch)
+    model_type = hf_model_type(arch)
+    final = out_dir / PEFT_FOLDER
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as work:  # published whole, or not at all
+        folder = lora.peft_folder(model, model_type, Path(work) / PEFT_FOLDER, str(config.init.from_ or ""))
+        if final.exists():
+            shutil.rmtree(final)
+        folder.rename(final)
+    console.info(f"export: {final} (PEFT LoRA adapter for a {model_type} model)")
+    return {"peft_folder": str(final)}
 
 
 def hf_model_type(arch: DecoderArch) -> str:

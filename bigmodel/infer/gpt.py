@@ -63,10 +63,7 @@ class Decoder:
         if not self.chat_template:
             raise UserError("--chat: this model has no chat template (imported models bring theirs); "
                             "give plain prompts instead")
-        names = {"bos": self.special_tokens.get("bos"), "eos": (self.special_tokens.get("eos") or [None])[0]}
-        tokens = {name: None if i is None else self.tokenizer.id_to_token(i)  # type: ignore[attr-defined]
-                  for name, i in names.items()}
-        return chat.render(self.chat_template, messages, tokens)
+        return chat.render(self.chat_template, messages, chat.token_texts(self.tokenizer, self.special_tokens))
 
     def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         return self.cache.empty(batch)
@@ -126,7 +123,9 @@ def complete(decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int,
     text_in = _prompt_text(decoder, prompt, settings)
     if not text_in:
         raise UserError("empty prompt: give at least one character to continue from")
-    prompt_ids = decoder.tokenizer.encode(text_in)
+    # A chat template writes its own special tokens (BOS included): encode it as written, as transformers'
+    # apply_chat_template does and as fine-tuning data was encoded.
+    prompt_ids = decoder.tokenizer.encode_with_offsets(text_in)[0] if settings.chat else decoder.tokenizer.encode(text_in)
     new_ids: list[int] = []
     text, shown, reason = "", 0, "max_new_tokens"
     key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from bigmodel.config import Config
 
+MODULES = {"text": "bigmodel.prepare.text", "sft": "bigmodel.prepare.sft", "tabular": "bigmodel.prepare.tabular"}
+
 
 def run(config: Config) -> dict[str, Any]:
-    if config.data.format == "text":
-        from bigmodel.prepare import text
-
-        return text.run(config)
-    from bigmodel.prepare import tabular
-
-    return tabular.run(config)
+    return importlib.import_module(MODULES[config.data.format]).run(config)

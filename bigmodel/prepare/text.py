@@ -60,7 +60,7 @@ def run(config: Config) -> dict[str, Any]:
         )
 
     # Pass 2 (bpe): the tokenizer.
-    pretrained = _pretrained_tokenizer(config.init.from_) if config.init.from_ is not None else None
+    pretrained = pretrained_tokenizer(config.init.from_) if config.init.from_ is not None else None
     tok = pretrained[0] if pretrained else _tokenizer(data, files, keep, chars)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
 
@@ -258,7 +258,7 @@ def _kept_chunks(files: list[Path], data: TextDataConfig, keep: list[bool]) -> I
 # ------------------------------------------------------------------------------- tokenizer, encoding
 
 
-def _pretrained_tokenizer(source_path: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+def pretrained_tokenizer(source_path: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
     """The imported model's own tokenizer, with its special tokens and chat template (init.from)."""
     from bigmodel import pretrained
 

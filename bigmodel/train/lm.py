@@ -1,8 +1,11 @@
 """Training recipe for the GPT. Reads top to bottom: setup, data, (resume), loop, save.
 
-- Batches are random windows of block_size + 1 tokens from the memmapped train shard, drawn by a
-  seeded generator whose state is checkpointed, so a resumed run draws exactly the batches the
-  uninterrupted run would have.
+- Batches (train/batches.py) are random windows of block_size + 1 tokens from the memmapped train
+  shard, drawn by a seeded generator whose state is checkpointed, or, for fine-tuning data, whole
+  examples in a seeded per-epoch order with the prompt masked out of the loss; either way a resumed
+  run draws exactly the batches the uninterrupted run would have.
+- train.lora freezes the model and trains low-rank adapters (bigmodel/lora.py); its checkpoints hold
+  the adapters and optimizer state only, and name the init checkpoint they adapt by sha256.
 - AdamW (weight decay on matrices only), linear warmup + cosine decay to min_lr, gradient accumulation,
   gradient clipping, optional bf16 autocast and torch.compile.
 - Every eval_every steps: loss on a fixed set of val windows (the same every time); the best is saved
@@ -23,16 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from bigmodel import console, distributed, registry
+from bigmodel import console, distributed, lora, registry
 from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config, TrainConfig
-from bigmodel.datasets import load_tokens, prepared_files
+from bigmodel.datasets import data_manifest, load_examples, load_tokens, prepared_files
 from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import sha256_file
 from bigmodel.registry import count_parameters
 from bigmodel.runtime import setup_torch
+from bigmodel.train.batches import IGNORE, ExampleBatches, TokenWindows
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
@@ -63,26 +66,23 @@ def train(
     model, init_manifest = load_model(init_path, world, tc, device)
     if start_from is None:
         check_matches_config(config, init_manifest)
+    adapter = None
+    if tc.lora is not None:  # freeze the model; only the adapters train (and are saved)
+        trainable = lora.apply(model, tc.lora, config.seed)
+        adapter = lora.manifest_record(tc.lora, trainable, init_path, sha256_file(init_path))
     model.activation_checkpointing = tc.activation_checkpointing
     optimizer = build_optimizer(model, tc)
     parallel_model = distributed.wrap_ddp(model, device) if world.mode == "ddp" else model
     sampler = torch.Generator().manual_seed(config.seed)  # the same on every rank: same global batches
-    block, batch = model.block_size, tc.batch_size
+    batch = tc.batch_size
     my_rows, micro_batch = rank_share(batch * tc.grad_accum_steps, batch, world)
 
     # ---- data
-    train_tokens = load_tokens(config, "train")
-    val_tokens = load_tokens(config, "val")
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        if len(tokens) <= block + 1:
-            raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than model.block_size + 2 "
-                            f"({block + 2}); use more text or a smaller block_size")
-    tokens_per_step = batch * block * tc.grad_accum_steps
-    steps_per_epoch = max(1, len(train_tokens) // tokens_per_step)
+    data = training_data(config, model.block_size)
+    steps_per_epoch = data.steps_per_epoch
     total_steps = tc.max_steps or (tc.epochs or 1) * steps_per_epoch
     eval_every = tc.eval_every or steps_per_epoch
     save_every = tc.save_every or eval_every
-    val_batches = fixed_batches(val_tokens, tc.eval_batches, batch, block, device)
 
     # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
@@ -97,7 +97,7 @@ def train(
                if world.is_main else {})  # only rank 0 writes manifests
 
     def manifest(metrics: dict[str, float]) -> dict[str, Any]:
-        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage)
+        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter)
 
     # The step runs through DDP (and torch.compile) when asked; checkpoints and evaluation use `model`.
     step_model = torch.compile(parallel_model) if tc.compile else parallel_model
@@ -106,34 +106,36 @@ def train(
 
     # ---- loop
     console.info(
-        f"train: {count_parameters(model):,} parameters, {len(train_tokens):,} train tokens, "
-        f"{total_steps} steps x {tokens_per_step:,} tokens, eval every {eval_every}"
+        f"train: {count_parameters(model):,} parameters"
+        + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {tc.lora.rank} on "
+           f"{', '.join(adapter['targets'])})" if adapter and tc.lora else "")
+        + f", {data.size}, {total_steps} steps x ~{data.tokens_per_step:,} tokens, eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
         + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
     )
-    start, start_step, last_loss = time.perf_counter(), loop.step, float("nan")
-    window_start, window_step = start, loop.step  # tokens/s is reported per log window
+    start, start_step, last_loss, tokens_trained = time.perf_counter(), loop.step, float("nan"), 0
+    window_start, window_tokens = start, 0  # tokens/s is reported per log window
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:
             model.train()
             lr = lr_at(loop.step, total_steps, tc)
             set_lr(optimizer, lr)
-            # Every rank draws the whole step's windows and keeps its own rows of them.
-            windows = torch.cat([sample_windows(train_tokens, sampler, batch, block)
-                                 for _ in range(tc.grad_accum_steps)])[my_rows]
-            micro_batches = windows.split(micro_batch)
+            # Every rank draws the whole step's rows and keeps its own of them.
+            x_all, y_all, step_tokens = data.step(loop.step, sampler)
+            step_targets = int((y_all != IGNORE).sum())
+            micro_batches = list(zip(x_all[my_rows].split(micro_batch), y_all[my_rows].split(micro_batch)))
             step_loss = 0.0
-            for i, rows in enumerate(micro_batches):
-                x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
+            for i, (x, y) in enumerate(micro_batches):
+                x, y = x.to(device), y.to(device)
                 with distributed.gradient_sync(parallel_model, world, sync=i == len(micro_batches) - 1):
                     with autocast:
                         logits, _ = step_model(x)
                         if loss_hook is not None:
-                            loss = loss_hook(logits, x, y)
+                            loss = loss_hook(logits, x, y) / len(micro_batches)
                         else:
-                            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-                    (loss / len(micro_batches)).backward()
-                step_loss += loss.item() / len(micro_batches)
+                            loss = data.objective(logits, y, len(micro_batches), step_targets, world)
+                    loss.backward()
+                step_loss += loss.item()
             step_loss = world.mean(step_loss)  # every rank sees the global loss (and stops together on NaN)
             if not math.isfinite(step_loss):
                 raise RunFailed(
@@ -141,25 +143,27 @@ def train(
                     f"train.grad_clip (the last good checkpoint, step {_saved_step(last_path)}, is intact)"
                 )
             if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
             optimizer.step()
             if after_step is not None:
                 after_step(model)
             optimizer.zero_grad(set_to_none=True)
             loop.step += 1
-            loop.tokens_seen += tokens_per_step
+            loop.tokens_seen += step_tokens
+            tokens_trained += step_tokens
+            window_tokens += step_tokens
             last_loss = step_loss
 
             now = time.perf_counter()
-            tokens_per_s = (loop.step - window_step) * tokens_per_step / max(now - window_start, 1e-9)
+            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             progress.update(loop.step, loss=step_loss, lr=lr, tok_s=round(tokens_per_s))
             if loop.step % tc.log_every == 0:
                 log.write({"step": loop.step, "train_loss": step_loss, "lr": lr, "tokens": loop.tokens_seen,
                            "tokens_per_s": round(tokens_per_s, 1)})
-                window_start, window_step = now, loop.step
+                window_start, window_tokens = now, 0
             stop = False
             if loop.step % eval_every == 0 or loop.step == total_steps:
-                val_loss = evaluate(model, val_batches, autocast, world)
+                val_loss = data.val_loss(model, autocast, device, world)
                 log.write({"step": loop.step, "val_loss": val_loss, "train_loss": step_loss, "lr": lr,
                            "tokens": loop.tokens_seen})
                 if val_loss < loop.best_score:
@@ -179,7 +183,7 @@ def train(
 
     log.close()
     elapsed = time.perf_counter() - start
-    tokens_per_s = (loop.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+    tokens_per_s = tokens_trained / max(elapsed, 1e-9)
     console.info(f"train: step {loop.step}, best val loss {loop.best_score:.4f} at step {loop.best_step}, "
                  f"{tokens_per_s:,.0f} tokens/s")
     return {
@@ -221,38 +225,21 @@ def rank_share(global_rows: int, batch: int, world: distributed.World) -> tuple[
     return slice(world.rank * mine, (world.rank + 1) * mine), micro
 
 
-def sample_windows(tokens: np.ndarray, generator: torch.Generator, batch: int, block: int) -> torch.Tensor:
-    """batch random windows of block + 1 tokens (B, T+1): inputs are [:, :-1], targets [:, 1:]."""
-    starts = torch.randint(len(tokens) - block - 1, (batch,), generator=generator).numpy()
-    return torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64))
-
-
-def fixed_batches(
-    tokens: np.ndarray, n_batches: int, batch: int, block: int, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n_batches of evenly spaced windows: the same val batches at every evaluation."""
-    starts = np.linspace(0, len(tokens) - block - 1, n_batches * batch).astype(np.int64)
-    windows = torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64))
-    return [(w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows.split(batch)]
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], autocast: Any,
-    world: distributed.World = distributed.SINGLE,
-) -> float:
-    """Mean loss over the batches; ranks score every world.size-th batch. Every rank runs the same
-    number of forwards (FSDP gathers parameters in each one), re-scoring batch 0 uncounted if short."""
-    model.eval()
-    total = 0.0
-    for first in range(0, len(batches), world.size):
-        index = first + world.rank
-        x, y = batches[index if index < len(batches) else 0]
-        with autocast:
-            logits, _ = model(x)
-        if index < len(batches):
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).item()
-    return world.sum(total) / len(batches)
+def training_data(config: Config, block: int) -> TokenWindows | ExampleBatches:
+    """What the steps read: windows of the token shards, or whole fine-tuning examples."""
+    tc = config.train
+    if config.data.format == "sft":
+        manifest = data_manifest(config)
+        special = manifest.get("special_tokens") or {}
+        pad_id = special.get("pad") if special.get("pad") is not None else (special.get("eos") or [0])[0]
+        train, val = load_examples(config, "train"), load_examples(config, "val")
+        longest = int(np.diff(train.starts).max())
+        if longest > block:
+            raise UserError(f"a training example has {longest} tokens, more than model.block_size {block}; "
+                            "re-run 'bigmodel prepare' (it truncates to the context)")
+        return ExampleBatches(train, val, tc.batch_size, tc.grad_accum_steps, tc.eval_batches, pad_id, config.seed)
+    return TokenWindows(load_tokens(config, "train"), load_tokens(config, "val"), block, tc.batch_size,
+                        tc.grad_accum_steps, tc.eval_batches)
 
 
 def _saved_step(path: Path) -> str:

@@ -203,9 +203,9 @@ def stop_step(total_steps: int, until_step: int | None, step: int) -> int:
 
 def checkpoint_manifest(
     init_manifest: dict[str, Any], config: Config, loop: LoopState, metrics: dict[str, float],
-    lineage: dict[str, str],
+    lineage: dict[str, str], adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What every checkpoint of a training run says about itself."""
+    """What every checkpoint of a training run says about itself (a LoRA run's: its adapter and base)."""
     return {**{k: init_manifest[k] for k in ("family", "architecture", "data")},
             "config": config.model_dump(mode="json"), "step": loop.step, "metrics": metrics,
-            "lineage": lineage}
+            "lineage": lineage, **({"adapter": adapter} if adapter else {})}
