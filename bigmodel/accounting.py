@@ -53,7 +53,7 @@ def block_parameters(arch: DecoderArch) -> int:
 def training_memory(
     arch: DecoderArch, n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
     momentum: float = 0.9, sharding: str = "none", devices: int = 1, activation_checkpointing: bool = False,
-    fsdp_param_bytes: int = 4, runtime: int = 0,
+    fsdp_param_bytes: int = 4, runtime: int = 0, adapter: int | None = None,
 ) -> dict[str, int]:
     """Peak bytes on one device for a training step with `batch` sequences on that device.
 
@@ -73,6 +73,12 @@ def training_memory(
     states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
     optimizer_bytes = 4 * states * n_params // shards
     activations = activation_memory(arch, batch, precision, activation_checkpointing)
+    if adapter is not None:
+        # LoRA (Hu et al. 2021): the n_params base weights are frozen; gradients and optimizer state exist
+        # for the adapter's parameters only. Activations stay: backward still runs through every layer.
+        weights += 4 * adapter
+        gradients = 4 * adapter * (2 if sharding == "ddp" and devices > 1 else 1)
+        optimizer_bytes = 4 * states * adapter
     memory = {
         "weights": weights,
         "gradients": gradients,
@@ -82,6 +88,18 @@ def training_memory(
     }
     memory["total"] = weights + optimizer_bytes + max(gradients, activations) + runtime
     return memory
+
+
+def lora_parameters(arch: DecoderArch, targets: tuple[str, ...], rank: int) -> int:
+    """Adapter parameters: rank x (inputs + outputs) of every targeted projection (see bigmodel/lora.py)."""
+    d, q, kv = arch.n_embd, arch.q_width, arch.kv_width
+    total = 0
+    for hidden in arch.mlp_hidden:
+        shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "up": (d, hidden), "down": (hidden, d)}
+        if arch.mlp == "swiglu":
+            shapes["gate"] = (d, hidden)
+        total += sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+    return total
 
 
 def activation_memory(arch: DecoderArch, batch: int, precision: str, checkpointing: bool) -> int:

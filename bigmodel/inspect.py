@@ -24,7 +24,11 @@ def run(path: Path) -> dict[str, Any]:
         return _onnx(path)
     if path.suffix == ".json":
         manifest = read_json(path, "manifest")
-        return {"kind": manifest.get("kind", "json"), "path": str(path), **manifest}
+        shown = {"kind": manifest.get("kind", "json"), "path": str(path), **manifest}
+        if manifest.get("kind") == "sft-data":
+            shown["chat_template"] = manifest.get("chat_template") is not None
+            shown["example"] = _first_example(path.parent)
+        return shown
     return _checkpoint(path)
 
 
@@ -54,6 +58,23 @@ def _checkpoint(path: Path) -> dict[str, Any]:
         "created": manifest.get("created"),
         "bigmodel_version": manifest.get("bigmodel_version"),
     }
+
+
+def _first_example(folder: Path) -> str:
+    """The first training example as the model sees it, trained tokens between [[ and ]]."""
+    import numpy as np
+
+    from bigmodel import sft
+    from bigmodel import tokenizer as tokenizers
+    from bigmodel.datasets import TOKENIZER_FILE, sft_files
+
+    manifest = read_json(folder / "manifest.json", "manifest")
+    files = sft_files(folder, "train")
+    starts = np.fromfile(files["starts"], dtype=np.int64, count=2)
+    ids = np.fromfile(files["tokens"], dtype=np.dtype(manifest["dtype"]), count=int(starts[1])).tolist()
+    trained = np.fromfile(files["mask"], dtype=np.uint8, count=int(starts[1])).astype(bool).tolist()
+    tok = tokenizers.load(folder / TOKENIZER_FILE)
+    return sft.marked(sft.Example(ids, trained, ""), tok)
 
 
 def _pretrained(path: Path) -> dict[str, Any]:

@@ -191,9 +191,8 @@ def peft_tensors(model: nn.Module, model_type: str) -> tuple[dict[str, torch.Ten
                 tensors[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
                 tensors[f"{key}.lora_B.weight"] = b.detach().float().contiguous()
                 if len(targets) > 1:
-                    short = hf_module.rpartition(".")[2]
-                    rank_pattern[short] = a.shape[0]
-                    alpha_pattern[short] = settings.alpha * len(targets)
+                    rank_pattern[hf_module] = a.shape[0]
+                    alpha_pattern[hf_module] = settings.alpha * len(targets)
     return tensors, {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
 
 
@@ -204,7 +203,8 @@ def peft_folder(model: nn.Module, model_type: str, folder: Path, base_name: str)
     settings: LoRAConfig = model.lora  # type: ignore[assignment]
     tensors, patterns = peft_tensors(model, model_type)
     names = GPT2_MODULES if model_type == "gpt2" else LLAMA_MODULES
-    modules = sorted({names[t].rpartition(".")[2] for t in settings.projections() if t in names})
+    # Module paths, not bare names: PEFT matches them as suffixes, and GPT-2 has both attn.c_proj and mlp.c_proj.
+    modules = sorted({names[t] for t in settings.projections() if t in names})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,

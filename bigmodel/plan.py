@@ -78,12 +78,20 @@ def run(config: Config) -> dict[str, Any]:
     sharding = tc.distributed if pc.devices > 1 else "none"
     global_rows = tc.batch_size * tc.grad_accum_steps
     batch_per_device = max(1, min(tc.batch_size, global_rows // pc.devices))
-    memory = accounting.training_memory(
-        arch, n_params, batch=batch_per_device, precision=tc.precision, optimizer=tc.optimizer,
-        momentum=tc.momentum, sharding=sharding, devices=pc.devices,
-        activation_checkpointing=tc.activation_checkpointing,
-        fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=hardware.runtime_bytes,
-    )
+    def memory_of(adapter: int | None) -> dict[str, int]:
+        return accounting.training_memory(
+            arch, n_params, batch=batch_per_device, precision=tc.precision, optimizer=tc.optimizer,
+            momentum=tc.momentum, sharding=sharding, devices=pc.devices,
+            activation_checkpointing=tc.activation_checkpointing,
+            fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=hardware.runtime_bytes,
+            adapter=adapter,
+        )
+
+    adapter = (accounting.lora_parameters(arch, tc.lora.projections(), tc.lora.rank) if tc.lora is not None
+               else None)
+    memory = memory_of(adapter)
+    lora_report = {} if adapter is None else {
+        "lora_trainable_parameters": adapter, "full_fine_tuning_total": memory_of(None)["total"]}
     context = pc.inference_context or arch.block_size
     serving = {name: accounting.inference_memory(arch, n_params, batch=pc.inference_batch, context=context,
                                                  weight_bytes=width, cache_bytes=width)
@@ -110,6 +118,7 @@ def run(config: Config) -> dict[str, Any]:
             "optimizer_kind": tc.optimizer,
             "sharding": sharding,
             "activation_checkpointing": tc.activation_checkpointing,
+            **lora_report,
         },
         "inference_memory": {
             "batch": pc.inference_batch,
@@ -229,6 +238,9 @@ def render(report: dict[str, Any]) -> None:
              f"{m['batch_per_device']}{', activation checkpointing' if m['activation_checkpointing'] else ''}"),
             *[(f"  {key}", _bytes(m[key]), "") for key in ("weights", "gradients", "optimizer", "activations", "runtime")],
             ("  peak", _bytes(m["total"]), f"{'fits' if m['fits'] else 'DOES NOT FIT'} in {_bytes(m['device_memory'])}"),
+            *([("  LoRA trainable parameters", f"{m['lora_trainable_parameters']:,}", "frozen base: no gradients "
+                "or optimizer state for it"), ("  full fine-tuning peak", _bytes(m["full_fine_tuning_total"]), "")]
+              if "lora_trainable_parameters" in m else []),
             ("inference memory", "", f"batch {i['batch']}, context {i['context']}"),
             ("  fp32 weights + KV cache", _bytes(i["fp32_total"]), f"KV cache {_bytes(i['kv_cache_fp32'])}"),
             ("  bf16 weights + KV cache", _bytes(i["bf16_total"]), ""),

@@ -7,6 +7,10 @@ process's VmHWM in a fresh process, as tests/test_plan.py does (with plan's CPU 
 
     python scripts/check_plan_memory.py                 # CPU, the test's small GPT
     python scripts/check_plan_memory.py --device cuda   # a GPT-2-small shape on one GPU
+    python scripts/check_plan_memory.py --lora          # CPU: LoRA vs full fine-tuning of one model
+
+With --lora the model is larger (its weights, gradients and optimizer state are a real share of the
+peak) and both LoRA (rank 8 on every linear projection, the base frozen) and full fine-tuning run on it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 
 from bigmodel import accounting, plan, registry
 from bigmodel.arch import DecoderArch
-from bigmodel.config import TrainConfig
+from bigmodel.config import LoRAConfig, TrainConfig
 from bigmodel.train.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,12 +38,20 @@ SHAPES = {
     "cuda": ({"vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}, 8),
 }
 CASES = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
+LORA_SHAPE = ({"vocab_size": 8192, "n_layer": 8, "n_head": 8, "n_embd": 512, "block_size": 128}, 4)
+LORA = {"rank": 8, "targets": ["all-linear"]}
 
 
-def training_steps(arch: dict, batch: int, precision: str, checkpointing: bool, device: str) -> None:
+def training_steps(arch: dict, batch: int, precision: str, checkpointing: bool, device: str,
+                   lora_settings: dict | None = None) -> None:
     torch.manual_seed(0)
     x = torch.randint(arch["vocab_size"], (batch, arch["block_size"] + 1), device=device)
     model = registry.build_model(arch).to(device)
+    if lora_settings is not None:
+        from bigmodel import lora
+        from bigmodel.config import LoRAConfig
+
+        lora.apply(model, LoRAConfig(**lora_settings), seed=0)
     model.activation_checkpointing = checkpointing
     optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", max_steps=2))
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
@@ -52,16 +64,16 @@ def training_steps(arch: dict, batch: int, precision: str, checkpointing: bool, 
         optimizer.zero_grad(set_to_none=True)
 
 
-def measure_cuda(arch: dict, batch: int, precision: str, checkpointing: bool) -> int:
+def measure_cuda(arch: dict, batch: int, precision: str, checkpointing: bool, lora_settings: dict | None = None) -> int:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    training_steps(arch, batch, precision, checkpointing, "cuda")
+    training_steps(arch, batch, precision, checkpointing, "cuda", lora_settings)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
 
 
-def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool) -> int:
+def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool, lora_settings: dict | None = None) -> int:
     """In a fresh process, how far the peak resident memory rose above what it held before the model.
 
     MALLOC_MMAP_THRESHOLD_ makes every large allocation its own mapping, returned to the OS when freed,
@@ -73,11 +85,11 @@ def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool) -> 
         "from scripts.check_plan_memory import training_steps\n"
         "def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
         "before = rss()\n"
-        "training_steps(*json.loads(sys.argv[1]), 'cpu')\n"
+        "a = json.loads(sys.argv[1]); training_steps(*a[:4], 'cpu', a[4])\n"
         "status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())\n"
         "print(int(status['VmHWM'].split()[0]) * 1024 - before)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, json.dumps([arch, batch, precision, checkpointing])],
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([arch, batch, precision, checkpointing, lora_settings])],
                           capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
                           cwd=REPO, check=True)
     return int(done.stdout.split()[-1])
@@ -86,19 +98,25 @@ def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--lora", action="store_true", help="LoRA vs full fine-tuning (fp32) on a larger model")
     args = parser.parse_args()
-    shape, batch = SHAPES[args.device]
+    shape, batch = LORA_SHAPE if args.lora else SHAPES[args.device]
     arch = {"family": "gpt", "task": "lm", "dropout": 0.0, "bias": False, **shape}
     with torch.device("meta"):
         n_params = registry.count_parameters(registry.build_model(arch))
+    cases = [("fp32", False, None), ("fp32", False, LORA)] if args.lora else [(p, c, None) for p, c in CASES]
     results = []
-    for precision, checkpointing in CASES:
+    for precision, checkpointing, lora_settings in cases:
         measure = measure_cuda if args.device == "cuda" else measure_cpu
-        measured = measure(arch, batch, precision, checkpointing)
+        measured = measure(arch, batch, precision, checkpointing, lora_settings)
         runtime = 0 if args.device == "cuda" else plan.CPU_RUNTIME
-        estimate = accounting.training_memory(DecoderArch(**arch), n_params, batch=batch, precision=precision,
-                                              activation_checkpointing=checkpointing, runtime=runtime)
+        typed = DecoderArch(**arch)
+        adapter = (accounting.lora_parameters(typed, LoRAConfig(**lora_settings).projections(), lora_settings["rank"])
+                   if lora_settings else None)
+        estimate = accounting.training_memory(typed, n_params, batch=batch, precision=precision,
+                                              activation_checkpointing=checkpointing, runtime=runtime, adapter=adapter)
         results.append({"precision": precision, "activation_checkpointing": checkpointing,
+                        "training": "lora" if lora_settings else "full",
                         "measured_mib": round(measured / 2**20, 1), "estimate_mib": round(estimate["total"] / 2**20, 1),
                         "estimate_over_measured": round(estimate["total"] / measured, 3)})
     print(json.dumps({"device": args.device, "parameters": n_params, "batch": batch, "shape": shape,

@@ -34,7 +34,7 @@ from bigmodel.datasets import data_manifest, load_examples, load_tokens, prepare
 from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import sha256_file
 from bigmodel.registry import count_parameters
-from bigmodel.runtime import setup_torch
+from bigmodel.runtime import peak_rss_bytes, setup_torch
 from bigmodel.train.batches import IGNORE, ExampleBatches, TokenWindows
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
@@ -185,7 +185,7 @@ def train(
     elapsed = time.perf_counter() - start
     tokens_per_s = tokens_trained / max(elapsed, 1e-9)
     console.info(f"train: step {loop.step}, best val loss {loop.best_score:.4f} at step {loop.best_step}, "
-                 f"{tokens_per_s:,.0f} tokens/s")
+                 f"{tokens_per_s:,.0f} tokens/s, peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB")
     return {
         "best": str(out_dir / "best.safetensors"),
         "last": str(last_path),
@@ -195,6 +195,8 @@ def train(
         "best_val_loss": loop.best_score,
         "train_loss": last_loss,
         "tokens_per_s": tokens_per_s,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
