@@ -8,6 +8,7 @@ process's VmHWM in a fresh process, as tests/test_plan.py does (with plan's CPU 
     python scripts/check_plan_memory.py                 # CPU, the test's small GPT
     python scripts/check_plan_memory.py --device cuda   # a GPT-2-small shape on one GPU
     python scripts/check_plan_memory.py --lora          # CPU: LoRA vs full fine-tuning of one model
+    python scripts/check_plan_memory.py --lora --arch-from SmolLM2-135M-Instruct.Q4_1.gguf --batch 8 --block 128
 
 With --lora the model is larger (its weights, gradients and optimizer state are a real share of the
 peak) and both LoRA (rank 8 on every linear projection, the base frozen) and full fine-tuning run on it.
@@ -99,8 +100,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--lora", action="store_true", help="LoRA vs full fine-tuning (fp32) on a larger model")
+    parser.add_argument("--arch-from", type=Path, help="the architecture of a pretrained model (HF folder or GGUF; "
+                        "headers only, weights random)")
+    parser.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
+    parser.add_argument("--block", type=int, help="tokens per row (default: the shape's)")
     args = parser.parse_args()
     shape, batch = LORA_SHAPE if args.lora else SHAPES[args.device]
+    if args.arch_from is not None:
+        from bigmodel import pretrained
+
+        shape = pretrained.describe(args.arch_from).arch.to_dict()
+    if args.block is not None:
+        shape = {**shape, "block_size": args.block}
+    batch = args.batch or batch
     arch = {"family": "gpt", "task": "lm", "dropout": 0.0, "bias": False, **shape}
     with torch.device("meta"):
         n_params = registry.count_parameters(registry.build_model(arch))

@@ -286,3 +286,35 @@ def test_inspect_shows_a_rendered_example_with_trained_tokens_marked(sources: di
     shown = result.json()["example"]
     assert "[[5<|im_end|>\n]]" in shown and "[[8<|im_end|>\n]]" in shown
     assert "<|im_start|>user\n2 + 3?<|im_end|>" in shown and "[[2 +" not in shown
+
+
+def test_plan_counts_lora_parameters_and_shows_full_fine_tuning_beside(sources: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    from bigmodel import accounting
+
+    config = sft_config(tmp_path, sources["llama"], lora={"rank": 4, "targets": ["q", "down", "gate"]})
+    result = cli("plan", "-c", config, "--json", "-q")
+    assert result.code == 0, result.stderr
+    memory = result.json()["training_memory_per_device"]
+    run(config, "prepare", "init")
+    model, _ = registry.load_model(tmp_path / "run" / "init" / "model.safetensors")
+    settings = LoRAConfig(rank=4, targets=["q", "down", "gate"])
+    assert memory["lora_trainable_parameters"] == lora.apply(model, settings, seed=0)
+    assert accounting.lora_parameters(model.arch, settings.projections(), 4) == memory["lora_trainable_parameters"]
+    assert memory["total"] < memory["full_fine_tuning_total"]
+    assert memory["optimizer"] == 8 * memory["lora_trainable_parameters"]  # AdamW: two moments, adapters only
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"data": {"format": "sft", "path": "x.jsonl"}}, "data.format 'sft' fine-tunes a pretrained model"),
+    ({"data": {"format": "tabular", "path": "x.csv", "target": "y"}, "train": {"lora": {}}},
+     "train.lora adapts decoder language models"),
+    ({"data": {"format": "sft", "path": "x.jsonl"}, "init": {"from": "m"},
+      "train": {"lora": {}, "distributed": "fsdp"}}, "train.lora trains under DDP only"),
+    ({"data": {"format": "sft", "path": "x.jsonl"}, "init": {"from": "m"}, "train": {"lora": {"targets": ["qkv"]}}},
+     "train.lora.targets.0"),
+])
+def test_config_refuses_fine_tuning_mistakes_in_one_line(tmp_path: Path, settings: dict, message: str) -> None:
+    config = write_config(tmp_path / "c.yaml", settings)
+    result = cli("config", "validate", "-c", config)
+    assert result.code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

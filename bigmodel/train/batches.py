@@ -100,7 +100,7 @@ class ExampleBatches:
         self.rows_per_step = self.batch * self.accum
         self.steps_per_epoch = max(1, len(self.train) // self.rows_per_step)
         lengths = np.diff(self.train.starts)
-        self.tokens_per_step = int(lengths.mean() * self.rows_per_step)  # nominal, for the log
+        self.tokens_per_step = int(lengths.mean() * self.rows_per_step)  # on average, for the log
         self.size = f"{len(self.train):,} train examples ({int(lengths.sum()):,} tokens)"
         self._epoch, self._order = -1, np.arange(0)
         n_val = min(len(self.val), self.eval_batches * self.batch)

@@ -109,11 +109,11 @@ def train(
         f"train: {count_parameters(model):,} parameters"
         + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {tc.lora.rank} on "
            f"{', '.join(adapter['targets'])})" if adapter and tc.lora else "")
-        + f", {data.size}, {total_steps} steps x ~{data.tokens_per_step:,} tokens, eval every {eval_every}"
+        + f", {data.size}, {total_steps} steps x {data.tokens_per_step:,} tokens, eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
         + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
     )
-    start, start_step, last_loss, tokens_trained = time.perf_counter(), loop.step, float("nan"), 0
+    start, last_loss, tokens_trained = time.perf_counter(), float("nan"), 0
     window_start, window_tokens = start, 0  # tokens/s is reported per log window
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:
