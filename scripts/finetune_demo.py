@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_import import default_gguf  # noqa: E402
+from bench_import import bigmodel, default_gguf  # noqa: E402
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
@@ -54,14 +53,6 @@ def make_task(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[di
                  else f"{date.day} {MONTHS[date.month - 1]} {date.year}")
         examples.append({"prompt": INSTRUCTION + words, "completion": date.isoformat()})
     return examples[n_test:], examples[:n_test]
-
-
-def bigmodel(*args: str, cwd: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bigmodel", *args, "--json", "-q"], cwd=cwd,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bigmodel {' '.join(args)} failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
 
 
 def config_text(gguf: Path, variant: str, steps: int, threads: int) -> str:
