@@ -13,6 +13,7 @@ No PyTorch here: `prepare` and `inspect` use this module.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,15 +149,8 @@ class Renderer:
 
 def marked(example: Example, tokenizer: Any, open_mark: str = "[[", close_mark: str = "]]") -> str:
     """The example's text with each run of trained tokens between marks (for `inspect`)."""
-    parts, run, state = [], [], False
-    for token, trained in zip(example.ids, example.trained):
-        if trained != state and run:
-            text = tokenizer.decode(run)
-            parts.append(f"{open_mark}{text}{close_mark}" if state else text)
-            run = []
-        state = trained
-        run.append(token)
-    if run:
-        text = tokenizer.decode(run)
-        parts.append(f"{open_mark}{text}{close_mark}" if state else text)
+    parts = []
+    for trained, run in itertools.groupby(zip(example.ids, example.trained), key=lambda pair: pair[1]):
+        text = tokenizer.decode([token for token, _ in run])
+        parts.append(f"{open_mark}{text}{close_mark}" if trained else text)
     return "".join(parts)

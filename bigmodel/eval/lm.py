@@ -135,12 +135,8 @@ def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.T
         windows = [tokens[s : s + block + 1] for s in starts[i : i + batch_size]]
         width = min(len(w) for w in windows)
         batch = np.stack([w[:width] for w in windows])
-        logits = logits_fn(batch[:, :-1]).astype(np.float64)
         targets = batch[:, 1:]
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(shifted).sum(axis=-1))
-        picked = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-        total_nats += float((log_norm - picked).sum())
+        total_nats += float(_nats(logits_fn(batch[:, :-1]), targets).sum())
         predicted += targets.size
         predicted_ids.append(targets.reshape(-1))
     return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()))
@@ -154,16 +150,20 @@ def score_examples(logits_fn: LogitsFn, examples: Examples, tok: tokenizers.Toke
     total_nats, predicted_ids, predicted = 0.0, [], 0
     for first in range(0, len(examples), batch_size):
         x, y = pad([examples.example(i) for i in range(first, min(first + batch_size, len(examples)))], 0)
-        logits = logits_fn(x.numpy()).astype(np.float64)
         targets = y.numpy()
         scored = targets != IGNORE
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(shifted).sum(axis=-1))
-        picked = np.take_along_axis(shifted, np.where(scored, targets, 0)[..., None], axis=-1)[..., 0]
-        total_nats += float(((log_norm - picked) * scored).sum())
+        total_nats += float((_nats(logits_fn(x.numpy()), np.where(scored, targets, 0)) * scored).sum())
         predicted += int(scored.sum())
         predicted_ids.append(targets[scored])
     return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()))
+
+
+def _nats(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) per position, in float64 (a stable log-softmax)."""
+    shifted = logits.astype(np.float64)
+    shifted -= shifted.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(shifted).sum(axis=-1))
+    return log_norm - np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
 
 
 def _scores(total_nats: float, predicted: int, text: str) -> dict[str, float]:
