@@ -167,7 +167,9 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Tied weights (GPT's lm_head is its token embedding) are stored once: safetensors refuses
     aliased tensors, and the model re-ties them when it is built. A model being adapted (LoRA) saves
     its adapters only: the frozen rest is the base checkpoint its manifest names."""
-    if getattr(model, "lora", None) is not None:
-        return {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    from bigmodel import lora
+
+    if lora.is_adapted(model):
+        return {f"model.{name}": p for name, p in lora.adapter_tensors(model).items()}
     tied = getattr(model, "tied_weights", {})
     return {f"model.{name}": t for name, t in model.state_dict().items() if name not in tied}

@@ -182,8 +182,10 @@ def load_weights(model: nn.Module, source: Path, prefix: str = "model.") -> None
 
     from bigmodel.checkpoint import iter_tensors
 
-    if getattr(model, "lora", None) is not None:  # an adapted model's checkpoints hold its adapters only
-        targets = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    from bigmodel import lora
+
+    if lora.is_adapted(model):  # an adapted model's checkpoints hold its adapters only
+        targets = lora.adapter_tensors(model)
     else:
         targets = dict(model.named_parameters())
         targets.update(model.named_buffers())

@@ -58,9 +58,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         write_json(out_dir / "hf_parity.json", {"checkpoint": str(ckpt), "folder": str(final), **parity})
         build.enforce(parity, "export", f"transformers loads the {model_type} folder, held-out text",
                       "the folder was not published")
-        if final.exists():
-            shutil.rmtree(final)
-        folder.rename(final)
+        publish_folder(folder, final)
     console.info(f"export: {final} ({model_type}, {sum(t.numel() for t in tensors.values()):,} values)")
     return {"hf_folder": str(final), "hf_model_type": model_type, "hf_max_abs_diff": parity["max_abs_diff"]}
 
@@ -80,12 +78,17 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     final = out_dir / PEFT_FOLDER
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:  # published whole, or not at all
-        folder = lora.peft_folder(model, model_type, Path(work) / PEFT_FOLDER, str(config.init.from_ or ""))
-        if final.exists():
-            shutil.rmtree(final)
-        folder.rename(final)
+        publish_folder(lora.peft_folder(model, model_type, Path(work) / PEFT_FOLDER, str(config.init.from_ or "")),
+                       final)
     console.info(f"export: {final} (PEFT LoRA adapter for a {model_type} model)")
     return {"peft_folder": str(final)}
+
+
+def publish_folder(folder: Path, final: Path) -> None:
+    """Replace `final` by `folder` (written beside it, in a temporary folder of the same parent)."""
+    if final.exists():
+        shutil.rmtree(final)
+    folder.rename(final)
 
 
 def hf_model_type(arch: DecoderArch) -> str:
