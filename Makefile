@@ -7,4 +7,4 @@ install:
 test:
 	$(PYTHON) -m pytest
 quickstart:
-	bigmodel pipeline -c configs/digits.yaml
+	bigmodel pipeline -c configs/quickstart.yaml

@@ -16,13 +16,57 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x vendors its own click; before, it used the click package
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click  # type: ignore[no-redef]
 
 from bigmodel import __version__, console
 from bigmodel.config import STDIO, load_config, section_help
 from bigmodel.errors import EXIT_FAILED, EXIT_USER, GateFailed, RunFailed, UserError
 
+
+class CommandLine(TyperGroup):
+    """The root command: usage errors (a missing -c, an unknown flag) follow the same contract as every
+    other mistake: one line on stderr, exit 2, and with --json exactly one JSON object on stdout."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        try:
+            code = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `bigmodel`: the help, as before
+            exc.show()
+            code = exc.exit_code
+        except click.ClickException as exc:
+            code = _usage_error(exc, argv)
+        except click.Abort:
+            print("interrupted", file=sys.stderr)
+            code = 130
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _usage_error(exc: click.ClickException, argv: list[str]) -> int:
+    context = getattr(exc, "ctx", None)
+    command = context.command_path if context is not None else "bigmodel"
+    problem = exc.format_message().rstrip(".")
+    problem = f"{problem[:1].lower()}{problem[1:]} (see '{command} --help')"
+    print(f"error: {problem}", file=sys.stderr, flush=True)
+    if "--json" in argv:
+        name = command.removeprefix("bigmodel").strip() or "bigmodel"
+        console.emit_json({"ok": False, "command": name, "exit_code": exc.exit_code, "error": problem})
+    return exc.exit_code
+
+
 app = typer.Typer(
     name="bigmodel",
+    cls=CommandLine,
     help="From raw data to a deployed, verified ONNX model, driven by YAML configs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -37,10 +81,34 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
 ]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Override run_dir.")]
+RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="Override run_dir.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (outputs, metrics) on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", help="auto, cpu, cuda or mps: where PyTorch runs (the config's device); for infer, "
+                 "the ONNX Runtime provider (cpu or cuda)."),
+]
+
+
+def with_device(overrides: list[str] | None, device: str | None) -> list[str]:
+    """--device is the config's top-level `device` key (validated with the config)."""
+    return [*(overrides or []), *([f"device={device}"] if device is not None else [])]
+
+
+def device_providers(device: str) -> list[str]:
+    """ONNX Runtime execution providers for --device."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: ONNX Runtime runs on cpu or cuda (or auto)")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime
+
+    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        raise UserError("--device cuda: this onnxruntime has no CUDA provider; install onnxruntime-gpu or use --device cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
 
 
 def execute(
@@ -56,18 +124,20 @@ def execute(
         try:
             outputs = action()
         except UserError as exc:
-            _fail(name, EXIT_USER, f"error: {exc}", json_out, debug)
+            _fail(name, EXIT_USER, "error", str(exc), json_out, debug)
         except RunFailed as exc:
             outputs = exc.outputs if isinstance(exc, GateFailed) else {}
-            _fail(name, EXIT_FAILED, f"failed: {exc}", json_out, debug, outputs)
-        except KeyboardInterrupt:
-            _fail(name, 130, "interrupted", json_out, debug)
+            _fail(name, EXIT_FAILED, "failed", str(exc), json_out, debug, outputs)
+        except KeyboardInterrupt as exc:
+            _fail(name, 130, "interrupted", str(exc) or "stopped by the user", json_out, debug)
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(141) from None
+        except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+            _fail(name, EXIT_USER, "error", filesystem_problem(exc), json_out, debug)
         except Exception as exc:  # a bug or an environment failure: say so, keep the traceback for --debug
             hint = "" if debug else " (re-run with --debug for the traceback)"
-            _fail(name, EXIT_FAILED, f"error: {type(exc).__name__}: {exc}{hint}", json_out, debug)
+            _fail(name, EXIT_FAILED, "error", f"{type(exc).__name__}: {exc}{hint}", json_out, debug)
         if json_out and main and outputs is not None:
             console.emit_json({"ok": True, "command": name, **outputs})
     except typer.Exit as exit_:
@@ -80,8 +150,24 @@ def execute(
             distributed.shutdown(exit_code)
 
 
-def _fail(name: str, code: int, message: str, json_out: bool, debug: bool,
+def filesystem_problem(exc: OSError) -> str:
+    """The one line for a path the run cannot use: which path, what is wrong, what to do."""
+    path = exc.filename or "a path"
+    fixes = {
+        PermissionError: "fix its permissions or choose another --run-dir",
+        NotADirectoryError: "a file is in the way of a folder on that path; move it or choose another --run-dir",
+        IsADirectoryError: "a folder is where a file should be; move it or choose another path",
+        FileExistsError: "a file is where a folder should be; move it or choose another --run-dir",
+    }
+    fix = next((text for kind, text in fixes.items() if isinstance(exc, kind)), "check the path")
+    return f"{path}: {(exc.strerror or str(exc)).lower()}; {fix}"
+
+
+def _fail(name: str, code: int, prefix: str, problem: str, json_out: bool, debug: bool,
           outputs: dict[str, Any] | None = None) -> None:
+    """One line on stderr ('<prefix>: <problem>'); with --json also the one object, whose `error` is
+    the problem alone."""
+    message = f"{prefix}: {problem}"
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         # The other ranks stay quiet about input errors (rank 0 reports the same one); anything else
@@ -95,8 +181,11 @@ def _fail(name: str, code: int, message: str, json_out: bool, debug: bool,
         traceback.print_exc()
     print(message.replace("\n", " "), file=sys.stderr, flush=True)
     if json_out:
-        console.emit_json({**(outputs or {}), "ok": False, "command": name, "exit_code": code, "error": message})
+        console.emit_json({**(outputs or {}), "ok": False, "command": name, "exit_code": code,
+                           "error": problem.replace("\n", " ")})
     raise typer.Exit(code)
+
+
 
 
 def _stage_command(name: str, summary: str) -> None:
@@ -199,45 +288,57 @@ def infer_command(
     config: Annotated[Optional[Path], typer.Option("-c", "--config", help="Experiment YAML file.")] = None,
     set_: SetOpt = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="ONNX model (infer.model).")] = None,
-    input_: Annotated[Optional[str], typer.Option("--input", "-i", help="Rows to predict, '-' for stdin.")] = None,
+    input_: Annotated[Optional[str], typer.Option("--input", "-i", help="Rows to predict or prompts, '-' for stdin.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where predictions go, '-' for stdout.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="gpt: the prompt to continue.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="gpt: tokens to generate.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="gpt: 0 is greedy.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="gpt: sample among the k likeliest tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="gpt: nucleus sampling probability mass.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="gpt: sampling seed.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="gpt: stop at this string (repeatable).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="gpt: prompts are user messages in the model's chat template.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="gpt, --chat: a system message.")] = None,
     bench: Annotated[bool, typer.Option("--bench", help="gpt: measure prefill and per-token latency instead.")] = False,
-    batch: Annotated[int, typer.Option("--batch", help="--bench: sequences decoded together.")] = 1,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="--bench: prompt length.")] = 16,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="--bench: tokens decoded per repeat.")] = 32,
-    repeats: Annotated[int, typer.Option("--repeats", help="--bench: timed repeats (after one warm-up).")] = 5,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="--bench: sequences decoded together.")] = 1,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="--bench: prompt length.")] = 16,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="--bench: tokens decoded per repeat.")] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="--bench: timed repeats (after one warm-up).")] = 5,
+    device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Predict or generate with the exported ONNX model (ONNX Runtime only). Without -c, --model and
-    --input (or --prompt) suffice."""
+    --input (or --prompt) suffice; --set infer.KEY=VALUE sets any other infer key."""
 
     def action() -> dict[str, Any]:
         from bigmodel import infer
-        from bigmodel.config import InferConfig
 
         given = {"model": model, "input": input_, "output": output, "prompt": prompt,
-                 "max_new_tokens": max_new_tokens, "temperature": temperature, "chat": chat or None,
-                 "system": system}
+                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "seed": seed, "stop": stop or None, "chat": chat or None, "system": system}
+        given = {key: value for key, value in given.items() if value is not None}
+        if device is not None:
+            given["providers"] = device_providers(device)
+        settings_given = {**_infer_sets(set_, config is None), **given}
+        check_infer_flags(given)  # the same message for a bad flag with or without -c
+        explicit = set(settings_given)
+        if {"prompt", "input"} <= explicit:
+            raise UserError("--prompt and --input both give prompts; use one of them")
         bench_settings = ({"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                            "repeats": repeats} if bench else None)
         if config is None:
-            if model is None:
+            if "model" not in settings_given:
                 raise UserError("infer needs -c CONFIG, or --model FILE.onnx (with --input FILE/'-' or --prompt)")
-            if set_:
-                raise UserError("--set needs -c CONFIG; without a config use the infer options")
-            settings = InferConfig(**{k: v for k, v in given.items() if v is not None})
+            settings = check_infer_flags(settings_given, source="--set")
             _refuse_stdout_clash(json_out, settings.output or Path(STDIO), bench)
             return infer.run_standalone(settings, bench_settings)
-        overrides = list(set_ or []) + [
-            f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items() if v is not None
+        # An explicit prompt or input replaces the config's (a config's infer.prompt must not hide -i).
+        cleared = {"input": "prompt", "prompt": "input"}
+        overrides = list(set_ or []) + [f"infer.{cleared[k]}=null" for k in cleared if k in explicit] + [
+            f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items()
         ]
         loaded = load_config(config, overrides, run_dir)
         _refuse_stdout_clash(json_out, loaded.infer.output, bench)
@@ -248,6 +349,45 @@ def infer_command(
         return STAGES["infer"].run(loaded)
 
     execute("infer", action, json_out, quiet, debug)
+
+
+INFER_FLAGS = {"model": "--model", "input": "--input", "output": "--output", "prompt": "--prompt",
+               "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+               "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "chat": "--chat", "system": "--system",
+               "providers": "--device"}
+
+
+def check_infer_flags(values: dict[str, Any], source: str = "") -> Any:
+    """InferConfig of the given values; a bad one is refused naming its flag (or its --set key)."""
+    from pydantic import ValidationError
+
+    from bigmodel.config import InferConfig, validation_problems
+
+    try:
+        return InferConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for where, message in validation_problems(exc):
+            key = where.split(".")[0]
+            name = INFER_FLAGS.get(key, f"infer.{key}") if not source else f"--set infer.{key}"
+            problems.append(message.replace(where, name, 1) if message.startswith(where) else f"{name}: {message}")
+        raise UserError("; ".join(problems)) from exc
+
+
+def _infer_sets(set_: list[str] | None, standalone: bool) -> dict[str, Any]:
+    """Without -c, --set may give infer keys only (there is no other section to set)."""
+    if not standalone:
+        return {}
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in set_ or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.startswith("infer.") or key.count(".") != 1:
+            raise UserError(f"--set {item!r}: without -c only infer keys can be set (--set infer.top_k=50); "
+                            "other keys need -c CONFIG")
+        values[key.removeprefix("infer.")] = yaml.safe_load(text) if text.strip() not in ("", STDIO) else (text.strip() or None)
+    return values
 
 
 def _refuse_stdout_clash(json_out: bool, output: Path | None, bench: bool) -> None:

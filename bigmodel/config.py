@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from bigmodel.errors import UserError, did_you_mean
 from bigmodel.metrics import SCALARS as SCALAR_METRICS
@@ -34,7 +34,8 @@ Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, not silently dropped."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+    # Finite numbers only: `lr: .inf` or `.nan` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -114,6 +115,9 @@ class TextDataConfig(Section):
     )
     paths: list[Path] = Field([], description="More files or globs, read after data.path.")
     jsonl_field: str = Field("text", description="Field holding the text in .jsonl sources.")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of the source files, e.g. latin-1 or cp1252 (any Python codec name).",
+    )
     document: Literal["file", "paragraph", "line"] = Field(
         "file",
         description="What one document is in plain-text files (JSONL: one record). Cleaning filters, "
@@ -133,6 +137,16 @@ class TextDataConfig(Section):
     augment: list[BPEDropoutAugment] = Field(
         [], description="Applied by prepare to the train split only: [{kind: bpe_dropout, dropout: 0.1, copies: 1}]."
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            return codecs.lookup(value).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}; e.g. utf-8, latin-1, cp1252") from None
 
     @model_validator(mode="after")
     def _has_a_source(self) -> TextDataConfig:
@@ -688,6 +702,13 @@ class Config(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
 
+    @field_validator("run_dir", mode="before")
+    @classmethod
+    def _run_dir_is_a_folder(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; give a folder, e.g. runs/try1")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _defaults_follow_the_data(cls, raw: Any) -> Any:
@@ -790,6 +811,15 @@ class Config(Section):
                 "ctx": {"error": "a student is of the teacher's family"}}])
         return type(self.model).model_validate({**self.model.model_dump(), **step.student})
 
+    def derive(self, source: str, **sections: dict[str, Any] | BaseModel) -> Config:
+        """This config with some sections replaced or updated, validated like a loaded one (model_copy
+        would skip every check). `source` names who derived it, for the error message."""
+        raw = self.model_dump(by_alias=True)
+        for name, update in sections.items():
+            raw[name] = (update.model_dump(by_alias=True) if isinstance(update, BaseModel)
+                         else {**raw[name], **update})
+        return validate_config(raw, source)
+
     def stage_dir(self, stage: str) -> Path:
         """`<run_dir>/<stage>`: where a stage writes its artifacts."""
         return (self.run_dir or Path("runs")) / stage
@@ -823,24 +853,44 @@ STDIO = "-"
 def load_config(
     path: str | Path, overrides: list[str] | None = None, run_dir: str | Path | None = None
 ) -> Config:
-    """Read, merge, resolve, override and validate a config file. Raises UserError on any mistake."""
+    """Read, merge, resolve, override and validate a config file. Raises UserError on any mistake; a
+    problem with a key given by --set names that --set, not the file."""
     path = Path(path)
     raw = _read_with_extends(path, chain=())
+    set_keys: dict[str, str] = {}
     for override in overrides or []:
-        _apply_override(raw, override)
+        set_keys[_apply_override(raw, override)] = override
     if run_dir is not None:
+        if not str(run_dir).strip():
+            raise UserError("--run-dir is empty; give a folder, e.g. --run-dir runs/try1")
         raw["run_dir"] = str(Path(run_dir).absolute())
     elif raw.get("run_dir") is None:
         raw["run_dir"] = str(Path.cwd() / "runs" / path.name.split(".")[0])
     raw.pop("extends", None)
+    return validate_config(raw, str(path), set_keys)
+
+
+def validate_config(raw: dict[str, Any], source: str, set_keys: dict[str, str] | None = None) -> Config:
+    """Config.model_validate with one-line errors: each problem is attributed to the --set that gave
+    its key (set_keys: key path -> the --set text), else to `source` (the config file)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{path}: {format_validation_error(exc)}") from exc
+        by_source: dict[str, list[str]] = {}
+        for where, message in validation_problems(exc):
+            # The --set of this key (or of a section holding it); a section's own check names the keys
+            # it is about in its message.
+            given = [text for key, text in (set_keys or {}).items()
+                     if where == key or where.startswith(key + ".") or key.startswith(where + ".") and key in message]
+            by_source.setdefault(f"--set {given[0]}" if given else source, []).append(message)
+        raise UserError("; ".join(f"{origin}: {'; '.join(messages)}" for origin, messages in by_source.items())) from exc
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, named_by: Path | None = None) -> dict[str, Any]:
     if not path.is_file():
+        if named_by is not None:
+            raise UserError(f"{named_by}: extends {path.name!r}: file not found: {path} (paths in extends are "
+                            "relative to the file that names them)")
         raise UserError(f"config file not found: {path} (check the path given to -c/--config)")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -863,7 +913,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise UserError(f"{path}: 'extends' forms a cycle: {cycle}; remove one of the links")
-    raw = _read_yaml(path)
+    raw = _read_yaml(path, named_by=chain[-1] if chain else None)
     _resolve_paths(raw, base=path.parent)
     bases = raw.pop("extends", None)
     if bases is None:
@@ -889,7 +939,8 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def _apply_override(raw: dict[str, Any], override: str) -> str:
+    """Set one key from a --set; returns its key path."""
     key_path, sep, text = override.partition("=")
     if not sep or not key_path.strip():
         raise UserError(f"--set {override!r}: expected key.path=value, e.g. --set train.lr=0.001")
@@ -908,6 +959,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node = child
     # Paths given on the command line are relative to where the user runs the command.
     node[keys[-1]] = resolve_path(value, Path.cwd()) if tuple(keys) in PATH_KEYS else value
+    return ".".join(keys)
 
 
 # ---------------------------------------------------------------------------- path-valued settings
@@ -947,7 +999,7 @@ def resolve_path(value: Any, base: Path) -> Any:
     folder (text that exists on every machine with Python); '-' (stdin/stdout) stays as it is."""
     if isinstance(value, list):
         return [resolve_path(v, base) for v in value]
-    if not isinstance(value, str) or value == STDIO:
+    if not isinstance(value, str) or value in (STDIO, ""):  # "" is refused by validation, never "here"
         return value
     value = value.replace(STDLIB, sysconfig.get_paths()["stdlib"])
     return value if Path(value).is_absolute() else str((base / value).absolute())
@@ -969,7 +1021,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 def format_validation_error(exc: ValidationError, within: tuple[str, ...] = ()) -> str:
     """All problems of one validation in one line: 'key.path: what is wrong (what is allowed)'.
     `within`: the config section the validated data belongs to (for the allowed keys)."""
-    messages = []
+    return "; ".join(message for _, message in validation_problems(exc, within))
+
+
+def validation_problems(exc: ValidationError, within: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(key path, 'key.path: what is wrong (what is allowed)') for each problem of a validation."""
+    problems = []
     for error in exc.errors():
         raw_loc = [str(part) for part in error["loc"]]
         # pydantic names the union member in the location (data.text.path): users wrote data.path.
@@ -980,23 +1037,25 @@ def format_validation_error(exc: ValidationError, within: tuple[str, ...] = ()) 
             container = next((p for p in reversed(loc) if not p.isdigit()), "")
             key = TAG_KEYS.get(container, "kind")
             ctx = error.get("ctx", {})
-            messages.append(f"{where}.{key}: unknown value {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
+            where = f"{where}.{key}"
+            message = f"{where}: unknown value {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
         elif kind == "extra_forbidden":
             allowed = _allowed_keys([*within, *raw_loc[:-1]])
             hint = did_you_mean(loc[-1], allowed)
-            messages.append(
-                f"{where}: unknown key{hint}; allowed here: {', '.join(sorted(allowed))}"
-            )
+            message = f"{where}: unknown key{hint}; allowed here: {', '.join(sorted(allowed))}"
         elif kind == "missing":
-            messages.append(f"{where}: required key is missing")
+            message = f"{where}: required key is missing"
+        elif kind == "finite_number":
+            message = f"{where}: must be a finite number (got {error.get('input')!r})"
         elif kind == "value_error" and not loc:
-            messages.append(str(error["msg"]).removeprefix("Value error, "))
+            message = str(error["msg"]).removeprefix("Value error, ")
         else:
             msg = str(error["msg"]).removeprefix("Value error, ")
             value = error.get("input")
             # A section's own check (its input is the whole section) says everything in its message.
-            messages.append(f"{where}: {msg}" if isinstance(value, dict) else f"{where}: {msg} (got {value!r})")
-    return "; ".join(messages)
+            message = f"{where}: {msg}" if isinstance(value, dict) else f"{where}: {msg} (got {value!r})"
+        problems.append((".".join([*within, *loc]) if within else where, message))
+    return problems
 
 
 def _all_sections(model: type[BaseModel]) -> set[type[BaseModel]]:
@@ -1032,8 +1091,9 @@ def _allowed_keys(loc: list[str]) -> set[str]:
 
 
 def _tag_default(section: type[BaseModel]) -> str | None:
-    """A union member's tag: its format/family/method field, a Literal of exactly one value."""
-    for key in ("format", "family", "method"):
+    """A union member's tag: its tag-key field (TAG_KEYS: format, family, method, kind) when that is a
+    Literal of exactly one value."""
+    for key in dict.fromkeys(TAG_KEYS.values()):
         field = section.model_fields.get(key)
         if field is not None and len(typing.get_args(field.annotation)) == 1:
             return field.default

@@ -40,6 +40,23 @@ def manifest_arch(manifest: dict[str, Any], origin: Path | str) -> AnyArch:
     return arches.parse(manifest.get("architecture"), f"checkpoint {origin}")
 
 
+def stage_checkpoint(config: Any, ref: str) -> Path:
+    """The checkpoint a stage was told to use (eval/export/compress `checkpoint`), refused in one line when
+    it holds another family's model than the config describes. ONNX files are checked when opened."""
+    from bigmodel.checkpoint import read_manifest
+
+    path: Path = config.checkpoint_path(ref)
+    if path.suffix == ".onnx":
+        return path
+    manifest = read_manifest(path)
+    found = manifest.get("family") or (manifest.get("architecture") or {}).get("family")
+    expected = config.model.family
+    if found != expected:
+        raise UserError(f"{path} holds a '{found}' model, but the config describes a '{expected}' model "
+                        f"(model.family); give a {expected} checkpoint, or the config that {path.name} was trained with")
+    return path
+
+
 def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes and load its weights, verifying every shape. A LoRA
     adapter checkpoint is loaded onto its base (checked by sha256) and, with `merge`, folded into it."""

@@ -188,3 +188,61 @@ def test_an_onnx_file_from_before_grouped_query_attention_still_generates(lm_run
     before = cli("infer", "--model", old, *args, tmp_path / "b.jsonl")
     assert now.code == before.code == 0, before.stderr
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+# ---- the CLI contract for infer and for checkpoints of the other family (issue 16)
+
+
+def test_infer_flags_are_validated_the_same_with_and_without_a_config(lm_run: Path) -> None:
+    model = onnx_of(lm_run)
+    for flags, named in ((["-n", "0"], "--max-new-tokens"), (["-n", "-5"], "--max-new-tokens"),
+                         (["-t", "-1"], "--temperature"), (["--top-p", "1.5"], "--top-p")):
+        alone = cli("infer", "--model", model, "--prompt", "def ", *flags)
+        with_config = cli("infer", "-c", lm_run, "--prompt", "def ", *flags)
+        assert alone.code == with_config.code == 2, (alone.stderr, with_config.stderr)
+        assert alone.stderr == with_config.stderr and named in alone.stderr
+        assert len(alone.stderr.strip().splitlines()) == 1 and "pydantic" not in alone.stderr
+
+
+def test_infer_without_config_has_the_sampling_options_and_infer_sets(lm_run: Path) -> None:
+    out = generate(lm_run, "--prompt", "def ", "-n", "12", "--top-k", "3", "--top-p", "0.9", "--seed", "7")
+    again = generate(lm_run, "--prompt", "def ", "-n", "12", "--set", "infer.top_k=3", "--set", "infer.top_p=0.9",
+                     "--set", "infer.seed=7")
+    other_seed = generate(lm_run, "--prompt", "def ", "-n", "12", "--top-k", "3", "--top-p", "0.9", "--seed", "8")
+    assert out == again and out[0]["completion"] != other_seed[0]["completion"]
+    greedy = generate(lm_run, "--prompt", "def ", "-n", "30", "-t", "0")[0]["completion"]
+    stopped = generate(lm_run, "--prompt", "def ", "-n", "30", "-t", "0", "--stop", greedy[5:7])
+    assert stopped[0]["stop_reason"] == "stop" and greedy.startswith(stopped[0]["completion"])
+    bad = cli("infer", "--model", onnx_of(lm_run), "--prompt", "x", "--set", "train.lr=1")
+    assert bad.code == 2 and "only infer keys" in bad.stderr
+
+
+def test_an_explicit_input_wins_over_the_config_prompt_and_two_inputs_conflict(lm_run: Path) -> None:
+    prompts = lm_run.parent / "two_prompts.txt"
+    prompts.write_text("def \nclass \n")
+    config = lm_run.parent / "with_prompt.yaml"
+    config.write_text(lm_run.read_text() + "infer: {prompt: 'import ', max_new_tokens: 4}\n")
+    out = lm_run.parent / "from_file.jsonl"
+    result = cli("infer", "-c", config, "--input", prompts, "--output", out, "-q")
+    assert result.code == 0, result.stderr
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["def ", "class "]
+    both = cli("infer", "--model", onnx_of(lm_run), "-p", "ROMEO:", "-i", prompts)
+    assert both.code == 2 and "--prompt and --input" in both.stderr
+    both = cli("infer", "-c", config, "-p", "ROMEO:", "-i", prompts)
+    assert both.code == 2 and "--prompt and --input" in both.stderr
+
+
+def test_a_checkpoint_of_the_other_family_is_refused(lm_run: Path, digits_run: Path) -> None:
+    gpt_best = lm_run.parent / "run" / "train" / "best.safetensors"
+    mlp_best = digits_run.parent / "run" / "train" / "best.safetensors"
+    for stage, config, checkpoint in (("eval", digits_run, gpt_best), ("export", digits_run, gpt_best),
+                                      ("compress", digits_run, gpt_best), ("eval", lm_run, mlp_best),
+                                      ("export", lm_run, mlp_best)):
+        key = "compress.checkpoint" if stage == "compress" else f"{stage}.checkpoint"
+        extra = ["--set", "compress.steps=[{method: quantize}]"] if stage == "compress" else []
+        result = cli(stage, "-c", config, "--set", f"{key}={checkpoint}", "--run-dir", lm_run.parent / "other", *extra)
+        assert result.code == 2, (stage, result.stderr)
+        assert "holds a '" in result.stderr and "model.family" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    onnx = cli("eval", "-c", digits_run, "--set", f"eval.checkpoint={onnx_of(lm_run)}")
+    assert onnx.code == 2 and "'gpt' model; this needs a 'tabular' model" in onnx.stderr

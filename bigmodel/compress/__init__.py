@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bigmodel import console
+from bigmodel import console, registry
 from bigmodel.compress.measure import measure
 from bigmodel.config import Config
 from bigmodel.datasets import prepared_files
@@ -38,7 +38,7 @@ def run(config: Config) -> dict[str, Any]:
                 )
     setup_torch(config)
     out_dir = config.stage_dir("compress")
-    checkpoint = config.checkpoint_path(cc.checkpoint)
+    checkpoint = registry.stage_checkpoint(config, cc.checkpoint)
     current = Path(export_checkpoint(config, checkpoint, out_dir / "fp32", "onnx")["model"])
     rows = [measure(config, "fp32 (export)", current)]
     sparsity: dict[str, dict[str, float]] = {}

@@ -46,12 +46,14 @@ def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -
                  f"{registry.count_parameters(teacher):,}; {step.steps} steps")
 
     tc = config.train
-    train_cfg = tc.model_copy(update={
-        "max_steps": step.steps, "lr": step.lr or tc.lr, "warmup_steps": min(tc.warmup_steps, step.steps // 10),
+    lr = step.lr or tc.lr
+    student_config = config.derive("compress distill step", model=student_cfg, train={
+        # the schedule keeps its shape: min_lr is the same fraction of the (distillation) lr
+        "max_steps": step.steps, "lr": lr, "min_lr": tc.min_lr * lr / tc.lr,
+        "warmup_steps": min(tc.warmup_steps, step.steps // 10),
         "eval_every": min(tc.eval_every or step.steps, step.steps), "save_every": None, "patience": None,
         "compile": False,
     })
-    student_config = config.model_copy(update={"train": train_cfg, "model": student_cfg})
     recipe = _recipe(config)
     result = recipe.train(student_config, False, work_dir, start_from=start,
                           loss_hook=distillation_loss(teacher, step.alpha, step.temperature))

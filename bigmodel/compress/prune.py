@@ -192,12 +192,12 @@ def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: dict[s
     save_checkpoint(start, model_tensors(model), manifest)
     tc = config.train
     lr = step.finetune_lr or (tc.min_lr if tc.min_lr > 0 else tc.lr / 10)
-    train_cfg = tc.model_copy(update={
+    tuned_config = config.derive("compress prune step (fine-tune)", train={
         "max_steps": steps, "lr": lr, "min_lr": lr, "schedule": "constant", "warmup_steps": 0,
         "eval_every": steps, "save_every": steps, "patience": None, "compile": False,
     })
     recipe = family(config.model.family).module("recipe")
-    result = recipe.train(config.model_copy(update={"train": train_cfg}), False, work_dir,
+    result = recipe.train(tuned_config, False, work_dir,
                           start_from=start, after_step=(lambda m: apply_masks(m, masks)) if masks else None)
     tuned, _ = registry.load_model(Path(result["last"]))
     return tuned

@@ -31,7 +31,7 @@ from bigmodel.runtime import setup_torch
 def run(config: Config) -> dict[str, Any]:
     device = setup_torch(config)
     ec = config.eval
-    path = config.checkpoint_path(ec.checkpoint)
+    path = registry.stage_checkpoint(config, ec.checkpoint)
     artifact = load_artifact(path, config, device)
     scores, source = score_artifact(artifact, config)
     samples: list[str] = []
@@ -115,9 +115,9 @@ def _onnx_samples(decoder: Any, config: Config) -> list[str]:
     from bigmodel.infer.gpt import complete
 
     ec = config.eval
-    settings = config.infer.model_copy(update={
+    settings = config.derive("eval samples", infer={
         "max_new_tokens": ec.max_new_tokens, "temperature": ec.temperature, "top_k": ec.top_k, "top_p": None,
-        "stop": []})
+        "stop": []}).infer
     return [ec.prompt + complete(decoder, ec.prompt, settings, config.seed + i)["completion"]
             for i in range(ec.samples)]
 

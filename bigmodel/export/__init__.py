@@ -9,10 +9,11 @@ from bigmodel.config import Config
 
 
 def run(config: Config) -> dict[str, Any]:
+    from bigmodel.registry import stage_checkpoint
     from bigmodel.runtime import setup_torch
 
     setup_torch(config)
-    return export_checkpoint(config, config.checkpoint_path(config.export.checkpoint), config.stage_dir("export"))
+    return export_checkpoint(config, stage_checkpoint(config, config.export.checkpoint), config.stage_dir("export"))
 
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: str | None = None) -> dict[str, Any]:

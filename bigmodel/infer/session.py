@@ -38,7 +38,8 @@ def open_model(
     session = open_session(path, providers, threads)
     meta = metadata(session, path)
     if kind is not None and meta["kind"] != kind:
-        raise UserError(f"{path} is a '{meta['kind']}' model; this needs a '{kind}' model")
+        raise UserError(f"{path} is a '{meta['kind']}' model; this needs a '{kind}' model: give the ONNX model "
+                        "exported from this config's run, or the config it was made with")
     return session, meta
 
 

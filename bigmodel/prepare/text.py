@@ -53,11 +53,19 @@ def run(config: Config) -> dict[str, Any]:
 
     # Pass 1: which documents survive cleaning, and which characters they use.
     keep, chars = _scan(files, data, report)
+    if report.chars_seen == 0:
+        raise UserError(f"data: no text in {', '.join(str(f) for f in files)} (the files are empty); "
+                        "give data.path a file with text")
     if report.documents_kept == 0:
         raise UserError(
             f"data: every one of {report.documents_seen} documents was dropped by cleaning "
             f"({report.dropped}); loosen data.cleaning.min_chars/max_chars"
         )
+
+    visible = sorted(c for c in chars if not c.isspace())
+    if len(visible) < 2:  # a model of it learns nothing (the loss falls to 0 and means nothing)
+        raise UserError(f"data: the text uses {len(visible)} distinct character(s) besides whitespace "
+                        f"({''.join(visible)!r}); there is nothing to learn from it: give data.path real text")
 
     # Pass 2 (bpe): the tokenizer.
     pretrained = pretrained_tokenizer(config.init.from_) if config.init.from_ is not None else None
@@ -135,18 +143,46 @@ def source_files(data: TextDataConfig) -> list[Path]:
 def _documents(files: list[Path], data: TextDataConfig) -> Iterator[Iterator[str]]:
     """Each document as an iterator of raw text chunks (a whole file streams in several)."""
     for path in files:
-        with open(path, encoding="utf-8", errors="strict", newline="") as handle:
-            try:
-                if path.suffix == ".jsonl":
-                    yield from _jsonl_documents(handle, path, data.jsonl_field)
-                elif data.document == "file":
-                    yield _file_chunks(handle, data.chunk_chars)
-                elif data.document == "line":
-                    yield from (iter([line]) for line in handle)
-                else:
-                    yield from (iter([p]) for p in _paragraphs(handle))
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        with open(path, encoding=data.encoding, errors="strict", newline="") as handle:
+            if path.suffix == ".jsonl":
+                documents: Iterator[Iterator[str]] = _jsonl_documents(handle, path, data.jsonl_field)
+            elif data.document == "file":
+                documents = iter([_file_chunks(handle, data.chunk_chars)])
+            elif data.document == "line":
+                documents = (iter([line]) for line in handle)
+            else:
+                documents = (iter([p]) for p in _paragraphs(handle))
+            # Text is decoded as it is read: a bad byte surfaces while a document is being consumed.
+            yield from _decoding_checked(documents, path, data.encoding)
+
+
+def _decoding_checked(documents: Iterator[Iterator[str]], path: Path, encoding: str) -> Iterator[Iterator[str]]:
+    def chunks(document: Iterator[str]) -> Iterator[str]:
+        try:
+            yield from document
+        except UnicodeDecodeError:
+            raise UserError(_not_text(path, encoding)) from None
+
+    try:
+        for document in documents:
+            yield chunks(document)
+    except UnicodeDecodeError:
+        raise UserError(_not_text(path, encoding)) from None
+
+
+def _not_text(path: Path, encoding: str) -> str:
+    """Where the first byte that is not `encoding` is, and what to do about it."""
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+        offset = None
+    except UnicodeDecodeError as exc:
+        offset = exc.start
+    if b"\x00" in raw[:8192]:
+        return f"{path}: a binary file, not text (NUL bytes near the start); point data.path at text files"
+    where = f" (the first bad byte is at offset {offset})" if offset is not None else ""
+    return (f"{path}: not {encoding} text{where}; set data.encoding to the file's "
+            "encoding (e.g. latin-1, cp1252) or convert it to UTF-8")
 
 
 def _file_chunks(handle: Any, size: int) -> Iterator[str]:
