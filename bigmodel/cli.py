@@ -7,6 +7,7 @@ one JSON object and every human line goes to stderr.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -25,7 +26,10 @@ except ImportError:  # pragma: no cover
 
 from bigmodel import __version__, console
 from bigmodel.config import STDIO, load_config, section_help
-from bigmodel.errors import EXIT_FAILED, EXIT_USER, GateFailed, RunFailed, UserError
+from bigmodel.errors import EXIT_FAILED, EXIT_USER, GateFailed, Interrupted, RunFailed, UserError
+
+
+_ARGV: list[str] = []  # this invocation's arguments (for the resume command after Ctrl-C)
 
 
 class CommandLine(TyperGroup):
@@ -35,6 +39,7 @@ class CommandLine(TyperGroup):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        _ARGV[:] = argv
         try:
             code = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
                                 standalone_mode=False, **extra)
@@ -76,7 +81,11 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show, validate and describe experiment configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Experiment YAML file.")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("-c", "--config", help="Experiment YAML file. Without it, --run-dir DIR of an existing run uses "
+                 "the config that run recorded (DIR/config.yaml)."),
+]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
@@ -90,6 +99,22 @@ DeviceOpt = Annotated[
     typer.Option("--device", help="auto, cpu, cuda or mps: where PyTorch runs (the config's device); for infer, "
                  "the ONNX Runtime provider (cpu or cuda)."),
 ]
+
+
+def config_file(config: Path | None, run_dir: str | None) -> Path:
+    """-c, or else the config recorded in --run-dir (a finished run is enough for eval, report, ...)."""
+    if config is not None:
+        return config
+    if run_dir is None:
+        raise UserError("give -c CONFIG (the experiment YAML), or --run-dir DIR of a run (its recorded config.yaml)")
+    from bigmodel.runs import record_of
+
+    return record_of(run_dir)
+
+
+def load(config: Path | None, overrides: list[str] | None, run_dir: str | None) -> Any:
+    """The validated config of -c (or of --run-dir's record), with --set overrides."""
+    return load_config(config_file(config, run_dir), overrides, run_dir)
 
 
 def with_device(overrides: list[str] | None, device: str | None) -> list[str]:
@@ -128,14 +153,17 @@ def execute(
         except RunFailed as exc:
             outputs = exc.outputs if isinstance(exc, GateFailed) else {}
             _fail(name, EXIT_FAILED, "failed", str(exc), json_out, debug, outputs)
-        except KeyboardInterrupt as exc:
-            _fail(name, 130, "interrupted", str(exc) or "stopped by the user", json_out, debug)
+        except Interrupted as exc:
+            _fail(name, 130, "interrupted", f"{exc}" + (f"; resume with: {resume_command()}" if exc.resumable else ""),
+                  json_out, debug)
+        except KeyboardInterrupt:
+            _fail(name, 130, "interrupted", "stopped by the user", json_out, debug)
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(141) from None
-        except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
-            _fail(name, EXIT_USER, "error", filesystem_problem(exc), json_out, debug)
         except Exception as exc:  # a bug or an environment failure: say so, keep the traceback for --debug
+            if isinstance(exc, OSError) and exc.errno in USERS_PATH_ERRORS:  # a path the user chose
+                _fail(name, EXIT_USER, "error", filesystem_problem(exc), json_out, debug)
             hint = "" if debug else " (re-run with --debug for the traceback)"
             _fail(name, EXIT_FAILED, "error", f"{type(exc).__name__}: {exc}{hint}", json_out, debug)
         if json_out and main and outputs is not None:
@@ -150,17 +178,30 @@ def execute(
             distributed.shutdown(exit_code)
 
 
+def resume_command() -> str:
+    """The command line that was run, made to resume: --restart dropped, --resume added."""
+    import shlex
+
+    argv = [a for a in _ARGV if a != "--restart"]
+    return shlex.join(["bigmodel", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+# A path the user chose that cannot be used (errno -> the fix): exit 2, not a crash.
+USERS_PATH_ERRORS = {
+    errno.EACCES: "fix its permissions or choose another --run-dir",
+    errno.EPERM: "fix its permissions or choose another --run-dir",
+    errno.EROFS: "the file system is read-only; choose another --run-dir",
+    errno.ENOTDIR: "a file is in the way of a folder on that path; move it or choose another --run-dir",
+    errno.EISDIR: "a folder is where a file should be; move it or choose another path",
+    errno.EEXIST: "a file is where a folder should be; move it or choose another --run-dir",
+    errno.ENOSPC: "the disk is full; free space or choose another --run-dir",
+}
+
+
 def filesystem_problem(exc: OSError) -> str:
     """The one line for a path the run cannot use: which path, what is wrong, what to do."""
     path = exc.filename or "a path"
-    fixes = {
-        PermissionError: "fix its permissions or choose another --run-dir",
-        NotADirectoryError: "a file is in the way of a folder on that path; move it or choose another --run-dir",
-        IsADirectoryError: "a folder is where a file should be; move it or choose another path",
-        FileExistsError: "a file is where a folder should be; move it or choose another --run-dir",
-    }
-    fix = next((text for kind, text in fixes.items() if isinstance(exc, kind)), "check the path")
-    return f"{path}: {(exc.strerror or str(exc)).lower()}; {fix}"
+    return f"{path}: {(exc.strerror or str(exc)).lower()}; {USERS_PATH_ERRORS[exc.errno]}"
 
 
 def _fail(name: str, code: int, prefix: str, problem: str, json_out: bool, debug: bool,
@@ -192,8 +233,9 @@ def _stage_command(name: str, summary: str) -> None:
     """Register `bigmodel <name> -c CONFIG ...` for a stage that needs nothing but the config."""
 
     def command(
-        config: ConfigOpt,
+        config: ConfigOpt = None,
         set_: SetOpt = None,
+        device: DeviceOpt = None,
         run_dir: RunDirOpt = None,
         json_out: JsonOpt = False,
         quiet: QuietOpt = False,
@@ -201,7 +243,8 @@ def _stage_command(name: str, summary: str) -> None:
     ) -> None:
         from bigmodel.stages import STAGES
 
-        execute(name, lambda: STAGES[name].run(load_config(config, set_, run_dir)), json_out, quiet, debug)
+        execute(name, lambda: STAGES[name].run(load(config, with_device(set_, device), run_dir)),
+                json_out, quiet, debug)
 
     app.command(name, help=summary, epilog=section_help(name) or None)(command)
 
@@ -214,7 +257,7 @@ _stage_command("export", "Export a checkpoint to ONNX; publish it only if it mat
 
 @app.command("train", epilog=section_help("train"))
 def train_command(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from train/last.safetensors, bitwise as if never stopped.")
@@ -224,11 +267,19 @@ def train_command(
         typer.Option("--until-step", min=1, help="Stop after this step (schedule unchanged, resumable "
                      "checkpoint written); continue later with --resume. For time-limited jobs."),
     ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard an unfinished run in train/ and start over.")
+    ] = False,
+    allow_changes: Annotated[
+        bool, typer.Option("--allow-changes", help="--resume even though training settings changed "
+                           "(the changed keys are recorded in the checkpoints).")
+    ] = False,
     nproc: Annotated[
         Optional[int],
         typer.Option("--nproc", min=1, help="Train on N processes on this machine: launches torchrun "
                      "(train.distributed picks DDP or FSDP). Multi-node: run torchrun yourself (README)."),
     ] = None,
+    device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -237,9 +288,11 @@ def train_command(
     """Train from the initial checkpoint; write best/last checkpoints and metrics.jsonl."""
     from bigmodel.stages import STAGES
 
+    set_ = with_device(set_, device)
     if nproc is None:
-        execute("train", lambda: STAGES["train"].run(load_config(config, set_, run_dir), resume=resume,
-                                                     until_step=until_step), json_out, quiet, debug)
+        execute("train", lambda: STAGES["train"].run(load(config, set_, run_dir), resume=resume,
+                                                     until_step=until_step, restart=restart,
+                                                     allow_changes=allow_changes), json_out, quiet, debug)
         return
     exit_code = 0
 
@@ -247,8 +300,9 @@ def train_command(
         nonlocal exit_code
         from bigmodel.train.launch import train_on_processes
 
-        exit_code = train_on_processes(nproc, config, list(set_ or []), run_dir, resume=resume,
-                                       until_step=until_step, json_out=json_out, quiet=quiet, debug=debug)
+        exit_code = train_on_processes(nproc, config_file(config, run_dir), list(set_ or []), run_dir, resume=resume,
+                                       until_step=until_step, json_out=json_out, quiet=quiet, debug=debug,
+                                       restart=restart, allow_changes=allow_changes)
 
     execute("train", launch, json_out, quiet, debug)
     if exit_code:
@@ -257,28 +311,37 @@ def train_command(
 
 @app.command("eval", epilog=section_help("eval"))
 def eval_command(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
     fail_under: Annotated[
         Optional[list[str]],
         typer.Option("--fail-under", metavar="METRIC=VALUE", help="Exit 1 when METRIC < VALUE (repeatable)."),
     ] = None,
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="best, last, init, or a .safetensors/.onnx file (eval.checkpoint).")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Metrics file (eval.output).")] = None,
+    device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Score a checkpoint on the val or test split; write metrics.json."""
+    """Score a checkpoint on the val or test split; write metrics.json (metrics.<name>.json for another
+    artifact than the best checkpoint)."""
     from bigmodel.stages import STAGES
 
     def action() -> dict[str, Any]:
-        overrides = list(set_ or [])
+        overrides = with_device(set_, device)
+        for key, value in (("checkpoint", checkpoint), ("output", output)):
+            if value is not None:
+                overrides.append(f"eval.{key}={json.dumps(str(value))}")
         for gate in fail_under or []:
             metric, sep, value = gate.partition("=")
             if not sep or not metric:
                 raise UserError(f"--fail-under {gate!r}: expected METRIC=VALUE, e.g. --fail-under accuracy=0.97")
             overrides.append(f"eval.fail_under.{metric}={value}")
-        return STAGES["eval"].run(load_config(config, overrides, run_dir))
+        return STAGES["eval"].run(load(config, overrides, run_dir))
 
     execute("eval", action, json_out, quiet, debug)
 
@@ -322,14 +385,14 @@ def infer_command(
         given = {key: value for key, value in given.items() if value is not None}
         if device is not None:
             given["providers"] = device_providers(device)
-        settings_given = {**_infer_sets(set_, config is None), **given}
+        settings_given = {**_infer_sets(set_, config is None and run_dir is None), **given}
         check_infer_flags(given)  # the same message for a bad flag with or without -c
         explicit = set(settings_given)
         if {"prompt", "input"} <= explicit:
             raise UserError("--prompt and --input both give prompts; use one of them")
         bench_settings = ({"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                            "repeats": repeats} if bench else None)
-        if config is None:
+        if config is None and run_dir is None:
             if "model" not in settings_given:
                 raise UserError("infer needs -c CONFIG, or --model FILE.onnx (with --input FILE/'-' or --prompt)")
             settings = check_infer_flags(settings_given, source="--set")
@@ -340,7 +403,7 @@ def infer_command(
         overrides = list(set_ or []) + [f"infer.{cleared[k]}=null" for k in cleared if k in explicit] + [
             f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items()
         ]
-        loaded = load_config(config, overrides, run_dir)
+        loaded = load(config, overrides, run_dir)
         _refuse_stdout_clash(json_out, loaded.infer.output, bench)
         if bench:
             return infer.run(loaded, bench_settings)
@@ -397,7 +460,7 @@ def _refuse_stdout_clash(json_out: bool, output: Path | None, bench: bool) -> No
 
 @app.command("plan", epilog=section_help("plan"))
 def plan_command(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="Training tokens (plan.tokens).")] = None,
     hardware: Annotated[
@@ -418,7 +481,7 @@ def plan_command(
         for key, value in (("tokens", tokens), ("hardware", hardware), ("devices", devices)):
             if value is not None:
                 overrides.append(f"plan.{key}={value}")
-        report = plan.run(load_config(config, overrides, run_dir))
+        report = plan.run(load(config, overrides, run_dir))
         if not json_out:
             plan.render(report)
         return report
@@ -428,7 +491,7 @@ def plan_command(
 
 @app.command("report")
 def report_command(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
@@ -438,16 +501,22 @@ def report_command(
     """Plots and a one-page HTML report of a run, from its artifacts (<run_dir>/report/index.html)."""
     from bigmodel import report
 
-    execute("report", lambda: report.run(load_config(config, set_, run_dir)), json_out, quiet, debug)
+    execute("report", lambda: report.run(load(config, set_, run_dir)), json_out, quiet, debug)
 
 
 @app.command("pipeline")
 def pipeline_command(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
     start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
     stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Run stages even when up to date.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished train run.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished train run, start over.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Hash every input to decide what is up to date (not only sizes and times).")
+    ] = False,
+    device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -458,7 +527,8 @@ def pipeline_command(
 
     execute(
         "pipeline",
-        lambda: pipeline.run(load_config(config, set_, run_dir), start, stop, force),
+        lambda: pipeline.run(load(config, with_device(set_, device), run_dir), start, stop, force,
+                             resume=resume, restart=restart, verify=verify),
         json_out, quiet, debug,
     )
 
@@ -481,13 +551,70 @@ def inspect_command(
     execute("inspect", action, json_out, False, debug)
 
 
+@app.command("runs")
+def runs_command(
+    folder: Annotated[Path, typer.Argument(help="Where to look for runs (folders with a config.yaml record).")] = Path("runs"),
+    compare: Annotated[
+        Optional[tuple[Path, Path]],
+        typer.Option("--compare", metavar="RUN_A RUN_B", help="Config keys that differ and metrics side by side."),
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List runs (path, family, last stage, step, main metric, when), or compare two."""
+    from bigmodel import runs
+
+    def action() -> dict[str, Any]:
+        if compare is not None:
+            result = runs.compare(*compare)
+            if not json_out:
+                print_comparison(result)
+            return result
+        rows = [runs.summary(run) for run in runs.find_runs(folder)]
+        if not json_out:
+            print_runs(rows, folder)
+        return {"runs": rows}
+
+    execute("runs", action, json_out, False, debug)
+
+
+def print_runs(rows: list[dict[str, Any]], folder: Path) -> None:
+    if not rows:
+        console.info(f"no runs under {folder} (a run is a folder with the config.yaml its stages write)")
+        return
+    table = [["run", "family", "last stage", "step", "metric", "when"]]
+    for row in rows:
+        metric = ", ".join(f"{k} {v:.4g}" for k, v in list(row["metric"].items())[:2]) or "-"
+        table.append([row["path"], row["family"], row["last_stage"], str(row["step"] or "-"), metric, row["when"] or "-"])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+    first, second = result["runs"]
+    table = [["", first, second]]
+    table += [[key, json.dumps(a), json.dumps(b)] for key, (a, b) in result["config_differences"].items()]
+    table += [[""] * 3]
+    table += [[key, _number(a), _number(b)] for key, (a, b) in result["metrics"].items()]
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    if not result["config_differences"]:
+        print("configs: the same (apart from run_dir)")
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def _number(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
+
+
 @config_app.command("show")
-def config_show(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, debug: DebugOpt = False) -> None:
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, debug: DebugOpt = False) -> None:
     """Print the fully resolved config (defaults filled in, paths absolute) as YAML."""
     from bigmodel.config import dump_yaml
 
     def action() -> dict[str, Any]:
-        sys.stdout.write(dump_yaml(load_config(config, set_, run_dir)))
+        sys.stdout.write(dump_yaml(load(config, set_, run_dir)))
         return {}
 
     execute("config show", action, False, False, debug)
@@ -495,12 +622,12 @@ def config_show(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = Non
 
 @config_app.command("validate")
 def config_validate(
-    config: ConfigOpt, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False
+    config: ConfigOpt = None, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False
 ) -> None:
     """Check a config without running anything: keys, types, ranges, cross-field rules, input files."""
 
     def action() -> dict[str, Any]:
-        loaded = load_config(config, set_)
+        loaded = load_config(config_file(config, None), set_)
         if loaded.data.format == "text":
             from bigmodel.prepare.text import source_files
 

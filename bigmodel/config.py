@@ -461,6 +461,11 @@ class EvalConfig(Section):
         None, description="Which held-out split to evaluate. Default: test (tabular), val (text has only val)."
     )
     checkpoint: CheckpointRef = "best"
+    output: Path | None = Field(
+        None, description="Where the metrics go. Default: <run_dir>/eval/metrics.json for the run's best "
+        "checkpoint; metrics.<name>.json beside it for any other (metrics.last.json, metrics.model.int8.json), "
+        "so evaluating another artifact never overwrites the run's result.",
+    )
     fail_under: dict[str, float] = Field(
         {}, description="Gate: exit 1 when a metric is below its value, e.g. {accuracy: 0.97}."
     )
@@ -824,6 +829,14 @@ class Config(Section):
         """`<run_dir>/<stage>`: where a stage writes its artifacts."""
         return (self.run_dir or Path("runs")) / stage
 
+    def eval_output(self) -> Path:
+        """Where eval writes its metrics (see eval.output)."""
+        if self.eval.output is not None:
+            return self.eval.output
+        ref = self.eval.checkpoint
+        name = "metrics.json" if ref == "best" else f"metrics.{ref if ref in ('init', 'last') else Path(ref).stem}.json"
+        return self.stage_dir("eval") / name
+
     def checkpoint_path(self, ref: str) -> Path:
         """'init' / 'best' / 'last' name the run's own checkpoints; anything else is a file path."""
         named = {
@@ -1122,6 +1135,18 @@ def json_schema() -> dict[str, Any]:
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: a config as key paths (lists are values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 # Every tag a union member answers to (data.format, model.family, compress step method), read off the

@@ -112,9 +112,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_mapping(mapping: dict[str, Any]) -> None:
-    """Human 'key: value' lines on stdout (nested values as compact JSON)."""
-    width = max((len(k) for k in mapping), default=0)
+def print_mapping(mapping: dict[str, Any], indent: str = "") -> None:
+    """Human 'key  value' lines on stdout: a mapping of mappings (a run's stages) as an indented block,
+    other values as compact JSON (true, null, [..]: never Python's True/None)."""
+    width = max((len(str(k)) for k in mapping), default=0)
     for key, value in mapping.items():
-        shown = value if isinstance(value, (str, int, float)) or value is None else json.dumps(value)
-        print(f"{key:<{width}}  {shown}")
+        if not indent and isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            print(f"{key}")
+            print_mapping(value, "  ")
+            continue
+        plain = isinstance(value, str) and value.isprintable() and value.strip() == value and value
+        print(f"{indent}{key!s:<{width}}  {value if plain else json.dumps(value, default=str)}")

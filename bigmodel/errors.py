@@ -32,6 +32,15 @@ class GateFailed(RunFailed):
         self.outputs = outputs or {}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a stage: the message says where its last checkpoint is; when it is `resumable` the CLI
+    adds the command that resumes."""
+
+    def __init__(self, message: str, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
 def did_you_mean(name: str, choices: list[str] | set[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     import difflib

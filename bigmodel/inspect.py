@@ -1,4 +1,5 @@
-"""inspect: say what an artifact is (checkpoint, ONNX model, prepared data), without PyTorch."""
+"""inspect: say what an artifact is (a run, checkpoint, ONNX model, prepared data, log, report, any file
+the project writes), without PyTorch."""
 
 from __future__ import annotations
 
@@ -14,22 +15,110 @@ def run(path: Path) -> dict[str, Any]:
     if (path.is_dir() and (path / "config.json").is_file()) or path.suffix.lower() == ".gguf":
         return _pretrained(path)
     if path.is_dir():
+        from bigmodel import runs
+
+        if (path / runs.RECORD).is_file():
+            return runs.describe(path)
         for candidate in ("manifest.json", "model.onnx", "best.safetensors", "model.safetensors"):
             if (path / candidate).exists():
                 return run(path / candidate)
-        raise UserError(f"{path}: no bigmodel artifact in this folder")
+        raise UserError(f"{path}: no bigmodel artifact in this folder (give a run folder, a stage folder or a file)")
     if not path.is_file():
         raise UserError(f"not found: {path}")
     if path.suffix == ".onnx":
         return _onnx(path)
     if path.suffix == ".json":
-        manifest = read_json(path, "manifest")
-        shown = {"kind": manifest.get("kind", "json"), "path": str(path), **manifest}
-        if manifest.get("kind") == "sft-data":
-            shown["chat_template"] = manifest.get("chat_template") is not None
-            shown["example"] = _first_example(path.parent)
-        return shown
-    return _checkpoint(path)
+        return _json_file(path)
+    if path.suffix == ".safetensors":
+        return _checkpoint(path)
+    reader = FILE_KINDS.get(path.suffix.lower())
+    if reader is None:
+        raise UserError(f"{path}: not a file bigmodel writes (runs, checkpoints, .onnx, .json, .jsonl, .bin, .csv, "
+                        "config .yaml, GGUF, Hugging Face folders)")
+    return reader(path)
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    manifest = read_json(path, "JSON file")
+    if not isinstance(manifest, dict):
+        return {"kind": "json", "path": str(path), "type": type(manifest).__name__}
+    if path.name == "tokenizer.json" or "model" in manifest and "added_tokens" in manifest:
+        from bigmodel import tokenizer as tokenizers
+
+        tok = tokenizers.load(path)
+        return {"kind": "tokenizer", "path": str(path), "tokenizer": tok.kind, "vocab_size": tok.vocab_size}
+    kind = manifest.get("kind") or JSON_KINDS.get(path.name, "json")
+    shown = {"kind": kind, "path": str(path), **{k: v for k, v in manifest.items() if k != "kind"}}
+    if manifest.get("kind") == "sft-data":
+        shown["chat_template"] = manifest.get("chat_template") is not None
+        shown["example"] = _first_example(path.parent)
+    return shown
+
+
+# What the stages' JSON files are, by name (manifests name their own kind).
+JSON_KINDS = {"metrics.json": "eval metrics", "parity.json": "export parity report",
+              "report.json": "compress report", ".stamp.json": "stage stamp (what the stage last ran with)"}
+
+
+def _log(path: Path) -> dict[str, Any]:
+    """A metrics.jsonl training log, a generations file, or any JSON-lines file."""
+    from bigmodel.io import jsonl_objects
+
+    records = [record for _, record in jsonl_objects(path.read_text(encoding="utf-8").splitlines(), path)]
+    fields = sorted({key for record in records for key in record})
+    if "step" in fields:
+        evals = [r for r in records if "val_loss" in r]
+        best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+        return {"kind": "training log", "path": str(path), "records": len(records),
+                "steps": [records[0]["step"], records[-1]["step"]] if records else [],
+                "last_train_loss": next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
+                "best_val_loss": best["val_loss"] if best else None, "best_step": best["step"] if best else None,
+                "fields": fields}
+    if "completion" in fields:
+        return {"kind": "generations", "path": str(path), "records": len(records),
+                "new_tokens": sum(int(r.get("new_tokens", 0)) for r in records)}
+    return {"kind": "json lines", "path": str(path), "records": len(records), "fields": fields}
+
+
+def _shard(path: Path) -> dict[str, Any]:
+    """A prepared token shard (<split>.bin) or a fine-tuning mask / example-start file beside it."""
+    import numpy as np
+
+    manifest_path = path.parent / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{path}: a .bin file without the manifest.json of a prepare folder beside it")
+    manifest = read_json(manifest_path, "prepared-data manifest")
+    name = path.name.removesuffix(".bin")
+    if name.endswith(".mask"):
+        kind, dtype = "loss mask (1 = trained token)", np.dtype(np.uint8)
+    elif name.endswith(".starts"):
+        kind, dtype = "example offsets", np.dtype(np.int64)
+    else:
+        kind, dtype = "token shard", np.dtype(manifest.get("dtype", "uint16"))
+    return {"kind": kind, "path": str(path), "split": name.split(".")[0], "dtype": dtype.name,
+            "count": path.stat().st_size // dtype.itemsize, "vocab_size": manifest.get("vocab_size"),
+            "manifest": str(manifest_path)}
+
+
+def _csv(path: Path) -> dict[str, Any]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        header = next(rows, [])
+        count = sum(1 for _ in rows)
+    return {"kind": "csv", "path": str(path), "rows": count, "columns": header}
+
+
+def _config(path: Path) -> dict[str, Any]:
+    from bigmodel.config import load_config
+
+    config = load_config(path)
+    return {"kind": "config", "path": str(path), "family": config.model.family, "data": config.data.format,
+            "run_dir": str(config.run_dir)}
+
+
+FILE_KINDS = {".jsonl": _log, ".bin": _shard, ".csv": _csv, ".yaml": _config, ".yml": _config}
 
 
 def _checkpoint(path: Path) -> dict[str, Any]:
@@ -39,9 +128,11 @@ def _checkpoint(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="numpy") as handle:
             meta = handle.metadata() or {}
             shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
-    except Exception as exc:
-        raise UserError(f"{path} is not a bigmodel checkpoint, ONNX model or manifest ({exc})") from exc
+    except Exception:
+        raise UserError(f"{path}: not a readable safetensors file (truncated or another format)") from None
     if "bigmodel" not in meta:
+        if {"train_x", "train_y"} <= set(shapes):
+            return {"kind": "prepared tabular data", "path": str(path), "arrays": shapes}
         raise UserError(f"{path} is a safetensors file but not a bigmodel checkpoint (no manifest)")
     manifest = json.loads(meta["bigmodel"])
     params = sum(_numel(s) for k, s in shapes.items() if k.startswith("model.") and not _is_buffer(k))
@@ -55,6 +146,11 @@ def _checkpoint(path: Path) -> dict[str, Any]:
         "metrics": manifest.get("metrics"),
         "lineage": manifest.get("lineage"),
         **({"import": manifest["import"]} if "import" in manifest else {}),
+        **({"adapter": manifest["adapter"]} if "adapter" in manifest else {}),
+        **({"training": {k: v for k, v in manifest["resume"]["loop"].items() if k != "resumed_with_changes"}}
+           if "resume" in manifest else {}),
+        **({"resumed_with_changes": manifest["resumed_with_changes"]} if "resumed_with_changes" in manifest else {}),
+        "config": manifest.get("config"),
         "created": manifest.get("created"),
         "bigmodel_version": manifest.get("bigmodel_version"),
     }

@@ -110,3 +110,17 @@ def jsonl_objects(lines: Iterable[str], source: Path | str) -> Iterator[tuple[in
         if not isinstance(record, dict):
             raise UserError(f"{source}: line {line_no} must be a JSON object")
         yield line_no, record
+
+
+def safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors file, read from its JSON header alone (no tensor library), or
+    None when the file is not safetensors."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= 100 << 20:
+                return None
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
+        return None
+    return header.get("__metadata__") or {} if isinstance(header, dict) else None

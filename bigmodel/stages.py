@@ -1,8 +1,11 @@
 """The stages, in pipeline order, with what each reads and writes.
 
-Each stage module exposes `run(config) -> outputs`. After a successful run a stamp records the hash of
-the config sections the stage depends on; `pipeline` skips a stage when its outputs exist, are newer than
-its inputs, and the stamp matches the current config (the same rule as make, plus the config).
+Each stage module exposes `run(config) -> outputs`. A stage's stamp is removed when it starts and written
+when it finishes its work (a train run stopped by --until-step has not): it records the hash of the config
+sections the stage depends on and, for each input file, its size, times and sha256. `pipeline` skips a
+stage when its outputs exist, the stamp matches the current config and every input still has the content
+it had: size and times are compared first, the sha256 when they differ (or always, with --verify), so a
+file changed with its modification time set back is still seen, and a file merely touched is not.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from bigmodel.console import is_main_process
 from bigmodel.datasets import TEST_CSV, prepared_files
 from bigmodel.families import family
 from bigmodel.infer import default_output as default_infer_output
-from bigmodel.io import write_json
+from bigmodel.io import sha256_file, write_json
+from bigmodel.runs import write_record
 
 STAMP = ".stamp.json"
 
@@ -33,34 +37,80 @@ class Stage:
 
     def run(self, config: Config, **options: Any) -> dict[str, Any]:
         module = importlib.import_module(f"bigmodel.{self.name}")
+        if is_main_process():  # a crash or interrupt from here on leaves the stage not up to date
+            self._stamp_path(config).unlink(missing_ok=True)
+            write_record(config)
         outputs = module.run(config, **options)
-        self._write_stamp(config)
+        if outputs.get("finished", True):
+            self._write_stamp(config)
         return outputs
 
-    def is_up_to_date(self, config: Config) -> bool:
+    def is_up_to_date(self, config: Config, verify: bool = False) -> bool:
         outputs = self.outputs(config)
-        inputs = [p for p in self.inputs(config) if str(p) != STDIO]
         if not outputs or any(str(p) == STDIO or not p.exists() for p in outputs):
             return False
-        if any(not p.exists() for p in inputs):
+        stamp = self._read_stamp(config)
+        if stamp.get("config") != config.section_hash(*self.sections):
             return False
-        if inputs and min(p.stat().st_mtime for p in outputs) < max(p.stat().st_mtime for p in inputs):
+        recorded = stamp.get("inputs", {})
+        inputs = {_key(config, p): p for p in self._input_files(config)}
+        if set(recorded) != set(inputs):
             return False
-        return self._read_stamp(config) == config.section_hash(*self.sections)
+        current = {}
+        for key, path in inputs.items():
+            if not _same_content(path, recorded[key], verify):
+                return False
+            current[key] = {**_times(path), "sha256": recorded[key]["sha256"]}
+        if current != recorded:  # the same content under new times: record them, so it is hashed once
+            self._write_stamp(config, current)
+        return True
+
+    def _input_files(self, config: Config) -> list[Path]:
+        return [p for p in self.inputs(config) if str(p) != STDIO]
 
     def _stamp_path(self, config: Config) -> Path:
         return config.stage_dir(self.name) / STAMP
 
-    def _write_stamp(self, config: Config) -> None:
+    def _write_stamp(self, config: Config, inputs: dict[str, Any] | None = None) -> None:
         if not is_main_process():  # one writer per distributed job
             return
-        write_json(self._stamp_path(config), {"config": config.section_hash(*self.sections)})
+        if inputs is None:
+            inputs = {_key(config, p): {**_times(p), "sha256": sha256_file(p)}
+                      for p in self._input_files(config) if p.is_file()}
+        write_json(self._stamp_path(config), {"config": config.section_hash(*self.sections), "inputs": inputs})
 
-    def _read_stamp(self, config: Config) -> str | None:
+    def _read_stamp(self, config: Config) -> dict[str, Any]:
         try:
-            return json.loads(self._stamp_path(config).read_text())["config"]
-        except (OSError, ValueError, KeyError):
-            return None
+            stamp = json.loads(self._stamp_path(config).read_text())
+        except (OSError, ValueError):
+            return {}
+        return stamp if isinstance(stamp, dict) else {}
+
+
+def _key(config: Config, path: Path) -> str:
+    """An input's name in the stamp: relative to the run directory when inside it, so a copied or moved
+    run stays up to date."""
+    run_dir = config.stage_dir("prepare").parent
+    try:
+        return str(path.absolute().relative_to(run_dir.absolute()))
+    except ValueError:
+        return str(path.absolute())
+
+
+def _times(path: Path) -> dict[str, int]:
+    info = path.stat()
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
+
+
+def _same_content(path: Path, recorded: dict[str, Any], verify: bool) -> bool:
+    """Whether `path` still holds what the stamp recorded: equal size and times mean yes (ctime cannot
+    be set back by hand), unless `verify`; otherwise the sha256 decides."""
+    if not path.is_file():
+        return False
+    now = _times(path)
+    if not verify and now == {k: recorded.get(k) for k in now}:
+        return True
+    return now["size"] == recorded.get("size") and sha256_file(path) == recorded.get("sha256")
 
 
 def _in(stage: str, *names: str) -> Callable[[Config], list[Path]]:
@@ -114,7 +164,7 @@ STAGES: dict[str, Stage] = {
         Stage("train", ("model", "train", *_EVERYWHERE),
               lambda c: [c.stage_dir("init") / "model.safetensors", *prepared_files(c)],
               _in("train", "best.safetensors", "last.safetensors")),
-        Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), _in("eval", "metrics.json")),
+        Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), lambda c: [c.eval_output()]),
         Stage("compress", ("compress", "export", "seed"), _ckpt(lambda c: c.compress.checkpoint),
               _in("compress", "report.json")),
         Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _export_outputs),

@@ -18,14 +18,15 @@ DIGITS = {"data": {"path": str(CONFIGS / "data" / "digits.csv.gz"), "target": "l
 
 
 def refused(result: object, *fragments: str) -> str:
-    """The result is a user error: exit 2, one stderr line without a traceback, naming every fragment."""
+    """The result is a user error: exit 2, ending with one 'error:' line (progress lines of stages that ran
+    before may precede it), no traceback, naming every fragment."""
     assert result.code == 2, (result.code, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
     assert "Traceback" not in result.stderr
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]
 
 
 # ---- config: tagged unions, finite numbers, who gave the bad value
@@ -102,9 +103,11 @@ def test_distillation_lr_never_rises_above_its_own_lr(digits_run: Path, tmp_path
 
 def test_usage_errors_are_one_line_and_one_json_object() -> None:
     result = cli("train", "--json")
-    refused(result, "missing option '-c'", "bigmodel train --help")
+    refused(result, "give -c CONFIG", "or --run-dir DIR")
     payload = json.loads(result.stdout)  # exactly one object
     assert payload["ok"] is False and payload["exit_code"] == 2 and not payload["error"].startswith("error")
+    result = cli("train", "-c", "--json")  # -c swallowed the flag: a usage error
+    refused(cli("inspect", "--json"), "missing argument 'path'", "bigmodel inspect --help")
     result = cli("eval", "-c", "x.yaml", "--bogus", "--json")
     refused(result, "no such option: --bogus")
     assert json.loads(result.stdout)["command"] == "eval"
@@ -155,3 +158,160 @@ def test_text_that_is_not_utf8_names_the_file_the_byte_and_the_key(tmp_path: Pat
 def test_degenerate_corpora_are_refused_with_what_is_wrong(tmp_path: Path) -> None:
     refused(cli("prepare", "-c", text_config(tmp_path, b"")), "no text", "empty")
     refused(cli("prepare", "-c", text_config(tmp_path, b"a" * 5000 + b"\n")), "1 distinct character", "'a'")
+
+
+# ---- nothing lost: unfinished runs, leftovers, changed settings, content-checked skips
+
+
+def train_manifest(config: Path, name: str = "last") -> dict:
+    from bigmodel.runs import checkpoint_manifest
+
+    return checkpoint_manifest(config.parent / "run" / "train" / f"{name}.safetensors")
+
+
+def test_an_unfinished_run_is_never_thrown_away_silently(fresh_run: Path) -> None:
+    assert cli("train", "-c", fresh_run, "--until-step", "20", "-q").code == 0
+    assert train_manifest(fresh_run)["resume"]["loop"]["finished"] is False
+    for command in (["train"], ["pipeline"]):
+        line = refused(cli(*command, "-c", fresh_run), "unfinished run (step 20 of 80)", "--resume", "--restart")
+    assert train_manifest(fresh_run)["step"] == 20  # untouched by the refusals
+    resumed = cli("pipeline", "-c", fresh_run, "--resume", "--to", "eval", "--json", "-q")
+    assert resumed.code == 0, resumed.stderr
+    assert resumed.json()["stages"]["train"]["steps"] == 80 and resumed.json()["stages"]["train"]["finished"]
+    steps = [json.loads(line)["step"] for line in (fresh_run.parent / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 80
+    assert line  # the message of the refusals was checked above
+    refused(cli("train", "-c", fresh_run, "--resume", "--restart"), "contradict")
+
+
+def test_a_new_run_replaces_every_artifact_of_the_old_one(fresh_run: Path) -> None:
+    train_dir = fresh_run.parent / "run" / "train"
+    result = cli("train", "-c", fresh_run, "--set", "train.max_steps=400", "--set", "train.eval_every=100",
+                 "--until-step", "20")
+    assert result.code == 0, result.stderr
+    assert "replacing the finished run" in result.stderr and "no evaluation yet" in result.stderr
+    assert "inf" not in result.stderr and "None" not in result.stderr
+    assert not (train_dir / "best.safetensors").exists()  # the old run's best is gone, not kept
+    assert not (train_dir / "metrics.jsonl").exists()  # the old run's log is gone (tabular logs at evaluations)
+    refused(cli("pipeline", "-c", fresh_run, "--set", "train.max_steps=400", "--set", "train.eval_every=100",
+                "--to", "eval"), "unfinished run")
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(fresh_run: Path) -> None:
+    assert cli("train", "-c", fresh_run, "--until-step", "20", "--restart", "-q").code == 0
+    refused(cli("train", "-c", fresh_run, "--resume", "--set", "train.lr=0.02", "--set", "train.batch_size=32"),
+            "config changed", "train.lr (0.01 -> 0.02)", "train.batch_size (64 -> 32)", "--allow-changes")
+    assert cli("train", "-c", fresh_run, "--resume", "--until-step", "40", "--set", "train.log_every=7",
+               "-q").code == 0  # logging settings change nothing the run computes
+    allowed = cli("train", "-c", fresh_run, "--resume", "--allow-changes", "--set", "train.lr=0.02", "-q")
+    assert allowed.code == 0, allowed.stderr
+    record = train_manifest(fresh_run)["resumed_with_changes"]
+    assert record == [{"step": 40, "changes": {"train.lr": [0.01, 0.02]}}]
+
+
+def test_up_to_date_means_the_same_content_not_the_same_times(tmp_path: Path) -> None:
+    data = tmp_path / "digits.csv"
+    import gzip
+
+    data.write_bytes(gzip.decompress((CONFIGS / "data" / "digits.csv.gz").read_bytes()))
+    config = write_config(tmp_path / "c.yaml", {"run_dir": "run", "threads": 1,
+                                                "data": {"path": str(data), "target": "label"}})
+    assert cli("prepare", "-c", config, "-q").code == 0
+    skipped = lambda: "prepare is up to date" in cli("pipeline", "-c", config, "--to", "prepare").stderr  # noqa: E731
+    os.utime(data, None)  # touched: same content, newer time
+    assert skipped()
+    info = data.stat()
+    raw = bytearray(data.read_bytes())
+    raw[-2] = ord("1") if raw[-2] != ord("1") else ord("2")  # one label changed, same size
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns))  # and its modification time set back
+    assert not skipped()
+    assert skipped() and "prepare is up to date" in cli("pipeline", "-c", config, "--to", "prepare", "--verify").stderr
+
+
+def test_eval_of_another_artifact_never_overwrites_the_runs_result(fresh_run: Path) -> None:
+    eval_dir = fresh_run.parent / "run" / "eval"
+    main = (eval_dir / "metrics.json").read_text()
+    assert cli("eval", "-c", fresh_run, "--checkpoint", "last", "-q").code == 0
+    onnx = fresh_run.parent / "run" / "export" / "model.onnx"
+    assert cli("eval", "-c", fresh_run, "--set", f"eval.checkpoint={onnx}", "-q").code == 0
+    assert cli("eval", "-c", fresh_run, "--checkpoint", "init", "-o", fresh_run.parent / "mine.json", "-q").code == 0
+    assert (eval_dir / "metrics.json").read_text() == main
+    assert json.loads((eval_dir / "metrics.last.json").read_text())["checkpoint"].endswith("last.safetensors")
+    assert json.loads((eval_dir / "metrics.model.json").read_text())["checkpoint"] == str(onnx)
+    assert json.loads((fresh_run.parent / "mine.json").read_text())["step"] == 0
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tiny_digits(tmp_path, epochs=4000, eval_every=500, save_every=100)
+    assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    last = tmp_path / "run" / "train" / "last.safetensors"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    line = stderr.strip().splitlines()[-1]
+    step = train_manifest(config)["step"]
+    assert f"its last checkpoint is step {step} ({last})" in line
+    assert line.endswith(f"resume with: bigmodel train -c {config} -q --resume")
+
+
+# ---- the run record
+
+
+def test_a_run_directory_alone_is_enough(fresh_run: Path) -> None:
+    run_dir = fresh_run.parent / "run"
+    assert cli("pipeline", "-c", fresh_run, "--to", "eval", "-q").code == 0  # writes run/config.yaml
+    assert (run_dir / "config.yaml").is_file()
+    assert cli("config", "show", "--run-dir", run_dir).stdout == cli("config", "show", "-c", fresh_run).stdout
+    evaluated = cli("eval", "--run-dir", run_dir, "--json", "-q")
+    assert evaluated.code == 0 and evaluated.json()["accuracy"] > 0.8
+    shown = cli("inspect", run_dir, "--json").json()
+    assert shown["kind"] == "run" and shown["stages"]["train"]["status"] == "done"
+    assert shown["stages"]["train"]["config"] == "as config.yaml" and shown["stages"]["compress"]["status"] == "not run"
+    human = cli("inspect", run_dir).stdout
+    assert "None" not in human and "True" not in human and "train" in human
+    refused(cli("eval", "--run-dir", fresh_run.parent), "has no config.yaml", "-c CONFIG")
+
+
+def test_runs_lists_and_compares(fresh_run: Path) -> None:
+    other = fresh_run.parent / "other"
+    shutil.copytree(fresh_run.parent / "run", other)
+    assert cli("pipeline", "-c", fresh_run, "--to", "eval", "-q").code == 0
+    assert cli("pipeline", "-c", fresh_run, "--run-dir", other, "--set", "train.lr=0.02", "--to", "eval", "-q").code == 0
+    listed = cli("runs", fresh_run.parent, "--json").json()["runs"]
+    assert sorted(Path(r["path"]).name for r in listed) == ["other", "run"]
+    assert all(r["family"] == "mlp" and r["step"] == 80 and "accuracy" in r["metric"] for r in listed)
+    compared = cli("runs", "--compare", fresh_run.parent / "run", other, "--json").json()
+    assert compared["config_differences"] == {"train.lr": [0.01, 0.02]}
+    assert len(compared["metrics"]["eval.accuracy"]) == 2
+    table = cli("runs", fresh_run.parent).stdout
+    assert table.splitlines()[0].split() == ["run", "family", "last", "stage", "step", "metric", "when"]
+
+
+def test_inspect_says_what_any_project_file_is(fresh_run: Path, tmp_path: Path) -> None:
+    run_dir = fresh_run.parent / "run"
+    kinds = {run_dir / "train" / "metrics.jsonl": "training log",
+             run_dir / "prepare" / "data.safetensors": "prepared tabular data",
+             run_dir / "prepare" / ".stamp.json": "stage stamp",
+             run_dir / "export" / "parity.json": "export parity report",
+             run_dir / "infer" / "predictions.csv": "csv"}
+    for path, kind in kinds.items():
+        result = cli("inspect", path, "--json")
+        assert result.code == 0 and result.json()["kind"].startswith(kind), (path, result.stderr)
+    stray = tmp_path / "notes.txt"
+    stray.write_text("hello")
+    refused(cli("inspect", stray), "not a file bigmodel writes")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 20)
+    line = refused(cli("inspect", broken), "not a readable safetensors file")
+    assert "Error" not in line

@@ -41,7 +41,7 @@ def run(config: Config) -> dict[str, Any]:
 
     report = {"source": source, "checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
               "step": artifact.step, "metrics": scores, "samples": samples}
-    out = config.stage_dir("eval") / "metrics.json"
+    out = config.eval_output()
     write_json(out, report)
     console.info(
         f"eval ({source}, {scores['tokens']:,} tokens{', ONNX' if artifact.decoder else ''}): loss "

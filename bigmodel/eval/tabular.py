@@ -30,7 +30,7 @@ def run(config: Config) -> dict[str, Any]:
         "step": step,
         "metrics": scores,
     }
-    out = config.stage_dir("eval") / "metrics.json"
+    out = config.eval_output()
     write_json(out, report)
     headline = {k: scores[k] for k in metrics.HEADLINE[task]}
     console.info(f"eval ({ec.split}, {scores['rows']} rows): "

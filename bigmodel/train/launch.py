@@ -12,8 +12,9 @@ from bigmodel.io import require_file
 
 
 def train_on_processes(
-    nproc: int, config_path: Path, overrides: list[str], run_dir: Path | None, *, resume: bool,
-    until_step: int | None, json_out: bool, quiet: bool, debug: bool,
+    nproc: int, config_path: Path, overrides: list[str], run_dir: str | None, *, resume: bool,
+    until_step: int | None, json_out: bool, quiet: bool, debug: bool, restart: bool = False,
+    allow_changes: bool = False,
 ) -> int:
     """Input mistakes are reported here, once, before any worker starts; returns the job's exit code."""
     from bigmodel.stages import STAGES
@@ -24,10 +25,15 @@ def train_on_processes(
                         "train it in one process")
     for path in STAGES["train"].inputs(config):
         require_file(path, "training input", "run the stage that writes it first")
+    if not resume:
+        from bigmodel.train import refuse_unfinished
+
+        refuse_unfinished(config.stage_dir("train"), restart)
     child_args = ["train", "-c", str(config_path)]
     for override in overrides:
         child_args += ["--set", override]
-    for flag, value in (("--resume", resume), ("--json", json_out), ("--quiet", quiet), ("--debug", debug)):
+    for flag, value in (("--resume", resume), ("--restart", restart), ("--allow-changes", allow_changes),
+                        ("--json", json_out), ("--quiet", quiet), ("--debug", debug)):
         child_args += [flag] if value else []
     child_args += ["--until-step", str(until_step)] if until_step is not None else []
     child_args += ["--run-dir", str(run_dir)] if run_dir is not None else []

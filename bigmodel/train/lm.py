@@ -52,9 +52,10 @@ def train(
     config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
     loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    until_step: int | None = None,
+    until_step: int | None = None, allow_changes: bool = False,
 ) -> dict[str, Any]:
     """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
+    allow_changes: resume even though training settings changed (recorded in the checkpoints);
     start_from: train from this checkpoint instead of init (compress fine-tunes this way);
     after_step: called after every optimizer step (compress keeps pruned weights at zero with it);
     loss_hook(output, inputs, targets): the training loss instead of the task's own (distillation).
@@ -87,7 +88,8 @@ def train(
     # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
     last_path = out_dir / "last.safetensors"
-    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, sampler, tc.patience, world)
+    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, sampler, tc.patience, world,
+                                          config, allow_changes)
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
     last_step = stop_step(total_steps, until_step, loop.step)
@@ -176,6 +178,7 @@ def train(
                                  f"{tc.patience} evaluations)")
                     stop = True
             if loop.step % save_every == 0 or loop.step in (total_steps, last_step) or stop:
+                loop.mark(total_steps, stopped_early=stop)
                 save_training_state(last_path, model, optimizer, sampler, loop,
                                     manifest({"train_loss": step_loss}), world)
             if stop:
@@ -184,13 +187,18 @@ def train(
     log.close()
     elapsed = time.perf_counter() - start
     tokens_per_s = tokens_trained / max(elapsed, 1e-9)
-    console.info(f"train: step {loop.step}, best val loss {loop.best_score:.4f} at step {loop.best_step}, "
-                 f"{tokens_per_s:,.0f} tokens/s, peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB")
+    best = (f"best val loss {loop.best_score:.4f} at step {loop.best_step}" if loop.best_step is not None
+            else f"no evaluation yet (the first is at step {eval_every})")
+    console.info(f"train: step {loop.step} of {total_steps}, {best}, {tokens_per_s:,.0f} tokens/s, "
+                 f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB on {device}"
+                 + ("" if loop.finished else "; continue with --resume"))
     return {
         "best": str(out_dir / "best.safetensors"),
         "last": str(last_path),
         "metrics_log": str(metrics_path),
         "steps": loop.step,
+        "total_steps": total_steps,
+        "finished": loop.finished,
         "best_step": loop.best_step,
         "best_val_loss": loop.best_score,
         "train_loss": last_loss,

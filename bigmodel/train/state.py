@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from bigmodel import console, registry
 from bigmodel.checkpoint import iter_tensors, model_tensors, read_manifest, save_checkpoint
-from bigmodel.config import Config
+from bigmodel.config import Config, flatten
 from bigmodel.datasets import data_manifest
 from bigmodel.distributed import SINGLE, World, gather, like, load_weights
 from bigmodel.errors import UserError
@@ -35,6 +35,15 @@ class LoopState:
     best_step: int | None = None
     evals_since_best: int = 0
     tokens_seen: int = 0
+    total_steps: int | None = None  # the schedule's length (None: a checkpoint from before it was kept)
+    finished: bool = False  # the schedule ran to its end, or stopped early: nothing is left to do
+    # Each resume that was allowed to change settings (--allow-changes): {"step", "changes"}.
+    resumed_with_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def mark(self, total_steps: int, stopped_early: bool = False) -> None:
+        """Record where the schedule stands, just before a checkpoint is written."""
+        self.total_steps = total_steps
+        self.finished = stopped_early or self.step >= total_steps
 
 
 def save_model(path: Path, model: torch.nn.Module, manifest: dict[str, Any], world: World = SINGLE) -> None:
@@ -137,6 +146,46 @@ def run_lock(folder: Path) -> Iterator[None]:
         handle.close()
 
 
+# What a new run replaces: every artifact an old run of this folder may have left behind.
+RUN_ARTIFACTS = ("best.safetensors", "last.safetensors", "metrics.jsonl", "tensorboard")
+
+
+def previous_run(out_dir: Path) -> LoopState | None:
+    """The loop state saved in out_dir's last.safetensors, or None when there is no previous run."""
+    last_path = out_dir / "last.safetensors"
+    if not last_path.is_file():
+        return None
+    loop = (read_manifest(last_path).get("resume") or {}).get("loop")
+    return LoopState(**loop) if loop else None
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove an old run's artifacts before a new run starts, so no leftover of it (a best checkpoint,
+    log lines) can be mistaken for the new run's."""
+    import shutil
+
+    for name in RUN_ARTIFACTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# Settings that may change between a run and its resume without changing what it computes.
+RESUME_NEUTRAL = {"train.log_every", "train.tensorboard", "train.save_every"}
+RESUME_SECTIONS = ("seed", "data", "model", "init", "train")
+
+
+def config_changes(saved: dict[str, Any], config: Config) -> dict[str, list[Any]]:
+    """Keys whose values differ between the config a checkpoint was trained with and `config`:
+    {"train.lr": [saved, now], ...}, leaving out the RESUME_NEUTRAL ones."""
+    now = config.model_dump(mode="json", by_alias=True)
+    before, after = (flatten({k: c.get(k) for k in RESUME_SECTIONS}) for c in (saved, now))
+    return {key: [before.get(key), after.get(key)] for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key) and key not in RESUME_NEUTRAL}
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Drop metrics.jsonl lines written after the checkpoint being resumed (they will be written again)."""
     if not path.is_file():
@@ -177,10 +226,13 @@ def _check_matches_import(config: Config, init_manifest: dict[str, Any]) -> None
 
 def start_or_resume(
     out_dir: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    sampler: torch.Generator, patience: int | None, world: World = SINGLE,
+    sampler: torch.Generator, patience: int | None, world: World = SINGLE, config: Config | None = None,
+    allow_changes: bool = False,
 ) -> tuple[LoopState, bool]:
     """A fresh loop (and a fresh metrics.jsonl), or the state of last.safetensors with the log cut back
-    to its step. Also says whether that run had already stopped early (nothing is left to do then)."""
+    to its step. Also says whether that run had already stopped early (nothing is left to do then).
+    A resume whose config changed is refused (naming the keys) unless `allow_changes`; allowed changes
+    are recorded in the loop state, so every later checkpoint says so."""
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
     if not resume:
         if world.is_main:
@@ -188,7 +240,15 @@ def start_or_resume(
         return LoopState(), False
     if not last_path.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
+    changes = config_changes(read_manifest(last_path).get("config") or {}, config) if config is not None else {}
+    if changes and not allow_changes:
+        listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changes.items())
+        raise UserError(f"--resume: the config changed since {last_path.name} was written: {listed}; undo the "
+                        "changes, or add --allow-changes to resume with them (recorded in the checkpoints)")
     loop = restore_training_state(last_path, model, optimizer, sampler)
+    if changes:
+        loop.resumed_with_changes.append({"step": loop.step, "changes": changes})
+        console.warn(f"train: resuming with changed settings: {', '.join(changes)}")
     if world.is_main:
         truncate_log(metrics_path, loop.step)
     console.info(f"train: resuming from step {loop.step} ({last_path})")
@@ -207,5 +267,6 @@ def checkpoint_manifest(
 ) -> dict[str, Any]:
     """What every checkpoint of a training run says about itself (a LoRA run's: its adapter and base)."""
     return {**{k: init_manifest[k] for k in ("family", "architecture", "data")},
-            "config": config.model_dump(mode="json"), "step": loop.step, "metrics": metrics,
-            "lineage": lineage, **({"adapter": adapter} if adapter else {})}
+            "config": config.model_dump(mode="json", by_alias=True), "step": loop.step, "metrics": metrics,
+            "lineage": lineage, **({"adapter": adapter} if adapter else {}),
+            **({"resumed_with_changes": loop.resumed_with_changes} if loop.resumed_with_changes else {})}

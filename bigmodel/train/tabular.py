@@ -42,7 +42,7 @@ def train(
     config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
     loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    until_step: int | None = None,
+    until_step: int | None = None, allow_changes: bool = False,
 ) -> dict[str, Any]:
     """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
     start_from: train from this checkpoint instead of init (compress fine-tunes this way);
@@ -71,7 +71,8 @@ def train(
     metrics_path = out_dir / "metrics.jsonl"
     last_path = out_dir / "last.safetensors"
     unused_sampler = torch.Generator()  # tabular batches come from per-epoch permutations instead
-    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, unused_sampler, tc.patience)
+    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, unused_sampler, tc.patience,
+                                          config=config, allow_changes=allow_changes)
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
     lineage = {"init": sha256_file(init_path), "data": sha256_file(config.stage_dir("prepare") / DATA_FILE)}
@@ -146,8 +147,10 @@ def train(
                         console.info(f"train: early stop at step {loop.step} (no val improvement in "
                                      f"{tc.patience} evaluations)")
                         stop = True
+                    loop.mark(total_steps, stopped_early=stop)
                     save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
                 elif loop.step == last_step:  # stopping between evaluations: keep the state to resume from
+                    loop.mark(total_steps)
                     save_training_state(last_path, model, optimizer, unused_sampler, loop,
                                         manifest({"train_loss": loss.item()}))
                 if stop or loop.step >= last_step:
@@ -158,7 +161,10 @@ def train(
     if not best_metrics and (out_dir / "best.safetensors").is_file():  # resumed after the best was found
         best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
     summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
-    console.info(f"train: best at step {loop.best_step}: {summary}")
+    console.info(f"train: step {loop.step} of {total_steps}, " + (
+        f"best at step {loop.best_step}: {summary}" if loop.best_step is not None
+        else f"no evaluation yet (the first is at step {eval_every})")
+        + ("" if loop.finished else "; continue with --resume"))
     if augmented_rows:
         console.info("train: augmented " + ", ".join(f"{kind} {rows:,} rows" for kind, rows in augmented_rows.items())
                      + f" of {batch_rows:,} training rows drawn")
@@ -167,6 +173,8 @@ def train(
         "last": str(last_path),
         "metrics_log": str(metrics_path),
         "steps": loop.step,
+        "total_steps": total_steps,
+        "finished": loop.finished,
         "best_step": loop.best_step,
         "best_metrics": best_metrics,
         "augmented_rows": augmented_rows,

@@ -1,0 +1,194 @@
+"""A run directory as a record: the config it ran with, each stage's status, and runs listed or compared.
+
+Every stage writes the resolved config it runs with to <run_dir>/config.yaml (atomically, before it
+starts), so a run directory alone is enough for `report`, `eval`, `inspect` and `config show`
+(`--run-dir DIR` without -c). Each checkpoint also carries the config it was trained with in its header:
+`inspect DIR` compares them with config.yaml, so a run whose artifacts come from different configs says so.
+
+No PyTorch here: checkpoint headers are read as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from bigmodel.config import Config, dump_yaml, flatten, load_config
+from bigmodel.console import is_main_process
+from bigmodel.errors import UserError
+from bigmodel.io import atomic_open, safetensors_metadata
+
+RECORD = "config.yaml"
+
+
+def write_record(config: Config) -> None:
+    """<run_dir>/config.yaml: the resolved config of the stage about to run (defaults filled in, paths
+    absolute)."""
+    if not is_main_process():
+        return
+    with atomic_open(run_dir_of(config) / RECORD) as handle:
+        handle.write("# Written by bigmodel: the resolved config of the last stage run here.\n")
+        handle.write(dump_yaml(config))
+
+
+def run_dir_of(config: Config) -> Path:
+    return config.stage_dir("prepare").parent
+
+
+def record_of(run_dir: str | Path) -> Path:
+    """<run_dir>/config.yaml, which must exist."""
+    folder = Path(run_dir)
+    record = folder / RECORD
+    if not record.is_file():
+        what = "not a folder" if not folder.is_dir() else f"has no {RECORD} (no stage has run there)"
+        raise UserError(f"--run-dir {folder}: {what}; give -c CONFIG, or the folder of a run")
+    return record
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config a run directory recorded (what `-c` would give), with --set overrides on top."""
+    return load_config(record_of(run_dir), overrides, Path(run_dir))
+
+
+def checkpoint_manifest(path: Path) -> dict[str, Any] | None:
+    """A bigmodel checkpoint's manifest, or None when `path` is not one."""
+    meta = safetensors_metadata(path) if path.is_file() else None
+    if not meta or "bigmodel" not in meta:
+        return None
+    try:
+        manifest = json.loads(meta["bigmodel"])
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+# ------------------------------------------------------------------------------------ stage status
+
+
+def stage_status(config: Config) -> dict[str, dict[str, Any]]:
+    """For each stage: status (done, stale, unfinished, not run), and its step, main metric and, for
+    checkpoints, whether they were made with the recorded config."""
+    from bigmodel.stages import ORDER, STAGES
+
+    recorded = flatten(config.model_dump(mode="json", by_alias=True))
+    rows: dict[str, dict[str, Any]] = {}
+    for name in ORDER:
+        stage = STAGES[name]
+        outputs = [p for p in stage.outputs(config) if str(p) != "-"]
+        if not outputs or not any(p.exists() for p in outputs):
+            rows[name] = {"status": "not run"}
+            continue
+        row: dict[str, Any] = {"status": "done" if stage.is_up_to_date(config) else "stale"}
+        row.update(_details(name, config))
+        if row.pop("unfinished", False):
+            row["status"] = "unfinished"
+        saved = row.pop("checkpoint_config", None)
+        if saved is not None:
+            changed = [k for k, v in flatten(saved).items() if k in recorded and recorded[k] != v and k != "run_dir"]
+            row["config"] = "as config.yaml" if not changed else f"differs from config.yaml in {', '.join(changed)}"
+        rows[name] = row
+    return rows
+
+
+def _details(name: str, config: Config) -> dict[str, Any]:
+    folder = config.stage_dir(name)
+    if name == "prepare":
+        manifest = _json(folder / "manifest.json") or {}
+        return {k: manifest[k] for k in ("tokens", "splits", "examples") if k in manifest}
+    if name == "init":
+        manifest = checkpoint_manifest(folder / "model.safetensors") or {}
+        return {"source": (manifest.get("import") or {}).get("source", "bigmodel init")}
+    if name == "train":
+        last = checkpoint_manifest(folder / "last.safetensors") or {}
+        best = checkpoint_manifest(folder / "best.safetensors") or {}
+        loop = (last.get("resume") or {}).get("loop") or {}
+        return {"step": loop.get("step", best.get("step")), "total_steps": loop.get("total_steps"),
+                "unfinished": bool(loop) and not loop.get("finished", False),
+                "best_step": best.get("step"), "best": best.get("metrics"),
+                "checkpoint_config": best.get("config") or last.get("config")}
+    if name == "eval":
+        metrics = _json(config.eval_output()) or {}
+        return {"checkpoint": metrics.get("checkpoint"), "metrics": headline(metrics.get("metrics") or {})}
+    if name == "compress":
+        report = _json(folder / "report.json") or {}
+        return {"steps": max(len(report.get("steps") or []) - 1, 0)}  # the first row is the baseline
+    if name == "export":
+        parity = _json(folder / "parity.json") or {}
+        return {k: parity[k] for k in ("passed", "max_abs_diff") if k in parity}
+    return {}
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a run is judged by: loss and perplexity (LM), accuracy and F1 (classification), R² and
+    MAE (regression)."""
+    keys = ("loss", "perplexity", "accuracy", "f1_macro", "r2", "mae")
+    return {k: metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))}
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def describe(run_dir: Path) -> dict[str, Any]:
+    """`inspect DIR` of a run directory: its config and each stage's status."""
+    config = load_run(run_dir)
+    return {"kind": "run", "path": str(run_dir), "family": config.model.family, "data": config.data.format,
+            "config": str(run_dir / RECORD), "stages": stage_status(config)}
+
+
+# ---------------------------------------------------------------------------------- list, compare
+
+
+def find_runs(root: Path, depth: int = 3) -> list[Path]:
+    """Run directories (folders with a config.yaml record) under `root`, `root` included."""
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder; give the folder that holds your runs (default: runs)")
+    found = [root] if (root / RECORD).is_file() else []
+    if depth > 0:
+        for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found += find_runs(child, depth - 1)
+    return found
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    """One line's worth of a run: family, the last stage done, step, main metric, when."""
+    config = load_run(run_dir)
+    stages = stage_status(config)
+    ran = [name for name, row in stages.items() if row["status"] != "not run"]
+    train, evaluation = stages.get("train", {}), stages.get("eval", {})
+    metric = evaluation.get("metrics") or (train.get("best") or {})
+    latest = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=None)
+    return {
+        "path": str(run_dir), "family": config.model.family,
+        "last_stage": f"{ran[-1]} ({stages[ran[-1]]['status']})" if ran else "none",
+        "step": train.get("step"), "metric": metric,
+        "when": datetime.datetime.fromtimestamp(latest).isoformat(timespec="minutes") if latest else None,
+    }
+
+
+def compare(first: Path, second: Path) -> dict[str, Any]:
+    """The config keys that differ between two runs, and their metrics side by side."""
+    configs = [flatten(load_run(run).model_dump(mode="json", by_alias=True)) for run in (first, second)]
+    ignored = {"run_dir"}
+    differ = {key: [configs[0].get(key), configs[1].get(key)]
+              for key in sorted(configs[0].keys() | configs[1].keys())
+              if key not in ignored and configs[0].get(key) != configs[1].get(key)}
+    metrics = [_metrics_of(run) for run in (first, second)]
+    names = sorted(metrics[0].keys() | metrics[1].keys())
+    return {"runs": [str(first), str(second)], "config_differences": differ,
+            "metrics": {name: [metrics[0].get(name), metrics[1].get(name)] for name in names}}
+
+
+def _metrics_of(run_dir: Path) -> dict[str, Any]:
+    stages = stage_status(load_run(run_dir))
+    train, evaluation = stages.get("train", {}), stages.get("eval", {})
+    found = {f"train.{k}": v for k, v in (train.get("best") or {}).items()}
+    found.update({"train.steps": train.get("step")} if train.get("step") is not None else {})
+    found.update({f"eval.{k}": v for k, v in (evaluation.get("metrics") or {}).items()})
+    return found
