@@ -46,9 +46,9 @@ class CommandLine(TyperGroup):
         except click.exceptions.NoArgsIsHelpError as exc:  # bare `bigmodel`: the help, as before
             exc.show()
             code = exc.exit_code
-        except click.ClickException as exc:
+        except click.exceptions.ClickException as exc:
             code = _usage_error(exc, argv)
-        except click.Abort:
+        except typer.Abort:
             print("interrupted", file=sys.stderr)
             code = 130
         code = code if isinstance(code, int) else 0
@@ -57,7 +57,7 @@ class CommandLine(TyperGroup):
         return code
 
 
-def _usage_error(exc: click.ClickException, argv: list[str]) -> int:
+def _usage_error(exc: click.exceptions.ClickException, argv: list[str]) -> int:
     context = getattr(exc, "ctx", None)
     command = context.command_path if context is not None else "bigmodel"
     problem = exc.format_message().rstrip(".")
@@ -86,17 +86,31 @@ ConfigOpt = Annotated[
     typer.Option("-c", "--config", help="Experiment YAML file. Without it, --run-dir DIR of an existing run uses "
                  "the config that run recorded (DIR/config.yaml)."),
 ]
+def _complete_keys(incomplete: str) -> list[str]:
+    """Shell completion for --set: the config's key paths."""
+    from bigmodel.config import config_keys
+
+    return [f"{key}=" for key in config_keys() if key.startswith(incomplete)]
+
+
+def _complete_stages(incomplete: str) -> list[str]:
+    from bigmodel.pipeline import DEFAULT_STAGES
+
+    return [name for name in DEFAULT_STAGES if name.startswith(incomplete)]
+
+
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE", autocompletion=_complete_keys,
+                 help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
 ]
-RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="Override run_dir.")]
+RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", metavar="DIR", help="Override run_dir.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (outputs, metrics) on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 DeviceOpt = Annotated[
     Optional[str],
-    typer.Option("--device", help="auto, cpu, cuda or mps: where PyTorch runs (the config's device); for infer, "
+    typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda or mps: where PyTorch runs (the config's device); for infer, "
                  "the ONNX Runtime provider (cpu or cuda)."),
 ]
 
@@ -508,8 +522,8 @@ def report_command(
 def pipeline_command(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
-    stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.", autocompletion=_complete_stages)] = None,
+    stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.", autocompletion=_complete_stages)] = None,
     force: Annotated[bool, typer.Option("--force", help="Run stages even when up to date.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished train run.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished train run, start over.")] = False,
@@ -586,20 +600,22 @@ def print_runs(rows: list[dict[str, Any]], folder: Path) -> None:
     for row in rows:
         metric = ", ".join(f"{k} {v:.4g}" for k, v in list(row["metric"].items())[:2]) or "-"
         table.append([row["path"], row["family"], row["last_stage"], str(row["step"] or "-"), metric, row["when"] or "-"])
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    print_table(table)
 
 
 def print_comparison(result: dict[str, Any]) -> None:
-    first, second = result["runs"]
-    table = [["", first, second]]
+    if not result["config_differences"]:
+        print("configs: the same (apart from run_dir)")
+    table = [["", *result["runs"]]]
     table += [[key, json.dumps(a), json.dumps(b)] for key, (a, b) in result["config_differences"].items()]
     table += [[""] * 3]
     table += [[key, _number(a), _number(b)] for key, (a, b) in result["metrics"].items()]
-    widths = [max(len(line[i]) for line in table) for i in range(3)]
-    if not result["config_differences"]:
-        print("configs: the same (apart from run_dir)")
+    print_table(table)
+
+
+def print_table(table: list[list[str]]) -> None:
+    """Rows of cells on stdout, each column padded to its widest cell."""
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 

@@ -1113,17 +1113,87 @@ def _tag_default(section: type[BaseModel]) -> str | None:
     return None
 
 
-def section_help(section: str) -> str:
-    """'key: description (default)' lines for one section, for a stage's --help."""
-    field = Config.model_fields.get(section)
-    sections = _sections_in(field.annotation) if field else []
-    if not sections:
+# The config sections each command reads (its --help lists their keys), after the shared top-level keys.
+COMMAND_SECTIONS = {
+    "prepare": ("data",), "init": ("model", "init"), "train": ("train",), "eval": ("eval",),
+    "compress": ("compress",), "export": ("export",), "infer": ("infer",), "plan": ("plan",),
+}
+SHARED_KEYS = ("run_dir", "seed", "threads", "device")
+
+
+def section_help(command: str) -> str:
+    """The config keys a command reads, for its --help: one key per line, grouped by section, with type,
+    default and description. Each block starts with click's no-rewrap marker (\\b) so it keeps its lines."""
+    sections = COMMAND_SECTIONS.get(command)
+    if sections is None:
         return ""
-    lines = [f"Config section '{section}':"]
-    for name, sub in sections[0].model_fields.items():
-        default = "" if sub.is_required() else f" [default: {sub.get_default(call_default_factory=True)!r}]"
-        lines.append(f"  {section}.{sub.alias or name}: {sub.description or ''}{default}")
+    blocks = ["Config keys it reads (in the YAML, or --set KEY=VALUE); see also 'bigmodel config schema':"]
+    blocks.append(_key_block("shared", [(name, Config.model_fields[name]) for name in SHARED_KEYS], ""))
+    for section in sections:
+        for title, prefix, model in _groups(section, Config.model_fields[section].annotation):
+            fields = [(f.alias or n, f) for n, f in model.model_fields.items()]
+            blocks.append(_key_block(title, fields, prefix + "."))
+    return "\n\n".join("\b\n" + block for block in blocks)
+
+
+def config_keys() -> list[str]:
+    """Every settable key path (train.lr, data.cleaning.dedupe, ...), for shell completion of --set."""
+    keys = set(SHARED_KEYS)
+    for section in ("data", "model", "init", "train", "eval", "compress", "export", "infer", "plan"):
+        for _, prefix, model in _groups(section, Config.model_fields[section].annotation):
+            if "[]" in prefix:
+                continue  # list items are set as a whole list
+            keys |= {f"{prefix}.{f.alias or n}" for n, f in model.model_fields.items()}
+    return sorted(keys)
+
+
+def _groups(prefix: str, annotation: Any) -> list[tuple[str, str, type[BaseModel]]]:
+    """(title, key prefix, section class) for a section and the sections nested in it; a union gives one
+    group per member, titled by its tag (data (format: text))."""
+    members = _sections_in(annotation)
+    groups = []
+    for model in members:
+        tag = _tag_default(model)
+        tag_key = next((k for k in TAG_KEYS.values() if tag is not None and k in model.model_fields), None)
+        title = f"{prefix} ({tag_key}: {tag})" if len(members) > 1 and tag_key else prefix
+        groups.append((title, prefix, model))
+        for name, field in model.model_fields.items():
+            inner = "[]" if typing.get_origin(field.annotation) is list else ""
+            if _sections_in(field.annotation):
+                groups += _groups(f"{prefix}.{field.alias or name}{inner}", field.annotation)
+    return groups
+
+
+def _key_block(title: str, fields: list[tuple[str, Any]], prefix: str) -> str:
+    import textwrap
+
+    lines = [f"{title}:"]
+    for name, field in fields:
+        if _sections_in(field.annotation):
+            continue  # a nested section: its keys are a group of their own
+        default = "required" if field.is_required() else f"default {json.dumps(field.get_default(call_default_factory=True), default=str)}"
+        lines.append(f"  {prefix}{name}  ({_type_name(field.annotation)}, {default})")
+        lines += textwrap.wrap(field.description or "", width=96, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    """A short, human name for a field's type: 'float', 'one of a|b', 'path or null', 'list of int'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if annotation is Path:
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def json_schema() -> dict[str, Any]:

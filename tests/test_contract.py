@@ -315,3 +315,39 @@ def test_inspect_says_what_any_project_file_is(fresh_run: Path, tmp_path: Path) 
     broken.write_bytes(b"\x00" * 20)
     line = refused(cli("inspect", broken), "not a readable safetensors file")
     assert "Error" not in line
+
+
+# ---- help and completion
+
+
+def test_each_command_help_lists_its_keys_one_per_line_with_type_and_default() -> None:
+    expected = {"prepare": ["data.path", "data.encoding", "data.tokenizer.kind", "data.cleaning.dedupe"],
+                "init": ["model.n_layer", "model.hidden_sizes", "init.scheme"],
+                "train": ["train.lr", "train.lora.rank", "train.augment[].kind"],
+                "infer": ["infer.top_k"], "eval": ["eval.output"], "compress": ["compress.steps[].method"]}
+    for command, keys in expected.items():
+        text = cli(command, "--help").stdout
+        lines = text.splitlines()
+        for key in [*keys, "seed", "threads", "device", "run_dir"]:
+            line = next((entry for entry in lines if entry.strip().startswith(f"{key}  (")), None)
+            assert line is not None, (command, key)
+            assert ", default " in line or ", required)" in line, line
+    lr = next(line for line in cli("train", "--help").stdout.splitlines() if "train.lr  (" in line)
+    assert lr.split() == ["train.lr", "(float,", "default", "0.001)"]
+
+
+def test_shell_completion_knows_stages_and_config_keys() -> None:
+    import subprocess
+    import sys
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_BIGMODEL_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1)}
+        script = Path(sys.executable).with_name("bigmodel")  # the console script: completion is by program name
+        proc = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+        return proc.stdout.split()
+
+    assert complete("bigmodel pipeline --to ev") == ["eval"]
+    assert complete("bigmodel pipeline --from ex") == ["export"]
+    assert "train.lr=" in complete("bigmodel train --set train.l") and "data.encoding=" in complete("bigmodel prepare --set data.en")

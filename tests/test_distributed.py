@@ -139,9 +139,11 @@ def test_nproc_launches_torchrun_and_reports_input_errors_once(reference: tuple[
     bad = cli_subprocess("train", "-c", config, "--nproc", "2", "--set", "train.batch_size=7", cwd=config.parent)
     assert bad.code == 2
     assert bad.stderr.strip().splitlines() == [
+        "train: 2 processes x 1 thread (the config's)",
         "error: the global batch (train.batch_size x train.grad_accum_steps = 21) must split evenly over "
-        "2 processes; change batch_size or grad_accum_steps, or the process count"
+        "2 processes; change batch_size or grad_accum_steps, or the process count",
     ]
+    assert json.loads(launched.stdout)["steps"] == 20 and (config.parent / "run" / "train" / "best.safetensors").exists()
     moved = config.parent / "run" / "init"
     shutil.move(moved, config.parent / "init.away")
     try:

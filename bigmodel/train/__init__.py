@@ -6,7 +6,6 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from bigmodel import console
 from bigmodel.config import Config
 from bigmodel.console import is_main_process
 from bigmodel.distributed import launched_by_torchrun
@@ -19,7 +18,7 @@ def run(config: Config, resume: bool = False, until_step: int | None = None, res
     """Train, or continue (`resume`) the run in <run_dir>/train. An unfinished run there is never thrown
     away silently: without --resume or --restart it is refused; a new run replaces every artifact of the
     old one before it starts (a finished one is replaced, and said so)."""
-    from bigmodel.train.state import clear_run, run_lock
+    from bigmodel.train.state import run_lock
 
     model_family = family(config.model.family)
     if launched_by_torchrun() and not model_family.distributed:
@@ -31,9 +30,8 @@ def run(config: Config, resume: bool = False, until_step: int | None = None, res
     if resume and restart:
         raise UserError("--resume and --restart contradict each other; give one")
     with run_lock(out_dir) if is_main_process() else contextlib.nullcontext():
-        if not resume and is_main_process():  # one process decides and clears; the others wait in setup
+        if not resume and is_main_process():  # the recipe clears the old run once its inputs are checked
             refuse_unfinished(out_dir, restart)
-            clear_run(out_dir)
         try:
             return recipe.train(config, resume, out_dir, until_step=until_step, allow_changes=allow_changes)
         except KeyboardInterrupt:
@@ -51,15 +49,11 @@ def _interrupted(out_dir: Path) -> Interrupted:
 
 
 def refuse_unfinished(out_dir: Path, restart: bool) -> None:
-    """An unfinished run in out_dir is replaced only with --restart (a finished one is, and said so)."""
+    """An unfinished run in out_dir is replaced only with --restart (a finished one is replaced)."""
     from bigmodel.train.state import previous_run
 
     previous = previous_run(out_dir)
-    if previous is None:
-        return
-    if not previous.finished and not restart:
+    if previous is not None and not previous.finished and not restart:
         of_total = f" of {previous.total_steps}" if previous.total_steps else ""
         raise UserError(f"{out_dir} holds an unfinished run (step {previous.step}{of_total}); continue it with "
                         "--resume, or discard it and start over with --restart")
-    console.info(f"train: replacing the {'finished' if previous.finished else 'unfinished'} run in {out_dir} "
-                 f"(step {previous.step})")

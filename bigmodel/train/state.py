@@ -160,10 +160,14 @@ def previous_run(out_dir: Path) -> LoopState | None:
 
 
 def clear_run(out_dir: Path) -> None:
-    """Remove an old run's artifacts before a new run starts, so no leftover of it (a best checkpoint,
-    log lines) can be mistaken for the new run's."""
+    """Remove an old run's artifacts when a new run starts (its inputs checked, its loop about to
+    begin), so no leftover of it (a best checkpoint, log lines) can be mistaken for the new run's."""
     import shutil
 
+    previous = previous_run(out_dir)
+    if previous is not None:
+        console.info(f"train: replacing the {'finished' if previous.finished else 'unfinished'} run in {out_dir} "
+                     f"(step {previous.step})")
     for name in RUN_ARTIFACTS:
         path = out_dir / name
         if path.is_dir():
@@ -172,8 +176,11 @@ def clear_run(out_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-# Settings that may change between a run and its resume without changing what it computes.
-RESUME_NEUTRAL = {"train.log_every", "train.tensorboard", "train.save_every"}
+# Settings that may change between a run and its resume without changing what it computes: logging,
+# checkpoint frequency, and how the work is spread (checkpoints are consolidated; any world size and
+# sharding resumes any other's).
+RESUME_NEUTRAL = ("train.log_every", "train.tensorboard", "train.save_every", "train.distributed",
+                  "train.activation_checkpointing", "train.fsdp.")
 RESUME_SECTIONS = ("seed", "data", "model", "init", "train")
 
 
@@ -183,7 +190,7 @@ def config_changes(saved: dict[str, Any], config: Config) -> dict[str, list[Any]
     now = config.model_dump(mode="json", by_alias=True)
     before, after = (flatten({k: c.get(k) for k in RESUME_SECTIONS}) for c in (saved, now))
     return {key: [before.get(key), after.get(key)] for key in sorted(before.keys() | after.keys())
-            if before.get(key) != after.get(key) and key not in RESUME_NEUTRAL}
+            if before.get(key) != after.get(key) and not key.startswith(RESUME_NEUTRAL)}
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -229,14 +236,14 @@ def start_or_resume(
     sampler: torch.Generator, patience: int | None, world: World = SINGLE, config: Config | None = None,
     allow_changes: bool = False,
 ) -> tuple[LoopState, bool]:
-    """A fresh loop (and a fresh metrics.jsonl), or the state of last.safetensors with the log cut back
+    """A fresh loop (the old run's artifacts cleared), or the state of last.safetensors with the log cut back
     to its step. Also says whether that run had already stopped early (nothing is left to do then).
     A resume whose config changed is refused (naming the keys) unless `allow_changes`; allowed changes
     are recorded in the loop state, so every later checkpoint says so."""
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
     if not resume:
         if world.is_main:
-            metrics_path.unlink(missing_ok=True)
+            clear_run(out_dir)
         return LoopState(), False
     if not last_path.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
