@@ -86,6 +86,8 @@ ConfigOpt = Annotated[
     typer.Option("-c", "--config", help="Experiment YAML file. Without it, --run-dir DIR of an existing run uses "
                  "the config that run recorded (DIR/config.yaml)."),
 ]
+
+
 def _complete_keys(incomplete: str) -> list[str]:
     """Shell completion for --set: the config's key paths."""
     from bigmodel.config import config_keys
@@ -239,8 +241,6 @@ def _fail(name: str, code: int, prefix: str, problem: str, json_out: bool, debug
         console.emit_json({**(outputs or {}), "ok": False, "command": name, "exit_code": code,
                            "error": problem.replace("\n", " ")})
     raise typer.Exit(code)
-
-
 
 
 def _stage_command(name: str, summary: str) -> None:
@@ -401,7 +401,8 @@ def infer_command(
             given["providers"] = device_providers(device)
         settings_given = {**_infer_sets(set_, config is None and run_dir is None), **given}
         check_infer_flags(given)  # the same message for a bad flag with or without -c
-        explicit = set(settings_given)
+        explicit = set(given) | {item.partition("=")[0].removeprefix("infer.") for item in set_ or []
+                                 if item.startswith("infer.")}
         if {"prompt", "input"} <= explicit:
             raise UserError("--prompt and --input both give prompts; use one of them")
         bench_settings = ({"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,

@@ -34,13 +34,14 @@ class Stage:
     sections: tuple[str, ...]
     inputs: Callable[[Config], list[Path]]
     outputs: Callable[[Config], list[Path]]
+    stamp_name: Callable[[Config], str] = lambda config: STAMP
 
     def run(self, config: Config, **options: Any) -> dict[str, Any]:
         module = importlib.import_module(f"bigmodel.{self.name}")
         if is_main_process():  # a crash or interrupt from here on leaves the stage not up to date
             self._stamp_path(config).unlink(missing_ok=True)
-            write_record(config)
         outputs = module.run(config, **options)
+        write_record(config)  # the run's config.yaml: what its newest artifacts were made with
         if outputs.get("finished", True):
             self._write_stamp(config)
         return outputs
@@ -69,7 +70,7 @@ class Stage:
         return [p for p in self.inputs(config) if str(p) != STDIO]
 
     def _stamp_path(self, config: Config) -> Path:
-        return config.stage_dir(self.name) / STAMP
+        return config.stage_dir(self.name) / self.stamp_name(config)
 
     def _write_stamp(self, config: Config, inputs: dict[str, Any] | None = None) -> None:
         if not is_main_process():  # one writer per distributed job
@@ -152,6 +153,13 @@ def _export_outputs(config: Config) -> list[Path]:
     return {"onnx": [onnx], "hf": [hf], "both": [onnx, hf]}[config.export.format]
 
 
+def _eval_stamp(config: Config) -> str:
+    """Evaluating another artifact (metrics.<name>.json) has its own stamp: it never makes the run's own
+    evaluation look stale."""
+    output = config.eval_output()
+    return STAMP if output == config.stage_dir("eval") / "metrics.json" else f".stamp.{output.stem}.json"
+
+
 _EVERYWHERE = ("seed", "threads")
 
 STAGES: dict[str, Stage] = {
@@ -164,7 +172,7 @@ STAGES: dict[str, Stage] = {
         Stage("train", ("model", "train", *_EVERYWHERE),
               lambda c: [c.stage_dir("init") / "model.safetensors", *prepared_files(c)],
               _in("train", "best.safetensors", "last.safetensors")),
-        Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), lambda c: [c.eval_output()]),
+        Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), lambda c: [c.eval_output()], _eval_stamp),
         Stage("compress", ("compress", "export", "seed"), _ckpt(lambda c: c.compress.checkpoint),
               _in("compress", "report.json")),
         Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _export_outputs),

@@ -56,7 +56,7 @@ def make_runs(work: Path) -> list[Path]:
 def screenshot(page: Path, png: Path, width: int, browser: str) -> None:
     # --virtual-time-budget lets the page finish layout; the height is generous, then trimmed below.
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width},6000", f"--screenshot={png}", page.as_uri()],
+                    f"--window-size={width},16000", f"--screenshot={png}", page.as_uri()],
                    check=True, capture_output=True, timeout=120)
 
 

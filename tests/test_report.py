@@ -109,3 +109,30 @@ def test_no_color_is_respected(tmp_path: Path) -> None:
     color = re.compile(r"\x1b\[[0-9;]*3[0-7][;m]")  # an SGR sequence setting a foreground colour
     assert color.search(colored.stdout)
     assert not color.search(plain.stdout)
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_real_browser(fresh_run: Path, tmp_path: Path) -> None:
+    """Chromium (headless) loads the page from disk and paints it: not blank, plots side by side on a
+    laptop-wide window. Skipped where no Chromium is installed (apt-get install chromium)."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium installed")
+    from PIL import Image
+
+    assert cli("report", "-c", fresh_run, "-q").code == 0
+    page = fresh_run.parent / "run" / "report" / "index.html"
+    shot = tmp_path / "page.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,3000", f"--screenshot={shot}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = Image.open(shot).convert("L")
+    assert pixels.size == (1280, 3000)
+    histogram = pixels.histogram()
+    assert sum(histogram[:200]) / sum(histogram) > 0.02  # text and plots, not an empty page
+    # Two plots side by side: the first plot row has ink in both halves of the page.
+    band = pixels.crop((0, 400, 1280, 700))
+    left, right = band.crop((0, 0, 640, 300)), band.crop((640, 0, 1280, 300))
+    assert min(sum(half.histogram()[:200]) for half in (left, right)) > 1000

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -116,5 +115,3 @@ def draw(artifacts: dict[str, Any], config: Config, plots: Any) -> dict[str, tup
     return figures
 
 
-def jsonable(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True, default=str)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import json
 from typing import Any
 
 from bigmodel import __version__
 from bigmodel.config import Config, dump_yaml
-from bigmodel.report import jsonable
+from bigmodel.metrics import HEADLINE
 
 STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; max-width: 960px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font: 14px/1.45 system-ui, sans-serif; max-width: 1240px; margin: 2em auto; padding: 0 1em; color: #222; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 560px), 1fr)); gap: 0 1.5em; }
 h1 { font-size: 1.6em; margin-bottom: 0.1em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.2em 0.8em; border-bottom: 1px solid #eee; }
 th { text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-pre { background: #f6f8fa; padding: 0.8em; overflow: auto; max-height: 24em; font-size: 12px; }
-figure { margin: 1em 0; } figcaption { color: #555; } img { max-width: 100%; border: 1px solid #eee; }
+pre { background: #f6f8fa; padding: 0.8em; overflow: auto; font-size: 12px; white-space: pre-wrap; }
+figure { margin: 1em 0; } summary { cursor: pointer; color: #555; } figcaption { color: #555; } img { max-width: 100%; border: 1px solid #eee; }
 .pass { color: #1a7f37; font-weight: bold; } .fail { color: #cf222e; font-weight: bold; } .dim { color: #777; }
 """
 
@@ -29,8 +31,9 @@ def render(config: Config, artifacts: dict[str, Any], figures: dict[str, tuple[s
         _figures(figures),
         _stage_metrics(artifacts),
         _samples(artifacts),
-        _section("Config", f"<pre>{_e(dump_yaml(config))}</pre>"),
-        _section("Data manifest", f"<pre>{_e(jsonable(_readable_manifest(artifacts.get('prepare', {}))))}</pre>")
+        _section("Config", _folded("the resolved config", dump_yaml(config))),
+        _section("Data manifest", _folded("the prepared data's manifest",
+                                          compact_json(_readable_manifest(artifacts.get("prepare", {})))))
         if "prepare" in artifacts else "",
     ]
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -53,7 +56,8 @@ def _summary(artifacts: dict[str, Any]) -> str:
     data = artifacts.get("prepare")
     if data:
         counts = data.get("tokens") or data.get("splits") or {}
-        rows.append(("data", ", ".join(f"{split} {n:,}" for split, n in counts.items())
+        ordered = sorted(counts.items(), key=lambda item: SPLIT_ORDER.get(item[0], len(SPLIT_ORDER)))
+        rows.append(("data", ", ".join(f"{split} {n:,}" for split, n in ordered)
                      + (" tokens" if "tokens" in data else " rows")))
     train = artifacts.get("train", {})
     records = train.get("records", [])
@@ -64,9 +68,10 @@ def _summary(artifacts: dict[str, Any]) -> str:
                      + (f"; best val loss {best['val_loss']:.4f} at step {best['step']:,}" if best else "")))
     evaluation = artifacts.get("eval")
     if evaluation:
-        headline = {k: v for k, v in evaluation.get("metrics", {}).items() if isinstance(v, float)}
+        scores = evaluation.get("metrics", {})
+        headline = [(k, scores[k]) for k in HEADLINE_ORDER if isinstance(scores.get(k), float)]
         rows.append((f"eval ({evaluation.get('split') or evaluation.get('source', '')})",
-                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(headline.items()))))
+                     ", ".join(f"{k} {v:.4g}" for k, v in headline)))
     parity = artifacts.get("export")
     if parity:
         verdict = "<span class=\"pass\">passed</span>" if parity.get("passed") else "<span class=\"fail\">FAILED</span>"
@@ -92,7 +97,7 @@ def _figures(figures: dict[str, tuple[str, bytes]]) -> str:
         "</figcaption></figure>"
         for name, (caption, png) in figures.items()
     ]
-    return _section("Plots", "\n".join(items))
+    return _section("Plots", "<div class=\"plots\">" + "\n".join(items) + "</div>")
 
 
 def _stage_metrics(artifacts: dict[str, Any]) -> str:
@@ -100,7 +105,8 @@ def _stage_metrics(artifacts: dict[str, Any]) -> str:
     evaluation = artifacts.get("eval")
     if evaluation:
         scalars = {k: v for k, v in evaluation.get("metrics", {}).items() if isinstance(v, (int, float))}
-        parts.append("<h3>eval</h3>" + _table(["metric", "value"], [[k, _num(v)] for k, v in sorted(scalars.items())]))
+        order = sorted(scalars, key=lambda k: (HEADLINE_ORDER.index(k) if k in HEADLINE_ORDER else len(HEADLINE_ORDER), k))
+        parts.append("<h3>eval</h3>" + _table(["metric", "value"], [[k, _num(scalars[k])] for k in order]))
     compress = artifacts.get("compress")
     if compress and compress.get("steps"):
         metric = compress["steps"][0]["metric"]
@@ -110,7 +116,7 @@ def _stage_metrics(artifacts: dict[str, Any]) -> str:
             ["step", "parameters", "non-zero", "weights KiB", metric, "latency ms"], rows))
     parity = artifacts.get("export")
     if parity:
-        parts.append("<h3>export parity</h3><pre>" + _e(jsonable(parity)) + "</pre>")
+        parts.append("<h3>export parity</h3>" + _table(["", "value"], [[k, _cell(v)] for k, v in sorted(parity.items())]))
     return _section("Metrics of every stage", "\n".join(parts)) if parts else ""
 
 
@@ -123,16 +129,73 @@ def _samples(artifacts: dict[str, Any]) -> str:
     if texts:
         return _section("Samples", "\n".join(f"<pre>{_e(t)}</pre>" for t in texts[:4]))
     if rows:
-        header = list(rows[0])[:6]
-        return _section("Predictions (first rows)", _table(header, [[str(r[k]) for k in header] for r in rows]))
+        return _section("Predictions (first rows)", _predictions(rows))
     return ""
+
+
+def _predictions(rows: list[dict[str, str]]) -> str:
+    """The given columns and the prediction, with the probability the model gave its prediction (the
+    prob_<label> columns, one per class, are too many to show)."""
+    plain = [k for k in rows[0] if not k.startswith("prob_")]
+    has_probs = any(k.startswith("prob_") for k in rows[0])
+    header = plain + (["p(prediction)"] if has_probs else [])
+    body = [[_cell(r[k]) for k in plain] + ([_cell(r.get(f"prob_{r.get('prediction')}", ""))] if has_probs else [])
+            for r in rows]
+    return _table(header, body)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, true/false/null as JSON writes them, the rest as is."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+        return str(value)
+    return f"{number:.4g}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def compact_json(value: Any, indent: str = "") -> str:
+    """JSON with one key per line but lists of numbers or strings on one line (a manifest's class counts
+    would otherwise take a line per number)."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {compact_json(v, inner)}" for k, v in sorted(value.items())]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + compact_json(v, inner) for v in value) + f"\n{indent}]"
+    return json.dumps(value, default=str)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(f"<tr><td>{_e(row[0])}</td>" + "".join(f"<td class=\"num\">{_e(c)}</td>" for c in row[1:])
-                   + "</tr>" for row in rows)
+    body = "".join(f"<tr><td>{_e(row[0])}</td>" + "".join(
+        f"<td class=\"num\">{_e(c)}</td>" if _is_number(c) else f"<td>{_e(c)}</td>" for c in row[1:]) + "</tr>"
+        for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# Splits in the order a reader expects them, and the metrics a run is judged by first.
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+HEADLINE_ORDER = list(dict.fromkeys(name for names in HEADLINE.values() for name in names))
+
+
+def _folded(what: str, text: str) -> str:
+    """Long text folded away (a click opens it), so the page stays about the results."""
+    lines = text.count("\n") + 1
+    return f"<details><summary>{_e(what)} ({lines} lines)</summary><pre>{_e(text)}</pre></details>"
 
 
 def _section(title: str, body: str) -> str:

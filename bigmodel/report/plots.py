@@ -13,12 +13,20 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display needed, same pixels everywhere
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+# Large counts (tokens, tokens/s, steps) read as 160,000, not 160000 or 1.6e5.
+THOUSANDS = FuncFormatter(lambda value, _: f"{value:,.0f}")
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.0, 4.5, 100  # every PNG is 800 x 450 pixels
 SIZE_PX = (int(WIDTH_IN * DPI), int(HEIGHT_IN * DPI))
 
 
 def _png(figure: Any) -> bytes:
+    for axes in figure.axes:
+        for axis, (low, high) in ((axes.xaxis, axes.get_xlim()), (axes.yaxis, axes.get_ylim())):
+            if max(abs(low), abs(high)) >= 10_000:
+                axis.set_major_formatter(THOUSANDS)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
@@ -62,7 +70,7 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str]) -> bytes:
     totals = [max(1, sum(row)) for row in matrix]
     normalised = [[count / total for count in row] for row, total in zip(matrix, totals)]
     image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
-    figure.colorbar(image, ax=axes, label="fraction of the true class")
+    figure.colorbar(image, ax=axes, label="share of the row")
     ticks = range(len(labels))
     axes.set_xticks(ticks, labels, rotation=45 if max(map(len, labels)) > 3 else 0)
     axes.set_yticks(ticks, labels)
@@ -85,9 +93,10 @@ def per_class(per_class: dict[str, dict[str, float]]) -> bytes:
     axes.bar([p - 0.2 for p in positions], [per_class[c]["precision"] for c in labels], 0.4, label="precision")
     axes.bar([p + 0.2 for p in positions], [per_class[c]["recall"] for c in labels], 0.4, label="recall")
     axes.set_xticks(list(positions), labels)
-    low = min(min(v["precision"], v["recall"]) for v in per_class.values())
-    axes.set_ylim(max(0.0, low - 0.05), 1.0)
-    axes.legend(loc="lower right")
+    # Bars start at 0 (a cut axis makes 0.95 look like half of 1.0); the band above 1 holds the legend.
+    axes.set_ylim(0.0, 1.15)
+    axes.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axes.legend(loc="upper center", ncol=2, frameon=False)
     return _png(figure)
 
 

@@ -42,7 +42,7 @@ def _interrupted(out_dir: Path) -> Interrupted:
     from bigmodel.train.state import previous_run
 
     previous = previous_run(out_dir)
-    if previous is None:
+    if previous is None or previous.finished:  # nothing of this run saved yet (an older, finished run may be)
         return Interrupted("train stopped before its first checkpoint (nothing to resume; run it again)")
     return Interrupted(f"train stopped; its last checkpoint is step {previous.step} "
                        f"({out_dir / 'last.safetensors'})", resumable=True)
