@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -220,10 +221,14 @@ def filesystem_problem(exc: OSError) -> str:
     return f"{path}: {(exc.strerror or str(exc)).lower()}; {USERS_PATH_ERRORS[exc.errno]}"
 
 
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _fail(name: str, code: int, prefix: str, problem: str, json_out: bool, debug: bool,
           outputs: dict[str, Any] | None = None) -> None:
     """One line on stderr ('<prefix>: <problem>'); with --json also the one object, whose `error` is
     the problem alone."""
+    problem = ANSI_CODES.sub("", problem)  # a library's coloured message must not colour a log or a pipe
     message = f"{prefix}: {problem}"
     rank = os.environ.get("RANK", "0")
     if rank != "0":

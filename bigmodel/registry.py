@@ -40,14 +40,18 @@ def manifest_arch(manifest: dict[str, Any], origin: Path | str) -> AnyArch:
     return arches.parse(manifest.get("architecture"), f"checkpoint {origin}")
 
 
-def stage_checkpoint(config: Any, ref: str) -> Path:
+def stage_checkpoint(config: Any, ref: str, stage: str) -> Path:
     """The checkpoint a stage was told to use (eval/export/compress `checkpoint`), refused in one line when
-    it holds another family's model than the config describes. ONNX files are checked when opened."""
+    it holds another family's model than the config describes. eval also takes ONNX models (checked when
+    opened); export and compress start from PyTorch weights."""
     from bigmodel.checkpoint import read_manifest
 
     path: Path = config.checkpoint_path(ref)
     if path.suffix == ".onnx":
-        return path
+        if stage == "eval":
+            return path
+        raise UserError(f"{stage}.checkpoint {path}: {stage} starts from a checkpoint (.safetensors), not an ONNX "
+                        "model; give best, last, init or a .safetensors file")
     manifest = read_manifest(path)
     found = manifest.get("family") or (manifest.get("architecture") or {}).get("family")
     expected = config.model.family

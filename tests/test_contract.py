@@ -240,6 +240,8 @@ def test_eval_of_another_artifact_never_overwrites_the_runs_result(fresh_run: Pa
     assert json.loads((eval_dir / "metrics.last.json").read_text())["checkpoint"].endswith("last.safetensors")
     assert json.loads((eval_dir / "metrics.model.json").read_text())["checkpoint"] == str(onnx)
     assert json.loads((fresh_run.parent / "mine.json").read_text())["step"] == 0
+    refused(cli("compress", "-c", fresh_run, "--set", f"compress.checkpoint={onnx}", "--set",
+                "compress.steps=[{method: quantize}]"), "starts from a checkpoint (.safetensors), not an ONNX model")
 
 
 def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path: Path) -> None:
@@ -275,6 +277,8 @@ def test_a_run_directory_alone_is_enough(fresh_run: Path) -> None:
     assert cli("config", "show", "--run-dir", run_dir).stdout == cli("config", "show", "-c", fresh_run).stdout
     evaluated = cli("eval", "--run-dir", run_dir, "--json", "-q")
     assert evaluated.code == 0 and evaluated.json()["accuracy"] > 0.8
+    reported = cli("report", "--run-dir", run_dir, "--json", "-q")
+    assert reported.code == 0 and Path(reported.json()["report"]).is_file()
     shown = cli("inspect", run_dir, "--json").json()
     assert shown["kind"] == "run" and shown["stages"]["train"]["status"] == "done"
     assert shown["stages"]["train"]["config"] == "as config.yaml" and shown["stages"]["compress"]["status"] == "not run"
@@ -351,3 +355,13 @@ def test_shell_completion_knows_stages_and_config_keys() -> None:
     assert complete("bigmodel pipeline --to ev") == ["eval"]
     assert complete("bigmodel pipeline --from ex") == ["export"]
     assert "train.lr=" in complete("bigmodel train --set train.l") and "data.encoding=" in complete("bigmodel prepare --set data.en")
+
+
+def test_processes_times_threads_fit_the_cores() -> None:
+    from bigmodel.train.launch import threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_process(cores, 2, []) == ([] if cores // 2 == cores else [f"threads={max(1, cores // 2)}"])
+    assert threads_per_process(None, cores * 2, []) == ["threads=1"]
+    assert threads_per_process(1, 2, []) == []  # the config's fits: kept
+    assert threads_per_process(8, 2, ["threads=8"]) == []  # said on the command line: the user's word

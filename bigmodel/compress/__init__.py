@@ -38,7 +38,7 @@ def run(config: Config) -> dict[str, Any]:
                 )
     setup_torch(config)
     out_dir = config.stage_dir("compress")
-    checkpoint = registry.stage_checkpoint(config, cc.checkpoint)
+    checkpoint = registry.stage_checkpoint(config, cc.checkpoint, "compress")
     current = Path(export_checkpoint(config, checkpoint, out_dir / "fp32", "onnx")["model"])
     rows = [measure(config, "fp32 (export)", current)]
     sparsity: dict[str, dict[str, float]] = {}

@@ -31,7 +31,7 @@ from bigmodel.runtime import setup_torch
 def run(config: Config) -> dict[str, Any]:
     device = setup_torch(config)
     ec = config.eval
-    path = registry.stage_checkpoint(config, ec.checkpoint)
+    path = registry.stage_checkpoint(config, ec.checkpoint, "eval")
     artifact = load_artifact(path, config, device)
     scores, source = score_artifact(artifact, config)
     samples: list[str] = []

@@ -20,7 +20,7 @@ from bigmodel.runtime import setup_torch
 def run(config: Config) -> dict[str, Any]:
     setup_torch(config)
     ec = config.eval
-    path = registry.stage_checkpoint(config, ec.checkpoint)
+    path = registry.stage_checkpoint(config, ec.checkpoint, "eval")
     scores, task, step = scores_for(config, path)
 
     report = {

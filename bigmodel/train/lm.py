@@ -108,7 +108,7 @@ def train(
 
     # ---- loop
     console.info(
-        f"train: {count_parameters(model):,} parameters"
+        f"train on {device}: {count_parameters(model):,} parameters"
         + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {tc.lora.rank} on "
            f"{', '.join(adapter['targets'])})" if adapter and tc.lora else "")
         + f", {data.size}, {total_steps} steps x {data.tokens_per_step:,} tokens, eval every {eval_every}"
@@ -190,7 +190,7 @@ def train(
     best = (f"best val loss {loop.best_score:.4f} at step {loop.best_step}" if loop.best_step is not None
             else f"no evaluation yet (the first is at step {eval_every})")
     console.info(f"train: step {loop.step} of {total_steps}, {best}, {tokens_per_s:,.0f} tokens/s, "
-                 f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB on {device}"
+                 f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB"
                  + ("" if loop.finished else "; continue with --resume"))
     return {
         "best": str(out_dir / "best.safetensors"),

@@ -84,7 +84,7 @@ def train(
     best_metrics: dict[str, float] = {}
     start = time.perf_counter()
     console.info(
-        f"train: {registry.count_parameters(model):,} parameters, {len(train_x)} rows, "
+        f"train on {device}: {registry.count_parameters(model):,} parameters, {len(train_x)} rows, "
         f"{total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
     )
