@@ -478,6 +478,57 @@ def _refuse_stdout_clash(json_out: bool, output: Path | None, bench: bool) -> No
         raise UserError("--json and predictions on stdout ('-') both need stdout; write predictions to a file")
 
 
+@app.command("serve", epilog=section_help("serve"))
+def serve_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="ONNX model (serve.model).")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (serve.host).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="TCP port (serve.port).")] = None,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", help="Require this bearer token (serve.api_key; or BIGMODEL_API_KEY).")
+    ] = None,
+    device: DeviceOpt = None,
+    run_dir: RunDirOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Serve the exported ONNX model over HTTP: OpenAI's /v1/completions and /v1/chat/completions
+    (streaming) for language models, /v1/predict for tabular ones; /health and /metrics. Without -c,
+    --model suffices."""
+
+    def action() -> dict[str, Any]:
+        from bigmodel import serve
+        from bigmodel.config import ServeConfig
+
+        given = {k: v for k, v in (("model", model), ("host", host), ("port", port), ("api_key", api_key)) if v is not None}
+        providers = device_providers(device) if device is not None else None
+        if config is None and run_dir is None:
+            if model is None:
+                raise UserError("serve needs -c CONFIG, or --model FILE.onnx")
+            settings = _validated(ServeConfig, given, "serve")
+            return serve.serve(model, settings, providers or ["CPUExecutionProvider"], None)
+        overrides = list(set_ or []) + [f"serve.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}"
+                                        for k, v in given.items()]
+        if providers is not None:
+            overrides.append(f"infer.providers={json.dumps(providers)}")
+        return serve.run(load(config, overrides, run_dir))
+
+    execute("serve", action, False, quiet, debug)
+
+
+def _validated(section: Any, values: dict[str, Any], prefix: str) -> Any:
+    """A config section from flags, its problems named by the flags' keys."""
+    from pydantic import ValidationError
+
+    from bigmodel.config import format_validation_error
+
+    try:
+        return section.model_validate(values)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, (prefix,))) from exc
+
+
 @app.command("plan", epilog=section_help("plan"))
 def plan_command(
     config: ConfigOpt = None,

@@ -647,6 +647,20 @@ class InferConfig(Section):
     system: str | None = Field(None, description="gpt, chat: a system message put before each conversation.")
 
 
+class ServeConfig(Section):
+    model: Path | None = Field(None, description="ONNX model to serve. Default: infer.model, else "
+                               "<run_dir>/export/model.onnx.")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    name: str | None = Field(None, description="The model's id in the API (/v1/models). Default: the run "
+                             "folder's name, else the ONNX file's.")
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on /v1 routes. Default: "
+                                "the BIGMODEL_API_KEY environment variable, else no key.")
+    max_queue: int = Field(64, gt=0, description="Requests allowed to wait; beyond that the server answers "
+                           "503 with Retry-After instead of queueing without bound.")
+    max_tokens: int = Field(256, gt=0, description="gpt: tokens generated when a request gives no max_tokens.")
+
+
 HARDWARE = ("local", "a10", "l4", "a100-80gb", "h100-sxm", "h200", "mi300x")
 
 
@@ -705,6 +719,7 @@ class Config(Section):
     compress: CompressConfig = Field(default_factory=CompressConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
 
     @field_validator("run_dir", mode="before")
@@ -1117,6 +1132,7 @@ def _tag_default(section: type[BaseModel]) -> str | None:
 COMMAND_SECTIONS = {
     "prepare": ("data",), "init": ("model", "init"), "train": ("train",), "eval": ("eval",),
     "compress": ("compress",), "export": ("export",), "infer": ("infer",), "plan": ("plan",),
+    "serve": ("serve",),
 }
 SHARED_KEYS = ("run_dir", "seed", "threads", "device")
 
@@ -1139,7 +1155,7 @@ def section_help(command: str) -> str:
 def config_keys() -> list[str]:
     """Every settable key path (train.lr, data.cleaning.dedupe, ...), for shell completion of --set."""
     keys = set(SHARED_KEYS)
-    for section in ("data", "model", "init", "train", "eval", "compress", "export", "infer", "plan"):
+    for section in ("data", "model", "init", "train", "eval", "compress", "export", "infer", "serve", "plan"):
         for _, prefix, model in _groups(section, Config.model_fields[section].annotation):
             if "[]" in prefix:
                 continue  # list items are set as a whole list

@@ -27,6 +27,7 @@ class Family:
     evaluator: str  # run(config), scores_for(config, path)
     exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...)
     inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench): ONNX Runtime only
+    server: str  # Engine(session, meta, path, settings): the HTTP routes of `bigmodel serve` (ONNX Runtime only)
     infer_output: str  # default file name of infer's output
     infer_reads_test_split: bool  # infer's default input is the prepared test split
     distributed: bool  # trains under torchrun (DDP/FSDP)
@@ -44,13 +45,15 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family(
         name="gpt", data_format="text", onnx_kind="gpt", default_init="gpt2", model="bigmodel.models.gpt",
         recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
-        inferer="bigmodel.infer.gpt", infer_output="generations.jsonl", infer_reads_test_split=False,
+        inferer="bigmodel.infer.gpt", server="bigmodel.serve.lm", infer_output="generations.jsonl",
+        infer_reads_test_split=False,
         distributed=True,
     ),
     "mlp": Family(
         name="mlp", data_format="tabular", onnx_kind="tabular", default_init="kaiming_uniform",
         model="bigmodel.models.mlp", recipe="bigmodel.train.tabular", evaluator="bigmodel.eval.tabular",
-        exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", infer_output="predictions.csv",
+        exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", server="bigmodel.serve.tabular",
+        infer_output="predictions.csv",
         infer_reads_test_split=True, distributed=False,
     ),
 }

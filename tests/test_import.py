@@ -345,3 +345,28 @@ def test_compress_steps_work_on_an_imported_llama(imported_llama: Path, tmp_path
     int8 = quantize.run(QuantizeStep(mode="static", calibration_batches=1), config, run / "export" / "model.onnx",
                         tmp_path / "model.int8.onnx")
     assert ort_greedy(int8, ids[0].tolist(), 4)  # the quantised graph decodes with the n_kv_head cache
+
+
+def test_serve_chat_completions_speak_the_models_template(imported_llama: Path, tmp_path: Path) -> None:
+    """The official OpenAI client's chat call answers what `infer --chat` answers (greedy), streamed or not."""
+    import openai
+
+    from tests.test_serve import server
+
+    onnx_path = imported_llama.parent / "run" / "export" / "model.onnx"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
+    (tmp_path / "in.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "chat.jsonl"
+    assert cli("infer", "-m", onnx_path, "-i", tmp_path / "in.jsonl", "-o", out, "--chat", "-n", "6", "-t", "0").code == 0
+    expected = json.loads(out.read_text())
+    with server("--model", onnx_path) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        reply = client.chat.completions.create(model="run", messages=messages, max_tokens=6, temperature=0)
+        assert reply.choices[0].message.content == expected["completion"]
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.usage.completion_tokens == expected["new_tokens"]
+        assert reply.choices[0].finish_reason == ("stop" if expected["stop_reason"] != "max_new_tokens" else "length")
+        chunks = list(client.chat.completions.create(model="run", messages=messages, max_tokens=6, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["completion"]
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == expected["new_tokens"]

@@ -120,12 +120,7 @@ def complete(decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int,
     """Generate for one prompt; stream the new text to `stream` as it is decoded, if given. With
     settings.chat the prompt is a user message (or a whole conversation) in the model's chat template.
     Generation ends at max_new_tokens, a stop string, or the model's end-of-sequence token."""
-    text_in = _prompt_text(decoder, prompt, settings)
-    if not text_in:
-        raise UserError("empty prompt: give at least one character to continue from")
-    # A chat template writes its own special tokens (BOS included): encode it as written, as transformers'
-    # apply_chat_template does and as fine-tuning data was encoded.
-    prompt_ids = decoder.tokenizer.encode_with_offsets(text_in)[0] if settings.chat else decoder.tokenizer.encode(text_in)
+    prompt_ids = encode_prompt(decoder, prompt, settings)
     new_ids: list[int] = []
     text, shown, reason = "", 0, "max_new_tokens"
     key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
@@ -151,6 +146,16 @@ def complete(decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int,
     return {"prompt": prompt, "completion": text, "new_tokens": len(new_ids) + (reason == "eos"),
             "stop_reason": reason, "prompt_tokens": len(prompt_ids), "cropped": len(prompt_ids) > decoder.block_size,
             **({"chat": True} if settings.chat else {})}
+
+
+def encode_prompt(decoder: Decoder, prompt: Prompt, settings: InferConfig) -> list[int]:
+    """The prompt's token ids (with settings.chat: the conversation in the model's chat template)."""
+    text_in = _prompt_text(decoder, prompt, settings)
+    if not text_in:
+        raise UserError("empty prompt: give at least one character to continue from")
+    # A chat template writes its own special tokens (BOS included): encode it as written, as transformers'
+    # apply_chat_template does and as fine-tuning data was encoded.
+    return decoder.tokenizer.encode_with_offsets(text_in)[0] if settings.chat else decoder.tokenizer.encode(text_in)
 
 
 def _prompt_text(decoder: Decoder, prompt: Prompt, settings: InferConfig) -> str:

@@ -37,13 +37,7 @@ def predict_file(
     session: Any, meta: dict[str, Any], model: Path, source: Path, dest: Path, settings: InferConfig
 ) -> dict[str, Any]:
     records = _read_records(source, settings.format)
-    x, targets = _to_matrix(records, meta["features"], meta["target"], source)
-
-    outputs = np.concatenate([
-        session.run(None, {"features": x[i : i + settings.batch_size]})[0]
-        for i in range(0, len(x), settings.batch_size)
-    ])
-    rows = _prediction_rows(outputs, meta, targets)
+    outputs, rows, targets = predict_records(session, meta, records, source, settings.batch_size)
     _write(rows, dest, _format(settings.format, dest))
     result: dict[str, Any] = {"predictions": str(dest), "rows": len(rows), "model": str(model)}
     if targets is not None and meta["task"] == "classification":
@@ -57,6 +51,16 @@ def predict_file(
            if "accuracy" in result else "")
     )
     return result
+
+
+def predict_records(session: Any, meta: dict[str, Any], records: list[dict[Any, Any]], source: Path | str,
+                    batch_size: int) -> tuple[np.ndarray, list[dict[str, Any]], list[str] | None]:
+    """Model outputs, prediction rows and the passed-through targets for rows given as {column: value}
+    (key None: the row's line number, for error messages). infer and serve predict through this."""
+    x, targets = _to_matrix(records, meta["features"], meta["target"], Path(str(source)))
+    outputs = np.concatenate([session.run(None, {"features": x[i : i + batch_size]})[0]
+                              for i in range(0, len(x), batch_size)])
+    return outputs, _prediction_rows(outputs, meta, targets), targets
 
 
 def _format(setting: str, path: Path) -> str:
@@ -144,14 +148,15 @@ def _write(rows: list[dict[str, Any]], dest: Path, fmt: str) -> None:
 def _write_to(handle: IO[str], rows: list[dict[str, Any]], fmt: str) -> None:
     if fmt == "jsonl":
         for row in rows:
-            handle.write(json.dumps(_nest_probabilities(row)) + "\n")
+            handle.write(json.dumps(nest_probabilities(row)) + "\n")
         return
     writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
 
 
-def _nest_probabilities(row: dict[str, Any]) -> dict[str, Any]:
+def nest_probabilities(row: dict[str, Any]) -> dict[str, Any]:
+    """{..., prob_a, prob_b} -> {..., probabilities: {a, b}}: a prediction's JSON shape (infer, serve)."""
     probs = {k.removeprefix("prob_"): v for k, v in row.items() if k.startswith("prob_")}
     plain = {k: v for k, v in row.items() if not k.startswith("prob_")}
     return {**plain, "probabilities": probs} if probs else plain

@@ -1,0 +1,79 @@
+"""serve: an exported ONNX model behind an HTTP API (OpenAI-compatible for language models).
+
+ONNX Runtime does the numerics; PyTorch is never imported (tested). The model is loaded and run once
+before the server listens, so /health answers only for a model that works. uvicorn serves the ASGI app
+(serve/app.py) and, on SIGTERM or Ctrl-C, stops accepting, lets in-flight requests finish, and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from bigmodel import console
+from bigmodel.config import Config, ServeConfig
+
+
+def run(config: Config) -> dict[str, Any]:
+    """`bigmodel serve -c CONFIG`: the run's exported model (or serve.model)."""
+    settings = config.serve
+    model = settings.model or config.infer.model or config.stage_dir("export") / "model.onnx"
+    name = settings.name or config.stage_dir("export").parent.name
+    return serve(Path(model), settings, config.infer.providers, config.infer.threads or config.threads, name)
+
+
+def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,
+          name: str | None = None) -> dict[str, Any]:
+    import uvicorn
+
+    app, engine = build(model, settings, providers, threads, name)
+    console.info(f"serve: {engine.kind} model '{engine.name}' from {model} on http://{settings.host}:{settings.port} "
+                 f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})")
+    server = _DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                            access_log=False, timeout_graceful_shutdown=30))
+    server.run()
+    console.info("serve: stopped (in-flight requests finished)")
+    return {"model": str(model), "stopped": True}
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn shuts down gracefully on SIGTERM/Ctrl-C (no new connections, in-flight requests finish),
+        then re-raises the signal, so the process dies of it; a server that drained has done its job and
+        exits 0 instead."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return DrainingServer
+
+
+def _DrainingServer(config: Any) -> Any:  # noqa: N802 - builds the class lazily (uvicorn is an extra)
+    return _draining_server_class()(config)
+
+
+def build(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,
+          name: str | None = None) -> tuple[Any, Any]:
+    """The ASGI app and its warmed-up engine (tests drive the app directly)."""
+    from bigmodel.families import family_of_onnx_kind
+    from bigmodel.infer.session import open_model
+    from bigmodel.serve.app import create_app
+
+    session, meta = open_model(model, providers, threads)
+    server = family_of_onnx_kind(meta["kind"], model).module("server")
+    engine = server.Engine(session, meta, model, name or default_name(model), settings.max_tokens)
+    engine.warm_up()
+    return create_app(engine, api_key(settings), settings.max_queue), engine
+
+
+def default_name(model: Path) -> str:
+    """runs/<name>/export/model.onnx is '<name>'; any other file is its stem."""
+    return model.parent.parent.name if model.parent.name == "export" and model.parent.parent.name else model.stem
+
+
+def api_key(settings: ServeConfig) -> str | None:
+    return settings.api_key or os.environ.get("BIGMODEL_API_KEY") or None

@@ -1,0 +1,234 @@
+"""Language models over HTTP, the OpenAI way: /v1/completions, /v1/chat/completions, /v1/models.
+
+Generation is infer's own (`infer.gpt.complete`: the same decoding, stop strings, end-of-sequence and
+chat template), run in a worker thread so the event loop keeps serving. With `"stream": true` the text
+goes out as server-sent events (`data: {chunk}` ... `data: [DONE]`) as it is decoded; a client that
+disconnects stops its decoding at the next token. Requests take turns on the model (serve/app.Queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from bigmodel.config import InferConfig
+from bigmodel.infer.gpt import Decoder, complete, encode_prompt
+from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
+
+FINISH = {"eos": "stop", "stop": "stop", "max_new_tokens": "length"}  # infer's stop_reason -> OpenAI's
+
+
+class _Sampling(BaseModel):
+    """The fields both endpoints take (OpenAI's names; top_k is an extension). Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str | None = None
+    max_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, gt=0)
+
+
+class Engine:
+    """A decoder model loaded in ONNX Runtime, and its routes."""
+
+    kind = "gpt"
+
+    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, max_tokens: int) -> None:
+        self.decoder = Decoder.from_session(session, meta, path)
+        self.name, self.max_tokens = name, max_tokens
+
+    def warm_up(self) -> None:
+        """One run of the graph (a prefill and a cached step) before the server says it is up."""
+        logits, keys, values = self.decoder.run(np.zeros((1, 1), dtype=np.int64), *self.decoder.empty_cache(1))
+        self.decoder.run(np.zeros((1, 1), dtype=np.int64), keys, values)
+
+    def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
+        async def completions(request: Request) -> Response:
+            body = _parse(CompletionRequest, await json_body(request))
+            if isinstance(body.prompt, list) and len(body.prompt) != 1:
+                raise RequestError("prompt: one prompt per request (n = 1)", "prompt")
+            prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+            return await self._answer(prompt, body, body.max_tokens, False, queue, metrics)
+
+        async def chat(request: Request) -> Response:
+            body = _parse(ChatRequest, await json_body(request))
+            if not self.decoder.chat_template:
+                raise RequestError("this model has no chat template (imported models bring theirs); use "
+                                   "/v1/completions", "messages")
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            return await self._answer(messages, body, body.max_completion_tokens or body.max_tokens, True,
+                                      queue, metrics)
+
+        async def models(request: Request) -> Response:
+            return JSONResponse({"object": "list", "data": [
+                {"id": self.name, "object": "model", "created": 0, "owned_by": "bigmodel"}]})
+
+        return [("/v1/completions", ["POST"], completions), ("/v1/chat/completions", ["POST"], chat),
+                ("/v1/models", ["GET"], models)]
+
+    async def _answer(self, prompt: Any, body: _Sampling, max_tokens: int | None, is_chat: bool, queue: Queue,
+                      metrics: Metrics) -> Response:
+        settings = InferConfig(max_new_tokens=max_tokens or self.max_tokens, temperature=body.temperature,
+                               top_k=body.top_k, top_p=body.top_p, chat=is_chat,
+                               stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
+        prompt_tokens = len(encode_prompt(self.decoder, prompt, settings))
+        if prompt_tokens >= self.decoder.block_size:
+            raise RequestError(f"the prompt has {prompt_tokens} tokens; the model's context is "
+                               f"{self.decoder.block_size}: shorten it", "messages" if is_chat else "prompt")
+        seed = body.seed if body.seed is not None else secrets.randbits(31)
+        reply = _Reply(self.name, is_chat, body.stream_options or {})
+        queue.check_room()
+        if body.stream:
+            return StreamingResponse(self._stream(prompt, settings, seed, reply, queue, metrics),
+                                     media_type="text/event-stream")
+        async with queue.turn():
+            result = await asyncio.to_thread(complete, self.decoder, prompt, settings, seed)
+        metrics.tokens["prompt"] += result["prompt_tokens"]
+        metrics.tokens["completion"] += result["new_tokens"]
+        return JSONResponse(reply.whole(result))
+
+    async def _stream(self, prompt: Any, settings: InferConfig, seed: int, reply: _Reply, queue: Queue,
+                      metrics: Metrics) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | dict[str, Any] | BaseException] = asyncio.Queue()
+        stop = threading.Event()
+
+        class Sink:  # infer's stream interface, feeding the event loop; raising ends the decoding
+            def write(self, text: str) -> None:
+                if stop.is_set():
+                    raise _ClientGone
+                loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+            def flush(self) -> None:
+                pass
+
+        def work() -> None:
+            try:
+                outcome: dict[str, Any] | BaseException = complete(self.decoder, prompt, settings, seed, Sink())
+            except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which re-raises or drops it
+                outcome = exc
+            loop.call_soon_threadsafe(pieces.put_nowait, outcome)
+
+        async with queue.turn():
+            worker = loop.run_in_executor(None, work)
+            try:
+                yield reply.chunk("", first=True)
+                while True:
+                    piece = await pieces.get()
+                    if isinstance(piece, str):
+                        yield reply.chunk(piece)
+                        continue
+                    if isinstance(piece, BaseException):
+                        message = str(piece) if not isinstance(piece, _ClientGone) else "client gone"
+                        yield _event({"error": {"message": message, "type": "server_error", "param": None,
+                                                "code": None}})
+                        break
+                    metrics.tokens["prompt"] += piece["prompt_tokens"]
+                    metrics.tokens["completion"] += piece["new_tokens"]
+                    yield reply.chunk("", finish=FINISH[piece["stop_reason"]])
+                    if reply.include_usage:
+                        yield reply.usage_chunk(piece)
+                    break
+                yield "data: [DONE]\n\n"
+            finally:
+                stop.set()  # the client left (or we are done): the worker stops at its next token
+                await asyncio.shield(worker)
+
+
+class _ClientGone(Exception):
+    """Raised inside the decoding thread when its client has disconnected."""
+
+
+class _Reply:
+    """OpenAI's response objects for one request (text completion or chat completion)."""
+
+    def __init__(self, model: str, is_chat: bool, stream_options: dict[str, bool]) -> None:
+        self.model, self.is_chat = model, is_chat
+        self.id = ("chatcmpl-" if is_chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.include_usage = bool(stream_options.get("include_usage"))
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
+        finish = FINISH[result["stop_reason"]]
+        if self.is_chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result["completion"]},
+                      "finish_reason": finish, "logprobs": None}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": _usage(result)}
+        choice = {"index": 0, "text": result["completion"], "finish_reason": finish, "logprobs": None}
+        return {**self._head("text_completion"), "choices": [choice], "usage": _usage(result)}
+
+    def chunk(self, text: str, first: bool = False, finish: str | None = None) -> str:
+        if self.is_chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return _event({**self._head("chat.completion.chunk"), "choices": [choice]})
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return _event({**self._head("text_completion"), "choices": [choice]})
+
+    def usage_chunk(self, result: dict[str, Any]) -> str:
+        obj = "chat.completion.chunk" if self.is_chat else "text_completion"
+        return _event({**self._head(obj), "choices": [], "usage": _usage(result)})
+
+
+def _usage(result: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["new_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["new_tokens"]}
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """The request validated; the first problem as a 400 naming its field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        # pydantic appends a union member's type to the location (prompt.str): the field is what clients wrote.
+        loc = list(error["loc"])
+        path = [str(part) for i, part in enumerate(loc) if isinstance(part, int) or part in _FIELDS
+                or (error["type"] == "extra_forbidden" and i == len(loc) - 1)]
+        field = ".".join(path) or None
+        problem = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        raise RequestError(f"{field}: {problem}" if field else problem, path[0] if path else None) from None
+
+
+_FIELDS = {*ChatRequest.model_fields, *CompletionRequest.model_fields, *Message.model_fields}

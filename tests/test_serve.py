@@ -1,0 +1,187 @@
+"""bigmodel serve: a real uvicorn server in its own process, spoken to by the official OpenAI client and by
+plain HTTP; its answers are compared with `bigmodel infer` on the same inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.client import HTTPConnection
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import cli
+from tests.test_deploy_lm import lm_run, onnx_of  # noqa: F401 - the module's trained, exported tiny GPT
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(*args: object, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`bigmodel serve ...` on a free port; yields its base URL once /health answers; stops it with SIGTERM."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "serve", *map(str, args), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()  # SIGTERM: drain and exit 0
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+
+
+def http(base: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
+    data = body.encode() if isinstance(body, str) else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"{base}{path}", data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def greedy_infer(model: Path, prompt: str, tokens: int, tmp: Path) -> str:
+    out = tmp / "infer.jsonl"
+    result = cli("infer", "-m", model, "-p", prompt, "-n", str(tokens), "-t", "0", "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    return json.loads(out.read_text())["completion"]
+
+
+def test_the_openai_client_completes_and_streams_like_infer(lm_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    expected = greedy_infer(onnx_of(lm_run), "def ", 24, tmp_path)
+    with server("--model", onnx_of(lm_run)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["run"]
+        whole = client.completions.create(model="run", prompt="def ", max_tokens=24, temperature=0)
+        assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "length"
+        assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens == 24
+        pieces = list(client.completions.create(model="run", prompt="def ", max_tokens=24, temperature=0, stream=True))
+        assert "".join(p.choices[0].text for p in pieces if p.choices) == expected
+        assert pieces[-1].choices[0].finish_reason == "length" and len(pieces) > 3
+        stopped = client.completions.create(model="run", prompt="def ", max_tokens=24, temperature=0,
+                                            stop=[expected[5:7]])
+        assert stopped.choices[0].finish_reason == "stop" and expected.startswith(stopped.choices[0].text)
+        seeded = [client.completions.create(model="run", prompt="def ", max_tokens=12, seed=7).choices[0].text
+                  for _ in range(2)]
+        assert seeded[0] == seeded[1]
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            client.completions.create(model="run", prompt="def ", max_tokens=0)
+        with pytest.raises(openai.BadRequestError, match="context is 32"):
+            client.completions.create(model="run", prompt="x = 1\n" * 20, max_tokens=4)
+        metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        assert 'bigmodel_requests_total{path="/v1/completions",status="200"} 5' in metrics
+        assert 'bigmodel_requests_total{path="/v1/completions",status="400"} 2' in metrics
+        generated = 24 + 24 + stopped.usage.completion_tokens + 12 + 12
+        assert f'bigmodel_tokens_total{{kind="completion"}} {generated}' in metrics
+
+
+def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:  # noqa: F811
+    with server("--model", onnx_of(lm_run), "--api-key", "s3cret") as base:
+        auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+        cases = [("not json", "the body is not valid JSON", None), ([1, 2], "JSON object", None),
+                 ({"prompt": "def ", "bogus": 1}, "bogus: unknown field", "bogus"),
+                 ({"prompt": 5}, "prompt", "prompt"), ({"prompt": "def ", "temperature": -1}, "temperature", "temperature"),
+                 ({"prompt": "def ", "n": 2}, "n", "n"), ({"prompt": "\u65e5\u672c"}, "vocabulary", None),
+                 ({"messages": [{"role": "user", "content": "hi"}]}, "no chat template", "messages")]
+        for body, fragment, param in cases:
+            path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+            status, answer = http(base, path, body, auth)
+            assert status == 400 and fragment in answer["error"]["message"], (body, answer)
+            assert answer["error"]["type"] == "invalid_request_error" and (param is None or answer["error"]["param"] == param)
+        status, answer = http(base, "/v1/completions", {"prompt": "def "})
+        assert status == 401 and answer["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong").models.list()
+        assert http(base, "/v1/nope", None, auth)[0] == 404
+        assert http(base, "/health")[0] == 200  # health and metrics need no key
+        # A client that leaves mid-stream frees the model: 100,000 tokens would take minutes.
+        connection = HTTPConnection(base.removeprefix("http://"), timeout=30)
+        connection.request("POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000,
+                                                                   "stream": True}), auth)
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        connection.close()
+        started = time.perf_counter()
+        status, answer = http(base, "/v1/completions", {"prompt": "def ", "max_tokens": 3}, auth)
+        assert status == 200 and time.perf_counter() - started < 20
+
+
+def test_tabular_predictions_are_infers(digits_run: Path, tmp_path: Path) -> None:
+    run_dir = digits_run.parent / "run"
+    header, *lines = (run_dir / "prepare" / "test.csv").read_text().splitlines()[:6]
+    columns = header.split(",")
+    rows = [{c: float(v) if c != "label" else v for c, v in zip(columns, line.split(","))} for line in lines]
+    expected = tmp_path / "expected.jsonl"
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli("infer", "-m", run_dir / "export" / "model.onnx", "-i", source, "-o", expected, "-q").code == 0
+    with server("-c", digits_run) as base:
+        status, answer = http(base, "/v1/predict", {"rows": rows})
+        assert status == 200, answer
+        assert answer["predictions"] == [json.loads(line) for line in expected.read_text().splitlines()]
+        del rows[1][columns[3]]
+        status, answer = http(base, "/v1/predict", {"rows": rows})
+        assert status == 400 and columns[3] in answer["error"]["message"]
+
+
+def test_the_server_never_imports_torch(lm_run: Path) -> None:  # noqa: F811
+    script = ("import sys\nfrom pathlib import Path\nfrom bigmodel.config import ServeConfig\nfrom bigmodel import serve\n"
+              "serve.build(Path(sys.argv[1]), ServeConfig(), ['CPUExecutionProvider'], 1)\n"
+              "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(onnx_of(lm_run))], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_a_full_queue_answers_503_at_once_and_the_model_takes_turns() -> None:
+    import asyncio
+
+    from bigmodel.serve.app import Metrics, Queue, RequestError
+
+    async def scenario() -> list[str]:
+        queue, order = Queue(limit=1, metrics=Metrics()), []
+
+        async def request(name: str, hold: float) -> None:
+            queue.check_room()
+            async with queue.turn():
+                order.append(f"{name} starts")
+                await asyncio.sleep(hold)
+                order.append(f"{name} ends")
+
+        first = asyncio.create_task(request("a", 0.2))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(request("b", 0.0))  # waits for a: the one place in the queue
+        await asyncio.sleep(0.05)
+        with pytest.raises(RequestError) as refused:
+            queue.check_room()
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+        await asyncio.gather(first, second)
+        queue.check_room()  # room again once they are done
+        return order
+
+    assert asyncio.run(scenario()) == ["a starts", "a ends", "b starts", "b ends"]
