@@ -19,7 +19,7 @@ from tests.conftest import cli, cli_subprocess
 from tests.test_lm import lm_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny GPT trained for a few steps and exported: the model every test here deploys."""
     tmp = tmp_path_factory.mktemp("lm")
