@@ -522,10 +522,28 @@ class QuantizeStep(Section):
     )
     calibration_batches: int = Field(8, gt=0, description="static: training batches used for calibration.")
     per_channel: bool = Field(False, description="One scale per output channel of each weight matrix.")
+    bits: Literal[8, 4] = Field(
+        8, description="8: int8 (mode dynamic or static); 4: int4 weight-only, block-wise (onnxruntime's "
+        "MatMulNBits), for the matrix products of a language model.",
+    )
+    block_size: int = Field(32, ge=16, description="bits 4: weights per quantisation block (a power of 2).")
+    symmetric: bool = Field(True, description="bits 4: symmetric blocks (no zero point).")
+    accuracy_level: int | None = Field(
+        None, ge=0, le=4, description="bits 4: the precision MatMulNBits computes in (4: int8 activations, "
+        "fastest on CPU; 0/None: fp32).",
+    )
 
     @property
     def needs_data(self) -> bool:
         return self.mode == "static"
+
+    @model_validator(mode="after")
+    def _int4_is_weight_only(self) -> QuantizeStep:
+        if self.bits == 4 and self.mode == "static":
+            raise ValueError("compress quantize bits 4 is weight-only: use mode 'dynamic'")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"compress quantize block_size {self.block_size} must be a power of 2 (16, 32, 64, 128)")
+        return self
 
 
 class PruneStep(Section):

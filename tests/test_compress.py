@@ -213,3 +213,22 @@ def test_heads_are_refused_for_a_tabular_model(digits_run: Path) -> None:
     result = cli("compress", "-c", digits_run, "--set",
                  "compress.steps=[{method: prune, kind: structured, structure: heads}]")
     assert result.code == 2 and "structure 'heads' needs model.family 'gpt'" in result.stderr
+
+
+def test_int4_weight_only_quantisation_of_a_language_model(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, max_steps=20)
+    assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
+    out = compress(config, "{method: quantize, bits: 4, block_size: 16, accuracy_level: 4}")
+    fp32, int4 = out["steps"]
+    assert int4["name"] == "1: quantize int4 block 16" and out["model"].endswith("model.int4.onnx")
+    ops = {node.op_type for node in onnx.load(out["model"]).graph.node}
+    assert "MatMulNBits" in ops
+    assert int4["file_bytes"] < fp32["file_bytes"]
+    assert abs(int4["metrics"]["loss"] - fp32["metrics"]["loss"]) < 0.1 * fp32["metrics"]["loss"]
+    generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json",
+                    "-o", tmp_path / "g.jsonl")
+    assert generated.code == 0, generated.stderr
+    static = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 4, mode: static}]")
+    assert static.code == 2 and "weight-only" in static.stderr
+    odd = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 4, block_size: 24}]")
+    assert odd.code == 2 and "power of 2" in odd.stderr

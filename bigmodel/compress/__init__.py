@@ -54,9 +54,9 @@ def run(config: Config) -> dict[str, Any]:
             checkpoint = distill.run(step, config, checkpoint, out_dir / f"step{number}")
             current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}", "onnx")["model"])
         else:
-            label = f"{number}: quantize {step.mode}"
+            label = f"{number}: quantize " + (step.mode if step.bits == 8 else f"int4 block {step.block_size}")
             console.info(f"compress: step {label}")
-            current = quantize.run(step, config, current, out_dir / "model.int8.onnx")
+            current = quantize.run(step, config, current, out_dir / f"model.int{step.bits}.onnx")
         rows.append(measure(config, label, current))
 
     report = {"checkpoint": str(checkpoint), "steps": rows, "baseline": rows[0]["name"], "result": str(current),

@@ -1,4 +1,7 @@
-"""int8 quantisation of an exported ONNX graph with onnxruntime.quantization.
+"""int8 and int4 quantisation of an exported ONNX graph with onnxruntime.quantization.
+
+int4 is weight-only and block-wise: MatMulNBitsQuantizer (it replaced MatMul4BitsQuantizer) turns each
+matrix product with a constant weight into a MatMulNBits node holding 4-bit blocks and their scales.
 
 quant_pre_process (shape inference and graph clean-up) runs first, as ONNX Runtime recommends. Dynamic
 mode stores int8 weights and quantises activations on the fly; static mode also quantises activations,
@@ -42,7 +45,9 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
         pre = Path(work) / "model.pre.onnx"
         quant_pre_process(str(fp32), str(pre))
         with atomic_path(out) as tmp:
-            if step.mode == "dynamic":
+            if step.bits == 4:
+                _int4(pre, tmp, step)
+            elif step.mode == "dynamic":
                 quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=step.per_channel)
             else:
                 quantize_static(
@@ -57,6 +62,16 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
                 )
     _copy_metadata(fp32, out)
     return out
+
+
+def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=step.block_size,
+                                     is_symmetric=step.symmetric, accuracy_level=step.accuracy_level)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
 def _copy_metadata(source: Path, target: Path) -> None:
