@@ -132,6 +132,7 @@ def test_unusable_run_dirs_are_user_errors(tmp_path: Path) -> None:
     stage_file.mkdir()
     (stage_file / "prepare").write_text("x")
     refused(cli("prepare", "-c", config, "--run-dir", stage_file), str(stage_file / "prepare"))
+    assert (stage_file / "prepare").read_text() == "x"  # the file in the way is left as it was
     if Path("/sys").is_dir() and not os.access("/sys", os.W_OK):
         refused(cli("prepare", "-c", config, "--run-dir", "/sys/bigmodel-run"), "/sys/bigmodel-run")
 
@@ -158,6 +159,7 @@ def test_text_that_is_not_utf8_names_the_file_the_byte_and_the_key(tmp_path: Pat
 def test_degenerate_corpora_are_refused_with_what_is_wrong(tmp_path: Path) -> None:
     refused(cli("prepare", "-c", text_config(tmp_path, b"")), "no text", "empty")
     refused(cli("prepare", "-c", text_config(tmp_path, b"a" * 5000 + b"\n")), "1 distinct character", "'a'")
+    assert not (tmp_path / "run" / "prepare" / "manifest.json").exists()  # nothing half-prepared is left
 
 
 # ---- nothing lost: unfinished runs, leftovers, changed settings, content-checked skips
