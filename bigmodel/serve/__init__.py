@@ -27,33 +27,16 @@ def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int
           name: str | None = None) -> dict[str, Any]:
     import uvicorn
 
+    from bigmodel.serve.app import DrainingServer
+
     app, engine = build(model, settings, providers, threads, name)
     console.info(f"serve: {engine.kind} model '{engine.name}' from {model} on http://{settings.host}:{settings.port} "
                  f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})")
-    server = _DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                             access_log=False, timeout_graceful_shutdown=30))
     server.run()
     console.info("serve: stopped (in-flight requests finished)")
     return {"model": str(model), "stopped": True}
-
-
-def _draining_server_class() -> type:
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn shuts down gracefully on SIGTERM/Ctrl-C (no new connections, in-flight requests finish),
-        then re-raises the signal, so the process dies of it; a server that drained has done its job and
-        exits 0 instead."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
-
-    return DrainingServer
-
-
-def _DrainingServer(config: Any) -> Any:  # noqa: N802 - builds the class lazily (uvicorn is an extra)
-    return _draining_server_class()(config)
 
 
 def build(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,

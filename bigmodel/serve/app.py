@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -190,6 +191,16 @@ class _Observe:
             await self.app(scope, receive, recording_send)
         finally:
             self.metrics.observe(scope["path"], status, time.perf_counter() - start)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn shuts down gracefully on SIGTERM/Ctrl-C (no new connections, in-flight requests finish),
+    then re-raises the signal, so the process dies of it; a server that drained has done its job and
+    exits 0 instead."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 async def json_body(request: Request) -> dict[str, Any]:
