@@ -488,6 +488,12 @@ def serve_command(
     api_key: Annotated[
         Optional[str], typer.Option("--api-key", help="Require this bearer token (serve.api_key; or BIGMODEL_API_KEY).")
     ] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option("--max-batch", min=1, help="Requests decoded together (serve.max_batch).")
+    ] = None,
+    max_queue: Annotated[
+        Optional[int], typer.Option("--max-queue", min=1, help="Requests allowed to wait; then 503 (serve.max_queue).")
+    ] = None,
     device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
     quiet: QuietOpt = False,
@@ -501,7 +507,8 @@ def serve_command(
         from bigmodel import serve
         from bigmodel.config import ServeConfig
 
-        given = {k: v for k, v in (("model", model), ("host", host), ("port", port), ("api_key", api_key)) if v is not None}
+        given = {k: v for k, v in (("model", model), ("host", host), ("port", port), ("api_key", api_key),
+                                   ("max_batch", max_batch), ("max_queue", max_queue)) if v is not None}
         providers = device_providers(device) if device is not None else None
         if config is None and run_dir is None:
             if model is None:

@@ -677,6 +677,8 @@ class ServeConfig(Section):
     max_queue: int = Field(64, gt=0, description="Requests allowed to wait; beyond that the server answers "
                            "503 with Retry-After instead of queueing without bound.")
     max_tokens: int = Field(256, gt=0, description="gpt: tokens generated when a request gives no max_tokens.")
+    max_batch: int = Field(16, gt=0, description="gpt: requests decoded together in one batch (continuous "
+                           "batching); more wait in the queue. 1: one at a time.")
 
 
 HARDWARE = ("local", "a10", "l4", "a100-80gb", "h100-sxm", "h200", "mi300x")

@@ -1,9 +1,12 @@
 """The contract of an exported decoder graph, shared by export, infer, quantize and compress's measure.
 
-Graph: input_ids (B, T) int64, past_keys / past_values (L, B, nkv, P, hs) float32 ->
-logits (B, T, V), present_keys / present_values (L, B, nkv, P+T, hs). nkv is the number of key/value
-heads (n_head unless the model uses grouped-query attention). Batch, T and P are dynamic and P may be 0,
-so one file serves the prompt (empty past) and every decode step.
+Graph: input_ids (B, T) int64, past_keys / past_values (L, B, nkv, P, hs) float32, left_padding (B,)
+int64 -> logits (B, T, V), present_keys / present_values (L, B, nkv, P+T, hs). nkv is the number of
+key/value heads (n_head unless the model uses grouped-query attention). Batch, T and P are dynamic and P
+may be 0, so one file serves the prompt (empty past) and every decode step. left_padding lets sequences
+of different lengths share a batch: row b's first left_padding[b] positions (of past and input_ids
+together) are padding, which no query attends to, and its positions count from its first real token.
+Files exported before left_padding existed lack that input; `feeds` leaves it out for them.
 
 Metadata (`bigmodel.*` keys, JSON values) makes the file self-contained: the tokenizer, its special
 tokens and chat template, and the architecture. No PyTorch here.
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 KIND = "gpt"
-INPUTS = ("input_ids", "past_keys", "past_values")
+INPUTS = ("input_ids", "past_keys", "past_values", "left_padding")
 OUTPUTS = ("logits", "present_keys", "present_values")
 
 
@@ -44,8 +47,16 @@ class CacheLayout:
         return cls(int(meta["n_layer"]), int(meta.get("n_kv_head") or meta["n_head"]), int(meta["head_size"]))
 
 
-def feeds(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
-    return dict(zip(INPUTS, (ids, keys, values)))
+def feeds(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, left_padding: np.ndarray | None = None,
+          inputs: tuple[str, ...] = INPUTS) -> dict[str, np.ndarray]:
+    """A run's inputs by name; no padding unless given; only the names `inputs` lists (a graph's own)."""
+    if left_padding is None:
+        left_padding = np.zeros(len(ids), np.int64)
+    return {name: value for name, value in zip(INPUTS, (ids, keys, values, left_padding)) if name in inputs}
+
+
+def input_names(session: Any) -> tuple[str, ...]:
+    return tuple(node.name for node in session.get_inputs())
 
 
 def metadata(arch: Any, data: dict[str, Any]) -> dict[str, Any]:

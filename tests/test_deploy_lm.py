@@ -43,12 +43,14 @@ def test_export_writes_one_checked_graph_with_everything_infer_needs(lm_run: Pat
     model = onnx.load(str(onnx_of(lm_run)))
     onnx.checker.check_model(model, full_check=True)
     names = [i.name for i in model.graph.input]
-    assert names == ["input_ids", "past_keys", "past_values"]
+    assert names == ["input_ids", "past_keys", "past_values", "left_padding"]
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["bigmodel.block_size"]) == 32
     assert tokenizers.from_json(meta["bigmodel.tokenizer"]).vocab_size > 50
     report = json.loads((lm_run.parent / "run" / "export" / "parity.json").read_text())
     assert report["passed"] and report["decode_steps"] == 8 and report["max_abs_diff"] < 1e-4
+    assert report["padded"]["prompt_tokens"][0] > report["padded"]["prompt_tokens"][1]  # rows of two lengths
+    assert report["padded"]["max_abs_diff"] < 1e-4
 
 
 def test_a_corrupted_export_is_caught_by_the_parity_gate(lm_run: Path) -> None:

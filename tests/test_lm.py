@@ -155,6 +155,28 @@ def test_causal_mask_is_bottom_right_aligned() -> None:
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
 
+@pytest.mark.parametrize("options", [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_head": 4,
+                                      "n_kv_head": 2, "head_size": 8}])
+def test_left_padded_rows_in_one_batch_get_their_own_numbers(options: dict) -> None:
+    """Rows of 7, 3 and 1 tokens left-padded into one batch, then a cached step: each row's logits are the
+    ones it gets alone (learned positions; and rotary, RMSNorm, SwiGLU, grouped-query attention)."""
+    arch = {**ARCH, "n_kv_head": 2, "head_size": 16, "mlp_hidden": (128, 128), **options}
+    torch.manual_seed(0)
+    model = GPT(DecoderArch(**arch)).eval()
+    rows = [torch.randint(0, 50, (n,)) for n in (7, 3, 1)]
+    pad = torch.tensor([7 - len(r) for r in rows])
+    ids = torch.stack([torch.cat([torch.full((7 - len(r),), 3), r]) for r in rows])
+    following = torch.randint(0, 50, (3, 1))
+    with torch.no_grad():
+        logits, past = model(ids, None, pad)
+        next_logits, _ = model(following, past, pad)
+        assert torch.isfinite(logits).all()  # padding queries see themselves: no empty softmax row, no NaN
+        for b, row in enumerate(rows):
+            alone, alone_past = model(row[None])
+            assert torch.allclose(logits[b, pad[b] :], alone[0], atol=1e-5)
+            assert torch.allclose(next_logits[b], model(following[b : b + 1], alone_past)[0][0], atol=1e-5)
+
+
 def test_context_longer_than_block_size_is_refused_and_generate_crops() -> None:
     model = GPT(DecoderArch(**ARCH)).eval()
     with pytest.raises(ValueError, match="exceeds block_size"):

@@ -82,7 +82,9 @@ def test_the_openai_client_completes_and_streams_like_infer(lm_run: Path, tmp_pa
         assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens == 24
         pieces = list(client.completions.create(model="run", prompt="def ", max_tokens=24, temperature=0, stream=True))
         assert "".join(p.choices[0].text for p in pieces if p.choices) == expected
-        assert pieces[-1].choices[0].finish_reason == "length" and len(pieces) > 3
+        # The opening chunk, text, the closing chunk; text decoded faster than the event loop sends it
+        # goes out together, so the number of text chunks depends on the machine's load.
+        assert pieces[-1].choices[0].finish_reason == "length" and len(pieces) >= 3
         stopped = client.completions.create(model="run", prompt="def ", max_tokens=24, temperature=0,
                                             stop=[expected[5:7]])
         assert stopped.choices[0].finish_reason == "stop" and expected.startswith(stopped.choices[0].text)
@@ -161,10 +163,10 @@ def test_the_server_never_imports_torch(lm_run: Path) -> None:  # noqa: F811
 def test_a_full_queue_answers_503_at_once_and_the_model_takes_turns() -> None:
     import asyncio
 
-    from bigmodel.serve.app import Metrics, Queue, RequestError
+    from bigmodel.serve.app import Queue, RequestError
 
     async def scenario() -> list[str]:
-        queue, order = Queue(limit=1, metrics=Metrics()), []
+        queue, order = Queue(limit=1), []
 
         async def request(name: str, hold: float) -> None:
             queue.check_room()
@@ -185,3 +187,48 @@ def test_a_full_queue_answers_503_at_once_and_the_model_takes_turns() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["a starts", "a ends", "b starts", "b ends"]
+
+
+def test_requests_decoded_together_get_what_each_would_get_alone(lm_run: Path) -> None:  # noqa: F811
+    """The scheduler with rows of different prompt lengths, sampling settings and lengths of output (past the
+    32-token context: the window re-read), one row cancelled midway: each finished row equals infer alone."""
+    import threading
+
+    from bigmodel.config import InferConfig
+    from bigmodel.infer.gpt import Decoder, Generation, complete
+    from bigmodel.infer.session import open_model
+    from bigmodel.serve.batching import Request, Scheduler
+
+    session, meta = open_model(onnx_of(lm_run), ["CPUExecutionProvider"], 1)
+    decoder = Decoder.from_session(session, meta, onnx_of(lm_run))
+    cases = [("def ", InferConfig(max_new_tokens=40, temperature=0)),
+             ("x = 1\nfor i in range(3):\n", InferConfig(max_new_tokens=12, temperature=0)),
+             ("import ", InferConfig(max_new_tokens=20, temperature=0.8, top_k=5)),
+             ("class A:\n    ", InferConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, stop=["\n"])),
+             ("a", InferConfig(max_new_tokens=200, temperature=0))]  # cancelled below
+    expected = [complete(decoder, prompt, settings, seed=3) for prompt, settings in cases[:-1]]
+    scheduler = Scheduler(decoder, max_batch=8)
+    outcomes: dict[int, object] = {}
+    texts: dict[int, list[str]] = {i: [] for i in range(len(cases))}
+    done = threading.Event()
+
+    def ended(index: int):
+        def on_end(outcome: object) -> None:
+            outcomes[index] = outcome
+            if len(outcomes) == len(cases) - 1:
+                done.set()
+        return on_end
+
+    rows = [Request(Generation(decoder, prompt, settings, 3), texts[i].append, ended(i))
+            for i, (prompt, settings) in enumerate(cases)]
+    for row in rows:
+        scheduler.submit(row)
+    while sum(map(len, texts.values())) < 10:
+        time.sleep(0.001)
+    rows[-1].cancelled.set()
+    assert done.wait(60)
+    scheduler.stop()
+    assert scheduler.largest_batch == len(cases)  # they were decoded together, not one after another
+    assert [outcomes[i] for i in range(len(expected))] == expected
+    assert ["".join(texts[i]) for i in range(len(expected))] == [e["completion"] for e in expected]
+    assert len(cases) - 1 not in outcomes  # the cancelled row never finished, and the others were not held up

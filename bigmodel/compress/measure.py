@@ -58,7 +58,8 @@ def latency_ms(config: Config, path: Path, calls: int = 200) -> float:
     batch 1 with a 16-token past (gpt)."""
     session, meta = open_model(path, ["CPUExecutionProvider"], config.infer.threads or config.threads)
     if meta["kind"] == decoder_graph.KIND:
-        feeds = decoder_graph.feeds(np.zeros((1, 1), np.int64), *CacheLayout.from_metadata(meta).empty(1, past=16))
+        feeds = decoder_graph.feeds(np.zeros((1, 1), np.int64), *CacheLayout.from_metadata(meta).empty(1, past=16),
+                                    inputs=decoder_graph.input_names(session))
     else:
         feeds = {"features": np.zeros((1, len(meta["features"])), np.float32)}
     for _ in range(10):

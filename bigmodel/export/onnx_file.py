@@ -60,6 +60,8 @@ def stamp_and_check(path: Path, metadata: dict[str, Any], external_data: bool = 
         entry.key = f"bigmodel.{key}"
         entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     model.producer_name = "bigmodel"
+    for node in model.graph.node:  # the exporter notes each node's Python stack trace: this machine's paths,
+        del node.metadata_props[:]  # and most of a small model's file
     for stale in path.parent.glob(f"{path.name}.data"):
         stale.unlink()
     if external_data:

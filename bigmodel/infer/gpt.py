@@ -5,10 +5,10 @@ The context never exceeds block_size: a longer prompt keeps its last block_size 
 window is full each step re-reads the last block_size tokens (the same policy as the PyTorch model's
 `generate`, so greedy output matches it token for token).
 
-Prompts are processed one at a time. Batching prompts of different lengths would need padding and an
-attention mask in the graph; one at a time keeps the graph simple, and each prompt's output is exactly
-what it would be alone (the random stream of a prompt depends only on the seed and the prompt). The
-graph itself takes any batch size (see `bench`).
+Prompts are processed one at a time, so each prompt's output is exactly what it would be alone (the
+random stream of a prompt depends only on the seed and the prompt). `Generation` is one prompt's
+decoding state apart from the graph: `bigmodel serve` drives many of them through one left-padded batch
+(serve/batching.py). The graph takes any batch size (see `bench`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Decoder:
     eos_ids: frozenset[int] = frozenset()  # generation ends when one of these is produced
     chat_template: str | None = None
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids
+    inputs: tuple[str, ...] = decoder_graph.INPUTS  # the graph's (files from before left_padding lack it)
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, meta: dict[str, Any], path: Path) -> Decoder:
@@ -56,7 +57,13 @@ class Decoder:
             arches.parse(meta["architecture"], str(path))
         special = meta.get("special_tokens") or {}
         return cls(session, tok, int(meta["block_size"]), CacheLayout.from_metadata(meta),
-                   frozenset(special.get("eos") or []), meta.get("chat_template"), special)
+                   frozenset(special.get("eos") or []), meta.get("chat_template"), special,
+                   decoder_graph.input_names(session))
+
+    @property
+    def batches_padded_rows(self) -> bool:
+        """Whether rows of different lengths can share a batch (the graph takes left_padding)."""
+        return "left_padding" in self.inputs
 
     def chat_prompt(self, messages: list[chat.Message]) -> str:
         """The conversation rendered with the model's own chat template, the assistant's turn opened."""
@@ -68,8 +75,9 @@ class Decoder:
     def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         return self.cache.empty(batch)
 
-    def run(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
-        logits, keys, values = self.session.run(None, decoder_graph.feeds(ids, keys, values))
+    def run(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray,
+            left_padding: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        logits, keys, values = self.session.run(None, decoder_graph.feeds(ids, keys, values, left_padding, self.inputs))
         return logits, keys, values
 
     def tokens(self, prompt_ids: list[int], settings: InferConfig, rng: np.random.Generator) -> Iterator[int]:
@@ -115,37 +123,70 @@ def prompt_rng(seed: int, prompt: str) -> np.random.Generator:
 Prompt = str | list[chat.Message]  # plain text, or a conversation (chat)
 
 
+class Generation:
+    """One prompt's decoding, token by token: its random stream, the text so far, what may be shown of
+    it yet, and why it ended (max_new_tokens, a stop string, or the model's end-of-sequence token)."""
+
+    def __init__(self, decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int) -> None:
+        self.decoder, self.prompt, self.settings = decoder, prompt, settings
+        self.prompt_ids = encode_prompt(decoder, prompt, settings)
+        self.rng = prompt_rng(seed, prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True))
+        self.new_ids: list[int] = []
+        self.text, self.shown = "", 0
+        self.stop_reason: str | None = None  # set once it ended
+
+    def pick(self, logits: np.ndarray) -> int:
+        """The next token from the last position's logits (V,), with this prompt's settings and stream."""
+        return pick(logits, self.settings, self.rng)
+
+    def accept(self, token: int) -> str:
+        """Take the next token; return the new text that is safe to show (held back: what could still
+        become a stop string, half a UTF-8 character)."""
+        if token in self.decoder.eos_ids:
+            self.stop_reason = "eos"
+            return self.rest()
+        self.new_ids.append(token)
+        self.text = self.decoder.tokenizer.decode(self.new_ids)
+        stop_at = _first_stop(self.text, self.settings.stop)
+        if stop_at is not None:
+            self.text, self.stop_reason = self.text[:stop_at], "stop"
+            return self.rest()
+        if len(self.new_ids) >= self.settings.max_new_tokens:
+            self.stop_reason = "max_new_tokens"
+            return self.rest()
+        safe = len(self.text) - _holdback(self.text, self.settings.stop)
+        return self._show(safe)
+
+    def rest(self) -> str:
+        """All the text not shown yet."""
+        return self._show(len(self.text))
+
+    def _show(self, upto: int) -> str:
+        piece = self.text[self.shown : upto] if upto > self.shown else ""
+        self.shown = max(self.shown, upto)
+        return piece
+
+    def result(self) -> dict[str, Any]:
+        reason = self.stop_reason or "max_new_tokens"
+        return {"prompt": self.prompt, "completion": self.text, "new_tokens": len(self.new_ids) + (reason == "eos"),
+                "stop_reason": reason, "prompt_tokens": len(self.prompt_ids),
+                "cropped": len(self.prompt_ids) > self.decoder.block_size,
+                **({"chat": True} if self.settings.chat else {})}
+
+
 def complete(decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int,
              stream: Any = None) -> dict[str, Any]:
     """Generate for one prompt; stream the new text to `stream` as it is decoded, if given. With
-    settings.chat the prompt is a user message (or a whole conversation) in the model's chat template.
-    Generation ends at max_new_tokens, a stop string, or the model's end-of-sequence token."""
-    prompt_ids = encode_prompt(decoder, prompt, settings)
-    new_ids: list[int] = []
-    text, shown, reason = "", 0, "max_new_tokens"
-    key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-    for token in decoder.tokens(prompt_ids, settings, prompt_rng(seed, key)):
-        if token in decoder.eos_ids:
-            reason = "eos"
+    settings.chat the prompt is a user message (or a whole conversation) in the model's chat template."""
+    generation = Generation(decoder, prompt, settings, seed)
+    for token in decoder.tokens(generation.prompt_ids, settings, generation.rng):
+        piece = generation.accept(token)
+        if stream is not None and piece:
+            stream.write(piece)
+            stream.flush()
+        if generation.stop_reason:
             break
-        new_ids.append(token)
-        text = decoder.tokenizer.decode(new_ids)
-        stop_at = _first_stop(text, settings.stop)
-        if stop_at is not None:
-            text, reason = text[:stop_at], "stop"
-            break
-        if stream is not None:  # hold back what could still turn into a stop string or a split char
-            safe = len(text) - _holdback(text, settings.stop)
-            if safe > shown:
-                stream.write(text[shown:safe])
-                stream.flush()
-                shown = safe
-    if stream is not None and len(text) > shown:
-        stream.write(text[shown:])
-        stream.flush()
-    return {"prompt": prompt, "completion": text, "new_tokens": len(new_ids) + (reason == "eos"),
-            "stop_reason": reason, "prompt_tokens": len(prompt_ids), "cropped": len(prompt_ids) > decoder.block_size,
-            **({"chat": True} if settings.chat else {})}
+    return generation.result()
 
 
 def encode_prompt(decoder: Decoder, prompt: Prompt, settings: InferConfig) -> list[int]:

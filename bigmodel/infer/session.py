@@ -11,7 +11,9 @@ import onnxruntime as ort
 from bigmodel.errors import UserError
 
 
-def open_session(path: Path, providers: list[str], threads: int | None) -> ort.InferenceSession:
+def open_session(path: Path, providers: list[str], threads: int | None, spin: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime session. spin=False: idle worker threads sleep instead of spinning for the next run
+    (a server's event loop needs those cycles between runs)."""
     if not path.is_file():
         raise UserError(f"ONNX model not found: {path} (run 'bigmodel export' first, or set infer.model)")
     available = ort.get_available_providers()
@@ -22,6 +24,8 @@ def open_session(path: Path, providers: list[str], threads: int | None) -> ort.I
             f"available: {', '.join(available)}"
         )
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
@@ -32,10 +36,10 @@ def open_session(path: Path, providers: list[str], threads: int | None) -> ort.I
 
 
 def open_model(
-    path: Path, providers: list[str], threads: int | None, kind: str | None = None
+    path: Path, providers: list[str], threads: int | None, kind: str | None = None, spin: bool = True,
 ) -> tuple[ort.InferenceSession, dict[str, Any]]:
     """A session and the model's bigmodel metadata; refuses a model of another kind than `kind`."""
-    session = open_session(path, providers, threads)
+    session = open_session(path, providers, threads, spin)
     meta = metadata(session, path)
     if kind is not None and meta["kind"] != kind:
         raise UserError(f"{path} is a '{meta['kind']}' model; this needs a '{kind}' model: give the ONNX model "

@@ -10,7 +10,10 @@ Wolf 2017) or its own. The options of `DecoderArch` cover the Llama family:
   the KV cache stores n_kv_head heads.
 
 The forward takes an optional KV cache (`past`: per layer, keys and values of the tokens already seen)
-and returns the updated one (`present`), so one graph serves both the prompt and every decode step.
+and returns the updated one (`present`), so one graph serves both the prompt and every decode step. An
+optional `left_padding` (B,) lets rows of different lengths share a batch (a server decoding many requests
+together): row b's first left_padding[b] positions are padding, its real tokens are numbered from 0, and
+no query attends to padding.
 Shapes: B batch, T new tokens, P past tokens, C n_embd, nh query heads, nkv key/value heads, hs head
 size, V vocab.
 """
@@ -85,9 +88,12 @@ def rope_inverse_frequencies(arch: DecoderArch) -> torch.Tensor:
 
 
 def rope_cos_sin(arch: DecoderArch, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, hs) for the rotary embedding of these positions (T,)."""
-    freqs = positions.float()[:, None] * rope_inverse_frequencies(arch).to(positions.device)[None, :]  # (T, hs/2)
+    """cos, sin (T, hs) for the rotary embedding of these positions (T,); (B, 1, T, hs) for per-row
+    positions (B, T), which broadcast over the heads of (B, h, T, hs)."""
+    freqs = positions.float()[..., None] * rope_inverse_frequencies(arch).to(positions.device)  # (..., T, hs/2)
     angles = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: the two halves share frequencies
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)
     return angles.cos(), angles.sin()
 
 
@@ -111,7 +117,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([self.arch.q_width, self.arch.kv_width, self.arch.kv_width], dim=2)
@@ -131,9 +137,9 @@ class CausalSelfAttention(nn.Module):
             # Under bf16 autocast, attend in fp32: PyTorch's CPU flash-attention backward is several
             # times slower in bf16 at these head sizes, and an fp32 softmax is the safer one anyway.
             with torch.autocast(x.device.type, enabled=False):
-                y = attend(q.float(), k.float(), v.float(), past is not None, dropout)
+                y = attend(q.float(), k.float(), v.float(), past is not None, dropout, mask)
         else:
-            y = attend(q, k, v, past is not None, dropout)
+            y = attend(q, k, v, past is not None, dropout, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, self.arch.q_width)  # re-assemble heads: (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y)), present
 
@@ -144,8 +150,12 @@ def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
     return x[:, :, None].expand(B, n_kv, times, S, hs).reshape(B, n_kv * times, S, hs)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_past: bool, dropout: float) -> torch.Tensor:
-    """Causal attention of q (B, nh, T, hs) over k, v (B, nh, P+T, hs) -> (B, nh, T, hs)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_past: bool, dropout: float,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q (B, nh, T, hs) over k, v (B, nh, P+T, hs) -> (B, nh, T, hs); `mask`, when
+    given, is the whole (B, 1, T, P+T) mask (padded rows)."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     if not has_past:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     # With a past, is_causal=True would align the mask top-left (query i sees keys <= i); the new
@@ -160,6 +170,18 @@ def causal_mask(n_new: int, n_total: int) -> torch.Tensor:
     query = torch.arange(n_new).unsqueeze(1)
     key = torch.arange(n_total).unsqueeze(0)
     return key <= query + past
+
+
+def padded_causal_mask(n_new: int, n_total: int, left_padding: torch.Tensor) -> torch.Tensor:
+    """(B, 1, n_new, n_total) bool: causal (bottom-right), and no key in a row's left padding. A padding
+    query still sees itself: a softmax row with nothing allowed is NaN, and a NaN in a padding position's
+    value would poison the real rows' sums even at weight zero."""
+    key = torch.arange(n_total, device=left_padding.device)
+    query_position = torch.arange(n_new, device=left_padding.device) + (n_total - n_new)
+    is_self = key[None, :] == query_position[:, None]  # (T, S)
+    real_key = key[None, :] >= left_padding[:, None]  # (B, S)
+    causal = causal_mask(n_new, n_total).to(left_padding.device)  # (T, S)
+    return (causal[None] & (real_key[:, None, :] | is_self[None]))[:, None]
 
 
 class MLP(nn.Module):
@@ -191,9 +213,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        attended, present = self.attn(self.ln_1(x), past, rope)
+        attended, present = self.attn(self.ln_1(x), past, rope, mask)
         x = x + attended
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -221,13 +243,20 @@ class GPT(nn.Module):
         # keep only each block's input in training and recompute the rest in backward.
         self.activation_checkpointing = False
 
-    def forward(self, idx: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens."""
+    def forward(
+        self, idx: torch.Tensor, past: KVCache | None = None, left_padding: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens. With
+        left_padding (B,), row b's first left_padding[b] positions (past and idx together) are padding."""
         T = idx.size(1)
         P = 0 if past is None else past[0][0].size(2)
         if P + T > self.block_size:
             raise ValueError(f"context of {P + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(P, P + T, dtype=torch.long, device=idx.device)  # (T,)
+        mask = None
+        if left_padding is not None:  # each row counts its positions from its first real token
+            pos = (pos[None, :] - left_padding[:, None]).clamp(min=0)  # (B, T); padding sits at 0
+            mask = padded_causal_mask(T, P + T, left_padding)  # (B, 1, T, P+T)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.arch.position == "learned":
@@ -240,7 +269,7 @@ class GPT(nn.Module):
             if self.activation_checkpointing and self.training and past is None:
                 x, layer_kv = checkpoint(block, x, None, rope, use_reentrant=False)
             else:
-                x, layer_kv = block(x, None if past is None else past[i], rope)
+                x, layer_kv = block(x, None if past is None else past[i], rope, mask)
             present.append(layer_kv)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         return logits, present

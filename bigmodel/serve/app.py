@@ -55,14 +55,14 @@ class Metrics:
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "completion": 0})
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
-    queue_depth: int = 0
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def text(self) -> str:
+    def text(self, gauges: dict[str, tuple[str, float]]) -> str:
+        """Counters, then the engine's live gauges ({name: (help, value)})."""
         lines = ["# HELP bigmodel_requests_total HTTP requests by path and status.",
                  "# TYPE bigmodel_requests_total counter"]
         lines += [f'bigmodel_requests_total{{path="{path}",status="{status}"}} {count}'
@@ -79,9 +79,9 @@ class Metrics:
         for bound, count in zip([*LATENCY_BUCKETS, float("inf")], self.latency_counts):
             cumulative += count
             lines.append(f'bigmodel_request_seconds_bucket{{le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}')
-        lines += [f"bigmodel_request_seconds_sum {self.latency_sum:.6f}", f"bigmodel_request_seconds_count {cumulative}",
-                  "# HELP bigmodel_queue_depth Requests waiting for the model.", "# TYPE bigmodel_queue_depth gauge",
-                  f"bigmodel_queue_depth {self.queue_depth}"]
+        lines += [f"bigmodel_request_seconds_sum {self.latency_sum:.6f}", f"bigmodel_request_seconds_count {cumulative}"]
+        for name, (description, value) in gauges.items():
+            lines += [f"# HELP bigmodel_{name} {description}", f"# TYPE bigmodel_{name} gauge", f"bigmodel_{name} {value}"]
         return "\n".join(lines) + "\n"
 
 
@@ -89,30 +89,31 @@ class Metrics:
 
 
 class Queue:
-    """One request uses the model at a time (ONNX Runtime already spreads one run over the cores); at
-    most `limit` wait. A full queue answers 503 at once rather than letting clients hang."""
+    """At most `limit` requests wait; a full queue answers 503 at once rather than letting clients hang.
+    `turn()` gives the model to one request at a time (ONNX Runtime already spreads one run over the
+    cores); engines that batch (serve/batching.py) keep their own waiting line and only ask for room."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        self.limit, self.metrics = limit, metrics
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self._lock = asyncio.Lock()
-        self._waiting = 0
+        self.waiting = 0
 
-    def check_room(self) -> None:
-        """503 (with Retry-After) when `limit` requests are already waiting; call before answering."""
-        if self._waiting >= self.limit:
-            raise RequestError(f"the server is busy ({self._waiting} requests waiting); retry shortly",
+    def check_room(self, waiting: int | None = None) -> None:
+        """503 (with Retry-After) when `limit` requests are already waiting (here, or in the engine's own
+        line when it says so); call before answering."""
+        waiting = self.waiting if waiting is None else waiting
+        if waiting >= self.limit:
+            raise RequestError(f"the server is busy ({waiting} requests waiting); retry shortly",
                                status=503, kind="server_busy", headers={"Retry-After": "1"})
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         """Wait for the model (check_room first: a full queue refuses instead of growing)."""
-        self._waiting += 1
-        self.metrics.queue_depth = self._waiting
+        self.waiting += 1
         try:
             await self._lock.acquire()
         finally:
-            self._waiting -= 1
-            self.metrics.queue_depth = self._waiting
+            self.waiting -= 1
         try:
             yield
         finally:
@@ -125,13 +126,13 @@ class Queue:
 def create_app(engine: Any, api_key: str | None, max_queue: int) -> Starlette:
     """The ASGI app around a loaded, warmed-up engine (its `routes(queue, metrics)` give the /v1 API)."""
     metrics = Metrics()
-    queue = Queue(max_queue, metrics)
+    queue = Queue(max_queue)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": engine.name, "kind": engine.kind})
 
     async def prometheus(request: Request) -> Response:
-        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.text(engine.gauges(queue)), media_type="text/plain; version=0.0.4")
 
     routes = [Route("/health", health), Route("/metrics", prometheus)]
     routes += [Route(path, _guarded(handler, api_key), methods=methods)

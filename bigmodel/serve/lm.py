@@ -1,9 +1,10 @@
 """Language models over HTTP, the OpenAI way: /v1/completions, /v1/chat/completions, /v1/models.
 
-Generation is infer's own (`infer.gpt.complete`: the same decoding, stop strings, end-of-sequence and
-chat template), run in a worker thread so the event loop keeps serving. With `"stream": true` the text
-goes out as server-sent events (`data: {chunk}` ... `data: [DONE]`) as it is decoded; a client that
-disconnects stops its decoding at the next token. Requests take turns on the model (serve/app.Queue).
+Generation is infer's own (`infer.gpt.Generation`: the same sampling, stop strings, end-of-sequence and
+chat template); requests that arrive together are decoded together in one batch by the scheduler's
+thread (serve/batching.py), so the event loop keeps serving. With `"stream": true` the text goes out as
+server-sent events (`data: {chunk}` ... `data: [DONE]`) as it is decoded; a client that disconnects
+leaves the batch at the next token. At most serve.max_queue requests wait for a row; then 503.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from bigmodel.config import InferConfig
-from bigmodel.infer.gpt import Decoder, complete, encode_prompt
+from bigmodel.config import InferConfig, ServeConfig
+from bigmodel.infer.gpt import Decoder, Generation
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
+from bigmodel.serve.batching import Request as Row
+from bigmodel.serve.batching import Scheduler
 
 FINISH = {"eos": "stop", "stop": "stop", "max_new_tokens": "length"}  # infer's stop_reason -> OpenAI's
 
@@ -67,14 +70,24 @@ class Engine:
 
     kind = "gpt"
 
-    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, max_tokens: int) -> None:
+    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, settings: ServeConfig) -> None:
         self.decoder = Decoder.from_session(session, meta, path)
-        self.name, self.max_tokens = name, max_tokens
+        self.name, self.max_tokens = name, settings.max_tokens
+        self.max_batch = settings.max_batch
+        self.scheduler: Scheduler | None = None
 
     def warm_up(self) -> None:
-        """One run of the graph (a prefill and a cached step) before the server says it is up."""
+        """One run of the graph (a prefill and a cached step) before the server says it is up; then the
+        decoding thread starts."""
         logits, keys, values = self.decoder.run(np.zeros((1, 1), dtype=np.int64), *self.decoder.empty_cache(1))
         self.decoder.run(np.zeros((1, 1), dtype=np.int64), keys, values)
+        self.scheduler = Scheduler(self.decoder, self.max_batch)
+
+    def gauges(self, queue: Queue) -> dict[str, tuple[str, float]]:
+        """Live numbers for /metrics."""
+        assert self.scheduler is not None
+        return {"queue_depth": ("Requests waiting for a row in the batch.", self.scheduler.waiting),
+                "batch_rows": ("Requests being decoded together now.", self.scheduler.rows)}
 
     def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
         async def completions(request: Request) -> Response:
@@ -105,72 +118,90 @@ class Engine:
         settings = InferConfig(max_new_tokens=max_tokens or self.max_tokens, temperature=body.temperature,
                                top_k=body.top_k, top_p=body.top_p, chat=is_chat,
                                stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
-        prompt_tokens = len(encode_prompt(self.decoder, prompt, settings))
+        seed = body.seed if body.seed is not None else secrets.randbits(31)
+        generation = Generation(self.decoder, prompt, settings, seed)
+        prompt_tokens = len(generation.prompt_ids)
         if prompt_tokens >= self.decoder.block_size:
             raise RequestError(f"the prompt has {prompt_tokens} tokens; the model's context is "
                                f"{self.decoder.block_size}: shorten it", "messages" if is_chat else "prompt")
-        seed = body.seed if body.seed is not None else secrets.randbits(31)
+        assert self.scheduler is not None
+        queue.check_room(self.scheduler.waiting)
         reply = _Reply(self.name, is_chat, body.stream_options or {})
-        queue.check_room()
+        outbox = _Outbox(asyncio.get_running_loop())
+        row = Row(generation, on_text=outbox.put, on_end=outbox.put)
+        self.scheduler.submit(row)
         if body.stream:
-            return StreamingResponse(self._stream(prompt, settings, seed, reply, queue, metrics),
-                                     media_type="text/event-stream")
-        async with queue.turn():
-            result = await asyncio.to_thread(complete, self.decoder, prompt, settings, seed)
-        metrics.tokens["prompt"] += result["prompt_tokens"]
-        metrics.tokens["completion"] += result["new_tokens"]
-        return JSONResponse(reply.whole(result))
-
-    async def _stream(self, prompt: Any, settings: InferConfig, seed: int, reply: _Reply, queue: Queue,
-                      metrics: Metrics) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | dict[str, Any] | BaseException] = asyncio.Queue()
-        stop = threading.Event()
-
-        class Sink:  # infer's stream interface, feeding the event loop; raising ends the decoding
-            def write(self, text: str) -> None:
-                if stop.is_set():
-                    raise _ClientGone
-                loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-            def flush(self) -> None:
+            return StreamingResponse(self._stream(row, outbox, reply, metrics), media_type="text/event-stream")
+        try:
+            while not isinstance(outcome := (await outbox.take())[-1], (dict, BaseException)):
                 pass
+        finally:
+            row.cancelled.set()  # the client went away (or we are done): free its row
+        if isinstance(outcome, BaseException):
+            raise outcome
+        _count(metrics, outcome)
+        return JSONResponse(reply.whole(outcome))
 
-        def work() -> None:
-            try:
-                outcome: dict[str, Any] | BaseException = complete(self.decoder, prompt, settings, seed, Sink())
-            except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which re-raises or drops it
-                outcome = exc
-            loop.call_soon_threadsafe(pieces.put_nowait, outcome)
-
-        async with queue.turn():
-            worker = loop.run_in_executor(None, work)
-            try:
-                yield reply.chunk("", first=True)
-                while True:
-                    piece = await pieces.get()
-                    if isinstance(piece, str):
-                        yield reply.chunk(piece)
-                        continue
-                    if isinstance(piece, BaseException):
-                        message = str(piece) if not isinstance(piece, _ClientGone) else "client gone"
-                        yield _event({"error": {"message": message, "type": "server_error", "param": None,
-                                                "code": None}})
-                        break
-                    metrics.tokens["prompt"] += piece["prompt_tokens"]
-                    metrics.tokens["completion"] += piece["new_tokens"]
-                    yield reply.chunk("", finish=FINISH[piece["stop_reason"]])
-                    if reply.include_usage:
-                        yield reply.usage_chunk(piece)
+    async def _stream(self, row: Row, outbox: _Outbox, reply: _Reply, metrics: Metrics) -> AsyncIterator[str]:
+        try:
+            yield reply.chunk("", first=True)
+            while True:
+                items = await outbox.take()
+                text = "".join(item for item in items if isinstance(item, str))
+                if text:
+                    yield reply.chunk(text)
+                end = items[-1]
+                if isinstance(end, str):
+                    continue
+                if isinstance(end, BaseException):
+                    yield _event({"error": {"message": str(end), "type": "server_error", "param": None,
+                                            "code": None}})
                     break
-                yield "data: [DONE]\n\n"
-            finally:
-                stop.set()  # the client left (or we are done): the worker stops at its next token
-                await asyncio.shield(worker)
+                _count(metrics, end)
+                yield reply.chunk("", finish=FINISH[end["stop_reason"]])
+                if reply.include_usage:
+                    yield reply.usage_chunk(end)
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            row.cancelled.set()  # the client left (or we are done): its row leaves the batch at the next token
 
 
-class _ClientGone(Exception):
-    """Raised inside the decoding thread when its client has disconnected."""
+class _Outbox:
+    """What the decoding thread hands one request (text pieces, then its result or error), taken by the
+    event loop. The loop is woken once per batch of pieces and takes them all: under load a stream's
+    chunks carry several tokens instead of costing a wake-up and an event each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[str | dict[str, Any] | BaseException] = []
+        self.ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._woken = False
+
+    def put(self, item: str | dict[str, Any] | BaseException) -> None:
+        """From the decoding thread."""
+        with self._lock:
+            self.items.append(item)
+            if self._woken:
+                return
+            self._woken = True
+        self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def take(self) -> list[str | dict[str, Any] | BaseException]:
+        """Everything put since the last take (never empty); the end, if there, is the last item."""
+        while True:
+            await self.ready.wait()
+            with self._lock:
+                items, self.items, self._woken = self.items, [], False
+                self.ready.clear()
+            if items:
+                return items
+
+
+def _count(metrics: Metrics, result: dict[str, Any]) -> None:
+    metrics.tokens["prompt"] += result["prompt_tokens"]
+    metrics.tokens["completion"] += result["new_tokens"]
 
 
 class _Reply:

@@ -15,6 +15,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bigmodel.config import ServeConfig
 from bigmodel.errors import UserError
 from bigmodel.infer.tabular import nest_probabilities, predict_records
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
@@ -25,8 +26,11 @@ class Engine:
 
     kind = "tabular"
 
-    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, max_tokens: int) -> None:
+    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, settings: ServeConfig) -> None:
         self.session, self.meta, self.name = session, meta, name
+
+    def gauges(self, queue: Queue) -> dict[str, tuple[str, float]]:
+        return {"queue_depth": ("Requests waiting for the model.", queue.waiting)}
 
     def warm_up(self) -> None:
         self.session.run(None, {"features": np.zeros((1, len(self.meta["features"])), dtype=np.float32)})

@@ -1,0 +1,196 @@
+"""Continuous batching for decoder models: requests that arrive together are decoded together.
+
+One thread owns the ONNX session. Each turn of its loop it
+1. admits waiting requests, up to `max_batch` rows: their prompts, left-padded to the longest, go
+   through the graph in one run, and their caches join the batch's (the shorter side left-padded);
+2. picks every row's next token with that request's own settings and random stream (infer's
+   `Generation`: the same sampling, stop strings and end-of-sequence as `bigmodel infer`) and hands the
+   new text to the request;
+3. drops the rows that ended or whose client left, and the cache positions that are padding in every row;
+4. runs one decode step for the rest: input_ids (B, 1), the cache, left_padding (B,).
+The graph's left_padding input keeps every row's numbers its own (export checks this: `padded_parity`).
+A request alone in the batch runs exactly as `bigmodel infer` would, bit for bit.
+
+A row whose context is full (block_size tokens) re-reads its last block_size tokens each step, as infer
+does; such rows need neither cache nor padding, so they run together in a batch of their own. A graph
+exported before left_padding existed cannot mix lengths: it decodes one request at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bigmodel.infer.gpt import Decoder, Generation
+
+
+@dataclass
+class Request:
+    """One request in the scheduler: its decoding state and where its text goes (called from the
+    scheduler's thread: `on_text(piece)` as text becomes safe to show, then `on_end(result or error)`)."""
+
+    generation: Generation
+    on_text: Callable[[str], None]
+    on_end: Callable[[dict[str, Any] | BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    logits: np.ndarray | None = None  # (V,) at its last position: what the next token is picked from
+    next_token: int = 0
+    length: int = 0  # tokens in its context (in the cache, or in the window it re-reads)
+
+    def window(self, block_size: int) -> list[int]:
+        return (self.generation.prompt_ids + self.generation.new_ids)[-block_size:]
+
+
+class Scheduler:
+    """The decoding thread and its batch. `submit` from any thread; `waiting` and `rows` for metrics."""
+
+    def __init__(self, decoder: Decoder, max_batch: int) -> None:
+        self.decoder = decoder
+        self.max_batch = max_batch if decoder.batches_padded_rows else 1
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.cached: list[Request] = []  # rows in the shared KV cache, in its batch order
+        self.windowed: list[Request] = []  # rows whose context is full
+        self._keys = self._values = self._pad = np.zeros(0)
+        self.steps = 0
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._loop, name="bigmodel-decoder", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def rows(self) -> int:
+        return len(self.cached) + len(self.windowed)
+
+    def submit(self, request: Request) -> None:
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -------------------------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        while self._admit():
+            try:
+                self._turn()
+            except Exception as exc:  # noqa: BLE001 - every request in the batch learns of it; the server lives on
+                for request in self.cached + self.windowed:
+                    request.on_end(exc)
+                self.cached, self.windowed = [], []
+
+    def _admit(self) -> bool:
+        """Wait for work; move waiting requests into the batch (prefilled). False when stopping."""
+        with self._wake:
+            while not self._stopping and not self._waiting and not self.rows:
+                self._wake.wait()
+            if self._stopping:
+                return False
+            new = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - self.rows))]
+        new = [r for r in new if not r.cancelled.is_set()]
+        if new:
+            try:
+                self._prefill(new)
+            except Exception as exc:  # noqa: BLE001 - those requests fail; the batch goes on
+                for request in new:
+                    request.on_end(exc)
+        return True
+
+    def _turn(self) -> None:
+        """Pick every row's next token, retire the finished, and run one step for the rest."""
+        for request in self.cached + self.windowed:
+            if request.cancelled.is_set():
+                continue
+            generation = request.generation
+            request.next_token = generation.pick(request.logits)
+            piece = generation.accept(request.next_token)
+            if piece:
+                request.on_text(piece)
+            if generation.stop_reason:
+                request.on_end(generation.result())
+        self._retire()
+        self.largest_batch = max(self.largest_batch, self.rows)
+        if self.cached:
+            self._step_cached()
+        if self.windowed:
+            self._step_windowed()
+        self.steps += 1
+
+    def _retire(self) -> None:
+        """Drop rows that ended or were cancelled; rows whose context is now full leave the cache."""
+        def live(request: Request) -> bool:
+            return not request.cancelled.is_set() and request.generation.stop_reason is None
+
+        keep = [i for i, r in enumerate(self.cached) if live(r) and r.length + 1 <= self.decoder.block_size]
+        self.windowed = [r for r in self.windowed if live(r)]
+        self.windowed += [r for r in self.cached if live(r) and r.length + 1 > self.decoder.block_size]
+        if len(keep) < len(self.cached):
+            self.cached = [self.cached[i] for i in keep]
+            self._keys, self._values = self._keys[:, keep], self._values[:, keep]
+            self._pad = self._pad[keep]
+        if self.cached:  # positions that are padding in every row are dead weight
+            drop = int(self._pad.min())
+            if drop:
+                self._keys, self._values = self._keys[:, :, :, drop:], self._values[:, :, :, drop:]
+                self._pad = self._pad - drop
+
+    def _prefill(self, new: list[Request]) -> None:
+        lengths = [len(r.generation.prompt_ids) for r in new]
+        longest = max(lengths)
+        pad = np.array([longest - n for n in lengths], dtype=np.int64)
+        ids = np.zeros((len(new), longest), dtype=np.int64)
+        for row, (request, n) in enumerate(zip(new, lengths)):
+            ids[row, longest - n :] = request.generation.prompt_ids
+        logits, keys, values = self.decoder.run(ids, *self.decoder.empty_cache(len(new)), pad)
+        for row, (request, n) in enumerate(zip(new, lengths)):
+            request.logits, request.length = logits[row, -1], n
+        self._join(new, keys, values, pad)
+
+    def _join(self, new: list[Request], keys: np.ndarray, values: np.ndarray, pad: np.ndarray) -> None:
+        """Add prefilled rows to the cache; the side with fewer positions is left-padded to the other's."""
+        if not self.cached:
+            self.cached, self._keys, self._values, self._pad = list(new), keys, values, pad
+            return
+        width = max(self._keys.shape[3], keys.shape[3])
+        old_pad, new_pad = self._pad + width - self._keys.shape[3], pad + width - keys.shape[3]
+        self._keys = np.concatenate([_left_pad(self._keys, width), _left_pad(keys, width)], axis=1)
+        self._values = np.concatenate([_left_pad(self._values, width), _left_pad(values, width)], axis=1)
+        self._pad = np.concatenate([old_pad, new_pad])
+        self.cached += new
+
+    def _step_cached(self) -> None:
+        ids = np.array([[r.next_token] for r in self.cached], dtype=np.int64)
+        logits, self._keys, self._values = self.decoder.run(ids, self._keys, self._values, self._pad)
+        for row, request in enumerate(self.cached):
+            request.logits, request.length = logits[row, -1], request.length + 1
+
+    def _step_windowed(self) -> None:
+        block = self.decoder.block_size
+        ids = np.array([r.window(block) for r in self.windowed], dtype=np.int64)
+        logits, _, _ = self.decoder.run(ids, *self.decoder.empty_cache(len(self.windowed)))
+        for row, request in enumerate(self.windowed):
+            request.logits = logits[row, -1]
+
+
+def _left_pad(cache: np.ndarray, width: int) -> np.ndarray:
+    """(L, B, nkv, P, hs) -> (L, B, nkv, width, hs), zeros in front."""
+    missing = width - cache.shape[3]
+    if missing == 0:
+        return cache
+    shape = list(cache.shape)
+    shape[3] = missing
+    return np.concatenate([np.zeros(shape, cache.dtype), cache], axis=3)
