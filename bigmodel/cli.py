@@ -117,6 +117,12 @@ DeviceOpt = Annotated[
                  "the ONNX Runtime provider (cpu or cuda)."),
 ]
 
+ProviderOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--provider", metavar="NAME", help="ONNX Runtime execution provider, in priority order "
+                 "(repeatable): cpu, cuda, tensorrt or a full provider name (infer.providers)."),
+]
+
 
 def config_file(config: Path | None, run_dir: str | None) -> Path:
     """-c, or else the config recorded in --run-dir (a finished run is enough for eval, report, ...)."""
@@ -137,6 +143,13 @@ def load(config: Path | None, overrides: list[str] | None, run_dir: str | None) 
 def with_device(overrides: list[str] | None, device: str | None) -> list[str]:
     """--device is the config's top-level `device` key (validated with the config)."""
     return [*(overrides or []), *([f"device={device}"] if device is not None else [])]
+
+
+def chosen_providers(device: str | None, provider: list[str] | None) -> list[str] | None:
+    """infer.providers from --provider (validated with the config) or --device; None when neither."""
+    if device is not None and provider:
+        raise UserError("--device and --provider both choose where ONNX Runtime runs; give one of them")
+    return list(provider) if provider else (device_providers(device) if device is not None else None)
 
 
 def device_providers(device: str) -> list[str]:
@@ -386,6 +399,7 @@ def infer_command(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="--bench: prompt length.")] = 16,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="--bench: tokens decoded per repeat.")] = 32,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="--bench: timed repeats (after one warm-up).")] = 5,
+    provider: ProviderOpt = None,
     device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
@@ -402,8 +416,9 @@ def infer_command(
                  "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                  "seed": seed, "stop": stop or None, "chat": chat or None, "system": system}
         given = {key: value for key, value in given.items() if value is not None}
-        if device is not None:
-            given["providers"] = device_providers(device)
+        providers = chosen_providers(device, provider)
+        if providers is not None:
+            given["providers"] = providers
         settings_given = {**_infer_sets(set_, config is None and run_dir is None), **given}
         check_infer_flags(given)  # the same message for a bad flag with or without -c
         explicit = set(given) | {item.partition("=")[0].removeprefix("infer.") for item in set_ or []
@@ -437,7 +452,7 @@ def infer_command(
 INFER_FLAGS = {"model": "--model", "input": "--input", "output": "--output", "prompt": "--prompt",
                "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
                "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "chat": "--chat", "system": "--system",
-               "providers": "--device"}
+               "providers": "--provider"}
 
 
 def check_infer_flags(values: dict[str, Any], source: str = "") -> Any:
@@ -494,6 +509,7 @@ def serve_command(
     max_queue: Annotated[
         Optional[int], typer.Option("--max-queue", min=1, help="Requests allowed to wait; then 503 (serve.max_queue).")
     ] = None,
+    provider: ProviderOpt = None,
     device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
     quiet: QuietOpt = False,
@@ -509,7 +525,9 @@ def serve_command(
 
         given = {k: v for k, v in (("model", model), ("host", host), ("port", port), ("api_key", api_key),
                                    ("max_batch", max_batch), ("max_queue", max_queue)) if v is not None}
-        providers = device_providers(device) if device is not None else None
+        providers = chosen_providers(device, provider)
+        if providers is not None:
+            providers = check_infer_flags({"providers": providers}).providers
         if config is None and run_dir is None:
             if model is None:
                 raise UserError("serve needs -c CONFIG, or --model FILE.onnx")

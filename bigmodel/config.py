@@ -506,6 +506,15 @@ class ExportConfig(Section):
         False, description="A LoRA checkpoint: also write its adapter as a PEFT folder (export/peft: "
         "adapter_config.json + adapter_model.safetensors) for the Hugging Face ecosystem.",
     )
+    dtype: Literal["fp32", "fp16"] = Field(
+        "fp32", description="gpt: the ONNX model's weights, computation and KV cache. fp16 halves the file and "
+        "the cache, for GPU providers (cuda, tensorrt); ONNX Runtime's CPU provider runs it too, slower than "
+        "fp32. Its parity gate against the fp32 PyTorch model uses fp16_atol.",
+    )
+    fp16_atol: float = Field(
+        0.1, gt=0.0, description="dtype fp16: max abs logit difference allowed against the fp32 PyTorch model "
+        "(fp16 keeps ~3 significant digits; logits of 10-30 differ by a few hundredths).",
+    )
 
 
 class QuantizeStep(Section):
@@ -624,6 +633,11 @@ class CompressConfig(Section):
         return self
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+             "openvino": "OpenVINOExecutionProvider", "directml": "DmlExecutionProvider",
+             "coreml": "CoreMLExecutionProvider"}  # short names for infer.providers / --provider
+
+
 class InferConfig(Section):
     model: Path | None = Field(None, description="ONNX model. Default: <run_dir>/export/model.onnx.")
     input: Path | None = Field(
@@ -646,9 +660,24 @@ class InferConfig(Section):
     )
     providers: list[str] = Field(
         ["CPUExecutionProvider"],
-        description="ONNX Runtime execution providers in priority order, e.g. [CUDAExecutionProvider, "
-        "CPUExecutionProvider] with onnxruntime-gpu.",
+        description="ONNX Runtime execution providers in priority order: cpu, cuda, tensorrt (the GPU ones "
+        "need onnxruntime-gpu), or any provider's full name (CUDAExecutionProvider...).",
     )
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, names: list[str]) -> list[str]:
+        """Short names to ONNX Runtime's; whether one is installed is checked when a model is opened."""
+        if not names:
+            raise ValueError("give at least one provider (cpu, cuda, tensorrt)")
+        full = []
+        for name in names:
+            long = PROVIDERS.get(name.lower(), name)
+            if not long.endswith("ExecutionProvider"):
+                raise ValueError(f"unknown provider {name!r}: use {', '.join(PROVIDERS)} or an ONNX Runtime "
+                                 "provider name (...ExecutionProvider)")
+            full.append(long)
+        return full
     prompt: str | None = Field(None, description="gpt: one prompt (else infer.input: one per line, or JSONL).")
     max_new_tokens: int = Field(200, gt=0, description="gpt: tokens to generate per prompt.")
     temperature: float = Field(0.8, ge=0.0, description="gpt: sampling temperature; 0 is greedy.")
@@ -805,6 +834,9 @@ class Config(Section):
         if self.export.format != "onnx" and self.model.family != "gpt":
             problems.append(f"export.format '{self.export.format}' writes decoder language models; use 'onnx' for "
                             f"model.family '{self.model.family}'")
+        if self.export.dtype == "fp16" and self.model.family != "gpt":
+            problems.append(f"export.dtype 'fp16' is for decoder language models; model.family "
+                            f"'{self.model.family}' exports fp32")
         if task == "lm" and self.eval.split == "test":
             problems.append("eval.split 'test': text data has a val split only; use 'val'")
         if self.train.loss == "mse" and task == "classification":

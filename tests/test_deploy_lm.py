@@ -192,6 +192,103 @@ def test_an_onnx_file_from_before_grouped_query_attention_still_generates(lm_run
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 
+def test_an_onnx_file_from_before_left_padding_generates_and_serves_one_at_a_time(lm_run: Path, tmp_path: Path) -> None:
+    """A graph without the left_padding input (exported before batching) still generates the same text,
+    and the batching scheduler runs it one request at a time."""
+    import threading
+
+    from bigmodel.config import InferConfig
+    from bigmodel.export.onnx_file import export_dynamo, stamp_and_check
+    from bigmodel.infer.gpt import Decoder, Generation
+    from bigmodel.infer.session import open_model
+    from bigmodel.serve.batching import Request, Scheduler
+
+    model, manifest = registry.load_model(lm_run.parent / "run" / "train" / "best.safetensors")
+    step = DecoderStep(model.eval())
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):  # noqa: ANN201
+            return step(input_ids, past_keys, past_values)
+
+    old = tmp_path / "old.onnx"
+    past = torch.zeros(1, 2, 2, 2, 16)
+    batch, seq, past_len = torch.export.Dim("b", max=64), torch.export.Dim("t", max=32), torch.export.Dim("p", max=32)
+    dims = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len}, "past_values": {1: batch, 3: past_len}}
+    export_dynamo(Before(), (torch.zeros(2, 3, dtype=torch.long), past, past.clone()), old,
+                  ["input_ids", "past_keys", "past_values"], ["logits", "present_keys", "present_values"], dims, 18)
+    current = onnx.load(str(onnx_of(lm_run)))
+    stamp_and_check(old, {p.key.removeprefix("bigmodel."): p.value for p in current.metadata_props})
+    args = ("--prompt", "def ", "-n", "12", "-t", "0", "--json", "-o")
+    assert cli("infer", "--model", onnx_of(lm_run), *args, tmp_path / "a.jsonl").code == 0
+    before = cli("infer", "--model", old, *args, tmp_path / "b.jsonl")
+    assert before.code == 0, before.stderr
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+    session, meta = open_model(old, ["CPUExecutionProvider"], 1)
+    decoder = Decoder.from_session(session, meta, old)
+    scheduler = Scheduler(decoder, max_batch=8)
+    assert not decoder.batches_padded_rows and scheduler.max_batch == 1
+    ends: list[object] = []
+    both = threading.Semaphore(0)
+    for prompt in ("def ", "import os\n"):
+        generation = Generation(decoder, prompt, InferConfig(max_new_tokens=6, temperature=0), 0)
+        scheduler.submit(Request(generation, lambda text: None, lambda end: (ends.append(end), both.release())))
+    assert both.acquire(timeout=30) and both.acquire(timeout=30)
+    scheduler.stop()
+    assert scheduler.largest_batch == 1 and [e["new_tokens"] for e in ends] == [6, 6]  # type: ignore[index]
+
+
+# ---- fp16 export and ONNX Runtime providers (issue 17)
+
+
+def test_fp16_export_has_its_own_gate_and_runs_everywhere_fp32_does(lm_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(lm_run.parent / "run", tmp_path / "run")
+    shutil.copy(lm_run, tmp_path / "lm.yaml")
+    fp32_bytes = (tmp_path / "run" / "export" / "model.onnx").stat().st_size
+    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.dtype=fp16", "--json", "-q")
+    assert result.code == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "export" / "parity.json").read_text())
+    assert report["dtype"] == "fp16" and report["atol"] == 0.1 and 1e-5 < report["max_abs_diff"] < 0.1
+    model = onnx.load(str(tmp_path / "run" / "export" / "model.onnx"))
+    types = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}
+    assert types["past_keys"] == types["logits"] == onnx.TensorProto.FLOAT16
+    assert (tmp_path / "run" / "export" / "model.onnx").stat().st_size < 0.6 * fp32_bytes
+    out = generate(tmp_path / "lm.yaml", "--prompt", "def ", "-t", "0", "-n", "10")
+    assert out[0]["new_tokens"] == 10
+    fp32_loss = json.loads(cli("eval", "-c", lm_run, "--checkpoint", str(onnx_of(lm_run)), "--json", "-q",
+                               "--output", str(tmp_path / "m32.json")).stdout)["loss"]
+    fp16 = cli("eval", "-c", tmp_path / "lm.yaml", "--checkpoint", str(tmp_path / "run" / "export" / "model.onnx"),
+               "--json", "-q")
+    assert fp16.code == 0, fp16.stderr
+    assert abs(fp16.json()["loss"] - fp32_loss) < 0.01 * fp32_loss
+    # compress starts from fp32 whatever export.dtype says (quantizers read fp32 weights)
+    quantized = cli("compress", "-c", tmp_path / "lm.yaml", "--set", "export.dtype=fp16", "--set",
+                    "compress.steps=[{method: quantize}]", "--json", "-q")
+    assert quantized.code == 0, quantized.stderr
+    assert quantized.json()["steps"][0]["metrics"]["loss"] == pytest.approx(fp32_loss, rel=1e-6)  # from fp32
+
+
+def test_providers_are_checked_against_this_onnxruntime_in_one_line(lm_run: Path, digits_run: Path) -> None:
+    args = ("infer", "--model", onnx_of(lm_run), "--prompt", "def ", "-n", "3")
+    assert cli(*args, "--provider", "cpu", "-q").code == 0
+    for name in ("cuda", "tensorrt"):
+        result = cli(*args, "--provider", name)
+        assert result.code == 2 and "not available in this onnxruntime" in result.stderr
+        assert "onnxruntime-gpu" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    bogus = cli(*args, "--provider", "warp-drive")
+    assert bogus.code == 2 and "--provider: " in bogus.stderr and "unknown provider 'warp-drive'" in bogus.stderr
+    both = cli(*args, "--provider", "cpu", "--device", "cpu")
+    assert both.code == 2 and "give one of them" in both.stderr
+    served = cli("serve", "--model", onnx_of(lm_run), "--provider", "tensorrt", "--port", "1")
+    assert served.code == 2 and "TensorrtExecutionProvider" in served.stderr
+    configured = cli("infer", "-c", lm_run, "--set", "infer.providers=[cuda]", "--prompt", "def ")
+    assert configured.code == 2 and "CUDAExecutionProvider" in configured.stderr
+    tabular = cli("export", "-c", digits_run, "--set", "export.dtype=fp16")
+    assert tabular.code == 2 and "export.dtype 'fp16' is for decoder language models" in tabular.stderr
+
+
 # ---- the CLI contract for infer and for checkpoints of the other family (issue 16)
 
 

@@ -133,6 +133,31 @@ def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:
         assert status == 200 and time.perf_counter() - started < 20
 
 
+def test_max_batch_and_max_queue_bound_the_work_and_a_full_queue_answers_503(lm_run: Path) -> None:  # noqa: F811
+    with server("--model", onnx_of(lm_run), "--max-batch", "1", "--max-queue", "1") as base:
+        def open_stream() -> HTTPConnection:
+            connection = HTTPConnection(base.removeprefix("http://"), timeout=30)
+            connection.request("POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000,
+                                                                       "stream": True}),
+                               {"Content-Type": "application/json"})
+            return connection
+
+        decoding = open_stream()
+        assert decoding.getresponse().readline().startswith(b"data: ")  # it has the one row
+        waiting = open_stream()  # answered 200 with its opening chunk, then waits for the row
+        deadline = time.time() + 10
+        while "bigmodel_queue_depth 1" not in urllib.request.urlopen(f"{base}/metrics").read().decode():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        assert "bigmodel_batch_rows 1" in metrics
+        started = time.perf_counter()
+        status, answer = http(base, "/v1/completions", {"prompt": "def ", "max_tokens": 2})
+        assert status == 503 and answer["error"]["type"] == "server_busy" and time.perf_counter() - started < 5
+        decoding.close()
+        waiting.close()
+
+
 def test_tabular_predictions_are_infers(digits_run: Path, tmp_path: Path) -> None:
     run_dir = digits_run.parent / "run"
     header, *lines = (run_dir / "prepare" / "test.csv").read_text().splitlines()[:6]

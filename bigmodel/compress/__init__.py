@@ -37,6 +37,8 @@ def run(config: Config) -> dict[str, Any]:
                     f"or fine-tuning batches), but {missing[0]} is missing; run 'bigmodel prepare' first"
                 )
     setup_torch(config)
+    if config.export.dtype != "fp32":  # the quantizers and pruning start from fp32 weights
+        config = config.derive("compress", export={"dtype": "fp32"})
     out_dir = config.stage_dir("compress")
     checkpoint = registry.stage_checkpoint(config, cc.checkpoint, "compress")
     current = Path(export_checkpoint(config, checkpoint, out_dir / "fp32", "onnx")["model"])

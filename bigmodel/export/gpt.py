@@ -9,6 +9,7 @@ as external data).
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     model, manifest = registry.load_model(ckpt)
     model.eval()
     arch = registry.manifest_arch(manifest, ckpt)
-    step = DecoderStep(model).eval()
+    step = DecoderStep(model).eval()  # the fp32 reference of the parity gate, whatever the export's dtype
+    traced = DecoderStep(copy.deepcopy(model).half()).eval() if xc.dtype == "fp16" else step
+    atol = xc.fp16_atol if xc.dtype == "fp16" else xc.atol
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     external = xc.external_data or weight_bytes > TWO_GB
 
@@ -59,25 +62,25 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         tmp = Path(work) / "model.onnx"
-        _trace(step, arch, tmp, xc.opset)
+        _trace(traced, arch, tmp, xc.opset, xc.dtype)
         stamp_and_check(tmp, {
-            **decoder_graph.metadata(arch, manifest["data"]),
+            **decoder_graph.metadata(arch, manifest["data"], xc.dtype),
             "version": __version__,
             "lineage": {"checkpoint": sha256_file(ckpt)},
         }, external_data=external)
-        parity = check_parity(step, tmp, val_tokens, arch, xc.atol, xc.parity_steps, config.threads)
-        report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset,
+        parity = check_parity(step, tmp, val_tokens, arch, atol, xc.parity_steps, config.threads, xc.dtype)
+        report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, "dtype": xc.dtype,
                   "external_data": external, **parity}
         write_json(out_dir / "parity.json", report)
         console.info(
             f"export: parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode "
             f"steps (batch {parity['batch']}, held-out text; and left-padded rows of "
             f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone): max abs logit "
-            f"diff {parity['max_abs_diff']:.3g} (atol {xc.atol}) -> {'ok' if parity['passed'] else 'FAILED'}"
+            f"diff {parity['max_abs_diff']:.3g} ({xc.dtype}, atol {atol}) -> {'ok' if parity['passed'] else 'FAILED'}"
         )
         publish_or_reject(
             tmp, final, parity["passed"],
-            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol {xc.atol} at "
+            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol {atol} at "
             f"{parity['worst']}",
         )
     outputs: dict[str, Any] = {"model": str(final), "parity_report": str(out_dir / "parity.json"),
@@ -85,7 +88,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
                                "external_data": external}
     if xc.optimize:
         optimized = optimize_offline(final, out_dir / "model.optimized.onnx")
-        check = check_parity(step, optimized, val_tokens, arch, xc.atol, xc.parity_steps, config.threads)
+        check = check_parity(step, optimized, val_tokens, arch, atol, xc.parity_steps, config.threads, xc.dtype)
         outputs["optimized_model"] = str(optimized)
         outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
         console.info(f"export: ORT-optimized graph -> {optimized} (max abs diff {check['max_abs_diff']:.3g})")
@@ -93,12 +96,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     return outputs
 
 
-def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int) -> None:
+def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int, dtype: str = "fp32") -> None:
     block = arch.block_size
     # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
     t_example, p_example = min(3, block - 1), min(2, max(block - 3, 0))
     ids = torch.zeros(2, t_example, dtype=torch.long)
-    past = torch.from_numpy(CacheLayout.of(arch).empty(2, p_example)[0])
+    past = torch.from_numpy(CacheLayout.of(arch, dtype).empty(2, p_example)[0])
     left_padding = torch.zeros(2, dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=block)
@@ -123,7 +126,7 @@ def held_out_windows(tokens: np.ndarray, batch: int, span: int) -> np.ndarray:
 
 def check_parity(
     step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: DecoderArch, atol: float,
-    decode_steps: int, threads: int | None,
+    decode_steps: int, threads: int | None, dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Prompt + decode steps on held-out text, through ORT and PyTorch with their own caches; then the
     same with rows of different lengths left-padded into one batch (`padded_parity`)."""
@@ -134,17 +137,17 @@ def check_parity(
     batch = 2
     windows = held_out_windows(tokens, batch, prompt_len + decode_steps)
 
-    keys, values = CacheLayout.of(arch).empty(batch)
-    torch_past = (torch.from_numpy(keys), torch.from_numpy(values))
+    torch_past = tuple(torch.from_numpy(t) for t in CacheLayout.of(arch).empty(batch))
+    keys, values = CacheLayout.of(arch, dtype).empty(batch)
     diffs: list[float] = []
     for i in range(decode_steps + 1):
         chunk = windows[:, :prompt_len] if i == 0 else windows[:, prompt_len + i - 1 : prompt_len + i]
         logits, keys, values = session.run(None, decoder_graph.feeds(chunk, keys, values))
         with torch.no_grad():
             ref_logits, *torch_past = step(torch.from_numpy(chunk), *torch_past)
-        diffs.append(float(np.abs(logits - ref_logits.numpy()).max()))
+        diffs.append(float(np.abs(logits.astype(np.float32) - ref_logits.numpy()).max()))
     worst = int(np.argmax(diffs))
-    padded = padded_parity(step, session, windows, arch, prompt_len, decode_steps)
+    padded = padded_parity(step, session, windows, arch, prompt_len, decode_steps, dtype)
     overall = max(max(diffs), padded["max_abs_diff"])
     return {
         "batch": batch,
@@ -161,14 +164,14 @@ def check_parity(
 
 
 def padded_parity(step: torch.nn.Module, session: Any, windows: np.ndarray, arch: DecoderArch, prompt_len: int,
-                  decode_steps: int) -> dict[str, Any]:
+                  decode_steps: int, dtype: str = "fp32") -> dict[str, Any]:
     """Rows of different prompt lengths left-padded into one batch and decoded together by the ONNX graph,
     against PyTorch on each row alone without padding: a batched server's numbers are each request's own."""
     lengths = [prompt_len, max(1, prompt_len // 2)]
     pad = np.array([prompt_len - n for n in lengths], dtype=np.int64)
     prompts = np.stack([np.concatenate([np.zeros(p, np.int64), w[prompt_len - n : prompt_len]])
                         for w, p, n in zip(windows, pad, lengths)])
-    logits, keys, values = session.run(None, decoder_graph.feeds(prompts, *CacheLayout.of(arch).empty(len(lengths)), pad))
+    logits, keys, values = session.run(None, decoder_graph.feeds(prompts, *CacheLayout.of(arch, dtype).empty(len(lengths)), pad))
     batched = [logits]  # the prompt's logits, then one (B, 1, V) per decode step
     for i in range(decode_steps):
         logits, keys, values = session.run(None, decoder_graph.feeds(
@@ -183,7 +186,7 @@ def padded_parity(step: torch.nn.Module, session: Any, windows: np.ndarray, arch
             with torch.no_grad():
                 ref_logits, *past = step(torch.from_numpy(chunk), *past)
             real = got[row, pad[row] :] if i == 0 else got[row]
-            diffs.append(float(np.abs(real - ref_logits[0].numpy()).max()))
+            diffs.append(float(np.abs(real.astype(np.float32) - ref_logits[0].numpy()).max()))
     return {"prompt_tokens": lengths, "max_abs_diff": max(diffs)}
 
 

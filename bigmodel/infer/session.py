@@ -19,20 +19,30 @@ def open_session(path: Path, providers: list[str], threads: int | None, spin: bo
     available = ort.get_available_providers()
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise UserError(
-            f"infer.providers: {', '.join(unknown)} not available in this onnxruntime; "
-            f"available: {', '.join(available)}"
-        )
+        gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(unknown)
+        hint = ("; CUDA and TensorRT need the onnxruntime-gpu package in place of onnxruntime, and NVIDIA's CUDA/"
+                "cuDNN (and TensorRT) libraries" if gpu else "")
+        raise UserError(f"infer.providers: {', '.join(unknown)} not available in this onnxruntime "
+                        f"(available: {', '.join(available)}){hint}")
     options = ort.SessionOptions()
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(str(path), options, providers=providers,
+                                    provider_options=[_provider_options(name, path) for name in providers])
     except Exception as exc:  # ORT raises its own exception types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a loadable ONNX model ({first}); re-run 'bigmodel export'") from exc
+
+
+def _provider_options(provider: str, path: Path) -> dict[str, str]:
+    """TensorRT builds an engine for the model when the session opens (minutes for a large model): keep it
+    beside the model (trt_cache/) so the next start reuses it."""
+    if provider == "TensorrtExecutionProvider":
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(path.parent / "trt_cache")}
+    return {}
 
 
 def open_model(

@@ -262,7 +262,8 @@ class GPT(nn.Module):
         if self.arch.position == "learned":
             x = x + self.transformer.wpe(pos)
         else:
-            rope = rope_cos_sin(self.arch, pos)
+            cos, sin = rope_cos_sin(self.arch, pos)  # fp32; an fp16 model (export dtype fp16) rotates in fp16
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
         x = self.transformer.drop(x)
         present: KVCache = []
         for i, block in enumerate(self.transformer.h):
