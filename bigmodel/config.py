@@ -541,6 +541,19 @@ class QuantizeStep(Section):
         None, ge=0, le=4, description="bits 4: the precision MatMulNBits computes in (4: int8 activations, "
         "fastest on CPU; 0/None: fp32).",
     )
+    head: Literal["int4", "int8", "fp32"] = Field(
+        "int8", description="bits 4, language models: the output head's weights (the largest matrix of a "
+        "small model with a big vocabulary, and the one closest to the scores): int8 blocks (weight-only, "
+        "like the rest), int4 like the rest, or left in fp32.",
+    )
+    embeddings: bool = Field(
+        False, description="bits 4, language models: store the token-embedding table in 4-bit blocks too "
+        "(GatherBlockQuantized); otherwise it stays fp32.",
+    )
+    keep_grids: bool = Field(
+        True, description="bits 4: weights already on a 4-bit grid of 32-blocks (a model imported from a "
+        "Q4_0/Q4_1 GGUF) keep that grid exactly instead of being rounded onto another one.",
+    )
 
     @property
     def needs_data(self) -> bool:
@@ -550,6 +563,9 @@ class QuantizeStep(Section):
     def _int4_is_weight_only(self) -> QuantizeStep:
         if self.bits == 4 and self.mode == "static":
             raise ValueError("compress quantize bits 4 is weight-only: use mode 'dynamic'")
+        if self.bits == 8 and (self.head != "int8" or self.embeddings or not self.keep_grids):
+            raise ValueError("compress quantize head, embeddings and keep_grids are bits 4 options (int8 "
+                             "quantises every matrix product, the head included)")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"compress quantize block_size {self.block_size} must be a power of 2 (16, 32, 64, 128)")
         return self

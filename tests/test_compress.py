@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -232,3 +233,49 @@ def test_int4_weight_only_quantisation_of_a_language_model(tmp_path: Path) -> No
     assert static.code == 2 and "weight-only" in static.stderr
     odd = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 4, block_size: 24}]")
     assert odd.code == 2 and "power of 2" in odd.stderr
+    bits = [next(a.i for a in node.attribute if a.name == "bits") for node in onnx.load(out["model"]).graph.node
+            if node.op_type == "MatMulNBits"]
+    assert bits.count(8) == 1 and set(bits) == {4, 8}  # the head in 8-bit blocks (the default), the rest 4-bit
+    # The head at int4 too, and the embedding table in 4 bits.
+    kept = compress(config, "{method: quantize, bits: 4, block_size: 16, head: int4, embeddings: true}")
+    graph = onnx.load(kept["model"]).graph
+    ops = [node.op_type for node in graph.node]
+    assert all(a.i == 4 for node in graph.node for a in node.attribute if a.name == "bits")
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
+    assert kept["steps"][1]["file_bytes"] < int4["file_bytes"]  # the embedding table and the head shrank
+    assert abs(kept["steps"][1]["metrics"]["loss"] - fp32["metrics"]["loss"]) < 0.1 * fp32["metrics"]["loss"]
+    wrong = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, head: int4}]")
+    assert wrong.code == 2 and "bits 4 options" in wrong.stderr
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "fp32"])
+def test_weights_already_on_a_4bit_grid_keep_it_exactly(kind: str, tmp_path: Path) -> None:
+    """A MatMul whose weight is m + d * k per block of 32 inputs (as a Q4_1 GGUF's; Q4_0: m = -8d, some
+    levels unused) becomes MatMulNBits + the per-block offset term, computing the same products; other
+    weights stay as they are."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bigmodel.compress import grids
+
+    rng = np.random.default_rng(0)
+    K, N = 64, 24
+    d = rng.uniform(0.01, 0.1, size=(N, K // 32, 1))
+    m = -8 * d if kind == "q4_0" else rng.uniform(-0.5, 0.0, size=(N, K // 32, 1))
+    on_grid = (m + d * rng.integers(0, 16, size=(N, K // 32, 32))).reshape(N, K).T
+    weight = (on_grid if kind != "fp32" else rng.normal(size=(K, N))).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    replaced, corrections = grids.keep_grids(model, None, set())
+    ops = [node.op_type for node in model.graph.node]
+    if kind == "fp32":
+        assert replaced == 0 and ops == ["MatMul"]
+        return
+    assert replaced == 1 and ops.count("MatMulNBits") == 1 and len(corrections) == 2
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = rng.normal(size=(3, K)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - x @ weight).max() < 1e-4

@@ -56,7 +56,9 @@ def run(config: Config) -> dict[str, Any]:
             checkpoint = distill.run(step, config, checkpoint, out_dir / f"step{number}")
             current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}", "onnx")["model"])
         else:
-            label = f"{number}: quantize " + (step.mode if step.bits == 8 else f"int4 block {step.block_size}")
+            label = f"{number}: quantize " + (step.mode if step.bits == 8 else f"int4 block {step.block_size}"
+                                                + (f" head {step.head}" if step.head != "int8" else "")
+                                                + (" +emb" if step.embeddings else ""))
             console.info(f"compress: step {label}")
             current = quantize.run(step, config, current, out_dir / f"model.int{step.bits}.onnx")
         rows.append(measure(config, label, current))

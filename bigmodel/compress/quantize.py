@@ -15,6 +15,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import (
@@ -28,6 +29,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bigmodel import console
+from bigmodel.compress import grids
 from bigmodel.config import Config, QuantizeStep
 from bigmodel.families import family
 from bigmodel.io import atomic_path
@@ -65,13 +67,47 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
 
 
 def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
+    """Every matrix product with a constant weight in 4-bit blocks (weights already on a 4-bit grid keep
+    theirs: compress/grids.py); the output head as step.head says (int8: 8-bit blocks, weight-only like
+    the rest); the embedding table too with step.embeddings (its Gather blocks run along the embedding
+    dimension)."""
     import onnx
+
+    model = onnx.load(str(source))
+    head = _output_head(model)
+    exclude = {head} if head and step.head != "int4" else set()
+    if step.keep_grids:
+        kept, corrections = grids.keep_grids(model, step.accuracy_level, exclude)
+        if kept:
+            console.info(f"compress: int4: {kept} weight matrices already on a 4-bit grid (blocks of {grids.BLOCK}, "
+                         "as a Q4_0/Q4_1 GGUF's) keep it exactly")
+        exclude |= corrections
+    model = _matmul_nbits(model, 4, step, nodes_to_exclude=sorted(exclude),
+                          op_types_to_quantize=("MatMul", "Gather") if step.embeddings else ("MatMul",))
+    if head and step.head == "int8":
+        model = _matmul_nbits(model, 8, step, nodes_to_include=[head])
+    onnx.save(model, str(target))
+
+
+def _matmul_nbits(model: Any, bits: int, step: QuantizeStep, **which: Any) -> Any:
+    """onnxruntime's weight-only block quantizer (round to nearest) over the nodes `which` selects."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=step.block_size,
-                                     is_symmetric=step.symmetric, accuracy_level=step.accuracy_level)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=step.block_size, is_symmetric=step.symmetric,
+                                     accuracy_level=step.accuracy_level, quant_axes=(("MatMul", 0), ("Gather", 1)),
+                                     **which)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    return quantizer.model.model
+
+
+def _output_head(model: Any) -> str | None:
+    """The name of the MatMul that computes a decoder's logits (the graph output, perhaps through a bias
+    Add); None for graphs without one (tabular models)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type != "MatMul":
+        node = producers.get(node.input[0]) if node.op_type in ("Add", "Identity", "Reshape") else None
+    return node.name if node is not None else None
 
 
 def _copy_metadata(source: Path, target: Path) -> None:
