@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.bench_import import default_gguf  # noqa: E402
+from scripts.bench_import import bigmodel, default_gguf  # noqa: E402
 
 BLOCK = 512
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a hash table is."]
@@ -50,14 +49,6 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "int4 +emb": {"bits": 4, "block_size": 32, "accuracy_level": 4, "embeddings": True},
     "int4 acc0": {"bits": 4, "block_size": 32, "accuracy_level": 0},
 }
-
-
-def bigmodel(*args: str, cwd: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bigmodel", *args, "--json", "-q"], cwd=cwd,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bigmodel {' '.join(args)} failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
 
 
 def setup(work: Path, gguf: Path, threads: int, windows: int, reuse: bool) -> Path:
