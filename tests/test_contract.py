@@ -254,11 +254,14 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path: Pa
 
     config = tiny_digits(tmp_path, epochs=4000, eval_every=500, save_every=100)
     assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
-    # A shell starts commands with Ctrl-C at its default action; an ignored SIGINT would be inherited from
-    # this process if anything in it ignored the signal (the whole-suite CI run showed such a case).
+    # A shell starts commands with Ctrl-C at its default action and unblocked; an ignored or blocked
+    # SIGINT would be inherited from this process if anything in it had left the signal so.
+    def as_a_shell_does() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q"],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, preexec_fn=as_a_shell_does)
     last = tmp_path / "run" / "train" / "last.safetensors"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
