@@ -53,7 +53,7 @@ def keep_grids(model: onnx.ModelProto, accuracy_level: int | None, exclude: set[
     quantizer that runs next must leave them alone)."""
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    replaced, nodes, block_sums = 0, [], {}  # block_sums: input -> its block sums
+    replaced, nodes, block_sums, corrections = 0, [], {}, set()  # block_sums: input -> its block sums
     for node in graph.node:
         found = None
         if node.op_type == "MatMul" and node.name not in exclude and node.input[1] in weights:
@@ -62,7 +62,9 @@ def keep_grids(model: onnx.ModelProto, accuracy_level: int | None, exclude: set[
         if found is None:
             nodes.append(node)
             continue
-        nodes.extend(_exact_nodes(node, *found, weight.shape, accuracy_level, graph, block_sums))
+        exact = _exact_nodes(node, *found, weight.shape, accuracy_level, graph, block_sums)
+        corrections |= {n.name for n in exact if n.op_type == "MatMul"}
+        nodes.extend(exact)
         replaced += 1
     if replaced:
         del graph.node[:]
@@ -73,7 +75,6 @@ def keep_grids(model: onnx.ModelProto, accuracy_level: int | None, exclude: set[
         graph.initializer.extend(kept)
         if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    corrections = {n.name for n in graph.node if n.name.endswith(("_Q4G_sums", "_Q4G_correction"))}
     return replaced, corrections
 
 
