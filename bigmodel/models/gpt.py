@@ -1,8 +1,9 @@
 """A decoder-only language model: GPT-2 as in nanoGPT by default, Llama-family options when asked.
 
-Token embeddings, pre-norm blocks (Radford et al. 2019), causal self-attention through
-`scaled_dot_product_attention`, an MLP, dropout, and an output head tied to the token embedding (Press &
-Wolf 2017) or its own. The options of `DecoderArch` cover the Llama family:
+Token embeddings, pre-norm blocks (Radford et al. 2019), causal self-attention (through
+`scaled_dot_product_attention` in training, written out over the cache when decoding), an MLP, dropout,
+and an output head tied to the token embedding (Press & Wolf 2017) or its own. The options of
+`DecoderArch` cover the Llama family:
 - positions: learned (GPT-2) or rotary (RoFormer, Su et al. 2021), in Hugging Face's rotate-half layout;
 - norm: LayerNorm, or RMSNorm (Zhang & Sennrich 2019), computed in fp32 as Llama does;
 - MLP: GELU (exact or tanh), or SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer");
@@ -56,8 +57,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        # x / sqrt(...) rather than x * rsqrt(...): the exported graph then has the pattern ONNX Runtime
+        # fuses into one SimplifiedLayerNormalization node (seven small nodes fewer per norm when decoding).
+        normed = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
 
 
 def make_norm(arch: DecoderArch) -> nn.Module:
@@ -119,29 +122,35 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`mask` (B or 1, 1, 1, T, P+T): additive, 0 where attention is allowed, -inf elsewhere; given
+        whenever there is a cache (decoding), absent in training (causal attention without a cache)."""
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split([self.arch.q_width, self.arch.kv_width, self.arch.kv_width], dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        heads = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_size).transpose(1, 2)
+        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh+nkv, T, hs), v
+        if rope is not None:  # queries and keys rotate together: one rotation instead of two
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nkv, P+T, hs)
             v = torch.cat([past[1], v], dim=2)
-        present = (k, v)
-        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
-            k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
-        dropout = self.dropout if self.training else 0.0
         if torch.is_autocast_enabled(x.device.type):
             # Under bf16 autocast, attend in fp32: PyTorch's CPU flash-attention backward is several
             # times slower in bf16 at these head sizes, and an fp32 softmax is the safer one anyway.
             with torch.autocast(x.device.type, enabled=False):
-                y = attend(q.float(), k.float(), v.float(), past is not None, dropout, mask)
+                y = self._attend(q.float(), k.float(), v.float(), mask)
         else:
-            y = attend(q, k, v, past is not None, dropout, mask)
+            y = self._attend(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, self.arch.q_width)  # re-assemble heads: (B, T, nh * hs)
-        return self.resid_dropout(self.c_proj(y)), present
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None:  # decoding over a cache
+            return attend_grouped(q, k, v, mask)
+        # Training: causal without a cache, through SDPA's fused kernels (flash attention).
+        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
+            k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
 def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
@@ -150,18 +159,18 @@ def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
     return x[:, :, None].expand(B, n_kv, times, S, hs).reshape(B, n_kv * times, S, hs)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_past: bool, dropout: float,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of q (B, nh, T, hs) over k, v (B, nh, P+T, hs) -> (B, nh, T, hs); `mask`, when
-    given, is the whole (B, 1, T, P+T) mask (padded rows)."""
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    if not has_past:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    # With a past, is_causal=True would align the mask top-left (query i sees keys <= i); the new
-    # queries sit at the end, so query i must see keys <= P + i (bottom-right).
-    mask = causal_mask(q.size(2), k.size(2)).to(q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q (B, nh, T, hs) over a cache k, v (B, nkv, S, hs) -> (B, nh, T, hs), with an additive
+    mask (B or 1, 1, 1, T, S). Written out rather than through SDPA so the exported decode step stays
+    small: the query heads that share a key/value head are stacked as rows of one product (the cache is
+    never copied n_head / n_kv_head times, as repeat_kv would), and the mask is built once per forward."""
+    B, nh, T, hs = q.shape
+    n_kv, S = k.size(1), k.size(2)
+    group = nh // n_kv
+    q = q.reshape(B, n_kv, group * T, hs) * (1.0 / math.sqrt(hs))  # query heads of kv head j: j*group ...
+    scores = (q @ k.transpose(-2, -1)).view(B, n_kv, group, T, S) + mask  # (B, nkv, group, T, S)
+    weights = F.softmax(scores.float(), dim=-1).to(q.dtype).view(B, n_kv, group * T, S)
+    return (weights @ v).view(B, nh, T, hs)
 
 
 def causal_mask(n_new: int, n_total: int) -> torch.Tensor:
@@ -182,6 +191,13 @@ def padded_causal_mask(n_new: int, n_total: int, left_padding: torch.Tensor) -> 
     real_key = key[None, :] >= left_padding[:, None]  # (B, S)
     causal = causal_mask(n_new, n_total).to(left_padding.device)  # (T, S)
     return (causal[None] & (real_key[:, None, :] | is_self[None]))[:, None]
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (..., T, S) as the (..., 1, 1, T, S) scores offset of attend_grouped: 0 or -inf."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    blocked = torch.tensor(float("-inf"), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, blocked)[..., None, :, :]
 
 
 class MLP(nn.Module):
@@ -253,11 +269,14 @@ class GPT(nn.Module):
         if P + T > self.block_size:
             raise ValueError(f"context of {P + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(P, P + T, dtype=torch.long, device=idx.device)  # (T,)
-        mask = None
+        allowed = None  # where attention may look, when decoding (training attends causally through SDPA)
         if left_padding is not None:  # each row counts its positions from its first real token
             pos = (pos[None, :] - left_padding[:, None]).clamp(min=0)  # (B, T); padding sits at 0
-            mask = padded_causal_mask(T, P + T, left_padding)  # (B, 1, T, P+T)
+            allowed = padded_causal_mask(T, P + T, left_padding)  # (B, 1, T, P+T)
+        elif past is not None:
+            allowed = causal_mask(T, P + T).to(idx.device)[None, None]  # (1, 1, T, P+T)
         x = self.transformer.wte(idx)  # (B, T, C)
+        mask = None if allowed is None else additive(allowed, x.dtype)  # built once, shared by the layers
         rope = None
         if self.arch.position == "learned":
             x = x + self.transformer.wpe(pos)
