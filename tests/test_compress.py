@@ -274,8 +274,79 @@ def test_weights_already_on_a_4bit_grid_keep_it_exactly(kind: str, tmp_path: Pat
     if kind == "fp32":
         assert replaced == 0 and ops == ["MatMul"]
         return
-    assert replaced == 1 and ops.count("MatMulNBits") == 1 and len(corrections) == 2
+    assert replaced == 1 and ops.count("MatMulNBits") == 1 and "ReduceSum" in ops  # block sums, exact
+    assert [n.op_type for n in model.graph.node if n.name in corrections] == ["MatMul"]  # left in fp32
     onnx.save(model, str(tmp_path / "m.onnx"))
     x = rng.normal(size=(3, K)).astype(np.float32)
     got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(got - x @ weight).max() < 1e-4
+
+
+@pytest.mark.parametrize("head_kind", ["q8_0", "random"])
+def test_int4_keeps_grid_corrections_in_fp32_and_puts_only_the_head_in_8_bits(head_kind: str, tmp_path: Path) -> None:
+    """The 8-bit pass over the output head must not touch keep_grids' fp32 correction products (the
+    quantizer adds nodes_to_include to every MatMul it would quantise anyway); a head on a Q8_0 grid (a
+    GGUF's token embedding, tied) keeps that grid exactly, any other is rounded to 8-bit blocks."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bigmodel.compress import quantize
+    from bigmodel.config import QuantizeStep
+
+    rng = np.random.default_rng(0)
+    K, N, V = 64, 32, 40
+    d = rng.uniform(0.01, 0.1, size=(N, K // 32, 1))
+    grid = (rng.uniform(-0.5, 0.0, size=(N, K // 32, 1)) + d * rng.integers(0, 16, size=(N, K // 32, 32)))
+    weight = grid.reshape(N, K).T.astype(np.float32)
+    head = rng.normal(size=(N, V)).astype(np.float32)
+    if head_kind == "q8_0":  # d * k per block of 32 inputs, d = the block's largest magnitude / 127
+        blocks = rng.integers(-127, 128, size=(V, N // 32, 32))
+        blocks[..., 0] = 127
+        head = (rng.uniform(0.001, 0.01, size=(V, N // 32, 1)) * blocks).reshape(V, N).T.astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, V])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(head, "head")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "in.onnx"))
+    quantize._int4(tmp_path / "in.onnx", tmp_path / "out.onnx", QuantizeStep(bits=4, accuracy_level=0))
+    model = onnx.load(str(tmp_path / "out.onnx"))
+    nbits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+             if n.op_type == "MatMulNBits"}
+    assert sorted(nbits.values()) == [4, 8]  # the grid matrix keeps its 4-bit grid, the head alone is 8-bit
+    assert ("lm_head_Q8G" in nbits) == (head_kind == "q8_0")
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 1  # the correction, still fp32
+    x = rng.normal(size=(3, K)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ weight @ head
+    tolerance = 1e-4 if head_kind == "q8_0" else 0.02  # the kept grid is exact (fp32 compute)
+    assert np.abs(got - want).max() < tolerance * np.abs(want).max()
+
+
+def test_products_of_one_input_merge_into_one_matmul_and_compute_the_same(tmp_path: Path) -> None:
+    """Export's graph pass: MatMuls of one input with their own constant weights (SwiGLU's gate and up)
+    become one MatMul + Split; a weight another node also reads stays where it is."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bigmodel.export.onnx_file import merge_shared_input_matmuls
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.normal(size=(8, n)).astype(np.float32) for name, n in [("a", 5), ("b", 7), ("shared", 3)]}
+    nodes = [helper.make_node("MatMul", ["x", w], [f"y_{w}"], name=f"mm_{w}") for w in ("a", "b", "shared")]
+    nodes.append(helper.make_node("Identity", ["shared"], ["shared_copy"]))
+    shapes = {"y_a": [None, 5], "y_b": [None, 7], "y_shared": [None, 3], "shared_copy": [8, 3]}
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])], outputs,
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert merge_shared_input_matmuls(model.graph) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("Split") == 1
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for want, got in zip(before, after):
+        assert np.allclose(want, got, atol=1e-6)

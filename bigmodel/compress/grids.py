@@ -9,10 +9,14 @@ grid, loses nothing. MatMulNBits can hold the grid exactly: its symmetric blocks
 
     x . w = sum over blocks b of [ d_b * sum_i x_i (k_i - 8) ] + sum over blocks b of (m_b + 8 d_b) * sum_i x_i
 
-i.e. MatMulNBits(x, k, d) plus a small correction: the block sums of x (one MatMul with a 0/1 matrix)
-times the per-block offsets (m_b + 8 d_b), a (K/32, N) matrix -- how llama.cpp itself computes Q4_1.
-Q4_0 blocks (d * (k - 8)) are the same form with other offsets. Weights that are not on such a grid
-(any model trained in fp32, an 8-bit head) are left to the ordinary quantizer.
+i.e. MatMulNBits(x, k, d) plus a small fp32 correction: the block sums of x (Reshape + ReduceSum, once
+per input) times the per-block offsets (m_b + 8 d_b), a (K/32, N) matrix -- how llama.cpp itself computes
+Q4_1.
+Q4_0 blocks (d * (k - 8)) are the same form with other offsets. A Q8_0 matrix (d * k, k in -127..127,
+as GGUF files often store the token embedding that a tied output head reuses) is already MatMulNBits'
+symmetric 8-bit form, d * (u - 128) with u = k + 128: it is kept exactly with no correction
+(`keep_grid8`). Weights that are not on such a grid (any model trained in fp32) are left to the ordinary
+quantizer.
 """
 
 from __future__ import annotations
@@ -91,13 +95,9 @@ def _exact_nodes(node: Any, k: np.ndarray, d: np.ndarray, m: np.ndarray, shape: 
     offsets = m + 8 * d  # (N, K/32)
     graph.initializer.append(numpy_helper.from_array(offsets.T.copy(), f"{name}_Q4G_offsets"))
     nodes = []
-    if x not in block_sums:  # x (..., K) @ S (K, K/32): the sum of each block of inputs, once per input
-        summer = f"block_sum_matrix_{K}"
-        if not any(init.name == summer for init in graph.initializer):
-            graph.initializer.append(numpy_helper.from_array(
-                np.repeat(np.eye(K // BLOCK, dtype=np.float32), BLOCK, axis=0), summer))
+    if x not in block_sums:  # the sum of each block of 32 inputs, once per input: (..., K) -> (..., K/32)
         block_sums[x] = f"{name}_Q4G_sums"
-        nodes.append(helper.make_node("MatMul", [x, summer], [block_sums[x]], name=f"{name}_Q4G_sums"))
+        nodes.extend(_block_sums(x, block_sums[x], K, _rank(graph, x), graph))
     return [
         *nodes,
         helper.make_node("MatMulNBits", [x, f"{name}_Q4G", f"{name}_Q4G_scales"], [f"{name}_Q4G_main"],
@@ -106,3 +106,77 @@ def _exact_nodes(node: Any, k: np.ndarray, d: np.ndarray, m: np.ndarray, shape: 
                          name=f"{name}_Q4G_correction"),
         helper.make_node("Add", [f"{name}_Q4G_main", f"{name}_Q4G_correction"], [out], name=f"{name}_Q4G_add"),
     ]
+
+
+def _block_sums(x: str, out: str, K: int, rank: int | None, graph: Any) -> list[Any]:
+    """Nodes computing out = the sums of x's blocks of 32 along its last axis. Reshape + ReduceSum where
+    x's rank is known (exact and cheap); else a MatMul with a 0/1 (K, K/32) matrix."""
+    if rank is None:
+        summer = f"block_sum_matrix_{K}"
+        if not any(init.name == summer for init in graph.initializer):
+            graph.initializer.append(numpy_helper.from_array(
+                np.repeat(np.eye(K // BLOCK, dtype=np.float32), BLOCK, axis=0), summer))
+        return [helper.make_node("MatMul", [x, summer], [out], name=out)]
+    shape, last = f"blocks_shape_{rank}_{K}", "blocks_last_axis"
+    have = {init.name for init in graph.initializer}
+    if shape not in have:  # 0 keeps a leading dimension as it is
+        graph.initializer.append(numpy_helper.from_array(np.array([0] * (rank - 1) + [K // BLOCK, BLOCK]), shape))
+    if last not in have:
+        graph.initializer.append(numpy_helper.from_array(np.array([-1]), last))
+    return [helper.make_node("Reshape", [x, shape], [f"{out}_blocks"], name=f"{out}_blocks"),
+            helper.make_node("ReduceSum", [f"{out}_blocks", last], [out], name=out, keepdims=0)]
+
+
+def _rank(graph: Any, name: str) -> int | None:
+    """The rank of a tensor as the graph's shape information records it (quant_pre_process infers it)."""
+    for info in [*graph.input, *graph.value_info]:
+        if info.name == name and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return None
+
+
+def on_grid8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(u (N, K) uint8, d (N, K/32)) when the (K, N) weight is exactly d * (u - 128) per block of 32 inputs
+    (a Q8_0 tensor: d = the block's largest magnitude / 127), else None."""
+    K, N = weight.shape
+    if K % BLOCK:
+        return None
+    blocks = weight.T.reshape(N, K // BLOCK, BLOCK).astype(np.float64)
+    step = np.abs(blocks).max(-1) / 127.0
+    step = np.where(step > 0, step, 1.0)
+    levels = blocks / step[..., None]
+    k = np.rint(levels)
+    if np.abs(levels - k).max() > 1e-3:
+        return None
+    return (k + 128).reshape(N, K).astype(np.uint8), step.astype(np.float32)
+
+
+def keep_grid8(model: onnx.ModelProto, name: str, accuracy_level: int | None) -> bool:
+    """Replace the MatMul `name` with an exact 8-bit MatMulNBits when its constant weight is on a Q8_0
+    grid (in place); False, and nothing changed, when it is not."""
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    for index, node in enumerate(graph.node):
+        if node.name != name or node.op_type != "MatMul" or node.input[1] not in weights:
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        found = on_grid8(weight) if weight.ndim == 2 else None
+        if found is None:
+            return False
+        u, d = found
+        K, N = weight.shape
+        graph.initializer.extend([numpy_helper.from_array(u.reshape(N, K // BLOCK, BLOCK), f"{name}_Q8G"),
+                                  numpy_helper.from_array(d.reshape(-1), f"{name}_Q8G_scales")])
+        attrs = {"K": K, "N": N, "bits": 8, "block_size": BLOCK}
+        if accuracy_level is not None:
+            attrs["accuracy_level"] = accuracy_level
+        graph.node.remove(node)
+        graph.node.insert(index, helper.make_node(
+            "MatMulNBits", [node.input[0], f"{name}_Q8G", f"{name}_Q8G_scales"], list(node.output),
+            name=f"{name}_Q8G", domain="com.microsoft", **attrs))
+        if not any(node.input[1] in other.input for other in graph.node):
+            graph.initializer.remove(weights[node.input[1]])
+        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return True
+    return False

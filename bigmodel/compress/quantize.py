@@ -69,8 +69,8 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
 def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
     """Every matrix product with a constant weight in 4-bit blocks (weights already on a 4-bit grid keep
     theirs: compress/grids.py); the output head as step.head says (int8: 8-bit blocks, weight-only like
-    the rest); the embedding table too with step.embeddings (its Gather blocks run along the embedding
-    dimension)."""
+    the rest, or its own Q8_0 grid); the embedding table too with step.embeddings (its Gather blocks run
+    along the embedding dimension)."""
     import onnx
 
     model = onnx.load(str(source))
@@ -85,7 +85,11 @@ def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
     model = _matmul_nbits(model, 4, step, nodes_to_exclude=sorted(exclude),
                           op_types_to_quantize=("MatMul", "Gather") if step.embeddings else ("MatMul",))
     if head and step.head == "int8":
-        model = _matmul_nbits(model, 8, step, nodes_to_include=[head])
+        if step.keep_grids and grids.keep_grid8(model, head, step.accuracy_level):
+            console.info("compress: int4: the output head is on an 8-bit grid (a GGUF's Q8_0) and keeps it exactly")
+        else:  # the head alone: the quantizer adds nodes_to_include to every MatMul it would quantise anyway
+            others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head]
+            model = _matmul_nbits(model, 8, step, nodes_to_include=[head], nodes_to_exclude=others)
     onnx.save(model, str(target))
 
 
