@@ -43,11 +43,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "int8 dynamic": {"bits": 8},
     # The fp32 weights of a Q4_1 import rounded again onto MatMulNBits' own grid (what a plain int4
     # quantizer does), head included:
-    "int4 requantised": {"bits": 4, "block_size": 32, "accuracy_level": 4, "keep_grids": False, "head": "int4"},
-    "int4 head int4": {"bits": 4, "block_size": 32, "accuracy_level": 4, "head": "int4"},
-    "int4": {"bits": 4, "block_size": 32, "accuracy_level": 4},  # the defaults: grids kept, head int8
-    "int4 +emb": {"bits": 4, "block_size": 32, "accuracy_level": 4, "embeddings": True},
-    "int4 acc0": {"bits": 4, "block_size": 32, "accuracy_level": 0},
+    "int4 requantised": {"bits": 4, "keep_grids": False, "head": "int4"},
+    "int4 head int4": {"bits": 4, "head": "int4"},
+    "int4": {"bits": 4},  # the defaults: grids kept (the Q8_0 head's too), head int8, accuracy_level 4
+    "int4 +emb": {"bits": 4, "embeddings": True},
+    "int4 acc0": {"bits": 4, "accuracy_level": 0},
 }
 
 
