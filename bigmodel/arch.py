@@ -134,14 +134,66 @@ class TabularArch(Arch):
     original_widths: tuple[int, ...] | None = None
 
 
-AnyArch = Union[DecoderArch, TabularArch]
-ARCHES: dict[str, type[Arch]] = {"gpt": DecoderArch, "mlp": TabularArch}
+class EncoderArch(Arch):
+    """A BERT-style bidirectional encoder and the head its task needs: `mlm` (masked-token prediction),
+    `classification` (n_outputs labels, from the pooled first token) or `embedding` (mean-pooled,
+    normalised sentence vectors)."""
+
+    interface: ClassVar[tuple[str, ...]] = ("vocab_size", "n_outputs")
+    hidden_widths_field: ClassVar[str] = "mlp_hidden"
+    family: Literal["bert"] = "bert"
+    task: Literal["mlm", "classification", "embedding"]
+    vocab_size: int = Field(gt=0)
+    n_layer: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    n_embd: int = Field(gt=0)
+    block_size: int = Field(gt=0, description="Longest input (positions the model has embeddings for).")
+    mlp_hidden: tuple[int, ...] = Field(description="Hidden width of each layer's MLP.")
+    type_vocab_size: int = Field(2, ge=1, description="Token types (segments A/B of a sentence pair).")
+    n_outputs: int = Field(0, ge=0, description="Labels of a classifier (0 for the other tasks).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    norm_eps: float = 1e-12
+    pad_id: int = Field(0, ge=0, description="Token id of padding (never attended to).")
+    original_widths: tuple[int, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("n_layer"), int) and isinstance(raw.get("n_embd"), int):
+            raw = dict(raw)
+            if raw.get("mlp_hidden") is None:
+                raw["mlp_hidden"] = [4 * raw["n_embd"]] * raw["n_layer"]
+            elif isinstance(raw["mlp_hidden"], int):
+                raw["mlp_hidden"] = [raw["mlp_hidden"]] * raw["n_layer"]
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EncoderArch:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if len(self.mlp_hidden) != self.n_layer:
+            raise ValueError(f"mlp_hidden has {len(self.mlp_hidden)} widths for {self.n_layer} layers")
+        if (self.task == "classification") != (self.n_outputs > 0):
+            raise ValueError(f"n_outputs is {self.n_outputs}: a classifier needs its labels, other tasks none")
+        return self
+
+    @property
+    def context(self) -> int | None:
+        return self.block_size
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+AnyArch = Union[DecoderArch, TabularArch, EncoderArch]
+ARCHES: dict[str, type[Arch]] = {"gpt": DecoderArch, "mlp": TabularArch, "bert": EncoderArch}
 
 
 def parse(raw: Any, origin: str) -> AnyArch:
     """Validate a stored architecture (checkpoint manifest, ONNX metadata); one-line error if it is not one."""
-    if isinstance(raw, (DecoderArch, TabularArch)):
-        return raw
+    if isinstance(raw, Arch):
+        return raw  # type: ignore[return-value]
     if not isinstance(raw, dict):
         raise UserError(f"{origin}: no model architecture recorded; re-create it with this version of bigmodel")
     family = raw.get("family")

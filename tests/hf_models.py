@@ -127,3 +127,48 @@ def write_gguf(folder: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_wordpiece(folder: Path, vocab_size: int = 200) -> int:
+    """A BERT-style WordPiece tokenizer.json ([CLS] text [SEP], lower-cased); returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator([TEXT], trainer=trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+        "mask_token": "[MASK]", "unk_token": "[UNK]", "do_lower_case": True}))
+    return tok.get_vocab_size()
+
+
+def make_bert(folder: Path, head: str = "none", labels: int = 3) -> Path:
+    """A tiny random BERT saved by transformers: head none (BertModel), mlm (BertForMaskedLM) or
+    classifier (BertForSequenceClassification with `labels` labels)."""
+    import transformers
+
+    vocab = write_wordpiece(folder)
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64, initializer_range=0.3,
+                                     pad_token_id=0, num_labels=labels)
+    classes = {"none": transformers.BertModel, "mlm": transformers.BertForMaskedLM,
+               "classifier": transformers.BertForSequenceClassification}
+    torch.manual_seed(0)
+    model = classes[head](config)
+    with torch.no_grad():  # biases and LayerNorms away from their 0 / 1 init, so a dropped one shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder

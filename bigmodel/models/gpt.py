@@ -294,6 +294,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         return logits, present
 
+    def reference_output(self, idx: torch.Tensor) -> torch.Tensor:
+        """What an import is checked on against transformers' causal LM: the logits (B, T, V)."""
+        return self(idx)[0]
+
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bigmodel.arch import DecoderArch
+from bigmodel.arch import DecoderArch, EncoderArch
 from bigmodel.errors import UserError
 
 # A weight's destination: (bigmodel parameter name, first row it fills). Fused q/k/v projections are
 # filled from three file tensors at three row offsets.
 Target = tuple[str, int]
-POSITIONS = "transformer.wpe.weight"  # a learned position table may be cut to a shorter context
+POSITIONS = ("transformer.wpe.weight", "embeddings.wpe.weight")  # learned positions: may be cut to a shorter context
+# The transformers class that loads the same folder, and the output bigmodel must reproduce.
+REFERENCE = ("AutoModelForCausalLM", "logits")
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Source:
     path: Path
     format: str  # "hf" (a Hugging Face folder) or "gguf"
     model_type: str  # config.json's model_type, or the GGUF general.architecture
-    arch: DecoderArch
+    arch: DecoderArch | EncoderArch
     tokenizer_json: str
     special_tokens: dict[str, Any]  # bos, eos (list), pad ids
     chat_template: str | None
@@ -45,6 +47,7 @@ class Source:
     targets: dict[str, Target]  # file tensor name -> where it goes
     read: Callable[[], Iterator[tuple[str, Any]]]  # file tensors one at a time, in bigmodel's layout
     notes: list[str] = field(default_factory=list)  # what the import adapted (printed, recorded)
+    reference: tuple[str, str] = REFERENCE  # transformers class and output of the parity check
 
 
 def describe(path: Path) -> Source:
@@ -82,17 +85,23 @@ def decoder_targets(arch: DecoderArch, names: list[str], top: dict[str, str], la
     return targets
 
 
-def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> None:
-    """Every parameter of the model is filled exactly once, by tensors of the right shape."""
+def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> set[str]:
+    """Every parameter of the model is filled exactly once, by tensors of the right shape -- except a task
+    head (`head.*`) that the file lacks, which starts fresh; returns those parameters. A head the file has
+    but the run's task does not use (an MLM head when fine-tuning a classifier) is left out."""
     filled: dict[str, int] = {}
     wrong = []
-    for name, (target, row) in source.targets.items():
+    for name, (target, row) in list(source.targets.items()):
         shape = source.shapes[name]
+        if target not in expected and target.startswith("head."):
+            source.notes.append(f"{name} left out: the model's task ({source.arch.task}) has no place for it")
+            del source.targets[name]
+            continue
         if target not in expected:
             raise UserError(f"{source.path}: tensor {name} has no place in the {source.model_type} architecture "
                             "read from its config; the file and its config disagree")
         want = expected[target]
-        if target == POSITIONS:
+        if target in POSITIONS:
             shape = (min(shape[0], want[0]), *shape[1:])
         if shape[1:] != want[1:] or row + shape[0] > want[0]:
             wrong.append(f"{name} {shape} (into {target} {want} at row {row})")
@@ -100,20 +109,24 @@ def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> None:
     if wrong:
         raise UserError(f"{source.path}: tensor shapes do not match the architecture its config describes: "
                         f"{'; '.join(wrong[:4])}")
-    missing = [name for name, shape in expected.items() if filled.get(name, 0) != shape[0]]
+    fresh = {name for name in expected if name.startswith("head.") and name not in filled}
+    missing = [name for name, shape in expected.items() if name not in fresh and filled.get(name, 0) != shape[0]]
     if missing:
         raise UserError(f"{source.path}: weights missing for {', '.join(missing[:5])}"
                         f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}; the file is incomplete")
+    return fresh
 
 
-def check_config(model_cfg: Any, arch: DecoderArch, origin: Path) -> None:
-    """Keys the user set in `model:` must agree with the imported architecture (block_size may shrink
-    the context, dropout is a training setting)."""
-    derived = {
-        "n_kv_head": arch.n_kv_head, "head_size": arch.head_size, "intermediate_size": arch.mlp_hidden[0],
-    }
+def check_config(model_cfg: Any, arch: DecoderArch | EncoderArch, origin: Path) -> None:
+    """The imported model is of the config's family, and keys the user set in `model:` agree with its
+    architecture (block_size may shrink the context, dropout is a training setting)."""
+    if arch.family != model_cfg.family:
+        raise UserError(f"init.from: {origin.name} holds a '{arch.family}' model, but model.family is "
+                        f"'{model_cfg.family}'; import it into a config of its own family")
+    derived = {"n_kv_head": getattr(arch, "n_kv_head", None), "head_size": arch.head_size,
+               "intermediate_size": arch.mlp_hidden[0]}
     contradictions = []
-    for key in sorted(model_cfg.model_fields_set - {"family", "dropout"}):
+    for key in sorted(model_cfg.model_fields_set - {"family", "dropout", "task"}):
         wanted = getattr(model_cfg, key)
         have = derived.get(key, getattr(arch, key, None))
         if key == "block_size":
@@ -128,11 +141,15 @@ def check_config(model_cfg: Any, arch: DecoderArch, origin: Path) -> None:
                         "keys from model: (an imported model's shape comes from its checkpoint)")
 
 
-def with_config_overrides(arch: DecoderArch, model_cfg: Any) -> DecoderArch:
-    """The imported architecture with what the config may change: a shorter context, dropout."""
+def with_config_overrides(arch: DecoderArch | EncoderArch, model_cfg: Any, task: str | None = None,
+                          labels: int = 0) -> DecoderArch | EncoderArch:
+    """The imported architecture with what the config may change: a shorter context, dropout, and the run's
+    task head (`task`, with `labels` classes) where the model has several (an encoder)."""
     update: dict[str, Any] = {}
     if "block_size" in model_cfg.model_fields_set:
         update["block_size"] = model_cfg.block_size
     if "dropout" in model_cfg.model_fields_set:
         update["dropout"] = model_cfg.dropout
-    return arch.model_copy(update=update) if update else arch
+    if task is not None and task != arch.task:
+        update.update(task=task, n_outputs=labels if task == "classification" else 0)
+    return type(arch).model_validate({**arch.to_dict(), **update}) if update else arch

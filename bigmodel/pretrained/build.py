@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bigmodel import console, registry
-from bigmodel.arch import DecoderArch
+from bigmodel.arch import AnyArch
 from bigmodel.errors import GateFailed, UserError
 from bigmodel.pretrained import POSITIONS, Source, check_plan
 
@@ -28,22 +28,28 @@ PARITY_TEXT = (
 )
 
 
-def build(source: Source, arch: DecoderArch) -> torch.nn.Module:
-    """bigmodel's model with the source's weights (fp32), filled tensor by tensor."""
+def build(source: Source, arch: AnyArch, seed: int = 0) -> torch.nn.Module:
+    """bigmodel's model with the source's weights (fp32), filled tensor by tensor. A task head the file
+    lacks (a classifier over an encoder) starts from the family's initialisation, seeded."""
     with torch.device("meta"):
         model = registry.build_model(arch)
     tied = getattr(model, "tied_weights", {})
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
-    check_plan(source, expected)
+    fresh = check_plan(source, expected)
     model.to_empty(device="cpu")
-    if tied:  # to_empty gives every parameter its own storage: tie the head to the embedding again
-        model.lm_head.weight = model.transformer.wte.weight
+    for alias, original in tied.items():  # to_empty gave every parameter its own storage: tie them again
+        owner, _, attribute = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, model.get_parameter(original))
+    if fresh:
+        torch.manual_seed(seed)
+        registry.init_weights(model, arch.family, None, 0.02)
+        source.notes.append(f"new task head, initialised: {', '.join(sorted(fresh))}")
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in source.read():
             target, row = source.targets[name]
             param = params[target]
-            if target == POSITIONS:
+            if target in POSITIONS:
                 tensor = tensor[: param.shape[0]]
             param[row : row + tensor.shape[0]].copy_(tensor)
     return model.eval()
@@ -55,7 +61,8 @@ def parity_ids(tokenizer: Any, block_size: int) -> np.ndarray:
     return np.asarray([ids], dtype=np.int64)
 
 
-def load_transformers(folder: Path, gguf_file: str | None = None) -> tuple[ModuleType, torch.nn.Module]:
+def load_transformers(folder: Path, gguf_file: str | None = None,
+                      auto_class: str = "AutoModelForCausalLM") -> tuple[ModuleType, torch.nn.Module]:
     """transformers and its own model for a folder (or a GGUF file in it): fp32, local files, no remote code."""
     try:
         import transformers
@@ -73,23 +80,25 @@ def load_transformers(folder: Path, gguf_file: str | None = None) -> tuple[Modul
     # (failures still raise).
     with console.stdout_to_stderr(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **options)
+        model = getattr(transformers, auto_class).from_pretrained(str(folder), **options)
     return transformers, model.eval()
 
 
 def reference_logits(source: Source, ids: np.ndarray) -> tuple[np.ndarray, str]:
-    """Logits of transformers' own implementation loading the same files, and its version."""
+    """The output transformers' own implementation computes from the same files (a decoder's logits, an
+    encoder's last hidden states), and its version."""
+    auto_class, output = source.reference
     if source.format == "gguf":
-        transformers, model = load_transformers(source.path.parent, source.path.name)
+        transformers, model = load_transformers(source.path.parent, source.path.name, auto_class)
     else:
-        transformers, model = load_transformers(source.path)
+        transformers, model = load_transformers(source.path, auto_class=auto_class)
     with torch.no_grad():
-        logits = model(torch.from_numpy(ids)).logits.float().numpy()
-    return logits, f"transformers {transformers.__version__}"
+        reference = getattr(model(torch.from_numpy(ids)), output).float().numpy()
+    return reference, f"transformers {transformers.__version__}"
 
 
 def check_parity(model: torch.nn.Module, source: Source, tokenizer: Any, atol: float) -> dict[str, Any]:
-    """bigmodel's logits against transformers' on the same files and prompt."""
+    """bigmodel's numbers against transformers' on the same files and prompt."""
     ids = parity_ids(tokenizer, model.block_size)
     reference, version = reference_logits(source, ids)
     return {"verified": True, "prompt_tokens": ids.shape[1], **compare(model, ids, reference, version, atol)}
@@ -97,9 +106,10 @@ def check_parity(model: torch.nn.Module, source: Source, tokenizer: Any, atol: f
 
 def compare(model: torch.nn.Module, ids: np.ndarray, reference: np.ndarray, version: str,
             atol: float) -> dict[str, Any]:
-    """bigmodel's logits on `ids` against a reference's: the max abs difference, and the greedy tokens."""
+    """bigmodel's output on `ids` (the model's `reference_output`) against a reference's: the max abs
+    difference, and whether the argmax along the last axis agrees everywhere (greedy tokens, for logits)."""
     with torch.no_grad():
-        ours = model(torch.from_numpy(ids))[0].float().numpy()
+        ours = model.reference_output(torch.from_numpy(ids)).float().numpy()
     diff = float(np.abs(ours - reference).max())
     return {"reference": version, "max_abs_diff": diff, "atol": atol, "passed": bool(diff <= atol),
             "same_greedy_tokens": bool((ours.argmax(-1) == reference.argmax(-1)).all())}

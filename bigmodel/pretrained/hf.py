@@ -1,7 +1,8 @@
 """Hugging Face model folders: config.json + model.safetensors (or a sharded index) + tokenizer.json.
 
 The architecture is read from config.json's `model_type` (never from the folder's name): gpt2, llama,
-mistral and qwen2. Weights are read from safetensors only; a folder with only `pytorch_model.bin`
+mistral and qwen2 (decoders) and bert (encoders: BertModel, BertForMaskedLM, BertForSequenceClassification
+folders). Weights are read from safetensors only; a folder with only `pytorch_model.bin`
 (a pickle, which can run code when loaded) is refused.
 """
 
@@ -12,15 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bigmodel.arch import DecoderArch, RopeScaling
+from bigmodel.arch import DecoderArch, EncoderArch, RopeScaling
 from bigmodel.errors import UserError
-from bigmodel.pretrained import Source, Target, decoder_targets
+from bigmodel.pretrained import REFERENCE, Source, Target, decoder_targets
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Buffers some GPT-2 files carry beside the weights (the causal mask, rotary caches): not parameters.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def describe(folder: Path) -> Source:
@@ -37,10 +38,11 @@ def describe(folder: Path) -> Source:
     if config.get("auto_map"):
         notes.append("config.json names custom code (auto_map); it was ignored: the architecture is bigmodel's "
                      f"own {model_type}")
-    arch = (_gpt2_arch if model_type == "gpt2" else _llama_arch)(config, notes, folder)
+    arch_of, targets_of = KINDS[model_type]
+    arch = arch_of(config, notes, folder)
     files = _weight_files(folder)
     shapes, dtypes = _headers(files)
-    targets = (_gpt2_targets if model_type == "gpt2" else _llama_targets)(arch, shapes, folder)
+    targets = targets_of(arch, shapes, folder)
     kinds = sorted({dtypes[name] for name in targets})
     bad = [kind for kind in kinds if kind not in FLOAT_DTYPES]
     if bad:
@@ -52,6 +54,7 @@ def describe(folder: Path) -> Source:
         path=folder, format="hf", model_type=model_type, arch=arch, tokenizer_json=tokenizer_json,
         special_tokens=special, chat_template=template, dtype="/".join(FLOAT_DTYPES[k] for k in kinds),
         shapes=shapes, targets=targets, read=lambda: _read(files, targets, transposed), notes=notes,
+        reference=("AutoModel", "last_hidden_state") if isinstance(arch, EncoderArch) else REFERENCE,
     )
 
 
@@ -250,6 +253,89 @@ def _llama_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder
     targets = decoder_targets(arch, list(shapes), top, "model.layers.", LLAMA_LAYER, LLAMA_QKV)
     _unplaced(shapes, targets, folder)
     return targets
+
+
+def _bert_arch(config: dict[str, Any], notes: list[str], folder: Path) -> EncoderArch:
+    """A BERT encoder; its task head is chosen by the run (the data), not by the folder."""
+    origin = f"{folder}/config.json"
+    refusals = {
+        "hidden_act": config.get("hidden_act", "gelu") != "gelu",
+        "position_embedding_type": config.get("position_embedding_type", "absolute") != "absolute",
+        "is_decoder": bool(config.get("is_decoder")),
+        "add_cross_attention": bool(config.get("add_cross_attention")),
+    }
+    for key, refused in refusals.items():
+        if refused:
+            raise UserError(f"{origin}: {key} = {config.get(key)!r} is not supported by bigmodel's BERT (it "
+                            "would change what the model computes)")
+    n_layer, n_embd = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    return EncoderArch(
+        task="embedding", vocab_size=int(config["vocab_size"]), n_layer=n_layer,
+        n_head=int(config["num_attention_heads"]), n_embd=n_embd,
+        block_size=int(config.get("max_position_embeddings", 512)),
+        mlp_hidden=[int(config.get("intermediate_size") or 4 * n_embd)] * n_layer,
+        type_vocab_size=int(config.get("type_vocab_size", 2)),
+        dropout=float(config.get("hidden_dropout_prob", 0.1)),
+        norm_eps=float(config.get("layer_norm_eps", 1e-12)), pad_id=int(config.get("pad_token_id") or 0),
+    )
+
+
+BERT_TOP = {
+    "embeddings.word_embeddings.weight": "embeddings.wte.weight",
+    "embeddings.position_embeddings.weight": "embeddings.wpe.weight",
+    "embeddings.token_type_embeddings.weight": "embeddings.wtt.weight",
+    "embeddings.LayerNorm.weight": "embeddings.ln.weight",
+    "embeddings.LayerNorm.bias": "embeddings.ln.bias",
+    # the heads of BertForSequenceClassification / BertForMaskedLM: used when the run's task has them
+    "pooler.dense.weight": "head.pooler.weight",
+    "pooler.dense.bias": "head.pooler.bias",
+    "classifier.weight": "head.out.weight",
+    "classifier.bias": "head.out.bias",
+    "cls.predictions.transform.dense.weight": "head.dense.weight",
+    "cls.predictions.transform.dense.bias": "head.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "head.ln.weight",
+    "cls.predictions.transform.LayerNorm.bias": "head.ln.bias",
+    "cls.predictions.bias": "head.decoder.bias",
+}
+BERT_LAYER = {
+    "attention.output.dense": "attn.c_proj",
+    "attention.output.LayerNorm": "ln_1",
+    "intermediate.dense": "mlp.c_fc",
+    "output.dense": "mlp.c_proj",
+    "output.LayerNorm": "ln_2",
+}
+BERT_QKV = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2}
+# Stored copies of tied or derived tensors: the decoder of the MLM head is the word embedding.
+BERT_SKIPPED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+def _bert_targets(arch: EncoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
+    """Names with or without the `bert.` prefix of the task models; q, k and v fill the fused c_attn."""
+    targets: dict[str, Target] = {}
+    for name in list(shapes):
+        bare = name.removeprefix("bert.")
+        if bare in BERT_SKIPPED:
+            shapes.pop(name)
+        elif bare in BERT_TOP:
+            targets[name] = (BERT_TOP[bare], 0)
+        elif bare.startswith("encoder.layer."):
+            index, _, rest = bare.removeprefix("encoder.layer.").partition(".")
+            module, _, kind = rest.rpartition(".")
+            if module in BERT_LAYER:
+                targets[name] = (f"h.{index}.{BERT_LAYER[module]}.{kind}", 0)
+            elif module in BERT_QKV:
+                targets[name] = (f"h.{index}.attn.c_attn.{kind}", BERT_QKV[module] * arch.n_embd)
+    _unplaced(shapes, targets, folder)
+    return targets
+
+
+KINDS = {
+    "gpt2": (_gpt2_arch, _gpt2_targets),
+    "llama": (_llama_arch, _llama_targets),
+    "mistral": (_llama_arch, _llama_targets),
+    "qwen2": (_llama_arch, _llama_targets),
+    "bert": (_bert_arch, _bert_targets),
+}
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
