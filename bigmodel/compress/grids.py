@@ -77,8 +77,7 @@ def keep_grids(model: onnx.ModelProto, accuracy_level: int | None, exclude: set[
         kept = [init for init in graph.initializer if init.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept)
-        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _use_contrib_ops(model)
     return replaced, corrections
 
 
@@ -176,7 +175,12 @@ def keep_grid8(model: onnx.ModelProto, name: str, accuracy_level: int | None) ->
             name=f"{name}_Q8G", domain="com.microsoft", **attrs))
         if not any(node.input[1] in other.input for other in graph.node):
             graph.initializer.remove(weights[node.input[1]])
-        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _use_contrib_ops(model)
         return True
     return False
+
+
+def _use_contrib_ops(model: onnx.ModelProto) -> None:
+    """MatMulNBits lives in ONNX Runtime's com.microsoft domain: the model must import it."""
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
