@@ -184,6 +184,39 @@ class SFTDataConfig(Section):
     )
 
 
+class TextClassificationDataConfig(Section):
+    """Labelled texts for an encoder: a CSV (header row) or JSONL file with a text column, optionally a
+    second text column for sentence pairs, and a label column."""
+
+    format: Literal["text_classification"] = Field(
+        "text_classification", description="Kind of data: 'text_classification' (labelled texts, CSV or JSONL)."
+    )
+    path: Path = Field(description="CSV file (header row; .csv.gz too) or .jsonl file of labelled texts.")
+    text: str = Field("text", description="Column (CSV) or field (JSONL) holding the text.")
+    text_pair: str | None = Field(
+        None, description="Column holding the second text of a sentence pair (segment B), if the task has pairs."
+    )
+    label: str = Field("label", description="Column holding each text's class label.")
+    val_fraction: Fraction = Field(0.1, description="Fraction of the texts held out for validation.")
+    test_fraction: Fraction = Field(0.1, description="Fraction of the texts held out for the final test.")
+    stratify: bool = Field(True, description="Keep class proportions equal across splits.")
+    too_long: Literal["truncate", "error"] = Field(
+        "truncate", description="A text longer than model.block_size tokens ([CLS] and [SEP] included): "
+        "truncate (cut its end; counted and reported) or error (refuse the data, naming the row).",
+    )
+    vocab_size: int = Field(
+        8000, ge=100, description="Size of the WordPiece vocabulary trained on the training texts when no "
+        "init.from brings the model's own tokenizer.",
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> TextClassificationDataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
+                             "must be < 0.9 so that training keeps at least 10% of the texts")
+        return self
+
+
 def _tag_of(key: str, default: str) -> Any:
     """Pick a union member by `key`, defaulting when the config leaves it out."""
     return lambda value: value.get(key, default) if isinstance(value, dict) else getattr(value, key, default)
@@ -191,7 +224,7 @@ def _tag_of(key: str, default: str) -> Any:
 
 DataConfig = Annotated[
     Annotated[TabularDataConfig, Tag("tabular")] | Annotated[TextDataConfig, Tag("text")]
-    | Annotated[SFTDataConfig, Tag("sft")],
+    | Annotated[SFTDataConfig, Tag("sft")] | Annotated[TextClassificationDataConfig, Tag("text_classification")],
     Discriminator(_tag_of("format", "tabular")),
 ]
 
@@ -252,8 +285,28 @@ class GPTConfig(Section):
         return self
 
 
+class BERTConfig(Section):
+    family: Literal["bert"] = Field("bert", description="Model family: 'bert' (bidirectional encoder).")
+    task: Literal["classification", "mlm", "embedding"] | None = Field(
+        None, description="The head: classification (labels of text_classification data), mlm (masked-token "
+        "pre-training on text data) or embedding (mean-pooled sentence vectors). Default: from data.format.",
+    )
+    n_layer: int = Field(4, gt=0, description="Transformer blocks.")
+    n_head: int = Field(4, gt=0, description="Attention heads per block (must divide n_embd).")
+    n_embd: int = Field(128, gt=0, description="Hidden width.")
+    block_size: int = Field(128, gt=0, description="Longest input in tokens ([CLS] and [SEP] included).")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP hidden width. Default: 4 x n_embd.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> BERTConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        return self
+
+
 ModelConfig = Annotated[
-    Annotated[MLPConfig, Tag("mlp")] | Annotated[GPTConfig, Tag("gpt")],
+    Annotated[MLPConfig, Tag("mlp")] | Annotated[GPTConfig, Tag("gpt")] | Annotated[BERTConfig, Tag("bert")],
     Discriminator(_tag_of("family", "mlp")),
 ]
 # Union members are picked by these keys; pydantic puts the member's tag into error locations.
@@ -801,10 +854,12 @@ class Config(Section):
         the data has (test for tabular, val for text)."""
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             return raw
-        text = raw["data"].get("format") in ("text", "sft")
+        data_format = raw["data"].get("format")
+        text = data_format in ("text", "sft")
         model = raw.get("model") or {}  # an empty `model:` in YAML is None
         if isinstance(model, dict) and "family" not in model:
-            raw = {**raw, "model": {"family": "gpt" if text else "mlp", **model}}
+            family = {"text": "gpt", "sft": "gpt", "text_classification": "bert"}.get(data_format, "mlp")
+            raw = {**raw, "model": {"family": family, **model}}
         evaluation = raw.get("eval") or {}
         if isinstance(evaluation, dict) and evaluation.get("split") is None:
             raw = {**raw, "eval": {**evaluation, "split": "val" if text else "test"}}
@@ -812,24 +867,27 @@ class Config(Section):
 
     @property
     def task(self) -> str:
-        """classification, regression (tabular data) or lm (text data)."""
+        """classification, regression (tabular data), lm (text data for a decoder); an encoder's
+        classification (text_classification data), mlm (text data) or embedding."""
+        if isinstance(self.model, BERTConfig):
+            return self.model.task or ("classification" if self.data.format == "text_classification" else "mlm")
         return "lm" if self.data.format in ("text", "sft") else self.data.task
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Config:
         problems = []
         task = self.task
-        pairs = {"tabular": "mlp", "text": "gpt", "sft": "gpt"}
-        if pairs[self.data.format] != self.model.family:
+        learners = {"tabular": ("mlp",), "text": ("gpt", "bert"), "sft": ("gpt",), "text_classification": ("bert",)}
+        if self.model.family not in learners[self.data.format]:
             problems.append(
                 f"model.family '{self.model.family}' cannot learn data.format '{self.data.format}' "
-                f"(use model.family '{pairs[self.data.format]}')"
+                f"(use model.family '{' or '.join(learners[self.data.format])}')"
             )
         if self.init.scheme == "gpt2" and self.model.family != "gpt":
             problems.append("init.scheme 'gpt2' is for model.family 'gpt'")
         if self.init.from_ is not None:
-            if self.model.family != "gpt":
-                problems.append(f"init.from imports decoder language models (model.family 'gpt'), not "
+            if self.model.family not in ("gpt", "bert"):
+                problems.append(f"init.from imports language models (model.family 'gpt' or 'bert'), not "
                                 f"'{self.model.family}'")
             elif "tokenizer" in self.data.model_fields_set:
                 problems.append("data.tokenizer: an imported model (init.from) brings its own tokenizer; remove "

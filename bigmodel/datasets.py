@@ -38,6 +38,8 @@ def prepared_files(config: Config) -> list[Path]:
     elif config.data.format == "sft":
         return [folder / MANIFEST_FILE, *sft_files(folder, "train").values(), *sft_files(folder, "val").values(),
                 folder / TOKENIZER_FILE]
+    elif config.data.format == "text_classification":
+        names = [MANIFEST_FILE, DATA_FILE, TOKENIZER_FILE]
     else:
         names = [MANIFEST_FILE, DATA_FILE, TEST_CSV]
     return [folder / name for name in names]

@@ -69,14 +69,14 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     start = time.perf_counter()
     source = pretrained.describe(source_path)
     pretrained.check_config(config.model, source.arch, source_path)
-    arch = pretrained.with_config_overrides(source.arch, config.model)
     data = data_manifest(config)
+    arch = pretrained.with_config_overrides(source.arch, config.model, config.task, len(data.get("labels") or []))
     if data.get("tokenizer", {}).get("source") != str(source_path):
         raise UserError(f"the prepared data was not tokenized with {source_path.name}'s tokenizer; re-run "
                         "'bigmodel prepare' with this init.from")
     for note in source.notes:
         console.info(f"init: {note}")
-    model = build.build(source, arch)
+    model = build.build(source, arch, config.seed)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     if config.init.verify:
@@ -120,6 +120,10 @@ def data_info(config: Config, data: dict[str, Any]) -> dict[str, Any]:
         tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
         return {"task": "lm", "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json,
                 "special_tokens": data.get("special_tokens") or {}, "chat_template": data.get("chat_template")}
+    if config.data.format == "text_classification":
+        tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
+        return {"task": config.task, "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json,
+                **{k: data[k] for k in ("text", "text_pair", "target", "labels", "special_ids", "pad_id")}}
     return {k: data[k] for k in ("task", "target", "features", "labels")}
 
 

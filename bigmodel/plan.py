@@ -154,7 +154,14 @@ def _architecture(config: Config) -> AnyArch:
 
         source = pretrained.describe(config.init.from_)
         pretrained.check_config(config.model, source.arch, config.init.from_)
-        return pretrained.with_config_overrides(source.arch, config.model)
+        labels = 0
+        if config.task == "classification":  # an encoder's classifier: its labels come from the prepared data
+            manifest_path = config.stage_dir("prepare") / MANIFEST_FILE
+            if not manifest_path.is_file():
+                raise UserError(f"plan: a classifier's labels come from its data; run 'bigmodel prepare' first "
+                                f"({manifest_path})")
+            labels = len(read_json(manifest_path, "prepared-data manifest")["labels"])
+        return pretrained.with_config_overrides(source.arch, config.model, config.task, labels)
     manifest_path = config.stage_dir("prepare") / MANIFEST_FILE
     if manifest_path.is_file():
         manifest = read_json(manifest_path, "prepared-data manifest")

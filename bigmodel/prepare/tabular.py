@@ -33,7 +33,7 @@ def run(config: Config) -> dict[str, Any]:
 
     x = _features(rows, header, feature_cols, path)
     labels, y = _target(rows, header.index(target_col), target_col, data.task, path)
-    split = _split(len(rows), y if data.task == "classification" and data.stratify else None, data, config.seed)
+    split = seeded_split(len(rows), y if data.task == "classification" and data.stratify else None, data, config.seed)
     stats = _fit_statistics(x[split["train"]], y[split["train"]], data.task)
 
     out_dir = config.stage_dir("prepare")
@@ -105,7 +105,7 @@ def _features(rows: list[list[str]], header: list[str], columns: list[str], path
     return x
 
 
-def _label_order(values: set[str]) -> list[str]:
+def label_order(values: set[str]) -> list[str]:
     """Numeric labels sort as numbers ('2' before '10'); others alphabetically."""
     try:
         return sorted(values, key=float)
@@ -123,14 +123,14 @@ def _target(
     for r, cell in enumerate(cells):
         if not cell:
             raise UserError(f"{path}: missing label at row {r + 2}, column '{column}'")
-    labels = _label_order(set(cells))
+    labels = label_order(set(cells))
     if len(labels) < 2:
         raise UserError(f"{path}: target column '{column}' has a single class; classification needs 2+")
     lookup = {label: i for i, label in enumerate(labels)}
     return labels, np.array([lookup[c] for c in cells], dtype=np.int64)
 
 
-def _split(n: int, strata: np.ndarray | None, data: Any, seed: int) -> dict[str, np.ndarray]:
+def seeded_split(n: int, strata: np.ndarray | None, data: Any, seed: int) -> dict[str, np.ndarray]:
     """Seeded split; with strata, each class is split in the same proportions."""
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == k) for k in np.unique(strata)]
