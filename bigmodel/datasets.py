@@ -106,3 +106,39 @@ def load_examples(config: Config, split: str) -> Examples:
         raise UserError(f"{paths['starts'].parent}: the {split} examples do not match their manifest; "
                         "re-run 'bigmodel prepare'")
     return Examples(tokens, mask, starts)
+
+
+@dataclass
+class TextSplit:
+    """One split of prepared labelled texts: token ids end to end, where each example starts, token types
+    (sentence pairs) and labels."""
+
+    ids: np.ndarray  # (total tokens,) int32
+    offsets: np.ndarray  # (N + 1,) int64
+    types: np.ndarray | None  # (total tokens,) uint8, for pairs
+    y: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, rows: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+        """The examples `rows` right-padded to the longest of them: input_ids, attention_mask, token_type_ids."""
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        width = int(lengths.max())
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        types = np.zeros((len(rows), width), dtype=np.int64)
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            start = self.offsets[row]
+            ids[i, :length] = self.ids[start : start + length]
+            if self.types is not None:
+                types[i, :length] = self.types[start : start + length]
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def load_texts(config: Config, split: str) -> TextSplit:
+    """A split of data.format text_classification, as prepare wrote it."""
+    path = require_file(config.stage_dir("prepare") / DATA_FILE, "prepared data", "run 'bigmodel prepare' first")
+    arrays = load_file(str(path))
+    return TextSplit(arrays[f"{split}_ids"], arrays[f"{split}_offsets"], arrays.get(f"{split}_types"),
+                     arrays[f"{split}_y"])

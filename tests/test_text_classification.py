@@ -130,3 +130,17 @@ def test_init_builds_a_classifier_from_scratch_or_imports_one_checked_against_tr
     assert record["parity"]["passed"] and record["parity"]["max_abs_diff"] < 1e-4
     assert any("new task head" in note for note in record["notes"])
     assert manifest["architecture"]["block_size"] == 32 and model.head.out.weight.shape == (3, 32)
+
+
+def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion_matrix(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", {
+        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"),
+        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv", rows_per_class=40))},
+        "model": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 32, "dropout": 0.0},
+        "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 60, "eval_every": 20, "warmup_steps": 5}})
+    result = cli("pipeline", "-c", config, "--to", "eval", "--json", "-q")
+    assert result.code == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    scores = report["metrics"]
+    assert scores["accuracy"] >= 0.9 and scores["f1_macro"] >= 0.9  # three topics with disjoint words
+    assert set(scores["per_class"]) == {"code", "fruit", "weather"} and len(scores["confusion_matrix"]) == 3
