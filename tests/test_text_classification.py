@@ -144,3 +144,7 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     scores = report["metrics"]
     assert scores["accuracy"] >= 0.9 and scores["f1_macro"] >= 0.9  # three topics with disjoint words
     assert set(scores["per_class"]) == {"code", "fruit", "weather"} and len(scores["confusion_matrix"]) == 3
+    exported = cli("export", "-c", config, "--json", "-q")
+    assert exported.code == 0, exported.stderr
+    parity = json.loads((tmp_path / "run" / "export" / "parity.json").read_text())
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4 and parity["texts"] == 12  # padded and alone
