@@ -148,3 +148,20 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     assert exported.code == 0, exported.stderr
     parity = json.loads((tmp_path / "run" / "export" / "parity.json").read_text())
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4 and parity["texts"] == 12  # padded and alone
+    # infer on the test split's raw texts (ONNX Runtime, its own tokenization) = eval's PyTorch numbers
+    import torch
+
+    from bigmodel import registry
+    from bigmodel.config import load_config
+    from bigmodel.datasets import load_texts
+    from bigmodel.train.encoder import probabilities
+
+    out = tmp_path / "p.jsonl"
+    inferred = cli("infer", "-c", config, "--input", str(tmp_path / "run" / "prepare" / "test.jsonl"), "--output", str(out),
+                   "--json", "-q")
+    assert inferred.code == 0, inferred.stderr
+    model, manifest = registry.load_model(tmp_path / "run" / "train" / "best.safetensors")
+    want = probabilities(model, load_texts(load_config(config), "test"), manifest["architecture"]["pad_id"], torch.device("cpu"))
+    got = np.array([[row["probabilities"][label] for label in manifest["data"]["labels"]]
+                    for row in map(json.loads, out.read_text().splitlines())])
+    assert np.abs(got - want).max() < 1e-4

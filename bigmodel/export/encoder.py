@@ -60,6 +60,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
                       [OUTPUTS[arch["task"]]], {name: {0: dims["batch"], 1: dims["seq"]} for name in INPUTS}, xc.opset)
         stamp_and_check(tmp, {
             "kind": "encoder", "task": arch["task"], "labels": manifest["data"].get("labels"),
+            **{key: manifest["data"].get(key) for key in ("text", "text_pair", "target")},
             "tokenizer": manifest["data"]["tokenizer"], "special_ids": manifest["data"].get("special_ids"),
             "architecture": arch, "version": __version__, "lineage": {"checkpoint": sha256_file(ckpt)},
         })
