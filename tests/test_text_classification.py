@@ -165,3 +165,32 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     got = np.array([[row["probabilities"][label] for label in manifest["data"]["labels"]]
                     for row in map(json.loads, out.read_text().splitlines())])
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_an_imported_embedding_model_serves_openai_embeddings_equal_to_infer(tmp_path: Path) -> None:
+    """init.from a BertModel with model.task embedding, exported, served: the official openai client gets
+    unit vectors, the same as `bigmodel infer` writes for the same texts; a bad input is a 400 naming it."""
+    import openai
+
+    from tests.hf_models import make_bert
+    from tests.test_serve import http, server
+
+    folder = make_bert(tmp_path / "bert", "none")
+    config = write_config(tmp_path / "c.yaml", {
+        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"), "init": {"from": str(folder)},
+        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+        "model": {"task": "embedding", "block_size": 64}, "export": {"checkpoint": "init"}})
+    assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
+    assert cli("export", "-c", config, "-q").code == 0
+    texts = ["ripe apples and pears", "a storm with thunder"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "e.npy"
+    assert cli("infer", "-c", config, "--input", str(tmp_path / "t.jsonl"), "--output", str(out), "-q").code == 0
+    want = np.load(out)
+    with server("-c", config) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        got = np.array([item.embedding for item in client.embeddings.create(model="run", input=texts).data])
+        status, answer = http(base, "/v1/embeddings", {"input": []})
+    assert got.shape == want.shape == (2, 32) and np.abs(got - want).max() < 1e-6
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert status == 400 and answer["error"]["param"] == "input"
