@@ -185,18 +185,22 @@ class SFTDataConfig(Section):
 
 
 class TextClassificationDataConfig(Section):
-    """Labelled texts for an encoder: a CSV (header row) or JSONL file with a text column, optionally a
-    second text column for sentence pairs, and a label column."""
+    """Texts for an encoder: a CSV (header row) or JSONL file with a text column, optionally a second text
+    column for sentence pairs, and a label column (classification); or a plain-text corpus (.txt) for
+    masked-LM pre-training, cut into windows of model.block_size tokens."""
 
     format: Literal["text_classification"] = Field(
-        "text_classification", description="Kind of data: 'text_classification' (labelled texts, CSV or JSONL)."
+        "text_classification", description="Kind of data: 'text_classification' (texts for an encoder: labelled "
+        "CSV or JSONL, or a .txt corpus for masked-LM pre-training).",
     )
-    path: Path = Field(description="CSV file (header row; .csv.gz too) or .jsonl file of labelled texts.")
+    path: Path = Field(description="CSV file (header row; .csv.gz too) or .jsonl file of texts, or a .txt corpus "
+                       "(masked-LM pre-training: split in order into train, val and test windows).")
     text: str = Field("text", description="Column (CSV) or field (JSONL) holding the text.")
     text_pair: str | None = Field(
         None, description="Column holding the second text of a sentence pair (segment B), if the task has pairs."
     )
-    label: str = Field("label", description="Column holding each text's class label.")
+    label: str = Field("label", description="Column holding each text's class label (read for model.task "
+                       "classification only).")
     val_fraction: Fraction = Field(0.1, description="Fraction of the texts held out for validation.")
     test_fraction: Fraction = Field(0.1, description="Fraction of the texts held out for the final test.")
     stratify: bool = Field(True, description="Keep class proportions equal across splits.")
@@ -288,8 +292,8 @@ class GPTConfig(Section):
 class BERTConfig(Section):
     family: Literal["bert"] = Field("bert", description="Model family: 'bert' (bidirectional encoder).")
     task: Literal["classification", "mlm", "embedding"] | None = Field(
-        None, description="The head: classification (labels of text_classification data), mlm (masked-token "
-        "pre-training on text data) or embedding (mean-pooled sentence vectors). Default: from data.format.",
+        None, description="The head: classification (the data's labels), mlm (masked-token pre-training) or "
+        "embedding (mean-pooled, normalised sentence vectors). Default: mlm for a .txt corpus, else classification.",
     )
     n_layer: int = Field(4, gt=0, description="Transformer blocks.")
     n_head: int = Field(4, gt=0, description="Attention heads per block (must divide n_embd).")
@@ -870,14 +874,15 @@ class Config(Section):
         """classification, regression (tabular data), lm (text data for a decoder); an encoder's
         classification (text_classification data), mlm (text data) or embedding."""
         if isinstance(self.model, BERTConfig):
-            return self.model.task or ("classification" if self.data.format == "text_classification" else "mlm")
+            corpus = isinstance(self.data, TextClassificationDataConfig) and self.data.path.suffix == ".txt"
+            return self.model.task or ("mlm" if corpus else "classification")
         return "lm" if self.data.format in ("text", "sft") else self.data.task
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Config:
         problems = []
         task = self.task
-        learners = {"tabular": ("mlp",), "text": ("gpt", "bert"), "sft": ("gpt",), "text_classification": ("bert",)}
+        learners = {"tabular": ("mlp",), "text": ("gpt",), "sft": ("gpt",), "text_classification": ("bert",)}
         if self.model.family not in learners[self.data.format]:
             problems.append(
                 f"model.family '{self.model.family}' cannot learn data.format '{self.data.format}' "

@@ -110,16 +110,19 @@ def load_examples(config: Config, split: str) -> Examples:
 
 @dataclass
 class TextSplit:
-    """One split of prepared labelled texts: token ids end to end, where each example starts, token types
-    (sentence pairs) and labels."""
+    """One split of prepared texts: token ids end to end, where each example starts, token types (sentence
+    pairs) and labels (a classifier's)."""
 
     ids: np.ndarray  # (total tokens,) int32
     offsets: np.ndarray  # (N + 1,) int64
     types: np.ndarray | None  # (total tokens,) uint8, for pairs
-    y: np.ndarray  # (N,) int64
+    y: np.ndarray | None  # (N,) int64, for a classifier
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
 
     def batch(self, rows: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
         """The examples `rows` right-padded to the longest of them: input_ids, attention_mask, token_type_ids."""
@@ -136,9 +139,13 @@ class TextSplit:
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-def load_texts(config: Config, split: str) -> TextSplit:
-    """A split of data.format text_classification, as prepare wrote it."""
+def load_texts(config: Config, split: str, side: str = "") -> TextSplit:
+    """A split of data.format text_classification, as prepare wrote it; side "b_": the second texts of an
+    embedding model's pairs."""
     path = require_file(config.stage_dir("prepare") / DATA_FILE, "prepared data", "run 'bigmodel prepare' first")
     arrays = load_file(str(path))
-    return TextSplit(arrays[f"{split}_ids"], arrays[f"{split}_offsets"], arrays.get(f"{split}_types"),
-                     arrays[f"{split}_y"])
+    if f"{split}_{side}ids" not in arrays:
+        raise UserError(f"{path}: no {split} texts{' (second of each pair)' if side else ''} for model.task "
+                        f"'{config.task}'; re-run 'bigmodel prepare'")
+    return TextSplit(arrays[f"{split}_{side}ids"], arrays[f"{split}_{side}offsets"],
+                     arrays.get(f"{split}_types") if not side else None, arrays.get(f"{split}_y"))

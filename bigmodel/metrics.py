@@ -58,10 +58,14 @@ HEADLINE = {
     "classification": ("accuracy", "f1_macro", "loss"),
     "regression": ("mse", "mae", "r2"),
     "lm": ("loss", "perplexity", "bits_per_char", "bits_per_byte", "bits_per_token"),
+    "mlm": ("loss", "accuracy", "perplexity"),  # on the masked tokens
+    "embedding": ("recall_at_1", "recall_at_5", "mrr"),
 }
 # The scalar metrics each task reports: what eval.fail_under may name.
 SCALARS = {
     "classification": ("accuracy", "loss", "precision_macro", "recall_macro", "f1_macro"),
     "regression": ("mse", "mae", "r2"),
     "lm": ("loss", "perplexity", "bits_per_char", "bits_per_byte", "bits_per_token"),
+    "mlm": ("loss", "accuracy", "perplexity"),
+    "embedding": ("recall_at_1", "recall_at_5", "mrr", "loss"),
 }

@@ -1,17 +1,23 @@
-"""Evaluate an encoder classifier on the val or test split: accuracy, precision, recall and F1 (macro and
-per class), confusion matrix -- the same metric code and report as the tabular classifier's."""
+"""Evaluate an encoder (checkpoint or exported .onnx) on the val or test split, by its task:
+
+- classification: accuracy, precision, recall and F1 (macro and per class), confusion matrix -- the same
+  metric code and report as the tabular classifier's;
+- mlm: cross-entropy, accuracy and perplexity on masked tokens (one fixed seeded masking);
+- embedding: retrieval of each text's partner among all the split's partners: recall@1, recall@5, mean
+  reciprocal rank.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bigmodel import console, metrics, registry
 from bigmodel.config import Config
 from bigmodel.datasets import load_texts
-from bigmodel.errors import UserError
 from bigmodel.eval import check_gate
 from bigmodel.io import sha256_file, write_json
 from bigmodel.runtime import setup_torch
@@ -32,12 +38,40 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
-    """Metrics of a checkpoint on eval.split, without writing anything."""
-    from bigmodel.train.encoder import probabilities
+    """Metrics of a checkpoint or an exported .onnx model on eval.split, without writing anything."""
+    from bigmodel.train.encoder import mlm_scores, probabilities, retrieval_scores
 
-    if path.suffix == ".onnx":
-        raise UserError(f"eval: {path.name}: ONNX encoders cannot be evaluated yet; give a checkpoint")
+    encode, arch, data, step = _onnx_encoder(config, path) if path.suffix == ".onnx" else _torch_encoder(path)
+    split = config.eval.split or "test"
+    texts = load_texts(config, split)
+    task, pad_id = arch["task"], arch["pad_id"]
+    if task == "classification":
+        scores = metrics.classification(texts.y, probabilities(encode, texts, pad_id), data["labels"])
+    elif task == "mlm":
+        scores = {**mlm_scores(encode, texts, pad_id, data["special_ids"], arch["vocab_size"], config.seed),
+                  "rows": len(texts)}
+    else:
+        scores = retrieval_scores(encode, texts, load_texts(config, split, "b_"), pad_id)
+        scores = {"recall_at_1": scores.pop("accuracy"), **scores, "rows": len(texts)}
+    return scores, task, step
+
+
+def _torch_encoder(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], int | None]:
+    from bigmodel.train.encoder import torch_encoder
+
     model, manifest = registry.load_model(path)
-    texts = load_texts(config, config.eval.split or "test")
-    probs = probabilities(model, texts, manifest["architecture"]["pad_id"], torch.device("cpu"))
-    return metrics.classification(texts.y, probs, manifest["data"]["labels"]), "classification", manifest.get("step")
+    return torch_encoder(model, torch.device("cpu")), manifest["architecture"], manifest["data"], manifest.get("step")
+
+
+def _onnx_encoder(config: Config, path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], None]:
+    """An exported encoder run by ONNX Runtime; a classifier's probabilities turned back into logits."""
+    from bigmodel.infer.session import open_model
+
+    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, "encoder")
+    classifier = meta["task"] == "classification"
+
+    def encode(batch: dict[str, np.ndarray]) -> np.ndarray:
+        out = session.run(None, batch)[0]
+        return np.log(np.clip(out, 1e-30, None)) if classifier else out
+
+    return encode, meta["architecture"], meta, None

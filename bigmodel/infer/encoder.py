@@ -90,7 +90,9 @@ def _records(source: Path) -> list[dict[str, Any]]:
 
 
 def _texts(record: dict[str, Any], meta: dict[str, Any], index: int, source: Path) -> list[str]:
-    columns = [meta.get("text") or "text"] + ([meta["text_pair"]] if meta.get("text_pair") else [])
+    # An embedding model embeds one text each (its pairs were for training and scoring).
+    pair = meta.get("text_pair") if meta["task"] == "classification" else None
+    columns = [meta.get("text") or "text"] + ([pair] if pair else [])
     texts = []
     for column in columns:
         value = record.get(column)

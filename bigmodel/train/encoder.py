@@ -1,17 +1,24 @@
-"""Training recipe for the encoder family's classifier (fine-tuning or from scratch). Reads top to bottom:
-setup, data, loop, save.
+"""Training recipe for the encoder family, by model.task. Reads top to bottom: setup, data, the task's loss
+and scores, loop (the shared epoch loop, train/epochs.py).
 
-Batches are drawn from a per-epoch permutation of the training texts (seeded by seed and epoch, so a
-resumed run re-creates it) and right-padded to their longest text. Every `eval_every` steps the model is
-scored on the val split (loss and accuracy); the best is saved as best.safetensors, the full training
-state as last.safetensors, a record appended to metrics.jsonl; early stopping after `patience` evaluations
-without improvement.
+- classification: cross-entropy on the labels (fine-tuning an imported encoder or from scratch).
+- mlm: masked-LM pre-training (Devlin et al. 2018, sec. 3.1): 15% of the tokens of each text are chosen, of
+  those 80% become [MASK], 10% a random token and 10% stay; the loss is cross-entropy on the chosen ones.
+  The choice is seeded by (seed, step), so a resumed run masks the same way; validation uses one fixed
+  masking, so its scores are comparable between evaluations.
+- embedding: contrastive learning on pairs with in-batch negatives (the multiple-negatives ranking loss of
+  Henderson et al. 2017, as sentence-transformers trains): each text must pick its partner among the batch's
+  partners by cosine similarity x 20.
+
+Batches are grouped by length (the idea of Hugging Face's group_by_length): each epoch's seeded permutation
+is cut into runs of 50 batches, each run sorted by length and cut into batches, and the batches shuffled;
+padding to each batch's longest text then costs little.
 """
 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigmodel import console, registry
-from bigmodel.checkpoint import read_manifest
+from bigmodel import registry
 from bigmodel.config import Config
 from bigmodel.datasets import DATA_FILE, TextSplit, load_texts
-from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import sha256_file
 from bigmodel.runtime import setup_torch
-from bigmodel.train.log import MetricsLog
-from bigmodel.train.optim import build_optimizer, lr_at, set_lr
-from bigmodel.train.state import (
-    check_matches_config,
-    checkpoint_manifest,
-    save_model,
-    save_training_state,
-    start_or_resume,
-    stop_step,
-)
+from bigmodel.train import epochs
+from bigmodel.train.epochs import EpochTask
+from bigmodel.train.optim import build_optimizer
+from bigmodel.train.state import check_matches_config
+
+MASK_FRACTION = 0.15  # of the tokens of a text (specials and padding excluded)
+EMBEDDING_SCALE = 20.0  # cosine similarities x 20: sentence-transformers' default for this loss
+GROUPED_BATCHES = 50  # batches per length-sorted run
+VAL_MASK_SEED = 1_000_003  # the fixed masking of the val split (any constant apart from training's)
+
+Encode = Callable[[dict[str, np.ndarray]], np.ndarray]  # a padded batch -> the model's output, as numpy
 
 
 def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = None,
@@ -44,120 +50,178 @@ def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = 
     # ---- setup
     device = setup_torch(config)
     tc = config.train
-    if config.task != "classification":
-        raise UserError(f"train: the encoder's {config.task} task cannot be trained yet; model.task: classification "
-                        "with data.format text_classification can")
     init_path = config.stage_dir("init") / "model.safetensors"
     model, init_manifest = registry.load_model(init_path)
     check_matches_config(config, init_manifest)
     model.to(device)
     optimizer = build_optimizer(model, tc)
-    pad_id = init_manifest["architecture"]["pad_id"]
+    arch = init_manifest["architecture"]
+    specials = init_manifest["data"]["special_ids"]
 
     # ---- data
     train_set, val_set = load_texts(config, "train"), load_texts(config, "val")
-    steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
-    total_steps = tc.max_steps or (tc.epochs or 1) * steps_per_epoch
-    eval_every = tc.eval_every or steps_per_epoch
+    pairs = (load_texts(config, "train", "b_"), load_texts(config, "val", "b_")) if arch["task"] == "embedding" else None
 
-    # ---- resume
-    metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
-    unused_sampler = torch.Generator()  # batches come from per-epoch permutations instead
-    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, unused_sampler, tc.patience,
-                                          config=config, allow_changes=allow_changes)
-    if stopped_early:
-        total_steps = loop.step
+    def tensors(texts: TextSplit, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(device) for k, v in texts.batch(rows, arch["pad_id"]).items()}
+
+    # ---- the task's loss (a batch is an array of training rows) and its validation scores
+    if arch["task"] == "classification":
+        def loss(rows: np.ndarray, step: int) -> torch.Tensor:
+            return F.cross_entropy(model(**tensors(train_set, rows)), torch.from_numpy(train_set.y[rows]).to(device))
+
+        def evaluate() -> dict[str, float]:
+            return classifier_scores(torch_encoder(model, device), val_set, arch["pad_id"])
+    elif arch["task"] == "mlm":
+        def loss(rows: np.ndarray, step: int) -> torch.Tensor:
+            batch = tensors(train_set, rows)
+            rng = np.random.default_rng([config.seed, step])
+            inputs, targets = masked(batch["input_ids"].cpu().numpy(), specials, arch["vocab_size"], rng)
+            batch["input_ids"] = torch.from_numpy(inputs).to(device)
+            logits = model(**batch)
+            return F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(targets).to(device).flatten(),
+                                   ignore_index=-100)
+
+        def evaluate() -> dict[str, float]:
+            return mlm_scores(torch_encoder(model, device), val_set, arch["pad_id"], specials, arch["vocab_size"],
+                              config.seed)
+    else:
+        assert pairs is not None
+
+        def loss(rows: np.ndarray, step: int) -> torch.Tensor:
+            a, b = model(**tensors(train_set, rows)), model(**tensors(pairs[0], rows))
+            return F.cross_entropy(a @ b.T * EMBEDDING_SCALE, torch.arange(len(rows), device=device))
+
+        def evaluate() -> dict[str, float]:
+            return retrieval_scores(torch_encoder(model, device), val_set, pairs[1], arch["pad_id"])
+
+    lengths = train_set.lengths()
+    task = EpochTask(
+        examples=len(train_set), unit="pairs" if pairs else "texts",
+        steps_per_epoch=math.ceil(len(train_set) / tc.batch_size),
+        batches=lambda epoch: length_grouped_batches(lengths, tc.batch_size, config.seed, epoch),
+        loss=loss, evaluate=evaluate)
     lineage = {"init": sha256_file(init_path), "data": sha256_file(config.stage_dir("prepare") / DATA_FILE)}
 
-    def manifest(metrics: dict[str, float]) -> dict[str, Any]:
-        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage)
-
     # ---- loop
-    best_metrics: dict[str, float] = {}
-    start = time.perf_counter()
-    console.info(f"train on {device}: {registry.count_parameters(model):,} parameters, {len(train_set)} texts, "
-                 f"{total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
-                 + (f", from step {loop.step}" if loop.step else ""))
-    last_step = stop_step(total_steps, until_step, loop.step)
-    log = MetricsLog(metrics_path, tc.tensorboard, loop.step)
-    with console.Progress("train", last_step) as progress:
-        while loop.step < last_step:
-            epoch, done = divmod(loop.step, steps_per_epoch)
-            order = np.random.default_rng([config.seed, epoch]).permutation(len(train_set))
-            for rows in np.array_split(order, steps_per_epoch)[done:]:
-                model.train()
-                lr = lr_at(loop.step, total_steps, tc)
-                set_lr(optimizer, lr)
-                batch = _tensors(train_set.batch(rows, pad_id), device)
-                loss = F.cross_entropy(model(**batch), torch.from_numpy(train_set.y[rows]).to(device))
-                if not torch.isfinite(loss):
-                    raise RunFailed(f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or "
-                                    "set train.grad_clip (the last good checkpoints were kept)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                loop.step += 1
-                progress.update(loop.step, loss=loss.item(), lr=lr)
-
-                stop = False
-                if loop.step % eval_every == 0 or loop.step == total_steps:
-                    val = evaluate(model, val_set, pad_id, device)
-                    log.write({"step": loop.step, "epoch": loop.step / steps_per_epoch, "lr": lr,
-                               "train_loss": loss.item(), **{f"val_{k}": v for k, v in val.items()},
-                               "elapsed_s": round(time.perf_counter() - start, 3)})
-                    score = val["loss"] if tc.monitor == "loss" else -val["accuracy"]
-                    if score < loop.best_score:
-                        loop.best_score, loop.best_step, loop.evals_since_best = score, loop.step, 0
-                        best_metrics = val
-                        save_model(out_dir / "best.safetensors", model, manifest(val))
-                    else:
-                        loop.evals_since_best += 1
-                    if tc.patience is not None and loop.evals_since_best >= tc.patience:
-                        console.info(f"train: early stop at step {loop.step} (no val improvement in "
-                                     f"{tc.patience} evaluations)")
-                        stop = True
-                    loop.mark(total_steps, stopped_early=stop)
-                    save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
-                elif loop.step == last_step:
-                    loop.mark(total_steps)
-                    save_training_state(last_path, model, optimizer, unused_sampler, loop,
-                                        manifest({"train_loss": loss.item()}))
-                if stop or loop.step >= last_step:
-                    last_step = loop.step
-                    break
-
-    log.close()
-    if not best_metrics and (out_dir / "best.safetensors").is_file():
-        best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
-    console.info(f"train: step {loop.step} of {total_steps}, " + (
-        f"best at step {loop.best_step}: {summary}" if loop.best_step is not None
-        else f"no evaluation yet (the first is at step {eval_every})")
-        + ("" if loop.finished else "; continue with --resume"))
-    return {"best": str(out_dir / "best.safetensors"), "last": str(last_path), "metrics_log": str(metrics_path),
-            "steps": loop.step, "total_steps": total_steps, "finished": loop.finished, "best_step": loop.best_step,
-            "best_metrics": best_metrics}
+    return epochs.run(config, model, optimizer, task, out_dir, resume, init_manifest, lineage,
+                      until_step=until_step, allow_changes=allow_changes)
 
 
-def _tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(array).to(device) for name, array in batch.items()}
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """ceil(N / batch_size) batches of row numbers, texts of similar length together; from (seed, epoch) alone."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    run = batch_size * GROUPED_BATCHES  # a multiple of batch_size: only the epoch's last batch can be short
+    batches = []
+    for start in range(0, len(order), run):
+        chunk = order[start : start + run]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
-@torch.no_grad()
-def probabilities(model: nn.Module, texts: TextSplit, pad_id: int, device: torch.device,
-                  batch_size: int = 64) -> np.ndarray:
-    """(N, L) class probabilities of every text, in batches padded to their own longest text."""
-    model.eval()
-    rows = np.arange(len(texts))
-    parts = [torch.softmax(model(**_tensors(texts.batch(chunk, pad_id), device)), -1).cpu().numpy()
-             for chunk in np.array_split(rows, max(1, math.ceil(len(rows) / batch_size)))]
-    return np.concatenate(parts)
+def masked(ids: np.ndarray, specials: dict[str, int | None], vocab_size: int,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's masking of a (B, T) batch: (inputs, targets), targets -100 where nothing is predicted. Every
+    text gets at least one prediction, so no batch has an empty loss."""
+    special_ids = np.array([i for i in specials.values() if i is not None])
+    candidates = ~np.isin(ids, special_ids)  # padding is [PAD], a special
+    scores = np.where(candidates, rng.random(ids.shape), -1.0)
+    chosen = candidates & (scores >= 1.0 - MASK_FRACTION)
+    chosen[np.arange(len(ids)), scores.argmax(1)] |= candidates.any(1)
+    action = rng.random(ids.shape)
+    random_tokens = rng.integers(0, vocab_size, ids.shape)
+    inputs = ids.copy()
+    inputs[chosen & (action < 0.8)] = specials["[MASK]"]
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    inputs[swap] = random_tokens[swap]
+    return inputs, np.where(chosen, ids, -100)
 
 
-def evaluate(model: nn.Module, texts: TextSplit, pad_id: int, device: torch.device) -> dict[str, float]:
-    probs = probabilities(model, texts, pad_id, device)
+def torch_encoder(model: nn.Module, device: torch.device) -> Encode:
+    """A PyTorch encoder as a function of a padded batch (eval mode, no gradients)."""
+    def encode(batch: dict[str, np.ndarray]) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            out = model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+        return out.float().cpu().numpy()
+    return encode
+
+
+def outputs(encode: Encode, texts: TextSplit, pad_id: int, batch_size: int = 64,
+            transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> list[np.ndarray]:
+    """The model's output for every text, in order, in batches padded to their own longest text (texts of
+    similar length together); transform(output, rows) is applied per batch before it is kept."""
+    order = np.argsort(texts.lengths(), kind="stable")
+    parts: dict[int, np.ndarray] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        out = encode(texts.batch(rows, pad_id))
+        out = transform(out, rows) if transform else out
+        for row, value in zip(rows, out):
+            parts[int(row)] = value
+    return [parts[row] for row in range(len(texts))]
+
+
+def probabilities(encode: Encode, texts: TextSplit, pad_id: int) -> np.ndarray:
+    """(N, L) class probabilities of every text."""
+    logits = np.stack(outputs(encode, texts, pad_id)).astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+
+def classifier_scores(encode: Encode, texts: TextSplit, pad_id: int) -> dict[str, float]:
+    assert texts.y is not None
+    probs = probabilities(encode, texts, pad_id)
     picked = probs[np.arange(len(texts)), texts.y]
     return {"loss": float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()),
             "accuracy": float((probs.argmax(-1) == texts.y).mean())}
+
+
+def mlm_scores(encode: Encode, texts: TextSplit, pad_id: int, specials: dict[str, int | None], vocab_size: int,
+               seed: int) -> dict[str, float]:
+    """Cross-entropy and accuracy on the masked tokens of `texts`, masked once by (seed, VAL_MASK_SEED):
+    the same positions at every evaluation."""
+    rng = np.random.default_rng([seed, VAL_MASK_SEED])
+    inputs, targets = [], []
+    for row in range(len(texts)):
+        ids = texts.batch(np.array([row]), pad_id)["input_ids"]
+        masked_ids, target = masked(ids, specials, vocab_size, rng)
+        inputs.append(masked_ids[0])
+        targets.append(target[0])
+    masked_texts = TextSplit(np.concatenate(inputs).astype(np.int32), texts.offsets, texts.types, None)
+
+    def per_text(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(loss summed, correct, predicted) over the masked tokens of each text of the batch."""
+        sums = np.zeros((len(rows), 3))
+        for i, row in enumerate(rows):
+            where = targets[row] != -100
+            picked = logits[i, : len(where)][where].astype(np.float64)  # (masked, V)
+            top = picked.max(-1)
+            log_z = top + np.log(np.exp(picked - top[:, None]).sum(-1))
+            truth = targets[row][where]
+            sums[i] = ((log_z - picked[np.arange(len(truth)), truth]).sum(), (picked.argmax(-1) == truth).sum(),
+                       len(truth))
+        return sums
+
+    loss_sum, correct, count = np.sum(outputs(encode, masked_texts, pad_id, transform=per_text), axis=0)
+    loss = float(loss_sum / count)
+    return {"loss": loss, "accuracy": float(correct / count), "perplexity": math.exp(min(loss, 50.0)),
+            "masked_tokens": int(count)}
+
+
+def retrieval_scores(encode: Encode, queries: TextSplit, partners: TextSplit, pad_id: int) -> dict[str, float]:
+    """Each text looks for its partner among all partners of the split by cosine similarity: recall@1 (as
+    "accuracy"), recall@5, mean reciprocal rank, and the contrastive loss over the whole split."""
+    a = np.stack(outputs(encode, queries, pad_id)).astype(np.float64)
+    b = np.stack(outputs(encode, partners, pad_id)).astype(np.float64)
+    similarity = a @ b.T
+    truth = np.diag(similarity)
+    rank = (similarity > truth[:, None]).sum(1)  # 0 = the partner is the best match
+    logits = similarity * EMBEDDING_SCALE
+    top = logits.max(1)
+    log_z = top + np.log(np.exp(logits - top[:, None]).sum(1))
+    return {"loss": float((log_z - np.diag(logits)).mean()), "accuracy": float((rank == 0).mean()),
+            "recall_at_5": float((rank < 5).mean()), "mrr": float((1.0 / (rank + 1)).mean()),
+            "pairs": len(queries)}

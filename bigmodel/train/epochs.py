@@ -1,0 +1,127 @@
+"""The epoch loop shared by the supervised recipes (the tabular MLP, the encoder's classifier and masked-LM).
+
+A recipe sets up its model, optimizer and data, and hands the loop an `EpochTask`: the batches of an epoch
+(a function of seed and epoch alone, so a resumed run re-creates them), the training loss of a batch and the
+validation scores. The loop does the rest the same way for every family: learning-rate schedule, gradient
+clipping, evaluation every `eval_every` steps, best.safetensors on a better val score, the resumable
+last.safetensors (both atomic; `--resume` continues bitwise), metrics.jsonl, early stopping after
+`patience` evaluations without improvement, and stopping resumably at `until_step`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigmodel import console, registry
+from bigmodel.checkpoint import read_manifest
+from bigmodel.config import Config
+from bigmodel.errors import RunFailed
+from bigmodel.train.log import MetricsLog
+from bigmodel.train.optim import lr_at, set_lr
+from bigmodel.train.state import checkpoint_manifest, save_model, save_training_state, start_or_resume, stop_step
+
+
+@dataclass
+class EpochTask:
+    examples: int  # training examples, for the log
+    unit: str  # what an example is ("rows", "texts")
+    steps_per_epoch: int
+    batches: Callable[[int], Sequence[Any]]  # epoch -> its steps_per_epoch batches, from (seed, epoch) alone
+    loss: Callable[[Any, int], torch.Tensor]  # (batch, step) -> the training loss
+    evaluate: Callable[[], dict[str, float]]  # val scores: "loss", and "accuracy" where monitored
+
+
+def run(
+    config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, task: EpochTask, out_dir: Path,
+    resume: bool, init_manifest: dict[str, Any], lineage: dict[str, str], until_step: int | None = None,
+    allow_changes: bool = False, after_step: Callable[[nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Train to the end of the schedule (or until_step); after_step is called after each optimizer step."""
+    tc = config.train
+    steps_per_epoch = task.steps_per_epoch
+    total_steps = tc.max_steps or (tc.epochs or 1) * steps_per_epoch
+    eval_every = tc.eval_every or steps_per_epoch
+    metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
+    unused_sampler = torch.Generator()  # batches come from per-epoch orders instead
+    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, unused_sampler, tc.patience,
+                                          config=config, allow_changes=allow_changes)
+    if stopped_early:
+        total_steps = loop.step  # that run had stopped early: there is nothing left to do
+
+    def manifest(metrics: dict[str, float]) -> dict[str, Any]:
+        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage)
+
+    best_metrics: dict[str, float] = {}
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    console.info(f"train on {device}: {registry.count_parameters(model):,} parameters, {task.examples} "
+                 f"{task.unit}, {total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
+                 + (f", from step {loop.step}" if loop.step else ""))
+    last_step = stop_step(total_steps, until_step, loop.step)
+    log = MetricsLog(metrics_path, tc.tensorboard, loop.step)
+    with console.Progress("train", last_step) as progress:
+        while loop.step < last_step:
+            epoch, done = divmod(loop.step, steps_per_epoch)
+            for batch in task.batches(epoch)[done:]:
+                model.train()
+                lr = lr_at(loop.step, total_steps, tc)
+                set_lr(optimizer, lr)
+                loss = task.loss(batch, loop.step)
+                if not torch.isfinite(loss):
+                    raise RunFailed(f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or "
+                                    "set train.grad_clip (the last good checkpoints were kept)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                if after_step is not None:
+                    after_step(model)
+                loop.step += 1
+                progress.update(loop.step, loss=loss.item(), lr=lr)
+
+                stop = False
+                if loop.step % eval_every == 0 or loop.step == total_steps:
+                    val = task.evaluate()
+                    log.write({"step": loop.step, "epoch": loop.step / steps_per_epoch, "lr": lr,
+                               "train_loss": loss.item(), **{f"val_{k}": v for k, v in val.items()},
+                               "elapsed_s": round(time.perf_counter() - start, 3)})
+                    score = val["loss"] if tc.monitor == "loss" else -val["accuracy"]
+                    if score < loop.best_score:
+                        loop.best_score, loop.best_step, loop.evals_since_best = score, loop.step, 0
+                        best_metrics = val
+                        save_model(out_dir / "best.safetensors", model, manifest(val))
+                    else:
+                        loop.evals_since_best += 1
+                    if tc.patience is not None and loop.evals_since_best >= tc.patience:
+                        console.info(f"train: early stop at step {loop.step} (no val improvement in "
+                                     f"{tc.patience} evaluations)")
+                        stop = True
+                    loop.mark(total_steps, stopped_early=stop)
+                    save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
+                elif loop.step == last_step:  # stopping between evaluations: keep the state to resume from
+                    loop.mark(total_steps)
+                    save_training_state(last_path, model, optimizer, unused_sampler, loop,
+                                        manifest({"train_loss": loss.item()}))
+                if stop or loop.step >= last_step:
+                    last_step = loop.step
+                    break
+
+    log.close()
+    if not best_metrics and (out_dir / "best.safetensors").is_file():  # resumed after the best was found
+        best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
+    console.info(f"train: step {loop.step} of {total_steps}, " + (
+        f"best at step {loop.best_step}: {summary}" if loop.best_step is not None
+        else f"no evaluation yet (the first is at step {eval_every})")
+        + ("" if loop.finished else "; continue with --resume"))
+    return {"best": str(out_dir / "best.safetensors"), "last": str(last_path), "metrics_log": str(metrics_path),
+            "steps": loop.step, "total_steps": total_steps, "finished": loop.finished, "best_step": loop.best_step,
+            "best_metrics": best_metrics}
