@@ -177,6 +177,15 @@ class EncoderArch(Arch):
             raise ValueError(f"n_outputs is {self.n_outputs}: a classifier needs its labels, other tasks none")
         return self
 
+    # The fused q, k, v projection's row blocks (what LoRA's q, k and v targets adapt), as a decoder's.
+    @property
+    def q_width(self) -> int:
+        return self.n_embd
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_embd
+
     @property
     def context(self) -> int | None:
         return self.block_size

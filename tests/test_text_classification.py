@@ -172,6 +172,12 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     assert onnx.code == 0, onnx.stderr
     from_onnx = json.loads((tmp_path / "onnx.json").read_text())["metrics"]
     assert from_onnx["confusion_matrix"] == scores["confusion_matrix"] and abs(from_onnx["loss"] - scores["loss"]) < 1e-5
+    # int8 through compress: scored by the same eval, timed on one text
+    compressed = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 8}]", "--json", "-q")
+    assert compressed.code == 0, compressed.stderr
+    fp32_row, int8_row = json.loads(compressed.stdout)["steps"]
+    assert int8_row["metrics"]["accuracy"] >= 0.9 and int8_row["weight_bytes"] < 0.5 * fp32_row["weight_bytes"]
+    assert fp32_row["metrics"]["accuracy"] == scores["accuracy"] and int8_row["latency_ms"] > 0
 
 
 def test_an_imported_embedding_model_serves_openai_embeddings_equal_to_infer(tmp_path: Path) -> None:
@@ -292,3 +298,54 @@ def test_the_wordpiece_vocabulary_is_the_same_every_time() -> None:
     tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     assert tok.decode(tok.encode("Thunder over the orchard").ids) == "thunder over the orchard"  # unseen words: pieces
+
+
+def test_lora_fine_tuning_of_an_imported_encoder_matches_peft(tmp_path: Path) -> None:
+    """train.lora on an imported BERT classifier: the checkpoint holds the adapters and the new head only,
+    and the merged model's logits equal peft's LoRA (same A, B, rank, alpha on query/value) on
+    transformers' BertForSequenceClassification with the same head (1e-4)."""
+    import peft
+    import torch
+    import transformers
+
+    from bigmodel import registry
+    from bigmodel.config import load_config
+    from bigmodel.datasets import load_texts
+    from bigmodel.train.encoder import torch_encoder
+    from tests.hf_models import make_bert
+
+    folder = make_bert(tmp_path / "bert", "none")
+    config = write_config(tmp_path / "c.yaml", {
+        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"), "init": {"from": str(folder)},
+        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+        "model": {"block_size": 32},
+        "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "eval_every": 6,
+                  "lora": {"rank": 4, "alpha": 8, "targets": ["q", "v"]}}})
+    result = cli("pipeline", "-c", config, "--to", "train", "--json", "-q")
+    assert result.code == 0, result.stderr
+    saved = load_file(str(tmp_path / "run" / "train" / "best.safetensors"))
+    assert saved and all(".lora_" in name or name.startswith("model.head.") for name in saved)
+    assert any(".lora_B.q" in name and np.abs(tensor).max() > 0 for name, tensor in saved.items())  # it trained
+
+    model, _ = registry.load_model(tmp_path / "run" / "train" / "best.safetensors")  # merged into the base
+    texts = load_texts(load_config(config), "test")
+    batch = texts.batch(np.arange(len(texts)), 0)
+    ours = torch_encoder(model, torch.device("cpu"))(batch)
+
+    reference = transformers.BertForSequenceClassification.from_pretrained(str(folder), num_labels=3).eval()
+    with torch.no_grad():
+        reference.bert.pooler.dense.weight.copy_(torch.from_numpy(saved["model.head.pooler.weight"]))
+        reference.bert.pooler.dense.bias.copy_(torch.from_numpy(saved["model.head.pooler.bias"]))
+        reference.classifier.weight.copy_(torch.from_numpy(saved["model.head.out.weight"]))
+        reference.classifier.bias.copy_(torch.from_numpy(saved["model.head.out.bias"]))
+    adapted = peft.get_peft_model(reference, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                             target_modules=["query", "value"])).eval()
+    with torch.no_grad():
+        for name, module in adapted.named_modules():
+            if name.endswith(("attention.self.query", "attention.self.value")):
+                layer, which = int(name.split(".layer.")[1].split(".")[0]), name.rsplit(".", 1)[1][0]
+                ours_key = f"model.h.{layer}.attn.c_attn.lora_{{}}.{which}"
+                module.lora_A["default"].weight.copy_(torch.from_numpy(saved[ours_key.format("A")]))
+                module.lora_B["default"].weight.copy_(torch.from_numpy(saved[ours_key.format("B")]))
+        want = adapted(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+    assert np.abs(ours - want).max() < 1e-4

@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bigmodel import decoder_graph
 from bigmodel.config import Config
-from bigmodel.decoder_graph import CacheLayout
 from bigmodel.eval import scores_for
+from bigmodel.families import family_of_onnx_kind
 from bigmodel.infer.session import open_model
 
-MAIN_METRIC = {"classification": "accuracy", "regression": "mse", "lm": "loss"}
+MAIN_METRIC = {"classification": "accuracy", "regression": "mse", "lm": "loss", "mlm": "loss",
+               "embedding": "recall_at_1"}
 
 
 def measure(config: Config, name: str, model_path: Path) -> dict[str, Any]:
@@ -54,14 +54,10 @@ def _weights(path: Path) -> tuple[int, int, int]:
 
 
 def latency_ms(config: Config, path: Path, calls: int = 200) -> float:
-    """Median ONNX Runtime latency of what the model is for: one row (tabular) or one decode step at
-    batch 1 with a 16-token past (gpt)."""
+    """Median ONNX Runtime latency of what the model is for (the family's exporter says: one row, one decode
+    step at batch 1 with a 16-token past, one text of 64 tokens)."""
     session, meta = open_model(path, ["CPUExecutionProvider"], config.infer.threads or config.threads)
-    if meta["kind"] == decoder_graph.KIND:
-        feeds = decoder_graph.feeds(np.zeros((1, 1), np.int64), *CacheLayout.from_metadata(meta).empty(1, past=16),
-                                    inputs=decoder_graph.input_names(session))
-    else:
-        feeds = {"features": np.zeros((1, len(meta["features"])), np.float32)}
+    feeds = family_of_onnx_kind(meta["kind"], path).module("exporter").latency_feeds(session, meta)
     for _ in range(10):
         session.run(None, feeds)
     times = []

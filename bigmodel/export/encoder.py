@@ -100,3 +100,10 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     return [{name: array for name, array in texts.batch(rng.choice(len(texts), size=min(8, len(texts)), replace=False),
                                                         meta["architecture"]["pad_id"]).items()}
             for _ in range(batches)]
+
+
+def latency_feeds(session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """What compress times: one text of 64 tokens (or the context, if shorter)."""
+    width = min(64, int(meta["architecture"]["block_size"]))
+    ids = np.full((1, width), int(meta["special_ids"]["[UNK]"] or 0), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}

@@ -207,3 +207,9 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
         _, keys, values = session.run(None, decoder_graph.feeds(ids[:, :half], *empty, inputs=inputs))
         feeds.append(decoder_graph.feeds(ids[:, half:], keys, values, inputs=inputs))
     return feeds
+
+
+def latency_feeds(session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """What compress times: one decode step at batch 1 with a 16-token past."""
+    return decoder_graph.feeds(np.zeros((1, 1), np.int64), *CacheLayout.from_metadata(meta).empty(1, past=16),
+                               inputs=decoder_graph.input_names(session))

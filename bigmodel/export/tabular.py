@@ -113,3 +113,8 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     """Static quantisation's calibration data: batches of training rows."""
     x, _ = load_split(config, "train")
     return [{"features": x[rng.integers(0, len(x), size=config.train.batch_size)]} for _ in range(batches)]
+
+
+def latency_feeds(session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """What compress times: one row."""
+    return {"features": np.zeros((1, len(meta["features"])), np.float32)}

@@ -132,6 +132,11 @@ class BERT(nn.Module):
         elif arch.task == "classification":
             self.head = ClassifierHead(arch)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (what LoRA adapts)."""
+        return self.h
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) 1 for real tokens, token_type_ids (B, T) -> states (B, T, C)."""

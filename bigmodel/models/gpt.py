@@ -259,6 +259,11 @@ class GPT(nn.Module):
         # keep only each block's input in training and recompute the rest in backward.
         self.activation_checkpointing = False
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (what LoRA adapts)."""
+        return self.transformer.h  # type: ignore[return-value]
+
     def forward(
         self, idx: torch.Tensor, past: KVCache | None = None, left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:

@@ -1,7 +1,8 @@
 """Training recipe for the encoder family, by model.task. Reads top to bottom: setup, data, the task's loss
 and scores, loop (the shared epoch loop, train/epochs.py).
 
-- classification: cross-entropy on the labels (fine-tuning an imported encoder or from scratch).
+- classification: cross-entropy on the labels (fine-tuning an imported encoder in full or with LoRA adapters
+  (train.lora; the new head trains in full beside them), or from scratch).
 - mlm: masked-LM pre-training (Devlin et al. 2018, sec. 3.1): 15% of the tokens of each text are chosen, of
   those 80% become [MASK], 10% a random token and 10% stay; the loss is cross-entropy on the chosen ones.
   The choice is seeded by (seed, step), so a resumed run masks the same way; validation uses one fixed
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigmodel import registry
+from bigmodel import lora, registry
 from bigmodel.config import Config
 from bigmodel.datasets import DATA_FILE, TextSplit, load_texts
 from bigmodel.io import sha256_file
@@ -53,9 +54,14 @@ def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = 
     init_path = config.stage_dir("init") / "model.safetensors"
     model, init_manifest = registry.load_model(init_path)
     check_matches_config(config, init_manifest)
+    arch = init_manifest["architecture"]
+    adapter = None
+    if tc.lora is not None:  # freeze the encoder; the adapters train, and a classifier's new head with them
+        trains_also = ("head.",) if arch["task"] == "classification" else ()
+        trainable = lora.apply(model, tc.lora, config.seed, trains_also)
+        adapter = lora.manifest_record(tc.lora, trainable, init_path, sha256_file(init_path), trains_also)
     model.to(device)
     optimizer = build_optimizer(model, tc)
-    arch = init_manifest["architecture"]
     specials = init_manifest["data"]["special_ids"]
 
     # ---- data
@@ -105,7 +111,7 @@ def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = 
 
     # ---- loop
     return epochs.run(config, model, optimizer, task, out_dir, resume, init_manifest, lineage,
-                      until_step=until_step, allow_changes=allow_changes)
+                      until_step=until_step, allow_changes=allow_changes, adapter=adapter)
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -42,8 +42,10 @@ def run(
     config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, task: EpochTask, out_dir: Path,
     resume: bool, init_manifest: dict[str, Any], lineage: dict[str, str], until_step: int | None = None,
     allow_changes: bool = False, after_step: Callable[[nn.Module], None] | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train to the end of the schedule (or until_step); after_step is called after each optimizer step."""
+    """Train to the end of the schedule (or until_step); after_step is called after each optimizer step;
+    adapter: the LoRA record of an adapted model (its checkpoints hold the adapters only)."""
     tc = config.train
     steps_per_epoch = task.steps_per_epoch
     total_steps = tc.max_steps or (tc.epochs or 1) * steps_per_epoch
@@ -56,12 +58,14 @@ def run(
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
 
     def manifest(metrics: dict[str, float]) -> dict[str, Any]:
-        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage)
+        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter)
 
     best_metrics: dict[str, float] = {}
     start = time.perf_counter()
     device = next(model.parameters()).device
-    console.info(f"train on {device}: {registry.count_parameters(model):,} parameters, {task.examples} "
+    console.info(f"train on {device}: {registry.count_parameters(model):,} parameters"
+                 + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {adapter['rank']} on "
+                    f"{', '.join(adapter['targets'])})" if adapter else "") + f", {task.examples} "
                  f"{task.unit}, {total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
                  + (f", from step {loop.step}" if loop.step else ""))
     last_step = stop_step(total_steps, until_step, loop.step)
