@@ -1,4 +1,5 @@
-"""What a GPT costs, from its architecture alone: FLOPs, memory and bytes on disk.
+"""What a transformer (GPT decoder or BERT encoder) costs, from its architecture alone: FLOPs, memory and
+bytes on disk.
 
 Used by `init` (a one-line report) and `plan` (the full estimate). Every formula names its source;
 where bigmodel's own implementation differs from the paper's assumptions, the constant says so and
@@ -7,7 +8,9 @@ was measured on this implementation (tests/test_plan.py re-measures it on CPU).
 
 from __future__ import annotations
 
-from bigmodel.arch import DecoderArch
+from bigmodel.arch import DecoderArch, EncoderArch
+
+TransformerArch = DecoderArch | EncoderArch
 
 MiB = 2**20
 
@@ -26,16 +29,29 @@ GPT2_BLOCK_VALUES = 17
 # logits, log-softmax, and their gradients during the loss's backward (4 x 4 bytes).
 OUTER_ACTIVATION_BYTES = 3 * 4
 LOGIT_BYTES = 4 * 4
+# With dropout, scaled_dot_product_attention on CPU cannot use its fused kernel: the math path keeps every
+# attention score for backward (scores, softmax, dropout mask, dropped probabilities): 13.5 bytes per score
+# measured for the encoder, 16.5 for GPT (fp32, torch 2.13, scripts/check_plan_memory.py). CUDA's flash
+# kernel fuses dropout and keeps none.
+UNFUSED_SCORE_BYTES = 15
 # Optimizer state per parameter (fp32): Adam/AdamW keep two moments; SGD a momentum buffer (if any).
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
 
 
-def flops_per_token(arch: DecoderArch, n_params_no_pos: int) -> int:
+def flops_per_token(arch: TransformerArch, n_params_no_pos: int) -> int:
     """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus 12·L·H·Q·T for
-    attention scores and values (PaLM, Chowdhery et al. 2022, appendix B)."""
+    attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). N: the parameters that take part
+    in a matmul (a GPT's without its position table; an encoder's see encoder_matmul_parameters)."""
     L, H = arch.n_layer, arch.n_head
     Q, T = arch.head_size, arch.block_size
     return 6 * n_params_no_pos + 12 * L * H * Q * T
+
+
+def encoder_matmul_parameters(arch: EncoderArch, n_params: int) -> int:
+    """An encoder's parameters that take part in a matmul: all but its position and token-type tables, and
+    its word table too unless the masked-LM head multiplies by it (tied decoder, all positions)."""
+    tables = (arch.block_size + arch.type_vocab_size) * arch.n_embd
+    return n_params - tables - (0 if arch.task == "mlm" else arch.vocab_size * arch.n_embd)
 
 
 def block_parameters(arch: DecoderArch) -> int:
@@ -51,9 +67,9 @@ def block_parameters(arch: DecoderArch) -> int:
 
 
 def training_memory(
-    arch: DecoderArch, n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
+    arch: TransformerArch, n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
     momentum: float = 0.9, sharding: str = "none", devices: int = 1, activation_checkpointing: bool = False,
-    fsdp_param_bytes: int = 4, runtime: int = 0, adapter: int | None = None,
+    fsdp_param_bytes: int = 4, runtime: int = 0, adapter: int | None = None, fused_dropout: bool = True,
 ) -> dict[str, int]:
     """Peak bytes on one device for a training step with `batch` sequences on that device.
 
@@ -62,6 +78,7 @@ def training_memory(
     and the prefetched one). DDP keeps everything whole plus its gradient buckets (a second copy of the
     gradients, PyTorch's default). Gradients and activations are not held at once: gradients appear
     during backward as activations are freed, so the step's peak takes the larger of the two.
+    fused_dropout False: attention with dropout keeps its scores (CPU; see UNFUSED_SCORE_BYTES).
     """
     shards = devices if sharding == "fsdp" else 1
     weights = 4 * n_params // shards
@@ -72,7 +89,7 @@ def training_memory(
     gradients = 4 * n_params // shards + (4 * n_params if sharding == "ddp" and devices > 1 else 0)
     states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
     optimizer_bytes = 4 * states * n_params // shards
-    activations = activation_memory(arch, batch, precision, activation_checkpointing)
+    activations = activation_memory(arch, batch, precision, activation_checkpointing, fused_dropout)
     if adapter is not None:
         # LoRA (Hu et al. 2021): the n_params base weights are frozen; gradients and optimizer state exist
         # for the adapter's parameters only. Activations stay: backward still runs through every layer.
@@ -102,52 +119,68 @@ def lora_parameters(arch: DecoderArch, targets: tuple[str, ...], rank: int) -> i
     return total
 
 
-def activation_memory(arch: DecoderArch, batch: int, precision: str, checkpointing: bool) -> int:
+def activation_memory(arch: TransformerArch, batch: int, precision: str, checkpointing: bool,
+                      fused_dropout: bool = True) -> int:
     """Bytes of activations kept for backward (see BLOCK_ACTIVATION_BYTES). With activation
     checkpointing (Chen et al. 2016) each block keeps only its fp32 input; during backward one block
     at a time is recomputed, and its activations and their gradients (about as large again, measured)
-    are alive together."""
+    are alive together. Logits: one per vocabulary entry and position for a language model (GPT's next
+    token, an encoder's masked-LM head), none per position for the other heads."""
     tokens = batch * arch.block_size
     per_value = BLOCK_ACTIVATION_BYTES[precision] / GPT2_BLOCK_VALUES
     per_block = int(per_value * tokens * max(block_activation_values(arch)))
+    if arch.dropout > 0 and not fused_dropout:
+        per_block += UNFUSED_SCORE_BYTES * batch * arch.n_head * arch.block_size**2
     if checkpointing:
         blocks = arch.n_layer * 4 * tokens * arch.n_embd + 2 * per_block
     else:
         blocks = arch.n_layer * per_block
-    return blocks + OUTER_ACTIVATION_BYTES * tokens * arch.n_embd + LOGIT_BYTES * tokens * arch.vocab_size
+    logits = arch.vocab_size if arch.task in ("lm", "mlm") else 0
+    return blocks + OUTER_ACTIVATION_BYTES * tokens * arch.n_embd + LOGIT_BYTES * tokens * logits
 
 
-def block_activation_values(arch: DecoderArch) -> list[int]:
+def block_activation_values(arch: TransformerArch) -> list[int]:
     """Values per token each block saves for backward (17·n_embd for GPT-2's shape): the norms' and
     c_attn's inputs (3d: ln_1, c_attn, ln_2), q, k and v, the attention output and c_proj's input (2 q
     widths), the MLP's input (d), and inside the MLP GELU's input and c_proj's input (2 hidden), or for
     SwiGLU the gate and up outputs, silu's output and their product (4 hidden)."""
     d = arch.n_embd
     attention = arch.q_width + 2 * arch.kv_width + 2 * arch.q_width
-    return [4 * d + attention + (4 if arch.mlp == "swiglu" else 2) * hidden for hidden in arch.mlp_hidden]
+    swiglu = getattr(arch, "mlp", "gelu") == "swiglu"  # an encoder's MLP is GELU
+    return [4 * d + attention + (4 if swiglu else 2) * hidden for hidden in arch.mlp_hidden]
 
 
-def inference_memory(arch: DecoderArch, n_params: int, *, batch: int, context: int, weight_bytes: float,
+def inference_memory(arch: TransformerArch, n_params: int, *, batch: int, context: int, weight_bytes: float,
                      cache_bytes: int = 4) -> dict[str, int]:
     """Bytes to generate: the weights, and the KV cache (keys and values of every layer for every
     position of the context: 2·L·b·T·(n_kv_head·head_size) values; grouped-query attention stores
-    n_kv_head heads, not n_head) plus one step's logits."""
+    n_kv_head heads, not n_head) plus one step's logits. An encoder keeps no cache; a masked-LM encoder's
+    logits cover every position."""
     weights = int(weight_bytes * n_params)
+    if isinstance(arch, EncoderArch):
+        logits = batch * context * arch.vocab_size * 4 if arch.task == "mlm" else 0
+        return {"weights": weights, "kv_cache": 0, "logits": logits, "total": weights + logits}
     kv_cache = 2 * arch.n_layer * batch * context * arch.kv_width * cache_bytes
     logits = batch * arch.vocab_size * 4
     return {"weights": weights, "kv_cache": kv_cache, "logits": logits, "total": weights + kv_cache + logits}
 
 
-def disk_sizes(arch: DecoderArch, n_params: int, optimizer: str, momentum: float = 0.9) -> dict[str, int]:
+def disk_sizes(arch: TransformerArch, n_params: int, optimizer: str, momentum: float = 0.9) -> dict[str, int]:
     """Bytes on disk. Checkpoints: fp32 safetensors, the tied embedding once; the resumable one adds the
     optimizer state. ONNX: the exporter stores the tied embedding twice (for the lookup and, transposed,
-    for the output matmul); int8 quantises the matmul weights to one byte and keeps the rest fp32."""
+    for the output matmul); int8 quantises the matmul weights to one byte and keeps the rest fp32 (the
+    lookup tables: token, position and an encoder's token-type embeddings)."""
     states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
     embedding = arch.vocab_size * arch.n_embd
-    positions = arch.block_size * arch.n_embd if arch.position == "learned" else 0
-    head_copy = embedding if arch.tie_embeddings else 0  # untied: the head is a parameter already
+    if isinstance(arch, EncoderArch):
+        positions = (arch.block_size + arch.type_vocab_size) * arch.n_embd
+        tied = arch.task == "mlm"
+    else:
+        positions = arch.block_size * arch.n_embd if arch.position == "learned" else 0
+        tied = arch.tie_embeddings
+    head_copy = embedding if tied else 0  # untied: the head is a parameter already
     # blocks (their norms too: a rounding error) and the output head (the tied copy, or its own weights)
-    matmul = n_params - positions - (0 if arch.tie_embeddings else embedding)
+    matmul = n_params - positions - (0 if tied else embedding)
     return {
         "checkpoint": 4 * n_params,
         "training_state": 4 * n_params * (1 + states),

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bigmodel import accounting, registry
-from bigmodel.arch import AnyArch, DecoderArch
+from bigmodel.arch import AnyArch, DecoderArch, TabularArch
 from bigmodel.config import Config
 from bigmodel.datasets import MANIFEST_FILE
 from bigmodel.errors import UserError
@@ -65,11 +65,12 @@ def run(config: Config) -> dict[str, Any]:
     n_params = registry.count_parameters(model)
     report: dict[str, Any] = {"model": {"family": arch.family, "parameters": n_params,
                                         "architecture": arch.to_dict()}}
-    if not isinstance(arch, DecoderArch):
+    if isinstance(arch, TabularArch):
         report["planned_in_s"] = round(time.perf_counter() - start, 3)
         return report
 
-    n_no_pos = gpt.parameter_counts(model)["without_position_embeddings"]
+    n_no_pos = (gpt.parameter_counts(model)["without_position_embeddings"] if isinstance(arch, DecoderArch)
+                else accounting.encoder_matmul_parameters(arch, n_params))
     hardware = _hardware(pc.hardware)
     flops_per_token = accounting.flops_per_token(arch, n_no_pos)
     tokens, tokens_from = _training_tokens(config, arch, n_params)
@@ -84,7 +85,7 @@ def run(config: Config) -> dict[str, Any]:
             momentum=tc.momentum, sharding=sharding, devices=pc.devices,
             activation_checkpointing=tc.activation_checkpointing,
             fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=hardware.runtime_bytes,
-            adapter=adapter,
+            adapter=adapter, fused_dropout=pc.hardware != "local",  # local: this CPU
         )
 
     adapter = (accounting.lora_parameters(arch, tc.lora.projections(), tc.lora.rank) if tc.lora is not None
@@ -179,7 +180,7 @@ def _architecture(config: Config) -> AnyArch:
     return registry.architecture(config.model, {"vocab_size": vocab})
 
 
-def _training_tokens(config: Config, arch: DecoderArch, n_params: int) -> tuple[int, str]:
+def _training_tokens(config: Config, arch: accounting.TransformerArch, n_params: int) -> tuple[int, str]:
     tc = config.train
     if config.plan.tokens is not None:
         return config.plan.tokens, "plan.tokens"

@@ -58,7 +58,10 @@ def training_steps(arch: dict, batch: int, precision: str, checkpointing: bool, 
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
     for _ in range(2):
         with autocast:
-            logits, _ = model(x[:, :-1])
+            if arch["family"] == "bert":  # masked-LM: logits for every position, as train/encoder.py
+                logits = model(x[:, :-1], torch.ones_like(x[:, :-1]))
+            else:
+                logits, _ = model(x[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from bigmodel import accounting, plan
 from bigmodel.arch import DecoderArch
@@ -35,6 +36,24 @@ def test_parameters_equal_what_init_builds(tmp_path: Path) -> None:
     report = plan_json(gpt)
     written = (tmp_path / "gpt" / "run" / "init" / "model.safetensors").stat().st_size
     assert report["storage"]["checkpoint"] <= written <= report["storage"]["checkpoint"] * 1.25
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
+def test_an_encoders_memory_estimate_is_within_25_percent_of_a_measured_step() -> None:
+    """A masked-LM encoder with dropout on this CPU (attention keeps its scores: the unfused path) and a
+    GPT with dropout: the estimate against two measured steps of each."""
+    from bigmodel import registry
+    from bigmodel.arch import parse
+
+    encoder = {"family": "bert", "task": "mlm", "vocab_size": 8000, "n_layer": 4, "n_head": 4, "n_embd": 256,
+               "block_size": 128, "dropout": 0.1}
+    for arch in (encoder, {**ARCH, "dropout": 0.2}):
+        measured = measure_cpu(arch, 16, "fp32", False)
+        with torch.device("meta"):
+            n_params = registry.count_parameters(registry.build_model(arch))
+        estimate = accounting.training_memory(parse(arch, "test"), n_params, batch=16, runtime=plan.CPU_RUNTIME,
+                                              fused_dropout=False)
+        assert abs(estimate["total"] - measured) <= 0.25 * measured, (arch["family"], estimate, measured)
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")

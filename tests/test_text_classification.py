@@ -166,6 +166,20 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     got = np.array([[row["probabilities"][label] for label in manifest["data"]["labels"]]
                     for row in map(json.loads, out.read_text().splitlines())])
     assert np.abs(got - want).max() < 1e-4
+    # serve's /v1/predict answers what infer wrote for the same texts; a bad request is a 400 naming its field
+    from tests.test_serve import http, server
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "prepare" / "test.jsonl").read_text().splitlines()]
+    inferred_rows = [json.loads(line) for line in out.read_text().splitlines()]
+    with server("-c", config) as base:
+        status, answer = http(base, "/v1/predict", {"texts": [r["text"] for r in records[:3]]})
+        bad_status, bad = http(base, "/v1/predict", {"texts": ["fine", ""]})
+        wrong_route, _ = http(base, "/v1/embeddings", {"input": "a classifier has no embeddings route"})
+    assert status == 200, answer
+    assert [p["prediction"] for p in answer["predictions"]] == [row["prediction"] for row in inferred_rows[:3]]
+    for served, written in zip(answer["predictions"], inferred_rows):
+        assert all(abs(served["probabilities"][k] - v) < 1e-5 for k, v in written["probabilities"].items())
+    assert bad_status == 400 and bad["error"]["param"] == "texts" and wrong_route == 404
     # eval of the ONNX model (ONNX Runtime) gives the checkpoint's scores
     onnx = cli("eval", "-c", config, "--set", f"eval.checkpoint={tmp_path / 'run' / 'export' / 'model.onnx'}",
                "--set", f"eval.output={tmp_path / 'onnx.json'}", "-q")
@@ -266,6 +280,10 @@ def test_masked_lm_pretraining_on_a_corpus_learns_and_resumes_bitwise(tmp_path: 
     assert log[-1]["val_loss"] < min(3.6, log[0]["val_loss"] - 0.2) and log[-1]["val_accuracy"] > 0.08
     scores = json.loads((tmp_path / "straight" / "run" / "eval" / "metrics.json").read_text())["metrics"]
     assert scores["masked_tokens"] > 0 and np.isclose(scores["perplexity"], np.exp(scores["loss"]))
+    planned = cli("plan", "-c", runs["straight"], "--json").json()  # parameters as built, FLOPs of an encoder
+    built = cli("init", "-c", runs["straight"], "--json", "-q").json()
+    assert planned["model"]["parameters"] == built["parameters"]
+    assert planned["compute"]["tokens"] == 200 * 32 * 24 and planned["inference_memory"]["kv_cache_fp32"] == 0
 
     assert cli("pipeline", "-c", runs["resumed"], "--to", "init", "-q").code == 0
     assert cli("train", "-c", runs["resumed"], "--until-step", "60", "-q").code == 0

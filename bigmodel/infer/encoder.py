@@ -52,17 +52,27 @@ def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferCon
     return result
 
 
-def run_texts(session: Any, meta: dict[str, Any], texts: list[list[str]], batch_size: int) -> np.ndarray:
-    """The graph's output for each text (or pair), in padded batches: (N, L) probabilities or (N, C) embeddings."""
+def tokenizer_of(meta: dict[str, Any]) -> Any:
+    """The model's own tokenizer (from its metadata), cutting inputs to the model's context."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(meta["tokenizer"] if isinstance(meta["tokenizer"], str) else json.dumps(meta["tokenizer"]))
     tok.enable_truncation(max_length=int(meta["architecture"]["block_size"]), strategy="longest_first")
+    return tok
+
+
+def run_texts(session: Any, meta: dict[str, Any], texts: list[list[str]], batch_size: int, tok: Any = None,
+              tokens: list[int] | None = None) -> np.ndarray:
+    """The graph's output for each text (or pair), in padded batches: (N, L) probabilities or (N, C) embeddings.
+    tok: the model's tokenizer when the caller keeps one (serve); tokens: the count of real tokens is added."""
+    tok = tok or tokenizer_of(meta)
     pad_id = int(meta["architecture"]["pad_id"])
     parts = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         encodings = tok.encode_batch([tuple(t) if len(t) == 2 else t[0] for t in chunk])
+        if tokens is not None:
+            tokens.append(sum(len(e.ids) for e in encodings))
         width = max(len(e.ids) for e in encodings)
         feeds = {name: np.zeros((len(chunk), width), dtype=np.int64) for name in INPUTS}
         feeds["input_ids"][:] = pad_id

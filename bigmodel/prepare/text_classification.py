@@ -80,6 +80,8 @@ def run(config: Config) -> dict[str, Any]:
         "max_tokens": config.model.block_size,
         "truncated": truncated,
         "splits": splits,
+        "tokens": {name: int(sum(arrays[key].size for key in (f"{name}_ids", f"{name}_b_ids") if key in arrays))
+                   for name in SPLITS},
         "class_counts": ({name: np.bincount(arrays[f"{name}_y"], minlength=len(labels)).tolist() for name in SPLITS}
                          if labels else None),
     }
