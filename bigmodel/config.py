@@ -301,6 +301,11 @@ class BERTConfig(Section):
     block_size: int = Field(128, gt=0, description="Longest input in tokens ([CLS] and [SEP] included).")
     intermediate_size: int | None = Field(None, gt=0, description="MLP hidden width. Default: 4 x n_embd.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+    pooling: Literal["cls", "mean"] | None = Field(
+        None, description="What a classifier reads: the [CLS] token through BERT's pooler (cls), or the mean of "
+        "the token states (mean). Default: the imported model's own (a sentence-transformers folder declares "
+        "it in 1_Pooling/config.json), else cls.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> BERTConfig:

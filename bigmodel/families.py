@@ -56,8 +56,6 @@ FAMILIES: dict[str, Family] = {
         infer_output="predictions.csv",
         infer_reads_test_split=True, distributed=False,
     ),
-    # In progress (issue 18): the model and its import exist; the config does not offer family 'bert' yet,
-    # and its recipe, evaluator, exporter, inferer and server modules are still to be written.
     "bert": Family(
         name="bert", data_format="text_classification", onnx_kind="encoder", default_init="bert",
         model="bigmodel.models.bert", recipe="bigmodel.train.encoder", evaluator="bigmodel.eval.encoder",

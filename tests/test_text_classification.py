@@ -186,6 +186,11 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     assert onnx.code == 0, onnx.stderr
     from_onnx = json.loads((tmp_path / "onnx.json").read_text())["metrics"]
     assert from_onnx["confusion_matrix"] == scores["confusion_matrix"] and abs(from_onnx["loss"] - scores["loss"]) < 1e-5
+    # the report page is the tabular classifier's: confusion matrix and per-class precision/recall
+    reported = cli("report", "-c", config, "--json", "-q")
+    assert reported.code == 0, reported.stderr
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "confusion_matrix.png" in page and "per_class.png" in page and "weather" in page
     # int8 through compress: scored by the same eval, timed on one text
     compressed = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 8}]", "--json", "-q")
     assert compressed.code == 0, compressed.stderr
@@ -367,3 +372,40 @@ def test_lora_fine_tuning_of_an_imported_encoder_matches_peft(tmp_path: Path) ->
                 module.lora_B["default"].weight.copy_(torch.from_numpy(saved[ours_key.format("B")]))
         want = adapted(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
     assert np.abs(ours - want).max() < 1e-4
+
+
+def test_a_sentence_transformers_folder_is_classified_by_its_mean_token_state(tmp_path: Path) -> None:
+    """A folder with sentence-transformers' 1_Pooling/config.json (mean tokens) gets a classifier on the
+    masked mean of its states (= transformers' states averaged, 1e-4); model.pooling: cls picks BERT's pooler."""
+    import torch
+    import transformers
+
+    from bigmodel import registry
+    from bigmodel.config import load_config
+    from bigmodel.datasets import load_texts
+    from tests.hf_models import make_bert
+
+    folder = make_bert(tmp_path / "bert", "none")
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    runs = {}
+    for pooling in ("mean", "cls"):
+        (tmp_path / pooling).mkdir()
+        runs[pooling] = write_config(tmp_path / pooling / "c.yaml", {
+            "seed": 0, "threads": 1, "run_dir": str(tmp_path / pooling / "run"), "init": {"from": str(folder)},
+            "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+            "model": {"block_size": 32, **({"pooling": "cls"} if pooling == "cls" else {})}})
+        assert cli("pipeline", "-c", runs[pooling], "--to", "init", "-q").code == 0
+    model, manifest = registry.load_model(tmp_path / "mean" / "run" / "init" / "model.safetensors")
+    assert manifest["architecture"]["pooling"] == "mean" and model.head.pooler is None
+    texts = load_texts(load_config(runs["mean"]), "test")
+    batch = {k: torch.from_numpy(v) for k, v in texts.batch(np.arange(len(texts)), 0).items()}
+    with torch.no_grad():
+        states = transformers.AutoModel.from_pretrained(str(folder)).eval()(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        want = model.head.out((states * mask).sum(1) / mask.sum(1))
+        got = model.eval()(**batch)
+    assert (got - want).abs().max() < 1e-4
+    cls_model, cls_manifest = registry.load_model(tmp_path / "cls" / "run" / "init" / "model.safetensors")
+    assert cls_manifest["architecture"]["pooling"] == "cls" and cls_model.head.pooler is not None

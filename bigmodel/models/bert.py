@@ -97,16 +97,22 @@ class MaskedLMHead(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """The pooler (tanh of a Linear on the first token's state), dropout, then the labels' scores."""
+    """What the text is taken to be -- BERT's pooler (tanh of a Linear on the [CLS] token's state), or the
+    mean of the token states (the reading a sentence-transformers model is trained for, Reimers &
+    Gurevych 2019) -- then dropout and the labels' scores."""
 
     def __init__(self, arch: EncoderArch) -> None:
         super().__init__()
-        self.pooler = nn.Linear(arch.n_embd, arch.n_embd)
+        self.pooler = nn.Linear(arch.n_embd, arch.n_embd) if arch.pooling == "cls" else None
         self.drop = nn.Dropout(arch.dropout)
         self.out = nn.Linear(arch.n_embd, arch.n_outputs)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (B, C): the [CLS] token
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (B, C): the [CLS] token
+        else:
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C)
         return self.out(self.drop(pooled))  # (B, L)
 
 
@@ -160,6 +166,8 @@ class BERT(nn.Module):
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         if self.head is None:
             return mean_pooled(hidden, attention_mask)
+        if isinstance(self.head, ClassifierHead):
+            return self.head(hidden, attention_mask)
         return self.head(hidden)
 
 
@@ -175,7 +183,7 @@ def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> EncoderArch:
         n_embd=model_cfg.n_embd, block_size=model_cfg.block_size,
         mlp_hidden=[model_cfg.intermediate_size or 4 * model_cfg.n_embd] * model_cfg.n_layer,
         n_outputs=len(data_manifest["labels"]) if task == "classification" else 0,
-        dropout=model_cfg.dropout, pad_id=data_manifest.get("pad_id", 0),
+        dropout=model_cfg.dropout, pad_id=data_manifest.get("pad_id", 0), pooling=model_cfg.pooling or "cls",
     )
 
 

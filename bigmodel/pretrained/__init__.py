@@ -119,14 +119,15 @@ def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> set[str]
 
 def check_config(model_cfg: Any, arch: DecoderArch | EncoderArch, origin: Path) -> None:
     """The imported model is of the config's family, and keys the user set in `model:` agree with its
-    architecture (block_size may shrink the context, dropout is a training setting)."""
+    architecture (block_size may shrink the context, dropout is a training setting, task and pooling choose
+    an encoder's head)."""
     if arch.family != model_cfg.family:
         raise UserError(f"init.from: {origin.name} holds a '{arch.family}' model, but model.family is "
                         f"'{model_cfg.family}'; import it into a config of its own family")
     derived = {"n_kv_head": getattr(arch, "n_kv_head", None), "head_size": arch.head_size,
                "intermediate_size": arch.mlp_hidden[0]}
     contradictions = []
-    for key in sorted(model_cfg.model_fields_set - {"family", "dropout", "task"}):
+    for key in sorted(model_cfg.model_fields_set - {"family", "dropout", "task", "pooling"}):
         wanted = getattr(model_cfg, key)
         have = derived.get(key, getattr(arch, key, None))
         if key == "block_size":
@@ -144,12 +145,14 @@ def check_config(model_cfg: Any, arch: DecoderArch | EncoderArch, origin: Path) 
 def with_config_overrides(arch: DecoderArch | EncoderArch, model_cfg: Any, task: str | None = None,
                           labels: int = 0) -> DecoderArch | EncoderArch:
     """The imported architecture with what the config may change: a shorter context, dropout, and the run's
-    task head (`task`, with `labels` classes) where the model has several (an encoder)."""
+    task head (`task`, with `labels` classes) and its pooling where the model has several (an encoder)."""
     update: dict[str, Any] = {}
     if "block_size" in model_cfg.model_fields_set:
         update["block_size"] = model_cfg.block_size
     if "dropout" in model_cfg.model_fields_set:
         update["dropout"] = model_cfg.dropout
+    if getattr(model_cfg, "pooling", None) is not None:
+        update["pooling"] = model_cfg.pooling
     if task is not None and task != arch.task:
         update.update(task=task, n_outputs=labels if task == "classification" else 0)
     return type(arch).model_validate({**arch.to_dict(), **update}) if update else arch

@@ -269,8 +269,14 @@ def _bert_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Encode
             raise UserError(f"{origin}: {key} = {config.get(key)!r} is not supported by bigmodel's BERT (it "
                             "would change what the model computes)")
     n_layer, n_embd = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    pooling = "cls"
+    pooling_file = folder / "1_Pooling" / "config.json"  # a sentence-transformers model says how it pools
+    if pooling_file.is_file() and _read_json(pooling_file, "pooling config").get("pooling_mode_mean_tokens"):
+        pooling = "mean"
+        notes.append("a classifier reads the mean of the token states (the folder's 1_Pooling/config.json: the "
+                      "model was trained to be read that way)")
     return EncoderArch(
-        task="embedding", vocab_size=int(config["vocab_size"]), n_layer=n_layer,
+        task="embedding", vocab_size=int(config["vocab_size"]), n_layer=n_layer, pooling=pooling,
         n_head=int(config["num_attention_heads"]), n_embd=n_embd,
         block_size=int(config.get("max_position_embeddings", 512)),
         mlp_hidden=[int(config.get("intermediate_size") or 4 * n_embd)] * n_layer,

@@ -97,17 +97,10 @@ def run(
                     log.write({"step": loop.step, "epoch": loop.step / steps_per_epoch, "lr": lr,
                                "train_loss": loss.item(), **{f"val_{k}": v for k, v in val.items()},
                                "elapsed_s": round(time.perf_counter() - start, 3)})
-                    score = val["loss"] if tc.monitor == "loss" else -val["accuracy"]
-                    if score < loop.best_score:
-                        loop.best_score, loop.best_step, loop.evals_since_best = score, loop.step, 0
+                    if loop.scored(val["loss"] if tc.monitor == "loss" else -val["accuracy"]):
                         best_metrics = val
                         save_model(out_dir / "best.safetensors", model, manifest(val))
-                    else:
-                        loop.evals_since_best += 1
-                    if tc.patience is not None and loop.evals_since_best >= tc.patience:
-                        console.info(f"train: early stop at step {loop.step} (no val improvement in "
-                                     f"{tc.patience} evaluations)")
-                        stop = True
+                    stop = loop.out_of_patience(tc.patience)
                     loop.mark(total_steps, stopped_early=stop)
                     save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
                 elif loop.step == last_step:  # stopping between evaluations: keep the state to resume from

@@ -168,15 +168,9 @@ def train(
                 val_loss = data.val_loss(model, autocast, device, world)
                 log.write({"step": loop.step, "val_loss": val_loss, "train_loss": step_loss, "lr": lr,
                            "tokens": loop.tokens_seen})
-                if val_loss < loop.best_score:
-                    loop.best_score, loop.best_step, loop.evals_since_best = val_loss, loop.step, 0
+                if loop.scored(val_loss):
                     save_model(out_dir / "best.safetensors", model, manifest({"val_loss": val_loss}), world)
-                else:
-                    loop.evals_since_best += 1
-                if tc.patience is not None and loop.evals_since_best >= tc.patience:
-                    console.info(f"train: early stop at step {loop.step} (no val improvement in "
-                                 f"{tc.patience} evaluations)")
-                    stop = True
+                stop = loop.out_of_patience(tc.patience)
             if loop.step % save_every == 0 or loop.step in (total_steps, last_step) or stop:
                 loop.mark(total_steps, stopped_early=stop)
                 save_training_state(last_path, model, optimizer, sampler, loop,

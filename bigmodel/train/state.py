@@ -40,6 +40,21 @@ class LoopState:
     # Each resume that was allowed to change settings (--allow-changes): {"step", "changes"}.
     resumed_with_changes: list[dict[str, Any]] = field(default_factory=list)
 
+    def scored(self, score: float) -> bool:
+        """Record an evaluation's score (lower is better); True when it is the best so far."""
+        if score < self.best_score:
+            self.best_score, self.best_step, self.evals_since_best = score, self.step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        """Early stopping: `patience` evaluations in a row without a better score (said on the console)."""
+        if patience is None or self.evals_since_best < patience:
+            return False
+        console.info(f"train: early stop at step {self.step} (no val improvement in {patience} evaluations)")
+        return True
+
     def mark(self, total_steps: int, stopped_early: bool = False) -> None:
         """Record where the schedule stands, just before a checkpoint is written."""
         self.total_steps = total_steps
