@@ -71,6 +71,10 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, tokenizer: object) -> None:
+        # A tokenizer.json may carry its own padding and truncation (a sentence-transformers one pads every
+        # text to 128 tokens); text for a language model is never padded or cut by its tokenizer.
+        tokenizer.no_padding()  # type: ignore[attr-defined]
+        tokenizer.no_truncation()  # type: ignore[attr-defined]
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()  # type: ignore[attr-defined]
         self.eot_id = tokenizer.token_to_id(END_OF_TEXT)  # type: ignore[attr-defined]

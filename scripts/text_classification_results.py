@@ -16,6 +16,10 @@ stratified by label: every model below sees the same train / val / test texts), 
 Each is scored on the test split: accuracy, macro F1 and per-class precision/recall (bigmodel's eval for the
 encoders), with the wall time of training. The fine-tuned MiniLM is then exported to ONNX (parity-gated)
 and quantised to int8 by `bigmodel compress`, and both are scored by ONNX Runtime with the same eval.
+
+Last, sentence embeddings: each docstring's first sentence and the rest of it make a pair; all-MiniLM-L6-v2
+as it ships (model.task embedding) must find each held-out summary's rest among all held-out rests
+(bigmodel's eval: recall@1, recall@5, MRR), next to TF-IDF cosine on the same pairs.
 """
 
 from __future__ import annotations
@@ -141,6 +145,52 @@ def deployed(work: Path, name: str) -> dict[str, object]:
     return found
 
 
+def summary_pairs(work: Path) -> Path:
+    """(summary, rest) pairs from the docstrings: the first sentence and what follows it (5+ words each)."""
+    rows = list(csv.DictReader((work / "docstrings.csv").open(encoding="utf-8")))
+    out = work / "docstring_pairs.csv"
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["summary", "rest"])
+        for row in rows:
+            first, dot, rest = row["text"].partition(". ")
+            if dot and len(first.split()) >= 5 and len(rest.split()) >= 5:
+                writer.writerow([first + ".", rest])
+    return out
+
+
+def tfidf_retrieval(work: Path, run_dir: str) -> dict[str, float]:
+    """Each test summary looks for its rest among all test rests by TF-IDF cosine (fitted on train + val)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    test = [json.loads(line) for line in (work / run_dir / "prepare" / "test.jsonl").read_text().splitlines()]
+    test_summaries = {record["summary"] for record in test}
+    rows = list(csv.DictReader((work / "docstring_pairs.csv").open(encoding="utf-8")))
+    fitted = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit(
+        [text for row in rows if row["summary"] not in test_summaries for text in (row["summary"], row["rest"])])
+    a = fitted.transform([r["summary"] for r in test])
+    b = fitted.transform([r["rest"] for r in test])
+    similarity = (a @ b.T).toarray()
+    rank = (similarity > np.diag(similarity)[:, None]).sum(1)
+    return {"recall_at_1": round(float((rank == 0).mean()), 4), "recall_at_5": round(float((rank < 5).mean()), 4),
+            "mrr": round(float((1.0 / (rank + 1)).mean()), 4), "pairs": len(test)}
+
+
+def embedding_retrieval(work: Path, folder: Path, common: dict) -> dict[str, object]:
+    """all-MiniLM-L6-v2 as it ships (model.task embedding, no training) scored by bigmodel's eval on
+    held-out (summary, rest) pairs, next to TF-IDF cosine on the same pairs."""
+    summary_pairs(work)
+    config = {**common, "run_dir": "minilm_embedding", "init": {"from": str(folder)},
+              "data": {"format": "text_classification", "path": "docstring_pairs.csv", "text": "summary",
+                       "text_pair": "rest"},
+              "model": {"task": "embedding", "block_size": 128}, "eval": {"checkpoint": "init"}}
+    bigmodel("pipeline", "-c", _write(work, "minilm_embedding", config), "--to", "init", cwd=work)
+    bigmodel("eval", "-c", "minilm_embedding.yaml", cwd=work)
+    found = json.loads((work / "minilm_embedding" / "eval" / "metrics.init.json").read_text())["metrics"]
+    return {"minilm_as_shipped": {k: round(found[k], 4) for k in ("recall_at_1", "recall_at_5", "mrr")}
+            | {"pairs": found["pairs"]}, "tfidf_cosine": tfidf_retrieval(work, "minilm_embedding")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
@@ -149,7 +199,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minilm", type=Path, default=None, help="all-MiniLM-L6-v2 folder (default: the package's)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip", default="", help="comma-separated: minilm, scratch, deploy")
+    parser.add_argument("--skip", default="", help="comma-separated: minilm, scratch, deploy, embedding")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = args.out or Path(tempfile.mkdtemp(prefix="docstrings_"))
@@ -175,6 +225,8 @@ def main() -> None:
             results["minilm_finetuned"]["deployed"] = deployed(work, "minilm")
     if "scratch" not in skip:
         results["scratch_encoder"] = encoder_run(work, "scratch", scratch)
+    if "embedding" not in skip:
+        results["retrieval_summary_to_rest"] = embedding_retrieval(work, minilm_folder(args.minilm), common)
     print(json.dumps(results, indent=2))
 
 

@@ -145,6 +145,10 @@ def write_wordpiece(folder: Path, vocab_size: int = 200) -> int:
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    # As sentence-transformers ships them (all-MiniLM-L6-v2: every text padded to 128, cut at 128): what
+    # bigmodel must not inherit.
+    tok.enable_padding(length=64, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=64)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({

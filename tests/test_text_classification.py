@@ -83,9 +83,11 @@ def test_the_imported_models_tokenizer_is_used(tmp_path: Path) -> None:
     assert manifest["tokenizer"]["source"] == str(folder)
     first_test = json.loads((tmp_path / "run" / "prepare" / "test.jsonl").read_text().splitlines()[0])
     reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    reference.no_padding()  # the file pads every text to 64, as sentence-transformers' do: no [PAD] is stored
     reference.enable_truncation(64)  # as long as the model's context: the text is cut, [CLS] and [SEP] kept
     want = reference.encode(first_test["text"]).ids
     assert arrays["test_ids"][: arrays["test_offsets"][1]].tolist() == want and want[-1] == 3  # [SEP]
+    assert 0 not in arrays["train_ids"] and manifest["tokens"]["train"] < 64 * manifest["splits"]["train"]
 
 
 @pytest.mark.parametrize("rows, data, words", [

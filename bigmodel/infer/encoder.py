@@ -57,6 +57,7 @@ def tokenizer_of(meta: dict[str, Any]) -> Any:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(meta["tokenizer"] if isinstance(meta["tokenizer"], str) else json.dumps(meta["tokenizer"]))
+    tok.no_padding()  # batches are padded here, to their own longest text, with the mask that says so
     tok.enable_truncation(max_length=int(meta["architecture"]["block_size"]), strategy="longest_first")
     return tok
 

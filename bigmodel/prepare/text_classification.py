@@ -220,6 +220,10 @@ def _tokenizer(config: Config, train_texts: list[str]) -> tuple[Any, str | None]
 
         source = pretrained.describe(config.init.from_)
         tok = Tokenizer.from_str(source.tokenizer_json)
+        # Its own padding (all-MiniLM-L6-v2's pads every text to 128 tokens) and truncation would put [PAD]
+        # into the stored texts and cut them at its length, not model.block_size: batches pad here.
+        tok.no_padding()
+        tok.no_truncation()
         console.info(f"prepare: the tokenizer of {config.init.from_.name} ({source.model_type}, vocab "
                      f"{tok.get_vocab_size()})")
         return tok, str(config.init.from_)
