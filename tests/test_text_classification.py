@@ -411,3 +411,30 @@ def test_a_sentence_transformers_folder_is_classified_by_its_mean_token_state(tm
     assert (got - want).abs().max() < 1e-4
     cls_model, cls_manifest = registry.load_model(tmp_path / "cls" / "run" / "init" / "model.safetensors")
     assert cls_manifest["architecture"]["pooling"] == "cls" and cls_model.head.pooler is not None
+
+
+def test_an_embedding_model_learns_from_pairs_with_in_batch_negatives(tmp_path: Path) -> None:
+    """model.task embedding trains on (text, partner) pairs: on held-out pairs the partner is found far more
+    often than by the untrained model (measured: MRR 0.79, recall@1 0.61 of 18 pairs after 100 steps)."""
+    rng = np.random.default_rng(0)
+    words = " ".join(TOPICS.values()).split()
+    with (tmp_path / "pairs.csv").open("w", newline="") as handle:  # a partner: 4 of its text's words, shuffled
+        writer = csv.writer(handle)
+        writer.writerow(["text", "other"])
+        for _ in range(180):
+            text = rng.choice(words, size=8, replace=False)
+            writer.writerow([" ".join(text), " ".join(rng.permutation(text)[:4])])
+    config = write_config(tmp_path / "c.yaml", {
+        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"),
+        "data": {"format": "text_classification", "text_pair": "other", "path": str(tmp_path / "pairs.csv"),
+                 "vocab_size": 100},
+        "model": {"task": "embedding", "n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 32, "dropout": 0.0},
+        "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 100, "eval_every": 50, "warmup_steps": 5}})
+    result = cli("pipeline", "-c", config, "--to", "eval", "--json", "-q")
+    assert result.code == 0, result.stderr
+    trained = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["metrics"]
+    assert cli("eval", "-c", config, "--set", "eval.checkpoint=init", "-q").code == 0
+    before = json.loads((tmp_path / "run" / "eval" / "metrics.init.json").read_text())["metrics"]
+    assert trained["pairs"] == before["pairs"] == 18
+    assert trained["mrr"] > 0.6 and trained["mrr"] > before["mrr"] + 0.3 and trained["loss"] < before["loss"], (
+        before, trained)

@@ -66,7 +66,8 @@ def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = 
 
     # ---- data
     train_set, val_set = load_texts(config, "train"), load_texts(config, "val")
-    pairs = (load_texts(config, "train", "b_"), load_texts(config, "val", "b_")) if arch["task"] == "embedding" else None
+    # an embedding model's pairs: the second text of each, by split
+    partners = {split: load_texts(config, split, "b_") for split in ("train", "val")} if arch["task"] == "embedding" else {}
 
     def tensors(texts: TextSplit, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(device) for k, v in texts.batch(rows, arch["pad_id"]).items()}
@@ -92,18 +93,16 @@ def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = 
             return mlm_scores(torch_encoder(model, device), val_set, arch["pad_id"], specials, arch["vocab_size"],
                               config.seed)
     else:
-        assert pairs is not None
-
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
-            a, b = model(**tensors(train_set, rows)), model(**tensors(pairs[0], rows))
+            a, b = model(**tensors(train_set, rows)), model(**tensors(partners["train"], rows))  # (B, C) each
             return F.cross_entropy(a @ b.T * EMBEDDING_SCALE, torch.arange(len(rows), device=device))
 
         def evaluate() -> dict[str, float]:
-            return retrieval_scores(torch_encoder(model, device), val_set, pairs[1], arch["pad_id"])
+            return retrieval_scores(torch_encoder(model, device), val_set, partners["val"], arch["pad_id"])
 
     lengths = train_set.lengths()
     task = EpochTask(
-        examples=len(train_set), unit="pairs" if pairs else "texts",
+        examples=len(train_set), unit="pairs" if partners else "texts",
         steps_per_epoch=math.ceil(len(train_set) / tc.batch_size),
         batches=lambda epoch: length_grouped_batches(lengths, tc.batch_size, config.seed, epoch),
         loss=loss, evaluate=evaluate)
