@@ -66,11 +66,13 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """A HF `tokenizers` tokenizer (byte-level BPE when bigmodel trains it)."""
+    """A HF `tokenizers` tokenizer (byte-level BPE when bigmodel trains it; an imported one may be WordPiece
+    or Unigram, and `kind` says which)."""
 
     kind = "bpe"
 
     def __init__(self, tokenizer: object) -> None:
+        self.kind = str(json.loads(tokenizer.to_str())["model"].get("type", "BPE")).lower()  # type: ignore[attr-defined]
         # A tokenizer.json may carry its own padding and truncation (a sentence-transformers one pads every
         # text to 128 tokens); text for a language model is never padded or cut by its tokenizer.
         tokenizer.no_padding()  # type: ignore[attr-defined]

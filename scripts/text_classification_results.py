@@ -81,25 +81,56 @@ def build(out: Path, per_class: int, min_per_class: int, seed: int) -> dict[str,
 
 
 def tfidf_baseline(work: Path, run_dir: str) -> dict[str, object]:
-    """TF-IDF (word 1-2 grams) + logistic regression on the split bigmodel prepared."""
+    """TF-IDF (word 1-2 grams) + logistic regression on the split bigmodel prepared, two ways: trained on the
+    training texts with C chosen on val (the encoders' protocol: they train on train and pick their best
+    checkpoint on val), and trained on train + val with C = 10 (more data than the encoders get)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import classification_report, f1_score
 
     rows = list(csv.DictReader((work / "docstrings.csv").open(encoding="utf-8")))
     test = [json.loads(line) for line in (work / run_dir / "prepare" / "test.jsonl").read_text().splitlines()]
+    val_texts = set(_split_texts(work / run_dir, "val", rows))
     test_texts = {record["text"] for record in test}
-    train = [row for row in rows if row["text"] not in test_texts]  # val rows train the baseline too
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
-    x_train = vectorizer.fit_transform([row["text"] for row in train])
-    classifier = LogisticRegression(max_iter=2000, C=10.0).fit(x_train, [row["label"] for row in train])
-    predicted = classifier.predict(vectorizer.transform([record["text"] for record in test]))
+    if set(_split_texts(work / run_dir, "test", rows)) != test_texts:
+        raise SystemExit("the re-drawn split differs from bigmodel's prepare; the baseline would not share its split")
+    train = [row for row in rows if row["text"] not in test_texts | val_texts]
+    val = [row for row in rows if row["text"] in val_texts]
     truth = [record["label"] for record in test]
-    report = classification_report(truth, predicted, output_dict=True, zero_division=0)
-    return {"accuracy": round(float(np.mean(predicted == np.array(truth))), 4),
-            "f1_macro": round(float(f1_score(truth, predicted, average="macro")), 4),
-            "per_class": {label: {k: round(report[label][k], 3) for k in ("precision", "recall", "f1-score")}
-                          for label in sorted(set(truth))}}
+
+    def fit(texts: list[dict[str, str]], c: float) -> tuple[object, object]:
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+        x = vectorizer.fit_transform([row["text"] for row in texts])
+        return vectorizer, LogisticRegression(max_iter=3000, C=c).fit(x, [row["label"] for row in texts])
+
+    def accuracy(model: tuple, texts: list[dict[str, str]]) -> float:
+        predicted = model[1].predict(model[0].transform([row["text"] for row in texts]))
+        return float(np.mean(predicted == np.array([row["label"] for row in texts])))
+
+    def scored(model: tuple) -> dict[str, object]:
+        predicted = model[1].predict(model[0].transform([record["text"] for record in test]))
+        report = classification_report(truth, predicted, output_dict=True, zero_division=0)
+        return {"accuracy": round(float(np.mean(predicted == np.array(truth))), 4),
+                "f1_macro": round(float(f1_score(truth, predicted, average="macro")), 4),
+                "per_class": {label: {k: round(report[label][k], 3) for k in ("precision", "recall", "f1-score")}
+                              for label in sorted(set(truth))}}
+
+    candidates = {c: fit(train, c) for c in (1.0, 3.0, 10.0, 30.0, 100.0)}
+    best_c = max(candidates, key=lambda c: accuracy(candidates[c], val))
+    return {"train_c_by_val": {"C": best_c, **scored(candidates[best_c])},
+            "train_and_val_c10": {"C": 10.0, **scored(fit(train + val, 10.0))}}
+
+
+def _split_texts(run: Path, split: str, rows: list[dict[str, str]]) -> list[str]:
+    """The texts bigmodel's prepare put in `split`, by re-drawing its seeded, stratified split."""
+    from bigmodel.prepare.tabular import label_order, seeded_split
+
+    manifest = json.loads((run / "prepare" / "manifest.json").read_text())
+    labels = label_order({row["label"] for row in rows})
+    y = np.array([labels.index(row["label"]) for row in rows])
+    fractions = argparse.Namespace(val_fraction=0.1, test_fraction=0.1, train_subset=1.0)
+    chosen = seeded_split(len(rows), y, fractions, manifest["seed"])[split]
+    return [rows[i]["text"] for i in chosen]
 
 
 def minilm_folder(given: Path | None) -> Path:
@@ -199,6 +230,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minilm", type=Path, default=None, help="all-MiniLM-L6-v2 folder (default: the package's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per text the encoders read (TF-IDF "
+                        "reads all of it; 256 is MiniLM's own limit and cuts about 2%% of the texts)")
     parser.add_argument("--skip", default="", help="comma-separated: minilm, scratch, deploy, embedding")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -209,7 +242,7 @@ def main() -> None:
     common = {"seed": args.seed, "threads": args.threads}
     results: dict[str, object] = {"data": {"texts_per_label": counts, "python": sys.version.split()[0]}}
     scratch = {**common, "run_dir": "scratch", "data": {**data, "vocab_size": 8000},
-               "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 128},
+               "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": args.block_size},
                "train": {"lr": 5e-4, "batch_size": 32, "epochs": 20, "warmup_steps": 100, "weight_decay": 0.01,
                          "monitor": "accuracy"}}
     bigmodel("prepare", "-c", _write(work, "scratch", scratch), cwd=work)  # the split every model shares
@@ -217,7 +250,7 @@ def main() -> None:
     results["tfidf_logistic_regression"] = tfidf_baseline(work, "scratch")
     if "minilm" not in skip:
         minilm = {**common, "run_dir": "minilm", "data": data, "init": {"from": str(minilm_folder(args.minilm))},
-                  "model": {"block_size": 128},
+                  "model": {"block_size": args.block_size},
                   "train": {"lr": 1e-4, "batch_size": 32, "epochs": 8, "warmup_steps": 50, "weight_decay": 0.01,
                             "monitor": "accuracy"}}
         results["minilm_finetuned"] = encoder_run(work, "minilm", minilm)
