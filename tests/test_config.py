@@ -127,5 +127,5 @@ def test_init_from_is_a_path_key_and_its_conflicts_are_named(tmp_path: Path, mon
     assert "data.tokenizer: an imported model (init.from) brings its own tokenizer" in message
     assert "init.scheme: an imported model (init.from) keeps its pretrained weights" in message
     message = error_of(tmp_path, {**BASE, "init": {"from": "m"}, "export": {"format": "hf"}})
-    assert "init.from imports decoder language models" in message and "export.format 'hf'" in message
+    assert "init.from imports language models (model.family 'gpt' or 'bert')" in message and "export.format 'hf'" in message
     assert "did you mean 'from'" in error_of(tmp_path, {**text, "init": {"frm": "m"}})

@@ -308,7 +308,7 @@ def test_plan_counts_lora_parameters_and_shows_full_fine_tuning_beside(sources: 
 @pytest.mark.parametrize("settings, message", [
     ({"data": {"format": "sft", "path": "x.jsonl"}}, "data.format 'sft' fine-tunes a pretrained model"),
     ({"data": {"format": "tabular", "path": "x.csv", "target": "y"}, "train": {"lora": {}}},
-     "train.lora adapts decoder language models"),
+     "train.lora adapts transformers (model.family 'gpt' or 'bert'), not 'mlp'"),
     ({"data": {"format": "sft", "path": "x.jsonl"}, "init": {"from": "m"},
       "train": {"lora": {}, "distributed": "fsdp"}}, "train.lora trains under DDP only"),
     ({"data": {"format": "sft", "path": "x.jsonl"}, "init": {"from": "m"}, "train": {"lora": {"targets": ["qkv"]}}},
