@@ -69,10 +69,7 @@ class BPETokenizer:
     """A HF `tokenizers` tokenizer (byte-level BPE when bigmodel trains it; an imported one may be WordPiece
     or Unigram, and `kind` says which)."""
 
-    kind = "bpe"
-
     def __init__(self, tokenizer: object) -> None:
-        self.kind = str(json.loads(tokenizer.to_str())["model"].get("type", "BPE")).lower()  # type: ignore[attr-defined]
         # A tokenizer.json may carry its own padding and truncation (a sentence-transformers one pads every
         # text to 128 tokens); text for a language model is never padded or cut by its tokenizer.
         tokenizer.no_padding()  # type: ignore[attr-defined]
@@ -80,6 +77,11 @@ class BPETokenizer:
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()  # type: ignore[attr-defined]
         self.eot_id = tokenizer.token_to_id(END_OF_TEXT)  # type: ignore[attr-defined]
+
+    @property
+    def kind(self) -> str:
+        """"bpe", "wordpiece" or "unigram": the HF model type (read on demand: it serialises the tokenizer)."""
+        return str(json.loads(self._tok.to_str())["model"].get("type", "BPE")).lower()  # type: ignore[attr-defined]
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids  # type: ignore[attr-defined]

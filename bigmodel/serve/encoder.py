@@ -34,23 +34,20 @@ class Engine:
         run_texts(self.session, self.meta, [["warm up"] * (2 if self.pairs else 1)], 1, self.tok)
 
     def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
-        def is_text(value: Any) -> bool:
-            return isinstance(value, str) and bool(value.strip())
-
         async def texts_of(request: Request, field: str, allowed: set[str], pairs: bool = False) -> list[list[str]]:
             body = await json_body(request)
             unknown = sorted(set(body) - allowed)
             if unknown:
                 raise RequestError(f"{unknown[0]}: unknown field", unknown[0])
             value = body.get(field)
-            items = [value] if isinstance(value, str) or (pairs and _is_pair(value, is_text)) else value
+            items = [value] if isinstance(value, str) or (pairs and _is_pair(value)) else value
             if pairs:  # a sentence-pair classifier reads [first, second] per item
-                if not isinstance(items, list) or not items or not all(_is_pair(t, is_text) for t in items):
+                if not isinstance(items, list) or not items or not all(_is_pair(t) for t in items):
                     raise RequestError(f"{field}: a list of [text, text_pair] pairs of non-empty strings (this "
                                        "model classifies sentence pairs)", field)
                 queue.check_room()
                 return [list(t) for t in items]
-            if not isinstance(items, list) or not items or not all(is_text(t) for t in items):
+            if not isinstance(items, list) or not items or not all(_is_text(t) for t in items):
                 raise RequestError(f"{field}: a non-empty string or a list of non-empty strings", field)
             queue.check_room()
             return [[t] for t in items]
@@ -83,5 +80,9 @@ class Engine:
         return [route, ("/v1/models", ["GET"], models)]
 
 
-def _is_pair(value: Any, is_text: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(is_text(v) for v in value)
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_text(v) for v in value)
