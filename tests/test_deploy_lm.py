@@ -241,6 +241,7 @@ def test_an_onnx_file_from_before_left_padding_generates_and_serves_one_at_a_tim
 # ---- fp16 export and ONNX Runtime providers (issue 17)
 
 
+@pytest.mark.slow
 def test_fp16_export_has_its_own_gate_and_runs_everywhere_fp32_does(lm_run: Path, tmp_path: Path) -> None:
     import shutil
 

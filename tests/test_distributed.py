@@ -94,7 +94,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_serves_eval(reference: tupl
     assert eval_loss(config) == pytest.approx(single_eval, abs=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_checkpoints_resume_under_another_world_size(reference: tuple[Path, list[dict]], mode: str) -> None:
     config, single = reference
     tolerance = 1e-5 if mode == "ddp" else 1e-4
@@ -123,6 +123,7 @@ def test_only_rank_zero_speaks_and_writes(reference: tuple[Path, list[dict]]) ->
     assert len(losses(config)) == 22  # one writer: no duplicated records
 
 
+@pytest.mark.slow
 def test_ten_two_process_runs_all_exit_zero(reference: tuple[Path, list[dict]], tmp_path: Path) -> None:
     config, _ = reference
     codes = [torchrun(config, "--set", "train.max_steps=2", "-q").code for _ in range(10)]

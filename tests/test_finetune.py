@@ -254,7 +254,7 @@ def test_lora_resume_after_kill_9_is_bitwise_identical(sources: dict[str, Path],
     assert_resume_after_kill_is_exact(config, 150, volatile=("tokens_per_s",))
 
 
-@pytest.mark.parametrize("kind, targets", [("llama", ["all-linear"]), ("gpt2", ["q", "v", "down"])])
+@pytest.mark.parametrize("kind, targets", [pytest.param("llama", ["all-linear"], marks=pytest.mark.slow), ("gpt2", ["q", "v", "down"])])
 def test_peft_loads_the_exported_adapter_with_the_same_logits(
         sources: dict[str, Path], tmp_path: Path, kind: str, targets: list[str]) -> None:
     peft = pytest.importorskip("peft")

@@ -52,6 +52,7 @@ def test_report_of_a_classifier_run(fresh_run: Path) -> None:
     assert "accuracy" in page and "parameters" in page
 
 
+@pytest.mark.slow
 def test_report_of_a_language_model_with_compression(tmp_path: Path) -> None:
     config = lm_config(tmp_path, max_steps=20)
     steps = "compress.steps=[{method: quantize}]"
