@@ -187,3 +187,24 @@ def disk_sizes(arch: TransformerArch, n_params: int, optimizer: str, momentum: f
         "onnx_fp32": 4 * (n_params + head_copy),
         "onnx_int8": 4 * (embedding + positions) + matmul,
     }
+
+
+def communication_per_step(sharding: str, devices: int, *, parameters: int, trainable: int, micro_batches: int,
+                           param_bytes: int = 4, reduce_bytes: int = 4, reshard_after_forward: bool = True
+                           ) -> dict[str, float]:
+    """Bytes each device sends (and as many it receives) per optimizer step, by collective, for ring
+    algorithms (NCCL's; Patarasuk & Yuan 2009): an all-reduce of S bytes moves 2(n-1)/n x S, an all-gather
+    or a reduce-scatter (n-1)/n x S. Gradients are synchronised once per step (bigmodel accumulates
+    micro-batches locally).
+    DDP all-reduces the trainable gradients (fp32: autocast leaves them in the weights' dtype). FSDP
+    (ZeRO-3, Rajbhandari et al. 2019) all-gathers every parameter before each micro-batch's forward and, when
+    it reshards after forward, again before its backward, then reduce-scatters the gradients: 1.5x DDP's
+    traffic at one micro-batch and the same dtypes, the paper's figure (sec. 7)."""
+    if devices <= 1 or sharding == "none":
+        return {}
+    share = (devices - 1) / devices
+    if sharding == "ddp":
+        return {"all_reduce": 2 * share * trainable * 4}
+    gather = share * parameters * param_bytes * micro_batches
+    return {"all_gather_forward": gather, "all_gather_backward": gather if reshard_after_forward else 0.0,
+            "reduce_scatter": share * trainable * reduce_bytes}

@@ -563,18 +563,26 @@ def plan_command(
         Optional[str], typer.Option("--hardware", help="Accelerator profile or 'local' (plan.hardware).")
     ] = None,
     devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices (plan.devices).")] = None,
+    days: Annotated[
+        Optional[float], typer.Option("--days", min=0.0, help="Devices needed to finish in this many days (plan.days).")
+    ] = None,
+    price: Annotated[
+        Optional[float], typer.Option("--price", min=0.0, help="USD per device-hour (plan.price).")
+    ] = None,
     run_dir: RunDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Estimate parameters, FLOPs, memory per device, storage, time and energy; nothing is run."""
+    """Estimate parameters, FLOPs, memory per device, storage, communication, devices needed, time, energy and
+    cost; nothing is run."""
 
     def action() -> dict[str, Any]:
         from bigmodel import plan
 
         overrides = list(set_ or [])
-        for key, value in (("tokens", tokens), ("hardware", hardware), ("devices", devices)):
+        for key, value in (("tokens", tokens), ("hardware", hardware), ("devices", devices), ("days", days),
+                           ("price", price)):
             if value is not None:
                 overrides.append(f"plan.{key}={value}")
         report = plan.run(load(config, overrides, run_dir))

@@ -814,6 +814,21 @@ class PlanConfig(Section):
     inference_context: int | None = Field(
         None, gt=0, description="Tokens of context held in the KV cache. Default: model.block_size."
     )
+    days: float | None = Field(
+        None, gt=0.0, description="Finish training within this many days: plan says how many devices that takes."
+    )
+    price: float | None = Field(
+        None, ge=0.0, description="USD per device-hour. Default: the hardware profile's on-demand price (the "
+        "report names its source and date); 'local' has none.",
+    )
+    price_per_kwh: float = Field(
+        0.09, ge=0.0, description="USD per kWh for the energy bill (default: the US industrial average, EIA "
+        "Electric Power Monthly, 8.2-9.3 cents through 2025 and January 2026).",
+    )
+    storage_bandwidth: float = Field(
+        2e9, gt=0.0, description="Bytes/s the training data is read from and checkpoints are written to (default: "
+        "2 GB/s, one NVMe drive's sequential rate; a parallel file system gives more).",
+    )
 
 
 class Config(Section):

@@ -7,9 +7,8 @@ profile. Nothing is written: the report goes to stdout (a table, or one JSON obj
 
 from __future__ import annotations
 
-import os
+import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,41 +18,9 @@ from bigmodel.arch import AnyArch, DecoderArch, TabularArch
 from bigmodel.config import Config
 from bigmodel.datasets import MANIFEST_FILE
 from bigmodel.errors import UserError
+from bigmodel.hardware import Hardware, profile
 from bigmodel.io import read_json
 from bigmodel.models import gpt
-
-
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    bf16_flops: float  # dense (no structured sparsity) peak, FLOP/s
-    fp32_flops: float  # plain FP32 (no TF32), FLOP/s
-    memory_bytes: int
-    power_w: float | None  # board power (TDP)
-    runtime_bytes: int  # what the framework takes before the model: CUDA context, workspaces
-    source: str
-
-
-GB = 10**9
-CUDA_RUNTIME = 2**30  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: about 1 GiB in practice
-PROFILES = {
-    "a10": Hardware("NVIDIA A10", 125e12, 31.2e12, 24 * GB, 150, CUDA_RUNTIME,
-                    "NVIDIA A10 Tensor Core GPU datasheet: BF16 125 TFLOPS dense (250 sparse), FP32 31.2, 150 W"),
-    "l4": Hardware("NVIDIA L4", 121e12, 30.3e12, 24 * GB, 72, CUDA_RUNTIME,
-                   "NVIDIA L4 Tensor Core GPU datasheet: BF16 121 TFLOPS dense (242 sparse), FP32 30.3, 72 W"),
-    "a100-80gb": Hardware("NVIDIA A100 SXM 80GB", 312e12, 19.5e12, 80 * GB, 400, CUDA_RUNTIME,
-                          "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS dense (624 sparse), FP32 19.5, "
-                          "400 W (SXM)"),
-    "h100-sxm": Hardware("NVIDIA H100 SXM", 989e12, 67e12, 80 * GB, 700, CUDA_RUNTIME,
-                         "NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity = 989 dense, "
-                         "FP32 67, 700 W (SXM)"),
-    "h200": Hardware("NVIDIA H200 SXM", 989e12, 67e12, 141 * GB, 700, CUDA_RUNTIME,
-                     "NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity = 989 dense, FP32 67, "
-                     "141 GB, up to 700 W (SXM)"),
-    "mi300x": Hardware("AMD Instinct MI300X", 1307.4e12, 163.4e12, 192 * GB, 750, CUDA_RUNTIME,
-                       "AMD Instinct MI300X data sheet: BF16 1,307.4 TFLOPS dense, FP32 163.4 (vector), 750 W"),
-}
-CPU_RUNTIME = 85 * accounting.MiB  # autograd engine, oneDNN scratch, allocator: measured here (torch 2.13)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -71,35 +38,28 @@ def run(config: Config) -> dict[str, Any]:
 
     n_no_pos = (gpt.parameter_counts(model)["without_position_embeddings"] if isinstance(arch, DecoderArch)
                 else accounting.encoder_matmul_parameters(arch, n_params))
-    hardware = _hardware(pc.hardware)
+    hardware = profile(pc.hardware)
     flops_per_token = accounting.flops_per_token(arch, n_no_pos)
     tokens, tokens_from = _training_tokens(config, arch, n_params)
     total_flops = flops_per_token * tokens
-
-    sharding = tc.distributed if pc.devices > 1 else "none"
-    global_rows = tc.batch_size * tc.grad_accum_steps
-    batch_per_device = max(1, min(tc.batch_size, global_rows // pc.devices))
-    def memory_of(adapter: int | None) -> dict[str, int]:
-        return accounting.training_memory(
-            arch, n_params, batch=batch_per_device, precision=tc.precision, optimizer=tc.optimizer,
-            momentum=tc.momentum, sharding=sharding, devices=pc.devices,
-            activation_checkpointing=tc.activation_checkpointing,
-            fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=hardware.runtime_bytes,
-            adapter=adapter, fused_dropout=pc.hardware != "local",  # local: this CPU
-        )
-
     adapter = (accounting.lora_parameters(arch, tc.lora.projections(), tc.lora.rank) if tc.lora is not None
                else None)
-    memory = memory_of(adapter)
+    run_plan = RunPlan(config, arch, hardware, n_params, adapter, total_flops, tokens)
+
+    memory = run_plan.memory(pc.devices)
     lora_report = {} if adapter is None else {
-        "lora_trainable_parameters": adapter, "full_fine_tuning_total": memory_of(None)["total"]}
+        "lora_trainable_parameters": adapter, "full_fine_tuning_total": run_plan.memory(pc.devices, full=True)["total"]}
     context = pc.inference_context or arch.block_size
     serving = {name: accounting.inference_memory(arch, n_params, batch=pc.inference_batch, context=context,
                                                  weight_bytes=width, cache_bytes=width)
                for name, width in (("fp32", 4), ("bf16", 2))}
-    peak = hardware.bf16_flops if tc.precision == "bf16" else hardware.fp32_flops
-    seconds = total_flops / (pc.devices * peak * pc.mfu)
+    communication = run_plan.communication(pc.devices)
+    seconds = run_plan.seconds(pc.devices)
+    storage = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)
     power = pc.power_w or hardware.power_w
+    energy_kwh = None if power is None else seconds / 3600 * pc.devices * power * pc.pue / 1000
+    device_hours = seconds * pc.devices / 3600
+    price = pc.price if pc.price is not None else hardware.price_per_hour
     report.update({
         "model": {**report["model"], "parameters_without_position_embeddings": n_no_pos},
         "compute": {
@@ -109,15 +69,17 @@ def run(config: Config) -> dict[str, Any]:
             "total_flops": total_flops,
             "compute_optimal_tokens": 20 * n_params,  # Hoffmann et al. 2022 (Chinchilla): ~20 per parameter
             "tokens_per_parameter": round(tokens / n_params, 2),
+            "steps": run_plan.steps,
+            "tokens_per_step": run_plan.tokens_per_step,
         },
         "training_memory_per_device": {
             **memory,
             "device_memory": hardware.memory_bytes,
             "fits": memory["total"] <= hardware.memory_bytes,
-            "batch_per_device": batch_per_device,
+            "batch_per_device": run_plan.batch_per_device(pc.devices),
             "precision": tc.precision,
             "optimizer_kind": tc.optimizer,
-            "sharding": sharding,
+            "sharding": run_plan.sharding(pc.devices),
             "activation_checkpointing": tc.activation_checkpointing,
             **lora_report,
         },
@@ -128,22 +90,149 @@ def run(config: Config) -> dict[str, Any]:
             "bf16_total": serving["bf16"]["total"],
             "kv_cache_fp32": serving["fp32"]["kv_cache"],
         },
-        "storage": accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum),
+        "storage": storage,
+        "communication": communication,
+        "storage_io": run_plan.storage_io(pc.devices),
+        "devices_needed": run_plan.devices_needed(),
         "time_and_energy": {
             "hardware": hardware.name,
             "hardware_source": hardware.source,
             "devices": pc.devices,
-            "peak_flops_per_device": peak,
+            "peak_flops_per_device": run_plan.peak,
             "mfu": pc.mfu,
+            "compute_seconds": run_plan.compute_seconds(pc.devices),
             "seconds": seconds,
             "days": seconds / 86400,
-            "device_hours": seconds * pc.devices / 3600,
+            "device_hours": device_hours,
             "power_w_per_device": power,
-            "energy_kwh": None if power is None else seconds / 3600 * pc.devices * power * pc.pue / 1000,
+            "energy_kwh": energy_kwh,
+        },
+        "cost": {
+            "price_per_device_hour": price,
+            "price_source": "plan.price" if pc.price is not None else (hardware.price_source or None),
+            "devices_usd": None if price is None else device_hours * price,
+            "price_per_kwh": pc.price_per_kwh,
+            "energy_usd": None if energy_kwh is None else energy_kwh * pc.price_per_kwh,
         },
         "planned_in_s": round(time.perf_counter() - start, 3),
     })
     return report
+
+
+class RunPlan:
+    """One training run's figures as functions of the device count, the global batch held fixed: memory,
+    communication and wall clock, so plan can also ask which count fits, or finishes in time."""
+
+    MAX_DEVICES = 1 << 20
+
+    def __init__(self, config: Config, arch: accounting.TransformerArch, hardware: Hardware, n_params: int,
+                 adapter: int | None, total_flops: float, tokens: int) -> None:
+        self.config, self.arch, self.hardware = config, arch, hardware
+        self.n_params, self.adapter, self.total_flops, self.tokens = n_params, adapter, total_flops, tokens
+        tc = config.train
+        self.global_rows = tc.batch_size * tc.grad_accum_steps
+        self.tokens_per_step = self.global_rows * arch.block_size
+        self.steps = max(1, math.ceil(tokens / self.tokens_per_step))
+        self.peak = hardware.bf16_flops if tc.precision == "bf16" else hardware.fp32_flops
+        self.checkpoint_bytes = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)["training_state"]
+
+    def sharding(self, devices: int) -> str:
+        return self.config.train.distributed if devices > 1 else "none"
+
+    def batch_per_device(self, devices: int) -> int:
+        return max(1, min(self.config.train.batch_size, self.global_rows // devices))
+
+    def memory(self, devices: int, full: bool = False) -> dict[str, int]:
+        tc = self.config.train
+        return accounting.training_memory(
+            self.arch, self.n_params, batch=self.batch_per_device(devices), precision=tc.precision,
+            optimizer=tc.optimizer, momentum=tc.momentum, sharding=self.sharding(devices), devices=devices,
+            activation_checkpointing=tc.activation_checkpointing,
+            fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=self.hardware.runtime_bytes,
+            adapter=None if full else self.adapter,
+            fused_dropout=self.config.plan.hardware != "local",  # local: this CPU
+        )
+
+    def compute_seconds(self, devices: int) -> float:
+        return self.total_flops / (devices * self.peak * self.config.plan.mfu)
+
+    def communication(self, devices: int) -> dict[str, Any]:
+        """Gradient and parameter traffic per step, its time on the link the devices share, and how much of
+        it the step's compute hides: DDP overlaps its all-reduce with the backward pass (2/3 of the step's
+        FLOPs); FSDP prefetches each all-gather during the previous block's compute (forward: 1/3) and its
+        backward all-gathers and reduce-scatter overlap the backward."""
+        tc = self.config.train
+        sharding = self.sharding(devices)
+        per_device = self.global_rows // devices
+        collectives = accounting.communication_per_step(
+            sharding, devices, parameters=self.n_params, trainable=self.adapter or self.n_params,
+            micro_batches=max(1, math.ceil(per_device / self.batch_per_device(devices))),
+            param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, reduce_bytes=2 if tc.fsdp.reduce_dtype == "bf16" else 4,
+            reshard_after_forward=tc.fsdp.reshard_after_forward)
+        step_bytes = sum(collectives.values())
+        found: dict[str, Any] = {"sharding": sharding, "bytes_per_step_per_device": step_bytes,
+                                 "bytes_per_run_per_device": step_bytes * self.steps, "collectives": collectives}
+        link = self.hardware.link(devices)
+        if not collectives:
+            return {**found, "exposed_seconds_per_step": 0.0}
+        if link is None:
+            return {**found, "link": None, "exposed_seconds_per_step": 0.0}
+        step = self.compute_seconds(devices) / self.steps
+        times = {name: size / link.bytes_per_s for name, size in collectives.items()}
+        if sharding == "ddp":
+            exposed = max(0.0, times["all_reduce"] - 2 * step / 3)
+        else:
+            exposed = (max(0.0, times["all_gather_forward"] - step / 3)
+                       + max(0.0, times["all_gather_backward"] + times["reduce_scatter"] - 2 * step / 3))
+        return {**found, "link": link.name, "link_bytes_per_s": link.bytes_per_s,
+                "seconds_per_step": sum(times.values()), "compute_seconds_per_step": step,
+                "exposed_seconds_per_step": exposed, "hidden": exposed == 0.0}
+
+    def seconds(self, devices: int) -> float:
+        """Wall clock: compute at the assumed MFU, the communication compute cannot hide, and the checkpoint
+        writes (synchronous: rank 0 writes the consolidated checkpoint while the others wait)."""
+        writes = math.ceil(self.steps / self.checkpoint_interval())
+        return (self.compute_seconds(devices) + self.steps * self.communication(devices)["exposed_seconds_per_step"]
+                + writes * self.checkpoint_bytes / self.config.plan.storage_bandwidth)
+
+    def storage_io(self, devices: int) -> dict[str, Any]:
+        """Reading the training tokens (uint16 ids, uint32 past 65,536) and writing resumable checkpoints at
+        plan.storage_bandwidth; the loader reads ahead, so only a read slower than a step would show."""
+        tc, bandwidth = self.config.train, self.config.plan.storage_bandwidth
+        token_bytes = 2 if self.arch.vocab_size <= 1 << 16 else 4
+        read_seconds = self.tokens * token_bytes / bandwidth
+        writes = math.ceil(self.steps / self.checkpoint_interval())
+        return {"storage_bandwidth": bandwidth, "data_bytes": self.tokens * token_bytes,
+                "data_read_seconds": read_seconds,
+                "data_read_hidden": read_seconds <= self.compute_seconds(devices),
+                "checkpoint_bytes": self.checkpoint_bytes, "checkpoint_interval_steps": self.checkpoint_interval(),
+                "checkpoint_writes": writes, "checkpoint_write_seconds": self.checkpoint_bytes / bandwidth,
+                "checkpoint_seconds_total": writes * self.checkpoint_bytes / bandwidth}
+
+    def checkpoint_interval(self) -> int:
+        """Steps between resumable checkpoints, as train does it: save_every, else eval_every, else once an
+        epoch (the prepared data's), else once at the end."""
+        tc = self.config.train
+        train_tokens = _prepared_train_tokens(self.config)
+        per_epoch = math.ceil(train_tokens / self.tokens_per_step) if train_tokens else self.steps
+        return min(self.steps, tc.save_every or tc.eval_every or per_epoch)
+
+    def devices_needed(self) -> dict[str, Any]:
+        """The fewest devices whose memory holds the run (train.distributed sharding), and with plan.days the
+        fewest that also finish in time. Candidates divide the global batch (each gets whole rows)."""
+        candidates = [n for n in range(1, min(self.global_rows, self.MAX_DEVICES) + 1) if self.global_rows % n == 0]
+        memory = self.hardware.memory_bytes
+        fit = next((n for n in candidates if self.memory(n)["total"] <= memory), None)
+        found: dict[str, Any] = {"fewest_that_fit": fit, "candidates": f"divisors of the global batch "
+                                 f"({self.global_rows} rows)", "sharding": self.config.train.distributed}
+        days = self.config.plan.days
+        if days is not None:
+            usable = [n for n in candidates if fit is not None and n >= fit]
+            found["days"] = days
+            found["to_finish_in_days"] = next((n for n in usable if self.seconds(n) <= days * 86400), None)
+            if usable:
+                found["fastest_days"] = min(self.seconds(n) for n in usable) / 86400
+        return found
 
 
 def _architecture(config: Config) -> AnyArch:
@@ -187,38 +276,18 @@ def _training_tokens(config: Config, arch: accounting.TransformerArch, n_params:
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * arch.block_size
     if tc.max_steps is not None:
         return tc.max_steps * tokens_per_step, "train.max_steps"
-    manifest_path = config.stage_dir("prepare") / MANIFEST_FILE
-    if manifest_path.is_file():
-        splits = read_json(manifest_path, "prepared-data manifest").get("tokens", {})
-        if "train" in splits:
-            return (tc.epochs or 1) * int(splits["train"]), "train.epochs x prepared train tokens"
+    train_tokens = _prepared_train_tokens(config)
+    if train_tokens is not None:
+        return (tc.epochs or 1) * train_tokens, "train.epochs x prepared train tokens"
     return 20 * n_params, "compute-optimal (20 per parameter)"
 
 
-def _hardware(name: str) -> Hardware:
-    if name != "local":
-        return PROFILES[name]
-    fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    return Hardware("this machine (measured)", bf16, fp32, pages, None, CPU_RUNTIME,
-                    f"square {MATMUL_SIZE}x{MATMUL_SIZE} matmuls timed just now, best burst")
-
-
-MATMUL_SIZE = 1024
-
-
-def matmul_peak(dtype: torch.dtype, size: int = MATMUL_SIZE, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul on this CPU, the best of several timed bursts."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        begin = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        best = max(best, 10 * 2 * size**3 / (time.perf_counter() - begin))
-    return best
+def _prepared_train_tokens(config: Config) -> int | None:
+    manifest_path = config.stage_dir("prepare") / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None
+    splits = read_json(manifest_path, "prepared-data manifest").get("tokens", {})
+    return int(splits["train"]) if "train" in splits else None
 
 
 def render(report: dict[str, Any]) -> None:
@@ -256,15 +325,69 @@ def render(report: dict[str, Any]) -> None:
             ("  checkpoint (weights)", _bytes(s["checkpoint"]), "safetensors, fp32"),
             ("  resumable checkpoint", _bytes(s["training_state"]), "with optimizer state"),
             ("  ONNX fp32 / int8", f"{_bytes(s['onnx_fp32'])} / {_bytes(s['onnx_int8'])}", ""),
+            *_communication_rows(report["communication"]),
+            *_storage_io_rows(report["storage_io"]),
+            *_devices_rows(report["devices_needed"]),
             ("time and energy", "", f"{t['devices']} x {t['hardware']}, MFU {t['mfu']}"),
-            ("  wall clock", _duration(t["seconds"]), f"{t['device_hours']:,.0f} device-hours"),
+            ("  wall clock", _duration(t["seconds"]), f"{t['device_hours']:,.0f} device-hours"
+             + (f"; compute alone {_duration(t['compute_seconds'])}" if t["seconds"] > t["compute_seconds"] else "")),
             ("  energy", "unknown" if t["energy_kwh"] is None else f"{t['energy_kwh']:,.1f} kWh",
              "set plan.power_w" if t["energy_kwh"] is None else f"{t['power_w_per_device']:g} W per device"),
+            *_cost_rows(report["cost"], t["device_hours"]),
         ]
         for row in rows:
             heading = not row[0].startswith(" ")
             table.add_row(*row, style="bold cyan" if heading else None)
     Console(width=max(Console().width, 110)).print(table)
+
+
+def _communication_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if not c["collectives"]:
+        return []
+    what = ("gradient all-reduce" if c["sharding"] == "ddp"
+            else "parameter all-gathers, gradient reduce-scatter")
+    rows = [("communication", "", f"{c['sharding']}: {what}"),
+            ("  per step per device", _bytes(c["bytes_per_step_per_device"]),
+             f"per run {_bytes(c['bytes_per_run_per_device'])}")]
+    if c.get("link") is None:
+        return [*rows, ("  time per step", "unknown", "this hardware profile has no link bandwidths")]
+    verdict = ("hidden behind compute" if c["hidden"] else
+               f"NOT hidden: {_duration(c['exposed_seconds_per_step'])} per step exposed")
+    return [*rows, ("  time per step", _duration(c["seconds_per_step"]),
+                    f"{c['link']}, {c['link_bytes_per_s'] / 1e9:g} GB/s per device"),
+            ("  compute per step", _duration(c["compute_seconds_per_step"]), verdict)]
+
+
+def _storage_io_rows(io: dict[str, Any]) -> list[tuple[str, str, str]]:
+    bandwidth = f"at {io['storage_bandwidth'] / 1e9:g} GB/s"
+    return [("storage traffic", "", bandwidth),
+            ("  training data read", _bytes(io["data_bytes"]), f"{_duration(io['data_read_seconds'])}, "
+             + ("behind compute" if io["data_read_hidden"] else "SLOWER than compute")),
+            ("  checkpoint writes", f"{io['checkpoint_writes']:,} x {_bytes(io['checkpoint_bytes'])}",
+             f"every {io['checkpoint_interval_steps']:,} steps, {_duration(io['checkpoint_write_seconds'])} each, "
+             f"{_duration(io['checkpoint_seconds_total'])} in all (in the wall clock)")]
+
+
+def _devices_rows(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = [("devices needed", "", f"{d['sharding']}; {d['candidates']}"),
+            ("  fewest that fit", "none" if d["fewest_that_fit"] is None else f"{d['fewest_that_fit']:,}",
+             "no count fits: shard (fsdp), checkpoint activations or shrink the batch"
+             if d["fewest_that_fit"] is None else "")]
+    if "days" in d:
+        n = d["to_finish_in_days"]
+        rows.append((f"  to finish in {d['days']:g} days", "none" if n is None else f"{n:,}",
+                     "" if n is not None or "fastest_days" not in d else
+                     f"the fastest any count gets is {d['fastest_days']:,.1f} days: raise the global batch"))
+    return rows
+
+
+def _cost_rows(c: dict[str, Any], device_hours: float) -> list[tuple[str, str, str]]:
+    devices = ("unknown", "set plan.price (--price)") if c["devices_usd"] is None else (
+        f"${c['devices_usd']:,.0f}", f"{device_hours:,.0f} device-hours x ${c['price_per_device_hour']:.2f}")
+    energy = ("unknown", "needs a power figure") if c["energy_usd"] is None else (
+        f"${c['energy_usd']:,.0f}", f"at ${c['price_per_kwh']:g} per kWh")
+    source = [] if c["devices_usd"] is None else [("  price from", "", c["price_source"])]
+    return [("cost", "", "USD"), ("  devices", *devices), *source, ("  energy", *energy)]
 
 
 def _short(n: float) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bigmodel import console, registry
 from bigmodel.config import load_config
-from bigmodel.plan import matmul_peak
+from bigmodel.hardware import matmul_peak
 from bigmodel.accounting import flops_per_token
 from bigmodel.models.gpt import parameter_counts
 from bigmodel.stages import STAGES

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bigmodel import accounting, plan, registry
+from bigmodel import accounting, hardware, registry
 from bigmodel.arch import DecoderArch
 from bigmodel.config import LoRAConfig, TrainConfig
 from bigmodel.train.optim import build_optimizer
@@ -124,7 +124,7 @@ def main() -> None:
     for precision, checkpointing, lora_settings in cases:
         measure = measure_cuda if args.device == "cuda" else measure_cpu
         measured = measure(arch, batch, precision, checkpointing, lora_settings)
-        runtime = 0 if args.device == "cuda" else plan.CPU_RUNTIME
+        runtime = 0 if args.device == "cuda" else hardware.CPU_RUNTIME
         typed = DecoderArch(**arch)
         adapter = (accounting.lora_parameters(typed, LoRAConfig(**lora_settings).projections(), lora_settings["rank"])
                    if lora_settings else None)

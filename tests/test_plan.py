@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigmodel import accounting, plan
+from bigmodel import accounting, hardware
 from bigmodel.arch import DecoderArch
 from scripts.check_plan_memory import measure_cpu
 from tests.conftest import CONFIGS, cli, tiny_digits
@@ -51,7 +51,7 @@ def test_an_encoders_memory_estimate_is_within_25_percent_of_a_measured_step() -
         measured = measure_cpu(arch, 16, "fp32", False)
         with torch.device("meta"):
             n_params = registry.count_parameters(registry.build_model(arch))
-        estimate = accounting.training_memory(parse(arch, "test"), n_params, batch=16, runtime=plan.CPU_RUNTIME,
+        estimate = accounting.training_memory(parse(arch, "test"), n_params, batch=16, runtime=hardware.CPU_RUNTIME,
                                               fused_dropout=False)
         assert abs(estimate["total"] - measured) <= 0.25 * measured, (arch["family"], estimate, measured)
 
@@ -64,7 +64,7 @@ def test_memory_estimate_is_within_25_percent_of_a_measured_step(precision: str,
     measured = measure_cpu(ARCH, batch, precision, checkpointing)  # two steps of bigmodel's GPT + AdamW
     n_params = 12 * 4 * 256**2 + 65 * 256 + 256 * 256 + 9 * 256  # blocks, embeddings, norms
     estimate = accounting.training_memory(DecoderArch(**ARCH), n_params, batch=batch, precision=precision,
-                                          activation_checkpointing=checkpointing, runtime=plan.CPU_RUNTIME)
+                                          activation_checkpointing=checkpointing, runtime=hardware.CPU_RUNTIME)
     assert abs(estimate["total"] - measured) <= 0.25 * measured, (estimate, measured)
 
 
@@ -80,9 +80,74 @@ def test_gpt3_175b_plans_from_its_config_alone() -> None:
     memory = report["training_memory_per_device"]
     assert memory["sharding"] == "fsdp" and memory["fits"]
     assert memory["optimizer"] == 8 * params // 768
-    days = report["time_and_energy"]["days"]
-    assert days == pytest.approx(3.229e23 / (768 * 989e12 * 0.4) / 86400, rel=0.01)
+    time = report["time_and_energy"]
+    assert time["compute_seconds"] == pytest.approx(3.229e23 / (768 * 989e12 * 0.4), rel=0.01)
+    io = report["storage_io"]  # a resumable checkpoint every 1000 steps, written while the others wait
+    assert io["checkpoint_writes"] == 96 and io["checkpoint_bytes"] == report["storage"]["training_state"]
+    assert report["communication"]["hidden"]  # 3.5 s of FSDP traffic per 11 s step
+    assert time["seconds"] == pytest.approx(time["compute_seconds"] + io["checkpoint_seconds_total"])
     assert report["storage"]["checkpoint"] == 4 * params
+
+
+def test_published_runs_meta_reported() -> None:
+    """Llama 2 70B and Llama 3.1 405B: the parameters of the released models, the training FLOPs Meta
+    reports, and the GPU-hours it reports imply an MFU in the range the Llama 3 paper measured."""
+    llama2 = plan_json(CONFIGS / "llama2_70b.yaml")
+    assert llama2["model"]["parameters"] == 68_976_648_192  # meta-llama/Llama-2-70b-hf
+    # Touvron et al. 2023, table 2: 1,720,320 A100-80GB GPU-hours (312 TFLOPS bf16 dense)
+    implied = llama2["compute"]["total_flops"] / (1_720_320 * 3600 * 312e12)
+    assert 0.40 < implied < 0.50, implied
+    llama3 = plan_json(CONFIGS / "llama3_405b.yaml")
+    params, tokens = llama3["model"]["parameters"], llama3["compute"]["tokens"]
+    assert params == 405_853_388_800  # meta-llama/Llama-3.1-405B
+    assert 6 * params * tokens == pytest.approx(3.8e25, rel=0.01)  # Llama 3 paper, sec. 3.2.1 (6ND)
+    # the Llama 3.1 model card: 30.84M H100-80GB GPU-hours; the paper's table 4: 38-43% BF16 MFU
+    implied = llama3["compute"]["total_flops"] / (30.84e6 * 3600 * 989e12)
+    assert 0.33 < implied < 0.43, implied
+    # with FSDP alone each device holds whole 8192-token sequences: no count of 80 GB devices fits
+    assert not llama3["training_memory_per_device"]["fits"] and llama3["devices_needed"]["fewest_that_fit"] is None
+
+
+def test_communication_follows_the_collectives_and_the_link() -> None:
+    ddp = accounting.communication_per_step("ddp", 8, parameters=1000, trainable=1000, micro_batches=1)
+    fsdp = accounting.communication_per_step("fsdp", 8, parameters=1000, trainable=1000, micro_batches=1)
+    assert sum(fsdp.values()) == pytest.approx(1.5 * sum(ddp.values()))  # ZeRO-3's 1.5x (Rajbhandari et al. 2019, sec. 7)
+    assert accounting.communication_per_step("ddp", 1, parameters=1000, trainable=1000, micro_batches=1) == {}
+    assert hardware.PROFILES["h100-sxm"].link(8).bytes_per_s == 450e9  # NVLink inside a node
+    assert hardware.PROFILES["h100-sxm"].link(16).bytes_per_s == 400e9  # 8 x 400 Gb/s cards per node
+    assert hardware.PROFILES["a100-80gb"].link(16).bytes_per_s == 200e9
+    config = CONFIGS / "gpt3_175b.yaml"
+    for profile, hidden in (("h100-sxm", True), ("a10", False)):  # A10 nodes share one 100 Gb/s Ethernet
+        report = plan_json(config, "--hardware", profile)
+        c, time = report["communication"], report["time_and_energy"]
+        assert c["seconds_per_step"] == pytest.approx(c["bytes_per_step_per_device"] / c["link_bytes_per_s"])
+        assert c["hidden"] is hidden
+        exposed = report["compute"]["steps"] * c["exposed_seconds_per_step"]
+        assert (exposed > 0) is not hidden
+        assert time["seconds"] == pytest.approx(time["compute_seconds"] + exposed
+                                                + report["storage_io"]["checkpoint_seconds_total"])
+
+
+def test_devices_and_cost_follow_from_the_plan() -> None:
+    config = CONFIGS / "gpt3_175b.yaml"
+    report = plan_json(config, "--days", "30")
+    time, cost, needed = report["time_and_energy"], report["cost"], report["devices_needed"]
+    assert cost["devices_usd"] == pytest.approx(time["device_hours"] * 3.00)  # the profile's price
+    assert cost["energy_usd"] == pytest.approx(time["energy_kwh"] * 0.09)
+    priced = plan_json(config, "--price", "2")["cost"]
+    assert priced["devices_usd"] == pytest.approx(time["device_hours"] * 2) and priced["price_source"] == "plan.price"
+    divisors = [n for n in range(1, 1537) if 1536 % n == 0]  # the global batch: 1536 sequences
+
+    def before(n: int) -> str:
+        return str(divisors[divisors.index(n) - 1])
+
+    fit, in_time = needed["fewest_that_fit"], needed["to_finish_in_days"]
+    assert plan_json(config, "--devices", str(fit))["training_memory_per_device"]["fits"]
+    assert not plan_json(config, "--devices", before(fit))["training_memory_per_device"]["fits"]
+    assert plan_json(config, "--devices", str(in_time))["time_and_energy"]["days"] <= 30
+    assert plan_json(config, "--devices", before(in_time))["time_and_energy"]["days"] > 30
+    unpriced = plan_json(config, "--hardware", "a10")["cost"]
+    assert unpriced["devices_usd"] is None and unpriced["energy_usd"] is not None  # no surveyed price
 
 
 def test_sharding_and_precision_move_the_memory_the_right_way(tmp_path: Path) -> None:
