@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 
 from bigmodel.arch import DecoderArch, TabularArch
-from bigmodel import console
+from bigmodel import console, decoder_graph
 from bigmodel.export.gpt import DecoderStep, _trace
 from bigmodel.export.onnx_file import export_dynamo
 from bigmodel.models import gpt, mlp
@@ -47,10 +47,10 @@ def decode_ort(sess: ort.InferenceSession, arch: dict, prompts: np.ndarray, new:
     shape = (arch["n_layer"], b, arch["n_head"], 0, arch["n_embd"] // arch["n_head"])
     keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     start = time.perf_counter()
-    logits, keys, values = sess.run(None, {"input_ids": prompts, "past_keys": keys, "past_values": values})
+    logits, keys, values = sess.run(None, decoder_graph.feeds(prompts, keys, values))
     for _ in range(new):
         ids = logits[:, -1].argmax(-1).reshape(b, 1).astype(np.int64)
-        logits, keys, values = sess.run(None, {"input_ids": ids, "past_keys": keys, "past_values": values})
+        logits, keys, values = sess.run(None, decoder_graph.feeds(ids, keys, values))
     return b * new / (time.perf_counter() - start)
 
 
@@ -72,7 +72,7 @@ def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> 
     model = gpt.GPT(DecoderArch(**arch)).eval()
     gpt.init_weights(model, "gpt2", 0.02)
     path = tmp / f"{name}.onnx"
-    _trace(DecoderStep(model).eval(), arch, path, 18)
+    _trace(DecoderStep(model).eval(), DecoderArch(**arch), path, 18)
     sess = session(path, threads)
     results = {}
     for batch in (1, 8):
