@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from bigmodel.compress import quantize
 from bigmodel.config import QuantizeStep
 from bigmodel.export.gpt import DecoderStep, _trace
 from bigmodel.models import gpt
-from scripts.bench_infer import decode_ort, session
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_infer import decode_ort, session  # noqa: E402
 
 WIDTHS = {"n_embd_128": (4, 4, 128), "n_embd_512": (4, 8, 512), "n_embd_768": (4, 12, 768)}
 
