@@ -55,7 +55,6 @@ def run(config: Config) -> dict[str, Any]:
                for name, width in (("fp32", 4), ("bf16", 2))}
     communication = run_plan.communication(pc.devices)
     seconds = run_plan.seconds(pc.devices)
-    storage = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)
     power = pc.power_w or hardware.power_w
     energy_kwh = None if power is None else seconds / 3600 * pc.devices * power * pc.pue / 1000
     device_hours = seconds * pc.devices / 3600
@@ -90,7 +89,7 @@ def run(config: Config) -> dict[str, Any]:
             "bf16_total": serving["bf16"]["total"],
             "kv_cache_fp32": serving["fp32"]["kv_cache"],
         },
-        "storage": storage,
+        "storage": run_plan.storage,
         "communication": communication,
         "storage_io": run_plan.storage_io(pc.devices),
         "devices_needed": run_plan.devices_needed(),
@@ -134,7 +133,14 @@ class RunPlan:
         self.tokens_per_step = self.global_rows * arch.block_size
         self.steps = max(1, math.ceil(tokens / self.tokens_per_step))
         self.peak = hardware.bf16_flops if tc.precision == "bf16" else hardware.fp32_flops
-        self.checkpoint_bytes = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)["training_state"]
+        self.storage = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)
+        self.checkpoint_bytes = self.storage["training_state"]
+        # Steps between resumable checkpoints, as train does it: save_every, else eval_every, else once an
+        # epoch (of the prepared data), else once at the end.
+        train_tokens = _prepared_train_tokens(config)
+        per_epoch = math.ceil(train_tokens / self.tokens_per_step) if train_tokens else self.steps
+        self.checkpoint_interval = min(self.steps, tc.save_every or tc.eval_every or per_epoch)
+        self.checkpoint_writes = math.ceil(self.steps / self.checkpoint_interval)
 
     def sharding(self, devices: int) -> str:
         return self.config.train.distributed if devices > 1 else "none"
@@ -191,31 +197,22 @@ class RunPlan:
     def seconds(self, devices: int) -> float:
         """Wall clock: compute at the assumed MFU, the communication compute cannot hide, and the checkpoint
         writes (synchronous: rank 0 writes the consolidated checkpoint while the others wait)."""
-        writes = math.ceil(self.steps / self.checkpoint_interval())
         return (self.compute_seconds(devices) + self.steps * self.communication(devices)["exposed_seconds_per_step"]
-                + writes * self.checkpoint_bytes / self.config.plan.storage_bandwidth)
+                + self.checkpoint_writes * self.checkpoint_bytes / self.config.plan.storage_bandwidth)
 
     def storage_io(self, devices: int) -> dict[str, Any]:
         """Reading the training tokens (uint16 ids, uint32 past 65,536) and writing resumable checkpoints at
         plan.storage_bandwidth; the loader reads ahead, so only a read slower than a step would show."""
-        tc, bandwidth = self.config.train, self.config.plan.storage_bandwidth
+        bandwidth = self.config.plan.storage_bandwidth
         token_bytes = 2 if self.arch.vocab_size <= 1 << 16 else 4
         read_seconds = self.tokens * token_bytes / bandwidth
-        writes = math.ceil(self.steps / self.checkpoint_interval())
+        writes = self.checkpoint_writes
         return {"storage_bandwidth": bandwidth, "data_bytes": self.tokens * token_bytes,
                 "data_read_seconds": read_seconds,
                 "data_read_hidden": read_seconds <= self.compute_seconds(devices),
-                "checkpoint_bytes": self.checkpoint_bytes, "checkpoint_interval_steps": self.checkpoint_interval(),
+                "checkpoint_bytes": self.checkpoint_bytes, "checkpoint_interval_steps": self.checkpoint_interval,
                 "checkpoint_writes": writes, "checkpoint_write_seconds": self.checkpoint_bytes / bandwidth,
                 "checkpoint_seconds_total": writes * self.checkpoint_bytes / bandwidth}
-
-    def checkpoint_interval(self) -> int:
-        """Steps between resumable checkpoints, as train does it: save_every, else eval_every, else once an
-        epoch (the prepared data's), else once at the end."""
-        tc = self.config.train
-        train_tokens = _prepared_train_tokens(self.config)
-        per_epoch = math.ceil(train_tokens / self.tokens_per_step) if train_tokens else self.steps
-        return min(self.steps, tc.save_every or tc.eval_every or per_epoch)
 
     def devices_needed(self) -> dict[str, Any]:
         """The fewest devices whose memory holds the run (train.distributed sharding), and with plan.days the
