@@ -1,8 +1,13 @@
 """Inference speed: ONNX Runtime vs PyTorch eager, same weights and inputs, one run. Prints JSON.
 
 GPT decoding (greedy, prompt then new tokens inside one context window), tokens/s at batch 1 and 8:
-  ort_kv      the exported graph with its KV cache, one reused session, plain run()
-  torch_kv    the same model in PyTorch eager with the KV cache
+  ort_kv      the exported graph (opset 23: one Attention node per layer) with its KV cache, one reused
+              session, plain run() -- what `bigmodel infer` does
+  ort_kv_opset18  the same exported at opset 18 (attention written out as MatMul/Softmax nodes)
+  torch_kv    the same model in PyTorch eager with the KV cache (bigmodel's GPT.forward)
+  minimal_kv  the leanest eager loop of the same weights: nanoGPT-style blocks with a per-layer cache,
+              no masks while decoding (one new token sees the whole cache), SDPA -- the baseline a user
+              would write by hand
   torch_full  PyTorch eager without a cache (re-reads the whole context every token)
 for the shakespeare_char model shape (4 layers, 128 wide) and a wider one (n_embd 512).
 Classifier (the digits MLP): batch-1 latency and batch-256 throughput, ORT vs eager.
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 
 from bigmodel.arch import DecoderArch, TabularArch
 from bigmodel import console, decoder_graph
@@ -55,7 +61,7 @@ def decode_ort(sess: ort.InferenceSession, arch: dict, prompts: np.ndarray, new:
 
 
 @torch.no_grad()
-def decode_torch(model: gpt.GPT, prompts: np.ndarray, new: int, cache: bool) -> float:
+def decode_torch(model: gpt.GPT, prompts: np.ndarray, new: int, cache: bool, tokens: list | None = None) -> float:
     ids = torch.from_numpy(prompts)
     start = time.perf_counter()
     logits, past = model(ids)
@@ -63,7 +69,43 @@ def decode_torch(model: gpt.GPT, prompts: np.ndarray, new: int, cache: bool) -> 
         next_ids = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_ids], dim=1)
         logits, past = model(next_ids, past) if cache else model(ids)
-    return len(prompts) * new / (time.perf_counter() - start)
+    rate = len(prompts) * new / (time.perf_counter() - start)
+    if tokens is not None:
+        tokens.extend(ids[:, prompts.shape[1]:].flatten().tolist())
+    return rate
+
+
+@torch.no_grad()
+def decode_minimal(model: gpt.GPT, prompts: np.ndarray, new: int, tokens: list | None = None) -> float:
+    """Greedy decoding with the fewest eager ops: the same weights, read directly (learned positions,
+    LayerNorm, GELU, tied head: the shakespeare shapes)."""
+    t, n_head = model.transformer, model.arch.n_head
+
+    def forward(ids: torch.Tensor, cache: list, start: int) -> torch.Tensor:
+        B, T = ids.shape
+        x = t.wte(ids) + t.wpe(torch.arange(start, start + T))
+        for i, block in enumerate(t.h):
+            q, k, v = block.attn.c_attn(block.ln_1(x)).view(B, T, 3 * n_head, -1).transpose(1, 2).chunk(3, dim=1)
+            if cache[i] is not None:
+                k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
+            cache[i] = (k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # one new token: no mask needed
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.mlp(block.ln_2(x))
+        return model.lm_head(t.ln_f(x[:, -1:]))
+
+    ids = torch.from_numpy(prompts)
+    start = time.perf_counter()
+    cache: list = [None] * len(t.h)
+    logits = forward(ids, cache, 0)
+    picked = []
+    for step in range(new):
+        picked.append(logits[:, -1].argmax(-1, keepdim=True))
+        logits = forward(picked[-1], cache, ids.size(1) + step)
+    rate = len(prompts) * new / (time.perf_counter() - start)
+    if tokens is not None:
+        tokens.extend(torch.cat(picked, dim=1).flatten().tolist())
+    return rate
 
 
 def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> dict:
@@ -71,17 +113,25 @@ def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> 
     torch.manual_seed(0)
     model = gpt.GPT(DecoderArch(**arch)).eval()
     gpt.init_weights(model, "gpt2", 0.02)
-    path = tmp / f"{name}.onnx"
-    _trace(DecoderStep(model).eval(), DecoderArch(**arch), path, 18)
-    sess = session(path, threads)
+    sessions = {}
+    for opset in (23, 18):
+        path = tmp / f"{name}.{opset}.onnx"
+        _trace(DecoderStep(model).eval(), DecoderArch(**arch), path, opset)
+        sessions[opset] = session(path, threads)
     results = {}
     for batch in (1, 8):
         prompts = np.random.default_rng(batch).integers(0, 65, size=(batch, 16), dtype=np.int64)
-        rates: dict[str, list[float]] = {"ort_kv": [], "torch_kv": [], "torch_full": []}
+        reference, lean = [], []  # the minimal loop must decode what the model decodes
+        decode_torch(model, prompts, 48, cache=True, tokens=reference), decode_minimal(model, prompts, 48, lean)
+        assert lean == reference, "the minimal loop decodes other tokens than the model"
+        rates: dict[str, list[float]] = {"ort_kv": [], "ort_kv_opset18": [], "torch_kv": [], "minimal_kv": [],
+                                         "torch_full": []}
         for round_ in range(repeats + 1):  # round 0 warms up every path
             measured = {
-                "ort_kv": decode_ort(sess, arch, prompts, 48),
+                "ort_kv": decode_ort(sessions[23], arch, prompts, 48),
+                "ort_kv_opset18": decode_ort(sessions[18], arch, prompts, 48),
                 "torch_kv": decode_torch(model, prompts, 48, cache=True),
+                "minimal_kv": decode_minimal(model, prompts, 48),
                 "torch_full": decode_torch(model, prompts, 48, cache=False),
             }
             if round_:
@@ -91,6 +141,8 @@ def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> 
         results[f"batch_{batch}"] = {
             **{f"{k}_tokens_per_s": round(v, 1) for k, v in med.items()},
             "ort_vs_torch_kv": round(med["ort_kv"] / med["torch_kv"], 2),
+            "ort_vs_minimal_kv": round(med["ort_kv"] / med["minimal_kv"], 2),
+            "opset23_vs_opset18": round(med["ort_kv"] / med["ort_kv_opset18"], 2),
             "torch_kv_vs_torch_full": round(med["torch_kv"] / med["torch_full"], 2),
         }
     return {"shape": shape, **results}
@@ -112,7 +164,7 @@ def bench_classifier(threads: int, repeats: int, tmp: Path) -> dict:
 
     path = tmp / "mlp.onnx"
     export_dynamo(Deployed().eval(), (torch.zeros(4, 64),), path, ["features"], ["probabilities"],
-                  {"features": {0: torch.export.Dim("batch")}}, 18)
+                  {"features": {0: torch.export.Dim("batch")}}, 23)
     sess = session(path, threads)
     rows = np.random.default_rng(0).uniform(0, 16, size=(256, 64)).astype(np.float32)
 

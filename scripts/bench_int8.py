@@ -47,7 +47,7 @@ def main() -> None:
             model = gpt.GPT(DecoderArch(**arch)).eval()
             gpt.init_weights(model, "gpt2", 0.02)
             fp32 = Path(tmp) / f"{name}.onnx"
-            _trace(DecoderStep(model).eval(), DecoderArch(**arch), fp32, 18)
+            _trace(DecoderStep(model).eval(), DecoderArch(**arch), fp32, 23)
             int8 = quantize.run(QuantizeStep(), None, fp32, Path(tmp) / f"{name}.int8.onnx")  # type: ignore[arg-type]
             sessions = {"fp32": session(fp32, args.threads), "int8": session(int8, args.threads)}
             prompt = np.random.default_rng(0).integers(0, 65, size=(1, 16), dtype=np.int64)

@@ -26,6 +26,7 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxruntime.quantization.registry import IntegerOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bigmodel import console
@@ -33,6 +34,11 @@ from bigmodel.compress import grids
 from bigmodel.config import Config, QuantizeStep
 from bigmodel.families import family
 from bigmodel.io import atomic_path
+
+# The quantizer and its symbolic shape inference know ops by type alone, and take the standard ONNX Attention
+# (opset 23; decoders export their attention as one) for ONNX Runtime's contrib op of the same name, whose
+# inputs differ. The attention's inputs are activations, which dynamic quantisation leaves alone anyway.
+DYNAMIC_OP_TYPES = sorted(set(IntegerOpsRegistry) - {"Attention"})
 
 CALIBRATION = {
     "minmax": CalibrationMethod.MinMax,
@@ -45,12 +51,13 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
     logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node
     with tempfile.TemporaryDirectory(dir=out.parent) as work, console.stdout_to_stderr():
         pre = Path(work) / "model.pre.onnx"
-        quant_pre_process(str(fp32), str(pre))
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=_has_standard_attention(fp32))
         with atomic_path(out) as tmp:
             if step.bits == 4:
                 _int4(pre, tmp, step)
             elif step.mode == "dynamic":
-                quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=step.per_channel)
+                quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=step.per_channel,
+                                 op_types_to_quantize=DYNAMIC_OP_TYPES)
             else:
                 quantize_static(
                     str(pre), str(tmp), _calibration_reader(step, config, fp32),
@@ -64,6 +71,15 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
                 )
     _copy_metadata(fp32, out)
     return out
+
+
+def _has_standard_attention(model: Path) -> bool:
+    """Whether the graph has an ONNX (not com.microsoft) Attention node, which ONNX Runtime's symbolic shape
+    inference mistakes for its own (ONNX's shape inference, which quant_pre_process also runs, knows it)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return any(node.op_type == "Attention" and node.domain in ("", "ai.onnx") for node in graph.node)
 
 
 def _int4(source: Path, target: Path, step: QuantizeStep) -> None:

@@ -50,7 +50,7 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(arch.n_embd, arch.n_embd)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C), key_mask (B, 1, 1, T) True for real tokens -> (B, T, C)."""
+        """x (B, T, C), key_mask (B, 1, T, T) True for real keys -> (B, T, C)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_size).transpose(1, 2).chunk(3, dim=1)
         dropout = self.dropout if self.training else 0.0
@@ -150,7 +150,10 @@ class BERT(nn.Module):
             raise ValueError(f"input of {input_ids.size(1)} tokens exceeds block_size {self.block_size}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): every query sees the real keys
+        # (B, 1, T, T): every query sees the real keys. Spelled out over the queries (a view here) because
+        # ONNX Runtime's Attention kernel (opset 23) does not broadcast the mask along the query axis.
+        T = input_ids.size(1)
+        key_mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, T, T)
         x = self.embeddings(input_ids, token_type_ids)
         for block in self.h:
             x = block(x, key_mask)

@@ -1,8 +1,8 @@
 """A decoder-only language model: GPT-2 as in nanoGPT by default, Llama-family options when asked.
 
 Token embeddings, pre-norm blocks (Radford et al. 2019), causal self-attention (through
-`scaled_dot_product_attention` in training, written out over the cache when decoding), an MLP, dropout,
-and an output head tied to the token embedding (Press & Wolf 2017) or its own. The options of
+`scaled_dot_product_attention`: causal in training, with an explicit mask over the cache when decoding), an
+MLP, dropout, and an output head tied to the token embedding (Press & Wolf 2017) or its own. The options of
 `DecoderArch` cover the Llama family:
 - positions: learned (GPT-2) or rotary (RoFormer, Su et al. 2021), in Hugging Face's rotate-half layout;
 - norm: LayerNorm, or RMSNorm (Zhang & Sennrich 2019), computed in fp32 as Llama does;
@@ -122,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """`mask` (B or 1, 1, 1, T, P+T): additive, 0 where attention is allowed, -inf elsewhere; given
+        """`mask` (B or 1, 1, T, P+T): additive, 0 where attention is allowed, -inf elsewhere; given
         whenever there is a cache (decoding), absent in training (causal attention without a cache)."""
         B, T, _ = x.shape
         heads = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_size).transpose(1, 2)
@@ -144,8 +144,11 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is not None:  # decoding over a cache
-            return attend_grouped(q, k, v, mask)
+        if mask is not None:
+            # Decoding over a cache. SDPA with grouped heads (enable_gqa: each key/value head serves
+            # n_head / n_kv_head query heads, the cache is never copied); exported at opset >= 23 this is
+            # one ONNX Attention node per layer, which ONNX Runtime runs as one fused kernel.
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=self.n_kv_head != self.n_head)
         # Training: causal without a cache, through SDPA's fused kernels (flash attention).
         if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
             k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
@@ -157,20 +160,6 @@ def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
     """(B, nkv, S, hs) -> (B, nkv * times, S, hs), each head repeated `times` times in a row."""
     B, n_kv, S, hs = x.shape
     return x[:, :, None].expand(B, n_kv, times, S, hs).reshape(B, n_kv * times, S, hs)
-
-
-def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of q (B, nh, T, hs) over a cache k, v (B, nkv, S, hs) -> (B, nh, T, hs), with an additive
-    mask (B or 1, 1, 1, T, S). Written out rather than through SDPA so the exported decode step stays
-    small: the query heads that share a key/value head are stacked as rows of one product (the cache is
-    never copied n_head / n_kv_head times, as repeat_kv would), and the mask is built once per forward."""
-    B, nh, T, hs = q.shape
-    n_kv, S = k.size(1), k.size(2)
-    group = nh // n_kv
-    q = q.reshape(B, n_kv, group * T, hs) * (1.0 / math.sqrt(hs))  # query heads of kv head j: j*group ...
-    scores = (q @ k.transpose(-2, -1)).view(B, n_kv, group, T, S) + mask  # (B, nkv, group, T, S)
-    weights = F.softmax(scores.float(), dim=-1).to(q.dtype).view(B, n_kv, group * T, S)
-    return (weights @ v).view(B, nh, T, hs)
 
 
 def causal_mask(n_new: int, n_total: int) -> torch.Tensor:
@@ -194,10 +183,11 @@ def padded_causal_mask(n_new: int, n_total: int, left_padding: torch.Tensor) -> 
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask (..., T, S) as the (..., 1, 1, T, S) scores offset of attend_grouped: 0 or -inf."""
+    """A bool mask (B or 1, 1, T, S) as an additive scores offset: 0 where allowed, -inf elsewhere. Built
+    once per forward and shared by the layers (a bool attn_mask would be converted in every layer)."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     blocked = torch.tensor(float("-inf"), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, blocked)[..., None, :, :]
+    return torch.where(allowed, zero, blocked)
 
 
 class MLP(nn.Module):
