@@ -14,6 +14,10 @@ cut into --windows windows of 512 tokens), file size and one decode step's laten
 - top-1 agreement with fp32's next-token choice on the held-out windows (teacher-forced: every position
   counts once, nothing compounds), and greedy generations that differ from fp32's (3 chat prompts);
 - decode tokens/s at batch 1 (infer's bench: 32-token prompt, --new-tokens new), interleaved, medians.
+- the weight-streaming limit of its own format, measured on the spot: the variant's weight products alone
+  (every MatMul with a constant weight and every MatMulNBits, each fed one row, in one ONNX Runtime
+  session with the same threads) -- the time one decode step cannot go below -- and the fraction of it
+  that decoding reaches.
 llama.cpp (`llama-cpp-python`) runs the same GGUF file on the same token ids: perplexity through the
 same scoring function, and decode tokens/s with greedy steps (its own sampling code skipped).
 """
@@ -72,6 +76,55 @@ def setup(work: Path, gguf: Path, threads: int, windows: int, reuse: bool) -> Pa
         bigmodel("init", "-c", "smol.yaml", cwd=work)
         bigmodel("export", "-c", "smol.yaml", "--set", "export.checkpoint=init", cwd=work)
     return work / "smol.yaml"
+
+
+def streaming_limit(model: Path, threads: int, repeats: int = 20) -> tuple[int, Callable[[], float]]:
+    """One decode step's weight products alone: every product of a row with a constant weight matrix in
+    `model` (MatMul, MatMulNBits), each with its own (1, K) input, in one session. Returns the weight
+    bytes read and a function that measures it (tokens/s at that speed: median of `repeats` runs)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    source = onnx.load(str(model))
+    weights = {init.name: init for init in source.graph.initializer}
+    nodes, inputs, outputs, used = [], [], [], {}
+    for node in source.graph.node:
+        if node.op_type == "MatMulNBits":
+            k = next(a.i for a in node.attribute if a.name == "K")
+        elif node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
+            k = weights[node.input[1]].dims[0]
+        else:
+            continue
+        i = len(nodes)
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[0], copy.output[:] = f"x{i}", [f"y{i}"]
+        nodes.append(copy)
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, k]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+        used.update({name: weights[name] for name in node.input[1:] if name in weights})
+    graph = helper.make_graph(nodes, "weight_products", inputs, outputs, list(used.values()))
+    products = helper.make_model(graph, opset_imports=source.opset_import)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(products.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {info.name: rng.standard_normal([d.dim_value for d in info.type.tensor_type.shape.dim]).astype(np.float32)
+             for info in inputs}
+    session.run(None, feeds)
+
+    def tokens_per_s() -> float:
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            seconds.append(time.perf_counter() - start)
+        return 1 / statistics.median(seconds)
+
+    weight_bytes = sum(int(np.prod(init.dims)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+                       for init in used.values())
+    return weight_bytes, tokens_per_s
 
 
 def top1(logits_fn: Callable[[np.ndarray], np.ndarray], windows: np.ndarray) -> np.ndarray:
@@ -185,11 +238,16 @@ def main() -> None:
         for name, artifact in artifacts.items()}
     if llama is not None:
         decoders["llama.cpp"] = llama["decode"]
+    products = {name: streaming_limit(path, args.threads) for name, path in paths.items()}
     rates: dict[str, list[float]] = {name: [] for name in decoders}
+    limits: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.repeats):  # interleaved: this machine's speed drifts between runs
         for name, decode in decoders.items():
             rates[name].append(decode())
+            if name in products:
+                limits[name].append(products[name][1]())
     speed = {name: statistics.median(r) for name, r in rates.items()}
+    limit = {name: statistics.median(r) for name, r in limits.items()}
 
     base = rows.get("fp32")
     report: dict[str, Any] = {"model": args.gguf.name, "threads": args.threads, "held_out_tokens": args.windows * BLOCK,
@@ -200,6 +258,9 @@ def main() -> None:
             "loss": round(row["metrics"]["loss"], 5),
             "perplexity": round(row["metrics"]["perplexity"], 4),
             "decode_tokens_per_s": round(speed[name], 2),
+            "weight_bytes_per_token": products[name][0],
+            "streaming_limit_tokens_per_s": round(limit[name], 2),
+            "fraction_of_streaming_limit": round(speed[name] / limit[name], 3),
             "step_latency_ms": row["latency_ms"],
             "top1_agreement_with_fp32": row.get("top1_agreement_with_fp32"),
             "greedy_replies_changed": sum(a != b for a, b in zip(greedy[name], greedy.get("fp32", greedy[name]))),
