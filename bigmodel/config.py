@@ -459,7 +459,8 @@ class TrainConfig(Section):
     )
     compile: bool = Field(False, description="torch.compile the model (gpt).")
     eval_batches: int = Field(
-        50, gt=0, description="gpt: val batches per evaluation (the same fixed batches every time)."
+        50, gt=0, description="gpt: val batches per evaluation (the same fixed batches every time). If that "
+        "many would cover more than the val split, the split is tiled instead: each token scored once.",
     )
     log_every: int = Field(50, gt=0, description="gpt: append train loss, lr and tokens/s every N steps.")
     save_every: int | None = Field(

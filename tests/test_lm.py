@@ -358,6 +358,41 @@ def test_bf16_autocast_keeps_attention_in_fp32_and_cache_consistent() -> None:
     assert torch.allclose(torch.cat([first, rest], 1).float(), full.float(), atol=0.05)
 
 
+class _Bigram(torch.nn.Module):
+    """A next-token table: a real model whose loss differs from window to window."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.table(x), None
+
+
+def test_val_windows_tile_the_split_once_asked_for_more_than_it_holds() -> None:
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+
+    from bigmodel.distributed import SINGLE
+    from bigmodel.train.batches import TokenWindows, fixed_windows
+
+    val = (np.arange(1000) * 7 % 50).astype(np.uint16)
+    tiled = fixed_windows(val, n_batches=100, batch=4, block=32)  # 400 windows asked, 31 fit
+    x, y = torch.cat([b[0] for b in tiled]), torch.cat([b[1] for b in tiled])
+    assert len(x) == 31 and len(tiled[-1][0]) == 3  # each token once; the last batch is short
+    assert torch.equal(x.flatten(), torch.from_numpy(val[: 31 * 32].astype(np.int64)))
+    assert torch.equal(y.flatten(), torch.from_numpy(val[1 : 31 * 32 + 1].astype(np.int64)))
+    assert sum(len(b[0]) for b in fixed_windows(val, n_batches=2, batch=4, block=32)) == 8  # fewer: spaced
+
+    torch.manual_seed(0)
+    model = _Bigram(50)
+    windows = TokenWindows(val, val, block=32, batch=4, accum=1, eval_batches=100)
+    with torch.no_grad():  # the loss of every val token once, however the batches fall
+        whole = F.cross_entropy(model(x)[0].reshape(-1, 50), y.reshape(-1)).item()
+    assert abs(windows.val_loss(model, nullcontext(), torch.device("cpu"), SINGLE) - whole) < 1e-5
+
+
 def test_gradient_accumulation_matches_one_larger_batch(tmp_path: Path) -> None:
     """2 micro-batches of 4 windows see the same windows as 1 batch of 8 (the sampler draws them in
     the same order), and the averaged gradient is the same up to float summation order."""

@@ -29,8 +29,14 @@ def sample_windows(tokens: np.ndarray, generator: torch.Generator, batch: int, b
 
 
 def fixed_windows(tokens: np.ndarray, n_batches: int, batch: int, block: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n_batches of evenly spaced windows: the same val batches at every evaluation."""
-    starts = np.linspace(0, len(tokens) - block - 1, n_batches * batch).astype(np.int64)
+    """Up to n_batches of evenly spaced windows: the same val batches at every evaluation. When that many
+    windows would overlap, the split is tiled instead: every token is scored once, which is the whole
+    split's loss (an estimate no more windows could improve) at less cost than overlapping windows."""
+    tiles = (len(tokens) - 1) // block
+    if n_batches * batch >= tiles:
+        starts = np.arange(tiles, dtype=np.int64) * block
+    else:
+        starts = np.linspace(0, len(tokens) - block - 1, n_batches * batch).astype(np.int64)
     windows = torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64))
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch)]
 
@@ -68,10 +74,11 @@ class TokenWindows:
 
     def val_loss(self, model: torch.nn.Module, autocast: object, device: torch.device,
                  world: distributed.World) -> float:
-        """Mean loss over the fixed val batches; ranks score every world.size-th batch. Every rank runs the
-        same number of forwards (FSDP gathers parameters in each one), re-scoring batch 0 uncounted if short."""
+        """Mean loss per token over the fixed val batches (the last may be smaller); ranks score every
+        world.size-th batch. Every rank runs the same number of forwards (FSDP gathers parameters in each
+        one), re-scoring batch 0 uncounted if short."""
         model.eval()
-        total = 0.0
+        total, count = 0.0, 0
         with torch.no_grad():
             for first in range(0, len(self.val_batches), world.size):
                 index = first + world.rank
@@ -79,8 +86,9 @@ class TokenWindows:
                 with autocast:  # type: ignore[attr-defined]
                     logits, _ = model(x.to(device))
                 if index < len(self.val_batches):
-                    total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1)).item()
-        return world.sum(total) / len(self.val_batches)
+                    total += masked_loss_sum(logits, y.to(device)).item()
+                    count += y.numel()
+        return world.sum(total) / world.sum(float(count))
 
 
 @dataclass
