@@ -8,14 +8,25 @@ Measured in one run, on this machine:
 - the ratio to nanoGPT's reference speed on this machine (about 45 ms per iteration, ~17k tokens/s).
 With --full, the fastest variant also trains the full 2000 steps and reports its val loss.
 
+With --stage, the whole train stage as a user runs it instead: `bigmodel train -c
+configs/shakespeare_char.yaml` (2000 steps, evaluations, checkpoints), wall clock from command to exit,
+against a minimal hand-written script of the same recipe run the same way (a fresh interpreter: imports
+included; nanoGPT's evaluation budget of 20 random val batches every 250 steps; the best weights saved
+when val improves), interleaved; and both final models' loss on the whole val split, scored alike.
+
     python scripts/bench_train.py --data ../shared/data/tinyshakespeare/input.txt [--repeats 5] [--full]
+    python scripts/bench_train.py --data ../shared/data/tinyshakespeare/input.txt --stage [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +79,122 @@ def handwritten_loop(config, steps: int, precision: str, compile_model: bool) ->
     return steps * batch * block / (time.perf_counter() - start)
 
 
+def hand_written_stage(run_dir: Path, out: Path, overrides: list[str], eval_batches: int = 20) -> None:
+    """The shakespeare_char recipe as a short script would write it (nanoGPT's train.py, minus what this
+    model does not need): random windows, AdamW (no decay on gains), warmup then cosine to min_lr, clip
+    1.0, an estimate of val loss on `eval_batches` random batches every eval_every steps, and the best
+    weights saved (safetensors) when it improves."""
+    from safetensors.torch import save_file
+
+    config = load_config(CONFIG, overrides, run_dir)
+    tc = config.train
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    model, _ = registry.load_model(config.checkpoint_path("init"))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
+    train = np.memmap(run_dir / "prepare" / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(run_dir / "prepare" / "val.bin", dtype=np.uint16, mode="r")
+    block, batch = model.block_size, tc.batch_size
+
+    def get_batch(split: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(split) - block - 1, (batch,)).numpy()
+        w = torch.from_numpy(np.stack([split[s : s + block + 1] for s in starts]).astype(np.int64))
+        return w[:, :-1], w[:, 1:]
+
+    def lr_at(step: int) -> float:
+        if step < tc.warmup_steps:
+            return tc.lr * (step + 1) / tc.warmup_steps
+        progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+        return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+    @torch.no_grad()
+    def val_estimate() -> float:
+        model.eval()
+        losses = [F.cross_entropy(model(x)[0].reshape(-1, model.arch.vocab_size), y.reshape(-1)).item()
+                  for x, y in (get_batch(val) for _ in range(eval_batches))]
+        model.train()
+        return float(np.mean(losses))
+
+    best = float("inf")
+    model.train()
+    for step in range(tc.max_steps + 1):
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            loss = val_estimate()
+            if loss < best:
+                best = loss
+                save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                          str(out))
+        if step == tc.max_steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x, y = get_batch(train)
+        logits, _ = model(x)
+        F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def whole_split_loss(run_dir: Path, weights: Path) -> float:
+    """A model's mean loss over every val token once (block-size windows tiling the split): bigmodel's
+    checkpoint, or the hand-written script's weights loaded into the same model."""
+    from safetensors.torch import load_file
+
+    from bigmodel.train.batches import fixed_windows
+
+    if weights.parent.name == "train":
+        model, _ = registry.load_model(weights)
+    else:
+        model, _ = registry.load_model(run_dir / "init" / "model.safetensors")
+        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+        assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # tied head only
+    model.eval()
+    val = np.memmap(run_dir / "prepare" / "val.bin", dtype=np.uint16, mode="r")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in fixed_windows(val, len(val), 64, model.block_size):
+            logits, _ = model(x)
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            count += y.numel()
+    return total / count
+
+
+def stage_comparison(overrides: list[str], repeats: int, tmp: Path) -> dict:
+    """Wall clock of `bigmodel train` and of the hand-written script, command to exit, interleaved."""
+    base = tmp / "base"
+    config = load_config(CONFIG, overrides, base)
+    STAGES["prepare"].run(config)
+    STAGES["init"].run(config)
+    seconds: dict[str, list[float]] = {"bigmodel": [], "hand_written": []}
+    losses: dict[str, list[float]] = {"bigmodel": [], "hand_written": []}
+    for i in range(repeats):
+        for name in seconds:
+            run = tmp / f"{name}{i}"
+            shutil.copytree(base, run)
+            shutil.rmtree(run / "train", ignore_errors=True)
+            if name == "bigmodel":
+                command = [sys.executable, "-m", "bigmodel", "train", "-c", str(CONFIG), "--run-dir", str(run), "-q",
+                           *(f"--set={o}" for o in overrides)]
+                weights = run / "train" / "best.safetensors"
+            else:
+                weights = run / "hand_written.safetensors"
+                command = [sys.executable, __file__, "--data", "-", "--hand-written", str(run), "--out", str(weights),
+                           *(f"--set={o}" for o in overrides)]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            seconds[name].append(time.perf_counter() - start)
+            losses[name].append(whole_split_loss(run, weights))
+    med = {name: statistics.median(v) for name, v in seconds.items()}
+    return {"repeats": repeats, "seconds": {k: [round(x, 1) for x in v] for k, v in seconds.items()},
+            "median_seconds": {k: round(v, 1) for k, v in med.items()},
+            "stage_speedup_vs_hand_written": round(med["hand_written"] / med["bigmodel"], 3),
+            "whole_split_val_loss": {k: [round(x, 4) for x in v] for k, v in losses.items()}}
+
+
 def bigmodel_loop(config_path: Path, data: Path, run_dir: Path, steps: int, precision: str,
                   compile_model: bool) -> float:
     """`bigmodel train` itself (checkpoint at the end, progress, metrics.jsonl): tokens/s of its loop."""
@@ -90,9 +217,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "fp32+compile", "bf16+compile"])
     parser.add_argument("--full", action="store_true", help="also train the fastest variant for 2000 steps")
+    parser.add_argument("--stage", action="store_true", help="time the whole train stage against a hand-written "
+                        "script of the same recipe, command to exit")
+    parser.add_argument("--set", action="append", default=[], help="--stage: config overrides for both sides "
+                        "(e.g. train.max_steps=100 for a quick look)")
+    parser.add_argument("--hand-written", type=Path, help=argparse.SUPPRESS)  # --stage's subprocess: RUN_DIR
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hand_written:
+        hand_written_stage(args.hand_written, args.out, args.set)
+        return
     console.set_quiet(True)
     data = args.data.absolute()
+    if args.stage:
+        with tempfile.TemporaryDirectory() as tmp:
+            comparison = stage_comparison([f"data.path={data}", *args.set], args.repeats, Path(tmp))
+            print(json.dumps({"config": str(CONFIG), "overrides": args.set, **comparison}, indent=2))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
