@@ -148,7 +148,8 @@ class CausalSelfAttention(nn.Module):
             # Decoding over a cache. SDPA with grouped heads (enable_gqa: each key/value head serves
             # n_head / n_kv_head query heads, the cache is never copied); exported at opset >= 23 this is
             # one ONNX Attention node per layer, which ONNX Runtime runs as one fused kernel.
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=self.n_kv_head != self.n_head)
+            grouped = self.n_kv_head != self.n_head
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=grouped)
         # Training: causal without a cache, through SDPA's fused kernels (flash attention).
         if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
             k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
