@@ -44,6 +44,8 @@ def test_export_writes_one_checked_graph_with_everything_infer_needs(lm_run: Pat
     onnx.checker.check_model(model, full_check=True)
     names = [i.name for i in model.graph.input]
     assert names == ["input_ids", "past_keys", "past_values", "left_padding"]
+    # opset 23: each layer's attention is one ONNX Attention node (ONNX Runtime runs it as one kernel)
+    assert [node.op_type for node in model.graph.node].count("Attention") == 1  # lm_config: one layer
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["bigmodel.block_size"]) == 32
     assert tokenizers.from_json(meta["bigmodel.tokenizer"]).vocab_size > 50
@@ -71,6 +73,22 @@ def test_failed_gate_publishes_nothing(lm_run: Path, tmp_path: Path) -> None:
     result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.atol=1e-30")
     assert result.code == 1 and "export parity failed" in result.stderr
     assert not (tmp_path / "run" / "export" / "model.onnx").exists()
+
+
+def test_opset_18_writes_attention_out_and_decodes_the_same(lm_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(lm_run.parent / "run", tmp_path / "run")
+    shutil.copy(lm_run, tmp_path / "lm.yaml")
+    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.opset=18", "--json", "-q")
+    assert result.code == 0, result.stderr
+    assert result.json()["max_abs_diff"] < 1e-4
+    ops = [node.op_type for node in onnx.load(str(onnx_of(tmp_path / "lm.yaml"))).graph.node]
+    assert "Attention" not in ops and "Softmax" in ops
+    assert generate(tmp_path / "lm.yaml", "--prompt", "def ", "-t", "0", "-n", "12")[0]["completion"] == \
+        generate(lm_run, "--prompt", "def ", "-t", "0", "-n", "12")[0]["completion"]
+    newer = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.opset=24")
+    assert newer.code == 2 and "export.opset" in newer.stderr
 
 
 def test_external_data_and_offline_optimisation(lm_run: Path, tmp_path: Path) -> None:
