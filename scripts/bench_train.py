@@ -46,14 +46,19 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.
 NANOGPT_TOKENS_PER_S = 12 * 64 / 0.045  # nanoGPT baby GPT on this machine: ~45 ms per iteration
 
 
+def adamw(model: torch.nn.Module, tc) -> torch.optim.AdamW:
+    """The recipe's optimizer as a script writes it: AdamW, no weight decay on gains and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
+
+
 def handwritten_loop(config, steps: int, precision: str, compile_model: bool) -> float:
     """The same model, optimizer and batches, in the fewest lines that train: tokens/s."""
     model, _ = registry.load_model(config.checkpoint_path("init"))
     tc = config.train
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
+    opt = adamw(model, tc)
     data = np.memmap(config.stage_dir("prepare") / "train.bin", dtype=np.uint16, mode="r")
     step_model = torch.compile(model) if compile_model else model
     block, batch = model.block_size, tc.batch_size
@@ -91,10 +96,7 @@ def hand_written_stage(run_dir: Path, out: Path, overrides: list[str], eval_batc
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     model, _ = registry.load_model(config.checkpoint_path("init"))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
+    opt = adamw(model, tc)
     train = np.memmap(run_dir / "prepare" / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(run_dir / "prepare" / "val.bin", dtype=np.uint16, mode="r")
     block, batch = model.block_size, tc.batch_size
@@ -139,19 +141,20 @@ def hand_written_stage(run_dir: Path, out: Path, overrides: list[str], eval_batc
         opt.zero_grad(set_to_none=True)
 
 
-def whole_split_loss(run_dir: Path, weights: Path) -> float:
-    """A model's mean loss over every val token once (block-size windows tiling the split): bigmodel's
-    checkpoint, or the hand-written script's weights loaded into the same model."""
+def hand_written_model(run_dir: Path, weights: Path) -> torch.nn.Module:
+    """The hand-written script's saved weights in the model they came from (the tied head is stored once)."""
     from safetensors.torch import load_file
 
+    model, _ = registry.load_model(run_dir / "init" / "model.safetensors")
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    return model
+
+
+def whole_split_loss(run_dir: Path, model: torch.nn.Module) -> float:
+    """A model's mean loss over every val token once (block-size windows tiling the split)."""
     from bigmodel.train.batches import fixed_windows
 
-    if weights.parent.name == "train":
-        model, _ = registry.load_model(weights)
-    else:
-        model, _ = registry.load_model(run_dir / "init" / "model.safetensors")
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-        assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # tied head only
     model.eval()
     val = np.memmap(run_dir / "prepare" / "val.bin", dtype=np.uint16, mode="r")
     total, count = 0.0, 0
@@ -175,19 +178,16 @@ def stage_comparison(overrides: list[str], repeats: int, tmp: Path) -> dict:
         for name in seconds:
             run = tmp / f"{name}{i}"
             shutil.copytree(base, run)
-            shutil.rmtree(run / "train", ignore_errors=True)
-            if name == "bigmodel":
-                command = [sys.executable, "-m", "bigmodel", "train", "-c", str(CONFIG), "--run-dir", str(run), "-q",
-                           *(f"--set={o}" for o in overrides)]
-                weights = run / "train" / "best.safetensors"
-            else:
-                weights = run / "hand_written.safetensors"
-                command = [sys.executable, __file__, "--data", "-", "--hand-written", str(run), "--out", str(weights),
-                           *(f"--set={o}" for o in overrides)]
+            weights = run / "hand_written.safetensors"
+            command = ([sys.executable, "-m", "bigmodel", "train", "-c", str(CONFIG), "--run-dir", str(run), "-q"]
+                       if name == "bigmodel" else
+                       [sys.executable, __file__, "--data", "-", "--hand-written", str(run), "--out", str(weights)])
             start = time.perf_counter()
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([*command, *(f"--set={o}" for o in overrides)], check=True, stdout=subprocess.DEVNULL)
             seconds[name].append(time.perf_counter() - start)
-            losses[name].append(whole_split_loss(run, weights))
+            model = (registry.load_model(run / "train" / "best.safetensors")[0] if name == "bigmodel"
+                     else hand_written_model(run, weights))
+            losses[name].append(whole_split_loss(run, model))
     med = {name: statistics.median(v) for name, v in seconds.items()}
     return {"repeats": repeats, "seconds": {k: [round(x, 1) for x in v] for k, v in seconds.items()},
             "median_seconds": {k: round(v, 1) for k, v in med.items()},
