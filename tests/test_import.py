@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -112,6 +113,11 @@ def test_import_trains_exports_and_generates_like_transformers(kind: str, source
     result = cli("export", "-c", config, "--set", "export.checkpoint=init", "-q")
     assert result.code == 0, result.stderr
     onnx_path = tmp_path / "run" / "export" / "model.onnx"
+    ops = [node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node]
+    # opset 23: per layer one Attention node (the cache appended inside it) and, with rope, one RotaryEmbedding
+    layers = ops[ops.index("Attention") : len(ops) - ops[::-1].index("Attention")]
+    assert ops.count("Attention") == arch.n_layer and "Concat" not in layers  # no cache copies between them
+    assert ops.count("RotaryEmbedding") == (arch.n_layer if arch.position == "rope" else 0)
     ours = ort_greedy(onnx_path, ids, 20)
     theirs = hf_greedy(source, ids, 20)
     assert ours == theirs[: len(ours)] and (len(ours) == 20 or ours[-1] == 2)

@@ -9,8 +9,10 @@ as external data).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from bigmodel.decoder_graph import CacheLayout
 from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
+from bigmodel.models.gpt import CausalSelfAttention
 
 TWO_GB = 2 * 1024**3
 
@@ -106,13 +109,29 @@ def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int, dtype: 
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=block)
     past_len = torch.export.Dim("past", min=0, max=block)
-    export_dynamo(
-        step, (ids, past, past.clone(), left_padding), path,
-        list(decoder_graph.INPUTS), list(decoder_graph.OUTPUTS),
-        {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len},
-         "past_values": {1: batch, 3: past_len}, "left_padding": {0: batch}},
-        opset,
-    )
+    with onnx_operators(step, opset >= 23):
+        export_dynamo(
+            step, (ids, past, past.clone(), left_padding), path,
+            list(decoder_graph.INPUTS), list(decoder_graph.OUTPUTS),
+            {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len},
+             "past_values": {1: batch, 3: past_len}, "left_padding": {0: batch}},
+            opset,
+        )
+
+
+@contextlib.contextmanager
+def onnx_operators(step: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Trace the attention with ONNX's opset-23 operators (RotaryEmbedding, Attention with the cache)
+    instead of their PyTorch spelling, then restore it: the parity gate compares the graph against the
+    model's own eager attention. Opset 18 has neither operator and keeps the spelled-out graph."""
+    layers = [m for m in step.modules() if isinstance(m, CausalSelfAttention)]
+    for layer in layers:
+        layer.onnx_operators = enabled
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.onnx_operators = False
 
 
 def held_out_windows(tokens: np.ndarray, batch: int, span: int) -> np.ndarray:

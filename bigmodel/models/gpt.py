@@ -108,6 +108,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CausalSelfAttention(nn.Module):
+    # Set by export at opset >= 23 (`onnx_operators`): the decode step is written with ONNX's own
+    # RotaryEmbedding and Attention operators, which ONNX Runtime runs as one kernel each.
+    onnx_operators: bool = False
+
     def __init__(self, arch: DecoderArch) -> None:
         super().__init__()
         self.arch = arch
@@ -124,6 +128,8 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """`mask` (B or 1, 1, T, P+T): additive, 0 where attention is allowed, -inf elsewhere; given
         whenever there is a cache (decoding), absent in training (causal attention without a cache)."""
+        if self.onnx_operators and past is not None and mask is not None:
+            return self._decode_onnx(x, past, rope, mask)
         B, T, _ = x.shape
         heads = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_size).transpose(1, 2)
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh+nkv, T, hs), v
@@ -143,11 +149,31 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, self.arch.q_width)  # re-assemble heads: (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
+    def _decode_onnx(
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The decode step in opset 23's operators (torch.onnx.ops: a reference computation in eager, one
+        node each in the exported graph): the rotation is one RotaryEmbedding node, and the attention one
+        Attention node that appends the new keys and values to the cache itself. Heads stay packed in the
+        last axis, (B, T, heads * hs), so the graph has no reshapes or transposes around them."""
+        B, T, _ = x.shape
+        q_width, kv_width = self.arch.q_width, self.arch.kv_width
+        qk, v = self.c_attn(x).split([q_width + kv_width, kv_width], dim=-1)  # (B, T, (nh+nkv) hs), (B, T, nkv hs)
+        if rope is not None:  # the operator takes cos/sin (B, T, hs/2): our rotate-half tables repeat that half
+            half = self.head_size // 2
+            cos, sin = (table.expand(B, 1, T, self.head_size)[:, 0, :, :half] for table in rope)
+            qk = torch.onnx.ops.rotary_embedding(qk, cos, sin, num_heads=self.n_head + self.n_kv_head)
+        q, k = qk.split([q_width, kv_width], dim=-1)
+        y, keys, values, _ = torch.onnx.ops.attention(  # y (B, T, nh hs); keys, values (B, nkv, P+T, hs)
+            q, k, v, mask.to(q.dtype), past[0], past[1], q_num_heads=self.n_head, kv_num_heads=self.n_kv_head)
+        return self.c_proj(y), (keys, values)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None:
             # Decoding over a cache. SDPA with grouped heads (enable_gqa: each key/value head serves
-            # n_head / n_kv_head query heads, the cache is never copied); exported at opset >= 23 this is
-            # one ONNX Attention node per layer, which ONNX Runtime runs as one fused kernel.
+            # n_head / n_kv_head query heads, the cache is never copied). Export at opset >= 23 writes
+            # this step with ONNX's own operators instead (_decode_onnx).
             grouped = self.n_kv_head != self.n_head
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=grouped)
         # Training: causal without a cache, through SDPA's fused kernels (flash attention).
