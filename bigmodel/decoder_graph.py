@@ -1,13 +1,19 @@
 """The contract of an exported decoder graph, shared by export, infer, quantize and compress's measure.
 
-Graph: input_ids (B, T) int64, past_keys / past_values (L, B, nkv, P, hs) float32 (float16 for an
-fp16 export: metadata dtype), left_padding (B,) int64 -> logits (B, T, V), present_keys / present_values
-(L, B, nkv, P+T, hs), in the same float type. nkv is the number of
+Graph: input_ids (B, T) int64, past_keys.{i} / past_values.{i} (B, nkv, P, hs) for each layer i (float32;
+float16 for an fp16 export: metadata dtype), left_padding (B,) int64 -> logits (B, T, V),
+present_keys.{i} / present_values.{i} (B, nkv, P+T, hs), in the same float type. nkv is the number of
 key/value heads (n_head unless the model uses grouped-query attention). Batch, T and P are dynamic and P
 may be 0, so one file serves the prompt (empty past) and every decode step. left_padding lets sequences
 of different lengths share a batch: row b's first left_padding[b] positions (of past and input_ids
 together) are padding, which no query attends to, and its positions count from its first real token.
-Files exported before left_padding existed lack that input; `feeds` leaves it out for them.
+
+One cache tensor per layer: each layer's Attention node reads its own input and writes its own output,
+and a step copies nothing else (a stacked (L, B, nkv, P, hs) cache costs a slice per layer going in and a
+copy of the whole cache coming out, every token). Files exported before this (November 2026) take the
+stack as `past_keys` / `past_values` and return `present_keys` / `present_values`; files from before
+left_padding existed lack that input. `feeds` and `outputs` speak every layout, so callers only ever hold
+a `KVCache`.
 
 Metadata (`bigmodel.*` keys, JSON values) makes the file self-contained: the tokenizer, its special
 tokens and chat template, and the architecture. No PyTorch here.
@@ -15,32 +21,77 @@ tokens and chat template, and the architecture. No PyTorch here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 KIND = "gpt"
-INPUTS = ("input_ids", "past_keys", "past_values", "left_padding")
-OUTPUTS = ("logits", "present_keys", "present_values")
-
-
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
+STACKED = "past_keys"  # the single cache input of files from before per-layer caches
+
+
+def input_names(n_layer: int) -> list[str]:
+    return ["input_ids", *(f"past_keys.{i}" for i in range(n_layer)),
+            *(f"past_values.{i}" for i in range(n_layer)), "left_padding"]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return ["logits", *(f"present_keys.{i}" for i in range(n_layer)),
+            *(f"present_values.{i}" for i in range(n_layer))]
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Per layer, the keys and values (B, nkv, P, hs) of the tokens seen so far."""
+
+    keys: tuple[np.ndarray, ...]
+    values: tuple[np.ndarray, ...]
+
+    @property
+    def length(self) -> int:
+        """P: the positions cached (padding included)."""
+        return int(self.keys[0].shape[2])
+
+    def rows(self, keep: Sequence[int]) -> KVCache:
+        """Only these batch rows."""
+        return KVCache(tuple(k[keep] for k in self.keys), tuple(v[keep] for v in self.values))
+
+    def drop_front(self, positions: int) -> KVCache:
+        """Without the first `positions` positions (padding in every row)."""
+        return KVCache(tuple(k[:, :, positions:] for k in self.keys), tuple(v[:, :, positions:] for v in self.values))
+
+    def left_padded(self, width: int) -> KVCache:
+        """Zeros in front up to `width` positions."""
+        missing = width - self.length
+        if missing == 0:
+            return self
+
+        def pad(t: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.zeros((t.shape[0], t.shape[1], missing, t.shape[3]), t.dtype), t], axis=2)
+
+        return KVCache(tuple(map(pad, self.keys)), tuple(map(pad, self.values)))
+
+    def joined(self, other: KVCache) -> KVCache:
+        """This cache's rows, then `other`'s (the same number of positions)."""
+        return KVCache(tuple(np.concatenate(pair) for pair in zip(self.keys, other.keys)),
+                       tuple(np.concatenate(pair) for pair in zip(self.values, other.values)))
 
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """The stacked KV cache's fixed dimensions and float type."""
+    """The KV cache's fixed dimensions and float type."""
 
     n_layer: int
     n_kv_head: int
     head_size: int
     dtype: str = "fp32"
 
-    def empty(self, batch: int, past: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def empty(self, batch: int, past: int = 0) -> KVCache:
         """Zero keys and values for `batch` sequences and `past` positions (0: no past yet)."""
-        shape = (self.n_layer, batch, self.n_kv_head, past, self.head_size)
-        return np.zeros(shape, DTYPES[self.dtype]), np.zeros(shape, DTYPES[self.dtype])
+        zeros = np.zeros((batch, self.n_kv_head, past, self.head_size), DTYPES[self.dtype])
+        return KVCache((zeros,) * self.n_layer, (zeros,) * self.n_layer)
 
     @classmethod
     def of(cls, arch: Any, dtype: str = "fp32") -> CacheLayout:
@@ -53,15 +104,33 @@ class CacheLayout:
                    meta.get("dtype", "fp32"))
 
 
-def feeds(ids: np.ndarray, keys: np.ndarray, values: np.ndarray, left_padding: np.ndarray | None = None,
-          inputs: tuple[str, ...] = INPUTS) -> dict[str, np.ndarray]:
-    """A run's inputs by name; no padding unless given; only the names `inputs` lists (a graph's own)."""
+def feeds(ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None,
+          inputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """A run's inputs by name, for a graph with these `inputs` (default: today's layout); no padding
+    unless given."""
+    n_layer = len(cache.keys)
+    inputs = input_names(n_layer) if inputs is None else inputs
     if left_padding is None:
         left_padding = np.zeros(len(ids), np.int64)
-    return {name: value for name, value in zip(INPUTS, (ids, keys, values, left_padding)) if name in inputs}
+    named: dict[str, np.ndarray] = {"input_ids": ids, "left_padding": left_padding}
+    if STACKED in inputs:
+        named.update(past_keys=np.stack(cache.keys), past_values=np.stack(cache.values))
+    else:
+        named.update({f"past_keys.{i}": k for i, k in enumerate(cache.keys)})
+        named.update({f"past_values.{i}": v for i, v in enumerate(cache.values)})
+    return {name: value for name, value in named.items() if name in inputs}
 
 
-def input_names(session: Any) -> tuple[str, ...]:
+def outputs(results: Sequence[np.ndarray]) -> tuple[np.ndarray, KVCache]:
+    """A run's outputs (in graph order) as logits and the new cache."""
+    logits, *caches = results
+    if caches[0].ndim == 5:  # a stacked file: (L, B, nkv, P+T, hs) each
+        return logits, KVCache(tuple(caches[0]), tuple(caches[1]))
+    n_layer = len(caches) // 2
+    return logits, KVCache(tuple(caches[:n_layer]), tuple(caches[n_layer:]))
+
+
+def session_inputs(session: Any) -> tuple[str, ...]:
     return tuple(node.name for node in session.get_inputs())
 
 

@@ -50,13 +50,12 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 def decode_ort(sess: ort.InferenceSession, arch: dict, prompts: np.ndarray, new: int) -> float:
     b = len(prompts)
-    shape = (arch["n_layer"], b, arch["n_head"], 0, arch["n_embd"] // arch["n_head"])
-    keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    cache = decoder_graph.CacheLayout(arch["n_layer"], arch["n_head"], arch["n_embd"] // arch["n_head"]).empty(b)
     start = time.perf_counter()
-    logits, keys, values = sess.run(None, decoder_graph.feeds(prompts, keys, values))
+    logits, cache = decoder_graph.outputs(sess.run(None, decoder_graph.feeds(prompts, cache)))
     for _ in range(new):
         ids = logits[:, -1].argmax(-1).reshape(b, 1).astype(np.int64)
-        logits, keys, values = sess.run(None, decoder_graph.feeds(ids, keys, values))
+        logits, cache = decoder_graph.outputs(sess.run(None, decoder_graph.feeds(ids, cache)))
     return b * new / (time.perf_counter() - start)
 
 

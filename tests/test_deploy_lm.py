@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -43,7 +44,7 @@ def test_export_writes_one_checked_graph_with_everything_infer_needs(lm_run: Pat
     model = onnx.load(str(onnx_of(lm_run)))
     onnx.checker.check_model(model, full_check=True)
     names = [i.name for i in model.graph.input]
-    assert names == ["input_ids", "past_keys", "past_values", "left_padding"]
+    assert names == ["input_ids", "past_keys.0", "past_values.0", "left_padding"]  # lm_config: one layer
     # opset 23: each layer's attention is one ONNX Attention node (ONNX Runtime runs it as one kernel)
     assert [node.op_type for node in model.graph.node].count("Attention") == 1  # lm_config: one layer
     meta = {p.key: p.value for p in model.metadata_props}
@@ -210,50 +211,72 @@ def test_an_onnx_file_from_before_grouped_query_attention_still_generates(lm_run
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 
-def test_an_onnx_file_from_before_left_padding_generates_and_serves_one_at_a_time(lm_run: Path, tmp_path: Path) -> None:
-    """A graph without the left_padding input (exported before batching) still generates the same text,
-    and the batching scheduler runs it one request at a time."""
+def export_stacked(lm_run: Path, path: Path, left_padding: bool) -> None:
+    """The trained model in an older file layout: one stacked (L, B, nkv, P, hs) cache tensor each for keys
+    and values (before November 2026), and without the left_padding input (before batching)."""
+    from bigmodel.export.onnx_file import export_dynamo, stamp_and_check
+
+    model, _ = registry.load_model(lm_run.parent / "run" / "train" / "best.safetensors")
+    step = DecoderStep(model.eval())
+
+    class Stacked(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor,  # noqa: ANN201
+                    left_padding: torch.Tensor | None = None):
+            logits, keys, values = step(input_ids, list(past_keys), list(past_values), left_padding)
+            return logits, torch.stack(keys), torch.stack(values)
+
+    past = torch.zeros(1, 2, 2, 2, 16)
+    batch, seq, past_len = torch.export.Dim("b", max=64), torch.export.Dim("t", max=32), torch.export.Dim("p", max=32)
+    dims = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len}, "past_values": {1: batch, 3: past_len}}
+    inputs: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, dtype=torch.long), past, past.clone())
+    names = ["input_ids", "past_keys", "past_values"]
+    if left_padding:
+        inputs, names, dims = (*inputs, torch.zeros(2, dtype=torch.long)), [*names, "left_padding"], {**dims, "left_padding": {0: batch}}
+    export_dynamo(Stacked(), inputs, path, names, ["logits", "present_keys", "present_values"], dims, 18)
+    current = onnx.load(str(onnx_of(lm_run)))
+    stamp_and_check(path, {p.key.removeprefix("bigmodel."): p.value for p in current.metadata_props})
+
+
+def serve_two(path: Path, max_batch: int) -> tuple[Any, list[dict]]:
+    """Two prompts through the batching scheduler; the scheduler and what each request ended with."""
     import threading
 
     from bigmodel.config import InferConfig
-    from bigmodel.export.onnx_file import export_dynamo, stamp_and_check
     from bigmodel.infer.gpt import Decoder, Generation
     from bigmodel.infer.session import open_model
     from bigmodel.serve.batching import Request, Scheduler
 
-    model, manifest = registry.load_model(lm_run.parent / "run" / "train" / "best.safetensors")
-    step = DecoderStep(model.eval())
+    session, meta = open_model(path, ["CPUExecutionProvider"], 1)
+    decoder = Decoder.from_session(session, meta, path)
+    scheduler = Scheduler(decoder, max_batch=max_batch)
+    ends: list[dict] = []
+    both = threading.Semaphore(0)
+    for prompt in ("def ", "import os\n"):
+        generation = Generation(decoder, prompt, InferConfig(max_new_tokens=16, temperature=0), 0)
+        scheduler.submit(Request(generation, lambda text: None, lambda end: (ends.append(end), both.release())))
+    assert both.acquire(timeout=30) and both.acquire(timeout=30)
+    scheduler.stop()
+    return scheduler, sorted(ends, key=lambda end: end["prompt"])
 
-    class Before(torch.nn.Module):
-        def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):  # noqa: ANN201
-            return step(input_ids, past_keys, past_values)
 
+@pytest.mark.parametrize("left_padding", [True, False], ids=["stacked-cache", "stacked-no-left-padding"])
+def test_onnx_files_of_older_layouts_generate_the_same_and_serve(lm_run: Path, tmp_path: Path, left_padding: bool) -> None:
+    """Files with the stacked cache (exported before per-layer caches) still generate the same text; one
+    without left_padding (exported before batching) is served one request at a time, the others batched."""
     old = tmp_path / "old.onnx"
-    past = torch.zeros(1, 2, 2, 2, 16)
-    batch, seq, past_len = torch.export.Dim("b", max=64), torch.export.Dim("t", max=32), torch.export.Dim("p", max=32)
-    dims = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len}, "past_values": {1: batch, 3: past_len}}
-    export_dynamo(Before(), (torch.zeros(2, 3, dtype=torch.long), past, past.clone()), old,
-                  ["input_ids", "past_keys", "past_values"], ["logits", "present_keys", "present_values"], dims, 18)
-    current = onnx.load(str(onnx_of(lm_run)))
-    stamp_and_check(old, {p.key.removeprefix("bigmodel."): p.value for p in current.metadata_props})
+    export_stacked(lm_run, old, left_padding)
+    assert [i.name for i in onnx.load(str(old)).graph.input][1:3] == ["past_keys", "past_values"]
     args = ("--prompt", "def ", "-n", "12", "-t", "0", "--json", "-o")
     assert cli("infer", "--model", onnx_of(lm_run), *args, tmp_path / "a.jsonl").code == 0
     before = cli("infer", "--model", old, *args, tmp_path / "b.jsonl")
     assert before.code == 0, before.stderr
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
-    session, meta = open_model(old, ["CPUExecutionProvider"], 1)
-    decoder = Decoder.from_session(session, meta, old)
-    scheduler = Scheduler(decoder, max_batch=8)
-    assert not decoder.batches_padded_rows and scheduler.max_batch == 1
-    ends: list[object] = []
-    both = threading.Semaphore(0)
-    for prompt in ("def ", "import os\n"):
-        generation = Generation(decoder, prompt, InferConfig(max_new_tokens=6, temperature=0), 0)
-        scheduler.submit(Request(generation, lambda text: None, lambda end: (ends.append(end), both.release())))
-    assert both.acquire(timeout=30) and both.acquire(timeout=30)
-    scheduler.stop()
-    assert scheduler.largest_batch == 1 and [e["new_tokens"] for e in ends] == [6, 6]  # type: ignore[index]
+    scheduler, ends = serve_two(old, max_batch=8)
+    assert scheduler.max_batch == (8 if left_padding else 1)
+    assert scheduler.largest_batch == (2 if left_padding else 1)
+    _, now = serve_two(onnx_of(lm_run), max_batch=8)
+    assert [e["new_tokens"] for e in ends] == [16, 16] and [e["completion"] for e in ends] == [e["completion"] for e in now]
 
 
 # ---- fp16 export and ONNX Runtime providers (issue 17)
@@ -272,7 +295,7 @@ def test_fp16_export_has_its_own_gate_and_runs_everywhere_fp32_does(lm_run: Path
     assert report["dtype"] == "fp16" and report["atol"] == 0.1 and 1e-5 < report["max_abs_diff"] < 0.1
     model = onnx.load(str(tmp_path / "run" / "export" / "model.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}
-    assert types["past_keys"] == types["logits"] == onnx.TensorProto.FLOAT16
+    assert types["past_keys.0"] == types["present_values.0"] == types["logits"] == onnx.TensorProto.FLOAT16
     assert (tmp_path / "run" / "export" / "model.onnx").stat().st_size < 0.6 * fp32_bytes
     out = generate(tmp_path / "lm.yaml", "--prompt", "def ", "-t", "0", "-n", "10")
     assert out[0]["new_tokens"] == 10

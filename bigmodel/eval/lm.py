@@ -84,7 +84,7 @@ def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
         session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, "gpt")
         decoder = Decoder.from_session(session, meta, path)
         # An fp16 model's logits are scored in fp32, like every other artifact's.
-        return Artifact(lambda ids: decoder.run(ids, *decoder.empty_cache(len(ids)))[0].astype(np.float32, copy=False),
+        return Artifact(lambda ids: decoder.run(ids, decoder.empty_cache(len(ids)))[0].astype(np.float32, copy=False),
                         decoder.block_size, decoder.tokenizer, decoder=decoder)
     model, manifest = registry.load_model(path, merge=False)  # a LoRA checkpoint runs as base + adapter
     model.to(device).eval()

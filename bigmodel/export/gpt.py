@@ -23,7 +23,7 @@ from bigmodel import __version__, console, decoder_graph, registry
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
-from bigmodel.decoder_graph import CacheLayout
+from bigmodel.decoder_graph import CacheLayout, KVCache
 from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
@@ -33,19 +33,22 @@ TWO_GB = 2 * 1024**3
 
 
 class DecoderStep(torch.nn.Module):
-    """The GPT's forward with the per-layer cache stacked into two tensors (fewer graph inputs)."""
+    """The GPT's forward with the cache as the graph carries it: one keys and one values tensor per layer."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor,
+        self, input_ids: torch.Tensor, past_keys: list[torch.Tensor], past_values: list[torch.Tensor],
         left_padding: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        past = [(past_keys[i], past_values[i]) for i in range(past_keys.size(0))]
-        logits, present = self.model(input_ids, past, left_padding)
-        return logits, torch.stack([k for k, _ in present]), torch.stack([v for _, v in present])
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        logits, present = self.model(input_ids, list(zip(past_keys, past_values)), left_padding)
+        return logits, [k for k, _ in present], [v for _, v in present]
+
+
+def torch_cache(cache: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [torch.from_numpy(k) for k in cache.keys], [torch.from_numpy(v) for v in cache.values]
 
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
@@ -104,17 +107,20 @@ def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int, dtype: 
     # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
     t_example, p_example = min(3, block - 1), min(2, max(block - 3, 0))
     ids = torch.zeros(2, t_example, dtype=torch.long)
-    past = torch.from_numpy(CacheLayout.of(arch, dtype).empty(2, p_example)[0])
+    float_type = torch.float16 if dtype == "fp16" else torch.float32
+    keys, values = ([torch.zeros(2, arch.n_kv_head, p_example, arch.head_size, dtype=float_type)
+                     for _ in range(arch.n_layer)] for _ in range(2))  # distinct tensors, one per input
     left_padding = torch.zeros(2, dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=block)
     past_len = torch.export.Dim("past", min=0, max=block)
+    cache_dims = [{0: batch, 2: past_len}] * arch.n_layer
     with onnx_operators(step, opset >= 23):
         export_dynamo(
-            step, (ids, past, past.clone(), left_padding), path,
-            list(decoder_graph.INPUTS), list(decoder_graph.OUTPUTS),
-            {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len},
-             "past_values": {1: batch, 3: past_len}, "left_padding": {0: batch}},
+            step, (ids, keys, values, left_padding), path,
+            decoder_graph.input_names(arch.n_layer), decoder_graph.output_names(arch.n_layer),
+            {"input_ids": {0: batch, 1: seq}, "past_keys": cache_dims, "past_values": cache_dims,
+             "left_padding": {0: batch}},
             opset,
         )
 
@@ -156,12 +162,12 @@ def check_parity(
     batch = 2
     windows = held_out_windows(tokens, batch, prompt_len + decode_steps)
 
-    torch_past = tuple(torch.from_numpy(t) for t in CacheLayout.of(arch).empty(batch))
-    keys, values = CacheLayout.of(arch, dtype).empty(batch)
+    torch_past = torch_cache(CacheLayout.of(arch).empty(batch))
+    cache = CacheLayout.of(arch, dtype).empty(batch)
     diffs: list[float] = []
     for i in range(decode_steps + 1):
         chunk = windows[:, :prompt_len] if i == 0 else windows[:, prompt_len + i - 1 : prompt_len + i]
-        logits, keys, values = session.run(None, decoder_graph.feeds(chunk, keys, values))
+        logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(chunk, cache)))
         with torch.no_grad():
             ref_logits, *torch_past = step(torch.from_numpy(chunk), *torch_past)
         diffs.append(float(np.abs(logits.astype(np.float32) - ref_logits.numpy()).max()))
@@ -190,16 +196,16 @@ def padded_parity(step: torch.nn.Module, session: Any, windows: np.ndarray, arch
     pad = np.array([prompt_len - n for n in lengths], dtype=np.int64)
     prompts = np.stack([np.concatenate([np.zeros(p, np.int64), w[prompt_len - n : prompt_len]])
                         for w, p, n in zip(windows, pad, lengths)])
-    logits, keys, values = session.run(None, decoder_graph.feeds(prompts, *CacheLayout.of(arch, dtype).empty(len(lengths)), pad))
+    logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(
+        prompts, CacheLayout.of(arch, dtype).empty(len(lengths)), pad)))
     batched = [logits]  # the prompt's logits, then one (B, 1, V) per decode step
     for i in range(decode_steps):
-        logits, keys, values = session.run(None, decoder_graph.feeds(
-            windows[:, prompt_len + i : prompt_len + i + 1], keys, values, pad))
+        logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(
+            windows[:, prompt_len + i : prompt_len + i + 1], cache, pad)))
         batched.append(logits)
     diffs = []
     for row in range(len(lengths)):
-        keys_alone, values_alone = CacheLayout.of(arch).empty(1)
-        past = (torch.from_numpy(keys_alone), torch.from_numpy(values_alone))
+        past = torch_cache(CacheLayout.of(arch).empty(1))
         for i, got in enumerate(batched):
             chunk = prompts[row : row + 1, pad[row] :] if i == 0 else windows[row : row + 1, prompt_len + i - 1 : prompt_len + i]
             with torch.no_grad():
@@ -218,17 +224,17 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     block, batch = int(meta["block_size"]), config.train.batch_size
     half = max(1, block // 2)
     empty = CacheLayout.from_metadata(meta).empty(batch)
-    inputs = decoder_graph.input_names(session)
+    inputs = decoder_graph.session_inputs(session)
     feeds = []
     for _ in range(batches):
         starts = rng.integers(0, len(tokens) - block, size=batch)
         ids = np.stack([tokens[s : s + block] for s in starts]).astype(np.int64)
-        _, keys, values = session.run(None, decoder_graph.feeds(ids[:, :half], *empty, inputs=inputs))
-        feeds.append(decoder_graph.feeds(ids[:, half:], keys, values, inputs=inputs))
+        _, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(ids[:, :half], empty, inputs=inputs)))
+        feeds.append(decoder_graph.feeds(ids[:, half:], cache, inputs=inputs))
     return feeds
 
 
 def latency_feeds(session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]:
     """What compress times: one decode step at batch 1 with a 16-token past."""
-    return decoder_graph.feeds(np.zeros((1, 1), np.int64), *CacheLayout.from_metadata(meta).empty(1, past=16),
-                               inputs=decoder_graph.input_names(session))
+    return decoder_graph.feeds(np.zeros((1, 1), np.int64), CacheLayout.from_metadata(meta).empty(1, past=16),
+                               inputs=decoder_graph.session_inputs(session))

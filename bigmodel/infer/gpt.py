@@ -29,7 +29,7 @@ from bigmodel import arch as arches
 from bigmodel import chat, console, decoder_graph
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import STDIO, InferConfig
-from bigmodel.decoder_graph import CacheLayout
+from bigmodel.decoder_graph import CacheLayout, KVCache
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, jsonl_objects
 from bigmodel.tabular_io import read_text
@@ -46,7 +46,7 @@ class Decoder:
     eos_ids: frozenset[int] = frozenset()  # generation ends when one of these is produced
     chat_template: str | None = None
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids
-    inputs: tuple[str, ...] = decoder_graph.INPUTS  # the graph's (files from before left_padding lack it)
+    inputs: tuple[str, ...] | None = None  # the graph's input names (older files: a stacked cache, no left_padding)
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, meta: dict[str, Any], path: Path) -> Decoder:
@@ -58,12 +58,12 @@ class Decoder:
         special = meta.get("special_tokens") or {}
         return cls(session, tok, int(meta["block_size"]), CacheLayout.from_metadata(meta),
                    frozenset(special.get("eos") or []), meta.get("chat_template"), special,
-                   decoder_graph.input_names(session))
+                   decoder_graph.session_inputs(session))
 
     @property
     def batches_padded_rows(self) -> bool:
         """Whether rows of different lengths can share a batch (the graph takes left_padding)."""
-        return "left_padding" in self.inputs
+        return self.inputs is None or "left_padding" in self.inputs
 
     def chat_prompt(self, messages: list[chat.Message]) -> str:
         """The conversation rendered with the model's own chat template, the assistant's turn opened."""
@@ -72,27 +72,26 @@ class Decoder:
                             "give plain prompts instead")
         return chat.render(self.chat_template, messages, chat.token_texts(self.tokenizer, self.special_tokens))
 
-    def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def empty_cache(self, batch: int) -> KVCache:
         return self.cache.empty(batch)
 
-    def run(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray,
-            left_padding: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-        logits, keys, values = self.session.run(None, decoder_graph.feeds(ids, keys, values, left_padding, self.inputs))
-        return logits, keys, values
+    def run(self, ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+        """Logits (B, T, V) for `ids` after what `cache` holds, and the cache with them."""
+        return decoder_graph.outputs(self.session.run(None, decoder_graph.feeds(ids, cache, left_padding, self.inputs)))
 
     def tokens(self, prompt_ids: list[int], settings: InferConfig, rng: np.random.Generator) -> Iterator[int]:
         """New token ids after the prompt, one at a time."""
         ids = list(prompt_ids[-self.block_size :])
-        logits, keys, values = self.run(np.array([ids], dtype=np.int64), *self.empty_cache(1))
+        logits, cache = self.run(np.array([ids], dtype=np.int64), self.empty_cache(1))
         for _ in range(settings.max_new_tokens):
             next_id = pick(logits[0, -1], settings, rng)
             yield next_id
             ids.append(next_id)
-            if keys.shape[3] + 1 > self.block_size:  # window full: re-read the last block_size tokens
+            if cache.length + 1 > self.block_size:  # window full: re-read the last block_size tokens
                 window = np.array([ids[-self.block_size :]], dtype=np.int64)
-                logits, keys, values = self.run(window, *self.empty_cache(1))
+                logits, cache = self.run(window, self.empty_cache(1))
             else:
-                logits, keys, values = self.run(np.array([[next_id]], dtype=np.int64), keys, values)
+                logits, cache = self.run(np.array([[next_id]], dtype=np.int64), cache)
 
 
 def pick(logits: np.ndarray, settings: InferConfig, rng: np.random.Generator) -> int:
@@ -318,14 +317,14 @@ def bench(decoder: Decoder, batch: int, prompt_tokens: int, new_tokens: int, rep
     for _ in range(repeats + 1):  # the first round warms up and is not counted
         ids = rng.integers(0, vocab, size=(batch, prompt_tokens), dtype=np.int64)
         start = time.perf_counter()
-        logits, keys, values = decoder.run(ids, *decoder.empty_cache(batch))
+        logits, cache = decoder.run(ids, decoder.empty_cache(batch))
         first = time.perf_counter() - start
         steps = []
         decode_start = time.perf_counter()
         for _ in range(new_tokens):
             step_start = time.perf_counter()
             next_ids = logits[:, -1].argmax(-1).reshape(batch, 1).astype(np.int64)
-            logits, keys, values = decoder.run(next_ids, keys, values)
+            logits, cache = decoder.run(next_ids, cache)
             steps.append(time.perf_counter() - step_start)
         decode = time.perf_counter() - decode_start
         prefill.append(first)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel.decoder_graph import KVCache
 from bigmodel.infer.gpt import Decoder, Generation
 
 
@@ -57,7 +58,8 @@ class Scheduler:
         self._stopping = False
         self.cached: list[Request] = []  # rows in the shared KV cache, in its batch order
         self.windowed: list[Request] = []  # rows whose context is full
-        self._keys = self._values = self._pad = np.zeros(0)
+        self._cache = decoder.empty_cache(0)  # the cached rows' keys and values
+        self._pad = np.zeros(0, np.int64)
         self.steps = 0
         self.largest_batch = 0
         self._thread = threading.Thread(target=self._loop, name="bigmodel-decoder", daemon=True)
@@ -140,12 +142,12 @@ class Scheduler:
         self.windowed += [r for r in self.cached if live(r) and r.length + 1 > self.decoder.block_size]
         if len(keep) < len(self.cached):
             self.cached = [self.cached[i] for i in keep]
-            self._keys, self._values = self._keys[:, keep], self._values[:, keep]
+            self._cache = self._cache.rows(keep)
             self._pad = self._pad[keep]
         if self.cached:  # positions that are padding in every row are dead weight
             drop = int(self._pad.min())
             if drop:
-                self._keys, self._values = self._keys[:, :, :, drop:], self._values[:, :, :, drop:]
+                self._cache = self._cache.drop_front(drop)
                 self._pad = self._pad - drop
 
     def _prefill(self, new: list[Request]) -> None:
@@ -155,42 +157,32 @@ class Scheduler:
         ids = np.zeros((len(new), longest), dtype=np.int64)
         for row, (request, n) in enumerate(zip(new, lengths)):
             ids[row, longest - n :] = request.generation.prompt_ids
-        logits, keys, values = self.decoder.run(ids, *self.decoder.empty_cache(len(new)), pad)
+        logits, cache = self.decoder.run(ids, self.decoder.empty_cache(len(new)), pad)
         for row, (request, n) in enumerate(zip(new, lengths)):
             request.logits, request.length = logits[row, -1], n
-        self._join(new, keys, values, pad)
+        self._join(new, cache, pad)
 
-    def _join(self, new: list[Request], keys: np.ndarray, values: np.ndarray, pad: np.ndarray) -> None:
+    def _join(self, new: list[Request], cache: KVCache, pad: np.ndarray) -> None:
         """Add prefilled rows to the cache; the side with fewer positions is left-padded to the other's."""
         if not self.cached:
-            self.cached, self._keys, self._values, self._pad = list(new), keys, values, pad
+            self.cached, self._cache, self._pad = list(new), cache, pad
             return
-        width = max(self._keys.shape[3], keys.shape[3])
-        old_pad, new_pad = self._pad + width - self._keys.shape[3], pad + width - keys.shape[3]
-        self._keys = np.concatenate([_left_pad(self._keys, width), _left_pad(keys, width)], axis=1)
-        self._values = np.concatenate([_left_pad(self._values, width), _left_pad(values, width)], axis=1)
+        width = max(self._cache.length, cache.length)
+        old_pad, new_pad = self._pad + width - self._cache.length, pad + width - cache.length
+        self._cache = self._cache.left_padded(width).joined(cache.left_padded(width))
         self._pad = np.concatenate([old_pad, new_pad])
         self.cached += new
 
     def _step_cached(self) -> None:
         ids = np.array([[r.next_token] for r in self.cached], dtype=np.int64)
-        logits, self._keys, self._values = self.decoder.run(ids, self._keys, self._values, self._pad)
+        logits, self._cache = self.decoder.run(ids, self._cache, self._pad)
         for row, request in enumerate(self.cached):
             request.logits, request.length = logits[row, -1], request.length + 1
 
     def _step_windowed(self) -> None:
         block = self.decoder.block_size
         ids = np.array([r.window(block) for r in self.windowed], dtype=np.int64)
-        logits, _, _ = self.decoder.run(ids, *self.decoder.empty_cache(len(self.windowed)))
+        logits, _ = self.decoder.run(ids, self.decoder.empty_cache(len(self.windowed)))
         for row, request in enumerate(self.windowed):
             request.logits = logits[row, -1]
 
-
-def _left_pad(cache: np.ndarray, width: int) -> np.ndarray:
-    """(L, B, nkv, P, hs) -> (L, B, nkv, width, hs), zeros in front."""
-    missing = width - cache.shape[3]
-    if missing == 0:
-        return cache
-    shape = list(cache.shape)
-    shape[3] = missing
-    return np.concatenate([np.zeros(shape, cache.dtype), cache], axis=3)

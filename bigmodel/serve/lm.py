@@ -79,8 +79,8 @@ class Engine:
     def warm_up(self) -> None:
         """One run of the graph (a prefill and a cached step) before the server says it is up; then the
         decoding thread starts."""
-        logits, keys, values = self.decoder.run(np.zeros((1, 1), dtype=np.int64), *self.decoder.empty_cache(1))
-        self.decoder.run(np.zeros((1, 1), dtype=np.int64), keys, values)
+        _, cache = self.decoder.run(np.zeros((1, 1), dtype=np.int64), self.decoder.empty_cache(1))
+        self.decoder.run(np.zeros((1, 1), dtype=np.int64), cache)
         self.scheduler = Scheduler(self.decoder, self.max_batch)
 
     def gauges(self, queue: Queue) -> dict[str, tuple[str, float]]:
