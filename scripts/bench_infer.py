@@ -1,8 +1,8 @@
 """Inference speed: ONNX Runtime vs PyTorch eager, same weights and inputs, one run. Prints JSON.
 
 GPT decoding (greedy, prompt then new tokens inside one context window), tokens/s at batch 1 and 8:
-  ort_kv      the exported graph (opset 23: one Attention node per layer) with its KV cache, one reused
-              session, plain run() -- what `bigmodel infer` does
+  ort_kv      the exported graph (opset 23: RotaryEmbedding/Attention operators, a cache tensor per
+              layer) with its KV cache, one reused session, plain run() -- what `bigmodel infer` does
   ort_kv_opset18  the same exported at opset 18 (attention written out as MatMul/Softmax nodes)
   torch_kv    the same model in PyTorch eager with the KV cache (bigmodel's GPT.forward)
   minimal_kv  the leanest eager loop of the same weights: nanoGPT-style blocks with a per-layer cache,

@@ -136,8 +136,8 @@ def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> 
     """Remove `fraction` of the attention heads (of the original count) from every layer.
 
     A head's score is the norm of its query/key/value rows in c_attn times the norm of its columns in
-    c_proj. Every layer keeps the same number of heads, so the stacked KV cache of the exported graph
-    keeps one shape; the head size does not change.
+    c_proj. Every layer keeps the same number of heads, so every layer's KV cache in the exported graph
+    has one shape (the architecture holds one n_head); the head size does not change.
     """
     arch = registry.manifest_arch(manifest, "the model being pruned")
     if arch.n_kv_head != arch.n_head:
