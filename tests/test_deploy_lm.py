@@ -168,6 +168,8 @@ def test_bench_reports_latency_and_throughput(lm_run: Path) -> None:
     bench = result.json()
     assert bench["batch"] == 4 and bench["tokens_per_s"] > 0
     assert 0 < bench["per_token_ms_p50"] <= bench["per_token_ms_p95"]
+    plain = cli("infer", "--model", onnx_of(lm_run), "--bench", "--new-tokens", "4", "--repeats", "1")
+    assert plain.code == 0 and "tokens/s" in plain.stderr  # without --json the numbers still show
     too_long = cli("infer", "--model", onnx_of(lm_run), "--bench", "--prompt-tokens", "30", "--new-tokens", "8")
     assert too_long.code == 2 and "exceed the block size" in too_long.stderr
 

@@ -232,7 +232,12 @@ def run_model(session: ort.InferenceSession, meta: dict[str, Any], path: Path, s
     """infer's entry for decoder models: generate, or measure decoding with --bench."""
     decoder = Decoder.from_session(session, meta, path)
     if bench_settings is not None:
-        return bench(decoder, seed=seed, **bench_settings)
+        measured = bench(decoder, seed=seed, **bench_settings)
+        console.info(f"infer: batch {measured['batch']}, {measured['prompt_tokens']}-token prompt + "
+                     f"{measured['new_tokens']} new tokens: prefill {measured['prefill_ms']} ms, per token "
+                     f"{measured['per_token_ms_p50']} ms (p95 {measured['per_token_ms_p95']}), "
+                     f"{measured['tokens_per_s']:,} tokens/s")
+        return measured
     return generate(decoder, settings, source, dest, seed)
 
 
