@@ -412,6 +412,9 @@ def test_compiled_training_saves_plain_checkpoints(tmp_path: Path) -> None:
     config = lm_config(tmp_path, compile=True, max_steps=3, eval_every=3)
     stages = run_pipeline(config, "--to", "train")
     assert np.isfinite(stages["train"]["best_val_loss"])
+    seconds = stages["train"]["seconds"]  # where the stage's time went: setup, then the loop and its parts
+    assert seconds["setup"] > 0 and seconds["evaluation"] > 0 and seconds["checkpoints"] > 0
+    assert seconds["loop"] > seconds["evaluation"] + seconds["checkpoints"]
     with safe_open(str(tmp_path / "run" / "train" / "best.safetensors"), "pt") as handle:
         assert not any("_orig_mod" in key for key in handle.keys())
 

@@ -61,6 +61,7 @@ def train(
     loss_hook(output, inputs, targets): the training loss instead of the task's own (distillation).
     Validation always scores the task's own loss."""
     # ---- setup
+    called = time.perf_counter()
     tc = config.train
     world, device = distributed.start(tc, setup_torch(config))
     init_path = start_from or config.stage_dir("init") / "model.safetensors"
@@ -116,6 +117,7 @@ def train(
         + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
     )
     start, last_loss, tokens_trained = time.perf_counter(), float("nan"), 0
+    eval_seconds = checkpoint_seconds = 0.0  # where the loop's time goes besides the steps
     window_start, window_tokens = start, 0  # tokens/s is reported per log window
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:
@@ -166,15 +168,20 @@ def train(
             stop = False
             if loop.step % eval_every == 0 or loop.step == total_steps:
                 val_loss = data.val_loss(model, autocast, device, world)
+                eval_seconds += time.perf_counter() - now
                 log.write({"step": loop.step, "val_loss": val_loss, "train_loss": step_loss, "lr": lr,
                            "tokens": loop.tokens_seen})
                 if loop.scored(val_loss):
+                    saving = time.perf_counter()
                     save_model(out_dir / "best.safetensors", model, manifest({"val_loss": val_loss}), world)
+                    checkpoint_seconds += time.perf_counter() - saving
                 stop = loop.out_of_patience(tc.patience)
             if loop.step % save_every == 0 or loop.step in (total_steps, last_step) or stop:
+                saving = time.perf_counter()
                 loop.mark(total_steps, stopped_early=stop)
                 save_training_state(last_path, model, optimizer, sampler, loop,
                                     manifest({"train_loss": step_loss}), world)
+                checkpoint_seconds += time.perf_counter() - saving
             if stop:
                 break
 
@@ -183,9 +190,12 @@ def train(
     tokens_per_s = tokens_trained / max(elapsed, 1e-9)
     best = (f"best val loss {loop.best_score:.4f} at step {loop.best_step}" if loop.best_step is not None
             else f"no evaluation yet (the first is at step {eval_every})")
+    seconds = {"setup": round(start - called, 2), "loop": round(elapsed, 2), "evaluation": round(eval_seconds, 2),
+               "checkpoints": round(checkpoint_seconds, 2)}
     console.info(f"train: step {loop.step} of {total_steps}, {best}, {tokens_per_s:,.0f} tokens/s, "
-                 f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB"
-                 + ("" if loop.finished else "; continue with --resume"))
+                 f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB; {seconds['setup']:.1f} s setup, "
+                 f"{elapsed:.1f} s loop of which {eval_seconds:.1f} s evaluation and {checkpoint_seconds:.1f} s "
+                 "checkpoints" + ("" if loop.finished else "; continue with --resume"))
     return {
         "best": str(out_dir / "best.safetensors"),
         "last": str(last_path),
@@ -199,6 +209,7 @@ def train(
         "tokens_per_s": tokens_per_s,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "peak_rss_bytes": peak_rss_bytes(),
+        "seconds": seconds,  # setup (model, data, resume) before the loop; the loop, and its evals and saves
     }
 
 
