@@ -21,6 +21,7 @@ tokens and chat template, and the architecture. No PyTorch here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +33,16 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 STACKED = "past_keys"  # the single cache input of files from before per-layer caches
 
 
-def input_names(n_layer: int) -> list[str]:
-    return ["input_ids", *(f"past_keys.{i}" for i in range(n_layer)),
-            *(f"past_values.{i}" for i in range(n_layer)), "left_padding"]
+@functools.cache
+def input_names(n_layer: int) -> tuple[str, ...]:
+    """The graph's inputs in order (cached: feeds names every decode step's cache with them)."""
+    return ("input_ids", *(f"past_keys.{i}" for i in range(n_layer)),
+            *(f"past_values.{i}" for i in range(n_layer)), "left_padding")
 
 
-def output_names(n_layer: int) -> list[str]:
-    return ["logits", *(f"present_keys.{i}" for i in range(n_layer)),
-            *(f"present_values.{i}" for i in range(n_layer))]
+def output_names(n_layer: int) -> tuple[str, ...]:
+    return ("logits", *(f"present_keys.{i}" for i in range(n_layer)),
+            *(f"present_values.{i}" for i in range(n_layer)))
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,7 @@ def feeds(ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = Non
     if STACKED in inputs:
         named.update(past_keys=np.stack(cache.keys), past_values=np.stack(cache.values))
     else:
-        named.update({f"past_keys.{i}": k for i, k in enumerate(cache.keys)})
-        named.update({f"past_values.{i}": v for i, v in enumerate(cache.values)})
+        named.update(zip(input_names(n_layer)[1:-1], (*cache.keys, *cache.values)))
     return {name: value for name, value in named.items() if name in inputs}
 
 

@@ -118,7 +118,7 @@ def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int, dtype: 
     with onnx_operators(step, opset >= 23):
         export_dynamo(
             step, (ids, keys, values, left_padding), path,
-            decoder_graph.input_names(arch.n_layer), decoder_graph.output_names(arch.n_layer),
+            list(decoder_graph.input_names(arch.n_layer)), list(decoder_graph.output_names(arch.n_layer)),
             {"input_ids": {0: batch, 1: seq}, "past_keys": cache_dims, "past_values": cache_dims,
              "left_padding": {0: batch}},
             opset,
