@@ -454,8 +454,10 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(
         1, gt=0, description="Micro-batches per optimizer step (gpt); the step sees batch_size x this."
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: autocast matmuls to bfloat16 (CPU and CUDA); weights stay fp32."
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16: autocast matmuls to bfloat16 (CPU and CUDA); weights stay fp32. auto: bf16 where "
+        "the device multiplies bf16 natively (CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX), fp32 "
+        "elsewhere (emulated bf16 is many times slower); train prints and records which it used.",
     )
     compile: bool = Field(False, description="torch.compile the model (gpt).")
     eval_batches: int = Field(

@@ -20,7 +20,7 @@ from bigmodel.datasets import TOKENIZER_FILE, data_manifest, prepared_files
 from bigmodel.errors import UserError
 from bigmodel.io import sha256_file
 from bigmodel.models import gpt
-from bigmodel.runtime import peak_rss_bytes, setup_torch
+from bigmodel.runtime import peak_rss_bytes, resolve_device, setup_torch, training_precision
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -131,12 +131,13 @@ def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, 
     if not isinstance(arch, DecoderArch):
         return {"parameters": registry.count_parameters(model)}
     counts = gpt.parameter_counts(model)
+    precision = training_precision(config.train.precision, resolve_device(config.device))
     return {
         "parameters": counts["total"],
         "parameters_without_position_embeddings": counts["without_position_embeddings"],
         "flops_per_token": accounting.flops_per_token(arch, counts["without_position_embeddings"]),
         "training_memory_bytes": accounting.training_memory(
-            arch, counts["total"], batch=config.train.batch_size, precision=config.train.precision,
+            arch, counts["total"], batch=config.train.batch_size, precision=precision,
             optimizer=config.train.optimizer, momentum=config.train.momentum,
             activation_checkpointing=config.train.activation_checkpointing,
         ),

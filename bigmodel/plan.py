@@ -76,7 +76,7 @@ def run(config: Config) -> dict[str, Any]:
             "device_memory": hardware.memory_bytes,
             "fits": memory["total"] <= hardware.memory_bytes,
             "batch_per_device": run_plan.batch_per_device(pc.devices),
-            "precision": tc.precision,
+            "precision": run_plan.precision,
             "optimizer_kind": tc.optimizer,
             "sharding": run_plan.sharding(pc.devices),
             "activation_checkpointing": tc.activation_checkpointing,
@@ -132,7 +132,10 @@ class RunPlan:
         self.global_rows = tc.batch_size * tc.grad_accum_steps
         self.tokens_per_step = self.global_rows * arch.block_size
         self.steps = max(1, math.ceil(tokens / self.tokens_per_step))
-        self.peak = hardware.bf16_flops if tc.precision == "bf16" else hardware.fp32_flops
+        # auto: bf16 where the device multiplies it faster than fp32 (every GPU profile; 'local' as measured)
+        self.precision = (tc.precision if tc.precision != "auto" else
+                          "bf16" if hardware.bf16_flops > hardware.fp32_flops else "fp32")
+        self.peak = hardware.bf16_flops if self.precision == "bf16" else hardware.fp32_flops
         self.storage = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)
         self.checkpoint_bytes = self.storage["training_state"]
         # Steps between resumable checkpoints, as train does it: save_every, else eval_every, else once an
@@ -151,7 +154,7 @@ class RunPlan:
     def memory(self, devices: int, full: bool = False) -> dict[str, int]:
         tc = self.config.train
         return accounting.training_memory(
-            self.arch, self.n_params, batch=self.batch_per_device(devices), precision=tc.precision,
+            self.arch, self.n_params, batch=self.batch_per_device(devices), precision=self.precision,
             optimizer=tc.optimizer, momentum=tc.momentum, sharding=self.sharding(devices), devices=devices,
             activation_checkpointing=tc.activation_checkpointing,
             fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=self.hardware.runtime_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ import torch
 from safetensors import safe_open
 
 from bigmodel.arch import DecoderArch
-from bigmodel import registry
+from bigmodel import registry, runtime
+from bigmodel.checkpoint import read_manifest
+from bigmodel.train import lm as train_lm
 from bigmodel import tokenizer as tokenizers
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT, causal_mask
@@ -356,6 +359,36 @@ def test_bf16_autocast_keeps_attention_in_fp32_and_cache_consistent() -> None:
     assert set(seen) == {torch.float32}
     assert full.dtype == torch.bfloat16  # the projections did run in bf16
     assert torch.allclose(torch.cat([first, rest], 1).float(), full.float(), atol=0.05)
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(tmp_path: Path, monkeypatch) -> None:
+    """auto trains exactly as bf16 where bf16 is native and exactly as fp32 where it would be emulated
+    (such a CPU is simulated through the capability probe); the run says and records which it used, and
+    asking for bf16 on such a CPU warns."""
+    config = lm_config(tmp_path, max_steps=4, eval_every=4)
+    run_pipeline(config, "--to", "init")
+
+    def train(name: str, precision: str, native: bool) -> tuple[dict[str, torch.Tensor], str]:
+        monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+        monkeypatch.setattr(train_lm, "native_bf16", lambda device: native)
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "run", run)
+        result = cli("train", "-c", config, "--run-dir", run, "--set", f"train.precision={precision}", "--json")
+        assert result.code == 0, result.stderr
+        assert result.json()["precision"] == read_manifest(run / "train" / "last.safetensors")["precision"]
+        return _state(run / "train" / "last.safetensors"), result.stderr
+
+    fp32, _ = train("fp32", "fp32", True)
+    bf16, _ = train("bf16", "bf16", True)
+    auto_native, said = train("auto_native", "auto", True)
+    assert "train on cpu, bf16 (auto):" in said
+    auto_emulated, said = train("auto_emulated", "auto", False)
+    assert "train on cpu, fp32 (auto: no native bf16 here):" in said
+    _, said = train("bf16_emulated", "bf16", False)
+    assert "no native bf16" in said and "set train.precision: auto or fp32" in said
+    weights = [k for k in fp32 if k.startswith("model.")]
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in weights)  # bf16 autocast did change the numbers
+    assert all(torch.equal(auto_native[k], bf16[k]) and torch.equal(auto_emulated[k], fp32[k]) for k in weights)
 
 
 class _Bigram(torch.nn.Module):

@@ -159,6 +159,11 @@ def test_sharding_and_precision_move_the_memory_the_right_way(tmp_path: Path) ->
     assert ddp["gradients"] == 2 * one["gradients"]  # DDP's buckets: a second copy of the gradients
     no_ckpt = plan_json(config, "--set", "train.activation_checkpointing=false")["training_memory_per_device"]
     assert no_ckpt["activations"] > 5 * many["activations"]
+    # precision auto plans bf16 on a GPU (its bf16 peak, bf16 activations), like the config's explicit bf16
+    auto = plan_json(config, "--devices", "64", "--set", "train.precision=auto")
+    fp32 = plan_json(config, "--devices", "64", "--set", "train.precision=fp32")
+    assert auto["training_memory_per_device"] == many and auto["training_memory_per_device"]["precision"] == "bf16"
+    assert auto["time_and_energy"]["peak_flops_per_device"] > 10 * fp32["time_and_energy"]["peak_flops_per_device"]
 
 
 def test_plan_says_what_it_needs_before_prepare(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from bigmodel.datasets import data_manifest, load_examples, load_tokens, prepare
 from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import sha256_file
 from bigmodel.registry import count_parameters
-from bigmodel.runtime import peak_rss_bytes, setup_torch
+from bigmodel.runtime import compile_deterministic, native_bf16, peak_rss_bytes, setup_torch, training_precision
 from bigmodel.train.batches import IGNORE, ExampleBatches, TokenWindows
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
@@ -99,17 +99,24 @@ def train(
     lineage = ({"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
                if world.is_main else {})  # only rank 0 writes manifests
 
+    precision = training_precision(tc.precision, device)
+    if precision == "bf16" and not native_bf16(device):
+        console.warn(f"train: this {device.type} has no native bf16 (AVX512-BF16, AMX or a bf16 GPU): bf16 "
+                     "autocast is emulated and several times slower than fp32; set train.precision: auto or fp32")
+
     def manifest(metrics: dict[str, float]) -> dict[str, Any]:
-        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter)
+        # what train.precision resolved to on this device ('auto' records which it became)
+        return {**checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter), "precision": precision}
 
     # The step runs through DDP (and torch.compile) when asked; checkpoints and evaluation use `model`.
-    step_model = torch.compile(parallel_model) if tc.compile else parallel_model
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
-                else contextlib.nullcontext())
+    step_model = compile_deterministic(parallel_model) if tc.compile else parallel_model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     # ---- loop
     console.info(
-        f"train on {device}: {count_parameters(model):,} parameters"
+        f"train on {device}, {precision}"
+        + ((" (auto)" if precision == "bf16" else " (auto: no native bf16 here)") if tc.precision == "auto" else "")
+        + f": {count_parameters(model):,} parameters"
         + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {tc.lora.rank} on "
            f"{', '.join(adapter['targets'])})" if adapter and tc.lora else "")
         + f", {data.size}, {total_steps} steps x {data.tokens_per_step:,} tokens, eval every {eval_every}"
@@ -190,8 +197,8 @@ def train(
     tokens_per_s = tokens_trained / max(elapsed, 1e-9)
     best = (f"best val loss {loop.best_score:.4f} at step {loop.best_step}" if loop.best_step is not None
             else f"no evaluation yet (the first is at step {eval_every})")
-    seconds = {"setup": round(start - called, 2), "loop": round(elapsed, 2), "evaluation": round(eval_seconds, 2),
-               "checkpoints": round(checkpoint_seconds, 2)}
+    seconds = {"setup": round(start - called, 4), "loop": round(elapsed, 4), "evaluation": round(eval_seconds, 4),
+               "checkpoints": round(checkpoint_seconds, 4)}
     console.info(f"train: step {loop.step} of {total_steps}, {best}, {tokens_per_s:,.0f} tokens/s, "
                  f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB; {seconds['setup']:.1f} s setup, "
                  f"{elapsed:.1f} s loop of which {eval_seconds:.1f} s evaluation and {checkpoint_seconds:.1f} s "
@@ -207,6 +214,7 @@ def train(
         "best_val_loss": loop.best_score,
         "train_loss": last_loss,
         "tokens_per_s": tokens_per_s,
+        "precision": precision,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "peak_rss_bytes": peak_rss_bytes(),
         "seconds": seconds,  # setup (model, data, resume) before the loop; the loop, and its evals and saves
