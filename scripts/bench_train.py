@@ -15,7 +15,8 @@ included; nanoGPT's evaluation budget of 20 random val batches every 250 steps; 
 when val improves), interleaved; and both final models' loss on the whole val split, scored alike.
 
     python scripts/bench_train.py --data ../shared/data/tinyshakespeare/input.txt [--repeats 5] [--full]
-    python scripts/bench_train.py --data ../shared/data/tinyshakespeare/input.txt --stage [--repeats 2]
+    python scripts/bench_train.py --data ../shared/data/tinyshakespeare/input.txt --stage [--repeats 3] \
+        [--variant fp32:train.precision=fp32 ...]
 """
 
 from __future__ import annotations
@@ -166,32 +167,36 @@ def whole_split_loss(run_dir: Path, model: torch.nn.Module) -> float:
     return total / count
 
 
-def stage_comparison(overrides: list[str], repeats: int, tmp: Path) -> dict:
-    """Wall clock of `bigmodel train` and of the hand-written script, command to exit, interleaved."""
+def stage_comparison(overrides: list[str], variants: dict[str, list[str]], repeats: int, tmp: Path) -> dict:
+    """Wall clock of `bigmodel train` (the shipped config, and each variant's extra --set) and of the
+    hand-written script, command to exit, interleaved."""
     base = tmp / "base"
     config = load_config(CONFIG, overrides, base)
     STAGES["prepare"].run(config)
     STAGES["init"].run(config)
-    seconds: dict[str, list[float]] = {"bigmodel": [], "hand_written": []}
-    losses: dict[str, list[float]] = {"bigmodel": [], "hand_written": []}
+    sides = {"hand_written": [], **{f"bigmodel {name}".strip(): sets for name, sets in variants.items()}}
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    losses: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(repeats):
-        for name in seconds:
-            run = tmp / f"{name}{i}"
+        for n, (name, sets) in enumerate(sides.items()):
+            run = tmp / f"side{n}_{i}"
             shutil.copytree(base, run)
             weights = run / "hand_written.safetensors"
-            command = ([sys.executable, "-m", "bigmodel", "train", "-c", str(CONFIG), "--run-dir", str(run), "-q"]
-                       if name == "bigmodel" else
-                       [sys.executable, __file__, "--data", "-", "--hand-written", str(run), "--out", str(weights)])
+            command = ([sys.executable, __file__, "--data", "-", "--hand-written", str(run), "--out", str(weights)]
+                       if name == "hand_written" else
+                       [sys.executable, "-m", "bigmodel", "train", "-c", str(CONFIG), "--run-dir", str(run), "-q"])
             start = time.perf_counter()
-            subprocess.run([*command, *(f"--set={o}" for o in overrides)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([*command, *(f"--set={o}" for o in [*overrides, *sets])], check=True,
+                           stdout=subprocess.DEVNULL)
             seconds[name].append(time.perf_counter() - start)
-            model = (registry.load_model(run / "train" / "best.safetensors")[0] if name == "bigmodel"
-                     else hand_written_model(run, weights))
+            model = (hand_written_model(run, weights) if name == "hand_written"
+                     else registry.load_model(run / "train" / "best.safetensors")[0])
             losses[name].append(whole_split_loss(run, model))
     med = {name: statistics.median(v) for name, v in seconds.items()}
-    return {"repeats": repeats, "seconds": {k: [round(x, 1) for x in v] for k, v in seconds.items()},
+    return {"repeats": repeats, "variants": variants, "seconds": {k: [round(x, 1) for x in v] for k, v in seconds.items()},
             "median_seconds": {k: round(v, 1) for k, v in med.items()},
-            "stage_speedup_vs_hand_written": round(med["hand_written"] / med["bigmodel"], 3),
+            "stage_speedup_vs_hand_written": {k: round(med["hand_written"] / v, 3) for k, v in med.items()
+                                              if k != "hand_written"},
             "whole_split_val_loss": {k: [round(x, 4) for x in v] for k, v in losses.items()}}
 
 
@@ -221,6 +226,9 @@ def main() -> None:
                         "script of the same recipe, command to exit")
     parser.add_argument("--set", action="append", default=[], help="--stage: config overrides for both sides "
                         "(e.g. train.max_steps=100 for a quick look)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="--stage: also time bigmodel with these extra overrides (repeatable), e.g. "
+                        "fp32:train.precision=fp32")
     parser.add_argument("--hand-written", type=Path, help=argparse.SUPPRESS)  # --stage's subprocess: RUN_DIR
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,7 +239,8 @@ def main() -> None:
     data = args.data.absolute()
     if args.stage:
         with tempfile.TemporaryDirectory() as tmp:
-            comparison = stage_comparison([f"data.path={data}", *args.set], args.repeats, Path(tmp))
+            variants = {"": [], **{name: sets.split(",") for name, _, sets in (v.partition(":") for v in args.variant)}}
+            comparison = stage_comparison([f"data.path={data}", *args.set], variants, args.repeats, Path(tmp))
             print(json.dumps({"config": str(CONFIG), "overrides": args.set, **comparison}, indent=2))
         return
 

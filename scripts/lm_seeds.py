@@ -53,7 +53,8 @@ def bigmodel_run(seed: int, data: Path, threads: int, run_dir: Path) -> dict[str
     out = subprocess.run(
         [sys.executable, "-m", "bigmodel", "pipeline", "-c", str(CONFIG), "--run-dir", str(run_dir),
          "--set", f"data.path={data}", "--set", f"seed={seed}", "--set", f"threads={threads}",
-         "--set", "eval.fail_above={}", "--set", "eval.samples=0", "--to", "eval", "--json", "--quiet"],
+         "--set", "eval.fail_above={}", "--set", "eval.samples=0", "--to", "eval", "--json", "--quiet",
+         "--set", "train.precision=fp32"],  # the reference trains in fp32: compare recipes, not precisions
         capture_output=True, text=True, check=True,
     )
     stages = json.loads(out.stdout)["stages"]
