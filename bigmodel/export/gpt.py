@@ -74,7 +74,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             "version": __version__,
             "lineage": {"checkpoint": sha256_file(ckpt)},
         }, external_data=external)
-        parity = check_parity(step, tmp, val_tokens, arch, atol, xc.parity_steps, config.threads, xc.dtype)
+        parity = check_parity(step, tmp, val_tokens, arch, (atol, xc.rtol), xc.parity_steps, config.threads, xc.dtype)
         report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, "dtype": xc.dtype,
                   "external_data": external, **parity}
         write_json(out_dir / "parity.json", report)
@@ -82,19 +82,22 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             f"export: parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode "
             f"steps (batch {parity['batch']}, held-out text; and left-padded rows of "
             f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone): max abs logit "
-            f"diff {parity['max_abs_diff']:.3g} ({xc.dtype}, atol {atol}) -> {'ok' if parity['passed'] else 'FAILED'}"
+            f"diff {parity['max_abs_diff']:.3g} ({xc.dtype}, tolerance {parity['tolerance']:.3g} = atol {atol} + rtol "
+            f"{xc.rtol} x max |logit| {parity['max_abs_logit']:.3g}) -> {'ok' if parity['passed'] else 'FAILED'}"
         )
         publish_or_reject(
             tmp, final, parity["passed"],
-            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > atol {atol} at "
-            f"{parity['worst']}",
+            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > tolerance "
+            f"{parity['tolerance']:.3g} (export.atol {atol} + export.rtol {xc.rtol} x max |logit| "
+            f"{parity['max_abs_logit']:.3g}) at {parity['worst']}",
         )
     outputs: dict[str, Any] = {"model": str(final), "parity_report": str(out_dir / "parity.json"),
                                "max_abs_diff": parity["max_abs_diff"], "passed": True,
                                "external_data": external}
     if xc.optimize:
         optimized = optimize_offline(final, out_dir / "model.optimized.onnx")
-        check = check_parity(step, optimized, val_tokens, arch, atol, xc.parity_steps, config.threads, xc.dtype)
+        check = check_parity(step, optimized, val_tokens, arch, (atol, xc.rtol), xc.parity_steps, config.threads,
+                             xc.dtype)
         outputs["optimized_model"] = str(optimized)
         outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
         console.info(f"export: ORT-optimized graph -> {optimized} (max abs diff {check['max_abs_diff']:.3g})")
@@ -150,11 +153,13 @@ def held_out_windows(tokens: np.ndarray, batch: int, span: int) -> np.ndarray:
 
 
 def check_parity(
-    step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: DecoderArch, atol: float,
+    step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: DecoderArch, tolerance: tuple[float, float],
     decode_steps: int, threads: int | None, dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Prompt + decode steps on held-out text, through ORT and PyTorch with their own caches; then the
-    same with rows of different lengths left-padded into one batch (`padded_parity`)."""
+    same with rows of different lengths left-padded into one batch (`padded_parity`). Passes when the
+    largest difference is within atol + rtol x the largest |logit| PyTorch gave (`tolerance`)."""
+    atol, rtol = tolerance
     session = open_session(path, ["CPUExecutionProvider"], threads)
     block = arch.block_size
     decode_steps = min(decode_steps, block - 1)
@@ -165,15 +170,18 @@ def check_parity(
     torch_past = torch_cache(CacheLayout.of(arch).empty(batch))
     cache = CacheLayout.of(arch, dtype).empty(batch)
     diffs: list[float] = []
+    scale = 0.0  # the largest |logit| of the reference
     for i in range(decode_steps + 1):
         chunk = windows[:, :prompt_len] if i == 0 else windows[:, prompt_len + i - 1 : prompt_len + i]
         logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(chunk, cache)))
         with torch.no_grad():
             ref_logits, *torch_past = step(torch.from_numpy(chunk), *torch_past)
         diffs.append(float(np.abs(logits.astype(np.float32) - ref_logits.numpy()).max()))
+        scale = max(scale, float(ref_logits.abs().max()))
     worst = int(np.argmax(diffs))
     padded = padded_parity(step, session, windows, arch, prompt_len, decode_steps, dtype)
     overall = max(max(diffs), padded["max_abs_diff"])
+    allowed = atol + rtol * scale
     return {
         "batch": batch,
         "prompt_tokens": prompt_len,
@@ -184,7 +192,10 @@ def check_parity(
         "worst": ("the prompt" if worst == 0 else f"decode step {worst}") if max(diffs) >= padded["max_abs_diff"]
         else "the left-padded batch",
         "atol": atol,
-        "passed": bool(overall <= atol),
+        "rtol": rtol,
+        "max_abs_logit": scale,
+        "tolerance": allowed,
+        "passed": bool(overall <= allowed),
     }
 
 
