@@ -135,7 +135,8 @@ def llama_cpp_side(gguf: Path, threads: int, tok: Any, tokens: np.ndarray, promp
                    new_tokens: int, repeats: int) -> dict[str, Any] | None:
     try:
         import llama_cpp
-    except ImportError:
+    except ImportError as error:  # optional, but say so: a JSON without it must not look complete
+        print(f"llama.cpp side skipped: {error} (see the docstring to install llama-cpp-python)", file=sys.stderr)
         return None
     from bigmodel.eval.lm import score
 
