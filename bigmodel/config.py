@@ -349,6 +349,10 @@ class InitConfig(Section):
         "(needs the 'hf' extra); false records the checkpoint as unverified.",
     )
     atol: float = Field(1e-4, gt=0.0, description="Import parity gate: max abs logit difference allowed (fp32).")
+    rtol: float = Field(
+        1e-5, ge=0.0, description="Import parity gate: also allow rtol x transformers' largest |logit| (atol + "
+        "rtol x max|logit|): fp32 rounding grows with the logits' scale.",
+    )
 
 
 class NoiseAugment(Section):

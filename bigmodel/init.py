@@ -81,7 +81,7 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     peak = peak_rss_bytes()
     if config.init.verify:
         tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
-        parity = build.check_parity(model, source, tok, config.init.atol)
+        parity = build.check_parity(model, source, tok, config.init.atol, config.init.rtol)
         build.enforce(parity, "init", f"parity with {parity['reference']} on a {parity['prompt_tokens']}-token "
                       "prompt", "nothing was written")
     else:

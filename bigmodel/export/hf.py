@@ -54,7 +54,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         _write_folder(folder, model_type, arch, tensors, manifest["data"])
         val = np.asarray(load_tokens(config, "val"), dtype=np.int64)
         ids = held_out_windows(val, batch=2, span=min(32, arch.block_size))
-        parity = round_trip(model, folder, ids, config.export.atol)
+        parity = round_trip(model, folder, ids, config.export.atol, config.export.rtol)
         write_json(out_dir / "hf_parity.json", {"checkpoint": str(ckpt), "folder": str(final), **parity})
         build.enforce(parity, "export", f"transformers loads the {model_type} folder, held-out text",
                       "the folder was not published")
@@ -183,10 +183,10 @@ def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dic
                                                              indent=2))
 
 
-def round_trip(model: torch.nn.Module, folder: Path, ids: np.ndarray, atol: float) -> dict[str, Any]:
+def round_trip(model: torch.nn.Module, folder: Path, ids: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
     """transformers loading `folder` against bigmodel's model, on the same token windows."""
     transformers, reference = build.load_transformers(folder)
     with torch.no_grad():
         theirs = reference(torch.from_numpy(ids)).logits.float().numpy()
-    return {**build.compare(model, ids, theirs, f"transformers {transformers.__version__}", atol),
+    return {**build.compare(model, ids, theirs, f"transformers {transformers.__version__}", atol, rtol),
             "windows": list(ids.shape)}
