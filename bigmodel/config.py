@@ -566,8 +566,8 @@ class ExportConfig(Section):
         1e-4, gt=0.0, description="Parity gate: max abs difference allowed between ONNX and PyTorch."
     )
     rtol: float = Field(
-        1e-5, ge=0.0, description="gpt: the parity gate also allows rtol x the largest |logit| of the PyTorch "
-        "reference (atol + rtol x max|logit|): fp32 rounding grows with the logits' scale, and a deep model's "
+        1e-5, ge=0.0, description="gpt and format hf: the parity gates also allow rtol x the largest |logit| of "
+        "the reference (atol + rtol x max|logit|): fp32 rounding grows with the logits' scale, and a deep model's "
         "logits of +-30 differ by ~1e-4 between two correct runtimes.",
     )
     parity_rows: int = Field(256, gt=0, description="mlp: held-out rows used by the parity check.")
