@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bigmodel import __version__, console, decoder_graph, registry
+from bigmodel import parity as gate
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_tokens
@@ -82,14 +83,13 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             f"export: parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode "
             f"steps (batch {parity['batch']}, held-out text; and left-padded rows of "
             f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone): max abs logit "
-            f"diff {parity['max_abs_diff']:.3g} ({xc.dtype}, tolerance {parity['tolerance']:.3g} = atol {atol} + rtol "
-            f"{xc.rtol} x max |logit| {parity['max_abs_logit']:.3g}) -> {'ok' if parity['passed'] else 'FAILED'}"
+            f"diff {parity['max_abs_diff']:.3g} ({xc.dtype}, {gate.allowed(parity)}) -> "
+            f"{'ok' if parity['passed'] else 'FAILED'}"
         )
         publish_or_reject(
             tmp, final, parity["passed"],
-            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > tolerance "
-            f"{parity['tolerance']:.3g} (export.atol {atol} + export.rtol {xc.rtol} x max |logit| "
-            f"{parity['max_abs_logit']:.3g}) at {parity['worst']}",
+            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > {gate.allowed(parity)} "
+            f"(export.atol, export.rtol) at {parity['worst']}",
         )
     outputs: dict[str, Any] = {"model": str(final), "parity_report": str(out_dir / "parity.json"),
                                "max_abs_diff": parity["max_abs_diff"], "passed": True,
@@ -181,7 +181,6 @@ def check_parity(
     worst = int(np.argmax(diffs))
     padded = padded_parity(step, session, windows, arch, prompt_len, decode_steps, dtype)
     overall = max(max(diffs), padded["max_abs_diff"])
-    allowed = atol + rtol * scale
     return {
         "batch": batch,
         "prompt_tokens": prompt_len,
@@ -191,11 +190,7 @@ def check_parity(
         "max_abs_diff": overall,
         "worst": ("the prompt" if worst == 0 else f"decode step {worst}") if max(diffs) >= padded["max_abs_diff"]
         else "the left-padded batch",
-        "atol": atol,
-        "rtol": rtol,
-        "max_abs_logit": scale,
-        "tolerance": allowed,
-        "passed": bool(overall <= allowed),
+        **gate.verdict(overall, scale, atol, rtol),
     }
 
 

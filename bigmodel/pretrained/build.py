@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import console, registry
+from bigmodel import console, parity, registry
 from bigmodel.arch import AnyArch
 from bigmodel.errors import GateFailed, UserError
 from bigmodel.pretrained import POSITIONS, Source, check_plan
@@ -113,19 +113,16 @@ def compare(model: torch.nn.Module, ids: np.ndarray, reference: np.ndarray, vers
     with torch.no_grad():
         ours = model.reference_output(torch.from_numpy(ids)).float().numpy()
     diff = float(np.abs(ours - reference).max())
-    scale = float(np.abs(reference).max())
-    tolerance = atol + rtol * scale
-    return {"reference": version, "max_abs_diff": diff, "atol": atol, "rtol": rtol, "max_abs_logit": scale,
-            "tolerance": tolerance, "passed": bool(diff <= tolerance),
+    return {"reference": version, "max_abs_diff": diff,
+            **parity.verdict(diff, float(np.abs(reference).max()), atol, rtol),
             "same_greedy_tokens": bool((ours.argmax(-1) == reference.argmax(-1)).all())}
 
 
-def enforce(parity: dict[str, Any], stage: str, checked: str, unpublished: str) -> None:
+def enforce(report: dict[str, Any], stage: str, checked: str, unpublished: str) -> None:
     """Print a transformers comparison's verdict; exit 1 (GateFailed, with the report) when it failed."""
-    verdict = "ok" if parity["passed"] else "FAILED"
-    allowed = (f"tolerance {parity['tolerance']:.3g} = atol {parity['atol']} + rtol {parity['rtol']} x max |logit| "
-               f"{parity['max_abs_logit']:.3g}")
-    console.info(f"{stage}: {checked}: max abs logit diff {parity['max_abs_diff']:.3g} ({allowed}) -> {verdict}")
-    if not parity["passed"]:
-        raise GateFailed(f"{stage} parity with {parity['reference']} failed: max abs logit diff "
-                         f"{parity['max_abs_diff']:.3g} > {allowed}; {unpublished}", {"parity": parity})
+    verdict = "ok" if report["passed"] else "FAILED"
+    allowed = parity.allowed(report)
+    console.info(f"{stage}: {checked}: max abs logit diff {report['max_abs_diff']:.3g} ({allowed}) -> {verdict}")
+    if not report["passed"]:
+        raise GateFailed(f"{stage} parity with {report['reference']} failed: max abs logit diff "
+                         f"{report['max_abs_diff']:.3g} > {allowed}; {unpublished}", {"parity": report})
