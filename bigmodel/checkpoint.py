@@ -27,8 +27,8 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "bigmodel"
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
-    """Write tensors + manifest atomically. Tensors are made contiguous and detached from autograd."""
+def header_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata that makes a file a bigmodel checkpoint: the manifest with its version."""
     full = {
         "format_version": FORMAT_VERSION,
         "kind": "checkpoint",
@@ -36,9 +36,14 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], manifest: dict
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **manifest,
     }
+    return {MANIFEST_KEY: json.dumps(full, sort_keys=True, default=str)}
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """Write tensors + manifest atomically. Tensors are made contiguous and detached from autograd."""
     plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata={MANIFEST_KEY: json.dumps(full, sort_keys=True, default=str)})
+        save_file(plain, str(tmp), metadata=header_metadata(manifest))
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -341,8 +341,10 @@ class InitConfig(Section):
         "(config.json + safetensors; gpt2, llama, mistral, qwen2) or a llama GGUF file. Its tokenizer is "
         "used by prepare, and the model section is filled from it.",
     )
-    dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="Import: dtype of the written init checkpoint (training upcasts to fp32)."
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Import: dtype of the written init checkpoint. auto keeps the source's (a bf16 model "
+        "stays bf16: no fp32 copy of it is ever made); a quantised GGUF is dequantised to fp32. Training upcasts "
+        "to fp32.",
     )
     verify: bool = Field(
         True, description="Import: check the model's logits against transformers loading the same files "

@@ -11,16 +11,17 @@ from typing import Any
 
 import torch
 
-from bigmodel import accounting, console, registry
+from bigmodel import accounting, console, registry, streaming
 from bigmodel import tokenizer as tokenizers
 from bigmodel.arch import AnyArch, DecoderArch
-from bigmodel.checkpoint import model_tensors, save_checkpoint
+from bigmodel.checkpoint import header_metadata, model_tensors, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import TOKENIZER_FILE, data_manifest, prepared_files
 from bigmodel.errors import UserError
 from bigmodel.io import sha256_file
 from bigmodel.models import gpt
 from bigmodel.runtime import peak_rss_bytes, resolve_device, setup_torch, training_precision
+from bigmodel.weights import SafetensorsFile, safetensors_writer
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -59,8 +60,10 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def import_pretrained(config: Config) -> dict[str, Any]:
-    """init.from: a pretrained decoder, weights streamed in, checked against transformers, saved as the
-    run's init checkpoint. Nothing is written when the parity gate fails."""
+    """init.from: a pretrained model, written into the run's init checkpoint one parameter at a time (in
+    the source's dtype unless init.dtype says otherwise), checked against transformers with both models'
+    weights streamed, and published only when the gate passes: the import holds one parameter, or one
+    module in fp32 during the gate, never the model."""
     from bigmodel import pretrained
     from bigmodel.pretrained import build
 
@@ -74,26 +77,16 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     if data.get("tokenizer", {}).get("source") != str(source_path):
         raise UserError(f"the prepared data was not tokenized with {source_path.name}'s tokenizer; re-run "
                         "'bigmodel prepare' with this init.from")
+    plan = build.WeightPlan(source, arch, config.seed)
     for note in source.notes:
         console.info(f"init: {note}")
-    model = build.build(source, arch, config.seed)
-    seconds = time.perf_counter() - start
-    peak = peak_rss_bytes()
-    if config.init.verify:
-        tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
-        parity = build.check_parity(model, source, tok, config.init.atol, config.init.rtol)
-        build.enforce(parity, "init", f"parity with {parity['reference']} on a {parity['prompt_tokens']}-token "
-                      "prompt", "nothing was written")
-    else:
-        parity = {"verified": False}
-        console.info("init: parity check skipped (init.verify: false): the checkpoint is recorded as unverified")
-
-    path = config.stage_dir("init") / "model.safetensors"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.init.dtype]
+    dtype = build.checkpoint_dtype(config.init.dtype, source)
+    with torch.device("meta"):
+        model = registry.build_model(arch)  # shapes and counts only: no memory
     record = {"source": str(source_path), "format": source.format, "model_type": source.model_type,
               "parameters": registry.count_parameters(model), "source_dtype": source.dtype,
-              "sha256": sha256_file(source_path) if source_path.is_file() else None, "notes": source.notes,
-              "parity": parity, "seconds": round(seconds, 2), "peak_rss_bytes": peak}
+              "dtype": str(dtype).removeprefix("torch."),
+              "sha256": sha256_file(source_path) if source_path.is_file() else None, "notes": source.notes}
     manifest = {
         "family": arch.family,
         "architecture": arch.to_dict(),
@@ -105,11 +98,30 @@ def import_pretrained(config: Config) -> dict[str, Any]:
         "metrics": {},
         "lineage": {"data": sha256_file(prepared_files(config)[1])},
     }
-    save_checkpoint(path, {name: t.to(dtype) for name, t in model_tensors(model).items()}, manifest)
+    path = config.stage_dir("init") / "model.safetensors"
+    entries = [(f"model.{name}", dtype, shape) for name, shape in plan.shapes.items()]
+    with safetensors_writer(path, entries, header_metadata(manifest)) as out:
+        for name in plan.shapes:
+            out.write(f"model.{name}", plan.assemble(name, dtype))
+        out.flush()
+        seconds = time.perf_counter() - start
+        if config.init.verify:
+            tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
+            written = streaming.fetch_from(SafetensorsFile(out.tmp), "model.")
+            parity = build.check_parity(written, arch, source, tok, config.init.atol, config.init.rtol)
+            build.enforce(parity, "init", f"parity with {parity['reference']} on a {parity['prompt_tokens']}-token "
+                          "prompt (both models streamed, fp32)", "nothing was written")
+        else:
+            parity = {"verified": False}
+            console.info("init: parity check skipped (init.verify: false): the checkpoint is recorded as unverified")
+        peak = peak_rss_bytes()
+        record.update(parity=parity, seconds=round(seconds, 2), peak_rss_bytes=peak,
+                      gate_seconds=round(time.perf_counter() - start - seconds, 2))
+        out.finish(header_metadata(manifest))
     report = _report(model, arch, config)
     console.info(f"init: imported {source.model_type} ({source.format}, {source.dtype}) with "
-                 f"{report['parameters']:,} parameters in {seconds:.1f} s, peak RSS "
-                 f"{(peak or 0) / 2**20:,.0f} MiB -> {path}")
+                 f"{report['parameters']:,} parameters as {record['dtype']} in {seconds:.1f} s (gate "
+                 f"{record['gate_seconds']:.1f} s), peak RSS {(peak or 0) / 2**20:,.0f} MiB -> {path}")
     return {"checkpoint": str(path), "init_scheme": "pretrained", "import": record, **report}
 
 

@@ -42,12 +42,14 @@ def test_import_equals_transformers_for_each_task(head: str, tmp_path: Path) -> 
     (MLM logits, class logits, mean-pooled embeddings) against transformers' task model on a padded batch."""
     import transformers
 
+    from bigmodel import streaming
     from bigmodel.pretrained import build
 
     folder = make_bert(tmp_path / "bert", head)
     model, source = _imported(folder, TASKS[head])
     assert source.arch.task == "embedding" and source.model_type == "bert"  # type: ignore[attr-defined]
-    parity = build.check_parity(model, source, _tokenizer(source), 1e-4)
+    parity = build.check_parity(streaming.fetch_from(streaming.StateDict(model)), model.arch, source,
+                                _tokenizer(source), 1e-4)
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4, parity
     batch = _batch(source)
     real = batch["attention_mask"].bool()

@@ -175,18 +175,22 @@ def test_resume_of_an_imported_model_is_exact(sources: dict[str, Path], tmp_path
 
 
 def test_the_parity_gate_catches_a_wrong_weight(sources: dict[str, Path]) -> None:
-    from bigmodel import pretrained
+    from bigmodel import pretrained, streaming
     from bigmodel.pretrained import build
 
     source = pretrained.describe(sources["qwen2"])
     model = build.build(source, source.arch)
     tok = tokenizers.from_json(source.tokenizer_json)
-    assert build.check_parity(model, source, tok, 1e-4)["passed"]
+    weights = streaming.fetch_from(streaming.StateDict(model))
+    clean = build.check_parity(weights, source.arch, source, tok, 1e-4)
+    assert clean["passed"] and len(clean["layers_max_abs_diff"]) == source.arch.n_layer
     with torch.no_grad():
-        model.transformer.h[1].attn.c_attn.bias[40] += 0.05  # one key bias
-    report = build.check_parity(model, source, tok, 1e-4, 1e-5)  # init's defaults: atol + rtol x max |logit|
+        model.transformer.h[1].attn.c_attn.bias[40] += 0.05  # one key bias, in the second layer
+    report = build.check_parity(weights, source.arch, source, tok, 1e-4, 1e-5)  # init's defaults
     assert report["tolerance"] == pytest.approx(1e-4 + 1e-5 * report["max_abs_logit"])
     assert not report["passed"] and report["max_abs_diff"] > report["tolerance"]
+    # the layer-by-layer report points at the layer that differs
+    assert report["layers_max_abs_diff"][0] < 1e-4 < report["layers_max_abs_diff"][1]
 
 
 def test_unverified_import_is_recorded_as_such(sources: dict[str, Path], tmp_path: Path) -> None:

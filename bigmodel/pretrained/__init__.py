@@ -2,9 +2,8 @@
 
 `describe(path)` reads only the small parts of a source (config.json or the GGUF header, the tokenizer)
 and returns its architecture, tokenizer and a plan of every weight: which file tensor goes where in
-bigmodel's model, with which shape. `load_weights(model, source)` then streams the tensors one at a
-time into a model built on the meta device, so an import never holds more than the model and one
-tensor in memory.
+bigmodel's model, with which shape. `Source.fetch(name)` then reads one file tensor (in bigmodel's
+layout) when it is needed, so an import holds one parameter at a time (pretrained/build.py).
 
 The source is untrusted input: nothing in it is executed (custom code named by `auto_map` is ignored,
 `trust_remote_code` is never used), nothing is unpickled (`pytorch_model.bin` is refused), and every
@@ -15,7 +14,7 @@ unknown rope scaling) is refused by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ class Source:
     dtype: str  # the weights' dtype in the file (a GGUF quantisation type name for GGUF)
     shapes: dict[str, tuple[int, ...]]  # file tensor name -> shape in bigmodel's layout
     targets: dict[str, Target]  # file tensor name -> where it goes
-    read: Callable[[], Iterator[tuple[str, Any]]]  # file tensors one at a time, in bigmodel's layout
+    fetch: Callable[[str], Any]  # one file tensor by name, in bigmodel's layout (a torch.Tensor)
     notes: list[str] = field(default_factory=list)  # what the import adapted (printed, recorded)
     reference: tuple[str, str] = REFERENCE  # transformers class and output of the parity check
 

@@ -1,7 +1,16 @@
-"""Build bigmodel's decoder from a described pretrained source, and check it against transformers.
+"""Build bigmodel's model from a described pretrained source, one parameter at a time, and check it
+against transformers, layer by layer.
 
-The model is built on the meta device (no memory), the weight plan is checked against its parameter
-shapes, and only then are the parameters allocated and filled, one file tensor at a time.
+`WeightPlan` checks the source's weight plan against the model's parameter shapes (the model is built on
+the meta device: no memory) before anything is read, then `assemble(name)` makes one parameter from its
+file tensors (the fused q/k/v from three, a shortened position table from one) in the dtype asked for.
+`init` writes those straight into the checkpoint file, so an import holds one parameter at a time;
+`build` fills an in-memory model the same way (small models, tests).
+
+The parity gate (`check_parity`) runs both implementations with streamed weights (bigmodel/streaming.py):
+bigmodel's model reading the checkpoint just written, transformers' own model reading the source files by
+its own parameter names, each module's weights loaded in fp32 just before it runs. The logits are the
+whole model's, as if both were in memory; each layer's hidden states are compared on the way.
 """
 
 from __future__ import annotations
@@ -17,41 +26,84 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import console, parity, registry
+from bigmodel import console, parity, registry, streaming
 from bigmodel.arch import AnyArch
 from bigmodel.errors import GateFailed, UserError
 from bigmodel.pretrained import POSITIONS, Source, check_plan
+from bigmodel.weights import ShardedWeights
 
 PARITY_TEXT = (
     "The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers that "
     "changed physics; the third introduced special relativity.\n    def add(a, b):\n        return a + b\n"
 )
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(requested: str, source: Source) -> torch.dtype:
+    """init.dtype: `auto` keeps the source's float dtype (bf16 stays bf16: no fp32 copy of a bf16 model);
+    a quantised GGUF, or a file of mixed dtypes, becomes fp32, so its values stay exact."""
+    if requested != "auto":
+        return DTYPES[requested]
+    return SOURCE_DTYPES.get(source.dtype, torch.float32) if source.format == "hf" else torch.float32
+
+
+class WeightPlan:
+    """Where each parameter of bigmodel's model comes from: file tensors (and the rows they fill), or a
+    fresh initialisation (a task head the file lacks). Shapes are checked before anything is read."""
+
+    def __init__(self, source: Source, arch: AnyArch, seed: int = 0) -> None:
+        self.source, self.arch = source, arch
+        with torch.device("meta"):
+            model = registry.build_model(arch)
+        tied = getattr(model, "tied_weights", {})
+        self.shapes = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+        fresh = check_plan(source, self.shapes)
+        self.parts: dict[str, list[tuple[str, int]]] = {}
+        for file_name, (target, row) in source.targets.items():
+            self.parts.setdefault(target, []).append((file_name, row))
+        self.fresh = _fresh_values(arch, fresh, seed)
+        if fresh:
+            source.notes.append(f"new task head, initialised: {', '.join(sorted(fresh))}")
+
+    def assemble(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Parameter `name` (contiguous, `dtype`), read from its file tensors now."""
+        if name in self.fresh:
+            return self.fresh[name].to(dtype)
+        shape = self.shapes[name]
+        parts = self.parts[name]
+        if len(parts) == 1 and self.source.shapes[parts[0][0]][0] >= shape[0]:  # the whole of one tensor
+            tensor = self.source.fetch(parts[0][0])
+            if name in POSITIONS:
+                tensor = tensor[: shape[0]]  # learned positions cut to a shorter context
+            return tensor.to(dtype).contiguous()
+        out = torch.empty(shape, dtype=dtype)
+        for file_name, row in parts:
+            tensor = self.source.fetch(file_name)
+            out[row : row + tensor.shape[0]].copy_(tensor)
+        return out
+
+
+def _fresh_values(arch: AnyArch, fresh: set[str], seed: int) -> dict[str, torch.Tensor]:
+    """The family's initialisation of the parameters the file lacks, seeded (only an encoder's task head:
+    small, so the model it comes from is built in memory)."""
+    if not fresh:
+        return {}
+    model = registry.build_model(arch)
+    torch.manual_seed(seed)
+    registry.init_weights(model, arch.family, None, 0.02)
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in fresh}
 
 
 def build(source: Source, arch: AnyArch, seed: int = 0) -> torch.nn.Module:
-    """bigmodel's model with the source's weights (fp32), filled tensor by tensor. A task head the file
-    lacks (a classifier over an encoder) starts from the family's initialisation, seeded."""
-    with torch.device("meta"):
-        model = registry.build_model(arch)
-    tied = getattr(model, "tied_weights", {})
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
-    fresh = check_plan(source, expected)
-    model.to_empty(device="cpu")
-    for alias, original in tied.items():  # to_empty gave every parameter its own storage: tie them again
-        owner, _, attribute = alias.rpartition(".")
-        setattr(model.get_submodule(owner), attribute, model.get_parameter(original))
-    if fresh:
-        torch.manual_seed(seed)
-        registry.init_weights(model, arch.family, None, 0.02)
-        source.notes.append(f"new task head, initialised: {', '.join(sorted(fresh))}")
-    params = model.state_dict(keep_vars=True)
+    """bigmodel's model with the source's weights (fp32), in memory, filled parameter by parameter."""
+    plan = WeightPlan(source, arch, seed)
+    model = registry.build_model(arch)
+    state = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, tensor in source.read():
-            target, row = source.targets[name]
-            param = params[target]
-            if target in POSITIONS:
-                tensor = tensor[: param.shape[0]]
-            param[row : row + tensor.shape[0]].copy_(tensor)
+        for name in plan.shapes:
+            state[name].copy_(plan.assemble(name, torch.float32))
     return model.eval()
 
 
@@ -61,9 +113,7 @@ def parity_ids(tokenizer: Any, block_size: int) -> np.ndarray:
     return np.asarray([ids], dtype=np.int64)
 
 
-def load_transformers(folder: Path, gguf_file: str | None = None,
-                      auto_class: str = "AutoModelForCausalLM") -> tuple[ModuleType, torch.nn.Module]:
-    """transformers and its own model for a folder (or a GGUF file in it): fp32, local files, no remote code."""
+def _quiet_transformers() -> tuple[ModuleType, None]:
     try:
         import transformers
     except ImportError as exc:
@@ -73,6 +123,14 @@ def load_transformers(folder: Path, gguf_file: str | None = None,
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    return transformers, None
+
+
+def load_transformers(folder: Path, gguf_file: str | None = None,
+                      auto_class: str = "AutoModelForCausalLM") -> tuple[ModuleType, torch.nn.Module]:
+    """transformers and its own model for a folder (or a GGUF file in it) in memory: fp32, local files, no
+    remote code."""
+    transformers, _ = _quiet_transformers()
     options: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
@@ -84,34 +142,93 @@ def load_transformers(folder: Path, gguf_file: str | None = None,
     return transformers, model.eval()
 
 
-def reference_logits(source: Source, ids: np.ndarray) -> tuple[np.ndarray, str]:
-    """The output transformers' own implementation computes from the same files (a decoder's logits, an
-    encoder's last hidden states), and its version."""
+def transformers_skeleton(folder: Path, auto_class: str) -> tuple[ModuleType, torch.nn.Module]:
+    """transformers' own model for a folder, built from its config.json with every parameter on the meta
+    device (buffers such as rotary frequencies are computed for real): no weights, no memory."""
+    transformers, _ = _quiet_transformers()
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, auto_class).from_config(config, dtype=torch.float32, trust_remote_code=False)
+    return transformers, model.eval()
+
+
+def _transformers_fetch(model: torch.nn.Module, weights: ShardedWeights) -> streaming.Fetch:
+    """transformers' parameters read from the folder's files by transformers' own names (not through
+    bigmodel's import plan, which the gate is checking): a file may store them with or without the base
+    model's prefix (`transformer.`, `bert.`), and a tied output head is the input embedding."""
+    have = set(weights.names())
+    prefix = f"{model.base_model_prefix}."
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = {id(output.weight)} if output is not None and tied else set()
+    embedding_names = [n for n, p in model.named_parameters(remove_duplicate=False)
+                       if p is model.get_input_embeddings().weight]
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+
+    def fetch(names: list[str]) -> torch.Tensor:
+        candidates = [c for name in names for c in (name, name.removeprefix(prefix), prefix + name)]
+        if any(id(by_name.get(name)) in head for name in names):
+            candidates += [c for name in embedding_names for c in (name, name.removeprefix(prefix), prefix + name)]
+        for candidate in candidates:
+            if candidate in have:
+                return weights.read(candidate)
+        # Not in the files: what transformers' from_pretrained would initialise at random. It cannot be a
+        # weight bigmodel's model uses (the import plan refused that), only a part of transformers' class
+        # outside the output compared (BertModel's pooler over an MLM folder): zeros.
+        return torch.zeros(by_name[names[0]].shape)
+
+    return fetch
+
+
+def reference_outputs(source: Source, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], str]:
+    """What transformers' own implementation computes from the same files (a decoder's logits, an
+    encoder's last hidden states), each layer's hidden states, and its version. A folder's weights are
+    streamed into transformers' model module by module; a GGUF file is loaded by transformers whole
+    (dequantised in fp32: its own GGUF reader is the reference)."""
     auto_class, output = source.reference
+    n_layer = source.arch.n_layer
     if source.format == "gguf":
         transformers, model = load_transformers(source.path.parent, source.path.name, auto_class)
+        running: Any = contextlib.nullcontext(model)
     else:
-        transformers, model = load_transformers(source.path, auto_class=auto_class)
-    with torch.no_grad():
-        reference = getattr(model(torch.from_numpy(ids)), output).float().numpy()
-    return reference, f"transformers {transformers.__version__}"
+        from bigmodel.pretrained import hf
+
+        transformers, model = transformers_skeleton(source.path, auto_class)
+        fetch = _transformers_fetch(model, hf.weights(source.path))
+        running = streaming.streamed(model, fetch)
+    with running as live, torch.no_grad(), streaming.layer_outputs(streaming.layer_list(live, n_layer)) as layers:
+        reference = getattr(live(torch.from_numpy(ids)), output).float().numpy()
+    return reference, [layer.numpy() for layer in layers], f"transformers {transformers.__version__}"
 
 
-def check_parity(model: torch.nn.Module, source: Source, tokenizer: Any, atol: float,
+def bigmodel_outputs(arch: AnyArch, fetch: streaming.Fetch, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """bigmodel's output on `ids` (the model's `reference_output`) with its weights streamed from `fetch`
+    in fp32, and each layer's hidden states."""
+    with torch.device("meta"):
+        model = registry.build_model(arch).eval()
+    with streaming.streamed(model, fetch) as live, streaming.layer_outputs(streaming.layer_list(live, arch.n_layer)) as layers:
+        ours = live.reference_output(torch.from_numpy(ids)).float().numpy()
+    return ours, [layer.numpy() for layer in layers]
+
+
+def check_parity(fetch: streaming.Fetch, arch: AnyArch, source: Source, tokenizer: Any, atol: float,
                  rtol: float = 0.0) -> dict[str, Any]:
-    """bigmodel's numbers against transformers' on the same files and prompt."""
-    ids = parity_ids(tokenizer, model.block_size)
-    reference, version = reference_logits(source, ids)
-    return {"verified": True, "prompt_tokens": ids.shape[1], **compare(model, ids, reference, version, atol, rtol)}
+    """bigmodel's numbers (weights from `fetch`: the checkpoint being written) against transformers' on the
+    same files and prompt, and how far apart each layer's hidden states are."""
+    ids = parity_ids(tokenizer, arch.block_size)
+    reference, reference_layers, version = reference_outputs(source, ids)
+    ours, our_layers = bigmodel_outputs(arch, fetch, ids)
+    return {"verified": True, "prompt_tokens": ids.shape[1], **compare(ours, reference, version, atol, rtol),
+            "layers_max_abs_diff": [float(np.abs(a - b).max()) for a, b in zip(our_layers, reference_layers)]}
 
 
-def compare(model: torch.nn.Module, ids: np.ndarray, reference: np.ndarray, version: str,
-            atol: float, rtol: float = 0.0) -> dict[str, Any]:
-    """bigmodel's output on `ids` (the model's `reference_output`) against a reference's: the max abs
-    difference, passing within atol + rtol x the reference's largest |value| (fp32 rounding grows with
-    the scale), and whether the argmax along the last axis agrees everywhere (greedy tokens, for logits)."""
-    with torch.no_grad():
-        ours = model.reference_output(torch.from_numpy(ids)).float().numpy()
+def compare(ours: np.ndarray, reference: np.ndarray, version: str, atol: float, rtol: float = 0.0) -> dict[str, Any]:
+    """bigmodel's output against a reference's: the max abs difference, passing within atol + rtol x the
+    reference's largest |value| (fp32 rounding grows with the scale), and whether the argmax along the
+    last axis agrees everywhere (greedy tokens, for logits)."""
     diff = float(np.abs(ours - reference).max())
     return {"reference": version, "max_abs_diff": diff,
             **parity.verdict(diff, float(np.abs(reference).max()), atol, rtol),

@@ -9,11 +9,11 @@ does for `tokenizer.ggml.model == "gpt2"`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from bigmodel.arch import DecoderArch, RopeScaling
 from bigmodel.errors import UserError
 from bigmodel.pretrained import Source, Target, decoder_targets
@@ -56,7 +56,7 @@ def describe(path: Path) -> Source:
     return Source(
         path=path, format="gguf", model_type=architecture, arch=arch, tokenizer_json=tokenizer_json,
         special_tokens=special, chat_template=template, dtype="/".join(kinds), shapes=shapes, targets=targets,
-        read=lambda: _read(path, arch, targets), notes=[],
+        fetch=lambda name: _fetch(path, arch, tensors[name]), notes=[],
     )
 
 
@@ -107,23 +107,26 @@ def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _read(path: Path, arch: DecoderArch, targets: dict[str, Target]) -> Iterator[tuple[str, Any]]:
+def _fetch(path: Path, arch: DecoderArch, tensor: Any) -> Any:
+    """One tensor, dequantised to float32 in PyTorch's (out, in) layout. Its bytes are read from the file
+    into a buffer of their own, not through the reader's memory map: mapped pages would stay resident."""
     import torch
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    for tensor in GGUFReader(str(path)).tensors:
-        if tensor.name not in targets:
-            continue
-        # The reader gives numpy order (GGUF lists dimensions fastest-first); dequantised, that is
-        # PyTorch's (out, in).
-        weight = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed([int(d) for d in tensor.shape])))
-        if tensor.name.endswith("attn_q.weight"):
-            weight = unpermute(weight, arch.n_head)
-        elif tensor.name.endswith("attn_k.weight"):
-            weight = unpermute(weight, arch.n_kv_head)
-        # F32 tensors come straight from the read-only mapped file: those (small ones) are copied
-        yield tensor.name, torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+    raw = np.empty(int(tensor.n_bytes), dtype=np.uint8)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(int(tensor.data_offset))
+        if handle.readinto(memoryview(raw)) != raw.size:
+            raise UserError(f"{path} is truncated (tensor {tensor.name}); re-download it")
+    data = raw.view(tensor.data.dtype).reshape(tensor.data.shape)  # the reader's own view of these bytes
+    # The reader gives numpy order (GGUF lists dimensions fastest-first); dequantised, that is
+    # PyTorch's (out, in).
+    weight = dequantize(data, tensor.tensor_type).reshape(tuple(reversed([int(d) for d in tensor.shape])))
+    if tensor.name.endswith("attn_q.weight"):
+        weight = unpermute(weight, arch.n_head)
+    elif tensor.name.endswith("attn_k.weight"):
+        weight = unpermute(weight, arch.n_kv_head)
+    return torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
 # ---------------------------------------------------------------------------------------- tokenizer

@@ -9,17 +9,19 @@ folders). Weights are read from safetensors only; a folder with only `pytorch_mo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bigmodel.arch import DecoderArch, EncoderArch, RopeScaling
 from bigmodel.errors import UserError
 from bigmodel.pretrained import REFERENCE, Source, Target, decoder_targets
+from bigmodel.weights import ShardedWeights
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
-FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Buffers some GPT-2 files carry beside the weights (the causal mask, rotary caches): not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids")
 
@@ -40,20 +42,22 @@ def describe(folder: Path) -> Source:
                      f"own {model_type}")
     arch_of, targets_of = KINDS[model_type]
     arch = arch_of(config, notes, folder)
-    files = _weight_files(folder)
-    shapes, dtypes = _headers(files)
+    weights = ShardedWeights(_weight_files(folder))  # every header validated: a truncated shard is refused here
+    shapes = {name: weights.entry(name).shape for name in weights.names()}
+    dtypes = {name: weights.entry(name).dtype for name in weights.names()}
     targets = targets_of(arch, shapes, folder)
     kinds = sorted({dtypes[name] for name in targets})
     bad = [kind for kind in kinds if kind not in FLOAT_DTYPES]
     if bad:
-        raise UserError(f"{folder}: weights of dtype {bad[0]} cannot be imported (float32, float16 or bfloat16 only)")
+        raise UserError(f"{folder}: weights of dtype {str(bad[0]).removeprefix('torch.')} cannot be imported "
+                        "(float32, float16 or bfloat16 only)")
     transposed = _gpt2_conv1d(targets) if model_type == "gpt2" else set()
     shapes = {name: tuple(reversed(shapes[name])) if name in transposed else shapes[name] for name in targets}
     tokenizer_json, special, template = _tokenizer(folder, config)
     return Source(
         path=folder, format="hf", model_type=model_type, arch=arch, tokenizer_json=tokenizer_json,
         special_tokens=special, chat_template=template, dtype="/".join(FLOAT_DTYPES[k] for k in kinds),
-        shapes=shapes, targets=targets, read=lambda: _read(files, targets, transposed), notes=notes,
+        shapes=shapes, targets=targets, fetch=lambda name: _fetch(weights, name, transposed), notes=notes,
         reference=("AutoModel", "last_hidden_state") if isinstance(arch, EncoderArch) else REFERENCE,
     )
 
@@ -157,6 +161,11 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
 # ------------------------------------------------------------------------------------------ weights
 
 
+def weights(folder: Path) -> ShardedWeights:
+    """The folder's weight files, read by name (headers validated)."""
+    return ShardedWeights(_weight_files(folder))
+
+
 def _weight_files(folder: Path) -> list[Path]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
@@ -177,31 +186,9 @@ def _weight_files(folder: Path) -> list[Path]:
     raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
 
 
-def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Names, shapes and dtypes of every tensor, from the safetensors headers alone."""
-    from safetensors import safe_open
-
-    shapes, dtypes = {}, {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="numpy") as handle:  # headers only: no torch needed
-                for name in handle.keys():
-                    tensor = handle.get_slice(name)
-                    shapes[name], dtypes[name] = tuple(tensor.get_shape()), tensor.get_dtype()
-        except Exception as exc:  # safetensors raises its own types for damaged files
-            raise UserError(f"{path}: not a readable safetensors file ({exc})") from exc
-    return shapes, dtypes
-
-
-def _read(files: list[Path], targets: dict[str, Target], transposed: set[str]) -> Iterator[tuple[str, Any]]:
-    from safetensors import safe_open
-
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                if name in targets:
-                    tensor = handle.get_tensor(name)
-                    yield name, tensor.t() if name in transposed else tensor
+def _fetch(weights: ShardedWeights, name: str, transposed: set[str]) -> torch.Tensor:
+    tensor = weights.read(name)
+    return tensor.t() if name in transposed else tensor
 
 
 def _unplaced(shapes: dict[str, tuple[int, ...]], placed: dict[str, Target], folder: Path) -> None:
