@@ -553,6 +553,30 @@ class EvalConfig(Section):
     top_k: int | None = Field(200, gt=0, description="gpt: sample only among the k likeliest tokens.")
 
 
+class Int4Export(Section):
+    """export.dtype int4: symmetric block quantisation with onnxruntime.quantization's kernel, as compress
+    quantize bits 4 does, made as each matrix is written."""
+
+    block_size: int = Field(32, ge=16, description="Weights per quantisation block (a power of 2).")
+    accuracy_level: int | None = Field(
+        4, ge=0, le=4, description="The precision MatMulNBits computes in (4: int8 activations per block, as "
+        "llama.cpp, several times faster on CPU; 0/None: fp32).",
+    )
+    head: Literal["int4", "int8", "fp32"] = Field(
+        "int8", description="The output head's weights: int8 blocks (closest to the scores), int4, or fp32.",
+    )
+    embeddings: Literal["int4", "int8", "fp32"] = Field(
+        "int8", description="The token-embedding table (GatherBlockQuantized): int8 or int4 blocks, or fp32. A "
+        "tied embedding quantised as the head is stored once, read by both.",
+    )
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> Int4Export:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"export.int4.block_size {self.block_size} must be a power of 2 (16, 32, 64, 128)")
+        return self
+
+
 class ExportConfig(Section):
     checkpoint: CheckpointRef = "best"
     format: Literal["onnx", "hf", "both"] = Field(
@@ -586,15 +610,34 @@ class ExportConfig(Section):
         False, description="A LoRA checkpoint: also write its adapter as a PEFT folder (export/peft: "
         "adapter_config.json + adapter_model.safetensors) for the Hugging Face ecosystem.",
     )
-    dtype: Literal["fp32", "fp16"] = Field(
-        "fp32", description="gpt: the ONNX model's weights, computation and KV cache. fp16 halves the file and "
-        "the cache, for GPU providers (cuda, tensorrt); ONNX Runtime's CPU provider runs it too, slower than "
-        "fp32. Its parity gate against the fp32 PyTorch model uses fp16_atol.",
+    dtype: Literal["fp32", "fp16", "int4"] = Field(
+        "fp32", description="gpt: the ONNX model's weights. fp16 halves the file and the cache (computation in "
+        "fp16), for GPU providers (cuda, tensorrt); ONNX Runtime's CPU provider runs it too, slower than fp32; "
+        "its gate uses fp16_atol. int4: weight-only 4-bit blocks (MatMulNBits) quantised as each matrix is "
+        "written, fp32 activations and cache, the head and embedding as export.int4 says; its gate measures "
+        "the distance from the fp32 model (int4_max_error).",
+    )
+    int4: Int4Export = Field(default_factory=lambda: Int4Export(), description="dtype int4: how the weights are quantised.")
+    int4_max_error: float = Field(
+        0.1, gt=0.0, description="dtype int4: the gate's limit on the relative error of the file's logits against "
+        "the PyTorch model with the same int4 blocks, RMS(diff) / RMS(reference around its mean) on held-out text: "
+        "0.002-0.03 when correct (accuracy level 4 rounds activations to int8), ~1.4 for a wrong layout. The "
+        "distance from the fp32 model (what int4 costs) is measured and reported beside.",
     )
     fp16_atol: float = Field(
         0.1, gt=0.0, description="dtype fp16: max abs logit difference allowed against the fp32 PyTorch model "
         "(fp16 keeps ~3 significant digits; logits of 10-30 differ by a few hundredths).",
     )
+
+    @model_validator(mode="after")
+    def _settings_of_another_dtype(self) -> ExportConfig:
+        # By value, not by what was written: a run's resolved config (config.yaml) spells every key out.
+        for key, dtype in (("int4", "int4"), ("int4_max_error", "int4"), ("fp16_atol", "fp16")):
+            if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True) \
+                    and self.dtype != dtype:
+                raise ValueError(f"export.{key} applies to export.dtype {dtype} (the dtype is {self.dtype}); "
+                                 f"set export.dtype={dtype} or remove it")
+        return self
 
 
 class QuantizeStep(Section):

@@ -76,6 +76,21 @@ def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, dict[str, Any
     return model, manifest
 
 
+def open_weights(path: Path) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint's tensors to read one at a time (a `streaming.Readable`, names 'model.<parameter>'), and
+    its manifest. A LoRA adapter checkpoint is merged into its base in memory first (adapters are trained
+    on models small enough for that; a streamed merge is future work)."""
+    from bigmodel import streaming
+    from bigmodel.checkpoint import read_manifest
+    from bigmodel.weights import SafetensorsFile
+
+    manifest = read_manifest(path)
+    if "adapter" in manifest:
+        model, manifest = load_model(path)
+        return streaming.StateDict(model, "model."), manifest
+    return SafetensorsFile(path), manifest
+
+
 def _load_adapted(path: Path, manifest: dict[str, Any], tensors: dict[str, Any], merge: bool) -> nn.Module:
     from bigmodel import lora
     from bigmodel.io import sha256_file

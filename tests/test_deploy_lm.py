@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from bigmodel import registry
+from bigmodel import registry, streaming
 from bigmodel import tokenizer as tokenizers
 from bigmodel.export.gpt import DecoderStep, check_parity
 from tests.conftest import cli, cli_subprocess
@@ -64,7 +64,7 @@ def test_a_corrupted_export_is_caught_by_the_parity_gate(lm_run: Path) -> None:
         model.transformer.h[0].mlp.c_fc.weight[3, 5] += 0.5  # one perturbed weight
     tokens = np.fromfile(lm_run.parent / "run" / "prepare" / "val.bin", dtype=np.uint16).astype(np.int64)
     arch = registry.manifest_arch(manifest, "best")
-    report = check_parity(DecoderStep(model.eval()), onnx_of(lm_run), tokens, arch, (1e-4, 1e-5), 8, 1)
+    report = check_parity(streaming.StateDict(model, "model."), onnx_of(lm_run), tokens, arch, (1e-4, 1e-5), 8, 1)
     assert not report["passed"] and report["max_abs_diff"] > report["tolerance"] > 1e-4
 
 

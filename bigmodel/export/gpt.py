@@ -1,6 +1,14 @@
-"""Export the GPT as one decoder graph with a KV cache, and gate it on parity with PyTorch.
+"""Export the GPT as one decoder graph with a KV cache, written weight by weight, and gate it.
 
 The graph's inputs, outputs, cache layout and metadata are bigmodel/decoder_graph.py's contract.
+
+The graph is traced from the model built on the meta device (export/weightless.py): no weights are in
+memory while the exporter runs. The weights are then read from the checkpoint one tensor at a time and
+written into the external-data file -- as they are (fp32, fp16), or quantised to int4 blocks as each
+matrix is written (dtype int4). The parity gate compares ONNX Runtime with the PyTorch model in fp32,
+computed one layer at a time (`reference_logits`): every decode step of every sequence the gate checks
+passes through layer i before layer i+1 is loaded, so the weights are read once and the gate holds one
+layer. A small model's file is then made one self-contained .onnx (export.external_data: false).
 
 The tokenizer, the hyper-parameters, the bigmodel version and the checkpoint's sha256 travel in the
 model's metadata: `infer` needs nothing but the .onnx file (and its .data file when weights are stored
@@ -10,27 +18,39 @@ as external data).
 from __future__ import annotations
 
 import contextlib
-import copy
+import re
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
-from bigmodel import __version__, console, decoder_graph, registry
+from bigmodel import __version__, console, decoder_graph, registry, streaming
 from bigmodel import parity as gate
 from bigmodel.arch import DecoderArch
-from bigmodel.config import Config
+from bigmodel.config import Config, Int4Export
 from bigmodel.datasets import load_tokens
 from bigmodel.decoder_graph import CacheLayout, KVCache
-from bigmodel.export.onnx_file import export_dynamo, optimize_offline, publish_or_reject, stamp_and_check
+from bigmodel.errors import UserError
+from bigmodel.export.onnx_file import optimize_offline, publish_or_reject, stamp
+from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequantize, trace
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
-from bigmodel.models.gpt import CausalSelfAttention
+from bigmodel.models.gpt import GPT, CausalSelfAttention
+from bigmodel.runtime import peak_rss_bytes
+from bigmodel.weights import check_free_space
 
-TWO_GB = 2 * 1024**3
+INLINE_LIMIT = 256 * 2**20  # weights up to this many bytes go into the .onnx itself (one file to copy)
+FLOAT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32}
+BITS = {"int4": 4, "int8": 8, "fp32": None}
+# A quantised matrix's RMS rounding error over its RMS: ~0.08-0.12 for 4-bit blocks of 32, ~0.005 for 8-bit;
+# blocks that do not stand for their matrix (a wrong layout, another matrix) give ~1 or more.
+MAX_ROUNDING = 0.35
 
 
 class DecoderStep(torch.nn.Module):
@@ -55,72 +75,252 @@ def torch_cache(cache: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
-    model, manifest = registry.load_model(ckpt)
-    model.eval()
+    start = time.perf_counter()
+    weights, manifest = registry.open_weights(ckpt)
     arch = registry.manifest_arch(manifest, ckpt)
-    step = DecoderStep(model).eval()  # the fp32 reference of the parity gate, whatever the export's dtype
-    traced = DecoderStep(copy.deepcopy(model).half()).eval() if xc.dtype == "fp16" else step
-    atol = xc.fp16_atol if xc.dtype == "fp16" else xc.atol
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    external = xc.external_data or weight_bytes > TWO_GB
-
+    if not isinstance(arch, DecoderArch):
+        raise UserError(f"{ckpt} holds a {arch.family} model, not a decoder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(out_dir, _estimated_bytes(arch, xc.dtype), "export")
     final = out_dir / "model.onnx"
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         tmp = Path(work) / "model.onnx"
-        _trace(traced, arch, tmp, xc.opset, xc.dtype)
-        stamp_and_check(tmp, {
-            **decoder_graph.metadata(arch, manifest["data"], xc.dtype),
+        written = write_decoder(arch, weights, tmp, xc.opset, xc.dtype, xc.int4, {
+            **decoder_graph.metadata(arch, manifest["data"], "fp16" if xc.dtype == "fp16" else "fp32"),
+            "weights": weight_format(xc.dtype, xc.int4),
             "version": __version__,
             "lineage": {"checkpoint": sha256_file(ckpt)},
-        }, external_data=external)
-        parity = check_parity(step, tmp, val_tokens, arch, (atol, xc.rtol), xc.parity_steps, config.threads, xc.dtype)
+        })
+        external = xc.external_data or written["weight_bytes"] > INLINE_LIMIT
+        if not external:
+            onnx.save(onnx.load(str(tmp)), str(tmp))  # a small model: one self-contained file
+            tmp.with_name(f"{tmp.name}.data").unlink()
+        onnx.checker.check_model(str(tmp), full_check=True)
+        seconds = time.perf_counter() - start
+        layout = written.pop("layout")
+        blocks = Blocks(layout, Initializers(tmp)) if xc.dtype == "int4" else None
+        parity = check_parity(weights, tmp, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads,
+                              xc.dtype, blocks)
         report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, "dtype": xc.dtype,
-                  "external_data": external, **parity}
+                  "weights": weight_format(xc.dtype, xc.int4), "external_data": external, **written, **parity,
+                  "seconds": round(seconds, 2), "gate_seconds": round(time.perf_counter() - start - seconds, 2),
+                  "peak_rss_bytes": peak_rss_bytes()}
         write_json(out_dir / "parity.json", report)
-        console.info(
-            f"export: parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode "
-            f"steps (batch {parity['batch']}, held-out text; and left-padded rows of "
-            f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone): max abs logit "
-            f"diff {parity['max_abs_diff']:.3g} ({xc.dtype}, {gate.allowed(parity)}) -> "
-            f"{'ok' if parity['passed'] else 'FAILED'}"
-        )
-        publish_or_reject(
-            tmp, final, parity["passed"],
-            f"export parity failed: max abs logit diff {parity['max_abs_diff']:.3g} > {gate.allowed(parity)} "
-            f"(export.atol, export.rtol) at {parity['worst']}",
-        )
+        console.info(f"export: {gate_line(parity, xc.dtype)} -> {'ok' if parity['passed'] else 'FAILED'}")
+        publish_or_reject(tmp, final, parity["passed"], f"export parity failed: {gate_line(parity, xc.dtype)} "
+                          f"({_knobs(xc.dtype)}) at {parity['worst']}")
     outputs: dict[str, Any] = {"model": str(final), "parity_report": str(out_dir / "parity.json"),
-                               "max_abs_diff": parity["max_abs_diff"], "passed": True,
-                               "external_data": external}
+                               "max_abs_diff": parity["max_abs_diff"], "passed": True, "external_data": external,
+                               "weights": report["weights"], "seconds": report["seconds"],
+                               "gate_seconds": report["gate_seconds"], "peak_rss_bytes": report["peak_rss_bytes"]}
+    if xc.dtype == "int4":
+        outputs.update(relative_error=parity["relative_error"], against_fp32=parity["against_fp32"])
     if xc.optimize:
         optimized = optimize_offline(final, out_dir / "model.optimized.onnx")
-        check = check_parity(step, optimized, val_tokens, arch, (atol, xc.rtol), xc.parity_steps, config.threads,
-                             xc.dtype)
+        if blocks is not None:  # the published file's blocks (the optimised graph may store them otherwise)
+            blocks = Blocks(blocks.layout, Initializers(final))
+        check = check_parity(weights, optimized, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads,
+                             xc.dtype, blocks)
         outputs["optimized_model"] = str(optimized)
         outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
         console.info(f"export: ORT-optimized graph -> {optimized} (max abs diff {check['max_abs_diff']:.3g})")
-    console.info(f"export: {final} ({final.stat().st_size:,} bytes{', weights in model.onnx.data' if external else ''})")
+    size = final.stat().st_size + (final.with_name(f"{final.name}.data").stat().st_size if external else 0)
+    console.info(f"export: {final} ({size:,} bytes{', weights in model.onnx.data' if external else ''}; "
+                 f"{report['seconds']:.1f} s + gate {report['gate_seconds']:.1f} s, peak RSS "
+                 f"{(report['peak_rss_bytes'] or 0) / 2**20:,.0f} MiB)")
     return outputs
 
 
-def _trace(step: DecoderStep, arch: DecoderArch, path: Path, opset: int, dtype: str = "fp32") -> None:
+def weight_format(dtype: str, int4: Int4Export) -> str:
+    if dtype != "int4":
+        return dtype
+    return (f"int4 (block {int4.block_size}, head {int4.head}, embeddings {int4.embeddings}, accuracy level "
+            f"{int4.accuracy_level or 0})")
+
+
+def _estimated_bytes(arch: DecoderArch, dtype: str) -> int:
+    """An upper bound of the file's size, for the free-space check (int4: ~0.7 byte per weight)."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in GPT(arch).parameters())
+    return int(parameters * {"fp32": 4 * 1.3, "fp16": 2 * 1.3, "int4": 0.75}[dtype])
+
+
+def _tolerance(xc: Any) -> tuple[float, float]:
+    if xc.dtype == "fp16":
+        return xc.fp16_atol, xc.rtol
+    if xc.dtype == "int4":
+        return xc.int4_max_error, 0.0
+    return xc.atol, xc.rtol
+
+
+def _knobs(dtype: str) -> str:
+    return {"fp32": "export.atol, export.rtol", "fp16": "export.fp16_atol, export.rtol",
+            "int4": "export.int4_max_error"}[dtype]
+
+
+def gate_line(parity: dict[str, Any], dtype: str) -> str:
+    """The gate's measure in words: max abs logit difference (fp32, fp16), or the relative error, top-1
+    agreement and held-out loss of an int4 model against the fp32 one."""
+    where = (f"parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode steps (batch "
+             f"{parity['batch']}, held-out text; and left-padded rows of "
+             f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone)")
+    if dtype == "int4":
+        fp32 = parity["against_fp32"]
+        return (f"{where} against the model its int4 blocks hold: relative logit error {parity['relative_error']:.4f} "
+                f"(limit {parity['tolerance']:g}); against the fp32 model: relative error {fp32['relative_error']:.3f}, "
+                f"top-1 agreement {fp32['top1_agreement']:.3f}, held-out loss {fp32['nll']:.4f} vs {fp32['nll_fp32']:.4f}")
+    return f"{where}: max abs logit diff {parity['max_abs_diff']:.3g} ({dtype}, {gate.allowed(parity)})"
+
+
+def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, opset: int, dtype: str = "fp32",
+                  int4: Int4Export | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The decoder graph of `arch` at `path` (+ `path.data`), its weights read from `weights` (names as a
+    checkpoint stores them, 'model.<parameter>') one at a time; returns what was written."""
+    float_type = FLOAT_TYPES[dtype]
+    with torch.device("meta"):
+        step = DecoderStep(GPT(arch).to(float_type)).eval()
+    aliases = {name: names for names in streaming.aliases_of(step).values() for name in names}
+    graph, traced = _trace(step, arch, opset, float_type)
+    for node in graph.graph.node:  # the exporter's module scopes were for repeat_layers only
+        del node.metadata_props[:]
+    fetch = streaming.fetch_from(weights)
+
+    def read(name: str) -> torch.Tensor:
+        return fetch(aliases.get(name, [name])).to(float_type)
+
+    plan = GraphWeights(graph, traced, read)
+    plan.fold_transposes()
+    merged = plan.merge_shared_input_matmuls()
+    counts: dict[str, int] = {}
+    if dtype == "int4":
+        settings = int4 or Int4Export()
+        counts = plan.quantize(4, settings.block_size, settings.accuracy_level, _output_head(graph),
+                               BITS[settings.head], BITS[settings.embeddings])
+    stamp(graph, metadata or {})
+    weight_bytes = plan.write(path)
+    return {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
+
+
+def _output_head(model: onnx.ModelProto) -> str | None:
+    """The name of the MatMul that computes the logits (the graph output, perhaps through Add/Reshape)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type != "MatMul":
+        node = producers.get(node.input[0]) if node.op_type in ("Add", "Identity", "Reshape") else None
+    return node.name if node is not None else None
+
+
+def _trace(step: DecoderStep, arch: DecoderArch, opset: int,
+           float_type: torch.dtype) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """The decoder graph, weightless. A deep model of identical layers is traced with two and the second
+    is repeated (`repeat_layers`): the exporter's time grows with the layers traced (~1.5 s each here),
+    and 32 identical layers need not be traced 32 times."""
+    if arch.n_layer > 2 and len(set(arch.mlp_hidden)) == 1:
+        short = arch.model_copy(update={"n_layer": 2, "mlp_hidden": arch.mlp_hidden[:2]})
+        with torch.device("meta"):
+            two = DecoderStep(GPT(short).to(float_type)).eval()
+        graph, weights = _trace_all(two, short, opset, float_type)
+        return repeat_layers(graph, weights, arch.n_layer)
+    return _trace_all(step, arch, opset, float_type)
+
+
+def repeat_layers(model: onnx.ModelProto, weights: dict[str, list[int]],
+                  n_layer: int) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """A two-layer decoder graph made n_layer deep: the second layer's nodes (those between the first and
+    the last node the exporter scoped to `model.transformer.h.1`) are copied for layers 2.. with their
+    weights, cache inputs and outputs and intermediate values renamed; each copy reads the previous
+    layer's output where layer 1 reads layer 0's, and what layer 1 reads from elsewhere (the mask, the
+    rotary tables, constants) it shares. The final norm then reads the last layer. Checked by every
+    export's parity gate, and against a full trace in the tests."""
+    graph = model.graph
+    nodes = list(graph.node)
+    scoped = [i for i, node in enumerate(nodes) if _layer_of(node) == 1]
+    first, last = scoped[0], scoped[-1]
+    template = nodes[first : last + 1]
+    if any(_layer_of(node) not in (1, None) for node in template):
+        raise RuntimeError("the traced layers interleave; cannot repeat the second")
+    made = {out for node in template for out in node.output}
+    chain = nodes[first - 1].output[0]  # layer 0's last node: the hidden state layer 1 reads
+    layer_out = template[-1].output[0]
+    if not any(chain in node.input for node in template):
+        raise RuntimeError("the second layer does not read the first's output; cannot repeat it")
+
+    def renamed(name: str, i: int, previous_out: str) -> str:
+        if name == chain:
+            return previous_out
+        if name.startswith("model.transformer.h.1."):
+            return f"model.transformer.h.{i}." + name.removeprefix("model.transformer.h.1.")
+        for kind in ("past_keys", "past_values", "present_keys", "present_values"):
+            if name == f"{kind}.1":
+                return f"{kind}.{i}"
+        return f"{name}__layer{i}" if name in made else name
+
+    copies, previous_out = [], layer_out
+    for i in range(2, n_layer):
+        for node in template:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{node.name}__layer{i}"
+            copy.input[:] = [renamed(name, i, previous_out) if name else name for name in node.input]
+            copy.output[:] = [renamed(name, i, previous_out) for name in node.output]
+            copies.append(copy)
+        previous_out = f"{layer_out}__layer{i}"
+    for node in nodes[last + 1 :]:  # the final norm reads the last layer
+        node.input[:] = [previous_out if name == layer_out else name for name in node.input]
+    del graph.node[:]
+    graph.node.extend([*nodes[: last + 1], *copies, *nodes[last + 1 :]])
+    _repeat_io(graph.input, "past", n_layer)
+    _repeat_io(graph.output, "present", n_layer)
+    layer_weights = {name: dims for name, dims in weights.items() if name.startswith("model.transformer.h.1.")}
+    for i in range(2, n_layer):
+        weights.update({f"model.transformer.h.{i}." + name.removeprefix("model.transformer.h.1."): dims
+                        for name, dims in layer_weights.items()})
+    return model, weights
+
+
+def _layer_of(node: onnx.NodeProto) -> int | None:
+    """The transformer block the exporter scoped a node to, or None (outside any block, or unscoped)."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    found = [int(part) for part in re.findall(r"'model\.transformer\.h\.(\d+)'", scopes)]
+    return found[0] if found else None
+
+
+def _repeat_io(values: Any, kind: str, n_layer: int) -> None:
+    """Graph inputs (past_*) or outputs (present_*) for every layer, in decoder_graph's order."""
+    by_name = {value.name: value for value in values}
+    ordered = []
+    for name in [value.name for value in values]:
+        if not name.startswith(f"{kind}_"):
+            ordered.append(by_name[name])
+        elif name.endswith(".0"):
+            base = name.removesuffix(".0")
+            for i in range(n_layer):
+                value = onnx.ValueInfoProto()
+                value.CopyFrom(by_name[f"{base}.{min(i, 1)}"])
+                value.name = f"{base}.{i}"
+                ordered.append(value)
+    del values[:]
+    values.extend(ordered)
+
+
+def _trace_all(step: DecoderStep, arch: DecoderArch, opset: int,
+               float_type: torch.dtype) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     block = arch.block_size
     # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
     t_example, p_example = min(3, block - 1), min(2, max(block - 3, 0))
-    ids = torch.zeros(2, t_example, dtype=torch.long)
-    float_type = torch.float16 if dtype == "fp16" else torch.float32
-    keys, values = ([torch.zeros(2, arch.n_kv_head, p_example, arch.head_size, dtype=float_type)
-                     for _ in range(arch.n_layer)] for _ in range(2))  # distinct tensors, one per input
-    left_padding = torch.zeros(2, dtype=torch.long)
+    with torch.device("meta"):  # inputs where the weights are: nothing in the trace has a value
+        ids = torch.zeros(2, t_example, dtype=torch.long)
+        keys, values = ([torch.zeros(2, arch.n_kv_head, p_example, arch.head_size, dtype=float_type)
+                         for _ in range(arch.n_layer)] for _ in range(2))  # distinct tensors, one per input
+        left_padding = torch.zeros(2, dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=block)
     past_len = torch.export.Dim("past", min=0, max=block)
     cache_dims = [{0: batch, 2: past_len}] * arch.n_layer
     with onnx_operators(step, opset >= 23):
-        export_dynamo(
-            step, (ids, keys, values, left_padding), path,
+        return trace(
+            step, (ids, keys, values, left_padding),
             list(decoder_graph.input_names(arch.n_layer)), list(decoder_graph.output_names(arch.n_layer)),
             {"input_ids": {0: batch, 1: seq}, "past_keys": cache_dims, "past_values": cache_dims,
              "left_padding": {0: batch}},
@@ -152,73 +352,197 @@ def held_out_windows(tokens: np.ndarray, batch: int, span: int) -> np.ndarray:
     return np.stack([tokens[s : s + span] for s in starts])
 
 
+@dataclass
+class Sequence:
+    """Token chunks fed one after another with a growing cache (the prompt, then one token per decode
+    step), optionally left-padded rows."""
+
+    chunks: list[np.ndarray]  # each (B, T)
+    left_padding: np.ndarray | None = None
+
+
+@dataclass
+class Blocks:
+    """Where an int4 file keeps each quantised matrix (GraphWeights.layout), and its initializers: the model
+    the file holds, for the gate to compute with."""
+
+    layout: dict[str, dict[str, Any]]
+    initializers: Initializers
+    weight_errors: dict[str, float] = field(default_factory=dict)  # per matrix: RMS(rounding) / RMS(weight)
+
+    def apply(self, module: torch.nn.Module, names: list[str]) -> None:
+        """Replace the module's loaded fp32 weight by what the file's blocks hold (when it has blocks): a
+        Linear's from its MatMulNBits, an Embedding's from its GatherBlockQuantized."""
+        role = GATHER if isinstance(module, torch.nn.Embedding) else ""
+        where = next((self.layout[name + role] for name in names if name + role in self.layout), None)
+        if where is None:
+            return
+        rows = slice(where["first_row"], where["first_row"] + where["rows"])
+        blocks = self.initializers.read(where["blocks"])[rows]
+        scales = self.initializers.read(where["scales"])[rows]
+        weight = module.weight.data
+        error = total = 0.0
+        for start in range(0, weight.shape[0], 1024):  # in place, a block of rows at a time: a vocabulary-sized
+            part = slice(start, start + 1024)  # embedding is the largest matrix; no second copy of it
+            held = dequantize(blocks[part], scales[part], where["bits"], where["block_size"], where["K"])
+            exact = weight[part]
+            error += float((held - exact).pow(2).sum())
+            total += float(exact.pow(2).sum())
+            exact.copy_(held)
+        self.weight_errors[names[0]] = (error / total) ** 0.5 if total else 0.0
+
+
+def reference_logits(weights: streaming.Readable, arch: DecoderArch, sequences: list[Sequence],
+                     blocks: Blocks | None = None) -> dict[str, list[list[np.ndarray]]]:
+    """The PyTorch model's fp32 logits for every chunk of every sequence ("fp32"), computed layer by layer:
+    the embeddings of all chunks, then layer 0 over every sequence (its own cache per sequence), then layer
+    1, ..., then the head -- each layer's weights loaded once, in fp32, and dropped before the next. With
+    `blocks` (an int4 file's), the same pass also computes the model the file holds ("int4"): each loaded
+    matrix replaced by the file's own blocks, dequantised -- the graph is checked against exactly what it
+    should compute, and the fp32 numbers measure what the rounding costs."""
+    with torch.device("meta"):
+        model = GPT(arch).eval()
+    fetch = streaming.fetch_from(weights, "model.")
+    aliases = streaming.aliases_of(model)  # (of the meta parameters: a loaded weight is a new tensor)
+    names = {id(m): [f"model.{name}" for name in aliases[id(m.weight)]] for m in model.modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    variants = ["fp32", "int4"] if blocks is not None else ["fp32"]
+
+    def to_blocks(modules: list[torch.nn.Module]) -> None:
+        for module in modules:
+            assert blocks is not None
+            blocks.apply(module, names[id(module)])
+
+    states: dict[str, list[list[Any]]] = {variant: [] for variant in variants}  # per sequence, chunk: [x, rope, mask]
+    embeddings = [model.transformer.wte, *([model.transformer.wpe] if "wpe" in model.transformer else [])]
+    with streaming.materialized(model, embeddings, fetch):
+        for variant in variants:
+            if variant == "int4":
+                to_blocks(embeddings)
+            for sequence in sequences:
+                past, row = 0, []
+                padding = None if sequence.left_padding is None else torch.from_numpy(sequence.left_padding)
+                for chunk in sequence.chunks:
+                    row.append(list(model.embed(torch.from_numpy(chunk), past, padding)))
+                    past += chunk.shape[1]
+                states[variant].append(row)
+    for block in model.transformer.h:
+        with streaming.materialized(model, [block], fetch):
+            for variant in variants:
+                if variant == "int4":
+                    to_blocks([m for m in block.modules() if isinstance(m, torch.nn.Linear)])
+                for row in states[variant]:
+                    cache = None
+                    for state in row:
+                        x, rope, mask = state
+                        state[0], cache = block(x, cache, rope, mask)
+    logits = {}
+    with streaming.materialized(model, [model.transformer.ln_f, model.lm_head], fetch):
+        for variant in variants:
+            if variant == "int4":
+                to_blocks([model.lm_head])
+            logits[variant] = [[model.head(state[0]).numpy() for state in row] for row in states[variant]]
+    return logits
+
+
 def check_parity(
-    step: torch.nn.Module, path: Path, tokens: np.ndarray, arch: DecoderArch, tolerance: tuple[float, float],
-    decode_steps: int, threads: int | None, dtype: str = "fp32",
+    weights: streaming.Readable, path: Path, tokens: np.ndarray, arch: DecoderArch, tolerance: tuple[float, float],
+    decode_steps: int, threads: int | None, dtype: str = "fp32", blocks: Blocks | None = None,
 ) -> dict[str, Any]:
-    """Prompt + decode steps on held-out text, through ORT and PyTorch with their own caches; then the
-    same with rows of different lengths left-padded into one batch (`padded_parity`). Passes when the
-    largest difference is within atol + rtol x the largest |logit| PyTorch gave (`tolerance`)."""
+    """Prompt + decode steps on held-out text through ORT with its own cache, against PyTorch computing
+    the same (`reference_logits`); then the same with rows of different lengths left-padded into one batch,
+    against PyTorch on each row alone. fp32/fp16 are compared with the fp32 model and pass when the largest
+    difference is within atol + rtol x the largest |logit| PyTorch gave (`tolerance`). int4 is compared with
+    the model its blocks hold and passes when the relative error (RMS of the difference over the RMS of the
+    reference logits around their mean) is within tolerance[0]; its distance from the fp32 model is
+    measured beside (`against_fp32`: relative error, mean and max abs diff, top-1 agreement, held-out loss)."""
     atol, rtol = tolerance
-    session = open_session(path, ["CPUExecutionProvider"], threads)
-    block = arch.block_size
-    decode_steps = min(decode_steps, block - 1)
-    prompt_len = max(1, min(block - decode_steps, 32))
+    decode_steps = min(decode_steps, arch.block_size - 1)
+    prompt_len = max(1, min(arch.block_size - decode_steps, 32))
     batch = 2
     windows = held_out_windows(tokens, batch, prompt_len + decode_steps)
-
-    torch_past = torch_cache(CacheLayout.of(arch).empty(batch))
-    cache = CacheLayout.of(arch, dtype).empty(batch)
-    diffs: list[float] = []
-    scale = 0.0  # the largest |logit| of the reference
-    for i in range(decode_steps + 1):
-        chunk = windows[:, :prompt_len] if i == 0 else windows[:, prompt_len + i - 1 : prompt_len + i]
-        logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(chunk, cache)))
-        with torch.no_grad():
-            ref_logits, *torch_past = step(torch.from_numpy(chunk), *torch_past)
-        diffs.append(float(np.abs(logits.astype(np.float32) - ref_logits.numpy()).max()))
-        scale = max(scale, float(ref_logits.abs().max()))
-    worst = int(np.argmax(diffs))
-    padded = padded_parity(step, session, windows, arch, prompt_len, decode_steps, dtype)
-    overall = max(max(diffs), padded["max_abs_diff"])
-    return {
-        "batch": batch,
-        "prompt_tokens": prompt_len,
-        "decode_steps": decode_steps,
-        "max_abs_diff_per_step": diffs,
-        "padded": padded,
-        "max_abs_diff": overall,
-        "worst": ("the prompt" if worst == 0 else f"decode step {worst}") if max(diffs) >= padded["max_abs_diff"]
-        else "the left-padded batch",
-        **gate.verdict(overall, scale, atol, rtol),
-    }
-
-
-def padded_parity(step: torch.nn.Module, session: Any, windows: np.ndarray, arch: DecoderArch, prompt_len: int,
-                  decode_steps: int, dtype: str = "fp32") -> dict[str, Any]:
-    """Rows of different prompt lengths left-padded into one batch and decoded together by the ONNX graph,
-    against PyTorch on each row alone without padding: a batched server's numbers are each request's own."""
+    main = Sequence([windows[:, :prompt_len]] + [windows[:, prompt_len + i : prompt_len + i + 1]
+                                                  for i in range(decode_steps)])
     lengths = [prompt_len, max(1, prompt_len // 2)]
     pad = np.array([prompt_len - n for n in lengths], dtype=np.int64)
-    prompts = np.stack([np.concatenate([np.zeros(p, np.int64), w[prompt_len - n : prompt_len]])
-                        for w, p, n in zip(windows, pad, lengths)])
-    logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(
-        prompts, CacheLayout.of(arch, dtype).empty(len(lengths)), pad)))
-    batched = [logits]  # the prompt's logits, then one (B, 1, V) per decode step
-    for i in range(decode_steps):
-        logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(
-            windows[:, prompt_len + i : prompt_len + i + 1], cache, pad)))
-        batched.append(logits)
-    diffs = []
-    for row in range(len(lengths)):
-        past = torch_cache(CacheLayout.of(arch).empty(1))
-        for i, got in enumerate(batched):
-            chunk = prompts[row : row + 1, pad[row] :] if i == 0 else windows[row : row + 1, prompt_len + i - 1 : prompt_len + i]
-            with torch.no_grad():
-                ref_logits, *past = step(torch.from_numpy(chunk), *past)
-            real = got[row, pad[row] :] if i == 0 else got[row]
-            diffs.append(float(np.abs(real.astype(np.float32) - ref_logits[0].numpy()).max()))
-    return {"prompt_tokens": lengths, "max_abs_diff": max(diffs)}
+    padded = Sequence([np.stack([np.concatenate([np.zeros(p, np.int64), w[prompt_len - n : prompt_len]])
+                                 for w, p, n in zip(windows, pad, lengths)])] + main.chunks[1:], pad)
+    # Each padded row alone: row 0 keeps its whole prompt (main's row 0); row 1 is its shorter prompt.
+    short = Sequence([windows[1:2, prompt_len - lengths[1] : prompt_len]] + [chunk[1:2] for chunk in main.chunks[1:]])
+    # The reference reads each sequence's tokens in one pass (the same logits as decoding them one by one,
+    # up to rounding: one matrix product per layer instead of one per step), split back into the steps.
+    computed = {variant: [_split(logits[0], sequence) for logits, sequence in zip(found, (main, short))]
+                for variant, found in reference_logits(weights, arch, [_joined(main), _joined(short)], blocks).items()}
+    reference, short_reference = computed["int4" if dtype == "int4" else "fp32"]
+    reference_alone = [[logits[:1] for logits in reference], short_reference]
+    # ONNX Runtime only now: the reference's layers are gone, so the two never share the memory
+    session = open_session(path, ["CPUExecutionProvider"], threads)
+    ours = [o.astype(np.float32) for o in _ort_logits(session, arch, main, dtype)]
+    batched = _ort_logits(session, arch, padded, dtype)
+    del session
+    diffs = [float(np.abs(o - r).max()) for o, r in zip(ours, reference)]
+    padded_diffs = [float(np.abs((got[row, pad[row]:] if i == 0 else got[row]).astype(np.float32) - want[i][0]).max())
+                    for row, want in enumerate(reference_alone) for i, got in enumerate(batched)]
+    overall = max(max(diffs), max(padded_diffs))
+    scale = max(float(np.abs(r).max()) for r in reference)
+    worst = int(np.argmax(diffs))
+    report: dict[str, Any] = {
+        "batch": batch, "prompt_tokens": prompt_len, "decode_steps": decode_steps,
+        "max_abs_diff_per_step": diffs,
+        "padded": {"prompt_tokens": lengths, "max_abs_diff": max(padded_diffs)},
+        "max_abs_diff": overall,
+        "worst": ("the prompt" if worst == 0 else f"decode step {worst}") if max(diffs) >= max(padded_diffs)
+        else "the left-padded batch",
+    }
+    if dtype != "int4":
+        return {**report, **gate.verdict(overall, scale, atol, rtol)}
+    got, want = np.concatenate(ours, axis=1), np.concatenate(reference, axis=1)
+    relative = _relative_error(got, want)
+    fp32 = np.concatenate(computed["fp32"][0], axis=1)
+    targets = windows[:, 1:]  # the next token of every position but the last
+    errors = blocks.weight_errors if blocks is not None else {}
+    worst_matrix, rounding = max(errors.items(), key=lambda item: item[1]) if errors else ("", 0.0)
+    held = rounding <= MAX_ROUNDING  # the blocks stand for the checkpoint's matrices
+    return {**report, "relative_error": relative, "tolerance": atol, "passed": relative <= atol and held,
+            "max_abs_logit": scale, "matrices": len(errors),
+            "worst_rounding": {"matrix": worst_matrix, "relative_error": rounding, "limit": MAX_ROUNDING},
+            "against_fp32": {
+                "relative_error": _relative_error(got, fp32), "max_abs_diff": float(np.abs(got - fp32).max()),
+                "mean_abs_diff": float(np.abs(got - fp32).mean()),
+                "top1_agreement": float((got.argmax(-1) == fp32.argmax(-1)).mean()),
+                "nll": _mean_nll(got[:, :-1], targets), "nll_fp32": _mean_nll(fp32[:, :-1], targets)}}
+
+
+def _joined(sequence: Sequence) -> Sequence:
+    return Sequence([np.concatenate(sequence.chunks, axis=1)], sequence.left_padding)
+
+
+def _split(logits: np.ndarray, sequence: Sequence) -> list[np.ndarray]:
+    """(B, T, V) logits of a joined sequence, as its chunks' logits."""
+    bounds = np.cumsum([chunk.shape[1] for chunk in sequence.chunks])[:-1]
+    return np.split(logits, bounds, axis=1)
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """RMS(got - want) / RMS(want around each position's mean logit): 0 for equal logits, ~1.4 for
+    unrelated ones of the same spread."""
+    return float(np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean((want - want.mean(-1, keepdims=True)) ** 2)))
+
+
+def _ort_logits(session: Any, arch: DecoderArch, sequence: Sequence, dtype: str) -> list[np.ndarray]:
+    cache = CacheLayout.of(arch, "fp16" if dtype == "fp16" else "fp32").empty(len(sequence.chunks[0]))
+    found = []
+    for chunk in sequence.chunks:
+        logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(chunk, cache, sequence.left_padding)))
+        found.append(logits)
+    return found
+
+
+def _mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean next-token negative log-likelihood (nats) of `targets` (B, T) under `logits` (B, T, V)."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(log_probs, targets[..., None], -1).mean())
 
 
 def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.Generator) -> list[dict[str, Any]]:

@@ -55,12 +55,7 @@ def stamp_and_check(path: Path, metadata: dict[str, Any], external_data: bool = 
     limit); the checker then reads the model from its path.
     """
     model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key = f"bigmodel.{key}"
-        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    model.producer_name = "bigmodel"
+    stamp(model, metadata)
     merge_shared_input_matmuls(model.graph)
     for node in model.graph.node:  # the exporter notes each node's Python stack trace: this machine's paths,
         del node.metadata_props[:]  # and most of a small model's file
@@ -72,6 +67,16 @@ def stamp_and_check(path: Path, metadata: dict[str, Any], external_data: bool = 
     else:
         onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def stamp(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:
+    """Replace the model's metadata with `bigmodel.*` entries (JSON for structured values)."""
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key = f"bigmodel.{key}"
+        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    model.producer_name = "bigmodel"
 
 
 def merge_shared_input_matmuls(graph: onnx.GraphProto) -> int:

@@ -139,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nkv, P+T, hs)
             v = torch.cat([past[1], v], dim=2)
-        if torch.is_autocast_enabled(x.device.type):
+        if not x.is_meta and torch.is_autocast_enabled(x.device.type):  # (export traces on the meta device)
             # Under bf16 autocast, attend in fp32: PyTorch's CPU flash-attention backward is several
             # times slower in bf16 at these head sizes, and an fp32 softmax is the safer one anyway.
             with torch.autocast(x.device.type, enabled=False):
@@ -212,9 +212,8 @@ def padded_causal_mask(n_new: int, n_total: int, left_padding: torch.Tensor) -> 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask (B or 1, 1, T, S) as an additive scores offset: 0 where allowed, -inf elsewhere. Built
     once per forward and shared by the layers (a bool attn_mask would be converted in every layer)."""
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    blocked = torch.tensor(float("-inf"), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, blocked)
+    # masked_fill with a Python number: no tensor constant to lift, so the model traces on the meta device
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 class MLP(nn.Module):
@@ -286,8 +285,24 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens. With
         left_padding (B,), row b's first left_padding[b] positions (past and idx together) are padding."""
-        T = idx.size(1)
         P = 0 if past is None else past[0][0].size(2)
+        x, rope, mask = self.embed(idx, P, left_padding, decoding=past is not None)
+        present: KVCache = []
+        for i, block in enumerate(self.transformer.h):
+            if self.activation_checkpointing and self.training and past is None:
+                x, layer_kv = checkpoint(block, x, None, rope, use_reentrant=False)
+            else:
+                x, layer_kv = block(x, None if past is None else past[i], rope, mask)
+            present.append(layer_kv)
+        return self.head(x), present
+
+    def embed(
+        self, idx: torch.Tensor, P: int, left_padding: torch.Tensor | None = None, decoding: bool = True,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """What the blocks read for tokens idx (B, T) after P cached ones: the embedded tokens (B, T, C),
+        the rotary tables (rope models) and the additive attention mask (when decoding over a cache or
+        with left padding; None in training, where attention is causal through SDPA)."""
+        T = idx.size(1)
         if P + T > self.block_size:
             raise ValueError(f"context of {P + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(P, P + T, dtype=torch.long, device=idx.device)  # (T,)
@@ -295,7 +310,7 @@ class GPT(nn.Module):
         if left_padding is not None:  # each row counts its positions from its first real token
             pos = (pos[None, :] - left_padding[:, None]).clamp(min=0)  # (B, T); padding sits at 0
             allowed = padded_causal_mask(T, P + T, left_padding)  # (B, 1, T, P+T)
-        elif past is not None:
+        elif decoding:
             allowed = causal_mask(T, P + T).to(idx.device)[None, None]  # (1, 1, T, P+T)
         x = self.transformer.wte(idx)  # (B, T, C)
         mask = None if allowed is None else additive(allowed, x.dtype)  # built once, shared by the layers
@@ -305,16 +320,11 @@ class GPT(nn.Module):
         else:
             cos, sin = rope_cos_sin(self.arch, pos)  # fp32; an fp16 model (export dtype fp16) rotates in fp16
             rope = (cos.to(x.dtype), sin.to(x.dtype))
-        x = self.transformer.drop(x)
-        present: KVCache = []
-        for i, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training and past is None:
-                x, layer_kv = checkpoint(block, x, None, rope, use_reentrant=False)
-            else:
-                x, layer_kv = block(x, None if past is None else past[i], rope, mask)
-            present.append(layer_kv)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-        return logits, present
+        return self.transformer.drop(x), rope, mask
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm and the output head: (B, T, C) -> logits (B, T, V)."""
+        return self.lm_head(self.transformer.ln_f(x))
 
     def reference_output(self, idx: torch.Tensor) -> torch.Tensor:
         """What an import is checked on against transformers' causal LM: the logits (B, T, V)."""

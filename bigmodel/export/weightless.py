@@ -1,0 +1,382 @@
+"""An ONNX graph traced without its weights, whose weights are then written one tensor at a time.
+
+Tracing a 7B model with real weights holds them (and the exporter's constant folding makes copies); here
+the model is built on the meta device, so `torch.onnx.export` sees only shapes. The traced weights become
+graph inputs while ONNX's optimizer cleans the graph (it cannot fold what has no value), then each is a
+*virtual* initializer: a name, a shape and a recipe that makes its array from the checkpoint when it is
+written. Rewrites act on recipes, not data:
+
+- `Transpose(W)` (how a Linear is traced) becomes an initializer made as W's transpose;
+- products of one input with several weights (a SwiGLU MLP's gate and up) become one MatMul over the
+  weights side by side, then a Split: one larger kernel call per decode step instead of several;
+- `quantize` turns MatMul into MatMulNBits and Gather into GatherBlockQuantized, each matrix quantised by
+  onnxruntime.quantization's own block quantizer (its C++ kernel, the one MatMulNBitsQuantizer calls)
+  when it is written -- no fp32 model, no fp32 file in between.
+
+`write` then makes each initializer in turn, appends its bytes to the external-data file (page-aligned:
+ONNX Runtime can map them) and records where they are: the process holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from bigmodel import console
+from bigmodel.weights import disk_full
+
+ALIGN = 4096
+GATHER = "@gather"  # GraphWeights.layout: a matrix's blocks as an embedding table reads them
+Read = Callable[[str], torch.Tensor]  # a traced weight (the graph's float type), by its graph name
+Array = np.ndarray | torch.Tensor  # a recipe's result; transposes stay views until written
+
+
+@dataclass
+class Group:
+    """Initializers made together: one weight, or a quantised matrix's blocks and scales."""
+
+    names: list[str]
+    make: Callable[[], list[Array]]
+    # Further initializers over the same bytes as one of `names` (a tied embedding reading the head's
+    # quantised blocks): alias -> (name, dims, ONNX element type).
+    aliases: dict[str, tuple[str, list[int], int]] = field(default_factory=dict)
+
+
+def trace(module: torch.nn.Module, example_inputs: tuple[Any, ...], input_names: list[str],
+          output_names: list[str], dynamic_shapes: Any, opset: int) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """The optimised ONNX graph of `module` (parameters on the meta device) and its weights' names and
+    shapes; the weights are not in the graph (neither inputs nor initializers) until `GraphWeights`
+    places them."""
+    import onnx_ir as ir
+    from onnxscript._framework_apis.torch_2_8 import optimize
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with console.stdout_to_stderr(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, example_inputs, input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
+                                    optimize=False, verbose=False)
+    model = program.model
+    graph = model.graph
+    weights = {}
+    for name, value in list(graph.initializers.items()):
+        raw = getattr(value.const_value, "raw", None)
+        if isinstance(raw, torch.Tensor) and raw.is_meta:  # a parameter: no value to fold
+            weights[name] = list(raw.shape)
+            del graph.initializers[name]
+            value.const_value = None
+            graph.inputs.append(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimize(model)
+    proto = ir.serde.serialize_model(model)
+    kept = [value for value in proto.graph.input if value.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    for node in proto.graph.node:  # keep the module each node belongs to; drop the exporter's stack traces
+        scopes = [p for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(scopes)
+    return proto, weights
+
+
+class GraphWeights:
+    """A weightless graph's initializers as recipes over the checkpoint (see the module docstring)."""
+
+    def __init__(self, model: onnx.ModelProto, weights: dict[str, list[int]], read: Read) -> None:
+        self.model, self.graph = model, model.graph
+        self.groups: dict[str, Group] = {}  # what will be written: first initializer's name -> its group
+        self.recipes: dict[str, Callable[[], torch.Tensor]] = {}  # every float weight ever named (kept: recipes
+        self.dims: dict[str, list[int]] = {}  # of later weights call those of earlier, rewritten-away ones)
+        self.transposed_from: dict[str, str] = {}
+        # A (K, N) matrix's N columns as the checkpoint rows they are: [(weight name, rows), ...] side by side
+        self.columns: dict[str, list[tuple[str, int]]] = {}
+        # Each quantised checkpoint matrix: where its blocks are (what the gate reads back)
+        self.layout: dict[str, dict[str, Any]] = {}
+        for name, dims in weights.items():
+            self._add(name, dims, lambda name=name: read(name))
+
+    def _add(self, name: str, dims: list[int], make: Callable[[], torch.Tensor]) -> None:
+        self.recipes[name] = make
+        self.groups[name] = Group([name], lambda: [make()])
+        self.dims[name] = list(dims)
+
+    def _array(self, name: str) -> torch.Tensor:
+        return self.recipes[name]()
+
+    def _uses(self) -> dict[str, list[onnx.NodeProto]]:
+        uses: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                uses.setdefault(name, []).append(node)
+        return uses
+
+    def fold_transposes(self) -> int:
+        """Transpose(W) of a 2-D weight becomes an initializer made transposed; returns how many."""
+        kept, folded = [], 0
+        for node in self.graph.node:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+            source = node.input[0] if node.op_type == "Transpose" and node.input else None
+            if source in self.groups and len(self.dims[source]) == 2 and perm == [1, 0]:
+                self._add(node.output[0], self.dims[source][::-1],
+                          lambda source=source: self._array(source).t())
+                self.transposed_from[node.output[0]] = source
+                self.columns[node.output[0]] = [(source, self.dims[source][0])]
+                folded += 1
+            else:
+                kept.append(node)
+        self._replace_nodes(kept)
+        self._drop_unused()
+        return folded
+
+    def merge_shared_input_matmuls(self) -> int:
+        """Products of one input with several constant weights (a SwiGLU MLP's gate and up) become one
+        MatMul over the weights side by side, then a Split: one larger kernel call instead of several small
+        ones, which is what a decode step of batch 1 pays for (and int4 then quantises one matrix, not
+        two). Returns how many MatMuls were merged away."""
+        uses = self._uses()
+        groups: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            weight = node.input[1] if node.op_type == "MatMul" else None
+            if weight in self.groups and len(self.dims[weight]) == 2 and len(uses[weight]) == 1:
+                groups.setdefault(node.input[0], []).append(node)
+        merged = {id(node): group for group in groups.values() if len(group) > 1 for node in group}
+        if not merged:
+            return 0
+        nodes, done = [], set()
+        for node in self.graph.node:
+            group = merged.get(id(node))
+            if group is None:
+                nodes.append(node)
+                continue
+            if id(group[0]) in done:  # the group is placed at its first member
+                continue
+            done.add(id(group[0]))
+            parts = [member.input[1] for member in group]
+            widths = [self.dims[part][1] for part in parts]
+            name = f"{group[0].name or group[0].output[0]}_merged"
+            self.columns[f"{name}.weight"] = [column for part in parts for column in self.columns.get(part, [])]
+            self._add(f"{name}.weight", [self.dims[parts[0]][0], sum(widths)],
+                      # side by side along axis 1 = the transposes stacked along axis 0 (a fast copy when the
+                      # parts are transposed views of the checkpoint's rows, as they are)
+                      lambda parts=parts: torch.cat([self._array(part).t() for part in parts]).t())
+            split = np.array(widths, dtype=np.int64)
+            self.graph.initializer.append(onnx.numpy_helper.from_array(split, f"{name}.split"))
+            nodes.append(helper.make_node("MatMul", [group[0].input[0], f"{name}.weight"], [f"{name}_out"], name=name))
+            nodes.append(helper.make_node("Split", [f"{name}_out", f"{name}.split"],
+                                          [out for member in group for out in member.output], name=f"{name}_split",
+                                          axis=-1))
+        self._replace_nodes(nodes)
+        self._drop_unused()
+        return sum(len(group) - 1 for group in groups.values() if len(group) > 1)
+
+    def quantize(self, bits: int, block_size: int, accuracy_level: int | None, head: str | None,
+                 head_bits: int | None, embedding_bits: int | None) -> dict[str, int]:
+        """Weight-only block quantisation (symmetric: no zero points) of every MatMul with a 2-D weight, in
+        `bits` (the MatMul named `head` in `head_bits`; None keeps it float), and of every Gather of a weight
+        (the token embedding) in `embedding_bits` (None: float). A Gather of the very matrix the head
+        quantises in the same bits reads the head's blocks (a tied embedding is stored once). Returns how
+        many matrices went to each form."""
+        counts = {"matmul": 0, "gather": 0, "shared": 0, "float": 0}
+        quantized: dict[tuple[str, int], tuple[str, str]] = {}  # (float weight, bits) -> (blocks, scales)
+        kept: list[onnx.NodeProto] = []
+        gathers = []
+        for node in self.graph.node:
+            weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
+            if weight not in self.groups or len(self.dims[weight]) != 2:
+                kept.append(node)
+                if node.op_type == "Gather" and node.input[0] in self.groups:
+                    gathers.append(node)
+                continue
+            width = head_bits if node.name == head else bits
+            if width is None:
+                kept.append(node)
+                continue
+            K, N = self.dims[weight]
+            blocks, scales = self._quantized(weight, width, block_size, quantized)
+            attrs: dict[str, Any] = {"K": K, "N": N, "bits": width, "block_size": block_size}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            kept.append(helper.make_node("MatMulNBits", [node.input[0], blocks, scales], list(node.output),
+                                         name=f"{node.name or node.output[0]}_Q{width}", domain="com.microsoft",
+                                         **attrs))
+            counts["matmul"] += 1
+        for node in gathers if embedding_bits is not None else []:
+            counts[self._gather_quantized(node, embedding_bits, block_size, quantized, kept)] += 1
+        self._replace_nodes(kept)
+        self._drop_unused()
+        if not any(opset.domain == "com.microsoft" for opset in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return counts
+
+    def _quantized(self, weight: str, bits: int, block_size: int, quantized: dict[tuple[str, int], tuple[str, str]],
+                   role: str = "") -> tuple[str, str]:
+        """The (blocks, scales) initializers of a (K, N) weight in MatMulNBits' layout: (N, K/block, block
+        bytes) and (N, K/block)."""
+        key = (self.transposed_from.get(weight, weight), bits)
+        if key in quantized:
+            return quantized[key]
+        quantizer = block_quantizer(bits, block_size)
+        blocks, scales = f"{weight}_Q{bits}", f"{weight}_scales"
+        K, N = self.dims[weight]
+
+        def make(weight: str = weight) -> list[Array]:
+            # the kernel reads its (K, N) input as row-major whatever its strides: a transposed view is copied
+            packed, scale, _ = quantizer.qbits_block_quant(self._array(weight).float().contiguous().numpy())
+            return [packed, scale]
+
+        self.groups[blocks] = Group([blocks, scales], make)
+        first = 0
+        for source, rows in self.columns.get(weight, []):
+            self.layout[source + role] = {"blocks": blocks, "scales": scales, "bits": bits, "block_size": block_size,
+                                   "first_row": first, "rows": rows, "K": K}
+            first += rows
+        k_blocks = -(-K // block_size)
+        self.dims[blocks], self.dims[scales] = [N, k_blocks, block_size * bits // 8], [N, k_blocks]
+        quantized[key] = (blocks, scales)
+        return blocks, scales
+
+    def _gather_quantized(self, node: onnx.NodeProto, bits: int, block_size: int,
+                          quantized: dict[tuple[str, int], tuple[str, str]], kept: list[onnx.NodeProto]) -> str:
+        """Gather(W, ids) -> GatherBlockQuantized over W's rows in blocks of `block_size` (uint8 data, the
+        zero point implied as MatMulNBits' symmetric one). Returns "shared" when it reads a head's blocks,
+        "gather" when quantised on its own, "float" when W's rows are not whole blocks (left as it is)."""
+        weight = node.input[0]
+        V, C = self.dims[weight]
+        if C % block_size:  # whole blocks only: the rows' bytes must be exactly the blocks'
+            return "float"
+        key = (weight, bits)
+        shared = key in quantized
+        if shared:  # the head's (V, C/block, block bytes) blocks, seen as (V, C bytes)
+            blocks, scales = quantized[key]
+            self.layout[weight + GATHER] = self.layout[weight]
+        else:  # quantise W as the head would be: its transpose is the (K, N) = (C, V) matrix
+            transposed = f"{weight}.T"
+            self._add(transposed, [C, V], lambda: self._array(weight).t())
+            self.transposed_from[transposed] = weight
+            self.columns[transposed] = [(weight, V)]
+            blocks, scales = self._quantized(transposed, bits, block_size, quantized, GATHER)
+        data = f"{blocks}_rows"
+        self.groups[blocks].aliases[data] = (blocks, [V, C * bits // 8], onnx.TensorProto.UINT8)
+        gather = helper.make_node("GatherBlockQuantized", [data, node.input[1], scales], list(node.output),
+                                  name=f"{node.name or node.output[0]}_Q{bits}", domain="com.microsoft",
+                                  bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)
+        kept[kept.index(node)] = gather
+        return "shared" if shared else "gather"
+
+    def _replace_nodes(self, nodes: list[onnx.NodeProto]) -> None:
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+
+    def _drop_unused(self) -> None:
+        """Forget weights no node reads any more (a transposed-away original, a merged part); a group that
+        one of its aliases reads stays."""
+        used = {name for node in self.graph.node for name in node.input}
+        for name in list(self.groups):
+            group = self.groups[name]
+            if not (used & ({*group.names, *group.aliases})):
+                del self.groups[name]
+
+    def write(self, path: Path) -> int:
+        """Make every initializer, in graph order, into `path.data` beside `path` and save the graph at
+        `path`; returns the bytes of weights written."""
+        data_path = path.with_name(f"{path.name}.data")
+        order = {name: i for i, node in enumerate(self.graph.node) for name in node.input}
+        groups = sorted(self.groups.values(), key=lambda g: min(order.get(n, len(order)) for n in [*g.names, *g.aliases]))
+        tensors, total = [], 0
+        try:
+            with open(data_path, "wb") as out:
+                for group in groups:
+                    arrays = group.make()
+                    placed = {}
+                    for name, array in zip(group.names, arrays):
+                        array = np.ascontiguousarray(array.contiguous().numpy() if isinstance(array, torch.Tensor) else array)
+                        out.seek(-out.tell() % ALIGN, 1)
+                        offset = out.tell()
+                        out.write(array.reshape(-1).view(np.uint8).data)
+                        placed[name] = (offset, array.nbytes)
+                        tensors.append(_external(name, list(array.shape), helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                 data_path.name, offset, array.nbytes))
+                        total += array.nbytes
+                    for alias, (name, dims, elem_type) in group.aliases.items():
+                        tensors.append(_external(alias, dims, elem_type, data_path.name, *placed[name]))
+                    del arrays
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise disk_full(data_path) from exc
+            raise
+        self.graph.initializer.extend(tensors)
+        onnx.save(self.model, str(path))
+        return total
+
+
+class Initializers:
+    """A saved ONNX model's initializers, read one at a time: external data by its offset and length (no
+    memory map), inline data from the proto."""
+
+    def __init__(self, path: Path) -> None:
+        self.folder = path.parent
+        self.tensors = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+    def read(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        tensor = self.tensors[name]
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        with open(self.folder / info["location"], "rb", buffering=0) as handle:
+            handle.seek(int(info.get("offset", 0)))
+            data = handle.read(int(info["length"]))
+        return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def block_quantizer(bits: int, block_size: int) -> Any:
+    """onnxruntime.quantization's weight-only block quantizer (symmetric, round to nearest): the kernel
+    MatMulNBitsQuantizer itself calls."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits))
+
+
+def dequantize(blocks: np.ndarray, scales: np.ndarray, bits: int, block_size: int, k: int) -> torch.Tensor:
+    """MatMulNBits' (N, K/block, block bytes) blocks and (N, K/block) scales as the (N, K) fp32 matrix they
+    stand for: symmetric blocks, the zero point implied (8 for 4 bits, 128 for 8), two 4-bit values per
+    byte with the low nibble first."""
+    n = blocks.shape[0]
+    levels = torch.from_numpy(np.array(blocks, copy=True)).reshape(n, -1)  # (a read-only buffer: copied)
+    if bits == 4:
+        levels = torch.stack([levels & 0x0F, levels >> 4], dim=-1)
+    values = levels.reshape(n, scales.shape[1], block_size).to(torch.float32) - (1 << (bits - 1))
+    values *= torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)).reshape(n, -1, 1)
+    return values.reshape(n, -1)[:, :k]
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """An (N, K) weight as its MatMulNBits blocks give it back (fp32): each row's blocks of `block_size`
+    inputs rounded to `bits`-bit integers times the block's scale, by the same kernel as the export, then
+    unpacked -- what the int4 file computes with, for its parity gate."""
+    packed, scales, _ = block_quantizer(bits, block_size).qbits_block_quant(weight.float().t().contiguous().numpy())
+    return dequantize(packed, scales, bits, block_size, weight.shape[1])
+
+
+def _external(name: str, dims: list[int], elem_type: int, location: str, offset: int, length: int) -> onnx.TensorProto:
+    tensor = onnx.TensorProto(name=name, dims=dims, data_type=elem_type, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
