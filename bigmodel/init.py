@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bigmodel import accounting, console, registry, streaming
+from bigmodel import accounting, console, memory, registry, streaming
 from bigmodel import tokenizer as tokenizers
 from bigmodel.arch import AnyArch, DecoderArch
 from bigmodel.checkpoint import header_metadata, model_tensors, save_checkpoint
@@ -69,6 +69,7 @@ def import_pretrained(config: Config) -> dict[str, Any]:
 
     source_path = config.init.from_
     assert source_path is not None
+    memory.map_large_allocations()
     start = time.perf_counter()
     source = pretrained.describe(source_path)
     pretrained.check_config(config.model, source.arch, source_path)
@@ -83,8 +84,12 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     dtype = build.checkpoint_dtype(config.init.dtype, source)
     with torch.device("meta"):
         model = registry.build_model(arch)  # shapes and counts only: no memory
+    parameters = registry.count_parameters(model)
+    if isinstance(arch, DecoderArch):
+        memory.guard(memory.import_peak(arch, source.format, source.dtype, str(dtype).removeprefix("torch."),
+                                        parameters, config.init.verify), config.memory_limit)
     record = {"source": str(source_path), "format": source.format, "model_type": source.model_type,
-              "parameters": registry.count_parameters(model), "source_dtype": source.dtype,
+              "parameters": parameters, "source_dtype": source.dtype,
               "dtype": str(dtype).removeprefix("torch."),
               "sha256": sha256_file(source_path) if source_path.is_file() else None, "notes": source.notes}
     manifest = {

@@ -89,6 +89,7 @@ def run(config: Config) -> dict[str, Any]:
             "bf16_total": serving["bf16"]["total"],
             "kv_cache_fp32": serving["fp32"]["kv_cache"],
         },
+        "stage_memory": stage_memory(config, arch, n_params),
         "storage": run_plan.storage,
         "communication": communication,
         "storage_io": run_plan.storage_io(pc.devices),
@@ -235,6 +236,38 @@ class RunPlan:
         return found
 
 
+def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]:
+    """Each stage's predicted peak resident memory on the machine it runs on (bigmodel/memory.py: what the
+    stage's own guard checks before it allocates): the import, the export in fp32 and int4, and inference
+    and serving of the int4 file."""
+    if not isinstance(arch, DecoderArch):
+        return {}
+    from bigmodel import memory
+    from bigmodel.infer import PROMPT_ROOM
+
+    stored = "float32"
+    found: dict[str, Any] = {}
+    if config.init.from_ is not None:
+        from bigmodel import pretrained
+        from bigmodel.pretrained.build import checkpoint_dtype
+
+        source = pretrained.describe(config.init.from_)
+        stored = str(checkpoint_dtype(config.init.dtype, source)).removeprefix("torch.")
+        found["init"] = memory.import_peak(arch, source.format, source.dtype, stored, n_params, config.init.verify)
+    for dtype in ("fp32", "int4"):
+        found[f"export_{dtype}"] = memory.export_peak(arch, n_params, stored, dtype)
+    shapes = {"n_layer": arch.n_layer, "n_head": arch.n_head, "n_kv_head": arch.n_kv_head,
+              "head_size": arch.head_size, "vocab_size": arch.vocab_size}
+    int4_file = memory.export_file_bytes(arch, n_params, "int4")
+    context = min(arch.block_size, config.infer.max_new_tokens + PROMPT_ROOM)
+    found["infer_int4"] = memory.runtime_peak("infer", shapes, int4_file, 1, context)
+    serve_context = min(arch.block_size, config.serve.max_tokens + PROMPT_ROOM)
+    found["serve_int4"] = memory.runtime_peak("serve", shapes, int4_file, config.serve.max_batch, serve_context)
+    room, where = (config.memory_limit, "memory_limit") if config.memory_limit else memory.available()
+    return {"available": room, "available_from": where, "int4_file": int4_file,
+            **{name: estimate.to_dict() for name, estimate in found.items()}}
+
+
 def _architecture(config: Config) -> AnyArch:
     """The architecture init would build: an imported model's own (read from its config.json or GGUF
     header, no weights), else from the prepared data when there is some, else from what the config alone
@@ -321,6 +354,7 @@ def render(report: dict[str, Any]) -> None:
             ("inference memory", "", f"batch {i['batch']}, context {i['context']}"),
             ("  fp32 weights + KV cache", _bytes(i["fp32_total"]), f"KV cache {_bytes(i['kv_cache_fp32'])}"),
             ("  bf16 weights + KV cache", _bytes(i["bf16_total"]), ""),
+            *_stage_memory_rows(report["stage_memory"]),
             ("storage", "", ""),
             ("  checkpoint (weights)", _bytes(s["checkpoint"]), "safetensors, fp32"),
             ("  resumable checkpoint", _bytes(s["training_state"]), "with optimizer state"),
@@ -339,6 +373,17 @@ def render(report: dict[str, Any]) -> None:
             heading = not row[0].startswith(" ")
             table.add_row(*row, style="bold cyan" if heading else None)
     Console(width=max(Console().width, 110)).print(table)
+
+
+def _stage_memory_rows(memory: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if not memory:
+        return []
+    labels = {"init": "init (import + gate)", "export_fp32": "export fp32", "export_int4": "export int4",
+              "infer_int4": "infer (int4 file)", "serve_int4": "serve (int4 file)"}
+    room = memory["available"]
+    return [("stage peak memory (host)", "", f"{_bytes(room)} {memory['available_from']}"),
+            *[(f"  {label}", _bytes(memory[key]["peak"]), "fits" if memory[key]["peak"] <= room else "DOES NOT FIT")
+              for key, label in labels.items() if key in memory]]
 
 
 def _communication_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -39,6 +39,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER = 100 << 20  # safetensors' own limit
+# A write that cannot be made: the disk is full, a quota is reached, or the file passes a size limit.
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ def safetensors_writer(path: Path, entries: list[tuple[str, torch.dtype, tuple[i
             if out.written != len(out.order):
                 raise ValueError(f"{path}: {len(out.order) - out.written} declared tensors were never written")
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+        if exc.errno in FULL:
             raise disk_full(path, out.header_length + out.data_bytes) from exc
         raise
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import torch
 
-from bigmodel import __version__, console, decoder_graph, registry, streaming
+from bigmodel import __version__, console, decoder_graph, memory, registry, streaming
 from bigmodel import parity as gate
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config, Int4Export
@@ -75,13 +75,19 @@ def torch_cache(cache: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
+    memory.map_large_allocations()
     start = time.perf_counter()
     weights, manifest = registry.open_weights(ckpt)
     arch = registry.manifest_arch(manifest, ckpt)
     if not isinstance(arch, DecoderArch):
         raise UserError(f"{ckpt} holds a {arch.family} model, not a decoder")
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in GPT(arch).parameters())
+    stored = _stored_dtype(manifest)
+    memory.guard(memory.export_peak(arch, parameters, stored, xc.dtype), config.memory_limit)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_free_space(out_dir, _estimated_bytes(arch, xc.dtype), "export")
+    check_free_space(out_dir, int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4.head,
+                                                                 xc.int4.embeddings)), "export")
     final = out_dir / "model.onnx"
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
@@ -139,11 +145,9 @@ def weight_format(dtype: str, int4: Int4Export) -> str:
             f"{int4.accuracy_level or 0})")
 
 
-def _estimated_bytes(arch: DecoderArch, dtype: str) -> int:
-    """An upper bound of the file's size, for the free-space check (int4: ~0.7 byte per weight)."""
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in GPT(arch).parameters())
-    return int(parameters * {"fp32": 4 * 1.3, "fp16": 2 * 1.3, "int4": 0.75}[dtype])
+def _stored_dtype(manifest: dict[str, Any]) -> str:
+    """The dtype the checkpoint stores its weights in (bf16 for an import of a bf16 model)."""
+    return str((manifest.get("import") or {}).get("dtype") or "float32")
 
 
 def _tolerance(xc: Any) -> tuple[float, float]:
@@ -174,14 +178,16 @@ def gate_line(parity: dict[str, Any], dtype: str) -> str:
 
 
 def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, opset: int, dtype: str = "fp32",
-                  int4: Int4Export | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                  int4: Int4Export | None = None, metadata: dict[str, Any] | None = None,
+                  repeat_layers: bool = True) -> dict[str, Any]:
     """The decoder graph of `arch` at `path` (+ `path.data`), its weights read from `weights` (names as a
-    checkpoint stores them, 'model.<parameter>') one at a time; returns what was written."""
+    checkpoint stores them, 'model.<parameter>') one at a time; returns what was written. `repeat_layers`:
+    trace two layers and repeat the second (False: trace every layer)."""
     float_type = FLOAT_TYPES[dtype]
     with torch.device("meta"):
         step = DecoderStep(GPT(arch).to(float_type)).eval()
     aliases = {name: names for names in streaming.aliases_of(step).values() for name in names}
-    graph, traced = _trace(step, arch, opset, float_type)
+    graph, traced = _trace(step, arch, opset, float_type) if repeat_layers else _trace_all(step, arch, opset, float_type)
     for node in graph.graph.node:  # the exporter's module scopes were for repeat_layers only
         del node.metadata_props[:]
     fetch = streaming.fetch_from(weights)

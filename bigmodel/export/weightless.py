@@ -19,7 +19,6 @@ ONNX Runtime can map them) and records where they are: the process holds one ten
 
 from __future__ import annotations
 
-import errno
 import logging
 import warnings
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import torch
 from onnx import helper
 
 from bigmodel import console
-from bigmodel.weights import disk_full
+from bigmodel.weights import FULL, disk_full
 
 ALIGN = 4096
 GATHER = "@gather"  # GraphWeights.layout: a matrix's blocks as an embedding table reads them
@@ -312,7 +311,7 @@ class GraphWeights:
                         tensors.append(_external(alias, dims, elem_type, data_path.name, *placed[name]))
                     del arrays
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in FULL:
                 raise disk_full(data_path) from exc
             raise
         self.graph.initializer.extend(tensors)
@@ -362,7 +361,7 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, bits: int, block_size: in
     if bits == 4:
         levels = torch.stack([levels & 0x0F, levels >> 4], dim=-1)
     values = levels.reshape(n, scales.shape[1], block_size).to(torch.float32) - (1 << (bits - 1))
-    values *= torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)).reshape(n, -1, 1)
+    values *= torch.from_numpy(np.array(scales, dtype=np.float32)).reshape(n, -1, 1)  # (copied, as the blocks)
     return values.reshape(n, -1)[:, :k]
 
 

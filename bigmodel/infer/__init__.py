@@ -14,6 +14,9 @@ from bigmodel.datasets import TEST_CSV
 from bigmodel.families import family, family_of_onnx_kind
 
 
+PROMPT_ROOM = 2048  # tokens of prompt the memory guard makes room for in the KV cache
+
+
 def default_output(config: Config) -> Path:
     return config.stage_dir("infer") / family(config.model.family).infer_output
 
@@ -25,7 +28,7 @@ def run(config: Config, bench: dict[str, int] | None = None) -> dict[str, Any]:
     default_input = config.stage_dir("prepare") / TEST_CSV if reads_test_split else None
     seed = settings.seed if settings.seed is not None else config.seed
     return predict(model, settings, settings.input or default_input, settings.output or default_output(config),
-                   settings.threads or config.threads, seed, bench)
+                   settings.threads or config.threads, seed, bench, config.memory_limit)
 
 
 def run_standalone(settings: InferConfig, bench: dict[str, int] | None = None) -> dict[str, Any]:
@@ -36,9 +39,12 @@ def run_standalone(settings: InferConfig, bench: dict[str, int] | None = None) -
 
 
 def predict(model: Path, settings: InferConfig, source: Path | None, dest: Path, threads: int | None,
-            seed: int, bench: dict[str, int] | None) -> dict[str, Any]:
-    from bigmodel.infer.session import open_model
+            seed: int, bench: dict[str, int] | None, memory_limit: int | None = None) -> dict[str, Any]:
+    from bigmodel.infer.session import Workload, open_model
 
-    session, meta = open_model(Path(model), settings.providers, threads)
+    # A decoder's cache holds the prompt and the new tokens (a prompt of up to PROMPT_ROOM assumed here)
+    workload = (Workload("infer --bench", bench["batch"], bench["prompt_tokens"] + bench["new_tokens"], memory_limit)
+                if bench else Workload("infer", 1, settings.max_new_tokens + PROMPT_ROOM, memory_limit))
+    session, meta = open_model(Path(model), settings.providers, threads, workload=workload)
     inferer = family_of_onnx_kind(meta["kind"], Path(model)).module("inferer")
     return inferer.run_model(session, meta, Path(model), settings, source, Path(dest), seed, bench)

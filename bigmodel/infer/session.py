@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,48 @@ def _provider_options(provider: str, path: Path) -> dict[str, str]:
     return {}
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What a decoder session will be asked to hold at once, for the memory guard: `batch` sequences of
+    up to `context` tokens (their KV cache), under `limit` bytes (memory_limit; None: what is available)."""
+
+    stage: str
+    batch: int
+    context: int
+    limit: int | None = None
+
+
+def preflight(path: Path, workload: Workload) -> None:
+    """Refuse, before ONNX Runtime reads any weight, a decoder whose file, KV cache and logits would not fit
+    (bigmodel/memory.py); the metadata comes from the graph alone (external data is not read)."""
+    import onnx
+
+    from bigmodel import memory
+
+    if not path.is_file():
+        return  # open_session names the missing file
+    try:
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+    except Exception:  # not an ONNX file: open_session says so
+        return
+    meta = {p.key.removeprefix("bigmodel."): p.value for p in props if p.key.startswith("bigmodel.")}
+    if meta.get("kind") != "gpt":
+        return
+    shapes = {key: json.loads(meta[key]) for key in ("n_layer", "n_head", "head_size", "vocab_size", "block_size")}
+    shapes.update(n_kv_head=json.loads(meta.get("n_kv_head", "null")), dtype=meta.get("dtype", "fp32"))
+    context = min(workload.context, int(shapes["block_size"]))
+    memory.guard(memory.runtime_peak(workload.stage, shapes, memory.onnx_file_bytes(path), workload.batch, context),
+                 workload.limit)
+
+
 def open_model(
     path: Path, providers: list[str], threads: int | None, kind: str | None = None, spin: bool = True,
+    workload: Workload | None = None,
 ) -> tuple[ort.InferenceSession, dict[str, Any]]:
-    """A session and the model's bigmodel metadata; refuses a model of another kind than `kind`."""
+    """A session and the model's bigmodel metadata; refuses a model of another kind than `kind`, and (with a
+    `workload`) one that would not fit in memory, before loading it."""
+    if workload is not None:
+        preflight(path, workload)
     session = open_session(path, providers, threads, spin)
     meta = metadata(session, path)
     if kind is not None and meta["kind"] != kind:

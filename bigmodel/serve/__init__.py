@@ -20,16 +20,17 @@ def run(config: Config) -> dict[str, Any]:
     settings = config.serve
     model = settings.model or config.infer.model or config.stage_dir("export") / "model.onnx"
     name = settings.name or config.stage_dir("export").parent.name
-    return serve(Path(model), settings, config.infer.providers, config.infer.threads or config.threads, name)
+    return serve(Path(model), settings, config.infer.providers, config.infer.threads or config.threads, name,
+                 config.memory_limit)
 
 
 def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,
-          name: str | None = None) -> dict[str, Any]:
+          name: str | None = None, memory_limit: int | None = None) -> dict[str, Any]:
     import uvicorn
 
     from bigmodel.serve.app import DrainingServer
 
-    app, engine = build(model, settings, providers, threads, name)
+    app, engine = build(model, settings, providers, threads, name, memory_limit)
     console.info(f"serve: {engine.kind} model '{engine.name}' from {model} on http://{settings.host}:{settings.port} "
                  f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})")
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
@@ -40,15 +41,17 @@ def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int
 
 
 def build(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,
-          name: str | None = None) -> tuple[Any, Any]:
+          name: str | None = None, memory_limit: int | None = None) -> tuple[Any, Any]:
     """The ASGI app and its warmed-up engine (tests drive the app directly)."""
     from bigmodel.families import family_of_onnx_kind
-    from bigmodel.infer.session import open_model
+    from bigmodel.infer import PROMPT_ROOM
+    from bigmodel.infer.session import Workload, open_model
     from bigmodel.serve.app import create_app
 
     # ORT's idle threads would spin between runs, taking the cycles the event loop needs to stream
     # (bench_serve, 16 clients on 2 cores: 1.7x -> 2.3x one-at-a-time when they sleep instead).
-    session, meta = open_model(model, providers, threads, spin=False)
+    workload = Workload("serve", settings.max_batch, settings.max_tokens + PROMPT_ROOM, memory_limit)
+    session, meta = open_model(model, providers, threads, spin=False, workload=workload)
     server = family_of_onnx_kind(meta["kind"], model).module("server")
     engine = server.Engine(session, meta, model, name or default_name(model), settings)
     engine.warm_up()

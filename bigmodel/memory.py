@@ -1,0 +1,201 @@
+"""What a stage's process holds at its peak, predicted before it allocates, and the guard that refuses a job
+too big for the memory -- one line naming needed against available and the fix, exit 2 -- instead of being
+killed by the kernel's OOM killer half-way through.
+
+The stages stream weights (bigmodel/weights.py, streaming.py, export/weightless.py), so a peak is the
+runtime itself plus the largest thing held at once, not the model:
+
+- init (an import): one parameter read and converted; then the parity gate, one module of each
+  implementation in fp32 (a GGUF's reference is transformers' own, which dequantises the whole file);
+- export: one matrix read, converted and transposed or quantised; then the gate's reference, one layer in
+  fp32; then ONNX Runtime holding the new file;
+- infer and serve: ONNX Runtime holding the file, the KV cache of the batch and context, the logits.
+
+The constants are this runtime's own, measured (scripts/bench_big.py prints each stage's predicted peak
+beside its measured one); plan reports the same predictions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bigmodel.errors import UserError
+
+GiB = 2**30
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Resident memory before any weight: Python + PyTorch + ONNX (+ the exporter after a two-layer trace), and
+# transformers on top for an import's gate; ONNX Runtime's Python session alone for infer and serve.
+TORCH_RUNTIME = int(0.55 * GiB)
+TRANSFORMERS_RUNTIME = int(0.3 * GiB)
+ORT_RUNTIME = int(0.15 * GiB)
+# ONNX Runtime's peak over the file it loads: initializers read into memory, MatMulNBits' packed copies.
+SESSION_OVER_FILE = 1.3
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int | None:
+    """A memory size: bytes (int), or text such as '8GiB', '500 MB', '1.5gb'."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in UNITS:
+        raise ValueError(f"{value!r} is not a size; write bytes or e.g. 8GiB, 500MB")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+@dataclass
+class Estimate:
+    """A stage's predicted peak resident memory, what makes it up, and how to make it smaller."""
+
+    stage: str
+    parts: dict[str, int]
+    fixes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak": self.peak, **self.parts}
+
+
+def available() -> tuple[int, str]:
+    """The memory this process may still take: the OS's MemAvailable, or the cgroup's limit when lower."""
+    found = None
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                found = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cgroup = _cgroup_room()
+    if cgroup is not None and (found is None or cgroup < found):
+        return cgroup, "the container's memory limit"
+    if found is None:
+        return 1 << 62, "unknown (no /proc/meminfo)"
+    return found, "available on this machine"
+
+
+def _cgroup_room() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else int(limit) - used
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def map_large_allocations() -> None:
+    """Allocate every block of 4 MiB or more with its own memory map, so a freed tensor goes back to the OS
+    at once. By default glibc raises that threshold as large blocks are freed (up to 32 MiB) and keeps the
+    blocks below it in its heaps, where a stream of tensors fragments them: one 8B model streamed through
+    the import measured 2.8 GB peak that way and 1.7 GB with this (scripts/bench_big.py). Set by the
+    streaming stages (an import, the export); process-wide from then on, and a no-op off glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
+
+
+def guard(estimate: Estimate, limit: int | None) -> None:
+    """Refuse, before anything is allocated, a stage whose predicted peak exceeds `limit` (memory_limit)
+    or, without one, the memory available now."""
+    room, where = (limit, "memory_limit") if limit is not None else available()
+    if estimate.peak <= room:
+        return
+    biggest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
+    detail = ", ".join(f"{name} {size / GiB:.1f}" for name, size in biggest)
+    fix = "; ".join(estimate.fixes) or "use a machine with more memory"
+    raise UserError(f"{estimate.stage} needs about {estimate.peak / GiB:.1f} GiB at its peak ({detail} GiB) but "
+                    f"{room / GiB:.1f} GiB is {where}; nothing was started: {fix}")
+
+
+# ------------------------------------------------------------------------------------------ decoders
+
+
+def largest_matrix(arch: Any) -> int:
+    """Elements of the largest single weight: the vocabulary-sized embedding or head, or an MLP matrix."""
+    qkv = arch.q_width + 2 * arch.kv_width
+    return max(arch.vocab_size * arch.n_embd, max(arch.mlp_hidden) * arch.n_embd, qkv * arch.n_embd)
+
+
+def import_peak(arch: Any, source_format: str, source_dtype: str, checkpoint_dtype: str, parameters: int,
+                verify: bool) -> Estimate:
+    """init with init.from: one parameter read (source dtype) and converted (checkpoint dtype); the gate
+    holds one module in fp32 per implementation at a time -- except transformers reading a GGUF, which
+    dequantises the whole file in fp32."""
+    largest = largest_matrix(arch)
+    source_bytes = DTYPE_BYTES.get(source_dtype, 4)  # a quantised GGUF is dequantised to fp32 as it is read
+    parts = {"runtime": TORCH_RUNTIME, "one parameter": largest * (source_bytes + DTYPE_BYTES[checkpoint_dtype])}
+    fixes = []
+    if verify:
+        parts["runtime"] += TRANSFORMERS_RUNTIME
+        gate = largest * (source_bytes + 4)
+        if source_format == "gguf":
+            gate += 4 * parameters
+            fixes.append("import the model's Hugging Face folder instead of the GGUF (its gate streams), or "
+                         "--set init.verify=false (the checkpoint is then recorded as unverified)")
+        parts["one parameter"] = max(parts["one parameter"], gate)
+    return Estimate("init", parts, fixes)
+
+
+def export_file_bytes(arch: Any, parameters: int, dtype: str, head: str = "int8", embeddings: str = "int8") -> int:
+    """The ONNX file's size: fp32/fp16 store a tied embedding twice (the lookup and the head's transpose);
+    int4 stores the matrices in 4-bit blocks (+ an fp32 scale per 32), head and embedding as asked."""
+    table = arch.vocab_size * arch.n_embd
+    tables = 1 if arch.tie_embeddings else 2
+    if dtype in ("fp32", "fp16"):
+        return (parameters + table * (2 - tables)) * DTYPE_BYTES[dtype]
+    block_bytes = {"int4": 0.5 + 4 / 32, "int8": 1 + 4 / 32, "fp32": 4}
+    matrices = parameters - tables * table
+    head_bytes = table * block_bytes[head]
+    embedding_bytes = 0.0 if arch.tie_embeddings and head == embeddings else table * block_bytes[embeddings]
+    return int(matrices * block_bytes["int4"] + head_bytes + embedding_bytes)
+
+
+def export_peak(arch: Any, parameters: int, checkpoint_dtype: str, dtype: str) -> Estimate:
+    """export of a decoder: one matrix read, converted to fp32 and transposed (fp32/fp16) or quantised
+    (int4); the gate's fp32 reference holds one layer (and the embedding); ONNX Runtime then holds the file."""
+    from bigmodel.accounting import block_parameters
+
+    largest = largest_matrix(arch)
+    stored = DTYPE_BYTES.get(checkpoint_dtype, 4)
+    write = largest * (stored + 4 + 4)
+    reference = (block_parameters(arch) + largest) * (stored + 4)
+    session = int(SESSION_OVER_FILE * export_file_bytes(arch, parameters, dtype))
+    fixes = ["--set export.dtype=int4 (a 4-bit file: about an eighth of fp32)"] if dtype != "int4" else []
+    return Estimate(f"export ({dtype})", {"runtime": TORCH_RUNTIME,
+                                          "largest of: one matrix / the gate's layer / the new file in ONNX Runtime":
+                                          max(write, reference, session)}, fixes)
+
+
+def runtime_peak(stage: str, meta: dict[str, Any], file_bytes: int, batch: int, context: int) -> Estimate:
+    """infer and serve: ONNX Runtime holding the file, the KV cache of `batch` sequences of `context`
+    tokens, and one step's logits."""
+    cache_bytes = 2 if meta.get("dtype") == "fp16" else 4
+    kv_width = int(meta.get("n_kv_head") or meta["n_head"]) * int(meta["head_size"])
+    kv_cache = 2 * int(meta["n_layer"]) * batch * context * kv_width * cache_bytes
+    return Estimate(stage, {"runtime": ORT_RUNTIME, "model": int(SESSION_OVER_FILE * file_bytes), "kv_cache": kv_cache,
+                            "logits": batch * int(meta["vocab_size"]) * 4 * 2},
+                    ["a smaller file (export.dtype int4)", "a shorter context or fewer sequences at once"])
+
+
+def onnx_file_bytes(path: Path) -> int:
+    """An exported model's bytes: the .onnx and its external data."""
+    data = path.with_name(f"{path.name}.data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
