@@ -565,10 +565,14 @@ class Int4Export(Section):
     head: Literal["int4", "int8", "fp32"] = Field(
         "int8", description="The output head's weights: int8 blocks (closest to the scores), int4, or fp32.",
     )
-    embeddings: Literal["int4", "int8", "fp32"] = Field(
-        "int8", description="The token-embedding table (GatherBlockQuantized): int8 or int4 blocks, or fp32. A "
-        "tied embedding quantised as the head is stored once, read by both.",
+    embeddings: Literal["int4", "int8", "fp32"] | None = Field(
+        None, description="The token-embedding table (GatherBlockQuantized): int8 or int4 blocks, or fp32. "
+        "Default: as the head (a tied embedding is then stored once, read by both).",
     )
+
+    @property
+    def embedding_format(self) -> str:
+        return self.embeddings or self.head
 
     @model_validator(mode="after")
     def _power_of_two(self) -> Int4Export:

@@ -70,9 +70,10 @@ def available() -> tuple[int, str]:
     """The memory this process may still take: the OS's MemAvailable, or the cgroup's limit when lower."""
     found = None
     try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                found = int(line.split()[1]) * 1024
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
     except OSError:
         pass
     cgroup = _cgroup_room()

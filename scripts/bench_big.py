@@ -70,8 +70,20 @@ def timed_child(command: list[str], cwd: Path | None = None, env: dict[str, str]
     return result
 
 
+KEEP = {  # of each stage's --json output, what the report shows
+    "init": lambda o: {"seconds": o["import"]["seconds"], "gate_seconds": o["import"]["gate_seconds"],
+                       "parity_max_abs_diff": o["import"]["parity"].get("max_abs_diff")},
+    "export": lambda o: {k: o[k] for k in ("seconds", "gate_seconds", "relative_error", "against_fp32", "weights")
+                         if k in o},
+    "infer": lambda o: {k: o[k] for k in ("tokens_per_s", "per_token_ms_p50", "prefill_ms") if k in o},
+}
+
+
 def bigmodel(*args: str, config: Path) -> dict[str, Any]:
-    return timed_child([sys.executable, "-m", "bigmodel", *args, "-c", str(config), "--json", "-q"])
+    result = timed_child([sys.executable, "-m", "bigmodel", *args, "-c", str(config), "--json", "-q"])
+    if args[0] in KEEP and isinstance(result.get("output"), dict) and result["output"].get("ok", True):
+        result["output"] = KEEP[args[0]](result["output"])
+    return result
 
 
 def free_port() -> int:
@@ -195,7 +207,8 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     targets = {"init": 0.5 * bf16 + GiB, "export": 0.5 * bf16 + GiB}
     stages: dict[str, Any] = {}
     stages["prepare"] = bigmodel("prepare", config=config)
-    plan = bigmodel("plan", config=config).get("output") or {}
+    stages["prepare"].pop("output", None)
+    plan = timed_child([sys.executable, "-m", "bigmodel", "plan", "-c", str(config), "--json", "-q"]).get("output") or {}
     predicted = plan.get("stage_memory", {})
     stages["init"] = bigmodel("init", config=config)
     stages["export"] = bigmodel("export", config=config)

@@ -326,11 +326,13 @@ def test_int4_keeps_grid_corrections_in_fp32_and_puts_only_the_head_in_8_bits(he
 
 def test_products_of_one_input_merge_into_one_matmul_and_compute_the_same(tmp_path: Path) -> None:
     """Export's graph pass: MatMuls of one input with their own constant weights (SwiGLU's gate and up)
-    become one MatMul + Split; a weight another node also reads stays where it is."""
+    become one MatMul + Split, made from the weights as they are written; a weight another node also reads
+    stays where it is."""
     import onnxruntime as ort
+    import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from bigmodel.export.onnx_file import merge_shared_input_matmuls
+    from bigmodel.export.weightless import GraphWeights
 
     rng = np.random.default_rng(0)
     weights = {name: rng.normal(size=(8, n)).astype(np.float32) for name, n in [("a", 5), ("b", 7), ("shared", 3)]}
@@ -338,15 +340,22 @@ def test_products_of_one_input_merge_into_one_matmul_and_compute_the_same(tmp_pa
     nodes.append(helper.make_node("Identity", ["shared"], ["shared_copy"]))
     shapes = {"y_a": [None, 5], "y_b": [None, 7], "y_shared": [None, 3], "shared_copy": [8, 3]}
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])], outputs,
-                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    def model(initializers: list) -> onnx.ModelProto:
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+                                  outputs, initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
     x = rng.normal(size=(4, 8)).astype(np.float32)
-    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    assert merge_shared_input_matmuls(model.graph) == 1
-    onnx.checker.check_model(model, full_check=True)
-    ops = [node.op_type for node in model.graph.node]
+    whole = model([numpy_helper.from_array(w, name) for name, w in weights.items()])
+    before = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    plan = GraphWeights(model([]), {name: list(w.shape) for name, w in weights.items()},
+                        lambda name: torch.from_numpy(weights[name]))
+    assert plan.merge_shared_input_matmuls() == 1
+    plan.write(tmp_path / "merged.onnx")
+    onnx.checker.check_model(str(tmp_path / "merged.onnx"), full_check=True)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "merged.onnx")).graph.node]
     assert ops.count("MatMul") == 2 and ops.count("Split") == 1
-    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    for want, got in zip(before, after):
+    session = ort.InferenceSession(str(tmp_path / "merged.onnx"), providers=["CPUExecutionProvider"])
+    for want, got in zip(before, session.run(None, {"x": x})):
         assert np.allclose(want, got, atol=1e-6)

@@ -48,10 +48,14 @@ CALIBRATION = {
 
 
 def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
-    logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every skipped node
+    for name in ("root", "onnxruntime.quantization.matmul_nbits_quantizer"):  # it logs every node it skips
+        logging.getLogger(name).setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(dir=out.parent) as work, console.stdout_to_stderr():
         pre = Path(work) / "model.pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=_has_standard_attention(fp32))
+        external = fp32.with_name(f"{fp32.name}.data").exists()  # (then so are its intermediate copies)
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=_has_standard_attention(fp32),
+                          save_as_external_data=external, all_tensors_to_one_file=True,
+                          external_data_location=f"{pre.name}.data")
         with atomic_path(out) as tmp:
             if step.bits == 4:
                 _int4(pre, tmp, step)
@@ -90,6 +94,8 @@ def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
     import onnx
 
     model = onnx.load(str(source))
+    if step.embeddings:
+        _gather_rows(model)
     head = _output_head(model)
     exclude = {head} if head and step.head != "int4" else set()
     if step.keep_grids:
@@ -107,6 +113,31 @@ def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
             others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head]
             model = _matmul_nbits(model, 8, step, nodes_to_include=[head], nodes_to_exclude=others)
     onnx.save(model, str(target))
+
+
+def _gather_rows(model: Any) -> None:
+    """A float export stores a tied table once, transposed for the head, and looks tokens up along its
+    columns (Gather on axis 1, then a Transpose: export/weightless.py). Block-quantising the lookup needs
+    rows: give it the table untransposed (the head keeps its own)."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    consumers = {name: node for node in model.graph.node for name in node.input}
+    kept = []
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        rows = consumers.get(node.output[0]) if node.op_type == "Gather" else None
+        if rows is not None and axis == 1 and node.input[0] in weights and rows.op_type == "Transpose":
+            table = numpy_helper.to_array(weights[node.input[0]]).T
+            model.graph.initializer.append(numpy_helper.from_array(table.copy(), f"{node.input[0]}.rows"))
+            kept.append(onnx.helper.make_node("Gather", [f"{node.input[0]}.rows", node.input[1]], list(rows.output),
+                                              name=node.name, axis=0))
+            rows.ClearField("output")  # the Transpose goes: the Gather now gives its rows directly
+        elif node.op_type != "Transpose" or list(node.output):
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def _matmul_nbits(model: Any, bits: int, step: QuantizeStep, **which: Any) -> Any:

@@ -87,7 +87,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     memory.guard(memory.export_peak(arch, parameters, stored, xc.dtype), config.memory_limit)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_free_space(out_dir, int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4.head,
-                                                                 xc.int4.embeddings)), "export")
+                                                                 xc.int4.embedding_format)), "export")
     final = out_dir / "model.onnx"
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
@@ -141,7 +141,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
 def weight_format(dtype: str, int4: Int4Export) -> str:
     if dtype != "int4":
         return dtype
-    return (f"int4 (block {int4.block_size}, head {int4.head}, embeddings {int4.embeddings}, accuracy level "
+    return (f"int4 (block {int4.block_size}, head {int4.head}, embeddings {int4.embedding_format}, accuracy level "
             f"{int4.accuracy_level or 0})")
 
 
@@ -199,10 +199,12 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
     plan.fold_transposes()
     merged = plan.merge_shared_input_matmuls()
     counts: dict[str, int] = {}
+    if dtype != "int4":  # (int4 stores the table as blocks, read by the lookup and the head alike)
+        plan.gather_from_transposed()
     if dtype == "int4":
         settings = int4 or Int4Export()
         counts = plan.quantize(4, settings.block_size, settings.accuracy_level, _output_head(graph),
-                               BITS[settings.head], BITS[settings.embeddings])
+                               BITS[settings.head], BITS[settings.embedding_format])
     stamp(graph, metadata or {})
     weight_bytes = plan.write(path)
     return {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}

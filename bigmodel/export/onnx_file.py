@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
@@ -56,7 +55,6 @@ def stamp_and_check(path: Path, metadata: dict[str, Any], external_data: bool = 
     """
     model = onnx.load(str(path))
     stamp(model, metadata)
-    merge_shared_input_matmuls(model.graph)
     for node in model.graph.node:  # the exporter notes each node's Python stack trace: this machine's paths,
         del node.metadata_props[:]  # and most of a small model's file
     for stale in path.parent.glob(f"{path.name}.data"):
@@ -77,52 +75,6 @@ def stamp(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:
         entry.key = f"bigmodel.{key}"
         entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     model.producer_name = "bigmodel"
-
-
-def merge_shared_input_matmuls(graph: onnx.GraphProto) -> int:
-    """Products of one input with several constant weights (a SwiGLU MLP's gate and up) become one MatMul
-    over the weights side by side, then a Split: one larger kernel call instead of several small ones,
-    which is what a decode step of batch 1 pays for (and int4 then quantises one matrix, not two).
-    In place; returns how many MatMuls were merged away."""
-    from onnx import helper, numpy_helper
-
-    weights = {init.name: init for init in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is not None and len(weight.dims) == 2 and uses[weight.name] == 1:
-            groups.setdefault(node.input[0], []).append(node)
-    merged = {id(node): group for group in groups.values() if len(group) > 1 for node in group}
-    if not merged:
-        return 0
-    nodes, done = [], set()
-    for node in graph.node:
-        group = merged.get(id(node))
-        if group is None:
-            nodes.append(node)
-            continue
-        if id(group[0]) in done:  # the group was placed at its first member
-            continue
-        done.add(id(group[0]))
-        arrays = [numpy_helper.to_array(weights[member.input[1]]) for member in group]
-        name = f"{group[0].name or group[0].output[0]}_merged"
-        graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{name}.weight"))
-        graph.initializer.append(numpy_helper.from_array(
-            np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{name}.split"))
-        nodes.append(helper.make_node("MatMul", [group[0].input[0], f"{name}.weight"], [f"{name}_out"], name=name))
-        nodes.append(helper.make_node("Split", [f"{name}_out", f"{name}.split"],
-                                      [out for member in group for out in member.output], name=f"{name}_split", axis=-1))
-    stale = {member.input[1] for group in groups.values() if len(group) > 1 for member in group}
-    kept = [init for init in graph.initializer if init.name not in stale]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return sum(len(group) - 1 for group in groups.values() if len(group) > 1)
 
 
 def optimize_offline(model: Path, out: Path) -> Path:

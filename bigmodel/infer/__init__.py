@@ -13,7 +13,6 @@ from bigmodel.config import STDIO, Config, InferConfig
 from bigmodel.datasets import TEST_CSV
 from bigmodel.families import family, family_of_onnx_kind
 
-
 PROMPT_ROOM = 2048  # tokens of prompt the memory guard makes room for in the KV cache
 
 

@@ -66,9 +66,11 @@ def preflight(path: Path, workload: Workload) -> None:
 
     if not path.is_file():
         return  # open_session names the missing file
+    from google.protobuf.message import DecodeError
+
     try:
         props = onnx.load(str(path), load_external_data=False).metadata_props
-    except Exception:  # not an ONNX file: open_session says so
+    except (OSError, DecodeError):  # not an ONNX file: open_session says so
         return
     meta = {p.key.removeprefix("bigmodel."): p.value for p in props if p.key.startswith("bigmodel.")}
     if meta.get("kind") != "gpt":
