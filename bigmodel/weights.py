@@ -233,12 +233,3 @@ def safetensors_writer(path: Path, entries: list[tuple[str, torch.dtype, tuple[i
         if exc.errno in FULL:
             raise disk_full(path, out.header_length + out.data_bytes) from exc
         raise
-
-
-def read_all(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a safetensors file (or those named), one at a time."""
-    file = SafetensorsFile(path)
-    for name in names if names is not None else file.names():
-        yield name, file.read(name)
-
-

@@ -35,7 +35,7 @@ from bigmodel import parity as gate
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config, Int4Export
 from bigmodel.datasets import load_tokens
-from bigmodel.decoder_graph import CacheLayout, KVCache
+from bigmodel.decoder_graph import CacheLayout
 from bigmodel.errors import UserError
 from bigmodel.export.onnx_file import optimize_offline, publish_or_reject, stamp
 from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequantize, trace
@@ -66,10 +66,6 @@ class DecoderStep(torch.nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         logits, present = self.model(input_ids, list(zip(past_keys, past_values)), left_padding)
         return logits, [k for k, _ in present], [v for _, v in present]
-
-
-def torch_cache(cache: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    return [torch.from_numpy(k) for k in cache.keys], [torch.from_numpy(v) for v in cache.values]
 
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
@@ -164,8 +160,9 @@ def _knobs(dtype: str) -> str:
 
 
 def gate_line(parity: dict[str, Any], dtype: str) -> str:
-    """The gate's measure in words: max abs logit difference (fp32, fp16), or the relative error, top-1
-    agreement and held-out loss of an int4 model against the fp32 one."""
+    """The gate's measure in words: the max abs logit difference (fp32, fp16); for int4, the relative error
+    against the model its blocks hold, then its distance from the fp32 model (relative error, top-1
+    agreement, held-out loss)."""
     where = (f"parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode steps (batch "
              f"{parity['batch']}, held-out text; and left-padded rows of "
              f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone)")
@@ -199,12 +196,12 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
     plan.fold_transposes()
     merged = plan.merge_shared_input_matmuls()
     counts: dict[str, int] = {}
-    if dtype != "int4":  # (int4 stores the table as blocks, read by the lookup and the head alike)
-        plan.gather_from_transposed()
-    if dtype == "int4":
+    if dtype == "int4":  # (the table is then blocks, which the lookup and the head read alike)
         settings = int4 or Int4Export()
         counts = plan.quantize(4, settings.block_size, settings.accuracy_level, _output_head(graph),
                                BITS[settings.head], BITS[settings.embedding_format])
+    else:
+        plan.gather_from_transposed()
     stamp(graph, metadata or {})
     weight_bytes = plan.write(path)
     return {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}

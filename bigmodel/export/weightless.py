@@ -95,8 +95,9 @@ class GraphWeights:
     def __init__(self, model: onnx.ModelProto, weights: dict[str, list[int]], read: Read) -> None:
         self.model, self.graph = model, model.graph
         self.groups: dict[str, Group] = {}  # what will be written: first initializer's name -> its group
-        self.recipes: dict[str, Callable[[], torch.Tensor]] = {}  # every float weight ever named (kept: recipes
-        self.dims: dict[str, list[int]] = {}  # of later weights call those of earlier, rewritten-away ones)
+        # Every float weight ever named, kept when a rewrite drops it: later recipes are made from earlier ones
+        self.recipes: dict[str, Callable[[], torch.Tensor]] = {}
+        self.dims: dict[str, list[int]] = {}
         self.transposed_from: dict[str, str] = {}
         # A (K, N) matrix's N columns as the checkpoint rows they are: [(weight name, rows), ...] side by side
         self.columns: dict[str, list[tuple[str, int]]] = {}
@@ -121,22 +122,23 @@ class GraphWeights:
         return uses
 
     def fold_transposes(self) -> int:
-        """Transpose(W) of a 2-D weight becomes an initializer made transposed; returns how many."""
-        kept, folded = [], 0
+        """Transpose(W) of a 2-D weight becomes an initializer `W.T` made transposed; returns how many."""
+        kept, renamed = [], {}
         for node in self.graph.node:
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
             source = node.input[0] if node.op_type == "Transpose" and node.input else None
             if source in self.groups and len(self.dims[source]) == 2 and perm == [1, 0]:
-                self._add(node.output[0], self.dims[source][::-1],
-                          lambda source=source: self._array(source).t())
-                self.transposed_from[node.output[0]] = source
-                self.columns[node.output[0]] = [(source, self.dims[source][0])]
-                folded += 1
+                name = renamed[node.output[0]] = f"{source}.T"
+                self._add(name, self.dims[source][::-1], lambda source=source: self._array(source).t())
+                self.transposed_from[name] = source
+                self.columns[name] = [(source, self.dims[source][0])]
             else:
                 kept.append(node)
+        for node in kept:
+            node.input[:] = [renamed.get(name, name) for name in node.input]
         self._replace_nodes(kept)
         self._drop_unused()
-        return folded
+        return len(renamed)
 
     def gather_from_transposed(self) -> int:
         """A table both looked up (Gather, the token embedding) and transposed (the tied output head) is
@@ -400,14 +402,6 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, bits: int, block_size: in
     values = levels.reshape(n, scales.shape[1], block_size).to(torch.float32) - (1 << (bits - 1))
     values *= torch.from_numpy(np.array(scales, dtype=np.float32)).reshape(n, -1, 1)  # (copied, as the blocks)
     return values.reshape(n, -1)[:, :k]
-
-
-def fake_quantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
-    """An (N, K) weight as its MatMulNBits blocks give it back (fp32): each row's blocks of `block_size`
-    inputs rounded to `bits`-bit integers times the block's scale, by the same kernel as the export, then
-    unpacked -- what the int4 file computes with, for its parity gate."""
-    packed, scales, _ = block_quantizer(bits, block_size).qbits_block_quant(weight.float().t().contiguous().numpy())
-    return dequantize(packed, scales, bits, block_size, weight.shape[1])
 
 
 def _external(name: str, dims: list[int], elem_type: int, location: str, offset: int, length: int) -> onnx.TensorProto:

@@ -113,7 +113,8 @@ def parity_ids(tokenizer: Any, block_size: int) -> np.ndarray:
     return np.asarray([ids], dtype=np.int64)
 
 
-def _quiet_transformers() -> tuple[ModuleType, None]:
+def _quiet_transformers() -> ModuleType:
+    """transformers, its logging and progress bars turned down (the extra's absence: one line, exit 2)."""
     try:
         import transformers
     except ImportError as exc:
@@ -123,14 +124,14 @@ def _quiet_transformers() -> tuple[ModuleType, None]:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    return transformers, None
+    return transformers
 
 
 def load_transformers(folder: Path, gguf_file: str | None = None,
                       auto_class: str = "AutoModelForCausalLM") -> tuple[ModuleType, torch.nn.Module]:
     """transformers and its own model for a folder (or a GGUF file in it) in memory: fp32, local files, no
     remote code."""
-    transformers, _ = _quiet_transformers()
+    transformers = _quiet_transformers()
     options: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
@@ -145,7 +146,7 @@ def load_transformers(folder: Path, gguf_file: str | None = None,
 def transformers_skeleton(folder: Path, auto_class: str) -> tuple[ModuleType, torch.nn.Module]:
     """transformers' own model for a folder, built from its config.json with every parameter on the meta
     device (buffers such as rotary frequencies are computed for real): no weights, no memory."""
-    transformers, _ = _quiet_transformers()
+    transformers = _quiet_transformers()
     from accelerate import init_empty_weights
 
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
