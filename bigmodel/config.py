@@ -618,8 +618,8 @@ class ExportConfig(Section):
         "fp32", description="gpt: the ONNX model's weights. fp16 halves the file and the cache (computation in "
         "fp16), for GPU providers (cuda, tensorrt); ONNX Runtime's CPU provider runs it too, slower than fp32; "
         "its gate uses fp16_atol. int4: weight-only 4-bit blocks (MatMulNBits) quantised as each matrix is "
-        "written, fp32 activations and cache, the head and embedding as export.int4 says; its gate measures "
-        "the distance from the fp32 model (int4_max_error).",
+        "written, fp32 activations and cache, the head and embedding as export.int4 says; its gate holds the file "
+        "to the model its blocks hold (int4_max_error) and reports the distance from the fp32 model.",
     )
     int4: Int4Export = Field(default_factory=lambda: Int4Export(), description="dtype int4: how the weights are quantised.")
     int4_max_error: float = Field(

@@ -113,17 +113,22 @@ def map_large_allocations() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
 
 
+def room(limit: int | None) -> tuple[int, str]:
+    """The memory a stage may take, and where that figure comes from: memory_limit, else what is available."""
+    return (limit, "memory_limit") if limit is not None else available()
+
+
 def guard(estimate: Estimate, limit: int | None) -> None:
     """Refuse, before anything is allocated, a stage whose predicted peak exceeds `limit` (memory_limit)
     or, without one, the memory available now."""
-    room, where = (limit, "memory_limit") if limit is not None else available()
-    if estimate.peak <= room:
+    room_bytes, where = room(limit)
+    if estimate.peak <= room_bytes:
         return
     biggest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
     detail = ", ".join(f"{name} {size / GiB:.1f}" for name, size in biggest)
     fix = "; ".join(estimate.fixes) or "use a machine with more memory"
     raise UserError(f"{estimate.stage} needs about {estimate.peak / GiB:.1f} GiB at its peak ({detail} GiB) but "
-                    f"{room / GiB:.1f} GiB is {where}; nothing was started: {fix}")
+                    f"{room_bytes / GiB:.1f} GiB is {where}; nothing was started: {fix}")
 
 
 # ------------------------------------------------------------------------------------------ decoders
@@ -156,12 +161,12 @@ def import_peak(arch: Any, source_format: str, source_dtype: str, checkpoint_dty
 
 
 def export_file_bytes(arch: Any, parameters: int, dtype: str, head: str = "int8", embeddings: str = "int8") -> int:
-    """The ONNX file's size: fp32/fp16 store a tied embedding twice (the lookup and the head's transpose);
-    int4 stores the matrices in 4-bit blocks (+ an fp32 scale per 32), head and embedding as asked."""
+    """The ONNX file's size: fp32/fp16 store every weight once (a tied table too); int4 stores the matrices
+    in 4-bit blocks (+ an fp32 scale per 32), head and embedding as asked."""
+    if dtype in ("fp32", "fp16"):
+        return parameters * DTYPE_BYTES[dtype]
     table = arch.vocab_size * arch.n_embd
     tables = 1 if arch.tie_embeddings else 2
-    if dtype in ("fp32", "fp16"):
-        return (parameters + table * (2 - tables)) * DTYPE_BYTES[dtype]
     block_bytes = {"int4": 0.5 + 4 / 32, "int8": 1 + 4 / 32, "fp32": 4}
     matrices = parameters - tables * table
     head_bytes = table * block_bytes[head]

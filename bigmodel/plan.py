@@ -263,7 +263,7 @@ def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]
     found["infer_int4"] = memory.runtime_peak("infer", shapes, int4_file, 1, context)
     serve_context = min(arch.block_size, config.serve.max_tokens + PROMPT_ROOM)
     found["serve_int4"] = memory.runtime_peak("serve", shapes, int4_file, config.serve.max_batch, serve_context)
-    room, where = (config.memory_limit, "memory_limit") if config.memory_limit else memory.available()
+    room, where = memory.room(config.memory_limit)
     return {"available": room, "available_from": where, "int4_file": int4_file,
             **{name: estimate.to_dict() for name, estimate in found.items()}}
 

@@ -185,6 +185,8 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
 
 
 def run_shape(args: argparse.Namespace) -> dict[str, Any]:
+    from bigmodel.memory import onnx_file_bytes
+
     work = args.work / args.shape
     folder, run = work / "model", work / "run"
     work.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     stages["init"] = bigmodel("init", config=config)
     stages["export"] = bigmodel("export", config=config)
     model = run / "export" / "model.onnx"
-    file_bytes = model.stat().st_size + model.with_name("model.onnx.data").stat().st_size if model.exists() else 0
+    file_bytes = onnx_file_bytes(model) if model.exists() else 0
     targets.update(infer=1.3 * file_bytes + GiB, serve=1.3 * file_bytes + GiB)
     stages["infer"] = bigmodel("infer", "--bench", "--batch", "1", "--prompt-tokens", "16", "--new-tokens",
                                str(args.new_tokens), "--repeats", "3", config=config)
@@ -237,8 +239,7 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
                             env={"HF_HUB_OFFLINE": "1"})
         build.pop("output", None)
         built = builder_dir / "model.onnx"
-        build["file_bytes"] = (built.stat().st_size + built.with_name("model.onnx.data").stat().st_size
-                               if built.exists() else None)
+        build["file_bytes"] = onnx_file_bytes(built) if built.exists() else None
         report["builder"] = build
         report["init_plus_export_over_builder"] = round(report["init_plus_export_seconds"] / build["seconds"], 2)
     elif args.builder:

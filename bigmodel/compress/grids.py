@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bigmodel.export.onnx_file import value_rank
+
 BLOCK = 32  # GGUF's Q4_0 / Q4_1 block
 LEVELS = 16
 
@@ -96,7 +98,7 @@ def _exact_nodes(node: Any, k: np.ndarray, d: np.ndarray, m: np.ndarray, shape: 
     nodes = []
     if x not in block_sums:  # the sum of each block of 32 inputs, once per input: (..., K) -> (..., K/32)
         block_sums[x] = f"{name}_Q4G_sums"
-        nodes.extend(_block_sums(x, block_sums[x], K, _rank(graph, x), graph))
+        nodes.extend(_block_sums(x, block_sums[x], K, value_rank(graph, x), graph))
     return [
         *nodes,
         helper.make_node("MatMulNBits", [x, f"{name}_Q4G", f"{name}_Q4G_scales"], [f"{name}_Q4G_main"],
@@ -124,14 +126,6 @@ def _block_sums(x: str, out: str, K: int, rank: int | None, graph: Any) -> list[
         graph.initializer.append(numpy_helper.from_array(np.array([-1]), last))
     return [helper.make_node("Reshape", [x, shape], [f"{out}_blocks"], name=f"{out}_blocks"),
             helper.make_node("ReduceSum", [f"{out}_blocks", last], [out], name=out, keepdims=0)]
-
-
-def _rank(graph: Any, name: str) -> int | None:
-    """The rank of a tensor as the graph's shape information records it (quant_pre_process infers it)."""
-    for info in [*graph.input, *graph.value_info]:
-        if info.name == name and info.type.tensor_type.HasField("shape"):
-            return len(info.type.tensor_type.shape.dim)
-    return None
 
 
 def on_grid8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -32,6 +32,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from bigmodel import console
 from bigmodel.compress import grids
 from bigmodel.config import Config, QuantizeStep
+from bigmodel.export.onnx_file import output_head
 from bigmodel.families import family
 from bigmodel.io import atomic_path
 
@@ -96,7 +97,7 @@ def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
     model = onnx.load(str(source))
     if step.embeddings:
         _gather_rows(model)
-    head = _output_head(model)
+    head = output_head(model)
     exclude = {head} if head and step.head != "int4" else set()
     if step.keep_grids:
         kept, corrections = grids.keep_grids(model, step.accuracy_level, exclude)
@@ -149,16 +150,6 @@ def _matmul_nbits(model: Any, bits: int, step: QuantizeStep, **which: Any) -> An
                                      **which)
     quantizer.process()
     return quantizer.model.model
-
-
-def _output_head(model: Any) -> str | None:
-    """The name of the MatMul that computes a decoder's logits (the graph output, perhaps through a bias
-    Add); None for graphs without one (tabular models)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers.get("logits")
-    while node is not None and node.op_type != "MatMul":
-        node = producers.get(node.input[0]) if node.op_type in ("Add", "Identity", "Reshape") else None
-    return node.name if node is not None else None
 
 
 def _copy_metadata(source: Path, target: Path) -> None:

@@ -37,7 +37,7 @@ from bigmodel.config import Config, Int4Export
 from bigmodel.datasets import load_tokens
 from bigmodel.decoder_graph import CacheLayout
 from bigmodel.errors import UserError
-from bigmodel.export.onnx_file import optimize_offline, publish_or_reject, stamp
+from bigmodel.export.onnx_file import optimize_offline, output_head, publish_or_reject, stamp
 from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequantize, trace
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
@@ -127,8 +127,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         outputs["optimized_model"] = str(optimized)
         outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
         console.info(f"export: ORT-optimized graph -> {optimized} (max abs diff {check['max_abs_diff']:.3g})")
-    size = final.stat().st_size + (final.with_name(f"{final.name}.data").stat().st_size if external else 0)
-    console.info(f"export: {final} ({size:,} bytes{', weights in model.onnx.data' if external else ''}; "
+    console.info(f"export: {final} ({memory.onnx_file_bytes(final):,} bytes{', weights in model.onnx.data' if external else ''}; "
                  f"{report['seconds']:.1f} s + gate {report['gate_seconds']:.1f} s, peak RSS "
                  f"{(report['peak_rss_bytes'] or 0) / 2**20:,.0f} MiB)")
     return outputs
@@ -198,22 +197,13 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
     counts: dict[str, int] = {}
     if dtype == "int4":  # (the table is then blocks, which the lookup and the head read alike)
         settings = int4 or Int4Export()
-        counts = plan.quantize(4, settings.block_size, settings.accuracy_level, _output_head(graph),
+        counts = plan.quantize(4, settings.block_size, settings.accuracy_level, output_head(graph),
                                BITS[settings.head], BITS[settings.embedding_format])
     else:
         plan.gather_from_transposed()
     stamp(graph, metadata or {})
     weight_bytes = plan.write(path)
     return {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
-
-
-def _output_head(model: onnx.ModelProto) -> str | None:
-    """The name of the MatMul that computes the logits (the graph output, perhaps through Add/Reshape)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers.get("logits")
-    while node is not None and node.op_type != "MatMul":
-        node = producers.get(node.input[0]) if node.op_type in ("Add", "Identity", "Reshape") else None
-    return node.name if node is not None else None
 
 
 def _trace(step: DecoderStep, arch: DecoderArch, opset: int,

@@ -77,6 +77,24 @@ def stamp(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:
     model.producer_name = "bigmodel"
 
 
+def value_rank(graph: onnx.GraphProto, name: str) -> int | None:
+    """The rank of a value as the graph's shape information records it (None: not recorded)."""
+    for info in [*graph.input, *graph.value_info]:
+        if info.name == name and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return None
+
+
+def output_head(model: onnx.ModelProto) -> str | None:
+    """The name of the MatMul that computes a decoder's logits (the graph output, perhaps through a bias
+    Add or a Reshape); None for graphs without one (tabular models)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type != "MatMul":
+        node = producers.get(node.input[0]) if node.op_type in ("Add", "Identity", "Reshape") else None
+    return node.name if node is not None else None
+
+
 def optimize_offline(model: Path, out: Path) -> Path:
     """Save ONNX Runtime's offline-optimised graph (extended level: fusions that stay portable across
     CPUs, unlike the layout optimisations of level 'all')."""

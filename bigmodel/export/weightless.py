@@ -32,6 +32,7 @@ import torch
 from onnx import helper
 
 from bigmodel import console
+from bigmodel.export.onnx_file import value_rank
 from bigmodel.weights import FULL, disk_full
 
 ALIGN = 4096
@@ -150,11 +151,8 @@ class GraphWeights:
         for node in self.graph.node:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             table = transposed.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
-            if table is None:
-                nodes.append(node)
-                continue
-            rank = self._rank(node.input[1])
-            if rank is None:
+            rank = value_rank(self.graph, node.input[1]) if table is not None else None
+            if table is None or rank is None:
                 nodes.append(node)
                 continue
             columns = f"{node.output[0]}_columns"
@@ -166,12 +164,6 @@ class GraphWeights:
         self._replace_nodes(nodes)
         self._drop_unused()
         return rewritten
-
-    def _rank(self, name: str) -> int | None:
-        for info in [*self.graph.input, *self.graph.value_info]:
-            if info.name == name and info.type.tensor_type.HasField("shape"):
-                return len(info.type.tensor_type.shape.dim)
-        return None
 
     def merge_shared_input_matmuls(self) -> int:
         """Products of one input with several constant weights (a SwiGLU MLP's gate and up) become one
@@ -272,8 +264,8 @@ class GraphWeights:
         self.groups[blocks] = Group([blocks, scales], make)
         first = 0
         for source, rows in self.columns.get(weight, []):
-            self.layout[source + role] = {"blocks": blocks, "scales": scales, "bits": bits, "block_size": block_size,
-                                   "first_row": first, "rows": rows, "K": K}
+            self.layout[source + role] = {"blocks": blocks, "scales": scales, "bits": bits,
+                                          "block_size": block_size, "first_row": first, "rows": rows, "K": K}
             first += rows
         k_blocks = -(-K // block_size)
         self.dims[blocks], self.dims[scales] = [N, k_blocks, block_size * bits // 8], [N, k_blocks]

@@ -61,13 +61,12 @@ def preflight(path: Path, workload: Workload) -> None:
     """Refuse, before ONNX Runtime reads any weight, a decoder whose file, KV cache and logits would not fit
     (bigmodel/memory.py); the metadata comes from the graph alone (external data is not read)."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     from bigmodel import memory
 
     if not path.is_file():
         return  # open_session names the missing file
-    from google.protobuf.message import DecodeError
-
     try:
         props = onnx.load(str(path), load_external_data=False).metadata_props
     except (OSError, DecodeError):  # not an ONNX file: open_session says so
