@@ -569,6 +569,11 @@ class Int4Export(Section):
         None, description="The token-embedding table (GatherBlockQuantized): int8 or int4 blocks, or fp32. "
         "Default: as the head (a tied embedding is then stored once, read by both).",
     )
+    int8_block_size: int | None = Field(
+        None, ge=16, description="Weights per block of the 8-bit matrices (head, embeddings; a power of 2). Default: "
+        "the widest of 256, 128, 64, 32 that divides the model width (8 bits in blocks of 256 round ~10x closer "
+        "than 4 bits in blocks of 32, and read faster than 8 bits in blocks of 32).",
+    )
 
     @property
     def embedding_format(self) -> str:
@@ -576,8 +581,9 @@ class Int4Export(Section):
 
     @model_validator(mode="after")
     def _power_of_two(self) -> Int4Export:
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"export.int4.block_size {self.block_size} must be a power of 2 (16, 32, 64, 128)")
+        for key, size in (("block_size", self.block_size), ("int8_block_size", self.int8_block_size or 16)):
+            if size & (size - 1):
+                raise ValueError(f"export.int4.{key} {size} must be a power of 2 (16, 32, 64, 128, 256)")
         return self
 
 
@@ -678,6 +684,10 @@ class QuantizeStep(Section):
         False, description="bits 4, language models: store the token-embedding table in 4-bit blocks too "
         "(GatherBlockQuantized); otherwise it stays fp32.",
     )
+    int8_block_size: int | None = Field(
+        None, ge=16, description="bits 4, head int8: weights per block of the head (a power of 2). Default: the "
+        "widest of 256, 128, 64, 32 that divides the model width, as export.int4 does.",
+    )
     keep_grids: bool = Field(
         True, description="bits 4: weights already on a 4-bit grid of 32-blocks (a model imported from a "
         "Q4_0/Q4_1 GGUF) keep that grid exactly instead of being rounded onto another one.",
@@ -694,8 +704,11 @@ class QuantizeStep(Section):
         if self.bits == 8 and (self.head != "int8" or self.embeddings or not self.keep_grids):
             raise ValueError("compress quantize head, embeddings and keep_grids are bits 4 options (int8 "
                              "quantises every matrix product, the head included)")
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"compress quantize block_size {self.block_size} must be a power of 2 (16, 32, 64, 128)")
+        for key, size in (("block_size", self.block_size), ("int8_block_size", self.int8_block_size or 16)):
+            if size & (size - 1):
+                raise ValueError(f"compress quantize {key} {size} must be a power of 2 (16, 32, 64, 128, 256)")
+        if self.bits == 8 and self.int8_block_size:
+            raise ValueError("compress quantize int8_block_size is a bits 4 option (the int8 head's blocks)")
         return self
 
 

@@ -85,11 +85,20 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The file's sha256, hashed once per process while its inode, size and times stay the same (a stage
+    names its multi-GB checkpoint in its lineage and again in its stamp)."""
+    info = os.stat(path)
+    key = (os.path.realpath(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+_SHA256: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def require_file(path: Path, what: str, fix: str) -> Path:

@@ -33,6 +33,7 @@ from bigmodel import console
 from bigmodel.compress import grids
 from bigmodel.config import Config, QuantizeStep
 from bigmodel.export.onnx_file import output_head
+from bigmodel.export.weightless import int8_block
 from bigmodel.families import family
 from bigmodel.io import atomic_path
 
@@ -105,14 +106,16 @@ def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
             console.info(f"compress: int4: {kept} weight matrices already on a 4-bit grid (blocks of {grids.BLOCK}, "
                          "as a Q4_0/Q4_1 GGUF's) keep it exactly")
         exclude |= corrections
-    model = _matmul_nbits(model, 4, step, nodes_to_exclude=sorted(exclude),
+    model = _matmul_nbits(model, 4, step, step.block_size, nodes_to_exclude=sorted(exclude),
                           op_types_to_quantize=("MatMul", "Gather") if step.embeddings else ("MatMul",))
     if head and step.head == "int8":
         if step.keep_grids and grids.keep_grid8(model, head, step.accuracy_level):
             console.info("compress: int4: the output head is on an 8-bit grid (a GGUF's Q8_0) and keeps it exactly")
         else:  # the head alone: the quantizer adds nodes_to_include to every MatMul it would quantise anyway
             others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head]
-            model = _matmul_nbits(model, 8, step, nodes_to_include=[head], nodes_to_exclude=others)
+            width = _inner_width(model, head)
+            model = _matmul_nbits(model, 8, step, int8_block(width, step.int8_block_size), nodes_to_include=[head],
+                                  nodes_to_exclude=others)
     onnx.save(model, str(target))
 
 
@@ -141,11 +144,17 @@ def _gather_rows(model: Any) -> None:
     model.graph.node.extend(kept)
 
 
-def _matmul_nbits(model: Any, bits: int, step: QuantizeStep, **which: Any) -> Any:
+def _inner_width(model: Any, matmul: str) -> int:
+    """K of a MatMul's (K, N) constant weight."""
+    node = next(node for node in model.graph.node if node.name == matmul)
+    return int(next(init.dims[0] for init in model.graph.initializer if init.name == node.input[1]))
+
+
+def _matmul_nbits(model: Any, bits: int, step: QuantizeStep, block_size: int, **which: Any) -> Any:
     """onnxruntime's weight-only block quantizer (round to nearest) over the nodes `which` selects."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=step.block_size, is_symmetric=step.symmetric,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=step.symmetric,
                                      accuracy_level=step.accuracy_level, quant_axes=(("MatMul", 0), ("Gather", 1)),
                                      **which)
     quantizer.process()

@@ -38,7 +38,7 @@ from bigmodel.datasets import load_tokens
 from bigmodel.decoder_graph import CacheLayout
 from bigmodel.errors import UserError
 from bigmodel.export.onnx_file import optimize_offline, output_head, publish_or_reject, stamp
-from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequantize, trace
+from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequantize, int8_block, trace
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
 from bigmodel.models.gpt import GPT, CausalSelfAttention
@@ -90,7 +90,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         tmp = Path(work) / "model.onnx"
         written = write_decoder(arch, weights, tmp, xc.opset, xc.dtype, xc.int4, {
             **decoder_graph.metadata(arch, manifest["data"], "fp16" if xc.dtype == "fp16" else "fp32"),
-            "weights": weight_format(xc.dtype, xc.int4),
+            "weights": weight_format(xc.dtype, xc.int4, arch.n_embd),
             "version": __version__,
             "lineage": {"checkpoint": sha256_file(ckpt)},
         })
@@ -105,7 +105,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         parity = check_parity(weights, tmp, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads,
                               xc.dtype, blocks)
         report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, "dtype": xc.dtype,
-                  "weights": weight_format(xc.dtype, xc.int4), "external_data": external, **written, **parity,
+                  "weights": weight_format(xc.dtype, xc.int4, arch.n_embd), "external_data": external, **written, **parity,
                   "seconds": round(seconds, 2), "gate_seconds": round(time.perf_counter() - start - seconds, 2),
                   "peak_rss_bytes": peak_rss_bytes()}
         write_json(out_dir / "parity.json", report)
@@ -133,10 +133,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     return outputs
 
 
-def weight_format(dtype: str, int4: Int4Export) -> str:
+def weight_format(dtype: str, int4: Int4Export, width: int) -> str:
     if dtype != "int4":
         return dtype
-    return (f"int4 (block {int4.block_size}, head {int4.head}, embeddings {int4.embedding_format}, accuracy level "
+    wide = f" in blocks of {int8_block(width, int4.int8_block_size)}"
+    return (f"int4 (block {int4.block_size}, head {int4.head}{wide if int4.head == 'int8' else ''}, embeddings "
+            f"{int4.embedding_format}{wide if int4.embedding_format == 'int8' else ''}, accuracy level "
             f"{int4.accuracy_level or 0})")
 
 
@@ -188,16 +190,17 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
         del node.metadata_props[:]
     fetch = streaming.fetch_from(weights)
 
-    def read(name: str) -> torch.Tensor:
-        return fetch(aliases.get(name, [name])).to(float_type)
+    def read(name: str) -> torch.Tensor:  # in the checkpoint's dtype: converted once it is laid out
+        return fetch(aliases.get(name, [name]))
 
-    plan = GraphWeights(graph, traced, read)
+    plan = GraphWeights(graph, traced, read, float_type)
     plan.fold_transposes()
     merged = plan.merge_shared_input_matmuls()
     counts: dict[str, int] = {}
     if dtype == "int4":  # (the table is then blocks, which the lookup and the head read alike)
         settings = int4 or Int4Export()
-        counts = plan.quantize(4, settings.block_size, settings.accuracy_level, output_head(graph),
+        block_sizes = {4: settings.block_size, 8: int8_block(arch.n_embd, settings.int8_block_size)}
+        counts = plan.quantize(4, block_sizes, settings.accuracy_level, output_head(graph),
                                BITS[settings.head], BITS[settings.embedding_format])
     else:
         plan.gather_from_transposed()
@@ -376,13 +379,12 @@ class Blocks:
         blocks = self.initializers.read(where["blocks"])[rows]
         scales = self.initializers.read(where["scales"])[rows]
         weight = module.weight.data
-        error = total = 0.0
+        total, error = float(torch.linalg.vector_norm(weight)) ** 2, 0.0
         for start in range(0, weight.shape[0], 1024):  # in place, a block of rows at a time: a vocabulary-sized
             part = slice(start, start + 1024)  # embedding is the largest matrix; no second copy of it
             held = dequantize(blocks[part], scales[part], where["bits"], where["block_size"], where["K"])
             exact = weight[part]
-            error += float((held - exact).pow(2).sum())
-            total += float(exact.pow(2).sum())
+            error += float(torch.linalg.vector_norm(exact.sub_(held))) ** 2  # (norms allocate nothing)
             exact.copy_(held)
         self.weight_errors[names[0]] = (error / total) ** 0.5 if total else 0.0
 
