@@ -70,6 +70,7 @@ def training_memory(
     arch: TransformerArch, n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
     momentum: float = 0.9, sharding: str = "none", devices: int = 1, activation_checkpointing: bool = False,
     fsdp_param_bytes: int = 4, runtime: int = 0, adapter: int | None = None, fused_dropout: bool = True,
+    frozen_bytes: int = 4,
 ) -> dict[str, int]:
     """Peak bytes on one device for a training step with `batch` sequences on that device.
 
@@ -79,6 +80,8 @@ def training_memory(
     gradients, PyTorch's default). Gradients and activations are not held at once: gradients appear
     during backward as activations are freed, so the step's peak takes the larger of the two.
     fused_dropout False: attention with dropout keeps its scores (CPU; see UNFUSED_SCORE_BYTES).
+    frozen_bytes: bytes per frozen base weight with an adapter (2: LoRA under bf16 autocast keeps a bf16
+    checkpoint's matrices as they are, and autocast then has nothing to copy).
     """
     shards = devices if sharding == "fsdp" else 1
     weights = 4 * n_params // shards
@@ -93,6 +96,8 @@ def training_memory(
     if adapter is not None:
         # LoRA (Hu et al. 2021): the n_params base weights are frozen; gradients and optimizer state exist
         # for the adapter's parameters only. Activations stay: backward still runs through every layer.
+        if frozen_bytes != 4 and sharding != "fsdp":
+            weights = frozen_bytes * n_params
         weights += 4 * adapter
         gradients = 4 * adapter * (2 if sharding == "ddp" and devices > 1 else 1)
         optimizer_bytes = 4 * states * adapter

@@ -190,6 +190,19 @@ def export_peak(arch: Any, parameters: int, checkpoint_dtype: str, dtype: str) -
                                           max(write, reference, session)}, fixes)
 
 
+def train_peak(step: dict[str, int], loading: int, lora: bool) -> Estimate:
+    """train on this machine: accounting.training_memory's step (`step`: weights, optimizer, and the
+    larger of gradients and activations), or loading the model when that is larger (`loading`: a full
+    load holds the fp32 model and the checkpoint's tensors at once)."""
+    held = step["weights"] + step["optimizer"]
+    parts = {"runtime": TORCH_RUNTIME, "weights + optimizer state": held,
+             "activations or gradients": max(step["activations"], step["gradients"], loading - held, 0)}
+    fixes = ["--set train.batch_size=<smaller> (activations grow with it)", "--set train.activation_checkpointing=true"]
+    if not lora:
+        fixes.append("--set 'train.lora={rank: 8}' (the base frozen: no gradients or optimizer state for it)")
+    return Estimate("train", parts, fixes)
+
+
 def runtime_peak(stage: str, meta: dict[str, Any], file_bytes: int, batch: int, context: int) -> Estimate:
     """infer and serve: ONNX Runtime holding the file, the KV cache of `batch` sequences of `context`
     tokens, and one step's logits."""

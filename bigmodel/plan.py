@@ -161,6 +161,7 @@ class RunPlan:
             fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=self.hardware.runtime_bytes,
             adapter=None if full else self.adapter,
             fused_dropout=self.config.plan.hardware != "local",  # local: this CPU
+            frozen_bytes=2 if self.precision == "bf16" and stored_dtype(self.config) in HALF else 4,
         )
 
     def compute_seconds(self, devices: int) -> float:
@@ -236,6 +237,19 @@ class RunPlan:
         return found
 
 
+HALF = ("bfloat16", "float16")
+
+
+def stored_dtype(config: Config) -> str:
+    """The dtype init's checkpoint stores its weights in: the import's (init.dtype), else fp32."""
+    if config.init.from_ is None:
+        return "float32"
+    from bigmodel import pretrained
+    from bigmodel.pretrained.build import checkpoint_dtype
+
+    return str(checkpoint_dtype(config.init.dtype, pretrained.describe(config.init.from_))).removeprefix("torch.")
+
+
 def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]:
     """Each stage's predicted peak resident memory on the machine it runs on (bigmodel/memory.py: what the
     stage's own guard checks before it allocates): the import, the export in fp32 and int4, and inference
@@ -245,14 +259,12 @@ def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]
     from bigmodel import memory
     from bigmodel.infer import PROMPT_ROOM
 
-    stored = "float32"
+    stored = stored_dtype(config)
     found: dict[str, Any] = {}
     if config.init.from_ is not None:
         from bigmodel import pretrained
-        from bigmodel.pretrained.build import checkpoint_dtype
 
         source = pretrained.describe(config.init.from_)
-        stored = str(checkpoint_dtype(config.init.dtype, source)).removeprefix("torch.")
         found["init"] = memory.import_peak(arch, source.format, source.dtype, stored, n_params, config.init.verify)
     for dtype in ("fp32", "int4"):
         found[f"export_{dtype}"] = memory.export_peak(arch, n_params, stored, dtype)

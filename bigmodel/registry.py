@@ -76,6 +76,41 @@ def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, dict[str, Any
     return model, manifest
 
 
+def load_frozen_base(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A checkpoint's model to train LoRA adapters on under bf16 autocast, its matrices kept in the dtype
+    the checkpoint stores (bf16 for a bf16 import: no fp32 copy of frozen weights, half the memory of
+    `load_model` and no second copy while loading), read tensor by tensor into a model built on the meta
+    device; vectors (norms, biases) become fp32. Under bf16 autocast this computes exactly what the fp32
+    copy did -- autocast rounds an fp32 weight to bf16 for every matrix product, and these are those bf16
+    values -- and an embedding's output is cast to fp32 so the residual stream stays fp32 as before."""
+    import torch
+
+    from bigmodel.checkpoint import read_manifest
+    from bigmodel.weights import SafetensorsFile
+
+    manifest = read_manifest(path)
+    if "adapter" in manifest:  # adapters on an adapted model: its merge is a new fp32 model anyway
+        return load_model(path)
+    with torch.device("meta"):
+        model = build_model(manifest_arch(manifest, path))
+    tied = getattr(model, "tied_weights", {})
+    stored = SafetensorsFile(path)
+    with torch.device("meta"):
+        found = {name.removeprefix("model."): torch.empty(entry.shape) for name, entry in stored.entries.items()
+                 if name.startswith("model.")}
+    check_shapes(path, {k: v for k, v in model.state_dict().items() if k not in tied}, found)
+    for name in found:
+        tensor = stored.read(f"model.{name}")
+        model.load_state_dict({name: tensor if tensor.dim() >= 2 else tensor.float()}, strict=False, assign=True)
+    for alias, source in tied.items():  # assigning replaced the parameter the alias shared
+        owner, _, attribute = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, model.get_parameter(source))
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.weight.dtype != torch.float32:
+            module.register_forward_hook(lambda module, inputs, output: output.float())
+    return model, manifest
+
+
 def open_weights(path: Path) -> tuple[Any, dict[str, Any]]:
     """A checkpoint's tensors to read one at a time (a `streaming.Readable`, names 'model.<parameter>'), and
     its manifest. A LoRA adapter checkpoint is merged into its base in memory first (adapters are trained

@@ -22,12 +22,12 @@ import onnx
 import pytest
 import torch
 
-from bigmodel import streaming
+from bigmodel import lora, registry, streaming
 from bigmodel.arch import DecoderArch
 from bigmodel.checkpoint import read_manifest
-from bigmodel.config import Int4Export
+from bigmodel.config import Int4Export, LoRAConfig
 from bigmodel.export import gpt as export_gpt
-from bigmodel.export.weightless import Initializers
+from bigmodel.export.weightless import Initializers, int8_block
 from bigmodel.memory import onnx_file_bytes
 from bigmodel.models.gpt import GPT, init_weights
 from bigmodel.weights import SafetensorsFile
@@ -130,14 +130,14 @@ def test_repeated_layers_are_the_full_trace(kind: str, tmp_path: Path) -> None:
 
 
 def _matmul_blocks(path: Path) -> collections.Counter:
-    """Every MatMulNBits' (bits, blocks, scales) as digests: what a file's quantised products hold."""
+    """Every MatMulNBits' (bits, block size, blocks, scales digests): what a file's quantised products hold."""
     model = onnx.load(str(path))
     arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     found = collections.Counter()
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
-            bits = next(a.i for a in node.attribute if a.name == "bits")
-            found[(bits, *(hashlib.sha256(arrays[name].tobytes()).hexdigest() for name in node.input[1:3]))] += 1
+            bits, block = (next(a.i for a in node.attribute if a.name == key) for key in ("bits", "block_size"))
+            found[(bits, block, *(hashlib.sha256(arrays[name].tobytes()).hexdigest() for name in node.input[1:3]))] += 1
     return found
 
 
@@ -161,6 +161,13 @@ def test_int4_export_is_compress_int4_written_streamed(imported: Path, tmp_path:
     assert result.code == 0, result.stderr
     compressed = _matmul_blocks(imported.parent / "run" / "compress" / "model.int4.onnx")
     assert streamed == compressed and sum(streamed.values()) == 4 * 4 + 1  # gate/up merged; the head in 8 bits
+    width = read_manifest(imported.parent / "run" / "init" / "model.safetensors")["architecture"]["n_embd"]
+    assert [key[1] for key in streamed if key[0] == 8] == [int8_block(width, None)]  # the head's 8-bit blocks
+
+
+def test_8bit_blocks_are_the_widest_that_divide_the_width() -> None:
+    assert [int8_block(width, None) for width in (4096, 3584, 2048, 576, 960, 100)] == [256, 256, 256, 64, 64, 16]
+    assert int8_block(576, 32) == 32  # as configured
 
 
 def test_the_int4_gate_refuses_blocks_that_are_not_the_model(tmp_path: Path) -> None:
@@ -202,12 +209,38 @@ def test_the_int4_gate_refuses_blocks_that_are_not_the_model(tmp_path: Path) -> 
     assert not flipped["passed"] and flipped["worst_rounding"]["relative_error"] > 0.35
 
 
-def test_the_memory_guard_refuses_before_allocating(imported: Path) -> None:
-    def artifacts() -> dict[Path, int]:  # (a stage's stamp goes when it starts: it is not up to date now)
-        return {p: p.stat().st_mtime_ns for p in (imported.parent / "run").rglob("*") if p.is_file()
-                and p.name != ".stamp.json"}
+def test_lora_on_a_bf16_import_keeps_the_frozen_base_in_bf16(imported: Path) -> None:
+    """LoRA under bf16 autocast trains on the checkpoint's own bf16 matrices (no fp32 copy): the same loss
+    and the same adapter gradients, bitwise, as on an fp32 copy (autocast rounds that copy to these very
+    bf16 values); then `train` runs so."""
+    init = imported.parent / "run" / "init" / "model.safetensors"
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    found = {}
+    for loader in (registry.load_model, registry.load_frozen_base):
+        model, _ = loader(init)
+        lora.apply(model, LoRAConfig(rank=4), seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        found[loader.__name__] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                                  {p.dtype for p in model.parameters() if p.dim() >= 2 and not p.requires_grad})
+    (loss32, grads32, dtypes32), (loss16, grads16, dtypes16) = found.values()
+    assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16}
+    assert loss16 == loss32 and grads16.keys() == grads32.keys()
+    assert all(torch.equal(grads16[name], grads32[name]) for name in grads32)
+    result = cli("train", "-c", imported, "--set", "train.lora={rank: 4}", "--set", "train.max_steps=2",
+                 "--set", "train.precision=bf16", "--set", "train.batch_size=2")
+    assert result.code == 0 and "frozen base bfloat16" in result.stderr, result.stderr
 
-    for args in (("init",), ("export", "--set", "export.checkpoint=init"), ("infer", "--prompt", "hi")):
+
+def test_the_memory_guard_refuses_before_allocating(imported: Path) -> None:
+    def artifacts() -> dict[Path, int]:  # (a stage's stamp goes when it starts: it is not up to date now; train
+        return {p: p.stat().st_mtime_ns for p in (imported.parent / "run").rglob("*") if p.is_file()  # locks its
+                and p.name not in (".stamp.json", ".lock")}  # folder, an empty file, before anything)
+
+    for args in (("init",), ("export", "--set", "export.checkpoint=init"), ("infer", "--prompt", "hi"),
+                 ("train", "--set", "train.max_steps=1")):
         before = artifacts()
         line = one_line_error(cli(args[0], "-c", imported, *args[1:], "--set", "memory_limit=20MB", "-q"))
         assert "needs about" in line and "memory_limit" in line, line

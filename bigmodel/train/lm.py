@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import console, distributed, lora, registry
+from bigmodel import accounting, console, distributed, lora, memory, registry
 from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config, TrainConfig
 from bigmodel.datasets import data_manifest, load_examples, load_tokens, prepared_files
@@ -65,7 +65,10 @@ def train(
     tc = config.train
     world, device = distributed.start(tc, setup_torch(config))
     init_path = start_from or config.stage_dir("init") / "model.safetensors"
-    model, init_manifest = load_model(init_path, world, tc, device)
+    precision = training_precision(tc.precision, device)
+    if device.type == "cpu" and world.size == 1:  # (accelerators and several processes: plan's per-device figures)
+        memory.guard(training_peak(config, init_path, precision), config.memory_limit)
+    model, init_manifest = load_model(init_path, world, tc, device, precision)
     if start_from is None:
         check_matches_config(config, init_manifest)
     adapter = None
@@ -99,7 +102,6 @@ def train(
     lineage = ({"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
                if world.is_main else {})  # only rank 0 writes manifests
 
-    precision = training_precision(tc.precision, device)
     if precision == "bf16" and not native_bf16(device):
         console.warn(f"train: this {device.type} has no native bf16 (AVX512-BF16, AMX or a bf16 GPU): bf16 "
                      "autocast is emulated and several times slower than fp32; set train.precision: auto or fp32")
@@ -118,7 +120,7 @@ def train(
         + ((" (auto)" if precision == "bf16" else " (auto: no native bf16 here)") if tc.precision == "auto" else "")
         + f": {count_parameters(model):,} parameters"
         + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {tc.lora.rank} on "
-           f"{', '.join(adapter['targets'])})" if adapter and tc.lora else "")
+           f"{', '.join(adapter['targets'])}; frozen base {frozen_dtype(model)})" if adapter and tc.lora else "")
         + f", {data.size}, {total_steps} steps x {data.tokens_per_step:,} tokens, eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
         + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
@@ -222,17 +224,47 @@ def train(
 
 
 def load_model(
-    path: Path, world: distributed.World, tc: TrainConfig, device: torch.device
+    path: Path, world: distributed.World, tc: TrainConfig, device: torch.device, precision: str,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model to train, on `device`: FSDP builds it sharded from the meta device and streams the
-    weights into the shards; otherwise the whole model is loaded."""
+    weights into the shards; LoRA under bf16 autocast keeps the frozen matrices in the checkpoint's dtype
+    (registry.load_frozen_base); otherwise the whole model is loaded in fp32."""
     if world.mode == "fsdp":
         manifest = read_manifest(path)
         model = distributed.build_sharded(registry.manifest_arch(manifest, path), tc, device)
         distributed.load_weights(model, path)
         return model, manifest
-    model, manifest = registry.load_model(path)
+    if tc.lora is not None and precision == "bf16":
+        model, manifest = registry.load_frozen_base(path)
+    else:
+        model, manifest = registry.load_model(path)
     return model.to(device), manifest
+
+
+def training_peak(config: Config, path: Path, precision: str) -> memory.Estimate:
+    """What training the checkpoint at `path` will hold at its peak in this one process (before loading
+    it): accounting.training_memory's step, or loading the model when that is larger."""
+    tc = config.train
+    manifest = read_manifest(path)
+    arch = registry.manifest_arch(manifest, path)
+    with torch.device("meta"):
+        n_params = count_parameters(registry.build_model(arch))
+    stored = memory.DTYPE_BYTES.get(str((manifest.get("import") or {}).get("dtype") or "float32"), 4)
+    streamed = tc.lora is not None and precision == "bf16"  # registry.load_frozen_base: matrices as stored
+    frozen = stored if streamed else 4
+    adapter = None if tc.lora is None else accounting.lora_parameters(arch, tc.lora.projections(), tc.lora.rank)
+    step = accounting.training_memory(
+        arch, n_params, batch=tc.batch_size, precision=precision, optimizer=tc.optimizer, momentum=tc.momentum,
+        activation_checkpointing=tc.activation_checkpointing, adapter=adapter, fused_dropout=False,
+        frozen_bytes=frozen)
+    loading = n_params * (stored if streamed else 4 + stored)  # a full load: the fp32 model + the file's tensors
+    return memory.train_peak(step, loading, tc.lora is not None)
+
+
+def frozen_dtype(model: torch.nn.Module) -> str:
+    """The dtype of the frozen matrices (what a LoRA run keeps of the base)."""
+    found = {p.dtype for p in model.parameters() if not p.requires_grad and p.dim() >= 2}
+    return ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in found)) or "none"
 
 
 def rank_share(global_rows: int, batch: int, world: distributed.World) -> tuple[slice, int]:
