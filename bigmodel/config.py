@@ -1076,10 +1076,12 @@ class Config(Section):
     def derive(self, source: str, **sections: dict[str, Any] | BaseModel) -> Config:
         """This config with some sections replaced or updated, validated like a loaded one (model_copy
         would skip every check). `source` names who derived it, for the error message."""
-        raw = self.model_dump(by_alias=True)
+        # What was set, not every default spelled out: a key some other setting forbids (data.tokenizer
+        # beside init.from) is not set by deriving.
+        raw = self.model_dump(by_alias=True, exclude_unset=True)
         for name, update in sections.items():
-            raw[name] = (update.model_dump(by_alias=True) if isinstance(update, BaseModel)
-                         else {**raw[name], **update})
+            raw[name] = (update.model_dump(by_alias=True, exclude_unset=True) if isinstance(update, BaseModel)
+                         else {**raw.get(name, {}), **update})
         return validate_config(raw, source)
 
     def stage_dir(self, stage: str) -> Path:

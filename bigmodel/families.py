@@ -31,6 +31,7 @@ class Family:
     infer_output: str  # default file name of infer's output
     infer_reads_test_split: bool  # infer's default input is the prepared test split
     distributed: bool  # trains under torchrun (DDP/FSDP)
+    streams_int4: bool = False  # its exporter writes int4 as it streams (export.dtype int4; compress reuses it)
 
     @property
     def arch(self) -> type[Arch]:
@@ -47,7 +48,7 @@ FAMILIES: dict[str, Family] = {
         recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
         inferer="bigmodel.infer.gpt", server="bigmodel.serve.lm", infer_output="generations.jsonl",
         infer_reads_test_split=False,
-        distributed=True,
+        distributed=True, streams_int4=True,
     ),
     "mlp": Family(
         name="mlp", data_format="tabular", onnx_kind="tabular", default_init="kaiming_uniform",

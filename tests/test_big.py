@@ -25,7 +25,8 @@ import torch
 from bigmodel import lora, registry, streaming
 from bigmodel.arch import DecoderArch
 from bigmodel.checkpoint import read_manifest
-from bigmodel.config import Int4Export, LoRAConfig
+from bigmodel.compress import quantize
+from bigmodel.config import Int4Export, LoRAConfig, QuantizeStep, load_config
 from bigmodel.export import gpt as export_gpt
 from bigmodel.export.weightless import Initializers, int8_block
 from bigmodel.memory import onnx_file_bytes
@@ -157,12 +158,38 @@ def test_int4_export_is_compress_int4_written_streamed(imported: Path, tmp_path:
     streamed = _matmul_blocks(imported.parent / "run" / "export" / "model.onnx")
     step = {"method": "quantize", "bits": 4}
     result = cli("compress", "-c", imported, "--set", "compress.checkpoint=init", "--set",
-                 f"compress.steps=[{json.dumps(step)}]", "-q")
+                 f"compress.steps=[{json.dumps(step)}]", "-q")  # (streams: the same writer, fp32 embeddings)
     assert result.code == 0, result.stderr
-    compressed = _matmul_blocks(imported.parent / "run" / "compress" / "model.int4.onnx")
+    assert _matmul_blocks(imported.parent / "run" / "compress" / "model.int4.onnx") == streamed
+    # the oracle: MatMulNBitsQuantizer over the whole fp32 graph compress measured as its baseline
+    whole = tmp_path / "whole.int4.onnx"
+    quantize.run(QuantizeStep(bits=4), load_config(imported), imported.parent / "run" / "compress" / "fp32" /
+                 "model.onnx", whole)
+    compressed = _matmul_blocks(whole)
     assert streamed == compressed and sum(streamed.values()) == 4 * 4 + 1  # gate/up merged; the head in 8 bits
     width = read_manifest(imported.parent / "run" / "init" / "model.safetensors")["architecture"]["n_embd"]
     assert [key[1] for key in streamed if key[0] == 8] == [int8_block(width, None)]  # the head's 8-bit blocks
+
+
+def test_compress_int4_reuses_an_export_of_the_same_checkpoint_and_settings(imported: Path) -> None:
+    export = imported.parent / "run" / "export"
+    result = cli("export", "-c", imported, "--set", "export.checkpoint=init", "--set", "export.dtype=int4",
+                 "--set", "export.int4.embeddings=fp32", "--set", "export.external_data=true", "-q")
+    assert result.code == 0, result.stderr
+    result = cli("compress", "-c", imported, "--set", "compress.checkpoint=init", "--set",
+                 "compress.steps=[{method: quantize, bits: 4}]")
+    assert result.code == 0 and "reusing" in result.stderr, result.stderr
+    int4 = imported.parent / "run" / "compress" / "model.int4.onnx"
+    linked = int4.with_name("model.int4.onnx.data")  # the weights cloned; the graph names its data file anew
+    assert linked.read_bytes() == (export / "model.onnx.data").read_bytes()
+    assert _matmul_blocks(int4) == _matmul_blocks(export / "model.onnx")  # (measured through ONNX Runtime too)
+    report = json.loads((imported.parent / "run" / "compress" / "report.json").read_text())
+    assert report["result"] == str(int4) and report["steps"][1]["name"] == "1: quantize int4 block 32"
+    # other settings: written anew
+    result = cli("compress", "-c", imported, "--set", "compress.checkpoint=init", "--set",
+                 "compress.steps=[{method: quantize, bits: 4, head: int4}]")
+    assert result.code == 0 and "reusing" not in result.stderr, result.stderr
+    assert not linked.exists() and not list(int4.parent.glob(".*.work"))  # a self-contained file now
 
 
 def test_8bit_blocks_are_the_widest_that_divide_the_width() -> None:

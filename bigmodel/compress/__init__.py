@@ -60,7 +60,11 @@ def run(config: Config) -> dict[str, Any]:
                                                 + (f" head {step.head}" if step.head != "int8" else "")
                                                 + (" +emb" if step.embeddings else ""))
             console.info(f"compress: step {label}")
-            current = quantize.run(step, config, current, out_dir / f"model.int{step.bits}.onnx")
+            target = out_dir / f"model.int{step.bits}.onnx"
+            if quantize.streams(step, config, checkpoint):  # written from the checkpoint, as export int4 is
+                current = quantize.run_streamed(step, config, checkpoint, target)
+            else:
+                current = quantize.run(step, config, current, target)
         rows.append(measure(config, label, current))
 
     report = {"checkpoint": str(checkpoint), "steps": rows, "baseline": rows[0]["name"], "result": str(current),

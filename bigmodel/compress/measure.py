@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from bigmodel.config import Config
 from bigmodel.eval import scores_for
@@ -21,6 +19,14 @@ MAIN_METRIC = {"classification": "accuracy", "regression": "mse", "lm": "loss", 
 
 
 def measure(config: Config, name: str, model_path: Path) -> dict[str, Any]:
+    from bigmodel import memory
+
+    # (ONNX Runtime holds the file while eval scores it: refused here, in one line, when it cannot)
+    memory.guard(memory.Estimate(f"compress (measuring {name})", {
+        "runtime": memory.TORCH_RUNTIME + memory.ORT_RUNTIME,
+        "model": int(memory.SESSION_OVER_FILE * memory.onnx_file_bytes(model_path))},
+        [("--set export.dtype=int4 and measure that file with 'bigmodel eval' (compress measures an fp32 "
+          "baseline first)")]), config.memory_limit)
     scores, task, _ = scores_for(config, model_path)
     parameters, nonzeros, weight_bytes = _weights(model_path)
     data_file = model_path.with_name(f"{model_path.name}.data")
@@ -40,11 +46,14 @@ def measure(config: Config, name: str, model_path: Path) -> dict[str, Any]:
 
 
 def _weights(path: Path) -> tuple[int, int, int]:
-    """Parameters, non-zeros and bytes of the weight tensors (initializers of 2+ elements)."""
-    model = onnx.load(str(path))
+    """Parameters, non-zeros and bytes of the weight tensors (initializers of 2+ elements), read one at a
+    time (a big model's file is never loaded whole)."""
+    from bigmodel.export.weightless import Initializers
+
+    initializers = Initializers(path)
     parameters = nonzeros = nbytes = 0
-    for init in model.graph.initializer:
-        array = numpy_helper.to_array(init, base_dir=str(path.parent))
+    for name in initializers.tensors:
+        array = initializers.read(name)
         if array.size < 2:
             continue  # scalars: shapes, zero points, constants
         parameters += array.size

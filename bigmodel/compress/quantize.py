@@ -31,7 +31,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bigmodel import console
 from bigmodel.compress import grids
-from bigmodel.config import Config, QuantizeStep
+from bigmodel.config import Config, Int4Export, QuantizeStep
 from bigmodel.export.onnx_file import output_head
 from bigmodel.export.weightless import int8_block
 from bigmodel.families import family
@@ -86,6 +86,116 @@ def _has_standard_attention(model: Path) -> bool:
 
     graph = onnx.load(str(model), load_external_data=False).graph
     return any(node.op_type == "Attention" and node.domain in ("", "ai.onnx") for node in graph.node)
+
+
+def streams(step: QuantizeStep, config: Config, checkpoint: Path) -> bool:
+    """Whether the int4 step is written straight from the checkpoint, as `export.dtype: int4` writes it
+    (tensor by tensor, in the export's bounded memory, the same blocks: tests/test_big.py): a family whose
+    exporter streams int4, symmetric blocks, and no 4-bit grid to keep (a Q4_0/Q4_1 GGUF import's)."""
+    from bigmodel.checkpoint import read_manifest
+
+    if step.bits != 4 or not step.symmetric or not family(config.model.family).streams_int4:
+        return False
+    imported = read_manifest(checkpoint).get("import") or {}
+    return not (step.keep_grids and imported.get("format") == "gguf")
+
+
+def export_settings(step: QuantizeStep) -> Int4Export:
+    """The int4 step as export.int4 settings (compress's embeddings: 4-bit blocks or fp32)."""
+    return Int4Export(block_size=step.block_size, accuracy_level=step.accuracy_level, head=step.head,
+                      embeddings="int4" if step.embeddings else "fp32", int8_block_size=step.int8_block_size)
+
+
+def run_streamed(step: QuantizeStep, config: Config, checkpoint: Path, out: Path) -> Path:
+    """The int4 step through the gated streaming export, published as `out` (its gate report beside it);
+    an export already made of the same checkpoint with the same settings (export/model.onnx, its gate
+    passed) is reused: cloned, not quantised and gated again."""
+    import shutil
+
+    from bigmodel.export import export_checkpoint
+
+    derived = config.derive("compress", export={"dtype": "int4", "int4": export_settings(step)})
+    existing = config.stage_dir("export") / "model.onnx"
+    if _same_export(existing, derived, checkpoint):
+        console.info(f"compress: int4: reusing {existing} (the same checkpoint and settings, its gate passed)")
+        _publish(existing, out, link=True)
+        return out
+    work = out.with_name(f".{out.name}.work")
+    shutil.rmtree(work, ignore_errors=True)  # (an interrupted run's)
+    try:
+        _publish(Path(export_checkpoint(derived, checkpoint, work, "onnx")["model"]), out, link=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _same_export(path: Path, config: Config, checkpoint: Path) -> bool:
+    import json
+
+    import onnx
+
+    from bigmodel.export.gpt import weight_format
+    from bigmodel.io import sha256_file
+
+    report = path.with_name("parity.json")
+    if not (path.is_file() and report.is_file()):
+        return False
+    try:
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+        meta = {p.key.removeprefix("bigmodel."): p.value for p in props}
+        lineage, passed = json.loads(meta.get("lineage") or "{}"), bool(json.loads(report.read_text()).get("passed"))
+        width = int(json.loads(meta.get("architecture") or "{}").get("n_embd") or 0)
+    except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError):  # not a file to reuse
+        return False
+    return (passed and meta.get("weights") == weight_format("int4", config.export.int4, width)
+            and lineage.get("checkpoint") == sha256_file(checkpoint))
+
+
+def _publish(model: Path, target: Path, link: bool) -> None:
+    """`model` as `target`, its external data as `target`.data (the graph's references renamed to match)
+    and its gate report as `target` .parity.json: cloned from a reused export (`link`), else moved. Data
+    first, the graph last: a reader never finds a graph without its data."""
+    import os
+
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False)
+    pairs = [(model.with_name(f"{model.name}.data"), target.with_name(f"{target.name}.data")),
+             (model.with_name("parity.json"), target.with_name(f"{target.stem}.parity.json"))]
+    for source, destination in pairs:
+        if not source.exists():  # (a self-contained model: no data file of an earlier run stays beside it)
+            destination.unlink(missing_ok=True)
+            continue
+        with atomic_path(destination) as tmp:
+            tmp.unlink()
+            if not link:
+                os.replace(source, tmp)
+                continue
+            clone(source, tmp)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = pairs[0][1].name
+    with atomic_path(target) as tmp:
+        onnx.save(graph, str(tmp))
+
+
+def clone(source: Path, target: Path) -> None:
+    """A copy of `source` at `target` that shares its blocks where the filesystem can (a reflink: XFS,
+    btrfs), else a plain copy. Not a hard link: onnx refuses external data with several links."""
+    import fcntl
+    import shutil
+
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+            return
+        except OSError:  # not supported here: copy
+            pass
+    shutil.copyfile(source, target)
+
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
