@@ -76,6 +76,20 @@ def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, dict[str, Any
     return model, manifest
 
 
+def stored_size(path: Path) -> tuple[int, int]:
+    """(parameters, bytes per stored weight) of a checkpoint, from its manifest alone (the model built on
+    the meta device): what the memory guards of stages that load it whole start from."""
+    import torch
+
+    from bigmodel.checkpoint import read_manifest
+    from bigmodel.memory import DTYPE_BYTES
+
+    manifest = read_manifest(path)
+    with torch.device("meta"):
+        parameters = count_parameters(build_model(manifest_arch(manifest, path)))
+    return parameters, DTYPE_BYTES.get(str((manifest.get("import") or {}).get("dtype") or "float32"), 4)
+
+
 def load_frozen_base(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """A checkpoint's model to train LoRA adapters on under bf16 autocast, its matrices kept in the dtype
     the checkpoint stores (bf16 for a bf16 import: no fp32 copy of frozen weights, half the memory of

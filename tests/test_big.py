@@ -267,13 +267,22 @@ def test_the_memory_guard_refuses_before_allocating(imported: Path) -> None:
                 and p.name not in (".stamp.json", ".lock")}  # folder, an empty file, before anything)
 
     for args in (("init",), ("export", "--set", "export.checkpoint=init"), ("infer", "--prompt", "hi"),
-                 ("train", "--set", "train.max_steps=1")):
+                 ("train", "--set", "train.max_steps=1"), ("eval", "--set", "eval.checkpoint=init"),
+                 ("export", "--set", "export.checkpoint=init", "--set", "export.format=hf")):
         before = artifacts()
         line = one_line_error(cli(args[0], "-c", imported, *args[1:], "--set", "memory_limit=20MB", "-q"))
         assert "needs about" in line and "memory_limit" in line, line
         assert artifacts() == before  # nothing was written or replaced
     bad = one_line_error(cli("plan", "-c", imported, "--set", "memory_limit=lots", "-q"))
     assert "memory_limit" in bad and "8GiB" in bad
+
+
+def test_eval_scores_big_vocabularies_in_batches_whose_logits_fit() -> None:
+    from bigmodel.eval.lm import scoring_rows
+
+    assert scoring_rows(64, 256, 4096) == 64  # small models: train.batch_size, as before
+    assert scoring_rows(64, 2048, 49152) == 2  # 400 MB of logits per 2048-token window: two fit in 1 GiB
+    assert scoring_rows(64, 8192, 128256) == 1
 
 
 def test_plan_predicts_each_stages_peak(imported: Path) -> None:

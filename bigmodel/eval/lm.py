@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import console, registry
+from bigmodel import console, memory, registry
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import Config
 from bigmodel.datasets import Examples, load_examples, load_tokens
@@ -76,7 +76,17 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
     return score_artifact(artifact, config)[0], "lm", artifact.step
 
 
+LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one scoring batch may hold
+
+
+def scoring_rows(batch_size: int, width: int, vocab: int) -> int:
+    """Windows per scoring batch: train.batch_size, fewer when their logits would pass LOGITS_BUDGET (a
+    2048-token window of a 49,152-token vocabulary is 400 MB of logits; 64 of them would be 25 GB)."""
+    return max(1, min(batch_size, LOGITS_BUDGET // (width * vocab * 4)))
+
+
 def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
+    memory.guard(eval_peak(path, config), config.memory_limit)
     if path.suffix == ".onnx":
         from bigmodel.infer.gpt import Decoder
         from bigmodel.infer.session import open_model
@@ -97,6 +107,27 @@ def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
     return Artifact(logits, model.block_size, tok, step=manifest.get("step"), model=model)
 
 
+def eval_peak(path: Path, config: Config) -> memory.Estimate:
+    """What scoring `path` holds at its peak: the model (an ONNX file in ONNX Runtime, or a checkpoint
+    loaded whole in fp32 beside its stored tensors) and one batch's logits with their log-softmax."""
+    if path.suffix == ".onnx":
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        block, vocab = int(meta.get("bigmodel.block_size", 0)), int(meta.get("bigmodel.vocab_size", 0))
+        runtime, model = memory.ORT_RUNTIME, int(memory.SESSION_OVER_FILE * memory.onnx_file_bytes(path))
+    else:
+        from bigmodel.checkpoint import read_manifest
+
+        arch = registry.manifest_arch(read_manifest(path), path)
+        block, vocab = getattr(arch, "block_size", 1), getattr(arch, "vocab_size", 0)
+        parameters, stored = registry.stored_size(path)
+        runtime, model = memory.TORCH_RUNTIME, parameters * (4 + stored)
+    logits = scoring_rows(config.train.batch_size, block, vocab or 1) * block * vocab * 4
+    return memory.Estimate("eval", {"runtime": runtime, "model": model, "logits and their log-softmax": 3 * logits},
+                           ["export.dtype int4 and eval that file (eval.checkpoint: the .onnx path)"])
+
+
 def score_artifact(artifact: Artifact, config: Config) -> tuple[dict[str, float], str]:
     """Scores on eval.text_file (encoded with the artifact's own tokenizer) or the val shard."""
     ec = config.eval
@@ -105,10 +136,12 @@ def score_artifact(artifact: Artifact, config: Config) -> tuple[dict[str, float]
         tokens, source = np.asarray(artifact.tokenizer.encode(text), dtype=np.int64), str(ec.text_file)
     elif config.data.format == "sft":  # fine-tuning examples: the loss on their trained tokens only
         examples = load_examples(config, "val")
-        return score_examples(artifact.logits, examples, artifact.tokenizer, config.train.batch_size), "val"
+        rows = scoring_rows(config.train.batch_size, artifact.block_size, artifact.tokenizer.vocab_size)
+        return score_examples(artifact.logits, examples, artifact.tokenizer, rows), "val"
     else:
         tokens, source = np.asarray(load_tokens(config, "val"), dtype=np.int64), "val"
-    scores = score(artifact.logits, artifact.block_size, tokens, artifact.tokenizer, config.train.batch_size)
+    rows = scoring_rows(config.train.batch_size, artifact.block_size, artifact.tokenizer.vocab_size)
+    scores = score(artifact.logits, artifact.block_size, tokens, artifact.tokenizer, rows)
     return scores, source
 
 
