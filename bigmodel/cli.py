@@ -438,6 +438,8 @@ def infer_command(
         overrides = list(set_ or []) + [f"infer.{cleared[k]}=null" for k in cleared if k in explicit] + [
             f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items()
         ]
+        if "prompt" in given and "output" not in explicit and not json_out and not bench:
+            overrides.append(f"infer.output={json.dumps(STDIO)}")  # a prompt typed here is answered here
         loaded = load(config, overrides, run_dir)
         _refuse_stdout_clash(json_out, loaded.infer.output, bench)
         if bench:

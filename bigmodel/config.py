@@ -1464,7 +1464,16 @@ def json_schema() -> dict[str, Any]:
 
 
 def dump_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """The resolved config as YAML (what `bigmodel config` prints and a run records), loadable again. An
+    import's model shape and tokenizer come from its files: its `model:` holds only what was set, and
+    `data.tokenizer` only when set, not defaults that would contradict the import."""
+    raw = config.model_dump(mode="json", by_alias=True)
+    if config.init.from_ is not None:
+        raw["model"] = {"family": config.model.family,
+                        **config.model.model_dump(mode="json", by_alias=True, exclude_unset=True)}
+        if "tokenizer" not in config.data.model_fields_set:
+            raw["data"].pop("tokenizer", None)
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

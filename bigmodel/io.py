@@ -108,8 +108,11 @@ def require_file(path: Path, what: str, fix: str) -> Path:
 
 
 def jsonl_objects(lines: Iterable[str], source: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; invalid JSON or a non-object is the user's to fix."""
+    """(line number, object) for each non-blank line; invalid JSON or a non-object is the user's to fix. A
+    UTF-8 byte-order mark on the first line (what some Windows editors write) is dropped, as for CSV."""
     for line_no, line in enumerate(lines, start=1):
+        if line_no == 1:
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:

@@ -198,8 +198,8 @@ def train_peak(step: dict[str, int], loading: int, lora: bool) -> Estimate:
     parts = {"runtime": TORCH_RUNTIME, "weights + optimizer state": held,
              "activations or gradients": max(step["activations"], step["gradients"], loading - held, 0)}
     fixes = ["--set train.batch_size=<smaller> (activations grow with it)", "--set train.activation_checkpointing=true"]
-    if not lora:
-        fixes.append("--set 'train.lora={rank: 8}' (the base frozen: no gradients or optimizer state for it)")
+    fixes.append("a smaller train.lora.rank" if lora else
+                 "--set 'train.lora={rank: 8}' (the base frozen: no gradients or optimizer state for it)")
     return Estimate("train", parts, fixes)
 
 

@@ -20,6 +20,10 @@ def read_csv(path: Path, text: str | None = None) -> tuple[list[str], list[list[
     if not header:
         raise UserError(f"{path}: the file is empty; a CSV with a header row is expected")
     header = [name.strip() for name in header]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}: the header names column {repeated[0]!r} {header.count(repeated[0])} times; "
+                        "give each column its own name")
     rows = []
     for line_no, row in enumerate(reader, start=2):
         if not row:

@@ -277,6 +277,14 @@ def test_the_memory_guard_refuses_before_allocating(imported: Path) -> None:
     assert "memory_limit" in bad and "8GiB" in bad
 
 
+def test_a_runs_recorded_config_loads_back_and_a_huge_lora_rank_is_refused(imported: Path) -> None:
+    recorded = imported.parent / "run" / "config.yaml"  # every default spelled out, data.tokenizer included
+    assert load_config(recorded).init.from_ == load_config(imported).init.from_
+    line = one_line_error(cli("train", "-c", recorded, "--set", "train.lora={rank: 100000}", "--set",
+                              "train.max_steps=1", "--set", "memory_limit=1GiB"))
+    assert "train needs about" in line and "train.lora.rank" in line, line
+
+
 def test_eval_scores_big_vocabularies_in_batches_whose_logits_fit() -> None:
     from bigmodel.eval.lm import scoring_rows
 

@@ -144,6 +144,13 @@ def test_stop_strings_end_the_completion(lm_run: Path) -> None:
     assert free.startswith(record["completion"])
 
 
+def test_a_prompt_given_on_the_command_line_is_answered_on_stdout(lm_run: Path) -> None:
+    result = cli("infer", "-c", lm_run, "--prompt", "def ", "-t", "0", "-n", "5")
+    assert result.code == 0 and result.stdout.startswith("def ") and "-> stdout" in result.stderr, result.stderr
+    to_file = cli("infer", "-c", lm_run, "--prompt", "def ", "-t", "0", "-n", "5", "-o", lm_run.parent / "p.txt")
+    assert to_file.code == 0 and to_file.stdout == "" and (lm_run.parent / "p.txt").read_text().startswith("def ")
+
+
 def test_prompt_longer_than_the_block_is_cropped(lm_run: Path) -> None:
     out = generate(lm_run, "--prompt", "x = 1\n" * 20, "-t", "0", "-n", "5")[0]
     assert out["cropped"] is True and out["new_tokens"] == 5

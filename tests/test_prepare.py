@@ -69,3 +69,19 @@ def test_ragged_row_and_missing_file_are_user_errors(tmp_path: Path) -> None:
 def test_regression_target_must_be_numeric(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="column 'label'"):
         prepared(tmp_path, "a,label\n1,2\n2,x\n", task="regression")
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="the header names column 'b' 2 times"):
+        prepared(tmp_path, "a,b,b,label\n1,2,3,x\n3,4,5,y\n")
+
+
+def test_a_utf8_byte_order_mark_on_a_jsonl_file_is_dropped(tmp_path: Path) -> None:
+    from bigmodel.io import jsonl_objects
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('\ufeff{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    with open(path, encoding="utf-8") as handle:
+        assert [record for _, record in jsonl_objects(handle, path)] == [{"text": "a"}, {"text": "b"}]
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        list(jsonl_objects(['{"text": "a"}', '\ufeff{"text": "b"}'], path))  # (only a file's first line has one)
