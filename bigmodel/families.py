@@ -29,7 +29,7 @@ class Family:
     inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench): ONNX Runtime only
     server: str  # Engine(session, meta, path, settings): the HTTP routes of `bigmodel serve` (ONNX Runtime only)
     infer_output: str  # default file name of infer's output
-    infer_reads_test_split: bool  # infer's default input is the prepared test split
+    test_split: str | None  # infer's default input: the file prepare writes the test split to (None: none)
     distributed: bool  # trains under torchrun (DDP/FSDP)
     streams_int4: bool = False  # its exporter writes int4 as it streams (export.dtype int4; compress reuses it)
 
@@ -47,7 +47,7 @@ FAMILIES: dict[str, Family] = {
         name="gpt", data_format="text", onnx_kind="gpt", default_init="gpt2", model="bigmodel.models.gpt",
         recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
         inferer="bigmodel.infer.gpt", server="bigmodel.serve.lm", infer_output="generations.jsonl",
-        infer_reads_test_split=False,
+        test_split=None,
         distributed=True, streams_int4=True,
     ),
     "mlp": Family(
@@ -55,13 +55,13 @@ FAMILIES: dict[str, Family] = {
         model="bigmodel.models.mlp", recipe="bigmodel.train.tabular", evaluator="bigmodel.eval.tabular",
         exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", server="bigmodel.serve.tabular",
         infer_output="predictions.csv",
-        infer_reads_test_split=True, distributed=False,
+        test_split="test.csv", distributed=False,
     ),
     "bert": Family(
         name="bert", data_format="text_classification", onnx_kind="encoder", default_init="bert",
         model="bigmodel.models.bert", recipe="bigmodel.train.encoder", evaluator="bigmodel.eval.encoder",
         exporter="bigmodel.export.encoder", inferer="bigmodel.infer.encoder", server="bigmodel.serve.encoder",
-        infer_output="predictions.jsonl", infer_reads_test_split=True, distributed=False,
+        infer_output="predictions.jsonl", test_split="test.jsonl", distributed=False,
     ),
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from bigmodel.config import STDIO, Config
 from bigmodel.console import is_main_process
-from bigmodel.datasets import TEST_CSV, prepared_files
+from bigmodel.datasets import prepared_files
 from bigmodel.families import family
 from bigmodel.infer import default_output as default_infer_output
 from bigmodel.io import sha256_file, write_json
@@ -143,8 +143,8 @@ def _infer_inputs(config: Config) -> list[Path]:
     model = config.infer.model or config.stage_dir("export") / "model.onnx"
     if config.infer.input is not None:
         return [model, config.infer.input]
-    test_split = config.stage_dir("prepare") / TEST_CSV
-    return [model, test_split] if family(config.model.family).infer_reads_test_split else [model]
+    test_split = family(config.model.family).test_split
+    return [model, config.stage_dir("prepare") / test_split] if test_split else [model]
 
 
 def _export_outputs(config: Config) -> list[Path]:

@@ -335,12 +335,28 @@ def test_providers_are_checked_against_this_onnxruntime_in_one_line(lm_run: Path
     assert bogus.code == 2 and "--provider: " in bogus.stderr and "unknown provider 'warp-drive'" in bogus.stderr
     both = cli(*args, "--provider", "cpu", "--device", "cpu")
     assert both.code == 2 and "give one of them" in both.stderr
-    served = cli("serve", "--model", onnx_of(lm_run), "--provider", "tensorrt", "--port", "1")
+    from tests.test_serve import free_port
+
+    served = cli("serve", "--model", onnx_of(lm_run), "--provider", "tensorrt", "--port", str(free_port()))
     assert served.code == 2 and "TensorrtExecutionProvider" in served.stderr
     configured = cli("infer", "-c", lm_run, "--set", "infer.providers=[cuda]", "--prompt", "def ")
     assert configured.code == 2 and "CUDAExecutionProvider" in configured.stderr
     tabular = cli("export", "-c", digits_run, "--set", "export.dtype=fp16")
     assert tabular.code == 2 and "export.dtype 'fp16' is for decoder language models" in tabular.stderr
+
+
+def test_serve_refuses_a_taken_port_or_a_host_that_does_not_resolve_before_loading(lm_run: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = cli_subprocess("serve", "--model", onnx_of(lm_run), "--port", port)
+    assert busy.code == 2 and f"serve.port {port} on 127.0.0.1 is in use" in busy.stderr, busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1 and "serving" not in busy.stderr  # nothing was loaded
+    nowhere = cli_subprocess("serve", "--model", onnx_of(lm_run), "--host", "no-such-host.invalid")
+    assert nowhere.code == 2 and "serve.host 'no-such-host.invalid' does not resolve" in nowhere.stderr, nowhere.stderr
 
 
 # ---- the CLI contract for infer and for checkpoints of the other family (issue 16)

@@ -159,8 +159,7 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     from bigmodel.train.encoder import probabilities, torch_encoder
 
     out = tmp_path / "p.jsonl"
-    inferred = cli("infer", "-c", config, "--input", str(tmp_path / "run" / "prepare" / "test.jsonl"), "--output", str(out),
-                   "--json", "-q")
+    inferred = cli("infer", "-c", config, "--output", str(out), "--json", "-q")  # its default input: the test split
     assert inferred.code == 0, inferred.stderr
     model, manifest = registry.load_model(tmp_path / "run" / "train" / "best.safetensors")
     want = probabilities(torch_encoder(model, torch.device("cpu")), load_texts(load_config(config), "test"),

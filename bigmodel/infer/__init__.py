@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel.config import STDIO, Config, InferConfig
-from bigmodel.datasets import TEST_CSV
 from bigmodel.families import family, family_of_onnx_kind
 
 PROMPT_ROOM = 2048  # tokens of prompt the memory guard makes room for in the KV cache
@@ -23,8 +22,8 @@ def default_output(config: Config) -> Path:
 def run(config: Config, bench: dict[str, int] | None = None) -> dict[str, Any]:
     settings = config.infer
     model = settings.model or config.stage_dir("export") / "model.onnx"
-    reads_test_split = family(config.model.family).infer_reads_test_split
-    default_input = config.stage_dir("prepare") / TEST_CSV if reads_test_split else None
+    test_split = family(config.model.family).test_split
+    default_input = config.stage_dir("prepare") / test_split if test_split else None
     seed = settings.seed if settings.seed is not None else config.seed
     return predict(model, settings, settings.input or default_input, settings.output or default_output(config),
                    settings.threads or config.threads, seed, bench, config.memory_limit)

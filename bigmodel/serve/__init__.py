@@ -1,18 +1,22 @@
 """serve: an exported ONNX model behind an HTTP API (OpenAI-compatible for language models).
 
-ONNX Runtime does the numerics; PyTorch is never imported (tested). The model is loaded and run once
-before the server listens, so /health answers only for a model that works. uvicorn serves the ASGI app
+ONNX Runtime does the numerics; PyTorch is never imported (tested). The address is bound first (a port
+in use is refused before any loading), then the model is loaded and run once before the server listens,
+so /health answers only for a model that works. uvicorn serves the ASGI app
 (serve/app.py) and, on SIGTERM or Ctrl-C, stops accepting, lets in-flight requests finish, and exits 0.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from bigmodel import console
 from bigmodel.config import Config, ServeConfig
+from bigmodel.errors import UserError
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -30,14 +34,40 @@ def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int
 
     from bigmodel.serve.app import DrainingServer
 
-    app, engine = build(model, settings, providers, threads, name, memory_limit)
+    listening = listen(settings.host, settings.port)  # before the model loads: a taken port costs nothing
+    try:
+        app, engine = build(model, settings, providers, threads, name, memory_limit)
+    except BaseException:
+        listening.close()
+        raise
     console.info(f"serve: {engine.kind} model '{engine.name}' from {model} on http://{settings.host}:{settings.port} "
                  f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})")
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                             access_log=False, timeout_graceful_shutdown=30))
-    server.run()
+    server.run(sockets=[listening])
     console.info("serve: stopped (in-flight requests finished)")
     return {"model": str(model), "stopped": True}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, held from here until uvicorn serves on it (no race with another
+    process); a host that does not resolve or a port in use is one line naming the setting."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"serve.host {host!r} does not resolve ({exc.strerror}); give an address such as "
+                        "127.0.0.1 or 0.0.0.0 (--host)") from exc
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn does: restarts reuse the port)
+    try:
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        taken = exc.errno == errno.EADDRINUSE
+        raise UserError(f"serve.port {port} on {host} {'is in use (another server?)' if taken else exc.strerror}; "
+                        f"{'choose another --port' if taken else 'choose another --host or --port'}") from exc
+    return listening
 
 
 def build(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,
