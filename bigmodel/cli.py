@@ -225,6 +225,8 @@ USERS_PATH_ERRORS = {
     errno.EISDIR: "a folder is where a file should be; move it or choose another path",
     errno.EEXIST: "a file is where a folder should be; move it or choose another --run-dir",
     errno.ENOSPC: "the disk is full; free space or choose another --run-dir",
+    errno.EDQUOT: "the disk quota is used up; free space or choose another --run-dir",
+    errno.EFBIG: "the file outgrew the size this process may write (ulimit -f); raise it or write less",
 }
 
 

@@ -8,9 +8,11 @@ never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,11 +23,16 @@ from bigmodel.errors import UserError
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed. A
+    target that cannot be written, or a disk that fills up while it is (whoever writes: safetensors
+    says so in its own exception type), is one line naming `path`, not the temporary file."""
     if path.exists() and not path.is_file():
         raise UserError(f"{path} exists and is not a regular file; choose a file path to write to")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror}); choose a path you can write to") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -34,8 +41,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a normal file's mode
         os.replace(tmp, path)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full(path) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+FULL_WORDS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for room: the OS's errno, or its words in a library's own exception (safetensors)."""
+    return (isinstance(exc, OSError) and exc.errno in FULL) or any(words in str(exc) for words in FULL_WORDS)
+
+
+def disk_full(path: Path, needed: int | None = None) -> UserError:
+    free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+    want = f" ({needed / 2**30:.1f} GiB needed, " if needed else " ("
+    return UserError(f"the disk filled up while writing {path}{want}{free / 2**30:.1f} GiB free); nothing was "
+                     "published: free space, or point run_dir at a disk with room, and run it again")
 
 
 def _umask() -> int:

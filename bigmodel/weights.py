@@ -18,7 +18,6 @@ name instead of failing half-way through a stage.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_path
+from bigmodel.io import FULL, atomic_path, disk_full
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,7 +39,6 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER = 100 << 20  # safetensors' own limit
 # A write that cannot be made: the disk is full, a quota is reached, or the file passes a size limit.
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -53,13 +51,6 @@ class Entry:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
-
-
-def disk_full(path: Path, needed: int | None = None) -> UserError:
-    free = shutil.disk_usage(path if path.is_dir() else path.parent).free
-    want = f" ({needed / 2**30:.1f} GiB needed, " if needed else " ("
-    return UserError(f"the disk filled up while writing {path}{want}{free / 2**30:.1f} GiB free); nothing was "
-                     "published: free space, or point run_dir at a disk with room, and run it again")
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:

@@ -356,6 +356,29 @@ def test_a_disk_that_fills_up_publishes_nothing(stage: str, imported: Path, tmp_
     assert not leftovers, leftovers
 
 
+def test_a_disk_that_fills_up_during_training_or_an_unwritable_output_is_one_line(imported: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Issue 32 item 13: the checkpoint safetensors writes outgrows the disk (a file-size limit): one line
+    naming the checkpoint, exit 2; an -o path that cannot be written names that path, not a .tmp file."""
+    import shutil
+
+    shutil.copytree(imported.parent / "run", tmp_path / "run")
+    config = tmp_path / "import.yaml"
+    shutil.copy(imported, config)
+    shutil.copy(imported.parent / "corpus.txt", tmp_path / "corpus.txt")
+    init = tmp_path / "run" / "init" / "model.safetensors"  # bf16: training's fp32 checkpoints are twice that
+    proc = subprocess.run([sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q", "--set",
+                           "train.max_steps=2", "--set", "train.eval_every=1"], capture_output=True, text=True,
+                          timeout=300, check=False, preexec_fn=lambda: _with_file_size_limit(init.stat().st_size))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "disk filled up while writing" in lines[0] and ".safetensors" in lines[0] and ".tmp" not in lines[0]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("in the way of a folder")
+    line = one_line_error(cli("infer", "-c", config, "--prompt", "hi", "-n", "2", "-o", blocked / "out.jsonl"))
+    assert f"cannot write {blocked / 'out.jsonl'}" in line and ".tmp" not in line, line
+
+
 @pytest.mark.slow
 def test_a_300m_model_imports_and_exports_int4_in_half_its_bf16_bytes_plus_1gib(tmp_path: Path) -> None:
     """A ~300M-parameter random Llama (Llama-3.2-1B's layers, five of them; bf16, 0.6 GB) through init (with the gate) and the int4 export, each

@@ -33,7 +33,7 @@ from onnx import helper
 
 from bigmodel import console
 from bigmodel.export.onnx_file import value_rank
-from bigmodel.weights import FULL, disk_full
+from bigmodel.io import FULL, disk_full
 
 ALIGN = 4096
 GATHER = "@gather"  # GraphWeights.layout: a matrix's blocks as an embedding table reads them
