@@ -76,6 +76,21 @@ def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, dict[str, Any
     return model, manifest
 
 
+def check_adapter_base(path: Path, own_init: Path) -> None:
+    """Refuse a LoRA adapter checkpoint from another run whose base is not this run's init checkpoint
+    (by sha256): scored on its own base it would quietly give the other run's numbers."""
+    from bigmodel.checkpoint import read_manifest
+    from bigmodel.io import sha256_file
+
+    base = (read_manifest(path).get("adapter") or {}).get("base")
+    if base is None or not own_init.is_file() or Path(base["path"]).resolve() == own_init.resolve():
+        return
+    if sha256_file(own_init) != base["sha256"]:
+        raise UserError(f"{path} is a LoRA adapter of {base['path']}, not of this run's {own_init} (sha256 "
+                        f"{base['sha256'][:12]} vs {sha256_file(own_init)[:12]}); an adapter fits only its own "
+                        "base: evaluate it in its own run (--run-dir), or train one on this base")
+
+
 def stored_size(path: Path) -> tuple[int, int]:
     """(parameters, bytes per stored weight) of a checkpoint, from its manifest alone (the model built on
     the meta device): what the memory guards of stages that load it whole start from."""

@@ -160,7 +160,8 @@ def summary(run_dir: Path) -> dict[str, Any]:
     """One line's worth of a run: family, the last stage done, step, main metric, when."""
     config = load_run(run_dir)
     stages = stage_status(config)
-    ran = [name for name, row in stages.items() if row["status"] != "not run"]
+    ran = sorted((name for name, row in stages.items() if row["status"] != "not run"),
+                 key=lambda name: _newest(config.stage_dir(name)))  # the last one run, not the last in ORDER
     train, evaluation = stages.get("train", {}), stages.get("eval", {})
     metric = evaluation.get("metrics") or (train.get("best") or {})
     latest = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=None)
@@ -170,6 +171,10 @@ def summary(run_dir: Path) -> dict[str, Any]:
         "step": train.get("step"), "metric": metric,
         "when": datetime.datetime.fromtimestamp(latest).isoformat(timespec="minutes") if latest else None,
     }
+
+
+def _newest(folder: Path) -> float:
+    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
 
 
 def compare(first: Path, second: Path) -> dict[str, Any]:

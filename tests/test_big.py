@@ -261,6 +261,25 @@ def test_lora_on_a_bf16_import_keeps_the_frozen_base_in_bf16(imported: Path) -> 
     assert result.code == 0 and "frozen base bfloat16" in result.stderr, result.stderr
 
 
+def test_an_adapter_is_refused_on_another_runs_base(imported: Path, tmp_path: Path) -> None:
+    """Issue 32 item 9: run A's adapter evaluated in run B, whose init is another checkpoint, is refused by
+    the base's sha256 (scored on A's base it would quietly give A's numbers); in its own run it is scored."""
+    import shutil
+
+    result = cli("train", "-c", imported, "--set", "train.lora={rank: 4}", "--set", "train.max_steps=2",
+                 "--set", "train.batch_size=2", "-q")
+    assert result.code == 0, result.stderr
+    adapter = imported.parent / "run" / "train" / "best.safetensors"
+    assert cli("eval", "-c", imported, "--set", f"eval.checkpoint={adapter}", "-q").code == 0
+    shutil.copytree(imported.parent / "run", tmp_path / "run")
+    config = tmp_path / "import.yaml"
+    shutil.copy(imported, config)
+    shutil.copy(imported.parent / "corpus.txt", tmp_path / "corpus.txt")
+    assert cli("init", "-c", config, "--set", "init.dtype=fp32", "-q").code == 0  # run B: another base
+    line = one_line_error(cli("eval", "-c", config, "--set", f"eval.checkpoint={adapter}"))
+    assert "LoRA adapter of" in line and "fits only its own base" in line, line
+
+
 def test_the_memory_guard_refuses_before_allocating(imported: Path) -> None:
     def artifacts() -> dict[Path, int]:  # (a stage's stamp goes when it starts: it is not up to date now; train
         return {p: p.stat().st_mtime_ns for p in (imported.parent / "run").rglob("*") if p.is_file()  # locks its

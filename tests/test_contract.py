@@ -308,6 +308,9 @@ def test_runs_lists_and_compares(fresh_run: Path) -> None:
     assert len(compared["metrics"]["eval.accuracy"]) == 2
     table = cli("runs", fresh_run.parent).stdout
     assert table.splitlines()[0].split() == ["run", "family", "last", "stage", "step", "metric", "when"]
+    assert cli("eval", "-c", fresh_run, "-q").code == 0  # run last, though export comes after it in a pipeline
+    listed = {Path(r["path"]).name: r for r in cli("runs", fresh_run.parent, "--json").json()["runs"]}
+    assert listed["run"]["last_stage"].startswith("eval ("), listed["run"]
 
 
 def test_inspect_says_what_any_project_file_is(fresh_run: Path, tmp_path: Path) -> None:

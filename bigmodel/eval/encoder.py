@@ -41,6 +41,8 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
     """Metrics of a checkpoint or an exported .onnx model on eval.split, without writing anything."""
     from bigmodel.train.encoder import mlm_scores, probabilities, retrieval_scores
 
+    if path.suffix != ".onnx":
+        registry.check_adapter_base(path, config.stage_dir("init") / "model.safetensors")
     encode, arch, data, step = _onnx_encoder(config, path) if path.suffix == ".onnx" else _torch_encoder(path)
     split = config.eval.split or "test"
     texts = load_texts(config, split)

@@ -86,6 +86,8 @@ def scoring_rows(batch_size: int, width: int, vocab: int) -> int:
 
 
 def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
+    if path.suffix != ".onnx":
+        registry.check_adapter_base(path, config.stage_dir("init") / "model.safetensors")
     memory.guard(eval_peak(path, config), config.memory_limit)
     if path.suffix == ".onnx":
         from bigmodel.infer.gpt import Decoder
