@@ -118,12 +118,12 @@ def run_streamed(step: QuantizeStep, config: Config, checkpoint: Path, out: Path
     existing = config.stage_dir("export") / "model.onnx"
     if _same_export(existing, derived, checkpoint):
         console.info(f"compress: int4: reusing {existing} (the same checkpoint and settings, its gate passed)")
-        _publish(existing, out, link=True)
+        _publish(existing, out, clone_it=True)
         return out
     work = out.with_name(f".{out.name}.work")
     shutil.rmtree(work, ignore_errors=True)  # (an interrupted run's)
     try:
-        _publish(Path(export_checkpoint(derived, checkpoint, work, "onnx")["model"]), out, link=False)
+        _publish(Path(export_checkpoint(derived, checkpoint, work, "onnx")["model"]), out, clone_it=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -151,9 +151,9 @@ def _same_export(path: Path, config: Config, checkpoint: Path) -> bool:
             and lineage.get("checkpoint") == sha256_file(checkpoint))
 
 
-def _publish(model: Path, target: Path, link: bool) -> None:
+def _publish(model: Path, target: Path, clone_it: bool) -> None:
     """`model` as `target`, its external data as `target`.data (the graph's references renamed to match)
-    and its gate report as `target` .parity.json: cloned from a reused export (`link`), else moved. Data
+    and its gate report as `target` .parity.json: cloned from a reused export (`clone_it`), else moved. Data
     first, the graph last: a reader never finds a graph without its data."""
     import os
 
@@ -168,7 +168,7 @@ def _publish(model: Path, target: Path, link: bool) -> None:
             continue
         with atomic_path(destination) as tmp:
             tmp.unlink()
-            if not link:
+            if not clone_it:
                 os.replace(source, tmp)
                 continue
             clone(source, tmp)
