@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bigmodel import accounting, registry
+from bigmodel import accounting, memory, registry
 from bigmodel.arch import AnyArch, DecoderArch, TabularArch
 from bigmodel.config import Config
 from bigmodel.datasets import MANIFEST_FILE
@@ -137,6 +137,8 @@ class RunPlan:
         self.precision = (tc.precision if tc.precision != "auto" else
                           "bf16" if hardware.bf16_flops > hardware.fp32_flops else "fp32")
         self.peak = hardware.bf16_flops if self.precision == "bf16" else hardware.fp32_flops
+        # LoRA under bf16 autocast keeps the checkpoint's frozen matrices as stored (registry.load_frozen_base)
+        self.frozen_bytes = memory.DTYPE_BYTES.get(stored_dtype(config), 4) if self.precision == "bf16" else 4
         self.storage = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)
         self.checkpoint_bytes = self.storage["training_state"]
         # Steps between resumable checkpoints, as train does it: save_every, else eval_every, else once an
@@ -161,7 +163,7 @@ class RunPlan:
             fsdp_param_bytes=2 if tc.fsdp.param_dtype == "bf16" else 4, runtime=self.hardware.runtime_bytes,
             adapter=None if full else self.adapter,
             fused_dropout=self.config.plan.hardware != "local",  # local: this CPU
-            frozen_bytes=2 if self.precision == "bf16" and stored_dtype(self.config) in HALF else 4,
+            frozen_bytes=self.frozen_bytes,
         )
 
     def compute_seconds(self, devices: int) -> float:
@@ -237,17 +239,16 @@ class RunPlan:
         return found
 
 
-HALF = ("bfloat16", "float16")
-
-
-def stored_dtype(config: Config) -> str:
-    """The dtype init's checkpoint stores its weights in: the import's (init.dtype), else fp32."""
+def stored_dtype(config: Config, source: Any = None) -> str:
+    """The dtype init's checkpoint stores its weights in: the import's (init.dtype; `source`: its described
+    files, when already read), else fp32."""
     if config.init.from_ is None:
         return "float32"
     from bigmodel import pretrained
     from bigmodel.pretrained.build import checkpoint_dtype
 
-    return str(checkpoint_dtype(config.init.dtype, pretrained.describe(config.init.from_))).removeprefix("torch.")
+    source = source or pretrained.describe(config.init.from_)
+    return str(checkpoint_dtype(config.init.dtype, source)).removeprefix("torch.")
 
 
 def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]:
@@ -256,15 +257,15 @@ def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]
     and serving of the int4 file."""
     if not isinstance(arch, DecoderArch):
         return {}
-    from bigmodel import memory
     from bigmodel.infer import PROMPT_ROOM
 
-    stored = stored_dtype(config)
+    stored = "float32"
     found: dict[str, Any] = {}
     if config.init.from_ is not None:
         from bigmodel import pretrained
 
         source = pretrained.describe(config.init.from_)
+        stored = stored_dtype(config, source)
         found["init"] = memory.import_peak(arch, source.format, source.dtype, stored, n_params, config.init.verify)
     for dtype in ("fp32", "int4"):
         found[f"export_{dtype}"] = memory.export_peak(arch, n_params, stored, dtype)

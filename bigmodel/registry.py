@@ -85,24 +85,31 @@ def check_adapter_base(path: Path, own_init: Path) -> None:
     base = (read_manifest(path).get("adapter") or {}).get("base")
     if base is None or not own_init.is_file() or Path(base["path"]).resolve() == own_init.resolve():
         return
-    if sha256_file(own_init) != base["sha256"]:
+    own = sha256_file(own_init)
+    if own != base["sha256"]:
         raise UserError(f"{path} is a LoRA adapter of {base['path']}, not of this run's {own_init} (sha256 "
-                        f"{base['sha256'][:12]} vs {sha256_file(own_init)[:12]}); an adapter fits only its own "
+                        f"{base['sha256'][:12]} vs {own[:12]}); an adapter fits only its own "
                         "base: evaluate it in its own run (--run-dir), or train one on this base")
 
 
-def stored_size(path: Path) -> tuple[int, int]:
-    """(parameters, bytes per stored weight) of a checkpoint, from its manifest alone (the model built on
-    the meta device): what the memory guards of stages that load it whole start from."""
+def stored_dtype(manifest: dict[str, Any]) -> str:
+    """The dtype a checkpoint stores its weights in: an import's (bf16 for a bf16 model), else fp32."""
+    return str((manifest.get("import") or {}).get("dtype") or "float32")
+
+
+def checkpoint_size(path: Path) -> tuple[AnyArch, int, int]:
+    """(architecture, parameters, bytes per stored weight) of a checkpoint, from its manifest alone (the
+    model built on the meta device): what the memory guards of stages that load it start from."""
     import torch
 
     from bigmodel.checkpoint import read_manifest
     from bigmodel.memory import DTYPE_BYTES
 
     manifest = read_manifest(path)
+    arch = manifest_arch(manifest, path)
     with torch.device("meta"):
-        parameters = count_parameters(build_model(manifest_arch(manifest, path)))
-    return parameters, DTYPE_BYTES.get(str((manifest.get("import") or {}).get("dtype") or "float32"), 4)
+        parameters = count_parameters(build_model(arch))
+    return arch, parameters, DTYPE_BYTES.get(stored_dtype(manifest), 4)
 
 
 def load_frozen_base(path: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -132,23 +132,20 @@ def run_streamed(step: QuantizeStep, config: Config, checkpoint: Path, out: Path
 def _same_export(path: Path, config: Config, checkpoint: Path) -> bool:
     import json
 
-    import onnx
-
     from bigmodel.export.gpt import weight_format
+    from bigmodel.infer.session import file_metadata
     from bigmodel.io import sha256_file
 
-    report = path.with_name("parity.json")
-    if not (path.is_file() and report.is_file()):
+    meta, report = file_metadata(path), path.with_name("parity.json")
+    if meta is None or not report.is_file():
         return False
     try:
-        props = onnx.load(str(path), load_external_data=False).metadata_props
-        meta = {p.key.removeprefix("bigmodel."): p.value for p in props}
-        lineage, passed = json.loads(meta.get("lineage") or "{}"), bool(json.loads(report.read_text()).get("passed"))
-        width = int(json.loads(meta.get("architecture") or "{}").get("n_embd") or 0)
-    except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError):  # not a file to reuse
+        passed = bool(json.loads(report.read_text()).get("passed"))
+    except (OSError, ValueError):  # not a report to trust
         return False
+    width = int((meta.get("architecture") or {}).get("n_embd") or 0)
     return (passed and meta.get("weights") == weight_format("int4", config.export.int4, width)
-            and lineage.get("checkpoint") == sha256_file(checkpoint))
+            and (meta.get("lineage") or {}).get("checkpoint") == sha256_file(checkpoint))
 
 
 def _publish(model: Path, target: Path, clone_it: bool) -> None:

@@ -113,17 +113,14 @@ def eval_peak(path: Path, config: Config) -> memory.Estimate:
     """What scoring `path` holds at its peak: the model (an ONNX file in ONNX Runtime, or a checkpoint
     loaded whole in fp32 beside its stored tensors) and one batch's logits with their log-softmax."""
     if path.suffix == ".onnx":
-        import onnx
+        from bigmodel.infer.session import file_metadata
 
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        block, vocab = int(meta.get("bigmodel.block_size", 0)), int(meta.get("bigmodel.vocab_size", 0))
+        meta = file_metadata(path) or {}
+        block, vocab = int(meta.get("block_size", 0)), int(meta.get("vocab_size", 0))
         runtime, model = memory.ORT_RUNTIME, int(memory.SESSION_OVER_FILE * memory.onnx_file_bytes(path))
     else:
-        from bigmodel.checkpoint import read_manifest
-
-        arch = registry.manifest_arch(read_manifest(path), path)
+        arch, parameters, stored = registry.checkpoint_size(path)
         block, vocab = getattr(arch, "block_size", 1), getattr(arch, "vocab_size", 0)
-        parameters, stored = registry.stored_size(path)
         runtime, model = memory.TORCH_RUNTIME, parameters * (4 + stored)
     logits = scoring_rows(config.train.batch_size, block, vocab or 1) * block * vocab * 4
     return memory.Estimate("eval", {"runtime": runtime, "model": model, "logits and their log-softmax": 3 * logits},

@@ -79,7 +79,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         raise UserError(f"{ckpt} holds a {arch.family} model, not a decoder")
     with torch.device("meta"):
         parameters = sum(p.numel() for p in GPT(arch).parameters())
-    stored = _stored_dtype(manifest)
+    stored = registry.stored_dtype(manifest)
     memory.guard(memory.export_peak(arch, parameters, stored, xc.dtype), config.memory_limit)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_free_space(out_dir, int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4.head,
@@ -140,11 +140,6 @@ def weight_format(dtype: str, int4: Int4Export, width: int) -> str:
     return (f"int4 (block {int4.block_size}, head {int4.head}{wide if int4.head == 'int8' else ''}, embeddings "
             f"{int4.embedding_format}{wide if int4.embedding_format == 'int8' else ''}, accuracy level "
             f"{int4.accuracy_level or 0})")
-
-
-def _stored_dtype(manifest: dict[str, Any]) -> str:
-    """The dtype the checkpoint stores its weights in (bf16 for an import of a bf16 model)."""
-    return str((manifest.get("import") or {}).get("dtype") or "float32")
 
 
 def _tolerance(xc: Any) -> tuple[float, float]:

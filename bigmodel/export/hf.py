@@ -38,7 +38,7 @@ GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     from bigmodel import memory
 
-    parameters, stored = registry.stored_size(ckpt)
+    _, parameters, stored = registry.checkpoint_size(ckpt)
     memory.guard(memory.Estimate("export (hf)", {
         "runtime": memory.TORCH_RUNTIME + memory.TRANSFORMERS_RUNTIME,
         # bigmodel's model in fp32 beside the checkpoint's tensors, then transformers' round trip in fp32

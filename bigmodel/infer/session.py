@@ -60,24 +60,13 @@ class Workload:
 def preflight(path: Path, workload: Workload) -> None:
     """Refuse, before ONNX Runtime reads any weight, a decoder whose file, KV cache and logits would not fit
     (bigmodel/memory.py); the metadata comes from the graph alone (external data is not read)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
     from bigmodel import memory
 
-    if not path.is_file():
-        return  # open_session names the missing file
-    try:
-        props = onnx.load(str(path), load_external_data=False).metadata_props
-    except (OSError, DecodeError):  # not an ONNX file: open_session says so
-        return
-    meta = {p.key.removeprefix("bigmodel."): p.value for p in props if p.key.startswith("bigmodel.")}
-    if meta.get("kind") != "gpt":
-        return
-    shapes = {key: json.loads(meta[key]) for key in ("n_layer", "n_head", "head_size", "vocab_size", "block_size")}
-    shapes.update(n_kv_head=json.loads(meta.get("n_kv_head", "null")), dtype=meta.get("dtype", "fp32"))
-    context = min(workload.context, int(shapes["block_size"]))
-    memory.guard(memory.runtime_peak(workload.stage, shapes, memory.onnx_file_bytes(path), workload.batch, context),
+    meta = file_metadata(path)
+    if meta is None or meta.get("kind") != "gpt":
+        return  # (a missing or unreadable file: open_session says so)
+    context = min(workload.context, int(meta["block_size"]))
+    memory.guard(memory.runtime_peak(workload.stage, meta, memory.onnx_file_bytes(path), workload.batch, context),
                  workload.limit)
 
 
@@ -99,14 +88,31 @@ def open_model(
 
 def metadata(session: ort.InferenceSession, path: Path) -> dict[str, Any]:
     """The `bigmodel.*` metadata as Python values; refuses models bigmodel did not export."""
-    raw = session.get_modelmeta().custom_metadata_map
-    meta = {}
+    meta = _parsed(session.get_modelmeta().custom_metadata_map)
+    if "kind" not in meta:
+        raise UserError(f"{path} has no bigmodel metadata; export it with 'bigmodel export'")
+    return meta
+
+
+def file_metadata(path: Path) -> dict[str, Any] | None:
+    """`metadata` read from the graph alone, without a session or the external data (what a guard or a
+    reuse check needs before loading anything); None for a missing or unreadable file."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+    except (OSError, DecodeError):
+        return None
+    return _parsed({p.key: p.value for p in props})
+
+
+def _parsed(raw: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith("bigmodel."):
             try:
                 meta[key.removeprefix("bigmodel.")] = json.loads(value)
             except json.JSONDecodeError:
                 meta[key.removeprefix("bigmodel.")] = value
-    if "kind" not in meta:
-        raise UserError(f"{path} has no bigmodel metadata; export it with 'bigmodel export'")
     return meta

@@ -245,8 +245,7 @@ def training_peak(config: Config, path: Path, precision: str) -> memory.Estimate
     """What training the checkpoint at `path` will hold at its peak in this one process (before loading
     it): accounting.training_memory's step, or loading the model when that is larger."""
     tc = config.train
-    arch = registry.manifest_arch(read_manifest(path), path)
-    n_params, stored = registry.stored_size(path)
+    arch, n_params, stored = registry.checkpoint_size(path)
     streamed = tc.lora is not None and precision == "bf16"  # registry.load_frozen_base: matrices as stored
     frozen = stored if streamed else 4
     adapter = None if tc.lora is None else accounting.lora_parameters(arch, tc.lora.projections(), tc.lora.rank)
