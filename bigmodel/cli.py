@@ -525,7 +525,7 @@ def serve_command(
 
     def action() -> dict[str, Any]:
         from bigmodel import serve
-        from bigmodel.config import ServeConfig
+        from bigmodel.config import ServeConfig, apply_override
 
         given = {k: v for k, v in (("model", model), ("host", host), ("port", port), ("api_key", api_key),
                                    ("max_batch", max_batch), ("max_queue", max_queue)) if v is not None}
@@ -535,7 +535,12 @@ def serve_command(
         if config is None and run_dir is None:
             if model is None:
                 raise UserError("serve needs -c CONFIG, or --model FILE.onnx")
-            settings = _validated(ServeConfig, given, "serve")
+            raw: dict[str, Any] = {"serve": given}
+            for override in set_ or []:  # without a config, --set reaches serve's own keys only
+                if not apply_override(raw, override).startswith("serve.") or set(raw) != {"serve"}:
+                    raise UserError(f"--set {override}: without -c, serve takes serve.* keys only; give -c CONFIG "
+                                    "for the others")
+            settings = _validated(ServeConfig, raw["serve"], "serve")
             return serve.serve(model, settings, providers or ["CPUExecutionProvider"], None)
         overrides = list(set_ or []) + [f"serve.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}"
                                         for k, v in given.items()]

@@ -862,9 +862,21 @@ class ServeConfig(Section):
                                 "the BIGMODEL_API_KEY environment variable, else no key.")
     max_queue: int = Field(64, gt=0, description="Requests allowed to wait; beyond that the server answers "
                            "503 with Retry-After instead of queueing without bound.")
-    max_tokens: int = Field(256, gt=0, description="gpt: tokens generated when a request gives no max_tokens.")
+    max_tokens: int = Field(256, gt=0, description="gpt: tokens generated when a request gives no max_tokens "
+                            "(fewer when the prompt leaves less room in the model's context).")
     max_batch: int = Field(16, gt=0, description="gpt: requests decoded together in one batch (continuous "
                            "batching); more wait in the queue. 1: one at a time.")
+    context_shift: bool = Field(False, description="gpt: let a request's max_tokens run past the model's context: "
+                                "once it is full, each new token re-reads the last block_size tokens (as `bigmodel "
+                                "infer` does; quality drops, the model never saw text cut mid-way). Default: a "
+                                "max_tokens that does not fit after the prompt is refused (400).")
+    max_body_bytes: int = Field(4 * 2**20, gt=0, description="Largest request body accepted; a larger one is "
+                                "answered 413 at once, before it is read.")
+    drain_seconds: float = Field(30.0, ge=0.0, description="On SIGTERM or Ctrl-C: how long in-flight requests "
+                                 "may finish; then they are cut (streams end with an error event, others get 503) "
+                                 "and the server exits 0.")
+    cors_origins: list[str] = Field([], description="Origins whose browser pages may call the API (CORS), e.g. "
+                                    "['https://app.example.com'], or ['*'] for any. Default: none.")
 
 
 HARDWARE = ("local", "a10", "l4", "a100-80gb", "h100-sxm", "h200", "mi300x")
@@ -1131,7 +1143,7 @@ def load_config(
     raw = _read_with_extends(path, chain=())
     set_keys: dict[str, str] = {}
     for override in overrides or []:
-        set_keys[_apply_override(raw, override)] = override
+        set_keys[apply_override(raw, override)] = override
     if run_dir is not None:
         if not str(run_dir).strip():
             raise UserError("--run-dir is empty; give a folder, e.g. --run-dir runs/try1")
@@ -1211,7 +1223,7 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> str:
+def apply_override(raw: dict[str, Any], override: str) -> str:
     """Set one key from a --set; returns its key path."""
     key_path, sep, text = override.partition("=")
     if not sep or not key_path.strip():

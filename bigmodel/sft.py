@@ -95,9 +95,12 @@ class Renderer:
     """Records -> Examples for one tokenizer, template and loss mask (data.train_on)."""
 
     def __init__(self, tokenizer: Any, template: str | None, special_tokens: dict[str, Any], train_on: str,
-                 eos_id: int | None) -> None:
+                 eos_id: int | None, origin: str = "the model's chat template") -> None:
         self.tokenizer = tokenizer
         self.template = template  # a Jinja chat template; None: plain
+        self.origin = origin  # names the template in errors
+        if template is not None:
+            chat.compile_template(template, origin)  # a broken template is its own error, not the first record's
         self.token_texts = chat.token_texts(tokenizer, special_tokens) if template else {}
         self.train_on = train_on
         self.eos_id = eos_id
@@ -144,7 +147,7 @@ class Renderer:
 
     def _render(self, messages: list[chat.Message], add_generation_prompt: bool) -> str:
         assert self.template is not None
-        return chat.render(self.template, messages, self.token_texts, add_generation_prompt)
+        return chat.render(self.template, messages, self.token_texts, add_generation_prompt, self.origin)
 
 
 def marked(example: Example, tokenizer: Any, open_mark: str = "[[", close_mark: str = "]]") -> str:

@@ -8,6 +8,7 @@ No PyTorch here: `infer` uses this module too.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,9 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot_id: int | None  # token appended after each document, if the tokenizer has one
 
+    @property
+    def longest_token(self) -> int: ...  # characters in the vocabulary's longest token (bounds a text's tokens)
+
     def encode(self, text: str) -> list[int]: ...
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
@@ -36,6 +40,7 @@ class CharTokenizer:
 
     kind = "char"
     eot_id = None
+    longest_token = 1
 
     def __init__(self, vocab: list[str]) -> None:
         self.vocab = vocab
@@ -82,6 +87,11 @@ class BPETokenizer:
     def kind(self) -> str:
         """"bpe", "wordpiece" or "unigram": the HF model type (read on demand: it serialises the tokenizer)."""
         return str(json.loads(self._tok.to_str())["model"].get("type", "BPE")).lower()  # type: ignore[attr-defined]
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters in the longest vocabulary entry (a byte-level token's characters are its bytes)."""
+        return max(map(len, self._tok.get_vocab()), default=1)  # type: ignore[attr-defined]
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ models are written by transformers itself (tests/hf_models.py).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,50 @@ def test_bad_records_are_one_line_exit_2_errors_naming_the_line(
     assert message in result.stderr and "train.jsonl" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "prepare" / "manifest.json").exists()
+
+
+HOSTILE_TEMPLATES = {  # a model's chat template is untrusted code: each ends in one line, quickly
+    "{% for i in range(10**8) %}x{% endfor %}": "asked for a width or count of 100,000,000",
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}": "ran for more than 5 s",
+    "{{ 'x' * 10**10 }}": "asked for a width or count",
+    "{{ 'x'|center(10**10) }}": "asked for a width or count",
+    "{{ '{:>10000000000}'.format(1) }}": "asked for a format width of 10,000,000,000",
+    "{{ '%10000000000s' % 'x' }}": "asked for a format width",
+    "{% set s = 'a' * 1000000 %}{{ s.replace('a', 'b' * 100) }}": "built a value of more than 16,777,216",
+    "{{ 10**10**8 }}": "computed an integer of more than 256 bits",
+    "{% macro f(n) %}{{ f(n+1) }}{% endmacro %}{{ f(0) }}": "RecursionError",
+    "{{ 1/0 }}": "ZeroDivisionError",
+    "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}": "does not compile (line 2: unexpected '}')",
+}
+
+
+@pytest.mark.parametrize("template", list(HOSTILE_TEMPLATES), ids=range(len(HOSTILE_TEMPLATES)))
+def test_a_hostile_or_broken_chat_template_is_one_line_naming_it(template: str) -> None:
+    from bigmodel import chat
+    from bigmodel.errors import UserError
+
+    started = time.perf_counter()
+    with pytest.raises(UserError) as refused:
+        chat.render(template, [{"role": "user", "content": "hi"}], {}, origin="the chat template of m.gguf")
+    assert time.perf_counter() - started < chat.RENDER_SECONDS + 3
+    message = str(refused.value)
+    assert message.startswith("the chat template of m.gguf ") and HOSTILE_TEMPLATES[template] in message
+    assert "set data.template: chatml" in message and "\n" not in message
+
+
+def test_prepare_blames_a_broken_template_not_the_first_record(sources: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).symlink_to(sources["llama"] / name)
+    settings = json.loads((sources["llama"] / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": "{% if %}"}))
+    config = sft_config(tmp_path, folder)
+    result = cli("prepare", "-c", config, "-q")
+    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the chat template of broken does not compile (line 1:" in result.stderr
+    assert "set data.template: chatml" in result.stderr and "train.jsonl" not in result.stderr
+    assert cli("prepare", "-c", config, "--set", "data.template=chatml", "-q").code == 0  # the fix it names works
 
 
 def test_too_long_examples_are_truncated_and_counted_or_refused(sources: dict[str, Path], tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def test_the_openai_client_completes_and_streams_like_infer(lm_run: Path, tmp_pa
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
             client.completions.create(model="run", prompt="def ", max_tokens=0)
         with pytest.raises(openai.BadRequestError, match="context is 32"):
-            client.completions.create(model="run", prompt="x = 1\n" * 20, max_tokens=4)
+            client.completions.create(model="run", prompt="x = 1\n" * 8, max_tokens=4)
         metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
         assert 'bigmodel_requests_total{path="/v1/completions",status="200"} 5' in metrics
         assert 'bigmodel_requests_total{path="/v1/completions",status="400"} 2' in metrics
@@ -103,7 +103,7 @@ def test_the_openai_client_completes_and_streams_like_infer(lm_run: Path, tmp_pa
 
 
 def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:  # noqa: F811
-    with server("--model", onnx_of(lm_run), "--api-key", "s3cret") as base:
+    with server("--model", onnx_of(lm_run), "--api-key", "s3cret", "--set", "serve.context_shift=true") as base:
         auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
         cases = [("not json", "the body is not valid JSON", None), ([1, 2], "JSON object", None),
                  ({"prompt": "def ", "bogus": 1}, "bogus: unknown field", "bogus"),
@@ -134,7 +134,8 @@ def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:
 
 
 def test_max_batch_and_max_queue_bound_the_work_and_a_full_queue_answers_503(lm_run: Path) -> None:  # noqa: F811
-    with server("--model", onnx_of(lm_run), "--max-batch", "1", "--max-queue", "1") as base:
+    with server("--model", onnx_of(lm_run), "--max-batch", "1", "--max-queue", "1",
+                "--set", "serve.context_shift=true") as base:
         def open_stream() -> HTTPConnection:
             connection = HTTPConnection(base.removeprefix("http://"), timeout=30)
             connection.request("POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000,
@@ -257,3 +258,92 @@ def test_requests_decoded_together_get_what_each_would_get_alone(lm_run: Path) -
     assert [outcomes[i] for i in range(len(expected))] == expected
     assert ["".join(texts[i]) for i in range(len(expected))] == [e["completion"] for e in expected]
     assert len(cases) - 1 not in outcomes  # the cancelled row never finished, and the others were not held up
+
+
+def test_a_request_must_fit_the_context_and_bodies_are_bounded(lm_run: Path) -> None:  # noqa: F811
+    """32-token context: max_tokens past it is a 400 saying how many fit; without max_tokens the default is
+    capped to what fits; a body over serve.max_body_bytes is a 413 before it is read; a prompt far too long
+    for the context is refused without tokenising it; GET /v1/models/{id}; CORS for the origins given."""
+    with server("--model", onnx_of(lm_run), "--set", "serve.max_body_bytes=2000",
+                "--set", 'serve.cors_origins=["https://app.example"]') as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        with pytest.raises(openai.BadRequestError, match="the prompt takes 4, leaving 28: ask for at most 28"):
+            client.completions.create(model="run", prompt="def ", max_tokens=29)
+        capped = client.completions.create(model="run", prompt="def ", temperature=0, stop=["never"])
+        assert capped.usage.completion_tokens == 28 and capped.choices[0].finish_reason == "length"
+        assert client.models.retrieve("run").id == "run"
+        with pytest.raises(openai.NotFoundError, match="this server serves 'run'"):
+            client.models.retrieve("gpt-4")
+        started = time.perf_counter()
+        status, answer = http(base, "/v1/completions", {"prompt": "x" * 5000})
+        assert status == 413 and "serve.max_body_bytes" in answer["error"]["message"]
+        assert time.perf_counter() - started < 5
+        status, answer = http(base, "/v1/completions", {"prompt": "x" * 1900})  # 1,900 characters > 2 x 32 x longest token
+        assert status == 400 and "more than the model's context of 32 tokens can hold" in answer["error"]["message"]
+        preflight = urllib.request.Request(f"{base}/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        with urllib.request.urlopen(preflight) as response:
+            assert response.status == 200
+            assert response.headers["access-control-allow-origin"] == "https://app.example"
+        elsewhere = urllib.request.Request(f"{base}/v1/models", headers={"Origin": "https://evil.example"})
+        with urllib.request.urlopen(elsewhere) as response:
+            assert "access-control-allow-origin" not in response.headers
+
+
+def test_a_client_that_hangs_up_is_dropped_and_sigterm_drains_then_cuts_and_exits_0(lm_run: Path) -> None:  # noqa: F811
+    """A non-streamed request whose client disconnects leaves the batch (499 in /metrics); on SIGTERM the
+    requests still running after serve.drain_seconds are cut -- a stream ends with an error event and
+    [DONE], a waiting request gets a 503 -- and the process exits 0 saying how many were cut."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "serve", "--model", str(onnx_of(lm_run)), "--port",
+                             str(port), "--set", "serve.context_shift=true", "--set", "serve.drain_seconds=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base, host = f"http://127.0.0.1:{port}", f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            time.sleep(0.1)
+
+        def rows() -> str:
+            return next(line for line in urllib.request.urlopen(f"{base}/metrics").read().decode().splitlines()
+                        if line.startswith("bigmodel_batch_rows "))
+
+        def send(stream: bool) -> HTTPConnection:
+            connection = HTTPConnection(host, timeout=30)
+            connection.request("POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000,
+                                                                       "stream": stream}),
+                               {"Content-Type": "application/json"})
+            return connection
+
+        hung_up = send(stream=False)
+        deadline = time.time() + 10
+        while rows() != "bigmodel_batch_rows 1":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        hung_up.close()
+        while rows() != "bigmodel_batch_rows 0":
+            assert time.time() < deadline, "the row of a client that hung up is still decoding"
+            time.sleep(0.05)
+        assert 'path="/v1/completions",status="499"} 1' in urllib.request.urlopen(f"{base}/metrics").read().decode()
+
+        streaming, waiting = send(stream=True), send(stream=False)
+        stream = streaming.getresponse()
+        assert stream.readline().startswith(b"data: ")
+        while rows() != "bigmodel_batch_rows 2":
+            time.sleep(0.05)
+        proc.terminate()
+        rest = stream.read().decode()
+        answer = waiting.getresponse()
+        assert answer.status == 503 and "drain time ran out" in json.loads(answer.read())["error"]["message"]
+        assert '"type": "server_error"' in rest and "drain time ran out" in rest and rest.endswith("data: [DONE]\n\n")
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "2 request(s) still running after the 1 s drain were cut" in stderr and "Traceback" not in stderr

@@ -231,9 +231,20 @@ def test_an_imported_embedding_model_serves_openai_embeddings_equal_to_infer(tmp
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         got = np.array([item.embedding for item in client.embeddings.create(model="run", input=texts).data])
         status, answer = http(base, "/v1/embeddings", {"input": []})
+        # Too long for the 64-token context: refused, as a long prompt is, unless the request asks to cut it.
+        long_status, refused = http(base, "/v1/embeddings", {"input": ["short", "word " * 100]})
+        cut_status, cut = http(base, "/v1/embeddings", {"input": ["short", "word " * 100], "truncate": True})
+        card = client.models.retrieve("run")
     assert got.shape == want.shape == (2, 32) and np.abs(got - want).max() < 1e-6
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert status == 400 and answer["error"]["param"] == "input"
+    assert long_status == 400 and refused["error"]["message"].startswith("input[1]: longer than the model's context of 64")
+    assert cut_status == 200 and cut["truncated"] == [1] and len(cut["data"]) == 2
+    assert card.id == "run" and card.task == "embedding"
+    # infer cuts too (a file is not a conversation), and says so
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": "word " * 100}) + "\n")
+    warned = cli("infer", "-c", config, "--input", str(tmp_path / "long.jsonl"), "--output", str(tmp_path / "l.npy"))
+    assert warned.code == 0 and "1 of 1 texts (the first: record 1) were longer than the model's context of 64" in warned.stderr
 
 
 def test_masking_follows_berts_80_10_10_rule_and_never_picks_specials() -> None:

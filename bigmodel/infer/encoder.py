@@ -35,7 +35,12 @@ def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferCon
     if source is None:
         raise UserError("infer needs texts: --input FILE (CSV or JSONL with a text column) or '-' for stdin")
     records = _records(source)
-    outputs = run_texts(session, meta, [_texts(r, meta, i, source) for i, r in enumerate(records)], settings.batch_size)
+    cut: list[int] = []
+    outputs = run_texts(session, meta, [_texts(r, meta, i, source) for i, r in enumerate(records)], settings.batch_size,
+                        cut=cut)
+    if cut:
+        console.warn(f"infer: {len(cut)} of {len(records)} texts (the first: record {cut[0] + 1}) were longer than the "
+                     f"model's context of {meta['architecture']['block_size']} tokens and were cut to it")
     if meta["task"] == "embedding" and dest.suffix == ".npy":
         with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
             np.save(handle, outputs.astype(np.float32), allow_pickle=False)
@@ -63,26 +68,43 @@ def tokenizer_of(meta: dict[str, Any]) -> Any:
 
 
 def run_texts(session: Any, meta: dict[str, Any], texts: list[list[str]], batch_size: int, tok: Any = None,
-              tokens: list[int] | None = None) -> np.ndarray:
+              tokens: list[int] | None = None, cut: list[int] | None = None) -> np.ndarray:
     """The graph's output for each text (or pair), in padded batches: (N, L) probabilities or (N, C) embeddings.
-    tok: the model's tokenizer when the caller keeps one (serve); tokens: the count of real tokens is added."""
+    tok: the model's tokenizer when the caller keeps one; tokens: the count of real tokens is added; cut:
+    the indices of texts longer than the model's context (cut to it) are added."""
     tok = tok or tokenizer_of(meta)
-    pad_id = int(meta["architecture"]["pad_id"])
     parts = []
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        encodings = tok.encode_batch([tuple(t) if len(t) == 2 else t[0] for t in chunk])
+        encodings = encode_texts(tok, texts[start : start + batch_size])
         if tokens is not None:
             tokens.append(sum(len(e.ids) for e in encodings))
-        width = max(len(e.ids) for e in encodings)
-        feeds = {name: np.zeros((len(chunk), width), dtype=np.int64) for name in INPUTS}
-        feeds["input_ids"][:] = pad_id
-        for i, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            feeds["input_ids"][i, :n], feeds["token_type_ids"][i, :n] = encoding.ids, encoding.type_ids
-            feeds["attention_mask"][i, :n] = 1
-        parts.append(session.run(None, feeds)[0])
+        if cut is not None:
+            cut += [start + i for i in cut_texts(encodings)]
+        parts.append(run_encodings(session, meta, encodings))
     return np.concatenate(parts)
+
+
+def encode_texts(tok: Any, texts: list[list[str]]) -> list[Any]:
+    """Each text (or [text, text_pair]) as the model's tokenizer encodes it, cut to the model's context."""
+    return list(tok.encode_batch([tuple(t) if len(t) == 2 else t[0] for t in texts]))
+
+
+def cut_texts(encodings: list[Any]) -> list[int]:
+    """Which encodings lost tokens to the model's context."""
+    return [i for i, encoding in enumerate(encodings) if encoding.overflowing]
+
+
+def run_encodings(session: Any, meta: dict[str, Any], encodings: list[Any]) -> np.ndarray:
+    """The graph's output for one batch of encodings, padded to the longest with the mask that says so."""
+    pad_id = int(meta["architecture"]["pad_id"])
+    width = max(len(e.ids) for e in encodings)
+    feeds = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in INPUTS}
+    feeds["input_ids"][:] = pad_id
+    for i, encoding in enumerate(encodings):
+        n = len(encoding.ids)
+        feeds["input_ids"][i, :n], feeds["token_type_ids"][i, :n] = encoding.ids, encoding.type_ids
+        feeds["attention_mask"][i, :n] = 1
+    return session.run(None, feeds)[0]
 
 
 def _records(source: Path) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 ONNX Runtime does the numerics; PyTorch is never imported (tested). The address is bound first (a port
 in use is refused before any loading), then the model is loaded and run once before the server listens,
 so /health answers only for a model that works. uvicorn serves the ASGI app
-(serve/app.py) and, on SIGTERM or Ctrl-C, stops accepting, lets in-flight requests finish, and exits 0.
+(serve/app.py) and, on SIGTERM or Ctrl-C, stops accepting, gives in-flight requests serve.drain_seconds
+to finish, cuts what is left (saying how many), and exits 0.
 """
 
 from __future__ import annotations
@@ -42,11 +43,21 @@ def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int
         raise
     console.info(f"serve: {engine.kind} model '{engine.name}' from {model} on http://{settings.host}:{settings.port} "
                  f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})")
+    # uvicorn's own graceful timeout is only a backstop: the drain ends by cutting requests cleanly first.
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                            access_log=False, timeout_graceful_shutdown=30))
-    server.run(sockets=[listening])
-    console.info("serve: stopped (in-flight requests finished)")
-    return {"model": str(model), "stopped": True}
+                                           access_log=False, timeout_graceful_shutdown=int(settings.drain_seconds) + 10),
+                            settings.drain_seconds, engine.cut)
+    try:
+        server.run(sockets=[listening])
+    finally:
+        server.stop_timer()
+        engine.close()  # the decoding thread stops before the interpreter does (ONNX Runtime mid-run aborts)
+    if server.cut_requests:
+        console.warn(f"serve: stopped; {server.cut_requests} request(s) still running after the "
+                     f"{settings.drain_seconds:g} s drain were cut (serve.drain_seconds)")
+    else:
+        console.info("serve: stopped (in-flight requests finished)")
+    return {"model": str(model), "stopped": True, "cut_requests": server.cut_requests}
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -85,7 +96,8 @@ def build(model: Path, settings: ServeConfig, providers: list[str], threads: int
     server = family_of_onnx_kind(meta["kind"], model).module("server")
     engine = server.Engine(session, meta, model, name or default_name(model), settings)
     engine.warm_up()
-    return create_app(engine, api_key(settings), settings.max_queue), engine
+    return create_app(engine, api_key(settings), settings.max_queue, settings.max_body_bytes,
+                      settings.cors_origins), engine
 
 
 def default_name(model: Path) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import contextlib
 import hmac
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -120,10 +122,33 @@ class Queue:
             self._lock.release()
 
 
+# ------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """What every family's engine (serve/lm.py, encoder.py, tabular.py) shares; each adds warm_up(),
+    gauges(queue) and routes(queue, metrics)."""
+
+    kind: str
+    name: str
+
+    def card(self) -> dict[str, Any]:
+        """The model as GET /v1/models lists it (OpenAI's model object)."""
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "bigmodel"}
+
+    def cut(self) -> int:
+        """End the requests still running when the drain ran out; how many there were."""
+        return 0
+
+    def close(self) -> None:
+        """Stop the engine's threads (after the server stopped)."""
+
+
 # ---------------------------------------------------------------------------------------------- app
 
 
-def create_app(engine: Any, api_key: str | None, max_queue: int) -> Starlette:
+def create_app(engine: Any, api_key: str | None, max_queue: int, max_body_bytes: int = 4 * 2**20,
+               cors_origins: list[str] | None = None) -> Starlette:
     """The ASGI app around a loaded, warmed-up engine (its `routes(queue, metrics)` give the /v1 API)."""
     metrics = Metrics()
     queue = Queue(max_queue)
@@ -134,11 +159,24 @@ def create_app(engine: Any, api_key: str | None, max_queue: int) -> Starlette:
     async def prometheus(request: Request) -> Response:
         return PlainTextResponse(metrics.text(engine.gauges(queue)), media_type="text/plain; version=0.0.4")
 
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [engine.card()]})
+
+    async def model(request: Request) -> Response:
+        if request.path_params["model_id"] != engine.name:
+            raise RequestError(f"no model {request.path_params['model_id']!r} here; this server serves "
+                               f"{engine.name!r}", "model", status=404, kind="not_found_error")
+        return JSONResponse(engine.card())
+
     routes = [Route("/health", health), Route("/metrics", prometheus)]
-    routes += [Route(path, _guarded(handler, api_key), methods=methods)
-               for path, methods, handler in engine.routes(queue, metrics)]
+    api = [*engine.routes(queue, metrics), ("/v1/models", ["GET"], models), ("/v1/models/{model_id:path}", ["GET"], model)]
+    routes += [Route(path, _guarded(handler, api_key), methods=methods) for path, methods, handler in api]
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.add_middleware(_Observe, metrics=metrics)
+    if cors_origins:  # browsers on these origins may call the API (the preflight OPTIONS needs no key)
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     return app
 
 
@@ -194,14 +232,65 @@ class _Observe:
             self.metrics.observe(scope["path"], status, time.perf_counter() - start)
 
 
+class _BodyLimit:
+    """ASGI middleware: a body larger than `limit` bytes is a 413, at once when Content-Length says so
+    (nothing is read), else as soon as the bytes received pass the limit."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self.too_large(int(declared)).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self.too_large(received)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def too_large(self, size: int) -> RequestError:
+        return RequestError(f"the body has {'more than ' if size <= self.limit else ''}{size:,} bytes; this server "
+                            f"takes at most {self.limit:,} (serve.max_body_bytes)", status=413,
+                            kind="request_too_large")
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn shuts down gracefully on SIGTERM/Ctrl-C (no new connections, in-flight requests finish),
-    then re-raises the signal, so the process dies of it; a server that drained has done its job and
-    exits 0 instead."""
+    """On SIGTERM or Ctrl-C uvicorn stops accepting and lets in-flight requests finish; this gives them
+    `drain_seconds`, then `cut()` ends the rest (streams get an error event, others a 503), and the
+    process exits 0 -- a server that drained has done its job (uvicorn would re-raise the signal).
+    cut() returns how many requests it ended; `cut_requests` keeps the count for the last log line."""
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: float, cut: Callable[[], int]) -> None:
+        super().__init__(config)
+        self.drain_seconds, self._cut = drain_seconds, cut
+        self.cut_requests = 0
+        self._timer: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+        if self._timer is None:
+            self._timer = threading.Timer(self.drain_seconds, self._drain_ran_out)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _drain_ran_out(self) -> None:
+        self.cut_requests += self._cut()
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 async def json_body(request: Request) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self._cut: BaseException | None = None  # set by cut(): every request ends with it at the next turn
         self.cached: list[Request] = []  # rows in the shared KV cache, in its batch order
         self.windowed: list[Request] = []  # rows whose context is full
         self._cache = decoder.empty_cache(0)  # the cached rows' keys and values
@@ -78,7 +79,16 @@ class Scheduler:
             self._waiting.append(request)
             self._wake.notify()
 
+    def cut(self, error: BaseException) -> int:
+        """End every request, waiting or decoding, with `error` at the decoding thread's next turn (a drain
+        that ran out of time); returns how many there were."""
+        with self._wake:
+            self._cut = error
+            self._wake.notify()
+            return len(self._waiting) + self.rows
+
     def stop(self) -> None:
+        """Stop the decoding thread and wait for it (ONNX Runtime must not be mid-run at interpreter exit)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -102,6 +112,13 @@ class Scheduler:
                 self._wake.wait()
             if self._stopping:
                 return False
+            if self._cut is not None:
+                for request in [*self._waiting, *self.cached, *self.windowed]:
+                    request.on_end(self._cut)
+                self._waiting.clear()
+                self.cached, self.windowed, self._cut = [], [], None
+                self._cache, self._pad = self.decoder.empty_cache(0), np.zeros(0, np.int64)
+                return True
             new = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - self.rows))]
         new = [r for r in new if not r.cancelled.is_set()]
         if new:

@@ -4,7 +4,9 @@ Generation is infer's own (`infer.gpt.Generation`: the same sampling, stop strin
 chat template); requests that arrive together are decoded together in one batch by the scheduler's
 thread (serve/batching.py), so the event loop keeps serving. With `"stream": true` the text goes out as
 server-sent events (`data: {chunk}` ... `data: [DONE]`) as it is decoded; a client that disconnects
-leaves the batch at the next token. At most serve.max_queue requests wait for a row; then 503.
+leaves the batch at the next token, streamed or not. At most serve.max_queue requests wait for a row;
+then 503. A request must fit the model's context: prompt plus max_tokens (without max_tokens,
+serve.max_tokens is capped to what fits); serve.context_shift lets it run on in a sliding window instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from bigmodel.config import InferConfig, ServeConfig
 from bigmodel.infer.gpt import Decoder, Generation
+from bigmodel.serve import app
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
 from bigmodel.serve.batching import Request as Row
 from bigmodel.serve.batching import Scheduler
@@ -65,7 +68,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, gt=0)
 
 
-class Engine:
+class Engine(app.Engine):
     """A decoder model loaded in ONNX Runtime, and its routes."""
 
     kind = "gpt"
@@ -73,8 +76,11 @@ class Engine:
     def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, settings: ServeConfig) -> None:
         self.decoder = Decoder.from_session(session, meta, path)
         self.name, self.max_tokens = name, settings.max_tokens
-        self.max_batch = settings.max_batch
+        self.max_batch, self.context_shift = settings.max_batch, settings.context_shift
         self.scheduler: Scheduler | None = None
+        # No token spans more characters than the longest in the vocabulary, so a prompt with more than
+        # twice that many per token of context cannot fit: refused without tokenising it.
+        self.longest_prompt = 2 * self.decoder.block_size * max(1, self.decoder.tokenizer.longest_token)
 
     def warm_up(self) -> None:
         """One run of the graph (a prefill and a cached step) before the server says it is up; then the
@@ -82,6 +88,15 @@ class Engine:
         _, cache = self.decoder.run(np.zeros((1, 1), dtype=np.int64), self.decoder.empty_cache(1))
         self.decoder.run(np.zeros((1, 1), dtype=np.int64), cache)
         self.scheduler = Scheduler(self.decoder, self.max_batch)
+
+    def cut(self) -> int:
+        assert self.scheduler is not None
+        return self.scheduler.cut(RequestError("the server is shutting down and its drain time ran out; retry",
+                                               status=503, kind="server_shutting_down"))
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     def gauges(self, queue: Queue) -> dict[str, tuple[str, float]]:
         """Live numbers for /metrics."""
@@ -95,7 +110,7 @@ class Engine:
             if isinstance(body.prompt, list) and len(body.prompt) != 1:
                 raise RequestError("prompt: one prompt per request (n = 1)", "prompt")
             prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-            return await self._answer(prompt, body, body.max_tokens, False, queue, metrics)
+            return await self._answer(request, prompt, body, body.max_tokens, False, queue, metrics)
 
         async def chat(request: Request) -> Response:
             body = _parse(ChatRequest, await json_body(request))
@@ -103,27 +118,25 @@ class Engine:
                 raise RequestError("this model has no chat template (imported models bring theirs); use "
                                    "/v1/completions", "messages")
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
-            return await self._answer(messages, body, body.max_completion_tokens or body.max_tokens, True,
+            return await self._answer(request, messages, body, body.max_completion_tokens or body.max_tokens, True,
                                       queue, metrics)
 
-        async def models(request: Request) -> Response:
-            return JSONResponse({"object": "list", "data": [
-                {"id": self.name, "object": "model", "created": 0, "owned_by": "bigmodel"}]})
+        return [("/v1/completions", ["POST"], completions), ("/v1/chat/completions", ["POST"], chat)]
 
-        return [("/v1/completions", ["POST"], completions), ("/v1/chat/completions", ["POST"], chat),
-                ("/v1/models", ["GET"], models)]
-
-    async def _answer(self, prompt: Any, body: _Sampling, max_tokens: int | None, is_chat: bool, queue: Queue,
-                      metrics: Metrics) -> Response:
+    async def _answer(self, request: Request, prompt: Any, body: _Sampling, max_tokens: int | None, is_chat: bool,
+                      queue: Queue, metrics: Metrics) -> Response:
+        field = "messages" if is_chat else "prompt"
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        if chars > self.longest_prompt:
+            raise RequestError(f"the prompt has {chars:,} characters, more than the model's context of "
+                               f"{self.decoder.block_size} tokens can hold: shorten it", field)
         settings = InferConfig(max_new_tokens=max_tokens or self.max_tokens, temperature=body.temperature,
                                top_k=body.top_k, top_p=body.top_p, chat=is_chat,
                                stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
         seed = body.seed if body.seed is not None else secrets.randbits(31)
-        generation = Generation(self.decoder, prompt, settings, seed)
-        prompt_tokens = len(generation.prompt_ids)
-        if prompt_tokens >= self.decoder.block_size:
-            raise RequestError(f"the prompt has {prompt_tokens} tokens; the model's context is "
-                               f"{self.decoder.block_size}: shorten it", "messages" if is_chat else "prompt")
+        # Tokenising (and rendering a chat template) takes time on a long prompt: off the event loop.
+        generation = await asyncio.to_thread(Generation, self.decoder, prompt, settings, seed)
+        generation.settings = settings.model_copy(update={"max_new_tokens": self._room(generation, max_tokens, field)})
         assert self.scheduler is not None
         queue.check_room(self.scheduler.waiting)
         reply = _Reply(self.name, is_chat, body.stream_options or {})
@@ -132,15 +145,36 @@ class Engine:
         self.scheduler.submit(row)
         if body.stream:
             return StreamingResponse(self._stream(row, outbox, reply, metrics), media_type="text/event-stream")
+        # A client that hangs up before the answer frees its row (a stream notices when it next writes).
+        watcher = asyncio.create_task(_hang_up(request, row, outbox))
         try:
             while not isinstance(outcome := (await outbox.take())[-1], (dict, BaseException)):
                 pass
         finally:
-            row.cancelled.set()  # the client went away (or we are done): free its row
+            watcher.cancel()
+            row.cancelled.set()  # we are done (or the client went away): free its row
+        if isinstance(outcome, _HungUp):
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         if isinstance(outcome, BaseException):
             raise outcome
         _count(metrics, outcome)
         return JSONResponse(reply.whole(outcome))
+
+    def _room(self, generation: Generation, max_tokens: int | None, field: str) -> int:
+        """New tokens for this request: max_tokens, which must fit in the context after the prompt (unless
+        serve.context_shift), or serve.max_tokens capped to what fits."""
+        prompt_tokens, context = len(generation.prompt_ids), self.decoder.block_size
+        if prompt_tokens >= context:
+            raise RequestError(f"the prompt has {prompt_tokens} tokens; the model's context is {context}: "
+                               "shorten it", field)
+        room = context - prompt_tokens
+        if max_tokens is None:
+            return self.max_tokens if self.context_shift else min(self.max_tokens, room)
+        if max_tokens > room and not self.context_shift:
+            raise RequestError(f"max_tokens: {max_tokens} new tokens do not fit; the model's context is {context} "
+                               f"tokens and the prompt takes {prompt_tokens}, leaving {room}: ask for at most "
+                               f"{room} (or serve with serve.context_shift: true)", "max_tokens")
+        return max_tokens
 
     async def _stream(self, row: Row, outbox: _Outbox, reply: _Reply, metrics: Metrics) -> AsyncIterator[str]:
         try:
@@ -165,6 +199,19 @@ class Engine:
             yield "data: [DONE]\n\n"
         finally:
             row.cancelled.set()  # the client left (or we are done): its row leaves the batch at the next token
+
+
+class _HungUp(Exception):
+    """The client of a non-streamed request disconnected."""
+
+
+async def _hang_up(request: Request, row: Row, outbox: _Outbox) -> None:
+    """Wait until the client disconnects (the body was read: uvicorn's next message is the disconnect),
+    then cancel its row and wake the handler."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    row.cancelled.set()
+    outbox.put(_HungUp())
 
 
 class _Outbox:

@@ -18,10 +18,11 @@ from starlette.responses import JSONResponse, Response
 from bigmodel.config import ServeConfig
 from bigmodel.errors import UserError
 from bigmodel.infer.tabular import nest_probabilities, predict_records
+from bigmodel.serve import app
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
 
 
-class Engine:
+class Engine(app.Engine):
     """A tabular model loaded in ONNX Runtime, and its routes."""
 
     kind = "tabular"
@@ -55,9 +56,7 @@ class Engine:
             return JSONResponse({"model": self.name, "task": self.meta["task"],
                                  "predictions": [nest_probabilities(row) for row in predicted]})
 
-        async def models(request: Request) -> Response:
-            return JSONResponse({"object": "list", "data": [
-                {"id": self.name, "object": "model", "created": 0, "owned_by": "bigmodel",
-                 "task": self.meta["task"], "features": self.meta["features"]}]})
+        return [("/v1/predict", ["POST"], predict)]
 
-        return [("/v1/predict", ["POST"], predict), ("/v1/models", ["GET"], models)]
+    def card(self) -> dict[str, Any]:
+        return {**super().card(), "task": self.meta["task"], "features": self.meta["features"]}
