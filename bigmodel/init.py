@@ -91,7 +91,8 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     record = {"source": str(source_path), "format": source.format, "model_type": source.model_type,
               "parameters": parameters, "source_dtype": source.dtype,
               "dtype": str(dtype).removeprefix("torch."),
-              "sha256": sha256_file(source_path) if source_path.is_file() else None, "notes": source.notes}
+              "sha256": sha256_file(source_path) if source_path.is_file() else None, "notes": source.notes,
+              "context": source.arch.block_size}  # the model's own context (model.block_size may be shorter)
     manifest = {
         "family": arch.family,
         "architecture": arch.to_dict(),

@@ -307,8 +307,11 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(
     run(config, "prepare", "init", "train")
     run(config, "export", sets=("export.peft=true",))
     folder = tmp_path / "run" / "export" / "peft"
-    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(sources[kind]), dtype=torch.float32)
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    assert adapter_config["base_model_name_or_path"] == str(sources[kind].absolute())  # an HF folder: named as is
+    base = transformers.AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"],
+                                                             dtype=torch.float32)
     reference = peft.PeftModel.from_pretrained(base, str(folder)).eval()
     ours, _ = registry.load_model(tmp_path / "run" / "train" / "best.safetensors", merge=False)
     ids = torch.randint(0, 300, (2, 24))
@@ -319,6 +322,28 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(
     assert (theirs - plain).abs().max() > 1e-3  # the adapter changes the model...
     # ...exactly as bigmodel's does, to fp32 rounding, which grows with the logits' scale (two
     # implementations differed by 1.3e-5 at |logits| ~5 on an AVX-512 CPU; export's gate allows the same)
+    assert (theirs - mine).abs().max() <= 1e-5 + 1e-5 * theirs.abs().max()
+
+
+def test_the_peft_base_of_a_gguf_model_is_written_as_a_folder_peft_loads(sources: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """peft cannot load a GGUF base: export.peft writes the base beside the adapter (export/peft-base, checked
+    against transformers) and names it; PeftModel.from_pretrained of that base + adapter gives our logits."""
+    peft = pytest.importorskip("peft")
+    gguf = hf_models.write_gguf(sources["llama"], tmp_path / "llama.gguf")
+    config = sft_config(tmp_path, gguf, lora={"rank": 4, "targets": ["q", "v"]}, max_steps=2)
+    run(config, "prepare", "init", "train")
+    run(config, "export", sets=("export.peft=true", "export.format=hf"))
+    adapter_config = json.loads((tmp_path / "run" / "export" / "peft" / "adapter_config.json").read_text())
+    base_folder = tmp_path / "run" / "export" / "peft-base"
+    assert adapter_config["base_model_name_or_path"] == str(base_folder.absolute())
+    base = transformers.AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"],
+                                                             dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "export" / "peft")).eval()
+    ours, _ = registry.load_model(tmp_path / "run" / "train" / "best.safetensors", merge=False)
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        theirs, mine = reference(ids).logits, ours.eval()(ids)[0]
     assert (theirs - mine).abs().max() <= 1e-5 + 1e-5 * theirs.abs().max()
 
 

@@ -264,13 +264,18 @@ def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[
 def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str, Path], tmp_path: Path) -> None:
     """export.format hf writes a folder transformers loads with bigmodel's logits; the written folder
     imports back into the same weights."""
-    config = import_config(tmp_path, sources[kind])
+    config = import_config(tmp_path, sources[kind], model={"block_size": 32})  # the source's context is 64
     result = cli("pipeline", "-c", config, "--to", "export", "--set", "export.checkpoint=init",
                  "--set", "export.format=hf", "--json", "-q")
     assert result.code == 0, result.stderr
     folder = tmp_path / "run" / "export" / "hf"
     assert result.json()["stages"]["export"]["hf_max_abs_diff"] <= 1e-4
     assert not (tmp_path / "run" / "export" / "model.onnx").exists()  # format hf writes only the folder
+    # the folder keeps the model's own context: block_size 32 is what this run trains and serves at
+    assert json.loads((folder / "config.json").read_text())["max_position_embeddings"] == 64
+    served = cli("serve", "-c", config)
+    assert served.code == 2 and "holds only a Hugging Face folder" in served.stderr
+    assert "--set export.format=both" in served.stderr
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert hf_tok("The quick brown fox")["input_ids"] == tokenizers.from_json(
         (folder / "tokenizer.json").read_text()).encode("The quick brown fox")

@@ -32,10 +32,12 @@ from bigmodel.pretrained.hf import LLAMA_LAYER, LLAMA_QKV
 
 FOLDER = "hf"
 PEFT_FOLDER = "peft"
+PEFT_BASE_FOLDER = "peft-base"  # the base as a Hugging Face folder, when it was not one
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOLDER) -> dict[str, Any]:
+    """`ckpt` as a Hugging Face folder out_dir/`name`, published once transformers loading it agrees."""
     from bigmodel import memory
 
     _, parameters, stored = registry.checkpoint_size(ckpt)
@@ -56,29 +58,54 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     model_type = hf_model_type(arch)
     tensors = (_gpt2_tensors if model_type == "gpt2" else _llama_tensors)(model, arch)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / FOLDER
+    final = out_dir / name
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
-        folder = Path(work) / FOLDER
-        _write_folder(folder, model_type, arch, tensors, manifest["data"])
+        folder = Path(work) / name
+        _write_folder(folder, model_type, arch, tensors, manifest["data"], imported_context(config))
         val = np.asarray(load_tokens(config, "val"), dtype=np.int64)
         ids = held_out_windows(val, batch=2, span=min(32, arch.block_size))
         parity = round_trip(model, folder, ids, config.export.atol, config.export.rtol)
-        write_json(out_dir / "hf_parity.json", {"checkpoint": str(ckpt), "folder": str(final), **parity})
+        key = name.replace("-", "_")
+        write_json(out_dir / f"{key}_parity.json", {"checkpoint": str(ckpt), "folder": str(final), **parity})
         build.enforce(parity, "export", f"transformers loads the {model_type} folder, held-out text",
                       "the folder was not published")
         publish_folder(folder, final)
     console.info(f"export: {final} ({model_type}, {sum(t.numel() for t in tensors.values()):,} values)")
-    return {"hf_folder": str(final), "hf_model_type": model_type, "hf_max_abs_diff": parity["max_abs_diff"]}
+    return {f"{key}_folder": str(final), "hf_model_type": model_type, f"{key}_max_abs_diff": parity["max_abs_diff"]}
+
+
+def imported_context(config: Config) -> int | None:
+    """The imported model's own context (its max_position_embeddings), which a Hugging Face folder keeps:
+    model.block_size is the length this run trained and serves at, not a limit of a rotary model."""
+    from bigmodel import pretrained
+    from bigmodel.checkpoint import read_manifest
+
+    init = config.stage_dir("init") / "model.safetensors"
+    record = (read_manifest(init).get("import") or {}) if init.is_file() else {}
+    if record.get("context"):
+        return int(record["context"])
+    source = config.init.from_
+    return pretrained.describe(source).arch.block_size if source is not None and Path(source).exists() else None
 
 
 def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
-    """A LoRA checkpoint's adapter as a PEFT folder (export/peft) for the Hugging Face twin of its base."""
+    """A LoRA checkpoint's adapter as a PEFT folder (export/peft) for the Hugging Face twin of its base.
+    peft loads the base named in adapter_config.json with transformers: an imported Hugging Face folder
+    is named as it is; any other base (a GGUF file, a model bigmodel initialised) is written beside the
+    adapter as a Hugging Face folder (export/peft-base, round-trip checked) and named instead."""
     from bigmodel import lora
     from bigmodel.checkpoint import read_manifest
 
     if "adapter" not in read_manifest(ckpt):
         raise UserError(f"export.peft: {ckpt} is not a LoRA adapter checkpoint (train with train.lora); remove "
                         "export.peft")
+    source = config.init.from_
+    outputs: dict[str, Any] = {}
+    if source is not None and (Path(source) / "config.json").is_file():
+        base = str(Path(source).absolute())
+    else:
+        outputs = export_checkpoint(config, config.stage_dir("init") / "model.safetensors", out_dir, PEFT_BASE_FOLDER)
+        base = str((out_dir / PEFT_BASE_FOLDER).absolute())
     model, manifest = registry.load_model(ckpt, merge=False)
     arch = registry.manifest_arch(manifest, ckpt)
     assert isinstance(arch, DecoderArch)
@@ -86,10 +113,9 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     final = out_dir / PEFT_FOLDER
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:  # published whole, or not at all
-        publish_folder(lora.peft_folder(model, model_type, Path(work) / PEFT_FOLDER, str(config.init.from_ or "")),
-                       final)
-    console.info(f"export: {final} (PEFT LoRA adapter for a {model_type} model)")
-    return {"peft_folder": str(final)}
+        publish_folder(lora.peft_folder(model, model_type, Path(work) / PEFT_FOLDER, base), final)
+    console.info(f"export: {final} (PEFT LoRA adapter for a {model_type} model; base {base})")
+    return {**outputs, "peft_folder": str(final), "peft_base": base}
 
 
 def publish_folder(folder: Path, final: Path) -> None:
@@ -111,7 +137,9 @@ def hf_model_type(arch: DecoderArch) -> str:
                     f"bias {arch.bias}); gpt2 and llama/qwen2 shapes can be written")
 
 
-def _hf_config(model_type: str, arch: DecoderArch, data: dict[str, Any]) -> dict[str, Any]:
+def _hf_config(model_type: str, arch: DecoderArch, data: dict[str, Any], context: int | None = None) -> dict[str, Any]:
+    """config.json; a rotary model keeps `context` (the imported model's) when it is longer than block_size
+    (GPT-2's learned positions are a table of block_size rows: its n_positions is that)."""
     special = data.get("special_tokens") or {}
     eos = special.get("eos") or []
     common = {"model_type": model_type, "vocab_size": arch.vocab_size, "tie_word_embeddings": arch.tie_embeddings,
@@ -129,7 +157,7 @@ def _hf_config(model_type: str, arch: DecoderArch, data: dict[str, Any]) -> dict
     return {**common, "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
             "hidden_size": arch.n_embd, "intermediate_size": arch.mlp_hidden[0], "num_hidden_layers": arch.n_layer,
             "num_attention_heads": arch.n_head, "num_key_value_heads": arch.n_kv_head, "head_dim": arch.head_size,
-            "max_position_embeddings": arch.block_size, "rms_norm_eps": arch.norm_eps, "hidden_act": "silu",
+            "max_position_embeddings": max(arch.block_size, context or 0), "rms_norm_eps": arch.norm_eps, "hidden_act": "silu",
             "rope_parameters": rope, "rope_theta": arch.rope_theta, "attention_bias": False, "mlp_bias": False,
             "use_sliding_window": False, "attention_dropout": 0.0}
 
@@ -170,13 +198,13 @@ def _llama_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch
 
 
 def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dict[str, torch.Tensor],
-                  data: dict[str, Any]) -> None:
+                  data: dict[str, Any], context: int | None = None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir()
     save_file({name: t.float() for name, t in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(_hf_config(model_type, arch, data), indent=2))
+    (folder / "config.json").write_text(json.dumps(_hf_config(model_type, arch, data, context), indent=2))
     (folder / "tokenizer.json").write_text(data["tokenizer"], encoding="utf-8")
     tok = tokenizers.from_json(data["tokenizer"])
     special = data.get("special_tokens") or {}

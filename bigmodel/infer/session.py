@@ -16,6 +16,10 @@ def open_session(path: Path, providers: list[str], threads: int | None, spin: bo
     """An ONNX Runtime session. spin=False: idle worker threads sleep instead of spinning for the next run
     (a server's event loop needs those cycles between runs)."""
     if not path.is_file():
+        if (path.parent / "hf" / "config.json").is_file():  # export.format hf wrote a folder, and no ONNX
+            raise UserError(f"ONNX model not found: {path}; {path.parent} holds only a Hugging Face folder (export."
+                            "format hf, for transformers): run 'bigmodel export' with --set export.format=both "
+                            "(or onnx) for ONNX Runtime")
         raise UserError(f"ONNX model not found: {path} (run 'bigmodel export' first, or set infer.model)")
     available = ort.get_available_providers()
     unknown = [p for p in providers if p not in available]
