@@ -427,9 +427,15 @@ class LoRAConfig(Section):
         return tuple(name for name in LORA_GROUPS["all-linear"] if name in wanted)
 
 
+# Fine-tuning a pretrained model wants far gentler defaults than training from scratch (HF Trainer's 3 epochs;
+# 2e-5 is BERT's and full fine-tuning's usual rate, 2e-4 LoRA's, as in QLoRA and most SFT recipes).
+FINE_TUNE_EPOCHS, FINE_TUNE_LR, FINE_TUNE_LORA_LR = 3, 2e-5, 2e-4
+
+
 class TrainConfig(Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd, adam or adamw.")
-    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate. Fine-tuning an imported model (init.from) "
+                      f"defaults to {FINE_TUNE_LR} ({FINE_TUNE_LORA_LR} with train.lora) instead.")
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay (decoupled for adamw).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum > 0).")
@@ -443,7 +449,8 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
     min_lr: float = Field(0.0, ge=0.0, description="LR at the end of cosine/linear decay.")
     batch_size: int = Field(64, gt=0, description="Rows per optimizer step.")
-    epochs: int | None = Field(50, gt=0, description="Passes over the training rows.")
+    epochs: int | None = Field(50, gt=0, description="Passes over the training rows. Fine-tuning an imported "
+                               f"model (init.from) defaults to {FINE_TUNE_EPOCHS} instead.")
     max_steps: int | None = Field(
         None, gt=0, description="Stop after this many optimizer steps (overrides epochs when set)."
     )
@@ -978,7 +985,8 @@ class Config(Section):
     @classmethod
     def _defaults_follow_the_data(cls, raw: Any) -> Any:
         """Text data means a GPT unless the config says otherwise; eval.split defaults to the split
-        the data has (test for tabular, val for text)."""
+        the data has (test for tabular, val for text); fine-tuning an imported model defaults to a few
+        epochs at a fine-tuning learning rate."""
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             return raw
         data_format = raw["data"].get("format")
@@ -990,6 +998,10 @@ class Config(Section):
         evaluation = raw.get("eval") or {}
         if isinstance(evaluation, dict) and evaluation.get("split") is None:
             raw = {**raw, "eval": {**evaluation, "split": "val" if text else "test"}}
+        init, train = raw.get("init") or {}, raw.get("train") or {}
+        if isinstance(init, dict) and init.get("from") is not None and isinstance(train, dict):
+            gentle = {"epochs": FINE_TUNE_EPOCHS, "lr": FINE_TUNE_LORA_LR if train.get("lora") is not None else FINE_TUNE_LR}
+            raw = {**raw, "train": {**gentle, **train}}
         return raw
 
     @property

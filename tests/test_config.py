@@ -129,3 +129,36 @@ def test_init_from_is_a_path_key_and_its_conflicts_are_named(tmp_path: Path, mon
     message = error_of(tmp_path, {**BASE, "init": {"from": "m"}, "export": {"format": "hf"}})
     assert "init.from imports language models (model.family 'gpt' or 'bert')" in message and "export.format 'hf'" in message
     assert "did you mean 'from'" in error_of(tmp_path, {**text, "init": {"frm": "m"}})
+
+
+def test_fine_tuning_an_imported_model_defaults_to_gentle_training(tmp_path: Path) -> None:
+    """From scratch: 50 epochs at 1e-3. An imported model (init.from): 3 epochs at 2e-5, 2e-4 with LoRA;
+    what the config sets wins."""
+    (tmp_path / "d.csv").write_text("text,label\na,x\n")
+    (tmp_path / "bert").mkdir()
+    data = {"format": "text_classification", "path": "d.csv"}
+    scratch = load_config(write_config(tmp_path / "a.yaml", {"data": data}))
+    assert (scratch.train.epochs, scratch.train.lr) == (50, 1e-3)
+    imported = load_config(write_config(tmp_path / "b.yaml", {"data": data, "init": {"from": "bert"},
+                                                              "model": {"task": "embedding"}}))
+    assert (imported.train.epochs, imported.train.lr) == (3, 2e-5)
+    adapted = load_config(write_config(tmp_path / "c.yaml", {"data": data, "init": {"from": "bert"},
+                                                             "train": {"lora": {"rank": 4}}}))
+    assert (adapted.train.epochs, adapted.train.lr) == (3, 2e-4)
+    chosen = load_config(write_config(tmp_path / "d.yaml", {"data": data, "init": {"from": "bert"},
+                                                            "train": {"epochs": 7, "lr": 0.01}}))
+    assert (chosen.train.epochs, chosen.train.lr) == (7, 0.01)
+
+
+def test_the_summary_says_when_the_best_came_at_the_first_evaluation() -> None:
+    from bigmodel.train.state import LoopState
+
+    loop = LoopState()
+    for step, loss in [(10, 1.0), (20, 1.2), (30, 1.5)]:
+        loop.step = step
+        loop.scored(loss)
+    assert loop.best_note(10) == (" -- the first evaluation; the 2 after it were all worse (try a lower train.lr or "
+                                  "fewer train.epochs)")
+    loop.step = 40
+    loop.scored(0.5)
+    assert loop.best_note(10) == ""  # a later evaluation was the best: nothing to say

@@ -116,7 +116,7 @@ def run(
         best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
     summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
     console.info(f"train: step {loop.step} of {total_steps}, " + (
-        f"best at step {loop.best_step}: {summary}" if loop.best_step is not None
+        f"best at step {loop.best_step}{loop.best_note(eval_every)}: {summary}" if loop.best_step is not None
         else f"no evaluation yet (the first is at step {eval_every})")
         + ("" if loop.finished else "; continue with --resume"))
     return {"best": str(out_dir / "best.safetensors"), "last": str(last_path), "metrics_log": str(metrics_path),

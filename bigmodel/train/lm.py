@@ -197,7 +197,8 @@ def train(
     log.close()
     elapsed = time.perf_counter() - start
     tokens_per_s = tokens_trained / max(elapsed, 1e-9)
-    best = (f"best val loss {loop.best_score:.4f} at step {loop.best_step}" if loop.best_step is not None
+    best = (f"best val loss {loop.best_score:.4f} at step {loop.best_step}{loop.best_note(eval_every)}"
+            if loop.best_step is not None
             else f"no evaluation yet (the first is at step {eval_every})")
     seconds = {"setup": round(start - called, 4), "loop": round(elapsed, 4), "evaluation": round(eval_seconds, 4),
                "checkpoints": round(checkpoint_seconds, 4)}

@@ -48,6 +48,14 @@ class LoopState:
         self.evals_since_best += 1
         return False
 
+    def best_note(self, first_eval_step: int) -> str:
+        """What to say when the best came at the first evaluation and every later one was worse: the
+        schedule (too many epochs, too high a rate) did the model no good."""
+        if self.best_step is None or self.best_step > first_eval_step or not self.evals_since_best:
+            return ""
+        return (f" -- the first evaluation; the {self.evals_since_best} after it were all worse (try a lower "
+                "train.lr or fewer train.epochs)")
+
     def out_of_patience(self, patience: int | None) -> bool:
         """Early stopping: `patience` evaluations in a row without a better score (said on the console)."""
         if patience is None or self.evals_since_best < patience:
