@@ -174,6 +174,7 @@ def execute(
     then leaves through distributed.shutdown."""
     main = console.is_main_process()
     console.set_quiet(quiet or not main)
+    console.route_library_logs()
     exit_code = 0
     try:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,23 @@ def info(message: str) -> None:
     """One human-readable line on stderr (suppressed by --quiet)."""
     if not _quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def route_library_logs() -> None:
+    """Libraries' Python log records reach stderr from WARNING up, as 'warning: LOGGER: message'. The
+    handler on the root logger also makes a library's `logging.basicConfig(level=INFO)` a no-op:
+    onnxruntime's MatMulNBits quantizer calls it on import and would then print a line per weight."""
+    root = logging.getLogger()
+    if any(isinstance(handler, _LibraryLogs) for handler in root.handlers):
+        return
+    handler = _LibraryLogs(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    root.addHandler(handler)
+
+
+class _LibraryLogs(logging.StreamHandler):  # type: ignore[type-arg]
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.name}: {record.getMessage()}"
 
 
 def warn(message: str) -> None:

@@ -236,8 +236,20 @@ def test_int4_weight_only_quantisation_of_a_language_model(tmp_path: Path) -> No
     bits = [next(a.i for a in node.attribute if a.name == "bits") for node in onnx.load(out["model"]).graph.node
             if node.op_type == "MatMulNBits"]
     assert bits.count(8) == 1 and set(bits) == {4, 8}  # the head in 8-bit blocks (the default), the rest 4-bit
-    # The head at int4 too, and the embedding table in 4 bits.
-    kept = compress(config, "{method: quantize, bits: 4, block_size: 16, head: int4, embeddings: true}")
+    # The head at int4 too, and the embedding table in 4 bits; what a user reads on stderr: no library log
+    # lines, a table whose columns do not run together, and what the metric was measured on.
+    shown = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 4, block_size: 16, "
+                "head: int4, embeddings: true}]", "--json")
+    assert shown.code == 0, shown.stderr
+    kept = shown.json()
+    lines = shown.stderr.splitlines()
+    assert not any("INFO" in line or "onnxruntime" in line for line in lines), shown.stderr
+    header = next(line for line in lines if line.startswith("step"))
+    assert header.split() == ["step", "params", "non-zero", "file", "weights", "loss", "latency", "ms"]
+    row = lines[lines.index(header) + 1]
+    assert row.startswith("fp32 (export)") and len(row) == len(header) and "  " in row.removeprefix("fp32 (export)")
+    tokens = kept["steps"][0]["measured_on"]["count"]
+    assert f"compress: loss measured on {tokens:,} tokens" in shown.stderr and tokens > 0
     graph = onnx.load(kept["model"]).graph
     ops = [node.op_type for node in graph.node]
     assert all(a.i == 4 for node in graph.node for a in node.attribute if a.name == "bits")
@@ -359,3 +371,18 @@ def test_products_of_one_input_merge_into_one_matmul_and_compute_the_same(tmp_pa
     session = ort.InferenceSession(str(tmp_path / "merged.onnx"), providers=["CPUExecutionProvider"])
     for want, got in zip(before, session.run(None, {"x": x})):
         assert np.allclose(want, got, atol=1e-6)
+
+
+def test_a_difference_within_the_measurements_noise_is_called_so() -> None:
+    from bigmodel.compress.measure import standard_error, too_close
+
+    def row(name: str, loss: float, stderr: float) -> dict:
+        return {"name": name, "metric": "loss", "metrics": {"loss": loss}, "stderr": stderr,
+                "measured_on": {"count": 37, "unit": "tokens"}}
+
+    # 37 tokens: int4's loss 1.08 < fp32's 1.39 says nothing (each +-0.3)
+    assert too_close([row("fp32", 1.39, 0.3), row("int4", 1.08, 0.3)]) == [
+        "int4 differs from fp32 by -0.31 in loss, less than the noise (+-0.85) of 37 tokens"]
+    assert too_close([row("fp32", 1.39, 0.01), row("int4", 1.08, 0.01)]) == []  # 10,000s of tokens: it is real
+    assert standard_error({"accuracy": 0.5}, "accuracy", 100) == 0.05  # a rate's binomial error
+    assert standard_error({"mse": 1.0}, "mse", 100) is None  # unknown: no claim either way

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel import console, registry
-from bigmodel.compress.measure import measure
+from bigmodel.compress.measure import measure, too_close
 from bigmodel.config import Config
 from bigmodel.datasets import prepared_files
 from bigmodel.errors import UserError
@@ -76,11 +76,27 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
+    """The report as a table whose columns are as wide as their contents, what the metric was measured
+    on, and a warning when a step's difference from the baseline is within the measurement's noise."""
     metric = rows[0]["metric"]
-    header = f"{'step':<30}{'params':>10}{'non-zero':>10}{'file KB':>10}{'weights KB':>12}{metric:>12}{'latency ms':>12}"
-    console.info(header)
-    for row in rows:
-        console.info(
-            f"{row['name']:<30}{row['parameters']:>10,}{row['nonzeros']:>10,}{row['file_bytes'] / 1024:>10.1f}"
-            f"{row['weight_bytes'] / 1024:>12.1f}{row['metrics'][metric]:>12.4f}{row['latency_ms']:>12.3f}"
-        )
+    header = ["step", "params", "non-zero", "file", "weights", metric, "latency ms"]
+    body = [[row["name"], f"{row['parameters']:,}", f"{row['nonzeros']:,}", _size(row["file_bytes"]),
+             _size(row["weight_bytes"]), f"{row['metrics'][metric]:.4f}", f"{row['latency_ms']:.3f}"] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    for line in [header, *body]:
+        console.info("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(line, widths))))
+    measured = rows[0]["measured_on"]
+    if measured["count"] is not None:
+        console.info(f"compress: {metric} measured on {measured['count']:,} {measured['unit']}")
+    notes = too_close(rows)
+    if notes:
+        console.warn(f"compress: {'; '.join(notes)}: measure on more data (eval.text_file, a larger val split) "
+                     "before choosing between them")
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:,.1f} {unit}"
+    return f"{n_bytes} B"

@@ -32,6 +32,8 @@ def measure(config: Config, name: str, model_path: Path) -> dict[str, Any]:
     data_file = model_path.with_name(f"{model_path.name}.data")
     file_bytes = model_path.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
     headline = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    metric = MAIN_METRIC[task]
+    count, unit = measured_on(scores)
     return {
         "name": name,
         "artifact": str(model_path),
@@ -39,10 +41,51 @@ def measure(config: Config, name: str, model_path: Path) -> dict[str, Any]:
         "nonzeros": nonzeros,
         "file_bytes": file_bytes,
         "weight_bytes": weight_bytes,
-        "metric": MAIN_METRIC[task],
+        "metric": metric,
         "metrics": headline,
+        "measured_on": {"count": count, "unit": unit},
+        "stderr": standard_error(scores, metric, count),
         "latency_ms": latency_ms(config, model_path),
     }
+
+
+def measured_on(scores: dict[str, Any]) -> tuple[int | None, str]:
+    """How much data the metric was measured on: tokens (language models), else rows."""
+    if "tokens" in scores:
+        return int(scores["tokens"]), "tokens"
+    if "rows" in scores:
+        return int(scores["rows"]), "rows"
+    if "confusion_matrix" in scores:
+        return int(np.sum(scores["confusion_matrix"])), "rows"
+    return None, "rows"
+
+
+def standard_error(scores: dict[str, Any], metric: str, count: int | None) -> float | None:
+    """The metric's standard error where it is known: a loss's (from eval), a rate's (binomial)."""
+    if metric == "loss":
+        return scores.get("loss_stderr")
+    if metric in ("accuracy", "recall_at_1") and count:
+        rate = float(scores[metric])
+        return float(np.sqrt(rate * (1 - rate) / count))
+    return None
+
+
+def too_close(rows: list[dict[str, Any]]) -> list[str]:
+    """Steps whose main metric differs from the baseline's by less than twice the standard error of the
+    difference: on this much data the two cannot be told apart."""
+    baseline, metric = rows[0], rows[0]["metric"]
+    notes = []
+    for row in rows[1:]:
+        errors = [r["stderr"] for r in (baseline, row)]
+        if None in errors:
+            continue
+        noise = 2 * float(np.hypot(*errors))
+        difference = row["metrics"][metric] - baseline["metrics"][metric]
+        if abs(difference) < noise:
+            notes.append(f"{row['name']} differs from {baseline['name']} by {difference:+.4g} in {metric}, less "
+                         f"than the noise (+-{noise:.2g}) of {row['measured_on']['count']:,} "
+                         f"{row['measured_on']['unit']}")
+    return notes
 
 
 def _weights(path: Path) -> tuple[int, int, int]:

@@ -50,8 +50,7 @@ CALIBRATION = {
 
 
 def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
-    for name in ("root", "onnxruntime.quantization.matmul_nbits_quantizer"):  # it logs every node it skips
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # it warns of every node it skips
     with tempfile.TemporaryDirectory(dir=out.parent) as work, console.stdout_to_stderr():
         pre = Path(work) / "model.pre.onnx"
         external = fp32.with_name(f"{fp32.name}.data").exists()  # (then so are its intermediate copies)

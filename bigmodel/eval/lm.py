@@ -162,17 +162,18 @@ def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.T
         raise UserError(f"the text to evaluate has {len(tokens)} tokens; at least 2 are needed")
     n_windows = max(1, (len(tokens) - 1) // block)
     starts = [i * block for i in range(n_windows)]
-    total_nats, predicted = 0.0, 0
+    total_nats, squared_nats, predicted = 0.0, 0.0, 0
     predicted_ids: list[np.ndarray] = []
     for i in range(0, len(starts), batch_size):
         windows = [tokens[s : s + block + 1] for s in starts[i : i + batch_size]]
         width = min(len(w) for w in windows)
         batch = np.stack([w[:width] for w in windows])
         targets = batch[:, 1:]
-        total_nats += float(_nats(logits_fn(batch[:, :-1]), targets).sum())
+        nats = _nats(logits_fn(batch[:, :-1]), targets)
+        total_nats, squared_nats = total_nats + float(nats.sum()), squared_nats + float((nats**2).sum())
         predicted += targets.size
         predicted_ids.append(targets.reshape(-1))
-    return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()))
+    return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()), squared_nats)
 
 
 def score_examples(logits_fn: LogitsFn, examples: Examples, tok: tokenizers.Tokenizer,
@@ -180,15 +181,16 @@ def score_examples(logits_fn: LogitsFn, examples: Examples, tok: tokenizers.Toke
     """Loss over every val example's trained tokens (the completions), each example padded in its batch."""
     from bigmodel.train.batches import IGNORE, pad
 
-    total_nats, predicted_ids, predicted = 0.0, [], 0
+    total_nats, squared_nats, predicted_ids, predicted = 0.0, 0.0, [], 0
     for first in range(0, len(examples), batch_size):
         x, y = pad([examples.example(i) for i in range(first, min(first + batch_size, len(examples)))], 0)
         targets = y.numpy()
         scored = targets != IGNORE
-        total_nats += float((_nats(logits_fn(x.numpy()), np.where(scored, targets, 0)) * scored).sum())
+        nats = _nats(logits_fn(x.numpy()), np.where(scored, targets, 0)) * scored
+        total_nats, squared_nats = total_nats + float(nats.sum()), squared_nats + float((nats**2).sum())
         predicted += int(scored.sum())
         predicted_ids.append(targets[scored])
-    return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()))
+    return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()), squared_nats)
 
 
 def _nats(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -199,11 +201,14 @@ def _nats(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_norm - np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
 
 
-def _scores(total_nats: float, predicted: int, text: str) -> dict[str, float]:
+def _scores(total_nats: float, predicted: int, text: str, squared_nats: float) -> dict[str, float]:
     n_chars, n_bytes = len(text), len(text.encode("utf-8"))
     loss = total_nats / predicted
     return {
         "loss": loss,
+        # the standard error of the mean token loss, tokens taken as independent: a lower bound on the real
+        # uncertainty (neighbouring tokens are correlated), enough to say when a difference means nothing
+        "loss_stderr": math.sqrt(max(0.0, squared_nats / predicted - loss**2) / predicted),
         "perplexity": math.exp(loss),
         "bits_per_token": loss / math.log(2),
         "bits_per_char": total_nats / math.log(2) / max(n_chars, 1),
