@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from bigmodel import accounting, memory, registry
+from bigmodel import accounting, console, memory, registry
 from bigmodel.arch import AnyArch, DecoderArch, TabularArch
-from bigmodel.config import Config
+from bigmodel.config import HARDWARE, Config
 from bigmodel.datasets import MANIFEST_FILE
 from bigmodel.errors import UserError
 from bigmodel.hardware import Hardware, profile
@@ -39,6 +39,10 @@ def run(config: Config) -> dict[str, Any]:
     n_no_pos = (gpt.parameter_counts(model)["without_position_embeddings"] if isinstance(arch, DecoderArch)
                 else accounting.encoder_matmul_parameters(arch, n_params))
     hardware = profile(pc.hardware)
+    if "hardware" not in pc.model_fields_set:  # a datacenter GPU, assumed: said where nobody can miss it
+        console.warn(f"plan: planning for {pc.devices} x {hardware.name}, plan.hardware's default; --hardware "
+                     "local plans for this machine (measured now), or name a profile: "
+                     f"{', '.join(h for h in HARDWARE if h != 'local')}")
     flops_per_token = accounting.flops_per_token(arch, n_no_pos)
     tokens, tokens_from = _training_tokens(config, arch, n_params)
     total_flops = flops_per_token * tokens
@@ -97,6 +101,7 @@ def run(config: Config) -> dict[str, Any]:
         "time_and_energy": {
             "hardware": hardware.name,
             "hardware_source": hardware.source,
+            "hardware_assumed": "hardware" not in pc.model_fields_set,  # plan.hardware's default, not chosen
             "devices": pc.devices,
             "peak_flops_per_device": run_plan.peak,
             "mfu": pc.mfu,
@@ -140,6 +145,10 @@ class RunPlan:
         # LoRA under bf16 autocast keeps the checkpoint's frozen matrices as stored (registry.load_frozen_base)
         self.frozen_bytes = memory.DTYPE_BYTES.get(stored_dtype(config), 4) if self.precision == "bf16" else 4
         self.storage = accounting.disk_sizes(arch, n_params, tc.optimizer, tc.momentum)
+        if adapter is not None:  # a LoRA run's checkpoints hold the adapters (and their optimizer state) only
+            adapter_sizes = accounting.disk_sizes(arch, adapter, tc.optimizer, tc.momentum)
+            self.storage = {**self.storage, "checkpoint": adapter_sizes["checkpoint"],
+                            "training_state": adapter_sizes["training_state"], "lora_adapter": True}
         self.checkpoint_bytes = self.storage["training_state"]
         # Steps between resumable checkpoints, as train does it: save_every, else eval_every, else once an
         # epoch (of the prepared data), else once at the end.
@@ -369,7 +378,8 @@ def render(report: dict[str, Any]) -> None:
             ("  bf16 weights + KV cache", _bytes(i["bf16_total"]), ""),
             *_stage_memory_rows(report["stage_memory"]),
             ("storage", "", ""),
-            ("  checkpoint (weights)", _bytes(s["checkpoint"]), "safetensors, fp32"),
+            ("  checkpoint (weights)", _bytes(s["checkpoint"]),
+             "safetensors, fp32" + (": the LoRA adapters only" if s.get("lora_adapter") else "")),
             ("  resumable checkpoint", _bytes(s["training_state"]), "with optimizer state"),
             ("  ONNX fp32 / int8", f"{_bytes(s['onnx_fp32'])} / {_bytes(s['onnx_int8'])}", ""),
             *_communication_rows(report["communication"]),

@@ -375,6 +375,19 @@ def test_plan_counts_lora_parameters_and_shows_full_fine_tuning_beside(sources: 
     assert accounting.lora_parameters(model.arch, settings.projections(), 4) == memory["lora_trainable_parameters"]
     assert memory["total"] < memory["full_fine_tuning_total"]
     assert memory["optimizer"] == 8 * memory["lora_trainable_parameters"]  # AdamW: two moments, adapters only
+    # Checkpoints are adapter-sized: the tensors train writes are the bytes plan said
+    storage = result.json()["storage"]
+    assert storage["lora_adapter"] and storage["checkpoint"] == 4 * memory["lora_trainable_parameters"]
+    assert "planning for 1 x NVIDIA H100 SXM, plan.hardware's default; --hardware local" in result.stderr
+    assert result.json()["time_and_energy"]["hardware_assumed"] is True
+    run(config, "train")
+    from safetensors import safe_open
+
+    def tensor_bytes(path: Path) -> int:
+        with safe_open(str(path), "np") as handle:
+            return sum(handle.get_tensor(name).nbytes for name in handle.keys())  # noqa: SIM118
+
+    assert tensor_bytes(tmp_path / "run" / "train" / "best.safetensors") == storage["checkpoint"]
 
 
 @pytest.mark.parametrize("settings, message", [
