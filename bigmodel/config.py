@@ -477,7 +477,9 @@ class TrainConfig(Section):
         50, gt=0, description="gpt: val batches per evaluation (the same fixed batches every time). If that "
         "many would cover more than the val split, the split is tiled instead: each token scored once.",
     )
-    log_every: int = Field(50, gt=0, description="gpt: append train loss, lr and tokens/s every N steps.")
+    log_every: int | None = Field(None, gt=0, description="gpt: append train loss, lr and tokens/s every N steps. "
+                                  "Default: often enough for about 50 points over the run (every step of a run of "
+                                  "50 steps or fewer), at most every 50 steps.")
     save_every: int | None = Field(
         None, gt=0, description="Write the resumable 'last' checkpoint every N steps. Default: eval_every."
     )

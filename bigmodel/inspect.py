@@ -4,6 +4,7 @@ the project writes), without PyTorch."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,12 @@ def run(path: Path) -> dict[str, Any]:
 
         if (path / runs.RECORD).is_file():
             return runs.describe(path)
-        for candidate in ("manifest.json", "model.onnx", "best.safetensors", "model.safetensors"):
-            if (path / candidate).exists():
-                return run(path / candidate)
+        if (path / "adapter_config.json").is_file():
+            return _peft(path)
+        for pattern in STAGE_FOLDER_FILES:  # a stage's folder: the file that says what the stage made
+            found = sorted(path.glob(pattern))
+            if found:
+                return run(found[0])
         raise UserError(f"{path}: no bigmodel artifact in this folder (give a run folder, a stage folder or a file)")
     if not path.is_file():
         raise UserError(f"not found: {path}")
@@ -36,6 +40,35 @@ def run(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a file bigmodel writes (runs, checkpoints, .onnx, .json, .jsonl, .bin, .csv, "
                         "config .yaml, GGUF, Hugging Face folders)")
     return reader(path)
+
+
+# What a stage's folder is shown by, first match first: prepare's manifest, export's and compress's models,
+# train's best checkpoint, init's, eval's metrics, infer's output, report's page.
+STAGE_FOLDER_FILES = ("manifest.json", "model.onnx", "report.json", "model.int*.onnx", "best.safetensors",
+                      "model.safetensors", "metrics*.json", "generations.jsonl", "predictions.*", "index.html")
+
+
+def _peft(path: Path) -> dict[str, Any]:
+    """A PEFT LoRA adapter folder (export.peft): its settings, base model and tensors."""
+    settings = read_json(path / "adapter_config.json", "PEFT adapter config")
+    weights = path / "adapter_model.safetensors"
+    shown: dict[str, Any] = {"kind": "peft adapter", "path": str(path)}
+    shown.update({key: settings.get(key) for key in ("peft_type", "base_model_name_or_path", "r", "lora_alpha",
+                                                     "target_modules", "task_type")})
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "np") as handle:
+            names = list(handle.keys())
+            shown["tensors"] = len(names)
+            shown["parameters"] = sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+    return shown
+
+
+def _page(path: Path) -> dict[str, Any]:
+    """report's HTML page and the figures beside it."""
+    return {"kind": "report page", "path": str(path), "bytes": path.stat().st_size,
+            "figures": sorted(p.name for p in path.parent.glob("*.png"))}
 
 
 def _json_file(path: Path) -> dict[str, Any]:
@@ -118,7 +151,7 @@ def _config(path: Path) -> dict[str, Any]:
             "run_dir": str(config.run_dir)}
 
 
-FILE_KINDS = {".jsonl": _log, ".bin": _shard, ".csv": _csv, ".yaml": _config, ".yml": _config}
+FILE_KINDS = {".jsonl": _log, ".bin": _shard, ".csv": _csv, ".yaml": _config, ".yml": _config, ".html": _page}
 
 
 def _checkpoint(path: Path) -> dict[str, Any]:

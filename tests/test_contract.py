@@ -319,7 +319,9 @@ def test_inspect_says_what_any_project_file_is(fresh_run: Path, tmp_path: Path) 
              run_dir / "prepare" / "data.safetensors": "prepared tabular data",
              run_dir / "prepare" / ".stamp.json": "stage stamp",
              run_dir / "export" / "parity.json": "export parity report",
-             run_dir / "infer" / "predictions.csv": "csv"}
+             run_dir / "infer" / "predictions.csv": "csv",
+             # a stage's folder is shown by the file that says what the stage made
+             run_dir / "eval": "eval metrics", run_dir / "infer": "csv", run_dir / "prepare": "tabular-data"}
     for path, kind in kinds.items():
         result = cli("inspect", path, "--json")
         assert result.code == 0 and result.json()["kind"].startswith(kind), (path, result.stderr)

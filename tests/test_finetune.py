@@ -273,6 +273,9 @@ def test_lora_run_adapter_checkpoint_eval_export_and_base_check(sources: dict[st
     assert all(".lora_A." in k or ".lora_B." in k for k in adapter)
     assert best.stat().st_size * 5 < init.stat().st_size  # adapters only (tiny base: a real one is ~1000x)
     assert any(t.abs().max() > 0 for k, t in adapter.items() if ".lora_B." in k)  # it trained
+    # a 6-step run (train.log_every unset) logs its loss every step: a curve, not two points
+    log = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "tokens_per_s" in r] == [1, 2, 3, 4, 5, 6]
 
     eval_result = cli("eval", "-c", config, "-q", "--json")
     assert eval_result.code == 0, eval_result.stderr
@@ -310,6 +313,9 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"
     assert adapter_config["base_model_name_or_path"] == str(sources[kind].absolute())  # an HF folder: named as is
+    shown = cli("inspect", folder, "--json")
+    assert shown.code == 0 and shown.json()["kind"] == "peft adapter" and shown.json()["r"] == 4, shown.stderr
+    assert shown.json()["parameters"] > 0 and shown.json()["base_model_name_or_path"] == str(sources[kind].absolute())
     base = transformers.AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"],
                                                              dtype=torch.float32)
     reference = peft.PeftModel.from_pretrained(base, str(folder)).eval()

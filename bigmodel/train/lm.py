@@ -87,6 +87,8 @@ def train(
     steps_per_epoch = data.steps_per_epoch
     total_steps = tc.max_steps or (tc.epochs or 1) * steps_per_epoch
     eval_every = tc.eval_every or steps_per_epoch
+    # a short run's loss curve gets a point every step, a long one's about 50 points
+    log_every = tc.log_every or min(50, max(1, math.ceil(total_steps / 50)))
     save_every = tc.save_every or eval_every
 
     # ---- resume
@@ -170,7 +172,7 @@ def train(
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             progress.update(loop.step, loss=step_loss, lr=lr, tok_s=round(tokens_per_s))
-            if loop.step % tc.log_every == 0:
+            if loop.step % log_every == 0:
                 log.write({"step": loop.step, "train_loss": step_loss, "lr": lr, "tokens": loop.tokens_seen,
                            "tokens_per_s": round(tokens_per_s, 1)})
                 window_start, window_tokens = now, 0
