@@ -147,6 +147,9 @@ def test_stop_strings_end_the_completion(lm_run: Path) -> None:
 def test_a_prompt_given_on_the_command_line_is_answered_on_stdout(lm_run: Path) -> None:
     result = cli("infer", "-c", lm_run, "--prompt", "def ", "-t", "0", "-n", "5")
     assert result.code == 0 and result.stdout.startswith("def ") and "-> stdout" in result.stderr, result.stderr
+    assert "warning" not in result.stderr  # 4 + 5 tokens fit the 32-token context
+    sliding = cli("infer", "-c", lm_run, "--prompt", "def ", "-t", "0", "-n", "40")
+    assert sliding.code == 0 and "1 of 1 generation(s) ran past the model's context of 32 tokens" in sliding.stderr
     to_file = cli("infer", "-c", lm_run, "--prompt", "def ", "-t", "0", "-n", "5", "-o", lm_run.parent / "p.txt")
     assert to_file.code == 0 and to_file.stdout == "" and (lm_run.parent / "p.txt").read_text().startswith("def ")
 

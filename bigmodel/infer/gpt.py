@@ -288,6 +288,11 @@ def generate(decoder: Decoder, settings: InferConfig, source: Path | None, dest:
         _write(results, dest, fmt)
     new_tokens = sum(r["new_tokens"] for r in results)
     console.info(f"infer: {len(results)} prompt(s), {new_tokens} new tokens -> {'stdout' if to_stdout else dest}")
+    past = sum(r["prompt_tokens"] + r["new_tokens"] > decoder.block_size for r in results)
+    if past:  # serve refuses this (unless serve.context_shift); infer slides, and says so
+        console.warn(f"infer: {past} of {len(results)} generation(s) ran past the model's context of "
+                     f"{decoder.block_size} tokens: from there each token was predicted from the last "
+                     f"{decoder.block_size} alone (a sliding window), so quality may drop; lower --max-new-tokens")
     return {"generations": str(dest), "prompts": len(results), "new_tokens": new_tokens,
             "results": results if len(results) <= 16 else results[:16]}
 
