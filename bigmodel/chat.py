@@ -156,7 +156,8 @@ def _compiled(template: str) -> Any:
             if operator == "%" and isinstance(left, str):
                 _check_widths(left, PERCENT_WIDTH)
             if operator in ("*", "%"):
-                _check_args((left, right) if operator == "*" else tuple(right) if isinstance(right, tuple) else (right,), {})
+                operands = (left, right) if operator == "*" else right if isinstance(right, tuple) else (right,)
+                _check_args(tuple(operands), {})
                 counted = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
                 if operator == "*" and isinstance(counted[1], int) and len(counted[0]) * counted[1] > RENDER_CHARS:
                     raise _TooBig(f"built a value of more than {RENDER_CHARS:,} items")

@@ -1002,7 +1002,8 @@ class Config(Section):
             raw = {**raw, "eval": {**evaluation, "split": "val" if text else "test"}}
         init, train = raw.get("init") or {}, raw.get("train") or {}
         if isinstance(init, dict) and init.get("from") is not None and isinstance(train, dict):
-            gentle = {"epochs": FINE_TUNE_EPOCHS, "lr": FINE_TUNE_LORA_LR if train.get("lora") is not None else FINE_TUNE_LR}
+            lr = FINE_TUNE_LORA_LR if train.get("lora") is not None else FINE_TUNE_LR
+            gentle = {"epochs": FINE_TUNE_EPOCHS, "lr": lr}
             raw = {**raw, "train": {**gentle, **train}}
         return raw
 

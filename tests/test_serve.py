@@ -37,18 +37,23 @@ def server(*args: object, env: dict[str, str] | None = None) -> Iterator[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.communicate()[1]
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                    break
-            time.sleep(0.1)
+        wait_healthy(proc, base)
         yield base
     finally:
         proc.terminate()  # SIGTERM: drain and exit 0
         _, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 0, stderr
+
+
+def wait_healthy(proc: subprocess.Popen, base: str) -> None:
+    """Until the server's /health answers 200 (a server that exits first fails the test with its stderr)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                return
+        time.sleep(0.1)
 
 
 def http(base: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
@@ -301,13 +306,7 @@ def test_a_client_that_hangs_up_is_dropped_and_sigterm_drains_then_cuts_and_exit
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base, host = f"http://127.0.0.1:{port}", f"127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.communicate()[1]
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                    break
-            time.sleep(0.1)
+        wait_healthy(proc, base)
 
         def rows() -> str:
             return next(line for line in urllib.request.urlopen(f"{base}/metrics").read().decode().splitlines()

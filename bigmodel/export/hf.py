@@ -157,7 +157,8 @@ def _hf_config(model_type: str, arch: DecoderArch, data: dict[str, Any], context
     return {**common, "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
             "hidden_size": arch.n_embd, "intermediate_size": arch.mlp_hidden[0], "num_hidden_layers": arch.n_layer,
             "num_attention_heads": arch.n_head, "num_key_value_heads": arch.n_kv_head, "head_dim": arch.head_size,
-            "max_position_embeddings": max(arch.block_size, context or 0), "rms_norm_eps": arch.norm_eps, "hidden_act": "silu",
+            "max_position_embeddings": max(arch.block_size, context or 0), "rms_norm_eps": arch.norm_eps,
+            "hidden_act": "silu",
             "rope_parameters": rope, "rope_theta": arch.rope_theta, "attention_bias": False, "mlp_bias": False,
             "use_sliding_window": False, "attention_dropout": 0.0}
 

@@ -47,7 +47,8 @@ def run(config: Config) -> dict[str, Any]:
     if template == chat.CHATML and (end := tok.token_to_id(chat.CHATML_END)) is not None and end not in eos:
         special["eos"] = [*eos, end]  # generation stops at the end of the assistant's turn
     eos_id = (special.get("eos") or [tok.eot_id])[0]
-    origin = "the built-in ChatML template" if template == chat.CHATML else f"the chat template of {config.init.from_.name}"
+    origin = ("the built-in ChatML template" if template == chat.CHATML
+              else f"the chat template of {config.init.from_.name}")
     renderer = examples.Renderer(tok, template, special, data.train_on, eos_id, origin)
     limit = context_length(config)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32

@@ -45,7 +45,8 @@ def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int
                  f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})")
     # uvicorn's own graceful timeout is only a backstop: the drain ends by cutting requests cleanly first.
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=int(settings.drain_seconds) + 10),
+                                           access_log=False,
+                                           timeout_graceful_shutdown=int(settings.drain_seconds) + 10),
                             settings.drain_seconds, engine.cut)
     try:
         server.run(sockets=[listening])

@@ -169,7 +169,8 @@ def create_app(engine: Any, api_key: str | None, max_queue: int, max_body_bytes:
         return JSONResponse(engine.card())
 
     routes = [Route("/health", health), Route("/metrics", prometheus)]
-    api = [*engine.routes(queue, metrics), ("/v1/models", ["GET"], models), ("/v1/models/{model_id:path}", ["GET"], model)]
+    api = [*engine.routes(queue, metrics), ("/v1/models", ["GET"], models),
+           ("/v1/models/{model_id:path}", ["GET"], model)]
     routes += [Route(path, _guarded(handler, api_key), methods=methods) for path, methods, handler in api]
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
     app.add_middleware(_BodyLimit, limit=max_body_bytes)

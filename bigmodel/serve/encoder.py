@@ -42,7 +42,8 @@ class Engine(app.Engine):
         return {**super().card(), "task": self.meta["task"]}
 
     def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
-        async def encoded(request: Request, field: str, allowed: set[str], pairs: bool = False) -> tuple[list[Any], list[int]]:
+        async def encoded(request: Request, field: str, allowed: set[str],
+                          pairs: bool = False) -> tuple[list[Any], list[int]]:
             """The texts' encodings (tokenised off the event loop) and which were cut to the context."""
             body = await json_body(request)
             unknown = sorted(set(body) - allowed - {"model", "truncate"})
