@@ -727,7 +727,7 @@ class PruneStep(Section):
     method: Literal["prune"] = Field("prune", description="Step kind.")
     kind: Literal["unstructured", "structured"] = Field(
         "unstructured",
-        description="unstructured: zero the smallest weights; structured: remove whole MLP neurons (gpt) "
+        description="unstructured: zero the smallest weights; structured: remove whole MLP neurons (gpt, bert) "
         "or hidden units (mlp), so the saved model is smaller and faster.",
     )
     scope: Literal["global", "layer"] = Field(
@@ -735,7 +735,7 @@ class PruneStep(Section):
     )
     structure: Literal["mlp", "heads"] = Field(
         "mlp",
-        description="structured: what is removed — mlp: MLP neurons (gpt) or hidden units (mlp); heads: "
+        description="structured: what is removed — mlp: MLP neurons (gpt, bert) or hidden units (mlp); heads: "
         "attention heads (gpt; the same number in every layer, so the KV cache keeps one shape).",
     )
     sparsity: float = Field(
@@ -755,6 +755,20 @@ class PruneStep(Section):
     @property
     def needs_data(self) -> bool:
         return self.finetune_steps > 0
+
+    @model_validator(mode="after")
+    def _options_of_its_kind(self) -> PruneStep:
+        """A setting of the other kind would be ignored: refused instead (no key is silently ignored)."""
+        other = {"unstructured": ("structure",), "structured": ("scope",)}[self.kind]
+        given = [key for key in other if key in self.model_fields_set]
+        if given:
+            kind = "structured" if self.kind == "unstructured" else "unstructured"
+            raise ValueError(f"{given[0]} is an option of kind '{kind}' pruning; set kind: {kind} or remove {given[0]}")
+        if self.schedule == "one_shot" and "rounds" in self.model_fields_set:
+            raise ValueError("rounds is an option of schedule 'gradual'; set schedule: gradual or remove rounds")
+        if self.finetune_steps == 0 and self.finetune_lr is not None:
+            raise ValueError("finetune_lr needs finetune_steps > 0")
+        return self
 
 
 class DistillStep(Section):
@@ -1074,15 +1088,16 @@ class Config(Section):
                                 "augmented by prepare (data.augment: [{kind: bpe_dropout}])")
             elif augment.kind == "mixup" and task != "classification":
                 problems.append(f"train.augment.{number}: mixup mixes class labels; for regression use noise")
+        problems += self._unread_train_keys(problems)
         for number, step in enumerate(self.compress.steps):
             if step.method == "prune" and step.structure == "heads" and self.model.family != "gpt":
                 problems.append(f"compress.steps.{number}.structure 'heads' needs model.family 'gpt' (an MLP "
                                 "has no attention heads; use 'mlp')")
             if step.method != "distill":
                 continue
-            if task == "regression":
+            if task in ("regression", "mlm", "embedding"):
                 problems.append(f"compress.steps.{number}: distill needs class probabilities or a language "
-                                "model; regression has neither")
+                                f"model; {task} has neither (an encoder distils as a classifier)")
             try:
                 self.student_model(step)
             except ValidationError as exc:
@@ -1091,6 +1106,22 @@ class Config(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _unread_train_keys(self, problems: list[str]) -> list[str]:
+        """train.* keys set to something other than their default that this family's recipe never reads
+        (those with a check of their own, already in `problems`, are not repeated)."""
+        from bigmodel.families import FAMILIES
+
+        family = FAMILIES[self.model.family]
+        unread = [f"train.{key}" for key, field in TrainConfig.model_fields.items()
+                  if key not in family.train_keys and getattr(self.train, key) != field.get_default(
+                      call_default_factory=True)
+                  and not any(f"train.{key}" in problem for problem in problems)]
+        if not unread:
+            return []
+        return [f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read when training model.family "
+                f"'{family.name}' ({family.recipe} does not use {'it' if len(unread) == 1 else 'them'}); remove "
+                f"{'it' if len(unread) == 1 else 'them'}"]
 
     def student_model(self, step: DistillStep) -> MLPConfig | GPTConfig:
         """The student's model settings: the teacher's, with the step's overrides (validated)."""

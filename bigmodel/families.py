@@ -16,6 +16,21 @@ from bigmodel.arch import ARCHES, Arch
 from bigmodel.errors import UserError
 
 
+# The train.* keys each recipe reads (a set key it does not read is refused by the config, naming both).
+# Every recipe: the optimizer and schedule, the batch, how long, when to evaluate and save, when to stop,
+# clipping, TensorBoard.
+COMMON_TRAIN_KEYS = frozenset({"optimizer", "lr", "weight_decay", "momentum", "nesterov", "betas", "schedule",
+                               "warmup_steps", "min_lr", "batch_size", "epochs", "max_steps", "eval_every",
+                               "patience", "grad_clip", "tensorboard", "save_every"})
+# train/lm.py: one loop for every language model, on one process or many (torchrun: DDP, FSDP2).
+LM_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"grad_accum_steps", "precision", "compile", "eval_batches", "log_every",
+                                     "distributed", "backend", "timeout_s", "activation_checkpointing",
+                                     "fsdp", "lora"}
+# train/epochs.py under train/encoder.py and train/tabular.py: epochs over rows, the best by train.monitor.
+ENCODER_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"monitor", "lora"}
+TABULAR_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"monitor", "augment", "loss"}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -32,6 +47,7 @@ class Family:
     test_split: str | None  # infer's default input: the file prepare writes the test split to (None: none)
     distributed: bool  # trains under torchrun (DDP/FSDP)
     streams_int4: bool = False  # its exporter writes int4 as it streams (export.dtype int4; compress reuses it)
+    train_keys: frozenset[str] = COMMON_TRAIN_KEYS  # the train.* keys its recipe reads
 
     @property
     def arch(self) -> type[Arch]:
@@ -48,20 +64,20 @@ FAMILIES: dict[str, Family] = {
         recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
         inferer="bigmodel.infer.gpt", server="bigmodel.serve.lm", infer_output="generations.jsonl",
         test_split=None,
-        distributed=True, streams_int4=True,
+        distributed=True, streams_int4=True, train_keys=LM_TRAIN_KEYS,
     ),
     "mlp": Family(
         name="mlp", data_format="tabular", onnx_kind="tabular", default_init="kaiming_uniform",
         model="bigmodel.models.mlp", recipe="bigmodel.train.tabular", evaluator="bigmodel.eval.tabular",
         exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", server="bigmodel.serve.tabular",
         infer_output="predictions.csv",
-        test_split="test.csv", distributed=False,
+        test_split="test.csv", distributed=False, train_keys=TABULAR_TRAIN_KEYS,
     ),
     "bert": Family(
         name="bert", data_format="text_classification", onnx_kind="encoder", default_init="bert",
         model="bigmodel.models.bert", recipe="bigmodel.train.encoder", evaluator="bigmodel.eval.encoder",
         exporter="bigmodel.export.encoder", inferer="bigmodel.infer.encoder", server="bigmodel.serve.encoder",
-        infer_output="predictions.jsonl", test_split="test.jsonl", distributed=False,
+        infer_output="predictions.jsonl", test_split="test.jsonl", distributed=False, train_keys=ENCODER_TRAIN_KEYS,
     ),
 }
 

@@ -162,3 +162,19 @@ def test_the_summary_says_when_the_best_came_at_the_first_evaluation() -> None:
     loop.step = 40
     loop.scored(0.5)
     assert loop.best_note(10) == ""  # a later evaluation was the best: nothing to say
+
+
+def test_a_train_key_the_familys_recipe_never_reads_is_refused_by_name(tmp_path: Path) -> None:
+    """The epoch loop of mlp and bert has no bf16 autocast, micro-batches or torchrun: setting those keys
+    would do nothing, silently; each family's train keys come from the family table."""
+    from bigmodel.families import FAMILIES
+
+    (tmp_path / "d.csv").write_text("text,label\na,x\n")
+    bert = {"data": {"format": "text_classification", "path": "d.csv"},
+            "train": {"precision": "bf16", "grad_accum_steps": 2, "save_every": 5}}
+    message = error_of(tmp_path, bert)
+    assert ("train.grad_accum_steps, train.precision are not read when training model.family 'bert' "
+            "(bigmodel.train.encoder does not use them); remove them") in message
+    assert load(tmp_path, {**bert, "train": {"save_every": 5}}).train.save_every == 5  # every loop saves
+    assert load(tmp_path, {**BASE, "train": {"precision": "fp32"}}).train.precision == "fp32"  # the default: fine
+    assert "precision" in FAMILIES["gpt"].train_keys and "augment" in FAMILIES["mlp"].train_keys

@@ -203,8 +203,11 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(fresh_run: Path)
     assert cli("train", "-c", fresh_run, "--until-step", "20", "--restart", "-q").code == 0
     refused(cli("train", "-c", fresh_run, "--resume", "--set", "train.lr=0.02", "--set", "train.batch_size=32"),
             "config changed", "train.lr (0.01 -> 0.02)", "train.batch_size (64 -> 32)", "--allow-changes")
-    assert cli("train", "-c", fresh_run, "--resume", "--until-step", "40", "--set", "train.log_every=7",
+    assert cli("train", "-c", fresh_run, "--resume", "--until-step", "40", "--set", "train.tensorboard=true",
                "-q").code == 0  # logging settings change nothing the run computes
+    # a key this family's recipe never reads is refused, not silently ignored
+    refused(cli("train", "-c", fresh_run, "--resume", "--set", "train.log_every=7"),
+            "train.log_every is not read when training model.family 'mlp'")
     allowed = cli("train", "-c", fresh_run, "--resume", "--allow-changes", "--set", "train.lr=0.02", "-q")
     assert allowed.code == 0, allowed.stderr
     record = train_manifest(fresh_run)["resumed_with_changes"]

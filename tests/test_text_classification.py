@@ -448,3 +448,27 @@ def test_an_embedding_model_learns_from_pairs_with_in_batch_negatives(tmp_path: 
     assert trained["pairs"] == before["pairs"] == 18
     assert trained["mrr"] > 0.6 and trained["mrr"] > before["mrr"] + 0.3 and trained["loss"] < before["loss"], (
         before, trained)
+
+
+def test_a_classifier_is_pruned_fine_tuned_and_distilled_by_its_own_recipe(tmp_path: Path) -> None:
+    """compress's prune (with fine-tuning, masks held) and distill steps run the encoder's own training
+    recipe, as they do a GPT's and an MLP's; options a step would ignore are refused."""
+    config = write_config(tmp_path / "c.yaml", {
+        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"),
+        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+        "model": {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 32, "dropout": 0.0},
+        "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 10, "eval_every": 5}})
+    assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
+    steps = ("[{method: prune, sparsity: 0.5, finetune_steps: 2}, {method: prune, kind: structured, sparsity: 0.25, "
+             "finetune_steps: 2}, {method: distill, steps: 3, student: {n_layer: 1}}]")
+    result = cli("compress", "-c", config, "--set", f"compress.steps={steps}", "--json", "-q")
+    assert result.code == 0, result.stderr
+    fp32, unstructured, structured, distilled = result.json()["steps"]
+    assert unstructured["nonzeros"] < 0.75 * fp32["nonzeros"]  # half the matrices' weights are zero, and stay so
+    assert structured["parameters"] < unstructured["parameters"]  # neurons removed: a smaller model
+    assert distilled["parameters"] < structured["parameters"]  # one layer instead of two
+    ignored = cli("compress", "-c", config, "--set", "compress.steps=[{method: prune, structure: heads}]")
+    assert ignored.code == 2 and "structure is an option of kind 'structured' pruning" in ignored.stderr
+    embedding = cli("compress", "-c", config, "--set", "model.task=embedding",
+                    "--set", "compress.steps=[{method: distill, student: {n_layer: 1}}]")
+    assert embedding.code == 2 and "embedding has neither (an encoder distils as a classifier)" in embedding.stderr

@@ -61,9 +61,9 @@ def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -
 
 
 def distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: float) -> Any:
-    def loss(student_out: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_out = teacher(inputs)
+    def loss(student_out: torch.Tensor, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # an encoder's inputs are tensors by name (input_ids, attention_mask, ...)
+            teacher_out = teacher(**inputs) if isinstance(inputs, dict) else teacher(inputs)
             teacher_out = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out  # gpt: (logits, cache)
         classes = student_out.size(-1)
         student_logits = student_out.float().reshape(-1, classes)

@@ -109,7 +109,7 @@ def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float
     """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded up kept)."""
     arch = registry.manifest_arch(manifest, "the model being pruned")
     modules = dict(model.named_modules())
-    groups = _neuron_groups(model)
+    groups = model.neuron_groups()  # each family's model knows its own layers
     original = arch.original_widths or [modules[makers[0]].out_features for makers, _ in groups]
     state = dict(model.state_dict())
     widths = []
@@ -169,19 +169,6 @@ def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> 
     return smaller, {**manifest, "architecture": arch.to_dict()}
 
 
-def _neuron_groups(model: nn.Module) -> list[tuple[list[str], str]]:
-    """For each hidden layer: the layers making its neurons (SwiGLU: gate and up) and the layer reading them."""
-    if hasattr(model, "transformer"):
-        groups = []
-        for i, block in enumerate(model.transformer.h):
-            prefix = f"transformer.h.{i}.mlp"
-            makers = [f"{prefix}.c_gate", f"{prefix}.c_fc"] if block.mlp.swiglu else [f"{prefix}.c_fc"]
-            groups.append((makers, f"{prefix}.c_proj"))
-        return groups
-    linears = [f"net.{i}" for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
-    return [([first], second) for first, second in zip(linears[:-1], linears[1:])]
-
-
 # ------------------------------------------------------------------------------------- fine-tune
 
 
@@ -192,11 +179,12 @@ def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: dict[s
     save_checkpoint(start, model_tensors(model), manifest)
     tc = config.train
     lr = step.finetune_lr or (tc.min_lr if tc.min_lr > 0 else tc.lr / 10)
-    tuned_config = config.derive("compress prune step (fine-tune)", train={
-        "max_steps": steps, "lr": lr, "min_lr": lr, "schedule": "constant", "warmup_steps": 0,
-        "eval_every": steps, "save_every": steps, "patience": None, "compile": False,
-    })
-    recipe = family(config.model.family).module("recipe")
+    settings = {"max_steps": steps, "lr": lr, "min_lr": lr, "schedule": "constant", "warmup_steps": 0,
+                "eval_every": steps, "save_every": steps, "patience": None, "compile": False}
+    learner = family(config.model.family)
+    tuned_config = config.derive("compress prune step (fine-tune)", train={  # the keys its recipe reads
+        key: value for key, value in settings.items() if key in learner.train_keys})
+    recipe = learner.module("recipe")
     result = recipe.train(tuned_config, False, work_dir,
                           start_from=start, after_step=(lambda m: apply_masks(m, masks)) if masks else None)
     tuned, _ = registry.load_model(Path(result["last"]))

@@ -159,6 +159,10 @@ class BERT(nn.Module):
             x = block(x, key_mask)
         return x
 
+    def neuron_groups(self) -> list[tuple[list[str], str]]:
+        """Each block's MLP for structured pruning: the layer making its neurons and the layer reading them."""
+        return [([f"h.{i}.mlp.c_fc"], f"h.{i}.mlp.c_proj") for i in range(len(self.h))]
+
     def reference_output(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What an import is checked on against transformers' BertModel: the last hidden states."""
         return self.encode(input_ids, torch.ones_like(input_ids))

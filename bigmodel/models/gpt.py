@@ -280,6 +280,16 @@ class GPT(nn.Module):
         """The transformer blocks (what LoRA adapts)."""
         return self.transformer.h  # type: ignore[return-value]
 
+    def neuron_groups(self) -> list[tuple[list[str], str]]:
+        """Each block's MLP for structured pruning: the layers making its neurons (SwiGLU: gate and up)
+        and the layer reading them."""
+        groups = []
+        for i, block in enumerate(self.transformer.h):
+            prefix = f"transformer.h.{i}.mlp"
+            makers = [f"{prefix}.c_gate", f"{prefix}.c_fc"] if block.mlp.swiglu else [f"{prefix}.c_fc"]
+            groups.append((makers, f"{prefix}.c_proj"))
+        return groups
+
     def forward(
         self, idx: torch.Tensor, past: KVCache | None = None, left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:

@@ -44,6 +44,11 @@ class MLP(nn.Module):
         self.register_buffer("target_mean", torch.zeros(1))
         self.register_buffer("target_std", torch.ones(1))
 
+    def neuron_groups(self) -> list[tuple[list[str], str]]:
+        """Each hidden layer for structured pruning: the Linear making its units and the one reading them."""
+        linears = [f"net.{i}" for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
+        return [([first], second) for first, second in zip(linears[:-1], linears[1:])]
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features: (B, F) raw values -> (B, n_out) logits, or (B, 1) standardised target
         return self.net((features - self.feature_mean) / self.feature_std)

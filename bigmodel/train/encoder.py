@@ -31,6 +31,7 @@ from torch import nn
 from bigmodel import lora, registry
 from bigmodel.config import Config
 from bigmodel.datasets import DATA_FILE, TextSplit, load_texts
+from bigmodel.errors import UserError
 from bigmodel.io import sha256_file
 from bigmodel.runtime import setup_torch
 from bigmodel.train import epochs
@@ -46,14 +47,22 @@ VAL_MASK_SEED = 1_000_003  # the fixed masking of the val split (any constant ap
 Encode = Callable[[dict[str, np.ndarray]], np.ndarray]  # a padded batch -> the model's output, as numpy
 
 
-def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = None,
-          allow_changes: bool = False) -> dict[str, Any]:
+def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
+          after_step: Callable[[torch.nn.Module], None] | None = None,
+          loss_hook: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor] | None = None,
+          until_step: int | None = None, allow_changes: bool = False) -> dict[str, Any]:
+    """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
+    start_from: train from this checkpoint instead of init (compress fine-tunes and distils this way);
+    after_step: called after every optimizer step (compress keeps pruned weights at zero with it);
+    loss_hook(logits, inputs, labels): a classifier's training loss instead of cross-entropy (distillation;
+    inputs are the batch's tensors by name). Validation always scores the task's own way."""
     # ---- setup
     device = setup_torch(config)
     tc = config.train
-    init_path = config.stage_dir("init") / "model.safetensors"
+    init_path = start_from or config.stage_dir("init") / "model.safetensors"
     model, init_manifest = registry.load_model(init_path)
-    check_matches_config(config, init_manifest)
+    if start_from is None:
+        check_matches_config(config, init_manifest)
     arch = init_manifest["architecture"]
     adapter = None
     if tc.lora is not None:  # freeze the encoder; the adapters train, and a classifier's new head with them
@@ -73,9 +82,14 @@ def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = 
         return {k: torch.from_numpy(v).to(device) for k, v in texts.batch(rows, arch["pad_id"]).items()}
 
     # ---- the task's loss (a batch is an array of training rows) and its validation scores
+    if loss_hook is not None and arch["task"] != "classification":  # the config refuses it; a caller might not
+        raise UserError(f"a training loss hook (distillation) needs a classifier, not an encoder for {arch['task']}")
     if arch["task"] == "classification":
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
-            return F.cross_entropy(model(**tensors(train_set, rows)), torch.from_numpy(train_set.y[rows]).to(device))
+            inputs, labels = tensors(train_set, rows), torch.from_numpy(train_set.y[rows]).to(device)
+            if loss_hook is not None:
+                return loss_hook(model(**inputs), inputs, labels)
+            return F.cross_entropy(model(**inputs), labels)
 
         def evaluate() -> dict[str, float]:
             return classifier_scores(torch_encoder(model, device), val_set, arch["pad_id"])
@@ -110,7 +124,7 @@ def train(config: Config, resume: bool, out_dir: Path, until_step: int | None = 
 
     # ---- loop
     return epochs.run(config, model, optimizer, task, out_dir, resume, init_manifest, lineage,
-                      until_step=until_step, allow_changes=allow_changes, adapter=adapter)
+                      until_step=until_step, allow_changes=allow_changes, after_step=after_step, adapter=adapter)
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -103,7 +103,8 @@ def run(
                     stop = loop.out_of_patience(tc.patience)
                     loop.mark(total_steps, stopped_early=stop)
                     save_training_state(last_path, model, optimizer, unused_sampler, loop, manifest(val))
-                elif loop.step == last_step:  # stopping between evaluations: keep the state to resume from
+                elif loop.step == last_step or (tc.save_every and loop.step % tc.save_every == 0):
+                    # stopping between evaluations, or train.save_every: keep the state to resume from
                     loop.mark(total_steps)
                     save_training_state(last_path, model, optimizer, unused_sampler, loop,
                                         manifest({"train_loss": loss.item()}))
