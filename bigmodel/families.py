@@ -15,7 +15,6 @@ from types import ModuleType
 from bigmodel.arch import ARCHES, Arch
 from bigmodel.errors import UserError
 
-
 # The train.* keys each recipe reads (a set key it does not read is refused by the config, naming both).
 # Every recipe: the optimizer and schedule, the batch, how long, when to evaluate and save, when to stop,
 # clipping, TensorBoard.

@@ -8,6 +8,7 @@ network predicts the standardised target (training on unit-scale targets keeps M
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ class MLP(nn.Module):
     def neuron_groups(self) -> list[tuple[list[str], str]]:
         """Each hidden layer for structured pruning: the Linear making its units and the one reading them."""
         linears = [f"net.{i}" for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
-        return [([first], second) for first, second in zip(linears[:-1], linears[1:])]
+        return [([first], second) for first, second in itertools.pairwise(linears)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features: (B, F) raw values -> (B, n_out) logits, or (B, 1) standardised target
