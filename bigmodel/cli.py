@@ -758,6 +758,14 @@ def config_validate(
     execute("config validate", action, json_out, False, debug)
 
 
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the config key reference as Markdown (docs/config-reference.md is this output)."""
+    from bigmodel.config import key_reference
+
+    sys.stdout.write(key_reference())
+
+
 @config_app.command("schema")
 def config_schema() -> None:
     """Print the JSON Schema of the config (point your editor's YAML language server at it)."""

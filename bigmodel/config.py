@@ -1454,6 +1454,42 @@ def section_help(command: str) -> str:
     return "\n\n".join("\b\n" + block for block in blocks)
 
 
+def key_reference() -> str:
+    """docs/config-reference.md: every key, grouped by section, with its type, default and description,
+    and for train.* the families whose recipe reads it (from the family table). tests/test_config.py
+    fails when the checked-in page differs from this."""
+    from bigmodel.families import FAMILIES
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    def table(fields: list[tuple[str, Any]], prefix: str, readers: bool = False) -> list[str]:
+        rows = ["| key | type | default | description |" + (" read by |" if readers else ""),
+                "|---|---|---|---|" + ("---|" if readers else "")]
+        for name, field in fields:
+            if _sections_in(field.annotation):
+                continue  # a nested section: a group of its own
+            default = ("required" if field.is_required()
+                       else f"`{json.dumps(field.get_default(call_default_factory=True), default=str)}`")
+            row = f"| `{prefix}{name}` | {cell(_type_name(field.annotation))} | {cell(default)} | {cell(field.description or '')} |"
+            if readers:
+                row += " " + ", ".join(f for f, family in FAMILIES.items() if name in family.train_keys) + " |"
+            rows.append(row)
+        return rows
+
+    lines = ["# Config key reference", "",
+             "Every key of an experiment config, generated from the schema in `bigmodel/config.py` by",
+             "`bigmodel config reference > docs/config-reference.md` (a test fails when this page is stale).",
+             "`bigmodel <command> --help` lists the keys a command reads; `bigmodel config schema` prints the",
+             "JSON Schema. A `train.*` key that the model family's recipe does not read is refused when set.", "",
+             "## shared", "", *table([(name, Config.model_fields[name]) for name in SHARED_KEYS], "")]
+    for section in ("data", "model", "init", "train", "eval", "compress", "export", "infer", "serve", "plan"):
+        for title, prefix, model in _groups(section, Config.model_fields[section].annotation):
+            fields = [(f.alias or n, f) for n, f in model.model_fields.items()]
+            lines += ["", f"## {title}", "", *table(fields, prefix + ".", readers=title == "train")]
+    return "\n".join(lines) + "\n"
+
+
 def config_keys() -> list[str]:
     """Every settable key path (train.lr, data.cleaning.dedupe, ...), for shell completion of --set."""
     keys = set(SHARED_KEYS)

@@ -178,3 +178,10 @@ def test_a_train_key_the_familys_recipe_never_reads_is_refused_by_name(tmp_path:
     assert load(tmp_path, {**bert, "train": {"save_every": 5}}).train.save_every == 5  # every loop saves
     assert load(tmp_path, {**BASE, "train": {"precision": "fp32"}}).train.precision == "fp32"  # the default: fine
     assert "precision" in FAMILIES["gpt"].train_keys and "augment" in FAMILIES["mlp"].train_keys
+
+
+def test_the_checked_in_key_reference_is_the_schemas() -> None:
+    from bigmodel.config import key_reference
+
+    page = Path(__file__).parent.parent / "docs" / "config-reference.md"
+    assert page.read_text() == key_reference(), "stale: run 'bigmodel config reference > docs/config-reference.md'"
