@@ -1123,7 +1123,7 @@ class Config(Section):
                 f"'{family.name}' ({family.recipe} does not use {'it' if len(unread) == 1 else 'them'}); remove "
                 f"{'it' if len(unread) == 1 else 'them'}"]
 
-    def student_model(self, step: DistillStep) -> MLPConfig | GPTConfig:
+    def student_model(self, step: DistillStep) -> MLPConfig | GPTConfig | BERTConfig:
         """The student's model settings: the teacher's, with the step's overrides (validated)."""
         if "family" in step.student and step.student["family"] != self.model.family:
             raise ValidationError.from_exception_data("student", [{

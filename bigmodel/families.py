@@ -1,7 +1,8 @@
 """The family table: for each model family, the code that builds, trains, evaluates and exports it.
 
 Stages look a family up here instead of branching on its name, so a new family is one entry (and its
-modules), and an unknown one is a one-line error. Modules are named, not imported, so this table costs
+modules), and an unknown one is a one-line error. What each role's module must provide is a Protocol in
+bigmodel/roles.py, checked for every family by tests/test_contract.py. Modules are named, not imported, so this table costs
 nothing to import (`infer` must not pull in PyTorch) and a stage loads only the family it runs.
 """
 
@@ -40,7 +41,7 @@ class Family:
     recipe: str  # train(config, resume, out_dir, ...)
     evaluator: str  # run(config), scores_for(config, path)
     exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...), latency_feeds(session, meta)
-    inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench): ONNX Runtime only
+    inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench_settings): ONNX Runtime only
     server: str  # Engine(session, meta, path, settings): the HTTP routes of `bigmodel serve` (ONNX Runtime only)
     infer_output: str  # default file name of infer's output
     test_split: str | None  # infer's default input: the file prepare writes the test split to (None: none)

@@ -381,3 +381,39 @@ def test_processes_times_threads_fit_the_cores() -> None:
     assert threads_per_process(None, cores * 2, []) == ["threads=1"]
     assert threads_per_process(1, 2, []) == []  # the config's fits: kept
     assert threads_per_process(8, 2, ["threads=8"]) == []  # said on the command line: the user's word
+
+
+# ---- the family contract
+
+
+def _parameters(function: object) -> list[tuple[str, object, bool]]:
+    """(name, kind, has a default) of each parameter but self."""
+    import inspect
+
+    return [(p.name, p.kind, p.default is not inspect.Parameter.empty)
+            for p in inspect.signature(function).parameters.values() if p.name != "self"]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("role", ["model", "recipe", "evaluator", "exporter", "inferer", "server"])
+def test_every_familys_modules_play_their_roles_as_the_protocols_say(role: str) -> None:
+    """Each family's module for a role has every member of the role's Protocol (bigmodel/roles.py), with
+    the same parameter names, kinds and defaults: any stage can call any family's module the same way."""
+    import inspect
+
+    from bigmodel.families import FAMILIES
+    from bigmodel.roles import ROLES, Engine
+
+    protocol = ROLES[role]
+    members = [name for name, value in vars(protocol).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert members, role
+    for family in FAMILIES.values():
+        module = family.module(role)
+        for name in members:
+            assert hasattr(module, name), f"{family.name}'s {role} ({getattr(family, role)}) lacks {name}"
+            assert _parameters(getattr(module, name)) == _parameters(getattr(protocol, name)), (family.name, name)
+        if role == "server":  # and the engine it builds has the Engine protocol's members
+            engine = module.Engine
+            for name, value in vars(Engine).items():
+                if inspect.isfunction(value) and not name.startswith("_"):
+                    assert _parameters(getattr(engine, name)) == _parameters(value), (family.name, name)
+            assert isinstance(engine.kind, str)

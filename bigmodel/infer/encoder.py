@@ -25,9 +25,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferConfig, source: Path | None,
-              dest: Path, seed: int, bench: dict[str, int] | None) -> dict[str, Any]:
+              dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
     """infer's entry for encoders: classify or embed the texts of a file (or stdin)."""
-    if bench is not None:
+    if bench_settings is not None:
         raise UserError("--bench measures language-model decoding; this is an encoder")
     if meta["task"] == "mlm":
         raise UserError(f"{path}: a masked-LM encoder has no predictions to write; export it with model.task "

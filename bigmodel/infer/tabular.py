@@ -24,9 +24,9 @@ from bigmodel.tabular_io import parse_number, read_csv, read_text
 
 
 def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferConfig, source: Path | None,
-              dest: Path, seed: int, bench: dict[str, int] | None) -> dict[str, Any]:
+              dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
     """infer's entry for tabular models: predict the rows of a file (or stdin)."""
-    if bench is not None:
+    if bench_settings is not None:
         raise UserError("--bench measures language-model decoding; this is a tabular model")
     if source is None:
         raise UserError("infer needs rows to predict: --input FILE (CSV or JSONL) or '-' for stdin")
