@@ -13,7 +13,7 @@ checkpoints and ONNX files keep working.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -197,7 +197,7 @@ class EncoderArch(Arch):
         return self.n_embd // self.n_head
 
 
-AnyArch = Union[DecoderArch, TabularArch, EncoderArch]
+AnyArch = DecoderArch | TabularArch | EncoderArch
 ARCHES: dict[str, type[Arch]] = {"gpt": DecoderArch, "mlp": TabularArch, "bert": EncoderArch}
 
 

@@ -29,7 +29,6 @@ from bigmodel import __version__, console
 from bigmodel.config import STDIO, load_config, section_help
 from bigmodel.errors import EXIT_FAILED, EXIT_USER, GateFailed, Interrupted, RunFailed, UserError
 
-
 _ARGV: list[str] = []  # this invocation's arguments (for the resume command after Ctrl-C)
 
 

@@ -1211,7 +1211,7 @@ def validate_config(raw: dict[str, Any], source: str, set_keys: dict[str, str] |
             # The --set of this key (or of a section holding it); a section's own check names the keys
             # it is about in its message.
             given = [text for key, text in (set_keys or {}).items()
-                     if where == key or where.startswith(key + ".") or key.startswith(where + ".") and key in message]
+                     if where == key or where.startswith(key + ".") or (key.startswith(where + ".") and key in message)]
             by_source.setdefault(f"--set {given[0]}" if given else source, []).append(message)
         raise UserError("; ".join(f"{origin}: {'; '.join(messages)}" for origin, messages in by_source.items())) from exc
 

@@ -91,9 +91,9 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if not _quiet and is_tty():
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
-            from rich.console import Console
 
             self._bar = RichProgress(
                 TextColumn("{task.description}"),

@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -180,9 +179,8 @@ def load_weights(model: nn.Module, source: Path, prefix: str = "model.") -> None
     (sharded ones receive only their shard). Every parameter and buffer must be in the checkpoint."""
     from torch.distributed.tensor import DTensor
 
-    from bigmodel.checkpoint import iter_tensors
-
     from bigmodel import lora
+    from bigmodel.checkpoint import iter_tensors
 
     if lora.is_adapted(model):  # an adapted model's checkpoints hold its adapters only
         targets = lora.adapter_tensors(model)

@@ -75,7 +75,7 @@ def _json_file(path: Path) -> dict[str, Any]:
     manifest = read_json(path, "JSON file")
     if not isinstance(manifest, dict):
         return {"kind": "json", "path": str(path), "type": type(manifest).__name__}
-    if path.name == "tokenizer.json" or "model" in manifest and "added_tokens" in manifest:
+    if path.name == "tokenizer.json" or ("model" in manifest and "added_tokens" in manifest):
         from bigmodel import tokenizer as tokenizers
 
         tok = tokenizers.load(path)

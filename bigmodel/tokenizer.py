@@ -9,6 +9,7 @@ No PyTorch here: `infer` uses this module too.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -136,7 +137,7 @@ class BPETokenizer:
                 symbols = list(piece)
                 while len(symbols) > 1:
                     kept = rng.random(len(symbols) - 1) >= dropout  # which merges survive this round
-                    candidates = [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:]))
+                    candidates = [(ranks[pair], i) for i, pair in enumerate(itertools.pairwise(symbols))
                                   if kept[i] and pair in ranks]
                     if not candidates:
                         break

@@ -30,8 +30,8 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from bigmodel.arch import DecoderArch, TabularArch
 from bigmodel import console, decoder_graph
+from bigmodel.arch import DecoderArch, TabularArch
 from bigmodel.export.gpt import DecoderStep, _trace
 from bigmodel.export.onnx_file import export_dynamo
 from bigmodel.models import gpt, mlp

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigmodel.arch import DecoderArch
 from bigmodel import console
+from bigmodel.arch import DecoderArch
 from bigmodel.compress import quantize
 from bigmodel.config import QuantizeStep
 from bigmodel.export.gpt import DecoderStep, _trace

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel import console, registry
+from bigmodel.accounting import flops_per_token
 from bigmodel.config import load_config
 from bigmodel.hardware import matmul_peak
-from bigmodel.accounting import flops_per_token
 from bigmodel.models.gpt import parameter_counts
 from bigmodel.stages import STAGES
 

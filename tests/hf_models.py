@@ -43,9 +43,9 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
     import transformers
 
     vocab = write_tokenizer(folder) + 12  # a model vocabulary larger than the tokenizer's, as real ones often are
-    common = dict(vocab_size=vocab, initializer_range=0.3, eos_token_id=2, bos_token_id=None)
-    llama_shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    common = {"vocab_size": vocab, "initializer_range": 0.3, "eos_token_id": 2, "bos_token_id": None}
+    llama_shape = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}
     configs = {
         "gpt2": lambda: transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **common),
         "llama": lambda: transformers.LlamaConfig(**llama_shape, rope_theta=500.0, tie_word_embeddings=False,
@@ -65,7 +65,7 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # biases and norm weights away from their 0 / 1 init, so a dropped one shows
         for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            if "norm" in name or name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 param.add_(torch.randn_like(param) * 0.2)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder

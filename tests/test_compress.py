@@ -199,7 +199,7 @@ def test_structured_pruning_of_attention_heads_keeps_one_cache_shape(tmp_path: P
     assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
     out = compress(config, "{method: prune, kind: structured, structure: heads, sparsity: 0.5, finetune_steps: 4}",
                    "{method: quantize, mode: static, calibration_batches: 2}")
-    fp32, pruned, int8 = out["steps"]
+    fp32, pruned, _int8 = out["steps"]
     from bigmodel.checkpoint import read_manifest
 
     arch = read_manifest(Path(out["checkpoint"]))["architecture"]

@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bigmodel.arch import DecoderArch
 from bigmodel import registry, runtime
-from bigmodel.checkpoint import read_manifest
-from bigmodel.train import lm as train_lm
 from bigmodel import tokenizer as tokenizers
+from bigmodel.arch import DecoderArch
+from bigmodel.checkpoint import read_manifest
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT, causal_mask
+from bigmodel.train import lm as train_lm
 from tests.conftest import cli, write_config
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

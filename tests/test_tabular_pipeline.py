@@ -69,7 +69,7 @@ def test_rerun_skips_up_to_date_stages_and_reruns_what_changed(fresh_run: Path) 
 def test_training_is_bitwise_reproducible(fresh_run: Path) -> None:
     best = run_dir(fresh_run) / "train" / "last.safetensors"
     before = dict(safe_open(str(best), "pt").metadata())
-    first = {k: v for k, v in _tensors(best).items()}
+    first = dict(_tensors(best))
     assert cli("train", "-c", fresh_run, "-q").code == 0
     second = _tensors(best)
     assert all(torch.equal(first[k], second[k]) for k in first)

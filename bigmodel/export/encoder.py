@@ -97,8 +97,8 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
 
     meta = metadata(open_session(model, ["CPUExecutionProvider"], config.threads), model)
     texts = load_texts(config, "train")
-    return [{name: array for name, array in texts.batch(rng.choice(len(texts), size=min(8, len(texts)), replace=False),
-                                                        meta["architecture"]["pad_id"]).items()}
+    return [dict(texts.batch(rng.choice(len(texts), size=min(8, len(texts)), replace=False),
+                             meta["architecture"]["pad_id"]))
             for _ in range(batches)]
 
 

@@ -127,9 +127,9 @@ def publish_folder(folder: Path, final: Path) -> None:
 
 def hf_model_type(arch: DecoderArch) -> str:
     uniform = len(set(arch.mlp_hidden)) == 1
-    if (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh"):
-        if arch.n_kv_head == arch.n_head and arch.q_width == arch.n_embd and uniform:
-            return "gpt2"
+    gpt2_like = (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh")
+    if gpt2_like and arch.n_kv_head == arch.n_head and arch.q_width == arch.n_embd and uniform:
+        return "gpt2"
     if (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu") and not arch.bias and uniform:
         return "qwen2" if arch.qkv_bias else "llama"
     raise UserError(f"export.format 'hf': no Hugging Face architecture computes this model (position "

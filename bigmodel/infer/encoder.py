@@ -140,7 +140,7 @@ def _rows(outputs: np.ndarray, records: list[dict[str, Any]], meta: dict[str, An
     if meta["task"] == "embedding":
         return [{"embedding": [round(float(v), 6) for v in vector]} for vector in outputs]
     labels = meta["labels"]
-    return [{"prediction": labels[int(p.argmax())], "probabilities": {l: round(float(v), 6) for l, v in zip(labels, p)}}
+    return [{"prediction": labels[int(p.argmax())], "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}}
             for p in outputs]
 
 

@@ -313,7 +313,7 @@ class GPT(nn.Module):
         the rotary tables (rope models) and the additive attention mask (when decoding over a cache or
         with left padding; None in training, where attention is causal through SDPA)."""
         T = idx.size(1)
-        if P + T > self.block_size:
+        if self.block_size < P + T:
             raise ValueError(f"context of {P + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(P, P + T, dtype=torch.long, device=idx.device)  # (T,)
         allowed = None  # where attention may look, when decoding (training attends causally through SDPA)

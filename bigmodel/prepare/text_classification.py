@@ -167,7 +167,7 @@ def _corpus(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, str
         _store(arrays, f"{name}_", [np.concatenate([[cls_id], stream[i : i + width], [sep_id]])
                                     for i in range(0, len(stream), width)])
     splits = {name: len(arrays[f"{name}_offsets"]) - 1 for name in SPLITS}
-    return arrays, tok, source, splits, {name: 0 for name in SPLITS}
+    return arrays, tok, source, splits, dict.fromkeys(SPLITS, 0)
 
 
 def _store(arrays: dict[str, np.ndarray], prefix: str, ids: list[np.ndarray]) -> None:
