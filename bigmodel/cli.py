@@ -129,7 +129,7 @@ def config_file(config: Path | None, run_dir: str | None) -> Path:
         return config
     if run_dir is None:
         raise UserError("give -c CONFIG (the experiment YAML), or --run-dir DIR of a run (its recorded config.yaml)")
-    from bigmodel.runs import record_of
+    from bigmodel.record import record_of
 
     return record_of(run_dir)
 

@@ -23,7 +23,7 @@ from bigmodel.datasets import prepared_files
 from bigmodel.families import family
 from bigmodel.infer import default_output as default_infer_output
 from bigmodel.io import sha256_file, write_json
-from bigmodel.runs import write_record
+from bigmodel.record import write_record
 
 STAMP = ".stamp.json"
 

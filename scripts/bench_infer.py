@@ -30,9 +30,9 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from bigmodel import console, decoder_graph
+from bigmodel import console, decoder_graph, streaming
 from bigmodel.arch import DecoderArch, TabularArch
-from bigmodel.export.gpt import DecoderStep, _trace
+from bigmodel.export.gpt import write_decoder
 from bigmodel.export.onnx_file import export_dynamo
 from bigmodel.models import gpt, mlp
 
@@ -115,7 +115,7 @@ def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> 
     sessions = {}
     for opset in (23, 18):
         path = tmp / f"{name}.{opset}.onnx"
-        _trace(DecoderStep(model).eval(), DecoderArch(**arch), path, opset)
+        write_decoder(DecoderArch(**arch), streaming.StateDict(model, "model."), path, opset)
         sessions[opset] = session(path, threads)
     results = {}
     for batch in (1, 8):

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigmodel import console
+from bigmodel import console, streaming
 from bigmodel.arch import DecoderArch
 from bigmodel.compress import quantize
 from bigmodel.config import QuantizeStep
-from bigmodel.export.gpt import DecoderStep, _trace
+from bigmodel.export.gpt import write_decoder
 from bigmodel.models import gpt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,7 +47,7 @@ def main() -> None:
             model = gpt.GPT(DecoderArch(**arch)).eval()
             gpt.init_weights(model, "gpt2", 0.02)
             fp32 = Path(tmp) / f"{name}.onnx"
-            _trace(DecoderStep(model).eval(), DecoderArch(**arch), fp32, 23)
+            write_decoder(DecoderArch(**arch), streaming.StateDict(model, "model."), fp32, 23)
             int8 = quantize.run(QuantizeStep(), None, fp32, Path(tmp) / f"{name}.int8.onnx")  # type: ignore[arg-type]
             sessions = {"fp32": session(fp32, args.threads), "int8": session(int8, args.threads)}
             prompt = np.random.default_rng(0).integers(0, 65, size=(1, 16), dtype=np.int64)

@@ -107,9 +107,9 @@ def write_tokenizer(source: Path, out: Path) -> tuple[int, dict[str, Any]]:
         return tok.get_vocab_size(), ids
     from gguf import GGUFReader
 
-    from bigmodel.pretrained.gguf_file import _tokenizer
+    from bigmodel.pretrained.gguf_file import tokenizer_of
 
-    text, special, template = _tokenizer(GGUFReader(str(source)), source)
+    text, special, template = tokenizer_of(GGUFReader(str(source)), source)
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
     tok = Tokenizer.from_str(text)
     names = {key: tok.id_to_token(value) for key, value in (("bos", special["bos"]), ("eos", (special["eos"] or [None])[0]),

@@ -21,7 +21,8 @@ from bigmodel import tokenizer as tokenizers
 from bigmodel.checkpoint import load_checkpoint, save_checkpoint
 from bigmodel.config import LoRAConfig
 from bigmodel.datasets import load_examples
-from bigmodel.train.batches import IGNORE, masked_loss_sum, pad
+from bigmodel.scoring import IGNORE, pad
+from bigmodel.train.batches import masked_loss_sum
 from tests import hf_models
 from tests.conftest import cli, write_config
 

@@ -156,7 +156,7 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     from bigmodel import registry
     from bigmodel.config import load_config
     from bigmodel.datasets import load_texts
-    from bigmodel.train.encoder import probabilities, torch_encoder
+    from bigmodel.scoring import probabilities, torch_encoder
 
     out = tmp_path / "p.jsonl"
     inferred = cli("infer", "-c", config, "--output", str(out), "--json", "-q")  # its default input: the test split
@@ -248,7 +248,7 @@ def test_an_imported_embedding_model_serves_openai_embeddings_equal_to_infer(tmp
 
 
 def test_masking_follows_berts_80_10_10_rule_and_never_picks_specials() -> None:
-    from bigmodel.train.encoder import masked
+    from bigmodel.scoring import masked
 
     specials = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
     rng = np.random.default_rng(0)
@@ -346,7 +346,7 @@ def test_lora_fine_tuning_of_an_imported_encoder_matches_peft(tmp_path: Path) ->
     from bigmodel import registry
     from bigmodel.config import load_config
     from bigmodel.datasets import load_texts
-    from bigmodel.train.encoder import torch_encoder
+    from bigmodel.scoring import torch_encoder
     from tests.hf_models import make_bert
 
     folder = make_bert(tmp_path / "bert", "none")

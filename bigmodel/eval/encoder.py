@@ -39,7 +39,7 @@ def run(config: Config) -> dict[str, Any]:
 
 def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | None]:
     """Metrics of a checkpoint or an exported .onnx model on eval.split, without writing anything."""
-    from bigmodel.train.encoder import mlm_scores, probabilities, retrieval_scores
+    from bigmodel.scoring import mlm_scores, probabilities, retrieval_scores
 
     if path.suffix != ".onnx":
         registry.check_adapter_base(path, config.stage_dir("init") / "model.safetensors")
@@ -59,7 +59,7 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
 
 
 def _torch_encoder(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], int | None]:
-    from bigmodel.train.encoder import torch_encoder
+    from bigmodel.scoring import torch_encoder
 
     model, manifest = registry.load_model(path)
     return torch_encoder(model, torch.device("cpu")), manifest["architecture"], manifest["data"], manifest.get("step")

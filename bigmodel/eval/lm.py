@@ -179,7 +179,7 @@ def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.T
 def score_examples(logits_fn: LogitsFn, examples: Examples, tok: tokenizers.Tokenizer,
                    batch_size: int) -> dict[str, float]:
     """Loss over every val example's trained tokens (the completions), each example padded in its batch."""
-    from bigmodel.train.batches import IGNORE, pad
+    from bigmodel.scoring import IGNORE, pad
 
     total_nats, squared_nats, predicted_ids, predicted = 0.0, 0.0, [], 0
     for first in range(0, len(examples), batch_size):

@@ -52,7 +52,7 @@ def describe(path: Path) -> Source:
     targets = _targets(arch, tensors, path)
     shapes = {name: tuple(reversed([int(d) for d in tensors[name].shape])) for name in targets}
     kinds = sorted({tensors[name].tensor_type.name for name in targets})
-    tokenizer_json, special, template = _tokenizer(reader, path)
+    tokenizer_json, special, template = tokenizer_of(reader, path)
     return Source(
         path=path, format="gguf", model_type=architecture, arch=arch, tokenizer_json=tokenizer_json,
         special_tokens=special, chat_template=template, dtype="/".join(kinds), shapes=shapes, targets=targets,
@@ -144,7 +144,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def _tokenizer(reader: Any, path: Path) -> tuple[str, dict[str, Any], str | None]:
+def tokenizer_of(reader: Any, path: Path) -> tuple[str, dict[str, Any], str | None]:
     """A byte-level BPE `tokenizers.Tokenizer` from the file's vocabulary and merges; control tokens
     (type 3) become special tokens. The same construction as transformers' GGUF converter."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors

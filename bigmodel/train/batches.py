@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from bigmodel import distributed
 from bigmodel.datasets import Examples
 from bigmodel.errors import UserError
-
-IGNORE = -100  # F.cross_entropy's ignore_index
+from bigmodel.scoring import IGNORE, pad
 
 
 def sample_windows(tokens: np.ndarray, generator: torch.Generator, batch: int, block: int) -> torch.Tensor:
@@ -147,19 +146,3 @@ class ExampleBatches:
                 total += masked_loss_sum(logits, y.to(device)).item()
                 count += int((y != IGNORE).sum())
         return world.sum(total) / max(world.sum(float(count)), 1.0)
-
-
-def pad(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples (ids, trained mask) -> x (B, T) inputs right-padded with pad_id, y (B, T) targets with
-    IGNORE where the token is not trained or is padding. Causal attention never lets a real token see
-    the padding after it, so padding changes no real position's output."""
-    width = max(len(ids) for ids, _ in rows) - 1
-    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        targets = ids[1:].clone()
-        targets[torch.from_numpy(np.asarray(mask[1:]) == 0)] = IGNORE
-        x[i, : len(ids) - 1] = ids[:-1]
-        y[i, : len(ids) - 1] = targets
-    return x, y

@@ -35,7 +35,8 @@ from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import sha256_file
 from bigmodel.registry import count_parameters
 from bigmodel.runtime import compile_deterministic, native_bf16, peak_rss_bytes, setup_torch, training_precision
-from bigmodel.train.batches import IGNORE, ExampleBatches, TokenWindows
+from bigmodel.scoring import IGNORE
+from bigmodel.train.batches import ExampleBatches, TokenWindows
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
 from bigmodel.train.state import (
