@@ -417,3 +417,16 @@ def test_every_familys_modules_play_their_roles_as_the_protocols_say(role: str) 
                 if inspect.isfunction(value) and not name.startswith("_"):
                     assert _parameters(getattr(engine, name)) == _parameters(value), (family.name, name)
             assert isinstance(engine.kind, str)
+
+
+def test_every_compress_step_has_the_one_step_signature() -> None:
+    """prune, distill and quantize are each the current artifact in, the next out (compress.Step), so the
+    stage is one loop over them."""
+    import inspect
+
+    from bigmodel.compress import Step, distill, prune, quantize
+
+    for module in (prune, distill, quantize):
+        for name, member in vars(Step).items():
+            if inspect.isfunction(member) and not name.startswith("_"):
+                assert _parameters(getattr(module, name)) == _parameters(member), (module.__name__, name)

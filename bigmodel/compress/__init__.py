@@ -1,16 +1,19 @@
 """compress: an ordered list of compression steps, each measured with the same eval code.
 
 Steps: `prune` (magnitude pruning of the checkpoint, unstructured or structured, optionally fine-tuned),
-`distill` (a smaller student trained on the checkpoint's soft targets) and `quantize` (int8 through onnxruntime.quantization, on the exported graph; always last). The
-checkpoint and every step's result are exported through the gated export and scored by the eval code
-exactly as the original, and `compress/report.json` plus a printed table compare parameters,
-non-zeros, file and weight bytes, the main metric and latency before and after each step.
+`distill` (a smaller student trained on the checkpoint's soft targets) and `quantize` (int8 through
+onnxruntime.quantization, on the exported graph, or int4 written from the checkpoint; always last). Each
+is a module with one signature (`Step`: the current artifact in, the next out) and the stage is a loop.
+The checkpoint and every step's result are exported through the gated export and scored by the eval code
+exactly as the original, and `compress/report.json` plus a printed table compare parameters, non-zeros,
+file and weight bytes, the main metric and latency before and after each step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bigmodel import console, registry
 from bigmodel.compress.measure import measure, too_close
@@ -19,6 +22,25 @@ from bigmodel.datasets import prepared_files
 from bigmodel.errors import UserError
 from bigmodel.io import write_json
 from bigmodel.runtime import setup_torch
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a step starts from and hands on: the checkpoint and the ONNX file made from it (a quantised
+    file's checkpoint is the one it was quantised from), and what the step reports beside its row."""
+
+    checkpoint: Path
+    model: Path
+    sparsity: dict[str, float] | None = None  # prune: per-layer sparsity
+
+
+class Step(Protocol):
+    """One compression method (prune.py, distill.py, quantize.py): the current artifact and the step's
+    settings in, the next artifact out (written under `folder`, the compress stage's; `number` is the
+    step's place in the list), as Olive's passes are."""
+
+    def label(self, step: Any, number: int) -> str: ...
+    def apply(self, step: Any, config: Config, current: Artifact, folder: Path, number: int) -> Artifact: ...
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -41,37 +63,24 @@ def run(config: Config) -> dict[str, Any]:
         config = config.derive("compress", export={"dtype": "fp32"})
     out_dir = config.stage_dir("compress")
     checkpoint = registry.stage_checkpoint(config, cc.checkpoint, "compress")
-    current = Path(export_checkpoint(config, checkpoint, out_dir / "fp32", "onnx")["model"])
-    rows = [measure(config, "fp32 (export)", current)]
+    current = Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, out_dir / "fp32", "onnx")["model"]))
+    rows = [measure(config, "fp32 (export)", current.model)]
+    methods: dict[str, Step] = {"prune": prune, "distill": distill, "quantize": quantize}  # type: ignore[dict-item]
     sparsity: dict[str, dict[str, float]] = {}
     for number, step in enumerate(cc.steps, start=1):
-        if step.method == "prune":
-            label = f"{number}: prune {step.kind} {step.sparsity:g}"
-            console.info(f"compress: step {label}")
-            checkpoint, sparsity[label] = prune.run(step, config, checkpoint, out_dir / f"step{number}")
-            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}", "onnx")["model"])
-        elif step.method == "distill":
-            label = f"{number}: distill a={step.alpha:g} T={step.temperature:g}"
-            console.info(f"compress: step {label}")
-            checkpoint = distill.run(step, config, checkpoint, out_dir / f"step{number}")
-            current = Path(export_checkpoint(config, checkpoint, out_dir / f"step{number}", "onnx")["model"])
-        else:
-            label = f"{number}: quantize " + (step.mode if step.bits == 8 else f"int4 block {step.block_size}"
-                                                + (f" head {step.head}" if step.head != "int8" else "")
-                                                + (" +emb" if step.embeddings else ""))
-            console.info(f"compress: step {label}")
-            target = out_dir / f"model.int{step.bits}.onnx"
-            if quantize.streams(step, config, checkpoint):  # written from the checkpoint, as export int4 is
-                current = quantize.run_streamed(step, config, checkpoint, target)
-            else:
-                current = quantize.run(step, config, current, target)
-        rows.append(measure(config, label, current))
+        method = methods[step.method]
+        label = method.label(step, number)
+        console.info(f"compress: step {label}")
+        current = method.apply(step, config, current, out_dir, number)
+        if current.sparsity is not None:
+            sparsity[label] = current.sparsity
+        rows.append(measure(config, label, current.model))
 
-    report = {"checkpoint": str(checkpoint), "steps": rows, "baseline": rows[0]["name"], "result": str(current),
-              "sparsity_per_layer": sparsity}
+    report = {"checkpoint": str(current.checkpoint), "steps": rows, "baseline": rows[0]["name"],
+              "result": str(current.model), "sparsity_per_layer": sparsity}
     write_json(out_dir / "report.json", report)
     _print_table(rows)
-    return {"model": str(current), "checkpoint": str(checkpoint), "report": str(out_dir / "report.json"),
+    return {"model": str(current.model), "checkpoint": str(current.checkpoint), "report": str(out_dir / "report.json"),
             "steps": rows}
 
 

@@ -18,11 +18,25 @@ import torch.nn.functional as F
 from bigmodel import console, registry
 from bigmodel.arch import AnyArch
 from bigmodel.checkpoint import model_tensors, save_checkpoint
+from bigmodel.compress import Artifact
 from bigmodel.config import Config, DistillStep
 from bigmodel.datasets import data_manifest
 from bigmodel.errors import UserError
 from bigmodel.families import family
 from bigmodel.runtime import resolve_device
+
+
+def label(step: DistillStep, number: int) -> str:
+    return f"{number}: distill a={step.alpha:g} T={step.temperature:g}"
+
+
+def apply(step: DistillStep, config: Config, current: Artifact, folder: Path, number: int) -> Artifact:
+    """The compress step: a student distilled from the current checkpoint, exported through the gate."""
+    from bigmodel.export import export_checkpoint
+
+    work_dir = folder / f"step{number}"
+    checkpoint = run(step, config, current.checkpoint, work_dir)
+    return Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, work_dir, "onnx")["model"]))
 
 
 def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -> Path:

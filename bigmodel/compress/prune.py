@@ -23,12 +23,26 @@ from torch import nn
 
 from bigmodel import console, registry
 from bigmodel.checkpoint import model_tensors, save_checkpoint
+from bigmodel.compress import Artifact
 from bigmodel.config import Config, PruneStep
 from bigmodel.errors import UserError
 from bigmodel.families import family
 from bigmodel.io import sha256_file
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
+
+
+def label(step: PruneStep, number: int) -> str:
+    return f"{number}: prune {step.kind} {step.sparsity:g}"
+
+
+def apply(step: PruneStep, config: Config, current: Artifact, folder: Path, number: int) -> Artifact:
+    """The compress step: prune (and fine-tune) the current checkpoint, export it through the gate."""
+    from bigmodel.export import export_checkpoint
+
+    work_dir = folder / f"step{number}"
+    checkpoint, report = run(step, config, current.checkpoint, work_dir)
+    return Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, work_dir, "onnx")["model"]), report)
 
 
 def run(step: PruneStep, config: Config, checkpoint: Path, work_dir: Path) -> tuple[Path, dict[str, Any]]:

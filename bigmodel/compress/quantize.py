@@ -30,7 +30,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bigmodel import console
-from bigmodel.compress import grids
+from bigmodel.compress import Artifact, grids
 from bigmodel.config import Config, Int4Export, QuantizeStep
 from bigmodel.export.onnx_file import output_head
 from bigmodel.export.weightless import int8_block
@@ -47,6 +47,22 @@ CALIBRATION = {
     "entropy": CalibrationMethod.Entropy,
     "percentile": CalibrationMethod.Percentile,
 }
+
+
+def label(step: QuantizeStep, number: int) -> str:
+    if step.bits == 8:
+        return f"{number}: quantize {step.mode}"
+    return (f"{number}: quantize int4 block {step.block_size}" + (f" head {step.head}" if step.head != "int8" else "")
+            + (" +emb" if step.embeddings else ""))
+
+
+def apply(step: QuantizeStep, config: Config, current: Artifact, folder: Path, number: int) -> Artifact:
+    """The compress step: compress/model.int{4,8}.onnx, written from the checkpoint as `export.dtype: int4`
+    writes it when that streams (`streams`), else quantised from the current ONNX file."""
+    target = folder / f"model.int{step.bits}.onnx"
+    if streams(step, config, current.checkpoint):
+        return Artifact(current.checkpoint, run_streamed(step, config, current.checkpoint, target))
+    return Artifact(current.checkpoint, run(step, config, current.model, target))
 
 
 def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
