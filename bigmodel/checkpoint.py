@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -24,6 +24,7 @@ from bigmodel.errors import UserError
 from bigmodel.io import atomic_path
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 MANIFEST_KEY = "bigmodel"
 
 
@@ -94,7 +95,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _consistent_read(path: Path, read: Any, attempts: int = 20) -> Any:
+def _consistent_read(path: Path, read: Callable[[], T], attempts: int = 20) -> T:
     """Read a checkpoint that a running `train` may replace (atomically) at any moment.
 
     safetensors reads the header and maps the data through separate opens of the path, so a rename in
@@ -132,7 +133,7 @@ def _manifest_of(path: Path, handle: Any) -> dict[str, Any]:
     if text is None:
         raise UserError(f"{path} is a safetensors file but not a bigmodel checkpoint (no manifest)")
     try:
-        manifest = json.loads(text)
+        manifest: dict[str, Any] = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: the checkpoint manifest is corrupt ({exc}); re-create it") from exc
     version = manifest.get("format_version")

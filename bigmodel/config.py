@@ -1028,7 +1028,10 @@ class Config(Section):
         if isinstance(self.model, BERTConfig):
             corpus = isinstance(self.data, TextClassificationDataConfig) and self.data.path.suffix == ".txt"
             return self.model.task or ("mlm" if corpus else "classification")
-        return "lm" if self.data.format in ("text", "sft") else self.data.task
+        if self.data.format in ("text", "sft"):
+            return "lm"
+        # (a text_classification file under a decoder or an MLP: _sections_agree refuses the family)
+        return self.data.task if isinstance(self.data, TabularDataConfig) else "classification"
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Config:
@@ -1426,7 +1429,7 @@ def _tag_default(section: type[BaseModel]) -> str | None:
     for key in dict.fromkeys(TAG_KEYS.values()):
         field = section.model_fields.get(key)
         if field is not None and len(typing.get_args(field.annotation)) == 1:
-            return field.default
+            return str(field.default)
     return None
 
 
@@ -1567,7 +1570,7 @@ def dump_yaml(config: Config) -> str:
                         **config.model.model_dump(mode="json", by_alias=True, exclude_unset=True)}
         if "tokenizer" not in config.data.model_fields_set:
             raw["data"].pop("tokenizer", None)
-    return yaml.safe_dump(raw, sort_keys=False)
+    return str(yaml.safe_dump(raw, sort_keys=False))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,7 @@ exits 1.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 EXIT_OK = 0
@@ -41,7 +42,7 @@ class Interrupted(KeyboardInterrupt):
         self.resumable = resumable
 
 
-def did_you_mean(name: str, choices: list[str] | set[str]) -> str:
+def did_you_mean(name: str, choices: Collection[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     import difflib
 

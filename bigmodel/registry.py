@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from bigmodel import arch as arches
+from bigmodel import roles
 from bigmodel.arch import AnyArch
 from bigmodel.checkpoint import check_shapes, load_checkpoint
 from bigmodel.errors import UserError
@@ -19,13 +20,17 @@ from bigmodel.families import family
 
 
 def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> AnyArch:
-    return family(model_cfg.family).module("model").architecture(model_cfg, data_manifest)
+    model: roles.Model = family(model_cfg.family).module("model")
+    arch: AnyArch = model.architecture(model_cfg, data_manifest)
+    return arch
 
 
 def build_model(arch: AnyArch | dict[str, Any]) -> nn.Module:
     """The network of an architecture (a typed one, or its stored dict form)."""
     typed = arches.parse(arch, "architecture")
-    return family(typed.family).module("model").build(typed)
+    model: roles.Model = family(typed.family).module("model")
+    network: nn.Module = model.build(typed)
+    return network
 
 
 def init_weights(model: nn.Module, family_name: str, scheme: str | None, std: float) -> str:
