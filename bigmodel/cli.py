@@ -26,8 +26,9 @@ except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
 from bigmodel import __version__, console
-from bigmodel.config import STDIO, load_config, section_help
+from bigmodel.config import load_config, section_help
 from bigmodel.errors import EXIT_FAILED, EXIT_USER, GateFailed, Interrupted, RunFailed, UserError
+from bigmodel.record import config_path
 
 _ARGV: list[str] = []  # this invocation's arguments (for the resume command after Ctrl-C)
 
@@ -123,20 +124,9 @@ ProviderOpt = Annotated[
 ]
 
 
-def config_file(config: Path | None, run_dir: str | None) -> Path:
-    """-c, or else the config recorded in --run-dir (a finished run is enough for eval, report, ...)."""
-    if config is not None:
-        return config
-    if run_dir is None:
-        raise UserError("give -c CONFIG (the experiment YAML), or --run-dir DIR of a run (its recorded config.yaml)")
-    from bigmodel.record import record_of
-
-    return record_of(run_dir)
-
-
 def load(config: Path | None, overrides: list[str] | None, run_dir: str | None) -> Any:
     """The validated config of -c (or of --run-dir's record), with --set overrides."""
-    return load_config(config_file(config, run_dir), overrides, run_dir)
+    return load_config(config_path(config, run_dir), overrides, run_dir)
 
 
 def with_device(overrides: list[str] | None, device: str | None) -> list[str]:
@@ -334,7 +324,7 @@ def train_command(
         nonlocal exit_code
         from bigmodel.train.launch import train_on_processes
 
-        exit_code = train_on_processes(nproc, config_file(config, run_dir), list(set_ or []), run_dir, resume=resume,
+        exit_code = train_on_processes(nproc, config_path(config, run_dir), list(set_ or []), run_dir, resume=resume,
                                        until_step=until_step, json_out=json_out, quiet=quiet, debug=debug,
                                        restart=restart, allow_changes=allow_changes)
 
@@ -412,89 +402,18 @@ def infer_command(
     --input (or --prompt) suffice; --set infer.KEY=VALUE sets any other infer key."""
 
     def action() -> dict[str, Any]:
-        from bigmodel import infer
+        from bigmodel.infer.command import run_from_flags
 
         given = {"model": model, "input": input_, "output": output, "prompt": prompt,
                  "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "seed": seed, "stop": stop or None, "chat": chat or None, "system": system}
-        given = {key: value for key, value in given.items() if value is not None}
-        providers = chosen_providers(device, provider)
-        if providers is not None:
-            given["providers"] = providers
-        settings_given = {**_infer_sets(set_, config is None and run_dir is None), **given}
-        check_infer_flags(given)  # the same message for a bad flag with or without -c
-        explicit = set(given) | {item.partition("=")[0].removeprefix("infer.") for item in set_ or []
-                                 if item.startswith("infer.")}
-        if {"prompt", "input"} <= explicit:
-            raise UserError("--prompt and --input both give prompts; use one of them")
+                 "seed": seed, "stop": stop or None, "chat": chat or None, "system": system,
+                 "providers": chosen_providers(device, provider)}
         bench_settings = ({"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                            "repeats": repeats} if bench else None)
-        if config is None and run_dir is None:
-            if "model" not in settings_given:
-                raise UserError("infer needs -c CONFIG, or --model FILE.onnx (with --input FILE/'-' or --prompt)")
-            settings = check_infer_flags(settings_given, source="--set")
-            _refuse_stdout_clash(json_out, settings.output or Path(STDIO), bench)
-            return infer.run_standalone(settings, bench_settings)
-        # An explicit prompt or input replaces the config's (a config's infer.prompt must not hide -i).
-        cleared = {"input": "prompt", "prompt": "input"}
-        overrides = list(set_ or []) + [f"infer.{cleared[k]}=null" for k in cleared if k in explicit] + [
-            f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items()
-        ]
-        if "prompt" in given and "output" not in explicit and not json_out and not bench:
-            overrides.append(f"infer.output={json.dumps(STDIO)}")  # a prompt typed here is answered here
-        loaded = load(config, overrides, run_dir)
-        _refuse_stdout_clash(json_out, loaded.infer.output, bench)
-        if bench:
-            return infer.run(loaded, bench_settings)
-        from bigmodel.stages import STAGES
-
-        return STAGES["infer"].run(loaded)
+        return run_from_flags({k: v for k, v in given.items() if v is not None}, set_, config, run_dir, json_out,
+                              bench_settings)
 
     execute("infer", action, json_out, quiet, debug)
-
-
-INFER_FLAGS = {"model": "--model", "input": "--input", "output": "--output", "prompt": "--prompt",
-               "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
-               "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "chat": "--chat", "system": "--system",
-               "providers": "--provider"}
-
-
-def check_infer_flags(values: dict[str, Any], source: str = "") -> Any:
-    """InferConfig of the given values; a bad one is refused naming its flag (or its --set key)."""
-    from pydantic import ValidationError
-
-    from bigmodel.config import InferConfig, validation_problems
-
-    try:
-        return InferConfig.model_validate(values)
-    except ValidationError as exc:
-        problems = []
-        for where, message in validation_problems(exc):
-            key = where.split(".")[0]
-            name = INFER_FLAGS.get(key, f"infer.{key}") if not source else f"--set infer.{key}"
-            problems.append(message.replace(where, name, 1) if message.startswith(where) else f"{name}: {message}")
-        raise UserError("; ".join(problems)) from exc
-
-
-def _infer_sets(set_: list[str] | None, standalone: bool) -> dict[str, Any]:
-    """Without -c, --set may give infer keys only (there is no other section to set)."""
-    if not standalone:
-        return {}
-    import yaml
-
-    values: dict[str, Any] = {}
-    for item in set_ or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.startswith("infer.") or key.count(".") != 1:
-            raise UserError(f"--set {item!r}: without -c only infer keys can be set (--set infer.top_k=50); "
-                            "other keys need -c CONFIG")
-        values[key.removeprefix("infer.")] = yaml.safe_load(text) if text.strip() not in ("", STDIO) else (text.strip() or None)
-    return values
-
-
-def _refuse_stdout_clash(json_out: bool, output: Path | None, bench: bool) -> None:
-    if json_out and not bench and output is not None and str(output) == STDIO:
-        raise UserError("--json and predictions on stdout ('-') both need stdout; write predictions to a file")
 
 
 @app.command("serve", epilog=section_help("serve"))
@@ -525,22 +444,19 @@ def serve_command(
 
     def action() -> dict[str, Any]:
         from bigmodel import serve
-        from bigmodel.config import ServeConfig, apply_override
+        from bigmodel.config import ServeConfig, section_sets
 
         given = {k: v for k, v in (("model", model), ("host", host), ("port", port), ("api_key", api_key),
                                    ("max_batch", max_batch), ("max_queue", max_queue)) if v is not None}
         providers = chosen_providers(device, provider)
         if providers is not None:
+            from bigmodel.infer.command import check_infer_flags
+
             providers = check_infer_flags({"providers": providers}).providers
         if config is None and run_dir is None:
             if model is None:
                 raise UserError("serve needs -c CONFIG, or --model FILE.onnx")
-            raw: dict[str, Any] = {"serve": given}
-            for override in set_ or []:  # without a config, --set reaches serve's own keys only
-                if not apply_override(raw, override).startswith("serve.") or set(raw) != {"serve"}:
-                    raise UserError(f"--set {override}: without -c, serve takes serve.* keys only; give -c CONFIG "
-                                    "for the others")
-            settings = _validated(ServeConfig, raw["serve"], "serve")
+            settings = _validated(ServeConfig, {**section_sets(set_, "serve", "serve.max_tokens=64"), **given}, "serve")
             return serve.serve(model, settings, providers or ["CPUExecutionProvider"], None)
         overrides = list(set_ or []) + [f"serve.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}"
                                         for k, v in given.items()]
@@ -742,7 +658,7 @@ def config_validate(
     """Check a config without running anything: keys, types, ranges, cross-field rules, input files."""
 
     def action() -> dict[str, Any]:
-        loaded = load_config(config_file(config, None), set_)
+        loaded = load_config(config_path(config, None), set_)
         if loaded.data.format == "text":
             from bigmodel.prepare.text import source_files
 

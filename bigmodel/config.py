@@ -1272,6 +1272,19 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def section_sets(overrides: list[str] | None, section: str, example: str) -> dict[str, Any]:
+    """Without -c a command has one section to set (infer, serve): its --set keys, parsed as a config's
+    are; a key of any other section is one line naming the fix."""
+    raw: dict[str, Any] = {}
+    for override in overrides or []:
+        key = override.partition("=")[0].strip()
+        if not key.startswith(f"{section}.") or key.count(".") != 1:
+            raise UserError(f"--set {override!r}: without -c only {section} keys can be set (--set {example}); "
+                            "other keys need -c CONFIG")
+        apply_override(raw, override)
+    return dict(raw.get(section, {}))
+
+
 def apply_override(raw: dict[str, Any], override: str) -> str:
     """Set one key from a --set; returns its key path."""
     key_path, sep, text = override.partition("=")

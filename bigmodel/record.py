@@ -41,3 +41,12 @@ def record_of(run_dir: str | Path) -> Path:
 def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
     """The config a run directory recorded (what `-c` would give), with --set overrides on top."""
     return load_config(record_of(run_dir), overrides, Path(run_dir))
+
+
+def config_path(config: Path | None, run_dir: str | None) -> Path:
+    """-c, or else the config recorded in --run-dir (a finished run is enough for eval, report, ...)."""
+    if config is not None:
+        return config
+    if run_dir is None:
+        raise UserError("give -c CONFIG (the experiment YAML), or --run-dir DIR of a run (its recorded config.yaml)")
+    return record_of(run_dir)
