@@ -465,19 +465,19 @@ class TrainConfig(Section):
     )
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm.")
     grad_accum_steps: int = Field(
-        1, gt=0, description="Micro-batches per optimizer step (gpt); the step sees batch_size x this."
+        1, gt=0, description="Micro-batches per optimizer step; the step sees batch_size x this."
     )
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32", description="bf16: autocast matmuls to bfloat16 (CPU and CUDA); weights stay fp32. auto: bf16 where "
         "the device multiplies bf16 natively (CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX), fp32 "
         "elsewhere (emulated bf16 is many times slower); train prints and records which it used.",
     )
-    compile: bool = Field(False, description="torch.compile the model (gpt).")
+    compile: bool = Field(False, description="torch.compile the model.")
     eval_batches: int = Field(
-        50, gt=0, description="gpt: val batches per evaluation (the same fixed batches every time). If that "
+        50, gt=0, description="Val batches per evaluation (the same fixed batches every time). If that "
         "many would cover more than the val split, the split is tiled instead: each token scored once.",
     )
-    log_every: int | None = Field(None, gt=0, description="gpt: append train loss, lr and tokens/s every N steps. "
+    log_every: int | None = Field(None, gt=0, description="Append train loss, lr and tokens/s every N steps. "
                                   "Default: often enough for about 50 points over the run (every step of a run of "
                                   "50 steps or fewer), at most every 50 steps.")
     save_every: int | None = Field(
@@ -487,7 +487,7 @@ class TrainConfig(Section):
         "auto", description="auto: cross_entropy for classification, mse for regression."
     )
     augment: list[TabularAugment] = Field(
-        [], description="Tabular: transforms applied, in order, to training batches only (never val/test), "
+        [], description="Transforms applied, in order, to training batches only (never val/test), "
         "e.g. [{kind: noise, std: 0.1}, {kind: mixup, alpha: 0.2}]. Text: see data.augment.",
     )
     tensorboard: bool = Field(
@@ -495,7 +495,7 @@ class TrainConfig(Section):
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="Under torchrun (gpt): ddp replicates the model on every rank; fsdp (FSDP2) shards "
+        description="Under torchrun: ddp replicates the model on every rank; fsdp (FSDP2) shards "
         "parameters, gradients and optimizer state. The global batch stays batch_size x grad_accum_steps.",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
@@ -505,11 +505,11 @@ class TrainConfig(Section):
         1800, gt=0, description="Seconds a rank waits for the others in a collective before failing."
     )
     activation_checkpointing: bool = Field(
-        False, description="gpt: recompute each block's activations in backward (less memory, ~1/3 more compute)."
+        False, description="Recompute each block's activations in backward (less memory, ~1/3 more compute)."
     )
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 settings (train.distributed: fsdp).")
     lora: LoRAConfig | None = Field(
-        None, description="gpt: train low-rank adapters instead of every weight, e.g. {rank: 8, alpha: 16, targets: "
+        None, description="Train low-rank adapters instead of every weight, e.g. {rank: 8, alpha: 16, targets: "
         "[attention]}; checkpoints then hold the adapter only, tied to the init checkpoint by its sha256.",
     )
 
@@ -1542,9 +1542,19 @@ def _key_block(title: str, fields: list[tuple[str, Any]], prefix: str) -> str:
         if _sections_in(field.annotation):
             continue  # a nested section: its keys are a group of their own
         default = "required" if field.is_required() else f"default {json.dumps(field.get_default(call_default_factory=True), default=str)}"
-        lines.append(f"  {prefix}{name}  ({_type_name(field.annotation)}, {default})")
+        readers = train_key_readers(name) if prefix == "train." else None
+        lines.append(f"  {prefix}{name}  ({_type_name(field.annotation)}, {default})"
+                     + (f" [{', '.join(readers)}]" if readers is not None else ""))
         lines += textwrap.wrap(field.description or "", width=96, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
+
+
+def train_key_readers(key: str) -> list[str] | None:
+    """The families whose recipe reads train.`key` (from the family table), or None when every one does."""
+    from bigmodel.families import FAMILIES
+
+    readers = [name for name, family in FAMILIES.items() if key in family.train_keys]
+    return None if len(readers) == len(FAMILIES) else readers
 
 
 def _type_name(annotation: Any) -> str:

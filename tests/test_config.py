@@ -185,3 +185,18 @@ def test_the_checked_in_key_reference_is_the_schemas() -> None:
 
     page = Path(__file__).parent.parent / "docs" / "config-reference.md"
     assert page.read_text() == key_reference(), "stale: run 'bigmodel config reference > docs/config-reference.md'"
+
+
+def test_which_families_read_a_train_key_is_derived_not_written_by_hand() -> None:
+    """--help tags a train key with the families whose recipe reads it, from the family table; no
+    description carries a hand-written family tag that could go stale."""
+    import re
+
+    from bigmodel.config import TrainConfig, section_help
+
+    help_text = section_help("train")
+    assert "train.grad_accum_steps  (int, default 1) [gpt]" in help_text
+    assert "train.monitor  (one of loss|accuracy, default \"loss\") [mlp, bert]" in help_text
+    assert "train.lr  (float, default 0.001)\n" in help_text  # every family reads it: no tag
+    for name, field in TrainConfig.model_fields.items():
+        assert not re.match(r"(gpt|bert|mlp|tabular)\b", (field.description or "").lower()), name
