@@ -1,0 +1,118 @@
+"""Decode speed of two int4 files of the same weights, in one process, interleaved; prints JSON.
+
+    python scripts/bench_decode.py --ours RUN/export/model.onnx --builder BUILDER_DIR [--rounds 5]
+
+Per decode step at batch 1 (a 16-token prompt, then --new-tokens greedy steps), median milliseconds of:
+  ours            bigmodel's file through bigmodel's own Decoder (what `bigmodel infer` runs)
+  builder_plain   the onnxruntime-genai builder's file in a plain session.run loop (its cache fed back)
+  builder_genai   the builder's file through onnxruntime-genai's own Generator (its runtime)
+Rounds alternate the three (in a rotating order), because this machine's speed drifts by tens of percent
+between runs; compare within a round. scripts/bench_big.py makes both files (and measures each in its own process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bigmodel.infer.gpt import Decoder  # noqa: E402
+from bigmodel.infer.session import open_model  # noqa: E402
+
+PROMPT = np.random.default_rng(0).integers(10, 40000, size=(1, 16)).astype(np.int64)
+
+
+def ours(decoder: Decoder, steps: int) -> list[float]:
+    logits, cache = decoder.run(PROMPT, decoder.empty_cache(1))
+    times = []
+    for _ in range(steps):
+        token = np.array([[int(logits[0, -1].argmax())]], np.int64)
+        start = time.perf_counter()
+        logits, cache = decoder.run(token, cache)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def builder_plain(session: ort.InferenceSession, layers: int, kv_heads: int, head: int, steps: int) -> list[float]:
+    names = [o.name for o in session.get_outputs()]
+    feeds = {"input_ids": PROMPT, "attention_mask": np.ones((1, PROMPT.shape[1]), np.int64)}
+    for i in range(layers):
+        for part in ("key", "value"):
+            feeds[f"past_key_values.{i}.{part}"] = np.zeros((1, kv_heads, 0, head), np.float32)
+    out = dict(zip(names, session.run(None, feeds)))
+    total, times = PROMPT.shape[1], []
+    for _ in range(steps):
+        total += 1
+        feeds = {"input_ids": np.array([[int(out["logits"][0, -1].argmax())]], np.int64),
+                 "attention_mask": np.ones((1, total), np.int64)}
+        for i in range(layers):
+            for part in ("key", "value"):
+                feeds[f"past_key_values.{i}.{part}"] = out[f"present.{i}.{part}"]
+        start = time.perf_counter()
+        out = dict(zip(names, session.run(None, feeds)))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def builder_genai(model: object, steps: int) -> list[float]:
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=PROMPT.shape[1] + steps + 1, do_sample=False, batch_size=1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT.astype(np.int32))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        generator.generate_next_token()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ours", type=Path, required=True)
+    parser.add_argument("--builder", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    import onnxruntime_genai as og
+
+    session, meta = open_model(args.ours, ["CPUExecutionProvider"], args.threads)
+    decoder = Decoder.from_session(session, meta, args.ours)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    theirs = ort.InferenceSession(str(args.builder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    shape = json.loads((args.builder / "genai_config.json").read_text())["model"]["decoder"]
+    config = og.Config(str(args.builder))
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
+    genai_model = og.Model(config)
+    runs = {"ours": lambda: ours(decoder, args.new_tokens),
+            "builder_plain": lambda: builder_plain(theirs, shape["num_hidden_layers"], shape["num_key_value_heads"],
+                                                   shape["head_size"], args.new_tokens),
+            "builder_genai": lambda: builder_genai(genai_model, args.new_tokens)}
+    for run in runs.values():  # warm-up
+        run()
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for number in range(args.rounds):  # the order rotates: no file is always first after the other's run
+        for name in names[number % 3:] + names[: number % 3]:
+            rounds[name].append(round(1000 * statistics.median(runs[name]()), 2))
+    print(json.dumps({"ms_per_step": {name: {"median": statistics.median(v), "rounds": v} for name, v in rounds.items()},
+                      "ours_over_genai_per_round": [round(a / b, 3) for a, b in zip(rounds["ours"], rounds["builder_genai"])],
+                      "ours_over_builder_plain_per_round": [round(a / b, 3) for a, b in
+                                                            zip(rounds["ours"], rounds["builder_plain"])],
+                      "threads": args.threads, "new_tokens": args.new_tokens}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
