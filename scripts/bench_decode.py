@@ -8,6 +8,8 @@ Per decode step at batch 1 (a 16-token prompt, then --new-tokens greedy steps), 
   builder_genai   the builder's file through onnxruntime-genai's own Generator (its runtime)
 Rounds alternate the three (in a rotating order), because this machine's speed drifts by tens of percent
 between runs; compare within a round. scripts/bench_big.py makes both files (and measures each in its own process).
+--profile adds ONNX Runtime's own profile of the two plain loops: kernel microseconds per step by operator
+type, and MatMulNBits by (bits, K, N): where a step's time goes in each graph.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -76,6 +79,36 @@ def builder_genai(model: object, steps: int) -> list[float]:
     return times
 
 
+def kernel_profile(session_of: Any, loop: Any) -> dict[str, Any]:
+    """ONNX Runtime's profile of `loop` over a fresh profiling session: kernel us per run, by op type and
+    by MatMulNBits shape."""
+    import collections
+
+    import onnx
+
+    session, path = session_of()
+    loop(session)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    runs = max(1, sum(e.get("name") == "model_run" for e in events))
+    shapes = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            shapes[node.name] = f"bits {a['bits']} K {a['K']} N {a['N']}"
+    by_op: collections.Counter[str] = collections.Counter()
+    by_shape: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"].get("op_name", "?")] += e["dur"]
+            if e["args"].get("op_name") == "MatMulNBits":
+                by_shape[shapes.get(e["name"][: -len("_kernel_time")], "?")] += e["dur"]
+    trace.unlink(missing_ok=True)
+    return {"kernel_us_per_run": round(sum(by_op.values()) / runs),
+            "by_op": {k: round(v / runs) for k, v in by_op.most_common()},
+            "matmulnbits_by_shape": {k: round(v / runs) for k, v in by_shape.most_common()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ours", type=Path, required=True)
@@ -83,6 +116,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also ONNX Runtime's per-operator profile")
     args = parser.parse_args()
     import onnxruntime_genai as og
 
@@ -107,7 +141,23 @@ def main() -> None:
     for number in range(args.rounds):  # the order rotates: no file is always first after the other's run
         for name in names[number % 3:] + names[: number % 3]:
             rounds[name].append(round(1000 * statistics.median(runs[name]()), 2))
-    print(json.dumps({"ms_per_step": {name: {"median": statistics.median(v), "rounds": v} for name, v in rounds.items()},
+    profiles = {}
+    if args.profile:
+        def profiled(path: Path) -> Any:
+            def make() -> tuple[ort.InferenceSession, Path]:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads, options.enable_profiling = args.threads, True
+                options.profile_file_prefix = str(Path("/tmp") / f"bench_decode_{path.parent.name}")
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), path
+            return make
+
+        profiles = {
+            "ours": kernel_profile(profiled(args.ours), lambda session: ours(
+                Decoder.from_session(session, meta, args.ours), args.new_tokens)),
+            "builder_plain": kernel_profile(profiled(args.builder / "model.onnx"), lambda session: builder_plain(
+                session, shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_size"],
+                args.new_tokens))}
+    print(json.dumps({"profile": profiles, "ms_per_step": {name: {"median": statistics.median(v), "rounds": v} for name, v in rounds.items()},
                       "ours_over_genai_per_round": [round(a / b, 3) for a, b in zip(rounds["ours"], rounds["builder_genai"])],
                       "ours_over_builder_plain_per_round": [round(a / b, 3) for a, b in
                                                             zip(rounds["ours"], rounds["builder_plain"])],
