@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from bigmodel import console
-from bigmodel.config import Config
+from bigmodel.config import Config, TabularDataConfig
 from bigmodel.datasets import DATA_FILE, MANIFEST_FILE, TEST_CSV
 from bigmodel.errors import UserError, did_you_mean
 from bigmodel.io import atomic_open, atomic_path, require_file, sha256_file, write_json
@@ -27,6 +27,7 @@ SPLITS = ("train", "val", "test")
 
 def run(config: Config) -> dict[str, Any]:
     data = config.data
+    assert isinstance(data, TabularDataConfig)  # the family table sends only tabular data here
     path = require_file(data.path, "data.path", "set data.path to a CSV file, e.g. --set data.path=FILE")
     header, rows = read_csv(path)
     target_col, feature_cols = _columns(header, data.target, data.features, path)
@@ -45,7 +46,7 @@ def run(config: Config) -> dict[str, Any]:
         save_file(arrays, str(tmp))
     _write_raw_rows(out_dir / TEST_CSV, header, [rows[i] for i in split["test"]])
 
-    manifest = {
+    manifest: dict[str, Any] = {
         "kind": "tabular-data",
         "format_version": 1,
         "source": {"path": str(path), "sha256": sha256_file(path), "rows": len(rows)},

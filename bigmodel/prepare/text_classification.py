@@ -30,7 +30,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from bigmodel import console
-from bigmodel.config import Config, TextClassificationDataConfig
+from bigmodel.config import BERTConfig, Config, TextClassificationDataConfig
 from bigmodel.datasets import DATA_FILE, MANIFEST_FILE, TOKENIZER_FILE
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path, jsonl_objects, require_file, sha256_file, write_json
@@ -42,10 +42,11 @@ SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def run(config: Config) -> dict[str, Any]:
-    data = config.data
-    assert isinstance(data, TextClassificationDataConfig)
+    data, model = _sections(config)
     path = require_file(data.path, "data.path", "set data.path to a CSV or JSONL file of texts, or a .txt corpus")
     out_dir = config.stage_dir("prepare")
+    records: list[dict[str, Any]] | None
+    labels: list[str]
     if path.suffix == ".txt":
         arrays, tok, source, splits, truncated = _corpus(config, path)
         records, labels, what = None, [], "windows"
@@ -77,7 +78,7 @@ def run(config: Config) -> dict[str, Any]:
                       "source": source},
         "special_ids": special,
         "pad_id": special["[PAD]"] or 0,
-        "max_tokens": config.model.block_size,
+        "max_tokens": model.block_size,
         "truncated": truncated,
         "splits": splits,
         "tokens": {name: int(sum(arrays[key].size for key in (f"{name}_ids", f"{name}_b_ids") if key in arrays))
@@ -90,16 +91,22 @@ def run(config: Config) -> dict[str, Any]:
     cut = sum(truncated.values())
     console.info(f"prepare: {sum(splits.values())} {what} from {path.name}; {sizes}"
                  + (f"; {len(labels)} classes" if labels else "") + f"; vocab {manifest['vocab_size']}"
-                 + (f"; {cut} texts truncated to {config.model.block_size} tokens" if cut else ""))
+                 + (f"; {cut} texts truncated to {model.block_size} tokens" if cut else ""))
     return {"manifest": str(out_dir / MANIFEST_FILE), "data": str(out_dir / DATA_FILE), "rows": splits,
             "truncated": truncated}
+
+
+def _sections(config: Config) -> tuple[TextClassificationDataConfig, BERTConfig]:
+    """The data and model sections this module reads (the family table sends only an encoder's texts here)."""
+    assert isinstance(config.data, TextClassificationDataConfig) and isinstance(config.model, BERTConfig)
+    return config.data, config.model
 
 
 def _records(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, str | None, dict[str, int],
                                                   dict[str, int], list[dict[str, Any]], list[str]]:
     """The texts of a CSV/JSONL file, split seeded (stratified by label for a classifier), tokenized.
     Returns arrays, tokenizer, its source, split sizes, truncation counts, the test records and labels."""
-    data, task = config.data, config.task
+    (data, model), task = _sections(config), config.task
     records = read_records(path)
     columns = [data.text] + ([data.text_pair] if data.text_pair else [])
     if task == "embedding" and not data.text_pair:
@@ -127,7 +134,7 @@ def _records(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, st
         truncated[name] = 0
         for prefix, side in sides:
             ids, types, cut = _encode(tok, rows if side is None else [[row[side]] for row in rows],
-                                      config.model.block_size, data.too_long, path, split[name])
+                                      model.block_size, data.too_long, path, split[name])
             _store(arrays, f"{name}_{prefix}", ids)
             if data.text_pair and side is None:
                 arrays[f"{name}_types"] = np.concatenate(types).astype(np.uint8)
@@ -150,8 +157,9 @@ def _corpus(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, str
     paragraphs = [p for p in paragraphs if p]
     ends = np.cumsum([len(p) for p in paragraphs]) if paragraphs else np.array([0])
     total = int(ends[-1])
-    val_from = int(np.searchsorted(ends, total * (1 - config.data.val_fraction - config.data.test_fraction)))
-    test_from = int(np.searchsorted(ends, total * (1 - config.data.test_fraction)))
+    data, model = _sections(config)
+    val_from = int(np.searchsorted(ends, total * (1 - data.val_fraction - data.test_fraction)))
+    test_from = int(np.searchsorted(ends, total * (1 - data.test_fraction)))
     parts = {"train": paragraphs[:val_from], "val": paragraphs[val_from:test_from], "test": paragraphs[test_from:]}
     for name, part in parts.items():
         if not part:
@@ -159,7 +167,7 @@ def _corpus(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, str
                             "corpus (paragraphs are separated by blank lines)")
     tok, source = _tokenizer(config, parts["train"])
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    width = config.model.block_size - 2
+    width = model.block_size - 2
     arrays: dict[str, np.ndarray] = {}
     for name, part in parts.items():
         stream = np.concatenate([np.asarray(e.ids, dtype=np.int64)
@@ -227,7 +235,8 @@ def _tokenizer(config: Config, train_texts: list[str]) -> tuple[Any, str | None]
         console.info(f"prepare: the tokenizer of {config.init.from_.name} ({source.model_type}, vocab "
                      f"{tok.get_vocab_size()})")
         return tok, str(config.init.from_)
-    tok = Tokenizer(models.WordPiece(train_wordpiece_vocab(train_texts, config.data.vocab_size), unk_token="[UNK]"))
+    tok = Tokenizer(models.WordPiece(train_wordpiece_vocab(train_texts, _sections(config)[0].vocab_size),
+                                     unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
