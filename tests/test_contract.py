@@ -430,3 +430,16 @@ def test_every_compress_step_has_the_one_step_signature() -> None:
         for name, member in vars(Step).items():
             if inspect.isfunction(member) and not name.startswith("_"):
                 assert _parameters(getattr(module, name)) == _parameters(member), (module.__name__, name)
+
+
+def test_the_adding_a_family_checklist_names_every_family_field() -> None:
+    """docs/developer.md's checklist for a new family stays true: every field of the family table's entry
+    is named in it (a field added without a line there fails here)."""
+    from dataclasses import fields
+
+    from bigmodel.families import Family
+
+    page = (Path(__file__).parent.parent / "docs" / "developer.md").read_text()
+    checklist = page.split("## Adding a family", 1)[1].split("\n## ", 1)[0]
+    missing = [f.name for f in fields(Family) if f"`{f.name}`" not in checklist]
+    assert not missing, f"docs/developer.md's 'Adding a family' does not name {missing}"
