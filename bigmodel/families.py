@@ -2,8 +2,9 @@
 
 Stages look a family up here instead of branching on its name, so a new family is one entry (and its
 modules), and an unknown one is a one-line error. What each role's module must provide is a Protocol in
-bigmodel/roles.py, checked for every family by tests/test_contract.py. Modules are named, not imported, so this table costs
-nothing to import (`infer` must not pull in PyTorch) and a stage loads only the family it runs.
+bigmodel/roles.py, checked for every family by tests/test_contract.py. Modules are named, not imported, so
+this table costs nothing to import (`infer` must not pull in PyTorch) and a stage loads only the family it
+runs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Family:
     evaluator: str  # run(config), scores_for(config, path)
     exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...), latency_feeds(session, meta)
     inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench_settings): ONNX Runtime only
-    server: str  # Engine(session, meta, path, settings): the HTTP routes of `bigmodel serve` (ONNX Runtime only)
+    server: str  # Engine(session, meta, path, name, settings): `bigmodel serve`'s routes (ONNX Runtime only)
     infer_output: str  # default file name of infer's output
     test_split: str | None  # infer's default input: the file prepare writes the test split to (None: none)
     distributed: bool  # trains under torchrun (DDP/FSDP)
