@@ -23,10 +23,14 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 class Tokenizer(Protocol):
-    kind: str
-    vocab_size: int
-    eot_id: int | None  # token appended after each document, if the tokenizer has one
+    """What every tokenizer gives (read-only: a char vocabulary's constants and a BPE's properties alike)."""
 
+    @property
+    def kind(self) -> str: ...  # char, bpe, wordpiece, unigram
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eot_id(self) -> int | None: ...  # token appended after each document, if the tokenizer has one
     @property
     def longest_token(self) -> int: ...  # characters in the vocabulary's longest token (bounds a text's tokens)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from bigmodel import chat, console
 from bigmodel import sft as examples
-from bigmodel.config import Config, SFTDataConfig
+from bigmodel.config import Config, GPTConfig, SFTDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, sft_files
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path, jsonl_objects, sha256_file, write_json
@@ -85,8 +85,8 @@ def run(config: Config) -> dict[str, Any]:
             if c.trained_tokens == 0:
                 raise UserError(f"data: no token of the {split} split is trained (data.train_on "
                                 f"'{data.train_on}'); check the examples' completions")
-    with atomic_open(out_dir / TOKENIZER_FILE) as handle:
-        handle.write(tok.to_json())
+    with atomic_open(out_dir / TOKENIZER_FILE) as tokenizer_file:
+        tokenizer_file.write(tok.to_json())
 
     manifest = {
         "kind": "sft-data",
@@ -125,6 +125,7 @@ def context_length(config: Config) -> int:
     """The longest example the model takes: model.block_size, or the imported model's context."""
     from bigmodel import pretrained
 
+    assert isinstance(config.model, GPTConfig)  # fine-tuning data is a decoder's
     if config.init.from_ is None or "block_size" in config.model.model_fields_set:
         return config.model.block_size
     return pretrained.describe(config.init.from_).arch.block_size

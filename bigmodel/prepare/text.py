@@ -294,14 +294,16 @@ def _kept_chunks(files: list[Path], data: TextDataConfig, keep: list[bool]) -> I
 # ------------------------------------------------------------------------------- tokenizer, encoding
 
 
-def pretrained_tokenizer(source_path: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+def pretrained_tokenizer(source_path: Path) -> tuple[tokenizers.BPETokenizer, dict[str, Any]]:
     """The imported model's own tokenizer, with its special tokens and chat template (init.from)."""
     from bigmodel import pretrained
 
     source = pretrained.describe(source_path)
     tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
-    if tok.eot_id is None and source.special_tokens.get("eos"):  # documents end with the model's own EOS
-        tok.eot_id = source.special_tokens["eos"][0]
+    assert isinstance(tok, tokenizers.BPETokenizer)  # an imported tokenizer is a HF one (BPE, WordPiece, Unigram)
+    eos = source.special_tokens.get("eos")
+    if tok.eot_id is None and eos:  # documents end with the model's own EOS
+        tok.eot_id = eos[0]
     console.info(f"prepare: the tokenizer of {source_path.name} ({source.model_type}, vocab {tok.vocab_size})")
     return tok, {"special_tokens": source.special_tokens, "chat_template": source.chat_template}
 
@@ -322,7 +324,7 @@ def _tokenizer(data: TextDataConfig, files: list[Path], keep: list[bool], chars:
 def _encode(
     files: list[Path], data: TextDataConfig, keep: list[bool], tok: tokenizers.Tokenizer,
     dtype: type, total_chars: int, seed: int, out_dir: Path,
-) -> dict[str, dict[str, int]]:
+) -> dict[str, Any]:
     tokens = {"train": 0, "val": 0}
     chars = {"train": 0, "val": 0}
     boundary = int(total_chars * (1.0 - data.val_fraction))  # tail split: first val character
@@ -359,6 +361,7 @@ def _encode(
         # BPE-dropout: whole extra passes over the train text, appended after it (never interleaved
         # chunk by chunk, which would teach the model that text repeats itself).
         for number, augment in enumerate(data.augment):
+            assert isinstance(tok, tokenizers.BPETokenizer)  # the config refuses bpe_dropout for other tokenizers
             for copy in range(augment.copies):
                 rng = np.random.default_rng([seed, number, copy])
                 encode = partial(tok.encode_with_dropout, dropout=augment.dropout, rng=rng)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel import console, registry
-from bigmodel.config import Config
+from bigmodel.config import Config, TabularDataConfig
 from bigmodel.datasets import DATA_FILE, load_split
 from bigmodel.io import sha256_file
 from bigmodel.runtime import setup_torch
@@ -49,6 +49,7 @@ def train(
         check_matches_config(config, init_manifest)
     model.to(device)
     optimizer = build_optimizer(model, tc)
+    assert isinstance(config.data, TabularDataConfig)  # the family table sends only tabular data here
     loss_fn = _loss_fn(config.data.task)
 
     # ---- data
