@@ -1,15 +1,13 @@
 """Checkpoints: weights in safetensors, the manifest as JSON inside the same file's header.
 
 One file per checkpoint keeps writes atomic (temp file + rename) and makes a checkpoint impossible to
-separate from its description. The manifest holds the format version, the model family and
-architecture, the resolved config, the step, metrics and lineage (sha256 of the inputs it was made from).
+separate from its description. The manifest (bigmodel/manifests.py: typed and
+versioned) holds the model family and architecture, the resolved config, the step, metrics and lineage.
 Nothing is unpickled: safetensors stores raw tensors and a JSON header.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,48 +17,34 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bigmodel import __version__
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_path
+from bigmodel.manifests import CheckpointManifest, read_checkpoint_manifest
 
-FORMAT_VERSION = 1
 T = TypeVar("T")
-MANIFEST_KEY = "bigmodel"
 
 
-def header_metadata(manifest: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata that makes a file a bigmodel checkpoint: the manifest with its version."""
-    full = {
-        "format_version": FORMAT_VERSION,
-        "kind": "checkpoint",
-        "bigmodel_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **manifest,
-    }
-    return {MANIFEST_KEY: json.dumps(full, sort_keys=True, default=str)}
-
-
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], manifest: CheckpointManifest) -> None:
     """Write tensors + manifest atomically. Tensors are made contiguous and detached from autograd."""
     plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata=header_metadata(manifest))
+        save_file(plain, str(tmp), metadata=manifest.header())
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> CheckpointManifest:
     """The manifest alone (reads only the header). Refuses anything that is not a bigmodel checkpoint."""
 
-    def read() -> dict[str, Any]:
+    def read() -> CheckpointManifest:
         with _open(path) as handle:
             return _manifest_of(path, handle)
 
     return _consistent_read(path, read)
 
 
-def load_checkpoint(path: Path, prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_checkpoint(path: Path, prefix: str = "") -> tuple[CheckpointManifest, dict[str, torch.Tensor]]:
     """Manifest and the tensors whose names start with `prefix` (all of them by default)."""
 
-    def read() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def read() -> tuple[CheckpointManifest, dict[str, torch.Tensor]]:
         with _open(path) as handle:
             manifest = _manifest_of(path, handle)
             try:
@@ -128,21 +112,8 @@ def _open(path: Path) -> Any:
         ) from exc
 
 
-def _manifest_of(path: Path, handle: Any) -> dict[str, Any]:
-    text = (handle.metadata() or {}).get(MANIFEST_KEY)
-    if text is None:
-        raise UserError(f"{path} is a safetensors file but not a bigmodel checkpoint (no manifest)")
-    try:
-        manifest: dict[str, Any] = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: the checkpoint manifest is corrupt ({exc}); re-create it") from exc
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: checkpoint format version {version} is not supported by bigmodel {__version__} "
-            f"(expects {FORMAT_VERSION}); re-create it with this version"
-        )
-    return manifest
+def _manifest_of(path: Path, handle: Any) -> CheckpointManifest:
+    return read_checkpoint_manifest(handle.metadata(), str(path))
 
 
 def check_shapes(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:

@@ -15,8 +15,8 @@ stack as `past_keys` / `past_values` and return `present_keys` / `present_values
 left_padding existed lack that input. `feeds` and `outputs` speak every layout, so callers only ever hold
 a `KVCache`.
 
-Metadata (`bigmodel.*` keys, JSON values) makes the file self-contained: the tokenizer, its special
-tokens and chat template, and the architecture. No PyTorch here.
+Metadata (manifests.DecoderMetadata) makes the file self-contained: the tokenizer, its special tokens
+and chat template, and the architecture. No PyTorch here.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from bigmodel.arch import DecoderArch
+from bigmodel.manifests import DataInfo, DecoderMetadata
 
 KIND = "gpt"
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -101,10 +104,8 @@ class CacheLayout:
         return cls(arch.n_layer, arch.n_kv_head, arch.head_size, dtype)
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> CacheLayout:
-        # Files exported before grouped-query attention have no n_kv_head: they cache n_head heads.
-        return cls(int(meta["n_layer"]), int(meta.get("n_kv_head") or meta["n_head"]), int(meta["head_size"]),
-                   meta.get("dtype", "fp32"))
+    def from_metadata(cls, meta: DecoderMetadata) -> CacheLayout:
+        return cls(meta.n_layer, meta.kv_heads, meta.head_size, meta.dtype)
 
 
 def feeds(ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None,
@@ -136,20 +137,13 @@ def session_inputs(session: Any) -> tuple[str, ...]:
     return tuple(node.name for node in session.get_inputs())
 
 
-def metadata(arch: Any, data: dict[str, Any], dtype: str = "fp32") -> dict[str, Any]:
-    """What infer needs from the file: the tokenizer (with its special tokens and chat template), shapes
-    and the float type."""
-    return {
-        "kind": KIND,
-        "dtype": dtype,
-        "tokenizer": data["tokenizer"],
-        "special_tokens": data.get("special_tokens") or {},
-        "chat_template": data.get("chat_template"),
-        "block_size": arch.block_size,
-        "vocab_size": arch.vocab_size,
-        "n_layer": arch.n_layer,
-        "n_head": arch.n_head,
-        "n_kv_head": arch.n_kv_head,
-        "head_size": arch.head_size,
-        "architecture": arch.to_dict(),
-    }
+def metadata(arch: DecoderArch, data: DataInfo, dtype: Literal["fp32", "fp16"], weights: str,
+             lineage: dict[str, str]) -> DecoderMetadata:
+    """What infer needs from the file: the tokenizer (with its special tokens and chat template), shapes,
+    the float type and the weights' format."""
+    return DecoderMetadata(
+        dtype=dtype, tokenizer=data.tokenizer or "", special_tokens=data.special_tokens or {},
+        chat_template=data.chat_template, block_size=arch.block_size, vocab_size=arch.vocab_size,
+        n_layer=arch.n_layer, n_head=arch.n_head, n_kv_head=arch.n_kv_head, head_size=arch.head_size,
+        architecture=arch, weights=weights, lineage=lineage,
+    )

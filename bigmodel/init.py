@@ -14,11 +14,12 @@ import torch
 from bigmodel import accounting, console, memory, registry, streaming
 from bigmodel import tokenizer as tokenizers
 from bigmodel.arch import AnyArch, DecoderArch
-from bigmodel.checkpoint import header_metadata, model_tensors, save_checkpoint
+from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.config import Config
 from bigmodel.datasets import TOKENIZER_FILE, data_manifest, prepared_files
 from bigmodel.errors import UserError
 from bigmodel.io import sha256_file
+from bigmodel.manifests import CheckpointManifest, DataInfo, ImportRecord
 from bigmodel.models import gpt
 from bigmodel.runtime import peak_rss_bytes, resolve_device, setup_torch, training_precision
 from bigmodel.weights import SafetensorsFile, safetensors_writer
@@ -36,16 +37,10 @@ def run(config: Config) -> dict[str, Any]:
         _load_statistics(model, data["statistics"])
 
     path = config.stage_dir("init") / "model.safetensors"
-    manifest = {
-        "family": arch.family,
-        "architecture": arch.to_dict(),
-        "data": data_info(config, data),
-        "config": config.model_dump(mode="json"),
-        "init_scheme": scheme,
-        "step": 0,
-        "metrics": {},
-        "lineage": {"data": sha256_file(prepared_files(config)[1])},
-    }
+    manifest = CheckpointManifest(
+        family=arch.family, architecture=arch, data=data_info(config, data), config=config.model_dump(mode="json"),
+        init_scheme=scheme, lineage={"data": sha256_file(prepared_files(config)[1])},
+    )
     save_checkpoint(path, model_tensors(model), manifest)
     report = _report(model, arch, config)
     console.info(f"init: {arch.family} with {report['parameters']:,} parameters ({scheme} init) -> {path}")
@@ -88,25 +83,19 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     if isinstance(arch, DecoderArch):
         memory.guard(memory.import_peak(arch, source.format, source.dtype, str(dtype).removeprefix("torch."),
                                         parameters, config.init.verify), config.memory_limit)
-    record = {"source": str(source_path), "format": source.format, "model_type": source.model_type,
-              "parameters": parameters, "source_dtype": source.dtype,
-              "dtype": str(dtype).removeprefix("torch."),
-              "sha256": sha256_file(source_path) if source_path.is_file() else None, "notes": source.notes,
-              "context": source.arch.block_size}  # the model's own context (model.block_size may be shorter)
-    manifest = {
-        "family": arch.family,
-        "architecture": arch.to_dict(),
-        "data": data_info(config, data),
-        "config": config.model_dump(mode="json"),
-        "init_scheme": "pretrained",
-        "import": record,
-        "step": 0,
-        "metrics": {},
-        "lineage": {"data": sha256_file(prepared_files(config)[1])},
-    }
+    record = ImportRecord(
+        source=str(source_path), format=source.format, model_type=source.model_type, parameters=parameters,
+        source_dtype=source.dtype, dtype=str(dtype).removeprefix("torch."),
+        sha256=sha256_file(source_path) if source_path.is_file() else None, notes=source.notes,
+        context=source.arch.block_size,  # the model's own context (model.block_size may be shorter)
+    )
+    manifest = CheckpointManifest(
+        family=arch.family, architecture=arch, data=data_info(config, data), config=config.model_dump(mode="json"),
+        init_scheme="pretrained", import_=record, lineage={"data": sha256_file(prepared_files(config)[1])},
+    )
     path = config.stage_dir("init") / "model.safetensors"
     entries = [(f"model.{name}", dtype, shape) for name, shape in plan.shapes.items()]
-    with safetensors_writer(path, entries, header_metadata(manifest)) as out:
+    with safetensors_writer(path, entries, manifest.header()) as out:
         for name in plan.shapes:
             out.write(f"model.{name}", plan.assemble(name, dtype))
         out.flush()
@@ -121,28 +110,28 @@ def import_pretrained(config: Config) -> dict[str, Any]:
             parity = {"verified": False}
             console.info("init: parity check skipped (init.verify: false): the checkpoint is recorded as unverified")
         peak = peak_rss_bytes()
-        record.update(parity=parity, seconds=round(seconds, 2), peak_rss_bytes=peak,
-                      gate_seconds=round(time.perf_counter() - start - seconds, 2))
-        out.finish(header_metadata(manifest))
+        record.parity, record.seconds, record.peak_rss_bytes = parity, round(seconds, 2), peak
+        record.gate_seconds = round(time.perf_counter() - start - seconds, 2)
+        out.finish(manifest.header())
     report = _report(model, arch, config)
     console.info(f"init: imported {source.model_type} ({source.format}, {source.dtype}) with "
-                 f"{report['parameters']:,} parameters as {record['dtype']} in {seconds:.1f} s (gate "
-                 f"{record['gate_seconds']:.1f} s), peak RSS {(peak or 0) / 2**20:,.0f} MiB -> {path}")
-    return {"checkpoint": str(path), "init_scheme": "pretrained", "import": record, **report}
+                 f"{report['parameters']:,} parameters as {record.dtype} in {seconds:.1f} s (gate "
+                 f"{record.gate_seconds:.1f} s), peak RSS {(peak or 0) / 2**20:,.0f} MiB -> {path}")
+    return {"checkpoint": str(path), "init_scheme": "pretrained", "import": record.model_dump(mode="json"), **report}
 
 
-def data_info(config: Config, data: dict[str, Any]) -> dict[str, Any]:
+def data_info(config: Config, data: dict[str, Any]) -> DataInfo:
     """What later artifacts must know about the data: columns and labels, or the tokenizer itself (with
     an imported model's special tokens and chat template)."""
     if config.task == "lm":
         tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
-        return {"task": "lm", "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json,
-                "special_tokens": data.get("special_tokens") or {}, "chat_template": data.get("chat_template")}
+        return DataInfo(task="lm", vocab_size=data["vocab_size"], tokenizer=tokenizer_json,
+                        special_tokens=data.get("special_tokens") or {}, chat_template=data.get("chat_template"))
     if config.data.format == "text_classification":
         tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
-        return {"task": config.task, "vocab_size": data["vocab_size"], "tokenizer": tokenizer_json,
-                **{k: data[k] for k in ("text", "text_pair", "target", "labels", "special_ids", "pad_id")}}
-    return {k: data[k] for k in ("task", "target", "features", "labels")}
+        return DataInfo(task=config.task, vocab_size=data["vocab_size"], tokenizer=tokenizer_json,
+                        **{k: data[k] for k in ("text", "text_pair", "target", "labels", "special_ids", "pad_id")})
+    return DataInfo(**{k: data[k] for k in ("task", "target", "features", "labels")})
 
 
 def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, Any]:

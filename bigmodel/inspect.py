@@ -10,6 +10,13 @@ from typing import Any
 
 from bigmodel.errors import UserError
 from bigmodel.io import read_json
+from bigmodel.manifests import (
+    ONNX_PREFIX,
+    DecoderMetadata,
+    EncoderMetadata,
+    read_checkpoint_manifest,
+    read_onnx_metadata,
+)
 
 
 def run(path: Path) -> dict[str, Any]:
@@ -167,25 +174,26 @@ def _checkpoint(path: Path) -> dict[str, Any]:
         if {"train_x", "train_y"} <= set(shapes):
             return {"kind": "prepared tabular data", "path": str(path), "arrays": shapes}
         raise UserError(f"{path} is a safetensors file but not a bigmodel checkpoint (no manifest)")
-    manifest = json.loads(meta["bigmodel"])
+    manifest = read_checkpoint_manifest(meta, str(path))
+    fields = manifest.model_dump(mode="json", by_alias=True)
     params = sum(_numel(s) for k, s in shapes.items() if k.startswith("model.") and not _is_buffer(k))
+    loop = manifest.resume.loop if manifest.resume is not None else None
     return {
-        "kind": manifest.get("kind"),
+        "kind": manifest.kind,
         "path": str(path),
-        "family": manifest.get("family"),
-        "architecture": manifest.get("architecture"),
+        "family": manifest.family,
+        "architecture": fields["architecture"],
         "parameters": params,
-        "step": manifest.get("step"),
-        "metrics": manifest.get("metrics"),
-        "lineage": manifest.get("lineage"),
-        **({"import": manifest["import"]} if "import" in manifest else {}),
-        **({"adapter": manifest["adapter"]} if "adapter" in manifest else {}),
-        **({"training": {k: v for k, v in manifest["resume"]["loop"].items() if k != "resumed_with_changes"}}
-           if "resume" in manifest else {}),
-        **({"resumed_with_changes": manifest["resumed_with_changes"]} if "resumed_with_changes" in manifest else {}),
-        "config": manifest.get("config"),
-        "created": manifest.get("created"),
-        "bigmodel_version": manifest.get("bigmodel_version"),
+        "step": manifest.step,
+        "metrics": manifest.metrics,
+        "lineage": manifest.lineage,
+        **({"import": fields["import"]} if manifest.import_ is not None else {}),
+        **({"adapter": fields["adapter"]} if manifest.adapter is not None else {}),
+        **({"training": {k: v for k, v in loop.items() if k != "resumed_with_changes"}} if loop is not None else {}),
+        **({"resumed_with_changes": manifest.resumed_with_changes} if manifest.resumed_with_changes else {}),
+        "config": manifest.config,
+        "created": manifest.created,
+        "bigmodel_version": manifest.bigmodel_version,
     }
 
 
@@ -235,12 +243,16 @@ def _onnx(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise UserError(f"{path} is not a readable ONNX model ({exc})") from exc
-    meta = {p.key.removeprefix("bigmodel."): _maybe_json(p.value) for p in model.metadata_props}
-    if "tokenizer" in meta:  # the whole vocabulary (and BPE merges) is too long to show: summarise it
-        from bigmodel import tokenizer
+    entries = {p.key: p.value for p in model.metadata_props}
+    meta: dict[str, Any] = {key: _maybe_json(value) for key, value in entries.items()}  # another tool's model
+    if f"{ONNX_PREFIX}kind" in entries:
+        typed = read_onnx_metadata(entries, str(path))
+        meta = typed.model_dump(mode="json")
+        if isinstance(typed, (DecoderMetadata, EncoderMetadata)):  # a whole vocabulary is too long: summarise it
+            from bigmodel import tokenizer
 
-        tok = tokenizer.from_json(next(p.value for p in model.metadata_props if p.key == "bigmodel.tokenizer"))
-        meta["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size}
+            tok = tokenizer.from_json(typed.tokenizer)
+            meta["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size}
     params = sum(_numel(list(t.dims)) for t in model.graph.initializer)
     return {
         "kind": "onnx",

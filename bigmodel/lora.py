@@ -30,6 +30,7 @@ from torch import nn
 from bigmodel.arch import DecoderArch, EncoderArch
 from bigmodel.config import LoRAConfig
 from bigmodel.errors import UserError
+from bigmodel.manifests import AdapterBase, AdapterRecord
 
 # target -> the Linear inside a block that it adapts
 MODULES = {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
@@ -153,16 +154,15 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def manifest_record(settings: LoRAConfig, trainable: int, base_path: Path, base_sha256: str,
-                    trains_also: tuple[str, ...] = ()) -> dict[str, Any]:
+                    trains_also: tuple[str, ...] = ()) -> AdapterRecord:
     """What an adapter checkpoint says about itself: enough to rebuild the adapters on the right base."""
-    return {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
-            "targets": list(settings.projections()), "trainable_parameters": trainable,
-            "trains_also": list(trains_also), "base": {"path": str(base_path), "sha256": base_sha256}}
+    return AdapterRecord(rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
+                         targets=list(settings.projections()), trainable_parameters=trainable,
+                         trains_also=list(trains_also), base=AdapterBase(path=str(base_path), sha256=base_sha256))
 
 
-def settings_of(record: dict[str, Any]) -> LoRAConfig:
-    return LoRAConfig(rank=record["rank"], alpha=record["alpha"], dropout=record["dropout"],
-                      targets=record["targets"])
+def settings_of(record: AdapterRecord) -> LoRAConfig:
+    return LoRAConfig(rank=record.rank, alpha=record.alpha, dropout=record.dropout, targets=record.targets)
 
 
 # ------------------------------------------------------------------------------------- PEFT folders

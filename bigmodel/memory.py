@@ -203,14 +203,12 @@ def train_peak(step: dict[str, int], loading: int, lora: bool) -> Estimate:
     return Estimate("train", parts, fixes)
 
 
-def runtime_peak(stage: str, meta: dict[str, Any], file_bytes: int, batch: int, context: int) -> Estimate:
-    """infer and serve: ONNX Runtime holding the file, the KV cache of `batch` sequences of `context`
-    tokens, and one step's logits."""
-    cache_bytes = 2 if meta.get("dtype") == "fp16" else 4
-    kv_width = int(meta.get("n_kv_head") or meta["n_head"]) * int(meta["head_size"])
-    kv_cache = 2 * int(meta["n_layer"]) * batch * context * kv_width * cache_bytes
+def runtime_peak(stage: str, arch: Any, file_bytes: int, batch: int, context: int, cache_bytes: int = 4) -> Estimate:
+    """infer and serve: ONNX Runtime holding the file of a decoder `arch`, the KV cache of `batch` sequences
+    of `context` tokens (`cache_bytes` per value: 2 for an fp16 export), and one step's logits."""
+    kv_cache = 2 * arch.n_layer * batch * context * arch.n_kv_head * arch.head_size * cache_bytes
     return Estimate(stage, {"runtime": ORT_RUNTIME, "model": int(SESSION_OVER_FILE * file_bytes), "kv_cache": kv_cache,
-                            "logits": batch * int(meta["vocab_size"]) * 4 * 2},
+                            "logits": batch * arch.vocab_size * 4 * 2},
                     ["a smaller file (export.dtype int4)", "a shorter context or fewer sequences at once"])
 
 

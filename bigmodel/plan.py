@@ -278,13 +278,11 @@ def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]
         found["init"] = memory.import_peak(arch, source.format, source.dtype, stored, n_params, config.init.verify)
     for dtype in ("fp32", "int4"):
         found[f"export_{dtype}"] = memory.export_peak(arch, n_params, stored, dtype)
-    shapes = {"n_layer": arch.n_layer, "n_head": arch.n_head, "n_kv_head": arch.n_kv_head,
-              "head_size": arch.head_size, "vocab_size": arch.vocab_size}
     int4_file = memory.export_file_bytes(arch, n_params, "int4")
     context = min(arch.block_size, config.infer.max_new_tokens + PROMPT_ROOM)
-    found["infer_int4"] = memory.runtime_peak("infer", shapes, int4_file, 1, context)
+    found["infer_int4"] = memory.runtime_peak("infer", arch, int4_file, 1, context)
     serve_context = min(arch.block_size, config.serve.max_tokens + PROMPT_ROOM)
-    found["serve_int4"] = memory.runtime_peak("serve", shapes, int4_file, config.serve.max_batch, serve_context)
+    found["serve_int4"] = memory.runtime_peak("serve", arch, int4_file, config.serve.max_batch, serve_context)
     room, where = memory.room(config.memory_limit)
     return {"available": room, "available_from": where, "int4_file": int4_file,
             **{name: estimate.to_dict() for name, estimate in found.items()}}

@@ -17,6 +17,7 @@ from bigmodel.arch import AnyArch
 from bigmodel.checkpoint import check_shapes, load_checkpoint
 from bigmodel.errors import UserError
 from bigmodel.families import family
+from bigmodel.manifests import AdapterRecord, CheckpointManifest
 
 
 def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> AnyArch:
@@ -40,11 +41,6 @@ def init_weights(model: nn.Module, family_name: str, scheme: str | None, std: fl
     return chosen
 
 
-def manifest_arch(manifest: dict[str, Any], origin: Path | str) -> AnyArch:
-    """The typed architecture a checkpoint manifest records (validated; old manifests upgraded)."""
-    return arches.parse(manifest.get("architecture"), f"checkpoint {origin}")
-
-
 def stage_checkpoint(config: Any, ref: str, stage: str) -> Path:
     """The checkpoint a stage was told to use (eval/export/compress `checkpoint`), refused in one line when
     it holds another family's model than the config describes. eval also takes ONNX models (checked when
@@ -57,8 +53,7 @@ def stage_checkpoint(config: Any, ref: str, stage: str) -> Path:
             return path
         raise UserError(f"{stage}.checkpoint {path}: {stage} starts from a checkpoint (.safetensors), not an ONNX "
                         "model; give best, last, init or a .safetensors file")
-    manifest = read_manifest(path)
-    found = manifest.get("family") or (manifest.get("architecture") or {}).get("family")
+    found = read_manifest(path).family
     expected = config.model.family
     if found != expected:
         raise UserError(f"{path} holds a '{found}' model, but the config describes a '{expected}' model "
@@ -66,13 +61,13 @@ def stage_checkpoint(config: Any, ref: str, stage: str) -> Path:
     return path
 
 
-def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: Path, merge: bool = True) -> tuple[nn.Module, CheckpointManifest]:
     """Rebuild the model a checkpoint describes and load its weights, verifying every shape. A LoRA
     adapter checkpoint is loaded onto its base (checked by sha256) and, with `merge`, folded into it."""
     manifest, tensors = load_checkpoint(path, prefix="model.")
-    if "adapter" in manifest:
-        return _load_adapted(path, manifest, tensors, merge), manifest
-    model = build_model(manifest_arch(manifest, path))
+    if manifest.adapter is not None:
+        return _load_adapted(path, manifest.adapter, tensors, merge), manifest
+    model = build_model(manifest.architecture)
     weights = {k.removeprefix("model."): v for k, v in tensors.items()}
     tied = getattr(model, "tied_weights", {})
     expected = {k: v for k, v in model.state_dict().items() if k not in tied}
@@ -87,19 +82,15 @@ def check_adapter_base(path: Path, own_init: Path) -> None:
     from bigmodel.checkpoint import read_manifest
     from bigmodel.io import sha256_file
 
-    base = (read_manifest(path).get("adapter") or {}).get("base")
-    if base is None or not own_init.is_file() or Path(base["path"]).resolve() == own_init.resolve():
+    adapter = read_manifest(path).adapter
+    if adapter is None or not own_init.is_file() or Path(adapter.base.path).resolve() == own_init.resolve():
         return
+    base = adapter.base
     own = sha256_file(own_init)
-    if own != base["sha256"]:
-        raise UserError(f"{path} is a LoRA adapter of {base['path']}, not of this run's {own_init} (sha256 "
-                        f"{base['sha256'][:12]} vs {own[:12]}); an adapter fits only its own "
+    if own != base.sha256:
+        raise UserError(f"{path} is a LoRA adapter of {base.path}, not of this run's {own_init} (sha256 "
+                        f"{base.sha256[:12]} vs {own[:12]}); an adapter fits only its own "
                         "base: evaluate it in its own run (--run-dir), or train one on this base")
-
-
-def stored_dtype(manifest: dict[str, Any]) -> str:
-    """The dtype a checkpoint stores its weights in: an import's (bf16 for a bf16 model), else fp32."""
-    return str((manifest.get("import") or {}).get("dtype") or "float32")
 
 
 def checkpoint_size(path: Path) -> tuple[AnyArch, int, int]:
@@ -111,13 +102,12 @@ def checkpoint_size(path: Path) -> tuple[AnyArch, int, int]:
     from bigmodel.memory import DTYPE_BYTES
 
     manifest = read_manifest(path)
-    arch = manifest_arch(manifest, path)
     with torch.device("meta"):
-        parameters = count_parameters(build_model(arch))
-    return arch, parameters, DTYPE_BYTES.get(stored_dtype(manifest), 4)
+        parameters = count_parameters(build_model(manifest.architecture))
+    return manifest.architecture, parameters, DTYPE_BYTES.get(manifest.stored_dtype, 4)
 
 
-def load_frozen_base(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_frozen_base(path: Path) -> tuple[nn.Module, CheckpointManifest]:
     """A checkpoint's model to train LoRA adapters on under bf16 autocast, its matrices kept in the dtype
     the checkpoint stores (bf16 for a bf16 import: no fp32 copy of frozen weights, half the memory of
     `load_model` and no second copy while loading), read tensor by tensor into a model built on the meta
@@ -130,10 +120,10 @@ def load_frozen_base(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     from bigmodel.weights import SafetensorsFile
 
     manifest = read_manifest(path)
-    if "adapter" in manifest:  # adapters on an adapted model: its merge is a new fp32 model anyway
+    if manifest.adapter is not None:  # adapters on an adapted model: its merge is a new fp32 model anyway
         return load_model(path)
     with torch.device("meta"):
-        model = build_model(manifest_arch(manifest, path))
+        model = build_model(manifest.architecture)
     tied = getattr(model, "tied_weights", {})
     stored = SafetensorsFile(path)
     with torch.device("meta"):
@@ -152,7 +142,7 @@ def load_frozen_base(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, manifest
 
 
-def open_weights(path: Path) -> tuple[Any, dict[str, Any]]:
+def open_weights(path: Path) -> tuple[Any, CheckpointManifest]:
     """A checkpoint's tensors to read one at a time (a `streaming.Readable`, names 'model.<parameter>'), and
     its manifest. A LoRA adapter checkpoint is merged into its base in memory first (adapters are trained
     on models small enough for that; a streamed merge is future work)."""
@@ -161,27 +151,26 @@ def open_weights(path: Path) -> tuple[Any, dict[str, Any]]:
     from bigmodel.weights import SafetensorsFile
 
     manifest = read_manifest(path)
-    if "adapter" in manifest:
+    if manifest.adapter is not None:
         model, manifest = load_model(path)
         return streaming.StateDict(model, "model."), manifest
     return SafetensorsFile(path), manifest
 
 
-def _load_adapted(path: Path, manifest: dict[str, Any], tensors: dict[str, Any], merge: bool) -> nn.Module:
+def _load_adapted(path: Path, record: AdapterRecord, tensors: dict[str, Any], merge: bool) -> nn.Module:
     from bigmodel import lora
     from bigmodel.io import sha256_file
 
-    record = manifest["adapter"]
-    base = Path(record["base"]["path"])
+    base = Path(record.base.path)
     if not base.is_file():
         raise UserError(f"{path} is a LoRA adapter of {base}, which is missing; re-create it with 'bigmodel init' "
                         "(the same config) or put it back")
     found = sha256_file(base)
-    if found != record["base"]["sha256"]:
-        raise UserError(f"{path} is a LoRA adapter trained on base weights with sha256 {record['base']['sha256'][:12]}, "
+    if found != record.base.sha256:
+        raise UserError(f"{path} is a LoRA adapter trained on base weights with sha256 {record.base.sha256[:12]}, "
                         f"but {base} now has {found[:12]}; an adapter fits only its own base: re-run 'bigmodel train'")
     model, _ = load_model(base)
-    lora.apply(model, lora.settings_of(record), seed=0, trains_also=tuple(record.get("trains_also", ())))
+    lora.apply(model, lora.settings_of(record), seed=0, trains_also=tuple(record.trains_also))
     weights = {k.removeprefix("model."): v for k, v in tensors.items()}
     check_shapes(path, {k: v.detach() for k, v in lora.adapter_tensors(model).items()}, weights)
     model.load_state_dict(weights, strict=False)

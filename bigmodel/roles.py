@@ -3,7 +3,9 @@
 A family (bigmodel/families.py) names one module per role; the module's functions are the role's members.
 tests/test_contract.py checks every family's modules against these protocols (each member present, with
 these parameter names, kinds and defaults), so a stage can call any family's module the same way and a
-new family knows what to write. Nothing here imports PyTorch or ONNX Runtime (infer and serve use the
+new family knows what to write. `meta` is always the family's own ONNX metadata record
+(manifests.DecoderMetadata, EncoderMetadata or TabularMetadata: the family table pairs each kind with
+its modules), so the protocols type it as Any. Nothing here imports PyTorch or ONNX Runtime (infer and serve use the
 inferer and server roles without them).
 """
 
@@ -51,13 +53,13 @@ class Exporter(Protocol):
     def export_checkpoint(self, config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]: ...
     def calibration_feeds(self, config: Config, model: Path, batches: int,
                           rng: np.random.Generator) -> list[dict[str, Any]]: ...
-    def latency_feeds(self, session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]: ...
+    def latency_feeds(self, session: Any, meta: Any) -> dict[str, np.ndarray]: ...
 
 
 class Inferer(Protocol):
     """infer/<family>.py: predictions or generations from an ONNX session (ONNX Runtime only)."""
 
-    def run_model(self, session: Any, meta: dict[str, Any], path: Path, settings: InferConfig, source: Path | None,
+    def run_model(self, session: Any, meta: Any, path: Path, settings: InferConfig, source: Path | None,
                   dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]: ...
 
 
@@ -79,7 +81,7 @@ class Engine(Protocol):
 class Server(Protocol):
     """serve/<family>.py: the Engine class, built as Engine(session, meta, path, name, settings)."""
 
-    def Engine(self, session: Any, meta: dict[str, Any], path: Path, name: str,  # a class, called
+    def Engine(self, session: Any, meta: Any, path: Path, name: str,  # a class, called
                settings: ServeConfig) -> Engine: ...
 
 

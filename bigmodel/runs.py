@@ -18,20 +18,20 @@ from typing import Any
 from bigmodel.config import Config, flatten
 from bigmodel.errors import UserError
 from bigmodel.io import safetensors_metadata
+from bigmodel.manifests import CheckpointManifest, read_checkpoint_manifest
 from bigmodel.record import RECORD, load_run
 from bigmodel.stages import ORDER, STAGES
 
 
-def checkpoint_manifest(path: Path) -> dict[str, Any] | None:
-    """A bigmodel checkpoint's manifest, or None when `path` is not one."""
+def checkpoint_manifest(path: Path) -> CheckpointManifest | None:
+    """A bigmodel checkpoint's manifest, or None when `path` is not one (or not a readable one)."""
     meta = safetensors_metadata(path) if path.is_file() else None
-    if not meta or "bigmodel" not in meta:
+    if not meta:
         return None
     try:
-        manifest = json.loads(meta["bigmodel"])
-    except ValueError:
+        return read_checkpoint_manifest(meta, str(path))
+    except UserError:
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 # ------------------------------------------------------------------------------------ stage status
@@ -67,16 +67,16 @@ def _details(name: str, config: Config) -> dict[str, Any]:
         manifest = _json(folder / "manifest.json") or {}
         return {k: manifest[k] for k in ("tokens", "splits", "examples") if k in manifest}
     if name == "init":
-        manifest = checkpoint_manifest(folder / "model.safetensors") or {}
-        return {"source": (manifest.get("import") or {}).get("source", "bigmodel init")}
+        init = checkpoint_manifest(folder / "model.safetensors")
+        return {"source": init.import_.source if init is not None and init.import_ is not None else "bigmodel init"}
     if name == "train":
-        last = checkpoint_manifest(folder / "last.safetensors") or {}
-        best = checkpoint_manifest(folder / "best.safetensors") or {}
-        loop = (last.get("resume") or {}).get("loop") or {}
-        return {"step": loop.get("step", best.get("step")), "total_steps": loop.get("total_steps"),
+        last = checkpoint_manifest(folder / "last.safetensors")
+        best = checkpoint_manifest(folder / "best.safetensors")
+        loop = last.resume.loop if last is not None and last.resume is not None else {}
+        return {"step": loop.get("step", best.step if best else None), "total_steps": loop.get("total_steps"),
                 "unfinished": bool(loop) and not loop.get("finished", False),
-                "best_step": best.get("step"), "best": best.get("metrics"),
-                "checkpoint_config": best.get("config") or last.get("config")}
+                "best_step": best.step if best else None, "best": best.metrics if best else None,
+                "checkpoint_config": (best.config if best else None) or (last.config if last else None)}
     if name == "eval":
         metrics = _json(config.eval_output()) or {}
         return {"checkpoint": metrics.get("checkpoint"), "metrics": headline(metrics.get("metrics") or {})}

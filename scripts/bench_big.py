@@ -158,8 +158,8 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
     from bigmodel.infer.session import open_session
 
     weights, manifest = registry.open_weights(checkpoint)
-    arch = registry.manifest_arch(manifest, checkpoint)
-    ids = np.array([tokenizers.from_json(manifest["data"]["tokenizer"]).encode(PROMPT)], dtype=np.int64)
+    arch = manifest.architecture
+    ids = np.array([tokenizers.from_json(manifest.data.tokenizer or "").encode(PROMPT)], dtype=np.int64)
     reference = reference_logits(weights, arch, [Sequence([ids])])["fp32"][0][0]
 
     def distance(got: np.ndarray) -> dict[str, float]:

@@ -28,6 +28,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bigmodel.infer.gpt import Decoder  # noqa: E402
 from bigmodel.infer.session import open_model  # noqa: E402
+from bigmodel.manifests import DecoderMetadata  # noqa: E402
 
 PROMPT = np.random.default_rng(0).integers(10, 40000, size=(1, 16)).astype(np.int64)
 
@@ -120,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime_genai as og
 
-    session, meta = open_model(args.ours, ["CPUExecutionProvider"], args.threads)
+    session, meta = open_model(args.ours, ["CPUExecutionProvider"], args.threads, DecoderMetadata)
     decoder = Decoder.from_session(session, meta, args.ours)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads

@@ -87,8 +87,9 @@ def main() -> None:
     if args.reuse:
         from bigmodel.checkpoint import read_manifest
 
-        manifest = read_manifest(work / "run" / "init" / "model.safetensors")
-        init = {"parameters": manifest["import"]["parameters"], "import": manifest["import"]}
+        imported = read_manifest(work / "run" / "init" / "model.safetensors").import_
+        assert imported is not None
+        init = {"parameters": imported.parameters, "import": imported.model_dump(mode="json")}
         parity = json.loads((work / "run" / "export" / "parity.json").read_text())
         export = {"model": parity["model"], "max_abs_diff": parity["max_abs_diff"]}
     else:
@@ -100,13 +101,14 @@ def main() -> None:
     from bigmodel.config import QuantizeStep, load_config
     from bigmodel.infer.gpt import Decoder
     from bigmodel.infer.session import open_model
+    from bigmodel.manifests import DecoderMetadata
 
     config = load_config(work / "smol.yaml")
     fp32 = Path(export["model"])
     int8 = quantize.run(QuantizeStep(mode="dynamic"), config, fp32, fp32.with_name("model.int8.onnx"))
 
     def decoder(path: Path) -> Decoder:
-        session, meta = open_model(path, ["CPUExecutionProvider"], args.threads, "gpt")
+        session, meta = open_model(path, ["CPUExecutionProvider"], args.threads, DecoderMetadata)
         return Decoder.from_session(session, meta, path)
 
     ort_fp32, ort_int8 = decoder(fp32), decoder(int8)

@@ -95,8 +95,9 @@ def score(onnx: Path, test: list[dict], threads: int) -> dict:
     from bigmodel.config import InferConfig
     from bigmodel.infer.gpt import Decoder, complete
     from bigmodel.infer.session import open_model
+    from bigmodel.manifests import DecoderMetadata
 
-    session, meta = open_model(onnx, ["CPUExecutionProvider"], threads, "gpt")
+    session, meta = open_model(onnx, ["CPUExecutionProvider"], threads, DecoderMetadata)
     decoder = Decoder.from_session(session, meta, onnx)
     settings = InferConfig(chat=True, temperature=0.0, max_new_tokens=16)
     correct, samples = 0, []

@@ -82,9 +82,9 @@ def test_import_keeps_bf16_and_gates_every_layer(imported: Path, tmp_path: Path,
     init = imported.parent / "run" / "init" / "model.safetensors"
     file = SafetensorsFile(init)
     assert {entry.dtype for entry in file.entries.values()} == {torch.bfloat16}  # no fp32 copy of a bf16 model
-    record = read_manifest(init)["import"]
-    assert record["dtype"] == "bfloat16" and record["source_dtype"] == "bfloat16"
-    parity = record["parity"]
+    record = read_manifest(init).import_
+    assert record is not None and record.dtype == "bfloat16" and record.source_dtype == "bfloat16"
+    parity = record.parity
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
     assert len(parity["layers_max_abs_diff"]) == 4 and max(parity["layers_max_abs_diff"]) < 1e-4
     # init.dtype converts on request, to the same values (bf16 -> fp32 is exact)
@@ -167,7 +167,7 @@ def test_int4_export_is_compress_int4_written_streamed(imported: Path, tmp_path:
                  "model.onnx", whole)
     compressed = _matmul_blocks(whole)
     assert streamed == compressed and sum(streamed.values()) == 4 * 4 + 1  # gate/up merged; the head in 8 bits
-    width = read_manifest(imported.parent / "run" / "init" / "model.safetensors")["architecture"]["n_embd"]
+    width = read_manifest(imported.parent / "run" / "init" / "model.safetensors").architecture.n_embd
     assert [key[1] for key in streamed if key[0] == 8] == [int8_block(width, None)]  # the head's 8-bit blocks
 
 

@@ -9,25 +9,32 @@ import torch
 from safetensors.torch import save_file
 
 from bigmodel import registry
-from bigmodel.checkpoint import FORMAT_VERSION, load_checkpoint, read_manifest, save_checkpoint
+from bigmodel.arch import TabularArch
+from bigmodel.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open
+from bigmodel.manifests import CHECKPOINT_FORMAT, CheckpointManifest, DataInfo
 
 ARCH = {"family": "mlp", "task": "classification", "n_inputs": 4, "n_outputs": 3,
         "hidden_sizes": [5], "activation": "relu", "dropout": 0.0}
 
 
+def manifest_of(arch: dict = ARCH, **fields: object) -> CheckpointManifest:
+    return CheckpointManifest(family="mlp", architecture=arch, data=DataInfo(), config={}, **fields)  # type: ignore[arg-type]
+
+
 def write(path: Path, arch: dict = ARCH) -> torch.nn.Module:
     model = registry.build_model(arch)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    save_checkpoint(path, tensors, {"family": "mlp", "architecture": arch, "step": 7})
+    save_checkpoint(path, tensors, manifest_of(arch, step=7))
     return model
 
 
 def test_round_trip_keeps_weights_and_manifest(tmp_path: Path) -> None:
     model = write(tmp_path / "c.safetensors")
     loaded, manifest = registry.load_model(tmp_path / "c.safetensors")
-    assert manifest["step"] == 7 and manifest["format_version"] == FORMAT_VERSION
+    assert manifest.step == 7 and manifest.format_version == CHECKPOINT_FORMAT
+    assert manifest.architecture == TabularArch(**ARCH) and read_manifest(tmp_path / "c.safetensors") == manifest
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -66,7 +73,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
     model = write(path, {**ARCH, "hidden_sizes": [9]})
     # A manifest that claims [5] while the weights are [9] wide: the shapes give it away.
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    save_checkpoint(path, tensors, {"family": "mlp", "architecture": ARCH})
+    save_checkpoint(path, tensors, manifest_of(ARCH))
     with pytest.raises(UserError, match="does not match its architecture.*shape mismatch"):
         registry.load_model(path)
 
@@ -92,7 +99,7 @@ def test_manifest_header_is_plain_json_not_pickle(tmp_path: Path) -> None:
     raw = path.read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + header_len])
-    assert json.loads(header["__metadata__"]["bigmodel"])["architecture"] == ARCH
+    assert json.loads(header["__metadata__"]["bigmodel"])["architecture"] == TabularArch(**ARCH).to_dict()
 
 
 def _rewrite_forever(path: str, stop: object) -> None:
@@ -100,7 +107,8 @@ def _rewrite_forever(path: str, stop: object) -> None:
 
     i = 0
     while not stop.is_set():  # type: ignore[attr-defined]
-        save_checkpoint(Path(path), {"model.w": torch.full((500,), float(i))}, {"step": i, "pad": "x" * (i % 40)})
+        save_checkpoint(Path(path), {"model.w": torch.full((500,), float(i))},
+                        manifest_of(step=i, lineage={"pad": "x" * (i % 40)}))
         i += 1
         time.sleep(0.002)  # hundreds of rewrites a second; a training run writes every few seconds
 
@@ -112,7 +120,7 @@ def test_reading_while_a_run_replaces_the_checkpoint_is_consistent(tmp_path: Pat
     import time
 
     path = tmp_path / "last.safetensors"
-    save_checkpoint(path, {"model.w": torch.zeros(500)}, {"step": 0})
+    save_checkpoint(path, {"model.w": torch.zeros(500)}, manifest_of(step=0))
     stop = multiprocessing.Event()
     writer = multiprocessing.Process(target=_rewrite_forever, args=(str(path), stop))
     writer.start()
@@ -120,7 +128,7 @@ def test_reading_while_a_run_replaces_the_checkpoint_is_consistent(tmp_path: Pat
     try:
         while time.time() < deadline:
             manifest, tensors = load_checkpoint(path)
-            assert torch.equal(tensors["model.w"], torch.full((500,), float(manifest["step"])))
+            assert torch.equal(tensors["model.w"], torch.full((500,), float(manifest.step or 0)))
             reads += 1
     finally:
         stop.set()

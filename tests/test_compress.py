@@ -122,7 +122,7 @@ def test_structured_pruning_makes_the_mlp_smaller(digits_run: Path, tmp_path: Pa
     assert pruned["parameters"] < fp32["parameters"] and pruned["file_bytes"] < fp32["file_bytes"]
     from bigmodel.checkpoint import read_manifest
 
-    assert read_manifest(Path(out["checkpoint"]))["architecture"]["hidden_sizes"] == [24]
+    assert read_manifest(Path(out["checkpoint"])).architecture.hidden_sizes == (24,)
     assert int8["file_bytes"] < pruned["file_bytes"]
 
 
@@ -133,7 +133,7 @@ def test_structured_pruning_of_gpt_mlp_neurons_exports_and_generates(tmp_path: P
     fp32, pruned = out["steps"]
     from bigmodel.checkpoint import read_manifest
 
-    assert read_manifest(Path(out["checkpoint"]))["architecture"]["mlp_hidden"] == [96]
+    assert read_manifest(Path(out["checkpoint"])).architecture.mlp_hidden == (96,)
     assert pruned["file_bytes"] < fp32["file_bytes"]
     generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json",
                     "-o", tmp_path / "g.jsonl")
@@ -202,8 +202,8 @@ def test_structured_pruning_of_attention_heads_keeps_one_cache_shape(tmp_path: P
     fp32, pruned, _int8 = out["steps"]
     from bigmodel.checkpoint import read_manifest
 
-    arch = read_manifest(Path(out["checkpoint"]))["architecture"]
-    assert (arch["n_head"], arch["head_size"]) == (1, 16)
+    arch = read_manifest(Path(out["checkpoint"])).architecture
+    assert (arch.n_head, arch.head_size) == (1, 16)
     assert pruned["parameters"] == fp32["parameters"] - 4 * 32 * 16  # q, k, v rows and c_proj columns
     generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json",
                     "-o", tmp_path / "g.jsonl")

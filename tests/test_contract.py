@@ -166,9 +166,12 @@ def test_degenerate_corpora_are_refused_with_what_is_wrong(tmp_path: Path) -> No
 
 
 def train_manifest(config: Path, name: str = "last") -> dict:
+    """A training checkpoint's manifest, as the JSON it stores."""
     from bigmodel.runs import checkpoint_manifest
 
-    return checkpoint_manifest(config.parent / "run" / "train" / f"{name}.safetensors")
+    manifest = checkpoint_manifest(config.parent / "run" / "train" / f"{name}.safetensors")
+    assert manifest is not None
+    return manifest.model_dump(mode="json", by_alias=True)
 
 
 def test_an_unfinished_run_is_never_thrown_away_silently(fresh_run: Path) -> None:

@@ -16,7 +16,10 @@ import torch
 from bigmodel import registry, streaming
 from bigmodel import tokenizer as tokenizers
 from bigmodel.export.gpt import DecoderStep, check_parity
+from bigmodel.infer.session import file_metadata
+from bigmodel.manifests import DecoderMetadata, read_onnx_metadata
 from tests.conftest import cli, cli_subprocess
+from tests.test_formats import as_format_1
 from tests.test_lm import lm_config
 
 
@@ -47,9 +50,9 @@ def test_export_writes_one_checked_graph_with_everything_infer_needs(lm_run: Pat
     assert names == ["input_ids", "past_keys.0", "past_values.0", "left_padding"]  # lm_config: one layer
     # opset 23: each layer's attention is one ONNX Attention node (ONNX Runtime runs it as one kernel)
     assert [node.op_type for node in model.graph.node].count("Attention") == 1  # lm_config: one layer
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert json.loads(meta["bigmodel.block_size"]) == 32
-    assert tokenizers.from_json(meta["bigmodel.tokenizer"]).vocab_size > 50
+    meta = file_metadata(onnx_of(lm_run))
+    assert isinstance(meta, DecoderMetadata) and meta.block_size == 32
+    assert tokenizers.from_json(meta.tokenizer).vocab_size > 50
     report = json.loads((lm_run.parent / "run" / "export" / "parity.json").read_text())
     assert report["passed"] and report["decode_steps"] == 8 and report["max_abs_diff"] < 1e-4
     assert report["padded"]["prompt_tokens"][0] > report["padded"]["prompt_tokens"][1]  # rows of two lengths
@@ -63,7 +66,7 @@ def test_a_corrupted_export_is_caught_by_the_parity_gate(lm_run: Path) -> None:
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[3, 5] += 0.5  # one perturbed weight
     tokens = np.fromfile(lm_run.parent / "run" / "prepare" / "val.bin", dtype=np.uint16).astype(np.int64)
-    arch = registry.manifest_arch(manifest, "best")
+    arch = manifest.architecture
     report = check_parity(streaming.StateDict(model, "model."), onnx_of(lm_run), tokens, arch, (1e-4, 1e-5), 8, 1)
     assert not report["passed"] and report["max_abs_diff"] > report["tolerance"] > 1e-4
 
@@ -112,7 +115,7 @@ def test_external_data_and_offline_optimisation(lm_run: Path, tmp_path: Path) ->
 
 def test_greedy_ort_generation_equals_pytorch(lm_run: Path) -> None:
     model, manifest = registry.load_model(lm_run.parent / "run" / "train" / "best.safetensors")
-    tok = tokenizers.from_json(manifest["data"]["tokenizer"])
+    tok = tokenizers.from_json(manifest.data.tokenizer)
     prompt = "def main(args):\n    "
     ids = torch.tensor([tok.encode(prompt)])
     expected = tok.decode(model.eval().generate(ids, 60, temperature=0)[0, ids.size(1):].tolist())
@@ -210,13 +213,10 @@ def test_pipeline_runs_export_and_infer_for_the_gpt(lm_run: Path) -> None:
 
 
 def test_an_onnx_file_from_before_grouped_query_attention_still_generates(lm_run: Path, tmp_path: Path) -> None:
-    """Files exported before n_kv_head existed have no such metadata (nor special tokens): they cache n_head
-    heads and generate as before."""
+    """Files exported before n_kv_head existed have no such metadata (nor special tokens, and their metadata is
+    format 1): they cache n_head heads and generate as before."""
     model = onnx.load(str(onnx_of(lm_run)))
-    dropped = {"bigmodel.n_kv_head", "bigmodel.special_tokens", "bigmodel.chat_template"}
-    kept = [p for p in model.metadata_props if p.key not in dropped]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
+    as_format_1(model, drop={"bigmodel.n_kv_head", "bigmodel.special_tokens", "bigmodel.chat_template"})
     old = tmp_path / "old.onnx"
     onnx.save(model, str(old))
     args = ("--prompt", "def ", "-n", "12", "-t", "0", "--json", "-o")
@@ -249,7 +249,7 @@ def export_stacked(lm_run: Path, path: Path, left_padding: bool) -> None:
         inputs, names, dims = (*inputs, torch.zeros(2, dtype=torch.long)), [*names, "left_padding"], {**dims, "left_padding": {0: batch}}
     export_dynamo(Stacked(), inputs, path, names, ["logits", "present_keys", "present_values"], dims, 18)
     current = onnx.load(str(onnx_of(lm_run)))
-    stamp_and_check(path, {p.key.removeprefix("bigmodel."): p.value for p in current.metadata_props})
+    stamp_and_check(path, read_onnx_metadata({p.key: p.value for p in current.metadata_props}, "current"))
 
 
 def serve_two(path: Path, max_batch: int) -> tuple[Any, list[dict]]:

@@ -270,7 +270,7 @@ def test_lora_run_adapter_checkpoint_eval_export_and_base_check(sources: dict[st
     run(config, "prepare", "init", "train")
     init, best = tmp_path / "run" / "init" / "model.safetensors", tmp_path / "run" / "train" / "best.safetensors"
     manifest, adapter = load_checkpoint(best)
-    assert set(manifest["adapter"]) >= {"rank", "alpha", "targets", "base"}
+    assert manifest.adapter is not None and manifest.adapter.rank == 2 and manifest.adapter.base.path == str(init)
     assert all(".lora_A." in k or ".lora_B." in k for k in adapter)
     assert best.stat().st_size * 5 < init.stat().st_size  # adapters only (tiny base: a real one is ~1000x)
     assert any(t.abs().max() > 0 for k, t in adapter.items() if ".lora_B." in k)  # it trained
@@ -280,7 +280,7 @@ def test_lora_run_adapter_checkpoint_eval_export_and_base_check(sources: dict[st
 
     eval_result = cli("eval", "-c", config, "-q", "--json")
     assert eval_result.code == 0, eval_result.stderr
-    assert eval_result.json()["loss"] == pytest.approx(manifest["metrics"]["val_loss"], rel=1e-4)
+    assert eval_result.json()["loss"] == pytest.approx(manifest.metrics["val_loss"], rel=1e-4)
     run(config, "export")  # merges, then the normal ONNX parity gate
     assert json.loads((tmp_path / "run" / "export" / "parity.json").read_text())["passed"]
 

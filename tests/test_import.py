@@ -25,6 +25,7 @@ from bigmodel.checkpoint import read_manifest
 from bigmodel.config import InferConfig
 from bigmodel.infer.gpt import Decoder
 from bigmodel.infer.session import open_model
+from bigmodel.manifests import DecoderMetadata
 from tests import hf_models
 from tests.conftest import cli, write_config
 
@@ -57,7 +58,7 @@ def hf_greedy(source: Path, prompt_ids: list[int], new_tokens: int) -> list[int]
 
 
 def ort_greedy(model_path: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    session, meta = open_model(model_path, ["CPUExecutionProvider"], 1, "gpt")
+    session, meta = open_model(model_path, ["CPUExecutionProvider"], 1, DecoderMetadata)
     decoder = Decoder.from_session(session, meta, model_path)
     settings = InferConfig(max_new_tokens=new_tokens, temperature=0)
     return list(decoder.tokens(prompt_ids, settings, np.random.default_rng(0)))
@@ -92,9 +93,9 @@ def test_import_trains_exports_and_generates_like_transformers(kind: str, source
     assert result.code == 0, result.stderr
     init = tmp_path / "run" / "init" / "model.safetensors"
     manifest = read_manifest(init)
-    parity = manifest["import"]["parity"]
+    parity = manifest.import_.parity
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["same_greedy_tokens"]
-    arch = registry.manifest_arch(manifest, init)
+    arch = manifest.architecture
     if kind == "mistral":
         assert arch.head_size * arch.n_head != arch.n_embd  # a head size of its own
     if kind != "gpt2":
@@ -103,7 +104,7 @@ def test_import_trains_exports_and_generates_like_transformers(kind: str, source
 
     # The model's logits are O(1), so the 1e-4 gate above is a real test of the arithmetic.
     model, _ = registry.load_model(init)
-    tok = tokenizers.from_json(manifest["data"]["tokenizer"])
+    tok = tokenizers.from_json(manifest.data.tokenizer)
     ids = tok.encode("The quick brown fox jumps")
     with torch.no_grad():
         logits = model(torch.tensor([ids]))[0]
@@ -142,7 +143,7 @@ def test_gguf_import_equals_the_folders_bit_for_bit(sources: dict[str, Path], tm
         assert torch.equal(x, y), name
     result = cli("pipeline", "-c", import_config(tmp_path, sources["gguf"]), "--to", "init", "-q")
     assert result.code == 0, result.stderr
-    parity = read_manifest(tmp_path / "run" / "init" / "model.safetensors")["import"]["parity"]
+    parity = read_manifest(tmp_path / "run" / "init" / "model.safetensors").import_.parity
     assert parity["passed"] and parity["same_greedy_tokens"]
 
 
@@ -199,8 +200,8 @@ def test_unverified_import_is_recorded_as_such(sources: dict[str, Path], tmp_pat
     assert result.code == 0, result.stderr
     init = tmp_path / "run" / "init" / "model.safetensors"
     manifest = read_manifest(init)
-    assert manifest["import"]["parity"] == {"verified": False}
-    assert registry.manifest_arch(manifest, init).block_size == 32  # the context may be shortened
+    assert manifest.import_.parity == {"verified": False}
+    assert manifest.architecture.block_size == 32  # the context may be shortened
     from safetensors import safe_open
 
     with safe_open(str(init), "pt") as handle:
@@ -319,7 +320,7 @@ def test_chat_prompt_is_rendered_as_transformers_renders_it(sources: dict[str, P
                                                             tmp_path: Path) -> None:
     """--chat renders the imported template (in jinja2's sandbox) exactly as transformers does."""
     onnx_path = imported_llama.parent / "run" / "export" / "model.onnx"
-    session, meta = open_model(onnx_path, ["CPUExecutionProvider"], 1, "gpt")
+    session, meta = open_model(onnx_path, ["CPUExecutionProvider"], 1, DecoderMetadata)
     decoder = Decoder.from_session(session, meta, onnx_path)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(sources["llama"]))
@@ -345,13 +346,13 @@ def test_compress_steps_work_on_an_imported_llama(imported_llama: Path, tmp_path
 
     run = imported_llama.parent / "run"
     model, manifest = registry.load_model(run / "init" / "model.safetensors")
-    ids = torch.tensor([tokenizers.from_json(manifest["data"]["tokenizer"]).encode("The quick brown fox")])
+    ids = torch.tensor([tokenizers.from_json(manifest.data.tokenizer).encode("The quick brown fox")])
     with torch.no_grad():
         same, _ = prune.prune_structured(model, manifest, 0.0)
         assert torch.allclose(same(ids)[0], model(ids)[0], atol=1e-6)
         smaller, smaller_manifest = prune.prune_structured(model, manifest, 0.5)
         assert torch.isfinite(smaller(ids)[0]).all()
-    arch = registry.manifest_arch(smaller_manifest, "pruned")
+    arch = smaller_manifest.architecture
     assert arch.mlp_hidden == (24, 24) and arch.original_widths == (48, 48)
     assert smaller.transformer.h[0].mlp.c_gate.weight.shape == smaller.transformer.h[0].mlp.c_fc.weight.shape == (24, 32)
     with pytest.raises(UserError, match="grouped-query attention"):

@@ -190,9 +190,11 @@ def test_context_longer_than_block_size_is_refused_and_generate_crops() -> None:
 
 def test_tied_weights_survive_a_checkpoint_round_trip(tmp_path: Path) -> None:
     from bigmodel.checkpoint import model_tensors, save_checkpoint
+    from bigmodel.manifests import CheckpointManifest, DataInfo
 
     model = GPT(DecoderArch(**ARCH))
-    save_checkpoint(tmp_path / "c.safetensors", model_tensors(model), {"family": "gpt", "architecture": ARCH})
+    manifest = CheckpointManifest(family="gpt", architecture=ARCH, data=DataInfo(), config={})
+    save_checkpoint(tmp_path / "c.safetensors", model_tensors(model), manifest)
     loaded, _ = registry.load_model(tmp_path / "c.safetensors")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
@@ -277,12 +279,12 @@ def assert_resume_after_kill_is_exact(config: Path, total_steps: int, volatile: 
     deadline = time.time() + 120
     # Kill once a checkpoint past 10% exists: mid-run, and possibly in the middle of writing the next.
     while time.time() < deadline and proc.poll() is None:
-        if last.exists() and read_manifest(last)["step"] >= total_steps // 10:
+        if last.exists() and read_manifest(last).step >= total_steps // 10:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert read_manifest(last)["step"] < total_steps, "the run finished before the kill; make it longer"
+    assert read_manifest(last).step < total_steps, "the run finished before the kill; make it longer"
 
     assert cli("train", "-c", config, "--resume", "-q").code == 0
     resumed = _state(last)
@@ -375,7 +377,7 @@ def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(tmp_
         shutil.copytree(tmp_path / "run", run)
         result = cli("train", "-c", config, "--run-dir", run, "--set", f"train.precision={precision}", "--json")
         assert result.code == 0, result.stderr
-        assert result.json()["precision"] == read_manifest(run / "train" / "last.safetensors")["precision"]
+        assert result.json()["precision"] == read_manifest(run / "train" / "last.safetensors").precision
         return _state(run / "train" / "last.safetensors"), result.stderr
 
     fp32, _ = train("fp32", "fp32", True)

@@ -118,8 +118,8 @@ def test_init_builds_a_classifier_from_scratch_or_imports_one_checked_against_tr
     result = cli("pipeline", "-c", scratch, "--to", "init", "--json", "-q")
     assert result.code == 0, result.stderr
     model, manifest = registry.load_model(tmp_path / "a" / "run" / "init" / "model.safetensors")
-    assert manifest["architecture"]["task"] == "classification" and manifest["architecture"]["n_outputs"] == 3
-    assert manifest["data"]["labels"] == ["code", "fruit", "weather"] and manifest["init_scheme"] == "bert"
+    assert manifest.architecture.task == "classification" and manifest.architecture.n_outputs == 3
+    assert manifest.data.labels == ["code", "fruit", "weather"] and manifest.init_scheme == "bert"
 
     folder = make_bert(tmp_path / "bert", "none")
     imported = write_config(tmp_path / "b" / "c.yaml", {
@@ -128,10 +128,10 @@ def test_init_builds_a_classifier_from_scratch_or_imports_one_checked_against_tr
     result = cli("pipeline", "-c", imported, "--to", "init", "--json", "-q")
     assert result.code == 0, result.stderr
     model, manifest = registry.load_model(tmp_path / "b" / "run" / "init" / "model.safetensors")
-    record = manifest["import"]
-    assert record["parity"]["passed"] and record["parity"]["max_abs_diff"] < 1e-4
-    assert any("new task head" in note for note in record["notes"])
-    assert manifest["architecture"]["block_size"] == 32 and model.head.out.weight.shape == (3, 32)
+    record = manifest.import_
+    assert record.parity["passed"] and record.parity["max_abs_diff"] < 1e-4
+    assert any("new task head" in note for note in record.notes)
+    assert manifest.architecture.block_size == 32 and model.head.out.weight.shape == (3, 32)
 
 
 def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion_matrix(tmp_path: Path) -> None:
@@ -163,8 +163,8 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     assert inferred.code == 0, inferred.stderr
     model, manifest = registry.load_model(tmp_path / "run" / "train" / "best.safetensors")
     want = probabilities(torch_encoder(model, torch.device("cpu")), load_texts(load_config(config), "test"),
-                         manifest["architecture"]["pad_id"])
-    got = np.array([[row["probabilities"][label] for label in manifest["data"]["labels"]]
+                         manifest.architecture.pad_id)
+    got = np.array([[row["probabilities"][label] for label in manifest.data.labels]
                     for row in map(json.loads, out.read_text().splitlines())])
     assert np.abs(got - want).max() < 1e-4
     # serve's /v1/predict answers what infer wrote for the same texts; a bad request is a 400 naming its field
@@ -410,7 +410,7 @@ def test_a_sentence_transformers_folder_is_classified_by_its_mean_token_state(tm
             "model": {"block_size": 32, **({"pooling": "cls"} if pooling == "cls" else {})}})
         assert cli("pipeline", "-c", runs[pooling], "--to", "init", "-q").code == 0
     model, manifest = registry.load_model(tmp_path / "mean" / "run" / "init" / "model.safetensors")
-    assert manifest["architecture"]["pooling"] == "mean" and model.head.pooler is None
+    assert manifest.architecture.pooling == "mean" and model.head.pooler is None
     texts = load_texts(load_config(runs["mean"]), "test")
     batch = {k: torch.from_numpy(v) for k, v in texts.batch(np.arange(len(texts)), 0).items()}
     with torch.no_grad():
@@ -420,7 +420,7 @@ def test_a_sentence_transformers_folder_is_classified_by_its_mean_token_state(tm
         got = model.eval()(**batch)
     assert (got - want).abs().max() < 1e-4
     cls_model, cls_manifest = registry.load_model(tmp_path / "cls" / "run" / "init" / "model.safetensors")
-    assert cls_manifest["architecture"]["pooling"] == "cls" and cls_model.head.pooler is not None
+    assert cls_manifest.architecture.pooling == "cls" and cls_model.head.pooler is not None
 
 
 def test_an_embedding_model_learns_from_pairs_with_in_batch_negatives(tmp_path: Path) -> None:

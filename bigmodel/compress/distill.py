@@ -45,7 +45,7 @@ def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -
     teacher.to(device).eval().requires_grad_(False)
     student_cfg = config.student_model(step)
     arch = registry.architecture(student_cfg, data_manifest(config))
-    _check_compatible(registry.manifest_arch(teacher_manifest, teacher_path), arch)
+    _check_compatible(teacher_manifest.architecture, arch)
 
     torch.manual_seed(config.seed)
     student = registry.build_model(arch)
@@ -54,8 +54,8 @@ def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -
     student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(("feature_", "target_"))},
                             strict=False)
     start = work_dir / "student_init.safetensors"
-    save_checkpoint(start, model_tensors(student), {**teacher_manifest, "architecture": arch.to_dict(), "family": arch.family,
-                                                    "step": 0, "metrics": {}})
+    save_checkpoint(start, model_tensors(student), teacher_manifest.renewed(
+        architecture=arch, family=arch.family, step=0, metrics={}, resume=None, adapter=None))
     console.info(f"compress: student {registry.count_parameters(student):,} parameters, teacher "
                  f"{registry.count_parameters(teacher):,}; {step.steps} steps")
 

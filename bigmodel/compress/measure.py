@@ -109,7 +109,7 @@ def latency_ms(config: Config, path: Path, calls: int = 200) -> float:
     """Median ONNX Runtime latency of what the model is for (the family's exporter says: one row, one decode
     step at batch 1 with a 16-token past, one text of 64 tokens)."""
     session, meta = open_model(path, ["CPUExecutionProvider"], config.infer.threads or config.threads)
-    feeds = family_of_onnx_kind(meta["kind"], path).module("exporter").latency_feeds(session, meta)
+    feeds = family_of_onnx_kind(meta.kind, path).module("exporter").latency_feeds(session, meta)
     for _ in range(10):
         session.run(None, feeds)
     times = []

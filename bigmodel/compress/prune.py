@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from bigmodel import console, registry
+from bigmodel.arch import DecoderArch
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.compress import Artifact
 from bigmodel.config import Config, PruneStep
 from bigmodel.errors import UserError
 from bigmodel.families import family
 from bigmodel.io import sha256_file
+from bigmodel.manifests import CheckpointManifest, PruningRecord
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -66,9 +68,9 @@ def run(step: PruneStep, config: Config, checkpoint: Path, work_dir: Path) -> tu
             steps = max(1, step.finetune_steps // rounds)
             model = finetune(config, step, model, manifest, masks, steps, work_dir / f"round{r}")
     report = sparsity_report(model)
-    manifest = {**manifest, "step": manifest.get("step"),
-                "lineage": {**manifest.get("lineage", {}), "pruned_from": sha256_file(checkpoint)},
-                "pruning": {"kind": step.kind, "sparsity": step.sparsity, "per_layer": report}}
+    manifest = manifest.renewed(
+        lineage={**manifest.lineage, "pruned_from": sha256_file(checkpoint)}, resume=None,
+        pruning=PruningRecord(kind=step.kind, sparsity=step.sparsity, per_layer=report))
     out = work_dir / "model.safetensors"
     save_checkpoint(out, model_tensors(model), manifest)
     return out, report
@@ -119,9 +121,10 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float) -> tuple[nn.Module, dict[str, Any]]:
+def prune_structured(model: nn.Module, manifest: CheckpointManifest,
+                     fraction: float) -> tuple[nn.Module, CheckpointManifest]:
     """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded up kept)."""
-    arch = registry.manifest_arch(manifest, "the model being pruned")
+    arch = manifest.architecture
     modules = dict(model.named_modules())
     groups = model.neuron_groups()  # each family's model knows its own layers
     original = arch.original_widths or [modules[makers[0]].out_features for makers, _ in groups]
@@ -142,18 +145,20 @@ def prune_structured(model: nn.Module, manifest: dict[str, Any], fraction: float
     arch = arch.model_copy(update={arch.hidden_widths_field: tuple(widths), "original_widths": tuple(original)})
     smaller = registry.build_model(arch)
     smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
-    return smaller, {**manifest, "architecture": arch.to_dict()}
+    return smaller, manifest.renewed(architecture=arch)
 
 
 @torch.no_grad()
-def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> tuple[nn.Module, dict[str, Any]]:
+def prune_heads(model: nn.Module, manifest: CheckpointManifest,
+                fraction: float) -> tuple[nn.Module, CheckpointManifest]:
     """Remove `fraction` of the attention heads (of the original count) from every layer.
 
     A head's score is the norm of its query/key/value rows in c_attn times the norm of its columns in
     c_proj. Every layer keeps the same number of heads, so every layer's KV cache in the exported graph
     has one shape (the architecture holds one n_head); the head size does not change.
     """
-    arch = registry.manifest_arch(manifest, "the model being pruned")
+    arch = manifest.architecture
+    assert isinstance(arch, DecoderArch)  # the config allows head pruning for decoders only
     if arch.n_kv_head != arch.n_head:
         raise UserError(f"compress: head pruning of a grouped-query attention model ({arch.n_head} query heads "
                         f"over {arch.n_kv_head} key/value heads) is not supported; prune 'mlp' instead")
@@ -180,13 +185,13 @@ def prune_heads(model: nn.Module, manifest: dict[str, Any], fraction: float) -> 
         state[f"{prefix}.c_proj.weight"] = attn.c_proj.weight.view(-1, attn.n_head, hs)[:, heads].reshape(
             attn.c_proj.weight.size(0), -1)
     smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
-    return smaller, {**manifest, "architecture": arch.to_dict()}
+    return smaller, manifest.renewed(architecture=arch)
 
 
 # ------------------------------------------------------------------------------------- fine-tune
 
 
-def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: dict[str, Any], masks: Masks,
+def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: CheckpointManifest, masks: Masks,
              steps: int, work_dir: Path) -> nn.Module:
     """A short run of the family's own training recipe from the pruned weights, masks held."""
     start = work_dir / "start.safetensors"

@@ -111,8 +111,8 @@ def streams(step: QuantizeStep, config: Config, checkpoint: Path) -> bool:
 
     if step.bits != 4 or not step.symmetric or not family(config.model.family).streams_int4:
         return False
-    imported = read_manifest(checkpoint).get("import") or {}
-    return not (step.keep_grids and imported.get("format") == "gguf")
+    imported = read_manifest(checkpoint).import_
+    return not (step.keep_grids and imported is not None and imported.format == "gguf")
 
 
 def export_settings(step: QuantizeStep) -> Int4Export:
@@ -150,6 +150,7 @@ def _same_export(path: Path, config: Config, checkpoint: Path) -> bool:
     from bigmodel.export.gpt import weight_format
     from bigmodel.infer.session import file_metadata
     from bigmodel.io import sha256_file
+    from bigmodel.manifests import DecoderMetadata
 
     meta, report = file_metadata(path), path.with_name("parity.json")
     if meta is None or not report.is_file():
@@ -158,9 +159,9 @@ def _same_export(path: Path, config: Config, checkpoint: Path) -> bool:
         passed = bool(json.loads(report.read_text()).get("passed"))
     except (OSError, ValueError):  # not a report to trust
         return False
-    width = int((meta.get("architecture") or {}).get("n_embd") or 0)
-    return (passed and meta.get("weights") == weight_format("int4", config.export.int4, width)
-            and (meta.get("lineage") or {}).get("checkpoint") == sha256_file(checkpoint))
+    return (passed and isinstance(meta, DecoderMetadata)
+            and meta.weights == weight_format("int4", config.export.int4, meta.architecture.n_embd)
+            and meta.lineage.get("checkpoint") == sha256_file(checkpoint))
 
 
 def _publish(model: Path, target: Path, clone_it: bool) -> None:

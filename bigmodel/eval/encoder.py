@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from bigmodel import console, metrics, registry
+from bigmodel.arch import EncoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_texts
 from bigmodel.eval import check_gate
 from bigmodel.io import sha256_file, write_json
+from bigmodel.manifests import DataInfo, EncoderMetadata
 from bigmodel.runtime import setup_torch
 
 
@@ -46,11 +48,11 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
     encode, arch, data, step = _onnx_encoder(config, path) if path.suffix == ".onnx" else _torch_encoder(path)
     split = config.eval.split or "test"
     texts = load_texts(config, split)
-    task, pad_id = arch["task"], arch["pad_id"]
+    task, pad_id = arch.task, arch.pad_id
     if task == "classification":
-        scores = metrics.classification(texts.y, probabilities(encode, texts, pad_id), data["labels"])
+        scores = metrics.classification(texts.y, probabilities(encode, texts, pad_id), data.labels or [])
     elif task == "mlm":
-        scores = {**mlm_scores(encode, texts, pad_id, data["special_ids"], arch["vocab_size"], config.seed),
+        scores = {**mlm_scores(encode, texts, pad_id, data.special_ids or {}, arch.vocab_size, config.seed),
                   "rows": len(texts)}
     else:
         scores = retrieval_scores(encode, texts, load_texts(config, split, "b_"), pad_id)
@@ -58,22 +60,24 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
     return scores, task, step
 
 
-def _torch_encoder(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], int | None]:
+def _torch_encoder(path: Path) -> tuple[Any, EncoderArch, DataInfo, int | None]:
     from bigmodel.scoring import torch_encoder
 
     model, manifest = registry.load_model(path)
-    return torch_encoder(model, torch.device("cpu")), manifest["architecture"], manifest["data"], manifest.get("step")
+    assert isinstance(manifest.architecture, EncoderArch)  # (stage_checkpoint checked the family)
+    return torch_encoder(model, torch.device("cpu")), manifest.architecture, manifest.data, manifest.step
 
 
-def _onnx_encoder(config: Config, path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], None]:
+def _onnx_encoder(config: Config, path: Path) -> tuple[Any, EncoderArch, DataInfo, None]:
     """An exported encoder run by ONNX Runtime; a classifier's probabilities turned back into logits."""
     from bigmodel.infer.session import open_model
 
-    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, "encoder")
-    classifier = meta["task"] == "classification"
+    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads,
+                               EncoderMetadata)
+    classifier = meta.task == "classification"
 
     def encode(batch: dict[str, np.ndarray]) -> np.ndarray:
         out = session.run(None, batch)[0]
         return np.log(np.clip(out, 1e-30, None)) if classifier else out
 
-    return encode, meta["architecture"], meta, None
+    return encode, meta.architecture, DataInfo(labels=meta.labels, special_ids=meta.special_ids), None

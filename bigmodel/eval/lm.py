@@ -25,6 +25,7 @@ from bigmodel.datasets import Examples, load_examples, load_tokens
 from bigmodel.errors import UserError
 from bigmodel.eval import check_gate
 from bigmodel.io import require_file, sha256_file, write_json
+from bigmodel.manifests import DecoderMetadata
 from bigmodel.runtime import setup_torch
 
 
@@ -93,7 +94,8 @@ def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
         from bigmodel.infer.gpt import Decoder
         from bigmodel.infer.session import open_model
 
-        session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, "gpt")
+        session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads,
+                                   DecoderMetadata)
         decoder = Decoder.from_session(session, meta, path)
         # An fp16 model's logits are scored in fp32, like every other artifact's.
         return Artifact(lambda ids: decoder.run(ids, decoder.empty_cache(len(ids)))[0].astype(np.float32, copy=False),
@@ -105,8 +107,8 @@ def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
     def logits(ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(ids).to(device))[0].float().cpu().numpy()
 
-    tok = tokenizers.from_json(manifest["data"]["tokenizer"], f"{path} (tokenizer)")
-    return Artifact(logits, model.block_size, tok, step=manifest.get("step"), model=model)
+    tok = tokenizers.from_json(manifest.data.tokenizer or "", f"{path} (tokenizer)")
+    return Artifact(logits, model.block_size, tok, step=manifest.step, model=model)
 
 
 def eval_peak(path: Path, config: Config) -> memory.Estimate:
@@ -115,8 +117,8 @@ def eval_peak(path: Path, config: Config) -> memory.Estimate:
     if path.suffix == ".onnx":
         from bigmodel.infer.session import file_metadata
 
-        meta = file_metadata(path) or {}
-        block, vocab = int(meta.get("block_size", 0)), int(meta.get("vocab_size", 0))
+        meta = file_metadata(path)
+        block, vocab = (meta.block_size, meta.vocab_size) if isinstance(meta, DecoderMetadata) else (0, 0)
         runtime, model = memory.ORT_RUNTIME, int(memory.SESSION_OVER_FILE * memory.onnx_file_bytes(path))
     else:
         arch, parameters, stored = registry.checkpoint_size(path)

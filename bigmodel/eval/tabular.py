@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from bigmodel import console, metrics, registry
+from bigmodel.arch import TabularArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_split
 from bigmodel.eval import check_gate
 from bigmodel.io import sha256_file, write_json
+from bigmodel.manifests import TabularMetadata
 from bigmodel.runtime import setup_torch
 
 
@@ -47,7 +49,8 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
         model, manifest = registry.load_model(path)
         with torch.no_grad():
             predicted = model.eval().predict(torch.from_numpy(x)).numpy()
-        task, labels, step = manifest["architecture"]["task"], manifest["data"]["labels"], manifest.get("step")
+        assert isinstance(manifest.architecture, TabularArch)  # (stage_checkpoint checked the family)
+        task, labels, step = manifest.architecture.task, manifest.data.labels or [], manifest.step
     # The same metric code for every artifact, so compressed models are measured like the original.
     scores = metrics.classification(y, predicted, labels) if task == "classification" else metrics.regression(y, predicted)
     return scores, task, step
@@ -56,5 +59,6 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
 def _onnx_predict(path: Path, x: np.ndarray, config: Config) -> tuple[np.ndarray, str, list[str], None]:
     from bigmodel.infer.session import open_model
 
-    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, "tabular")
-    return session.run(None, {"features": x})[0], meta["task"], meta["labels"], None
+    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads,
+                               TabularMetadata)
+    return session.run(None, {"features": x})[0], meta.task, meta.labels or [], None

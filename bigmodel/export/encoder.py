@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import __version__, console, registry
+from bigmodel import console, registry
+from bigmodel.arch import EncoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_texts
 from bigmodel.export.onnx_file import export_dynamo, publish_or_reject, stamp_and_check
 from bigmodel.infer.session import open_session
 from bigmodel.io import sha256_file, write_json
+from bigmodel.manifests import EncoderMetadata
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = {"classification": "probabilities", "mlm": "logits", "embedding": "embeddings"}
@@ -46,24 +48,25 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     xc = config.export
     model, manifest = registry.load_model(ckpt)
     deployed = Deployed(model.eval()).eval()
-    arch = manifest["architecture"]
+    arch = manifest.architecture
+    assert isinstance(arch, EncoderArch)  # (stage_checkpoint checked the family)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "model.onnx"
     texts = load_texts(config, "test")
     rows = np.arange(min(len(texts), xc.parity_rows))
-    batch = texts.batch(rows, arch["pad_id"])
+    batch = texts.batch(rows, arch.pad_id)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         tmp = Path(work) / "model.onnx"
-        example = texts.batch(rows[: max(2, min(len(rows), 4))], arch["pad_id"])
-        dims = {"batch": torch.export.Dim("batch"), "seq": torch.export.Dim("seq", min=1, max=arch["block_size"])}
+        example = texts.batch(rows[: max(2, min(len(rows), 4))], arch.pad_id)
+        dims = {"batch": torch.export.Dim("batch"), "seq": torch.export.Dim("seq", min=1, max=arch.block_size)}
         export_dynamo(deployed, tuple(torch.from_numpy(example[name]) for name in INPUTS), tmp, list(INPUTS),
-                      [OUTPUTS[arch["task"]]], {name: {0: dims["batch"], 1: dims["seq"]} for name in INPUTS}, xc.opset)
-        stamp_and_check(tmp, {
-            "kind": "encoder", "task": arch["task"], "labels": manifest["data"].get("labels"),
-            **{key: manifest["data"].get(key) for key in ("text", "text_pair", "target")},
-            "tokenizer": manifest["data"]["tokenizer"], "special_ids": manifest["data"].get("special_ids"),
-            "architecture": arch, "version": __version__, "lineage": {"checkpoint": sha256_file(ckpt)},
-        })
+                      [OUTPUTS[arch.task]], {name: {0: dims["batch"], 1: dims["seq"]} for name in INPUTS}, xc.opset)
+        data = manifest.data
+        stamp_and_check(tmp, EncoderMetadata(
+            task=arch.task, labels=data.labels, text=data.text, text_pair=data.text_pair, target=data.target,
+            tokenizer=data.tokenizer, special_ids=data.special_ids, architecture=arch,
+            lineage={"checkpoint": sha256_file(ckpt)},
+        ))
         parity = check_parity(deployed, tmp, batch, xc.atol, config.threads)
         write_json(out_dir / "parity.json", {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, **parity})
         console.info(f"export: parity on {parity['texts']} held-out texts (one padded batch, and one by one): max "
@@ -96,14 +99,15 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     from bigmodel.infer.session import metadata
 
     meta = metadata(open_session(model, ["CPUExecutionProvider"], config.threads), model)
+    assert isinstance(meta, EncoderMetadata)  # (the family table sends only encoders here)
     texts = load_texts(config, "train")
     return [dict(texts.batch(rng.choice(len(texts), size=min(8, len(texts)), replace=False),
-                             meta["architecture"]["pad_id"]))
+                             meta.architecture.pad_id))
             for _ in range(batches)]
 
 
-def latency_feeds(session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+def latency_feeds(session: Any, meta: EncoderMetadata) -> dict[str, np.ndarray]:
     """What compress times: one text of 64 tokens (or the context, if shorter)."""
-    width = min(64, int(meta["architecture"]["block_size"]))
-    ids = np.full((1, width), int(meta["special_ids"]["[UNK]"] or 0), dtype=np.int64)
+    width = min(64, meta.architecture.block_size)
+    ids = np.full((1, width), (meta.special_ids or {}).get("[UNK]") or 0, dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}

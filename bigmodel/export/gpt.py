@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import torch
 
-from bigmodel import __version__, console, decoder_graph, memory, registry, streaming
+from bigmodel import console, decoder_graph, memory, registry, streaming
 from bigmodel import parity as gate
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config, Int4Export
@@ -41,6 +41,7 @@ from bigmodel.export.onnx_file import optimize_offline, output_head, publish_or_
 from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequantize, int8_block, trace
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
+from bigmodel.manifests import DecoderMetadata
 from bigmodel.models.gpt import GPT, CausalSelfAttention
 from bigmodel.runtime import peak_rss_bytes
 from bigmodel.weights import check_free_space
@@ -74,12 +75,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     memory.map_large_allocations()
     start = time.perf_counter()
     weights, manifest = registry.open_weights(ckpt)
-    arch = registry.manifest_arch(manifest, ckpt)
+    arch = manifest.architecture
     if not isinstance(arch, DecoderArch):
         raise UserError(f"{ckpt} holds a {arch.family} model, not a decoder")
     with torch.device("meta"):
         parameters = sum(p.numel() for p in GPT(arch).parameters())
-    stored = registry.stored_dtype(manifest)
+    stored = manifest.stored_dtype
     memory.guard(memory.export_peak(arch, parameters, stored, xc.dtype), config.memory_limit)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_free_space(out_dir, int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4.head,
@@ -88,12 +89,9 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         tmp = Path(work) / "model.onnx"
-        written = write_decoder(arch, weights, tmp, xc.opset, xc.dtype, xc.int4, {
-            **decoder_graph.metadata(arch, manifest["data"], "fp16" if xc.dtype == "fp16" else "fp32"),
-            "weights": weight_format(xc.dtype, xc.int4, arch.n_embd),
-            "version": __version__,
-            "lineage": {"checkpoint": sha256_file(ckpt)},
-        })
+        written = write_decoder(arch, weights, tmp, xc.opset, xc.dtype, xc.int4, decoder_graph.metadata(
+            arch, manifest.data, "fp16" if xc.dtype == "fp16" else "fp32",
+            weights=weight_format(xc.dtype, xc.int4, arch.n_embd), lineage={"checkpoint": sha256_file(ckpt)}))
         external = xc.external_data or written["weight_bytes"] > INLINE_LIMIT
         if not external:
             onnx.save(onnx.load(str(tmp)), str(tmp))  # a small model: one self-contained file
@@ -171,7 +169,7 @@ def gate_line(parity: dict[str, Any], dtype: str) -> str:
 
 
 def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, opset: int, dtype: str = "fp32",
-                  int4: Int4Export | None = None, metadata: dict[str, Any] | None = None,
+                  int4: Int4Export | None = None, metadata: DecoderMetadata | None = None,
                   repeat_layers: bool = True) -> dict[str, Any]:
     """The decoder graph of `arch` at `path` (+ `path.data`), its weights read from `weights` (names as a
     checkpoint stores them, 'model.<parameter>') one at a time; returns what was written. `repeat_layers`:
@@ -199,7 +197,7 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
                                BITS[settings.head], BITS[settings.embedding_format])
     else:
         plan.gather_from_transposed()
-    stamp(graph, metadata or {})
+    stamp(graph, metadata)
     weight_bytes = plan.write(path)
     return {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
 
@@ -541,9 +539,9 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     """Static quantisation's calibration data: decoding as it happens. The fp32 graph reads the first
     half of each training window, and the second half is fed with that real cache (an empty cache
     would give the cache inputs no range). The cache is shaped as `model` says (pruning may change it)."""
-    session, meta = open_model(model, ["CPUExecutionProvider"], config.threads, decoder_graph.KIND)
+    session, meta = open_model(model, ["CPUExecutionProvider"], config.threads, DecoderMetadata)
     tokens = load_tokens(config, "train")
-    block, batch = int(meta["block_size"]), config.train.batch_size
+    block, batch = meta.block_size, config.train.batch_size
     half = max(1, block // 2)
     empty = CacheLayout.from_metadata(meta).empty(batch)
     inputs = decoder_graph.session_inputs(session)
@@ -556,7 +554,7 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     return feeds
 
 
-def latency_feeds(session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+def latency_feeds(session: Any, meta: DecoderMetadata) -> dict[str, np.ndarray]:
     """What compress times: one decode step at batch 1 with a 16-token past."""
     return decoder_graph.feeds(np.zeros((1, 1), np.int64), CacheLayout.from_metadata(meta).empty(1, past=16),
                                inputs=decoder_graph.session_inputs(session))

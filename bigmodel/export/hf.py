@@ -27,6 +27,7 @@ from bigmodel.datasets import load_tokens
 from bigmodel.errors import UserError
 from bigmodel.export.gpt import held_out_windows
 from bigmodel.io import write_json
+from bigmodel.manifests import DataInfo
 from bigmodel.pretrained import build
 from bigmodel.pretrained.hf import LLAMA_LAYER, LLAMA_QKV
 
@@ -48,10 +49,10 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOL
         config.memory_limit)
     model, manifest = registry.load_model(ckpt)
     model.eval()
-    arch = registry.manifest_arch(manifest, ckpt)
+    arch = manifest.architecture
     if not isinstance(arch, DecoderArch):
         raise UserError("export.format 'hf' writes decoder language models; this checkpoint is a tabular MLP")
-    tok = tokenizers.from_json(manifest["data"]["tokenizer"], f"{ckpt} (tokenizer)")
+    tok = tokenizers.from_json(manifest.data.tokenizer or "", f"{ckpt} (tokenizer)")
     if not isinstance(tok, tokenizers.BPETokenizer):
         raise UserError("export.format 'hf': a character-level tokenizer has no Hugging Face form; use a BPE "
                         "tokenizer (data.tokenizer.kind: bpe) or an imported model's")
@@ -61,7 +62,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOL
     final = out_dir / name
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         folder = Path(work) / name
-        _write_folder(folder, model_type, arch, tensors, manifest["data"], imported_context(config))
+        _write_folder(folder, model_type, arch, tensors, manifest.data, imported_context(config))
         val = np.asarray(load_tokens(config, "val"), dtype=np.int64)
         ids = held_out_windows(val, batch=2, span=min(32, arch.block_size))
         parity = round_trip(model, folder, ids, config.export.atol, config.export.rtol)
@@ -81,9 +82,9 @@ def imported_context(config: Config) -> int | None:
     from bigmodel.checkpoint import read_manifest
 
     init = config.stage_dir("init") / "model.safetensors"
-    record = (read_manifest(init).get("import") or {}) if init.is_file() else {}
-    if record.get("context"):
-        return int(record["context"])
+    record = read_manifest(init).import_ if init.is_file() else None
+    if record is not None and record.context:
+        return record.context
     source = config.init.from_
     return pretrained.describe(source).arch.block_size if source is not None and Path(source).exists() else None
 
@@ -96,7 +97,7 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     from bigmodel import lora
     from bigmodel.checkpoint import read_manifest
 
-    if "adapter" not in read_manifest(ckpt):
+    if read_manifest(ckpt).adapter is None:
         raise UserError(f"export.peft: {ckpt} is not a LoRA adapter checkpoint (train with train.lora); remove "
                         "export.peft")
     source = config.init.from_
@@ -107,7 +108,7 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
         outputs = export_checkpoint(config, config.stage_dir("init") / "model.safetensors", out_dir, PEFT_BASE_FOLDER)
         base = str((out_dir / PEFT_BASE_FOLDER).absolute())
     model, manifest = registry.load_model(ckpt, merge=False)
-    arch = registry.manifest_arch(manifest, ckpt)
+    arch = manifest.architecture
     assert isinstance(arch, DecoderArch)
     model_type = hf_model_type(arch)
     final = out_dir / PEFT_FOLDER
@@ -137,10 +138,10 @@ def hf_model_type(arch: DecoderArch) -> str:
                     f"bias {arch.bias}); gpt2 and llama/qwen2 shapes can be written")
 
 
-def _hf_config(model_type: str, arch: DecoderArch, data: dict[str, Any], context: int | None = None) -> dict[str, Any]:
+def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int | None = None) -> dict[str, Any]:
     """config.json; a rotary model keeps `context` (the imported model's) when it is longer than block_size
     (GPT-2's learned positions are a table of block_size rows: its n_positions is that)."""
-    special = data.get("special_tokens") or {}
+    special = data.special_tokens or {}
     eos = special.get("eos") or []
     common = {"model_type": model_type, "vocab_size": arch.vocab_size, "tie_word_embeddings": arch.tie_embeddings,
               "bos_token_id": special.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
@@ -199,23 +200,24 @@ def _llama_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch
 
 
 def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dict[str, torch.Tensor],
-                  data: dict[str, Any], context: int | None = None) -> None:
+                  data: DataInfo, context: int | None = None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir()
     save_file({name: t.float() for name, t in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(_hf_config(model_type, arch, data, context), indent=2))
-    (folder / "tokenizer.json").write_text(data["tokenizer"], encoding="utf-8")
-    tok = tokenizers.from_json(data["tokenizer"])
-    special = data.get("special_tokens") or {}
+    tokenizer_json = data.tokenizer or ""
+    (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    tok = tokenizers.from_json(tokenizer_json)
+    special = data.special_tokens or {}
 
     def text(token_id: Any) -> str | None:
         return tok.id_to_token(token_id) if isinstance(token_id, int) else None  # type: ignore[attr-defined]
 
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": arch.block_size,
                 "bos_token": text(special.get("bos")), "eos_token": text((special.get("eos") or [None])[0]),
-                "pad_token": text(special.get("pad")), "chat_template": data.get("chat_template")}
+                "pad_token": text(special.get("pad")), "chat_template": data.chat_template}
     (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in settings.items() if v is not None},
                                                              indent=2))
 

@@ -1,12 +1,11 @@
 """Steps every export shares: trace with the dynamo exporter, stamp metadata, check, publish or reject.
 
-Metadata keys are prefixed `bigmodel.`; values are strings (JSON for structured ones), so `infer` reads
-everything it needs from the one .onnx file.
+The metadata (bigmodel/manifests.py: typed and versioned) is stamped into the .onnx file, so `infer`
+reads everything it needs from that one file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -19,6 +18,7 @@ import torch
 from bigmodel import console
 from bigmodel.errors import GateFailed
 from bigmodel.io import atomic_path
+from bigmodel.manifests import OnnxMetadata
 
 
 def export_dynamo(
@@ -47,7 +47,7 @@ def export_dynamo(
         program.save(str(path))
 
 
-def stamp_and_check(path: Path, metadata: dict[str, Any], external_data: bool = False) -> None:
+def stamp_and_check(path: Path, metadata: OnnxMetadata, external_data: bool = False) -> None:
     """Write `bigmodel.*` metadata into the file and run the full ONNX checker on it.
 
     With external_data the weights go to `<name>.data` beside the model (needed past protobuf's 2 GB
@@ -67,13 +67,12 @@ def stamp_and_check(path: Path, metadata: dict[str, Any], external_data: bool = 
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def stamp(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:
-    """Replace the model's metadata with `bigmodel.*` entries (JSON for structured values)."""
+def stamp(model: onnx.ModelProto, metadata: OnnxMetadata | None) -> None:
+    """Replace the model's metadata with the `bigmodel.*` entries of `metadata` (none: no entries)."""
     del model.metadata_props[:]
-    for key, value in metadata.items():
+    for key, value in (metadata.entries() if metadata is not None else {}).items():
         entry = model.metadata_props.add()
-        entry.key = f"bigmodel.{key}"
-        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        entry.key, entry.value = key, value
     model.producer_name = "bigmodel"
 
 

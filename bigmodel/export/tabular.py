@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import __version__, console, registry
+from bigmodel import console, registry
+from bigmodel.arch import TabularArch
 from bigmodel.config import Config
 from bigmodel.datasets import load_split
 from bigmodel.export.onnx_file import export_dynamo, publish_or_reject, stamp_and_check
 from bigmodel.infer.session import open_session
 from bigmodel.io import sha256_file, write_json
+from bigmodel.manifests import TabularMetadata
 
 
 class Deployed(torch.nn.Module):
@@ -38,7 +40,9 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     xc = config.export
     model, manifest = registry.load_model(ckpt)
     deployed = Deployed(model.eval()).eval()
-    task = manifest["architecture"]["task"]
+    arch = manifest.architecture
+    assert isinstance(arch, TabularArch)  # (stage_checkpoint checked the family)
+    task = arch.task
     output_name = "probabilities" if task == "classification" else "prediction"
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -51,16 +55,10 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             deployed, (example,), tmp, ["features"], [output_name],
             {"features": {0: torch.export.Dim("batch")}}, xc.opset,
         )
-        stamp_and_check(tmp, {
-            "kind": "tabular",
-            "task": task,
-            "target": manifest["data"]["target"],
-            "features": manifest["data"]["features"],
-            "labels": manifest["data"]["labels"],
-            "architecture": manifest["architecture"],
-            "version": __version__,
-            "lineage": {"checkpoint": sha256_file(ckpt)},
-        })
+        stamp_and_check(tmp, TabularMetadata(
+            task=task, target=manifest.data.target, features=manifest.data.features, labels=manifest.data.labels,
+            architecture=arch, lineage={"checkpoint": sha256_file(ckpt)},
+        ))
         parity = check_parity(deployed, tmp, rows, xc.atol, config.threads)
         report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, **parity}
         write_json(out_dir / "parity.json", report)
@@ -115,6 +113,6 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     return [{"features": x[rng.integers(0, len(x), size=config.train.batch_size)]} for _ in range(batches)]
 
 
-def latency_feeds(session: Any, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+def latency_feeds(session: Any, meta: TabularMetadata) -> dict[str, np.ndarray]:
     """What compress times: one row."""
-    return {"features": np.zeros((1, len(meta["features"])), np.float32)}
+    return {"features": np.zeros((1, len(meta.features)), np.float32)}

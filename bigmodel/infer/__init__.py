@@ -44,5 +44,5 @@ def predict(model: Path, settings: InferConfig, source: Path | None, dest: Path,
     workload = (Workload("infer --bench", bench["batch"], bench["prompt_tokens"] + bench["new_tokens"], memory_limit)
                 if bench else Workload("infer", 1, settings.max_new_tokens + PROMPT_ROOM, memory_limit))
     session, meta = open_model(Path(model), settings.providers, threads, workload=workload)
-    inferer = family_of_onnx_kind(meta["kind"], Path(model)).module("inferer")
+    inferer = family_of_onnx_kind(meta.kind, Path(model)).module("inferer")
     return inferer.run_model(session, meta, Path(model), settings, source, Path(dest), seed, bench)

@@ -20,16 +20,17 @@ from bigmodel import console
 from bigmodel.config import STDIO, InferConfig
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path
+from bigmodel.manifests import EncoderMetadata
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferConfig, source: Path | None,
+def run_model(session: Any, meta: EncoderMetadata, path: Path, settings: InferConfig, source: Path | None,
               dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
     """infer's entry for encoders: classify or embed the texts of a file (or stdin)."""
     if bench_settings is not None:
         raise UserError("--bench measures language-model decoding; this is an encoder")
-    if meta["task"] == "mlm":
+    if meta.task == "mlm":
         raise UserError(f"{path}: a masked-LM encoder has no predictions to write; export it with model.task "
                         "classification or embedding")
     if source is None:
@@ -40,8 +41,8 @@ def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferCon
                         cut=cut)
     if cut:
         console.warn(f"infer: {len(cut)} of {len(records)} texts (the first: record {cut[0] + 1}) were longer than the "
-                     f"model's context of {meta['architecture']['block_size']} tokens and were cut to it")
-    if meta["task"] == "embedding" and dest.suffix == ".npy":
+                     f"model's context of {meta.architecture.block_size} tokens and were cut to it")
+    if meta.task == "embedding" and dest.suffix == ".npy":
         with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
             np.save(handle, outputs.astype(np.float32), allow_pickle=False)
         console.info(f"infer: {len(records)} embeddings of width {outputs.shape[1]} -> {dest}")
@@ -49,25 +50,25 @@ def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferCon
     rows = _rows(outputs, records, meta)
     _write(rows, dest)
     result: dict[str, Any] = {"predictions": str(dest), "rows": len(rows), "model": str(path)}
-    target = meta.get("target")
-    if meta["task"] == "classification" and target and all(target in r for r in records):
+    target = meta.target
+    if meta.task == "classification" and target and all(target in r for r in records):
         result["accuracy"] = float(np.mean([row["prediction"] == str(r[target]).strip() for row, r in zip(rows, records)]))
     console.info(f"infer: {len(rows)} texts -> {'stdout' if str(dest) == STDIO else dest}"
                  + (f" (accuracy against the '{target}' column: {result['accuracy']:.4f})" if "accuracy" in result else ""))
     return result
 
 
-def tokenizer_of(meta: dict[str, Any]) -> Any:
+def tokenizer_of(meta: EncoderMetadata) -> Any:
     """The model's own tokenizer (from its metadata), cutting inputs to the model's context."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(meta["tokenizer"] if isinstance(meta["tokenizer"], str) else json.dumps(meta["tokenizer"]))
+    tok = Tokenizer.from_str(meta.tokenizer)
     tok.no_padding()  # batches are padded here, to their own longest text, with the mask that says so
-    tok.enable_truncation(max_length=int(meta["architecture"]["block_size"]), strategy="longest_first")
+    tok.enable_truncation(max_length=meta.architecture.block_size, strategy="longest_first")
     return tok
 
 
-def run_texts(session: Any, meta: dict[str, Any], texts: list[list[str]], batch_size: int, tok: Any = None,
+def run_texts(session: Any, meta: EncoderMetadata, texts: list[list[str]], batch_size: int, tok: Any = None,
               tokens: list[int] | None = None, cut: list[int] | None = None) -> np.ndarray:
     """The graph's output for each text (or pair), in padded batches: (N, L) probabilities or (N, C) embeddings.
     tok: the model's tokenizer when the caller keeps one; tokens: the count of real tokens is added; cut:
@@ -94,9 +95,9 @@ def cut_texts(encodings: list[Any]) -> list[int]:
     return [i for i, encoding in enumerate(encodings) if encoding.overflowing]
 
 
-def run_encodings(session: Any, meta: dict[str, Any], encodings: list[Any]) -> np.ndarray:
+def run_encodings(session: Any, meta: EncoderMetadata, encodings: list[Any]) -> np.ndarray:
     """The graph's output for one batch of encodings, padded to the longest with the mask that says so."""
-    pad_id = int(meta["architecture"]["pad_id"])
+    pad_id = meta.architecture.pad_id
     width = max(len(e.ids) for e in encodings)
     feeds = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in INPUTS}
     feeds["input_ids"][:] = pad_id
@@ -122,10 +123,10 @@ def _records(source: Path) -> list[dict[str, Any]]:
     return read_records(source)
 
 
-def _texts(record: dict[str, Any], meta: dict[str, Any], index: int, source: Path) -> list[str]:
+def _texts(record: dict[str, Any], meta: EncoderMetadata, index: int, source: Path) -> list[str]:
     # An embedding model embeds one text each (its pairs were for training and scoring).
-    pair = meta.get("text_pair") if meta["task"] == "classification" else None
-    columns = [meta.get("text") or "text"] + ([pair] if pair else [])
+    pair = meta.text_pair if meta.task == "classification" else None
+    columns = [meta.text or "text"] + ([pair] if pair else [])
     texts = []
     for column in columns:
         value = record.get(column)
@@ -136,10 +137,10 @@ def _texts(record: dict[str, Any], meta: dict[str, Any], index: int, source: Pat
     return texts
 
 
-def _rows(outputs: np.ndarray, records: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    if meta["task"] == "embedding":
+def _rows(outputs: np.ndarray, records: list[dict[str, Any]], meta: EncoderMetadata) -> list[dict[str, Any]]:
+    if meta.task == "embedding":
         return [{"embedding": [round(float(v), 6) for v in vector]} for vector in outputs]
-    labels = meta["labels"]
+    labels = meta.labels or []
     return [{"prediction": labels[int(p.argmax())], "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}}
             for p in outputs]
 

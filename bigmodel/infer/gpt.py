@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bigmodel import arch as arches
 from bigmodel import chat, console, decoder_graph
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import STDIO, InferConfig
 from bigmodel.decoder_graph import CacheLayout, KVCache
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, jsonl_objects
+from bigmodel.manifests import DecoderMetadata
 from bigmodel.tabular_io import read_text
 
 
@@ -49,16 +49,11 @@ class Decoder:
     inputs: tuple[str, ...] | None = None  # the graph's input names (older files: a stacked cache, no left_padding)
 
     @classmethod
-    def from_session(cls, session: ort.InferenceSession, meta: dict[str, Any], path: Path) -> Decoder:
-        # metadata() decodes JSON values; the tokenizer is wanted back as its JSON text.
-        raw = meta["tokenizer"] if isinstance(meta["tokenizer"], str) else json.dumps(meta["tokenizer"])
-        tok = tokenizers.from_json(raw, f"{path} (tokenizer)")
-        if "architecture" in meta:  # validated like a checkpoint's (older files upgrade, broken ones are refused)
-            arches.parse(meta["architecture"], str(path))
-        special = meta.get("special_tokens") or {}
-        return cls(session, tok, int(meta["block_size"]), CacheLayout.from_metadata(meta),
-                   frozenset(special.get("eos") or []), meta.get("chat_template"), special,
-                   decoder_graph.session_inputs(session))
+    def from_session(cls, session: ort.InferenceSession, meta: DecoderMetadata, path: Path) -> Decoder:
+        tok = tokenizers.from_json(meta.tokenizer, f"{path} (tokenizer)")
+        special = meta.special_tokens
+        return cls(session, tok, meta.block_size, CacheLayout.from_metadata(meta), frozenset(special.get("eos") or []),
+                   meta.chat_template, special, decoder_graph.session_inputs(session))
 
     @property
     def batches_padded_rows(self) -> bool:
@@ -227,7 +222,7 @@ def _holdback(text: str, stops: list[str]) -> int:
 # ------------------------------------------------------------------------------------- the stage
 
 
-def run_model(session: ort.InferenceSession, meta: dict[str, Any], path: Path, settings: InferConfig,
+def run_model(session: ort.InferenceSession, meta: DecoderMetadata, path: Path, settings: InferConfig,
               source: Path | None, dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
     """infer's entry for decoder models: generate, or measure decoding with --bench."""
     decoder = Decoder.from_session(session, meta, path)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar, overload
 
 import onnxruntime as ort
 
 from bigmodel.errors import UserError
+from bigmodel.manifests import AnyMetadata, DecoderMetadata, OnnxMetadata, read_onnx_metadata
+
+M = TypeVar("M", bound=OnnxMetadata)
 
 
 def open_session(path: Path, providers: list[str], threads: int | None, spin: bool = True) -> ort.InferenceSession:
@@ -66,39 +68,52 @@ def preflight(path: Path, workload: Workload) -> None:
     (bigmodel/memory.py); the metadata comes from the graph alone (external data is not read)."""
     from bigmodel import memory
 
-    meta = file_metadata(path)
-    if meta is None or meta.get("kind") != "gpt":
-        return  # (a missing or unreadable file: open_session says so)
-    context = min(workload.context, int(meta["block_size"]))
-    memory.guard(memory.runtime_peak(workload.stage, meta, memory.onnx_file_bytes(path), workload.batch, context),
-                 workload.limit)
+    try:
+        meta = file_metadata(path)
+    except UserError:
+        return  # (open_session says what is wrong with the file)
+    if not isinstance(meta, DecoderMetadata):
+        return
+    context = min(workload.context, meta.block_size)
+    estimate = memory.runtime_peak(workload.stage, meta.architecture, memory.onnx_file_bytes(path), workload.batch,
+                                   context, cache_bytes=2 if meta.dtype == "fp16" else 4)
+    memory.guard(estimate, workload.limit)
+
+
+@overload
+def open_model(path: Path, providers: list[str], threads: int | None, kind: None = None, spin: bool = True,
+               workload: Workload | None = None) -> tuple[ort.InferenceSession, AnyMetadata]: ...
+
+
+@overload
+def open_model(path: Path, providers: list[str], threads: int | None, kind: type[M], spin: bool = True,
+               workload: Workload | None = None) -> tuple[ort.InferenceSession, M]: ...
 
 
 def open_model(
-    path: Path, providers: list[str], threads: int | None, kind: str | None = None, spin: bool = True,
-    workload: Workload | None = None,
-) -> tuple[ort.InferenceSession, dict[str, Any]]:
-    """A session and the model's bigmodel metadata; refuses a model of another kind than `kind`, and (with a
-    `workload`) one that would not fit in memory, before loading it."""
+    path: Path, providers: list[str], threads: int | None, kind: type[OnnxMetadata] | None = None,
+    spin: bool = True, workload: Workload | None = None,
+) -> tuple[ort.InferenceSession, OnnxMetadata]:
+    """A session and the model's bigmodel metadata (manifests.py); refuses a model of another kind than
+    `kind` (DecoderMetadata, ...; None: any), and (with a `workload`) one that would not fit in memory,
+    before loading it."""
     if workload is not None:
         preflight(path, workload)
     session = open_session(path, providers, threads, spin)
     meta = metadata(session, path)
-    if kind is not None and meta["kind"] != kind:
-        raise UserError(f"{path} is a '{meta['kind']}' model; this needs a '{kind}' model: give the ONNX model "
+    if kind is not None and not isinstance(meta, kind):
+        wanted = kind.model_fields["kind"].default
+        raise UserError(f"{path} is a '{meta.kind}' model; this needs a '{wanted}' model: give the ONNX model "
                         "exported from this config's run, or the config it was made with")
     return session, meta
 
 
-def metadata(session: ort.InferenceSession, path: Path) -> dict[str, Any]:
-    """The `bigmodel.*` metadata as Python values; refuses models bigmodel did not export."""
-    meta = _parsed(session.get_modelmeta().custom_metadata_map)
-    if "kind" not in meta:
-        raise UserError(f"{path} has no bigmodel metadata; export it with 'bigmodel export'")
-    return meta
+def metadata(session: ort.InferenceSession, path: Path) -> AnyMetadata:
+    """The `bigmodel.*` metadata, typed; refuses models bigmodel did not export."""
+    return read_onnx_metadata(dict(session.get_modelmeta().custom_metadata_map), str(path))
 
 
-def file_metadata(path: Path) -> dict[str, Any] | None:
+def file_metadata(path: Path) -> AnyMetadata | None:
     """`metadata` read from the graph alone, without a session or the external data (what a guard or a
     reuse check needs before loading anything); None for a missing or unreadable file."""
     import onnx
@@ -108,15 +123,4 @@ def file_metadata(path: Path) -> dict[str, Any] | None:
         props = onnx.load(str(path), load_external_data=False).metadata_props
     except (OSError, DecodeError):
         return None
-    return _parsed({p.key: p.value for p in props})
-
-
-def _parsed(raw: dict[str, str]) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key.startswith("bigmodel."):
-            try:
-                meta[key.removeprefix("bigmodel.")] = json.loads(value)
-            except json.JSONDecodeError:
-                meta[key.removeprefix("bigmodel.")] = value
-    return meta
+    return read_onnx_metadata({p.key: p.value for p in props}, str(path))

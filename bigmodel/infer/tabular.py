@@ -20,10 +20,11 @@ from bigmodel import console, metrics
 from bigmodel.config import STDIO, InferConfig
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, jsonl_objects
+from bigmodel.manifests import TabularMetadata
 from bigmodel.tabular_io import parse_number, read_csv, read_text
 
 
-def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferConfig, source: Path | None,
+def run_model(session: Any, meta: TabularMetadata, path: Path, settings: InferConfig, source: Path | None,
               dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
     """infer's entry for tabular models: predict the rows of a file (or stdin)."""
     if bench_settings is not None:
@@ -34,30 +35,30 @@ def run_model(session: Any, meta: dict[str, Any], path: Path, settings: InferCon
 
 
 def predict_file(
-    session: Any, meta: dict[str, Any], model: Path, source: Path, dest: Path, settings: InferConfig
+    session: Any, meta: TabularMetadata, model: Path, source: Path, dest: Path, settings: InferConfig
 ) -> dict[str, Any]:
     records = _read_records(source, settings.format)
     outputs, rows, targets = predict_records(session, meta, records, source, settings.batch_size)
     _write(rows, dest, _format(settings.format, dest))
     result: dict[str, Any] = {"predictions": str(dest), "rows": len(rows), "model": str(model)}
-    if targets is not None and meta["task"] == "classification":
-        known = {label: i for i, label in enumerate(meta["labels"])}
+    if targets is not None and meta.task == "classification":
+        known = {label: i for i, label in enumerate(meta.labels or [])}
         if all(t in known for t in targets):
             y = np.array([known[t] for t in targets])
-            result["accuracy"] = metrics.classification(y, outputs, meta["labels"])["accuracy"]
+            result["accuracy"] = metrics.classification(y, outputs, meta.labels or [])["accuracy"]
     console.info(
         f"infer: {len(rows)} rows -> {'stdout' if str(dest) == STDIO else dest}"
-        + (f" (accuracy against the '{meta['target']}' column: {result['accuracy']:.4f})"
+        + (f" (accuracy against the '{meta.target}' column: {result['accuracy']:.4f})"
            if "accuracy" in result else "")
     )
     return result
 
 
-def predict_records(session: Any, meta: dict[str, Any], records: list[dict[Any, Any]], source: Path | str,
+def predict_records(session: Any, meta: TabularMetadata, records: list[dict[Any, Any]], source: Path | str,
                     batch_size: int) -> tuple[np.ndarray, list[dict[str, Any]], list[str] | None]:
     """Model outputs, prediction rows and the passed-through targets for rows given as {column: value}
     (key None: the row's line number, for error messages). infer and serve predict through this."""
-    x, targets = _to_matrix(records, meta["features"], meta["target"], Path(str(source)))
+    x, targets = _to_matrix(records, meta.features, meta.target, Path(str(source)))
     outputs = np.concatenate([session.run(None, {"features": x[i : i + batch_size]})[0]
                               for i in range(0, len(x), batch_size)])
     return outputs, _prediction_rows(outputs, meta, targets), targets
@@ -118,18 +119,18 @@ def _to_matrix(
 
 
 def _prediction_rows(
-    outputs: np.ndarray, meta: dict[str, Any], targets: list[str] | None
+    outputs: np.ndarray, meta: TabularMetadata, targets: list[str] | None
 ) -> list[dict[str, Any]]:
     # The true target passes through under its own name unless that clashes with an output column.
-    target_col = meta["target"]
+    target_col = meta.target
     if target_col == "prediction" or target_col.startswith("prob_"):
         target_col = f"{target_col}_true"
     rows = []
     for i, out in enumerate(outputs):
         row: dict[str, Any] = {} if targets is None else {target_col: targets[i]}
-        if meta["task"] == "classification":
-            row["prediction"] = meta["labels"][int(out.argmax())]
-            row.update({f"prob_{label}": float(p) for label, p in zip(meta["labels"], out)})
+        if meta.task == "classification":
+            row["prediction"] = (meta.labels or [])[int(out.argmax())]
+            row.update({f"prob_{label}": float(p) for label, p in zip(meta.labels or [], out)})
         else:
             row["prediction"] = float(out)
         rows.append(row)

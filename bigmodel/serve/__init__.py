@@ -94,7 +94,7 @@ def build(model: Path, settings: ServeConfig, providers: list[str], threads: int
     # (bench_serve, 16 clients on 2 cores: 1.7x -> 2.3x one-at-a-time when they sleep instead).
     workload = Workload("serve", settings.max_batch, settings.max_tokens + PROMPT_ROOM, memory_limit)
     session, meta = open_model(model, providers, threads, spin=False, workload=workload)
-    server = family_of_onnx_kind(meta["kind"], model).module("server")
+    server = family_of_onnx_kind(meta.kind, model).module("server")
     engine = server.Engine(session, meta, model, name or default_name(model), settings)
     engine.warm_up()
     return create_app(engine, api_key(settings), settings.max_queue, settings.max_body_bytes,

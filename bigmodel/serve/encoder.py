@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from bigmodel.config import ServeConfig
 from bigmodel.infer.encoder import cut_texts, encode_texts, run_encodings, run_texts, tokenizer_of
+from bigmodel.manifests import EncoderMetadata
 from bigmodel.serve import app
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
 
@@ -26,11 +27,11 @@ class Engine(app.Engine):
 
     kind = "encoder"
 
-    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, settings: ServeConfig) -> None:
+    def __init__(self, session: Any, meta: EncoderMetadata, path: Path, name: str, settings: ServeConfig) -> None:
         self.session, self.meta, self.name = session, meta, name
         self.tok = tokenizer_of(meta)  # built once: a tokenizer.json is parsed in milliseconds, not per request
-        self.pairs = bool(meta.get("text_pair")) and meta["task"] == "classification"
-        self.context = int(meta["architecture"]["block_size"])
+        self.pairs = bool(meta.text_pair) and meta.task == "classification"
+        self.context = meta.architecture.block_size
 
     def gauges(self, queue: Queue) -> dict[str, tuple[str, float]]:
         return {"queue_depth": ("Requests waiting for the model.", queue.waiting)}
@@ -39,7 +40,7 @@ class Engine(app.Engine):
         run_texts(self.session, self.meta, [["warm up"] * (2 if self.pairs else 1)], 1, self.tok)
 
     def card(self) -> dict[str, Any]:
-        return {**super().card(), "task": self.meta["task"]}
+        return {**super().card(), "task": self.meta.task}
 
     def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
         async def encoded(request: Request, field: str, allowed: set[str],
@@ -89,12 +90,12 @@ class Engine(app.Engine):
         async def predict(request: Request) -> Response:
             encodings, cut = await encoded(request, "texts", {"texts"}, self.pairs)
             probs = await run(encodings)
-            labels = self.meta["labels"]
+            labels = self.meta.labels or []
             return JSONResponse({"model": self.name, "task": "classification", "predictions": [
                 {"prediction": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))}
                 for p in probs], **({"truncated": cut} if cut else {})})
 
-        route = ("/v1/embeddings", ["POST"], embeddings) if self.meta["task"] == "embedding" else \
+        route = ("/v1/embeddings", ["POST"], embeddings) if self.meta.task == "embedding" else \
             ("/v1/predict", ["POST"], predict)
         return [route]
 

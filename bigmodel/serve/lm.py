@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from bigmodel.config import InferConfig, ServeConfig
 from bigmodel.infer.gpt import Decoder, Generation
+from bigmodel.manifests import DecoderMetadata
 from bigmodel.serve import app
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
 from bigmodel.serve.batching import Request as Row
@@ -73,7 +74,7 @@ class Engine(app.Engine):
 
     kind = "gpt"
 
-    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, settings: ServeConfig) -> None:
+    def __init__(self, session: Any, meta: DecoderMetadata, path: Path, name: str, settings: ServeConfig) -> None:
         self.decoder = Decoder.from_session(session, meta, path)
         self.name, self.max_tokens = name, settings.max_tokens
         self.max_batch, self.context_shift = settings.max_batch, settings.context_shift

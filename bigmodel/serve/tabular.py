@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from bigmodel.config import ServeConfig
 from bigmodel.errors import UserError
 from bigmodel.infer.tabular import nest_probabilities, predict_records
+from bigmodel.manifests import TabularMetadata
 from bigmodel.serve import app
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
 
@@ -27,14 +28,14 @@ class Engine(app.Engine):
 
     kind = "tabular"
 
-    def __init__(self, session: Any, meta: dict[str, Any], path: Path, name: str, settings: ServeConfig) -> None:
+    def __init__(self, session: Any, meta: TabularMetadata, path: Path, name: str, settings: ServeConfig) -> None:
         self.session, self.meta, self.name = session, meta, name
 
     def gauges(self, queue: Queue) -> dict[str, tuple[str, float]]:
         return {"queue_depth": ("Requests waiting for the model.", queue.waiting)}
 
     def warm_up(self) -> None:
-        self.session.run(None, {"features": np.zeros((1, len(self.meta["features"])), dtype=np.float32)})
+        self.session.run(None, {"features": np.zeros((1, len(self.meta.features)), dtype=np.float32)})
 
     def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
         async def predict(request: Request) -> Response:
@@ -53,10 +54,10 @@ class Engine(app.Engine):
                                                               "rows", 1024)
                 except UserError as exc:
                     raise RequestError(str(exc).replace("line ", "row "), "rows") from None
-            return JSONResponse({"model": self.name, "task": self.meta["task"],
+            return JSONResponse({"model": self.name, "task": self.meta.task,
                                  "predictions": [nest_probabilities(row) for row in predicted]})
 
         return [("/v1/predict", ["POST"], predict)]
 
     def card(self) -> dict[str, Any]:
-        return {**super().card(), "task": self.meta["task"], "features": self.meta["features"]}
+        return {**super().card(), "task": self.meta.task, "features": self.meta.features}

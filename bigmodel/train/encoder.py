@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel import lora, registry
+from bigmodel.arch import EncoderArch
 from bigmodel.config import Config
 from bigmodel.datasets import DATA_FILE, TextSplit, load_texts
 from bigmodel.errors import UserError
@@ -66,28 +67,29 @@ def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None =
     model, init_manifest = registry.load_model(init_path)
     if start_from is None:
         check_matches_config(config, init_manifest)
-    arch = init_manifest["architecture"]
+    arch = init_manifest.architecture
+    assert isinstance(arch, EncoderArch)  # the family table sends only encoders here
     adapter = None
     if tc.lora is not None:  # freeze the encoder; the adapters train, and a classifier's new head with them
-        trains_also = ("head.",) if arch["task"] == "classification" else ()
+        trains_also = ("head.",) if arch.task == "classification" else ()
         trainable = lora.apply(model, tc.lora, config.seed, trains_also)
         adapter = lora.manifest_record(tc.lora, trainable, init_path, sha256_file(init_path), trains_also)
     model.to(device)
     optimizer = build_optimizer(model, tc)
-    specials = init_manifest["data"]["special_ids"]
+    specials = init_manifest.data.special_ids or {}
 
     # ---- data
     train_set, val_set = load_texts(config, "train"), load_texts(config, "val")
     # an embedding model's pairs: the second text of each, by split
-    partners = {split: load_texts(config, split, "b_") for split in ("train", "val")} if arch["task"] == "embedding" else {}
+    partners = {split: load_texts(config, split, "b_") for split in ("train", "val")} if arch.task == "embedding" else {}
 
     def tensors(texts: TextSplit, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(device) for k, v in texts.batch(rows, arch["pad_id"]).items()}
+        return {k: torch.from_numpy(v).to(device) for k, v in texts.batch(rows, arch.pad_id).items()}
 
     # ---- the task's loss (a batch is an array of training rows) and its validation scores
-    if loss_hook is not None and arch["task"] != "classification":  # the config refuses it; a caller might not
-        raise UserError(f"a training loss hook (distillation) needs a classifier, not an encoder for {arch['task']}")
-    if arch["task"] == "classification":
+    if loss_hook is not None and arch.task != "classification":  # the config refuses it; a caller might not
+        raise UserError(f"a training loss hook (distillation) needs a classifier, not an encoder for {arch.task}")
+    if arch.task == "classification":
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
             inputs, labels = tensors(train_set, rows), torch.from_numpy(train_set.y[rows]).to(device)
             if loss_hook is not None:
@@ -95,19 +97,19 @@ def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None =
             return F.cross_entropy(model(**inputs), labels)
 
         def evaluate() -> dict[str, float]:
-            return classifier_scores(torch_encoder(model, device), val_set, arch["pad_id"])
-    elif arch["task"] == "mlm":
+            return classifier_scores(torch_encoder(model, device), val_set, arch.pad_id)
+    elif arch.task == "mlm":
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
             batch = tensors(train_set, rows)
             rng = np.random.default_rng([config.seed, step])
-            inputs, targets = masked(batch["input_ids"].cpu().numpy(), specials, arch["vocab_size"], rng)
+            inputs, targets = masked(batch["input_ids"].cpu().numpy(), specials, arch.vocab_size, rng)
             batch["input_ids"] = torch.from_numpy(inputs).to(device)
             logits = model(**batch)
             return F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(targets).to(device).flatten(),
                                    ignore_index=-100)
 
         def evaluate() -> dict[str, float]:
-            return mlm_scores(torch_encoder(model, device), val_set, arch["pad_id"], specials, arch["vocab_size"],
+            return mlm_scores(torch_encoder(model, device), val_set, arch.pad_id, specials, arch.vocab_size,
                               config.seed)
     else:
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
@@ -115,7 +117,7 @@ def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None =
             return F.cross_entropy(a @ b.T * EMBEDDING_SCALE, torch.arange(len(rows), device=device))
 
         def evaluate() -> dict[str, float]:
-            return retrieval_scores(torch_encoder(model, device), val_set, partners["val"], arch["pad_id"])
+            return retrieval_scores(torch_encoder(model, device), val_set, partners["val"], arch.pad_id)
 
     lengths = train_set.lengths()
     task = EpochTask(

@@ -23,6 +23,7 @@ from bigmodel import console, registry
 from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config
 from bigmodel.errors import RunFailed
+from bigmodel.manifests import AdapterRecord, CheckpointManifest
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import lr_at, set_lr
 from bigmodel.train.state import checkpoint_manifest, save_model, save_training_state, start_or_resume, stop_step
@@ -40,9 +41,9 @@ class EpochTask:
 
 def run(
     config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, task: EpochTask, out_dir: Path,
-    resume: bool, init_manifest: dict[str, Any], lineage: dict[str, str], until_step: int | None = None,
+    resume: bool, init_manifest: CheckpointManifest, lineage: dict[str, str], until_step: int | None = None,
     allow_changes: bool = False, after_step: Callable[[nn.Module], None] | None = None,
-    adapter: dict[str, Any] | None = None,
+    adapter: AdapterRecord | None = None,
 ) -> dict[str, Any]:
     """Train to the end of the schedule (or until_step); after_step is called after each optimizer step;
     adapter: the LoRA record of an adapted model (its checkpoints hold the adapters only)."""
@@ -57,15 +58,15 @@ def run(
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
 
-    def manifest(metrics: dict[str, float]) -> dict[str, Any]:
+    def manifest(metrics: dict[str, float]) -> CheckpointManifest:
         return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter)
 
     best_metrics: dict[str, float] = {}
     start = time.perf_counter()
     device = next(model.parameters()).device
     console.info(f"train on {device}: {registry.count_parameters(model):,} parameters"
-                 + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {adapter['rank']} on "
-                    f"{', '.join(adapter['targets'])})" if adapter else "") + f", {task.examples} "
+                 + (f" ({adapter.trainable_parameters:,} trainable: LoRA rank {adapter.rank} on "
+                    f"{', '.join(adapter.targets)})" if adapter else "") + f", {task.examples} "
                  f"{task.unit}, {total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
                  + (f", from step {loop.step}" if loop.step else ""))
     last_step = stop_step(total_steps, until_step, loop.step)
@@ -114,7 +115,7 @@ def run(
 
     log.close()
     if not best_metrics and (out_dir / "best.safetensors").is_file():  # resumed after the best was found
-        best_metrics = read_manifest(out_dir / "best.safetensors").get("metrics", {})
+        best_metrics = read_manifest(out_dir / "best.safetensors").metrics
     summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
     console.info(f"train: step {loop.step} of {total_steps}, " + (
         f"best at step {loop.best_step}{loop.best_note(eval_every)}: {summary}" if loop.best_step is not None

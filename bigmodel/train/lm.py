@@ -33,6 +33,7 @@ from bigmodel.config import Config, TrainConfig
 from bigmodel.datasets import data_manifest, load_examples, load_tokens, prepared_files
 from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import sha256_file
+from bigmodel.manifests import CheckpointManifest
 from bigmodel.registry import count_parameters
 from bigmodel.runtime import compile_deterministic, native_bf16, peak_rss_bytes, setup_torch, training_precision
 from bigmodel.scoring import IGNORE
@@ -109,9 +110,9 @@ def train(
         console.warn(f"train: this {device.type} has no native bf16 (AVX512-BF16, AMX or a bf16 GPU): bf16 "
                      "autocast is emulated and several times slower than fp32; set train.precision: auto or fp32")
 
-    def manifest(metrics: dict[str, float]) -> dict[str, Any]:
-        # what train.precision resolved to on this device ('auto' records which it became)
-        return {**checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter), "precision": precision}
+    def manifest(metrics: dict[str, float]) -> CheckpointManifest:
+        # with what train.precision resolved to on this device ('auto' records which it became)
+        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter, precision)
 
     # The step runs through DDP (and torch.compile) when asked; checkpoints and evaluation use `model`.
     step_model = compile_deterministic(parallel_model) if tc.compile else parallel_model
@@ -122,8 +123,8 @@ def train(
         f"train on {device}, {precision}"
         + ((" (auto)" if precision == "bf16" else " (auto: no native bf16 here)") if tc.precision == "auto" else "")
         + f": {count_parameters(model):,} parameters"
-        + (f" ({adapter['trainable_parameters']:,} trainable: LoRA rank {tc.lora.rank} on "
-           f"{', '.join(adapter['targets'])}; frozen base {frozen_dtype(model)})" if adapter and tc.lora else "")
+        + (f" ({adapter.trainable_parameters:,} trainable: LoRA rank {tc.lora.rank} on "
+           f"{', '.join(adapter.targets)}; frozen base {frozen_dtype(model)})" if adapter and tc.lora else "")
         + f", {data.size}, {total_steps} steps x {data.tokens_per_step:,} tokens, eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
         + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
@@ -229,13 +230,13 @@ def train(
 
 def load_model(
     path: Path, world: distributed.World, tc: TrainConfig, device: torch.device, precision: str,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> tuple[torch.nn.Module, CheckpointManifest]:
     """The model to train, on `device`: FSDP builds it sharded from the meta device and streams the
     weights into the shards; LoRA under bf16 autocast keeps the frozen matrices in the checkpoint's dtype
     (registry.load_frozen_base); otherwise the whole model is loaded in fp32."""
     if world.mode == "fsdp":
         manifest = read_manifest(path)
-        model = distributed.build_sharded(registry.manifest_arch(manifest, path), tc, device)
+        model = distributed.build_sharded(manifest.architecture, tc, device)
         distributed.load_weights(model, path)
         return model, manifest
     if tc.lora is not None and precision == "bf16":
@@ -298,6 +299,4 @@ def training_data(config: Config, block: int) -> TokenWindows | ExampleBatches:
 
 
 def _saved_step(path: Path) -> str:
-    from bigmodel.checkpoint import read_manifest
-
-    return str(read_manifest(path).get("step")) if path.is_file() else "none yet"
+    return str(read_manifest(path).step) if path.is_file() else "none yet"

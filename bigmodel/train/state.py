@@ -26,6 +26,7 @@ from bigmodel.datasets import data_manifest
 from bigmodel.distributed import SINGLE, World, gather, like, load_weights
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open
+from bigmodel.manifests import AdapterRecord, CheckpointManifest, ResumeRecord
 
 
 @dataclass
@@ -69,7 +70,7 @@ class LoopState:
         self.finished = stopped_early or self.step >= total_steps
 
 
-def save_model(path: Path, model: torch.nn.Module, manifest: dict[str, Any], world: World = SINGLE) -> None:
+def save_model(path: Path, model: torch.nn.Module, manifest: CheckpointManifest, world: World = SINGLE) -> None:
     """A weights-only checkpoint (best.safetensors). Under FSDP every rank must call it (it gathers)."""
     tensors = gather(model_tensors(model), world)
     if world.is_main:
@@ -78,7 +79,7 @@ def save_model(path: Path, model: torch.nn.Module, manifest: dict[str, Any], wor
 
 def save_training_state(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator,
-    loop: LoopState, manifest: dict[str, Any], world: World = SINGLE,
+    loop: LoopState, manifest: CheckpointManifest, world: World = SINGLE,
 ) -> None:
     """The resumable checkpoint, consolidated: the same file whatever the world size that wrote it.
     Under FSDP every rank must call it (it gathers the shards); rank 0 writes."""
@@ -99,8 +100,8 @@ def save_training_state(
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
-    resume = {"loop": asdict(loop), "param_groups": optim["param_groups"], "optimizer_scalars": scalars}
-    save_checkpoint(path, tensors, {**manifest, "resume": resume})
+    resume = ResumeRecord(loop=asdict(loop), param_groups=optim["param_groups"], optimizer_scalars=scalars)
+    save_checkpoint(path, tensors, manifest.model_copy(update={"resume": resume}))
 
 
 def restore_training_state(
@@ -109,10 +110,9 @@ def restore_training_state(
     """Load a resumable checkpoint into the live objects; returns the loop counters.
 
     Works at any world size: tensors are read one at a time and each rank keeps its shard of them."""
-    manifest = read_manifest(path)
-    if "resume" not in manifest:
+    resume = read_manifest(path).resume
+    if resume is None:
         raise UserError(f"{path} has no training state to resume from; start without --resume")
-    resume = manifest["resume"]
     load_weights(model, path)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
@@ -120,16 +120,16 @@ def restore_training_state(
         _, pid, name = key.split(".", 2)
         param = params[int(pid)]
         state.setdefault(int(pid), {})[name] = value if name == "step" else like(value, param)
-    for pid, entries in resume["optimizer_scalars"].items():
+    for pid, entries in resume.optimizer_scalars.items():
         state.setdefault(int(pid), {}).update(entries)
-    optimizer.load_state_dict({"state": state, "param_groups": resume["param_groups"]})
+    optimizer.load_state_dict({"state": state, "param_groups": resume.param_groups})
     rng = dict(iter_tensors(path, "rng."))
     torch.set_rng_state(rng["rng.torch"])
     sampler.set_state(rng["rng.sampler"])
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return LoopState(**resume["loop"])
+    return LoopState(**resume.loop)
 
 
 @contextlib.contextmanager
@@ -178,8 +178,8 @@ def previous_run(out_dir: Path) -> LoopState | None:
     last_path = out_dir / "last.safetensors"
     if not last_path.is_file():
         return None
-    loop = (read_manifest(last_path).get("resume") or {}).get("loop")
-    return LoopState(**loop) if loop else None
+    resume = read_manifest(last_path).resume
+    return LoopState(**resume.loop) if resume is not None else None
 
 
 def clear_run(out_dir: Path) -> None:
@@ -225,27 +225,27 @@ def truncate_log(path: Path, step: int) -> None:
         handle.write("".join(line + "\n" for line in kept))
 
 
-def check_matches_config(config: Config, init_manifest: dict[str, Any]) -> None:
+def check_matches_config(config: Config, init_manifest: CheckpointManifest) -> None:
     """The init checkpoint must be the model the config describes (else: re-run init). An imported model
     is described by its source (init.from): the keys the config sets must agree with it."""
     if config.init.from_ is not None:
         _check_matches_import(config, init_manifest)
         return
     expected = registry.architecture(config.model, data_manifest(config)).to_dict()
-    found = registry.manifest_arch(init_manifest, "init").to_dict()
+    found = init_manifest.architecture.to_dict()
     if found != expected:
         diff = ", ".join(f"{k} {found.get(k)!r} vs config {v!r}" for k, v in expected.items() if found.get(k) != v)
         raise UserError(f"the init checkpoint does not match the config ({diff}); re-run 'bigmodel init'")
 
 
-def _check_matches_import(config: Config, init_manifest: dict[str, Any]) -> None:
+def _check_matches_import(config: Config, init_manifest: CheckpointManifest) -> None:
     from bigmodel import pretrained
 
-    source = (init_manifest.get("import") or {}).get("source")
+    source = init_manifest.import_.source if init_manifest.import_ is not None else None
     if source != str(config.init.from_):
         raise UserError(f"the init checkpoint was not imported from {config.init.from_} (it came from "
                         f"{source or 'bigmodel init'}); re-run 'bigmodel init'")
-    arch = registry.manifest_arch(init_manifest, "init")
+    arch = init_manifest.architecture
     pretrained.check_config(config.model, arch, Path(source))
     changed = [key for key in ("block_size", "dropout")
                if key in config.model.model_fields_set and getattr(config.model, key) != getattr(arch, key)]
@@ -270,7 +270,7 @@ def start_or_resume(
         return LoopState(), False
     if not last_path.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last_path}; start without --resume")
-    changes = config_changes(read_manifest(last_path).get("config") or {}, config) if config is not None else {}
+    changes = config_changes(read_manifest(last_path).config, config) if config is not None else {}
     if changes and not allow_changes:
         listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changes.items())
         raise UserError(f"--resume: the config changed since {last_path.name} was written: {listed}; undo the "
@@ -292,11 +292,12 @@ def stop_step(total_steps: int, until_step: int | None, step: int) -> int:
 
 
 def checkpoint_manifest(
-    init_manifest: dict[str, Any], config: Config, loop: LoopState, metrics: dict[str, float],
-    lineage: dict[str, str], adapter: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    init_manifest: CheckpointManifest, config: Config, loop: LoopState, metrics: dict[str, float],
+    lineage: dict[str, str], adapter: AdapterRecord | None = None, precision: str | None = None,
+) -> CheckpointManifest:
     """What every checkpoint of a training run says about itself (a LoRA run's: its adapter and base)."""
-    return {**{k: init_manifest[k] for k in ("family", "architecture", "data")},
-            "config": config.model_dump(mode="json", by_alias=True), "step": loop.step, "metrics": metrics,
-            "lineage": lineage, **({"adapter": adapter} if adapter else {}),
-            **({"resumed_with_changes": loop.resumed_with_changes} if loop.resumed_with_changes else {})}
+    return CheckpointManifest(
+        family=init_manifest.family, architecture=init_manifest.architecture, data=init_manifest.data,
+        config=config.model_dump(mode="json", by_alias=True), step=loop.step, metrics=metrics, lineage=lineage,
+        adapter=adapter, resumed_with_changes=loop.resumed_with_changes or None, precision=precision,
+    )

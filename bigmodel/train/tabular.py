@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel import console, registry
+from bigmodel.arch import TabularArch
 from bigmodel.config import Config, TabularDataConfig
 from bigmodel.datasets import DATA_FILE, load_split
 from bigmodel.io import sha256_file
@@ -55,7 +56,9 @@ def train(
     # ---- data
     train_x, train_y = (torch.from_numpy(a).to(device) for a in load_split(config, "train"))
     val_x, val_y = (torch.from_numpy(a).to(device) for a in load_split(config, "val"))
-    n_outputs = init_manifest["architecture"]["n_outputs"]
+    arch = init_manifest.architecture
+    assert isinstance(arch, TabularArch)  # the family table sends only tabular models here
+    n_outputs = arch.n_outputs
     augmented_rows: dict[str, int] = {}  # rows each augmentation touched in this process
     drawn = [0]  # training rows drawn in this process
 
