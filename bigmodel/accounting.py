@@ -88,6 +88,7 @@ def training_memory(
     if precision == "bf16" and sharding != "fsdp":
         weights += 2 * n_params  # autocast's bf16 copies of the weights, kept for backward
     if sharding == "fsdp":
+        assert isinstance(arch, DecoderArch)  # FSDP trains decoders only (families.py: distributed)
         weights += 2 * block_parameters(arch) * fsdp_param_bytes  # gathered blocks
     gradients = 4 * n_params // shards + (4 * n_params if sharding == "ddp" and devices > 1 else 0)
     states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
@@ -112,7 +113,7 @@ def training_memory(
     return memory
 
 
-def lora_parameters(arch: DecoderArch, targets: tuple[str, ...], rank: int) -> int:
+def lora_parameters(arch: TransformerArch, targets: tuple[str, ...], rank: int) -> int:
     """Adapter parameters: rank x (inputs + outputs) of every targeted projection (see bigmodel/lora.py)."""
     d, q, kv = arch.n_embd, arch.q_width, arch.kv_width
     total = 0

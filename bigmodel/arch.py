@@ -179,6 +179,11 @@ class EncoderArch(Arch):
             raise ValueError(f"n_outputs is {self.n_outputs}: a classifier needs its labels, other tasks none")
         return self
 
+    @property
+    def mlp(self) -> Literal["gelu"]:
+        """BERT's MLP, named as a decoder's `mlp` (what LoRA's targets and the accounting read)."""
+        return "gelu"
+
     # The fused q, k, v projection's row blocks (what LoRA's q, k and v targets adapt), as a decoder's.
     @property
     def q_width(self) -> int:

@@ -312,7 +312,8 @@ def _architecture(config: Config) -> AnyArch:
             manifest = {**manifest, "vocab_size": config.plan.vocab_size}
         return registry.architecture(config.model, manifest)
     if config.model.family != "gpt":
-        raise UserError(f"plan: an MLP's shape comes from its data; run 'bigmodel prepare' first ({manifest_path})")
+        raise UserError(f"plan: a {config.model.family} model's shape comes from its data (its columns, vocabulary "
+                        f"or labels); run 'bigmodel prepare' first ({manifest_path})")
     vocab = config.plan.vocab_size
     if vocab is None and config.data.format == "text" and config.data.tokenizer.kind == "bpe":
         vocab = config.data.tokenizer.vocab_size

@@ -38,6 +38,19 @@ def test_parameters_equal_what_init_builds(tmp_path: Path) -> None:
     assert report["storage"]["checkpoint"] <= written <= report["storage"]["checkpoint"] * 1.25
 
 
+@pytest.mark.parametrize("targets", [["q", "v"], ["all-linear"]])
+def test_lora_parameters_of_an_encoder_are_what_lora_trains(targets: list[str]) -> None:
+    """plan's adapter count for a BERT (it crashed: an encoder had no `mlp`) against lora.apply's."""
+    from bigmodel import lora, registry
+    from bigmodel.arch import EncoderArch
+    from bigmodel.config import LoRAConfig
+
+    arch = EncoderArch(task="mlm", vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=8)
+    settings = LoRAConfig(rank=4, targets=targets)
+    trained = lora.apply(registry.build_model(arch), settings, seed=0)
+    assert accounting.lora_parameters(arch, settings.projections(), 4) == trained > 0
+
+
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
 def test_an_encoders_memory_estimate_is_within_25_percent_of_a_measured_step() -> None:
     """A masked-LM encoder with dropout on this CPU (attention keeps its scores: the unfused path) and a
