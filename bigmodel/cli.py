@@ -37,8 +37,8 @@ class CommandLine(TyperGroup):
     """The root command: usage errors (a missing -c, an unknown flag) follow the same contract as every
     other mistake: one line on stderr, exit 2, and with --json exactly one JSON object on stdout."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,  # type: ignore[override]
+             standalone_mode: bool = True, **extra: Any) -> Any:  # (click's windows_expand_args passes via extra)
         argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         _ARGV[:] = argv
         try:
@@ -223,7 +223,8 @@ USERS_PATH_ERRORS = {
 def filesystem_problem(exc: OSError) -> str:
     """The one line for a path the run cannot use: which path, what is wrong, what to do."""
     path = exc.filename or "a path"
-    return f"{path}: {(exc.strerror or str(exc)).lower()}; {USERS_PATH_ERRORS[exc.errno]}"
+    fix = USERS_PATH_ERRORS.get(exc.errno or 0, "check the path")
+    return f"{path}: {(exc.strerror or str(exc)).lower()}; {fix}"
 
 
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -154,8 +154,8 @@ def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, 
 def _load_statistics(model: torch.nn.Module, stats: dict[str, Any]) -> None:
     """Copy the standardisation fitted by `prepare` into the model, so it travels with the weights."""
     with torch.no_grad():
-        model.feature_mean.copy_(torch.tensor(stats["feature_mean"]))
-        model.feature_std.copy_(torch.tensor(stats["feature_std"]))
+        model.get_buffer("feature_mean").copy_(torch.tensor(stats["feature_mean"]))
+        model.get_buffer("feature_std").copy_(torch.tensor(stats["feature_std"]))
         if "target_mean" in stats:
-            model.target_mean.fill_(stats["target_mean"])
-            model.target_std.fill_(stats["target_std"])
+            model.get_buffer("target_mean").fill_(stats["target_mean"])
+            model.get_buffer("target_std").fill_(stats["target_std"])

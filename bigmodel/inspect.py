@@ -129,6 +129,7 @@ def _shard(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: a .bin file without the manifest.json of a prepare folder beside it")
     manifest = read_json(manifest_path, "prepared-data manifest")
     name = path.name.removesuffix(".bin")
+    dtype: np.dtype[Any]
     if name.endswith(".mask"):
         kind, dtype = "loss mask (1 = trained token)", np.dtype(np.uint8)
     elif name.endswith(".starts"):

@@ -92,7 +92,7 @@ class LoRALinear(nn.Module):
         return linear
 
 
-def target_rows(arch: DecoderArch, target: str, out_features: int) -> tuple[int, int]:
+def target_rows(arch: DecoderArch | EncoderArch, target: str, out_features: int) -> tuple[int, int]:
     """The output rows of its Linear that a target adapts."""
     fused = {"q": (0, arch.q_width), "k": (arch.q_width, arch.kv_width),
              "v": (arch.q_width + arch.kv_width, arch.kv_width)}
@@ -104,7 +104,7 @@ def apply(model: nn.Module, settings: LoRAConfig, seed: int, trains_also: tuple[
     from a generator seeded by `seed`, layer by layer in a fixed order (reproducible). Parameters under the
     prefixes `trains_also` (a new task head) stay trainable and are saved with the adapters."""
     arch: DecoderArch | EncoderArch = model.arch  # type: ignore[assignment]
-    mlp = getattr(arch, "mlp", "gelu")  # an encoder's MLP is GELU
+    mlp = arch.mlp
     wanted = settings.projections()
     if "gate" in wanted and mlp != "swiglu" and "gate" in settings.targets:
         raise UserError(f"train.lora.targets 'gate': this model's MLP ({mlp}) has no gate projection; use "
@@ -180,7 +180,10 @@ def peft_tensors(model: nn.Module, model_type: str) -> tuple[dict[str, torch.Ten
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    for i, block in enumerate(model.blocks):  # type: ignore[union-attr]
+    from bigmodel.models.gpt import GPT
+
+    assert isinstance(model, GPT)  # PEFT folders are written for the decoders' Hugging Face twins
+    for i, block in enumerate(model.layers()):
         for module in block.modules():
             if not isinstance(module, LoRALinear):
                 continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,6 +28,14 @@ class Model(Protocol):
     def build(self, arch: Any) -> Any: ...  # arch -> torch.nn.Module (its own class)
     def architecture(self, model_cfg: Any, data_manifest: dict[str, Any]) -> Any: ...  # the config's model: + data
     def init_weights(self, model: Any, scheme: str, std: float) -> None: ...
+
+
+@runtime_checkable
+class StructurallyPrunable(Protocol):
+    """A network whose hidden neurons compress's structured pruning can remove: each group is the layers
+    making a set of neurons and the layer reading them (module names)."""
+
+    def neuron_groups(self) -> list[tuple[list[str], str]]: ...
 
 
 class Recipe(Protocol):

@@ -135,9 +135,9 @@ def pad(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.T
     x = torch.full((len(rows), width), pad_id, dtype=torch.long)
     y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for i, (ids, mask) in enumerate(rows):
-        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        targets = ids[1:].clone()
+        tokens = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        targets = tokens[1:].clone()
         targets[torch.from_numpy(np.asarray(mask[1:]) == 0)] = IGNORE
-        x[i, : len(ids) - 1] = ids[:-1]
-        y[i, : len(ids) - 1] = targets
+        x[i, : len(tokens) - 1] = tokens[:-1]
+        y[i, : len(tokens) - 1] = targets
     return x, y

@@ -71,12 +71,12 @@ def read_record(record: dict[str, Any], where: str) -> Record:
         return Record([{"role": "user", "content": user}, {"role": "assistant", "content": output}], "alpaca",
                       (prompt, output))
     if "prompt" in record or "completion" in record:
-        prompt = record.get("prompt")
-        if not isinstance(prompt, str):
+        asked = record.get("prompt")
+        if not isinstance(asked, str):
             raise UserError(f"{where}: 'prompt' must be a string")
         completion = _text(record, "completion", where)
-        return Record([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
-                      "prompt_completion", (prompt, completion))
+        return Record([{"role": "user", "content": asked}, {"role": "assistant", "content": completion}],
+                      "prompt_completion", (asked, completion))
     raise UserError(f"{where}: not an example; each line must be one of {SHAPES}")
 
 

@@ -155,10 +155,11 @@ class BPETokenizer:
         if not hasattr(self, "_merges"):
             spec = json.loads(self.to_json())
             model = spec["model"]
-            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-            added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+            merges = [_merge_pair(m) for m in model["merges"]]
+            added: dict[str, int] = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
             pattern = re.compile("(" + "|".join(map(re.escape, added)) + ")" if added else "")
-            self._merges = ({pair: rank for rank, pair in enumerate(merges)}, {**model["vocab"], **added}, pattern)
+            vocab: dict[str, int] = {**model["vocab"], **added}
+            self._merges = ({pair: rank for rank, pair in enumerate(merges)}, vocab, pattern)
         return self._merges
 
 
@@ -199,3 +200,9 @@ def load(path: Path) -> Tokenizer:
     if not path.is_file():
         raise UserError(f"tokenizer not found: {path} (set data.tokenizer.path to a tokenizer.json)")
     return from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
+    """A BPE merge as tokenizers' JSON stores it: "a b" (older files) or ["a", "b"]."""
+    first, second = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return first, second

@@ -422,6 +422,26 @@ def test_every_familys_modules_play_their_roles_as_the_protocols_say(role: str) 
             assert isinstance(engine.kind, str)
 
 
+def test_every_familys_network_names_its_neurons_for_structured_pruning() -> None:
+    """compress's structured pruning asks the network for its neuron groups (roles.StructurallyPrunable),
+    never for a family's layer names; every group names modules the network has."""
+    import torch
+
+    from bigmodel import registry
+    from bigmodel.arch import DecoderArch, EncoderArch, TabularArch
+    from bigmodel.roles import StructurallyPrunable
+
+    for arch in (DecoderArch(vocab_size=20, n_layer=2, n_head=2, n_embd=8, block_size=8, mlp="swiglu"),
+                 EncoderArch(task="mlm", vocab_size=20, n_layer=2, n_head=2, n_embd=8, block_size=8),
+                 TabularArch(task="classification", n_inputs=3, n_outputs=2, hidden_sizes=(4, 5))):
+        with torch.device("meta"):
+            model = registry.build_model(arch)
+        assert isinstance(model, StructurallyPrunable), arch.family
+        modules = dict(model.named_modules())
+        groups = model.neuron_groups()
+        assert len(groups) == 2 and all(name in modules for makers, reader in groups for name in [*makers, reader])
+
+
 def test_every_compress_step_has_the_one_step_signature() -> None:
     """prune, distill and quantize are each the current artifact in, the next out (compress.Step), so the
     stage is one loop over them."""

@@ -59,7 +59,8 @@ def keep_grids(model: onnx.ModelProto, accuracy_level: int | None, exclude: set[
     quantizer that runs next must leave them alone)."""
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    replaced, nodes, block_sums, corrections = 0, [], {}, set()  # block_sums: input -> its block sums
+    replaced, nodes, corrections = 0, [], set()
+    block_sums: dict[str, str] = {}  # input -> its block sums
     for node in graph.node:
         found = None
         if node.op_type == "MatMul" and node.name not in exclude and node.input[1] in weights:
@@ -90,7 +91,7 @@ def _exact_nodes(node: Any, k: np.ndarray, d: np.ndarray, m: np.ndarray, shape: 
     packed = (k[:, 0::2] | (k[:, 1::2] << 4)).reshape(N, K // BLOCK, BLOCK // 2)  # low nibble first
     graph.initializer.extend([numpy_helper.from_array(packed, f"{name}_Q4G"),
                               numpy_helper.from_array(d.reshape(-1), f"{name}_Q4G_scales")])
-    attrs = {"K": K, "N": N, "bits": 4, "block_size": BLOCK}
+    attrs: dict[str, Any] = {"K": K, "N": N, "bits": 4, "block_size": BLOCK}
     if accuracy_level is not None:
         attrs["accuracy_level"] = accuracy_level
     offsets = m + 8 * d  # (N, K/32)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel import console, registry
+from bigmodel import console, registry, roles
 from bigmodel.arch import DecoderArch
 from bigmodel.checkpoint import model_tensors, save_checkpoint
 from bigmodel.compress import Artifact
@@ -30,6 +30,7 @@ from bigmodel.errors import UserError
 from bigmodel.families import family
 from bigmodel.io import sha256_file
 from bigmodel.manifests import CheckpointManifest, PruningRecord
+from bigmodel.models.gpt import GPT
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -126,6 +127,7 @@ def prune_structured(model: nn.Module, manifest: CheckpointManifest,
     """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded up kept)."""
     arch = manifest.architecture
     modules = dict(model.named_modules())
+    assert isinstance(model, roles.StructurallyPrunable)  # every family's model is (tests/test_contract.py)
     groups = model.neuron_groups()  # each family's model knows its own layers
     original = arch.original_widths or [modules[makers[0]].out_features for makers, _ in groups]
     state = dict(model.state_dict())
@@ -166,7 +168,8 @@ def prune_heads(model: nn.Module, manifest: CheckpointManifest,
     original = arch.original_heads or arch.n_head
     keep = max(1, math.ceil(original * (1 - fraction)))
     kept: list[torch.Tensor] = []
-    for block in model.transformer.h:
+    assert isinstance(model, GPT)
+    for block in model.layers():
         attn = block.attn
         rows = attn.c_attn.weight.view(3, attn.n_head, hs, -1)  # (q/k/v, head, hs, n_embd)
         cols = attn.c_proj.weight.view(-1, attn.n_head, hs)  # (n_embd, head, hs)
@@ -176,7 +179,7 @@ def prune_heads(model: nn.Module, manifest: CheckpointManifest,
     arch = arch.model_copy(update={"n_head": n_kept, "n_kv_head": n_kept, "original_heads": original})
     smaller = registry.build_model(arch)
     state = dict(model.state_dict())
-    for i, (block, heads) in enumerate(zip(model.transformer.h, kept)):
+    for i, (block, heads) in enumerate(zip(model.layers(), kept)):
         attn, prefix = block.attn, f"transformer.h.{i}.attn"
         state[f"{prefix}.c_attn.weight"] = attn.c_attn.weight.view(3, attn.n_head, hs, -1)[:, heads].reshape(
             3 * len(heads) * hs, -1)

@@ -50,6 +50,7 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
     texts = load_texts(config, split)
     task, pad_id = arch.task, arch.pad_id
     if task == "classification":
+        assert texts.y is not None  # a classifier's splits have labels
         scores = metrics.classification(texts.y, probabilities(encode, texts, pad_id), data.labels or [])
     elif task == "mlm":
         scores = {**mlm_scores(encode, texts, pad_id, data.special_ids or {}, arch.vocab_size, config.seed),

@@ -26,6 +26,7 @@ from bigmodel.errors import UserError
 from bigmodel.eval import check_gate
 from bigmodel.io import require_file, sha256_file, write_json
 from bigmodel.manifests import DecoderMetadata
+from bigmodel.models.gpt import GPT
 from bigmodel.runtime import setup_torch
 
 
@@ -37,8 +38,10 @@ def run(config: Config) -> dict[str, Any]:
     scores, source = score_artifact(artifact, config)
     samples: list[str] = []
     if ec.samples:
-        samples = (_onnx_samples(artifact.decoder, config) if artifact.decoder is not None
-                   else generate_samples(artifact.model, artifact.tokenizer, config, device))
+        if artifact.decoder is not None:
+            samples = _onnx_samples(artifact.decoder, config)
+        elif artifact.model is not None:
+            samples = generate_samples(artifact.model, artifact.tokenizer, config, device)
 
     report = {"source": source, "checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
               "step": artifact.step, "metrics": scores, "samples": samples}
@@ -67,7 +70,7 @@ class Artifact:
     block_size: int
     tokenizer: tokenizers.Tokenizer
     step: int | None = None  # training step (checkpoints only)
-    model: torch.nn.Module | None = None  # checkpoints: the PyTorch model
+    model: GPT | None = None  # checkpoints: the PyTorch model
     decoder: Any = None  # .onnx models: the ONNX Runtime decoder
 
 
@@ -101,6 +104,7 @@ def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
         return Artifact(lambda ids: decoder.run(ids, decoder.empty_cache(len(ids)))[0].astype(np.float32, copy=False),
                         decoder.block_size, decoder.tokenizer, decoder=decoder)
     model, manifest = registry.load_model(path, merge=False)  # a LoRA checkpoint runs as base + adapter
+    assert isinstance(model, GPT)  # (stage_checkpoint checked the family)
     model.to(device).eval()
 
     @torch.no_grad()
@@ -222,7 +226,7 @@ def _scores(total_nats: float, predicted: int, text: str, squared_nats: float) -
     }
 
 
-def generate_samples(model: torch.nn.Module, tok: tokenizers.Tokenizer, config: Config,
+def generate_samples(model: GPT, tok: tokenizers.Tokenizer, config: Config,
                      device: torch.device) -> list[str]:
     ec = config.eval
     prompt_ids = tok.encode(ec.prompt)

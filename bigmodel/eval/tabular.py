@@ -15,6 +15,7 @@ from bigmodel.datasets import load_split
 from bigmodel.eval import check_gate
 from bigmodel.io import sha256_file, write_json
 from bigmodel.manifests import TabularMetadata
+from bigmodel.models.mlp import MLP
 from bigmodel.runtime import setup_torch
 
 
@@ -47,6 +48,7 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
         predicted, task, labels, step = _onnx_predict(path, x, config)
     else:
         model, manifest = registry.load_model(path)
+        assert isinstance(model, MLP)  # (stage_checkpoint checked the family)
         with torch.no_grad():
             predicted = model.eval().predict(torch.from_numpy(x)).numpy()
         assert isinstance(manifest.architecture, TabularArch)  # (stage_checkpoint checked the family)

@@ -25,6 +25,7 @@ from bigmodel.export.onnx_file import export_dynamo, publish_or_reject, stamp_an
 from bigmodel.infer.session import open_session
 from bigmodel.io import sha256_file, write_json
 from bigmodel.manifests import EncoderMetadata
+from bigmodel.models.bert import BERT
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = {"classification": "probabilities", "mlm": "logits", "embedding": "embeddings"}
@@ -33,7 +34,7 @@ OUTPUTS = {"classification": "probabilities", "mlm": "logits", "embedding": "emb
 class Deployed(torch.nn.Module):
     """What the graph computes: the model's output, as probabilities for a classifier."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: BERT) -> None:
         super().__init__()
         self.model = model
 
@@ -47,6 +48,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
     model, manifest = registry.load_model(ckpt)
+    assert isinstance(model, BERT)  # (stage_checkpoint checked the family)
     deployed = Deployed(model.eval()).eval()
     arch = manifest.architecture
     assert isinstance(arch, EncoderArch)  # (stage_checkpoint checked the family)
@@ -79,7 +81,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
 
 
 def check_parity(deployed: torch.nn.Module, path: Path, batch: dict[str, np.ndarray], atol: float,
-                 threads: int) -> dict[str, Any]:
+                 threads: int | None) -> dict[str, Any]:
     """ONNX Runtime against PyTorch on the padded batch, and on each text alone (unpadded)."""
     session = open_session(path, ["CPUExecutionProvider"], threads)
     with torch.no_grad():

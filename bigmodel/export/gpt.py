@@ -371,7 +371,7 @@ class Blocks:
         rows = slice(where["first_row"], where["first_row"] + where["rows"])
         blocks = self.initializers.read(where["blocks"])[rows]
         scales = self.initializers.read(where["scales"])[rows]
-        weight = module.weight.data
+        weight = module.get_parameter("weight").data
         total, error = float(torch.linalg.vector_norm(weight)) ** 2, 0.0
         for start in range(0, weight.shape[0], 1024):  # in place, a block of rows at a time: a vocabulary-sized
             part = slice(start, start + 1024)  # embedding is the largest matrix; no second copy of it
@@ -404,7 +404,7 @@ def reference_logits(weights: streaming.Readable, arch: DecoderArch, sequences: 
             blocks.apply(module, names[id(module)])
 
     states: dict[str, list[list[Any]]] = {variant: [] for variant in variants}  # per sequence, chunk: [x, rope, mask]
-    embeddings = [model.transformer.wte, *([model.transformer.wpe] if "wpe" in model.transformer else [])]
+    embeddings = [model.transformer["wte"], *([model.transformer["wpe"]] if "wpe" in model.transformer else [])]
     with streaming.materialized(model, embeddings, fetch):
         for variant in variants:
             if variant == "int4":
@@ -416,7 +416,7 @@ def reference_logits(weights: streaming.Readable, arch: DecoderArch, sequences: 
                     row.append(list(model.embed(torch.from_numpy(chunk), past, padding)))
                     past += chunk.shape[1]
                 states[variant].append(row)
-    for block in model.transformer.h:
+    for block in model.blocks:
         with streaming.materialized(model, [block], fetch):
             for variant in variants:
                 if variant == "int4":
@@ -427,7 +427,7 @@ def reference_logits(weights: streaming.Readable, arch: DecoderArch, sequences: 
                         x, rope, mask = state
                         state[0], cache = block(x, cache, rope, mask)
     logits = {}
-    with streaming.materialized(model, [model.transformer.ln_f, model.lm_head], fetch):
+    with streaming.materialized(model, [model.transformer["ln_f"], model.lm_head], fetch):
         for variant in variants:
             if variant == "int4":
                 to_blocks([model.lm_head])

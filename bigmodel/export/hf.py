@@ -28,6 +28,7 @@ from bigmodel.errors import UserError
 from bigmodel.export.gpt import held_out_windows
 from bigmodel.io import write_json
 from bigmodel.manifests import DataInfo
+from bigmodel.models.gpt import GPT
 from bigmodel.pretrained import build
 from bigmodel.pretrained.hf import LLAMA_LAYER, LLAMA_QKV
 
@@ -48,6 +49,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOL
         "models": parameters * (4 + stored + 4)}, ["export.format onnx (written tensor by tensor)"]),
         config.memory_limit)
     model, manifest = registry.load_model(ckpt)
+    assert isinstance(model, GPT)  # (stage_checkpoint checked the family)
     model.eval()
     arch = manifest.architecture
     if not isinstance(arch, DecoderArch):
@@ -164,7 +166,7 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
             "use_sliding_window": False, "attention_dropout": 0.0}
 
 
-def _gpt2_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch.Tensor]:
+def _gpt2_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
     """bigmodel's names are GPT-2's; missing biases become zeros, Linear weights become Conv1D's (in, out)."""
     state = {name: t.detach() for name, t in model.state_dict().items() if name not in model.tied_weights}
     tensors = {}
@@ -180,7 +182,7 @@ def _gpt2_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch.
     return tensors
 
 
-def _llama_tensors(model: torch.nn.Module, arch: DecoderArch) -> dict[str, torch.Tensor]:
+def _llama_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
     state = {name: t.detach() for name, t in model.state_dict().items()}
     ours_to_hf = {ours: hf for hf, ours in LLAMA_LAYER.items()}
     widths = {"q": arch.q_width, "k": arch.kv_width, "v": arch.kv_width}
@@ -222,7 +224,7 @@ def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dic
                                                              indent=2))
 
 
-def round_trip(model: torch.nn.Module, folder: Path, ids: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
+def round_trip(model: GPT, folder: Path, ids: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
     """transformers loading `folder` against bigmodel's model, on the same token windows."""
     transformers, reference = build.load_transformers(folder)
     with torch.no_grad():

@@ -44,6 +44,7 @@ def export_dynamo(
             dynamo=True,
             verbose=False,
         )
+        assert program is not None  # (dynamo=True always returns the program)
         program.save(str(path))
 
 

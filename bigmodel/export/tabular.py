@@ -22,12 +22,13 @@ from bigmodel.export.onnx_file import export_dynamo, publish_or_reject, stamp_an
 from bigmodel.infer.session import open_session
 from bigmodel.io import sha256_file, write_json
 from bigmodel.manifests import TabularMetadata
+from bigmodel.models.mlp import MLP
 
 
 class Deployed(torch.nn.Module):
     """What the graph computes: the model's `predict` (softmax, or back to the target's units)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: MLP) -> None:
         super().__init__()
         self.model = model
 
@@ -39,6 +40,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
     model, manifest = registry.load_model(ckpt)
+    assert isinstance(model, MLP)  # (stage_checkpoint checked the family)
     deployed = Deployed(model.eval()).eval()
     arch = manifest.architecture
     assert isinstance(arch, TabularArch)  # (stage_checkpoint checked the family)

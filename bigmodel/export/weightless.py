@@ -19,6 +19,7 @@ ONNX Runtime can map them) and records where they are: the process holds one ten
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -66,6 +67,7 @@ def trace(module: torch.nn.Module, example_inputs: tuple[Any, ...], input_names:
         program = torch.onnx.export(module, example_inputs, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
                                     optimize=False, verbose=False)
+    assert program is not None  # (dynamo=True always returns the program)
     model = program.model
     graph = model.graph
     weights = {}
@@ -107,7 +109,7 @@ class GraphWeights:
         # Each quantised checkpoint matrix: where its blocks are (what the gate reads back)
         self.layout: dict[str, dict[str, Any]] = {}
         for name, dims in weights.items():
-            self._add(name, dims, lambda name=name: read(name))
+            self._add(name, dims, functools.partial(read, name))
 
     def _add(self, name: str, dims: list[int], make: Callable[[], torch.Tensor]) -> None:
         self.recipes[name] = make
@@ -116,6 +118,14 @@ class GraphWeights:
 
     def _array(self, name: str) -> torch.Tensor:
         return self.recipes[name]()
+
+    def _transposed(self, name: str) -> torch.Tensor:
+        return self._array(name).t()
+
+    def _side_by_side(self, parts: list[str]) -> torch.Tensor:
+        """Matrices side by side along axis 1 = their transposes stacked along axis 0 (a fast copy when the
+        parts are transposed views of the checkpoint's rows, as they are)."""
+        return torch.cat([self._array(part).t() for part in parts]).t()
 
     def _uses(self) -> dict[str, list[onnx.NodeProto]]:
         uses: dict[str, list[onnx.NodeProto]] = {}
@@ -132,7 +142,7 @@ class GraphWeights:
             source = node.input[0] if node.op_type == "Transpose" and node.input else None
             if source in self.groups and len(self.dims[source]) == 2 and perm == [1, 0]:
                 name = renamed[node.output[0]] = f"{source}.T"
-                self._add(name, self.dims[source][::-1], lambda source=source: self._array(source).t())
+                self._add(name, self.dims[source][::-1], functools.partial(self._transposed, source))
                 self.transposed_from[name] = source
                 self.columns[name] = [(source, self.dims[source][0])]
             else:
@@ -195,9 +205,7 @@ class GraphWeights:
             name = f"{group[0].name or group[0].output[0]}_merged"
             self.columns[f"{name}.weight"] = [column for part in parts for column in self.columns.get(part, [])]
             self._add(f"{name}.weight", [self.dims[parts[0]][0], sum(widths)],
-                      # side by side along axis 1 = the transposes stacked along axis 0 (a fast copy when the
-                      # parts are transposed views of the checkpoint's rows, as they are)
-                      lambda parts=parts: torch.cat([self._array(part).t() for part in parts]).t())
+                      functools.partial(self._side_by_side, parts))
             split = np.array(widths, dtype=np.int64)
             self.graph.initializer.append(onnx.numpy_helper.from_array(split, f"{name}.split"))
             nodes.append(helper.make_node("MatMul", [group[0].input[0], f"{name}.weight"], [f"{name}_out"], name=name))

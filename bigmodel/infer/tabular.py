@@ -70,7 +70,7 @@ def _format(setting: str, path: Path) -> str:
     return "jsonl" if path.name.endswith((".jsonl", ".jsonl.gz", ".ndjson")) else "csv"
 
 
-def _read_records(source: Path, setting: str) -> list[dict[str, Any]]:
+def _read_records(source: Path, setting: str) -> list[dict[Any, Any]]:
     """Rows as dicts column -> cell, each with its 1-based line number under key None."""
     if str(source) == STDIO:
         text = sys.stdin.read()

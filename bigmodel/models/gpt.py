@@ -269,7 +269,7 @@ class GPT(nn.Module):
         # refuses aliases) and loading re-ties it.
         self.tied_weights: dict[str, str] = {}
         if arch.tie_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+            self.lm_head.weight = self.transformer["wte"].weight  # type: ignore[assignment]
             self.tied_weights = {"lm_head.weight": "transformer.wte.weight"}
         # Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"):
         # keep only each block's input in training and recompute the rest in backward.
@@ -280,13 +280,17 @@ class GPT(nn.Module):
         """The transformer blocks (what LoRA adapts)."""
         return self.transformer.h  # type: ignore[return-value]
 
+    def layers(self) -> list[Block]:
+        """The blocks, typed as what they are (a ModuleList yields plain modules)."""
+        return [block for block in self.blocks if isinstance(block, Block)]
+
     def neuron_groups(self) -> list[tuple[list[str], str]]:
         """Each block's MLP for structured pruning: the layers making its neurons (SwiGLU: gate and up)
         and the layer reading them."""
         groups = []
-        for i, block in enumerate(self.transformer.h):
+        for i in range(len(self.blocks)):
             prefix = f"transformer.h.{i}.mlp"
-            makers = [f"{prefix}.c_gate", f"{prefix}.c_fc"] if block.mlp.swiglu else [f"{prefix}.c_fc"]
+            makers = [f"{prefix}.c_gate", f"{prefix}.c_fc"] if self.arch.mlp == "swiglu" else [f"{prefix}.c_fc"]
             groups.append((makers, f"{prefix}.c_proj"))
         return groups
 
@@ -298,7 +302,7 @@ class GPT(nn.Module):
         P = 0 if past is None else past[0][0].size(2)
         x, rope, mask = self.embed(idx, P, left_padding, decoding=past is not None)
         present: KVCache = []
-        for i, block in enumerate(self.transformer.h):
+        for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and past is None:
                 x, layer_kv = checkpoint(block, x, None, rope, use_reentrant=False)
             else:
@@ -322,19 +326,19 @@ class GPT(nn.Module):
             allowed = padded_causal_mask(T, P + T, left_padding)  # (B, 1, T, P+T)
         elif decoding:
             allowed = causal_mask(T, P + T).to(idx.device)[None, None]  # (1, 1, T, P+T)
-        x = self.transformer.wte(idx)  # (B, T, C)
+        x = self.transformer["wte"](idx)  # (B, T, C)
         mask = None if allowed is None else additive(allowed, x.dtype)  # built once, shared by the layers
         rope = None
         if self.arch.position == "learned":
-            x = x + self.transformer.wpe(pos)
+            x = x + self.transformer["wpe"](pos)
         else:
             cos, sin = rope_cos_sin(self.arch, pos)  # fp32; an fp16 model (export dtype fp16) rotates in fp16
             rope = (cos.to(x.dtype), sin.to(x.dtype))
-        return self.transformer.drop(x), rope, mask
+        return self.transformer["drop"](x), rope, mask
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm and the output head: (B, T, C) -> logits (B, T, V)."""
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.lm_head(self.transformer["ln_f"](x))
 
     def reference_output(self, idx: torch.Tensor) -> torch.Tensor:
         """What an import is checked on against transformers' causal LM: the logits (B, T, V)."""
@@ -414,7 +418,7 @@ def init_weights(model: GPT, scheme: str, std: float) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def parameter_counts(model: GPT) -> dict[str, int]:
+def parameter_counts(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
-    wpe = model.transformer["wpe"].weight.numel() if "wpe" in model.transformer else 0
+    wpe = sum(p.numel() for name, p in model.named_parameters() if name.startswith("transformer.wpe."))
     return {"total": total, "without_position_embeddings": total - wpe}

@@ -9,7 +9,7 @@ network predicts the standardised target (training on unit-scale targets keeps M
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -25,6 +25,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 class MLP(nn.Module):
+    # Buffers (register_buffer below): the standardisation of features and of a regression target.
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
     def __init__(self, arch: TabularArch) -> None:
         super().__init__()
         self.task: str = arch.task
@@ -82,7 +88,7 @@ def build(arch: TabularArch) -> MLP:
 def init_weights(model: MLP, scheme: str, std: float) -> None:
     """Initialise every Linear weight with `scheme`; biases start at zero."""
     # GELU and SiLU behave like ReLU for variance purposes; use ReLU's gain for them.
-    nonlinearity = "tanh" if model.activation == "tanh" else "relu"
+    nonlinearity: Literal["tanh", "relu"] = "tanh" if model.activation == "tanh" else "relu"
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue

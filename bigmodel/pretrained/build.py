@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from bigmodel import console, parity, registry, streaming
-from bigmodel.arch import AnyArch
+from bigmodel.arch import AnyArch, DecoderArch, EncoderArch
 from bigmodel.errors import GateFailed, UserError
+from bigmodel.models.bert import BERT
+from bigmodel.models.gpt import GPT
 from bigmodel.pretrained import POSITIONS, Source, check_plan
 from bigmodel.weights import ShardedWeights
 
@@ -156,7 +158,7 @@ def transformers_skeleton(folder: Path, auto_class: str) -> tuple[ModuleType, to
     return transformers, model.eval()
 
 
-def _transformers_fetch(model: torch.nn.Module, weights: ShardedWeights) -> streaming.Fetch:
+def _transformers_fetch(model: Any, weights: ShardedWeights) -> streaming.Fetch:
     """transformers' parameters read from the folder's files by transformers' own names (not through
     bigmodel's import plan, which the gate is checking): a file may store them with or without the base
     model's prefix (`transformer.`, `bert.`), and a tied output head is the input embedding."""
@@ -205,17 +207,18 @@ def reference_outputs(source: Source, ids: np.ndarray) -> tuple[np.ndarray, list
     return reference, [layer.numpy() for layer in layers], f"transformers {transformers.__version__}"
 
 
-def bigmodel_outputs(arch: AnyArch, fetch: streaming.Fetch, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+def bigmodel_outputs(arch: DecoderArch | EncoderArch, fetch: streaming.Fetch, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """bigmodel's output on `ids` (the model's `reference_output`) with its weights streamed from `fetch`
     in fp32, and each layer's hidden states."""
     with torch.device("meta"):
         model = registry.build_model(arch).eval()
     with streaming.streamed(model, fetch) as live, streaming.layer_outputs(streaming.layer_list(live, arch.n_layer)) as layers:
+        assert isinstance(live, (GPT, BERT))  # (registry builds these for a decoder or an encoder)
         ours = live.reference_output(torch.from_numpy(ids)).float().numpy()
     return ours, [layer.numpy() for layer in layers]
 
 
-def check_parity(fetch: streaming.Fetch, arch: AnyArch, source: Source, tokenizer: Any, atol: float,
+def check_parity(fetch: streaming.Fetch, arch: DecoderArch | EncoderArch, source: Source, tokenizer: Any, atol: float,
                  rtol: float = 0.0) -> dict[str, Any]:
     """bigmodel's numbers (weights from `fetch`: the checkpoint being written) against transformers' on the
     same files and prompt, and how far apart each layer's hidden states are."""

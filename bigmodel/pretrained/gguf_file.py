@@ -116,7 +116,7 @@ def _fetch(path: Path, arch: DecoderArch, tensor: Any) -> Any:
     raw = np.empty(int(tensor.n_bytes), dtype=np.uint8)
     with open(path, "rb", buffering=0) as handle:
         handle.seek(int(tensor.data_offset))
-        if handle.readinto(memoryview(raw)) != raw.size:
+        if handle.readinto(raw.data) != raw.size:
             raise UserError(f"{path} is truncated (tensor {tensor.name}); re-download it")
     data = raw.view(tensor.data.dtype).reshape(tensor.data.shape)  # the reader's own view of these bytes
     # The reader gives numpy order (GGUF lists dimensions fastest-first); dequantised, that is

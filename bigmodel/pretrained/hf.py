@@ -9,6 +9,7 @@ folders). Weights are read from safetensors only; a folder with only `pytorch_mo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def describe(folder: Path) -> Source:
     shapes = {name: weights.entry(name).shape for name in weights.names()}
     dtypes = {name: weights.entry(name).dtype for name in weights.names()}
     targets = targets_of(arch, shapes, folder)
-    kinds = sorted({dtypes[name] for name in targets})
+    kinds = sorted({dtypes[name] for name in targets}, key=str)
     bad = [kind for kind in kinds if kind not in FLOAT_DTYPES]
     if bad:
         raise UserError(f"{folder}: weights of dtype {str(bad[0]).removeprefix('torch.')} cannot be imported "
@@ -89,7 +90,7 @@ def _context(config: dict[str, Any], key: str, notes: list[str]) -> int:
     layer_types = config.get("layer_types") or []
     sliding = window is not None and (config.get("use_sliding_window", True) is not False
                                      or "sliding_attention" in layer_types)
-    if sliding and int(window) < context:
+    if sliding and window is not None and int(window) < context:
         notes.append(f"context limited to the sliding window of {window} tokens (max_position_embeddings "
                      f"{context}): attention is exact within the window")
         context = int(window)
@@ -112,6 +113,7 @@ def _gpt2_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decode
     n_embd = int(config["n_embd"])
     return DecoderArch(
         vocab_size=int(config["vocab_size"]), n_layer=int(config["n_layer"]), n_head=int(config["n_head"]),
+        n_kv_head=int(config["n_head"]), head_size=n_embd // int(config["n_head"]),
         n_embd=n_embd, block_size=int(config.get("n_positions", 1024)),
         mlp_hidden=[int(config.get("n_inner") or 4 * n_embd)] * int(config["n_layer"]),
         bias=True, qkv_bias=True, position="learned", norm="layernorm",
@@ -322,7 +324,11 @@ def _bert_targets(arch: EncoderArch, shapes: dict[str, tuple[int, ...]], folder:
     return targets
 
 
-KINDS = {
+# model_type -> (its architecture from config.json, where each of its weights goes); each pair takes its own
+# architecture class, so the table types the architecture as Any.
+ArchOf = Callable[[dict[str, Any], list[str], Path], DecoderArch | EncoderArch]
+TargetsOf = Callable[[Any, dict[str, tuple[int, ...]], Path], dict[str, Target]]
+KINDS: dict[str, tuple[ArchOf, TargetsOf]] = {
     "gpt2": (_gpt2_arch, _gpt2_targets),
     "llama": (_llama_arch, _llama_targets),
     "mistral": (_llama_arch, _llama_targets),

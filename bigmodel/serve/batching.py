@@ -135,6 +135,7 @@ class Scheduler:
             if request.cancelled.is_set():
                 continue
             generation = request.generation
+            assert request.logits is not None  # every request in a batch has run at least one step
             request.next_token = generation.pick(request.logits)
             piece = generation.accept(request.next_token)
             if piece:

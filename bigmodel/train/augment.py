@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from bigmodel.models.mlp import MLP
 
 
 def augment_batch(
-    x: torch.Tensor, y: torch.Tensor, transforms: list[Any], model: nn.Module, n_classes: int, seed: int,
+    x: torch.Tensor, y: torch.Tensor, transforms: list[Any], model: MLP, n_classes: int, seed: int,
     step: int, touched: dict[str, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, F) raw features, y (B,) labels or targets -> augmented x and the training target: y itself,

@@ -90,8 +90,11 @@ def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None =
     if loss_hook is not None and arch.task != "classification":  # the config refuses it; a caller might not
         raise UserError(f"a training loss hook (distillation) needs a classifier, not an encoder for {arch.task}")
     if arch.task == "classification":
+        assert train_set.y is not None  # a classifier's splits have labels
+        train_labels = train_set.y
+
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
-            inputs, labels = tensors(train_set, rows), torch.from_numpy(train_set.y[rows]).to(device)
+            inputs, labels = tensors(train_set, rows), torch.from_numpy(train_labels[rows]).to(device)
             if loss_hook is not None:
                 return loss_hook(model(**inputs), inputs, labels)
             return F.cross_entropy(model(**inputs), labels)

@@ -28,12 +28,14 @@ import numpy as np
 import torch
 
 from bigmodel import accounting, console, distributed, lora, memory, registry
+from bigmodel.arch import DecoderArch
 from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config, TrainConfig
 from bigmodel.datasets import data_manifest, load_examples, load_tokens, prepared_files
 from bigmodel.errors import RunFailed, UserError
 from bigmodel.io import sha256_file
 from bigmodel.manifests import CheckpointManifest
+from bigmodel.models.gpt import GPT
 from bigmodel.registry import count_parameters
 from bigmodel.runtime import compile_deterministic, native_bf16, peak_rss_bytes, setup_torch, training_precision
 from bigmodel.scoring import IGNORE
@@ -71,6 +73,7 @@ def train(
     if device.type == "cpu" and world.size == 1:  # (accelerators and several processes: plan's per-device figures)
         memory.guard(training_peak(config, init_path, precision), config.memory_limit)
     model, init_manifest = load_model(init_path, world, tc, device, precision)
+    assert isinstance(model, GPT)  # the decoder's recipe (families.py)
     if start_from is None:
         check_matches_config(config, init_manifest)
     adapter = None
@@ -236,6 +239,7 @@ def load_model(
     (registry.load_frozen_base); otherwise the whole model is loaded in fp32."""
     if world.mode == "fsdp":
         manifest = read_manifest(path)
+        assert isinstance(manifest.architecture, DecoderArch)  # (FSDP trains decoders only)
         model = distributed.build_sharded(manifest.architecture, tc, device)
         distributed.load_weights(model, path)
         return model, manifest
@@ -251,6 +255,7 @@ def training_peak(config: Config, path: Path, precision: str) -> memory.Estimate
     it): accounting.training_memory's step, or loading the model when that is larger."""
     tc = config.train
     arch, n_params, stored = registry.checkpoint_size(path)
+    assert isinstance(arch, DecoderArch)  # (stage_checkpoint and check_matches_config checked it)
     streamed = tc.lora is not None and precision == "bf16"  # registry.load_frozen_base: matrices as stored
     frozen = stored if streamed else 4
     adapter = None if tc.lora is None else accounting.lora_parameters(arch, tc.lora.projections(), tc.lora.rank)
@@ -287,7 +292,8 @@ def training_data(config: Config, block: int) -> TokenWindows | ExampleBatches:
     if config.data.format == "sft":
         manifest = data_manifest(config)
         special = manifest.get("special_tokens") or {}
-        pad_id = special.get("pad") if special.get("pad") is not None else (special.get("eos") or [0])[0]
+        pad = special.get("pad")
+        pad_id = int(pad) if pad is not None else int((special.get("eos") or [0])[0])
         train, val = load_examples(config, "train"), load_examples(config, "val")
         longest = int(np.diff(train.starts).max())
         if longest > block:

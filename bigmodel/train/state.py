@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from bigmodel import console, registry
+from bigmodel.arch import TabularArch
 from bigmodel.checkpoint import iter_tensors, model_tensors, read_manifest, save_checkpoint
 from bigmodel.config import Config, flatten
 from bigmodel.datasets import data_manifest
@@ -246,6 +247,7 @@ def _check_matches_import(config: Config, init_manifest: CheckpointManifest) -> 
         raise UserError(f"the init checkpoint was not imported from {config.init.from_} (it came from "
                         f"{source or 'bigmodel init'}); re-run 'bigmodel init'")
     arch = init_manifest.architecture
+    assert not isinstance(arch, TabularArch)  # (an import is a decoder or an encoder)
     pretrained.check_config(config.model, arch, Path(source))
     changed = [key for key in ("block_size", "dropout")
                if key in config.model.model_fields_set and getattr(config.model, key) != getattr(arch, key)]

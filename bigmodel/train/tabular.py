@@ -22,6 +22,7 @@ from bigmodel.arch import TabularArch
 from bigmodel.config import Config, TabularDataConfig
 from bigmodel.datasets import DATA_FILE, load_split
 from bigmodel.io import sha256_file
+from bigmodel.models.mlp import MLP
 from bigmodel.runtime import setup_torch
 from bigmodel.train import epochs
 from bigmodel.train.augment import augment_batch
@@ -46,6 +47,7 @@ def train(
     tc = config.train
     init_path = start_from or config.stage_dir("init") / "model.safetensors"
     model, init_manifest = registry.load_model(init_path)
+    assert isinstance(model, MLP)  # the family table sends only tabular models here
     if start_from is None:
         check_matches_config(config, init_manifest)
     model.to(device)
