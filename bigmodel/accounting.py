@@ -67,9 +67,20 @@ def block_parameters(arch: DecoderArch) -> int:
 
 
 def training_memory(
-    arch: TransformerArch, n_params: int, *, batch: int, precision: str = "fp32", optimizer: str = "adamw",
-    momentum: float = 0.9, sharding: str = "none", devices: int = 1, activation_checkpointing: bool = False,
-    fsdp_param_bytes: int = 4, runtime: int = 0, adapter: int | None = None, fused_dropout: bool = True,
+    arch: TransformerArch,
+    n_params: int,
+    *,
+    batch: int,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    sharding: str = "none",
+    devices: int = 1,
+    activation_checkpointing: bool = False,
+    fsdp_param_bytes: int = 4,
+    runtime: int = 0,
+    adapter: int | None = None,
+    fused_dropout: bool = True,
     frozen_bytes: int = 4,
 ) -> dict[str, int]:
     """Peak bytes on one device for a training step with `batch` sequences on that device.
@@ -125,8 +136,9 @@ def lora_parameters(arch: TransformerArch, targets: tuple[str, ...], rank: int) 
     return total
 
 
-def activation_memory(arch: TransformerArch, batch: int, precision: str, checkpointing: bool,
-                      fused_dropout: bool = True) -> int:
+def activation_memory(
+    arch: TransformerArch, batch: int, precision: str, checkpointing: bool, fused_dropout: bool = True
+) -> int:
     """Bytes of activations kept for backward (see BLOCK_ACTIVATION_BYTES). With activation
     checkpointing (Chen et al. 2016) each block keeps only its fp32 input; during backward one block
     at a time is recomputed, and its activations and their gradients (about as large again, measured)
@@ -156,8 +168,9 @@ def block_activation_values(arch: TransformerArch) -> list[int]:
     return [4 * d + attention + (4 if swiglu else 2) * hidden for hidden in arch.mlp_hidden]
 
 
-def inference_memory(arch: TransformerArch, n_params: int, *, batch: int, context: int, weight_bytes: float,
-                     cache_bytes: int = 4) -> dict[str, int]:
+def inference_memory(
+    arch: TransformerArch, n_params: int, *, batch: int, context: int, weight_bytes: float, cache_bytes: int = 4
+) -> dict[str, int]:
     """Bytes to generate: the weights, and the KV cache (keys and values of every layer for every
     position of the context: 2·L·b·T·(n_kv_head·head_size) values; grouped-query attention stores
     n_kv_head heads, not n_head) plus one step's logits. An encoder keeps no cache; a masked-LM encoder's
@@ -195,9 +208,17 @@ def disk_sizes(arch: TransformerArch, n_params: int, optimizer: str, momentum: f
     }
 
 
-def communication_per_step(sharding: str, devices: int, *, parameters: int, trainable: int, micro_batches: int,
-                           param_bytes: int = 4, reduce_bytes: int = 4, reshard_after_forward: bool = True
-                           ) -> dict[str, float]:
+def communication_per_step(
+    sharding: str,
+    devices: int,
+    *,
+    parameters: int,
+    trainable: int,
+    micro_batches: int,
+    param_bytes: int = 4,
+    reduce_bytes: int = 4,
+    reshard_after_forward: bool = True,
+) -> dict[str, float]:
     """Bytes each device sends (and as many it receives) per optimizer step, by collective, for ring
     algorithms (NCCL's; Patarasuk & Yuan 2009): an all-reduce of S bytes moves 2(n-1)/n x S, an all-gather
     or a reduce-scatter (n-1)/n x S. Gradients are synchronised once per step (bigmodel accumulates
@@ -212,5 +233,8 @@ def communication_per_step(sharding: str, devices: int, *, parameters: int, trai
     if sharding == "ddp":
         return {"all_reduce": 2 * share * trainable * 4}
     gather = share * parameters * param_bytes * micro_batches
-    return {"all_gather_forward": gather, "all_gather_backward": gather if reshard_after_forward else 0.0,
-            "reduce_scatter": share * trainable * reduce_bytes}
+    return {
+        "all_gather_forward": gather,
+        "all_gather_backward": gather if reshard_after_forward else 0.0,
+        "reduce_scatter": share * trainable * reduce_bytes,
+    }

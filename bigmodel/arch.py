@@ -151,8 +151,11 @@ class EncoderArch(Arch):
     mlp_hidden: tuple[int, ...] = Field(description="Hidden width of each layer's MLP.")
     type_vocab_size: int = Field(2, ge=1, description="Token types (segments A/B of a sentence pair).")
     n_outputs: int = Field(0, ge=0, description="Labels of a classifier (0 for the other tasks).")
-    pooling: Literal["cls", "mean"] = Field("cls", description="What a classifier reads: the first token through "
-                                            "BERT's pooler (cls), or the mean of the token states (mean).")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="What a classifier reads: the first token through "
+        "BERT's pooler (cls), or the mean of the token states (mean).",
+    )
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm_eps: float = 1e-12
     pad_id: int = Field(0, ge=0, description="Token id of padding (never attended to).")

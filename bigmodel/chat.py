@@ -34,8 +34,13 @@ PERCENT_WIDTH = r"%[-#0 +]*(\d+)"  # the width in a printf-style format
 FIX = "set data.template: chatml (the built-in ChatML) to use a known template"
 
 
-def render(template: str, messages: list[Message], special_tokens: dict[str, str | None],
-           add_generation_prompt: bool = True, origin: str = "the model's chat template") -> str:
+def render(
+    template: str,
+    messages: list[Message],
+    special_tokens: dict[str, str | None],
+    add_generation_prompt: bool = True,
+    origin: str = "the model's chat template",
+) -> str:
     """The prompt text for `messages`, ending with the assistant's turn opened (add_generation_prompt).
     origin names the template in errors."""
     import jinja2
@@ -45,8 +50,11 @@ def render(template: str, messages: list[Message], special_tokens: dict[str, str
     out: list[str] = []
     size = 0
     try:
-        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                       **{f"{name}_token": value or "" for name, value in special_tokens.items()}):
+        for piece in compiled.generate(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **{f"{name}_token": value or "" for name, value in special_tokens.items()},
+        ):
             size += len(piece)
             if size > RENDER_CHARS:
                 raise _TooBig(f"wrote more than {RENDER_CHARS:,} characters")
@@ -167,7 +175,8 @@ def _compiled(template: str) -> Any:
             _check_args(args, kwargs)
             method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
             if getattr(method, "__name__", "") in ("replace", "format", "format_map") and isinstance(
-                    getattr(method, "__self__", None), str):
+                getattr(method, "__self__", None), str
+            ):
                 _check_str_method(method, args)
             return _check_size(super().call(context, obj, *args, **kwargs))
 
@@ -188,8 +197,11 @@ def _check_str_method(method: Any, args: tuple[Any, ...]) -> None:
     """str.replace's growth and str.format's widths, known before they allocate."""
     text: str = method.__self__
     if method.__name__ == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
-        grown = len(text) + text.count(args[0]) * max(0, len(args[1]) - len(args[0])) if args[0] else \
-            len(text) * (len(args[1]) + 1)
+        grown = (
+            len(text) + text.count(args[0]) * max(0, len(args[1]) - len(args[0]))
+            if args[0]
+            else len(text) * (len(args[1]) + 1)
+        )
         if grown > RENDER_CHARS:
             raise _TooBig(f"built a value of more than {RENDER_CHARS:,} items")
     elif method.__name__ != "replace":
@@ -206,10 +218,11 @@ def _check_widths(text: str, pattern: str) -> None:
 def check_messages(messages: Any, origin: str) -> list[Message]:
     """A list of {"role": system|user|assistant, "content": str}, or a one-line error naming the problem."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{origin}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise UserError(f'{origin}: \'messages\' must be a non-empty list of {{"role", "content"}} objects')
     for number, message in enumerate(messages):
         valid = isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
         if not valid:
-            raise UserError(f"{origin}: message {number} must be {{\"role\": one of {', '.join(ROLES)}, "
-                            "\"content\": a string}")
+            raise UserError(
+                f'{origin}: message {number} must be {{"role": one of {", ".join(ROLES)}, "content": a string}}'
+            )
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -54,12 +54,13 @@ class TabularDataConfig(Section):
     val_fraction: Fraction = Field(0.1, description="Fraction of rows held out for validation.")
     test_fraction: Fraction = Field(0.2, description="Fraction of rows held out for the final test.")
     train_subset: float = Field(
-        1.0, gt=0.0, le=1.0, description="Keep this fraction of the training rows (seeded; per class when "
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Keep this fraction of the training rows (seeded; per class when "
         "stratified); val and test stay whole. For small-data experiments and learning curves.",
     )
-    stratify: bool = Field(
-        True, description="Keep class proportions equal across splits (classification only)."
-    )
+    stratify: bool = Field(True, description="Keep class proportions equal across splits (classification only).")
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> TabularDataConfig:
@@ -89,9 +90,7 @@ class TokenizerConfig(Section):
 
 class CleaningConfig(Section):
     normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation form.")
-    strip_control: bool = Field(
-        True, description="Drop control characters other than newline and tab."
-    )
+    strip_control: bool = Field(True, description="Drop control characters other than newline and tab.")
     dedupe: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
     min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (after cleaning).")
     max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
@@ -103,7 +102,9 @@ class BPEDropoutAugment(Section):
 
     kind: Literal["bpe_dropout"] = Field("bpe_dropout", description="Augmentation kind.")
     dropout: float = Field(0.1, gt=0.0, lt=1.0, description="Probability that a BPE merge is skipped.")
-    copies: int = Field(1, ge=1, le=16, description="Differently segmented copies of the train text added to train.bin.")
+    copies: int = Field(
+        1, ge=1, le=16, description="Differently segmented copies of the train text added to train.bin."
+    )
 
 
 class TextDataConfig(Section):
@@ -116,7 +117,8 @@ class TextDataConfig(Section):
     paths: list[Path] = Field([], description="More files or globs, read after data.path.")
     jsonl_field: str = Field("text", description="Field holding the text in .jsonl sources.")
     encoding: str = Field(
-        "utf-8", description="Text encoding of the source files, e.g. latin-1 or cp1252 (any Python codec name).",
+        "utf-8",
+        description="Text encoding of the source files, e.g. latin-1 or cp1252 (any Python codec name).",
     )
     document: Literal["file", "paragraph", "line"] = Field(
         "file",
@@ -153,8 +155,10 @@ class TextDataConfig(Section):
         if self.path is None and not self.paths:
             raise ValueError("set data.path (a file or glob) or data.paths")
         if self.augment and self.tokenizer.kind == "char":
-            raise ValueError("data.augment bpe_dropout needs a BPE tokenizer (data.tokenizer.kind: bpe): a "
-                             "character-level tokenizer has no merges to drop")
+            raise ValueError(
+                "data.augment bpe_dropout needs a BPE tokenizer (data.tokenizer.kind: bpe): a "
+                "character-level tokenizer has no merges to drop"
+            )
         return self
 
 
@@ -164,22 +168,28 @@ class SFTDataConfig(Section):
     "content"}, ...]} (system/user/assistant, OpenAI style)."""
 
     format: Literal["sft"] = Field("sft", description="Kind of data: 'sft' (instruction or chat examples, JSONL).")
-    path: Path = Field(description="JSONL file of training examples (a val split is held out of it unless "
-                       "data.val_path is set).")
-    val_path: Path | None = Field(None, description="JSONL file of validation examples. Default: hold out "
-                                  "data.val_fraction of data.path (seeded).")
+    path: Path = Field(
+        description="JSONL file of training examples (a val split is held out of it unless data.val_path is set)."
+    )
+    val_path: Path | None = Field(
+        None,
+        description="JSONL file of validation examples. Default: hold out data.val_fraction of data.path (seeded).",
+    )
     val_fraction: Fraction = Field(0.1, description="Fraction of the examples held out for validation (no val_path).")
     template: Literal["auto", "model", "chatml", "plain"] = Field(
-        "auto", description="How an example becomes text: model (the imported model's own chat template), "
+        "auto",
+        description="How an example becomes text: model (the imported model's own chat template), "
         "chatml (built in), plain (prompt + completion, Alpaca's prompt for Alpaca records; single-turn only); "
         "auto: model when the model has a chat template, else chatml.",
     )
     train_on: Literal["completion", "all", "last_turn"] = Field(
-        "completion", description="Tokens the loss covers: completion (every assistant turn, never the prompt), "
+        "completion",
+        description="Tokens the loss covers: completion (every assistant turn, never the prompt), "
         "all (the whole rendered example), last_turn (the last assistant turn only).",
     )
     too_long: Literal["truncate", "error"] = Field(
-        "truncate", description="An example longer than model.block_size tokens: truncate (cut its end; counted "
+        "truncate",
+        description="An example longer than model.block_size tokens: truncate (cut its end; counted "
         "and reported) or error (refuse the data, naming the line).",
     )
 
@@ -190,34 +200,43 @@ class TextClassificationDataConfig(Section):
     masked-LM pre-training, cut into windows of model.block_size tokens."""
 
     format: Literal["text_classification"] = Field(
-        "text_classification", description="Kind of data: 'text_classification' (texts for an encoder: labelled "
+        "text_classification",
+        description="Kind of data: 'text_classification' (texts for an encoder: labelled "
         "CSV or JSONL, or a .txt corpus for masked-LM pre-training).",
     )
-    path: Path = Field(description="CSV file (header row; .csv.gz too) or .jsonl file of texts, or a .txt corpus "
-                       "(masked-LM pre-training: split in order into train, val and test windows).")
+    path: Path = Field(
+        description="CSV file (header row; .csv.gz too) or .jsonl file of texts, or a .txt corpus "
+        "(masked-LM pre-training: split in order into train, val and test windows)."
+    )
     text: str = Field("text", description="Column (CSV) or field (JSONL) holding the text.")
     text_pair: str | None = Field(
         None, description="Column holding the second text of a sentence pair (segment B), if the task has pairs."
     )
-    label: str = Field("label", description="Column holding each text's class label (read for model.task "
-                       "classification only).")
+    label: str = Field(
+        "label", description="Column holding each text's class label (read for model.task classification only)."
+    )
     val_fraction: Fraction = Field(0.1, description="Fraction of the texts held out for validation.")
     test_fraction: Fraction = Field(0.1, description="Fraction of the texts held out for the final test.")
     stratify: bool = Field(True, description="Keep class proportions equal across splits.")
     too_long: Literal["truncate", "error"] = Field(
-        "truncate", description="A text longer than model.block_size tokens ([CLS] and [SEP] included): "
+        "truncate",
+        description="A text longer than model.block_size tokens ([CLS] and [SEP] included): "
         "truncate (cut its end; counted and reported) or error (refuse the data, naming the row).",
     )
     vocab_size: int = Field(
-        8000, ge=100, description="Size of the WordPiece vocabulary trained on the training texts when no "
+        8000,
+        ge=100,
+        description="Size of the WordPiece vocabulary trained on the training texts when no "
         "init.from brings the model's own tokenizer.",
     )
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> TextClassificationDataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError(f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
-                             "must be < 0.9 so that training keeps at least 10% of the texts")
+            raise ValueError(
+                f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
+                "must be < 0.9 so that training keeps at least 10% of the texts"
+            )
         return self
 
 
@@ -227,8 +246,10 @@ def _tag_of(key: str, default: str) -> Any:
 
 
 DataConfig = Annotated[
-    Annotated[TabularDataConfig, Tag("tabular")] | Annotated[TextDataConfig, Tag("text")]
-    | Annotated[SFTDataConfig, Tag("sft")] | Annotated[TextClassificationDataConfig, Tag("text_classification")],
+    Annotated[TabularDataConfig, Tag("tabular")]
+    | Annotated[TextDataConfig, Tag("text")]
+    | Annotated[SFTDataConfig, Tag("sft")]
+    | Annotated[TextClassificationDataConfig, Tag("text_classification")],
     Discriminator(_tag_of("format", "tabular")),
 ]
 
@@ -241,9 +262,7 @@ class MLPConfig(Section):
     hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(
         [256], description="Width of each hidden layer; [] gives a linear model."
     )
-    activation: Literal["relu", "gelu", "tanh", "silu"] = Field(
-        "relu", description="Nonlinearity between layers."
-    )
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field("relu", description="Nonlinearity between layers.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
 
 
@@ -278,8 +297,10 @@ class GPTConfig(Section):
     def _heads_divide_width(self) -> GPTConfig:
         problems = []
         if self.head_size is None and self.n_embd % self.n_head:
-            problems.append(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head}) "
-                            "(or set model.head_size)")
+            problems.append(
+                f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head}) "
+                "(or set model.head_size)"
+            )
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             problems.append(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
         if self.position == "rope" and (self.head_size or self.n_embd // self.n_head) % 2:
@@ -292,7 +313,8 @@ class GPTConfig(Section):
 class BERTConfig(Section):
     family: Literal["bert"] = Field("bert", description="Model family: 'bert' (bidirectional encoder).")
     task: Literal["classification", "mlm", "embedding"] | None = Field(
-        None, description="The head: classification (the data's labels), mlm (masked-token pre-training) or "
+        None,
+        description="The head: classification (the data's labels), mlm (masked-token pre-training) or "
         "embedding (mean-pooled, normalised sentence vectors). Default: mlm for a .txt corpus, else classification.",
     )
     n_layer: int = Field(4, gt=0, description="Transformer blocks.")
@@ -302,7 +324,8 @@ class BERTConfig(Section):
     intermediate_size: int | None = Field(None, gt=0, description="MLP hidden width. Default: 4 x n_embd.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
     pooling: Literal["cls", "mean"] | None = Field(
-        None, description="What a classifier reads: the [CLS] token through BERT's pooler (cls), or the mean of "
+        None,
+        description="What a classifier reads: the [CLS] token through BERT's pooler (cls), or the mean of "
         "the token states (mean). Default: the imported model's own (a sentence-transformers folder declares "
         "it in 1_Pooling/config.json), else cls.",
     )
@@ -336,23 +359,28 @@ class InitConfig(Section):
     )
     std: float = Field(0.02, gt=0.0, description="Standard deviation for scheme 'normal'.")
     from_: Path | None = Field(
-        None, alias="from",
+        None,
+        alias="from",
         description="Import a pretrained decoder instead of initialising one: a Hugging Face model folder "
         "(config.json + safetensors; gpt2, llama, mistral, qwen2) or a llama GGUF file. Its tokenizer is "
         "used by prepare, and the model section is filled from it.",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Import: dtype of the written init checkpoint. auto keeps the source's (a bf16 model "
+        "auto",
+        description="Import: dtype of the written init checkpoint. auto keeps the source's (a bf16 model "
         "stays bf16: no fp32 copy of it is ever made); a quantised GGUF is dequantised to fp32. Training upcasts "
         "to fp32.",
     )
     verify: bool = Field(
-        True, description="Import: check the model's logits against transformers loading the same files "
+        True,
+        description="Import: check the model's logits against transformers loading the same files "
         "(needs the 'hf' extra); false records the checkpoint as unverified.",
     )
     atol: float = Field(1e-4, gt=0.0, description="Import parity gate: max abs logit difference allowed (fp32).")
     rtol: float = Field(
-        1e-5, ge=0.0, description="Import parity gate: also allow rtol x transformers' largest |logit| (atol + "
+        1e-5,
+        ge=0.0,
+        description="Import parity gate: also allow rtol x transformers' largest |logit| (atol + "
         "rtol x max|logit|): fp32 rounding grows with the logits' scale.",
     )
 
@@ -402,8 +430,11 @@ class FSDPConfig(Section):
     )
 
 
-LORA_GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"),
-               "all-linear": ("q", "k", "v", "o", "gate", "up", "down")}
+LORA_GROUPS = {
+    "attention": ("q", "k", "v", "o"),
+    "mlp": ("gate", "up", "down"),
+    "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
+}
 LoRATarget = Literal["q", "k", "v", "o", "gate", "up", "down", "attention", "mlp", "all-linear"]
 
 
@@ -415,7 +446,8 @@ class LoRAConfig(Section):
     alpha: float = Field(16.0, gt=0.0, description="Scale: the update is multiplied by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
     targets: list[LoRATarget] = Field(
-        ["all-linear"], min_length=1,
+        ["all-linear"],
+        min_length=1,
         description="Projections that get adapters, the same names for GPT-2 and Llama-style models: q, k, v, o "
         "(attention), gate, up, down (MLP; GPT-2's MLP has up and down), or the groups attention, mlp, all-linear "
         "(every projection but the output head; QLoRA, Dettmers et al. 2023, found this matches full fine-tuning).",
@@ -434,13 +466,17 @@ FINE_TUNE_EPOCHS, FINE_TUNE_LR, FINE_TUNE_LORA_LR = 3, 2e-5, 2e-4
 
 class TrainConfig(Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd, adam or adamw.")
-    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate. Fine-tuning an imported model (init.from) "
-                      f"defaults to {FINE_TUNE_LR} ({FINE_TUNE_LORA_LR} with train.lora) instead.")
+    lr: float = Field(
+        1e-3,
+        gt=0.0,
+        description="Peak learning rate. Fine-tuning an imported model (init.from) "
+        f"defaults to {FINE_TUNE_LR} ({FINE_TUNE_LORA_LR} with train.lora) instead.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay (decoupled for adamw).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum > 0).")
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (
-        Field((0.9, 0.999), description="Adam/AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        (0.9, 0.999), description="Adam/AdamW betas."
     )
     schedule: Literal["constant", "cosine", "linear"] = Field(
         "cosine",
@@ -449,14 +485,16 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
     min_lr: float = Field(0.0, ge=0.0, description="LR at the end of cosine/linear decay.")
     batch_size: int = Field(64, gt=0, description="Rows per optimizer step.")
-    epochs: int | None = Field(50, gt=0, description="Passes over the training rows. Fine-tuning an imported "
-                               f"model (init.from) defaults to {FINE_TUNE_EPOCHS} instead.")
+    epochs: int | None = Field(
+        50,
+        gt=0,
+        description="Passes over the training rows. Fine-tuning an imported "
+        f"model (init.from) defaults to {FINE_TUNE_EPOCHS} instead.",
+    )
     max_steps: int | None = Field(
         None, gt=0, description="Stop after this many optimizer steps (overrides epochs when set)."
     )
-    eval_every: int | None = Field(
-        None, gt=0, description="Evaluate on val every N steps. Default: once per epoch."
-    )
+    eval_every: int | None = Field(None, gt=0, description="Evaluate on val every N steps. Default: once per epoch.")
     patience: int | None = Field(
         None, gt=0, description="Early stopping: stop after N evaluations without improvement."
     )
@@ -468,18 +506,25 @@ class TrainConfig(Section):
         1, gt=0, description="Micro-batches per optimizer step; the step sees batch_size x this."
     )
     precision: Literal["fp32", "bf16", "auto"] = Field(
-        "fp32", description="bf16: autocast matmuls to bfloat16 (CPU and CUDA); weights stay fp32. auto: bf16 where "
+        "fp32",
+        description="bf16: autocast matmuls to bfloat16 (CPU and CUDA); weights stay fp32. auto: bf16 where "
         "the device multiplies bf16 natively (CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX), fp32 "
         "elsewhere (emulated bf16 is many times slower); train prints and records which it used.",
     )
     compile: bool = Field(False, description="torch.compile the model.")
     eval_batches: int = Field(
-        50, gt=0, description="Val batches per evaluation (the same fixed batches every time). If that "
+        50,
+        gt=0,
+        description="Val batches per evaluation (the same fixed batches every time). If that "
         "many would cover more than the val split, the split is tiled instead: each token scored once.",
     )
-    log_every: int | None = Field(None, gt=0, description="Append train loss, lr and tokens/s every N steps. "
-                                  "Default: often enough for about 50 points over the run (every step of a run of "
-                                  "50 steps or fewer), at most every 50 steps.")
+    log_every: int | None = Field(
+        None,
+        gt=0,
+        description="Append train loss, lr and tokens/s every N steps. "
+        "Default: often enough for about 50 points over the run (every step of a run of "
+        "50 steps or fewer), at most every 50 steps.",
+    )
     save_every: int | None = Field(
         None, gt=0, description="Write the resumable 'last' checkpoint every N steps. Default: eval_every."
     )
@@ -487,7 +532,8 @@ class TrainConfig(Section):
         "auto", description="auto: cross_entropy for classification, mse for regression."
     )
     augment: list[TabularAugment] = Field(
-        [], description="Transforms applied, in order, to training batches only (never val/test), "
+        [],
+        description="Transforms applied, in order, to training batches only (never val/test), "
         "e.g. [{kind: noise, std: 0.1}, {kind: mixup, alpha: 0.2}]. Text: see data.augment.",
     )
     tensorboard: bool = Field(
@@ -509,7 +555,8 @@ class TrainConfig(Section):
     )
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 settings (train.distributed: fsdp).")
     lora: LoRAConfig | None = Field(
-        None, description="Train low-rank adapters instead of every weight, e.g. {rank: 8, alpha: 16, targets: "
+        None,
+        description="Train low-rank adapters instead of every weight, e.g. {rank: 8, alpha: 16, targets: "
         "[attention]}; checkpoints then hold the adapter only, tied to the init checkpoint by its sha256.",
     )
 
@@ -542,7 +589,8 @@ class EvalConfig(Section):
     )
     checkpoint: CheckpointRef = "best"
     output: Path | None = Field(
-        None, description="Where the metrics go. Default: <run_dir>/eval/metrics.json for the run's best "
+        None,
+        description="Where the metrics go. Default: <run_dir>/eval/metrics.json for the run's best "
         "checkpoint; metrics.<name>.json beside it for any other (metrics.last.json, metrics.model.int8.json), "
         "so evaluating another artifact never overwrites the run's result.",
     )
@@ -568,18 +616,25 @@ class Int4Export(Section):
 
     block_size: int = Field(32, ge=16, description="Weights per quantisation block (a power of 2).")
     accuracy_level: int | None = Field(
-        4, ge=0, le=4, description="The precision MatMulNBits computes in (4: int8 activations per block, as "
+        4,
+        ge=0,
+        le=4,
+        description="The precision MatMulNBits computes in (4: int8 activations per block, as "
         "llama.cpp, several times faster on CPU; 0/None: fp32).",
     )
     head: Literal["int4", "int8", "fp32"] = Field(
-        "int8", description="The output head's weights: int8 blocks (closest to the scores), int4, or fp32.",
+        "int8",
+        description="The output head's weights: int8 blocks (closest to the scores), int4, or fp32.",
     )
     embeddings: Literal["int4", "int8", "fp32"] | None = Field(
-        None, description="The token-embedding table (GatherBlockQuantized): int8 or int4 blocks, or fp32. "
+        None,
+        description="The token-embedding table (GatherBlockQuantized): int8 or int4 blocks, or fp32. "
         "Default: as the head (a tied embedding is then stored once, read by both).",
     )
     int8_block_size: int | None = Field(
-        None, ge=16, description="Weights per block of the 8-bit matrices (head, embeddings; a power of 2). Default: "
+        None,
+        ge=16,
+        description="Weights per block of the 8-bit matrices (head, embeddings; a power of 2). Default: "
         "the widest of 256, 128, 64, 32 that divides the model width (8 bits in blocks of 256 round ~10x closer "
         "than 4 bits in blocks of 32, and read faster than 8 bits in blocks of 32).",
     )
@@ -599,19 +654,23 @@ class Int4Export(Section):
 class ExportConfig(Section):
     checkpoint: CheckpointRef = "best"
     format: Literal["onnx", "hf", "both"] = Field(
-        "onnx", description="onnx: model.onnx for ONNX Runtime; hf: a Hugging Face folder (export/hf: gpt2, llama "
+        "onnx",
+        description="onnx: model.onnx for ONNX Runtime; hf: a Hugging Face folder (export/hf: gpt2, llama "
         "or qwen2, checked by loading it in transformers); both.",
     )
     opset: int = Field(
-        23, ge=18, le=23, description="ONNX opset. 23: a decoder's attention is one Attention node per layer "
+        23,
+        ge=18,
+        le=23,
+        description="ONNX opset. 23: a decoder's attention is one Attention node per layer "
         "(ONNX Runtime >= 1.23 runs it on CPU as one kernel: faster decoding); 18 for older runtimes or "
         "providers without that op (attention written out as MatMul and Softmax nodes).",
     )
-    atol: float = Field(
-        1e-4, gt=0.0, description="Parity gate: max abs difference allowed between ONNX and PyTorch."
-    )
+    atol: float = Field(1e-4, gt=0.0, description="Parity gate: max abs difference allowed between ONNX and PyTorch.")
     rtol: float = Field(
-        1e-5, ge=0.0, description="gpt and format hf: the parity gates also allow rtol x the largest |logit| of "
+        1e-5,
+        ge=0.0,
+        description="gpt and format hf: the parity gates also allow rtol x the largest |logit| of "
         "the reference (atol + rtol x max|logit|): fp32 rounding grows with the logits' scale, and a deep model's "
         "logits of +-30 differ by ~1e-4 between two correct runtimes.",
     )
@@ -626,26 +685,34 @@ class ExportConfig(Section):
         False, description="Store weights in model.onnx.data (always done past 2 GB of weights)."
     )
     peft: bool = Field(
-        False, description="A LoRA checkpoint: also write its adapter as a PEFT folder (export/peft: "
+        False,
+        description="A LoRA checkpoint: also write its adapter as a PEFT folder (export/peft: "
         "adapter_config.json + adapter_model.safetensors) for the Hugging Face ecosystem.",
     )
     dtype: Literal["fp32", "fp16", "int4"] = Field(
-        "fp32", description="gpt: the ONNX model's weights. fp16 halves the file and the cache (computation in "
+        "fp32",
+        description="gpt: the ONNX model's weights. fp16 halves the file and the cache (computation in "
         "fp16), for GPU providers (cuda, tensorrt); ONNX Runtime's CPU provider runs it too, slower than fp32; "
         "its gate uses fp16_atol. int4: weight-only 4-bit blocks (MatMulNBits) quantised as each matrix is "
         "written, fp32 activations and cache, the head and embedding as export.int4 says; its gate holds the file "
         "to the model its blocks hold (int4_max_error) and reports the distance from the fp32 model.",
     )
-    int4: Int4Export = Field(default_factory=lambda: Int4Export(), description="dtype int4: how the weights are quantised.")
+    int4: Int4Export = Field(
+        default_factory=lambda: Int4Export(), description="dtype int4: how the weights are quantised."
+    )
     int4_max_error: float = Field(
-        0.3, gt=0.0, description="dtype int4: the gate's limit on the relative error of the file's logits against "
+        0.3,
+        gt=0.0,
+        description="dtype int4: the gate's limit on the relative error of the file's logits against "
         "the PyTorch model with the same int4 blocks, RMS(diff) / RMS(reference around its mean) on held-out text. "
         "Measured when correct: 0.002 on a trained model, 0.03-0.10 on random 1B-8B models (accuracy level 4 "
         "rounds activations to int8, and random deep networks amplify it); a wrong layout gives ~1.4. The "
         "distance from the fp32 model (what int4 costs) is measured and reported beside.",
     )
     fp16_atol: float = Field(
-        0.1, gt=0.0, description="dtype fp16: max abs logit difference allowed against the fp32 PyTorch model "
+        0.1,
+        gt=0.0,
+        description="dtype fp16: max abs logit difference allowed against the fp32 PyTorch model "
         "(fp16 keeps ~3 significant digits; logits of 10-30 differ by a few hundredths).",
     )
 
@@ -653,10 +720,14 @@ class ExportConfig(Section):
     def _settings_of_another_dtype(self) -> ExportConfig:
         # By value, not by what was written: a run's resolved config (config.yaml) spells every key out.
         for key, dtype in (("int4", "int4"), ("int4_max_error", "int4"), ("fp16_atol", "fp16")):
-            if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True) \
-                    and self.dtype != dtype:
-                raise ValueError(f"export.{key} applies to export.dtype {dtype} (the dtype is {self.dtype}); "
-                                 f"set export.dtype={dtype} or remove it")
+            if (
+                getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)
+                and self.dtype != dtype
+            ):
+                raise ValueError(
+                    f"export.{key} applies to export.dtype {dtype} (the dtype is {self.dtype}); "
+                    f"set export.dtype={dtype} or remove it"
+                )
         return self
 
 
@@ -675,30 +746,39 @@ class QuantizeStep(Section):
     calibration_batches: int = Field(8, gt=0, description="static: training batches used for calibration.")
     per_channel: bool = Field(False, description="One scale per output channel of each weight matrix.")
     bits: Literal[8, 4] = Field(
-        8, description="8: int8 (mode dynamic or static); 4: int4 weight-only, block-wise (onnxruntime's "
+        8,
+        description="8: int8 (mode dynamic or static); 4: int4 weight-only, block-wise (onnxruntime's "
         "MatMulNBits), for the matrix products of a language model.",
     )
     block_size: int = Field(32, ge=16, description="bits 4: weights per quantisation block (a power of 2).")
     symmetric: bool = Field(True, description="bits 4: symmetric blocks (no zero point).")
     accuracy_level: int | None = Field(
-        4, ge=0, le=4, description="bits 4: the precision MatMulNBits computes in (4: int8 activations per "
+        4,
+        ge=0,
+        le=4,
+        description="bits 4: the precision MatMulNBits computes in (4: int8 activations per "
         "block, as llama.cpp, and several times faster on CPU; 0/None: fp32).",
     )
     head: Literal["int4", "int8", "fp32"] = Field(
-        "int8", description="bits 4, language models: the output head's weights (the largest matrix of a "
+        "int8",
+        description="bits 4, language models: the output head's weights (the largest matrix of a "
         "small model with a big vocabulary, and the one closest to the scores): int8 blocks (weight-only, "
         "like the rest), int4 like the rest, or left in fp32.",
     )
     embeddings: bool = Field(
-        False, description="bits 4, language models: store the token-embedding table in 4-bit blocks too "
+        False,
+        description="bits 4, language models: store the token-embedding table in 4-bit blocks too "
         "(GatherBlockQuantized); otherwise it stays fp32.",
     )
     int8_block_size: int | None = Field(
-        None, ge=16, description="bits 4, head int8: weights per block of the head (a power of 2). Default: the "
+        None,
+        ge=16,
+        description="bits 4, head int8: weights per block of the head (a power of 2). Default: the "
         "widest of 256, 128, 64, 32 that divides the model width, as export.int4 does.",
     )
     keep_grids: bool = Field(
-        True, description="bits 4: weights already on a 4-bit grid of 32-blocks (a model imported from a "
+        True,
+        description="bits 4: weights already on a 4-bit grid of 32-blocks (a model imported from a "
         "Q4_0/Q4_1 GGUF) keep that grid exactly instead of being rounded onto another one.",
     )
 
@@ -711,8 +791,10 @@ class QuantizeStep(Section):
         if self.bits == 4 and self.mode == "static":
             raise ValueError("compress quantize bits 4 is weight-only: use mode 'dynamic'")
         if self.bits == 8 and (self.head != "int8" or self.embeddings or not self.keep_grids):
-            raise ValueError("compress quantize head, embeddings and keep_grids are bits 4 options (int8 "
-                             "quantises every matrix product, the head included)")
+            raise ValueError(
+                "compress quantize head, embeddings and keep_grids are bits 4 options (int8 "
+                "quantises every matrix product, the head included)"
+            )
         for key, size in (("block_size", self.block_size), ("int8_block_size", self.int8_block_size or 16)):
             if size & (size - 1):
                 raise ValueError(f"compress quantize {key} {size} must be a power of 2 (16, 32, 64, 128, 256)")
@@ -779,7 +861,9 @@ class DistillStep(Section):
         description="The student: model settings that differ from the teacher's, e.g. {n_layer: 2}."
     )
     alpha: float = Field(
-        0.5, ge=0.0, le=1.0,
+        0.5,
+        ge=0.0,
+        le=1.0,
         description="Weight of the soft loss: alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy.",
     )
     temperature: float = Field(2.0, gt=0.0, description="Softening temperature T for both distributions.")
@@ -813,16 +897,21 @@ class CompressConfig(Section):
         return self
 
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
-             "openvino": "OpenVINOExecutionProvider", "directml": "DmlExecutionProvider",
-             "coreml": "CoreMLExecutionProvider"}  # short names for infer.providers / --provider
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}  # short names for infer.providers / --provider
 
 
 class InferConfig(Section):
     model: Path | None = Field(None, description="ONNX model. Default: <run_dir>/export/model.onnx.")
     input: Path | None = Field(
         None,
-        description="mlp: CSV or JSONL rows to predict; gpt: prompts, one per line or JSONL {\"prompt\": ...}; "
+        description='mlp: CSV or JSONL rows to predict; gpt: prompts, one per line or JSONL {"prompt": ...}; '
         "'-' for stdin. Default (mlp): the prepared test split (<run_dir>/prepare/test.csv).",
     )
     output: Path | None = Field(
@@ -831,8 +920,9 @@ class InferConfig(Section):
         "Default: <run_dir>/infer/predictions.csv (mlp) or generations.jsonl (gpt).",
     )
     format: Literal["auto", "csv", "jsonl"] = Field(
-        "auto", description="Input/output format; auto goes by the file extension (.jsonl, else csv); on stdin a "
-        "first line starting with '{' means jsonl."
+        "auto",
+        description="Input/output format; auto goes by the file extension (.jsonl, else csv); on stdin a "
+        "first line starting with '{' means jsonl.",
     )
     batch_size: int = Field(1024, gt=0, description="Rows per ONNX Runtime call.")
     threads: int | None = Field(
@@ -854,10 +944,13 @@ class InferConfig(Section):
         for name in names:
             long = PROVIDERS.get(name.lower(), name)
             if not long.endswith("ExecutionProvider"):
-                raise ValueError(f"unknown provider {name!r}: use {', '.join(PROVIDERS)} or an ONNX Runtime "
-                                 "provider name (...ExecutionProvider)")
+                raise ValueError(
+                    f"unknown provider {name!r}: use {', '.join(PROVIDERS)} or an ONNX Runtime "
+                    "provider name (...ExecutionProvider)"
+                )
             full.append(long)
         return full
+
     prompt: str | None = Field(None, description="gpt: one prompt (else infer.input: one per line, or JSONL).")
     max_new_tokens: int = Field(200, gt=0, description="gpt: tokens to generate per prompt.")
     temperature: float = Field(0.8, ge=0.0, description="gpt: sampling temperature; 0 is greedy.")
@@ -868,38 +961,70 @@ class InferConfig(Section):
     seed: int | None = Field(None, ge=0, description="gpt: sampling seed. Default: the top-level seed.")
     stop: list[str] = Field([], description="gpt: stop generating when one of these strings appears.")
     chat: bool = Field(
-        False, description="gpt: each prompt is a user message, rendered with the model's chat template (an "
-        "imported model's); JSONL input may give {\"messages\": [{\"role\", \"content\"}, ...]} instead.",
+        False,
+        description="gpt: each prompt is a user message, rendered with the model's chat template (an "
+        'imported model\'s); JSONL input may give {"messages": [{"role", "content"}, ...]} instead.',
     )
     system: str | None = Field(None, description="gpt, chat: a system message put before each conversation.")
 
 
 class ServeConfig(Section):
-    model: Path | None = Field(None, description="ONNX model to serve. Default: infer.model, else "
-                               "<run_dir>/export/model.onnx.")
+    model: Path | None = Field(
+        None, description="ONNX model to serve. Default: infer.model, else <run_dir>/export/model.onnx."
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
-    name: str | None = Field(None, description="The model's id in the API (/v1/models). Default: the run "
-                             "folder's name, else the ONNX file's.")
-    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on /v1 routes. Default: "
-                                "the BIGMODEL_API_KEY environment variable, else no key.")
-    max_queue: int = Field(64, gt=0, description="Requests allowed to wait; beyond that the server answers "
-                           "503 with Retry-After instead of queueing without bound.")
-    max_tokens: int = Field(256, gt=0, description="gpt: tokens generated when a request gives no max_tokens "
-                            "(fewer when the prompt leaves less room in the model's context).")
-    max_batch: int = Field(16, gt=0, description="gpt: requests decoded together in one batch (continuous "
-                           "batching); more wait in the queue. 1: one at a time.")
-    context_shift: bool = Field(False, description="gpt: let a request's max_tokens run past the model's context: "
-                                "once it is full, each new token re-reads the last block_size tokens (as `bigmodel "
-                                "infer` does; quality drops, the model never saw text cut mid-way). Default: a "
-                                "max_tokens that does not fit after the prompt is refused (400).")
-    max_body_bytes: int = Field(4 * 2**20, gt=0, description="Largest request body accepted; a larger one is "
-                                "answered 413 at once, before it is read.")
-    drain_seconds: float = Field(30.0, ge=0.0, description="On SIGTERM or Ctrl-C: how long in-flight requests "
-                                 "may finish; then they are cut (streams end with an error event, others get 503) "
-                                 "and the server exits 0.")
-    cors_origins: list[str] = Field([], description="Origins whose browser pages may call the API (CORS), e.g. "
-                                    "['https://app.example.com'], or ['*'] for any. Default: none.")
+    name: str | None = Field(
+        None,
+        description="The model's id in the API (/v1/models). Default: the run folder's name, else the ONNX file's.",
+    )
+    api_key: str | None = Field(
+        None,
+        description="Require 'Authorization: Bearer KEY' on /v1 routes. Default: "
+        "the BIGMODEL_API_KEY environment variable, else no key.",
+    )
+    max_queue: int = Field(
+        64,
+        gt=0,
+        description="Requests allowed to wait; beyond that the server answers "
+        "503 with Retry-After instead of queueing without bound.",
+    )
+    max_tokens: int = Field(
+        256,
+        gt=0,
+        description="gpt: tokens generated when a request gives no max_tokens "
+        "(fewer when the prompt leaves less room in the model's context).",
+    )
+    max_batch: int = Field(
+        16,
+        gt=0,
+        description="gpt: requests decoded together in one batch (continuous "
+        "batching); more wait in the queue. 1: one at a time.",
+    )
+    context_shift: bool = Field(
+        False,
+        description="gpt: let a request's max_tokens run past the model's context: "
+        "once it is full, each new token re-reads the last block_size tokens (as `bigmodel "
+        "infer` does; quality drops, the model never saw text cut mid-way). Default: a "
+        "max_tokens that does not fit after the prompt is refused (400).",
+    )
+    max_body_bytes: int = Field(
+        4 * 2**20,
+        gt=0,
+        description="Largest request body accepted; a larger one is answered 413 at once, before it is read.",
+    )
+    drain_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        description="On SIGTERM or Ctrl-C: how long in-flight requests "
+        "may finish; then they are cut (streams end with an error event, others get 503) "
+        "and the server exits 0.",
+    )
+    cors_origins: list[str] = Field(
+        [],
+        description="Origins whose browser pages may call the API (CORS), e.g. "
+        "['https://app.example.com'], or ['*'] for any. Default: none.",
+    )
 
 
 HARDWARE = ("local", "a10", "l4", "a100-80gb", "h100-sxm", "h200", "mi300x")
@@ -907,21 +1032,30 @@ HARDWARE = ("local", "a10", "l4", "a100-80gb", "h100-sxm", "h200", "mi300x")
 
 class PlanConfig(Section):
     tokens: int | None = Field(
-        None, gt=0, description="Training tokens to plan for. Default: train.max_steps x tokens per step, "
+        None,
+        gt=0,
+        description="Training tokens to plan for. Default: train.max_steps x tokens per step, "
         "else epochs x the prepared train tokens, else the compute-optimal 20 per parameter.",
     )
     hardware: Literal[HARDWARE] = Field(  # type: ignore[valid-type]
-        "h100-sxm", description="Accelerator profile (published dense peak and board power), or 'local': "
+        "h100-sxm",
+        description="Accelerator profile (published dense peak and board power), or 'local': "
         "measure this machine's matmul peak.",
     )
     devices: int = Field(1, gt=0, description="Devices training together (train.distributed shards across them).")
     mfu: float = Field(
         0.4, gt=0.0, le=1.0, description="Assumed model FLOPs utilisation (large, well-tuned runs reach 0.35-0.55)."
     )
-    power_w: float | None = Field(None, gt=0.0, description="Power per device in watts. Default: the profile's board power.")
-    pue: float = Field(1.0, ge=1.0, description="Facility overhead multiplying the devices' energy (datacenters: ~1.1-1.5).")
+    power_w: float | None = Field(
+        None, gt=0.0, description="Power per device in watts. Default: the profile's board power."
+    )
+    pue: float = Field(
+        1.0, ge=1.0, description="Facility overhead multiplying the devices' energy (datacenters: ~1.1-1.5)."
+    )
     vocab_size: int | None = Field(
-        None, gt=0, description="Vocabulary size before the data is prepared. Default: the prepared data's, or "
+        None,
+        gt=0,
+        description="Vocabulary size before the data is prepared. Default: the prepared data's, or "
         "data.tokenizer.vocab_size for BPE.",
     )
     inference_batch: int = Field(1, gt=0, description="Sequences generated at once, for the inference memory.")
@@ -932,15 +1066,21 @@ class PlanConfig(Section):
         None, gt=0.0, description="Finish training within this many days: plan says how many devices that takes."
     )
     price: float | None = Field(
-        None, ge=0.0, description="USD per device-hour. Default: the hardware profile's on-demand price (the "
+        None,
+        ge=0.0,
+        description="USD per device-hour. Default: the hardware profile's on-demand price (the "
         "report names its source and date); 'local' has none.",
     )
     price_per_kwh: float = Field(
-        0.09, ge=0.0, description="USD per kWh for the energy bill (default: the US industrial average, EIA "
+        0.09,
+        ge=0.0,
+        description="USD per kWh for the energy bill (default: the US industrial average, EIA "
         "Electric Power Monthly, 8.2-9.3 cents through 2025 and January 2026).",
     )
     storage_bandwidth: float = Field(
-        2e9, gt=0.0, description="Bytes/s the training data is read from and checkpoints are written to (default: "
+        2e9,
+        gt=0.0,
+        description="Bytes/s the training data is read from and checkpoints are written to (default: "
         "2 GB/s, one NVMe drive's sequential rate; a parallel file system gives more).",
     )
 
@@ -959,14 +1099,14 @@ class Config(Section):
         "Default: runs/<config file name> in the current directory.",
     )
     seed: int = Field(0, ge=0, description="Seed for splits, init, shuffling and sampling.")
-    threads: int | None = Field(
-        None, gt=0, description="CPU threads for PyTorch and ONNX Runtime. Default: all cores."
-    )
+    threads: int | None = Field(None, gt=0, description="CPU threads for PyTorch and ONNX Runtime. Default: all cores.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where PyTorch runs: auto picks cuda when available, else cpu."
     )
     memory_limit: int | None = Field(
-        None, gt=0, description="The most memory (bytes, or e.g. 8GiB, 500MB) a stage may take. A stage whose "
+        None,
+        gt=0,
+        description="The most memory (bytes, or e.g. 8GiB, 500MB) a stage may take. A stage whose "
         "predicted peak (bigmodel plan shows it) exceeds it stops before allocating, with the fix. Default: what "
         "the machine (or its container) has available.",
     )
@@ -1047,30 +1187,41 @@ class Config(Section):
             problems.append("init.scheme 'gpt2' is for model.family 'gpt'")
         if self.init.from_ is not None:
             if self.model.family not in ("gpt", "bert"):
-                problems.append(f"init.from imports language models (model.family 'gpt' or 'bert'), not "
-                                f"'{self.model.family}'")
+                problems.append(
+                    f"init.from imports language models (model.family 'gpt' or 'bert'), not '{self.model.family}'"
+                )
             elif "tokenizer" in self.data.model_fields_set:
-                problems.append("data.tokenizer: an imported model (init.from) brings its own tokenizer; remove "
-                                "data.tokenizer")
+                problems.append(
+                    "data.tokenizer: an imported model (init.from) brings its own tokenizer; remove data.tokenizer"
+                )
             if self.init.scheme is not None:
-                problems.append("init.scheme: an imported model (init.from) keeps its pretrained weights; remove "
-                                "init.scheme")
+                problems.append(
+                    "init.scheme: an imported model (init.from) keeps its pretrained weights; remove init.scheme"
+                )
         if self.data.format == "sft" and self.init.from_ is None:
-            problems.append("data.format 'sft' fine-tunes a pretrained model and uses its tokenizer: set init.from "
-                            "(a Hugging Face model folder or a GGUF file)")
+            problems.append(
+                "data.format 'sft' fine-tunes a pretrained model and uses its tokenizer: set init.from "
+                "(a Hugging Face model folder or a GGUF file)"
+            )
         if self.train.lora is not None:
             if self.model.family not in ("gpt", "bert"):
-                problems.append(f"train.lora adapts transformers (model.family 'gpt' or 'bert'), not "
-                                f"'{self.model.family}'")
+                problems.append(
+                    f"train.lora adapts transformers (model.family 'gpt' or 'bert'), not '{self.model.family}'"
+                )
             elif self.train.distributed == "fsdp":
-                problems.append("train.lora trains under DDP only (the adapters are small: sharding them saves "
-                                "nothing); set train.distributed 'ddp'")
+                problems.append(
+                    "train.lora trains under DDP only (the adapters are small: sharding them saves "
+                    "nothing); set train.distributed 'ddp'"
+                )
         if self.export.format != "onnx" and self.model.family != "gpt":
-            problems.append(f"export.format '{self.export.format}' writes decoder language models; use 'onnx' for "
-                            f"model.family '{self.model.family}'")
+            problems.append(
+                f"export.format '{self.export.format}' writes decoder language models; use 'onnx' for "
+                f"model.family '{self.model.family}'"
+            )
         if self.export.dtype == "fp16" and self.model.family != "gpt":
-            problems.append(f"export.dtype 'fp16' is for decoder language models; model.family "
-                            f"'{self.model.family}' exports fp32")
+            problems.append(
+                f"export.dtype 'fp16' is for decoder language models; model.family '{self.model.family}' exports fp32"
+            )
         if task == "lm" and self.eval.split == "test":
             problems.append("eval.split 'test': text data has a val split only; use 'val'")
         if self.train.loss == "mse" and task == "classification":
@@ -1087,20 +1238,26 @@ class Config(Section):
                 )
         for number, augment in enumerate(self.train.augment):
             if task == "lm":
-                problems.append(f"train.augment.{number} ({augment.kind}) is for tabular data; text is "
-                                "augmented by prepare (data.augment: [{kind: bpe_dropout}])")
+                problems.append(
+                    f"train.augment.{number} ({augment.kind}) is for tabular data; text is "
+                    "augmented by prepare (data.augment: [{kind: bpe_dropout}])"
+                )
             elif augment.kind == "mixup" and task != "classification":
                 problems.append(f"train.augment.{number}: mixup mixes class labels; for regression use noise")
         problems += self._unread_train_keys(problems)
         for number, step in enumerate(self.compress.steps):
             if step.method == "prune" and step.structure == "heads" and self.model.family != "gpt":
-                problems.append(f"compress.steps.{number}.structure 'heads' needs model.family 'gpt' (an MLP "
-                                "has no attention heads; use 'mlp')")
+                problems.append(
+                    f"compress.steps.{number}.structure 'heads' needs model.family 'gpt' (an MLP "
+                    "has no attention heads; use 'mlp')"
+                )
             if step.method != "distill":
                 continue
             if task in ("regression", "mlm", "embedding"):
-                problems.append(f"compress.steps.{number}: distill needs class probabilities or a language "
-                                f"model; {task} has neither (an encoder distils as a classifier)")
+                problems.append(
+                    f"compress.steps.{number}: distill needs class probabilities or a language "
+                    f"model; {task} has neither (an encoder distils as a classifier)"
+                )
             try:
                 self.student_model(step)
             except ValidationError as exc:
@@ -1116,22 +1273,35 @@ class Config(Section):
         from bigmodel.families import FAMILIES
 
         family = FAMILIES[self.model.family]
-        unread = [f"train.{key}" for key, field in TrainConfig.model_fields.items()
-                  if key not in family.train_keys and getattr(self.train, key) != field.get_default(
-                      call_default_factory=True)
-                  and not any(f"train.{key}" in problem for problem in problems)]
+        unread = [
+            f"train.{key}"
+            for key, field in TrainConfig.model_fields.items()
+            if key not in family.train_keys
+            and getattr(self.train, key) != field.get_default(call_default_factory=True)
+            and not any(f"train.{key}" in problem for problem in problems)
+        ]
         if not unread:
             return []
-        return [f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read when training model.family "
-                f"'{family.name}' ({family.recipe} does not use {'it' if len(unread) == 1 else 'them'}); remove "
-                f"{'it' if len(unread) == 1 else 'them'}"]
+        return [
+            f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read when training model.family "
+            f"'{family.name}' ({family.recipe} does not use {'it' if len(unread) == 1 else 'them'}); remove "
+            f"{'it' if len(unread) == 1 else 'them'}"
+        ]
 
     def student_model(self, step: DistillStep) -> MLPConfig | GPTConfig | BERTConfig:
         """The student's model settings: the teacher's, with the step's overrides (validated)."""
         if "family" in step.student and step.student["family"] != self.model.family:
-            raise ValidationError.from_exception_data("student", [{
-                "type": "value_error", "loc": ("family",), "input": step.student["family"],
-                "ctx": {"error": "a student is of the teacher's family"}}])
+            raise ValidationError.from_exception_data(
+                "student",
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ("family",),
+                        "input": step.student["family"],
+                        "ctx": {"error": "a student is of the teacher's family"},
+                    }
+                ],
+            )
         return type(self.model).model_validate({**self.model.model_dump(), **step.student})
 
     def derive(self, source: str, **sections: dict[str, Any] | BaseModel) -> Config:
@@ -1141,8 +1311,11 @@ class Config(Section):
         # beside init.from) is not set by deriving.
         raw = self.model_dump(by_alias=True, exclude_unset=True)
         for name, update in sections.items():
-            raw[name] = (update.model_dump(by_alias=True, exclude_unset=True) if isinstance(update, BaseModel)
-                         else {**raw.get(name, {}), **update})
+            raw[name] = (
+                update.model_dump(by_alias=True, exclude_unset=True)
+                if isinstance(update, BaseModel)
+                else {**raw.get(name, {}), **update}
+            )
         return validate_config(raw, source)
 
     def stage_dir(self, stage: str) -> Path:
@@ -1183,9 +1356,7 @@ class Config(Section):
 STDIO = "-"
 
 
-def load_config(
-    path: str | Path, overrides: list[str] | None = None, run_dir: str | Path | None = None
-) -> Config:
+def load_config(path: str | Path, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> Config:
     """Read, merge, resolve, override and validate a config file. Raises UserError on any mistake; a
     problem with a key given by --set names that --set, not the file."""
     path = Path(path)
@@ -1213,17 +1384,24 @@ def validate_config(raw: dict[str, Any], source: str, set_keys: dict[str, str] |
         for where, message in validation_problems(exc):
             # The --set of this key (or of a section holding it); a section's own check names the keys
             # it is about in its message.
-            given = [text for key, text in (set_keys or {}).items()
-                     if where == key or where.startswith(key + ".") or (key.startswith(where + ".") and key in message)]
+            given = [
+                text
+                for key, text in (set_keys or {}).items()
+                if where == key or where.startswith(key + ".") or (key.startswith(where + ".") and key in message)
+            ]
             by_source.setdefault(f"--set {given[0]}" if given else source, []).append(message)
-        raise UserError("; ".join(f"{origin}: {'; '.join(messages)}" for origin, messages in by_source.items())) from exc
+        raise UserError(
+            "; ".join(f"{origin}: {'; '.join(messages)}" for origin, messages in by_source.items())
+        ) from exc
 
 
 def _read_yaml(path: Path, named_by: Path | None = None) -> dict[str, Any]:
     if not path.is_file():
         if named_by is not None:
-            raise UserError(f"{named_by}: extends {path.name!r}: file not found: {path} (paths in extends are "
-                            "relative to the file that names them)")
+            raise UserError(
+                f"{named_by}: extends {path.name!r}: file not found: {path} (paths in extends are "
+                "relative to the file that names them)"
+            )
         raise UserError(f"config file not found: {path} (check the path given to -c/--config)")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -1279,8 +1457,10 @@ def section_sets(overrides: list[str] | None, section: str, example: str) -> dic
     for override in overrides or []:
         key = override.partition("=")[0].strip()
         if not key.startswith(f"{section}.") or key.count(".") != 1:
-            raise UserError(f"--set {override!r}: without -c only {section} keys can be set (--set {example}); "
-                            "other keys need -c CONFIG")
+            raise UserError(
+                f"--set {override!r}: without -c only {section} keys can be set (--set {example}); "
+                "other keys need -c CONFIG"
+            )
         apply_override(raw, override)
     return dict(raw.get(section, {}))
 
@@ -1448,8 +1628,14 @@ def _tag_default(section: type[BaseModel]) -> str | None:
 
 # The config sections each command reads (its --help lists their keys), after the shared top-level keys.
 COMMAND_SECTIONS = {
-    "prepare": ("data",), "init": ("model", "init"), "train": ("train",), "eval": ("eval",),
-    "compress": ("compress",), "export": ("export",), "infer": ("infer",), "plan": ("plan",),
+    "prepare": ("data",),
+    "init": ("model", "init"),
+    "train": ("train",),
+    "eval": ("eval",),
+    "compress": ("compress",),
+    "export": ("export",),
+    "infer": ("infer",),
+    "plan": ("plan",),
     "serve": ("serve",),
 }
 SHARED_KEYS = ("run_dir", "seed", "threads", "device")
@@ -1480,25 +1666,36 @@ def key_reference() -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
     def table(fields: list[tuple[str, Any]], prefix: str, readers: bool = False) -> list[str]:
-        rows = ["| key | type | default | description |" + (" read by |" if readers else ""),
-                "|---|---|---|---|" + ("---|" if readers else "")]
+        rows = [
+            "| key | type | default | description |" + (" read by |" if readers else ""),
+            "|---|---|---|---|" + ("---|" if readers else ""),
+        ]
         for name, field in fields:
             if _sections_in(field.annotation):
                 continue  # a nested section: a group of its own
-            default = ("required" if field.is_required()
-                       else f"`{json.dumps(field.get_default(call_default_factory=True), default=str)}`")
+            default = (
+                "required"
+                if field.is_required()
+                else f"`{json.dumps(field.get_default(call_default_factory=True), default=str)}`"
+            )
             row = f"| `{prefix}{name}` | {cell(_type_name(field.annotation))} | {cell(default)} | {cell(field.description or '')} |"
             if readers:
                 row += " " + ", ".join(f for f, family in FAMILIES.items() if name in family.train_keys) + " |"
             rows.append(row)
         return rows
 
-    lines = ["# Config key reference", "",
-             "Every key of an experiment config, generated from the schema in `bigmodel/config.py` by",
-             "`bigmodel config reference > docs/config-reference.md` (a test fails when this page is stale).",
-             "`bigmodel <command> --help` lists the keys a command reads; `bigmodel config schema` prints the",
-             "JSON Schema. A `train.*` key that the model family's recipe does not read is refused when set.", "",
-             "## shared", "", *table([(name, Config.model_fields[name]) for name in SHARED_KEYS], "")]
+    lines = [
+        "# Config key reference",
+        "",
+        "Every key of an experiment config, generated from the schema in `bigmodel/config.py` by",
+        "`bigmodel config reference > docs/config-reference.md` (a test fails when this page is stale).",
+        "`bigmodel <command> --help` lists the keys a command reads; `bigmodel config schema` prints the",
+        "JSON Schema. A `train.*` key that the model family's recipe does not read is refused when set.",
+        "",
+        "## shared",
+        "",
+        *table([(name, Config.model_fields[name]) for name in SHARED_KEYS], ""),
+    ]
     for section in ("data", "model", "init", "train", "eval", "compress", "export", "infer", "serve", "plan"):
         for title, prefix, model in _groups(section, Config.model_fields[section].annotation):
             fields = [(f.alias or n, f) for n, f in model.model_fields.items()]
@@ -1541,10 +1738,16 @@ def _key_block(title: str, fields: list[tuple[str, Any]], prefix: str) -> str:
     for name, field in fields:
         if _sections_in(field.annotation):
             continue  # a nested section: its keys are a group of their own
-        default = "required" if field.is_required() else f"default {json.dumps(field.get_default(call_default_factory=True), default=str)}"
+        default = (
+            "required"
+            if field.is_required()
+            else f"default {json.dumps(field.get_default(call_default_factory=True), default=str)}"
+        )
         readers = train_key_readers(name) if prefix == "train." else None
-        lines.append(f"  {prefix}{name}  ({_type_name(field.annotation)}, {default})"
-                     + (f" [{', '.join(readers)}]" if readers is not None else ""))
+        lines.append(
+            f"  {prefix}{name}  ({_type_name(field.annotation)}, {default})"
+            + (f" [{', '.join(readers)}]" if readers is not None else "")
+        )
         lines += textwrap.wrap(field.description or "", width=96, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 
@@ -1589,8 +1792,10 @@ def dump_yaml(config: Config) -> str:
     `data.tokenizer` only when set, not defaults that would contradict the import."""
     raw = config.model_dump(mode="json", by_alias=True)
     if config.init.from_ is not None:
-        raw["model"] = {"family": config.model.family,
-                        **config.model.model_dump(mode="json", by_alias=True, exclude_unset=True)}
+        raw["model"] = {
+            "family": config.model.family,
+            **config.model.model_dump(mode="json", by_alias=True, exclude_unset=True),
+        }
         if "tokenizer" not in config.data.model_fields_set:
             raw["data"].pop("tokenizer", None)
     return str(yaml.safe_dump(raw, sort_keys=False))

@@ -25,8 +25,11 @@ def shard_name(split: str) -> str:
 
 def sft_files(folder: Path, split: str) -> dict[str, Path]:
     """A split of fine-tuning examples: token ids, the trained-token mask, and where each example starts."""
-    return {"tokens": folder / shard_name(split), "mask": folder / f"{split}.mask.bin",
-            "starts": folder / f"{split}.starts.bin"}
+    return {
+        "tokens": folder / shard_name(split),
+        "mask": folder / f"{split}.mask.bin",
+        "starts": folder / f"{split}.starts.bin",
+    }
 
 
 def prepared_files(config: Config) -> list[Path]:
@@ -36,8 +39,12 @@ def prepared_files(config: Config) -> list[Path]:
     if config.data.format == "text":
         names = [MANIFEST_FILE, shard_name("train"), shard_name("val"), TOKENIZER_FILE]
     elif config.data.format == "sft":
-        return [folder / MANIFEST_FILE, *sft_files(folder, "train").values(), *sft_files(folder, "val").values(),
-                folder / TOKENIZER_FILE]
+        return [
+            folder / MANIFEST_FILE,
+            *sft_files(folder, "train").values(),
+            *sft_files(folder, "val").values(),
+            folder / TOKENIZER_FILE,
+        ]
     elif config.data.format == "text_classification":
         names = [MANIFEST_FILE, DATA_FILE, TOKENIZER_FILE]
     else:
@@ -51,9 +58,7 @@ def data_manifest(config: Config) -> dict[str, Any]:
 
 def load_split(config: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of one split: x float32 (N, F); y int64 class indices or float32 targets (N,)."""
-    path = require_file(
-        config.stage_dir("prepare") / DATA_FILE, "prepared data", "run 'bigmodel prepare' first"
-    )
+    path = require_file(config.stage_dir("prepare") / DATA_FILE, "prepared data", "run 'bigmodel prepare' first")
     try:
         arrays = load_file(str(path))
     except Exception as exc:
@@ -71,8 +76,9 @@ def load_tokens(config: Config, split: str) -> np.ndarray:
     )
     dtype = np.dtype(manifest["dtype"])
     if path.stat().st_size != manifest["tokens"][split] * dtype.itemsize:
-        raise UserError(f"{path} does not have the {manifest['tokens'][split]} tokens its manifest says; "
-                        "re-run 'bigmodel prepare'")
+        raise UserError(
+            f"{path} does not have the {manifest['tokens'][split]} tokens its manifest says; re-run 'bigmodel prepare'"
+        )
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -103,8 +109,9 @@ def load_examples(config: Config, split: str) -> Examples:
     mask = np.memmap(paths["mask"], dtype=np.uint8, mode="r")
     starts = np.fromfile(paths["starts"], dtype=np.int64)
     if len(mask) != len(tokens) or len(starts) != manifest["examples"][split] + 1 or starts[-1] != len(tokens):
-        raise UserError(f"{paths['starts'].parent}: the {split} examples do not match their manifest; "
-                        "re-run 'bigmodel prepare'")
+        raise UserError(
+            f"{paths['starts'].parent}: the {split} examples do not match their manifest; re-run 'bigmodel prepare'"
+        )
     return Examples(tokens, mask, starts)
 
 
@@ -145,7 +152,13 @@ def load_texts(config: Config, split: str, side: str = "") -> TextSplit:
     path = require_file(config.stage_dir("prepare") / DATA_FILE, "prepared data", "run 'bigmodel prepare' first")
     arrays = load_file(str(path))
     if f"{split}_{side}ids" not in arrays:
-        raise UserError(f"{path}: no {split} texts{' (second of each pair)' if side else ''} for model.task "
-                        f"'{config.task}'; re-run 'bigmodel prepare'")
-    return TextSplit(arrays[f"{split}_{side}ids"], arrays[f"{split}_{side}offsets"],
-                     arrays.get(f"{split}_types") if not side else None, arrays.get(f"{split}_y"))
+        raise UserError(
+            f"{path}: no {split} texts{' (second of each pair)' if side else ''} for model.task "
+            f"'{config.task}'; re-run 'bigmodel prepare'"
+        )
+    return TextSplit(
+        arrays[f"{split}_{side}ids"],
+        arrays[f"{split}_{side}offsets"],
+        arrays.get(f"{split}_types") if not side else None,
+        arrays.get(f"{split}_y"),
+    )

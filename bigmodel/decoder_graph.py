@@ -39,13 +39,16 @@ STACKED = "past_keys"  # the single cache input of files from before per-layer c
 @functools.cache
 def input_names(n_layer: int) -> tuple[str, ...]:
     """The graph's inputs in order (cached: feeds names every decode step's cache with them)."""
-    return ("input_ids", *(f"past_keys.{i}" for i in range(n_layer)),
-            *(f"past_values.{i}" for i in range(n_layer)), "left_padding")
+    return (
+        "input_ids",
+        *(f"past_keys.{i}" for i in range(n_layer)),
+        *(f"past_values.{i}" for i in range(n_layer)),
+        "left_padding",
+    )
 
 
 def output_names(n_layer: int) -> tuple[str, ...]:
-    return ("logits", *(f"present_keys.{i}" for i in range(n_layer)),
-            *(f"present_values.{i}" for i in range(n_layer)))
+    return ("logits", *(f"present_keys.{i}" for i in range(n_layer)), *(f"present_values.{i}" for i in range(n_layer)))
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,10 @@ class KVCache:
 
     def joined(self, other: KVCache) -> KVCache:
         """This cache's rows, then `other`'s (the same number of positions)."""
-        return KVCache(tuple(np.concatenate(pair) for pair in zip(self.keys, other.keys)),
-                       tuple(np.concatenate(pair) for pair in zip(self.values, other.values)))
+        return KVCache(
+            tuple(np.concatenate(pair) for pair in zip(self.keys, other.keys)),
+            tuple(np.concatenate(pair) for pair in zip(self.values, other.values)),
+        )
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,9 @@ class CacheLayout:
         return cls(meta.n_layer, meta.kv_heads, meta.head_size, meta.dtype)
 
 
-def feeds(ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None,
-          inputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+def feeds(
+    ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None, inputs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
     """A run's inputs by name, for a graph with these `inputs` (default: today's layout); no padding
     unless given."""
     n_layer = len(cache.keys)
@@ -137,13 +143,23 @@ def session_inputs(session: Any) -> tuple[str, ...]:
     return tuple(node.name for node in session.get_inputs())
 
 
-def metadata(arch: DecoderArch, data: DataInfo, dtype: Literal["fp32", "fp16"], weights: str,
-             lineage: dict[str, str]) -> DecoderMetadata:
+def metadata(
+    arch: DecoderArch, data: DataInfo, dtype: Literal["fp32", "fp16"], weights: str, lineage: dict[str, str]
+) -> DecoderMetadata:
     """What infer needs from the file: the tokenizer (with its special tokens and chat template), shapes,
     the float type and the weights' format."""
     return DecoderMetadata(
-        dtype=dtype, tokenizer=data.tokenizer or "", special_tokens=data.special_tokens or {},
-        chat_template=data.chat_template, block_size=arch.block_size, vocab_size=arch.vocab_size,
-        n_layer=arch.n_layer, n_head=arch.n_head, n_kv_head=arch.n_kv_head, head_size=arch.head_size,
-        architecture=arch, weights=weights, lineage=lineage,
+        dtype=dtype,
+        tokenizer=data.tokenizer or "",
+        special_tokens=data.special_tokens or {},
+        chat_template=data.chat_template,
+        block_size=arch.block_size,
+        vocab_size=arch.vocab_size,
+        n_layer=arch.n_layer,
+        n_head=arch.n_head,
+        n_kv_head=arch.n_kv_head,
+        head_size=arch.head_size,
+        architecture=arch,
+        weights=weights,
+        lineage=lineage,
     )

@@ -194,11 +194,14 @@ def load_weights(model: nn.Module, source: Path, prefix: str = "model.") -> None
             continue  # tied aliases (stored once) and state beside the model
         target = targets[name]
         if tuple(full.shape) != tuple(target.shape):
-            raise UserError(f"{source}: {name} has shape {tuple(full.shape)}, the model expects "
-                            f"{tuple(target.shape)}; re-create the checkpoint")
+            raise UserError(
+                f"{source}: {name} has shape {tuple(full.shape)}, the model expects "
+                f"{tuple(target.shape)}; re-create the checkpoint"
+            )
         value = like(full, target)
         (target.to_local() if isinstance(target, DTensor) else target).copy_(
-            value.to_local() if isinstance(value, DTensor) else value)
+            value.to_local() if isinstance(value, DTensor) else value
+        )
         seen.add(name)
     missing = sorted(set(targets) - seen)
     if missing:
@@ -229,8 +232,11 @@ def launch(nproc: int, child_args: list[str]) -> int:
     except ChildFailedError as exc:
         rank, failure = min(exc.failures.items())
         if failure.exitcode < 0:  # killed by a signal: nobody else has said anything
-            print(f"error: training process rank {rank} was killed by signal {-failure.exitcode}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"error: training process rank {rank} was killed by signal {-failure.exitcode}",
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         return failure.exitcode
     return 0

@@ -20,13 +20,41 @@ from bigmodel.errors import UserError
 # The train.* keys each recipe reads (a set key it does not read is refused by the config, naming both).
 # Every recipe: the optimizer and schedule, the batch, how long, when to evaluate and save, when to stop,
 # clipping, TensorBoard.
-COMMON_TRAIN_KEYS = frozenset({"optimizer", "lr", "weight_decay", "momentum", "nesterov", "betas", "schedule",
-                               "warmup_steps", "min_lr", "batch_size", "epochs", "max_steps", "eval_every",
-                               "patience", "grad_clip", "tensorboard", "save_every"})
+COMMON_TRAIN_KEYS = frozenset(
+    {
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "nesterov",
+        "betas",
+        "schedule",
+        "warmup_steps",
+        "min_lr",
+        "batch_size",
+        "epochs",
+        "max_steps",
+        "eval_every",
+        "patience",
+        "grad_clip",
+        "tensorboard",
+        "save_every",
+    }
+)
 # train/lm.py: one loop for every language model, on one process or many (torchrun: DDP, FSDP2).
-LM_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"grad_accum_steps", "precision", "compile", "eval_batches", "log_every",
-                                     "distributed", "backend", "timeout_s", "activation_checkpointing",
-                                     "fsdp", "lora"}
+LM_TRAIN_KEYS = COMMON_TRAIN_KEYS | {
+    "grad_accum_steps",
+    "precision",
+    "compile",
+    "eval_batches",
+    "log_every",
+    "distributed",
+    "backend",
+    "timeout_s",
+    "activation_checkpointing",
+    "fsdp",
+    "lora",
+}
 # train/epochs.py under train/encoder.py and train/tabular.py: epochs over rows, the best by train.monitor.
 ENCODER_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"monitor", "lora"}
 TABULAR_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"monitor", "augment", "loss"}
@@ -61,24 +89,53 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "gpt": Family(
-        name="gpt", data_format="text", onnx_kind="gpt", default_init="gpt2", model="bigmodel.models.gpt",
-        recipe="bigmodel.train.lm", evaluator="bigmodel.eval.lm", exporter="bigmodel.export.gpt",
-        inferer="bigmodel.infer.gpt", server="bigmodel.serve.lm", infer_output="generations.jsonl",
+        name="gpt",
+        data_format="text",
+        onnx_kind="gpt",
+        default_init="gpt2",
+        model="bigmodel.models.gpt",
+        recipe="bigmodel.train.lm",
+        evaluator="bigmodel.eval.lm",
+        exporter="bigmodel.export.gpt",
+        inferer="bigmodel.infer.gpt",
+        server="bigmodel.serve.lm",
+        infer_output="generations.jsonl",
         test_split=None,
-        distributed=True, streams_int4=True, train_keys=LM_TRAIN_KEYS,
+        distributed=True,
+        streams_int4=True,
+        train_keys=LM_TRAIN_KEYS,
     ),
     "mlp": Family(
-        name="mlp", data_format="tabular", onnx_kind="tabular", default_init="kaiming_uniform",
-        model="bigmodel.models.mlp", recipe="bigmodel.train.tabular", evaluator="bigmodel.eval.tabular",
-        exporter="bigmodel.export.tabular", inferer="bigmodel.infer.tabular", server="bigmodel.serve.tabular",
+        name="mlp",
+        data_format="tabular",
+        onnx_kind="tabular",
+        default_init="kaiming_uniform",
+        model="bigmodel.models.mlp",
+        recipe="bigmodel.train.tabular",
+        evaluator="bigmodel.eval.tabular",
+        exporter="bigmodel.export.tabular",
+        inferer="bigmodel.infer.tabular",
+        server="bigmodel.serve.tabular",
         infer_output="predictions.csv",
-        test_split="test.csv", distributed=False, train_keys=TABULAR_TRAIN_KEYS,
+        test_split="test.csv",
+        distributed=False,
+        train_keys=TABULAR_TRAIN_KEYS,
     ),
     "bert": Family(
-        name="bert", data_format="text_classification", onnx_kind="encoder", default_init="bert",
-        model="bigmodel.models.bert", recipe="bigmodel.train.encoder", evaluator="bigmodel.eval.encoder",
-        exporter="bigmodel.export.encoder", inferer="bigmodel.infer.encoder", server="bigmodel.serve.encoder",
-        infer_output="predictions.jsonl", test_split="test.jsonl", distributed=False, train_keys=ENCODER_TRAIN_KEYS,
+        name="bert",
+        data_format="text_classification",
+        onnx_kind="encoder",
+        default_init="bert",
+        model="bigmodel.models.bert",
+        recipe="bigmodel.train.encoder",
+        evaluator="bigmodel.eval.encoder",
+        exporter="bigmodel.export.encoder",
+        inferer="bigmodel.infer.encoder",
+        server="bigmodel.serve.encoder",
+        infer_output="predictions.jsonl",
+        test_split="test.jsonl",
+        distributed=False,
+        train_keys=ENCODER_TRAIN_KEYS,
     ),
 }
 

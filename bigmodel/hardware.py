@@ -66,28 +66,88 @@ ETHERNET_100G_SHARED = Link("100 Gb/s Ethernet shared by 8 GPUs", 12.5 * GB / 8)
 # more, long-tail providers less). Profiles without a surveyed price leave it to plan.price.
 PRICE_SOURCE = "Mercatus cloud GPU pricing, May 2026: the middle of the specialty clouds' on-demand range"
 PROFILES = {
-    "a10": Hardware("NVIDIA A10", 125e12, 31.2e12, 24 * GB, 150, CUDA_RUNTIME,
-                    "NVIDIA A10 Tensor Core GPU datasheet: BF16 125 TFLOPS dense (250 sparse), FP32 31.2, 150 W",
-                    8, PCIE4, ETHERNET_100G_SHARED),
-    "l4": Hardware("NVIDIA L4", 121e12, 30.3e12, 24 * GB, 72, CUDA_RUNTIME,
-                   "NVIDIA L4 Tensor Core GPU datasheet: BF16 121 TFLOPS dense (242 sparse), FP32 30.3, 72 W",
-                   8, PCIE4, ETHERNET_100G_SHARED),
-    "a100-80gb": Hardware("NVIDIA A100 SXM 80GB", 312e12, 19.5e12, 80 * GB, 400, CUDA_RUNTIME,
-                          "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS dense (624 sparse), FP32 19.5, "
-                          "400 W (SXM), NVLink 600 GB/s; DGX A100: 8 x 200 Gb/s HDR",
-                          8, NVLINK3, HDR, 1.30, PRICE_SOURCE),
-    "h100-sxm": Hardware("NVIDIA H100 SXM", 989e12, 67e12, 80 * GB, 700, CUDA_RUNTIME,
-                         "NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity = 989 dense, "
-                         "FP32 67, 700 W (SXM), NVLink 900 GB/s; DGX H100: 8 x 400 Gb/s NDR",
-                         8, NVLINK4, NDR, 3.00, PRICE_SOURCE),
-    "h200": Hardware("NVIDIA H200 SXM", 989e12, 67e12, 141 * GB, 700, CUDA_RUNTIME,
-                     "NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity = 989 dense, FP32 67, "
-                     "141 GB, up to 700 W (SXM), NVLink 900 GB/s; DGX H200: 8 x 400 Gb/s NDR",
-                     8, NVLINK4, NDR, 4.00, PRICE_SOURCE),
-    "mi300x": Hardware("AMD Instinct MI300X", 1307.4e12, 163.4e12, 192 * GB, 750, CUDA_RUNTIME,
-                       "AMD Instinct MI300X data sheet: BF16 1,307.4 TFLOPS dense, FP32 163.4 (vector), 750 W, "
-                       "Infinity Fabric 896 GB/s peer-to-peer; 400 Gb/s per GPU between nodes",
-                       8, INFINITY_FABRIC, NDR),
+    "a10": Hardware(
+        "NVIDIA A10",
+        125e12,
+        31.2e12,
+        24 * GB,
+        150,
+        CUDA_RUNTIME,
+        "NVIDIA A10 Tensor Core GPU datasheet: BF16 125 TFLOPS dense (250 sparse), FP32 31.2, 150 W",
+        8,
+        PCIE4,
+        ETHERNET_100G_SHARED,
+    ),
+    "l4": Hardware(
+        "NVIDIA L4",
+        121e12,
+        30.3e12,
+        24 * GB,
+        72,
+        CUDA_RUNTIME,
+        "NVIDIA L4 Tensor Core GPU datasheet: BF16 121 TFLOPS dense (242 sparse), FP32 30.3, 72 W",
+        8,
+        PCIE4,
+        ETHERNET_100G_SHARED,
+    ),
+    "a100-80gb": Hardware(
+        "NVIDIA A100 SXM 80GB",
+        312e12,
+        19.5e12,
+        80 * GB,
+        400,
+        CUDA_RUNTIME,
+        "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS dense (624 sparse), FP32 19.5, "
+        "400 W (SXM), NVLink 600 GB/s; DGX A100: 8 x 200 Gb/s HDR",
+        8,
+        NVLINK3,
+        HDR,
+        1.30,
+        PRICE_SOURCE,
+    ),
+    "h100-sxm": Hardware(
+        "NVIDIA H100 SXM",
+        989e12,
+        67e12,
+        80 * GB,
+        700,
+        CUDA_RUNTIME,
+        "NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity = 989 dense, "
+        "FP32 67, 700 W (SXM), NVLink 900 GB/s; DGX H100: 8 x 400 Gb/s NDR",
+        8,
+        NVLINK4,
+        NDR,
+        3.00,
+        PRICE_SOURCE,
+    ),
+    "h200": Hardware(
+        "NVIDIA H200 SXM",
+        989e12,
+        67e12,
+        141 * GB,
+        700,
+        CUDA_RUNTIME,
+        "NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity = 989 dense, FP32 67, "
+        "141 GB, up to 700 W (SXM), NVLink 900 GB/s; DGX H200: 8 x 400 Gb/s NDR",
+        8,
+        NVLINK4,
+        NDR,
+        4.00,
+        PRICE_SOURCE,
+    ),
+    "mi300x": Hardware(
+        "AMD Instinct MI300X",
+        1307.4e12,
+        163.4e12,
+        192 * GB,
+        750,
+        CUDA_RUNTIME,
+        "AMD Instinct MI300X data sheet: BF16 1,307.4 TFLOPS dense, FP32 163.4 (vector), 750 W, "
+        "Infinity Fabric 896 GB/s peer-to-peer; 400 Gb/s per GPU between nodes",
+        8,
+        INFINITY_FABRIC,
+        NDR,
+    ),
 }
 CPU_RUNTIME = 85 * MiB  # autograd engine, oneDNN scratch, allocator: measured here (torch 2.13)
 MATMUL_SIZE = 1024
@@ -99,8 +159,15 @@ def profile(name: str) -> Hardware:
         return PROFILES[name]
     fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    return Hardware("this machine (measured)", bf16, fp32, pages, None, CPU_RUNTIME,
-                    f"square {MATMUL_SIZE}x{MATMUL_SIZE} matmuls timed just now, best burst")
+    return Hardware(
+        "this machine (measured)",
+        bf16,
+        fp32,
+        pages,
+        None,
+        CPU_RUNTIME,
+        f"square {MATMUL_SIZE}x{MATMUL_SIZE} matmuls timed just now, best burst",
+    )
 
 
 def matmul_peak(dtype: torch.dtype, size: int = MATMUL_SIZE, seconds: float = 1.0) -> float:

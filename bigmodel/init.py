@@ -38,8 +38,12 @@ def run(config: Config) -> dict[str, Any]:
 
     path = config.stage_dir("init") / "model.safetensors"
     manifest = CheckpointManifest(
-        family=arch.family, architecture=arch, data=data_info(config, data), config=config.model_dump(mode="json"),
-        init_scheme=scheme, lineage={"data": sha256_file(prepared_files(config)[1])},
+        family=arch.family,
+        architecture=arch,
+        data=data_info(config, data),
+        config=config.model_dump(mode="json"),
+        init_scheme=scheme,
+        lineage={"data": sha256_file(prepared_files(config)[1])},
     )
     save_checkpoint(path, model_tensors(model), manifest)
     report = _report(model, arch, config)
@@ -71,8 +75,10 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     data = data_manifest(config)
     arch = pretrained.with_config_overrides(source.arch, config.model, config.task, len(data.get("labels") or []))
     if data.get("tokenizer", {}).get("source") != str(source_path):
-        raise UserError(f"the prepared data was not tokenized with {source_path.name}'s tokenizer; re-run "
-                        "'bigmodel prepare' with this init.from")
+        raise UserError(
+            f"the prepared data was not tokenized with {source_path.name}'s tokenizer; re-run "
+            "'bigmodel prepare' with this init.from"
+        )
     plan = build.WeightPlan(source, arch, config.seed)
     for note in source.notes:
         console.info(f"init: {note}")
@@ -81,17 +87,31 @@ def import_pretrained(config: Config) -> dict[str, Any]:
         model = registry.build_model(arch)  # shapes and counts only: no memory
     parameters = registry.count_parameters(model)
     if isinstance(arch, DecoderArch):
-        memory.guard(memory.import_peak(arch, source.format, source.dtype, str(dtype).removeprefix("torch."),
-                                        parameters, config.init.verify), config.memory_limit)
+        memory.guard(
+            memory.import_peak(
+                arch, source.format, source.dtype, str(dtype).removeprefix("torch."), parameters, config.init.verify
+            ),
+            config.memory_limit,
+        )
     record = ImportRecord(
-        source=str(source_path), format=source.format, model_type=source.model_type, parameters=parameters,
-        source_dtype=source.dtype, dtype=str(dtype).removeprefix("torch."),
-        sha256=sha256_file(source_path) if source_path.is_file() else None, notes=source.notes,
+        source=str(source_path),
+        format=source.format,
+        model_type=source.model_type,
+        parameters=parameters,
+        source_dtype=source.dtype,
+        dtype=str(dtype).removeprefix("torch."),
+        sha256=sha256_file(source_path) if source_path.is_file() else None,
+        notes=source.notes,
         context=source.arch.block_size,  # the model's own context (model.block_size may be shorter)
     )
     manifest = CheckpointManifest(
-        family=arch.family, architecture=arch, data=data_info(config, data), config=config.model_dump(mode="json"),
-        init_scheme="pretrained", import_=record, lineage={"data": sha256_file(prepared_files(config)[1])},
+        family=arch.family,
+        architecture=arch,
+        data=data_info(config, data),
+        config=config.model_dump(mode="json"),
+        init_scheme="pretrained",
+        import_=record,
+        lineage={"data": sha256_file(prepared_files(config)[1])},
     )
     path = config.stage_dir("init") / "model.safetensors"
     entries = [(f"model.{name}", dtype, shape) for name, shape in plan.shapes.items()]
@@ -104,8 +124,13 @@ def import_pretrained(config: Config) -> dict[str, Any]:
             tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
             written = streaming.fetch_from(SafetensorsFile(out.tmp), "model.")
             parity = build.check_parity(written, arch, source, tok, config.init.atol, config.init.rtol)
-            build.enforce(parity, "init", f"parity with {parity['reference']} on a {parity['prompt_tokens']}-token "
-                          "prompt (both models streamed, fp32)", "nothing was written")
+            build.enforce(
+                parity,
+                "init",
+                f"parity with {parity['reference']} on a {parity['prompt_tokens']}-token "
+                "prompt (both models streamed, fp32)",
+                "nothing was written",
+            )
         else:
             parity = {"verified": False}
             console.info("init: parity check skipped (init.verify: false): the checkpoint is recorded as unverified")
@@ -114,9 +139,11 @@ def import_pretrained(config: Config) -> dict[str, Any]:
         record.gate_seconds = round(time.perf_counter() - start - seconds, 2)
         out.finish(manifest.header())
     report = _report(model, arch, config)
-    console.info(f"init: imported {source.model_type} ({source.format}, {source.dtype}) with "
-                 f"{report['parameters']:,} parameters as {record.dtype} in {seconds:.1f} s (gate "
-                 f"{record.gate_seconds:.1f} s), peak RSS {(peak or 0) / 2**20:,.0f} MiB -> {path}")
+    console.info(
+        f"init: imported {source.model_type} ({source.format}, {source.dtype}) with "
+        f"{report['parameters']:,} parameters as {record.dtype} in {seconds:.1f} s (gate "
+        f"{record.gate_seconds:.1f} s), peak RSS {(peak or 0) / 2**20:,.0f} MiB -> {path}"
+    )
     return {"checkpoint": str(path), "init_scheme": "pretrained", "import": record.model_dump(mode="json"), **report}
 
 
@@ -125,12 +152,21 @@ def data_info(config: Config, data: dict[str, Any]) -> DataInfo:
     an imported model's special tokens and chat template)."""
     if config.task == "lm":
         tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
-        return DataInfo(task="lm", vocab_size=data["vocab_size"], tokenizer=tokenizer_json,
-                        special_tokens=data.get("special_tokens") or {}, chat_template=data.get("chat_template"))
+        return DataInfo(
+            task="lm",
+            vocab_size=data["vocab_size"],
+            tokenizer=tokenizer_json,
+            special_tokens=data.get("special_tokens") or {},
+            chat_template=data.get("chat_template"),
+        )
     if config.data.format == "text_classification":
         tokenizer_json = (config.stage_dir("prepare") / TOKENIZER_FILE).read_text(encoding="utf-8")
-        return DataInfo(task=config.task, vocab_size=data["vocab_size"], tokenizer=tokenizer_json,
-                        **{k: data[k] for k in ("text", "text_pair", "target", "labels", "special_ids", "pad_id")})
+        return DataInfo(
+            task=config.task,
+            vocab_size=data["vocab_size"],
+            tokenizer=tokenizer_json,
+            **{k: data[k] for k in ("text", "text_pair", "target", "labels", "special_ids", "pad_id")},
+        )
     return DataInfo(**{k: data[k] for k in ("task", "target", "features", "labels")})
 
 
@@ -144,8 +180,12 @@ def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, 
         "parameters_without_position_embeddings": counts["without_position_embeddings"],
         "flops_per_token": accounting.flops_per_token(arch, counts["without_position_embeddings"]),
         "training_memory_bytes": accounting.training_memory(
-            arch, counts["total"], batch=config.train.batch_size, precision=precision,
-            optimizer=config.train.optimizer, momentum=config.train.momentum,
+            arch,
+            counts["total"],
+            batch=config.train.batch_size,
+            precision=precision,
+            optimizer=config.train.optimizer,
+            momentum=config.train.momentum,
             activation_checkpointing=config.train.activation_checkpointing,
         ),
     }

@@ -44,15 +44,27 @@ def run(path: Path) -> dict[str, Any]:
         return _checkpoint(path)
     reader = FILE_KINDS.get(path.suffix.lower())
     if reader is None:
-        raise UserError(f"{path}: not a file bigmodel writes (runs, checkpoints, .onnx, .json, .jsonl, .bin, .csv, "
-                        "config .yaml, GGUF, Hugging Face folders)")
+        raise UserError(
+            f"{path}: not a file bigmodel writes (runs, checkpoints, .onnx, .json, .jsonl, .bin, .csv, "
+            "config .yaml, GGUF, Hugging Face folders)"
+        )
     return reader(path)
 
 
 # What a stage's folder is shown by, first match first: prepare's manifest, export's and compress's models,
 # train's best checkpoint, init's, eval's metrics, infer's output, report's page.
-STAGE_FOLDER_FILES = ("manifest.json", "model.onnx", "report.json", "model.int*.onnx", "best.safetensors",
-                      "model.safetensors", "metrics*.json", "generations.jsonl", "predictions.*", "index.html")
+STAGE_FOLDER_FILES = (
+    "manifest.json",
+    "model.onnx",
+    "report.json",
+    "model.int*.onnx",
+    "best.safetensors",
+    "model.safetensors",
+    "metrics*.json",
+    "generations.jsonl",
+    "predictions.*",
+    "index.html",
+)
 
 
 def _peft(path: Path) -> dict[str, Any]:
@@ -60,8 +72,12 @@ def _peft(path: Path) -> dict[str, Any]:
     settings = read_json(path / "adapter_config.json", "PEFT adapter config")
     weights = path / "adapter_model.safetensors"
     shown: dict[str, Any] = {"kind": "peft adapter", "path": str(path)}
-    shown.update({key: settings.get(key) for key in ("peft_type", "base_model_name_or_path", "r", "lora_alpha",
-                                                     "target_modules", "task_type")})
+    shown.update(
+        {
+            key: settings.get(key)
+            for key in ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "task_type")
+        }
+    )
     if weights.is_file():
         from safetensors import safe_open
 
@@ -74,8 +90,12 @@ def _peft(path: Path) -> dict[str, Any]:
 
 def _page(path: Path) -> dict[str, Any]:
     """report's HTML page and the figures beside it."""
-    return {"kind": "report page", "path": str(path), "bytes": path.stat().st_size,
-            "figures": sorted(p.name for p in path.parent.glob("*.png"))}
+    return {
+        "kind": "report page",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "figures": sorted(p.name for p in path.parent.glob("*.png")),
+    }
 
 
 def _json_file(path: Path) -> dict[str, Any]:
@@ -96,8 +116,12 @@ def _json_file(path: Path) -> dict[str, Any]:
 
 
 # What the stages' JSON files are, by name (manifests name their own kind).
-JSON_KINDS = {"metrics.json": "eval metrics", "parity.json": "export parity report",
-              "report.json": "compress report", ".stamp.json": "stage stamp (what the stage last ran with)"}
+JSON_KINDS = {
+    "metrics.json": "eval metrics",
+    "parity.json": "export parity report",
+    "report.json": "compress report",
+    ".stamp.json": "stage stamp (what the stage last ran with)",
+}
 
 
 def _log(path: Path) -> dict[str, Any]:
@@ -109,14 +133,23 @@ def _log(path: Path) -> dict[str, Any]:
     if "step" in fields:
         evals = [r for r in records if "val_loss" in r]
         best = min(evals, key=lambda r: r["val_loss"]) if evals else None
-        return {"kind": "training log", "path": str(path), "records": len(records),
-                "steps": [records[0]["step"], records[-1]["step"]] if records else [],
-                "last_train_loss": next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
-                "best_val_loss": best["val_loss"] if best else None, "best_step": best["step"] if best else None,
-                "fields": fields}
+        return {
+            "kind": "training log",
+            "path": str(path),
+            "records": len(records),
+            "steps": [records[0]["step"], records[-1]["step"]] if records else [],
+            "last_train_loss": next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
+            "best_val_loss": best["val_loss"] if best else None,
+            "best_step": best["step"] if best else None,
+            "fields": fields,
+        }
     if "completion" in fields:
-        return {"kind": "generations", "path": str(path), "records": len(records),
-                "new_tokens": sum(int(r.get("new_tokens", 0)) for r in records)}
+        return {
+            "kind": "generations",
+            "path": str(path),
+            "records": len(records),
+            "new_tokens": sum(int(r.get("new_tokens", 0)) for r in records),
+        }
     return {"kind": "json lines", "path": str(path), "records": len(records), "fields": fields}
 
 
@@ -136,9 +169,15 @@ def _shard(path: Path) -> dict[str, Any]:
         kind, dtype = "example offsets", np.dtype(np.int64)
     else:
         kind, dtype = "token shard", np.dtype(manifest.get("dtype", "uint16"))
-    return {"kind": kind, "path": str(path), "split": name.split(".")[0], "dtype": dtype.name,
-            "count": path.stat().st_size // dtype.itemsize, "vocab_size": manifest.get("vocab_size"),
-            "manifest": str(manifest_path)}
+    return {
+        "kind": kind,
+        "path": str(path),
+        "split": name.split(".")[0],
+        "dtype": dtype.name,
+        "count": path.stat().st_size // dtype.itemsize,
+        "vocab_size": manifest.get("vocab_size"),
+        "manifest": str(manifest_path),
+    }
 
 
 def _csv(path: Path) -> dict[str, Any]:
@@ -155,8 +194,13 @@ def _config(path: Path) -> dict[str, Any]:
     from bigmodel.config import load_config
 
     config = load_config(path)
-    return {"kind": "config", "path": str(path), "family": config.model.family, "data": config.data.format,
-            "run_dir": str(config.run_dir)}
+    return {
+        "kind": "config",
+        "path": str(path),
+        "family": config.model.family,
+        "data": config.data.format,
+        "run_dir": str(config.run_dir),
+    }
 
 
 FILE_KINDS = {".jsonl": _log, ".bin": _shard, ".csv": _csv, ".yaml": _config, ".yml": _config, ".html": _page}
@@ -231,8 +275,12 @@ def _pretrained(path: Path) -> dict[str, Any]:
         "parameters": parameters,
         "weights_dtype": source.dtype,
         "tensors": len(source.shapes),
-        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "special_tokens": source.special_tokens,
-                      "chat_template": source.chat_template is not None},
+        "tokenizer": {
+            "kind": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "special_tokens": source.special_tokens,
+            "chat_template": source.chat_template is not None,
+        },
         "notes": source.notes,
     }
 

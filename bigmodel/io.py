@@ -61,8 +61,10 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full(path: Path, needed: int | None = None) -> UserError:
     free = shutil.disk_usage(path if path.is_dir() else path.parent).free
     want = f" ({needed / 2**30:.1f} GiB needed, " if needed else " ("
-    return UserError(f"the disk filled up while writing {path}{want}{free / 2**30:.1f} GiB free); nothing was "
-                     "published: free space, or point run_dir at a disk with room, and run it again")
+    return UserError(
+        f"the disk filled up while writing {path}{want}{free / 2**30:.1f} GiB free); nothing was "
+        "published: free space, or point run_dir at a disk with room, and run it again"
+    )
 
 
 def _umask() -> int:

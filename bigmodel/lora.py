@@ -33,21 +33,48 @@ from bigmodel.errors import UserError
 from bigmodel.manifests import AdapterBase, AdapterRecord
 
 # target -> the Linear inside a block that it adapts
-MODULES = {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
-           "gate": "mlp.c_gate", "up": "mlp.c_fc", "down": "mlp.c_proj"}
+MODULES = {
+    "q": "attn.c_attn",
+    "k": "attn.c_attn",
+    "v": "attn.c_attn",
+    "o": "attn.c_proj",
+    "gate": "mlp.c_gate",
+    "up": "mlp.c_fc",
+    "down": "mlp.c_proj",
+}
 # the Hugging Face module of each target, for PEFT folders
-LLAMA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-GPT2_MODULES = {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
-                "up": "mlp.c_fc", "down": "mlp.c_proj"}
+LLAMA_MODULES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+GPT2_MODULES = {
+    "q": "attn.c_attn",
+    "k": "attn.c_attn",
+    "v": "attn.c_attn",
+    "o": "attn.c_proj",
+    "up": "mlp.c_fc",
+    "down": "mlp.c_proj",
+}
 
 
 class LoRALinear(nn.Module):
     """A frozen Linear plus low-rank updates of some of its output rows: y = base(x), then for each
     adapter (first row a, rows n): y[..., a:a+n] += scale * (dropout(x) A^T) B^T."""
 
-    def __init__(self, base: nn.Linear, rows: dict[str, tuple[int, int]], rank: int, alpha: float,
-                 dropout: float, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rows: dict[str, tuple[int, int]],
+        rank: int,
+        alpha: float,
+        dropout: float,
+        generator: torch.Generator,
+    ) -> None:
         super().__init__()
         self.base = base
         self.rows = rows  # adapter name -> (first row, rows)
@@ -84,8 +111,13 @@ class LoRALinear(nn.Module):
         weight = self.base.weight.detach().clone()
         for name, (first, n_rows) in self.rows.items():
             weight[first : first + n_rows] += self.scale * (self.lora_B[name] @ self.lora_A[name]).to(weight.dtype)
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(
+            self.base.in_features,
+            self.base.out_features,
+            bias=self.base.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         linear.weight.copy_(weight)
         if self.base.bias is not None:
             linear.bias.copy_(self.base.bias)
@@ -94,8 +126,11 @@ class LoRALinear(nn.Module):
 
 def target_rows(arch: DecoderArch | EncoderArch, target: str, out_features: int) -> tuple[int, int]:
     """The output rows of its Linear that a target adapts."""
-    fused = {"q": (0, arch.q_width), "k": (arch.q_width, arch.kv_width),
-             "v": (arch.q_width + arch.kv_width, arch.kv_width)}
+    fused = {
+        "q": (0, arch.q_width),
+        "k": (arch.q_width, arch.kv_width),
+        "v": (arch.q_width + arch.kv_width, arch.kv_width),
+    }
     return fused.get(target, (0, out_features))
 
 
@@ -107,8 +142,9 @@ def apply(model: nn.Module, settings: LoRAConfig, seed: int, trains_also: tuple[
     mlp = arch.mlp
     wanted = settings.projections()
     if "gate" in wanted and mlp != "swiglu" and "gate" in settings.targets:
-        raise UserError(f"train.lora.targets 'gate': this model's MLP ({mlp}) has no gate projection; use "
-                        "up, down or mlp")
+        raise UserError(
+            f"train.lora.targets 'gate': this model's MLP ({mlp}) has no gate projection; use up, down or mlp"
+        )
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(trains_also) if trains_also else False)
     generator = torch.Generator().manual_seed(seed)
@@ -136,8 +172,11 @@ def is_adapted(model: nn.Module) -> bool:
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' A and B, and the heads trained beside them, by parameter name."""
     also = getattr(model, "lora_trains_also", ())
-    return {name: p for name, p in model.named_parameters()
-            if ".lora_A." in name or ".lora_B." in name or (also and name.startswith(also))}
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name or (also and name.startswith(also))
+    }
 
 
 @torch.no_grad()
@@ -153,12 +192,19 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def manifest_record(settings: LoRAConfig, trainable: int, base_path: Path, base_sha256: str,
-                    trains_also: tuple[str, ...] = ()) -> AdapterRecord:
+def manifest_record(
+    settings: LoRAConfig, trainable: int, base_path: Path, base_sha256: str, trains_also: tuple[str, ...] = ()
+) -> AdapterRecord:
     """What an adapter checkpoint says about itself: enough to rebuild the adapters on the right base."""
-    return AdapterRecord(rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
-                         targets=list(settings.projections()), trainable_parameters=trainable,
-                         trains_also=list(trains_also), base=AdapterBase(path=str(base_path), sha256=base_sha256))
+    return AdapterRecord(
+        rank=settings.rank,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        targets=list(settings.projections()),
+        trainable_parameters=trainable,
+        trains_also=list(trains_also),
+        base=AdapterBase(path=str(base_path), sha256=base_sha256),
+    )
 
 
 def settings_of(record: AdapterRecord) -> LoRAConfig:
@@ -218,11 +264,21 @@ def peft_folder(model: nn.Module, model_type: str, folder: Path, base_name: str)
     # Module paths, not bare names: PEFT matches them as suffixes, and GPT-2 has both attn.c_proj and mlp.c_proj.
     modules = sorted({names[t] for t in settings.projections() if t in names})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
-        "target_modules": modules, "bias": "none", "fan_in_fan_out": model_type == "gpt2",
-        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-        "modules_to_save": None, **patterns,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": model_type == "gpt2",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        **patterns,
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

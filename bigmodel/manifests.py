@@ -160,8 +160,10 @@ def read_checkpoint_manifest(header: dict[str, str] | None, origin: str) -> Chec
         raise UserError(f"{origin}: the checkpoint manifest is corrupt ({exc}); re-create it") from exc
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != CHECKPOINT_FORMAT:
-        raise UserError(f"{origin}: checkpoint format version {version} is not supported by bigmodel {__version__} "
-                        f"(expects {CHECKPOINT_FORMAT}); re-create it with this version")
+        raise UserError(
+            f"{origin}: checkpoint format version {version} is not supported by bigmodel {__version__} "
+            f"(expects {CHECKPOINT_FORMAT}); re-create it with this version"
+        )
     manifest: CheckpointManifest = _validated(CheckpointManifest, raw, f"{origin}: the checkpoint manifest")
     return manifest
 
@@ -209,11 +211,22 @@ class DecoderMetadata(OnnxMetadata):
     def _shapes_only(cls, raw: Any) -> Any:
         """Files exported before the typed architecture (2026-11-28) record only the shapes: enough for
         the architecture's shape fields, which is all a reader of such a file uses."""
-        if isinstance(raw, dict) and "architecture" not in raw and isinstance(raw.get("n_head"), int) \
-                and isinstance(raw.get("head_size"), int):
+        if (
+            isinstance(raw, dict)
+            and "architecture" not in raw
+            and isinstance(raw.get("n_head"), int)
+            and isinstance(raw.get("head_size"), int)
+        ):
             shapes = {key: raw.get(key) for key in ("n_layer", "n_head", "n_kv_head", "block_size", "vocab_size")}
-            raw = {**raw, "architecture": {"family": "gpt", **{k: v for k, v in shapes.items() if v is not None},
-                                           "n_embd": raw["n_head"] * raw["head_size"], "head_size": raw["head_size"]}}
+            raw = {
+                **raw,
+                "architecture": {
+                    "family": "gpt",
+                    **{k: v for k, v in shapes.items() if v is not None},
+                    "n_embd": raw["n_head"] * raw["head_size"],
+                    "head_size": raw["head_size"],
+                },
+            }
         return raw
 
 
@@ -239,8 +252,11 @@ class TabularMetadata(OnnxMetadata):
 
 
 AnyMetadata = DecoderMetadata | EncoderMetadata | TabularMetadata
-METADATA: dict[str, type[AnyMetadata]] = {"gpt": DecoderMetadata, "encoder": EncoderMetadata,
-                                          "tabular": TabularMetadata}
+METADATA: dict[str, type[AnyMetadata]] = {
+    "gpt": DecoderMetadata,
+    "encoder": EncoderMetadata,
+    "tabular": TabularMetadata,
+}
 
 
 def read_onnx_metadata(entries: dict[str, str], origin: str) -> AnyMetadata:
@@ -251,8 +267,10 @@ def read_onnx_metadata(entries: dict[str, str], origin: str) -> AnyMetadata:
         raise UserError(f"{origin} has no bigmodel metadata; export it with 'bigmodel export'")
     version = int(json.loads(raw["format_version"])) if "format_version" in raw else 1
     if version > ONNX_FORMAT:
-        raise UserError(f"{origin}: metadata format {version} is newer than this bigmodel {__version__} reads "
-                        f"({ONNX_FORMAT}); upgrade bigmodel or re-export with this version")
+        raise UserError(
+            f"{origin}: metadata format {version} is newer than this bigmodel {__version__} reads "
+            f"({ONNX_FORMAT}); upgrade bigmodel or re-export with this version"
+        )
     values = {key: _decoded(value, version) for key, value in raw.items()}
     kind = values.get("kind")
     if kind not in METADATA:
@@ -291,4 +309,3 @@ def _validated(model: type[Any], raw: Any, origin: str) -> Any:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in exc.errors()[:5])
         raise UserError(f"{origin} is not valid ({problems}); re-create it with this version of bigmodel") from None
-

@@ -36,8 +36,18 @@ ORT_RUNTIME = int(0.15 * GiB)
 # ONNX Runtime's peak over the file it loads: initializers read into memory, MatMulNBits' packed copies.
 SESSION_OVER_FILE = 1.3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(value: Any) -> int | None:
@@ -127,8 +137,10 @@ def guard(estimate: Estimate, limit: int | None) -> None:
     biggest = sorted(estimate.parts.items(), key=lambda item: -item[1])[:3]
     detail = ", ".join(f"{name} {size / GiB:.1f}" for name, size in biggest)
     fix = "; ".join(estimate.fixes) or "use a machine with more memory"
-    raise UserError(f"{estimate.stage} needs about {estimate.peak / GiB:.1f} GiB at its peak ({detail} GiB) but "
-                    f"{room_bytes / GiB:.1f} GiB is {where}; nothing was started: {fix}")
+    raise UserError(
+        f"{estimate.stage} needs about {estimate.peak / GiB:.1f} GiB at its peak ({detail} GiB) but "
+        f"{room_bytes / GiB:.1f} GiB is {where}; nothing was started: {fix}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ decoders
@@ -140,8 +152,9 @@ def largest_matrix(arch: Any) -> int:
     return max(arch.vocab_size * arch.n_embd, max(arch.mlp_hidden) * arch.n_embd, qkv * arch.n_embd)
 
 
-def import_peak(arch: Any, source_format: str, source_dtype: str, checkpoint_dtype: str, parameters: int,
-                verify: bool) -> Estimate:
+def import_peak(
+    arch: Any, source_format: str, source_dtype: str, checkpoint_dtype: str, parameters: int, verify: bool
+) -> Estimate:
     """init with init.from: one parameter read (source dtype) and converted (checkpoint dtype); the gate
     holds one module in fp32 per implementation at a time -- except transformers reading a GGUF, which
     dequantises the whole file in fp32."""
@@ -154,8 +167,10 @@ def import_peak(arch: Any, source_format: str, source_dtype: str, checkpoint_dty
         gate = largest * (source_bytes + 4)
         if source_format == "gguf":
             gate += 4 * parameters
-            fixes.append("import the model's Hugging Face folder instead of the GGUF (its gate streams), or "
-                         "--set init.verify=false (the checkpoint is then recorded as unverified)")
+            fixes.append(
+                "import the model's Hugging Face folder instead of the GGUF (its gate streams), or "
+                "--set init.verify=false (the checkpoint is then recorded as unverified)"
+            )
         parts["one parameter"] = max(parts["one parameter"], gate)
     return Estimate("init", parts, fixes)
 
@@ -185,9 +200,14 @@ def export_peak(arch: Any, parameters: int, checkpoint_dtype: str, dtype: str) -
     reference = (block_parameters(arch) + largest) * (stored + 4)
     session = int(SESSION_OVER_FILE * export_file_bytes(arch, parameters, dtype))
     fixes = ["--set export.dtype=int4 (a 4-bit file: about an eighth of fp32)"] if dtype != "int4" else []
-    return Estimate(f"export ({dtype})", {"runtime": TORCH_RUNTIME,
-                                          "largest of: one matrix / the gate's layer / the new file in ONNX Runtime":
-                                          max(write, reference, session)}, fixes)
+    return Estimate(
+        f"export ({dtype})",
+        {
+            "runtime": TORCH_RUNTIME,
+            "largest of: one matrix / the gate's layer / the new file in ONNX Runtime": max(write, reference, session),
+        },
+        fixes,
+    )
 
 
 def train_peak(step: dict[str, int], loading: int, lora: bool) -> Estimate:
@@ -195,11 +215,17 @@ def train_peak(step: dict[str, int], loading: int, lora: bool) -> Estimate:
     larger of gradients and activations), or loading the model when that is larger (`loading`: a full
     load holds the fp32 model and the checkpoint's tensors at once)."""
     held = step["weights"] + step["optimizer"]
-    parts = {"runtime": TORCH_RUNTIME, "weights + optimizer state": held,
-             "activations or gradients": max(step["activations"], step["gradients"], loading - held, 0)}
+    parts = {
+        "runtime": TORCH_RUNTIME,
+        "weights + optimizer state": held,
+        "activations or gradients": max(step["activations"], step["gradients"], loading - held, 0),
+    }
     fixes = ["--set train.batch_size=<smaller> (activations grow with it)", "--set train.activation_checkpointing=true"]
-    fixes.append("a smaller train.lora.rank" if lora else
-                 "--set 'train.lora={rank: 8}' (the base frozen: no gradients or optimizer state for it)")
+    fixes.append(
+        "a smaller train.lora.rank"
+        if lora
+        else "--set 'train.lora={rank: 8}' (the base frozen: no gradients or optimizer state for it)"
+    )
     return Estimate("train", parts, fixes)
 
 
@@ -207,9 +233,16 @@ def runtime_peak(stage: str, arch: Any, file_bytes: int, batch: int, context: in
     """infer and serve: ONNX Runtime holding the file of a decoder `arch`, the KV cache of `batch` sequences
     of `context` tokens (`cache_bytes` per value: 2 for an fp16 export), and one step's logits."""
     kv_cache = 2 * arch.n_layer * batch * context * arch.n_kv_head * arch.head_size * cache_bytes
-    return Estimate(stage, {"runtime": ORT_RUNTIME, "model": int(SESSION_OVER_FILE * file_bytes), "kv_cache": kv_cache,
-                            "logits": batch * arch.vocab_size * 4 * 2},
-                    ["a smaller file (export.dtype int4)", "a shorter context or fewer sequences at once"])
+    return Estimate(
+        stage,
+        {
+            "runtime": ORT_RUNTIME,
+            "model": int(SESSION_OVER_FILE * file_bytes),
+            "kv_cache": kv_cache,
+            "logits": batch * arch.vocab_size * 4 * 2,
+        },
+        ["a smaller file (export.dtype int4)", "a shorter context or fewer sequences at once"],
+    )
 
 
 def onnx_file_bytes(path: Path) -> int:

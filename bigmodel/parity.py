@@ -9,11 +9,18 @@ from typing import Any
 
 def verdict(max_abs_diff: float, max_abs_logit: float, atol: float, rtol: float) -> dict[str, Any]:
     tolerance = atol + rtol * max_abs_logit
-    return {"atol": atol, "rtol": rtol, "max_abs_logit": max_abs_logit, "tolerance": tolerance,
-            "passed": bool(max_abs_diff <= tolerance)}
+    return {
+        "atol": atol,
+        "rtol": rtol,
+        "max_abs_logit": max_abs_logit,
+        "tolerance": tolerance,
+        "passed": bool(max_abs_diff <= tolerance),
+    }
 
 
 def allowed(report: dict[str, Any]) -> str:
     """How a report's tolerance was reached, for the gate's line and its failure message."""
-    return (f"tolerance {report['tolerance']:.3g} = atol {report['atol']} + rtol {report['rtol']} x max |logit| "
-            f"{report['max_abs_logit']:.3g}")
+    return (
+        f"tolerance {report['tolerance']:.3g} = atol {report['atol']} + rtol {report['rtol']} x max |logit| "
+        f"{report['max_abs_logit']:.3g}"
+    )

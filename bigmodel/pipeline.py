@@ -13,8 +13,15 @@ from bigmodel.stages import ORDER, STAGES
 DEFAULT_STAGES = ORDER
 
 
-def run(config: Config, start: str | None = None, stop: str | None = None, force: bool = False,
-        resume: bool = False, restart: bool = False, verify: bool = False) -> dict[str, Any]:
+def run(
+    config: Config,
+    start: str | None = None,
+    stop: str | None = None,
+    force: bool = False,
+    resume: bool = False,
+    restart: bool = False,
+    verify: bool = False,
+) -> dict[str, Any]:
     """resume/restart: what to do with an unfinished train run (without either it is refused);
     verify: compare every input's sha256 with its stamp, not only sizes and times."""
     names = _select(start, stop)
@@ -53,5 +60,7 @@ def _select(start: str | None, stop: str | None) -> list[str]:
     first = DEFAULT_STAGES.index(start) if start else 0
     last = DEFAULT_STAGES.index(stop) if stop else len(DEFAULT_STAGES) - 1
     if first > last:
-        raise UserError(f"--from {start} comes after --to {stop}; stages run in the order {' -> '.join(DEFAULT_STAGES)}")
+        raise UserError(
+            f"--from {start} comes after --to {stop}; stages run in the order {' -> '.join(DEFAULT_STAGES)}"
+        )
     return DEFAULT_STAGES[first : last + 1]

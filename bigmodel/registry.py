@@ -51,13 +51,17 @@ def stage_checkpoint(config: Any, ref: str, stage: str) -> Path:
     if path.suffix == ".onnx":
         if stage == "eval":
             return path
-        raise UserError(f"{stage}.checkpoint {path}: {stage} starts from a checkpoint (.safetensors), not an ONNX "
-                        "model; give best, last, init or a .safetensors file")
+        raise UserError(
+            f"{stage}.checkpoint {path}: {stage} starts from a checkpoint (.safetensors), not an ONNX "
+            "model; give best, last, init or a .safetensors file"
+        )
     found = read_manifest(path).family
     expected = config.model.family
     if found != expected:
-        raise UserError(f"{path} holds a '{found}' model, but the config describes a '{expected}' model "
-                        f"(model.family); give a {expected} checkpoint, or the config that {path.name} was trained with")
+        raise UserError(
+            f"{path} holds a '{found}' model, but the config describes a '{expected}' model "
+            f"(model.family); give a {expected} checkpoint, or the config that {path.name} was trained with"
+        )
     return path
 
 
@@ -88,9 +92,11 @@ def check_adapter_base(path: Path, own_init: Path) -> None:
     base = adapter.base
     own = sha256_file(own_init)
     if own != base.sha256:
-        raise UserError(f"{path} is a LoRA adapter of {base.path}, not of this run's {own_init} (sha256 "
-                        f"{base.sha256[:12]} vs {own[:12]}); an adapter fits only its own "
-                        "base: evaluate it in its own run (--run-dir), or train one on this base")
+        raise UserError(
+            f"{path} is a LoRA adapter of {base.path}, not of this run's {own_init} (sha256 "
+            f"{base.sha256[:12]} vs {own[:12]}); an adapter fits only its own "
+            "base: evaluate it in its own run (--run-dir), or train one on this base"
+        )
 
 
 def checkpoint_size(path: Path) -> tuple[AnyArch, int, int]:
@@ -127,8 +133,11 @@ def load_frozen_base(path: Path) -> tuple[nn.Module, CheckpointManifest]:
     tied = getattr(model, "tied_weights", {})
     stored = SafetensorsFile(path)
     with torch.device("meta"):
-        found = {name.removeprefix("model."): torch.empty(entry.shape) for name, entry in stored.entries.items()
-                 if name.startswith("model.")}
+        found = {
+            name.removeprefix("model."): torch.empty(entry.shape)
+            for name, entry in stored.entries.items()
+            if name.startswith("model.")
+        }
     check_shapes(path, {k: v for k, v in model.state_dict().items() if k not in tied}, found)
     for name in found:
         tensor = stored.read(f"model.{name}")
@@ -163,12 +172,16 @@ def _load_adapted(path: Path, record: AdapterRecord, tensors: dict[str, Any], me
 
     base = Path(record.base.path)
     if not base.is_file():
-        raise UserError(f"{path} is a LoRA adapter of {base}, which is missing; re-create it with 'bigmodel init' "
-                        "(the same config) or put it back")
+        raise UserError(
+            f"{path} is a LoRA adapter of {base}, which is missing; re-create it with 'bigmodel init' "
+            "(the same config) or put it back"
+        )
     found = sha256_file(base)
     if found != record.base.sha256:
-        raise UserError(f"{path} is a LoRA adapter trained on base weights with sha256 {record.base.sha256[:12]}, "
-                        f"but {base} now has {found[:12]}; an adapter fits only its own base: re-run 'bigmodel train'")
+        raise UserError(
+            f"{path} is a LoRA adapter trained on base weights with sha256 {record.base.sha256[:12]}, "
+            f"but {base} now has {found[:12]}; an adapter fits only its own base: re-run 'bigmodel train'"
+        )
     model, _ = load_model(base)
     lora.apply(model, lora.settings_of(record), seed=0, trains_also=tuple(record.trains_also))
     weights = {k.removeprefix("model."): v for k, v in tensors.items()}

@@ -43,9 +43,17 @@ class Recipe(Protocol):
     after_step runs after every optimizer step (compress holds pruned weights at zero with it); loss_hook
     replaces the task's training loss (distillation)."""
 
-    def train(self, config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
-              after_step: Callable[[Any], None] | None = None, loss_hook: Callable[..., Any] | None = None,
-              until_step: int | None = None, allow_changes: bool = False) -> dict[str, Any]: ...
+    def train(
+        self,
+        config: Config,
+        resume: bool,
+        out_dir: Path,
+        start_from: Path | None = None,
+        after_step: Callable[[Any], None] | None = None,
+        loss_hook: Callable[..., Any] | None = None,
+        until_step: int | None = None,
+        allow_changes: bool = False,
+    ) -> dict[str, Any]: ...
 
 
 class Evaluator(Protocol):
@@ -59,16 +67,26 @@ class Exporter(Protocol):
     """export/<family>.py: a checkpoint -> a gated ONNX file; feeds for calibration and latency."""
 
     def export_checkpoint(self, config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]: ...
-    def calibration_feeds(self, config: Config, model: Path, batches: int,
-                          rng: np.random.Generator) -> list[dict[str, Any]]: ...
+    def calibration_feeds(
+        self, config: Config, model: Path, batches: int, rng: np.random.Generator
+    ) -> list[dict[str, Any]]: ...
     def latency_feeds(self, session: Any, meta: Any) -> dict[str, np.ndarray]: ...
 
 
 class Inferer(Protocol):
     """infer/<family>.py: predictions or generations from an ONNX session (ONNX Runtime only)."""
 
-    def run_model(self, session: Any, meta: Any, path: Path, settings: InferConfig, source: Path | None,
-                  dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]: ...
+    def run_model(
+        self,
+        session: Any,
+        meta: Any,
+        path: Path,
+        settings: InferConfig,
+        source: Path | None,
+        dest: Path,
+        seed: int,
+        bench_settings: dict[str, int] | None,
+    ) -> dict[str, Any]: ...
 
 
 class Engine(Protocol):
@@ -89,10 +107,22 @@ class Engine(Protocol):
 class Server(Protocol):
     """serve/<family>.py: the Engine class, built as Engine(session, meta, path, name, settings)."""
 
-    def Engine(self, session: Any, meta: Any, path: Path, name: str,  # a class, called
-               settings: ServeConfig) -> Engine: ...
+    def Engine(
+        self,
+        session: Any,
+        meta: Any,
+        path: Path,
+        name: str,  # a class, called
+        settings: ServeConfig,
+    ) -> Engine: ...
 
 
 # The family table's role names (Family fields) and what each must provide.
-ROLES: dict[str, type] = {"model": Model, "recipe": Recipe, "evaluator": Evaluator, "exporter": Exporter,
-                          "inferer": Inferer, "server": Server}
+ROLES: dict[str, type] = {
+    "model": Model,
+    "recipe": Recipe,
+    "evaluator": Evaluator,
+    "exporter": Exporter,
+    "inferer": Inferer,
+    "server": Server,
+}

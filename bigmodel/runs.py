@@ -73,10 +73,14 @@ def _details(name: str, config: Config) -> dict[str, Any]:
         last = checkpoint_manifest(folder / "last.safetensors")
         best = checkpoint_manifest(folder / "best.safetensors")
         loop = last.resume.loop if last is not None and last.resume is not None else {}
-        return {"step": loop.get("step", best.step if best else None), "total_steps": loop.get("total_steps"),
-                "unfinished": bool(loop) and not loop.get("finished", False),
-                "best_step": best.step if best else None, "best": best.metrics if best else None,
-                "checkpoint_config": (best.config if best else None) or (last.config if last else None)}
+        return {
+            "step": loop.get("step", best.step if best else None),
+            "total_steps": loop.get("total_steps"),
+            "unfinished": bool(loop) and not loop.get("finished", False),
+            "best_step": best.step if best else None,
+            "best": best.metrics if best else None,
+            "checkpoint_config": (best.config if best else None) or (last.config if last else None),
+        }
     if name == "eval":
         metrics = _json(config.eval_output()) or {}
         return {"checkpoint": metrics.get("checkpoint"), "metrics": headline(metrics.get("metrics") or {})}
@@ -107,8 +111,14 @@ def _json(path: Path) -> dict[str, Any] | None:
 def describe(run_dir: Path) -> dict[str, Any]:
     """`inspect DIR` of a run directory: its config and each stage's status."""
     config = load_run(run_dir)
-    return {"kind": "run", "path": str(run_dir), "family": config.model.family, "data": config.data.format,
-            "config": str(run_dir / RECORD), "stages": stage_status(config)}
+    return {
+        "kind": "run",
+        "path": str(run_dir),
+        "family": config.model.family,
+        "data": config.data.format,
+        "config": str(run_dir / RECORD),
+        "stages": stage_status(config),
+    }
 
 
 # ---------------------------------------------------------------------------------- list, compare
@@ -129,15 +139,19 @@ def summary(run_dir: Path) -> dict[str, Any]:
     """One line's worth of a run: family, the last stage done, step, main metric, when."""
     config = load_run(run_dir)
     stages = stage_status(config)
-    ran = sorted((name for name, row in stages.items() if row["status"] != "not run"),
-                 key=lambda name: _newest(config.stage_dir(name)))  # the last one run, not the last in ORDER
+    ran = sorted(
+        (name for name, row in stages.items() if row["status"] != "not run"),
+        key=lambda name: _newest(config.stage_dir(name)),
+    )  # the last one run, not the last in ORDER
     train, evaluation = stages.get("train", {}), stages.get("eval", {})
     metric = evaluation.get("metrics") or (train.get("best") or {})
     latest = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=None)
     return {
-        "path": str(run_dir), "family": config.model.family,
+        "path": str(run_dir),
+        "family": config.model.family,
         "last_stage": f"{ran[-1]} ({stages[ran[-1]]['status']})" if ran else "none",
-        "step": train.get("step"), "metric": metric,
+        "step": train.get("step"),
+        "metric": metric,
         "when": datetime.datetime.fromtimestamp(latest).isoformat(timespec="minutes") if latest else None,
     }
 
@@ -150,13 +164,18 @@ def compare(first: Path, second: Path) -> dict[str, Any]:
     """The config keys that differ between two runs, and their metrics side by side."""
     configs = [flatten(load_run(run).model_dump(mode="json", by_alias=True)) for run in (first, second)]
     ignored = {"run_dir"}
-    differ = {key: [configs[0].get(key), configs[1].get(key)]
-              for key in sorted(configs[0].keys() | configs[1].keys())
-              if key not in ignored and configs[0].get(key) != configs[1].get(key)}
+    differ = {
+        key: [configs[0].get(key), configs[1].get(key)]
+        for key in sorted(configs[0].keys() | configs[1].keys())
+        if key not in ignored and configs[0].get(key) != configs[1].get(key)
+    }
     metrics = [_metrics_of(run) for run in (first, second)]
     names = sorted(metrics[0].keys() | metrics[1].keys())
-    return {"runs": [str(first), str(second)], "config_differences": differ,
-            "metrics": {name: [metrics[0].get(name), metrics[1].get(name)] for name in names}}
+    return {
+        "runs": [str(first), str(second)],
+        "config_differences": differ,
+        "metrics": {name: [metrics[0].get(name), metrics[1].get(name)] for name in names},
+    }
 
 
 def _metrics_of(run_dir: Path) -> dict[str, Any]:

@@ -21,8 +21,9 @@ VAL_MASK_SEED = 1_000_003  # the fixed masking of the val split (any constant ap
 Encode = Callable[[dict[str, np.ndarray]], np.ndarray]  # a padded batch -> the model's output, as numpy
 
 
-def masked(ids: np.ndarray, specials: dict[str, int | None], vocab_size: int,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def masked(
+    ids: np.ndarray, specials: dict[str, int | None], vocab_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """BERT's masking of a (B, T) batch: (inputs, targets), targets -100 where nothing is predicted. Every
     text gets at least one prediction, so no batch has an empty loss."""
     special_ids = np.array([i for i in specials.values() if i is not None])
@@ -41,16 +42,23 @@ def masked(ids: np.ndarray, specials: dict[str, int | None], vocab_size: int,
 
 def torch_encoder(model: nn.Module, device: torch.device) -> Encode:
     """A PyTorch encoder as a function of a padded batch (eval mode, no gradients)."""
+
     def encode(batch: dict[str, np.ndarray]) -> np.ndarray:
         model.eval()
         with torch.no_grad():
             out = model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
         return out.float().cpu().numpy()
+
     return encode
 
 
-def outputs(encode: Encode, texts: TextSplit, pad_id: int, batch_size: int = 64,
-            transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> list[np.ndarray]:
+def outputs(
+    encode: Encode,
+    texts: TextSplit,
+    pad_id: int,
+    batch_size: int = 64,
+    transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> list[np.ndarray]:
     """The model's output for every text, in order, in batches padded to their own longest text (texts of
     similar length together); transform(output, rows) is applied per batch before it is kept."""
     order = np.argsort(texts.lengths(), kind="stable")
@@ -75,12 +83,15 @@ def classifier_scores(encode: Encode, texts: TextSplit, pad_id: int) -> dict[str
     assert texts.y is not None
     probs = probabilities(encode, texts, pad_id)
     picked = probs[np.arange(len(texts)), texts.y]
-    return {"loss": float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()),
-            "accuracy": float((probs.argmax(-1) == texts.y).mean())}
+    return {
+        "loss": float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()),
+        "accuracy": float((probs.argmax(-1) == texts.y).mean()),
+    }
 
 
-def mlm_scores(encode: Encode, texts: TextSplit, pad_id: int, specials: dict[str, int | None], vocab_size: int,
-               seed: int) -> dict[str, float]:
+def mlm_scores(
+    encode: Encode, texts: TextSplit, pad_id: int, specials: dict[str, int | None], vocab_size: int, seed: int
+) -> dict[str, float]:
     """Cross-entropy and accuracy on the masked tokens of `texts`, masked once by (seed, VAL_MASK_SEED):
     the same positions at every evaluation."""
     rng = np.random.default_rng([seed, VAL_MASK_SEED])
@@ -101,14 +112,21 @@ def mlm_scores(encode: Encode, texts: TextSplit, pad_id: int, specials: dict[str
             top = picked.max(-1)
             log_z = top + np.log(np.exp(picked - top[:, None]).sum(-1))
             truth = targets[row][where]
-            sums[i] = ((log_z - picked[np.arange(len(truth)), truth]).sum(), (picked.argmax(-1) == truth).sum(),
-                       len(truth))
+            sums[i] = (
+                (log_z - picked[np.arange(len(truth)), truth]).sum(),
+                (picked.argmax(-1) == truth).sum(),
+                len(truth),
+            )
         return sums
 
     loss_sum, correct, count = np.sum(outputs(encode, masked_texts, pad_id, transform=per_text), axis=0)
     loss = float(loss_sum / count)
-    return {"loss": loss, "accuracy": float(correct / count), "perplexity": math.exp(min(loss, 50.0)),
-            "masked_tokens": int(count)}
+    return {
+        "loss": loss,
+        "accuracy": float(correct / count),
+        "perplexity": math.exp(min(loss, 50.0)),
+        "masked_tokens": int(count),
+    }
 
 
 def retrieval_scores(encode: Encode, queries: TextSplit, partners: TextSplit, pad_id: int) -> dict[str, float]:
@@ -122,9 +140,13 @@ def retrieval_scores(encode: Encode, queries: TextSplit, partners: TextSplit, pa
     logits = similarity * EMBEDDING_SCALE
     top = logits.max(1)
     log_z = top + np.log(np.exp(logits - top[:, None]).sum(1))
-    return {"loss": float((log_z - np.diag(logits)).mean()), "accuracy": float((rank == 0).mean()),
-            "recall_at_5": float((rank < 5).mean()), "mrr": float((1.0 / (rank + 1)).mean()),
-            "pairs": len(queries)}
+    return {
+        "loss": float((log_z - np.diag(logits)).mean()),
+        "accuracy": float((rank == 0).mean()),
+        "recall_at_5": float((rank < 5).mean()),
+        "mrr": float((1.0 / (rank + 1)).mean()),
+        "pairs": len(queries),
+    }
 
 
 def pad(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

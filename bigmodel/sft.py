@@ -68,15 +68,19 @@ def read_record(record: dict[str, Any], where: str) -> Record:
         output = _text(record, "output", where)
         user = instruction + (f"\n\n{extra}" if extra else "")
         prompt = (ALPACA_WITH_INPUT if extra else ALPACA).format(instruction=instruction, input=extra)
-        return Record([{"role": "user", "content": user}, {"role": "assistant", "content": output}], "alpaca",
-                      (prompt, output))
+        return Record(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": output}], "alpaca", (prompt, output)
+        )
     if "prompt" in record or "completion" in record:
         asked = record.get("prompt")
         if not isinstance(asked, str):
             raise UserError(f"{where}: 'prompt' must be a string")
         completion = _text(record, "completion", where)
-        return Record([{"role": "user", "content": asked}, {"role": "assistant", "content": completion}],
-                      "prompt_completion", (asked, completion))
+        return Record(
+            [{"role": "user", "content": asked}, {"role": "assistant", "content": completion}],
+            "prompt_completion",
+            (asked, completion),
+        )
     raise UserError(f"{where}: not an example; each line must be one of {SHAPES}")
 
 
@@ -94,8 +98,15 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
 class Renderer:
     """Records -> Examples for one tokenizer, template and loss mask (data.train_on)."""
 
-    def __init__(self, tokenizer: Any, template: str | None, special_tokens: dict[str, Any], train_on: str,
-                 eos_id: int | None, origin: str = "the model's chat template") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str | None,
+        special_tokens: dict[str, Any],
+        train_on: str,
+        eos_id: int | None,
+        origin: str = "the model's chat template",
+    ) -> None:
         self.tokenizer = tokenizer
         self.template = template  # a Jinja chat template; None: plain
         self.origin = origin  # names the template in errors
@@ -123,8 +134,10 @@ class Renderer:
 
     def _plain(self, record: Record, where: str) -> tuple[str, list[tuple[int, int]]]:
         if record.plain is None:
-            raise UserError(f"{where}: data.template 'plain' writes single-turn records (prompt/completion or "
-                            "Alpaca); a chat record needs a chat template: set data.template to chatml or model")
+            raise UserError(
+                f"{where}: data.template 'plain' writes single-turn records (prompt/completion or "
+                "Alpaca); a chat record needs a chat template: set data.template to chatml or model"
+            )
         prompt, completion = record.plain
         return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
 
@@ -138,8 +151,10 @@ class Renderer:
                 before = self._render(messages[:i], add_generation_prompt=True)
                 upto = self._render(messages[: i + 1], add_generation_prompt=False)
                 if not (full.startswith(upto) and upto.startswith(before)):
-                    raise UserError("the chat template does not render a conversation prefix by prefix, so its "
-                                    "assistant turns cannot be located; set data.template: chatml")
+                    raise UserError(
+                        "the chat template does not render a conversation prefix by prefix, so its "
+                        "assistant turns cannot be located; set data.template: chatml"
+                    )
                 spans.append((len(before), len(upto)))
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from exc

@@ -76,8 +76,11 @@ class Stage:
         if not is_main_process():  # one writer per distributed job
             return
         if inputs is None:
-            inputs = {_key(config, p): {**_times(p), "sha256": sha256_file(p)}
-                      for p in self._input_files(config) if p.is_file()}
+            inputs = {
+                _key(config, p): {**_times(p), "sha256": sha256_file(p)}
+                for p in self._input_files(config)
+                if p.is_file()
+            }
         write_json(self._stamp_path(config), {"config": config.section_hash(*self.sections), "inputs": inputs})
 
     def _read_stamp(self, config: Config) -> dict[str, Any]:
@@ -166,18 +169,29 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("prepare", ("data", "seed", "init.from_"), _sources, prepared_files),
-        Stage("init", ("data", "model", "init", "seed"),
-              lambda c: [c.stage_dir("prepare") / "manifest.json", *_pretrained_files(c)],
-              _in("init", "model.safetensors")),
-        Stage("train", ("model", "train", *_EVERYWHERE),
-              lambda c: [c.stage_dir("init") / "model.safetensors", *prepared_files(c)],
-              _in("train", "best.safetensors", "last.safetensors")),
+        Stage(
+            "init",
+            ("data", "model", "init", "seed"),
+            lambda c: [c.stage_dir("prepare") / "manifest.json", *_pretrained_files(c)],
+            _in("init", "model.safetensors"),
+        ),
+        Stage(
+            "train",
+            ("model", "train", *_EVERYWHERE),
+            lambda c: [c.stage_dir("init") / "model.safetensors", *prepared_files(c)],
+            _in("train", "best.safetensors", "last.safetensors"),
+        ),
         Stage("eval", ("eval",), _ckpt(lambda c: c.eval.checkpoint), lambda c: [c.eval_output()], _eval_stamp),
-        Stage("compress", ("compress", "export", "seed"), _ckpt(lambda c: c.compress.checkpoint),
-              _in("compress", "report.json")),
+        Stage(
+            "compress",
+            ("compress", "export", "seed"),
+            _ckpt(lambda c: c.compress.checkpoint),
+            _in("compress", "report.json"),
+        ),
         Stage("export", ("export",), _ckpt(lambda c: c.export.checkpoint), _export_outputs),
-        Stage("infer", ("infer", "seed", "threads"), _infer_inputs,
-              lambda c: [c.infer.output or default_infer_output(c)]),
+        Stage(
+            "infer", ("infer", "seed", "threads"), _infer_inputs, lambda c: [c.infer.output or default_infer_output(c)]
+        ),
     )
 }
 ORDER = list(STAGES)

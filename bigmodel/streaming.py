@@ -77,8 +77,9 @@ def streamed(model: nn.Module, fetch: Fetch, dtype: torch.dtype = torch.float32)
 
 
 @contextlib.contextmanager
-def materialized(root: nn.Module, parts: Iterable[nn.Module], fetch: Fetch,
-                 dtype: torch.dtype = torch.float32) -> Iterator[None]:
+def materialized(
+    root: nn.Module, parts: Iterable[nn.Module], fetch: Fetch, dtype: torch.dtype = torch.float32
+) -> Iterator[None]:
     """The weights of `parts` (submodules of `root`, whole) loaded from `fetch` while in the block: what a
     layer-by-layer pass holds, one layer at a time."""
     slots = _slots((module for part in parts for module in part.modules()), aliases_of(root))

@@ -22,16 +22,16 @@ def read_csv(path: Path, text: str | None = None) -> tuple[list[str], list[list[
     header = [name.strip() for name in header]
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
-        raise UserError(f"{path}: the header names column {repeated[0]!r} {header.count(repeated[0])} times; "
-                        "give each column its own name")
+        raise UserError(
+            f"{path}: the header names column {repeated[0]!r} {header.count(repeated[0])} times; "
+            "give each column its own name"
+        )
     rows = []
     for line_no, row in enumerate(reader, start=2):
         if not row:
             continue
         if len(row) != len(header):
-            raise UserError(
-                f"{path}: row {line_no} has {len(row)} cells but the header has {len(header)}"
-            )
+            raise UserError(f"{path}: row {line_no} has {len(row)} cells but the header has {len(header)}")
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: the CSV has a header but no data rows")

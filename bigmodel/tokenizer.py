@@ -90,7 +90,7 @@ class BPETokenizer:
 
     @property
     def kind(self) -> str:
-        """"bpe", "wordpiece" or "unigram": the HF model type (read on demand: it serialises the tokenizer)."""
+        """ "bpe", "wordpiece" or "unigram": the HF model type (read on demand: it serialises the tokenizer)."""
         return str(json.loads(self._tok.to_str())["model"].get("type", "BPE")).lower()  # type: ignore[attr-defined]
 
     @functools.cached_property
@@ -141,8 +141,11 @@ class BPETokenizer:
                 symbols = list(piece)
                 while len(symbols) > 1:
                     kept = rng.random(len(symbols) - 1) >= dropout  # which merges survive this round
-                    candidates = [(ranks[pair], i) for i, pair in enumerate(itertools.pairwise(symbols))
-                                  if kept[i] and pair in ranks]
+                    candidates = [
+                        (ranks[pair], i)
+                        for i, pair in enumerate(itertools.pairwise(symbols))
+                        if kept[i] and pair in ranks
+                    ]
                     if not candidates:
                         break
                     _, i = min(candidates)  # the highest-priority merge, leftmost first (as HF's BPE)

@@ -32,8 +32,15 @@ from bigmodel.errors import UserError
 from bigmodel.io import FULL, atomic_path, disk_full
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -58,8 +65,10 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise UserError(f"{what} needs {needed / 2**30:.1f} GiB of disk in {folder} but {free / 2**30:.1f} GiB is "
-                        "free; free space, or point run_dir at a disk with room")
+        raise UserError(
+            f"{what} needs {needed / 2**30:.1f} GiB of disk in {folder} but {free / 2**30:.1f} GiB is "
+            "free; free space, or point run_dir at a disk with room"
+        )
 
 
 class SafetensorsFile:
@@ -90,12 +99,18 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (start + int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise UserError(f"{path}: tensor {name!r} has a malformed or unsupported entry ({info!r:.80})") from None
+                raise UserError(
+                    f"{path}: tensor {name!r} has a malformed or unsupported entry ({info!r:.80})"
+                ) from None
             if end - begin != torch.Size(shape).numel() * dtype.itemsize or begin < start:
-                raise UserError(f"{path}: tensor {name} claims {end - begin} bytes for shape {shape}; the file is corrupt")
+                raise UserError(
+                    f"{path}: tensor {name} claims {end - begin} bytes for shape {shape}; the file is corrupt"
+                )
             if end > size:
-                raise UserError(f"{path} is truncated: tensor {name} ends at byte {end:,} but the file has {size:,}; "
-                                "re-download or re-create it")
+                raise UserError(
+                    f"{path} is truncated: tensor {name} ends at byte {end:,} but the file has {size:,}; "
+                    "re-download or re-create it"
+                )
             self.entries[name] = Entry(dtype, shape, begin, end)
             spans.append((begin, end, name))
         spans.sort()
@@ -148,8 +163,9 @@ class SafetensorsWriter:
 
     RESERVE = 1 << 16  # header room for metadata that grows after the data is written
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str]) -> None:
+    def __init__(
+        self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+    ) -> None:
         self.path, self.tmp = path, path
         self.order = [name for name, _, _ in entries]
         self.layout: dict[str, dict[str, Any]] = {}
@@ -180,8 +196,10 @@ class SafetensorsWriter:
         if name != expected or info is None:
             raise ValueError(f"tensor {name} written out of order (expected {expected})")
         if NAMES[tensor.dtype] != info["dtype"] or list(tensor.shape) != info["shape"]:
-            raise ValueError(f"tensor {name}: {tensor.dtype} {tuple(tensor.shape)} written where "
-                             f"{info['dtype']} {tuple(info['shape'])} was declared")
+            raise ValueError(
+                f"tensor {name}: {tensor.dtype} {tuple(tensor.shape)} written where "
+                f"{info['dtype']} {tuple(info['shape'])} was declared"
+            )
         self.handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().data)
         self.written += 1
 
@@ -195,8 +213,9 @@ class SafetensorsWriter:
 
 
 @contextlib.contextmanager
-def safetensors_writer(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                       metadata: dict[str, str]) -> Iterator[SafetensorsWriter]:
+def safetensors_writer(
+    path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> Iterator[SafetensorsWriter]:
     """Write a safetensors file whose tensors are declared up front, one tensor at a time, atomically:
 
         with safetensors_writer(path, [(name, dtype, shape), ...], metadata) as out:

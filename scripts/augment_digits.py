@@ -27,8 +27,11 @@ VARIANTS = {
 
 
 def test_accuracy(run_dir: Path, seed: int, subset: float, augment: str) -> float:
-    config = load_config(CONFIG, [f"seed={seed}", f"data.train_subset={subset}", f"train.augment={augment}",
-                                  "eval.fail_under={}"], run_dir)
+    config = load_config(
+        CONFIG,
+        [f"seed={seed}", f"data.train_subset={subset}", f"train.augment={augment}", "eval.fail_under={}"],
+        run_dir,
+    )
     for stage in ("prepare", "init", "train", "eval"):
         outputs = STAGES[stage].run(config)
     return float(outputs["accuracy"])

@@ -44,8 +44,9 @@ def timed_child(command: list[str], cwd: Path | None = None, env: dict[str, str]
     """Run a command: its wall time, its own peak RSS (wait4 on it), exit code, and its last stdout line as
     JSON when it is JSON."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
+    )
     chunks: dict[str, bytes] = {}
 
     def drain(name: str, stream: Any) -> None:
@@ -59,8 +60,11 @@ def timed_child(command: list[str], cwd: Path | None = None, env: dict[str, str]
         reader.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = chunks["out"].decode(errors="replace"), chunks["err"].decode(errors="replace")
-    result: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 1), "exit_code": proc.returncode,
-                              "peak_rss_gib": round(usage.ru_maxrss * 1024 / GiB, 2)}
+    result: dict[str, Any] = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "exit_code": proc.returncode,
+        "peak_rss_gib": round(usage.ru_maxrss * 1024 / GiB, 2),
+    }
     try:
         result["output"] = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
     except json.JSONDecodeError:
@@ -71,10 +75,14 @@ def timed_child(command: list[str], cwd: Path | None = None, env: dict[str, str]
 
 
 KEEP = {  # of each stage's --json output, what the report shows
-    "init": lambda o: {"seconds": o["import"]["seconds"], "gate_seconds": o["import"]["gate_seconds"],
-                       "parity_max_abs_diff": o["import"]["parity"].get("max_abs_diff")},
-    "export": lambda o: {k: o[k] for k in ("seconds", "gate_seconds", "relative_error", "against_fp32", "weights")
-                         if k in o},
+    "init": lambda o: {
+        "seconds": o["import"]["seconds"],
+        "gate_seconds": o["import"]["gate_seconds"],
+        "parity_max_abs_diff": o["import"]["parity"].get("max_abs_diff"),
+    },
+    "export": lambda o: {
+        k: o[k] for k in ("seconds", "gate_seconds", "relative_error", "against_fp32", "weights") if k in o
+    },
     "infer": lambda o: {k: o[k] for k in ("tokens_per_s", "per_token_ms_p50", "prefill_ms") if k in o},
 }
 
@@ -96,9 +104,24 @@ def serve_one_request(config: Path, tokens: int) -> dict[str, Any]:
     """`bigmodel serve` in its own process answering one completion; its peak RSS read from /proc."""
     port = free_port()
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "serve", "-c", str(config), "--set",
-                             f"serve.port={port}", "--set", "serve.max_batch=1", "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bigmodel",
+            "serve",
+            "-c",
+            str(config),
+            "--set",
+            f"serve.port={port}",
+            "--set",
+            "serve.max_batch=1",
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -111,7 +134,9 @@ def serve_one_request(config: Path, tokens: int) -> dict[str, Any]:
                 time.sleep(0.5)
         ready = time.perf_counter() - start
         body = json.dumps({"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}).encode()
-        request = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         asked = time.perf_counter()
         with urllib.request.urlopen(request, timeout=900) as response:
             answer = json.loads(response.read())
@@ -121,8 +146,12 @@ def serve_one_request(config: Path, tokens: int) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    return {"ready_seconds": round(ready, 1), "request_seconds": round(latency, 2),
-            "completion_tokens": answer["usage"]["completion_tokens"], "peak_rss_gib": round(peak / GiB, 2)}
+    return {
+        "ready_seconds": round(ready, 1),
+        "request_seconds": round(latency, 2),
+        "completion_tokens": answer["usage"]["completion_tokens"],
+        "peak_rss_gib": round(peak / GiB, 2),
+    }
 
 
 def builder_decode(folder: Path, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
@@ -163,13 +192,19 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
     reference = reference_logits(weights, arch, [Sequence([ids])])["fp32"][0][0]
 
     def distance(got: np.ndarray) -> dict[str, float]:
-        return {"max_abs_diff": round(float(np.abs(got - reference).max()), 4),
-                "mean_abs_diff": round(float(np.abs(got - reference).mean()), 4),
-                "top1_agreement": round(float((got.argmax(-1) == reference.argmax(-1)).mean()), 3)}
+        return {
+            "max_abs_diff": round(float(np.abs(got - reference).max()), 4),
+            "mean_abs_diff": round(float(np.abs(got - reference).mean()), 4),
+            "top1_agreement": round(float((got.argmax(-1) == reference.argmax(-1)).mean()), 3),
+        }
 
-    found = {"prompt_tokens": int(ids.shape[1]), "max_abs_logit_fp32": round(float(np.abs(reference).max()), 3),
-             "bigmodel_int4": distance(_ort_logits(open_session(ours, ["CPUExecutionProvider"], 2), arch,
-                                                   Sequence([ids]), "fp32")[0])}
+    found = {
+        "prompt_tokens": int(ids.shape[1]),
+        "max_abs_logit_fp32": round(float(np.abs(reference).max()), 3),
+        "bigmodel_int4": distance(
+            _ort_logits(open_session(ours, ["CPUExecutionProvider"], 2), arch, Sequence([ids]), "fp32")[0]
+        ),
+    }
     if builder is not None:
         import onnxruntime_genai as og
 
@@ -180,7 +215,9 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
         params.set_search_options(max_length=ids.shape[1] + 2, do_sample=False, batch_size=1)
         generator = og.Generator(model, params)
         generator.append_tokens(ids.astype(np.int32))
-        found["builder_int4"] = distance(np.asarray(generator.get_output("logits"), dtype=np.float32)[:, : ids.shape[1]])
+        found["builder_int4"] = distance(
+            np.asarray(generator.get_output("logits"), dtype=np.float32)[:, : ids.shape[1]]
+        )
     return found
 
 
@@ -192,35 +229,68 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"shape": args.shape, "threads": args.threads, "cpu": cpu_name()}
     if not (folder / "config.json").is_file():
-        made = timed_child([sys.executable, str(ROOT / "scripts" / "make_random_model.py"), "--shape", args.shape,
-                            "--out", str(folder)])
+        made = timed_child(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "make_random_model.py"),
+                "--shape",
+                args.shape,
+                "--out",
+                str(folder),
+            ]
+        )
         if made["exit_code"]:
             raise SystemExit(f"make_random_model failed: {made.get('stderr_tail')}")
     sizes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     report["source_bf16_bytes"] = sizes
     config = work / "big.yaml"
-    config.write_text(json.dumps({
-        "seed": 0, "threads": args.threads, "run_dir": str(run),
-        "data": {"format": "text", "path": "{stdlib}/textwrap.py"},
-        "init": {"from": str(folder)}, "model": {"block_size": 2048},
-        "export": {"checkpoint": "init", "dtype": "int4"},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "seed": 0,
+                "threads": args.threads,
+                "run_dir": str(run),
+                "data": {"format": "text", "path": "{stdlib}/textwrap.py"},
+                "init": {"from": str(folder)},
+                "model": {"block_size": 2048},
+                "export": {"checkpoint": "init", "dtype": "int4"},
+            }
+        )
+    )
     bf16 = sizes
     targets = {"init": 0.5 * bf16 + GiB, "export": 0.5 * bf16 + GiB}
     stages: dict[str, Any] = {}
     stages["prepare"] = bigmodel("prepare", config=config)
     stages["prepare"].pop("output", None)
-    plan = timed_child([sys.executable, "-m", "bigmodel", "plan", "-c", str(config), "--json", "-q"]).get("output") or {}
+    plan = (
+        timed_child([sys.executable, "-m", "bigmodel", "plan", "-c", str(config), "--json", "-q"]).get("output") or {}
+    )
     predicted = plan.get("stage_memory", {})
     stages["init"] = bigmodel("init", config=config)
     stages["export"] = bigmodel("export", config=config)
     model = run / "export" / "model.onnx"
     file_bytes = onnx_file_bytes(model) if model.exists() else 0
     targets.update(infer=1.3 * file_bytes + GiB, serve=1.3 * file_bytes + GiB)
-    stages["infer"] = bigmodel("infer", "--bench", "--batch", "1", "--prompt-tokens", "16", "--new-tokens",
-                               str(args.new_tokens), "--repeats", "3", config=config)
+    stages["infer"] = bigmodel(
+        "infer",
+        "--bench",
+        "--batch",
+        "1",
+        "--prompt-tokens",
+        "16",
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        "3",
+        config=config,
+    )
     stages["serve"] = serve_one_request(config, args.new_tokens)
-    for name, prediction in (("init", "init"), ("export", "export_int4"), ("infer", "infer_int4"), ("serve", "serve_int4")):
+    for name, prediction in (
+        ("init", "init"),
+        ("export", "export_int4"),
+        ("infer", "infer_int4"),
+        ("serve", "serve_int4"),
+    ):
         if "peak_rss_gib" in stages[name]:
             stages[name]["target_peak_gib"] = round(targets[name] / GiB, 2)
             stages[name]["within_target"] = stages[name]["peak_rss_gib"] <= targets[name] / GiB
@@ -234,36 +304,81 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     builder_dir = work / "builder"
     fits = args.builder_anyway or args.shape not in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b")
     if args.builder and fits:
-        build = timed_child([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o",
-                             str(builder_dir), "-p", "int4", "-e", "cpu", "-c", str(work / "builder_cache")],
-                            env={"HF_HUB_OFFLINE": "1"})
+        build = timed_child(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(folder),
+                "-o",
+                str(builder_dir),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(work / "builder_cache"),
+            ],
+            env={"HF_HUB_OFFLINE": "1"},
+        )
         build.pop("output", None)
         built = builder_dir / "model.onnx"
         build["file_bytes"] = onnx_file_bytes(built) if built.exists() else None
         report["builder"] = build
         report["init_plus_export_over_builder"] = round(report["init_plus_export_seconds"] / build["seconds"], 2)
     elif args.builder:
-        report["builder"] = {"skipped": "needs ~60 GB here (it loads the whole model, then fp32 copies); "
-                                        "--builder-anyway runs it"}
+        report["builder"] = {
+            "skipped": "needs ~60 GB here (it loads the whole model, then fp32 copies); --builder-anyway runs it"
+        }
     decode: dict[str, list[float]] = {"bigmodel_int4": [], "builder_int4": []}
     have_builder = (builder_dir / "genai_config.json").is_file()
     for _ in range(args.rounds):  # interleaved: this machine's speed drifts between runs
-        ours = bigmodel("infer", "--bench", "--batch", "1", "--prompt-tokens", "16", "--new-tokens",
-                        str(args.new_tokens), "--repeats", "3", config=config)
+        ours = bigmodel(
+            "infer",
+            "--bench",
+            "--batch",
+            "1",
+            "--prompt-tokens",
+            "16",
+            "--new-tokens",
+            str(args.new_tokens),
+            "--repeats",
+            "3",
+            config=config,
+        )
         if ours.get("output"):
             decode["bigmodel_int4"].append(ours["output"]["tokens_per_s"])
         if have_builder:
-            theirs = timed_child([sys.executable, __file__, "--child", "builder-decode", "--work", str(builder_dir),
-                                  "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)])
+            theirs = timed_child(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "builder-decode",
+                    "--work",
+                    str(builder_dir),
+                    "--threads",
+                    str(args.threads),
+                    "--new-tokens",
+                    str(args.new_tokens),
+                ]
+            )
             if theirs.get("output"):
                 decode["builder_int4"].append(theirs["output"]["tokens_per_s"])
-    report["decode_tokens_per_s"] = {name: {"median": statistics.median(rates), "rounds": rates}
-                                     for name, rates in decode.items() if rates}
+    report["decode_tokens_per_s"] = {
+        name: {"median": statistics.median(rates), "rounds": rates} for name, rates in decode.items() if rates
+    }
     if len(report["decode_tokens_per_s"]) == 2:
-        report["decode_bigmodel_over_builder"] = round(report["decode_tokens_per_s"]["bigmodel_int4"]["median"]
-                                                       / report["decode_tokens_per_s"]["builder_int4"]["median"], 2)
-    distance = timed_child([sys.executable, __file__, "--child", "logits", "--work", str(work)]
-                           + (["--with-builder"] if have_builder else []))
+        report["decode_bigmodel_over_builder"] = round(
+            report["decode_tokens_per_s"]["bigmodel_int4"]["median"]
+            / report["decode_tokens_per_s"]["builder_int4"]["median"],
+            2,
+        )
+    distance = timed_child(
+        [sys.executable, __file__, "--child", "logits", "--work", str(work)]
+        + (["--with-builder"] if have_builder else [])
+    )
     report["logits_against_fp32"] = distance.get("output") or distance
     return report
 
@@ -291,9 +406,15 @@ def main() -> None:
     if args.child == "builder-decode":
         print(json.dumps(builder_decode(args.work, args.threads, 16, args.new_tokens)))
     elif args.child == "logits":
-        print(json.dumps(logits_distance(args.work / "run" / "init" / "model.safetensors",
-                                         args.work / "run" / "export" / "model.onnx",
-                                         args.work / "builder" if args.with_builder else None)))
+        print(
+            json.dumps(
+                logits_distance(
+                    args.work / "run" / "init" / "model.safetensors",
+                    args.work / "run" / "export" / "model.onnx",
+                    args.work / "builder" if args.with_builder else None,
+                )
+            )
+        )
     else:
         print(json.dumps(run_shape(args), indent=2))
 

@@ -54,8 +54,10 @@ def builder_plain(session: ort.InferenceSession, layers: int, kv_heads: int, hea
     total, times = PROMPT.shape[1], []
     for _ in range(steps):
         total += 1
-        feeds = {"input_ids": np.array([[int(out["logits"][0, -1].argmax())]], np.int64),
-                 "attention_mask": np.ones((1, total), np.int64)}
+        feeds = {
+            "input_ids": np.array([[int(out["logits"][0, -1].argmax())]], np.int64),
+            "attention_mask": np.ones((1, total), np.int64),
+        }
         for i in range(layers):
             for part in ("key", "value"):
                 feeds[f"past_key_values.{i}.{part}"] = out[f"present.{i}.{part}"]
@@ -105,9 +107,11 @@ def kernel_profile(session_of: Any, loop: Any) -> dict[str, Any]:
             if e["args"].get("op_name") == "MatMulNBits":
                 by_shape[shapes.get(e["name"][: -len("_kernel_time")], "?")] += e["dur"]
     trace.unlink(missing_ok=True)
-    return {"kernel_us_per_run": round(sum(by_op.values()) / runs),
-            "by_op": {k: round(v / runs) for k, v in by_op.most_common()},
-            "matmulnbits_by_shape": {k: round(v / runs) for k, v in by_shape.most_common()}}
+    return {
+        "kernel_us_per_run": round(sum(by_op.values()) / runs),
+        "by_op": {k: round(v / runs) for k, v in by_op.most_common()},
+        "matmulnbits_by_shape": {k: round(v / runs) for k, v in by_shape.most_common()},
+    }
 
 
 def main() -> None:
@@ -131,38 +135,63 @@ def main() -> None:
     config.clear_providers()
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
     genai_model = og.Model(config)
-    runs = {"ours": lambda: ours(decoder, args.new_tokens),
-            "builder_plain": lambda: builder_plain(theirs, shape["num_hidden_layers"], shape["num_key_value_heads"],
-                                                   shape["head_size"], args.new_tokens),
-            "builder_genai": lambda: builder_genai(genai_model, args.new_tokens)}
+    runs = {
+        "ours": lambda: ours(decoder, args.new_tokens),
+        "builder_plain": lambda: builder_plain(
+            theirs, shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_size"], args.new_tokens
+        ),
+        "builder_genai": lambda: builder_genai(genai_model, args.new_tokens),
+    }
     for run in runs.values():  # warm-up
         run()
     rounds: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for number in range(args.rounds):  # the order rotates: no file is always first after the other's run
-        for name in names[number % 3:] + names[: number % 3]:
+        for name in names[number % 3 :] + names[: number % 3]:
             rounds[name].append(round(1000 * statistics.median(runs[name]()), 2))
     profiles = {}
     if args.profile:
+
         def profiled(path: Path) -> Any:
             def make() -> tuple[ort.InferenceSession, Path]:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads, options.enable_profiling = args.threads, True
                 options.profile_file_prefix = str(Path("/tmp") / f"bench_decode_{path.parent.name}")
                 return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), path
+
             return make
 
         profiles = {
-            "ours": kernel_profile(profiled(args.ours), lambda session: ours(
-                Decoder.from_session(session, meta, args.ours), args.new_tokens)),
-            "builder_plain": kernel_profile(profiled(args.builder / "model.onnx"), lambda session: builder_plain(
-                session, shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_size"],
-                args.new_tokens))}
-    print(json.dumps({"profile": profiles, "ms_per_step": {name: {"median": statistics.median(v), "rounds": v} for name, v in rounds.items()},
-                      "ours_over_genai_per_round": [round(a / b, 3) for a, b in zip(rounds["ours"], rounds["builder_genai"])],
-                      "ours_over_builder_plain_per_round": [round(a / b, 3) for a, b in
-                                                            zip(rounds["ours"], rounds["builder_plain"])],
-                      "threads": args.threads, "new_tokens": args.new_tokens}, indent=2))
+            "ours": kernel_profile(
+                profiled(args.ours),
+                lambda session: ours(Decoder.from_session(session, meta, args.ours), args.new_tokens),
+            ),
+            "builder_plain": kernel_profile(
+                profiled(args.builder / "model.onnx"),
+                lambda session: builder_plain(
+                    session,
+                    shape["num_hidden_layers"],
+                    shape["num_key_value_heads"],
+                    shape["head_size"],
+                    args.new_tokens,
+                ),
+            ),
+        }
+    print(
+        json.dumps(
+            {
+                "profile": profiles,
+                "ms_per_step": {name: {"median": statistics.median(v), "rounds": v} for name, v in rounds.items()},
+                "ours_over_genai_per_round": [round(a / b, 3) for a, b in zip(rounds["ours"], rounds["builder_genai"])],
+                "ours_over_builder_plain_per_round": [
+                    round(a / b, 3) for a, b in zip(rounds["ours"], rounds["builder_plain"])
+                ],
+                "threads": args.threads,
+                "new_tokens": args.new_tokens,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

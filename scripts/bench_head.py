@@ -24,11 +24,24 @@ FORMATS = [(8, 32), (8, 128), (8, 256), (4, 32), (4, 128)]  # (bits, block size)
 def head_model(weight: np.ndarray, bits: int, block: int, accuracy_level: int) -> bytes:
     K, N = weight.shape
     packed, scales, _ = block_quantizer(bits, block).qbits_block_quant(weight)
-    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
-                            block_size=block, accuracy_level=accuracy_level)
-    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, N])],
-                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")])
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "S"],
+        ["y"],
+        domain="com.microsoft",
+        K=K,
+        N=N,
+        bits=bits,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    graph = helper.make_graph(
+        [node],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, N])],
+        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")],
+    )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
@@ -45,9 +58,12 @@ def main() -> None:
     x = rng.standard_normal((1, 1, args.k)).astype(np.float32)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    sessions = {f"int{bits} block {block}": ort.InferenceSession(head_model(weight, bits, block, 4), options,
-                                                                 providers=["CPUExecutionProvider"])
-                for bits, block in FORMATS}
+    sessions = {
+        f"int{bits} block {block}": ort.InferenceSession(
+            head_model(weight, bits, block, 4), options, providers=["CPUExecutionProvider"]
+        )
+        for bits, block in FORMATS
+    }
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(args.rounds):  # interleaved: this machine's speed drifts
         for name, session in sessions.items():
@@ -57,10 +73,23 @@ def main() -> None:
                 session.run(None, {"x": x})
             times[name].append((time.perf_counter() - start) / 50 * 1e3)
     exact = x[0] @ weight
-    print(json.dumps({"K": args.k, "N": args.n, "threads": args.threads, "formats": {
-        name: {"ms_median": round(statistics.median(times[name]), 3),
-               "max_abs_error": round(float(np.abs(session.run(None, {"x": x})[0][0] - exact).max()), 4)}
-        for name, session in sessions.items()}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "K": args.k,
+                "N": args.n,
+                "threads": args.threads,
+                "formats": {
+                    name: {
+                        "ms_median": round(statistics.median(times[name]), 3),
+                        "max_abs_error": round(float(np.abs(session.run(None, {"x": x})[0][0] - exact).max()), 4),
+                    }
+                    for name, session in sessions.items()
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

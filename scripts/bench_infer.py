@@ -70,7 +70,7 @@ def decode_torch(model: gpt.GPT, prompts: np.ndarray, new: int, cache: bool, tok
         logits, past = model(next_ids, past) if cache else model(ids)
     rate = len(prompts) * new / (time.perf_counter() - start)
     if tokens is not None:
-        tokens.extend(ids[:, prompts.shape[1]:].flatten().tolist())
+        tokens.extend(ids[:, prompts.shape[1] :].flatten().tolist())
     return rate
 
 
@@ -123,8 +123,13 @@ def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> 
         reference, lean = [], []  # the minimal loop must decode what the model decodes
         decode_torch(model, prompts, 48, cache=True, tokens=reference), decode_minimal(model, prompts, 48, lean)
         assert lean == reference, "the minimal loop decodes other tokens than the model"
-        rates: dict[str, list[float]] = {"ort_kv": [], "ort_kv_opset18": [], "torch_kv": [], "minimal_kv": [],
-                                         "torch_full": []}
+        rates: dict[str, list[float]] = {
+            "ort_kv": [],
+            "ort_kv_opset18": [],
+            "torch_kv": [],
+            "minimal_kv": [],
+            "torch_full": [],
+        }
         for round_ in range(repeats + 1):  # round 0 warms up every path
             measured = {
                 "ort_kv": decode_ort(sessions[23], arch, prompts, 48),
@@ -148,8 +153,15 @@ def bench_gpt(name: str, shape: dict, threads: int, repeats: int, tmp: Path) -> 
 
 
 def bench_classifier(threads: int, repeats: int, tmp: Path) -> dict:
-    arch = {"family": "mlp", "task": "classification", "n_inputs": 64, "n_outputs": 10,
-            "hidden_sizes": [512], "activation": "relu", "dropout": 0.2}
+    arch = {
+        "family": "mlp",
+        "task": "classification",
+        "n_inputs": 64,
+        "n_outputs": 10,
+        "hidden_sizes": [512],
+        "activation": "relu",
+        "dropout": 0.2,
+    }
     torch.manual_seed(0)
     model = mlp.MLP(TabularArch(**arch)).eval()
 
@@ -162,8 +174,15 @@ def bench_classifier(threads: int, repeats: int, tmp: Path) -> dict:
             return self.model.predict(features)
 
     path = tmp / "mlp.onnx"
-    export_dynamo(Deployed().eval(), (torch.zeros(4, 64),), path, ["features"], ["probabilities"],
-                  {"features": {0: torch.export.Dim("batch")}}, 23)
+    export_dynamo(
+        Deployed().eval(),
+        (torch.zeros(4, 64),),
+        path,
+        ["features"],
+        ["probabilities"],
+        {"features": {0: torch.export.Dim("batch")}},
+        23,
+    )
     sess = session(path, threads)
     rows = np.random.default_rng(0).uniform(0, 16, size=(256, 64)).astype(np.float32)
 
@@ -212,7 +231,9 @@ def main() -> None:
             "threads": args.threads,
             "prompt_tokens": 16,
             "new_tokens": 48,
-            "gpt": {name: bench_gpt(name, shape, args.threads, args.repeats, Path(tmp)) for name, shape in GPTS.items()},
+            "gpt": {
+                name: bench_gpt(name, shape, args.threads, args.repeats, Path(tmp)) for name, shape in GPTS.items()
+            },
             "classifier": bench_classifier(args.threads, args.repeats, Path(tmp)),
         }
     print(json.dumps(report, indent=2))

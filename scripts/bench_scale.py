@@ -57,17 +57,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads per process (CPU)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=["train.batch_size=64", "train.precision=fp32"],
-                        metavar="KEY=VALUE", help="config overrides, after the defaults train.batch_size=64 and "
-                        "train.precision=fp32 (the config's auto would pick bf16 on some CPUs)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=["train.batch_size=64", "train.precision=fp32"],
+        metavar="KEY=VALUE",
+        help="config overrides, after the defaults train.batch_size=64 and "
+        "train.precision=fp32 (the config's auto would pick bf16 on some CPUs)",
+    )
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // max(args.nprocs))
     with tempfile.TemporaryDirectory() as tmp:
-        common = [f"data.path={args.data.resolve()}", f"device={args.device}", f"train.max_steps={args.steps}",
-                  f"train.eval_every={args.steps}", "train.eval_batches=4", f"train.log_every={args.steps}",
-                  f"train.distributed={args.mode}", *args.overrides]
+        common = [
+            f"data.path={args.data.resolve()}",
+            f"device={args.device}",
+            f"train.max_steps={args.steps}",
+            f"train.eval_every={args.steps}",
+            "train.eval_batches=4",
+            f"train.log_every={args.steps}",
+            f"train.distributed={args.mode}",
+            *args.overrides,
+        ]
         run_dir = Path(tmp) / "run"
         config = load_config(args.config, common, run_dir)
         STAGES["prepare"].run(config)

@@ -37,8 +37,15 @@ def free_port() -> int:
 def stream_one(base: str, prompt: str, tokens: int) -> tuple[float, float, int]:
     """(time to first token, total latency, tokens generated) of one streaming request; the count comes
     from the usage chunk (under load one chunk may carry several tokens)."""
-    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     request = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
     start, first, generated = time.perf_counter(), None, 0
     with urllib.request.urlopen(request, timeout=600) as response:
@@ -86,12 +93,17 @@ def summary(clients: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     results = [r for one in rounds for r in one["results"]]
     ttft = np.array([r[0] for r in results]) * 1000
     latency = np.array([r[1] for r in results]) * 1000
-    return {"clients": clients, "requests": len(results), "errors": sum(len(one["errors"]) for one in rounds),
-            "tokens_per_s": round(statistics.median(one["tokens_per_s"] for one in rounds), 1),
-            "tokens_per_s_rounds": [round(one["tokens_per_s"], 1) for one in rounds],
-            "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 1), "ttft_ms_p95": round(float(np.percentile(ttft, 95)), 1),
-            "latency_ms_p50": round(float(np.percentile(latency, 50)), 1),
-            "latency_ms_p95": round(float(np.percentile(latency, 95)), 1)}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": sum(len(one["errors"]) for one in rounds),
+        "tokens_per_s": round(statistics.median(one["tokens_per_s"] for one in rounds), 1),
+        "tokens_per_s_rounds": [round(one["tokens_per_s"], 1) for one in rounds],
+        "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 1),
+        "ttft_ms_p95": round(float(np.percentile(ttft, 95)), 1),
+        "latency_ms_p50": round(float(np.percentile(latency, 50)), 1),
+        "latency_ms_p95": round(float(np.percentile(latency, 95)), 1),
+    }
 
 
 def main() -> None:
@@ -105,8 +117,23 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(n) for n in args.clients.split(",")]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bigmodel", "serve", "--model", str(args.model), "--port",
-                               str(port), "--max-batch", str(args.max_batch), "-q"], stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bigmodel",
+            "serve",
+            "--model",
+            str(args.model),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(args.max_batch),
+            "-q",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -127,8 +154,19 @@ def main() -> None:
         rows = [summary(n, concurrent[n]) for n in counts]
         for row in rows:
             row["vs_one_at_a_time"] = round(row["tokens_per_s"] / one["tokens_per_s"], 2)
-        print(json.dumps({"model": str(args.model), "new_tokens": args.tokens, "max_batch": args.max_batch,
-                          "rounds": args.rounds, "one_at_a_time": one, "concurrent": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "new_tokens": args.tokens,
+                    "max_batch": args.max_batch,
+                    "rounds": args.rounds,
+                    "one_at_a_time": one,
+                    "concurrent": rows,
+                },
+                indent=2,
+            )
+        )
     finally:
         server.terminate()
         server.wait(timeout=60)

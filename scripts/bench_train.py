@@ -51,8 +51,11 @@ def adamw(model: torch.nn.Module, tc) -> torch.optim.AdamW:
     """The recipe's optimizer as a script writes it: AdamW, no weight decay on gains and biases."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=tc.betas,
+    )
 
 
 def handwritten_loop(config, steps: int, precision: str, compile_model: bool) -> float:
@@ -116,8 +119,10 @@ def hand_written_stage(run_dir: Path, out: Path, overrides: list[str], eval_batc
     @torch.no_grad()
     def val_estimate() -> float:
         model.eval()
-        losses = [F.cross_entropy(model(x)[0].reshape(-1, model.arch.vocab_size), y.reshape(-1)).item()
-                  for x, y in (get_batch(val) for _ in range(eval_batches))]
+        losses = [
+            F.cross_entropy(model(x)[0].reshape(-1, model.arch.vocab_size), y.reshape(-1)).item()
+            for x, y in (get_batch(val) for _ in range(eval_batches))
+        ]
         model.train()
         return float(np.mean(losses))
 
@@ -128,8 +133,7 @@ def hand_written_stage(run_dir: Path, out: Path, overrides: list[str], eval_batc
             loss = val_estimate()
             if loss < best:
                 best = loss
-                save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-                          str(out))
+                save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(out))
         if step == tc.max_steps:
             break
         for group in opt.param_groups:
@@ -182,30 +186,48 @@ def stage_comparison(overrides: list[str], variants: dict[str, list[str]], repea
             run = tmp / f"side{n}_{i}"
             shutil.copytree(base, run)
             weights = run / "hand_written.safetensors"
-            command = ([sys.executable, __file__, "--data", "-", "--hand-written", str(run), "--out", str(weights)]
-                       if name == "hand_written" else
-                       [sys.executable, "-m", "bigmodel", "train", "-c", str(CONFIG), "--run-dir", str(run), "-q"])
+            command = (
+                [sys.executable, __file__, "--data", "-", "--hand-written", str(run), "--out", str(weights)]
+                if name == "hand_written"
+                else [sys.executable, "-m", "bigmodel", "train", "-c", str(CONFIG), "--run-dir", str(run), "-q"]
+            )
             start = time.perf_counter()
-            subprocess.run([*command, *(f"--set={o}" for o in [*overrides, *sets])], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [*command, *(f"--set={o}" for o in [*overrides, *sets])], check=True, stdout=subprocess.DEVNULL
+            )
             seconds[name].append(time.perf_counter() - start)
-            model = (hand_written_model(run, weights) if name == "hand_written"
-                     else registry.load_model(run / "train" / "best.safetensors")[0])
+            model = (
+                hand_written_model(run, weights)
+                if name == "hand_written"
+                else registry.load_model(run / "train" / "best.safetensors")[0]
+            )
             losses[name].append(whole_split_loss(run, model))
     med = {name: statistics.median(v) for name, v in seconds.items()}
-    return {"repeats": repeats, "variants": variants, "seconds": {k: [round(x, 1) for x in v] for k, v in seconds.items()},
-            "median_seconds": {k: round(v, 1) for k, v in med.items()},
-            "stage_speedup_vs_hand_written": {k: round(med["hand_written"] / v, 3) for k, v in med.items()
-                                              if k != "hand_written"},
-            "whole_split_val_loss": {k: [round(x, 4) for x in v] for k, v in losses.items()}}
+    return {
+        "repeats": repeats,
+        "variants": variants,
+        "seconds": {k: [round(x, 1) for x in v] for k, v in seconds.items()},
+        "median_seconds": {k: round(v, 1) for k, v in med.items()},
+        "stage_speedup_vs_hand_written": {
+            k: round(med["hand_written"] / v, 3) for k, v in med.items() if k != "hand_written"
+        },
+        "whole_split_val_loss": {k: [round(x, 4) for x in v] for k, v in losses.items()},
+    }
 
 
-def bigmodel_loop(config_path: Path, data: Path, run_dir: Path, steps: int, precision: str,
-                  compile_model: bool) -> float:
+def bigmodel_loop(
+    config_path: Path, data: Path, run_dir: Path, steps: int, precision: str, compile_model: bool
+) -> float:
     """`bigmodel train` itself (checkpoint at the end, progress, metrics.jsonl): tokens/s of its loop."""
-    overrides = [f"data.path={data}", f"train.max_steps={steps + 10}", f"train.precision={precision}",
-                 f"train.compile={str(compile_model).lower()}", "train.eval_batches=1",
-                 f"train.eval_every={steps + 10}", "train.log_every=50"]
+    overrides = [
+        f"data.path={data}",
+        f"train.max_steps={steps + 10}",
+        f"train.precision={precision}",
+        f"train.compile={str(compile_model).lower()}",
+        "train.eval_batches=1",
+        f"train.eval_every={steps + 10}",
+        "train.log_every=50",
+    ]
     config = load_config(config_path, overrides, run_dir)
     STAGES["train"].run(config)
     # metrics.jsonl logs the rate of each 50-step window; the first holds warm-up (and compilation),
@@ -222,13 +244,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "fp32+compile", "bf16+compile"])
     parser.add_argument("--full", action="store_true", help="also train the fastest variant for 2000 steps")
-    parser.add_argument("--stage", action="store_true", help="time the whole train stage against a hand-written "
-                        "script of the same recipe, command to exit")
-    parser.add_argument("--set", action="append", default=[], help="--stage: config overrides for both sides "
-                        "(e.g. train.max_steps=100 for a quick look)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                        help="--stage: also time bigmodel with these extra overrides (repeatable), e.g. "
-                        "fp32:train.precision=fp32")
+    parser.add_argument(
+        "--stage",
+        action="store_true",
+        help="time the whole train stage against a hand-written script of the same recipe, command to exit",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="--stage: config overrides for both sides (e.g. train.max_steps=100 for a quick look)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="--stage: also time bigmodel with these extra overrides (repeatable), e.g. fp32:train.precision=fp32",
+    )
     parser.add_argument("--hand-written", type=Path, help=argparse.SUPPRESS)  # --stage's subprocess: RUN_DIR
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -289,16 +322,26 @@ def main() -> None:
         }
         if args.full:
             precision, _, flag = fastest.partition("+")
-            full = load_config(CONFIG, [f"data.path={data}", f"train.precision={precision}",
-                                        f"train.compile={str(flag == 'compile').lower()}"], Path(tmp) / "full")
+            full = load_config(
+                CONFIG,
+                [
+                    f"data.path={data}",
+                    f"train.precision={precision}",
+                    f"train.compile={str(flag == 'compile').lower()}",
+                ],
+                Path(tmp) / "full",
+            )
             STAGES["prepare"].run(full)
             STAGES["init"].run(full)
             start = time.perf_counter()
             trained = STAGES["train"].run(full)
-            report["full_run"] = {"variant": fastest, "steps": trained["steps"],
-                                  "val_loss": round(trained["best_val_loss"], 4),
-                                  "seconds": round(time.perf_counter() - start, 1),
-                                  "tokens_per_s": round(trained["tokens_per_s"])}
+            report["full_run"] = {
+                "variant": fastest,
+                "steps": trained["steps"],
+                "val_loss": round(trained["best_val_loss"], 4),
+                "seconds": round(time.perf_counter() - start, 1),
+                "tokens_per_s": round(trained["tokens_per_s"]),
+            }
     print(json.dumps(report, indent=2))
 
 

@@ -43,8 +43,9 @@ LORA_SHAPE = ({"vocab_size": 8192, "n_layer": 8, "n_head": 8, "n_embd": 512, "bl
 LORA = {"rank": 8, "targets": ["all-linear"]}
 
 
-def training_steps(arch: dict, batch: int, precision: str, checkpointing: bool, device: str,
-                   lora_settings: dict | None = None) -> None:
+def training_steps(
+    arch: dict, batch: int, precision: str, checkpointing: bool, device: str, lora_settings: dict | None = None
+) -> None:
     torch.manual_seed(0)
     x = torch.randint(arch["vocab_size"], (batch, arch["block_size"] + 1), device=device)
     model = registry.build_model(arch).to(device)
@@ -55,7 +56,7 @@ def training_steps(arch: dict, batch: int, precision: str, checkpointing: bool, 
         lora.apply(model, LoRAConfig(**lora_settings), seed=0)
     model.activation_checkpointing = checkpointing
     optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", max_steps=2))
-    autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     for _ in range(2):
         with autocast:
             if arch["family"] == "bert":  # masked-LM: logits for every position, as train/encoder.py
@@ -93,9 +94,14 @@ def measure_cpu(arch: dict, batch: int, precision: str, checkpointing: bool, lor
         "status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())\n"
         "print(int(status['VmHWM'].split()[0]) * 1024 - before)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, json.dumps([arch, batch, precision, checkpointing, lora_settings])],
-                          capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-                          cwd=REPO, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([arch, batch, precision, checkpointing, lora_settings])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        cwd=REPO,
+        check=True,
+    )
     return int(done.stdout.split()[-1])
 
 
@@ -103,8 +109,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--lora", action="store_true", help="LoRA vs full fine-tuning (fp32) on a larger model")
-    parser.add_argument("--arch-from", type=Path, help="the architecture of a pretrained model (HF folder or GGUF; "
-                        "headers only, weights random)")
+    parser.add_argument(
+        "--arch-from",
+        type=Path,
+        help="the architecture of a pretrained model (HF folder or GGUF; headers only, weights random)",
+    )
     parser.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
     parser.add_argument("--block", type=int, help="tokens per row (default: the shape's)")
     args = parser.parse_args()
@@ -126,16 +135,35 @@ def main() -> None:
         measured = measure(arch, batch, precision, checkpointing, lora_settings)
         runtime = 0 if args.device == "cuda" else hardware.CPU_RUNTIME
         typed = DecoderArch(**arch)
-        adapter = (accounting.lora_parameters(typed, LoRAConfig(**lora_settings).projections(), lora_settings["rank"])
-                   if lora_settings else None)
-        estimate = accounting.training_memory(typed, n_params, batch=batch, precision=precision,
-                                              activation_checkpointing=checkpointing, runtime=runtime, adapter=adapter)
-        results.append({"precision": precision, "activation_checkpointing": checkpointing,
-                        "training": "lora" if lora_settings else "full",
-                        "measured_mib": round(measured / 2**20, 1), "estimate_mib": round(estimate["total"] / 2**20, 1),
-                        "estimate_over_measured": round(estimate["total"] / measured, 3)})
-    print(json.dumps({"device": args.device, "parameters": n_params, "batch": batch, "shape": shape,
-                      "cases": results}, indent=2))
+        adapter = (
+            accounting.lora_parameters(typed, LoRAConfig(**lora_settings).projections(), lora_settings["rank"])
+            if lora_settings
+            else None
+        )
+        estimate = accounting.training_memory(
+            typed,
+            n_params,
+            batch=batch,
+            precision=precision,
+            activation_checkpointing=checkpointing,
+            runtime=runtime,
+            adapter=adapter,
+        )
+        results.append(
+            {
+                "precision": precision,
+                "activation_checkpointing": checkpointing,
+                "training": "lora" if lora_settings else "full",
+                "measured_mib": round(measured / 2**20, 1),
+                "estimate_mib": round(estimate["total"] / 2**20, 1),
+                "estimate_over_measured": round(estimate["total"] / measured, 3),
+            }
+        )
+    print(
+        json.dumps(
+            {"device": args.device, "parameters": n_params, "batch": batch, "shape": shape, "cases": results}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

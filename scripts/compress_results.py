@@ -25,20 +25,28 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def bigmodel(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bigmodel", *args, "--json", "--quiet"],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "bigmodel", *args, "--json", "--quiet"], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr)
     return json.loads(out.stdout)
 
 
 def compress(config: Path, run_dir: Path, steps: str, *extra: str) -> list[dict]:
-    report = bigmodel("compress", "-c", str(config), "--run-dir", str(run_dir), "--set",
-                      f"compress.steps={steps}", *extra)
-    return [{"name": r["name"], "parameters": r["parameters"], "nonzeros": r["nonzeros"],
-             "file_bytes": r["file_bytes"], "weight_bytes": r["weight_bytes"],
-             r["metric"]: round(r["metrics"][r["metric"]], 4), "latency_ms": r["latency_ms"]}
-            for r in report["steps"]]
+    report = bigmodel(
+        "compress", "-c", str(config), "--run-dir", str(run_dir), "--set", f"compress.steps={steps}", *extra
+    )
+    return [
+        {
+            "name": r["name"],
+            "parameters": r["parameters"],
+            "nonzeros": r["nonzeros"],
+            "file_bytes": r["file_bytes"],
+            "weight_bytes": r["weight_bytes"],
+            r["metric"]: round(r["metrics"][r["metric"]], 4),
+            "latency_ms": r["latency_ms"],
+        }
+        for r in report["steps"]
+    ]
 
 
 def main() -> None:

@@ -21,9 +21,27 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
 def bigmodel_accuracy(seed: int, run_dir: Path) -> float:
     out = subprocess.run(
-        [sys.executable, "-m", "bigmodel", "pipeline", "-c", str(CONFIG), "--run-dir", str(run_dir),
-         "--set", f"seed={seed}", "--set", "eval.fail_under={}", "--to", "eval", "--json", "--quiet"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "bigmodel",
+            "pipeline",
+            "-c",
+            str(CONFIG),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"seed={seed}",
+            "--set",
+            "eval.fail_under={}",
+            "--to",
+            "eval",
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)["stages"]["eval"]["accuracy"]
 

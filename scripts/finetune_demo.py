@@ -36,8 +36,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_import import bigmodel, default_gguf  # noqa: E402
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 INSTRUCTION = "Write this date in ISO 8601 format (YYYY-MM-DD), and nothing else: "
 
 
@@ -49,8 +61,11 @@ def make_task(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[di
     examples = []
     for offset in offsets:
         date = first + datetime.timedelta(days=int(offset))
-        words = (f"{MONTHS[date.month - 1]} {date.day}, {date.year}" if rng.random() < 0.5
-                 else f"{date.day} {MONTHS[date.month - 1]} {date.year}")
+        words = (
+            f"{MONTHS[date.month - 1]} {date.day}, {date.year}"
+            if rng.random() < 0.5
+            else f"{date.day} {MONTHS[date.month - 1]} {date.year}"
+        )
         examples.append({"prompt": INSTRUCTION + words, "completion": date.isoformat()})
     return examples[n_test:], examples[:n_test]
 
@@ -107,12 +122,18 @@ def score(onnx: Path, test: list[dict], threads: int) -> dict:
         correct += reply.strip() == example["completion"]
         if len(samples) < 3:
             samples.append({"prompt": example["prompt"], "expected": example["completion"], "reply": reply})
-    return {"exact_match": correct / len(test), "correct": correct, "held_out": len(test),
-            "score_seconds": round(time.perf_counter() - start, 1), "samples": samples}
+    return {
+        "exact_match": correct / len(test),
+        "correct": correct,
+        "held_out": len(test),
+        "score_seconds": round(time.perf_counter() - start, 1),
+        "samples": samples,
+    }
 
 
-def run_variant(variant: str, work: Path, gguf: Path, steps: int, threads: int, test: list[dict],
-                shared_init: Path | None) -> dict:
+def run_variant(
+    variant: str, work: Path, gguf: Path, steps: int, threads: int, test: list[dict], shared_init: Path | None
+) -> dict:
     folder = work / variant
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("train.jsonl", "val.jsonl"):
@@ -129,17 +150,23 @@ def run_variant(variant: str, work: Path, gguf: Path, steps: int, threads: int, 
         init.hardlink_to(shared_init)
     else:
         bigmodel("init", "-c", "config.yaml", "--run-dir", "run", cwd=folder)
-    result: dict = {"variant": variant, "train_tokens": prepared["tokens"]["train"],
-                    "trained_tokens": prepared["trained_tokens"]["train"]}
+    result: dict = {
+        "variant": variant,
+        "train_tokens": prepared["tokens"]["train"],
+        "trained_tokens": prepared["trained_tokens"]["train"],
+    }
     if variant != "base":
         train_start = time.perf_counter()
         trained = bigmodel("train", "-c", "config.yaml", "--run-dir", "run", cwd=folder)
         best = folder / "run" / "train" / "best.safetensors"
-        result.update(train_seconds=round(time.perf_counter() - train_start, 1),
-                      train_peak_rss_mib=round(trained["peak_rss_bytes"] / 2**20),
-                      trainable_parameters=trained["trainable_parameters"],
-                      checkpoint_bytes=best.stat().st_size, val_loss=round(trained["best_val_loss"], 4),
-                      steps=trained["steps"])
+        result.update(
+            train_seconds=round(time.perf_counter() - train_start, 1),
+            train_peak_rss_mib=round(trained["peak_rss_bytes"] / 2**20),
+            trainable_parameters=trained["trainable_parameters"],
+            checkpoint_bytes=best.stat().st_size,
+            val_loss=round(trained["best_val_loss"], 4),
+            steps=trained["steps"],
+        )
     bigmodel("export", "-c", "config.yaml", "--run-dir", "run", cwd=folder)
     result.update(score(folder / "run" / "export" / "model.onnx", test, threads))
     result["variant_seconds"] = round(time.perf_counter() - start, 1)
@@ -172,11 +199,20 @@ def main() -> None:
         shared_init = work / variant / "run" / "init" / "model.safetensors"
         print(json.dumps(results[variant]), file=sys.stderr, flush=True)
     base = results.get("base", {}).get("exact_match")
-    summary = {"task": "date in words -> ISO 8601", "model": gguf.name, "train_examples": args.train,
-               "held_out": args.test, "steps": args.steps, "batch_size": 8, "threads": args.threads,
-               "results": results}
+    summary = {
+        "task": "date in words -> ISO 8601",
+        "model": gguf.name,
+        "train_examples": args.train,
+        "held_out": args.test,
+        "steps": args.steps,
+        "batch_size": 8,
+        "threads": args.threads,
+        "results": results,
+    }
     if base is not None:
-        summary["lift_points"] = {v: round(100 * (r["exact_match"] - base), 1) for v, r in results.items() if v != "base"}
+        summary["lift_points"] = {
+            v: round(100 * (r["exact_match"] - base), 1) for v, r in results.items() if v != "base"
+        }
     print(json.dumps(summary, indent=2))
 
 

@@ -51,15 +51,38 @@ LR, MIN_LR, WARMUP, MAX_ITERS, EVAL_INTERVAL, EVAL_ITERS = 1e-3, 1e-4, 100, 2000
 
 def bigmodel_run(seed: int, data: Path, threads: int, run_dir: Path) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-m", "bigmodel", "pipeline", "-c", str(CONFIG), "--run-dir", str(run_dir),
-         "--set", f"data.path={data}", "--set", f"seed={seed}", "--set", f"threads={threads}",
-         "--set", "eval.fail_above={}", "--set", "eval.samples=0", "--to", "eval", "--json", "--quiet",
-         "--set", "train.precision=fp32"],  # the reference trains in fp32: compare recipes, not precisions
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "bigmodel",
+            "pipeline",
+            "-c",
+            str(CONFIG),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"data.path={data}",
+            "--set",
+            f"seed={seed}",
+            "--set",
+            f"threads={threads}",
+            "--set",
+            "eval.fail_above={}",
+            "--set",
+            "eval.samples=0",
+            "--to",
+            "eval",
+            "--json",
+            "--quiet",
+            "--set",
+            "train.precision=fp32",
+        ],  # the reference trains in fp32: compare recipes, not precisions
+        capture_output=True,
+        text=True,
+        check=True,
     )
     stages = json.loads(out.stdout)["stages"]
-    return {"val_200_windows": round(stages["train"]["best_val_loss"], 4),
-            "val_full": round(stages["eval"]["loss"], 4)}
+    return {"val_200_windows": round(stages["train"]["best_val_loss"], 4), "val_full": round(stages["eval"]["loss"], 4)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,14 +146,15 @@ def reference_run(seed: int, data: Path, threads: int) -> dict[str, float]:
     text = data.read_text(encoding="utf-8")
     stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
     ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
-    split = {"train": ids[: int(len(ids) * 0.9)], "val": ids[int(len(ids) * 0.9):]}
+    split = {"train": ids[: int(len(ids) * 0.9)], "val": ids[int(len(ids) * 0.9) :]}
 
     torch.manual_seed(seed)
     model = RefGPT(len(stoi))
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
-                             {"params": vectors, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.99)
+    )
 
     def batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         d = split[name]
@@ -168,8 +192,10 @@ def reference_run(seed: int, data: Path, threads: int) -> dict[str, float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
-    return {"val_estimate_20_batches": round(estimate_2000, 4),
-            "val_full": round(full_val_loss(model, split["val"]), 4)}
+    return {
+        "val_estimate_20_batches": round(estimate_2000, 4),
+        "val_full": round(full_val_loss(model, split["val"]), 4),
+    }
 
 
 @torch.no_grad()
@@ -186,10 +212,13 @@ def full_val_loss(model: RefGPT, val: np.ndarray) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.mean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values),
-            "at_or_below_1.89": sum(v <= 1.89 for v in values)}
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "at_or_below_1.89": sum(v <= 1.89 for v in values),
+    }
 
 
 def main() -> None:
@@ -207,30 +236,54 @@ def main() -> None:
         return
 
     def reference(seed: int) -> dict[str, float]:  # a fresh process per run, like nanoGPT's
-        out = subprocess.run([sys.executable, __file__, "--data", str(data), "--threads", str(args.threads),
-                              "--one-reference", str(seed)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--data",
+                str(data),
+                "--threads",
+                str(args.threads),
+                "--one-reference",
+                str(seed),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(out.stdout)
 
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         theirs = {s: pool.submit(reference, s) for s in args.seeds}
-        ours = {} if args.reference_only else {
-            s: pool.submit(bigmodel_run, s, data, args.threads, Path(tmp) / f"seed{s}") for s in args.seeds}
+        ours = (
+            {}
+            if args.reference_only
+            else {s: pool.submit(bigmodel_run, s, data, args.threads, Path(tmp) / f"seed{s}") for s in args.seeds}
+        )
         theirs = {s: f.result() for s, f in theirs.items()}
         ours = {s: f.result() for s, f in ours.items()}
 
-    result: dict[str, object] = {"config": str(CONFIG), "threads": args.threads, "seeds": args.seeds,
-                                 "reference": {"per_seed": theirs}}
+    result: dict[str, object] = {
+        "config": str(CONFIG),
+        "threads": args.threads,
+        "seeds": args.seeds,
+        "reference": {"per_seed": theirs},
+    }
     for key in ("val_estimate_20_batches", "val_full"):
         result["reference"][key] = summary([r[key] for r in theirs.values()])  # type: ignore[index]
     if ours:
-        result["bigmodel"] = {"per_seed": ours, **{k: summary([r[k] for r in ours.values()])
-                                                   for k in ("val_200_windows", "val_full")}}
+        result["bigmodel"] = {
+            "per_seed": ours,
+            **{k: summary([r[k] for r in ours.values()]) for k in ("val_200_windows", "val_full")},
+        }
         a = [r["val_full"] for r in ours.values()]
         b = [r["val_full"] for r in theirs.values()]
         # Welch's t on the whole-split losses: |t| < ~2 means no detectable difference at this many seeds.
         se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) if len(a) > 1 else math.nan
-        result["val_full_difference"] = {"bigmodel_minus_reference": round(statistics.mean(a) - statistics.mean(b), 4),
-                                         "welch_t": round((statistics.mean(a) - statistics.mean(b)) / se, 2)}
+        result["val_full_difference"] = {
+            "bigmodel_minus_reference": round(statistics.mean(a) - statistics.mean(b), 4),
+            "welch_t": round((statistics.mean(a) - statistics.mean(b)) / se, 2),
+        }
     print(json.dumps(result, indent=2))
 
 

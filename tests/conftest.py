@@ -42,7 +42,11 @@ def cli_subprocess(*args: str, stdin: str | None = None, cwd: Path | None = None
     """Run `python -m bigmodel` in a fresh process (for import-time and stdio behaviour)."""
     proc = subprocess.run(
         [sys.executable, "-m", "bigmodel", *map(str, args)],
-        input=stdin, capture_output=True, text=True, cwd=cwd, timeout=300,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

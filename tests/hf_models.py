@@ -13,10 +13,14 @@ from pathlib import Path
 
 import torch
 
-TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789 def add(a, b): return a + b\n" * 20
-        + "Sphinx of black quartz, judge my vow. Pack my box with five dozen liquor jugs.\n" * 20)
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. 0123456789 def add(a, b): return a + b\n" * 20
+    + "Sphinx of black quartz, judge my vow. Pack my box with five dozen liquor jugs.\n" * 20
+)
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -27,13 +31,20 @@ def write_tokenizer(folder: Path, vocab_size: int = 300) -> int:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([TEXT], trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>"}
+        )
+    )
     return tok.get_vocab_size()
 
 
@@ -44,18 +55,34 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
 
     vocab = write_tokenizer(folder) + 12  # a model vocabulary larger than the tokenizer's, as real ones often are
     common = {"vocab_size": vocab, "initializer_range": 0.3, "eos_token_id": 2, "bos_token_id": None}
-    llama_shape = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}
+    llama_shape = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+    }
     configs = {
         "gpt2": lambda: transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **common),
-        "llama": lambda: transformers.LlamaConfig(**llama_shape, rope_theta=500.0, tie_word_embeddings=False,
-                                                  **common),
+        "llama": lambda: transformers.LlamaConfig(**llama_shape, rope_theta=500.0, tie_word_embeddings=False, **common),
         "llama_tied_scaled": lambda: transformers.LlamaConfig(
-            **llama_shape, tie_word_embeddings=True, rope_parameters={
-                "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **common),
-        "mistral": lambda: transformers.MistralConfig(**llama_shape, sliding_window=4096, head_dim=16,
-                                                      tie_word_embeddings=False, **common),
+            **llama_shape,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            **common,
+        ),
+        "mistral": lambda: transformers.MistralConfig(
+            **llama_shape, sliding_window=4096, head_dim=16, tie_word_embeddings=False, **common
+        ),
         "qwen2": lambda: transformers.Qwen2Config(**llama_shape, tie_word_embeddings=False, **common),
     }
     config = configs[kind]()
@@ -103,13 +130,28 @@ def write_gguf(folder: Path, path: Path) -> Path:
     writer.add_chat_template(CHATML)
 
     def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:  # llama.cpp's convert_hf_to_gguf
-        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+        return (
+            weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape)
+        )
 
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for name, tensor in load_file(str(folder / "model.safetensors")).items():
         if name.startswith("model.layers."):
             index, rest = name.removeprefix("model.layers.").split(".", 1)
@@ -140,20 +182,35 @@ def write_wordpiece(folder: Path, vocab_size: int = 200) -> int:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator([TEXT], trainer=trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False))
+    tok.train_from_iterator(
+        [TEXT],
+        trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False),
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     # As sentence-transformers ships them (all-MiniLM-L6-v2: every text padded to 128, cut at 128): what
     # bigmodel must not inherit.
     tok.enable_padding(length=64, pad_id=0, pad_token="[PAD]")
     tok.enable_truncation(max_length=64)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "BertTokenizer", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-        "mask_token": "[MASK]", "unk_token": "[UNK]", "do_lower_case": True}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "BertTokenizer",
+                "pad_token": "[PAD]",
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "mask_token": "[MASK]",
+                "unk_token": "[UNK]",
+                "do_lower_case": True,
+            }
+        )
+    )
     return tok.get_vocab_size()
 
 
@@ -163,11 +220,22 @@ def make_bert(folder: Path, head: str = "none", labels: int = 3) -> Path:
     import transformers
 
     vocab = write_wordpiece(folder)
-    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=64, initializer_range=0.3,
-                                     pad_token_id=0, num_labels=labels)
-    classes = {"none": transformers.BertModel, "mlm": transformers.BertForMaskedLM,
-               "classifier": transformers.BertForSequenceClassification}
+    config = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        pad_token_id=0,
+        num_labels=labels,
+    )
+    classes = {
+        "none": transformers.BertModel,
+        "mlm": transformers.BertForMaskedLM,
+        "classifier": transformers.BertForSequenceClassification,
+    }
     torch.manual_seed(0)
     model = classes[head](config)
     with torch.no_grad():  # biases and LayerNorms away from their 0 / 1 init, so a dropped one shows

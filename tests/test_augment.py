@@ -23,8 +23,9 @@ ALL = [NoiseAugment(std=0.5), FeatureDropoutAugment(rate=0.3, p=0.5), MixupAugme
 
 
 def model_with_statistics() -> MLP:
-    model = MLP(TabularArch(task="classification", activation="relu", n_inputs=6, n_outputs=3,
-                            hidden_sizes=[8], dropout=0.0))
+    model = MLP(
+        TabularArch(task="classification", activation="relu", n_inputs=6, n_outputs=3, hidden_sizes=[8], dropout=0.0)
+    )
     model.feature_mean.copy_(torch.arange(6.0))
     model.feature_std.copy_(torch.full((6,), 2.0))
     return model
@@ -113,18 +114,23 @@ def test_validation_and_test_data_are_never_augmented(tmp_path: Path) -> None:
 
 
 def test_mixup_needs_classes_and_text_is_augmented_by_prepare(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "reg.yaml", {
-        "data": {"path": "x.csv", "target": "y", "task": "regression"},
-        "train": {"augment": [{"kind": "mixup"}]},
-    })
+    config = write_config(
+        tmp_path / "reg.yaml",
+        {
+            "data": {"path": "x.csv", "target": "y", "task": "regression"},
+            "train": {"augment": [{"kind": "mixup"}]},
+        },
+    )
     result = cli("config", "validate", "-c", config)
     assert result.code == 2 and "mixup mixes class labels; for regression use noise" in result.stderr
-    text = write_config(tmp_path / "text.yaml", {"data": {"format": "text", "path": "x.txt"},
-                                                  "train": {"augment": [{"kind": "noise"}]}})
+    text = write_config(
+        tmp_path / "text.yaml", {"data": {"format": "text", "path": "x.txt"}, "train": {"augment": [{"kind": "noise"}]}}
+    )
     result = cli("config", "validate", "-c", text)
     assert result.code == 2 and "text is augmented by prepare" in result.stderr
-    typo = write_config(tmp_path / "typo.yaml", {"data": {"path": "x.csv", "target": "y"},
-                                                  "train": {"augment": [{"kind": "nosie"}]}})
+    typo = write_config(
+        tmp_path / "typo.yaml", {"data": {"path": "x.csv", "target": "y"}, "train": {"augment": [{"kind": "nosie"}]}}
+    )
     result = cli("config", "validate", "-c", typo)
     assert result.code == 2 and "train.augment.0.kind: unknown value 'nosie'" in result.stderr
 
@@ -143,10 +149,19 @@ def test_bpe_dropout_segments_differently_but_reproducibly() -> None:
 
 
 def text_config(tmp: Path, **data: object) -> Path:
-    return write_config(tmp / "text.yaml", {
-        "seed": 3, "run_dir": "run",
-        "data": {"format": "text", "path": str(corpus(tmp)), "tokenizer": {"kind": "bpe", "vocab_size": 300}, **data},
-    })
+    return write_config(
+        tmp / "text.yaml",
+        {
+            "seed": 3,
+            "run_dir": "run",
+            "data": {
+                "format": "text",
+                "path": str(corpus(tmp)),
+                "tokenizer": {"kind": "bpe", "vocab_size": 300},
+                **data,
+            },
+        },
+    )
 
 
 def test_prepare_adds_dropout_copies_to_train_only(tmp_path: Path) -> None:
@@ -173,9 +188,14 @@ def test_char_level_refuses_bpe_dropout(tmp_path: Path) -> None:
     result = cli("prepare", "-c", config)
     assert result.code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(
-        "text.yaml: data: data.augment bpe_dropout needs a BPE tokenizer (data.tokenizer.kind: bpe): "
-        "a character-level tokenizer has no merges to drop")
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: ")
+        and lines[0].endswith(
+            "text.yaml: data: data.augment bpe_dropout needs a BPE tokenizer (data.tokenizer.kind: bpe): "
+            "a character-level tokenizer has no merges to drop"
+        )
+    )
 
 
 def test_transforms_apply_in_the_listed_order() -> None:
@@ -186,11 +206,16 @@ def test_transforms_apply_in_the_listed_order() -> None:
 
 
 def test_regression_trains_with_feature_noise(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "reg.yaml", {
-        "extends": str(CONFIGS / "diabetes.yaml"), "run_dir": "run", "threads": 1,
-        "train": {"epochs": 5, "patience": None, "augment": [{"kind": "noise", "std": 0.2, "p": 0.5}]},
-        "eval": {"fail_under": {}},
-    })
+    config = write_config(
+        tmp_path / "reg.yaml",
+        {
+            "extends": str(CONFIGS / "diabetes.yaml"),
+            "run_dir": "run",
+            "threads": 1,
+            "train": {"epochs": 5, "patience": None, "augment": [{"kind": "noise", "std": 0.2, "p": 0.5}]},
+            "eval": {"fail_under": {}},
+        },
+    )
     for stage in ("prepare", "init"):
         assert cli(stage, "-c", config, "-q").code == 0
     trained = cli("train", "-c", config, "--json")

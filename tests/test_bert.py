@@ -19,8 +19,9 @@ def _imported(folder: Path, task: str, labels: int = 3) -> tuple[torch.nn.Module
     from bigmodel.pretrained import build
 
     source = pretrained.describe(folder)
-    arch = source.arch.model_validate({**source.arch.to_dict(), "task": task,
-                                       "n_outputs": labels if task == "classification" else 0})
+    arch = source.arch.model_validate(
+        {**source.arch.to_dict(), "task": task, "n_outputs": labels if task == "classification" else 0}
+    )
     return build.build(source, arch), source
 
 
@@ -48,8 +49,9 @@ def test_import_equals_transformers_for_each_task(head: str, tmp_path: Path) -> 
     folder = make_bert(tmp_path / "bert", head)
     model, source = _imported(folder, TASKS[head])
     assert source.arch.task == "embedding" and source.model_type == "bert"  # type: ignore[attr-defined]
-    parity = build.check_parity(streaming.fetch_from(streaming.StateDict(model)), model.arch, source,
-                                _tokenizer(source), 1e-4)
+    parity = build.check_parity(
+        streaming.fetch_from(streaming.StateDict(model)), model.arch, source, _tokenizer(source), 1e-4
+    )
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4, parity
     batch = _batch(source)
     real = batch["attention_mask"].bool()
@@ -109,9 +111,16 @@ def test_a_bert_folder_is_not_imported_into_a_decoder_config(tmp_path: Path) -> 
 
     folder = make_bert(tmp_path / "bert", "none")
     (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
-    config = write_config(tmp_path / "c.yaml", {"seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"),
-                                                "data": {"format": "text", "path": str(tmp_path / "corpus.txt")},
-                                                "init": {"from": str(folder)}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "run"),
+            "data": {"format": "text", "path": str(tmp_path / "corpus.txt")},
+            "init": {"from": str(folder)},
+        },
+    )
     assert cli("prepare", "-c", config, "-q").code == 0
     result = cli("init", "-c", config, "-q")
     assert result.code == 2 and "holds a 'bert' model, but model.family is 'gpt'" in result.stderr

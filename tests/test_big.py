@@ -88,7 +88,9 @@ def test_import_keeps_bf16_and_gates_every_layer(imported: Path, tmp_path: Path,
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
     assert len(parity["layers_max_abs_diff"]) == 4 and max(parity["layers_max_abs_diff"]) < 1e-4
     # init.dtype converts on request, to the same values (bf16 -> fp32 is exact)
-    config = import_config(tmp_path, llama_bf16, model={"block_size": 48}, init={"from": str(llama_bf16), "dtype": "fp32"})
+    config = import_config(
+        tmp_path, llama_bf16, model={"block_size": 48}, init={"from": str(llama_bf16), "dtype": "fp32"}
+    )
     assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
     wide = SafetensorsFile(tmp_path / "run" / "init" / "model.safetensors")
     name = "model.transformer.h.2.mlp.c_fc.weight"
@@ -108,8 +110,11 @@ def test_the_weightless_export_decodes_like_pytorch(imported: Path) -> None:
 def test_repeated_layers_are_the_full_trace(kind: str, tmp_path: Path) -> None:
     """A five-layer graph made from a two-layer trace has the full trace's operators, inputs, outputs and
     weights, and both pass the fp32 gate."""
-    options = ({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2} if kind == "rope"
-               else {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True})
+    options = (
+        {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}
+        if kind == "rope"
+        else {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+    )
     arch = DecoderArch(vocab_size=300, n_layer=5, n_head=4, n_embd=64, block_size=64, mlp_hidden=[96] * 5, **options)
     torch.manual_seed(0)
     model = GPT(arch).eval()
@@ -146,8 +151,9 @@ def test_int4_export_is_compress_int4_written_streamed(imported: Path, tmp_path:
     """export.dtype int4 quantises each matrix as it writes it with onnxruntime.quantization's kernel: the
     very blocks compress gets from MatMulNBitsQuantizer over the whole fp32 graph. Its gate holds the file
     to the model its blocks hold and measures it against fp32."""
-    result = cli("export", "-c", imported, "--set", "export.checkpoint=init", "--set", "export.dtype=int4",
-                 "--json", "-q")
+    result = cli(
+        "export", "-c", imported, "--set", "export.checkpoint=init", "--set", "export.dtype=int4", "--json", "-q"
+    )
     assert result.code == 0, result.stderr
     out = result.json()
     # accuracy level 4 rounds activations to int8 (~0.06 here); int4 rounding itself costs more against fp32
@@ -157,14 +163,23 @@ def test_int4_export_is_compress_int4_written_streamed(imported: Path, tmp_path:
     assert report["quantized"]["gather"] == 1  # the untied embedding in 8-bit blocks
     streamed = _matmul_blocks(imported.parent / "run" / "export" / "model.onnx")
     step = {"method": "quantize", "bits": 4}
-    result = cli("compress", "-c", imported, "--set", "compress.checkpoint=init", "--set",
-                 f"compress.steps=[{json.dumps(step)}]", "-q")  # (streams: the same writer, fp32 embeddings)
+    result = cli(
+        "compress",
+        "-c",
+        imported,
+        "--set",
+        "compress.checkpoint=init",
+        "--set",
+        f"compress.steps=[{json.dumps(step)}]",
+        "-q",
+    )  # (streams: the same writer, fp32 embeddings)
     assert result.code == 0, result.stderr
     assert _matmul_blocks(imported.parent / "run" / "compress" / "model.int4.onnx") == streamed
     # the oracle: MatMulNBitsQuantizer over the whole fp32 graph compress measured as its baseline
     whole = tmp_path / "whole.int4.onnx"
-    quantize.run(QuantizeStep(bits=4), load_config(imported), imported.parent / "run" / "compress" / "fp32" /
-                 "model.onnx", whole)
+    quantize.run(
+        QuantizeStep(bits=4), load_config(imported), imported.parent / "run" / "compress" / "fp32" / "model.onnx", whole
+    )
     compressed = _matmul_blocks(whole)
     assert streamed == compressed and sum(streamed.values()) == 4 * 4 + 1  # gate/up merged; the head in 8 bits
     width = read_manifest(imported.parent / "run" / "init" / "model.safetensors").architecture.n_embd
@@ -173,11 +188,30 @@ def test_int4_export_is_compress_int4_written_streamed(imported: Path, tmp_path:
 
 def test_compress_int4_reuses_an_export_of_the_same_checkpoint_and_settings(imported: Path) -> None:
     export = imported.parent / "run" / "export"
-    result = cli("export", "-c", imported, "--set", "export.checkpoint=init", "--set", "export.dtype=int4",
-                 "--set", "export.int4.embeddings=fp32", "--set", "export.external_data=true", "-q")
+    result = cli(
+        "export",
+        "-c",
+        imported,
+        "--set",
+        "export.checkpoint=init",
+        "--set",
+        "export.dtype=int4",
+        "--set",
+        "export.int4.embeddings=fp32",
+        "--set",
+        "export.external_data=true",
+        "-q",
+    )
     assert result.code == 0, result.stderr
-    result = cli("compress", "-c", imported, "--set", "compress.checkpoint=init", "--set",
-                 "compress.steps=[{method: quantize, bits: 4}]")
+    result = cli(
+        "compress",
+        "-c",
+        imported,
+        "--set",
+        "compress.checkpoint=init",
+        "--set",
+        "compress.steps=[{method: quantize, bits: 4}]",
+    )
     assert result.code == 0 and "reusing" in result.stderr, result.stderr
     int4 = imported.parent / "run" / "compress" / "model.int4.onnx"
     linked = int4.with_name("model.int4.onnx.data")  # the weights cloned; the graph names its data file anew
@@ -186,8 +220,15 @@ def test_compress_int4_reuses_an_export_of_the_same_checkpoint_and_settings(impo
     report = json.loads((imported.parent / "run" / "compress" / "report.json").read_text())
     assert report["result"] == str(int4) and report["steps"][1]["name"] == "1: quantize int4 block 32"
     # other settings: written anew
-    result = cli("compress", "-c", imported, "--set", "compress.checkpoint=init", "--set",
-                 "compress.steps=[{method: quantize, bits: 4, head: int4}]")
+    result = cli(
+        "compress",
+        "-c",
+        imported,
+        "--set",
+        "compress.checkpoint=init",
+        "--set",
+        "compress.steps=[{method: quantize, bits: 4, head: int4}]",
+    )
     assert result.code == 0 and "reusing" not in result.stderr, result.stderr
     assert not linked.exists() and not list(int4.parent.glob(".*.work"))  # a self-contained file now
 
@@ -198,8 +239,18 @@ def test_8bit_blocks_are_the_widest_that_divide_the_width() -> None:
 
 
 def test_the_int4_gate_refuses_blocks_that_are_not_the_model(tmp_path: Path) -> None:
-    arch = DecoderArch(vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, block_size=64, mlp_hidden=[128] * 3,
-                       position="rope", norm="rmsnorm", mlp="swiglu")
+    arch = DecoderArch(
+        vocab_size=256,
+        n_layer=3,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        block_size=64,
+        mlp_hidden=[128] * 3,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+    )
     torch.manual_seed(0)
     model = GPT(arch).eval()
     init_weights(model, "gpt2", 0.02)
@@ -209,15 +260,20 @@ def test_the_int4_gate_refuses_blocks_that_are_not_the_model(tmp_path: Path) -> 
     tokens = np.arange(300) % 256
 
     def gate() -> dict:
-        return export_gpt.check_parity(weights, path, tokens, arch, (0.1, 0.0), 4, 1, "int4",
-                                       export_gpt.Blocks(layout, Initializers(path)))
+        return export_gpt.check_parity(
+            weights, path, tokens, arch, (0.1, 0.0), 4, 1, "int4", export_gpt.Blocks(layout, Initializers(path))
+        )
 
     assert gate()["passed"]
     # one product wired to another layer's blocks: the file no longer computes what its blocks say
     graph = onnx.load(str(path), load_external_data=False)
     products = [node for node in graph.graph.node if node.op_type == "MatMulNBits"]
-    same = [n for n in products if n is not products[0] and
-            [a.i for a in n.attribute if a.name in "KN"] == [a.i for a in products[0].attribute if a.name in "KN"]]
+    same = [
+        n
+        for n in products
+        if n is not products[0]
+        and [a.i for a in n.attribute if a.name in "KN"] == [a.i for a in products[0].attribute if a.name in "KN"]
+    ]
     products[0].input[1], products[0].input[2] = same[0].input[1], same[0].input[2]
     onnx.save(graph, str(path))
     wired = gate()
@@ -225,7 +281,9 @@ def test_the_int4_gate_refuses_blocks_that_are_not_the_model(tmp_path: Path) -> 
     # blocks that do not stand for their matrix (its rows in reverse): the rounding check refuses them
     layout = export_gpt.write_decoder(arch, weights, path, 23, "int4", Int4Export())["layout"]
     blocks = next(where for name, where in layout.items() if name.endswith("h.1.attn.c_proj.weight"))
-    tensor = next(t for t in onnx.load(str(path), load_external_data=False).graph.initializer if t.name == blocks["blocks"])
+    tensor = next(
+        t for t in onnx.load(str(path), load_external_data=False).graph.initializer if t.name == blocks["blocks"]
+    )
     info = {entry.key: int(entry.value) for entry in tensor.external_data if entry.key in ("offset", "length")}
     with open(path.with_name("model.onnx.data"), "r+b") as data:
         data.seek(info["offset"])
@@ -250,14 +308,28 @@ def test_lora_on_a_bf16_import_keeps_the_frozen_base_in_bf16(imported: Path) -> 
             logits, _ = model(ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
-        found[loader.__name__] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
-                                  {p.dtype for p in model.parameters() if p.dim() >= 2 and not p.requires_grad})
+        found[loader.__name__] = (
+            loss.item(),
+            {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+            {p.dtype for p in model.parameters() if p.dim() >= 2 and not p.requires_grad},
+        )
     (loss32, grads32, dtypes32), (loss16, grads16, dtypes16) = found.values()
     assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16}
     assert loss16 == loss32 and grads16.keys() == grads32.keys()
     assert all(torch.equal(grads16[name], grads32[name]) for name in grads32)
-    result = cli("train", "-c", imported, "--set", "train.lora={rank: 4}", "--set", "train.max_steps=2",
-                 "--set", "train.precision=bf16", "--set", "train.batch_size=2")
+    result = cli(
+        "train",
+        "-c",
+        imported,
+        "--set",
+        "train.lora={rank: 4}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.precision=bf16",
+        "--set",
+        "train.batch_size=2",
+    )
     assert result.code == 0 and "frozen base bfloat16" in result.stderr, result.stderr
 
 
@@ -266,8 +338,18 @@ def test_an_adapter_is_refused_on_another_runs_base(imported: Path, tmp_path: Pa
     the base's sha256 (scored on A's base it would quietly give A's numbers); in its own run it is scored."""
     import shutil
 
-    result = cli("train", "-c", imported, "--set", "train.lora={rank: 4}", "--set", "train.max_steps=2",
-                 "--set", "train.batch_size=2", "-q")
+    result = cli(
+        "train",
+        "-c",
+        imported,
+        "--set",
+        "train.lora={rank: 4}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.batch_size=2",
+        "-q",
+    )
     assert result.code == 0, result.stderr
     adapter = imported.parent / "run" / "train" / "best.safetensors"
     assert cli("eval", "-c", imported, "--set", f"eval.checkpoint={adapter}", "-q").code == 0
@@ -282,12 +364,21 @@ def test_an_adapter_is_refused_on_another_runs_base(imported: Path, tmp_path: Pa
 
 def test_the_memory_guard_refuses_before_allocating(imported: Path) -> None:
     def artifacts() -> dict[Path, int]:  # (a stage's stamp goes when it starts: it is not up to date now; train
-        return {p: p.stat().st_mtime_ns for p in (imported.parent / "run").rglob("*") if p.is_file()  # locks its
-                and p.name not in (".stamp.json", ".lock")}  # folder, an empty file, before anything)
+        return {
+            p: p.stat().st_mtime_ns
+            for p in (imported.parent / "run").rglob("*")
+            if p.is_file()  # locks its
+            and p.name not in (".stamp.json", ".lock")
+        }  # folder, an empty file, before anything)
 
-    for args in (("init",), ("export", "--set", "export.checkpoint=init"), ("infer", "--prompt", "hi"),
-                 ("train", "--set", "train.max_steps=1"), ("eval", "--set", "eval.checkpoint=init"),
-                 ("export", "--set", "export.checkpoint=init", "--set", "export.format=hf")):
+    for args in (
+        ("init",),
+        ("export", "--set", "export.checkpoint=init"),
+        ("infer", "--prompt", "hi"),
+        ("train", "--set", "train.max_steps=1"),
+        ("eval", "--set", "eval.checkpoint=init"),
+        ("export", "--set", "export.checkpoint=init", "--set", "export.format=hf"),
+    ):
         before = artifacts()
         line = one_line_error(cli(args[0], "-c", imported, *args[1:], "--set", "memory_limit=20MB", "-q"))
         assert "needs about" in line and "memory_limit" in line, line
@@ -299,8 +390,19 @@ def test_the_memory_guard_refuses_before_allocating(imported: Path) -> None:
 def test_a_runs_recorded_config_loads_back_and_a_huge_lora_rank_is_refused(imported: Path) -> None:
     recorded = imported.parent / "run" / "config.yaml"  # every default spelled out, data.tokenizer included
     assert load_config(recorded).init.from_ == load_config(imported).init.from_
-    line = one_line_error(cli("train", "-c", recorded, "--set", "train.lora={rank: 100000}", "--set",
-                              "train.max_steps=1", "--set", "memory_limit=1GiB"))
+    line = one_line_error(
+        cli(
+            "train",
+            "-c",
+            recorded,
+            "--set",
+            "train.lora={rank: 100000}",
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "memory_limit=1GiB",
+        )
+    )
     assert "train needs about" in line and "train.lora.rank" in line, line
 
 
@@ -320,13 +422,17 @@ def test_plan_predicts_each_stages_peak(imported: Path) -> None:
     assert stages["serve_int4"]["peak"] >= stages["infer_int4"]["peak"] > 0 and stages["init"]["peak"] > 0
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("truncate", ("truncated",)),
-    ("missing", ("missing",)),
-    ("shape", ("do not match",)),
-])
-def test_damaged_weight_files_are_refused_by_name(damage: str, words: tuple[str, ...], llama_bf16: Path,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("truncate", ("truncated",)),
+        ("missing", ("missing",)),
+        ("shape", ("do not match",)),
+    ],
+)
+def test_damaged_weight_files_are_refused_by_name(
+    damage: str, words: tuple[str, ...], llama_bf16: Path, tmp_path: Path
+) -> None:
     import shutil
 
     folder = tmp_path / "model"
@@ -365,18 +471,27 @@ def test_a_disk_that_fills_up_publishes_nothing(stage: str, imported: Path, tmp_
     published = tmp_path / "run" / stage / ("model.safetensors" if stage == "init" else "model.onnx")
     published.unlink()
     args = [stage, "-c", str(config), "-q"] + (["--set", "export.checkpoint=init"] if stage == "export" else [])
-    proc = subprocess.run([sys.executable, "-m", "bigmodel", *args], capture_output=True, text=True, timeout=300, check=False,
-                          preexec_fn=lambda: _with_file_size_limit(40_000))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigmodel", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=lambda: _with_file_size_limit(40_000),
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "disk" in lines[0] and "nothing was published" in lines[0]
     assert not published.exists()
-    leftovers = [p.name for p in published.parent.iterdir() if p.name.startswith((".", "tmp")) and p.name != ".stamp.json"]
+    leftovers = [
+        p.name for p in published.parent.iterdir() if p.name.startswith((".", "tmp")) and p.name != ".stamp.json"
+    ]
     assert not leftovers, leftovers
 
 
-def test_a_disk_that_fills_up_during_training_or_an_unwritable_output_is_one_line(imported: Path,
-                                                                                  tmp_path: Path) -> None:
+def test_a_disk_that_fills_up_during_training_or_an_unwritable_output_is_one_line(
+    imported: Path, tmp_path: Path
+) -> None:
     """Issue 32 item 13: the checkpoint safetensors writes outgrows the disk (a file-size limit): one line
     naming the checkpoint, exit 2; an -o path that cannot be written names that path, not a .tmp file."""
     import shutil
@@ -386,9 +501,26 @@ def test_a_disk_that_fills_up_during_training_or_an_unwritable_output_is_one_lin
     shutil.copy(imported, config)
     shutil.copy(imported.parent / "corpus.txt", tmp_path / "corpus.txt")
     init = tmp_path / "run" / "init" / "model.safetensors"  # bf16: training's fp32 checkpoints are twice that
-    proc = subprocess.run([sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q", "--set",
-                           "train.max_steps=2", "--set", "train.eval_every=1"], capture_output=True, text=True,
-                          timeout=300, check=False, preexec_fn=lambda: _with_file_size_limit(init.stat().st_size))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigmodel",
+            "train",
+            "-c",
+            str(config),
+            "-q",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.eval_every=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=lambda: _with_file_size_limit(init.stat().st_size),
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "disk filled up while writing" in lines[0] and ".safetensors" in lines[0] and ".tmp" not in lines[0]
@@ -405,17 +537,33 @@ def test_a_300m_model_imports_and_exports_int4_in_half_its_bf16_bytes_plus_1gib(
     from tests.conftest import REPO
 
     folder = tmp_path / "model"
-    made = subprocess.run([sys.executable, str(REPO / "scripts" / "make_random_model.py"), "--shape", "llama-3.2-1b",
-                           "--layers", "5", "--out", str(folder), "--tokenizer", str(_tokenizer_folder(tmp_path))],
-                          capture_output=True, text=True, timeout=600, check=False)
+    made = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "make_random_model.py"),
+            "--shape",
+            "llama-3.2-1b",
+            "--layers",
+            "5",
+            "--out",
+            str(folder),
+            "--tokenizer",
+            str(_tokenizer_folder(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert made.returncode == 0, made.stderr
     source_bytes = json.loads(made.stdout)["bytes"]
     config = import_config(tmp_path, folder, model={"block_size": 256})
     assert cli("prepare", "-c", config, "-q").code == 0
     limit = 0.5 * source_bytes + 2**30
     for args in (["init"], ["export", "--set", "export.checkpoint=init", "--set", "export.dtype=int4"]):
-        proc = subprocess.Popen([sys.executable, "-m", "bigmodel", *args, "-c", str(config), "-q"],
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bigmodel", *args, "-c", str(config), "-q"], stderr=subprocess.PIPE, text=True
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read() if proc.stderr else ""
         assert usage.ru_maxrss * 1024 <= limit, (args[0], usage.ru_maxrss * 1024, limit)

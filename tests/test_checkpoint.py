@@ -15,8 +15,15 @@ from bigmodel.errors import UserError
 from bigmodel.io import atomic_open
 from bigmodel.manifests import CHECKPOINT_FORMAT, CheckpointManifest, DataInfo
 
-ARCH = {"family": "mlp", "task": "classification", "n_inputs": 4, "n_outputs": 3,
-        "hidden_sizes": [5], "activation": "relu", "dropout": 0.0}
+ARCH = {
+    "family": "mlp",
+    "task": "classification",
+    "n_inputs": 4,
+    "n_outputs": 3,
+    "hidden_sizes": [5],
+    "activation": "relu",
+    "dropout": 0.0,
+}
 
 
 def manifest_of(arch: dict = ARCH, **fields: object) -> CheckpointManifest:
@@ -107,8 +114,9 @@ def _rewrite_forever(path: str, stop: object) -> None:
 
     i = 0
     while not stop.is_set():  # type: ignore[attr-defined]
-        save_checkpoint(Path(path), {"model.w": torch.full((500,), float(i))},
-                        manifest_of(step=i, lineage={"pad": "x" * (i % 40)}))
+        save_checkpoint(
+            Path(path), {"model.w": torch.full((500,), float(i))}, manifest_of(step=i, lineage={"pad": "x" * (i % 40)})
+        )
         i += 1
         time.sleep(0.002)  # hundreds of rewrites a second; a training run writes every few seconds
 
@@ -142,5 +150,15 @@ def test_an_unknown_family_or_a_broken_architecture_is_one_line(tmp_path: Path) 
     with pytest.raises(UserError, match="unknown model family 't5'; known: bert, gpt, mlp"):
         parse({"family": "t5"}, "x.safetensors")
     with pytest.raises(UserError, match="n_kv_head .3. must divide n_head .4."):
-        parse({"family": "gpt", "vocab_size": 10, "n_layer": 1, "n_head": 4, "n_kv_head": 3, "n_embd": 8,
-               "block_size": 8}, "x.safetensors")
+        parse(
+            {
+                "family": "gpt",
+                "vocab_size": 10,
+                "n_layer": 1,
+                "n_head": 4,
+                "n_kv_head": 3,
+                "n_embd": 8,
+                "block_size": 8,
+            },
+            "x.safetensors",
+        )

@@ -61,8 +61,18 @@ def test_failed_gate_still_reports_its_metrics_in_json(fresh_run: Path) -> None:
     assert failed.code == 1 and payload["ok"] is False and payload["exit_code"] == 1
     assert payload["error"].startswith("eval gate failed: accuracy")
     assert 0.0 <= payload["accuracy"] < 1.01 and payload["metrics_file"].endswith("metrics.json")
-    piped = cli("pipeline", "-c", fresh_run, "--from", "eval", "--to", "eval",
-                "--set", "eval.fail_under={accuracy: 1.01}", "--json")
+    piped = cli(
+        "pipeline",
+        "-c",
+        fresh_run,
+        "--from",
+        "eval",
+        "--to",
+        "eval",
+        "--set",
+        "eval.fail_under={accuracy: 1.01}",
+        "--json",
+    )
     stages = json.loads(piped.stdout)["stages"]
     assert piped.code == 1 and stages["eval"]["accuracy"] == payload["accuracy"]
 

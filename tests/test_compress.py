@@ -58,8 +58,9 @@ def test_gpt_int8_stays_close_and_still_generates(tmp_path: Path) -> None:
     out = compress(config, "{method: quantize, per_channel: true}")
     fp32, int8 = out["steps"]
     assert abs(int8["metrics"]["loss"] - fp32["metrics"]["loss"]) < 0.05 * fp32["metrics"]["loss"]
-    generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json", "-o",
-                    tmp_path / "g.jsonl")
+    generated = cli(
+        "infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json", "-o", tmp_path / "g.jsonl"
+    )
     assert generated.code == 0, generated.stderr
 
 
@@ -104,7 +105,9 @@ def test_unstructured_pruning_hits_its_sparsity_globally_and_per_layer(digits_ru
     config = copy_run(digits_run, tmp_path / "per_layer")
     compress(config, "{method: prune, sparsity: 0.6, scope: layer}")
     report = json.loads((tmp_path / "per_layer" / "run" / "compress" / "report.json").read_text())
-    assert all(v == pytest.approx(0.6, abs=0.01) for v in report["sparsity_per_layer"]["1: prune unstructured 0.6"].values())
+    assert all(
+        v == pytest.approx(0.6, abs=0.01) for v in report["sparsity_per_layer"]["1: prune unstructured 0.6"].values()
+    )
 
 
 def test_finetuning_keeps_pruned_weights_at_zero(digits_run: Path, tmp_path: Path) -> None:
@@ -135,8 +138,9 @@ def test_structured_pruning_of_gpt_mlp_neurons_exports_and_generates(tmp_path: P
 
     assert read_manifest(Path(out["checkpoint"])).architecture.mlp_hidden == (96,)
     assert pruned["file_bytes"] < fp32["file_bytes"]
-    generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json",
-                    "-o", tmp_path / "g.jsonl")
+    generated = cli(
+        "infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json", "-o", tmp_path / "g.jsonl"
+    )
     assert generated.code == 0, generated.stderr
 
 
@@ -185,8 +189,15 @@ def test_student_with_another_vocabulary_or_bad_settings_is_refused(tmp_path: Pa
     # Re-prepare other text: the teacher's vocabulary no longer matches the data the student learns.
     (tmp_path / "other.txt").write_text("abc abc abc\n" * 500)
     cli("prepare", "-c", config, "--set", f"data.path={tmp_path / 'other.txt'}", "-q")
-    result = cli("compress", "-c", config, "--set", f"data.path={tmp_path / 'other.txt'}", "--set",
-                 "compress.steps=[{method: distill, student: {n_layer: 1}, steps: 2}]")
+    result = cli(
+        "compress",
+        "-c",
+        config,
+        "--set",
+        f"data.path={tmp_path / 'other.txt'}",
+        "--set",
+        "compress.steps=[{method: distill, student: {n_layer: 1}, steps: 2}]",
+    )
     assert result.code == 2 and "must share the tokenizer" in result.stderr
     bad = cli("compress", "-c", config, "--set", "compress.steps=[{method: distill, student: {n_layr: 1}}]")
     assert bad.code == 2 and "student: n_layr: unknown key (did you mean 'n_layer'?)" in bad.stderr
@@ -197,22 +208,27 @@ def test_student_with_another_vocabulary_or_bad_settings_is_refused(tmp_path: Pa
 def test_structured_pruning_of_attention_heads_keeps_one_cache_shape(tmp_path: Path) -> None:
     config = lm_config(tmp_path, max_steps=20)  # 2 heads of 16 in one layer
     assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
-    out = compress(config, "{method: prune, kind: structured, structure: heads, sparsity: 0.5, finetune_steps: 4}",
-                   "{method: quantize, mode: static, calibration_batches: 2}")
+    out = compress(
+        config,
+        "{method: prune, kind: structured, structure: heads, sparsity: 0.5, finetune_steps: 4}",
+        "{method: quantize, mode: static, calibration_batches: 2}",
+    )
     fp32, pruned, _int8 = out["steps"]
     from bigmodel.checkpoint import read_manifest
 
     arch = read_manifest(Path(out["checkpoint"])).architecture
     assert (arch.n_head, arch.head_size) == (1, 16)
     assert pruned["parameters"] == fp32["parameters"] - 4 * 32 * 16  # q, k, v rows and c_proj columns
-    generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json",
-                    "-o", tmp_path / "g.jsonl")
+    generated = cli(
+        "infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json", "-o", tmp_path / "g.jsonl"
+    )
     assert generated.code == 0, generated.stderr
 
 
 def test_heads_are_refused_for_a_tabular_model(digits_run: Path) -> None:
-    result = cli("compress", "-c", digits_run, "--set",
-                 "compress.steps=[{method: prune, kind: structured, structure: heads}]")
+    result = cli(
+        "compress", "-c", digits_run, "--set", "compress.steps=[{method: prune, kind: structured, structure: heads}]"
+    )
     assert result.code == 2 and "structure 'heads' needs model.family 'gpt'" in result.stderr
 
 
@@ -226,20 +242,30 @@ def test_int4_weight_only_quantisation_of_a_language_model(tmp_path: Path) -> No
     assert "MatMulNBits" in ops
     assert int4["file_bytes"] < fp32["file_bytes"]
     assert abs(int4["metrics"]["loss"] - fp32["metrics"]["loss"]) < 0.1 * fp32["metrics"]["loss"]
-    generated = cli("infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json",
-                    "-o", tmp_path / "g.jsonl")
+    generated = cli(
+        "infer", "--model", out["model"], "--prompt", "def ", "-n", "5", "-t", "0", "--json", "-o", tmp_path / "g.jsonl"
+    )
     assert generated.code == 0, generated.stderr
     static = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 4, mode: static}]")
     assert static.code == 2 and "weight-only" in static.stderr
     odd = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 4, block_size: 24}]")
     assert odd.code == 2 and "power of 2" in odd.stderr
-    bits = [next(a.i for a in node.attribute if a.name == "bits") for node in onnx.load(out["model"]).graph.node
-            if node.op_type == "MatMulNBits"]
+    bits = [
+        next(a.i for a in node.attribute if a.name == "bits")
+        for node in onnx.load(out["model"]).graph.node
+        if node.op_type == "MatMulNBits"
+    ]
     assert bits.count(8) == 1 and set(bits) == {4, 8}  # the head in 8-bit blocks (the default), the rest 4-bit
     # The head at int4 too, and the embedding table in 4 bits; what a user reads on stderr: no library log
     # lines, a table whose columns do not run together, and what the metric was measured on.
-    shown = cli("compress", "-c", config, "--set", "compress.steps=[{method: quantize, bits: 4, block_size: 16, "
-                "head: int4, embeddings: true}]", "--json")
+    shown = cli(
+        "compress",
+        "-c",
+        config,
+        "--set",
+        "compress.steps=[{method: quantize, bits: 4, block_size: 16, head: int4, embeddings: true}]",
+        "--json",
+    )
     assert shown.code == 0, shown.stderr
     kept = shown.json()
     lines = shown.stderr.splitlines()
@@ -276,10 +302,13 @@ def test_weights_already_on_a_4bit_grid_keep_it_exactly(kind: str, tmp_path: Pat
     m = -8 * d if kind == "q4_0" else rng.uniform(-0.5, 0.0, size=(N, K // 32, 1))
     on_grid = (m + d * rng.integers(0, 16, size=(N, K // 32, 32))).reshape(N, K).T
     weight = (on_grid if kind != "fp32" else rng.normal(size=(K, N))).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
-                              [numpy_helper.from_array(weight, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+        [numpy_helper.from_array(weight, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     replaced, corrections = grids.keep_grids(model, None, set())
     ops = [node.op_type for node in model.graph.node]
@@ -308,7 +337,7 @@ def test_int4_keeps_grid_corrections_in_fp32_and_puts_only_the_head_in_8_bits(he
     rng = np.random.default_rng(0)
     K, N, V = 64, 32, 40
     d = rng.uniform(0.01, 0.1, size=(N, K // 32, 1))
-    grid = (rng.uniform(-0.5, 0.0, size=(N, K // 32, 1)) + d * rng.integers(0, 16, size=(N, K // 32, 32)))
+    grid = rng.uniform(-0.5, 0.0, size=(N, K // 32, 1)) + d * rng.integers(0, 16, size=(N, K // 32, 32))
     weight = grid.reshape(N, K).T.astype(np.float32)
     head = rng.normal(size=(N, V)).astype(np.float32)
     if head_kind == "q8_0":  # d * k per block of 32 inputs, d = the block's largest magnitude / 127
@@ -316,16 +345,23 @@ def test_int4_keeps_grid_corrections_in_fp32_and_puts_only_the_head_in_8_bits(he
         blocks[..., 0] = 127
         head = (rng.uniform(0.001, 0.01, size=(V, N // 32, 1)) * blocks).reshape(V, N).T.astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-         helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, V])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(head, "head")])
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(head, "head")],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "in.onnx"))
     quantize._int4(tmp_path / "in.onnx", tmp_path / "out.onnx", QuantizeStep(bits=4, accuracy_level=0))
     model = onnx.load(str(tmp_path / "out.onnx"))
-    nbits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
-             if n.op_type == "MatMulNBits"}
+    nbits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
     assert sorted(nbits.values()) == [4, 8]  # the grid matrix keeps its 4-bit grid, the head alone is 8-bit
     assert ("lm_head_Q8G" in nbits) == (head_kind == "q8_0")
     assert [n.op_type for n in model.graph.node].count("MatMul") == 1  # the correction, still fp32
@@ -354,15 +390,17 @@ def test_products_of_one_input_merge_into_one_matmul_and_compute_the_same(tmp_pa
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()]
 
     def model(initializers: list) -> onnx.ModelProto:
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
-                                  outputs, initializers)
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])], outputs, initializers
+        )
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
     x = rng.normal(size=(4, 8)).astype(np.float32)
     whole = model([numpy_helper.from_array(w, name) for name, w in weights.items()])
     before = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    plan = GraphWeights(model([]), {name: list(w.shape) for name, w in weights.items()},
-                        lambda name: torch.from_numpy(weights[name]))
+    plan = GraphWeights(
+        model([]), {name: list(w.shape) for name, w in weights.items()}, lambda name: torch.from_numpy(weights[name])
+    )
     assert plan.merge_shared_input_matmuls() == 1
     plan.write(tmp_path / "merged.onnx")
     onnx.checker.check_model(str(tmp_path / "merged.onnx"), full_check=True)
@@ -377,12 +415,18 @@ def test_a_difference_within_the_measurements_noise_is_called_so() -> None:
     from bigmodel.compress.measure import standard_error, too_close
 
     def row(name: str, loss: float, stderr: float) -> dict:
-        return {"name": name, "metric": "loss", "metrics": {"loss": loss}, "stderr": stderr,
-                "measured_on": {"count": 37, "unit": "tokens"}}
+        return {
+            "name": name,
+            "metric": "loss",
+            "metrics": {"loss": loss},
+            "stderr": stderr,
+            "measured_on": {"count": 37, "unit": "tokens"},
+        }
 
     # 37 tokens: int4's loss 1.08 < fp32's 1.39 says nothing (each +-0.3)
     assert too_close([row("fp32", 1.39, 0.3), row("int4", 1.08, 0.3)]) == [
-        "int4 differs from fp32 by -0.31 in loss, less than the noise (+-0.85) of 37 tokens"]
+        "int4 differs from fp32 by -0.31 in loss, less than the noise (+-0.85) of 37 tokens"
+    ]
     assert too_close([row("fp32", 1.39, 0.01), row("int4", 1.08, 0.01)]) == []  # 10,000s of tokens: it is real
     assert standard_error({"accuracy": 0.5}, "accuracy", 100) == 0.05  # a rate's binomial error
     assert standard_error({"mse": 1.0}, "mse", 100) is None  # unknown: no claim either way

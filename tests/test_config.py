@@ -42,9 +42,7 @@ def test_bad_value_names_key_and_value(tmp_path: Path) -> None:
 
 
 def test_cross_field_problems_are_reported_together(tmp_path: Path) -> None:
-    message = error_of(
-        tmp_path, {**BASE, "train": {"optimizer": "adam", "nesterov": True, "lr": 0.1, "min_lr": 0.5}}
-    )
+    message = error_of(tmp_path, {**BASE, "train": {"optimizer": "adam", "nesterov": True, "lr": 0.1, "min_lr": 0.5}})
     assert "train.nesterov" in message and "train.min_lr" in message
 
 
@@ -55,7 +53,11 @@ def test_errors_across_sections_are_collected(tmp_path: Path) -> None:
 
 def test_set_parses_yaml_values(tmp_path: Path) -> None:
     config = load(
-        tmp_path, BASE, "train.lr=3e-4", "model.hidden_sizes=[8, 4]", "train.nesterov=false",
+        tmp_path,
+        BASE,
+        "train.lr=3e-4",
+        "model.hidden_sizes=[8, 4]",
+        "train.nesterov=false",
         "eval.fail_under.accuracy=0.5",
     )
     assert config.train.lr == pytest.approx(3e-4)
@@ -122,12 +124,17 @@ def test_init_from_is_a_path_key_and_its_conflicts_are_named(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path / "..")
     assert load(tmp_path, text, "init.from=elsewhere").init.from_ == Path.cwd() / "elsewhere"
     assert "from" in json_schema()["$defs"]["InitConfig"]["properties"]
-    message = error_of(tmp_path, {**text, "data": {**text["data"], "tokenizer": {"kind": "bpe"}},
-                                  "init": {"from": "m", "scheme": "normal"}})
+    message = error_of(
+        tmp_path,
+        {**text, "data": {**text["data"], "tokenizer": {"kind": "bpe"}}, "init": {"from": "m", "scheme": "normal"}},
+    )
     assert "data.tokenizer: an imported model (init.from) brings its own tokenizer" in message
     assert "init.scheme: an imported model (init.from) keeps its pretrained weights" in message
     message = error_of(tmp_path, {**BASE, "init": {"from": "m"}, "export": {"format": "hf"}})
-    assert "init.from imports language models (model.family 'gpt' or 'bert')" in message and "export.format 'hf'" in message
+    assert (
+        "init.from imports language models (model.family 'gpt' or 'bert')" in message
+        and "export.format 'hf'" in message
+    )
     assert "did you mean 'from'" in error_of(tmp_path, {**text, "init": {"frm": "m"}})
 
 
@@ -139,14 +146,17 @@ def test_fine_tuning_an_imported_model_defaults_to_gentle_training(tmp_path: Pat
     data = {"format": "text_classification", "path": "d.csv"}
     scratch = load_config(write_config(tmp_path / "a.yaml", {"data": data}))
     assert (scratch.train.epochs, scratch.train.lr) == (50, 1e-3)
-    imported = load_config(write_config(tmp_path / "b.yaml", {"data": data, "init": {"from": "bert"},
-                                                              "model": {"task": "embedding"}}))
+    imported = load_config(
+        write_config(tmp_path / "b.yaml", {"data": data, "init": {"from": "bert"}, "model": {"task": "embedding"}})
+    )
     assert (imported.train.epochs, imported.train.lr) == (3, 2e-5)
-    adapted = load_config(write_config(tmp_path / "c.yaml", {"data": data, "init": {"from": "bert"},
-                                                             "train": {"lora": {"rank": 4}}}))
+    adapted = load_config(
+        write_config(tmp_path / "c.yaml", {"data": data, "init": {"from": "bert"}, "train": {"lora": {"rank": 4}}})
+    )
     assert (adapted.train.epochs, adapted.train.lr) == (3, 2e-4)
-    chosen = load_config(write_config(tmp_path / "d.yaml", {"data": data, "init": {"from": "bert"},
-                                                            "train": {"epochs": 7, "lr": 0.01}}))
+    chosen = load_config(
+        write_config(tmp_path / "d.yaml", {"data": data, "init": {"from": "bert"}, "train": {"epochs": 7, "lr": 0.01}})
+    )
     assert (chosen.train.epochs, chosen.train.lr) == (7, 0.01)
 
 
@@ -157,8 +167,9 @@ def test_the_summary_says_when_the_best_came_at_the_first_evaluation() -> None:
     for step, loss in [(10, 1.0), (20, 1.2), (30, 1.5)]:
         loop.step = step
         loop.scored(loss)
-    assert loop.best_note(10) == (" -- the first evaluation; the 2 after it were all worse (try a lower train.lr or "
-                                  "fewer train.epochs)")
+    assert loop.best_note(10) == (
+        " -- the first evaluation; the 2 after it were all worse (try a lower train.lr or fewer train.epochs)"
+    )
     loop.step = 40
     loop.scored(0.5)
     assert loop.best_note(10) == ""  # a later evaluation was the best: nothing to say
@@ -170,11 +181,15 @@ def test_a_train_key_the_familys_recipe_never_reads_is_refused_by_name(tmp_path:
     from bigmodel.families import FAMILIES
 
     (tmp_path / "d.csv").write_text("text,label\na,x\n")
-    bert = {"data": {"format": "text_classification", "path": "d.csv"},
-            "train": {"precision": "bf16", "grad_accum_steps": 2, "save_every": 5}}
+    bert = {
+        "data": {"format": "text_classification", "path": "d.csv"},
+        "train": {"precision": "bf16", "grad_accum_steps": 2, "save_every": 5},
+    }
     message = error_of(tmp_path, bert)
-    assert ("train.grad_accum_steps, train.precision are not read when training model.family 'bert' "
-            "(bigmodel.train.encoder does not use them); remove them") in message
+    assert (
+        "train.grad_accum_steps, train.precision are not read when training model.family 'bert' "
+        "(bigmodel.train.encoder does not use them); remove them"
+    ) in message
     assert load(tmp_path, {**bert, "train": {"save_every": 5}}).train.save_every == 5  # every loop saves
     assert load(tmp_path, {**BASE, "train": {"precision": "fp32"}}).train.precision == "fp32"  # the default: fine
     assert "precision" in FAMILIES["gpt"].train_keys and "augment" in FAMILIES["mlp"].train_keys
@@ -196,7 +211,7 @@ def test_which_families_read_a_train_key_is_derived_not_written_by_hand() -> Non
 
     help_text = section_help("train")
     assert "train.grad_accum_steps  (int, default 1) [gpt]" in help_text
-    assert "train.monitor  (one of loss|accuracy, default \"loss\") [mlp, bert]" in help_text
+    assert 'train.monitor  (one of loss|accuracy, default "loss") [mlp, bert]' in help_text
     assert "train.lr  (float, default 0.001)\n" in help_text  # every family reads it: no tag
     for name, field in TrainConfig.model_fields.items():
         assert not re.match(r"(gpt|bert|mlp|tabular)\b", (field.description or "").lower()), name

@@ -32,20 +32,29 @@ def refused(result: object, *fragments: str) -> str:
 # ---- config: tagged unions, finite numbers, who gave the bad value
 
 
-@pytest.mark.parametrize("section, typo, expected", [
-    ({"train": {"augment": [{"kind": "mixup", "alphaa": 0.2}]}}, "train.augment.0.alphaa", "alpha"),
-    ({"train": {"augment": [{"kind": "noise", "stdd": 0.1}]}}, "train.augment.0.stdd", "std"),
-    ({"train": {"augment": [{"kind": "feature_dropout", "pp": 0.1}]}}, "train.augment.0.pp", "p"),
-    ({"compress": {"steps": [{"method": "quantize", "modee": "dynamic"}]}}, "compress.steps.0.modee", "mode"),
-    ({"compress": {"steps": [{"method": "prune", "sparsityy": 0.5}]}}, "compress.steps.0.sparsityy", "sparsity"),
-    ({"compress": {"steps": [{"method": "distill", "stepss": 5}]}}, "compress.steps.0.stepss", "steps"),
-    ({"model": {"family": "mlp", "hidden_sizez": [8]}}, "model.hidden_sizez", "hidden_sizes"),
-    ({"model": {"family": "gpt", "n_layerr": 1}, "data": {"format": "text", "path": "x.txt"}},
-     "model.n_layerr", "n_layer"),
-    ({"data": {"format": "text", "path": "x.txt", "jsonl_feld": "t"}}, "data.jsonl_feld", "jsonl_field"),
-    ({"data": {"format": "sft", "path": "x.jsonl", "train_onn": "all"}, "init": {"from": "m.gguf"}},
-     "data.train_onn", "train_on"),
-])
+@pytest.mark.parametrize(
+    "section, typo, expected",
+    [
+        ({"train": {"augment": [{"kind": "mixup", "alphaa": 0.2}]}}, "train.augment.0.alphaa", "alpha"),
+        ({"train": {"augment": [{"kind": "noise", "stdd": 0.1}]}}, "train.augment.0.stdd", "std"),
+        ({"train": {"augment": [{"kind": "feature_dropout", "pp": 0.1}]}}, "train.augment.0.pp", "p"),
+        ({"compress": {"steps": [{"method": "quantize", "modee": "dynamic"}]}}, "compress.steps.0.modee", "mode"),
+        ({"compress": {"steps": [{"method": "prune", "sparsityy": 0.5}]}}, "compress.steps.0.sparsityy", "sparsity"),
+        ({"compress": {"steps": [{"method": "distill", "stepss": 5}]}}, "compress.steps.0.stepss", "steps"),
+        ({"model": {"family": "mlp", "hidden_sizez": [8]}}, "model.hidden_sizez", "hidden_sizes"),
+        (
+            {"model": {"family": "gpt", "n_layerr": 1}, "data": {"format": "text", "path": "x.txt"}},
+            "model.n_layerr",
+            "n_layer",
+        ),
+        ({"data": {"format": "text", "path": "x.txt", "jsonl_feld": "t"}}, "data.jsonl_feld", "jsonl_field"),
+        (
+            {"data": {"format": "sft", "path": "x.jsonl", "train_onn": "all"}, "init": {"from": "m.gguf"}},
+            "data.train_onn",
+            "train_on",
+        ),
+    ],
+)
 def test_every_tagged_section_suggests_the_key_meant(tmp_path: Path, section: dict, typo: str, expected: str) -> None:
     raw = {**DIGITS, **section}
     if "data" in section:
@@ -90,11 +99,20 @@ def test_derived_configs_are_validated(tmp_path: Path) -> None:
 def test_distillation_lr_never_rises_above_its_own_lr(digits_run: Path, tmp_path: Path) -> None:
     config = tiny_digits(tmp_path, lr=0.01, min_lr=1e-4)
     shutil.copytree(digits_run.parent / "run", tmp_path / "run")
-    result = cli("compress", "-c", config, "-q", "--set",
-                 "compress.steps=[{method: distill, student: {hidden_sizes: [8]}, steps: 20, lr: 1.0e-5}]")
+    result = cli(
+        "compress",
+        "-c",
+        config,
+        "-q",
+        "--set",
+        "compress.steps=[{method: distill, student: {hidden_sizes: [8]}, steps: 20, lr: 1.0e-5}]",
+    )
     assert result.code == 0, result.stderr
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "compress" / "step1" / "metrics.jsonl")
-           .read_text().splitlines() if "lr" in json.loads(line)]
+    lrs = [
+        json.loads(line)["lr"]
+        for line in (tmp_path / "run" / "compress" / "step1" / "metrics.jsonl").read_text().splitlines()
+        if "lr" in json.loads(line)
+    ]
     assert lrs and max(lrs) <= 1e-5 and min(lrs) < 1e-5
 
 
@@ -143,14 +161,14 @@ def test_unusable_run_dirs_are_user_errors(tmp_path: Path) -> None:
 def text_config(tmp_path: Path, text: bytes, **data: object) -> Path:
     source = tmp_path / "corpus.txt"
     source.write_bytes(text)
-    return write_config(tmp_path / "t.yaml", {"run_dir": "run", "data": {"format": "text", "path": str(source),
-                                                                            **data}})
+    return write_config(
+        tmp_path / "t.yaml", {"run_dir": "run", "data": {"format": "text", "path": str(source), **data}}
+    )
 
 
 def test_text_that_is_not_utf8_names_the_file_the_byte_and_the_key(tmp_path: Path) -> None:
     latin = "caf\u00e9 au lait, cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 50
-    refused(cli("prepare", "-c", text_config(tmp_path, latin)), "corpus.txt", "not utf-8", "offset 3",
-            "data.encoding")
+    refused(cli("prepare", "-c", text_config(tmp_path, latin)), "corpus.txt", "not utf-8", "offset 3", "data.encoding")
     assert cli("prepare", "-c", text_config(tmp_path, latin, encoding="latin-1"), "-q").code == 0
     refused(cli("prepare", "-c", text_config(tmp_path, b"\x00\x01\xff\xfe" * 100)), "binary file")
     refused(cli("config", "show", "-c", text_config(tmp_path, b"x", encoding="utf-9")), "unknown text encoding")
@@ -183,7 +201,10 @@ def test_an_unfinished_run_is_never_thrown_away_silently(fresh_run: Path) -> Non
     resumed = cli("pipeline", "-c", fresh_run, "--resume", "--to", "eval", "--json", "-q")
     assert resumed.code == 0, resumed.stderr
     assert resumed.json()["stages"]["train"]["steps"] == 80 and resumed.json()["stages"]["train"]["finished"]
-    steps = [json.loads(line)["step"] for line in (fresh_run.parent / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (fresh_run.parent / "run" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps) and steps[-1] == 80
     assert line  # the message of the refusals was checked above
     refused(cli("train", "-c", fresh_run, "--resume", "--restart"), "contradict")
@@ -191,26 +212,40 @@ def test_an_unfinished_run_is_never_thrown_away_silently(fresh_run: Path) -> Non
 
 def test_a_new_run_replaces_every_artifact_of_the_old_one(fresh_run: Path) -> None:
     train_dir = fresh_run.parent / "run" / "train"
-    result = cli("train", "-c", fresh_run, "--set", "train.max_steps=400", "--set", "train.eval_every=100",
-                 "--until-step", "20")
+    result = cli(
+        "train", "-c", fresh_run, "--set", "train.max_steps=400", "--set", "train.eval_every=100", "--until-step", "20"
+    )
     assert result.code == 0, result.stderr
     assert "replacing the finished run" in result.stderr and "no evaluation yet" in result.stderr
     assert "inf" not in result.stderr and "None" not in result.stderr
     assert not (train_dir / "best.safetensors").exists()  # the old run's best is gone, not kept
     assert not (train_dir / "metrics.jsonl").exists()  # the old run's log is gone (tabular logs at evaluations)
-    refused(cli("pipeline", "-c", fresh_run, "--set", "train.max_steps=400", "--set", "train.eval_every=100",
-                "--to", "eval"), "unfinished run")
+    refused(
+        cli(
+            "pipeline", "-c", fresh_run, "--set", "train.max_steps=400", "--set", "train.eval_every=100", "--to", "eval"
+        ),
+        "unfinished run",
+    )
 
 
 def test_resume_with_changed_settings_is_refused_unless_allowed(fresh_run: Path) -> None:
     assert cli("train", "-c", fresh_run, "--until-step", "20", "--restart", "-q").code == 0
-    refused(cli("train", "-c", fresh_run, "--resume", "--set", "train.lr=0.02", "--set", "train.batch_size=32"),
-            "config changed", "train.lr (0.01 -> 0.02)", "train.batch_size (64 -> 32)", "--allow-changes")
-    assert cli("train", "-c", fresh_run, "--resume", "--until-step", "40", "--set", "train.tensorboard=true",
-               "-q").code == 0  # logging settings change nothing the run computes
+    refused(
+        cli("train", "-c", fresh_run, "--resume", "--set", "train.lr=0.02", "--set", "train.batch_size=32"),
+        "config changed",
+        "train.lr (0.01 -> 0.02)",
+        "train.batch_size (64 -> 32)",
+        "--allow-changes",
+    )
+    assert (
+        cli("train", "-c", fresh_run, "--resume", "--until-step", "40", "--set", "train.tensorboard=true", "-q").code
+        == 0
+    )  # logging settings change nothing the run computes
     # a key this family's recipe never reads is refused, not silently ignored
-    refused(cli("train", "-c", fresh_run, "--resume", "--set", "train.log_every=7"),
-            "train.log_every is not read when training model.family 'mlp'")
+    refused(
+        cli("train", "-c", fresh_run, "--resume", "--set", "train.log_every=7"),
+        "train.log_every is not read when training model.family 'mlp'",
+    )
     allowed = cli("train", "-c", fresh_run, "--resume", "--allow-changes", "--set", "train.lr=0.02", "-q")
     assert allowed.code == 0, allowed.stderr
     record = train_manifest(fresh_run)["resumed_with_changes"]
@@ -222,8 +257,9 @@ def test_up_to_date_means_the_same_content_not_the_same_times(tmp_path: Path) ->
     import gzip
 
     data.write_bytes(gzip.decompress((CONFIGS / "data" / "digits.csv.gz").read_bytes()))
-    config = write_config(tmp_path / "c.yaml", {"run_dir": "run", "threads": 1,
-                                                "data": {"path": str(data), "target": "label"}})
+    config = write_config(
+        tmp_path / "c.yaml", {"run_dir": "run", "threads": 1, "data": {"path": str(data), "target": "label"}}
+    )
     assert cli("prepare", "-c", config, "-q").code == 0
     skipped = lambda: "prepare is up to date" in cli("pipeline", "-c", config, "--to", "prepare").stderr  # noqa: E731
     os.utime(data, None)  # touched: same content, newer time
@@ -248,8 +284,18 @@ def test_eval_of_another_artifact_never_overwrites_the_runs_result(fresh_run: Pa
     assert json.loads((eval_dir / "metrics.last.json").read_text())["checkpoint"].endswith("last.safetensors")
     assert json.loads((eval_dir / "metrics.model.json").read_text())["checkpoint"] == str(onnx)
     assert json.loads((fresh_run.parent / "mine.json").read_text())["step"] == 0
-    refused(cli("compress", "-c", fresh_run, "--set", f"compress.checkpoint={onnx}", "--set",
-                "compress.steps=[{method: quantize}]"), "starts from a checkpoint (.safetensors), not an ONNX model")
+    refused(
+        cli(
+            "compress",
+            "-c",
+            fresh_run,
+            "--set",
+            f"compress.checkpoint={onnx}",
+            "--set",
+            "compress.steps=[{method: quantize}]",
+        ),
+        "starts from a checkpoint (.safetensors), not an ONNX model",
+    )
 
 
 def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path: Path) -> None:
@@ -260,14 +306,20 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path: Pa
 
     config = tiny_digits(tmp_path, epochs=4000, eval_every=500, save_every=100)
     assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
+
     # A shell starts commands with Ctrl-C at its default action and unblocked; an ignored or blocked
     # SIGINT would be inherited from this process if anything in it had left the signal so.
     def as_a_shell_does() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q"],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, preexec_fn=as_a_shell_does)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=as_a_shell_does,
+    )
     last = tmp_path / "run" / "train" / "last.safetensors"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -305,7 +357,9 @@ def test_runs_lists_and_compares(fresh_run: Path) -> None:
     other = fresh_run.parent / "other"
     shutil.copytree(fresh_run.parent / "run", other)
     assert cli("pipeline", "-c", fresh_run, "--to", "eval", "-q").code == 0
-    assert cli("pipeline", "-c", fresh_run, "--run-dir", other, "--set", "train.lr=0.02", "--to", "eval", "-q").code == 0
+    assert (
+        cli("pipeline", "-c", fresh_run, "--run-dir", other, "--set", "train.lr=0.02", "--to", "eval", "-q").code == 0
+    )
     listed = cli("runs", fresh_run.parent, "--json").json()["runs"]
     assert sorted(Path(r["path"]).name for r in listed) == ["other", "run"]
     assert all(r["family"] == "mlp" and r["step"] == 80 and "accuracy" in r["metric"] for r in listed)
@@ -321,13 +375,17 @@ def test_runs_lists_and_compares(fresh_run: Path) -> None:
 
 def test_inspect_says_what_any_project_file_is(fresh_run: Path, tmp_path: Path) -> None:
     run_dir = fresh_run.parent / "run"
-    kinds = {run_dir / "train" / "metrics.jsonl": "training log",
-             run_dir / "prepare" / "data.safetensors": "prepared tabular data",
-             run_dir / "prepare" / ".stamp.json": "stage stamp",
-             run_dir / "export" / "parity.json": "export parity report",
-             run_dir / "infer" / "predictions.csv": "csv",
-             # a stage's folder is shown by the file that says what the stage made
-             run_dir / "eval": "eval metrics", run_dir / "infer": "csv", run_dir / "prepare": "tabular-data"}
+    kinds = {
+        run_dir / "train" / "metrics.jsonl": "training log",
+        run_dir / "prepare" / "data.safetensors": "prepared tabular data",
+        run_dir / "prepare" / ".stamp.json": "stage stamp",
+        run_dir / "export" / "parity.json": "export parity report",
+        run_dir / "infer" / "predictions.csv": "csv",
+        # a stage's folder is shown by the file that says what the stage made
+        run_dir / "eval": "eval metrics",
+        run_dir / "infer": "csv",
+        run_dir / "prepare": "tabular-data",
+    }
     for path, kind in kinds.items():
         result = cli("inspect", path, "--json")
         assert result.code == 0 and result.json()["kind"].startswith(kind), (path, result.stderr)
@@ -344,10 +402,14 @@ def test_inspect_says_what_any_project_file_is(fresh_run: Path, tmp_path: Path) 
 
 
 def test_each_command_help_lists_its_keys_one_per_line_with_type_and_default() -> None:
-    expected = {"prepare": ["data.path", "data.encoding", "data.tokenizer.kind", "data.cleaning.dedupe"],
-                "init": ["model.n_layer", "model.hidden_sizes", "init.scheme"],
-                "train": ["train.lr", "train.lora.rank", "train.augment[].kind"],
-                "infer": ["infer.top_k"], "eval": ["eval.output"], "compress": ["compress.steps[].method"]}
+    expected = {
+        "prepare": ["data.path", "data.encoding", "data.tokenizer.kind", "data.cleaning.dedupe"],
+        "init": ["model.n_layer", "model.hidden_sizes", "init.scheme"],
+        "train": ["train.lr", "train.lora.rank", "train.augment[].kind"],
+        "infer": ["infer.top_k"],
+        "eval": ["eval.output"],
+        "compress": ["compress.steps[].method"],
+    }
     for command, keys in expected.items():
         text = cli(command, "--help").stdout
         lines = text.splitlines()
@@ -364,8 +426,12 @@ def test_shell_completion_knows_stages_and_config_keys() -> None:
     import sys
 
     def complete(words: str) -> list[str]:
-        env = {**os.environ, "_BIGMODEL_COMPLETE": "complete_bash", "COMP_WORDS": words,
-               "COMP_CWORD": str(len(words.split()) - 1)}
+        env = {
+            **os.environ,
+            "_BIGMODEL_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - 1),
+        }
         script = Path(sys.executable).with_name("bigmodel")  # the console script: completion is by program name
         proc = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and not proc.stderr, proc.stderr
@@ -373,7 +439,9 @@ def test_shell_completion_knows_stages_and_config_keys() -> None:
 
     assert complete("bigmodel pipeline --to ev") == ["eval"]
     assert complete("bigmodel pipeline --from ex") == ["export"]
-    assert "train.lr=" in complete("bigmodel train --set train.l") and "data.encoding=" in complete("bigmodel prepare --set data.en")
+    assert "train.lr=" in complete("bigmodel train --set train.l") and "data.encoding=" in complete(
+        "bigmodel prepare --set data.en"
+    )
 
 
 def test_processes_times_threads_fit_the_cores() -> None:
@@ -393,8 +461,11 @@ def _parameters(function: object) -> list[tuple[str, object, bool]]:
     """(name, kind, has a default) of each parameter but self."""
     import inspect
 
-    return [(p.name, p.kind, p.default is not inspect.Parameter.empty)
-            for p in inspect.signature(function).parameters.values() if p.name != "self"]  # type: ignore[arg-type]
+    return [
+        (p.name, p.kind, p.default is not inspect.Parameter.empty)
+        for p in inspect.signature(function).parameters.values()
+        if p.name != "self"
+    ]  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("role", ["model", "recipe", "evaluator", "exporter", "inferer", "server"])
@@ -431,9 +502,11 @@ def test_every_familys_network_names_its_neurons_for_structured_pruning() -> Non
     from bigmodel.arch import DecoderArch, EncoderArch, TabularArch
     from bigmodel.roles import StructurallyPrunable
 
-    for arch in (DecoderArch(vocab_size=20, n_layer=2, n_head=2, n_embd=8, block_size=8, mlp="swiglu"),
-                 EncoderArch(task="mlm", vocab_size=20, n_layer=2, n_head=2, n_embd=8, block_size=8),
-                 TabularArch(task="classification", n_inputs=3, n_outputs=2, hidden_sizes=(4, 5))):
+    for arch in (
+        DecoderArch(vocab_size=20, n_layer=2, n_head=2, n_embd=8, block_size=8, mlp="swiglu"),
+        EncoderArch(task="mlm", vocab_size=20, n_layer=2, n_head=2, n_embd=8, block_size=8),
+        TabularArch(task="classification", n_inputs=3, n_outputs=2, hidden_sizes=(4, 5)),
+    ):
         with torch.device("meta"):
             model = registry.build_model(arch)
         assert isinstance(model, StructurallyPrunable), arch.family

@@ -76,8 +76,7 @@ def test_failed_gate_publishes_nothing(lm_run: Path, tmp_path: Path) -> None:
 
     shutil.copytree(lm_run.parent / "run", tmp_path / "run")
     shutil.copy(lm_run, tmp_path / "lm.yaml")
-    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.atol=1e-30",
-                 "--set", "export.rtol=0")
+    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.atol=1e-30", "--set", "export.rtol=0")
     assert result.code == 1 and "export parity failed" in result.stderr
     assert not (tmp_path / "run" / "export" / "model.onnx").exists()
 
@@ -92,8 +91,10 @@ def test_opset_18_writes_attention_out_and_decodes_the_same(lm_run: Path, tmp_pa
     assert result.json()["max_abs_diff"] < 1e-4
     ops = [node.op_type for node in onnx.load(str(onnx_of(tmp_path / "lm.yaml"))).graph.node]
     assert "Attention" not in ops and "Softmax" in ops
-    assert generate(tmp_path / "lm.yaml", "--prompt", "def ", "-t", "0", "-n", "12")[0]["completion"] == \
-        generate(lm_run, "--prompt", "def ", "-t", "0", "-n", "12")[0]["completion"]
+    assert (
+        generate(tmp_path / "lm.yaml", "--prompt", "def ", "-t", "0", "-n", "12")[0]["completion"]
+        == generate(lm_run, "--prompt", "def ", "-t", "0", "-n", "12")[0]["completion"]
+    )
     newer = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.opset=24")
     assert newer.code == 2 and "export.opset" in newer.stderr
 
@@ -103,8 +104,17 @@ def test_external_data_and_offline_optimisation(lm_run: Path, tmp_path: Path) ->
 
     shutil.copytree(lm_run.parent / "run", tmp_path / "run")
     shutil.copy(lm_run, tmp_path / "lm.yaml")
-    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.external_data=true",
-                 "--set", "export.optimize=true", "--json", "-q")
+    result = cli(
+        "export",
+        "-c",
+        tmp_path / "lm.yaml",
+        "--set",
+        "export.external_data=true",
+        "--set",
+        "export.optimize=true",
+        "--json",
+        "-q",
+    )
     assert result.code == 0, result.stderr
     export = tmp_path / "run" / "export"
     assert (export / "model.onnx.data").stat().st_size > (export / "model.onnx").stat().st_size
@@ -118,7 +128,7 @@ def test_greedy_ort_generation_equals_pytorch(lm_run: Path) -> None:
     tok = tokenizers.from_json(manifest.data.tokenizer)
     prompt = "def main(args):\n    "
     ids = torch.tensor([tok.encode(prompt)])
-    expected = tok.decode(model.eval().generate(ids, 60, temperature=0)[0, ids.size(1):].tolist())
+    expected = tok.decode(model.eval().generate(ids, 60, temperature=0)[0, ids.size(1) :].tolist())
     out = generate(lm_run, "--prompt", prompt, "-t", "0", "-n", "60")  # 21 + 60 > block 32: crops too
     assert out[0]["completion"] == expected
 
@@ -139,8 +149,22 @@ def test_stop_strings_end_the_completion(lm_run: Path) -> None:
     stop = free[5:7]
     config = lm_run.parent / "stop.yaml"
     config.write_text(lm_run.read_text())
-    result = cli("infer", "-c", config, "--prompt", "def ", "-t", "0", "-n", "40", "--set",
-                 f"infer.stop={json.dumps([stop])}", "--json", "-o", lm_run.parent / "stop.jsonl")
+    result = cli(
+        "infer",
+        "-c",
+        config,
+        "--prompt",
+        "def ",
+        "-t",
+        "0",
+        "-n",
+        "40",
+        "--set",
+        f"infer.stop={json.dumps([stop])}",
+        "--json",
+        "-o",
+        lm_run.parent / "stop.jsonl",
+    )
     assert result.code == 0, result.stderr
     record = json.loads((lm_run.parent / "stop.jsonl").read_text())
     assert record["stop_reason"] == "stop" and stop not in record["completion"]
@@ -172,14 +196,36 @@ def test_bad_inputs_are_user_errors(lm_run: Path, tmp_path: Path) -> None:
     bogus.write_bytes(b"\x00not an onnx file")
     wrong = cli("infer", "--model", bogus, "--prompt", "def ")
     assert wrong.code == 2 and "not a loadable ONNX model" in wrong.stderr
-    provider = cli("infer", "--model", model, "--prompt", "def ", "-c", lm_run, "--set",
-                   'infer.providers=["TensorrtExecutionProvider"]')
+    provider = cli(
+        "infer",
+        "--model",
+        model,
+        "--prompt",
+        "def ",
+        "-c",
+        lm_run,
+        "--set",
+        'infer.providers=["TensorrtExecutionProvider"]',
+    )
     assert provider.code == 2 and "available: " in provider.stderr and "CPUExecutionProvider" in provider.stderr
 
 
 def test_bench_reports_latency_and_throughput(lm_run: Path) -> None:
-    result = cli("infer", "--model", onnx_of(lm_run), "--bench", "--batch", "4", "--prompt-tokens", "8",
-                 "--new-tokens", "8", "--repeats", "2", "--json")
+    result = cli(
+        "infer",
+        "--model",
+        onnx_of(lm_run),
+        "--bench",
+        "--batch",
+        "4",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "2",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     bench = result.json()
     assert bench["batch"] == 4 and bench["tokens_per_s"] > 0
@@ -197,16 +243,22 @@ def test_generation_streams_from_stdin_without_torch(lm_run: Path) -> None:
         "try:\n    runpy.run_module('bigmodel', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
         "print('|torch imported' if 'torch' in sys.modules else '|no torch', code)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(onnx_of(lm_run))], input="def \nclass \n",
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(onnx_of(lm_run))],
+        input="def \nclass \n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.strip().endswith("|no torch 0"), proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("def ") and any(line.startswith("class ") for line in lines)
 
 
 def test_pipeline_runs_export_and_infer_for_the_gpt(lm_run: Path) -> None:
-    result = cli_subprocess("pipeline", "-c", lm_run, "--set", "infer.prompt=def ", "--set", "infer.max_new_tokens=5",
-                            "--json", "-q")
+    result = cli_subprocess(
+        "pipeline", "-c", lm_run, "--set", "infer.prompt=def ", "--set", "infer.max_new_tokens=5", "--json", "-q"
+    )
     assert result.code == 0, result.stderr
     stages = json.loads(result.stdout)["stages"]
     assert stages["export"] == {"skipped": True} and stages["infer"]["new_tokens"] == 5
@@ -235,18 +287,31 @@ def export_stacked(lm_run: Path, path: Path, left_padding: bool) -> None:
     step = DecoderStep(model.eval())
 
     class Stacked(torch.nn.Module):
-        def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor,  # noqa: ANN201
-                    left_padding: torch.Tensor | None = None):
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            past_keys: torch.Tensor,
+            past_values: torch.Tensor,  # noqa: ANN201
+            left_padding: torch.Tensor | None = None,
+        ):
             logits, keys, values = step(input_ids, list(past_keys), list(past_values), left_padding)
             return logits, torch.stack(keys), torch.stack(values)
 
     past = torch.zeros(1, 2, 2, 2, 16)
     batch, seq, past_len = torch.export.Dim("b", max=64), torch.export.Dim("t", max=32), torch.export.Dim("p", max=32)
-    dims = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len}, "past_values": {1: batch, 3: past_len}}
+    dims = {
+        "input_ids": {0: batch, 1: seq},
+        "past_keys": {1: batch, 3: past_len},
+        "past_values": {1: batch, 3: past_len},
+    }
     inputs: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, dtype=torch.long), past, past.clone())
     names = ["input_ids", "past_keys", "past_values"]
     if left_padding:
-        inputs, names, dims = (*inputs, torch.zeros(2, dtype=torch.long)), [*names, "left_padding"], {**dims, "left_padding": {0: batch}}
+        inputs, names, dims = (
+            (*inputs, torch.zeros(2, dtype=torch.long)),
+            [*names, "left_padding"],
+            {**dims, "left_padding": {0: batch}},
+        )
     export_dynamo(Stacked(), inputs, path, names, ["logits", "present_keys", "present_values"], dims, 18)
     current = onnx.load(str(onnx_of(lm_run)))
     stamp_and_check(path, read_onnx_metadata({p.key: p.value for p in current.metadata_props}, "current"))
@@ -275,7 +340,9 @@ def serve_two(path: Path, max_batch: int) -> tuple[Any, list[dict]]:
 
 
 @pytest.mark.parametrize("left_padding", [True, False], ids=["stacked-cache", "stacked-no-left-padding"])
-def test_onnx_files_of_older_layouts_generate_the_same_and_serve(lm_run: Path, tmp_path: Path, left_padding: bool) -> None:
+def test_onnx_files_of_older_layouts_generate_the_same_and_serve(
+    lm_run: Path, tmp_path: Path, left_padding: bool
+) -> None:
     """Files with the stacked cache (exported before per-layer caches) still generate the same text; one
     without left_padding (exported before batching) is served one request at a time, the others batched."""
     old = tmp_path / "old.onnx"
@@ -291,7 +358,9 @@ def test_onnx_files_of_older_layouts_generate_the_same_and_serve(lm_run: Path, t
     assert scheduler.max_batch == (8 if left_padding else 1)
     assert scheduler.largest_batch == (2 if left_padding else 1)
     _, now = serve_two(onnx_of(lm_run), max_batch=8)
-    assert [e["new_tokens"] for e in ends] == [16, 16] and [e["completion"] for e in ends] == [e["completion"] for e in now]
+    assert [e["new_tokens"] for e in ends] == [16, 16] and [e["completion"] for e in ends] == [
+        e["completion"] for e in now
+    ]
 
 
 # ---- fp16 export and ONNX Runtime providers (issue 17)
@@ -314,15 +383,42 @@ def test_fp16_export_has_its_own_gate_and_runs_everywhere_fp32_does(lm_run: Path
     assert (tmp_path / "run" / "export" / "model.onnx").stat().st_size < 0.6 * fp32_bytes
     out = generate(tmp_path / "lm.yaml", "--prompt", "def ", "-t", "0", "-n", "10")
     assert out[0]["new_tokens"] == 10
-    fp32_loss = json.loads(cli("eval", "-c", lm_run, "--checkpoint", str(onnx_of(lm_run)), "--json", "-q",
-                               "--output", str(tmp_path / "m32.json")).stdout)["loss"]
-    fp16 = cli("eval", "-c", tmp_path / "lm.yaml", "--checkpoint", str(tmp_path / "run" / "export" / "model.onnx"),
-               "--json", "-q")
+    fp32_loss = json.loads(
+        cli(
+            "eval",
+            "-c",
+            lm_run,
+            "--checkpoint",
+            str(onnx_of(lm_run)),
+            "--json",
+            "-q",
+            "--output",
+            str(tmp_path / "m32.json"),
+        ).stdout
+    )["loss"]
+    fp16 = cli(
+        "eval",
+        "-c",
+        tmp_path / "lm.yaml",
+        "--checkpoint",
+        str(tmp_path / "run" / "export" / "model.onnx"),
+        "--json",
+        "-q",
+    )
     assert fp16.code == 0, fp16.stderr
     assert abs(fp16.json()["loss"] - fp32_loss) < 0.01 * fp32_loss
     # compress starts from fp32 whatever export.dtype says (quantizers read fp32 weights)
-    quantized = cli("compress", "-c", tmp_path / "lm.yaml", "--set", "export.dtype=fp16", "--set",
-                    "compress.steps=[{method: quantize}]", "--json", "-q")
+    quantized = cli(
+        "compress",
+        "-c",
+        tmp_path / "lm.yaml",
+        "--set",
+        "export.dtype=fp16",
+        "--set",
+        "compress.steps=[{method: quantize}]",
+        "--json",
+        "-q",
+    )
     assert quantized.code == 0, quantized.stderr
     assert quantized.json()["steps"][0]["metrics"]["loss"] == pytest.approx(fp32_loss, rel=1e-6)  # from fp32
 
@@ -367,8 +463,12 @@ def test_serve_refuses_a_taken_port_or_a_host_that_does_not_resolve_before_loadi
 
 def test_infer_flags_are_validated_the_same_with_and_without_a_config(lm_run: Path) -> None:
     model = onnx_of(lm_run)
-    for flags, named in ((["-n", "0"], "--max-new-tokens"), (["-n", "-5"], "--max-new-tokens"),
-                         (["-t", "-1"], "--temperature"), (["--top-p", "1.5"], "--top-p")):
+    for flags, named in (
+        (["-n", "0"], "--max-new-tokens"),
+        (["-n", "-5"], "--max-new-tokens"),
+        (["-t", "-1"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"),
+    ):
         alone = cli("infer", "--model", model, "--prompt", "def ", *flags)
         with_config = cli("infer", "-c", lm_run, "--prompt", "def ", *flags)
         assert alone.code == with_config.code == 2, (alone.stderr, with_config.stderr)
@@ -378,8 +478,19 @@ def test_infer_flags_are_validated_the_same_with_and_without_a_config(lm_run: Pa
 
 def test_infer_without_config_has_the_sampling_options_and_infer_sets(lm_run: Path) -> None:
     out = generate(lm_run, "--prompt", "def ", "-n", "12", "--top-k", "3", "--top-p", "0.9", "--seed", "7")
-    again = generate(lm_run, "--prompt", "def ", "-n", "12", "--set", "infer.top_k=3", "--set", "infer.top_p=0.9",
-                     "--set", "infer.seed=7")
+    again = generate(
+        lm_run,
+        "--prompt",
+        "def ",
+        "-n",
+        "12",
+        "--set",
+        "infer.top_k=3",
+        "--set",
+        "infer.top_p=0.9",
+        "--set",
+        "infer.seed=7",
+    )
     other_seed = generate(lm_run, "--prompt", "def ", "-n", "12", "--top-k", "3", "--top-p", "0.9", "--seed", "8")
     assert out == again and out[0]["completion"] != other_seed[0]["completion"]
     greedy = generate(lm_run, "--prompt", "def ", "-n", "30", "-t", "0")[0]["completion"]
@@ -407,9 +518,13 @@ def test_an_explicit_input_wins_over_the_config_prompt_and_two_inputs_conflict(l
 def test_a_checkpoint_of_the_other_family_is_refused(lm_run: Path, digits_run: Path) -> None:
     gpt_best = lm_run.parent / "run" / "train" / "best.safetensors"
     mlp_best = digits_run.parent / "run" / "train" / "best.safetensors"
-    for stage, config, checkpoint in (("eval", digits_run, gpt_best), ("export", digits_run, gpt_best),
-                                      ("compress", digits_run, gpt_best), ("eval", lm_run, mlp_best),
-                                      ("export", lm_run, mlp_best)):
+    for stage, config, checkpoint in (
+        ("eval", digits_run, gpt_best),
+        ("export", digits_run, gpt_best),
+        ("compress", digits_run, gpt_best),
+        ("eval", lm_run, mlp_best),
+        ("export", lm_run, mlp_best),
+    ):
         key = "compress.checkpoint" if stage == "compress" else f"{stage}.checkpoint"
         extra = ["--set", "compress.steps=[{method: quantize}]"] if stage == "compress" else []
         result = cli(stage, "-c", config, "--set", f"{key}={checkpoint}", "--run-dir", lm_run.parent / "other", *extra)

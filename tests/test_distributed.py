@@ -23,24 +23,48 @@ from tests.conftest import Result, cli, cli_subprocess
 from tests.test_lm import lm_config
 
 # A step of 18 windows: 3 micro-batches of 6 in one process, 9 rows per rank (3 micro-batches of 3) in two.
-TRAIN = {"batch_size": 6, "grad_accum_steps": 3, "max_steps": 20, "eval_every": 10, "log_every": 1,
-         "grad_clip": 1.0, "save_every": 5}
+TRAIN = {
+    "batch_size": 6,
+    "grad_accum_steps": 3,
+    "max_steps": 20,
+    "eval_every": 10,
+    "log_every": 1,
+    "grad_clip": 1.0,
+    "save_every": 5,
+}
 
 
 def torchrun(config: Path, *args: str, nproc: int = 2) -> Result:
     """`torchrun --standalone --nproc_per_node=N -m bigmodel train ...`, as a user would type it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         "-m", "bigmodel", "train", "-c", str(config), *args],
-        capture_output=True, text=True, cwd=config.parent, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "bigmodel",
+            "train",
+            "-c",
+            str(config),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=config.parent,
+        env=env,
+        timeout=300,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def losses(config: Path) -> list[dict]:
     """metrics.jsonl without its timing field (the one thing allowed to differ between runs)."""
-    records = [json.loads(line) for line in (config.parent / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (config.parent / "run" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
     return [{k: v for k, v in record.items() if k != "tokens_per_s"} for record in records]
 
 
@@ -144,7 +168,9 @@ def test_nproc_launches_torchrun_and_reports_input_errors_once(reference: tuple[
         "error: the global batch (train.batch_size x train.grad_accum_steps = 21) must split evenly over "
         "2 processes; change batch_size or grad_accum_steps, or the process count",
     ]
-    assert json.loads(launched.stdout)["steps"] == 20 and (config.parent / "run" / "train" / "best.safetensors").exists()
+    assert (
+        json.loads(launched.stdout)["steps"] == 20 and (config.parent / "run" / "train" / "best.safetensors").exists()
+    )
     moved = config.parent / "run" / "init"
     shutil.move(moved, config.parent / "init.away")
     try:

@@ -28,9 +28,15 @@ from tests.conftest import cli, write_config
 
 transformers = pytest.importorskip("transformers")
 
-CHAT = {"messages": [{"role": "system", "content": "Answer briefly."},
-                     {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
-                     {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "8"},
+    ]
+}
 PROMPT_COMPLETION = {"prompt": "The quick brown fox", "completion": " jumps over the lazy dog."}
 ALPACA = {"instruction": "Add the numbers.", "input": "0123 + 4", "output": "0127"}
 
@@ -44,11 +50,14 @@ def records(n: int = 48) -> list[dict]:
     return rows
 
 
-def sft_config(tmp: Path, source: Path, rows: list[dict] | None = None, data: dict | None = None,
-               **train: object) -> Path:
+def sft_config(
+    tmp: Path, source: Path, rows: list[dict] | None = None, data: dict | None = None, **train: object
+) -> Path:
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (rows or records())))
     config = {
-        "seed": 0, "threads": 1, "run_dir": "run",
+        "seed": 0,
+        "threads": 1,
+        "run_dir": "run",
         "data": {"format": "sft", "path": "train.jsonl", "val_fraction": 0.2, **(data or {})},
         "init": {"from": str(source)},
         "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 2, "lr": 1e-2, **train},
@@ -74,7 +83,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("record", [CHAT, PROMPT_COMPLETION, ALPACA], ids=["chat", "prompt_completion", "alpaca"])
 @pytest.mark.parametrize("with_bos", [False, True], ids=["chatml", "bos_template"])
 def test_rendered_tokens_equal_transformers_apply_chat_template(
-        sources: dict[str, Path], tmp_path: Path, record: dict, with_bos: bool) -> None:
+    sources: dict[str, Path], tmp_path: Path, record: dict, with_bos: bool
+) -> None:
     folder = sources["llama"]
     if with_bos:  # a template that writes the BOS token itself (as Llama 3's): it must appear once
         folder = tmp_path / "bos"
@@ -116,8 +126,10 @@ def test_train_on_modes_and_plain_template(sources: dict[str, Path]) -> None:
 
     assert trained("completion") == "5<|im_end|>\n8<|im_end|>\n"
     assert trained("last_turn") == "8<|im_end|>\n"
-    assert trained("all") == examples.Renderer(tok, source.chat_template, source.special_tokens, "all", 7).example(
-        parsed, "x").text
+    assert (
+        trained("all")
+        == examples.Renderer(tok, source.chat_template, source.special_tokens, "all", 7).example(parsed, "x").text
+    )
     plain = examples.Renderer(tok, None, source.special_tokens, "completion", eos_id=7)
     example = plain.example(examples.read_record(ALPACA, "x"), "x")
     assert example.text.startswith("Below is an instruction") and example.text.endswith("### Response:\n0127")
@@ -127,17 +139,23 @@ def test_train_on_modes_and_plain_template(sources: dict[str, Path]) -> None:
         plain.example(parsed, "f: line 3")
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"prompt": "hi"}, "line 2: 'completion' is missing"),
-    ({"prompt": "hi", "completion": "  "}, "line 2: 'completion' is empty"),
-    ({"instruction": "x", "output": 3}, "line 2: 'output' must be a string"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
-     "line 2: message 1 must be"),
-    ({"messages": [{"role": "user", "content": "a"}]}, "line 2: the conversation has no assistant message"),
-    ({"text": "plain text"}, "line 2: not an example"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"prompt": "hi"}, "line 2: 'completion' is missing"),
+        ({"prompt": "hi", "completion": "  "}, "line 2: 'completion' is empty"),
+        ({"instruction": "x", "output": 3}, "line 2: 'output' must be a string"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
+            "line 2: message 1 must be",
+        ),
+        ({"messages": [{"role": "user", "content": "a"}]}, "line 2: the conversation has no assistant message"),
+        ({"text": "plain text"}, "line 2: not an example"),
+    ],
+)
 def test_bad_records_are_one_line_exit_2_errors_naming_the_line(
-        sources: dict[str, Path], tmp_path: Path, bad: dict, message: str) -> None:
+    sources: dict[str, Path], tmp_path: Path, bad: dict, message: str
+) -> None:
     config = sft_config(tmp_path, sources["llama"], rows=[PROMPT_COMPLETION, bad, PROMPT_COMPLETION])
     result = cli("prepare", "-c", config, "-q")
     assert result.code == 2
@@ -202,7 +220,9 @@ def test_too_long_examples_are_truncated_and_counted_or_refused(sources: dict[st
     train = load_examples_of(config)
     assert max(np.diff(train.starts)) == 64
     result = cli("prepare", "-c", config, "--set", "data.too_long=error")
-    assert result.code == 2 and f"line {len(rows)}: the example has" in result.stderr and "data.too_long" in result.stderr
+    assert (
+        result.code == 2 and f"line {len(rows)}: the example has" in result.stderr and "data.too_long" in result.stderr
+    )
 
 
 def load_examples_of(config: Path):  # noqa: ANN201
@@ -221,7 +241,7 @@ def test_masked_tokens_contribute_exactly_zero_gradient(sources: dict[str, Path]
     logits, _ = model(x)
     logits.retain_grad()
     masked_loss_sum(logits, y).backward()
-    ignored = (y == IGNORE)
+    ignored = y == IGNORE
     assert torch.count_nonzero(logits.grad[ignored]) == 0
     assert torch.count_nonzero(logits.grad[~ignored]) > 0
     # And the prompt tokens' targets do not matter: a different prompt target gives the same gradient.
@@ -265,8 +285,14 @@ def test_gate_target_on_a_gelu_mlp_is_refused(sources: dict[str, Path], tmp_path
 
 
 def test_lora_run_adapter_checkpoint_eval_export_and_base_check(sources: dict[str, Path], tmp_path: Path) -> None:
-    config = sft_config(tmp_path, sources["llama"], lora={"rank": 2, "targets": ["attention"]}, max_steps=6,
-                        eval_every=3, eval_batches=50)  # train's val loss covers every val example, as eval
+    config = sft_config(
+        tmp_path,
+        sources["llama"],
+        lora={"rank": 2, "targets": ["attention"]},
+        max_steps=6,
+        eval_every=3,
+        eval_batches=50,
+    )  # train's val loss covers every val example, as eval
     run(config, "prepare", "init", "train")
     init, best = tmp_path / "run" / "init" / "model.safetensors", tmp_path / "run" / "train" / "best.safetensors"
     manifest, adapter = load_checkpoint(best)
@@ -290,22 +316,39 @@ def test_lora_run_adapter_checkpoint_eval_export_and_base_check(sources: dict[st
     tensors[name] = tensors[name] + 1
     save_checkpoint(init, tensors, base_manifest)
     result = cli("eval", "-c", config, "-q")
-    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1 and "fits only its own base" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.code == 2
+        and len(result.stderr.strip().splitlines()) == 1
+        and "fits only its own base" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_lora_resume_after_kill_9_is_bitwise_identical(sources: dict[str, Path], tmp_path: Path) -> None:
     from tests.test_lm import assert_resume_after_kill_is_exact
 
     rows = records(120)
-    config = sft_config(tmp_path, sources["llama"], rows=rows, lora={"rank": 4, "dropout": 0.1},
-                        max_steps=150, save_every=3, eval_every=50, log_every=5, lr=1e-3)
+    config = sft_config(
+        tmp_path,
+        sources["llama"],
+        rows=rows,
+        lora={"rank": 4, "dropout": 0.1},
+        max_steps=150,
+        save_every=3,
+        eval_every=50,
+        log_every=5,
+        lr=1e-3,
+    )
     run(config, "prepare", "init")
     assert_resume_after_kill_is_exact(config, 150, volatile=("tokens_per_s",))
 
 
-@pytest.mark.parametrize("kind, targets", [pytest.param("llama", ["all-linear"], marks=pytest.mark.slow), ("gpt2", ["q", "v", "down"])])
+@pytest.mark.parametrize(
+    "kind, targets", [pytest.param("llama", ["all-linear"], marks=pytest.mark.slow), ("gpt2", ["q", "v", "down"])]
+)
 def test_peft_loads_the_exported_adapter_with_the_same_logits(
-        sources: dict[str, Path], tmp_path: Path, kind: str, targets: list[str]) -> None:
+    sources: dict[str, Path], tmp_path: Path, kind: str, targets: list[str]
+) -> None:
     peft = pytest.importorskip("peft")
     config = sft_config(tmp_path, sources[kind], lora={"rank": 4, "targets": targets})
     run(config, "prepare", "init", "train")
@@ -317,8 +360,9 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(
     shown = cli("inspect", folder, "--json")
     assert shown.code == 0 and shown.json()["kind"] == "peft adapter" and shown.json()["r"] == 4, shown.stderr
     assert shown.json()["parameters"] > 0 and shown.json()["base_model_name_or_path"] == str(sources[kind].absolute())
-    base = transformers.AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"],
-                                                             dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        adapter_config["base_model_name_or_path"], dtype=torch.float32
+    )
     reference = peft.PeftModel.from_pretrained(base, str(folder)).eval()
     ours, _ = registry.load_model(tmp_path / "run" / "train" / "best.safetensors", merge=False)
     ids = torch.randint(0, 300, (2, 24))
@@ -332,8 +376,9 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(
     assert (theirs - mine).abs().max() <= 1e-5 + 1e-5 * theirs.abs().max()
 
 
-def test_the_peft_base_of_a_gguf_model_is_written_as_a_folder_peft_loads(sources: dict[str, Path],
-                                                                           tmp_path: Path) -> None:
+def test_the_peft_base_of_a_gguf_model_is_written_as_a_folder_peft_loads(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
     """peft cannot load a GGUF base: export.peft writes the base beside the adapter (export/peft-base, checked
     against transformers) and names it; PeftModel.from_pretrained of that base + adapter gives our logits."""
     peft = pytest.importorskip("peft")
@@ -344,8 +389,9 @@ def test_the_peft_base_of_a_gguf_model_is_written_as_a_folder_peft_loads(sources
     adapter_config = json.loads((tmp_path / "run" / "export" / "peft" / "adapter_config.json").read_text())
     base_folder = tmp_path / "run" / "export" / "peft-base"
     assert adapter_config["base_model_name_or_path"] == str(base_folder.absolute())
-    base = transformers.AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"],
-                                                             dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        adapter_config["base_model_name_or_path"], dtype=torch.float32
+    )
     reference = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "export" / "peft")).eval()
     ours, _ = registry.load_model(tmp_path / "run" / "train" / "best.safetensors", merge=False)
     ids = torch.randint(0, 300, (2, 24))
@@ -354,10 +400,15 @@ def test_the_peft_base_of_a_gguf_model_is_written_as_a_folder_peft_loads(sources
     assert (theirs - mine).abs().max() <= 1e-5 + 1e-5 * theirs.abs().max()
 
 
-def test_inspect_shows_a_rendered_example_with_trained_tokens_marked(sources: dict[str, Path],
-                                                                      tmp_path: Path) -> None:
-    short = {"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"},
-                          {"role": "user", "content": "4 + 4?"}, {"role": "assistant", "content": "8"}]}
+def test_inspect_shows_a_rendered_example_with_trained_tokens_marked(sources: dict[str, Path], tmp_path: Path) -> None:
+    short = {
+        "messages": [
+            {"role": "user", "content": "2 + 3?"},
+            {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "4 + 4?"},
+            {"role": "assistant", "content": "8"},
+        ]
+    }
     config = sft_config(tmp_path, sources["llama"], rows=[short] * 6)
     run(config, "prepare")
     result = cli("inspect", str(tmp_path / "run" / "prepare"), "--json")
@@ -367,8 +418,9 @@ def test_inspect_shows_a_rendered_example_with_trained_tokens_marked(sources: di
     assert "<|im_start|>user\n2 + 3?<|im_end|>" in shown and "[[2 +" not in shown
 
 
-def test_plan_counts_lora_parameters_and_shows_full_fine_tuning_beside(sources: dict[str, Path],
-                                                                       tmp_path: Path) -> None:
+def test_plan_counts_lora_parameters_and_shows_full_fine_tuning_beside(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
     from bigmodel import accounting
 
     config = sft_config(tmp_path, sources["llama"], lora={"rank": 4, "targets": ["q", "down", "gate"]})
@@ -397,15 +449,32 @@ def test_plan_counts_lora_parameters_and_shows_full_fine_tuning_beside(sources: 
     assert tensor_bytes(tmp_path / "run" / "train" / "best.safetensors") == storage["checkpoint"]
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"data": {"format": "sft", "path": "x.jsonl"}}, "data.format 'sft' fine-tunes a pretrained model"),
-    ({"data": {"format": "tabular", "path": "x.csv", "target": "y"}, "train": {"lora": {}}},
-     "train.lora adapts transformers (model.family 'gpt' or 'bert'), not 'mlp'"),
-    ({"data": {"format": "sft", "path": "x.jsonl"}, "init": {"from": "m"},
-      "train": {"lora": {}, "distributed": "fsdp"}}, "train.lora trains under DDP only"),
-    ({"data": {"format": "sft", "path": "x.jsonl"}, "init": {"from": "m"}, "train": {"lora": {"targets": ["qkv"]}}},
-     "train.lora.targets.0"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"data": {"format": "sft", "path": "x.jsonl"}}, "data.format 'sft' fine-tunes a pretrained model"),
+        (
+            {"data": {"format": "tabular", "path": "x.csv", "target": "y"}, "train": {"lora": {}}},
+            "train.lora adapts transformers (model.family 'gpt' or 'bert'), not 'mlp'",
+        ),
+        (
+            {
+                "data": {"format": "sft", "path": "x.jsonl"},
+                "init": {"from": "m"},
+                "train": {"lora": {}, "distributed": "fsdp"},
+            },
+            "train.lora trains under DDP only",
+        ),
+        (
+            {
+                "data": {"format": "sft", "path": "x.jsonl"},
+                "init": {"from": "m"},
+                "train": {"lora": {"targets": ["qkv"]}},
+            },
+            "train.lora.targets.0",
+        ),
+    ],
+)
 def test_config_refuses_fine_tuning_mistakes_in_one_line(tmp_path: Path, settings: dict, message: str) -> None:
     config = write_config(tmp_path / "c.yaml", settings)
     result = cli("config", "validate", "-c", config)

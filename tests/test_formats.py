@@ -42,8 +42,11 @@ ARCHES = {"gpt": DecoderArch, "bert": EncoderArch, "mlp": TabularArch}
 def as_format_1(model: onnx.ModelProto, drop: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     """Rewrite a model's metadata as bigmodel wrote it before format 2: strings raw, other values as JSON,
     no format_version entry (and without the entries in `drop`)."""
-    entries = [(p.key, json.loads(p.value)) for p in model.metadata_props
-               if p.key not in drop and p.key != "bigmodel.format_version"]
+    entries = [
+        (p.key, json.loads(p.value))
+        for p in model.metadata_props
+        if p.key not in drop and p.key != "bigmodel.format_version"
+    ]
     del model.metadata_props[:]
     for key, value in entries:
         entry = model.metadata_props.add()
@@ -70,8 +73,7 @@ def test_format_1_checkpoints_read_as_typed_manifests(name: str) -> None:
         assert manifest.data.special_ids is not None and manifest.data.labels == ["code", "fruit", "weather"]
 
 
-@pytest.mark.parametrize("name,kind", [("gpt", DecoderMetadata), ("bert", EncoderMetadata),
-                                       ("mlp", TabularMetadata)])
+@pytest.mark.parametrize("name,kind", [("gpt", DecoderMetadata), ("bert", EncoderMetadata), ("mlp", TabularMetadata)])
 def test_format_1_onnx_metadata_reads_typed(name: str, kind: type) -> None:
     meta = file_metadata(FIXTURES / f"{name}.onnx")
     assert isinstance(meta, kind) and meta.format_version == ONNX_FORMAT  # read into this version's record
@@ -81,18 +83,32 @@ def test_format_1_onnx_metadata_reads_typed(name: str, kind: type) -> None:
 
 
 def test_format_1_models_still_infer(tmp_path: Path) -> None:
-    generated = cli("infer", "--model", FIXTURES / "gpt.onnx", "--prompt", "def ", "-n", "4", "-t", "0", "--json",
-                    "-o", tmp_path / "g.jsonl")
+    generated = cli(
+        "infer",
+        "--model",
+        FIXTURES / "gpt.onnx",
+        "--prompt",
+        "def ",
+        "-n",
+        "4",
+        "-t",
+        "0",
+        "--json",
+        "-o",
+        tmp_path / "g.jsonl",
+    )
     assert generated.code == 0, generated.stderr
     assert json.loads((tmp_path / "g.jsonl").read_text())["new_tokens"] == 4
     (tmp_path / "rows.csv").write_text("a,b\n1.0,2.0\n-3.0,-1.0\n")
-    predicted = cli("infer", "--model", FIXTURES / "mlp.onnx", "-i", tmp_path / "rows.csv", "-o",
-                    tmp_path / "p.jsonl", "--json")
+    predicted = cli(
+        "infer", "--model", FIXTURES / "mlp.onnx", "-i", tmp_path / "rows.csv", "-o", tmp_path / "p.jsonl", "--json"
+    )
     assert predicted.code == 0, predicted.stderr
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
     (tmp_path / "texts.csv").write_text("text\napple pear fig plum\n")
-    classified = cli("infer", "--model", FIXTURES / "bert.onnx", "-i", tmp_path / "texts.csv", "-o",
-                     tmp_path / "c.jsonl", "--json")
+    classified = cli(
+        "infer", "--model", FIXTURES / "bert.onnx", "-i", tmp_path / "texts.csv", "-o", tmp_path / "c.jsonl", "--json"
+    )
     assert classified.code == 0, classified.stderr
     assert json.loads((tmp_path / "c.jsonl").read_text())["prediction"] in ("code", "fruit", "weather")
 
@@ -101,8 +117,14 @@ def test_format_2_stores_every_value_as_json_so_strings_stay_strings(tmp_path: P
     """Format 1 stored strings raw and read back anything that parsed as JSON: a target column named "1"
     came back as the number 1. Format 2 reads back what was written; format 1 files are still read right."""
     arch = TabularArch(task="classification", n_inputs=2, n_outputs=2, hidden_sizes=(4,))
-    written = TabularMetadata(task="classification", target="1", features=["2", "null"], labels=["0", "1"],
-                              architecture=arch, lineage={"checkpoint": "ab"})
+    written = TabularMetadata(
+        task="classification",
+        target="1",
+        features=["2", "null"],
+        labels=["0", "1"],
+        architecture=arch,
+        lineage={"checkpoint": "ab"},
+    )
     model = onnx.load(str(FIXTURES / "mlp.onnx"))
     stamp(model, written)
     entries = {p.key: p.value for p in model.metadata_props}
@@ -117,10 +139,16 @@ def test_format_2_stores_every_value_as_json_so_strings_stay_strings(tmp_path: P
 def test_a_manifest_reads_back_as_written(tmp_path: Path) -> None:
     arch = DecoderArch(vocab_size=10, n_layer=1, n_head=2, n_embd=8, block_size=8)
     model = registry.build_model(arch)
-    manifest = CheckpointManifest(family="gpt", architecture=arch, data=DataInfo(task="lm", vocab_size=10),
-                                  config={"seed": 0}, step=3, metrics={"val_loss": 1.5}, lineage={"data": "ab"},
-                                  resume=ResumeRecord(loop={"best_score": math.inf}, param_groups=[],
-                                                      optimizer_scalars={}))
+    manifest = CheckpointManifest(
+        family="gpt",
+        architecture=arch,
+        data=DataInfo(task="lm", vocab_size=10),
+        config={"seed": 0},
+        step=3,
+        metrics={"val_loss": 1.5},
+        lineage={"data": "ab"},
+        resume=ResumeRecord(loop={"best_score": math.inf}, param_groups=[], optimizer_scalars={}),
+    )
     from bigmodel.checkpoint import model_tensors, save_checkpoint
 
     save_checkpoint(tmp_path / "c.safetensors", model_tensors(model), manifest)
@@ -135,9 +163,11 @@ def test_a_manifest_reads_back_as_written(tmp_path: Path) -> None:
 
 def test_broken_or_newer_files_are_one_line_naming_the_file(tmp_path: Path) -> None:
     fields = json.loads(_header(FIXTURES / "mlp.best.safetensors"))
-    cases = {"typo.safetensors": ({**fields, "stpe": 3}, "stpe: Extra inputs are not permitted"),
-             "type.safetensors": ({**fields, "step": "three"}, "step: Input should be a valid integer"),
-             "newer.safetensors": ({**fields, "format_version": 2}, "format version 2 is not supported")}
+    cases = {
+        "typo.safetensors": ({**fields, "stpe": 3}, "stpe: Extra inputs are not permitted"),
+        "type.safetensors": ({**fields, "step": "three"}, "step: Input should be a valid integer"),
+        "newer.safetensors": ({**fields, "format_version": 2}, "format version 2 is not supported"),
+    }
     for name, (manifest, message) in cases.items():
         save_file({"model.w": torch.zeros(1)}, str(tmp_path / name), metadata={"bigmodel": json.dumps(manifest)})
         with pytest.raises(UserError, match=message) as error:

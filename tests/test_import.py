@@ -37,7 +37,9 @@ CORPUS = "The quick brown fox jumps over the lazy dog. 0123456789\nSphinx of bla
 def import_config(tmp: Path, source: Path, **sections: object) -> Path:
     (tmp / "corpus.txt").write_text(CORPUS)
     config = {
-        "seed": 0, "threads": 1, "run_dir": "run",
+        "seed": 0,
+        "threads": 1,
+        "run_dir": "run",
         "data": {"format": "text", "path": "corpus.txt"},
         "init": {"from": str(source)},
         "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "lr": 1e-4},
@@ -52,9 +54,14 @@ def hf_greedy(source: Path, prompt_ids: list[int], new_tokens: int) -> list[int]
         model = transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, **options)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **options)
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False,
-                         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        pad_token_id=0,
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def ort_greedy(model_path: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
@@ -67,8 +74,9 @@ def ort_greedy(model_path: Path, prompt_ids: list[int], new_tokens: int) -> list
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    made = {kind: hf_models.make(kind, root / kind) for kind in
-            ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2")}
+    made = {
+        kind: hf_models.make(kind, root / kind) for kind in ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2")
+    }
     made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
     return made
 
@@ -85,8 +93,9 @@ def imported_llama(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2"])
-def test_import_trains_exports_and_generates_like_transformers(kind: str, sources: dict[str, Path],
-                                                               tmp_path: Path) -> None:
+def test_import_trains_exports_and_generates_like_transformers(
+    kind: str, sources: dict[str, Path], tmp_path: Path
+) -> None:
     source = sources[kind]
     config = import_config(tmp_path, source)
     result = cli("pipeline", "-c", config, "--to", "init", "-q")
@@ -163,8 +172,11 @@ def test_resume_of_an_imported_model_is_exact(sources: dict[str, Path], tmp_path
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
     for folder in (straight, chunked):
         folder.mkdir()
-        config = import_config(folder, sources["llama"], train={
-            "max_steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 2, "lr": 1e-3})
+        config = import_config(
+            folder,
+            sources["llama"],
+            train={"max_steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 2, "lr": 1e-3},
+        )
         assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
     assert cli("train", "-c", straight / "import.yaml", "-q").code == 0
     assert cli("train", "-c", chunked / "import.yaml", "--until-step", "2", "-q").code == 0
@@ -196,7 +208,9 @@ def test_the_parity_gate_catches_a_wrong_weight(sources: dict[str, Path]) -> Non
 
 def test_unverified_import_is_recorded_as_such(sources: dict[str, Path], tmp_path: Path) -> None:
     config = import_config(tmp_path, sources["gpt2"], model={"block_size": 32})
-    result = cli("pipeline", "-c", config, "--to", "init", "--set", "init.verify=false", "--set", "init.dtype=bf16", "-q")
+    result = cli(
+        "pipeline", "-c", config, "--to", "init", "--set", "init.verify=false", "--set", "init.dtype=bf16", "-q"
+    )
     assert result.code == 0, result.stderr
     init = tmp_path / "run" / "init" / "model.safetensors"
     manifest = read_manifest(init)
@@ -236,14 +250,18 @@ def test_pickle_weights_are_refused(sources: dict[str, Path], tmp_path: Path) ->
     assert "pytorch_model.bin" in line and "safetensors" in line
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"model_type": "falcon"}, ("model_type 'falcon'", "gpt2, llama, mistral, qwen2")),
-    ({"num_local_experts": 8}, ("mixture-of-experts",)),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, ("rope scaling 'yarn'",)),
-    ({"num_hidden_layers": 3}, ("weights missing",)),
-])
-def test_what_cannot_be_represented_is_refused_by_name(sources: dict[str, Path], tmp_path: Path,
-                                                       change: dict, words: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"model_type": "falcon"}, ("model_type 'falcon'", "gpt2, llama, mistral, qwen2")),
+        ({"num_local_experts": 8}, ("mixture-of-experts",)),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, ("rope scaling 'yarn'",)),
+        ({"num_hidden_layers": 3}, ("weights missing",)),
+    ],
+)
+def test_what_cannot_be_represented_is_refused_by_name(
+    sources: dict[str, Path], tmp_path: Path, change: dict, words: tuple[str, ...]
+) -> None:
     folder = _variant(sources["llama"], tmp_path, **change)
     config = import_config(tmp_path, folder)
     assert cli("prepare", "-c", config, "-q").code in (0, 2)
@@ -266,8 +284,19 @@ def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str
     """export.format hf writes a folder transformers loads with bigmodel's logits; the written folder
     imports back into the same weights."""
     config = import_config(tmp_path, sources[kind], model={"block_size": 32})  # the source's context is 64
-    result = cli("pipeline", "-c", config, "--to", "export", "--set", "export.checkpoint=init",
-                 "--set", "export.format=hf", "--json", "-q")
+    result = cli(
+        "pipeline",
+        "-c",
+        config,
+        "--to",
+        "export",
+        "--set",
+        "export.checkpoint=init",
+        "--set",
+        "export.format=hf",
+        "--json",
+        "-q",
+    )
     assert result.code == 0, result.stderr
     folder = tmp_path / "run" / "export" / "hf"
     assert result.json()["stages"]["export"]["hf_max_abs_diff"] <= 1e-4
@@ -279,9 +308,12 @@ def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str
     assert "--set export.format=both" in served.stderr
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert hf_tok("The quick brown fox")["input_ids"] == tokenizers.from_json(
-        (folder / "tokenizer.json").read_text()).encode("The quick brown fox")
-    assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                      add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        (folder / "tokenizer.json").read_text()
+    ).encode("The quick brown fox")
+    assert (
+        hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     from bigmodel import pretrained
     from bigmodel.pretrained import build
 
@@ -316,16 +348,18 @@ def test_hf_export_refuses_what_transformers_cannot_compute(tmp_path: Path) -> N
     assert "no Hugging Face architecture" in line and "position rope" in line
 
 
-def test_chat_prompt_is_rendered_as_transformers_renders_it(sources: dict[str, Path], imported_llama: Path,
-                                                            tmp_path: Path) -> None:
+def test_chat_prompt_is_rendered_as_transformers_renders_it(
+    sources: dict[str, Path], imported_llama: Path, tmp_path: Path
+) -> None:
     """--chat renders the imported template (in jinja2's sandbox) exactly as transformers does."""
     onnx_path = imported_llama.parent / "run" / "export" / "model.onnx"
     session, meta = open_model(onnx_path, ["CPUExecutionProvider"], 1, DecoderMetadata)
     decoder = Decoder.from_session(session, meta, onnx_path)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(sources["llama"]))
-    assert decoder.chat_prompt(messages) == hf_tok.apply_chat_template(messages, tokenize=False,
-                                                                        add_generation_prompt=True)
+    assert decoder.chat_prompt(messages) == hf_tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert decoder.eos_ids == {2}
     out = tmp_path / "chat.jsonl"
     (tmp_path / "in.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
@@ -354,13 +388,19 @@ def test_compress_steps_work_on_an_imported_llama(imported_llama: Path, tmp_path
         assert torch.isfinite(smaller(ids)[0]).all()
     arch = smaller_manifest.architecture
     assert arch.mlp_hidden == (24, 24) and arch.original_widths == (48, 48)
-    assert smaller.transformer.h[0].mlp.c_gate.weight.shape == smaller.transformer.h[0].mlp.c_fc.weight.shape == (24, 32)
+    assert (
+        smaller.transformer.h[0].mlp.c_gate.weight.shape == smaller.transformer.h[0].mlp.c_fc.weight.shape == (24, 32)
+    )
     with pytest.raises(UserError, match="grouped-query attention"):
         prune.prune_heads(model, manifest, 0.5)
 
     config = load_config(imported_llama)
-    int8 = quantize.run(QuantizeStep(mode="static", calibration_batches=1), config, run / "export" / "model.onnx",
-                        tmp_path / "model.int8.onnx")
+    int8 = quantize.run(
+        QuantizeStep(mode="static", calibration_batches=1),
+        config,
+        run / "export" / "model.onnx",
+        tmp_path / "model.int8.onnx",
+    )
     assert ort_greedy(int8, ids[0].tolist(), 4)  # the quantised graph decodes with the n_kv_head cache
 
 
@@ -374,7 +414,9 @@ def test_serve_chat_completions_speak_the_models_template(imported_llama: Path, 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
     (tmp_path / "in.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
     out = tmp_path / "chat.jsonl"
-    assert cli("infer", "-m", onnx_path, "-i", tmp_path / "in.jsonl", "-o", out, "--chat", "-n", "6", "-t", "0").code == 0
+    assert (
+        cli("infer", "-m", onnx_path, "-i", tmp_path / "in.jsonl", "-o", out, "--chat", "-n", "6", "-t", "0").code == 0
+    )
     expected = json.loads(out.read_text())
     with server("--model", onnx_path) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
@@ -383,7 +425,18 @@ def test_serve_chat_completions_speak_the_models_template(imported_llama: Path, 
         assert reply.choices[0].message.role == "assistant"
         assert reply.usage.completion_tokens == expected["new_tokens"]
         assert reply.choices[0].finish_reason == ("stop" if expected["stop_reason"] != "max_new_tokens" else "length")
-        chunks = list(client.chat.completions.create(model="run", messages=messages, max_tokens=6, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="run",
+                messages=messages,
+                max_tokens=6,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["completion"]
-        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == expected["new_tokens"]
+        assert (
+            chunks[0].choices[0].delta.role == "assistant"
+            and chunks[-1].usage.completion_tokens == expected["new_tokens"]
+        )

@@ -26,8 +26,17 @@ from bigmodel.train import lm as train_lm
 from tests.conftest import cli, write_config
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-ARCH = {"family": "gpt", "task": "lm", "vocab_size": 50, "n_layer": 2, "n_head": 2, "n_embd": 32,
-        "block_size": 16, "dropout": 0.0, "bias": False}
+ARCH = {
+    "family": "gpt",
+    "task": "lm",
+    "vocab_size": 50,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_embd": 32,
+    "block_size": 16,
+    "dropout": 0.0,
+    "bias": False,
+}
 
 
 def corpus(tmp: Path, modules: tuple[str, ...] = ("textwrap.py", "shlex.py", "fnmatch.py")) -> Path:
@@ -38,14 +47,27 @@ def corpus(tmp: Path, modules: tuple[str, ...] = ("textwrap.py", "shlex.py", "fn
 
 
 def lm_config(tmp: Path, data: dict | None = None, **train: object) -> Path:
-    return write_config(tmp / "lm.yaml", {
-        "seed": 0, "threads": 1, "run_dir": "run",
-        "data": {"format": "text", "path": str(corpus(tmp)), **(data or {})},
-        "model": {"family": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-        "train": {"batch_size": 8, "max_steps": 30, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10,
-                  "eval_batches": 4, "log_every": 5, **train},
-        "eval": {"split": "val"},
-    })
+    return write_config(
+        tmp / "lm.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": "run",
+            "data": {"format": "text", "path": str(corpus(tmp)), **(data or {})},
+            "model": {"family": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+            "train": {
+                "batch_size": 8,
+                "max_steps": 30,
+                "lr": 3e-3,
+                "warmup_steps": 5,
+                "eval_every": 10,
+                "eval_batches": 4,
+                "log_every": 5,
+                **train,
+            },
+            "eval": {"split": "val"},
+        },
+    )
 
 
 # ---- tokenizers
@@ -103,11 +125,22 @@ def test_chunked_streaming_gives_the_same_shards(tmp_path: Path) -> None:
 
 def test_cleaning_dedupes_filters_and_strips_control_characters(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("same line\nsame line\nx\nbell\x07 here\n" + "long " * 50 + "\nok line\n")
-    config = write_config(tmp_path / "c.yaml", {
-        "run_dir": "run", "model": {"family": "gpt"}, "eval": {"split": "val"},
-        "data": {"format": "text", "path": "a.txt", "document": "line", "split": "document", "val_fraction": 0.3,
-                 "cleaning": {"min_chars": 3, "max_chars": 100}},
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "run_dir": "run",
+            "model": {"family": "gpt"},
+            "eval": {"split": "val"},
+            "data": {
+                "format": "text",
+                "path": "a.txt",
+                "document": "line",
+                "split": "document",
+                "val_fraction": 0.3,
+                "cleaning": {"min_chars": 3, "max_chars": 100},
+            },
+        },
+    )
     report = prepare(config)["cleaning"]
     assert report["documents_seen"] == 6
     assert report["dropped"] == {"too_short": 1, "too_long": 1, "duplicate": 1}
@@ -116,10 +149,15 @@ def test_cleaning_dedupes_filters_and_strips_control_characters(tmp_path: Path) 
 
 def test_jsonl_sources_and_their_errors(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": f"document number {i}\n"}) + "\n" for i in range(40)))
-    config = write_config(tmp_path / "c.yaml", {
-        "run_dir": "run", "model": {"family": "gpt"}, "eval": {"split": "val"},
-        "data": {"format": "text", "path": "d.jsonl", "jsonl_field": "body"},
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "run_dir": "run",
+            "model": {"family": "gpt"},
+            "eval": {"split": "val"},
+            "data": {"format": "text", "path": "d.jsonl", "jsonl_field": "body"},
+        },
+    )
     assert prepare(config)["cleaning"]["documents_kept"] == 40
     result = cli("prepare", "-c", config, "--set", "data.jsonl_field=text")
     assert result.code == 2 and "line 1 has no text field 'text'" in result.stderr
@@ -128,10 +166,15 @@ def test_jsonl_sources_and_their_errors(tmp_path: Path) -> None:
 def test_prepare_globs_and_missing_files(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"part{i}.txt").write_text(f"part {i} " * 200)
-    config = write_config(tmp_path / "c.yaml", {
-        "run_dir": "run", "model": {"family": "gpt"}, "eval": {"split": "val"},
-        "data": {"format": "text", "path": "part*.txt"},
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "run_dir": "run",
+            "model": {"family": "gpt"},
+            "eval": {"split": "val"},
+            "data": {"format": "text", "path": "part*.txt"},
+        },
+    )
     assert len(prepare(config)["sources"]) == 3
     result = cli("prepare", "-c", config, "--set", "data.path=nothing*.txt")
     assert result.code == 2 and "no files match" in result.stderr
@@ -158,8 +201,10 @@ def test_causal_mask_is_bottom_right_aligned() -> None:
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
 
-@pytest.mark.parametrize("options", [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_head": 4,
-                                      "n_kv_head": 2, "head_size": 8}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_head": 4, "n_kv_head": 2, "head_size": 8}],
+)
 def test_left_padded_rows_in_one_batch_get_their_own_numbers(options: dict) -> None:
     """Rows of 7, 3 and 1 tokens left-padded into one batch, then a cached step: each row's logits are the
     ones it gets alone (learned positions; and rotary, RMSNorm, SwiGLU, grouped-query attention)."""
@@ -230,8 +275,9 @@ def test_training_lowers_the_loss_and_eval_reports_lm_metrics(tmp_path: Path) ->
     assert ev["perplexity"] == pytest.approx(np.exp(ev["loss"]))
     assert ev["bits_per_char"] == pytest.approx(ev["bits_per_token"])  # char level: one token, one char
     assert len(ev["samples"]) == 2 and all(s.startswith("\n") for s in ev["samples"])
-    again = cli("eval", "-c", tmp_path / "lm.yaml", "--set", "eval.samples=2", "--set",
-                "eval.max_new_tokens=20", "--json", "-q").json()
+    again = cli(
+        "eval", "-c", tmp_path / "lm.yaml", "--set", "eval.samples=2", "--set", "eval.max_new_tokens=20", "--json", "-q"
+    ).json()
     assert again["samples"] == ev["samples"]  # seeded sampling
 
 
@@ -255,8 +301,12 @@ def test_eval_text_with_unknown_characters_is_a_user_error(tmp_path: Path) -> No
 
 
 def _train_process(config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigmodel", "train", "-c", str(config), "-q", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -312,8 +362,9 @@ def test_tabular_resume_after_kill_9_is_bitwise_identical(tmp_path: Path) -> Non
 
 
 def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    config = lm_config(tmp_path, optimizer="sgd", momentum=0.0, lr=1e9, warmup_steps=0, max_steps=50, save_every=1,
-                       eval_every=1000)
+    config = lm_config(
+        tmp_path, optimizer="sgd", momentum=0.0, lr=1e9, warmup_steps=0, max_steps=50, save_every=1, eval_every=1000
+    )
     run_pipeline(config, "--to", "init")
     result = cli("train", "-c", config)
     assert result.code == 1 and "loss became" in result.stderr

@@ -31,7 +31,9 @@ def test_never_predicted_class_scores_zero_precision() -> None:
     probs = np.eye(3)[[0, 1, 1, 1]]
     ours = metrics.classification(y, probs, ["x", "y", "z"])
     assert ours["per_class"]["z"]["precision"] == 0.0
-    assert ours["precision_macro"] == pytest.approx(sk.precision_score(y, [0, 1, 1, 1], average="macro", zero_division=0))
+    assert ours["precision_macro"] == pytest.approx(
+        sk.precision_score(y, [0, 1, 1, 1], average="macro", zero_division=0)
+    )
 
 
 def test_regression_metrics_match_scikit_learn() -> None:

@@ -13,8 +13,17 @@ from scripts.check_plan_memory import measure_cpu
 from tests.conftest import CONFIGS, cli, tiny_digits
 from tests.test_lm import lm_config
 
-ARCH = {"family": "gpt", "task": "lm", "vocab_size": 65, "n_layer": 4, "n_head": 4, "n_embd": 256,
-        "block_size": 256, "dropout": 0.0, "bias": False}
+ARCH = {
+    "family": "gpt",
+    "task": "lm",
+    "vocab_size": 65,
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 256,
+    "block_size": 256,
+    "dropout": 0.0,
+    "bias": False,
+}
 
 
 def plan_json(config: Path, *args: str) -> dict:
@@ -58,26 +67,42 @@ def test_an_encoders_memory_estimate_is_within_25_percent_of_a_measured_step() -
     from bigmodel import registry
     from bigmodel.arch import parse
 
-    encoder = {"family": "bert", "task": "mlm", "vocab_size": 8000, "n_layer": 4, "n_head": 4, "n_embd": 256,
-               "block_size": 128, "dropout": 0.1}
+    encoder = {
+        "family": "bert",
+        "task": "mlm",
+        "vocab_size": 8000,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 256,
+        "block_size": 128,
+        "dropout": 0.1,
+    }
     for arch in (encoder, {**ARCH, "dropout": 0.2}):
         measured = measure_cpu(arch, 16, "fp32", False)
         with torch.device("meta"):
             n_params = registry.count_parameters(registry.build_model(arch))
-        estimate = accounting.training_memory(parse(arch, "test"), n_params, batch=16, runtime=hardware.CPU_RUNTIME,
-                                              fused_dropout=False)
+        estimate = accounting.training_memory(
+            parse(arch, "test"), n_params, batch=16, runtime=hardware.CPU_RUNTIME, fused_dropout=False
+        )
         assert abs(estimate["total"] - measured) <= 0.25 * measured, (arch["family"], estimate, measured)
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
-@pytest.mark.parametrize("precision,checkpointing",
-                         [("fp32", False), pytest.param("bf16", False, marks=pytest.mark.slow), ("fp32", True)])
+@pytest.mark.parametrize(
+    "precision,checkpointing", [("fp32", False), pytest.param("bf16", False, marks=pytest.mark.slow), ("fp32", True)]
+)
 def test_memory_estimate_is_within_25_percent_of_a_measured_step(precision: str, checkpointing: bool) -> None:
     batch = 16
     measured = measure_cpu(ARCH, batch, precision, checkpointing)  # two steps of bigmodel's GPT + AdamW
     n_params = 12 * 4 * 256**2 + 65 * 256 + 256 * 256 + 9 * 256  # blocks, embeddings, norms
-    estimate = accounting.training_memory(DecoderArch(**ARCH), n_params, batch=batch, precision=precision,
-                                          activation_checkpointing=checkpointing, runtime=hardware.CPU_RUNTIME)
+    estimate = accounting.training_memory(
+        DecoderArch(**ARCH),
+        n_params,
+        batch=batch,
+        precision=precision,
+        activation_checkpointing=checkpointing,
+        runtime=hardware.CPU_RUNTIME,
+    )
     assert abs(estimate["total"] - measured) <= 0.25 * measured, (estimate, measured)
 
 
@@ -124,7 +149,9 @@ def test_published_runs_meta_reported() -> None:
 def test_communication_follows_the_collectives_and_the_link() -> None:
     ddp = accounting.communication_per_step("ddp", 8, parameters=1000, trainable=1000, micro_batches=1)
     fsdp = accounting.communication_per_step("fsdp", 8, parameters=1000, trainable=1000, micro_batches=1)
-    assert sum(fsdp.values()) == pytest.approx(1.5 * sum(ddp.values()))  # ZeRO-3's 1.5x (Rajbhandari et al. 2019, sec. 7)
+    assert sum(fsdp.values()) == pytest.approx(
+        1.5 * sum(ddp.values())
+    )  # ZeRO-3's 1.5x (Rajbhandari et al. 2019, sec. 7)
     assert accounting.communication_per_step("ddp", 1, parameters=1000, trainable=1000, micro_batches=1) == {}
     assert hardware.PROFILES["h100-sxm"].link(8).bytes_per_s == 450e9  # NVLink inside a node
     assert hardware.PROFILES["h100-sxm"].link(16).bytes_per_s == 400e9  # 8 x 400 Gb/s cards per node
@@ -137,8 +164,9 @@ def test_communication_follows_the_collectives_and_the_link() -> None:
         assert c["hidden"] is hidden
         exposed = report["compute"]["steps"] * c["exposed_seconds_per_step"]
         assert (exposed > 0) is not hidden
-        assert time["seconds"] == pytest.approx(time["compute_seconds"] + exposed
-                                                + report["storage_io"]["checkpoint_seconds_total"])
+        assert time["seconds"] == pytest.approx(
+            time["compute_seconds"] + exposed + report["storage_io"]["checkpoint_seconds_total"]
+        )
 
 
 def test_devices_and_cost_follow_from_the_plan() -> None:
@@ -192,8 +220,20 @@ def test_plan_says_what_it_needs_before_prepare(tmp_path: Path) -> None:
 def test_llama_options_are_planned_from_the_architecture(tmp_path: Path) -> None:
     """Grouped-query attention shrinks the KV cache to n_kv_head heads; rope has no position table; the
     parameter count equals the model init builds with these options."""
-    options = ["--set", "model.position=rope", "--set", "model.norm=rmsnorm", "--set", "model.mlp=swiglu",
-               "--set", "model.n_kv_head=1", "--set", "model.intermediate_size=80", "--set", "model.tie_embeddings=false"]
+    options = [
+        "--set",
+        "model.position=rope",
+        "--set",
+        "model.norm=rmsnorm",
+        "--set",
+        "model.mlp=swiglu",
+        "--set",
+        "model.n_kv_head=1",
+        "--set",
+        "model.intermediate_size=80",
+        "--set",
+        "model.tie_embeddings=false",
+    ]
     config = lm_config(tmp_path)
     for stage in ("prepare", "init"):
         assert cli(stage, "-c", config, "-q", *options).code == 0

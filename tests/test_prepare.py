@@ -16,9 +16,13 @@ def prepared(tmp_path: Path, csv_text: str | None = None, **data: object) -> Pat
     if csv_text is not None:
         (tmp_path / "d.csv").write_text(csv_text)
     path = data.pop("path", tmp_path / "d.csv")
-    config = write_config(tmp_path / "c.yaml", {
-        "run_dir": "run", "data": {"path": str(path), "target": "label", **data},
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "run_dir": "run",
+            "data": {"path": str(path), "target": "label", **data},
+        },
+    )
     prepare.run(load_config(config))
     return tmp_path / "run" / "prepare"
 
@@ -38,8 +42,10 @@ def test_digits_split_is_stratified_seeded_and_fitted_on_train(tmp_path: Path) -
     assert np.allclose(manifest["statistics"]["feature_mean"], arrays["train_x"].mean(0), atol=1e-4)
     assert manifest["labels"] == [str(i) for i in range(10)]
     # The same seed gives the same bytes.
-    again = prepared(tmp_path / "again" if (tmp_path / "again").mkdir() is None else tmp_path,
-                     path=CONFIGS / "data" / "digits.csv.gz")
+    again = prepared(
+        tmp_path / "again" if (tmp_path / "again").mkdir() is None else tmp_path,
+        path=CONFIGS / "data" / "digits.csv.gz",
+    )
     assert (again / "data.safetensors").read_bytes() == (out / "data.safetensors").read_bytes()
 
 

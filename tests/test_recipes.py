@@ -38,11 +38,17 @@ def test_the_tabular_recipe(tmp_path: Path) -> None:
 
 
 def test_the_encoder_recipe(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": "run",
-        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
-        "model": {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 32},
-        "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 5, "eval_every": 1}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": "run",
+            "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+            "model": {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 32},
+            "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 5, "eval_every": 1},
+        },
+    )
     assert first_losses(config) == pytest.approx(BERT, rel=TOLERANCE)
 
 

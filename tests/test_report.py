@@ -43,10 +43,25 @@ def assert_report_is_complete(config: Path, expected_plots: set[str]) -> str:
 
 
 def test_report_of_a_classifier_run(fresh_run: Path) -> None:
-    page = assert_report_is_complete(fresh_run, {
-        "loss_vs_step.png", "loss_vs_epoch.png", "lr.png", "val_accuracy.png", "confusion_matrix.png", "per_class.png",
-    })
-    for section in ("Summary", "Plots", "Metrics of every stage", "Predictions (first rows)", "Config", "Data manifest"):
+    page = assert_report_is_complete(
+        fresh_run,
+        {
+            "loss_vs_step.png",
+            "loss_vs_epoch.png",
+            "lr.png",
+            "val_accuracy.png",
+            "confusion_matrix.png",
+            "per_class.png",
+        },
+    )
+    for section in (
+        "Summary",
+        "Plots",
+        "Metrics of every stage",
+        "Predictions (first rows)",
+        "Config",
+        "Data manifest",
+    ):
         assert f"<h2>{section}</h2>" in page
     assert '<span class="pass">passed</span>' in page  # the export parity verdict
     assert "accuracy" in page and "parameters" in page
@@ -61,9 +76,16 @@ def test_report_of_a_language_model_with_compression(tmp_path: Path) -> None:
         result = cli(stage, "-c", config, "-q", *overrides)
         assert result.code == 0, result.stderr
     assert cli("compress", "-c", config, "-q", "--set", steps).code == 0
-    page = assert_report_is_complete(config, {
-        "loss_vs_step.png", "loss_vs_tokens.png", "lr.png", "tokens_per_s.png", "compress_tradeoff.png",
-    })
+    page = assert_report_is_complete(
+        config,
+        {
+            "loss_vs_step.png",
+            "loss_vs_tokens.png",
+            "lr.png",
+            "tokens_per_s.png",
+            "compress_tradeoff.png",
+        },
+    )
     assert "<h2>Samples</h2>" in page and "<pre>def" in page
     assert "quantize dynamic" in page
 
@@ -73,8 +95,10 @@ def test_report_needs_matplotlib_and_something_to_report(tmp_path: Path) -> None
     empty = cli("report", "-c", config)
     assert empty.code == 2 and "nothing to report" in empty.stderr
     # The same command where matplotlib cannot be imported (None in sys.modules makes import fail).
-    code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['bigmodel', 'report', '-c', sys.argv[1]];"
-            "from bigmodel.cli import main; main()")
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.argv = ['bigmodel', 'report', '-c', sys.argv[1]];"
+        "from bigmodel.cli import main; main()"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("install the extra: pip install 'bigmodel[report]'")
@@ -94,8 +118,10 @@ def test_tensorboard_logs_what_metrics_jsonl_logs(tmp_path: Path) -> None:
     assert [(e.step, pytest.approx(e.value)) for e in board.Scalars("val_loss")] == val
     assert {"train_loss", "lr", "tokens_per_s"} <= set(board.Tags()["scalars"])
 
-    code = ("import sys; sys.modules['torch.utils.tensorboard'] = None;"
-            "sys.argv = ['bigmodel', 'train', '-c', sys.argv[1]]; from bigmodel.cli import main; main()")
+    code = (
+        "import sys; sys.modules['torch.utils.tensorboard'] = None;"
+        "sys.argv = ['bigmodel', 'train', '-c', sys.argv[1]]; from bigmodel.cli import main; main()"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "pip install 'bigmodel[tensorboard]'" in proc.stderr
 
@@ -104,8 +130,9 @@ def test_no_color_is_respected(tmp_path: Path) -> None:
     config = lm_config(tmp_path)
     command = [sys.executable, "-m", "bigmodel", "plan", "-c", str(config), "--set", "plan.vocab_size=50"]
     colored = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FORCE_COLOR": "1"})
-    plain = subprocess.run(command, capture_output=True, text=True,
-                           env={**os.environ, "FORCE_COLOR": "1", "NO_COLOR": "1"})
+    plain = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "FORCE_COLOR": "1", "NO_COLOR": "1"}
+    )
     assert colored.returncode == plain.returncode == 0
     color = re.compile(r"\x1b\[[0-9;]*3[0-7][;m]")  # an SGR sequence setting a foreground colour
     assert color.search(colored.stdout)
@@ -126,9 +153,21 @@ def test_the_report_renders_in_a_real_browser(fresh_run: Path, tmp_path: Path) -
     assert cli("report", "-c", fresh_run, "-q").code == 0
     page = fresh_run.parent / "run" / "report" / "index.html"
     shot = tmp_path / "page.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1280,3000", f"--screenshot={shot}", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,3000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pixels = Image.open(shot).convert("L")
     assert pixels.size == (1280, 3000)
     histogram = pixels.histogram()

@@ -33,8 +33,13 @@ def free_port() -> int:
 def server(*args: object, env: dict[str, str] | None = None) -> Iterator[str]:
     """`bigmodel serve ...` on a free port; yields its base URL once /health answers; stops it with SIGTERM."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "serve", *map(str, args), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigmodel", "serve", *map(str, args), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, base)
@@ -90,11 +95,14 @@ def test_the_openai_client_completes_and_streams_like_infer(lm_run: Path, tmp_pa
         # The opening chunk, text, the closing chunk; text decoded faster than the event loop sends it
         # goes out together, so the number of text chunks depends on the machine's load.
         assert pieces[-1].choices[0].finish_reason == "length" and len(pieces) >= 3
-        stopped = client.completions.create(model="run", prompt="def ", max_tokens=24, temperature=0,
-                                            stop=[expected[5:7]])
+        stopped = client.completions.create(
+            model="run", prompt="def ", max_tokens=24, temperature=0, stop=[expected[5:7]]
+        )
         assert stopped.choices[0].finish_reason == "stop" and expected.startswith(stopped.choices[0].text)
-        seeded = [client.completions.create(model="run", prompt="def ", max_tokens=12, seed=7).choices[0].text
-                  for _ in range(2)]
+        seeded = [
+            client.completions.create(model="run", prompt="def ", max_tokens=12, seed=7).choices[0].text
+            for _ in range(2)
+        ]
         assert seeded[0] == seeded[1]
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
             client.completions.create(model="run", prompt="def ", max_tokens=0)
@@ -110,16 +118,23 @@ def test_the_openai_client_completes_and_streams_like_infer(lm_run: Path, tmp_pa
 def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:  # noqa: F811
     with server("--model", onnx_of(lm_run), "--api-key", "s3cret", "--set", "serve.context_shift=true") as base:
         auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
-        cases = [("not json", "the body is not valid JSON", None), ([1, 2], "JSON object", None),
-                 ({"prompt": "def ", "bogus": 1}, "bogus: unknown field", "bogus"),
-                 ({"prompt": 5}, "prompt", "prompt"), ({"prompt": "def ", "temperature": -1}, "temperature", "temperature"),
-                 ({"prompt": "def ", "n": 2}, "n", "n"), ({"prompt": "\u65e5\u672c"}, "vocabulary", None),
-                 ({"messages": [{"role": "user", "content": "hi"}]}, "no chat template", "messages")]
+        cases = [
+            ("not json", "the body is not valid JSON", None),
+            ([1, 2], "JSON object", None),
+            ({"prompt": "def ", "bogus": 1}, "bogus: unknown field", "bogus"),
+            ({"prompt": 5}, "prompt", "prompt"),
+            ({"prompt": "def ", "temperature": -1}, "temperature", "temperature"),
+            ({"prompt": "def ", "n": 2}, "n", "n"),
+            ({"prompt": "\u65e5\u672c"}, "vocabulary", None),
+            ({"messages": [{"role": "user", "content": "hi"}]}, "no chat template", "messages"),
+        ]
         for body, fragment, param in cases:
             path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
             status, answer = http(base, path, body, auth)
             assert status == 400 and fragment in answer["error"]["message"], (body, answer)
-            assert answer["error"]["type"] == "invalid_request_error" and (param is None or answer["error"]["param"] == param)
+            assert answer["error"]["type"] == "invalid_request_error" and (
+                param is None or answer["error"]["param"] == param
+            )
         status, answer = http(base, "/v1/completions", {"prompt": "def "})
         assert status == 401 and answer["error"]["type"] == "authentication_error"
         with pytest.raises(openai.AuthenticationError):
@@ -128,8 +143,9 @@ def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:
         assert http(base, "/health")[0] == 200  # health and metrics need no key
         # A client that leaves mid-stream frees the model: 100,000 tokens would take minutes.
         connection = HTTPConnection(base.removeprefix("http://"), timeout=30)
-        connection.request("POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000,
-                                                                   "stream": True}), auth)
+        connection.request(
+            "POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000, "stream": True}), auth
+        )
         response = connection.getresponse()
         assert response.status == 200 and response.readline().startswith(b"data: ")
         connection.close()
@@ -139,13 +155,18 @@ def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:
 
 
 def test_max_batch_and_max_queue_bound_the_work_and_a_full_queue_answers_503(lm_run: Path) -> None:  # noqa: F811
-    with server("--model", onnx_of(lm_run), "--max-batch", "1", "--max-queue", "1",
-                "--set", "serve.context_shift=true") as base:
+    with server(
+        "--model", onnx_of(lm_run), "--max-batch", "1", "--max-queue", "1", "--set", "serve.context_shift=true"
+    ) as base:
+
         def open_stream() -> HTTPConnection:
             connection = HTTPConnection(base.removeprefix("http://"), timeout=30)
-            connection.request("POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000,
-                                                                       "stream": True}),
-                               {"Content-Type": "application/json"})
+            connection.request(
+                "POST",
+                "/v1/completions",
+                json.dumps({"prompt": "def ", "max_tokens": 100_000, "stream": True}),
+                {"Content-Type": "application/json"},
+            )
             return connection
 
         decoding = open_stream()
@@ -183,11 +204,14 @@ def test_tabular_predictions_are_infers(digits_run: Path, tmp_path: Path) -> Non
 
 
 def test_the_server_never_imports_torch(lm_run: Path) -> None:  # noqa: F811
-    script = ("import sys\nfrom pathlib import Path\nfrom bigmodel.config import ServeConfig\nfrom bigmodel import serve\n"
-              "serve.build(Path(sys.argv[1]), ServeConfig(), ['CPUExecutionProvider'], 1)\n"
-              "print('torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(onnx_of(lm_run))], capture_output=True, text=True,
-                          timeout=120)
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom bigmodel.config import ServeConfig\nfrom bigmodel import serve\n"
+        "serve.build(Path(sys.argv[1]), ServeConfig(), ['CPUExecutionProvider'], 1)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(onnx_of(lm_run))], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
@@ -232,11 +256,13 @@ def test_requests_decoded_together_get_what_each_would_get_alone(lm_run: Path) -
 
     session, meta = open_model(onnx_of(lm_run), ["CPUExecutionProvider"], 1)
     decoder = Decoder.from_session(session, meta, onnx_of(lm_run))
-    cases = [("def ", InferConfig(max_new_tokens=40, temperature=0)),
-             ("x = 1\nfor i in range(3):\n", InferConfig(max_new_tokens=12, temperature=0)),
-             ("import ", InferConfig(max_new_tokens=20, temperature=0.8, top_k=5)),
-             ("class A:\n    ", InferConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, stop=["\n"])),
-             ("a", InferConfig(max_new_tokens=200, temperature=0))]  # cancelled below
+    cases = [
+        ("def ", InferConfig(max_new_tokens=40, temperature=0)),
+        ("x = 1\nfor i in range(3):\n", InferConfig(max_new_tokens=12, temperature=0)),
+        ("import ", InferConfig(max_new_tokens=20, temperature=0.8, top_k=5)),
+        ("class A:\n    ", InferConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, stop=["\n"])),
+        ("a", InferConfig(max_new_tokens=200, temperature=0)),
+    ]  # cancelled below
     expected = [complete(decoder, prompt, settings, seed=3) for prompt, settings in cases[:-1]]
     scheduler = Scheduler(decoder, max_batch=8)
     outcomes: dict[int, object] = {}
@@ -248,10 +274,13 @@ def test_requests_decoded_together_get_what_each_would_get_alone(lm_run: Path) -
             outcomes[index] = outcome
             if len(outcomes) == len(cases) - 1:
                 done.set()
+
         return on_end
 
-    rows = [Request(Generation(decoder, prompt, settings, 3), texts[i].append, ended(i))
-            for i, (prompt, settings) in enumerate(cases)]
+    rows = [
+        Request(Generation(decoder, prompt, settings, 3), texts[i].append, ended(i))
+        for i, (prompt, settings) in enumerate(cases)
+    ]
     for row in rows:
         scheduler.submit(row)
     while sum(map(len, texts.values())) < 10:
@@ -269,8 +298,14 @@ def test_a_request_must_fit_the_context_and_bodies_are_bounded(lm_run: Path) -> 
     """32-token context: max_tokens past it is a 400 saying how many fit; without max_tokens the default is
     capped to what fits; a body over serve.max_body_bytes is a 413 before it is read; a prompt far too long
     for the context is refused without tokenising it; GET /v1/models/{id}; CORS for the origins given."""
-    with server("--model", onnx_of(lm_run), "--set", "serve.max_body_bytes=2000",
-                "--set", 'serve.cors_origins=["https://app.example"]') as base:
+    with server(
+        "--model",
+        onnx_of(lm_run),
+        "--set",
+        "serve.max_body_bytes=2000",
+        "--set",
+        'serve.cors_origins=["https://app.example"]',
+    ) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         with pytest.raises(openai.BadRequestError, match="the prompt takes 4, leaving 28: ask for at most 28"):
             client.completions.create(model="run", prompt="def ", max_tokens=29)
@@ -283,11 +318,19 @@ def test_a_request_must_fit_the_context_and_bodies_are_bounded(lm_run: Path) -> 
         status, answer = http(base, "/v1/completions", {"prompt": "x" * 5000})
         assert status == 413 and "serve.max_body_bytes" in answer["error"]["message"]
         assert time.perf_counter() - started < 5
-        status, answer = http(base, "/v1/completions", {"prompt": "x" * 1900})  # 1,900 characters > 2 x 32 x longest token
+        status, answer = http(
+            base, "/v1/completions", {"prompt": "x" * 1900}
+        )  # 1,900 characters > 2 x 32 x longest token
         assert status == 400 and "more than the model's context of 32 tokens can hold" in answer["error"]["message"]
-        preflight = urllib.request.Request(f"{base}/v1/chat/completions", method="OPTIONS", headers={
-            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+        preflight = urllib.request.Request(
+            f"{base}/v1/chat/completions",
+            method="OPTIONS",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
         with urllib.request.urlopen(preflight) as response:
             assert response.status == 200
             assert response.headers["access-control-allow-origin"] == "https://app.example"
@@ -301,22 +344,44 @@ def test_a_client_that_hangs_up_is_dropped_and_sigterm_drains_then_cuts_and_exit
     requests still running after serve.drain_seconds are cut -- a stream ends with an error event and
     [DONE], a waiting request gets a 503 -- and the process exits 0 saying how many were cut."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "serve", "--model", str(onnx_of(lm_run)), "--port",
-                             str(port), "--set", "serve.context_shift=true", "--set", "serve.drain_seconds=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bigmodel",
+            "serve",
+            "--model",
+            str(onnx_of(lm_run)),
+            "--port",
+            str(port),
+            "--set",
+            "serve.context_shift=true",
+            "--set",
+            "serve.drain_seconds=1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base, host = f"http://127.0.0.1:{port}", f"127.0.0.1:{port}"
     try:
         wait_healthy(proc, base)
 
         def rows() -> str:
-            return next(line for line in urllib.request.urlopen(f"{base}/metrics").read().decode().splitlines()
-                        if line.startswith("bigmodel_batch_rows "))
+            return next(
+                line
+                for line in urllib.request.urlopen(f"{base}/metrics").read().decode().splitlines()
+                if line.startswith("bigmodel_batch_rows ")
+            )
 
         def send(stream: bool) -> HTTPConnection:
             connection = HTTPConnection(host, timeout=30)
-            connection.request("POST", "/v1/completions", json.dumps({"prompt": "def ", "max_tokens": 100_000,
-                                                                       "stream": stream}),
-                               {"Content-Type": "application/json"})
+            connection.request(
+                "POST",
+                "/v1/completions",
+                json.dumps({"prompt": "def ", "max_tokens": 100_000, "stream": stream}),
+                {"Content-Type": "application/json"},
+            )
             return connection
 
         hung_up = send(stream=False)

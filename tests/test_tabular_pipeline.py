@@ -24,9 +24,17 @@ def run_dir(config: Path) -> Path:
 
 def test_pipeline_makes_every_artifact(digits_run: Path) -> None:
     run = run_dir(digits_run)
-    for artifact in ("prepare/manifest.json", "init/model.safetensors", "train/best.safetensors",
-                     "train/last.safetensors", "train/metrics.jsonl", "eval/metrics.json",
-                     "export/model.onnx", "export/parity.json", "infer/predictions.csv"):
+    for artifact in (
+        "prepare/manifest.json",
+        "init/model.safetensors",
+        "train/best.safetensors",
+        "train/last.safetensors",
+        "train/metrics.jsonl",
+        "eval/metrics.json",
+        "export/model.onnx",
+        "export/parity.json",
+        "infer/predictions.csv",
+    ):
         assert (run / artifact).is_file(), artifact
     evals = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [20 * k for k in range(1, 5)]  # 1259 rows / 64 per batch = 20 steps an epoch
@@ -73,7 +81,10 @@ def test_training_is_bitwise_reproducible(fresh_run: Path) -> None:
     assert cli("train", "-c", fresh_run, "-q").code == 0
     second = _tensors(best)
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert json.loads(before["bigmodel"])["metrics"] == json.loads(safe_open(str(best), "pt").metadata()["bigmodel"])["metrics"]
+    assert (
+        json.loads(before["bigmodel"])["metrics"]
+        == json.loads(safe_open(str(best), "pt").metadata()["bigmodel"])["metrics"]
+    )
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -121,10 +132,15 @@ def test_failed_gate_publishes_nothing(fresh_run: Path) -> None:
 
 
 def test_regression_pipeline_on_diabetes(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "reg.yaml", {
-        "extends": str(CONFIGS / "diabetes.yaml"), "run_dir": "run", "threads": 1,
-        "train": {"epochs": 40},
-    })
+    config = write_config(
+        tmp_path / "reg.yaml",
+        {
+            "extends": str(CONFIGS / "diabetes.yaml"),
+            "run_dir": "run",
+            "threads": 1,
+            "train": {"epochs": 40},
+        },
+    )
     result = cli("pipeline", "-c", config, "--json", "-q", "--set", "eval.fail_under={}")
     assert result.code == 0, result.stderr
     stages = result.json()["stages"]
@@ -176,8 +192,13 @@ def test_infer_reads_stdin_jsonl_and_never_imports_torch(digits_run: Path, tmp_p
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", script, str(model_of(digits_run)), str(out)],
-                          input=rows, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(model_of(digits_run)), str(out)],
+        input=rows,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.strip() == "no torch 0", proc.stderr
     predictions = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(predictions) == 3 and set(predictions[0]) == {"prediction", "probabilities"}

@@ -33,9 +33,16 @@ def labelled_csv(path: Path, rows_per_class: int = 20, pair: bool = False) -> Pa
 
 
 def config_for(tmp: Path, data: dict, **model: object) -> Path:
-    return write_config(tmp / "c.yaml", {"seed": 0, "threads": 1, "run_dir": str(tmp / "run"),
-                                         "data": {"format": "text_classification", **data},
-                                         "model": {"block_size": 16, **model}})
+    return write_config(
+        tmp / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp / "run"),
+            "data": {"format": "text_classification", **data},
+            "model": {"block_size": 16, **model},
+        },
+    )
 
 
 def prepared(tmp: Path) -> tuple[dict, dict]:
@@ -48,7 +55,11 @@ def test_prepare_splits_by_label_and_wraps_every_text_in_cls_sep(tmp_path: Path)
     result = cli("prepare", "-c", config, "--json", "-q")
     assert result.code == 0, result.stderr
     manifest, arrays = prepared(tmp_path)
-    assert manifest["labels"] == ["code", "fruit", "weather"] and manifest["splits"] == {"train": 48, "val": 6, "test": 6}
+    assert manifest["labels"] == ["code", "fruit", "weather"] and manifest["splits"] == {
+        "train": 48,
+        "val": 6,
+        "test": 6,
+    }
     assert manifest["class_counts"]["test"] == [2, 2, 2]  # stratified
     cls_id, sep_id = manifest["special_ids"]["[CLS]"], manifest["special_ids"]["[SEP]"]
     for split in ("train", "val", "test"):
@@ -74,10 +85,17 @@ def test_the_imported_models_tokenizer_is_used(tmp_path: Path) -> None:
     from tests.hf_models import make_bert
 
     folder = make_bert(tmp_path / "bert", "none")
-    config = write_config(tmp_path / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"), "init": {"from": str(folder)},
-        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
-        "model": {"block_size": 64}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "run"),
+            "init": {"from": str(folder)},
+            "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+            "model": {"block_size": 64},
+        },
+    )
     assert cli("prepare", "-c", config, "-q").code == 0
     manifest, arrays = prepared(tmp_path)
     assert manifest["tokenizer"]["source"] == str(folder)
@@ -90,13 +108,19 @@ def test_the_imported_models_tokenizer_is_used(tmp_path: Path) -> None:
     assert 0 not in arrays["train_ids"] and manifest["tokens"]["train"] < 64 * manifest["splits"]["train"]
 
 
-@pytest.mark.parametrize("rows, data, words", [
-    ([["text", "label"], ["good", "a"], ["", "b"], ["fine", "a"]], {}, ("record 2", "empty 'text'")),
-    ([["words", "label"], ["good", "a"], ["bad", "b"]], {}, ("no column 'text'", "words, label")),
-    ([["text", "label"], ["good", "a"], ["bad", "a"]], {}, ("at least two classes",)),
-    ([["text", "label"]] + [[" ".join(["word"] * 40), "ab"[i % 2]] for i in range(20)], {"too_long": "error"},
-     ("longer than model.block_size", "data.too_long: truncate")),
-])
+@pytest.mark.parametrize(
+    "rows, data, words",
+    [
+        ([["text", "label"], ["good", "a"], ["", "b"], ["fine", "a"]], {}, ("record 2", "empty 'text'")),
+        ([["words", "label"], ["good", "a"], ["bad", "b"]], {}, ("no column 'text'", "words, label")),
+        ([["text", "label"], ["good", "a"], ["bad", "a"]], {}, ("at least two classes",)),
+        (
+            [["text", "label"]] + [[" ".join(["word"] * 40), "ab"[i % 2]] for i in range(20)],
+            {"too_long": "error"},
+            ("longer than model.block_size", "data.too_long: truncate"),
+        ),
+    ],
+)
 def test_bad_text_data_is_one_line(rows: list, data: dict, words: tuple, tmp_path: Path) -> None:
     with (tmp_path / "d.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
@@ -122,9 +146,17 @@ def test_init_builds_a_classifier_from_scratch_or_imports_one_checked_against_tr
     assert manifest.data.labels == ["code", "fruit", "weather"] and manifest.init_scheme == "bert"
 
     folder = make_bert(tmp_path / "bert", "none")
-    imported = write_config(tmp_path / "b" / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "b" / "run"), "init": {"from": str(folder)},
-        "data": {"format": "text_classification", "path": str(tmp_path / "d.csv")}, "model": {"block_size": 32}})
+    imported = write_config(
+        tmp_path / "b" / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "b" / "run"),
+            "init": {"from": str(folder)},
+            "data": {"format": "text_classification", "path": str(tmp_path / "d.csv")},
+            "model": {"block_size": 32},
+        },
+    )
     result = cli("pipeline", "-c", imported, "--to", "init", "--json", "-q")
     assert result.code == 0, result.stderr
     model, manifest = registry.load_model(tmp_path / "b" / "run" / "init" / "model.safetensors")
@@ -135,11 +167,17 @@ def test_init_builds_a_classifier_from_scratch_or_imports_one_checked_against_tr
 
 
 def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion_matrix(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"),
-        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv", rows_per_class=40))},
-        "model": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 32, "dropout": 0.0},
-        "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 60, "eval_every": 20, "warmup_steps": 5}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "run"),
+            "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv", rows_per_class=40))},
+            "model": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 32, "dropout": 0.0},
+            "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 60, "eval_every": 20, "warmup_steps": 5},
+        },
+    )
     result = cli("pipeline", "-c", config, "--to", "eval", "--json", "-q")
     assert result.code == 0, result.stderr
     report = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
@@ -162,10 +200,15 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
     inferred = cli("infer", "-c", config, "--output", str(out), "--json", "-q")  # its default input: the test split
     assert inferred.code == 0, inferred.stderr
     model, manifest = registry.load_model(tmp_path / "run" / "train" / "best.safetensors")
-    want = probabilities(torch_encoder(model, torch.device("cpu")), load_texts(load_config(config), "test"),
-                         manifest.architecture.pad_id)
-    got = np.array([[row["probabilities"][label] for label in manifest.data.labels]
-                    for row in map(json.loads, out.read_text().splitlines())])
+    want = probabilities(
+        torch_encoder(model, torch.device("cpu")), load_texts(load_config(config), "test"), manifest.architecture.pad_id
+    )
+    got = np.array(
+        [
+            [row["probabilities"][label] for label in manifest.data.labels]
+            for row in map(json.loads, out.read_text().splitlines())
+        ]
+    )
     assert np.abs(got - want).max() < 1e-4
     # serve's /v1/predict answers what infer wrote for the same texts; a bad request is a 400 naming its field
     from tests.test_serve import http, server
@@ -182,11 +225,21 @@ def test_a_classifier_trains_and_evaluates_with_precision_recall_and_a_confusion
         assert all(abs(served["probabilities"][k] - v) < 1e-5 for k, v in written["probabilities"].items())
     assert bad_status == 400 and bad["error"]["param"] == "texts" and wrong_route == 404
     # eval of the ONNX model (ONNX Runtime) gives the checkpoint's scores
-    onnx = cli("eval", "-c", config, "--set", f"eval.checkpoint={tmp_path / 'run' / 'export' / 'model.onnx'}",
-               "--set", f"eval.output={tmp_path / 'onnx.json'}", "-q")
+    onnx = cli(
+        "eval",
+        "-c",
+        config,
+        "--set",
+        f"eval.checkpoint={tmp_path / 'run' / 'export' / 'model.onnx'}",
+        "--set",
+        f"eval.output={tmp_path / 'onnx.json'}",
+        "-q",
+    )
     assert onnx.code == 0, onnx.stderr
     from_onnx = json.loads((tmp_path / "onnx.json").read_text())["metrics"]
-    assert from_onnx["confusion_matrix"] == scores["confusion_matrix"] and abs(from_onnx["loss"] - scores["loss"]) < 1e-5
+    assert (
+        from_onnx["confusion_matrix"] == scores["confusion_matrix"] and abs(from_onnx["loss"] - scores["loss"]) < 1e-5
+    )
     # the report page is the tabular classifier's: confusion matrix and per-class precision/recall
     reported = cli("report", "-c", config, "--json", "-q")
     assert reported.code == 0, reported.stderr
@@ -209,12 +262,23 @@ def test_an_imported_embedding_model_serves_openai_embeddings_equal_to_infer(tmp
     from tests.test_serve import http, server
 
     folder = make_bert(tmp_path / "bert", "none")
-    config = write_config(tmp_path / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"), "init": {"from": str(folder)},
-        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv", pair=True)),
-                 "text_pair": "other"},
-        "model": {"task": "embedding", "block_size": 64}, "export": {"checkpoint": "init"},
-        "eval": {"checkpoint": "init"}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "run"),
+            "init": {"from": str(folder)},
+            "data": {
+                "format": "text_classification",
+                "path": str(labelled_csv(tmp_path / "d.csv", pair=True)),
+                "text_pair": "other",
+            },
+            "model": {"task": "embedding", "block_size": 64},
+            "export": {"checkpoint": "init"},
+            "eval": {"checkpoint": "init"},
+        },
+    )
     assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
     evaluated = cli("eval", "-c", config, "--json", "-q")  # retrieval of each text's partner, held-out pairs
     assert evaluated.code == 0, evaluated.stderr
@@ -238,13 +302,18 @@ def test_an_imported_embedding_model_serves_openai_embeddings_equal_to_infer(tmp
     assert got.shape == want.shape == (2, 32) and np.abs(got - want).max() < 1e-6
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert status == 400 and answer["error"]["param"] == "input"
-    assert long_status == 400 and refused["error"]["message"].startswith("input[1]: longer than the model's context of 64")
+    assert long_status == 400 and refused["error"]["message"].startswith(
+        "input[1]: longer than the model's context of 64"
+    )
     assert cut_status == 200 and cut["truncated"] == [1] and len(cut["data"]) == 2
     assert card.id == "run" and card.task == "embedding"
     # infer cuts too (a file is not a conversation), and says so
     (tmp_path / "long.jsonl").write_text(json.dumps({"text": "word " * 100}) + "\n")
     warned = cli("infer", "-c", config, "--input", str(tmp_path / "long.jsonl"), "--output", str(tmp_path / "l.npy"))
-    assert warned.code == 0 and "1 of 1 texts (the first: record 1) were longer than the model's context of 64" in warned.stderr
+    assert (
+        warned.code == 0
+        and "1 of 1 texts (the first: record 1) were longer than the model's context of 64" in warned.stderr
+    )
 
 
 def test_masking_follows_berts_80_10_10_rule_and_never_picks_specials() -> None:
@@ -275,23 +344,32 @@ def test_masked_lm_pretraining_on_a_corpus_learns_and_resumes_bitwise(tmp_path: 
 
     rng = np.random.default_rng(0)
     words = " ".join(TOPICS.values()).split()
-    paragraphs = [" ".join(rng.choice(words[9 * (i % 3): 9 * (i % 3) + 9], size=30)) for i in range(120)]
+    paragraphs = [" ".join(rng.choice(words[9 * (i % 3) : 9 * (i % 3) + 9], size=30)) for i in range(120)]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(paragraphs) + "\n")
     runs = {}
     for name in ("straight", "resumed"):
         (tmp_path / name).mkdir()
-        runs[name] = write_config(tmp_path / name / "c.yaml", {
-            "seed": 0, "threads": 1, "run_dir": str(tmp_path / name / "run"),
-            "data": {"format": "text_classification", "path": str(corpus), "vocab_size": 100},
-            "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 24, "dropout": 0.0},
-            "train": {"lr": 3e-3, "batch_size": 32, "max_steps": 200, "eval_every": 50, "warmup_steps": 10}})
+        runs[name] = write_config(
+            tmp_path / name / "c.yaml",
+            {
+                "seed": 0,
+                "threads": 1,
+                "run_dir": str(tmp_path / name / "run"),
+                "data": {"format": "text_classification", "path": str(corpus), "vocab_size": 100},
+                "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 24, "dropout": 0.0},
+                "train": {"lr": 3e-3, "batch_size": 32, "max_steps": 200, "eval_every": 50, "warmup_steps": 10},
+            },
+        )
     assert cli("pipeline", "-c", runs["straight"], "--to", "eval", "-q").code == 0
     manifest, arrays = prepared(tmp_path / "straight")
     assert manifest["task"] == "mlm" and manifest["labels"] == [] and sum(manifest["truncated"].values()) == 0
     lengths = np.diff(arrays["train_offsets"])
     assert (lengths[:-1] == 24).all() and manifest["splits"]["val"] >= 1 and manifest["splits"]["test"] >= 1
-    log = [json.loads(line) for line in (tmp_path / "straight" / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "straight" / "run" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
     # The pieces' unigram entropy is 3.77 nats (the most frequent is 5.2% of them): measured, val loss 3.84 at
     # step 50 -> 3.42 at 200 (the model uses the context), masked-token accuracy 0.067 -> 0.107.
     assert log[-1]["val_loss"] < min(3.6, log[0]["val_loss"] - 0.2) and log[-1]["val_accuracy"] > 0.08
@@ -350,12 +428,24 @@ def test_lora_fine_tuning_of_an_imported_encoder_matches_peft(tmp_path: Path) ->
     from tests.hf_models import make_bert
 
     folder = make_bert(tmp_path / "bert", "none")
-    config = write_config(tmp_path / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"), "init": {"from": str(folder)},
-        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
-        "model": {"block_size": 32},
-        "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "eval_every": 6,
-                  "lora": {"rank": 4, "alpha": 8, "targets": ["q", "v"]}}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "run"),
+            "init": {"from": str(folder)},
+            "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+            "model": {"block_size": 32},
+            "train": {
+                "lr": 1e-2,
+                "batch_size": 8,
+                "max_steps": 12,
+                "eval_every": 6,
+                "lora": {"rank": 4, "alpha": 8, "targets": ["q", "v"]},
+            },
+        },
+    )
     result = cli("pipeline", "-c", config, "--to", "train", "--json", "-q")
     assert result.code == 0, result.stderr
     saved = load_file(str(tmp_path / "run" / "train" / "best.safetensors"))
@@ -373,8 +463,9 @@ def test_lora_fine_tuning_of_an_imported_encoder_matches_peft(tmp_path: Path) ->
         reference.bert.pooler.dense.bias.copy_(torch.from_numpy(saved["model.head.pooler.bias"]))
         reference.classifier.weight.copy_(torch.from_numpy(saved["model.head.out.weight"]))
         reference.classifier.bias.copy_(torch.from_numpy(saved["model.head.out.bias"]))
-    adapted = peft.get_peft_model(reference, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                             target_modules=["query", "value"])).eval()
+    adapted = peft.get_peft_model(
+        reference, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
+    ).eval()
     with torch.no_grad():
         for name, module in adapted.named_modules():
             if name.endswith(("attention.self.query", "attention.self.value")):
@@ -399,15 +490,23 @@ def test_a_sentence_transformers_folder_is_classified_by_its_mean_token_state(tm
 
     folder = make_bert(tmp_path / "bert", "none")
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True})
+    )
     runs = {}
     for pooling in ("mean", "cls"):
         (tmp_path / pooling).mkdir()
-        runs[pooling] = write_config(tmp_path / pooling / "c.yaml", {
-            "seed": 0, "threads": 1, "run_dir": str(tmp_path / pooling / "run"), "init": {"from": str(folder)},
-            "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
-            "model": {"block_size": 32, **({"pooling": "cls"} if pooling == "cls" else {})}})
+        runs[pooling] = write_config(
+            tmp_path / pooling / "c.yaml",
+            {
+                "seed": 0,
+                "threads": 1,
+                "run_dir": str(tmp_path / pooling / "run"),
+                "init": {"from": str(folder)},
+                "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+                "model": {"block_size": 32, **({"pooling": "cls"} if pooling == "cls" else {})},
+            },
+        )
         assert cli("pipeline", "-c", runs[pooling], "--to", "init", "-q").code == 0
     model, manifest = registry.load_model(tmp_path / "mean" / "run" / "init" / "model.safetensors")
     assert manifest.architecture.pooling == "mean" and model.head.pooler is None
@@ -434,12 +533,22 @@ def test_an_embedding_model_learns_from_pairs_with_in_batch_negatives(tmp_path: 
         for _ in range(180):
             text = rng.choice(words, size=8, replace=False)
             writer.writerow([" ".join(text), " ".join(rng.permutation(text)[:4])])
-    config = write_config(tmp_path / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"),
-        "data": {"format": "text_classification", "text_pair": "other", "path": str(tmp_path / "pairs.csv"),
-                 "vocab_size": 100},
-        "model": {"task": "embedding", "n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 32, "dropout": 0.0},
-        "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 100, "eval_every": 50, "warmup_steps": 5}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "run"),
+            "data": {
+                "format": "text_classification",
+                "text_pair": "other",
+                "path": str(tmp_path / "pairs.csv"),
+                "vocab_size": 100,
+            },
+            "model": {"task": "embedding", "n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 32, "dropout": 0.0},
+            "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 100, "eval_every": 50, "warmup_steps": 5},
+        },
+    )
     result = cli("pipeline", "-c", config, "--to", "eval", "--json", "-q")
     assert result.code == 0, result.stderr
     trained = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["metrics"]
@@ -447,20 +556,30 @@ def test_an_embedding_model_learns_from_pairs_with_in_batch_negatives(tmp_path: 
     before = json.loads((tmp_path / "run" / "eval" / "metrics.init.json").read_text())["metrics"]
     assert trained["pairs"] == before["pairs"] == 18
     assert trained["mrr"] > 0.6 and trained["mrr"] > before["mrr"] + 0.3 and trained["loss"] < before["loss"], (
-        before, trained)
+        before,
+        trained,
+    )
 
 
 def test_a_classifier_is_pruned_fine_tuned_and_distilled_by_its_own_recipe(tmp_path: Path) -> None:
     """compress's prune (with fine-tuning, masks held) and distill steps run the encoder's own training
     recipe, as they do a GPT's and an MLP's; options a step would ignore are refused."""
-    config = write_config(tmp_path / "c.yaml", {
-        "seed": 0, "threads": 1, "run_dir": str(tmp_path / "run"),
-        "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
-        "model": {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 32, "dropout": 0.0},
-        "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 10, "eval_every": 5}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": str(tmp_path / "run"),
+            "data": {"format": "text_classification", "path": str(labelled_csv(tmp_path / "d.csv"))},
+            "model": {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 32, "dropout": 0.0},
+            "train": {"lr": 1e-3, "batch_size": 16, "max_steps": 10, "eval_every": 5},
+        },
+    )
     assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
-    steps = ("[{method: prune, sparsity: 0.5, finetune_steps: 2}, {method: prune, kind: structured, sparsity: 0.25, "
-             "finetune_steps: 2}, {method: distill, steps: 3, student: {n_layer: 1}}]")
+    steps = (
+        "[{method: prune, sparsity: 0.5, finetune_steps: 2}, {method: prune, kind: structured, sparsity: 0.25, "
+        "finetune_steps: 2}, {method: distill, steps: 3, student: {n_layer: 1}}]"
+    )
     result = cli("compress", "-c", config, "--set", f"compress.steps={steps}", "--json", "-q")
     assert result.code == 0, result.stderr
     fp32, unstructured, structured, distilled = result.json()["steps"]
@@ -469,6 +588,13 @@ def test_a_classifier_is_pruned_fine_tuned_and_distilled_by_its_own_recipe(tmp_p
     assert distilled["parameters"] < structured["parameters"]  # one layer instead of two
     ignored = cli("compress", "-c", config, "--set", "compress.steps=[{method: prune, structure: heads}]")
     assert ignored.code == 2 and "structure is an option of kind 'structured' pruning" in ignored.stderr
-    embedding = cli("compress", "-c", config, "--set", "model.task=embedding",
-                    "--set", "compress.steps=[{method: distill, student: {n_layer: 1}}]")
+    embedding = cli(
+        "compress",
+        "-c",
+        config,
+        "--set",
+        "model.task=embedding",
+        "--set",
+        "compress.steps=[{method: distill, student: {n_layer: 1}}]",
+    )
     assert embedding.code == 2 and "embedding has neither (an encoder distils as a classifier)" in embedding.stderr

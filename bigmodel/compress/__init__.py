@@ -76,12 +76,21 @@ def run(config: Config) -> dict[str, Any]:
             sparsity[label] = current.sparsity
         rows.append(measure(config, label, current.model))
 
-    report = {"checkpoint": str(current.checkpoint), "steps": rows, "baseline": rows[0]["name"],
-              "result": str(current.model), "sparsity_per_layer": sparsity}
+    report = {
+        "checkpoint": str(current.checkpoint),
+        "steps": rows,
+        "baseline": rows[0]["name"],
+        "result": str(current.model),
+        "sparsity_per_layer": sparsity,
+    }
     write_json(out_dir / "report.json", report)
     _print_table(rows)
-    return {"model": str(current.model), "checkpoint": str(current.checkpoint), "report": str(out_dir / "report.json"),
-            "steps": rows}
+    return {
+        "model": str(current.model),
+        "checkpoint": str(current.checkpoint),
+        "report": str(out_dir / "report.json"),
+        "steps": rows,
+    }
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -89,19 +98,34 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     on, and a warning when a step's difference from the baseline is within the measurement's noise."""
     metric = rows[0]["metric"]
     header = ["step", "params", "non-zero", "file", "weights", metric, "latency ms"]
-    body = [[row["name"], f"{row['parameters']:,}", f"{row['nonzeros']:,}", _size(row["file_bytes"]),
-             _size(row["weight_bytes"]), f"{row['metrics'][metric]:.4f}", f"{row['latency_ms']:.3f}"] for row in rows]
+    body = [
+        [
+            row["name"],
+            f"{row['parameters']:,}",
+            f"{row['nonzeros']:,}",
+            _size(row["file_bytes"]),
+            _size(row["weight_bytes"]),
+            f"{row['metrics'][metric]:.4f}",
+            f"{row['latency_ms']:.3f}",
+        ]
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     for line in [header, *body]:
-        console.info("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                               for i, (cell, width) in enumerate(zip(line, widths))))
+        console.info(
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))
+            )
+        )
     measured = rows[0]["measured_on"]
     if measured["count"] is not None:
         console.info(f"compress: {metric} measured on {measured['count']:,} {measured['unit']}")
     notes = too_close(rows)
     if notes:
-        console.warn(f"compress: {'; '.join(notes)}: measure on more data (eval.text_file, a larger val split) "
-                     "before choosing between them")
+        console.warn(
+            f"compress: {'; '.join(notes)}: measure on more data (eval.text_file, a larger val split) "
+            "before choosing between them"
+        )
 
 
 def _size(n_bytes: int) -> str:

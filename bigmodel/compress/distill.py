@@ -51,26 +51,45 @@ def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -
     student = registry.build_model(arch)
     registry.init_weights(student, arch.family, config.init.scheme, config.init.std)
     # The same data: statistics the teacher carries as buffers (tabular standardisation) apply to the student.
-    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(("feature_", "target_"))},
-                            strict=False)
+    student.load_state_dict(
+        {k: v for k, v in teacher.state_dict().items() if k.startswith(("feature_", "target_"))}, strict=False
+    )
     start = work_dir / "student_init.safetensors"
-    save_checkpoint(start, model_tensors(student), teacher_manifest.renewed(
-        architecture=arch, family=arch.family, step=0, metrics={}, resume=None, adapter=None))
-    console.info(f"compress: student {registry.count_parameters(student):,} parameters, teacher "
-                 f"{registry.count_parameters(teacher):,}; {step.steps} steps")
+    save_checkpoint(
+        start,
+        model_tensors(student),
+        teacher_manifest.renewed(architecture=arch, family=arch.family, step=0, metrics={}, resume=None, adapter=None),
+    )
+    console.info(
+        f"compress: student {registry.count_parameters(student):,} parameters, teacher "
+        f"{registry.count_parameters(teacher):,}; {step.steps} steps"
+    )
 
     tc = config.train
     lr = step.lr or tc.lr
-    student_config = config.derive("compress distill step", model=student_cfg, train={
-        # the schedule keeps its shape: min_lr is the same fraction of the (distillation) lr
-        "max_steps": step.steps, "lr": lr, "min_lr": tc.min_lr * lr / tc.lr,
-        "warmup_steps": min(tc.warmup_steps, step.steps // 10),
-        "eval_every": min(tc.eval_every or step.steps, step.steps), "save_every": None, "patience": None,
-        "compile": False,
-    })
+    student_config = config.derive(
+        "compress distill step",
+        model=student_cfg,
+        train={
+            # the schedule keeps its shape: min_lr is the same fraction of the (distillation) lr
+            "max_steps": step.steps,
+            "lr": lr,
+            "min_lr": tc.min_lr * lr / tc.lr,
+            "warmup_steps": min(tc.warmup_steps, step.steps // 10),
+            "eval_every": min(tc.eval_every or step.steps, step.steps),
+            "save_every": None,
+            "patience": None,
+            "compile": False,
+        },
+    )
     recipe = _recipe(config)
-    result = recipe.train(student_config, False, work_dir, start_from=start,
-                          loss_hook=distillation_loss(teacher, step.alpha, step.temperature))
+    result = recipe.train(
+        student_config,
+        False,
+        work_dir,
+        start_from=start,
+        loss_hook=distillation_loss(teacher, step.alpha, step.temperature),
+    )
     return Path(result["best"])
 
 
@@ -88,7 +107,8 @@ def distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: float
         soft = F.kl_div(  # KL(teacher || student), averaged over tokens (rows)
             F.log_softmax(student_logits / temperature, dim=-1),
             F.log_softmax(teacher_logits / temperature, dim=-1),
-            log_target=True, reduction="batchmean",
+            log_target=True,
+            reduction="batchmean",
         )
         return alpha * temperature**2 * soft + (1 - alpha) * hard
 
@@ -105,8 +125,10 @@ def _check_compatible(teacher: AnyArch, student: AnyArch) -> None:
                 "same data, or distil from a teacher trained on it)"
             )
     if student.context is not None and teacher.context is not None and student.context > teacher.context:
-        raise UserError(f"distill: student block_size {student.context} exceeds the teacher's "
-                        f"{teacher.context}; the teacher cannot score such contexts")
+        raise UserError(
+            f"distill: student block_size {student.context} exceeds the teacher's "
+            f"{teacher.context}; the teacher cannot score such contexts"
+        )
 
 
 def _recipe(config: Config) -> Any:

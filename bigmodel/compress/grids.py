@@ -84,13 +84,22 @@ def keep_grids(model: onnx.ModelProto, accuracy_level: int | None, exclude: set[
     return replaced, corrections
 
 
-def _exact_nodes(node: Any, k: np.ndarray, d: np.ndarray, m: np.ndarray, shape: tuple[int, int],
-                 accuracy_level: int | None, graph: Any, block_sums: dict[str, str]) -> list[Any]:
+def _exact_nodes(
+    node: Any,
+    k: np.ndarray,
+    d: np.ndarray,
+    m: np.ndarray,
+    shape: tuple[int, int],
+    accuracy_level: int | None,
+    graph: Any,
+    block_sums: dict[str, str],
+) -> list[Any]:
     K, N = shape
     name, x, out = node.name or node.output[0], node.input[0], node.output[0]
     packed = (k[:, 0::2] | (k[:, 1::2] << 4)).reshape(N, K // BLOCK, BLOCK // 2)  # low nibble first
-    graph.initializer.extend([numpy_helper.from_array(packed, f"{name}_Q4G"),
-                              numpy_helper.from_array(d.reshape(-1), f"{name}_Q4G_scales")])
+    graph.initializer.extend(
+        [numpy_helper.from_array(packed, f"{name}_Q4G"), numpy_helper.from_array(d.reshape(-1), f"{name}_Q4G_scales")]
+    )
     attrs: dict[str, Any] = {"K": K, "N": N, "bits": 4, "block_size": BLOCK}
     if accuracy_level is not None:
         attrs["accuracy_level"] = accuracy_level
@@ -102,10 +111,17 @@ def _exact_nodes(node: Any, k: np.ndarray, d: np.ndarray, m: np.ndarray, shape: 
         nodes.extend(_block_sums(x, block_sums[x], K, value_rank(graph, x), graph))
     return [
         *nodes,
-        helper.make_node("MatMulNBits", [x, f"{name}_Q4G", f"{name}_Q4G_scales"], [f"{name}_Q4G_main"],
-                         name=f"{name}_Q4G", domain="com.microsoft", **attrs),
-        helper.make_node("MatMul", [block_sums[x], f"{name}_Q4G_offsets"], [f"{name}_Q4G_correction"],
-                         name=f"{name}_Q4G_correction"),
+        helper.make_node(
+            "MatMulNBits",
+            [x, f"{name}_Q4G", f"{name}_Q4G_scales"],
+            [f"{name}_Q4G_main"],
+            name=f"{name}_Q4G",
+            domain="com.microsoft",
+            **attrs,
+        ),
+        helper.make_node(
+            "MatMul", [block_sums[x], f"{name}_Q4G_offsets"], [f"{name}_Q4G_correction"], name=f"{name}_Q4G_correction"
+        ),
         helper.make_node("Add", [f"{name}_Q4G_main", f"{name}_Q4G_correction"], [out], name=f"{name}_Q4G_add"),
     ]
 
@@ -116,8 +132,9 @@ def _block_sums(x: str, out: str, K: int, rank: int | None, graph: Any) -> list[
     if rank is None:
         summer = f"block_sum_matrix_{K}"
         if not any(init.name == summer for init in graph.initializer):
-            graph.initializer.append(numpy_helper.from_array(
-                np.repeat(np.eye(K // BLOCK, dtype=np.float32), BLOCK, axis=0), summer))
+            graph.initializer.append(
+                numpy_helper.from_array(np.repeat(np.eye(K // BLOCK, dtype=np.float32), BLOCK, axis=0), summer)
+            )
         return [helper.make_node("MatMul", [x, summer], [out], name=out)]
     shape, last = f"blocks_shape_{rank}_{K}", "blocks_last_axis"
     have = {init.name for init in graph.initializer}
@@ -125,8 +142,10 @@ def _block_sums(x: str, out: str, K: int, rank: int | None, graph: Any) -> list[
         graph.initializer.append(numpy_helper.from_array(np.array([0] * (rank - 1) + [K // BLOCK, BLOCK]), shape))
     if last not in have:
         graph.initializer.append(numpy_helper.from_array(np.array([-1]), last))
-    return [helper.make_node("Reshape", [x, shape], [f"{out}_blocks"], name=f"{out}_blocks"),
-            helper.make_node("ReduceSum", [f"{out}_blocks", last], [out], name=out, keepdims=0)]
+    return [
+        helper.make_node("Reshape", [x, shape], [f"{out}_blocks"], name=f"{out}_blocks"),
+        helper.make_node("ReduceSum", [f"{out}_blocks", last], [out], name=out, keepdims=0),
+    ]
 
 
 def on_grid8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -159,15 +178,27 @@ def keep_grid8(model: onnx.ModelProto, name: str, accuracy_level: int | None) ->
             return False
         u, d = found
         K, N = weight.shape
-        graph.initializer.extend([numpy_helper.from_array(u.reshape(N, K // BLOCK, BLOCK), f"{name}_Q8G"),
-                                  numpy_helper.from_array(d.reshape(-1), f"{name}_Q8G_scales")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(u.reshape(N, K // BLOCK, BLOCK), f"{name}_Q8G"),
+                numpy_helper.from_array(d.reshape(-1), f"{name}_Q8G_scales"),
+            ]
+        )
         attrs = {"K": K, "N": N, "bits": 8, "block_size": BLOCK}
         if accuracy_level is not None:
             attrs["accuracy_level"] = accuracy_level
         graph.node.remove(node)
-        graph.node.insert(index, helper.make_node(
-            "MatMulNBits", [node.input[0], f"{name}_Q8G", f"{name}_Q8G_scales"], list(node.output),
-            name=f"{name}_Q8G", domain="com.microsoft", **attrs))
+        graph.node.insert(
+            index,
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], f"{name}_Q8G", f"{name}_Q8G_scales"],
+                list(node.output),
+                name=f"{name}_Q8G",
+                domain="com.microsoft",
+                **attrs,
+            ),
+        )
         if not any(node.input[1] in other.input for other in graph.node):
             graph.initializer.remove(weights[node.input[1]])
         _use_contrib_ops(model)

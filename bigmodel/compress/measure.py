@@ -14,19 +14,35 @@ from bigmodel.eval import scores_for
 from bigmodel.families import family_of_onnx_kind
 from bigmodel.infer.session import open_model
 
-MAIN_METRIC = {"classification": "accuracy", "regression": "mse", "lm": "loss", "mlm": "loss",
-               "embedding": "recall_at_1"}
+MAIN_METRIC = {
+    "classification": "accuracy",
+    "regression": "mse",
+    "lm": "loss",
+    "mlm": "loss",
+    "embedding": "recall_at_1",
+}
 
 
 def measure(config: Config, name: str, model_path: Path) -> dict[str, Any]:
     from bigmodel import memory
 
     # (ONNX Runtime holds the file while eval scores it: refused here, in one line, when it cannot)
-    memory.guard(memory.Estimate(f"compress (measuring {name})", {
-        "runtime": memory.TORCH_RUNTIME + memory.ORT_RUNTIME,
-        "model": int(memory.SESSION_OVER_FILE * memory.onnx_file_bytes(model_path))},
-        [("--set export.dtype=int4 and measure that file with 'bigmodel eval' (compress measures an fp32 "
-          "baseline first)")]), config.memory_limit)
+    memory.guard(
+        memory.Estimate(
+            f"compress (measuring {name})",
+            {
+                "runtime": memory.TORCH_RUNTIME + memory.ORT_RUNTIME,
+                "model": int(memory.SESSION_OVER_FILE * memory.onnx_file_bytes(model_path)),
+            },
+            [
+                (
+                    "--set export.dtype=int4 and measure that file with 'bigmodel eval' (compress measures an fp32 "
+                    "baseline first)"
+                )
+            ],
+        ),
+        config.memory_limit,
+    )
     scores, task, _ = scores_for(config, model_path)
     parameters, nonzeros, weight_bytes = _weights(model_path)
     data_file = model_path.with_name(f"{model_path.name}.data")
@@ -82,9 +98,11 @@ def too_close(rows: list[dict[str, Any]]) -> list[str]:
         noise = 2 * float(np.hypot(*errors))
         difference = row["metrics"][metric] - baseline["metrics"][metric]
         if abs(difference) < noise:
-            notes.append(f"{row['name']} differs from {baseline['name']} by {difference:+.4g} in {metric}, less "
-                         f"than the noise (+-{noise:.2g}) of {row['measured_on']['count']:,} "
-                         f"{row['measured_on']['unit']}")
+            notes.append(
+                f"{row['name']} differs from {baseline['name']} by {difference:+.4g} in {metric}, less "
+                f"than the noise (+-{noise:.2g}) of {row['measured_on']['count']:,} "
+                f"{row['measured_on']['unit']}"
+            )
     return notes
 
 

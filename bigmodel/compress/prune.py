@@ -70,8 +70,10 @@ def run(step: PruneStep, config: Config, checkpoint: Path, work_dir: Path) -> tu
             model = finetune(config, step, model, manifest, masks, steps, work_dir / f"round{r}")
     report = sparsity_report(model)
     manifest = manifest.renewed(
-        lineage={**manifest.lineage, "pruned_from": sha256_file(checkpoint)}, resume=None,
-        pruning=PruningRecord(kind=step.kind, sparsity=step.sparsity, per_layer=report))
+        lineage={**manifest.lineage, "pruned_from": sha256_file(checkpoint)},
+        resume=None,
+        pruning=PruningRecord(kind=step.kind, sparsity=step.sparsity, per_layer=report),
+    )
     out = work_dir / "model.safetensors"
     save_checkpoint(out, model_tensors(model), manifest)
     return out, report
@@ -98,8 +100,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str) -> Masks:
         everything = torch.cat([w.detach().abs().flatten() for w in weights.values()])
         threshold = _kth_smallest(everything, sparsity)
         return {name: w.detach().abs() > threshold for name, w in weights.items()}
-    return {name: w.detach().abs() > _kth_smallest(w.detach().abs().flatten(), sparsity)
-            for name, w in weights.items()}
+    return {name: w.detach().abs() > _kth_smallest(w.detach().abs().flatten(), sparsity) for name, w in weights.items()}
 
 
 def _kth_smallest(values: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -122,8 +123,9 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def prune_structured(model: nn.Module, manifest: CheckpointManifest,
-                     fraction: float) -> tuple[nn.Module, CheckpointManifest]:
+def prune_structured(
+    model: nn.Module, manifest: CheckpointManifest, fraction: float
+) -> tuple[nn.Module, CheckpointManifest]:
     """Remove `fraction` of the hidden neurons of every MLP (of the original width, rounded up kept)."""
     arch = manifest.architecture
     modules = dict(model.named_modules())
@@ -151,8 +153,9 @@ def prune_structured(model: nn.Module, manifest: CheckpointManifest,
 
 
 @torch.no_grad()
-def prune_heads(model: nn.Module, manifest: CheckpointManifest,
-                fraction: float) -> tuple[nn.Module, CheckpointManifest]:
+def prune_heads(
+    model: nn.Module, manifest: CheckpointManifest, fraction: float
+) -> tuple[nn.Module, CheckpointManifest]:
     """Remove `fraction` of the attention heads (of the original count) from every layer.
 
     A head's score is the norm of its query/key/value rows in c_attn times the norm of its columns in
@@ -162,8 +165,10 @@ def prune_heads(model: nn.Module, manifest: CheckpointManifest,
     arch = manifest.architecture
     assert isinstance(arch, DecoderArch)  # the config allows head pruning for decoders only
     if arch.n_kv_head != arch.n_head:
-        raise UserError(f"compress: head pruning of a grouped-query attention model ({arch.n_head} query heads "
-                        f"over {arch.n_kv_head} key/value heads) is not supported; prune 'mlp' instead")
+        raise UserError(
+            f"compress: head pruning of a grouped-query attention model ({arch.n_head} query heads "
+            f"over {arch.n_kv_head} key/value heads) is not supported; prune 'mlp' instead"
+        )
     hs = arch.head_size
     original = arch.original_heads or arch.n_head
     keep = max(1, math.ceil(original * (1 - fraction)))
@@ -182,11 +187,13 @@ def prune_heads(model: nn.Module, manifest: CheckpointManifest,
     for i, (block, heads) in enumerate(zip(model.layers(), kept)):
         attn, prefix = block.attn, f"transformer.h.{i}.attn"
         state[f"{prefix}.c_attn.weight"] = attn.c_attn.weight.view(3, attn.n_head, hs, -1)[:, heads].reshape(
-            3 * len(heads) * hs, -1)
+            3 * len(heads) * hs, -1
+        )
         if attn.c_attn.bias is not None:
             state[f"{prefix}.c_attn.bias"] = attn.c_attn.bias.view(3, attn.n_head, hs)[:, heads].reshape(-1)
         state[f"{prefix}.c_proj.weight"] = attn.c_proj.weight.view(-1, attn.n_head, hs)[:, heads].reshape(
-            attn.c_proj.weight.size(0), -1)
+            attn.c_proj.weight.size(0), -1
+        )
     smaller.load_state_dict(state)  # strict: every tensor of the smaller model is accounted for
     return smaller, manifest.renewed(architecture=arch)
 
@@ -194,20 +201,41 @@ def prune_heads(model: nn.Module, manifest: CheckpointManifest,
 # ------------------------------------------------------------------------------------- fine-tune
 
 
-def finetune(config: Config, step: PruneStep, model: nn.Module, manifest: CheckpointManifest, masks: Masks,
-             steps: int, work_dir: Path) -> nn.Module:
+def finetune(
+    config: Config,
+    step: PruneStep,
+    model: nn.Module,
+    manifest: CheckpointManifest,
+    masks: Masks,
+    steps: int,
+    work_dir: Path,
+) -> nn.Module:
     """A short run of the family's own training recipe from the pruned weights, masks held."""
     start = work_dir / "start.safetensors"
     save_checkpoint(start, model_tensors(model), manifest)
     tc = config.train
     lr = step.finetune_lr or (tc.min_lr if tc.min_lr > 0 else tc.lr / 10)
-    settings = {"max_steps": steps, "lr": lr, "min_lr": lr, "schedule": "constant", "warmup_steps": 0,
-                "eval_every": steps, "save_every": steps, "patience": None, "compile": False}
+    settings = {
+        "max_steps": steps,
+        "lr": lr,
+        "min_lr": lr,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "eval_every": steps,
+        "save_every": steps,
+        "patience": None,
+        "compile": False,
+    }
     learner = family(config.model.family)
-    tuned_config = config.derive("compress prune step (fine-tune)", train={  # the keys its recipe reads
-        key: value for key, value in settings.items() if key in learner.train_keys})
+    tuned_config = config.derive(
+        "compress prune step (fine-tune)",
+        train={  # the keys its recipe reads
+            key: value for key, value in settings.items() if key in learner.train_keys
+        },
+    )
     recipe = learner.module("recipe")
-    result = recipe.train(tuned_config, False, work_dir,
-                          start_from=start, after_step=(lambda m: apply_masks(m, masks)) if masks else None)
+    result = recipe.train(
+        tuned_config, False, work_dir, start_from=start, after_step=(lambda m: apply_masks(m, masks)) if masks else None
+    )
     tuned, _ = registry.load_model(Path(result["last"]))
     return tuned

@@ -52,8 +52,11 @@ CALIBRATION = {
 def label(step: QuantizeStep, number: int) -> str:
     if step.bits == 8:
         return f"{number}: quantize {step.mode}"
-    return (f"{number}: quantize int4 block {step.block_size}" + (f" head {step.head}" if step.head != "int8" else "")
-            + (" +emb" if step.embeddings else ""))
+    return (
+        f"{number}: quantize int4 block {step.block_size}"
+        + (f" head {step.head}" if step.head != "int8" else "")
+        + (" +emb" if step.embeddings else "")
+    )
 
 
 def apply(step: QuantizeStep, config: Config, current: Artifact, folder: Path, number: int) -> Artifact:
@@ -70,20 +73,34 @@ def run(step: QuantizeStep, config: Config, fp32: Path, out: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as work, console.stdout_to_stderr():
         pre = Path(work) / "model.pre.onnx"
         external = fp32.with_name(f"{fp32.name}.data").exists()  # (then so are its intermediate copies)
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=_has_standard_attention(fp32),
-                          save_as_external_data=external, all_tensors_to_one_file=True,
-                          external_data_location=f"{pre.name}.data")
+        quant_pre_process(
+            str(fp32),
+            str(pre),
+            skip_symbolic_shape=_has_standard_attention(fp32),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            external_data_location=f"{pre.name}.data",
+        )
         with atomic_path(out) as tmp:
             if step.bits == 4:
                 _int4(pre, tmp, step)
             elif step.mode == "dynamic":
-                quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=step.per_channel,
-                                 op_types_to_quantize=DYNAMIC_OP_TYPES)
+                quantize_dynamic(
+                    str(pre),
+                    str(tmp),
+                    weight_type=QuantType.QInt8,
+                    per_channel=step.per_channel,
+                    op_types_to_quantize=DYNAMIC_OP_TYPES,
+                )
             else:
                 quantize_static(
-                    str(pre), str(tmp), _calibration_reader(step, config, fp32),
-                    quant_format=QuantFormat.QDQ, per_channel=step.per_channel,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    str(pre),
+                    str(tmp),
+                    _calibration_reader(step, config, fp32),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=step.per_channel,
+                    weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8,
                     calibrate_method=CALIBRATION[step.calibration],
                     # Only the inputs of matrix products: the attention graph masks scores with -inf,
                     # and an activation range that includes -inf quantises everything to garbage.
@@ -117,8 +134,13 @@ def streams(step: QuantizeStep, config: Config, checkpoint: Path) -> bool:
 
 def export_settings(step: QuantizeStep) -> Int4Export:
     """The int4 step as export.int4 settings (compress's embeddings: 4-bit blocks or fp32)."""
-    return Int4Export(block_size=step.block_size, accuracy_level=step.accuracy_level, head=step.head,
-                      embeddings="int4" if step.embeddings else "fp32", int8_block_size=step.int8_block_size)
+    return Int4Export(
+        block_size=step.block_size,
+        accuracy_level=step.accuracy_level,
+        head=step.head,
+        embeddings="int4" if step.embeddings else "fp32",
+        int8_block_size=step.int8_block_size,
+    )
 
 
 def run_streamed(step: QuantizeStep, config: Config, checkpoint: Path, out: Path) -> Path:
@@ -159,9 +181,12 @@ def _same_export(path: Path, config: Config, checkpoint: Path) -> bool:
         passed = bool(json.loads(report.read_text()).get("passed"))
     except (OSError, ValueError):  # not a report to trust
         return False
-    return (passed and isinstance(meta, DecoderMetadata)
-            and meta.weights == weight_format("int4", config.export.int4, meta.architecture.n_embd)
-            and meta.lineage.get("checkpoint") == sha256_file(checkpoint))
+    return (
+        passed
+        and isinstance(meta, DecoderMetadata)
+        and meta.weights == weight_format("int4", config.export.int4, meta.architecture.n_embd)
+        and meta.lineage.get("checkpoint") == sha256_file(checkpoint)
+    )
 
 
 def _publish(model: Path, target: Path, clone_it: bool) -> None:
@@ -173,8 +198,10 @@ def _publish(model: Path, target: Path, clone_it: bool) -> None:
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False)
-    pairs = [(model.with_name(f"{model.name}.data"), target.with_name(f"{target.name}.data")),
-             (model.with_name("parity.json"), target.with_name(f"{target.stem}.parity.json"))]
+    pairs = [
+        (model.with_name(f"{model.name}.data"), target.with_name(f"{target.name}.data")),
+        (model.with_name("parity.json"), target.with_name(f"{target.stem}.parity.json")),
+    ]
     for source, destination in pairs:
         if not source.exists():  # (a self-contained model: no data file of an earlier run stays beside it)
             destination.unlink(missing_ok=True)
@@ -226,19 +253,33 @@ def _int4(source: Path, target: Path, step: QuantizeStep) -> None:
     if step.keep_grids:
         kept, corrections = grids.keep_grids(model, step.accuracy_level, exclude)
         if kept:
-            console.info(f"compress: int4: {kept} weight matrices already on a 4-bit grid (blocks of {grids.BLOCK}, "
-                         "as a Q4_0/Q4_1 GGUF's) keep it exactly")
+            console.info(
+                f"compress: int4: {kept} weight matrices already on a 4-bit grid (blocks of {grids.BLOCK}, "
+                "as a Q4_0/Q4_1 GGUF's) keep it exactly"
+            )
         exclude |= corrections
-    model = _matmul_nbits(model, 4, step, step.block_size, nodes_to_exclude=sorted(exclude),
-                          op_types_to_quantize=("MatMul", "Gather") if step.embeddings else ("MatMul",))
+    model = _matmul_nbits(
+        model,
+        4,
+        step,
+        step.block_size,
+        nodes_to_exclude=sorted(exclude),
+        op_types_to_quantize=("MatMul", "Gather") if step.embeddings else ("MatMul",),
+    )
     if head and step.head == "int8":
         if step.keep_grids and grids.keep_grid8(model, head, step.accuracy_level):
             console.info("compress: int4: the output head is on an 8-bit grid (a GGUF's Q8_0) and keeps it exactly")
         else:  # the head alone: the quantizer adds nodes_to_include to every MatMul it would quantise anyway
             others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head]
             width = _inner_width(model, head)
-            model = _matmul_nbits(model, 8, step, int8_block(width, step.int8_block_size), nodes_to_include=[head],
-                                  nodes_to_exclude=others)
+            model = _matmul_nbits(
+                model,
+                8,
+                step,
+                int8_block(width, step.int8_block_size),
+                nodes_to_include=[head],
+                nodes_to_exclude=others,
+            )
     onnx.save(model, str(target))
 
 
@@ -258,8 +299,11 @@ def _gather_rows(model: Any) -> None:
         if rows is not None and axis == 1 and node.input[0] in weights and rows.op_type == "Transpose":
             table = numpy_helper.to_array(weights[node.input[0]]).T
             model.graph.initializer.append(numpy_helper.from_array(table.copy(), f"{node.input[0]}.rows"))
-            kept.append(onnx.helper.make_node("Gather", [f"{node.input[0]}.rows", node.input[1]], list(rows.output),
-                                              name=node.name, axis=0))
+            kept.append(
+                onnx.helper.make_node(
+                    "Gather", [f"{node.input[0]}.rows", node.input[1]], list(rows.output), name=node.name, axis=0
+                )
+            )
             rows.ClearField("output")  # the Transpose goes: the Gather now gives its rows directly
         elif node.op_type != "Transpose" or list(node.output):
             kept.append(node)
@@ -277,9 +321,15 @@ def _matmul_nbits(model: Any, bits: int, step: QuantizeStep, block_size: int, **
     """onnxruntime's weight-only block quantizer (round to nearest) over the nodes `which` selects."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=step.symmetric,
-                                     accuracy_level=step.accuracy_level, quant_axes=(("MatMul", 0), ("Gather", 1)),
-                                     **which)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=step.symmetric,
+        accuracy_level=step.accuracy_level,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+        **which,
+    )
     quantizer.process()
     return quantizer.model.model
 

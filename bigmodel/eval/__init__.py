@@ -14,8 +14,9 @@ def run(config: Config) -> dict[str, Any]:
     return family(config.model.family).module("evaluator").run(config)
 
 
-def check_gate(scores: dict[str, Any], fail_under: dict[str, float], fail_above: dict[str, float],
-               outputs: dict[str, Any]) -> dict[str, Any]:
+def check_gate(
+    scores: dict[str, Any], fail_under: dict[str, float], fail_above: dict[str, float], outputs: dict[str, Any]
+) -> dict[str, Any]:
     """`outputs`, or exit 1 (GateFailed, carrying them) when a metric crosses its threshold (names were
     checked with the config)."""
     failures = [f"{name} {scores[name]:.4f} < {limit}" for name, limit in fail_under.items() if scores[name] < limit]

@@ -30,12 +30,19 @@ def run(config: Config) -> dict[str, Any]:
     ec = config.eval
     path = registry.stage_checkpoint(config, ec.checkpoint, "eval")
     scores, task, step = scores_for(config, path)
-    report = {"split": ec.split, "checkpoint": str(path), "checkpoint_sha256": sha256_file(path), "step": step,
-              "metrics": scores}
+    report = {
+        "split": ec.split,
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256_file(path),
+        "step": step,
+        "metrics": scores,
+    }
     out = config.eval_output()
     write_json(out, report)
     headline = {k: scores[k] for k in metrics.HEADLINE[task]}
-    console.info(f"eval ({ec.split}, {scores['rows']} texts): " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
+    console.info(
+        f"eval ({ec.split}, {scores['rows']} texts): " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items())
+    )
     return check_gate(scores, ec.fail_under, ec.fail_above, {"metrics_file": str(out), "split": ec.split, **headline})
 
 
@@ -53,8 +60,10 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
         assert texts.y is not None  # a classifier's splits have labels
         scores = metrics.classification(texts.y, probabilities(encode, texts, pad_id), data.labels or [])
     elif task == "mlm":
-        scores = {**mlm_scores(encode, texts, pad_id, data.special_ids or {}, arch.vocab_size, config.seed),
-                  "rows": len(texts)}
+        scores = {
+            **mlm_scores(encode, texts, pad_id, data.special_ids or {}, arch.vocab_size, config.seed),
+            "rows": len(texts),
+        }
     else:
         scores = retrieval_scores(encode, texts, load_texts(config, split, "b_"), pad_id)
         scores = {"recall_at_1": scores.pop("accuracy"), **scores, "rows": len(texts)}
@@ -73,8 +82,7 @@ def _onnx_encoder(config: Config, path: Path) -> tuple[Any, EncoderArch, DataInf
     """An exported encoder run by ONNX Runtime; a classifier's probabilities turned back into logits."""
     from bigmodel.infer.session import open_model
 
-    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads,
-                               EncoderMetadata)
+    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, EncoderMetadata)
     classifier = meta.task == "classification"
 
     def encode(batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -43,8 +43,14 @@ def run(config: Config) -> dict[str, Any]:
         elif artifact.model is not None:
             samples = generate_samples(artifact.model, artifact.tokenizer, config, device)
 
-    report = {"source": source, "checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
-              "step": artifact.step, "metrics": scores, "samples": samples}
+    report = {
+        "source": source,
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256_file(path),
+        "step": artifact.step,
+        "metrics": scores,
+        "samples": samples,
+    }
     out = config.eval_output()
     write_json(out, report)
     console.info(
@@ -97,12 +103,17 @@ def load_artifact(path: Path, config: Config, device: torch.device) -> Artifact:
         from bigmodel.infer.gpt import Decoder
         from bigmodel.infer.session import open_model
 
-        session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads,
-                                   DecoderMetadata)
+        session, meta = open_model(
+            path, config.infer.providers, config.infer.threads or config.threads, DecoderMetadata
+        )
         decoder = Decoder.from_session(session, meta, path)
         # An fp16 model's logits are scored in fp32, like every other artifact's.
-        return Artifact(lambda ids: decoder.run(ids, decoder.empty_cache(len(ids)))[0].astype(np.float32, copy=False),
-                        decoder.block_size, decoder.tokenizer, decoder=decoder)
+        return Artifact(
+            lambda ids: decoder.run(ids, decoder.empty_cache(len(ids)))[0].astype(np.float32, copy=False),
+            decoder.block_size,
+            decoder.tokenizer,
+            decoder=decoder,
+        )
     model, manifest = registry.load_model(path, merge=False)  # a LoRA checkpoint runs as base + adapter
     assert isinstance(model, GPT)  # (stage_checkpoint checked the family)
     model.to(device).eval()
@@ -129,8 +140,11 @@ def eval_peak(path: Path, config: Config) -> memory.Estimate:
         block, vocab = getattr(arch, "block_size", 1), getattr(arch, "vocab_size", 0)
         runtime, model = memory.TORCH_RUNTIME, parameters * (4 + stored)
     logits = scoring_rows(config.train.batch_size, block, vocab or 1) * block * vocab * 4
-    return memory.Estimate("eval", {"runtime": runtime, "model": model, "logits and their log-softmax": 3 * logits},
-                           ["export.dtype int4 and eval that file (eval.checkpoint: the .onnx path)"])
+    return memory.Estimate(
+        "eval",
+        {"runtime": runtime, "model": model, "logits and their log-softmax": 3 * logits},
+        ["export.dtype int4 and eval that file (eval.checkpoint: the .onnx path)"],
+    )
 
 
 def score_artifact(artifact: Artifact, config: Config) -> tuple[dict[str, float], str]:
@@ -154,15 +168,24 @@ def _onnx_samples(decoder: Any, config: Config) -> list[str]:
     from bigmodel.infer.gpt import complete
 
     ec = config.eval
-    settings = config.derive("eval samples", infer={
-        "max_new_tokens": ec.max_new_tokens, "temperature": ec.temperature, "top_k": ec.top_k, "top_p": None,
-        "stop": []}).infer
-    return [ec.prompt + complete(decoder, ec.prompt, settings, config.seed + i)["completion"]
-            for i in range(ec.samples)]
+    settings = config.derive(
+        "eval samples",
+        infer={
+            "max_new_tokens": ec.max_new_tokens,
+            "temperature": ec.temperature,
+            "top_k": ec.top_k,
+            "top_p": None,
+            "stop": [],
+        },
+    ).infer
+    return [
+        ec.prompt + complete(decoder, ec.prompt, settings, config.seed + i)["completion"] for i in range(ec.samples)
+    ]
 
 
-def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.Tokenizer,
-          batch_size: int) -> dict[str, float]:
+def score(
+    logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.Tokenizer, batch_size: int
+) -> dict[str, float]:
     """Loss over consecutive windows; the same code for checkpoints and ONNX models."""
     if len(tokens) < 2:
         raise UserError(f"the text to evaluate has {len(tokens)} tokens; at least 2 are needed")
@@ -182,8 +205,9 @@ def score(logits_fn: LogitsFn, block: int, tokens: np.ndarray, tok: tokenizers.T
     return _scores(total_nats, predicted, tok.decode(np.concatenate(predicted_ids).tolist()), squared_nats)
 
 
-def score_examples(logits_fn: LogitsFn, examples: Examples, tok: tokenizers.Tokenizer,
-                   batch_size: int) -> dict[str, float]:
+def score_examples(
+    logits_fn: LogitsFn, examples: Examples, tok: tokenizers.Tokenizer, batch_size: int
+) -> dict[str, float]:
     """Loss over every val example's trained tokens (the completions), each example padded in its batch."""
     from bigmodel.scoring import IGNORE, pad
 
@@ -226,8 +250,7 @@ def _scores(total_nats: float, predicted: int, text: str, squared_nats: float) -
     }
 
 
-def generate_samples(model: GPT, tok: tokenizers.Tokenizer, config: Config,
-                     device: torch.device) -> list[str]:
+def generate_samples(model: GPT, tok: tokenizers.Tokenizer, config: Config, device: torch.device) -> list[str]:
     ec = config.eval
     prompt_ids = tok.encode(ec.prompt)
     if not prompt_ids:

@@ -35,8 +35,7 @@ def run(config: Config) -> dict[str, Any]:
     out = config.eval_output()
     write_json(out, report)
     headline = {k: scores[k] for k in metrics.HEADLINE[task]}
-    console.info(f"eval ({ec.split}, {scores['rows']} rows): "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
+    console.info(f"eval ({ec.split}, {scores['rows']} rows): " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
     outputs = {"metrics_file": str(out), "split": ec.split, **headline}
     return check_gate(scores, ec.fail_under, ec.fail_above, outputs)
 
@@ -54,13 +53,14 @@ def scores_for(config: Config, path: Path) -> tuple[dict[str, Any], str, int | N
         assert isinstance(manifest.architecture, TabularArch)  # (stage_checkpoint checked the family)
         task, labels, step = manifest.architecture.task, manifest.data.labels or [], manifest.step
     # The same metric code for every artifact, so compressed models are measured like the original.
-    scores = metrics.classification(y, predicted, labels) if task == "classification" else metrics.regression(y, predicted)
+    scores = (
+        metrics.classification(y, predicted, labels) if task == "classification" else metrics.regression(y, predicted)
+    )
     return scores, task, step
 
 
 def _onnx_predict(path: Path, x: np.ndarray, config: Config) -> tuple[np.ndarray, str, list[str], None]:
     from bigmodel.infer.session import open_model
 
-    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads,
-                               TabularMetadata)
+    session, meta = open_model(path, config.infer.providers, config.infer.threads or config.threads, TabularMetadata)
     return session.run(None, {"features": x})[0], meta.task, meta.labels or [], None

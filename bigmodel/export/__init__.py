@@ -13,7 +13,9 @@ def run(config: Config) -> dict[str, Any]:
     from bigmodel.runtime import setup_torch
 
     setup_torch(config)
-    return export_checkpoint(config, stage_checkpoint(config, config.export.checkpoint, "export"), config.stage_dir("export"))
+    return export_checkpoint(
+        config, stage_checkpoint(config, config.export.checkpoint, "export"), config.stage_dir("export")
+    )
 
 
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: str | None = None) -> dict[str, Any]:

@@ -38,8 +38,9 @@ class Deployed(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
         out = self.model(input_ids, attention_mask, token_type_ids)
         return torch.softmax(out, dim=-1) if self.model.arch.task == "classification" else out
 
@@ -61,27 +62,54 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         tmp = Path(work) / "model.onnx"
         example = texts.batch(rows[: max(2, min(len(rows), 4))], arch.pad_id)
         dims = {"batch": torch.export.Dim("batch"), "seq": torch.export.Dim("seq", min=1, max=arch.block_size)}
-        export_dynamo(deployed, tuple(torch.from_numpy(example[name]) for name in INPUTS), tmp, list(INPUTS),
-                      [OUTPUTS[arch.task]], {name: {0: dims["batch"], 1: dims["seq"]} for name in INPUTS}, xc.opset)
+        export_dynamo(
+            deployed,
+            tuple(torch.from_numpy(example[name]) for name in INPUTS),
+            tmp,
+            list(INPUTS),
+            [OUTPUTS[arch.task]],
+            {name: {0: dims["batch"], 1: dims["seq"]} for name in INPUTS},
+            xc.opset,
+        )
         data = manifest.data
-        stamp_and_check(tmp, EncoderMetadata(
-            task=arch.task, labels=data.labels, text=data.text, text_pair=data.text_pair, target=data.target,
-            tokenizer=data.tokenizer, special_ids=data.special_ids, architecture=arch,
-            lineage={"checkpoint": sha256_file(ckpt)},
-        ))
+        stamp_and_check(
+            tmp,
+            EncoderMetadata(
+                task=arch.task,
+                labels=data.labels,
+                text=data.text,
+                text_pair=data.text_pair,
+                target=data.target,
+                tokenizer=data.tokenizer,
+                special_ids=data.special_ids,
+                architecture=arch,
+                lineage={"checkpoint": sha256_file(ckpt)},
+            ),
+        )
         parity = check_parity(deployed, tmp, batch, xc.atol, config.threads)
         write_json(out_dir / "parity.json", {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, **parity})
-        console.info(f"export: parity on {parity['texts']} held-out texts (one padded batch, and one by one): max "
-                     f"abs diff {parity['max_abs_diff']:.3g} (atol {xc.atol}) -> {'ok' if parity['passed'] else 'FAILED'}")
-        publish_or_reject(tmp, final, parity["passed"],
-                          f"export parity failed: max abs diff {parity['max_abs_diff']:.3g} > atol {xc.atol}")
+        console.info(
+            f"export: parity on {parity['texts']} held-out texts (one padded batch, and one by one): max "
+            f"abs diff {parity['max_abs_diff']:.3g} (atol {xc.atol}) -> {'ok' if parity['passed'] else 'FAILED'}"
+        )
+        publish_or_reject(
+            tmp,
+            final,
+            parity["passed"],
+            f"export parity failed: max abs diff {parity['max_abs_diff']:.3g} > atol {xc.atol}",
+        )
     console.info(f"export: {final} ({final.stat().st_size:,} bytes)")
-    return {"model": str(final), "parity_report": str(out_dir / "parity.json"),
-            "max_abs_diff": parity["max_abs_diff"], "passed": True}
+    return {
+        "model": str(final),
+        "parity_report": str(out_dir / "parity.json"),
+        "max_abs_diff": parity["max_abs_diff"],
+        "passed": True,
+    }
 
 
-def check_parity(deployed: torch.nn.Module, path: Path, batch: dict[str, np.ndarray], atol: float,
-                 threads: int | None) -> dict[str, Any]:
+def check_parity(
+    deployed: torch.nn.Module, path: Path, batch: dict[str, np.ndarray], atol: float, threads: int | None
+) -> dict[str, Any]:
     """ONNX Runtime against PyTorch on the padded batch, and on each text alone (unpadded)."""
     session = open_session(path, ["CPUExecutionProvider"], threads)
     with torch.no_grad():
@@ -103,9 +131,10 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
     meta = metadata(open_session(model, ["CPUExecutionProvider"], config.threads), model)
     assert isinstance(meta, EncoderMetadata)  # (the family table sends only encoders here)
     texts = load_texts(config, "train")
-    return [dict(texts.batch(rng.choice(len(texts), size=min(8, len(texts)), replace=False),
-                             meta.architecture.pad_id))
-            for _ in range(batches)]
+    return [
+        dict(texts.batch(rng.choice(len(texts), size=min(8, len(texts)), replace=False), meta.architecture.pad_id))
+        for _ in range(batches)
+    ]
 
 
 def latency_feeds(session: Any, meta: EncoderMetadata) -> dict[str, np.ndarray]:

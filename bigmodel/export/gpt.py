@@ -62,7 +62,10 @@ class DecoderStep(torch.nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, past_keys: list[torch.Tensor], past_values: list[torch.Tensor],
+        self,
+        input_ids: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
         left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         logits, present = self.model(input_ids, list(zip(past_keys, past_values)), left_padding)
@@ -83,15 +86,30 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     stored = manifest.stored_dtype
     memory.guard(memory.export_peak(arch, parameters, stored, xc.dtype), config.memory_limit)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_free_space(out_dir, int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4.head,
-                                                                 xc.int4.embedding_format)), "export")
+    check_free_space(
+        out_dir,
+        int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4.head, xc.int4.embedding_format)),
+        "export",
+    )
     final = out_dir / "model.onnx"
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         tmp = Path(work) / "model.onnx"
-        written = write_decoder(arch, weights, tmp, xc.opset, xc.dtype, xc.int4, decoder_graph.metadata(
-            arch, manifest.data, "fp16" if xc.dtype == "fp16" else "fp32",
-            weights=weight_format(xc.dtype, xc.int4, arch.n_embd), lineage={"checkpoint": sha256_file(ckpt)}))
+        written = write_decoder(
+            arch,
+            weights,
+            tmp,
+            xc.opset,
+            xc.dtype,
+            xc.int4,
+            decoder_graph.metadata(
+                arch,
+                manifest.data,
+                "fp16" if xc.dtype == "fp16" else "fp32",
+                weights=weight_format(xc.dtype, xc.int4, arch.n_embd),
+                lineage={"checkpoint": sha256_file(ckpt)},
+            ),
+        )
         external = xc.external_data or written["weight_bytes"] > INLINE_LIMIT
         if not external:
             onnx.save(onnx.load(str(tmp)), str(tmp))  # a small model: one self-contained file
@@ -100,34 +118,58 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         seconds = time.perf_counter() - start
         layout = written.pop("layout")
         blocks = Blocks(layout, Initializers(tmp)) if xc.dtype == "int4" else None
-        parity = check_parity(weights, tmp, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads,
-                              xc.dtype, blocks)
-        report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, "dtype": xc.dtype,
-                  "weights": weight_format(xc.dtype, xc.int4, arch.n_embd), "external_data": external, **written, **parity,
-                  "seconds": round(seconds, 2), "gate_seconds": round(time.perf_counter() - start - seconds, 2),
-                  "peak_rss_bytes": peak_rss_bytes()}
+        parity = check_parity(
+            weights, tmp, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads, xc.dtype, blocks
+        )
+        report = {
+            "checkpoint": str(ckpt),
+            "model": str(final),
+            "opset": xc.opset,
+            "dtype": xc.dtype,
+            "weights": weight_format(xc.dtype, xc.int4, arch.n_embd),
+            "external_data": external,
+            **written,
+            **parity,
+            "seconds": round(seconds, 2),
+            "gate_seconds": round(time.perf_counter() - start - seconds, 2),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
         write_json(out_dir / "parity.json", report)
         console.info(f"export: {gate_line(parity, xc.dtype)} -> {'ok' if parity['passed'] else 'FAILED'}")
-        publish_or_reject(tmp, final, parity["passed"], f"export parity failed: {gate_line(parity, xc.dtype)} "
-                          f"({_knobs(xc.dtype)}) at {parity['worst']}")
-    outputs: dict[str, Any] = {"model": str(final), "parity_report": str(out_dir / "parity.json"),
-                               "max_abs_diff": parity["max_abs_diff"], "passed": True, "external_data": external,
-                               "weights": report["weights"], "seconds": report["seconds"],
-                               "gate_seconds": report["gate_seconds"], "peak_rss_bytes": report["peak_rss_bytes"]}
+        publish_or_reject(
+            tmp,
+            final,
+            parity["passed"],
+            f"export parity failed: {gate_line(parity, xc.dtype)} ({_knobs(xc.dtype)}) at {parity['worst']}",
+        )
+    outputs: dict[str, Any] = {
+        "model": str(final),
+        "parity_report": str(out_dir / "parity.json"),
+        "max_abs_diff": parity["max_abs_diff"],
+        "passed": True,
+        "external_data": external,
+        "weights": report["weights"],
+        "seconds": report["seconds"],
+        "gate_seconds": report["gate_seconds"],
+        "peak_rss_bytes": report["peak_rss_bytes"],
+    }
     if xc.dtype == "int4":
         outputs.update(relative_error=parity["relative_error"], against_fp32=parity["against_fp32"])
     if xc.optimize:
         optimized = optimize_offline(final, out_dir / "model.optimized.onnx")
         if blocks is not None:  # the published file's blocks (the optimised graph may store them otherwise)
             blocks = Blocks(blocks.layout, Initializers(final))
-        check = check_parity(weights, optimized, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads,
-                             xc.dtype, blocks)
+        check = check_parity(
+            weights, optimized, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads, xc.dtype, blocks
+        )
         outputs["optimized_model"] = str(optimized)
         outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
         console.info(f"export: ORT-optimized graph -> {optimized} (max abs diff {check['max_abs_diff']:.3g})")
-    console.info(f"export: {final} ({memory.onnx_file_bytes(final):,} bytes{', weights in model.onnx.data' if external else ''}; "
-                 f"{report['seconds']:.1f} s + gate {report['gate_seconds']:.1f} s, peak RSS "
-                 f"{(report['peak_rss_bytes'] or 0) / 2**20:,.0f} MiB)")
+    console.info(
+        f"export: {final} ({memory.onnx_file_bytes(final):,} bytes{', weights in model.onnx.data' if external else ''}; "
+        f"{report['seconds']:.1f} s + gate {report['gate_seconds']:.1f} s, peak RSS "
+        f"{(report['peak_rss_bytes'] or 0) / 2**20:,.0f} MiB)"
+    )
     return outputs
 
 
@@ -135,9 +177,11 @@ def weight_format(dtype: str, int4: Int4Export, width: int) -> str:
     if dtype != "int4":
         return dtype
     wide = f" in blocks of {int8_block(width, int4.int8_block_size)}"
-    return (f"int4 (block {int4.block_size}, head {int4.head}{wide if int4.head == 'int8' else ''}, embeddings "
-            f"{int4.embedding_format}{wide if int4.embedding_format == 'int8' else ''}, accuracy level "
-            f"{int4.accuracy_level or 0})")
+    return (
+        f"int4 (block {int4.block_size}, head {int4.head}{wide if int4.head == 'int8' else ''}, embeddings "
+        f"{int4.embedding_format}{wide if int4.embedding_format == 'int8' else ''}, accuracy level "
+        f"{int4.accuracy_level or 0})"
+    )
 
 
 def _tolerance(xc: Any) -> tuple[float, float]:
@@ -149,28 +193,42 @@ def _tolerance(xc: Any) -> tuple[float, float]:
 
 
 def _knobs(dtype: str) -> str:
-    return {"fp32": "export.atol, export.rtol", "fp16": "export.fp16_atol, export.rtol",
-            "int4": "export.int4_max_error"}[dtype]
+    return {
+        "fp32": "export.atol, export.rtol",
+        "fp16": "export.fp16_atol, export.rtol",
+        "int4": "export.int4_max_error",
+    }[dtype]
 
 
 def gate_line(parity: dict[str, Any], dtype: str) -> str:
     """The gate's measure in words: the max abs logit difference (fp32, fp16); for int4, the relative error
     against the model its blocks hold, then its distance from the fp32 model (relative error, top-1
     agreement, held-out loss)."""
-    where = (f"parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode steps (batch "
-             f"{parity['batch']}, held-out text; and left-padded rows of "
-             f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone)")
+    where = (
+        f"parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode steps (batch "
+        f"{parity['batch']}, held-out text; and left-padded rows of "
+        f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone)"
+    )
     if dtype == "int4":
         fp32 = parity["against_fp32"]
-        return (f"{where} against the model its int4 blocks hold: relative logit error {parity['relative_error']:.4f} "
-                f"(limit {parity['tolerance']:g}); against the fp32 model: relative error {fp32['relative_error']:.3f}, "
-                f"top-1 agreement {fp32['top1_agreement']:.3f}, held-out loss {fp32['nll']:.4f} vs {fp32['nll_fp32']:.4f}")
+        return (
+            f"{where} against the model its int4 blocks hold: relative logit error {parity['relative_error']:.4f} "
+            f"(limit {parity['tolerance']:g}); against the fp32 model: relative error {fp32['relative_error']:.3f}, "
+            f"top-1 agreement {fp32['top1_agreement']:.3f}, held-out loss {fp32['nll']:.4f} vs {fp32['nll_fp32']:.4f}"
+        )
     return f"{where}: max abs logit diff {parity['max_abs_diff']:.3g} ({dtype}, {gate.allowed(parity)})"
 
 
-def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, opset: int, dtype: str = "fp32",
-                  int4: Int4Export | None = None, metadata: DecoderMetadata | None = None,
-                  repeat_layers: bool = True) -> dict[str, Any]:
+def write_decoder(
+    arch: DecoderArch,
+    weights: streaming.Readable,
+    path: Path,
+    opset: int,
+    dtype: str = "fp32",
+    int4: Int4Export | None = None,
+    metadata: DecoderMetadata | None = None,
+    repeat_layers: bool = True,
+) -> dict[str, Any]:
     """The decoder graph of `arch` at `path` (+ `path.data`), its weights read from `weights` (names as a
     checkpoint stores them, 'model.<parameter>') one at a time; returns what was written. `repeat_layers`:
     trace two layers and repeat the second (False: trace every layer)."""
@@ -178,7 +236,9 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
     with torch.device("meta"):
         step = DecoderStep(GPT(arch).to(float_type)).eval()
     aliases = {name: names for names in streaming.aliases_of(step).values() for name in names}
-    graph, traced = _trace(step, arch, opset, float_type) if repeat_layers else _trace_all(step, arch, opset, float_type)
+    graph, traced = (
+        _trace(step, arch, opset, float_type) if repeat_layers else _trace_all(step, arch, opset, float_type)
+    )
     for node in graph.graph.node:  # the exporter's module scopes were for repeat_layers only
         del node.metadata_props[:]
     fetch = streaming.fetch_from(weights)
@@ -193,8 +253,14 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
     if dtype == "int4":  # (the table is then blocks, which the lookup and the head read alike)
         settings = int4 or Int4Export()
         block_sizes = {4: settings.block_size, 8: int8_block(arch.n_embd, settings.int8_block_size)}
-        counts = plan.quantize(4, block_sizes, settings.accuracy_level, output_head(graph),
-                               BITS[settings.head], BITS[settings.embedding_format])
+        counts = plan.quantize(
+            4,
+            block_sizes,
+            settings.accuracy_level,
+            output_head(graph),
+            BITS[settings.head],
+            BITS[settings.embedding_format],
+        )
     else:
         plan.gather_from_transposed()
     stamp(graph, metadata)
@@ -202,8 +268,9 @@ def write_decoder(arch: DecoderArch, weights: streaming.Readable, path: Path, op
     return {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
 
 
-def _trace(step: DecoderStep, arch: DecoderArch, opset: int,
-           float_type: torch.dtype) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+def _trace(
+    step: DecoderStep, arch: DecoderArch, opset: int, float_type: torch.dtype
+) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """The decoder graph, weightless. A deep model of identical layers is traced with two and the second
     is repeated (`repeat_layers`): the exporter's time grows with the layers traced (~1.5 s each here),
     and 32 identical layers need not be traced 32 times."""
@@ -216,8 +283,9 @@ def _trace(step: DecoderStep, arch: DecoderArch, opset: int,
     return _trace_all(step, arch, opset, float_type)
 
 
-def repeat_layers(model: onnx.ModelProto, weights: dict[str, list[int]],
-                  n_layer: int) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+def repeat_layers(
+    model: onnx.ModelProto, weights: dict[str, list[int]], n_layer: int
+) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """A two-layer decoder graph made n_layer deep: the second layer's nodes (those between the first and
     the last node the exporter scoped to `model.transformer.h.1`) are copied for layers 2.. with their
     weights, cache inputs and outputs and intermediate values renamed; each copy reads the previous
@@ -265,8 +333,12 @@ def repeat_layers(model: onnx.ModelProto, weights: dict[str, list[int]],
     _repeat_io(graph.output, "present", n_layer)
     layer_weights = {name: dims for name, dims in weights.items() if name.startswith("model.transformer.h.1.")}
     for i in range(2, n_layer):
-        weights.update({f"model.transformer.h.{i}." + name.removeprefix("model.transformer.h.1."): dims
-                        for name, dims in layer_weights.items()})
+        weights.update(
+            {
+                f"model.transformer.h.{i}." + name.removeprefix("model.transformer.h.1."): dims
+                for name, dims in layer_weights.items()
+            }
+        )
     return model, weights
 
 
@@ -295,15 +367,18 @@ def _repeat_io(values: Any, kind: str, n_layer: int) -> None:
     values.extend(ordered)
 
 
-def _trace_all(step: DecoderStep, arch: DecoderArch, opset: int,
-               float_type: torch.dtype) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+def _trace_all(
+    step: DecoderStep, arch: DecoderArch, opset: int, float_type: torch.dtype
+) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     block = arch.block_size
     # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
     t_example, p_example = min(3, block - 1), min(2, max(block - 3, 0))
     with torch.device("meta"):  # inputs where the weights are: nothing in the trace has a value
         ids = torch.zeros(2, t_example, dtype=torch.long)
-        keys, values = ([torch.zeros(2, arch.n_kv_head, p_example, arch.head_size, dtype=float_type)
-                         for _ in range(arch.n_layer)] for _ in range(2))  # distinct tensors, one per input
+        keys, values = (
+            [torch.zeros(2, arch.n_kv_head, p_example, arch.head_size, dtype=float_type) for _ in range(arch.n_layer)]
+            for _ in range(2)
+        )  # distinct tensors, one per input
         left_padding = torch.zeros(2, dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=block)
@@ -311,10 +386,16 @@ def _trace_all(step: DecoderStep, arch: DecoderArch, opset: int,
     cache_dims = [{0: batch, 2: past_len}] * arch.n_layer
     with onnx_operators(step, opset >= 23):
         return trace(
-            step, (ids, keys, values, left_padding),
-            list(decoder_graph.input_names(arch.n_layer)), list(decoder_graph.output_names(arch.n_layer)),
-            {"input_ids": {0: batch, 1: seq}, "past_keys": cache_dims, "past_values": cache_dims,
-             "left_padding": {0: batch}},
+            step,
+            (ids, keys, values, left_padding),
+            list(decoder_graph.input_names(arch.n_layer)),
+            list(decoder_graph.output_names(arch.n_layer)),
+            {
+                "input_ids": {0: batch, 1: seq},
+                "past_keys": cache_dims,
+                "past_values": cache_dims,
+                "left_padding": {0: batch},
+            },
             opset,
         )
 
@@ -382,8 +463,9 @@ class Blocks:
         self.weight_errors[names[0]] = (error / total) ** 0.5 if total else 0.0
 
 
-def reference_logits(weights: streaming.Readable, arch: DecoderArch, sequences: list[Sequence],
-                     blocks: Blocks | None = None) -> dict[str, list[list[np.ndarray]]]:
+def reference_logits(
+    weights: streaming.Readable, arch: DecoderArch, sequences: list[Sequence], blocks: Blocks | None = None
+) -> dict[str, list[list[np.ndarray]]]:
     """The PyTorch model's fp32 logits for every chunk of every sequence ("fp32"), computed layer by layer:
     the embeddings of all chunks, then layer 0 over every sequence (its own cache per sequence), then layer
     1, ..., then the head -- each layer's weights loaded once, in fp32, and dropped before the next. With
@@ -394,8 +476,11 @@ def reference_logits(weights: streaming.Readable, arch: DecoderArch, sequences: 
         model = GPT(arch).eval()
     fetch = streaming.fetch_from(weights, "model.")
     aliases = streaming.aliases_of(model)  # (of the meta parameters: a loaded weight is a new tensor)
-    names = {id(m): [f"model.{name}" for name in aliases[id(m.weight)]] for m in model.modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    names = {
+        id(m): [f"model.{name}" for name in aliases[id(m.weight)]]
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+    }
     variants = ["fp32", "int4"] if blocks is not None else ["fp32"]
 
     def to_blocks(modules: list[torch.nn.Module]) -> None:
@@ -436,8 +521,15 @@ def reference_logits(weights: streaming.Readable, arch: DecoderArch, sequences: 
 
 
 def check_parity(
-    weights: streaming.Readable, path: Path, tokens: np.ndarray, arch: DecoderArch, tolerance: tuple[float, float],
-    decode_steps: int, threads: int | None, dtype: str = "fp32", blocks: Blocks | None = None,
+    weights: streaming.Readable,
+    path: Path,
+    tokens: np.ndarray,
+    arch: DecoderArch,
+    tolerance: tuple[float, float],
+    decode_steps: int,
+    threads: int | None,
+    dtype: str = "fp32",
+    blocks: Blocks | None = None,
 ) -> dict[str, Any]:
     """Prompt + decode steps on held-out text through ORT with its own cache, against PyTorch computing
     the same (`reference_logits`); then the same with rows of different lengths left-padded into one batch,
@@ -451,18 +543,31 @@ def check_parity(
     prompt_len = max(1, min(arch.block_size - decode_steps, 32))
     batch = 2
     windows = held_out_windows(tokens, batch, prompt_len + decode_steps)
-    main = Sequence([windows[:, :prompt_len]] + [windows[:, prompt_len + i : prompt_len + i + 1]
-                                                  for i in range(decode_steps)])
+    main = Sequence(
+        [windows[:, :prompt_len]] + [windows[:, prompt_len + i : prompt_len + i + 1] for i in range(decode_steps)]
+    )
     lengths = [prompt_len, max(1, prompt_len // 2)]
     pad = np.array([prompt_len - n for n in lengths], dtype=np.int64)
-    padded = Sequence([np.stack([np.concatenate([np.zeros(p, np.int64), w[prompt_len - n : prompt_len]])
-                                 for w, p, n in zip(windows, pad, lengths)])] + main.chunks[1:], pad)
+    padded = Sequence(
+        [
+            np.stack(
+                [
+                    np.concatenate([np.zeros(p, np.int64), w[prompt_len - n : prompt_len]])
+                    for w, p, n in zip(windows, pad, lengths)
+                ]
+            )
+        ]
+        + main.chunks[1:],
+        pad,
+    )
     # Each padded row alone: row 0 keeps its whole prompt (main's row 0); row 1 is its shorter prompt.
     short = Sequence([windows[1:2, prompt_len - lengths[1] : prompt_len]] + [chunk[1:2] for chunk in main.chunks[1:]])
     # The reference reads each sequence's tokens in one pass (the same logits as decoding them one by one,
     # up to rounding: one matrix product per layer instead of one per step), split back into the steps.
-    computed = {variant: [_split(logits[0], sequence) for logits, sequence in zip(found, (main, short))]
-                for variant, found in reference_logits(weights, arch, [_joined(main), _joined(short)], blocks).items()}
+    computed = {
+        variant: [_split(logits[0], sequence) for logits, sequence in zip(found, (main, short))]
+        for variant, found in reference_logits(weights, arch, [_joined(main), _joined(short)], blocks).items()
+    }
     reference, short_reference = computed["int4" if dtype == "int4" else "fp32"]
     reference_alone = [[logits[:1] for logits in reference], short_reference]
     # ONNX Runtime only now: the reference's layers are gone, so the two never share the memory
@@ -471,17 +576,23 @@ def check_parity(
     batched = _ort_logits(session, arch, padded, dtype)
     del session
     diffs = [float(np.abs(o - r).max()) for o, r in zip(ours, reference)]
-    padded_diffs = [float(np.abs((got[row, pad[row]:] if i == 0 else got[row]).astype(np.float32) - want[i][0]).max())
-                    for row, want in enumerate(reference_alone) for i, got in enumerate(batched)]
+    padded_diffs = [
+        float(np.abs((got[row, pad[row] :] if i == 0 else got[row]).astype(np.float32) - want[i][0]).max())
+        for row, want in enumerate(reference_alone)
+        for i, got in enumerate(batched)
+    ]
     overall = max(max(diffs), max(padded_diffs))
     scale = max(float(np.abs(r).max()) for r in reference)
     worst = int(np.argmax(diffs))
     report: dict[str, Any] = {
-        "batch": batch, "prompt_tokens": prompt_len, "decode_steps": decode_steps,
+        "batch": batch,
+        "prompt_tokens": prompt_len,
+        "decode_steps": decode_steps,
         "max_abs_diff_per_step": diffs,
         "padded": {"prompt_tokens": lengths, "max_abs_diff": max(padded_diffs)},
         "max_abs_diff": overall,
-        "worst": ("the prompt" if worst == 0 else f"decode step {worst}") if max(diffs) >= max(padded_diffs)
+        "worst": ("the prompt" if worst == 0 else f"decode step {worst}")
+        if max(diffs) >= max(padded_diffs)
         else "the left-padded batch",
     }
     if dtype != "int4":
@@ -493,14 +604,23 @@ def check_parity(
     errors = blocks.weight_errors if blocks is not None else {}
     worst_matrix, rounding = max(errors.items(), key=lambda item: item[1]) if errors else ("", 0.0)
     held = rounding <= MAX_ROUNDING  # the blocks stand for the checkpoint's matrices
-    return {**report, "relative_error": relative, "tolerance": atol, "passed": relative <= atol and held,
-            "max_abs_logit": scale, "matrices": len(errors),
-            "worst_rounding": {"matrix": worst_matrix, "relative_error": rounding, "limit": MAX_ROUNDING},
-            "against_fp32": {
-                "relative_error": _relative_error(got, fp32), "max_abs_diff": float(np.abs(got - fp32).max()),
-                "mean_abs_diff": float(np.abs(got - fp32).mean()),
-                "top1_agreement": float((got.argmax(-1) == fp32.argmax(-1)).mean()),
-                "nll": _mean_nll(got[:, :-1], targets), "nll_fp32": _mean_nll(fp32[:, :-1], targets)}}
+    return {
+        **report,
+        "relative_error": relative,
+        "tolerance": atol,
+        "passed": relative <= atol and held,
+        "max_abs_logit": scale,
+        "matrices": len(errors),
+        "worst_rounding": {"matrix": worst_matrix, "relative_error": rounding, "limit": MAX_ROUNDING},
+        "against_fp32": {
+            "relative_error": _relative_error(got, fp32),
+            "max_abs_diff": float(np.abs(got - fp32).max()),
+            "mean_abs_diff": float(np.abs(got - fp32).mean()),
+            "top1_agreement": float((got.argmax(-1) == fp32.argmax(-1)).mean()),
+            "nll": _mean_nll(got[:, :-1], targets),
+            "nll_fp32": _mean_nll(fp32[:, :-1], targets),
+        },
+    }
 
 
 def _joined(sequence: Sequence) -> Sequence:
@@ -523,7 +643,9 @@ def _ort_logits(session: Any, arch: DecoderArch, sequence: Sequence, dtype: str)
     cache = CacheLayout.of(arch, "fp16" if dtype == "fp16" else "fp32").empty(len(sequence.chunks[0]))
     found = []
     for chunk in sequence.chunks:
-        logits, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(chunk, cache, sequence.left_padding)))
+        logits, cache = decoder_graph.outputs(
+            session.run(None, decoder_graph.feeds(chunk, cache, sequence.left_padding))
+        )
         found.append(logits)
     return found
 
@@ -556,5 +678,8 @@ def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.
 
 def latency_feeds(session: Any, meta: DecoderMetadata) -> dict[str, np.ndarray]:
     """What compress times: one decode step at batch 1 with a 16-token past."""
-    return decoder_graph.feeds(np.zeros((1, 1), np.int64), CacheLayout.from_metadata(meta).empty(1, past=16),
-                               inputs=decoder_graph.session_inputs(session))
+    return decoder_graph.feeds(
+        np.zeros((1, 1), np.int64),
+        CacheLayout.from_metadata(meta).empty(1, past=16),
+        inputs=decoder_graph.session_inputs(session),
+    )

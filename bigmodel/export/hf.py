@@ -43,11 +43,18 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOL
     from bigmodel import memory
 
     _, parameters, stored = registry.checkpoint_size(ckpt)
-    memory.guard(memory.Estimate("export (hf)", {
-        "runtime": memory.TORCH_RUNTIME + memory.TRANSFORMERS_RUNTIME,
-        # bigmodel's model in fp32 beside the checkpoint's tensors, then transformers' round trip in fp32
-        "models": parameters * (4 + stored + 4)}, ["export.format onnx (written tensor by tensor)"]),
-        config.memory_limit)
+    memory.guard(
+        memory.Estimate(
+            "export (hf)",
+            {
+                "runtime": memory.TORCH_RUNTIME + memory.TRANSFORMERS_RUNTIME,
+                # bigmodel's model in fp32 beside the checkpoint's tensors, then transformers' round trip in fp32
+                "models": parameters * (4 + stored + 4),
+            },
+            ["export.format onnx (written tensor by tensor)"],
+        ),
+        config.memory_limit,
+    )
     model, manifest = registry.load_model(ckpt)
     assert isinstance(model, GPT)  # (stage_checkpoint checked the family)
     model.eval()
@@ -56,8 +63,10 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOL
         raise UserError("export.format 'hf' writes decoder language models; this checkpoint is a tabular MLP")
     tok = tokenizers.from_json(manifest.data.tokenizer or "", f"{ckpt} (tokenizer)")
     if not isinstance(tok, tokenizers.BPETokenizer):
-        raise UserError("export.format 'hf': a character-level tokenizer has no Hugging Face form; use a BPE "
-                        "tokenizer (data.tokenizer.kind: bpe) or an imported model's")
+        raise UserError(
+            "export.format 'hf': a character-level tokenizer has no Hugging Face form; use a BPE "
+            "tokenizer (data.tokenizer.kind: bpe) or an imported model's"
+        )
     model_type = hf_model_type(arch)
     tensors = (_gpt2_tensors if model_type == "gpt2" else _llama_tensors)(model, arch)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +79,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOL
         parity = round_trip(model, folder, ids, config.export.atol, config.export.rtol)
         key = name.replace("-", "_")
         write_json(out_dir / f"{key}_parity.json", {"checkpoint": str(ckpt), "folder": str(final), **parity})
-        build.enforce(parity, "export", f"transformers loads the {model_type} folder, held-out text",
-                      "the folder was not published")
+        build.enforce(
+            parity,
+            "export",
+            f"transformers loads the {model_type} folder, held-out text",
+            "the folder was not published",
+        )
         publish_folder(folder, final)
     console.info(f"export: {final} ({model_type}, {sum(t.numel() for t in tensors.values()):,} values)")
     return {f"{key}_folder": str(final), "hf_model_type": model_type, f"{key}_max_abs_diff": parity["max_abs_diff"]}
@@ -100,8 +113,9 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     from bigmodel.checkpoint import read_manifest
 
     if read_manifest(ckpt).adapter is None:
-        raise UserError(f"export.peft: {ckpt} is not a LoRA adapter checkpoint (train with train.lora); remove "
-                        "export.peft")
+        raise UserError(
+            f"export.peft: {ckpt} is not a LoRA adapter checkpoint (train with train.lora); remove export.peft"
+        )
     source = config.init.from_
     outputs: dict[str, Any] = {}
     if source is not None and (Path(source) / "config.json").is_file():
@@ -135,9 +149,11 @@ def hf_model_type(arch: DecoderArch) -> str:
         return "gpt2"
     if (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu") and not arch.bias and uniform:
         return "qwen2" if arch.qkv_bias else "llama"
-    raise UserError(f"export.format 'hf': no Hugging Face architecture computes this model (position "
-                    f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
-                    f"bias {arch.bias}); gpt2 and llama/qwen2 shapes can be written")
+    raise UserError(
+        f"export.format 'hf': no Hugging Face architecture computes this model (position "
+        f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
+        f"bias {arch.bias}); gpt2 and llama/qwen2 shapes can be written"
+    )
 
 
 def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int | None = None) -> dict[str, Any]:
@@ -145,25 +161,52 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
     (GPT-2's learned positions are a table of block_size rows: its n_positions is that)."""
     special = data.special_tokens or {}
     eos = special.get("eos") or []
-    common = {"model_type": model_type, "vocab_size": arch.vocab_size, "tie_word_embeddings": arch.tie_embeddings,
-              "bos_token_id": special.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-              "torch_dtype": "float32"}
+    common = {
+        "model_type": model_type,
+        "vocab_size": arch.vocab_size,
+        "tie_word_embeddings": arch.tie_embeddings,
+        "bos_token_id": special.get("bos"),
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "torch_dtype": "float32",
+    }
     if model_type == "gpt2":
-        return {**common, "architectures": ["GPT2LMHeadModel"], "n_positions": arch.block_size,
-                "n_embd": arch.n_embd, "n_layer": arch.n_layer, "n_head": arch.n_head, "n_inner": arch.mlp_hidden[0],
-                "activation_function": "gelu_new" if arch.mlp == "gelu_tanh" else "gelu",
-                "layer_norm_epsilon": arch.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        return {
+            **common,
+            "architectures": ["GPT2LMHeadModel"],
+            "n_positions": arch.block_size,
+            "n_embd": arch.n_embd,
+            "n_layer": arch.n_layer,
+            "n_head": arch.n_head,
+            "n_inner": arch.mlp_hidden[0],
+            "activation_function": "gelu_new" if arch.mlp == "gelu_tanh" else "gelu",
+            "layer_norm_epsilon": arch.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": arch.rope_theta}
     if arch.rope_scaling is not None:
         scaling = arch.rope_scaling.model_dump()
         rope = {**rope, "rope_type": scaling.pop("kind"), **scaling}
-    return {**common, "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
-            "hidden_size": arch.n_embd, "intermediate_size": arch.mlp_hidden[0], "num_hidden_layers": arch.n_layer,
-            "num_attention_heads": arch.n_head, "num_key_value_heads": arch.n_kv_head, "head_dim": arch.head_size,
-            "max_position_embeddings": max(arch.block_size, context or 0), "rms_norm_eps": arch.norm_eps,
-            "hidden_act": "silu",
-            "rope_parameters": rope, "rope_theta": arch.rope_theta, "attention_bias": False, "mlp_bias": False,
-            "use_sliding_window": False, "attention_dropout": 0.0}
+    return {
+        **common,
+        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+        "hidden_size": arch.n_embd,
+        "intermediate_size": arch.mlp_hidden[0],
+        "num_hidden_layers": arch.n_layer,
+        "num_attention_heads": arch.n_head,
+        "num_key_value_heads": arch.n_kv_head,
+        "head_dim": arch.head_size,
+        "max_position_embeddings": max(arch.block_size, context or 0),
+        "rms_norm_eps": arch.norm_eps,
+        "hidden_act": "silu",
+        "rope_parameters": rope,
+        "rope_theta": arch.rope_theta,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+    }
 
 
 def _gpt2_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
@@ -174,8 +217,14 @@ def _gpt2_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
         tensors[name] = tensor.t().contiguous() if name.endswith(GPT2_CONV1D) else tensor
     for i in range(arch.n_layer):  # the biases GPT-2 always has
         prefix = f"transformer.h.{i}."
-        widths = {"ln_1": arch.n_embd, "ln_2": arch.n_embd, "attn.c_attn": arch.q_width + 2 * arch.kv_width,
-                  "attn.c_proj": arch.n_embd, "mlp.c_fc": arch.mlp_hidden[i], "mlp.c_proj": arch.n_embd}
+        widths = {
+            "ln_1": arch.n_embd,
+            "ln_2": arch.n_embd,
+            "attn.c_attn": arch.q_width + 2 * arch.kv_width,
+            "attn.c_proj": arch.n_embd,
+            "mlp.c_fc": arch.mlp_hidden[i],
+            "mlp.c_proj": arch.n_embd,
+        }
         for module, width in widths.items():
             tensors.setdefault(f"{prefix}{module}.bias", torch.zeros(width))
     tensors.setdefault("transformer.ln_f.bias", torch.zeros(arch.n_embd))
@@ -186,8 +235,10 @@ def _llama_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
     state = {name: t.detach() for name, t in model.state_dict().items()}
     ours_to_hf = {ours: hf for hf, ours in LLAMA_LAYER.items()}
     widths = {"q": arch.q_width, "k": arch.kv_width, "v": arch.kv_width}
-    tensors = {"model.embed_tokens.weight": state["transformer.wte.weight"],
-               "model.norm.weight": state["transformer.ln_f.weight"]}
+    tensors = {
+        "model.embed_tokens.weight": state["transformer.wte.weight"],
+        "model.norm.weight": state["transformer.ln_f.weight"],
+    }
     if not arch.tie_embeddings:
         tensors["lm_head.weight"] = state["lm_head.weight"]
     for i in range(arch.n_layer):
@@ -201,13 +252,20 @@ def _llama_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
     return {name: t.contiguous() for name, t in tensors.items()}
 
 
-def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dict[str, torch.Tensor],
-                  data: DataInfo, context: int | None = None) -> None:
+def _write_folder(
+    folder: Path,
+    model_type: str,
+    arch: DecoderArch,
+    tensors: dict[str, torch.Tensor],
+    data: DataInfo,
+    context: int | None = None,
+) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir()
-    save_file({name: t.float() for name, t in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {name: t.float() for name, t in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     (folder / "config.json").write_text(json.dumps(_hf_config(model_type, arch, data, context), indent=2))
     tokenizer_json = data.tokenizer or ""
     (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -217,11 +275,17 @@ def _write_folder(folder: Path, model_type: str, arch: DecoderArch, tensors: dic
     def text(token_id: Any) -> str | None:
         return tok.id_to_token(token_id) if isinstance(token_id, int) else None  # type: ignore[attr-defined]
 
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": arch.block_size,
-                "bos_token": text(special.get("bos")), "eos_token": text((special.get("eos") or [None])[0]),
-                "pad_token": text(special.get("pad")), "chat_template": data.chat_template}
-    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in settings.items() if v is not None},
-                                                             indent=2))
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": arch.block_size,
+        "bos_token": text(special.get("bos")),
+        "eos_token": text((special.get("eos") or [None])[0]),
+        "pad_token": text(special.get("pad")),
+        "chat_template": data.chat_template,
+    }
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in settings.items() if v is not None}, indent=2)
+    )
 
 
 def round_trip(model: GPT, folder: Path, ids: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
@@ -230,5 +294,7 @@ def round_trip(model: GPT, folder: Path, ids: np.ndarray, atol: float, rtol: flo
     with torch.no_grad():
         theirs = reference(torch.from_numpy(ids)).logits.float().numpy()
         ours = model.reference_output(torch.from_numpy(ids)).float().numpy()
-    return {**build.compare(ours, theirs, f"transformers {transformers.__version__}", atol, rtol),
-            "windows": list(ids.shape)}
+    return {
+        **build.compare(ours, theirs, f"transformers {transformers.__version__}", atol, rtol),
+        "windows": list(ids.shape),
+    }

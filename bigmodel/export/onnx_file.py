@@ -61,8 +61,9 @@ def stamp_and_check(path: Path, metadata: OnnxMetadata, external_data: bool = Fa
     for stale in path.parent.glob(f"{path.name}.data"):
         stale.unlink()
     if external_data:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data")
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data"
+        )
     else:
         onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)

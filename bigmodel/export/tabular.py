@@ -54,13 +54,25 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         tmp = Path(work) / "model.onnx"
         example = torch.from_numpy(rows[: max(2, min(len(rows), 8))])
         export_dynamo(
-            deployed, (example,), tmp, ["features"], [output_name],
-            {"features": {0: torch.export.Dim("batch")}}, xc.opset,
+            deployed,
+            (example,),
+            tmp,
+            ["features"],
+            [output_name],
+            {"features": {0: torch.export.Dim("batch")}},
+            xc.opset,
         )
-        stamp_and_check(tmp, TabularMetadata(
-            task=task, target=manifest.data.target, features=manifest.data.features, labels=manifest.data.labels,
-            architecture=arch, lineage={"checkpoint": sha256_file(ckpt)},
-        ))
+        stamp_and_check(
+            tmp,
+            TabularMetadata(
+                task=task,
+                target=manifest.data.target,
+                features=manifest.data.features,
+                labels=manifest.data.labels,
+                architecture=arch,
+                lineage={"checkpoint": sha256_file(ckpt)},
+            ),
+        )
         parity = check_parity(deployed, tmp, rows, xc.atol, config.threads)
         report = {"checkpoint": str(ckpt), "model": str(final), "opset": xc.opset, **parity}
         write_json(out_dir / "parity.json", report)
@@ -69,13 +81,19 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             f"{parity['max_abs_diff']:.3g} (atol {xc.atol}) -> {'ok' if parity['passed'] else 'FAILED'}"
         )
         publish_or_reject(
-            tmp, final, parity["passed"],
+            tmp,
+            final,
+            parity["passed"],
             f"export parity failed: max abs diff {parity['max_abs_diff']:.3g} > atol {xc.atol} at "
             f"row {parity['worst_row']}, output {parity['worst_output']}",
         )
     console.info(f"export: {final} ({final.stat().st_size:,} bytes)")
-    return {"model": str(final), "parity_report": str(out_dir / "parity.json"),
-            "max_abs_diff": parity["max_abs_diff"], "passed": True}
+    return {
+        "model": str(final),
+        "parity_report": str(out_dir / "parity.json"),
+        "max_abs_diff": parity["max_abs_diff"],
+        "passed": True,
+    }
 
 
 def _parity_rows(config: Config, limit: int) -> np.ndarray:

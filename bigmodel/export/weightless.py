@@ -53,8 +53,14 @@ class Group:
     aliases: dict[str, tuple[str, list[int], int]] = field(default_factory=dict)
 
 
-def trace(module: torch.nn.Module, example_inputs: tuple[Any, ...], input_names: list[str],
-          output_names: list[str], dynamic_shapes: Any, opset: int) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+def trace(
+    module: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: Any,
+    opset: int,
+) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """The optimised ONNX graph of `module` (parameters on the meta device) and its weights' names and
     shapes; the weights are not in the graph (neither inputs nor initializers) until `GraphWeights`
     places them."""
@@ -64,9 +70,17 @@ def trace(module: torch.nn.Module, example_inputs: tuple[Any, ...], input_names:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with console.stdout_to_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, example_inputs, input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
-                                    optimize=False, verbose=False)
+        program = torch.onnx.export(
+            module,
+            example_inputs,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            optimize=False,
+            verbose=False,
+        )
     assert program is not None  # (dynamo=True always returns the program)
     model = program.model
     graph = model.graph
@@ -95,8 +109,9 @@ def trace(module: torch.nn.Module, example_inputs: tuple[Any, ...], input_names:
 class GraphWeights:
     """A weightless graph's initializers as recipes over the checkpoint (see the module docstring)."""
 
-    def __init__(self, model: onnx.ModelProto, weights: dict[str, list[int]], read: Read,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, weights: dict[str, list[int]], read: Read, dtype: torch.dtype = torch.float32
+    ) -> None:
         """`read` gives a weight in the checkpoint's dtype; what is written is `dtype` (the graph's)."""
         self.model, self.graph, self.dtype = model, model.graph, dtype
         self.groups: dict[str, Group] = {}  # what will be written: first initializer's name -> its group
@@ -168,10 +183,14 @@ class GraphWeights:
                 nodes.append(node)
                 continue
             columns = f"{node.output[0]}_columns"
-            nodes.append(helper.make_node("Gather", [table, node.input[1]], [columns], name=f"{node.name}_columns",
-                                          axis=1))
-            nodes.append(helper.make_node("Transpose", [columns], list(node.output), name=f"{node.name}_rows",
-                                          perm=[*range(1, rank + 1), 0]))
+            nodes.append(
+                helper.make_node("Gather", [table, node.input[1]], [columns], name=f"{node.name}_columns", axis=1)
+            )
+            nodes.append(
+                helper.make_node(
+                    "Transpose", [columns], list(node.output), name=f"{node.name}_rows", perm=[*range(1, rank + 1), 0]
+                )
+            )
             rewritten += 1
         self._replace_nodes(nodes)
         self._drop_unused()
@@ -204,20 +223,34 @@ class GraphWeights:
             widths = [self.dims[part][1] for part in parts]
             name = f"{group[0].name or group[0].output[0]}_merged"
             self.columns[f"{name}.weight"] = [column for part in parts for column in self.columns.get(part, [])]
-            self._add(f"{name}.weight", [self.dims[parts[0]][0], sum(widths)],
-                      functools.partial(self._side_by_side, parts))
+            self._add(
+                f"{name}.weight", [self.dims[parts[0]][0], sum(widths)], functools.partial(self._side_by_side, parts)
+            )
             split = np.array(widths, dtype=np.int64)
             self.graph.initializer.append(onnx.numpy_helper.from_array(split, f"{name}.split"))
             nodes.append(helper.make_node("MatMul", [group[0].input[0], f"{name}.weight"], [f"{name}_out"], name=name))
-            nodes.append(helper.make_node("Split", [f"{name}_out", f"{name}.split"],
-                                          [out for member in group for out in member.output], name=f"{name}_split",
-                                          axis=-1))
+            nodes.append(
+                helper.make_node(
+                    "Split",
+                    [f"{name}_out", f"{name}.split"],
+                    [out for member in group for out in member.output],
+                    name=f"{name}_split",
+                    axis=-1,
+                )
+            )
         self._replace_nodes(nodes)
         self._drop_unused()
         return sum(len(group) - 1 for group in groups.values() if len(group) > 1)
 
-    def quantize(self, bits: int, block_sizes: dict[int, int], accuracy_level: int | None, head: str | None,
-                 head_bits: int | None, embedding_bits: int | None) -> dict[str, int]:
+    def quantize(
+        self,
+        bits: int,
+        block_sizes: dict[int, int],
+        accuracy_level: int | None,
+        head: str | None,
+        head_bits: int | None,
+        embedding_bits: int | None,
+    ) -> dict[str, int]:
         """Weight-only block quantisation (symmetric: no zero points) of every MatMul with a 2-D weight, in
         `bits` (the MatMul named `head` in `head_bits`; None keeps it float), and of every Gather of a weight
         (the token embedding) in `embedding_bits` (None: float), in blocks of `block_sizes[bits]`. A Gather of
@@ -243,9 +276,16 @@ class GraphWeights:
             attrs: dict[str, Any] = {"K": K, "N": N, "bits": width, "block_size": block_sizes[width]}
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
-            kept.append(helper.make_node("MatMulNBits", [node.input[0], blocks, scales], list(node.output),
-                                         name=f"{node.name or node.output[0]}_Q{width}", domain="com.microsoft",
-                                         **attrs))
+            kept.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], blocks, scales],
+                    list(node.output),
+                    name=f"{node.name or node.output[0]}_Q{width}",
+                    domain="com.microsoft",
+                    **attrs,
+                )
+            )
             counts["matmul"] += 1
         if embedding_bits is not None:
             for node in gathers:
@@ -256,8 +296,9 @@ class GraphWeights:
             self.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return counts
 
-    def _quantized(self, weight: str, bits: int, block_size: int, quantized: dict[tuple[str, int], tuple[str, str]],
-                   role: str = "") -> tuple[str, str]:
+    def _quantized(
+        self, weight: str, bits: int, block_size: int, quantized: dict[tuple[str, int], tuple[str, str]], role: str = ""
+    ) -> tuple[str, str]:
         """The (blocks, scales) initializers of a (K, N) weight in MatMulNBits' layout: (N, K/block, block
         bytes) and (N, K/block)."""
         key = (self.transposed_from.get(weight, weight), bits)
@@ -275,16 +316,29 @@ class GraphWeights:
         self.groups[blocks] = Group([blocks, scales], make)
         first = 0
         for source, rows in self.columns.get(weight, []):
-            self.layout[source + role] = {"blocks": blocks, "scales": scales, "bits": bits,
-                                          "block_size": block_size, "first_row": first, "rows": rows, "K": K}
+            self.layout[source + role] = {
+                "blocks": blocks,
+                "scales": scales,
+                "bits": bits,
+                "block_size": block_size,
+                "first_row": first,
+                "rows": rows,
+                "K": K,
+            }
             first += rows
         k_blocks = -(-K // block_size)
         self.dims[blocks], self.dims[scales] = [N, k_blocks, block_size * bits // 8], [N, k_blocks]
         quantized[key] = (blocks, scales)
         return blocks, scales
 
-    def _gather_quantized(self, node: onnx.NodeProto, bits: int, block_size: int,
-                          quantized: dict[tuple[str, int], tuple[str, str]], kept: list[onnx.NodeProto]) -> str:
+    def _gather_quantized(
+        self,
+        node: onnx.NodeProto,
+        bits: int,
+        block_size: int,
+        quantized: dict[tuple[str, int], tuple[str, str]],
+        kept: list[onnx.NodeProto],
+    ) -> str:
         """Gather(W, ids) -> GatherBlockQuantized over W's rows in blocks of `block_size` (uint8 data, the
         zero point implied as MatMulNBits' symmetric one). Returns "shared" when it reads a head's blocks,
         "gather" when quantised on its own, "float" when W's rows are not whole blocks (left as it is)."""
@@ -306,9 +360,17 @@ class GraphWeights:
         data = f"{blocks}_rows"
         self.groups[blocks].aliases[data] = (blocks, [V, C * bits // 8], onnx.TensorProto.UINT8)
         self.layout[weight + GATHER] = {**self.layout[weight + GATHER], "blocks": data}  # what the file declares
-        gather = helper.make_node("GatherBlockQuantized", [data, node.input[1], scales], list(node.output),
-                                  name=f"{node.name or node.output[0]}_Q{bits}", domain="com.microsoft",
-                                  bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)
+        gather = helper.make_node(
+            "GatherBlockQuantized",
+            [data, node.input[1], scales],
+            list(node.output),
+            name=f"{node.name or node.output[0]}_Q{bits}",
+            domain="com.microsoft",
+            bits=bits,
+            block_size=block_size,
+            gather_axis=0,
+            quantize_axis=1,
+        )
         kept[kept.index(node)] = gather
         return "shared" if shared else "gather"
 
@@ -331,7 +393,9 @@ class GraphWeights:
         data_path = path.with_name(f"{path.name}.data")
         order = {name: i for i, node in enumerate(self.graph.node) for name in node.input}
         used = set(order)
-        groups = sorted(self.groups.values(), key=lambda g: min(order.get(n, len(order)) for n in [*g.names, *g.aliases]))
+        groups = sorted(
+            self.groups.values(), key=lambda g: min(order.get(n, len(order)) for n in [*g.names, *g.aliases])
+        )
         tensors, total = [], 0
         try:
             with open(data_path, "wb") as out:
@@ -339,16 +403,25 @@ class GraphWeights:
                     arrays = group.make()
                     placed = {}
                     for name, array in zip(group.names, arrays):
-                        array = made(array, self.dtype) if isinstance(array, torch.Tensor) else np.ascontiguousarray(array)
+                        array = (
+                            made(array, self.dtype) if isinstance(array, torch.Tensor) else np.ascontiguousarray(array)
+                        )
                         out.seek(-out.tell() % ALIGN, 1)
                         offset = out.tell()
                         out.write(array.reshape(-1).view(np.uint8).data)
                         placed[name] = (offset, array.nbytes)
                         total += array.nbytes
                         if name in used:  # (blocks only an alias reads are written, not declared twice)
-                            tensors.append(_external(name, list(array.shape),
-                                                     helper.np_dtype_to_tensor_dtype(array.dtype), data_path.name,
-                                                     offset, array.nbytes))
+                            tensors.append(
+                                _external(
+                                    name,
+                                    list(array.shape),
+                                    helper.np_dtype_to_tensor_dtype(array.dtype),
+                                    data_path.name,
+                                    offset,
+                                    array.nbytes,
+                                )
+                            )
                     for alias, (name, dims, elem_type) in group.aliases.items():
                         tensors.append(_external(alias, dims, elem_type, data_path.name, *placed[name]))
                     del arrays

@@ -25,24 +25,50 @@ def run(config: Config, bench: dict[str, int] | None = None) -> dict[str, Any]:
     test_split = family(config.model.family).test_split
     default_input = config.stage_dir("prepare") / test_split if test_split else None
     seed = settings.seed if settings.seed is not None else config.seed
-    return predict(model, settings, settings.input or default_input, settings.output or default_output(config),
-                   settings.threads or config.threads, seed, bench, config.memory_limit)
+    return predict(
+        model,
+        settings,
+        settings.input or default_input,
+        settings.output or default_output(config),
+        settings.threads or config.threads,
+        seed,
+        bench,
+        config.memory_limit,
+    )
 
 
 def run_standalone(settings: InferConfig, bench: dict[str, int] | None = None) -> dict[str, Any]:
     """`bigmodel infer --model M ...` without an experiment config: the ONNX file is all it needs."""
     assert settings.model is not None
-    return predict(settings.model, settings, settings.input, settings.output or Path(STDIO),
-                   settings.threads, settings.seed or 0, bench)
+    return predict(
+        settings.model,
+        settings,
+        settings.input,
+        settings.output or Path(STDIO),
+        settings.threads,
+        settings.seed or 0,
+        bench,
+    )
 
 
-def predict(model: Path, settings: InferConfig, source: Path | None, dest: Path, threads: int | None,
-            seed: int, bench: dict[str, int] | None, memory_limit: int | None = None) -> dict[str, Any]:
+def predict(
+    model: Path,
+    settings: InferConfig,
+    source: Path | None,
+    dest: Path,
+    threads: int | None,
+    seed: int,
+    bench: dict[str, int] | None,
+    memory_limit: int | None = None,
+) -> dict[str, Any]:
     from bigmodel.infer.session import Workload, open_model
 
     # A decoder's cache holds the prompt and the new tokens (a prompt of up to PROMPT_ROOM assumed here)
-    workload = (Workload("infer --bench", bench["batch"], bench["prompt_tokens"] + bench["new_tokens"], memory_limit)
-                if bench else Workload("infer", 1, settings.max_new_tokens + PROMPT_ROOM, memory_limit))
+    workload = (
+        Workload("infer --bench", bench["batch"], bench["prompt_tokens"] + bench["new_tokens"], memory_limit)
+        if bench
+        else Workload("infer", 1, settings.max_new_tokens + PROMPT_ROOM, memory_limit)
+    )
     session, meta = open_model(Path(model), settings.providers, threads, workload=workload)
     inferer = family_of_onnx_kind(meta.kind, Path(model)).module("inferer")
     return inferer.run_model(session, meta, Path(model), settings, source, Path(dest), seed, bench)

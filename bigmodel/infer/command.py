@@ -13,15 +13,22 @@ from bigmodel.errors import UserError
 from bigmodel.record import config_path
 
 
-def run_from_flags(given: dict[str, Any], sets: list[str] | None, config: Path | None, run_dir: str | None,
-                   json_out: bool, bench_settings: dict[str, int] | None) -> dict[str, Any]:
+def run_from_flags(
+    given: dict[str, Any],
+    sets: list[str] | None,
+    config: Path | None,
+    run_dir: str | None,
+    json_out: bool,
+    bench_settings: dict[str, int] | None,
+) -> dict[str, Any]:
     """Run infer (or --bench) with the flags `given` (infer keys, as the flags set them), --set `sets`,
     and the config of -c or --run-dir, if any."""
     from bigmodel import infer
 
     check_infer_flags(given)  # the same message for a bad flag with or without -c
-    explicit = set(given) | {item.partition("=")[0].removeprefix("infer.") for item in sets or []
-                             if item.startswith("infer.")}
+    explicit = set(given) | {
+        item.partition("=")[0].removeprefix("infer.") for item in sets or [] if item.startswith("infer.")
+    }
     if {"prompt", "input"} <= explicit:
         raise UserError("--prompt and --input both give prompts; use one of them")
     if config is None and run_dir is None:
@@ -33,9 +40,11 @@ def run_from_flags(given: dict[str, Any], sets: list[str] | None, config: Path |
         return infer.run_standalone(settings, bench_settings)
     # An explicit prompt or input replaces the config's (a config's infer.prompt must not hide -i).
     cleared = {"input": "prompt", "prompt": "input"}
-    overrides = list(sets or []) + [f"infer.{cleared[k]}=null" for k in cleared if k in explicit] + [
-        f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items()
-    ]
+    overrides = (
+        list(sets or [])
+        + [f"infer.{cleared[k]}=null" for k in cleared if k in explicit]
+        + [f"infer.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items()]
+    )
     if "prompt" in given and "output" not in explicit and not json_out and bench_settings is None:
         overrides.append(f"infer.output={json.dumps(STDIO)}")  # a prompt typed here is answered here
     loaded = load_config(config_path(config, run_dir), overrides, run_dir)
@@ -47,10 +56,21 @@ def run_from_flags(given: dict[str, Any], sets: list[str] | None, config: Path |
     return STAGES["infer"].run(loaded)
 
 
-INFER_FLAGS = {"model": "--model", "input": "--input", "output": "--output", "prompt": "--prompt",
-               "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
-               "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "chat": "--chat", "system": "--system",
-               "providers": "--provider"}
+INFER_FLAGS = {
+    "model": "--model",
+    "input": "--input",
+    "output": "--output",
+    "prompt": "--prompt",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+    "stop": "--stop",
+    "chat": "--chat",
+    "system": "--system",
+    "providers": "--provider",
+}
 
 
 def check_infer_flags(values: dict[str, Any], source: str = "") -> Any:

@@ -25,23 +25,36 @@ from bigmodel.manifests import EncoderMetadata
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def run_model(session: Any, meta: EncoderMetadata, path: Path, settings: InferConfig, source: Path | None,
-              dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
+def run_model(
+    session: Any,
+    meta: EncoderMetadata,
+    path: Path,
+    settings: InferConfig,
+    source: Path | None,
+    dest: Path,
+    seed: int,
+    bench_settings: dict[str, int] | None,
+) -> dict[str, Any]:
     """infer's entry for encoders: classify or embed the texts of a file (or stdin)."""
     if bench_settings is not None:
         raise UserError("--bench measures language-model decoding; this is an encoder")
     if meta.task == "mlm":
-        raise UserError(f"{path}: a masked-LM encoder has no predictions to write; export it with model.task "
-                        "classification or embedding")
+        raise UserError(
+            f"{path}: a masked-LM encoder has no predictions to write; export it with model.task "
+            "classification or embedding"
+        )
     if source is None:
         raise UserError("infer needs texts: --input FILE (CSV or JSONL with a text column) or '-' for stdin")
     records = _records(source)
     cut: list[int] = []
-    outputs = run_texts(session, meta, [_texts(r, meta, i, source) for i, r in enumerate(records)], settings.batch_size,
-                        cut=cut)
+    outputs = run_texts(
+        session, meta, [_texts(r, meta, i, source) for i, r in enumerate(records)], settings.batch_size, cut=cut
+    )
     if cut:
-        console.warn(f"infer: {len(cut)} of {len(records)} texts (the first: record {cut[0] + 1}) were longer than the "
-                     f"model's context of {meta.architecture.block_size} tokens and were cut to it")
+        console.warn(
+            f"infer: {len(cut)} of {len(records)} texts (the first: record {cut[0] + 1}) were longer than the "
+            f"model's context of {meta.architecture.block_size} tokens and were cut to it"
+        )
     if meta.task == "embedding" and dest.suffix == ".npy":
         with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
             np.save(handle, outputs.astype(np.float32), allow_pickle=False)
@@ -52,9 +65,13 @@ def run_model(session: Any, meta: EncoderMetadata, path: Path, settings: InferCo
     result: dict[str, Any] = {"predictions": str(dest), "rows": len(rows), "model": str(path)}
     target = meta.target
     if meta.task == "classification" and target and all(target in r for r in records):
-        result["accuracy"] = float(np.mean([row["prediction"] == str(r[target]).strip() for row, r in zip(rows, records)]))
-    console.info(f"infer: {len(rows)} texts -> {'stdout' if str(dest) == STDIO else dest}"
-                 + (f" (accuracy against the '{target}' column: {result['accuracy']:.4f})" if "accuracy" in result else ""))
+        result["accuracy"] = float(
+            np.mean([row["prediction"] == str(r[target]).strip() for row, r in zip(rows, records)])
+        )
+    console.info(
+        f"infer: {len(rows)} texts -> {'stdout' if str(dest) == STDIO else dest}"
+        + (f" (accuracy against the '{target}' column: {result['accuracy']:.4f})" if "accuracy" in result else "")
+    )
     return result
 
 
@@ -68,8 +85,15 @@ def tokenizer_of(meta: EncoderMetadata) -> Any:
     return tok
 
 
-def run_texts(session: Any, meta: EncoderMetadata, texts: list[list[str]], batch_size: int, tok: Any = None,
-              tokens: list[int] | None = None, cut: list[int] | None = None) -> np.ndarray:
+def run_texts(
+    session: Any,
+    meta: EncoderMetadata,
+    texts: list[list[str]],
+    batch_size: int,
+    tok: Any = None,
+    tokens: list[int] | None = None,
+    cut: list[int] | None = None,
+) -> np.ndarray:
     """The graph's output for each text (or pair), in padded batches: (N, L) probabilities or (N, C) embeddings.
     tok: the model's tokenizer when the caller keeps one; tokens: the count of real tokens is added; cut:
     the indices of texts longer than the model's context (cut to it) are added."""
@@ -131,8 +155,10 @@ def _texts(record: dict[str, Any], meta: EncoderMetadata, index: int, source: Pa
     for column in columns:
         value = record.get(column)
         if value is None or not str(value).strip():
-            raise UserError(f"{source}: record {index + 1} has no '{column}' text; the model reads "
-                            f"{' and '.join(repr(c) for c in columns)}")
+            raise UserError(
+                f"{source}: record {index + 1} has no '{column}' text; the model reads "
+                f"{' and '.join(repr(c) for c in columns)}"
+            )
         texts.append(str(value).strip())
     return texts
 
@@ -141,8 +167,13 @@ def _rows(outputs: np.ndarray, records: list[dict[str, Any]], meta: EncoderMetad
     if meta.task == "embedding":
         return [{"embedding": [round(float(v), 6) for v in vector]} for vector in outputs]
     labels = meta.labels or []
-    return [{"prediction": labels[int(p.argmax())], "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}}
-            for p in outputs]
+    return [
+        {
+            "prediction": labels[int(p.argmax())],
+            "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)},
+        }
+        for p in outputs
+    ]
 
 
 def _write(rows: list[dict[str, Any]], dest: Path) -> None:

@@ -52,8 +52,16 @@ class Decoder:
     def from_session(cls, session: ort.InferenceSession, meta: DecoderMetadata, path: Path) -> Decoder:
         tok = tokenizers.from_json(meta.tokenizer, f"{path} (tokenizer)")
         special = meta.special_tokens
-        return cls(session, tok, meta.block_size, CacheLayout.from_metadata(meta), frozenset(special.get("eos") or []),
-                   meta.chat_template, special, decoder_graph.session_inputs(session))
+        return cls(
+            session,
+            tok,
+            meta.block_size,
+            CacheLayout.from_metadata(meta),
+            frozenset(special.get("eos") or []),
+            meta.chat_template,
+            special,
+            decoder_graph.session_inputs(session),
+        )
 
     @property
     def batches_padded_rows(self) -> bool:
@@ -63,14 +71,17 @@ class Decoder:
     def chat_prompt(self, messages: list[chat.Message]) -> str:
         """The conversation rendered with the model's own chat template, the assistant's turn opened."""
         if not self.chat_template:
-            raise UserError("--chat: this model has no chat template (imported models bring theirs); "
-                            "give plain prompts instead")
+            raise UserError(
+                "--chat: this model has no chat template (imported models bring theirs); give plain prompts instead"
+            )
         return chat.render(self.chat_template, messages, chat.token_texts(self.tokenizer, self.special_tokens))
 
     def empty_cache(self, batch: int) -> KVCache:
         return self.cache.empty(batch)
 
-    def run(self, ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+    def run(
+        self, ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None
+    ) -> tuple[np.ndarray, KVCache]:
         """Logits (B, T, V) for `ids` after what `cache` holds, and the cache with them."""
         return decoder_graph.outputs(self.session.run(None, decoder_graph.feeds(ids, cache, left_padding, self.inputs)))
 
@@ -162,14 +173,18 @@ class Generation:
 
     def result(self) -> dict[str, Any]:
         reason = self.stop_reason or "max_new_tokens"
-        return {"prompt": self.prompt, "completion": self.text, "new_tokens": len(self.new_ids) + (reason == "eos"),
-                "stop_reason": reason, "prompt_tokens": len(self.prompt_ids),
-                "cropped": len(self.prompt_ids) > self.decoder.block_size,
-                **({"chat": True} if self.settings.chat else {})}
+        return {
+            "prompt": self.prompt,
+            "completion": self.text,
+            "new_tokens": len(self.new_ids) + (reason == "eos"),
+            "stop_reason": reason,
+            "prompt_tokens": len(self.prompt_ids),
+            "cropped": len(self.prompt_ids) > self.decoder.block_size,
+            **({"chat": True} if self.settings.chat else {}),
+        }
 
 
-def complete(decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int,
-             stream: Any = None) -> dict[str, Any]:
+def complete(decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int, stream: Any = None) -> dict[str, Any]:
     """Generate for one prompt; stream the new text to `stream` as it is decoded, if given. With
     settings.chat the prompt is a user message (or a whole conversation) in the model's chat template."""
     generation = Generation(decoder, prompt, settings, seed)
@@ -196,7 +211,7 @@ def encode_prompt(decoder: Decoder, prompt: Prompt, settings: InferConfig) -> li
 def _prompt_text(decoder: Decoder, prompt: Prompt, settings: InferConfig) -> str:
     if not settings.chat:
         if not isinstance(prompt, str):
-            raise UserError("a {\"messages\": [...]} prompt is a conversation: give --chat (infer.chat: true)")
+            raise UserError('a {"messages": [...]} prompt is a conversation: give --chat (infer.chat: true)')
         return prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if settings.system is not None and messages[0]["role"] != "system":
@@ -222,16 +237,26 @@ def _holdback(text: str, stops: list[str]) -> int:
 # ------------------------------------------------------------------------------------- the stage
 
 
-def run_model(session: ort.InferenceSession, meta: DecoderMetadata, path: Path, settings: InferConfig,
-              source: Path | None, dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
+def run_model(
+    session: ort.InferenceSession,
+    meta: DecoderMetadata,
+    path: Path,
+    settings: InferConfig,
+    source: Path | None,
+    dest: Path,
+    seed: int,
+    bench_settings: dict[str, int] | None,
+) -> dict[str, Any]:
     """infer's entry for decoder models: generate, or measure decoding with --bench."""
     decoder = Decoder.from_session(session, meta, path)
     if bench_settings is not None:
         measured = bench(decoder, seed=seed, **bench_settings)
-        console.info(f"infer: batch {measured['batch']}, {measured['prompt_tokens']}-token prompt + "
-                     f"{measured['new_tokens']} new tokens: prefill {measured['prefill_ms']} ms, per token "
-                     f"{measured['per_token_ms_p50']} ms (p95 {measured['per_token_ms_p95']}), "
-                     f"{measured['tokens_per_s']:,} tokens/s")
+        console.info(
+            f"infer: batch {measured['batch']}, {measured['prompt_tokens']}-token prompt + "
+            f"{measured['new_tokens']} new tokens: prefill {measured['prefill_ms']} ms, per token "
+            f"{measured['per_token_ms_p50']} ms (p95 {measured['per_token_ms_p95']}), "
+            f"{measured['tokens_per_s']:,} tokens/s"
+        )
         return measured
     return generate(decoder, settings, source, dest, seed)
 
@@ -266,8 +291,7 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def generate(decoder: Decoder, settings: InferConfig, source: Path | None, dest: Path,
-             seed: int) -> dict[str, Any]:
+def generate(decoder: Decoder, settings: InferConfig, source: Path | None, dest: Path, seed: int) -> dict[str, Any]:
     prompts = read_prompts(settings, source)
     to_stdout = str(dest) == STDIO
     fmt = "jsonl" if settings.format == "jsonl" or (settings.format == "auto" and dest.suffix == ".jsonl") else "text"
@@ -285,18 +309,28 @@ def generate(decoder: Decoder, settings: InferConfig, source: Path | None, dest:
     console.info(f"infer: {len(results)} prompt(s), {new_tokens} new tokens -> {'stdout' if to_stdout else dest}")
     past = sum(r["prompt_tokens"] + r["new_tokens"] > decoder.block_size for r in results)
     if past:  # serve refuses this (unless serve.context_shift); infer slides, and says so
-        console.warn(f"infer: {past} of {len(results)} generation(s) ran past the model's context of "
-                     f"{decoder.block_size} tokens: from there each token was predicted from the last "
-                     f"{decoder.block_size} alone (a sliding window), so quality may drop; lower --max-new-tokens")
-    return {"generations": str(dest), "prompts": len(results), "new_tokens": new_tokens,
-            "results": results if len(results) <= 16 else results[:16]}
+        console.warn(
+            f"infer: {past} of {len(results)} generation(s) ran past the model's context of "
+            f"{decoder.block_size} tokens: from there each token was predicted from the last "
+            f"{decoder.block_size} alone (a sliding window), so quality may drop; lower --max-new-tokens"
+        )
+    return {
+        "generations": str(dest),
+        "prompts": len(results),
+        "new_tokens": new_tokens,
+        "results": results if len(results) <= 16 else results[:16],
+    }
 
 
 def _write(results: list[dict[str, Any]], dest: Path, fmt: str) -> None:
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in results] if fmt == "jsonl" else [
-        (r["prompt"] if isinstance(r["prompt"], str) and not r.get("chat") else "") + r["completion"] + "\n"
-        for r in results
-    ]
+    lines = (
+        [json.dumps(r, ensure_ascii=False) + "\n" for r in results]
+        if fmt == "jsonl"
+        else [
+            (r["prompt"] if isinstance(r["prompt"], str) and not r.get("chat") else "") + r["completion"] + "\n"
+            for r in results
+        ]
+    )
     if str(dest) == STDIO:
         sys.stdout.write("".join(lines))
         sys.stdout.flush()
@@ -308,8 +342,7 @@ def _write(results: list[dict[str, Any]], dest: Path, fmt: str) -> None:
 # ------------------------------------------------------------------------------------------ bench
 
 
-def bench(decoder: Decoder, batch: int, prompt_tokens: int, new_tokens: int, repeats: int,
-          seed: int) -> dict[str, Any]:
+def bench(decoder: Decoder, batch: int, prompt_tokens: int, new_tokens: int, repeats: int, seed: int) -> dict[str, Any]:
     """Prefill latency, per-token decode latency (p50, p95) and tokens/s on random prompts."""
     if prompt_tokens + new_tokens > decoder.block_size:
         raise UserError(
@@ -337,7 +370,10 @@ def bench(decoder: Decoder, batch: int, prompt_tokens: int, new_tokens: int, rep
         rates.append(batch * new_tokens / decode)
     counted = per_token[new_tokens:]
     return {
-        "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
         "prefill_ms": round(1000 * float(np.median(prefill[1:])), 3),
         "per_token_ms_p50": round(1000 * float(np.percentile(counted, 50)), 3),
         "per_token_ms_p95": round(1000 * float(np.percentile(counted, 95)), 3),

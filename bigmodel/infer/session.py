@@ -19,26 +19,38 @@ def open_session(path: Path, providers: list[str], threads: int | None, spin: bo
     (a server's event loop needs those cycles between runs)."""
     if not path.is_file():
         if (path.parent / "hf" / "config.json").is_file():  # export.format hf wrote a folder, and no ONNX
-            raise UserError(f"ONNX model not found: {path}; {path.parent} holds only a Hugging Face folder (export."
-                            "format hf, for transformers): run 'bigmodel export' with --set export.format=both "
-                            "(or onnx) for ONNX Runtime")
+            raise UserError(
+                f"ONNX model not found: {path}; {path.parent} holds only a Hugging Face folder (export."
+                "format hf, for transformers): run 'bigmodel export' with --set export.format=both "
+                "(or onnx) for ONNX Runtime"
+            )
         raise UserError(f"ONNX model not found: {path} (run 'bigmodel export' first, or set infer.model)")
     available = ort.get_available_providers()
     unknown = [p for p in providers if p not in available]
     if unknown:
         gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(unknown)
-        hint = ("; CUDA and TensorRT need the onnxruntime-gpu package in place of onnxruntime, and NVIDIA's CUDA/"
-                "cuDNN (and TensorRT) libraries" if gpu else "")
-        raise UserError(f"infer.providers: {', '.join(unknown)} not available in this onnxruntime "
-                        f"(available: {', '.join(available)}){hint}")
+        hint = (
+            "; CUDA and TensorRT need the onnxruntime-gpu package in place of onnxruntime, and NVIDIA's CUDA/"
+            "cuDNN (and TensorRT) libraries"
+            if gpu
+            else ""
+        )
+        raise UserError(
+            f"infer.providers: {', '.join(unknown)} not available in this onnxruntime "
+            f"(available: {', '.join(available)}){hint}"
+        )
     options = ort.SessionOptions()
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=providers,
-                                    provider_options=[_provider_options(name, path) for name in providers])
+        return ort.InferenceSession(
+            str(path),
+            options,
+            providers=providers,
+            provider_options=[_provider_options(name, path) for name in providers],
+        )
     except Exception as exc:  # ORT raises its own exception types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a loadable ONNX model ({first}); re-run 'bigmodel export'") from exc
@@ -75,24 +87,46 @@ def preflight(path: Path, workload: Workload) -> None:
     if not isinstance(meta, DecoderMetadata):
         return
     context = min(workload.context, meta.block_size)
-    estimate = memory.runtime_peak(workload.stage, meta.architecture, memory.onnx_file_bytes(path), workload.batch,
-                                   context, cache_bytes=2 if meta.dtype == "fp16" else 4)
+    estimate = memory.runtime_peak(
+        workload.stage,
+        meta.architecture,
+        memory.onnx_file_bytes(path),
+        workload.batch,
+        context,
+        cache_bytes=2 if meta.dtype == "fp16" else 4,
+    )
     memory.guard(estimate, workload.limit)
 
 
 @overload
-def open_model(path: Path, providers: list[str], threads: int | None, kind: None = None, spin: bool = True,
-               workload: Workload | None = None) -> tuple[ort.InferenceSession, AnyMetadata]: ...
+def open_model(
+    path: Path,
+    providers: list[str],
+    threads: int | None,
+    kind: None = None,
+    spin: bool = True,
+    workload: Workload | None = None,
+) -> tuple[ort.InferenceSession, AnyMetadata]: ...
 
 
 @overload
-def open_model(path: Path, providers: list[str], threads: int | None, kind: type[M], spin: bool = True,
-               workload: Workload | None = None) -> tuple[ort.InferenceSession, M]: ...
+def open_model(
+    path: Path,
+    providers: list[str],
+    threads: int | None,
+    kind: type[M],
+    spin: bool = True,
+    workload: Workload | None = None,
+) -> tuple[ort.InferenceSession, M]: ...
 
 
 def open_model(
-    path: Path, providers: list[str], threads: int | None, kind: type[OnnxMetadata] | None = None,
-    spin: bool = True, workload: Workload | None = None,
+    path: Path,
+    providers: list[str],
+    threads: int | None,
+    kind: type[OnnxMetadata] | None = None,
+    spin: bool = True,
+    workload: Workload | None = None,
 ) -> tuple[ort.InferenceSession, OnnxMetadata]:
     """A session and the model's bigmodel metadata (manifests.py); refuses a model of another kind than
     `kind` (DecoderMetadata, ...; None: any), and (with a `workload`) one that would not fit in memory,
@@ -103,8 +137,10 @@ def open_model(
     meta = metadata(session, path)
     if kind is not None and not isinstance(meta, kind):
         wanted = kind.model_fields["kind"].default
-        raise UserError(f"{path} is a '{meta.kind}' model; this needs a '{wanted}' model: give the ONNX model "
-                        "exported from this config's run, or the config it was made with")
+        raise UserError(
+            f"{path} is a '{meta.kind}' model; this needs a '{wanted}' model: give the ONNX model "
+            "exported from this config's run, or the config it was made with"
+        )
     return session, meta
 
 

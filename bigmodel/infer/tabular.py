@@ -24,8 +24,16 @@ from bigmodel.manifests import TabularMetadata
 from bigmodel.tabular_io import parse_number, read_csv, read_text
 
 
-def run_model(session: Any, meta: TabularMetadata, path: Path, settings: InferConfig, source: Path | None,
-              dest: Path, seed: int, bench_settings: dict[str, int] | None) -> dict[str, Any]:
+def run_model(
+    session: Any,
+    meta: TabularMetadata,
+    path: Path,
+    settings: InferConfig,
+    source: Path | None,
+    dest: Path,
+    seed: int,
+    bench_settings: dict[str, int] | None,
+) -> dict[str, Any]:
     """infer's entry for tabular models: predict the rows of a file (or stdin)."""
     if bench_settings is not None:
         raise UserError("--bench measures language-model decoding; this is a tabular model")
@@ -48,19 +56,20 @@ def predict_file(
             result["accuracy"] = metrics.classification(y, outputs, meta.labels or [])["accuracy"]
     console.info(
         f"infer: {len(rows)} rows -> {'stdout' if str(dest) == STDIO else dest}"
-        + (f" (accuracy against the '{meta.target}' column: {result['accuracy']:.4f})"
-           if "accuracy" in result else "")
+        + (f" (accuracy against the '{meta.target}' column: {result['accuracy']:.4f})" if "accuracy" in result else "")
     )
     return result
 
 
-def predict_records(session: Any, meta: TabularMetadata, records: list[dict[Any, Any]], source: Path | str,
-                    batch_size: int) -> tuple[np.ndarray, list[dict[str, Any]], list[str] | None]:
+def predict_records(
+    session: Any, meta: TabularMetadata, records: list[dict[Any, Any]], source: Path | str, batch_size: int
+) -> tuple[np.ndarray, list[dict[str, Any]], list[str] | None]:
     """Model outputs, prediction rows and the passed-through targets for rows given as {column: value}
     (key None: the row's line number, for error messages). infer and serve predict through this."""
     x, targets = _to_matrix(records, meta.features, meta.target, Path(str(source)))
-    outputs = np.concatenate([session.run(None, {"features": x[i : i + batch_size]})[0]
-                              for i in range(0, len(x), batch_size)])
+    outputs = np.concatenate(
+        [session.run(None, {"features": x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    )
     return outputs, _prediction_rows(outputs, meta, targets), targets
 
 
@@ -118,9 +127,7 @@ def _to_matrix(
     return x, targets
 
 
-def _prediction_rows(
-    outputs: np.ndarray, meta: TabularMetadata, targets: list[str] | None
-) -> list[dict[str, Any]]:
+def _prediction_rows(outputs: np.ndarray, meta: TabularMetadata, targets: list[str] | None) -> list[dict[str, Any]]:
     # The true target passes through under its own name unless that clashes with an output column.
     target_col = meta.target
     if target_col == "prediction" or target_col.startswith("prob_"):

@@ -143,8 +143,9 @@ class BERT(nn.Module):
         """The transformer blocks (what LoRA adapts)."""
         return self.h
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) 1 for real tokens, token_type_ids (B, T) -> states (B, T, C)."""
         if input_ids.size(1) > self.block_size:
             raise ValueError(f"input of {input_ids.size(1)} tokens exceeds block_size {self.block_size}")
@@ -167,8 +168,9 @@ class BERT(nn.Module):
         """What an import is checked on against transformers' BertModel: the last hidden states."""
         return self.encode(input_ids, torch.ones_like(input_ids))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The task's output: mlm (B, T, V) logits, classification (B, L) logits, embedding (B, C) unit vectors."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         if self.head is None:
@@ -186,11 +188,17 @@ def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> EncoderArch:
     """The architecture a `model:` section describes, with the prepared data's vocabulary and labels."""
     task = model_cfg.task or ("classification" if data_manifest.get("labels") else "mlm")
     return EncoderArch(
-        task=task, vocab_size=data_manifest["vocab_size"], n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-        n_embd=model_cfg.n_embd, block_size=model_cfg.block_size,
+        task=task,
+        vocab_size=data_manifest["vocab_size"],
+        n_layer=model_cfg.n_layer,
+        n_head=model_cfg.n_head,
+        n_embd=model_cfg.n_embd,
+        block_size=model_cfg.block_size,
         mlp_hidden=[model_cfg.intermediate_size or 4 * model_cfg.n_embd] * model_cfg.n_layer,
         n_outputs=len(data_manifest["labels"]) if task == "classification" else 0,
-        dropout=model_cfg.dropout, pad_id=data_manifest.get("pad_id", 0), pooling=model_cfg.pooling or "cls",
+        dropout=model_cfg.dropout,
+        pad_id=data_manifest.get("pad_id", 0),
+        pooling=model_cfg.pooling or "cls",
     )
 
 

@@ -123,8 +123,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(self.dropout)
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """`mask` (B or 1, 1, T, P+T): additive, 0 where attention is allowed, -inf elsewhere; given
         whenever there is a cache (decoding), absent in training (causal attention without a cache)."""
@@ -150,8 +153,11 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
     def _decode_onnx(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor],
-        rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The decode step in opset 23's operators (torch.onnx.ops: a reference computation in eager, one
         node each in the exported graph): the rotation is one RotaryEmbedding node, and the attention one
@@ -166,7 +172,8 @@ class CausalSelfAttention(nn.Module):
             qk = torch.onnx.ops.rotary_embedding(qk, cos, sin, num_heads=self.n_head + self.n_kv_head)
         q, k = qk.split([q_width, kv_width], dim=-1)
         y, keys, values, _ = torch.onnx.ops.attention(  # y (B, T, nh hs); keys, values (B, nkv, P+T, hs)
-            q, k, v, mask.to(q.dtype), past[0], past[1], q_num_heads=self.n_head, kv_num_heads=self.n_kv_head)
+            q, k, v, mask.to(q.dtype), past[0], past[1], q_num_heads=self.n_head, kv_num_heads=self.n_kv_head
+        )
         return self.c_proj(y), (keys, values)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -244,8 +251,11 @@ class Block(nn.Module):
         self.mlp = MLP(arch, arch.mlp_hidden[layer])
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         attended, present = self.attn(self.ln_1(x), past, rope, mask)
         x = x + attended
@@ -261,8 +271,11 @@ class GPT(nn.Module):
         modules: dict[str, nn.Module] = {"wte": nn.Embedding(arch.vocab_size, arch.n_embd)}
         if arch.position == "learned":
             modules["wpe"] = nn.Embedding(arch.block_size, arch.n_embd)
-        modules.update(drop=nn.Dropout(arch.dropout), h=nn.ModuleList([Block(arch, i) for i in range(arch.n_layer)]),
-                       ln_f=make_norm(arch))
+        modules.update(
+            drop=nn.Dropout(arch.dropout),
+            h=nn.ModuleList([Block(arch, i) for i in range(arch.n_layer)]),
+            ln_f=make_norm(arch),
+        )
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(arch.n_embd, arch.vocab_size, bias=False)
         # A tied lm_head.weight *is* transformer.wte.weight; checkpoints store it once (safetensors
@@ -295,7 +308,10 @@ class GPT(nn.Module):
         return groups
 
     def forward(
-        self, idx: torch.Tensor, past: KVCache | None = None, left_padding: torch.Tensor | None = None,
+        self,
+        idx: torch.Tensor,
+        past: KVCache | None = None,
+        left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens. With
         left_padding (B,), row b's first left_padding[b] positions (past and idx together) are padding."""
@@ -311,7 +327,11 @@ class GPT(nn.Module):
         return self.head(x), present
 
     def embed(
-        self, idx: torch.Tensor, P: int, left_padding: torch.Tensor | None = None, decoding: bool = True,
+        self,
+        idx: torch.Tensor,
+        P: int,
+        left_padding: torch.Tensor | None = None,
+        decoding: bool = True,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         """What the blocks read for tokens idx (B, T) after P cached ones: the embedded tokens (B, T, C),
         the rotary tables (rope models) and the additive attention mask (when decoding over a cache or
@@ -346,8 +366,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-        top_k: int | None = None, generator: torch.Generator | None = None,
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Append max_new_tokens tokens to idx (B, T), decoding with the KV cache.
 
@@ -382,7 +406,8 @@ def architecture(model_cfg: Any, data_manifest: dict[str, Any]) -> DecoderArch:
     """The architecture a `model:` config section describes, with the prepared data's vocabulary."""
     fields = model_cfg.model_dump(exclude={"family", "intermediate_size", "qkv_bias", "n_kv_head", "head_size"})
     return DecoderArch(
-        vocab_size=data_manifest["vocab_size"], **fields,
+        vocab_size=data_manifest["vocab_size"],
+        **fields,
         n_kv_head=model_cfg.n_kv_head or model_cfg.n_head,
         head_size=model_cfg.head_size or model_cfg.n_embd // model_cfg.n_head,
         mlp_hidden=[model_cfg.intermediate_size or 4 * model_cfg.n_embd] * model_cfg.n_layer,

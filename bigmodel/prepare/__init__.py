@@ -7,8 +7,12 @@ from typing import Any
 
 from bigmodel.config import Config
 
-MODULES = {"text": "bigmodel.prepare.text", "sft": "bigmodel.prepare.sft", "tabular": "bigmodel.prepare.tabular",
-           "text_classification": "bigmodel.prepare.text_classification"}
+MODULES = {
+    "text": "bigmodel.prepare.text",
+    "sft": "bigmodel.prepare.sft",
+    "tabular": "bigmodel.prepare.tabular",
+    "text_classification": "bigmodel.prepare.text_classification",
+}
 
 
 def run(config: Config) -> dict[str, Any]:

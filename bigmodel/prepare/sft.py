@@ -47,8 +47,9 @@ def run(config: Config) -> dict[str, Any]:
     if template == chat.CHATML and (end := tok.token_to_id(chat.CHATML_END)) is not None and end not in eos:
         special["eos"] = [*eos, end]  # generation stops at the end of the assistant's turn
     eos_id = (special.get("eos") or [tok.eot_id])[0]
-    origin = ("the built-in ChatML template" if template == chat.CHATML
-              else f"the chat template of {config.init.from_.name}")
+    origin = (
+        "the built-in ChatML template" if template == chat.CHATML else f"the chat template of {config.init.from_.name}"
+    )
     renderer = examples.Renderer(tok, template, special, data.train_on, eos_id, origin)
     limit = context_length(config)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -56,8 +57,13 @@ def run(config: Config) -> dict[str, Any]:
 
     counts = {"train": SplitCounts(), "val": SplitCounts()}
     with ExitStack() as stack:
-        files = {split: {kind: stack.enter_context(open(stack.enter_context(atomic_path(path)), "wb"))
-                         for kind, path in sft_files(out_dir, split).items()} for split in counts}
+        files = {
+            split: {
+                kind: stack.enter_context(open(stack.enter_context(atomic_path(path)), "wb"))
+                for kind, path in sft_files(out_dir, split).items()
+            }
+            for split in counts
+        }
         starts: dict[str, list[int]] = {"train": [0], "val": [0]}
         rng = np.random.default_rng(config.seed)
         for split, where, record in _records(data, rng):
@@ -79,12 +85,19 @@ def run(config: Config) -> dict[str, Any]:
                 handle.flush()
         for split, c in counts.items():
             if c.examples == 0:
-                raise UserError(f"data: the {split} split has no examples; "
-                                + ("add examples to data.val_path" if split == "val" and data.val_path
-                                   else "use more examples or change data.val_fraction"))
+                raise UserError(
+                    f"data: the {split} split has no examples; "
+                    + (
+                        "add examples to data.val_path"
+                        if split == "val" and data.val_path
+                        else "use more examples or change data.val_fraction"
+                    )
+                )
             if c.trained_tokens == 0:
-                raise UserError(f"data: no token of the {split} split is trained (data.train_on "
-                                f"'{data.train_on}'); check the examples' completions")
+                raise UserError(
+                    f"data: no token of the {split} split is trained (data.train_on "
+                    f"'{data.train_on}'); check the examples' completions"
+                )
     with atomic_open(out_dir / TOKENIZER_FILE) as tokenizer_file:
         tokenizer_file.write(tok.to_json())
 
@@ -92,15 +105,23 @@ def run(config: Config) -> dict[str, Any]:
         "kind": "sft-data",
         "format": "sft",
         "format_version": 1,
-        "sources": [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-                    for p in (data.path, data.val_path) if p is not None],
-        "tokenizer": {"kind": "pretrained", "vocab_size": tok.vocab_size, "file": TOKENIZER_FILE,
-                      "source": str(config.init.from_)},
+        "sources": [
+            {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in (data.path, data.val_path)
+            if p is not None
+        ],
+        "tokenizer": {
+            "kind": "pretrained",
+            "vocab_size": tok.vocab_size,
+            "file": TOKENIZER_FILE,
+            "source": str(config.init.from_),
+        },
         "special_tokens": special,
         # The template the examples were rendered with travels to the model (infer --chat renders it).
         "chat_template": template,
-        "template": data.template if data.template != "auto" else ("model" if template == info["chat_template"]
-                                                                   else "chatml"),
+        "template": data.template
+        if data.template != "auto"
+        else ("model" if template == info["chat_template"] else "chatml"),
         "train_on": data.train_on,
         "too_long": data.too_long,
         "context_length": limit,
@@ -116,9 +137,15 @@ def run(config: Config) -> dict[str, Any]:
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
     _report(manifest)
-    return {"manifest": str(out_dir / MANIFEST_FILE), "examples": manifest["examples"], "tokens": manifest["tokens"],
-            "trained_tokens": manifest["trained_tokens"], "truncated": manifest["truncated"],
-            "tokenizer": str(out_dir / TOKENIZER_FILE), "vocab_size": tok.vocab_size}
+    return {
+        "manifest": str(out_dir / MANIFEST_FILE),
+        "examples": manifest["examples"],
+        "tokens": manifest["tokens"],
+        "trained_tokens": manifest["trained_tokens"],
+        "truncated": manifest["truncated"],
+        "tokenizer": str(out_dir / TOKENIZER_FILE),
+        "vocab_size": tok.vocab_size,
+    }
 
 
 def context_length(config: Config) -> int:
@@ -153,20 +180,24 @@ def _records(data: SFTDataConfig, rng: np.random.Generator) -> Any:
                 for line_no, raw in jsonl_objects(handle, path):
                     where = f"{path}: line {line_no}"
                     record = examples.read_record(raw, where)
-                    split = fixed or ("train" if data.val_path is not None or rng.random() >= data.val_fraction
-                                      else "val")
+                    split = fixed or (
+                        "train" if data.val_path is not None or rng.random() >= data.val_fraction else "val"
+                    )
                     yield split, where, record
             except UnicodeDecodeError as exc:
                 raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
-def _fit(example: examples.Example, limit: int, too_long: str, where: str,
-         counts: SplitCounts) -> examples.Example | None:
+def _fit(
+    example: examples.Example, limit: int, too_long: str, where: str, counts: SplitCounts
+) -> examples.Example | None:
     if len(example.ids) <= limit:
         return example
     if too_long == "error":
-        raise UserError(f"{where}: the example has {len(example.ids)} tokens, more than the context of {limit} "
-                        "(model.block_size); shorten it, or set data.too_long: truncate")
+        raise UserError(
+            f"{where}: the example has {len(example.ids)} tokens, more than the context of {limit} "
+            "(model.block_size); shorten it, or set data.too_long: truncate"
+        )
     counts.truncated += 1
     cut = examples.Example(example.ids[:limit], example.trained[:limit], example.text)
     if not any(cut.trained[1:]):
@@ -182,7 +213,10 @@ def _report(manifest: dict[str, Any]) -> None:
             f"prepare: {split} {manifest['examples'][split]:,} examples ({shapes}), {manifest['tokens'][split]:,} "
             f"tokens, {manifest['trained_tokens'][split]:,} trained ({manifest['train_on']}); "
             f"{manifest['truncated'][split]} truncated to {manifest['context_length']} tokens"
-            + (f", {manifest['dropped_no_trained_tokens'][split]} dropped (nothing trained left after truncation)"
-               if manifest["dropped_no_trained_tokens"][split] else "")
+            + (
+                f", {manifest['dropped_no_trained_tokens'][split]} dropped (nothing trained left after truncation)"
+                if manifest["dropped_no_trained_tokens"][split]
+                else ""
+            )
         )
     console.info(f"prepare: template {manifest['template']}, vocab {manifest['vocab_size']}")

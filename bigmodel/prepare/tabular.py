@@ -73,22 +73,18 @@ def run(config: Config) -> dict[str, Any]:
     }
 
 
-def _columns(
-    header: list[str], target: str, features: list[str] | None, path: Path
-) -> tuple[str, list[str]]:
+def _columns(header: list[str], target: str, features: list[str] | None, path: Path) -> tuple[str, list[str]]:
     if target not in header:
         raise UserError(
             f"{path}: target column '{target}' (data.target) is not in the header"
-            f"{did_you_mean(target, header)}; columns: {', '.join(header[:12])}"
-            + (" ..." if len(header) > 12 else "")
+            f"{did_you_mean(target, header)}; columns: {', '.join(header[:12])}" + (" ..." if len(header) > 12 else "")
         )
     if features is None:
         return target, [c for c in header if c != target]
     for name in features:
         if name not in header:
             raise UserError(
-                f"{path}: feature column '{name}' (data.features) is not in the header"
-                f"{did_you_mean(name, header)}"
+                f"{path}: feature column '{name}' (data.features) is not in the header{did_you_mean(name, header)}"
             )
     if target in features:
         raise UserError(f"data.features contains the target column '{target}'; remove it from the list")
@@ -114,9 +110,7 @@ def label_order(values: set[str]) -> list[str]:
         return sorted(values)
 
 
-def _target(
-    rows: list[list[str]], index: int, column: str, task: str, path: Path
-) -> tuple[list[str], np.ndarray]:
+def _target(rows: list[list[str]], index: int, column: str, task: str, path: Path) -> tuple[list[str], np.ndarray]:
     if task == "regression":
         y = np.array([parse_number(row[index], r + 2, column, path) for r, row in enumerate(rows)])
         return [], y.astype(np.float32)

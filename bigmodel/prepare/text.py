@@ -54,8 +54,10 @@ def run(config: Config) -> dict[str, Any]:
     # Pass 1: which documents survive cleaning, and which characters they use.
     keep, chars = _scan(files, data, report)
     if report.chars_seen == 0:
-        raise UserError(f"data: no text in {', '.join(str(f) for f in files)} (the files are empty); "
-                        "give data.path a file with text")
+        raise UserError(
+            f"data: no text in {', '.join(str(f) for f in files)} (the files are empty); "
+            "give data.path a file with text"
+        )
     if report.documents_kept == 0:
         raise UserError(
             f"data: every one of {report.documents_seen} documents was dropped by cleaning "
@@ -64,8 +66,10 @@ def run(config: Config) -> dict[str, Any]:
 
     visible = sorted(c for c in chars if not c.isspace())
     if len(visible) < 2:  # a model of it learns nothing (the loss falls to 0 and means nothing)
-        raise UserError(f"data: the text uses {len(visible)} distinct character(s) besides whitespace "
-                        f"({''.join(visible)!r}); there is nothing to learn from it: give data.path real text")
+        raise UserError(
+            f"data: the text uses {len(visible)} distinct character(s) besides whitespace "
+            f"({''.join(visible)!r}); there is nothing to learn from it: give data.path real text"
+        )
 
     # Pass 2 (bpe): the tokenizer.
     pretrained = pretrained_tokenizer(config.init.from_) if config.init.from_ is not None else None
@@ -82,8 +86,12 @@ def run(config: Config) -> dict[str, Any]:
         "kind": "text-data",
         "format_version": 1,
         "sources": [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files],
-        "tokenizer": {"kind": "pretrained" if pretrained else tok.kind, "vocab_size": tok.vocab_size,
-                      "file": TOKENIZER_FILE, **({"source": str(config.init.from_)} if pretrained else {})},
+        "tokenizer": {
+            "kind": "pretrained" if pretrained else tok.kind,
+            "vocab_size": tok.vocab_size,
+            "file": TOKENIZER_FILE,
+            **({"source": str(config.init.from_)} if pretrained else {}),
+        },
         **(pretrained[1] if pretrained else {}),
         "vocab_size": tok.vocab_size,
         "dtype": np.dtype(dtype).name,
@@ -92,8 +100,7 @@ def run(config: Config) -> dict[str, Any]:
         "seed": config.seed,
         "tokens": counts["tokens"],
         "characters": counts["chars"],
-        "augment": {"steps": [a.model_dump() for a in data.augment],
-                    "train_tokens_added": counts["augmented_tokens"]},
+        "augment": {"steps": [a.model_dump() for a in data.augment], "train_tokens_added": counts["augmented_tokens"]},
         "cleaning": report.__dict__,
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
@@ -108,8 +115,10 @@ def run(config: Config) -> dict[str, Any]:
     )
     if data.augment:
         copies = sum(a.copies for a in data.augment)
-        console.info(f"prepare: bpe_dropout added {copies} re-segmented cop{'y' if copies == 1 else 'ies'} of the "
-                     f"train text: {counts['augmented_tokens']:,} of the {counts['tokens']['train']:,} train tokens")
+        console.info(
+            f"prepare: bpe_dropout added {copies} re-segmented cop{'y' if copies == 1 else 'ies'} of the "
+            f"train text: {counts['augmented_tokens']:,} of the {counts['tokens']['train']:,} train tokens"
+        )
     return {
         "manifest": str(out_dir / MANIFEST_FILE),
         "train": str(out_dir / shard_name("train")),
@@ -181,8 +190,10 @@ def _not_text(path: Path, encoding: str) -> str:
     if b"\x00" in raw[:8192]:
         return f"{path}: a binary file, not text (NUL bytes near the start); point data.path at text files"
     where = f" (the first bad byte is at offset {offset})" if offset is not None else ""
-    return (f"{path}: not {encoding} text{where}; set data.encoding to the file's "
-            "encoding (e.g. latin-1, cp1252) or convert it to UTF-8")
+    return (
+        f"{path}: not {encoding} text{where}; set data.encoding to the file's "
+        "encoding (e.g. latin-1, cp1252) or convert it to UTF-8"
+    )
 
 
 def _file_chunks(handle: Any, size: int) -> Iterator[str]:
@@ -316,14 +327,18 @@ def _tokenizer(data: TextDataConfig, files: list[Path], keep: list[bool], chars:
         assert data.tokenizer.path is not None
         return tokenizers.load(data.tokenizer.path)
     console.info(f"prepare: training byte-level BPE, vocab {data.tokenizer.vocab_size}")
-    return tokenizers.train_bpe(
-        (chunk for _, chunk, _ in _kept_chunks(files, data, keep)), data.tokenizer.vocab_size
-    )
+    return tokenizers.train_bpe((chunk for _, chunk, _ in _kept_chunks(files, data, keep)), data.tokenizer.vocab_size)
 
 
 def _encode(
-    files: list[Path], data: TextDataConfig, keep: list[bool], tok: tokenizers.Tokenizer,
-    dtype: type, total_chars: int, seed: int, out_dir: Path,
+    files: list[Path],
+    data: TextDataConfig,
+    keep: list[bool],
+    tok: tokenizers.Tokenizer,
+    dtype: type,
+    total_chars: int,
+    seed: int,
+    out_dir: Path,
 ) -> dict[str, Any]:
     tokens = {"train": 0, "val": 0}
     chars = {"train": 0, "val": 0}
@@ -373,15 +388,19 @@ def _encode(
                         train_part = chunk[: max(0, min(len(chunk), boundary - offset))]
                         offset += len(chunk)
                     if train_part:
-                        augmented += write(shards["train"], "train", train_part,
-                                           last and len(train_part) == len(chunk), encode)
+                        augmented += write(
+                            shards["train"], "train", train_part, last and len(train_part) == len(chunk), encode
+                        )
         for handle in shards.values():
             handle.flush()
     for split in ("train", "val"):
         if tokens[split] == 0:
             raise UserError(
                 f"data: the {split} split is empty; "
-                + ("use data.split 'tail' or more documents" if data.split == "document"
-                   else "use more text or change data.val_fraction")
+                + (
+                    "use data.split 'tail' or more documents"
+                    if data.split == "document"
+                    else "use more text or change data.val_fraction"
+                )
             )
     return {"tokens": tokens, "chars": chars, "augmented_tokens": augmented}

@@ -74,26 +74,41 @@ def run(config: Config) -> dict[str, Any]:
         "labels": labels,
         "seed": config.seed,
         "vocab_size": tok.get_vocab_size(),
-        "tokenizer": {"kind": "wordpiece" if source is None else "pretrained", "file": TOKENIZER_FILE,
-                      "source": source},
+        "tokenizer": {
+            "kind": "wordpiece" if source is None else "pretrained",
+            "file": TOKENIZER_FILE,
+            "source": source,
+        },
         "special_ids": special,
         "pad_id": special["[PAD]"] or 0,
         "max_tokens": model.block_size,
         "truncated": truncated,
         "splits": splits,
-        "tokens": {name: int(sum(arrays[key].size for key in (f"{name}_ids", f"{name}_b_ids") if key in arrays))
-                   for name in SPLITS},
-        "class_counts": ({name: np.bincount(arrays[f"{name}_y"], minlength=len(labels)).tolist() for name in SPLITS}
-                         if labels else None),
+        "tokens": {
+            name: int(sum(arrays[key].size for key in (f"{name}_ids", f"{name}_b_ids") if key in arrays))
+            for name in SPLITS
+        },
+        "class_counts": (
+            {name: np.bincount(arrays[f"{name}_y"], minlength=len(labels)).tolist() for name in SPLITS}
+            if labels
+            else None
+        ),
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
     sizes = ", ".join(f"{name} {splits[name]}" for name in SPLITS)
     cut = sum(truncated.values())
-    console.info(f"prepare: {sum(splits.values())} {what} from {path.name}; {sizes}"
-                 + (f"; {len(labels)} classes" if labels else "") + f"; vocab {manifest['vocab_size']}"
-                 + (f"; {cut} texts truncated to {model.block_size} tokens" if cut else ""))
-    return {"manifest": str(out_dir / MANIFEST_FILE), "data": str(out_dir / DATA_FILE), "rows": splits,
-            "truncated": truncated}
+    console.info(
+        f"prepare: {sum(splits.values())} {what} from {path.name}; {sizes}"
+        + (f"; {len(labels)} classes" if labels else "")
+        + f"; vocab {manifest['vocab_size']}"
+        + (f"; {cut} texts truncated to {model.block_size} tokens" if cut else "")
+    )
+    return {
+        "manifest": str(out_dir / MANIFEST_FILE),
+        "data": str(out_dir / DATA_FILE),
+        "rows": splits,
+        "truncated": truncated,
+    }
 
 
 def _sections(config: Config) -> tuple[TextClassificationDataConfig, BERTConfig]:
@@ -102,16 +117,19 @@ def _sections(config: Config) -> tuple[TextClassificationDataConfig, BERTConfig]
     return config.data, config.model
 
 
-def _records(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, str | None, dict[str, int],
-                                                  dict[str, int], list[dict[str, Any]], list[str]]:
+def _records(
+    config: Config, path: Path
+) -> tuple[dict[str, np.ndarray], Any, str | None, dict[str, int], dict[str, int], list[dict[str, Any]], list[str]]:
     """The texts of a CSV/JSONL file, split seeded (stratified by label for a classifier), tokenized.
     Returns arrays, tokenizer, its source, split sizes, truncation counts, the test records and labels."""
     (data, model), task = _sections(config), config.task
     records = read_records(path)
     columns = [data.text] + ([data.text_pair] if data.text_pair else [])
     if task == "embedding" and not data.text_pair:
-        raise UserError("data.text_pair: an embedding model learns from and is scored on pairs of texts that belong "
-                        "together; set data.text_pair to the column of each text's partner")
+        raise UserError(
+            "data.text_pair: an embedding model learns from and is scored on pairs of texts that belong "
+            "together; set data.text_pair to the column of each text's partner"
+        )
     _check_columns(records, [*columns, *([data.label] if task == "classification" else [])], path)
     texts = [[_text(record, column, index, path) for column in columns] for index, record in enumerate(records)]
     labels: list[str] = []
@@ -119,8 +137,10 @@ def _records(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, st
     if task == "classification":
         labels = label_order({str(record[data.label]).strip() for record in records})
         if len(labels) < 2:
-            raise UserError(f"{path}: every text has the label {labels[0]!r}; a classifier needs at least two "
-                            f"classes in column '{data.label}'")
+            raise UserError(
+                f"{path}: every text has the label {labels[0]!r}; a classifier needs at least two "
+                f"classes in column '{data.label}'"
+            )
         y = np.array([labels.index(str(record[data.label]).strip()) for record in records], dtype=np.int64)
     split = seeded_split(len(records), y if data.stratify else None, _Fractions(data), config.seed)
     tok, source = _tokenizer(config, [text for i in split["train"] for text in texts[i]])
@@ -133,8 +153,14 @@ def _records(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, st
         rows = [texts[i] for i in split[name]]
         truncated[name] = 0
         for prefix, side in sides:
-            ids, types, cut = _encode(tok, rows if side is None else [[row[side]] for row in rows],
-                                      model.block_size, data.too_long, path, split[name])
+            ids, types, cut = _encode(
+                tok,
+                rows if side is None else [[row[side]] for row in rows],
+                model.block_size,
+                data.too_long,
+                path,
+                split[name],
+            )
             _store(arrays, f"{name}_{prefix}", ids)
             if data.text_pair and side is None:
                 arrays[f"{name}_types"] = np.concatenate(types).astype(np.uint8)
@@ -145,14 +171,17 @@ def _records(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, st
     return arrays, tok, source, splits, truncated, [records[i] for i in split["test"]], labels
 
 
-def _corpus(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, str | None, dict[str, int],
-                                                 dict[str, int]]:
+def _corpus(
+    config: Config, path: Path
+) -> tuple[dict[str, np.ndarray], Any, str | None, dict[str, int], dict[str, int]]:
     """A .txt corpus for masked-LM pre-training: paragraphs (blank-line separated) in order, the first ones
     train, the next validate, the last test (by characters; no passage is in two splits); each split's
     tokens end to end, cut into windows of model.block_size tokens with [CLS] and [SEP] (nothing is lost)."""
     if config.task != "mlm":
-        raise UserError(f"{path}: a .txt corpus has no labels or pairs, it trains model.task mlm (got "
-                        f"'{config.task}'); use a CSV or JSONL file for {config.task}")
+        raise UserError(
+            f"{path}: a .txt corpus has no labels or pairs, it trains model.task mlm (got "
+            f"'{config.task}'); use a CSV or JSONL file for {config.task}"
+        )
     paragraphs = [" ".join(block.split()) for block in read_text(path).split("\n\n")]
     paragraphs = [p for p in paragraphs if p]
     ends = np.cumsum([len(p) for p in paragraphs]) if paragraphs else np.array([0])
@@ -163,17 +192,23 @@ def _corpus(config: Config, path: Path) -> tuple[dict[str, np.ndarray], Any, str
     parts = {"train": paragraphs[:val_from], "val": paragraphs[val_from:test_from], "test": paragraphs[test_from:]}
     for name, part in parts.items():
         if not part:
-            raise UserError(f"{path}: {len(paragraphs)} paragraphs are too few to give a {name} split; use a longer "
-                            "corpus (paragraphs are separated by blank lines)")
+            raise UserError(
+                f"{path}: {len(paragraphs)} paragraphs are too few to give a {name} split; use a longer "
+                "corpus (paragraphs are separated by blank lines)"
+            )
     tok, source = _tokenizer(config, parts["train"])
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     width = model.block_size - 2
     arrays: dict[str, np.ndarray] = {}
     for name, part in parts.items():
-        stream = np.concatenate([np.asarray(e.ids, dtype=np.int64)
-                                 for e in tok.encode_batch(part, add_special_tokens=False)])
-        _store(arrays, f"{name}_", [np.concatenate([[cls_id], stream[i : i + width], [sep_id]])
-                                    for i in range(0, len(stream), width)])
+        stream = np.concatenate(
+            [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(part, add_special_tokens=False)]
+        )
+        _store(
+            arrays,
+            f"{name}_",
+            [np.concatenate([[cls_id], stream[i : i + width], [sep_id]]) for i in range(0, len(stream), width)],
+        )
     splits = {name: len(arrays[f"{name}_offsets"]) - 1 for name in SPLITS}
     return arrays, tok, source, splits, dict.fromkeys(SPLITS, 0)
 
@@ -207,8 +242,10 @@ def _check_columns(records: list[dict[str, Any]], columns: list[str], path: Path
     have = list(records[0])
     for column in columns:
         if column not in have:
-            raise UserError(f"{path}: no column '{column}' (columns: {', '.join(have)}); set data.text / "
-                            "data.text_pair / data.label to the right names")
+            raise UserError(
+                f"{path}: no column '{column}' (columns: {', '.join(have)}); set data.text / "
+                "data.text_pair / data.label to the right names"
+            )
 
 
 def _text(record: dict[str, Any], column: str, index: int, path: Path) -> str:
@@ -232,18 +269,22 @@ def _tokenizer(config: Config, train_texts: list[str]) -> tuple[Any, str | None]
         # into the stored texts and cut them at its length, not model.block_size: batches pad here.
         tok.no_padding()
         tok.no_truncation()
-        console.info(f"prepare: the tokenizer of {config.init.from_.name} ({source.model_type}, vocab "
-                     f"{tok.get_vocab_size()})")
+        console.info(
+            f"prepare: the tokenizer of {config.init.from_.name} ({source.model_type}, vocab {tok.get_vocab_size()})"
+        )
         return tok, str(config.init.from_)
-    tok = Tokenizer(models.WordPiece(train_wordpiece_vocab(train_texts, _sections(config)[0].vocab_size),
-                                     unk_token="[UNK]"))
+    tok = Tokenizer(
+        models.WordPiece(train_wordpiece_vocab(train_texts, _sections(config)[0].vocab_size), unk_token="[UNK]")
+    )
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     console.info(f"prepare: trained a WordPiece vocabulary of {tok.get_vocab_size()} on the training texts")
     return tok, None
 
@@ -268,8 +309,9 @@ def train_wordpiece_vocab(texts: list[str], vocab_size: int) -> dict[str, int]:
     symbols = sorted({w[0] for w in words} | set(continuing.values()))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), initial_alphabet=symbols,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIALS), initial_alphabet=symbols, show_progress=False
+    )
     bpe.train_from_iterator((w[0] + "".join(continuing[c] for c in w[1:]) for w in words), trainer=trainer)
     vocab = {}
     for token, number in sorted(bpe.get_vocab().items(), key=lambda item: item[1]):
@@ -280,8 +322,9 @@ def train_wordpiece_vocab(texts: list[str], vocab_size: int) -> dict[str, int]:
     return vocab
 
 
-def _encode(tok: Any, texts: list[list[str]], max_tokens: int, too_long: str, path: Path,
-            rows: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+def _encode(
+    tok: Any, texts: list[list[str]], max_tokens: int, too_long: str, path: Path, rows: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """Token ids and types of each example, at most max_tokens ([CLS] and [SEP] kept: the tokenizer cuts
     the text before its template adds them); how many were truncated."""
     tok.enable_truncation(max_length=max_tokens, strategy="longest_first")
@@ -293,8 +336,10 @@ def _encode(tok: Any, texts: list[list[str]], max_tokens: int, too_long: str, pa
     for row, encoding in zip(rows, encodings):
         if encoding.overflowing:
             if too_long == "error":
-                raise UserError(f"{path}: record {row + 1} is longer than model.block_size ({max_tokens} tokens); "
-                                "shorten it, raise model.block_size, or set data.too_long: truncate")
+                raise UserError(
+                    f"{path}: record {row + 1} is longer than model.block_size ({max_tokens} tokens); "
+                    "shorten it, raise model.block_size, or set data.too_long: truncate"
+                )
             truncated += 1
         ids.append(np.asarray(encoding.ids))
         types.append(np.asarray(encoding.type_ids))

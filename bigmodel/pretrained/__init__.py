@@ -64,8 +64,14 @@ def describe(path: Path) -> Source:
     raise UserError(f"init.from: {path} is neither a model folder (with config.json) nor a .gguf file")
 
 
-def decoder_targets(arch: DecoderArch, names: list[str], top: dict[str, str], layer_prefix: str,
-                    layer: dict[str, str], qkv: dict[str, str]) -> dict[str, Target]:
+def decoder_targets(
+    arch: DecoderArch,
+    names: list[str],
+    top: dict[str, str],
+    layer_prefix: str,
+    layer: dict[str, str],
+    qkv: dict[str, str],
+) -> dict[str, Target]:
     """Where each file tensor goes: `top` maps whole-model tensors, `layer` the tensors of block N (named
     `<layer_prefix>N.<rest>`), and `qkv` the query/key/value projections (rest without .weight/.bias ->
     q, k or v), which fill the rows of the fused c_attn. Unknown names are left out (the caller refuses)."""
@@ -97,8 +103,10 @@ def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> set[str]
             del source.targets[name]
             continue
         if target not in expected:
-            raise UserError(f"{source.path}: tensor {name} has no place in the {source.model_type} architecture "
-                            "read from its config; the file and its config disagree")
+            raise UserError(
+                f"{source.path}: tensor {name} has no place in the {source.model_type} architecture "
+                "read from its config; the file and its config disagree"
+            )
         want = expected[target]
         if target in POSITIONS:
             shape = (min(shape[0], want[0]), *shape[1:])
@@ -106,13 +114,16 @@ def check_plan(source: Source, expected: dict[str, tuple[int, ...]]) -> set[str]
             wrong.append(f"{name} {shape} (into {target} {want} at row {row})")
         filled[target] = filled.get(target, 0) + shape[0]
     if wrong:
-        raise UserError(f"{source.path}: tensor shapes do not match the architecture its config describes: "
-                        f"{'; '.join(wrong[:4])}")
+        raise UserError(
+            f"{source.path}: tensor shapes do not match the architecture its config describes: {'; '.join(wrong[:4])}"
+        )
     fresh = {name for name in expected if name.startswith("head.") and name not in filled}
     missing = [name for name, shape in expected.items() if name not in fresh and filled.get(name, 0) != shape[0]]
     if missing:
-        raise UserError(f"{source.path}: weights missing for {', '.join(missing[:5])}"
-                        f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}; the file is incomplete")
+        raise UserError(
+            f"{source.path}: weights missing for {', '.join(missing[:5])}"
+            f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}; the file is incomplete"
+        )
     return fresh
 
 
@@ -121,28 +132,37 @@ def check_config(model_cfg: Any, arch: DecoderArch | EncoderArch, origin: Path) 
     architecture (block_size may shrink the context, dropout is a training setting, task and pooling choose
     an encoder's head)."""
     if arch.family != model_cfg.family:
-        raise UserError(f"init.from: {origin.name} holds a '{arch.family}' model, but model.family is "
-                        f"'{model_cfg.family}'; import it into a config of its own family")
-    derived = {"n_kv_head": getattr(arch, "n_kv_head", None), "head_size": arch.head_size,
-               "intermediate_size": arch.mlp_hidden[0]}
+        raise UserError(
+            f"init.from: {origin.name} holds a '{arch.family}' model, but model.family is "
+            f"'{model_cfg.family}'; import it into a config of its own family"
+        )
+    derived = {
+        "n_kv_head": getattr(arch, "n_kv_head", None),
+        "head_size": arch.head_size,
+        "intermediate_size": arch.mlp_hidden[0],
+    }
     contradictions = []
     for key in sorted(model_cfg.model_fields_set - {"family", "dropout", "task", "pooling"}):
         wanted = getattr(model_cfg, key)
         have = derived.get(key, getattr(arch, key, None))
         if key == "block_size":
             if wanted > arch.block_size:
-                contradictions.append(f"model.block_size {wanted} exceeds the imported model's context "
-                                      f"{arch.block_size}")
+                contradictions.append(
+                    f"model.block_size {wanted} exceeds the imported model's context {arch.block_size}"
+                )
             continue
         if wanted != have:
             contradictions.append(f"model.{key} is {wanted!r} but {origin.name} has {have!r}")
     if contradictions:
-        raise UserError(f"the config contradicts the imported model: {'; '.join(contradictions)}; remove those "
-                        "keys from model: (an imported model's shape comes from its checkpoint)")
+        raise UserError(
+            f"the config contradicts the imported model: {'; '.join(contradictions)}; remove those "
+            "keys from model: (an imported model's shape comes from its checkpoint)"
+        )
 
 
-def with_config_overrides(arch: DecoderArch | EncoderArch, model_cfg: Any, task: str | None = None,
-                          labels: int = 0) -> DecoderArch | EncoderArch:
+def with_config_overrides(
+    arch: DecoderArch | EncoderArch, model_cfg: Any, task: str | None = None, labels: int = 0
+) -> DecoderArch | EncoderArch:
     """The imported architecture with what the config may change: a shorter context, dropout, and the run's
     task head (`task`, with `labels` classes) and its pooling where the model has several (an encoder)."""
     update: dict[str, Any] = {}

@@ -120,17 +120,20 @@ def _quiet_transformers() -> ModuleType:
     try:
         import transformers
     except ImportError as exc:
-        raise UserError("checking against transformers needs the verification extra: pip install 'bigmodel[hf]' "
-                        "(for an import, --set init.verify=false skips the check and records the checkpoint "
-                        "as unverified)") from exc
+        raise UserError(
+            "checking against transformers needs the verification extra: pip install 'bigmodel[hf]' "
+            "(for an import, --set init.verify=false skips the check and records the checkpoint "
+            "as unverified)"
+        ) from exc
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return transformers
 
 
-def load_transformers(folder: Path, gguf_file: str | None = None,
-                      auto_class: str = "AutoModelForCausalLM") -> tuple[ModuleType, torch.nn.Module]:
+def load_transformers(
+    folder: Path, gguf_file: str | None = None, auto_class: str = "AutoModelForCausalLM"
+) -> tuple[ModuleType, torch.nn.Module]:
     """transformers and its own model for a folder (or a GGUF file in it) in memory: fp32, local files, no
     remote code."""
     transformers = _quiet_transformers()
@@ -167,8 +170,9 @@ def _transformers_fetch(model: Any, weights: ShardedWeights) -> streaming.Fetch:
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head = {id(output.weight)} if output is not None and tied else set()
-    embedding_names = [n for n, p in model.named_parameters(remove_duplicate=False)
-                       if p is model.get_input_embeddings().weight]
+    embedding_names = [
+        n for n, p in model.named_parameters(remove_duplicate=False) if p is model.get_input_embeddings().weight
+    ]
     by_name = dict(model.named_parameters(remove_duplicate=False))
 
     def fetch(names: list[str]) -> torch.Tensor:
@@ -207,26 +211,41 @@ def reference_outputs(source: Source, ids: np.ndarray) -> tuple[np.ndarray, list
     return reference, [layer.numpy() for layer in layers], f"transformers {transformers.__version__}"
 
 
-def bigmodel_outputs(arch: DecoderArch | EncoderArch, fetch: streaming.Fetch, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+def bigmodel_outputs(
+    arch: DecoderArch | EncoderArch, fetch: streaming.Fetch, ids: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """bigmodel's output on `ids` (the model's `reference_output`) with its weights streamed from `fetch`
     in fp32, and each layer's hidden states."""
     with torch.device("meta"):
         model = registry.build_model(arch).eval()
-    with streaming.streamed(model, fetch) as live, streaming.layer_outputs(streaming.layer_list(live, arch.n_layer)) as layers:
+    with (
+        streaming.streamed(model, fetch) as live,
+        streaming.layer_outputs(streaming.layer_list(live, arch.n_layer)) as layers,
+    ):
         assert isinstance(live, (GPT, BERT))  # (registry builds these for a decoder or an encoder)
         ours = live.reference_output(torch.from_numpy(ids)).float().numpy()
     return ours, [layer.numpy() for layer in layers]
 
 
-def check_parity(fetch: streaming.Fetch, arch: DecoderArch | EncoderArch, source: Source, tokenizer: Any, atol: float,
-                 rtol: float = 0.0) -> dict[str, Any]:
+def check_parity(
+    fetch: streaming.Fetch,
+    arch: DecoderArch | EncoderArch,
+    source: Source,
+    tokenizer: Any,
+    atol: float,
+    rtol: float = 0.0,
+) -> dict[str, Any]:
     """bigmodel's numbers (weights from `fetch`: the checkpoint being written) against transformers' on the
     same files and prompt, and how far apart each layer's hidden states are."""
     ids = parity_ids(tokenizer, arch.block_size)
     reference, reference_layers, version = reference_outputs(source, ids)
     ours, our_layers = bigmodel_outputs(arch, fetch, ids)
-    return {"verified": True, "prompt_tokens": ids.shape[1], **compare(ours, reference, version, atol, rtol),
-            "layers_max_abs_diff": [float(np.abs(a - b).max()) for a, b in zip(our_layers, reference_layers)]}
+    return {
+        "verified": True,
+        "prompt_tokens": ids.shape[1],
+        **compare(ours, reference, version, atol, rtol),
+        "layers_max_abs_diff": [float(np.abs(a - b).max()) for a, b in zip(our_layers, reference_layers)],
+    }
 
 
 def compare(ours: np.ndarray, reference: np.ndarray, version: str, atol: float, rtol: float = 0.0) -> dict[str, Any]:
@@ -234,9 +253,12 @@ def compare(ours: np.ndarray, reference: np.ndarray, version: str, atol: float, 
     reference's largest |value| (fp32 rounding grows with the scale), and whether the argmax along the
     last axis agrees everywhere (greedy tokens, for logits)."""
     diff = float(np.abs(ours - reference).max())
-    return {"reference": version, "max_abs_diff": diff,
-            **parity.verdict(diff, float(np.abs(reference).max()), atol, rtol),
-            "same_greedy_tokens": bool((ours.argmax(-1) == reference.argmax(-1)).all())}
+    return {
+        "reference": version,
+        "max_abs_diff": diff,
+        **parity.verdict(diff, float(np.abs(reference).max()), atol, rtol),
+        "same_greedy_tokens": bool((ours.argmax(-1) == reference.argmax(-1)).all()),
+    }
 
 
 def enforce(report: dict[str, Any], stage: str, checked: str, unpublished: str) -> None:
@@ -245,5 +267,8 @@ def enforce(report: dict[str, Any], stage: str, checked: str, unpublished: str) 
     allowed = parity.allowed(report)
     console.info(f"{stage}: {checked}: max abs logit diff {report['max_abs_diff']:.3g} ({allowed}) -> {verdict}")
     if not report["passed"]:
-        raise GateFailed(f"{stage} parity with {report['reference']} failed: max abs logit diff "
-                         f"{report['max_abs_diff']:.3g} > {allowed}; {unpublished}", {"parity": report})
+        raise GateFailed(
+            f"{stage} parity with {report['reference']} failed: max abs logit diff "
+            f"{report['max_abs_diff']:.3g} > {allowed}; {unpublished}",
+            {"parity": report},
+        )

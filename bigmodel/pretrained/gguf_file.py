@@ -38,25 +38,37 @@ def describe(path: Path) -> Source:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError and friends for files that are not GGUF
         raise UserError(f"{path}: not a readable GGUF file ({exc})") from exc
-    meta = {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("tokenizer.ggml.")}
+    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")}
     architecture = meta.get("general.architecture")
     if architecture not in SUPPORTED:
-        raise UserError(f"{path}: GGUF architecture {architecture!r} is not supported; bigmodel imports "
-                        f"{', '.join(SUPPORTED)} GGUF files (and gpt2/llama/mistral/qwen2 Hugging Face folders)")
+        raise UserError(
+            f"{path}: GGUF architecture {architecture!r} is not supported; bigmodel imports "
+            f"{', '.join(SUPPORTED)} GGUF files (and gpt2/llama/mistral/qwen2 Hugging Face folders)"
+        )
     arch = _arch(meta, reader, path)
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
-        raise UserError(f"{path}: the file carries rope_freqs (Llama 3.1-style rope scaling baked into a tensor), "
-                        "which bigmodel does not import; use the model's Hugging Face folder")
+        raise UserError(
+            f"{path}: the file carries rope_freqs (Llama 3.1-style rope scaling baked into a tensor), "
+            "which bigmodel does not import; use the model's Hugging Face folder"
+        )
     targets = _targets(arch, tensors, path)
     shapes = {name: tuple(reversed([int(d) for d in tensors[name].shape])) for name in targets}
     kinds = sorted({tensors[name].tensor_type.name for name in targets})
     tokenizer_json, special, template = tokenizer_of(reader, path)
     return Source(
-        path=path, format="gguf", model_type=architecture, arch=arch, tokenizer_json=tokenizer_json,
-        special_tokens=special, chat_template=template, dtype="/".join(kinds), shapes=shapes, targets=targets,
-        fetch=lambda name: _fetch(path, arch, tensors[name]), notes=[],
+        path=path,
+        format="gguf",
+        model_type=architecture,
+        arch=arch,
+        tokenizer_json=tokenizer_json,
+        special_tokens=special,
+        chat_template=template,
+        dtype="/".join(kinds),
+        shapes=shapes,
+        targets=targets,
+        fetch=lambda name: _fetch(path, arch, tensors[name]),
+        notes=[],
     )
 
 
@@ -68,8 +80,10 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path) -> DecoderArch:
         return value
 
     if meta.get("llama.expert_count"):
-        raise UserError(f"{path}: a mixture-of-experts model (llama.expert_count = {meta['llama.expert_count']}) "
-                        "cannot be imported; bigmodel's decoder has one MLP per layer")
+        raise UserError(
+            f"{path}: a mixture-of-experts model (llama.expert_count = {meta['llama.expert_count']}) "
+            "cannot be imported; bigmodel's decoder has one MLP per layer"
+        )
     scaling = None
     kind = meta.get("llama.rope.scaling.type", "none")
     if kind == "linear":
@@ -79,25 +93,40 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path) -> DecoderArch:
     n_embd, n_head, n_layer = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
     tokens = reader.fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in reader.fields else []
     return DecoderArch(
-        vocab_size=int(meta.get("llama.vocab_size") or len(tokens)), n_layer=n_layer, n_head=n_head,
-        n_kv_head=int(key("attention.head_count_kv", n_head)), n_embd=n_embd,
+        vocab_size=int(meta.get("llama.vocab_size") or len(tokens)),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=int(key("attention.head_count_kv", n_head)),
+        n_embd=n_embd,
         head_size=int(meta.get("llama.attention.key_length") or n_embd // n_head),
-        block_size=int(key("context_length")), mlp_hidden=[int(key("feed_forward_length"))] * n_layer,
-        bias=False, qkv_bias=False, position="rope", rope_theta=float(key("rope.freq_base", 10000.0)),
-        rope_scaling=scaling, norm="rmsnorm", norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        mlp="swiglu", tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        block_size=int(key("context_length")),
+        mlp_hidden=[int(key("feed_forward_length"))] * n_layer,
+        bias=False,
+        qkv_bias=False,
+        position="rope",
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        norm="rmsnorm",
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        mlp="swiglu",
+        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
     )
 
 
 def _targets(arch: DecoderArch, tensors: dict[str, Any], path: Path) -> dict[str, Target]:
-    top = {"token_embd.weight": "transformer.wte.weight", "output_norm.weight": "transformer.ln_f.weight",
-           "output.weight": "lm_head.weight"}
+    top = {
+        "token_embd.weight": "transformer.wte.weight",
+        "output_norm.weight": "transformer.ln_f.weight",
+        "output.weight": "lm_head.weight",
+    }
     qkv = {"attn_q": "q", "attn_k": "k", "attn_v": "v"}
     targets = decoder_targets(arch, list(tensors), top, "blk.", LAYER, qkv)
     extra = sorted(set(tensors) - set(targets))
     if extra:
-        raise UserError(f"{path}: tensors {', '.join(extra[:4])} have no place in a llama decoder; this GGUF "
-                        "file is a variant bigmodel does not import")
+        raise UserError(
+            f"{path}: tensors {', '.join(extra[:4])} have no place in a llama decoder; this GGUF "
+            "file is a variant bigmodel does not import"
+        )
     return targets
 
 
@@ -153,20 +182,35 @@ def tokenizer_of(reader: Any, path: Path) -> tuple[str, dict[str, Any], str | No
         return reader.fields[name].contents() if name in reader.fields else default
 
     if field("tokenizer.ggml.model") != "gpt2":
-        raise UserError(f"{path}: tokenizer kind {field('tokenizer.ggml.model')!r} is not supported (byte-level "
-                        "BPE, 'gpt2', only)")
+        raise UserError(
+            f"{path}: tokenizer kind {field('tokenizer.ggml.model')!r} is not supported (byte-level BPE, 'gpt2', only)"
+        )
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type") or []
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
+    vocab = {
+        (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
+    }
     merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                               end_of_word_suffix="", fuse_unk=False))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t, kind in zip(tokens, types) if kind == 3 and set(t) <= alphabet])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, kind in zip(tokens, types)
+            if kind == 3 and set(t) <= alphabet
+        ]
+    )
     user = [AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types) if kind == 4]
     if user:
         tok.add_tokens(user)
@@ -174,6 +218,7 @@ def tokenizer_of(reader: Any, path: Path) -> tuple[str, dict[str, Any], str | No
     add_bos = bool(field("tokenizer.ggml.add_bos_token", False)) and bos is not None
     single = ([f"{tokens[bos]}:0"] if add_bos else []) + ["$A:0"]
     tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=[*single, "$B:1"], special_tokens=[(tokens[bos], bos)] if add_bos else [])
+        single=single, pair=[*single, "$B:1"], special_tokens=[(tokens[bos], bos)] if add_bos else []
+    )
     special = {"bos": bos, "eos": [eos] if eos is not None else [], "pad": field("tokenizer.ggml.padding_token_id")}
     return tok.to_str(), special, field("tokenizer.chat_template")

@@ -31,16 +31,21 @@ def describe(folder: Path) -> Source:
     config = _read_json(folder / "config.json", "config.json")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
-        raise UserError(f"{folder}/config.json: model_type {model_type!r} is not supported; bigmodel imports "
-                        f"{', '.join(SUPPORTED)} (read from config.json, whatever the folder is called)")
+        raise UserError(
+            f"{folder}/config.json: model_type {model_type!r} is not supported; bigmodel imports "
+            f"{', '.join(SUPPORTED)} (read from config.json, whatever the folder is called)"
+        )
     moe = [key for key in MOE_KEYS if config.get(key)]
     if moe:
-        raise UserError(f"{folder}: a mixture-of-experts model ({moe[0]} = {config[moe[0]]}) cannot be imported; "
-                        "bigmodel's decoder has one MLP per layer")
+        raise UserError(
+            f"{folder}: a mixture-of-experts model ({moe[0]} = {config[moe[0]]}) cannot be imported; "
+            "bigmodel's decoder has one MLP per layer"
+        )
     notes = []
     if config.get("auto_map"):
-        notes.append("config.json names custom code (auto_map); it was ignored: the architecture is bigmodel's "
-                     f"own {model_type}")
+        notes.append(
+            f"config.json names custom code (auto_map); it was ignored: the architecture is bigmodel's own {model_type}"
+        )
     arch_of, targets_of = KINDS[model_type]
     arch = arch_of(config, notes, folder)
     weights = ShardedWeights(_weight_files(folder))  # every header validated: a truncated shard is refused here
@@ -50,15 +55,26 @@ def describe(folder: Path) -> Source:
     kinds = sorted({dtypes[name] for name in targets}, key=str)
     bad = [kind for kind in kinds if kind not in FLOAT_DTYPES]
     if bad:
-        raise UserError(f"{folder}: weights of dtype {str(bad[0]).removeprefix('torch.')} cannot be imported "
-                        "(float32, float16 or bfloat16 only)")
+        raise UserError(
+            f"{folder}: weights of dtype {str(bad[0]).removeprefix('torch.')} cannot be imported "
+            "(float32, float16 or bfloat16 only)"
+        )
     transposed = _gpt2_conv1d(targets) if model_type == "gpt2" else set()
     shapes = {name: tuple(reversed(shapes[name])) if name in transposed else shapes[name] for name in targets}
     tokenizer_json, special, template = _tokenizer(folder, config)
     return Source(
-        path=folder, format="hf", model_type=model_type, arch=arch, tokenizer_json=tokenizer_json,
-        special_tokens=special, chat_template=template, dtype="/".join(FLOAT_DTYPES[k] for k in kinds),
-        shapes=shapes, targets=targets, fetch=lambda name: _fetch(weights, name, transposed), notes=notes,
+        path=folder,
+        format="hf",
+        model_type=model_type,
+        arch=arch,
+        tokenizer_json=tokenizer_json,
+        special_tokens=special,
+        chat_template=template,
+        dtype="/".join(FLOAT_DTYPES[k] for k in kinds),
+        shapes=shapes,
+        targets=targets,
+        fetch=lambda name: _fetch(weights, name, transposed),
+        notes=notes,
         reference=("AutoModel", "last_hidden_state") if isinstance(arch, EncoderArch) else REFERENCE,
     )
 
@@ -88,11 +104,14 @@ def _context(config: dict[str, Any], key: str, notes: list[str]) -> int:
     context = int(config[key])
     window = config.get("sliding_window")
     layer_types = config.get("layer_types") or []
-    sliding = window is not None and (config.get("use_sliding_window", True) is not False
-                                     or "sliding_attention" in layer_types)
+    sliding = window is not None and (
+        config.get("use_sliding_window", True) is not False or "sliding_attention" in layer_types
+    )
     if sliding and window is not None and int(window) < context:
-        notes.append(f"context limited to the sliding window of {window} tokens (max_position_embeddings "
-                     f"{context}): attention is exact within the window")
+        notes.append(
+            f"context limited to the sliding window of {window} tokens (max_position_embeddings "
+            f"{context}): attention is exact within the window"
+        )
         context = int(window)
     return context
 
@@ -108,16 +127,26 @@ def _gpt2_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decode
     }
     for key, refused in refusals.items():
         if refused:
-            raise UserError(f"{folder}/config.json: {key} = {config.get(key)!r} is not supported by bigmodel's "
-                            "GPT-2 (it would change what the model computes)")
+            raise UserError(
+                f"{folder}/config.json: {key} = {config.get(key)!r} is not supported by bigmodel's "
+                "GPT-2 (it would change what the model computes)"
+            )
     n_embd = int(config["n_embd"])
     return DecoderArch(
-        vocab_size=int(config["vocab_size"]), n_layer=int(config["n_layer"]), n_head=int(config["n_head"]),
-        n_kv_head=int(config["n_head"]), head_size=n_embd // int(config["n_head"]),
-        n_embd=n_embd, block_size=int(config.get("n_positions", 1024)),
+        vocab_size=int(config["vocab_size"]),
+        n_layer=int(config["n_layer"]),
+        n_head=int(config["n_head"]),
+        n_kv_head=int(config["n_head"]),
+        head_size=n_embd // int(config["n_head"]),
+        n_embd=n_embd,
+        block_size=int(config.get("n_positions", 1024)),
         mlp_hidden=[int(config.get("n_inner") or 4 * n_embd)] * int(config["n_layer"]),
-        bias=True, qkv_bias=True, position="learned", norm="layernorm",
-        norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), mlp=mlp,
+        bias=True,
+        qkv_bias=True,
+        position="learned",
+        norm="layernorm",
+        norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
+        mlp=mlp,
         tie_embeddings=bool(config.get("tie_word_embeddings", True)),
     )
 
@@ -132,8 +161,10 @@ def rope_settings(config: dict[str, Any], origin: str) -> tuple[float, RopeScali
     if kind == "default":
         return theta, None
     if kind not in ("linear", "llama3"):
-        raise UserError(f"{origin}: rope scaling {kind!r} is not supported (bigmodel reproduces 'linear' and "
-                        "'llama3' exactly); the model would compute something else")
+        raise UserError(
+            f"{origin}: rope scaling {kind!r} is not supported (bigmodel reproduces 'linear' and "
+            "'llama3' exactly); the model would compute something else"
+        )
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     return theta, RopeScaling(kind=kind, **{k: params[k] for k in keys if k in params})
 
@@ -149,13 +180,22 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
     n_layer = int(config["num_hidden_layers"])
     theta, scaling = rope_settings(config, origin)
     return DecoderArch(
-        vocab_size=int(config["vocab_size"]), n_layer=n_layer, n_head=n_head,
-        n_kv_head=int(config.get("num_key_value_heads") or n_head), n_embd=n_embd,
+        vocab_size=int(config["vocab_size"]),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=int(config.get("num_key_value_heads") or n_head),
+        n_embd=n_embd,
         head_size=int(config.get("head_dim") or n_embd // n_head),
         block_size=_context(config, "max_position_embeddings", notes),
         mlp_hidden=[int(config["intermediate_size"])] * n_layer,
-        bias=False, qkv_bias=model_type == "qwen2", position="rope", rope_theta=theta, rope_scaling=scaling,
-        norm="rmsnorm", norm_eps=float(config.get("rms_norm_eps", 1e-6)), mlp="swiglu",
+        bias=False,
+        qkv_bias=model_type == "qwen2",
+        position="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm="rmsnorm",
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        mlp="swiglu",
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
@@ -182,9 +222,11 @@ def _weight_files(folder: Path) -> list[Path]:
                 raise UserError(f"{index}: shard {name} is missing; download the whole model folder")
         return [folder / name for name in names]
     if any(folder.glob("pytorch_model*.bin")) or (folder / "model.pt").exists():
-        raise UserError(f"{folder}: has only pickle weights (pytorch_model.bin), which can run code when loaded; "
-                        "bigmodel reads safetensors only: get the model's model.safetensors (most hub models "
-                        "have one), or convert it where you trust the file")
+        raise UserError(
+            f"{folder}: has only pickle weights (pytorch_model.bin), which can run code when loaded; "
+            "bigmodel reads safetensors only: get the model's model.safetensors (most hub models "
+            "have one), or convert it where you trust the file"
+        )
     raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
 
 
@@ -196,8 +238,10 @@ def _fetch(weights: ShardedWeights, name: str, transposed: set[str]) -> torch.Te
 def _unplaced(shapes: dict[str, tuple[int, ...]], placed: dict[str, Target], folder: Path) -> None:
     extra = [n for n in shapes if n not in placed and not n.endswith(IGNORED_SUFFIXES)]
     if extra:
-        raise UserError(f"{folder}: tensors {', '.join(sorted(extra)[:4])} have no place in the architecture "
-                        "config.json describes; the weights and the config disagree")
+        raise UserError(
+            f"{folder}: tensors {', '.join(sorted(extra)[:4])} have no place in the architecture "
+            "config.json describes; the weights and the config disagree"
+        )
 
 
 def _gpt2_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
@@ -255,23 +299,32 @@ def _bert_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Encode
     }
     for key, refused in refusals.items():
         if refused:
-            raise UserError(f"{origin}: {key} = {config.get(key)!r} is not supported by bigmodel's BERT (it "
-                            "would change what the model computes)")
+            raise UserError(
+                f"{origin}: {key} = {config.get(key)!r} is not supported by bigmodel's BERT (it "
+                "would change what the model computes)"
+            )
     n_layer, n_embd = int(config["num_hidden_layers"]), int(config["hidden_size"])
     pooling = "cls"
     pooling_file = folder / "1_Pooling" / "config.json"  # a sentence-transformers model says how it pools
     if pooling_file.is_file() and _read_json(pooling_file, "pooling config").get("pooling_mode_mean_tokens"):
         pooling = "mean"
-        notes.append("a classifier reads the mean of the token states (the folder's 1_Pooling/config.json: the "
-                      "model was trained to be read that way)")
+        notes.append(
+            "a classifier reads the mean of the token states (the folder's 1_Pooling/config.json: the "
+            "model was trained to be read that way)"
+        )
     return EncoderArch(
-        task="embedding", vocab_size=int(config["vocab_size"]), n_layer=n_layer, pooling=pooling,
-        n_head=int(config["num_attention_heads"]), n_embd=n_embd,
+        task="embedding",
+        vocab_size=int(config["vocab_size"]),
+        n_layer=n_layer,
+        pooling=pooling,
+        n_head=int(config["num_attention_heads"]),
+        n_embd=n_embd,
         block_size=int(config.get("max_position_embeddings", 512)),
         mlp_hidden=[int(config.get("intermediate_size") or 4 * n_embd)] * n_layer,
         type_vocab_size=int(config.get("type_vocab_size", 2)),
         dropout=float(config.get("hidden_dropout_prob", 0.1)),
-        norm_eps=float(config.get("layer_norm_eps", 1e-12)), pad_id=int(config.get("pad_token_id") or 0),
+        norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        pad_id=int(config.get("pad_token_id") or 0),
     )
 
 
@@ -346,8 +399,10 @@ def _tokenizer(folder: Path, config: dict[str, Any]) -> tuple[str, dict[str, Any
 
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise UserError(f"{folder}: no tokenizer.json; bigmodel needs the model's fast tokenizer file beside "
-                        "its weights (a folder saved by transformers has one)")
+        raise UserError(
+            f"{folder}: no tokenizer.json; bigmodel needs the model's fast tokenizer file beside "
+            "its weights (a folder saved by transformers has one)"
+        )
     text = path.read_text(encoding="utf-8")
     tok = tokenizers.from_json(text, str(path))
     settings = _optional_json(folder / "tokenizer_config.json")
@@ -364,8 +419,11 @@ def _tokenizer(folder: Path, config: dict[str, Any]) -> tuple[str, dict[str, Any
     if not eos_ids and token_id("eos_token") is not None:
         eos_ids = [token_id("eos_token")]
     bos = config.get("bos_token_id")
-    special = {"bos": bos if isinstance(bos, int) else token_id("bos_token"), "eos": eos_ids,
-               "pad": token_id("pad_token")}
+    special = {
+        "bos": bos if isinstance(bos, int) else token_id("bos_token"),
+        "eos": eos_ids,
+        "pad": token_id("pad_token"),
+    }
     template = settings.get("chat_template")
     if not isinstance(template, str):
         jinja = folder / "chat_template.jinja"

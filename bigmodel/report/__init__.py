@@ -24,8 +24,10 @@ def run(config: Config) -> dict[str, Any]:
     try:
         from bigmodel.report import plots
     except ImportError as exc:
-        raise UserError(f"report draws its plots with matplotlib, which is not installed ({exc}); "
-                        "install the extra: pip install 'bigmodel[report]'") from None
+        raise UserError(
+            f"report draws its plots with matplotlib, which is not installed ({exc}); "
+            "install the extra: pip install 'bigmodel[report]'"
+        ) from None
     from bigmodel.report import page
 
     run_dir = config.stage_dir("report").parent
@@ -42,8 +44,7 @@ def run(config: Config) -> dict[str, Any]:
     with atomic_open(html_path) as handle:
         handle.write(page.render(config, artifacts, figures))
     console.info(f"report: {len(figures)} plots and {html_path}")
-    return {"report": str(html_path), "plots": [str(out_dir / name) for name in figures],
-            "stages": sorted(artifacts)}
+    return {"report": str(html_path), "plots": [str(out_dir / name) for name in figures], "stages": sorted(artifacts)}
 
 
 def collect(config: Config) -> dict[str, Any]:
@@ -86,32 +87,43 @@ def draw(artifacts: dict[str, Any], config: Config, plots: Any) -> dict[str, tup
     figures: dict[str, tuple[str, bytes]] = {}
     records = artifacts.get("train", {}).get("records", [])
     if records:
-        figures["loss_vs_step.png"] = ("Train and val loss against optimizer steps.",
-                                       plots.loss_curves(records, "step", "step"))
+        figures["loss_vs_step.png"] = (
+            "Train and val loss against optimizer steps.",
+            plots.loss_curves(records, "step", "step"),
+        )
         if any("tokens" in r for r in records):
-            figures["loss_vs_tokens.png"] = ("Loss against training tokens seen.",
-                                             plots.loss_curves(records, "tokens", "tokens"))
+            figures["loss_vs_tokens.png"] = (
+                "Loss against training tokens seen.",
+                plots.loss_curves(records, "tokens", "tokens"),
+            )
         elif any("epoch" in r for r in records):
             figures["loss_vs_epoch.png"] = ("Loss against epochs.", plots.loss_curves(records, "epoch", "epoch"))
         if any("lr" in r for r in records):
-            figures["lr.png"] = ("The learning-rate schedule as it ran.",
-                                 plots.series(records, "lr", "learning rate", "lr"))
+            figures["lr.png"] = (
+                "The learning-rate schedule as it ran.",
+                plots.series(records, "lr", "learning rate", "lr"),
+            )
         if any("tokens_per_s" in r for r in records):
-            figures["tokens_per_s.png"] = ("Training throughput per logging window.",
-                                           plots.series(records, "tokens_per_s", "throughput", "tokens/s"))
+            figures["tokens_per_s.png"] = (
+                "Training throughput per logging window.",
+                plots.series(records, "tokens_per_s", "throughput", "tokens/s"),
+            )
         if any("val_accuracy" in r for r in records):
-            figures["val_accuracy.png"] = ("Validation accuracy during training.",
-                                           plots.series(records, "val_accuracy", "val accuracy", "accuracy"))
+            figures["val_accuracy.png"] = (
+                "Validation accuracy during training.",
+                plots.series(records, "val_accuracy", "val accuracy", "accuracy"),
+            )
     metrics = artifacts.get("eval", {}).get("metrics", {})
     if "confusion_matrix" in metrics:
         labels = [str(label) for label in metrics.get("labels") or range(len(metrics["confusion_matrix"]))]
-        figures["confusion_matrix.png"] = (f"Confusion matrix on the {artifacts['eval'].get('split', 'test')} split, "
-                                           "each row normalised to 1.",
-                                           plots.confusion_matrix(metrics["confusion_matrix"], labels))
+        figures["confusion_matrix.png"] = (
+            f"Confusion matrix on the {artifacts['eval'].get('split', 'test')} split, each row normalised to 1.",
+            plots.confusion_matrix(metrics["confusion_matrix"], labels),
+        )
         figures["per_class.png"] = ("Precision and recall of every class.", plots.per_class(metrics["per_class"]))
     if artifacts.get("compress", {}).get("steps"):
-        figures["compress_tradeoff.png"] = ("The main metric of every compression step against weight size "
-                                            "and latency.", plots.compression_tradeoff(artifacts["compress"]["steps"]))
+        figures["compress_tradeoff.png"] = (
+            "The main metric of every compression step against weight size and latency.",
+            plots.compression_tradeoff(artifacts["compress"]["steps"]),
+        )
     return figures
-
-

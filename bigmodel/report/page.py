@@ -32,16 +32,19 @@ def render(config: Config, artifacts: dict[str, Any], figures: dict[str, tuple[s
         _stage_metrics(artifacts),
         _samples(artifacts),
         _section("Config", _folded("the resolved config", dump_yaml(config))),
-        _section("Data manifest", _folded("the prepared data's manifest",
-                                          compact_json(_readable_manifest(artifacts.get("prepare", {})))))
-        if "prepare" in artifacts else "",
+        _section(
+            "Data manifest",
+            _folded("the prepared data's manifest", compact_json(_readable_manifest(artifacts.get("prepare", {})))),
+        )
+        if "prepare" in artifacts
+        else "",
     ]
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>bigmodel report: {_e(run_dir.name)}</title><style>{STYLE}</style></head><body>\n"
         f"<h1>bigmodel report: {_e(run_dir.name)}</h1>\n"
-        f"<p class=\"dim\">{_e(str(run_dir))} &middot; {created} &middot; bigmodel {__version__}</p>\n"
+        f'<p class="dim">{_e(str(run_dir))} &middot; {created} &middot; bigmodel {__version__}</p>\n'
         + "\n".join(s for s in sections if s)
         + "\n</body></html>\n"
     )
@@ -57,33 +60,53 @@ def _summary(artifacts: dict[str, Any]) -> str:
     if data:
         counts = data.get("tokens") or data.get("splits") or {}
         ordered = sorted(counts.items(), key=lambda item: SPLIT_ORDER.get(item[0], len(SPLIT_ORDER)))
-        rows.append(("data", ", ".join(f"{split} {n:,}" for split, n in ordered)
-                     + (" tokens" if "tokens" in data else " rows")))
+        rows.append(
+            ("data", ", ".join(f"{split} {n:,}" for split, n in ordered) + (" tokens" if "tokens" in data else " rows"))
+        )
     train = artifacts.get("train", {})
     records = train.get("records", [])
     if records:
         evals = [r for r in records if "val_loss" in r]
         best = min(evals, key=lambda r: r["val_loss"]) if evals else None
-        rows.append(("training", f"{records[-1]['step']:,} steps"
-                     + (f"; best val loss {best['val_loss']:.4f} at step {best['step']:,}" if best else "")))
+        rows.append(
+            (
+                "training",
+                f"{records[-1]['step']:,} steps"
+                + (f"; best val loss {best['val_loss']:.4f} at step {best['step']:,}" if best else ""),
+            )
+        )
     evaluation = artifacts.get("eval")
     if evaluation:
         scores = evaluation.get("metrics", {})
         headline = [(k, scores[k]) for k in HEADLINE_ORDER if isinstance(scores.get(k), float)]
-        rows.append((f"eval ({evaluation.get('split') or evaluation.get('source', '')})",
-                     ", ".join(f"{k} {v:.4g}" for k, v in headline)))
+        rows.append(
+            (
+                f"eval ({evaluation.get('split') or evaluation.get('source', '')})",
+                ", ".join(f"{k} {v:.4g}" for k, v in headline),
+            )
+        )
     parity = artifacts.get("export")
     if parity:
-        verdict = "<span class=\"pass\">passed</span>" if parity.get("passed") else "<span class=\"fail\">FAILED</span>"
-        rows.append(("export parity", f"{verdict}: max |ONNX - PyTorch| {parity.get('max_abs_diff', float('nan')):.2e} "
-                     f"(tolerance {parity.get('atol')})"))
+        verdict = '<span class="pass">passed</span>' if parity.get("passed") else '<span class="fail">FAILED</span>'
+        rows.append(
+            (
+                "export parity",
+                f"{verdict}: max |ONNX - PyTorch| {parity.get('max_abs_diff', float('nan')):.2e} "
+                f"(tolerance {parity.get('atol')})",
+            )
+        )
     compress = artifacts.get("compress")
     if compress and compress.get("steps"):
         first, last = compress["steps"][0], compress["steps"][-1]
         metric = first["metric"]
-        rows.append(("compress", f"{last['name']}: {metric} {first['metrics'][metric]:.4g} -> "
-                     f"{last['metrics'][metric]:.4g}, weights {first['weight_bytes'] / 1024:,.0f} -> "
-                     f"{last['weight_bytes'] / 1024:,.0f} KiB"))
+        rows.append(
+            (
+                "compress",
+                f"{last['name']}: {metric} {first['metrics'][metric]:.4g} -> "
+                f"{last['metrics'][metric]:.4g}, weights {first['weight_bytes'] / 1024:,.0f} -> "
+                f"{last['weight_bytes'] / 1024:,.0f} KiB",
+            )
+        )
     body = "".join(f"<tr><th>{_e(k)}</th><td>{v if k == 'export parity' else _e(v)}</td></tr>" for k, v in rows)
     return _section("Summary", f"<table>{body}</table>")
 
@@ -92,12 +115,12 @@ def _figures(figures: dict[str, tuple[str, bytes]]) -> str:
     if not figures:
         return ""
     items = [
-        f"<figure id=\"{_e(name)}\"><img alt=\"{_e(name)}\" src=\"data:image/png;base64,"
-        f"{base64.b64encode(png).decode()}\"><figcaption>{_e(caption)} <span class=\"dim\">({_e(name)})</span>"
+        f'<figure id="{_e(name)}"><img alt="{_e(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode()}"><figcaption>{_e(caption)} <span class="dim">({_e(name)})</span>'
         "</figcaption></figure>"
         for name, (caption, png) in figures.items()
     ]
-    return _section("Plots", "<div class=\"plots\">" + "\n".join(items) + "</div>")
+    return _section("Plots", '<div class="plots">' + "\n".join(items) + "</div>")
 
 
 def _stage_metrics(artifacts: dict[str, Any]) -> str:
@@ -105,18 +128,32 @@ def _stage_metrics(artifacts: dict[str, Any]) -> str:
     evaluation = artifacts.get("eval")
     if evaluation:
         scalars = {k: v for k, v in evaluation.get("metrics", {}).items() if isinstance(v, (int, float))}
-        order = sorted(scalars, key=lambda k: (HEADLINE_ORDER.index(k) if k in HEADLINE_ORDER else len(HEADLINE_ORDER), k))
+        order = sorted(
+            scalars, key=lambda k: (HEADLINE_ORDER.index(k) if k in HEADLINE_ORDER else len(HEADLINE_ORDER), k)
+        )
         parts.append("<h3>eval</h3>" + _table(["metric", "value"], [[k, _num(scalars[k])] for k in order]))
     compress = artifacts.get("compress")
     if compress and compress.get("steps"):
         metric = compress["steps"][0]["metric"]
-        rows = [[r["name"], f"{r['parameters']:,}", f"{r['nonzeros']:,}", f"{r['weight_bytes'] / 1024:,.1f}",
-                 _num(r["metrics"][metric]), f"{r['latency_ms']:.3f}"] for r in compress["steps"]]
-        parts.append("<h3>compress</h3>" + _table(
-            ["step", "parameters", "non-zero", "weights KiB", metric, "latency ms"], rows))
+        rows = [
+            [
+                r["name"],
+                f"{r['parameters']:,}",
+                f"{r['nonzeros']:,}",
+                f"{r['weight_bytes'] / 1024:,.1f}",
+                _num(r["metrics"][metric]),
+                f"{r['latency_ms']:.3f}",
+            ]
+            for r in compress["steps"]
+        ]
+        parts.append(
+            "<h3>compress</h3>" + _table(["step", "parameters", "non-zero", "weights KiB", metric, "latency ms"], rows)
+        )
     parity = artifacts.get("export")
     if parity:
-        parts.append("<h3>export parity</h3>" + _table(["", "value"], [[k, _cell(v)] for k, v in sorted(parity.items())]))
+        parts.append(
+            "<h3>export parity</h3>" + _table(["", "value"], [[k, _cell(v)] for k, v in sorted(parity.items())])
+        )
     return _section("Metrics of every stage", "\n".join(parts)) if parts else ""
 
 
@@ -139,8 +176,10 @@ def _predictions(rows: list[dict[str, str]]) -> str:
     plain = [k for k in rows[0] if not k.startswith("prob_")]
     has_probs = any(k.startswith("prob_") for k in rows[0])
     header = plain + (["p(prediction)"] if has_probs else [])
-    body = [[_cell(r[k]) for k in plain] + ([_cell(r.get(f"prob_{r.get('prediction')}", ""))] if has_probs else [])
-            for r in rows]
+    body = [
+        [_cell(r[k]) for k in plain] + ([_cell(r.get(f"prob_{r.get('prediction')}", ""))] if has_probs else [])
+        for r in rows
+    ]
     return _table(header, body)
 
 
@@ -181,9 +220,12 @@ def compact_json(value: Any, indent: str = "") -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(f"<tr><td>{_e(row[0])}</td>" + "".join(
-        f"<td class=\"num\">{_e(c)}</td>" if _is_number(c) else f"<td>{_e(c)}</td>" for c in row[1:]) + "</tr>"
-        for row in rows)
+    body = "".join(
+        f"<tr><td>{_e(row[0])}</td>"
+        + "".join(f'<td class="num">{_e(c)}</td>' if _is_number(c) else f"<td>{_e(c)}</td>" for c in row[1:])
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

@@ -81,8 +81,15 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str]) -> bytes:
         for i, row in enumerate(normalised):
             for j, value in enumerate(row):
                 if value > 0:
-                    axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                              color="white" if value > 0.5 else "black")
+                    axes.text(
+                        j,
+                        i,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if value > 0.5 else "black",
+                    )
     return _png(figure)
 
 

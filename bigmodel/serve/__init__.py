@@ -25,12 +25,19 @@ def run(config: Config) -> dict[str, Any]:
     settings = config.serve
     model = settings.model or config.infer.model or config.stage_dir("export") / "model.onnx"
     name = settings.name or config.stage_dir("export").parent.name
-    return serve(Path(model), settings, config.infer.providers, config.infer.threads or config.threads, name,
-                 config.memory_limit)
+    return serve(
+        Path(model), settings, config.infer.providers, config.infer.threads or config.threads, name, config.memory_limit
+    )
 
 
-def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,
-          name: str | None = None, memory_limit: int | None = None) -> dict[str, Any]:
+def serve(
+    model: Path,
+    settings: ServeConfig,
+    providers: list[str],
+    threads: int | None,
+    name: str | None = None,
+    memory_limit: int | None = None,
+) -> dict[str, Any]:
     import uvicorn
 
     from bigmodel.serve.app import DrainingServer
@@ -41,21 +48,33 @@ def serve(model: Path, settings: ServeConfig, providers: list[str], threads: int
     except BaseException:
         listening.close()
         raise
-    console.info(f"serve: {engine.kind} model '{engine.name}' from {model} on http://{settings.host}:{settings.port} "
-                 f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})")
+    console.info(
+        f"serve: {engine.kind} model '{engine.name}' from {model} on http://{settings.host}:{settings.port} "
+        f"(/v1, /health, /metrics{'; API key required' if api_key(settings) else ''})"
+    )
     # uvicorn's own graceful timeout is only a backstop: the drain ends by cutting requests cleanly first.
-    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                           access_log=False,
-                                           timeout_graceful_shutdown=int(settings.drain_seconds) + 10),
-                            settings.drain_seconds, engine.cut)
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.drain_seconds) + 10,
+        ),
+        settings.drain_seconds,
+        engine.cut,
+    )
     try:
         server.run(sockets=[listening])
     finally:
         server.stop_timer()
         engine.close()  # the decoding thread stops before the interpreter does (ONNX Runtime mid-run aborts)
     if server.cut_requests:
-        console.warn(f"serve: stopped; {server.cut_requests} request(s) still running after the "
-                     f"{settings.drain_seconds:g} s drain were cut (serve.drain_seconds)")
+        console.warn(
+            f"serve: stopped; {server.cut_requests} request(s) still running after the "
+            f"{settings.drain_seconds:g} s drain were cut (serve.drain_seconds)"
+        )
     else:
         console.info("serve: stopped (in-flight requests finished)")
     return {"model": str(model), "stopped": True, "cut_requests": server.cut_requests}
@@ -65,11 +84,14 @@ def listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, held from here until uvicorn serves on it (no race with another
     process); a host that does not resolve or a port in use is one line naming the setting."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as exc:
-        raise UserError(f"serve.host {host!r} does not resolve ({exc.strerror}); give an address such as "
-                        "127.0.0.1 or 0.0.0.0 (--host)") from exc
+        raise UserError(
+            f"serve.host {host!r} does not resolve ({exc.strerror}); give an address such as "
+            "127.0.0.1 or 0.0.0.0 (--host)"
+        ) from exc
     listening = socket.socket(family, kind, proto)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn does: restarts reuse the port)
     try:
@@ -77,13 +99,21 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         listening.close()
         taken = exc.errno == errno.EADDRINUSE
-        raise UserError(f"serve.port {port} on {host} {'is in use (another server?)' if taken else exc.strerror}; "
-                        f"{'choose another --port' if taken else 'choose another --host or --port'}") from exc
+        raise UserError(
+            f"serve.port {port} on {host} {'is in use (another server?)' if taken else exc.strerror}; "
+            f"{'choose another --port' if taken else 'choose another --host or --port'}"
+        ) from exc
     return listening
 
 
-def build(model: Path, settings: ServeConfig, providers: list[str], threads: int | None,
-          name: str | None = None, memory_limit: int | None = None) -> tuple[Any, Any]:
+def build(
+    model: Path,
+    settings: ServeConfig,
+    providers: list[str],
+    threads: int | None,
+    name: str | None = None,
+    memory_limit: int | None = None,
+) -> tuple[Any, Any]:
     """The ASGI app and its warmed-up engine (tests drive the app directly)."""
     from bigmodel.families import family_of_onnx_kind
     from bigmodel.infer import PROMPT_ROOM
@@ -97,8 +127,9 @@ def build(model: Path, settings: ServeConfig, providers: list[str], threads: int
     server = family_of_onnx_kind(meta.kind, model).module("server")
     engine = server.Engine(session, meta, model, name or default_name(model), settings)
     engine.warm_up()
-    return create_app(engine, api_key(settings), settings.max_queue, settings.max_body_bytes,
-                      settings.cors_origins), engine
+    return create_app(
+        engine, api_key(settings), settings.max_queue, settings.max_body_bytes, settings.cors_origins
+    ), engine
 
 
 def default_name(model: Path) -> str:

@@ -34,8 +34,14 @@ Handler = Callable[[Request], Awaitable[Response]]
 class RequestError(Exception):
     """A request the server refuses: its HTTP status and an OpenAI-style error naming the field."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.param, self.status, self.kind, self.headers = param, status, kind, headers or {}
 
@@ -65,25 +71,43 @@ class Metrics:
 
     def text(self, gauges: dict[str, tuple[str, float]]) -> str:
         """Counters, then the engine's live gauges ({name: (help, value)})."""
-        lines = ["# HELP bigmodel_requests_total HTTP requests by path and status.",
-                 "# TYPE bigmodel_requests_total counter"]
-        lines += [f'bigmodel_requests_total{{path="{path}",status="{status}"}} {count}'
-                  for (path, status), count in sorted(self.requests.items())]
+        lines = [
+            "# HELP bigmodel_requests_total HTTP requests by path and status.",
+            "# TYPE bigmodel_requests_total counter",
+        ]
+        lines += [
+            f'bigmodel_requests_total{{path="{path}",status="{status}"}} {count}'
+            for (path, status), count in sorted(self.requests.items())
+        ]
         errors = sum(count for (_, status), count in self.requests.items() if status >= 400)
-        lines += ["# HELP bigmodel_errors_total Requests answered with a 4xx or 5xx status.",
-                  "# TYPE bigmodel_errors_total counter", f"bigmodel_errors_total {errors}",
-                  "# HELP bigmodel_tokens_total Tokens read (prompt) and generated (completion).",
-                  "# TYPE bigmodel_tokens_total counter"]
+        lines += [
+            "# HELP bigmodel_errors_total Requests answered with a 4xx or 5xx status.",
+            "# TYPE bigmodel_errors_total counter",
+            f"bigmodel_errors_total {errors}",
+            "# HELP bigmodel_tokens_total Tokens read (prompt) and generated (completion).",
+            "# TYPE bigmodel_tokens_total counter",
+        ]
         lines += [f'bigmodel_tokens_total{{kind="{kind}"}} {count}' for kind, count in self.tokens.items()]
-        lines += ["# HELP bigmodel_request_seconds Time from request to the last byte of its answer.",
-                  "# TYPE bigmodel_request_seconds histogram"]
+        lines += [
+            "# HELP bigmodel_request_seconds Time from request to the last byte of its answer.",
+            "# TYPE bigmodel_request_seconds histogram",
+        ]
         cumulative = 0
         for bound, count in zip([*LATENCY_BUCKETS, float("inf")], self.latency_counts):
             cumulative += count
-            lines.append(f'bigmodel_request_seconds_bucket{{le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}')
-        lines += [f"bigmodel_request_seconds_sum {self.latency_sum:.6f}", f"bigmodel_request_seconds_count {cumulative}"]
+            lines.append(
+                f'bigmodel_request_seconds_bucket{{le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}'
+            )
+        lines += [
+            f"bigmodel_request_seconds_sum {self.latency_sum:.6f}",
+            f"bigmodel_request_seconds_count {cumulative}",
+        ]
         for name, (description, value) in gauges.items():
-            lines += [f"# HELP bigmodel_{name} {description}", f"# TYPE bigmodel_{name} gauge", f"bigmodel_{name} {value}"]
+            lines += [
+                f"# HELP bigmodel_{name} {description}",
+                f"# TYPE bigmodel_{name} gauge",
+                f"bigmodel_{name} {value}",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -105,8 +129,12 @@ class Queue:
         line when it says so); call before answering."""
         waiting = self.waiting if waiting is None else waiting
         if waiting >= self.limit:
-            raise RequestError(f"the server is busy ({waiting} requests waiting); retry shortly",
-                               status=503, kind="server_busy", headers={"Retry-After": "1"})
+            raise RequestError(
+                f"the server is busy ({waiting} requests waiting); retry shortly",
+                status=503,
+                kind="server_busy",
+                headers={"Retry-After": "1"},
+            )
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -147,8 +175,13 @@ class Engine:
 # ---------------------------------------------------------------------------------------------- app
 
 
-def create_app(engine: Any, api_key: str | None, max_queue: int, max_body_bytes: int = 4 * 2**20,
-               cors_origins: list[str] | None = None) -> Starlette:
+def create_app(
+    engine: Any,
+    api_key: str | None,
+    max_queue: int,
+    max_body_bytes: int = 4 * 2**20,
+    cors_origins: list[str] | None = None,
+) -> Starlette:
     """The ASGI app around a loaded, warmed-up engine (its `routes(queue, metrics)` give the /v1 API)."""
     metrics = Metrics()
     queue = Queue(max_queue)
@@ -164,20 +197,31 @@ def create_app(engine: Any, api_key: str | None, max_queue: int, max_body_bytes:
 
     async def model(request: Request) -> Response:
         if request.path_params["model_id"] != engine.name:
-            raise RequestError(f"no model {request.path_params['model_id']!r} here; this server serves "
-                               f"{engine.name!r}", "model", status=404, kind="not_found_error")
+            raise RequestError(
+                f"no model {request.path_params['model_id']!r} here; this server serves {engine.name!r}",
+                "model",
+                status=404,
+                kind="not_found_error",
+            )
         return JSONResponse(engine.card())
 
     routes = [Route("/health", health), Route("/metrics", prometheus)]
-    api = [*engine.routes(queue, metrics), ("/v1/models", ["GET"], models),
-           ("/v1/models/{model_id:path}", ["GET"], model)]
+    api = [
+        *engine.routes(queue, metrics),
+        ("/v1/models", ["GET"], models),
+        ("/v1/models/{model_id:path}", ["GET"], model),
+    ]
     routes += [Route(path, _guarded(handler, api_key), methods=methods) for path, methods, handler in api]
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.add_middleware(_Observe, metrics=metrics)
     if cors_origins:  # browsers on these origins may call the API (the preflight OPTIONS needs no key)
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 
@@ -189,8 +233,11 @@ def _guarded(handler: Handler, api_key: str | None) -> Handler:
             if api_key is not None:
                 given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
                 if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    raise RequestError("missing or wrong API key: send 'Authorization: Bearer KEY'", status=401,
-                                       kind="authentication_error")
+                    raise RequestError(
+                        "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                        status=401,
+                        kind="authentication_error",
+                    )
             return await handler(request)
         except RequestError as error:
             return error.response()
@@ -201,8 +248,9 @@ def _guarded(handler: Handler, api_key: str | None) -> Handler:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return RequestError(f"no such route: {request.method} {request.url.path}", status=404,
-                        kind="not_found_error").response()
+    return RequestError(
+        f"no such route: {request.method} {request.url.path}", status=404, kind="not_found_error"
+    ).response()
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
@@ -261,9 +309,12 @@ class _BodyLimit:
         await self.app(scope, counting_receive, send)
 
     def too_large(self, size: int) -> RequestError:
-        return RequestError(f"the body has {'more than ' if size <= self.limit else ''}{size:,} bytes; this server "
-                            f"takes at most {self.limit:,} (serve.max_body_bytes)", status=413,
-                            kind="request_too_large")
+        return RequestError(
+            f"the body has {'more than ' if size <= self.limit else ''}{size:,} bytes; this server "
+            f"takes at most {self.limit:,} (serve.max_body_bytes)",
+            status=413,
+            kind="request_too_large",
+        )
 
 
 class DrainingServer(uvicorn.Server):

@@ -152,6 +152,7 @@ class Scheduler:
 
     def _retire(self) -> None:
         """Drop rows that ended or were cancelled; rows whose context is now full leave the cache."""
+
         def live(request: Request) -> bool:
             return not request.cancelled.is_set() and request.generation.stop_reason is None
 
@@ -203,4 +204,3 @@ class Scheduler:
         logits, _ = self.decoder.run(ids, self.decoder.empty_cache(len(self.windowed)))
         for row, request in enumerate(self.windowed):
             request.logits = logits[row, -1]
-

@@ -43,8 +43,9 @@ class Engine(app.Engine):
         return {**super().card(), "task": self.meta.task}
 
     def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
-        async def encoded(request: Request, field: str, allowed: set[str],
-                          pairs: bool = False) -> tuple[list[Any], list[int]]:
+        async def encoded(
+            request: Request, field: str, allowed: set[str], pairs: bool = False
+        ) -> tuple[list[Any], list[int]]:
             """The texts' encodings (tokenised off the event loop) and which were cut to the context."""
             body = await json_body(request)
             unknown = sorted(set(body) - allowed - {"model", "truncate"})
@@ -56,8 +57,11 @@ class Engine(app.Engine):
             items = [value] if isinstance(value, str) or (pairs and _is_pair(value)) else value
             if pairs:  # a sentence-pair classifier reads [first, second] per item
                 if not isinstance(items, list) or not items or not all(_is_pair(t) for t in items):
-                    raise RequestError(f"{field}: a list of [text, text_pair] pairs of non-empty strings (this "
-                                       "model classifies sentence pairs)", field)
+                    raise RequestError(
+                        f"{field}: a list of [text, text_pair] pairs of non-empty strings (this "
+                        "model classifies sentence pairs)",
+                        field,
+                    )
                 texts = [list(t) for t in items]
             elif not isinstance(items, list) or not items or not all(_is_text(t) for t in items):
                 raise RequestError(f"{field}: a non-empty string or a list of non-empty strings", field)
@@ -67,36 +71,63 @@ class Engine(app.Engine):
             encodings = await asyncio.to_thread(encode_texts, self.tok, texts)
             cut = cut_texts(encodings)
             if cut and not body.get("truncate", False):  # the rule of every route: too long is refused unless asked
-                raise RequestError(f"{field}[{cut[0]}]: longer than the model's context of {self.context} tokens "
-                                   f"({len(cut)} of {len(texts)} items are); shorten it, or send \"truncate\": true "
-                                   "to cut each to the context", field)
+                raise RequestError(
+                    f"{field}[{cut[0]}]: longer than the model's context of {self.context} tokens "
+                    f'({len(cut)} of {len(texts)} items are); shorten it, or send "truncate": true '
+                    "to cut each to the context",
+                    field,
+                )
             return encodings, cut
 
         async def run(encodings: list[Any]) -> np.ndarray:
             async with queue.turn():
                 return await asyncio.to_thread(
-                    lambda: np.concatenate([run_encodings(self.session, self.meta, encodings[i : i + BATCH])
-                                            for i in range(0, len(encodings), BATCH)]))
+                    lambda: np.concatenate(
+                        [
+                            run_encodings(self.session, self.meta, encodings[i : i + BATCH])
+                            for i in range(0, len(encodings), BATCH)
+                        ]
+                    )
+                )
 
         async def embeddings(request: Request) -> Response:
             encodings, cut = await encoded(request, "input", {"input", "encoding_format", "user"})
             vectors = await run(encodings)
             tokens = sum(len(e.ids) for e in encodings)
-            return JSONResponse({"object": "list", "model": self.name, "data": [
-                {"object": "embedding", "index": i, "embedding": [float(v) for v in vector]}
-                for i, vector in enumerate(vectors)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, **({"truncated": cut} if cut else {})})
+            return JSONResponse(
+                {
+                    "object": "list",
+                    "model": self.name,
+                    "data": [
+                        {"object": "embedding", "index": i, "embedding": [float(v) for v in vector]}
+                        for i, vector in enumerate(vectors)
+                    ],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                    **({"truncated": cut} if cut else {}),
+                }
+            )
 
         async def predict(request: Request) -> Response:
             encodings, cut = await encoded(request, "texts", {"texts"}, self.pairs)
             probs = await run(encodings)
             labels = self.meta.labels or []
-            return JSONResponse({"model": self.name, "task": "classification", "predictions": [
-                {"prediction": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))}
-                for p in probs], **({"truncated": cut} if cut else {})})
+            return JSONResponse(
+                {
+                    "model": self.name,
+                    "task": "classification",
+                    "predictions": [
+                        {"prediction": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))}
+                        for p in probs
+                    ],
+                    **({"truncated": cut} if cut else {}),
+                }
+            )
 
-        route = ("/v1/embeddings", ["POST"], embeddings) if self.meta.task == "embedding" else \
-            ("/v1/predict", ["POST"], predict)
+        route = (
+            ("/v1/embeddings", ["POST"], embeddings)
+            if self.meta.task == "embedding"
+            else ("/v1/predict", ["POST"], predict)
+        )
         return [route]
 
 

@@ -92,8 +92,11 @@ class Engine(app.Engine):
 
     def cut(self) -> int:
         assert self.scheduler is not None
-        return self.scheduler.cut(RequestError("the server is shutting down and its drain time ran out; retry",
-                                               status=503, kind="server_shutting_down"))
+        return self.scheduler.cut(
+            RequestError(
+                "the server is shutting down and its drain time ran out; retry", status=503, kind="server_shutting_down"
+            )
+        )
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -102,8 +105,10 @@ class Engine(app.Engine):
     def gauges(self, queue: Queue) -> dict[str, tuple[str, float]]:
         """Live numbers for /metrics."""
         assert self.scheduler is not None
-        return {"queue_depth": ("Requests waiting for a row in the batch.", self.scheduler.waiting),
-                "batch_rows": ("Requests being decoded together now.", self.scheduler.rows)}
+        return {
+            "queue_depth": ("Requests waiting for a row in the batch.", self.scheduler.waiting),
+            "batch_rows": ("Requests being decoded together now.", self.scheduler.rows),
+        }
 
     def routes(self, queue: Queue, metrics: Metrics) -> list[tuple[str, list[str], Any]]:
         async def completions(request: Request) -> Response:
@@ -116,24 +121,42 @@ class Engine(app.Engine):
         async def chat(request: Request) -> Response:
             body = _parse(ChatRequest, await json_body(request))
             if not self.decoder.chat_template:
-                raise RequestError("this model has no chat template (imported models bring theirs); use "
-                                   "/v1/completions", "messages")
+                raise RequestError(
+                    "this model has no chat template (imported models bring theirs); use /v1/completions", "messages"
+                )
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
-            return await self._answer(request, messages, body, body.max_completion_tokens or body.max_tokens, True,
-                                      queue, metrics)
+            return await self._answer(
+                request, messages, body, body.max_completion_tokens or body.max_tokens, True, queue, metrics
+            )
 
         return [("/v1/completions", ["POST"], completions), ("/v1/chat/completions", ["POST"], chat)]
 
-    async def _answer(self, request: Request, prompt: Any, body: _Sampling, max_tokens: int | None, is_chat: bool,
-                      queue: Queue, metrics: Metrics) -> Response:
+    async def _answer(
+        self,
+        request: Request,
+        prompt: Any,
+        body: _Sampling,
+        max_tokens: int | None,
+        is_chat: bool,
+        queue: Queue,
+        metrics: Metrics,
+    ) -> Response:
         field = "messages" if is_chat else "prompt"
         chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
         if chars > self.longest_prompt:
-            raise RequestError(f"the prompt has {chars:,} characters, more than the model's context of "
-                               f"{self.decoder.block_size} tokens can hold: shorten it", field)
-        settings = InferConfig(max_new_tokens=max_tokens or self.max_tokens, temperature=body.temperature,
-                               top_k=body.top_k, top_p=body.top_p, chat=is_chat,
-                               stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))
+            raise RequestError(
+                f"the prompt has {chars:,} characters, more than the model's context of "
+                f"{self.decoder.block_size} tokens can hold: shorten it",
+                field,
+            )
+        settings = InferConfig(
+            max_new_tokens=max_tokens or self.max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            chat=is_chat,
+            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        )
         seed = body.seed if body.seed is not None else secrets.randbits(31)
         # Tokenising (and rendering a chat template) takes time on a long prompt: off the event loop.
         generation = await asyncio.to_thread(Generation, self.decoder, prompt, settings, seed)
@@ -166,15 +189,19 @@ class Engine(app.Engine):
         serve.context_shift), or serve.max_tokens capped to what fits."""
         prompt_tokens, context = len(generation.prompt_ids), self.decoder.block_size
         if prompt_tokens >= context:
-            raise RequestError(f"the prompt has {prompt_tokens} tokens; the model's context is {context}: "
-                               "shorten it", field)
+            raise RequestError(
+                f"the prompt has {prompt_tokens} tokens; the model's context is {context}: shorten it", field
+            )
         room = context - prompt_tokens
         if max_tokens is None:
             return self.max_tokens if self.context_shift else min(self.max_tokens, room)
         if max_tokens > room and not self.context_shift:
-            raise RequestError(f"max_tokens: {max_tokens} new tokens do not fit; the model's context is {context} "
-                               f"tokens and the prompt takes {prompt_tokens}, leaving {room}: ask for at most "
-                               f"{room} (or serve with serve.context_shift: true)", "max_tokens")
+            raise RequestError(
+                f"max_tokens: {max_tokens} new tokens do not fit; the model's context is {context} "
+                f"tokens and the prompt takes {prompt_tokens}, leaving {room}: ask for at most "
+                f"{room} (or serve with serve.context_shift: true)",
+                "max_tokens",
+            )
         return max_tokens
 
     async def _stream(self, row: Row, outbox: _Outbox, reply: _Reply, metrics: Metrics) -> AsyncIterator[str]:
@@ -189,8 +216,7 @@ class Engine(app.Engine):
                 if isinstance(end, str):
                     continue
                 if isinstance(end, BaseException):
-                    yield _event({"error": {"message": str(end), "type": "server_error", "param": None,
-                                            "code": None}})
+                    yield _event({"error": {"message": str(end), "type": "server_error", "param": None, "code": None}})
                     break
                 _count(metrics, end)
                 yield reply.chunk("", finish=FINISH[end["stop_reason"]])
@@ -267,8 +293,12 @@ class _Reply:
     def whole(self, result: dict[str, Any]) -> dict[str, Any]:
         finish = FINISH[result["stop_reason"]]
         if self.is_chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result["completion"]},
-                      "finish_reason": finish, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result["completion"]},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
             return {**self._head("chat.completion"), "choices": [choice], "usage": _usage(result)}
         choice = {"index": 0, "text": result["completion"], "finish_reason": finish, "logprobs": None}
         return {**self._head("text_completion"), "choices": [choice], "usage": _usage(result)}
@@ -287,8 +317,11 @@ class _Reply:
 
 
 def _usage(result: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["new_tokens"],
-            "total_tokens": result["prompt_tokens"] + result["new_tokens"]}
+    return {
+        "prompt_tokens": result["prompt_tokens"],
+        "completion_tokens": result["new_tokens"],
+        "total_tokens": result["prompt_tokens"] + result["new_tokens"],
+    }
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -303,8 +336,11 @@ def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
         error = exc.errors()[0]
         # pydantic appends a union member's type to the location (prompt.str): the field is what clients wrote.
         loc = list(error["loc"])
-        path = [str(part) for i, part in enumerate(loc) if isinstance(part, int) or part in _FIELDS
-                or (error["type"] == "extra_forbidden" and i == len(loc) - 1)]
+        path = [
+            str(part)
+            for i, part in enumerate(loc)
+            if isinstance(part, int) or part in _FIELDS or (error["type"] == "extra_forbidden" and i == len(loc) - 1)
+        ]
         field = ".".join(path) or None
         problem = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
         raise RequestError(f"{field}: {problem}" if field else problem, path[0] if path else None) from None

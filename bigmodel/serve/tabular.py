@@ -50,12 +50,18 @@ class Engine(app.Engine):
             queue.check_room()
             async with queue.turn():
                 try:
-                    _, predicted, _ = await asyncio.to_thread(predict_records, self.session, self.meta, records,
-                                                              "rows", 1024)
+                    _, predicted, _ = await asyncio.to_thread(
+                        predict_records, self.session, self.meta, records, "rows", 1024
+                    )
                 except UserError as exc:
                     raise RequestError(str(exc).replace("line ", "row "), "rows") from None
-            return JSONResponse({"model": self.name, "task": self.meta.task,
-                                 "predictions": [nest_probabilities(row) for row in predicted]})
+            return JSONResponse(
+                {
+                    "model": self.name,
+                    "task": self.meta.task,
+                    "predictions": [nest_probabilities(row) for row in predicted],
+                }
+            )
 
         return [("/v1/predict", ["POST"], predict)]
 

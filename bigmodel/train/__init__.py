@@ -13,8 +13,13 @@ from bigmodel.errors import Interrupted, UserError
 from bigmodel.families import family
 
 
-def run(config: Config, resume: bool = False, until_step: int | None = None, restart: bool = False,
-        allow_changes: bool = False) -> dict[str, Any]:
+def run(
+    config: Config,
+    resume: bool = False,
+    until_step: int | None = None,
+    restart: bool = False,
+    allow_changes: bool = False,
+) -> dict[str, Any]:
     """Train, or continue (`resume`) the run in <run_dir>/train. An unfinished run there is never thrown
     away silently: without --resume or --restart it is refused; a new run replaces every artifact of the
     old one before it starts (a finished one is replaced, and said so)."""
@@ -22,8 +27,10 @@ def run(config: Config, resume: bool = False, until_step: int | None = None, res
 
     model_family = family(config.model.family)
     if launched_by_torchrun() and not model_family.distributed:
-        raise UserError(f"distributed training (torchrun, --nproc) is not available for the "
-                        f"{model_family.name} family; train it in one process")
+        raise UserError(
+            f"distributed training (torchrun, --nproc) is not available for the "
+            f"{model_family.name} family; train it in one process"
+        )
     recipe = model_family.module("recipe")
     out_dir = config.stage_dir("train")
     # One training job per run directory; within a distributed job rank 0 holds the lock for all.
@@ -44,8 +51,9 @@ def _interrupted(out_dir: Path) -> Interrupted:
     previous = previous_run(out_dir)
     if previous is None or previous.finished:  # nothing of this run saved yet (an older, finished run may be)
         return Interrupted("train stopped before its first checkpoint (nothing to resume; run it again)")
-    return Interrupted(f"train stopped; its last checkpoint is step {previous.step} "
-                       f"({out_dir / 'last.safetensors'})", resumable=True)
+    return Interrupted(
+        f"train stopped; its last checkpoint is step {previous.step} ({out_dir / 'last.safetensors'})", resumable=True
+    )
 
 
 def refuse_unfinished(out_dir: Path, restart: bool) -> None:
@@ -55,5 +63,7 @@ def refuse_unfinished(out_dir: Path, restart: bool) -> None:
     previous = previous_run(out_dir)
     if previous is not None and not previous.finished and not restart:
         of_total = f" of {previous.total_steps}" if previous.total_steps else ""
-        raise UserError(f"{out_dir} holds an unfinished run (step {previous.step}{of_total}); continue it with "
-                        "--resume, or discard it and start over with --restart")
+        raise UserError(
+            f"{out_dir} holds an unfinished run (step {previous.step}{of_total}); continue it with "
+            "--resume, or discard it and start over with --restart"
+        )

@@ -18,8 +18,14 @@ from bigmodel.models.mlp import MLP
 
 
 def augment_batch(
-    x: torch.Tensor, y: torch.Tensor, transforms: list[Any], model: MLP, n_classes: int, seed: int,
-    step: int, touched: dict[str, int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    transforms: list[Any],
+    model: MLP,
+    n_classes: int,
+    seed: int,
+    step: int,
+    touched: dict[str, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, F) raw features, y (B,) labels or targets -> augmented x and the training target: y itself,
     or (B, C) soft labels once mixup has mixed (rows sum to 1). `touched` counts rows per transform."""

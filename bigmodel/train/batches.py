@@ -27,7 +27,9 @@ def sample_windows(tokens: np.ndarray, generator: torch.Generator, batch: int, b
     return torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64))
 
 
-def fixed_windows(tokens: np.ndarray, n_batches: int, batch: int, block: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def fixed_windows(
+    tokens: np.ndarray, n_batches: int, batch: int, block: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Up to n_batches of evenly spaced windows: the same val batches at every evaluation. When that many
     windows would overlap, the split is tiled instead: every token is scored once, which is the whole
     split's loss (an estimate no more windows could improve) at less cost than overlapping windows."""
@@ -41,19 +43,23 @@ def fixed_windows(tokens: np.ndarray, n_batches: int, batch: int, block: int) ->
 
 
 def masked_loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 class TokenWindows:
     """Pre-training: batch_size x grad_accum_steps random windows per step, from the sampler generator."""
 
-    def __init__(self, train: np.ndarray, val: np.ndarray, block: int, batch: int, accum: int,
-                 eval_batches: int) -> None:
+    def __init__(
+        self, train: np.ndarray, val: np.ndarray, block: int, batch: int, accum: int, eval_batches: int
+    ) -> None:
         for split, tokens in (("train", train), ("val", val)):
             if len(tokens) <= block + 1:
-                raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than model.block_size + 2 "
-                                f"({block + 2}); use more text or a smaller block_size")
+                raise UserError(
+                    f"the {split} split has {len(tokens)} tokens, fewer than model.block_size + 2 "
+                    f"({block + 2}); use more text or a smaller block_size"
+                )
         self.train, self.block, self.batch, self.accum = train, block, batch, accum
         self.tokens_per_step = batch * block * accum
         self.steps_per_epoch = max(1, len(train) // self.tokens_per_step)
@@ -65,14 +71,16 @@ class TokenWindows:
         windows = torch.cat([sample_windows(self.train, sampler, self.batch, self.block) for _ in range(self.accum)])
         return windows[:, :-1], windows[:, 1:], self.tokens_per_step
 
-    def objective(self, logits: torch.Tensor, y: torch.Tensor, n_micro: int, step_targets: int,
-                  world: distributed.World) -> torch.Tensor:
+    def objective(
+        self, logits: torch.Tensor, y: torch.Tensor, n_micro: int, step_targets: int, world: distributed.World
+    ) -> torch.Tensor:
         """This micro-batch's share of the step loss (summed over micro-batches, averaged over ranks)."""
         del step_targets, world
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / n_micro
 
-    def val_loss(self, model: torch.nn.Module, autocast: object, device: torch.device,
-                 world: distributed.World) -> float:
+    def val_loss(
+        self, model: torch.nn.Module, autocast: object, device: torch.device, world: distributed.World
+    ) -> float:
         """Mean loss per token over the fixed val batches (the last may be smaller); ranks score every
         world.size-th batch. Every rank runs the same number of forwards (FSDP gathers parameters in each
         one), re-scoring batch 0 uncounted if short."""
@@ -127,14 +135,16 @@ class ExampleBatches:
             self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
         return int(self._order[position])
 
-    def objective(self, logits: torch.Tensor, y: torch.Tensor, n_micro: int, step_targets: int,
-                  world: distributed.World) -> torch.Tensor:
+    def objective(
+        self, logits: torch.Tensor, y: torch.Tensor, n_micro: int, step_targets: int, world: distributed.World
+    ) -> torch.Tensor:
         del n_micro
         # Ranks' gradients are averaged (DDP), so each rank's share is scaled up by the world size.
         return masked_loss_sum(logits, y) * (world.size / max(step_targets, 1))
 
-    def val_loss(self, model: torch.nn.Module, autocast: object, device: torch.device,
-                 world: distributed.World) -> float:
+    def val_loss(
+        self, model: torch.nn.Module, autocast: object, device: torch.device, world: distributed.World
+    ) -> float:
         """Mean loss per trained token over the fixed val examples (the first eval_batches x batch_size)."""
         model.eval()
         total, count = 0.0, 0

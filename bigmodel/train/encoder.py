@@ -50,11 +50,16 @@ from bigmodel.train.state import check_matches_config
 GROUPED_BATCHES = 50  # batches per length-sorted run
 
 
-
-def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
-          after_step: Callable[[torch.nn.Module], None] | None = None,
-          loss_hook: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor] | None = None,
-          until_step: int | None = None, allow_changes: bool = False) -> dict[str, Any]:
+def train(
+    config: Config,
+    resume: bool,
+    out_dir: Path,
+    start_from: Path | None = None,
+    after_step: Callable[[torch.nn.Module], None] | None = None,
+    loss_hook: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor] | None = None,
+    until_step: int | None = None,
+    allow_changes: bool = False,
+) -> dict[str, Any]:
     """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
     start_from: train from this checkpoint instead of init (compress fine-tunes and distils this way);
     after_step: called after every optimizer step (compress keeps pruned weights at zero with it);
@@ -81,7 +86,9 @@ def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None =
     # ---- data
     train_set, val_set = load_texts(config, "train"), load_texts(config, "val")
     # an embedding model's pairs: the second text of each, by split
-    partners = {split: load_texts(config, split, "b_") for split in ("train", "val")} if arch.task == "embedding" else {}
+    partners = (
+        {split: load_texts(config, split, "b_") for split in ("train", "val")} if arch.task == "embedding" else {}
+    )
 
     def tensors(texts: TextSplit, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(device) for k, v in texts.batch(rows, arch.pad_id).items()}
@@ -102,19 +109,23 @@ def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None =
         def evaluate() -> dict[str, float]:
             return classifier_scores(torch_encoder(model, device), val_set, arch.pad_id)
     elif arch.task == "mlm":
+
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
             batch = tensors(train_set, rows)
             rng = np.random.default_rng([config.seed, step])
             inputs, targets = masked(batch["input_ids"].cpu().numpy(), specials, arch.vocab_size, rng)
             batch["input_ids"] = torch.from_numpy(inputs).to(device)
             logits = model(**batch)
-            return F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(targets).to(device).flatten(),
-                                   ignore_index=-100)
+            return F.cross_entropy(
+                logits.flatten(0, 1), torch.from_numpy(targets).to(device).flatten(), ignore_index=-100
+            )
 
         def evaluate() -> dict[str, float]:
-            return mlm_scores(torch_encoder(model, device), val_set, arch.pad_id, specials, arch.vocab_size,
-                              config.seed)
+            return mlm_scores(
+                torch_encoder(model, device), val_set, arch.pad_id, specials, arch.vocab_size, config.seed
+            )
     else:
+
         def loss(rows: np.ndarray, step: int) -> torch.Tensor:
             a, b = model(**tensors(train_set, rows)), model(**tensors(partners["train"], rows))  # (B, C) each
             return F.cross_entropy(a @ b.T * EMBEDDING_SCALE, torch.arange(len(rows), device=device))
@@ -124,15 +135,30 @@ def train(config: Config, resume: bool, out_dir: Path, start_from: Path | None =
 
     lengths = train_set.lengths()
     task = EpochTask(
-        examples=len(train_set), unit="pairs" if partners else "texts",
+        examples=len(train_set),
+        unit="pairs" if partners else "texts",
         steps_per_epoch=math.ceil(len(train_set) / tc.batch_size),
         batches=lambda epoch: length_grouped_batches(lengths, tc.batch_size, config.seed, epoch),
-        loss=loss, evaluate=evaluate)
+        loss=loss,
+        evaluate=evaluate,
+    )
     lineage = {"init": sha256_file(init_path), "data": sha256_file(config.stage_dir("prepare") / DATA_FILE)}
 
     # ---- loop
-    return epochs.run(config, model, optimizer, task, out_dir, resume, init_manifest, lineage,
-                      until_step=until_step, allow_changes=allow_changes, after_step=after_step, adapter=adapter)
+    return epochs.run(
+        config,
+        model,
+        optimizer,
+        task,
+        out_dir,
+        resume,
+        init_manifest,
+        lineage,
+        until_step=until_step,
+        allow_changes=allow_changes,
+        after_step=after_step,
+        adapter=adapter,
+    )
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -40,9 +40,17 @@ class EpochTask:
 
 
 def run(
-    config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, task: EpochTask, out_dir: Path,
-    resume: bool, init_manifest: CheckpointManifest, lineage: dict[str, str], until_step: int | None = None,
-    allow_changes: bool = False, after_step: Callable[[nn.Module], None] | None = None,
+    config: Config,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: EpochTask,
+    out_dir: Path,
+    resume: bool,
+    init_manifest: CheckpointManifest,
+    lineage: dict[str, str],
+    until_step: int | None = None,
+    allow_changes: bool = False,
+    after_step: Callable[[nn.Module], None] | None = None,
     adapter: AdapterRecord | None = None,
 ) -> dict[str, Any]:
     """Train to the end of the schedule (or until_step); after_step is called after each optimizer step;
@@ -53,8 +61,9 @@ def run(
     eval_every = tc.eval_every or steps_per_epoch
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
     unused_sampler = torch.Generator()  # batches come from per-epoch orders instead
-    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, unused_sampler, tc.patience,
-                                          config=config, allow_changes=allow_changes)
+    loop, stopped_early = start_or_resume(
+        out_dir, resume, model, optimizer, unused_sampler, tc.patience, config=config, allow_changes=allow_changes
+    )
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
 
@@ -64,11 +73,17 @@ def run(
     best_metrics: dict[str, float] = {}
     start = time.perf_counter()
     device = next(model.parameters()).device
-    console.info(f"train on {device}: {registry.count_parameters(model):,} parameters"
-                 + (f" ({adapter.trainable_parameters:,} trainable: LoRA rank {adapter.rank} on "
-                    f"{', '.join(adapter.targets)})" if adapter else "") + f", {task.examples} "
-                 f"{task.unit}, {total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
-                 + (f", from step {loop.step}" if loop.step else ""))
+    console.info(
+        f"train on {device}: {registry.count_parameters(model):,} parameters"
+        + (
+            f" ({adapter.trainable_parameters:,} trainable: LoRA rank {adapter.rank} on {', '.join(adapter.targets)})"
+            if adapter
+            else ""
+        )
+        + f", {task.examples} "
+        f"{task.unit}, {total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
+        + (f", from step {loop.step}" if loop.step else "")
+    )
     last_step = stop_step(total_steps, until_step, loop.step)
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step)
     with console.Progress("train", last_step) as progress:
@@ -80,8 +95,10 @@ def run(
                 set_lr(optimizer, lr)
                 loss = task.loss(batch, loop.step)
                 if not torch.isfinite(loss):
-                    raise RunFailed(f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or "
-                                    "set train.grad_clip (the last good checkpoints were kept)")
+                    raise RunFailed(
+                        f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or "
+                        "set train.grad_clip (the last good checkpoints were kept)"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip is not None:
@@ -95,9 +112,16 @@ def run(
                 stop = False
                 if loop.step % eval_every == 0 or loop.step == total_steps:
                     val = task.evaluate()
-                    log.write({"step": loop.step, "epoch": loop.step / steps_per_epoch, "lr": lr,
-                               "train_loss": loss.item(), **{f"val_{k}": v for k, v in val.items()},
-                               "elapsed_s": round(time.perf_counter() - start, 3)})
+                    log.write(
+                        {
+                            "step": loop.step,
+                            "epoch": loop.step / steps_per_epoch,
+                            "lr": lr,
+                            "train_loss": loss.item(),
+                            **{f"val_{k}": v for k, v in val.items()},
+                            "elapsed_s": round(time.perf_counter() - start, 3),
+                        }
+                    )
                     if loop.scored(val["loss"] if tc.monitor == "loss" else -val["accuracy"]):
                         best_metrics = val
                         save_model(out_dir / "best.safetensors", model, manifest(val))
@@ -107,8 +131,9 @@ def run(
                 elif loop.step == last_step or (tc.save_every and loop.step % tc.save_every == 0):
                     # stopping between evaluations, or train.save_every: keep the state to resume from
                     loop.mark(total_steps)
-                    save_training_state(last_path, model, optimizer, unused_sampler, loop,
-                                        manifest({"train_loss": loss.item()}))
+                    save_training_state(
+                        last_path, model, optimizer, unused_sampler, loop, manifest({"train_loss": loss.item()})
+                    )
                 if stop or loop.step >= last_step:
                     last_step = loop.step
                     break
@@ -117,10 +142,22 @@ def run(
     if not best_metrics and (out_dir / "best.safetensors").is_file():  # resumed after the best was found
         best_metrics = read_manifest(out_dir / "best.safetensors").metrics
     summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())
-    console.info(f"train: step {loop.step} of {total_steps}, " + (
-        f"best at step {loop.best_step}{loop.best_note(eval_every)}: {summary}" if loop.best_step is not None
-        else f"no evaluation yet (the first is at step {eval_every})")
-        + ("" if loop.finished else "; continue with --resume"))
-    return {"best": str(out_dir / "best.safetensors"), "last": str(last_path), "metrics_log": str(metrics_path),
-            "steps": loop.step, "total_steps": total_steps, "finished": loop.finished, "best_step": loop.best_step,
-            "best_metrics": best_metrics}
+    console.info(
+        f"train: step {loop.step} of {total_steps}, "
+        + (
+            f"best at step {loop.best_step}{loop.best_note(eval_every)}: {summary}"
+            if loop.best_step is not None
+            else f"no evaluation yet (the first is at step {eval_every})"
+        )
+        + ("" if loop.finished else "; continue with --resume")
+    )
+    return {
+        "best": str(out_dir / "best.safetensors"),
+        "last": str(last_path),
+        "metrics_log": str(metrics_path),
+        "steps": loop.step,
+        "total_steps": total_steps,
+        "finished": loop.finished,
+        "best_step": loop.best_step,
+        "best_metrics": best_metrics,
+    }

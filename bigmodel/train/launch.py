@@ -30,8 +30,17 @@ def threads_per_process(threads: int | None, nproc: int, overrides: list[str]) -
 
 
 def train_on_processes(
-    nproc: int, config_path: Path, overrides: list[str], run_dir: str | None, *, resume: bool,
-    until_step: int | None, json_out: bool, quiet: bool, debug: bool, restart: bool = False,
+    nproc: int,
+    config_path: Path,
+    overrides: list[str],
+    run_dir: str | None,
+    *,
+    resume: bool,
+    until_step: int | None,
+    json_out: bool,
+    quiet: bool,
+    debug: bool,
+    restart: bool = False,
     allow_changes: bool = False,
 ) -> int:
     """Input mistakes are reported here, once, before any worker starts; returns the job's exit code."""
@@ -39,8 +48,10 @@ def train_on_processes(
 
     config = load_config(config_path, overrides, run_dir)
     if not family(config.model.family).distributed:
-        raise UserError(f"--nproc: distributed training is not available for the {config.model.family} family; "
-                        "train it in one process")
+        raise UserError(
+            f"--nproc: distributed training is not available for the {config.model.family} family; "
+            "train it in one process"
+        )
     for path in STAGES["train"].inputs(config):
         require_file(path, "training input", "run the stage that writes it first")
     if not resume:
@@ -50,8 +61,14 @@ def train_on_processes(
     child_args = ["train", "-c", str(config_path)]
     for override in [*overrides, *threads_per_process(config.threads, nproc, overrides)]:
         child_args += ["--set", override]
-    for flag, value in (("--resume", resume), ("--restart", restart), ("--allow-changes", allow_changes),
-                        ("--json", json_out), ("--quiet", quiet), ("--debug", debug)):
+    for flag, value in (
+        ("--resume", resume),
+        ("--restart", restart),
+        ("--allow-changes", allow_changes),
+        ("--json", json_out),
+        ("--quiet", quiet),
+        ("--debug", debug),
+    ):
         child_args += [flag] if value else []
     child_args += ["--until-step", str(until_step)] if until_step is not None else []
     child_args += ["--run-dir", str(run_dir)] if run_dir is not None else []

@@ -53,10 +53,14 @@ from bigmodel.train.state import (
 
 
 def train(
-    config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
+    config: Config,
+    resume: bool,
+    out_dir: Path,
+    start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
     loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    until_step: int | None = None, allow_changes: bool = False,
+    until_step: int | None = None,
+    allow_changes: bool = False,
 ) -> dict[str, Any]:
     """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
     allow_changes: resume even though training settings changed (recorded in the checkpoints);
@@ -99,19 +103,23 @@ def train(
     # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
     last_path = out_dir / "last.safetensors"
-    loop, stopped_early = start_or_resume(out_dir, resume, model, optimizer, sampler, tc.patience, world,
-                                          config, allow_changes)
+    loop, stopped_early = start_or_resume(
+        out_dir, resume, model, optimizer, sampler, tc.patience, world, config, allow_changes
+    )
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
     last_step = stop_step(total_steps, until_step, loop.step)
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step, writes=world.is_main)
 
-    lineage = ({"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])}
-               if world.is_main else {})  # only rank 0 writes manifests
+    lineage = (
+        {"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])} if world.is_main else {}
+    )  # only rank 0 writes manifests
 
     if precision == "bf16" and not native_bf16(device):
-        console.warn(f"train: this {device.type} has no native bf16 (AVX512-BF16, AMX or a bf16 GPU): bf16 "
-                     "autocast is emulated and several times slower than fp32; set train.precision: auto or fp32")
+        console.warn(
+            f"train: this {device.type} has no native bf16 (AVX512-BF16, AMX or a bf16 GPU): bf16 "
+            "autocast is emulated and several times slower than fp32; set train.precision: auto or fp32"
+        )
 
     def manifest(metrics: dict[str, float]) -> CheckpointManifest:
         # with what train.precision resolved to on this device ('auto' records which it became)
@@ -126,8 +134,12 @@ def train(
         f"train on {device}, {precision}"
         + ((" (auto)" if precision == "bf16" else " (auto: no native bf16 here)") if tc.precision == "auto" else "")
         + f": {count_parameters(model):,} parameters"
-        + (f" ({adapter.trainable_parameters:,} trainable: LoRA rank {tc.lora.rank} on "
-           f"{', '.join(adapter.targets)}; frozen base {frozen_dtype(model)})" if adapter and tc.lora else "")
+        + (
+            f" ({adapter.trainable_parameters:,} trainable: LoRA rank {tc.lora.rank} on "
+            f"{', '.join(adapter.targets)}; frozen base {frozen_dtype(model)})"
+            if adapter and tc.lora
+            else ""
+        )
         + f", {data.size}, {total_steps} steps x {data.tokens_per_step:,} tokens, eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
         + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
@@ -178,15 +190,29 @@ def train(
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             progress.update(loop.step, loss=step_loss, lr=lr, tok_s=round(tokens_per_s))
             if loop.step % log_every == 0:
-                log.write({"step": loop.step, "train_loss": step_loss, "lr": lr, "tokens": loop.tokens_seen,
-                           "tokens_per_s": round(tokens_per_s, 1)})
+                log.write(
+                    {
+                        "step": loop.step,
+                        "train_loss": step_loss,
+                        "lr": lr,
+                        "tokens": loop.tokens_seen,
+                        "tokens_per_s": round(tokens_per_s, 1),
+                    }
+                )
                 window_start, window_tokens = now, 0
             stop = False
             if loop.step % eval_every == 0 or loop.step == total_steps:
                 val_loss = data.val_loss(model, autocast, device, world)
                 eval_seconds += time.perf_counter() - now
-                log.write({"step": loop.step, "val_loss": val_loss, "train_loss": step_loss, "lr": lr,
-                           "tokens": loop.tokens_seen})
+                log.write(
+                    {
+                        "step": loop.step,
+                        "val_loss": val_loss,
+                        "train_loss": step_loss,
+                        "lr": lr,
+                        "tokens": loop.tokens_seen,
+                    }
+                )
                 if loop.scored(val_loss):
                     saving = time.perf_counter()
                     save_model(out_dir / "best.safetensors", model, manifest({"val_loss": val_loss}), world)
@@ -195,8 +221,9 @@ def train(
             if loop.step % save_every == 0 or loop.step in (total_steps, last_step) or stop:
                 saving = time.perf_counter()
                 loop.mark(total_steps, stopped_early=stop)
-                save_training_state(last_path, model, optimizer, sampler, loop,
-                                    manifest({"train_loss": step_loss}), world)
+                save_training_state(
+                    last_path, model, optimizer, sampler, loop, manifest({"train_loss": step_loss}), world
+                )
                 checkpoint_seconds += time.perf_counter() - saving
             if stop:
                 break
@@ -204,15 +231,23 @@ def train(
     log.close()
     elapsed = time.perf_counter() - start
     tokens_per_s = tokens_trained / max(elapsed, 1e-9)
-    best = (f"best val loss {loop.best_score:.4f} at step {loop.best_step}{loop.best_note(eval_every)}"
-            if loop.best_step is not None
-            else f"no evaluation yet (the first is at step {eval_every})")
-    seconds = {"setup": round(start - called, 4), "loop": round(elapsed, 4), "evaluation": round(eval_seconds, 4),
-               "checkpoints": round(checkpoint_seconds, 4)}
-    console.info(f"train: step {loop.step} of {total_steps}, {best}, {tokens_per_s:,.0f} tokens/s, "
-                 f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB; {seconds['setup']:.1f} s setup, "
-                 f"{elapsed:.1f} s loop of which {eval_seconds:.1f} s evaluation and {checkpoint_seconds:.1f} s "
-                 "checkpoints" + ("" if loop.finished else "; continue with --resume"))
+    best = (
+        f"best val loss {loop.best_score:.4f} at step {loop.best_step}{loop.best_note(eval_every)}"
+        if loop.best_step is not None
+        else f"no evaluation yet (the first is at step {eval_every})"
+    )
+    seconds = {
+        "setup": round(start - called, 4),
+        "loop": round(elapsed, 4),
+        "evaluation": round(eval_seconds, 4),
+        "checkpoints": round(checkpoint_seconds, 4),
+    }
+    console.info(
+        f"train: step {loop.step} of {total_steps}, {best}, {tokens_per_s:,.0f} tokens/s, "
+        f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB; {seconds['setup']:.1f} s setup, "
+        f"{elapsed:.1f} s loop of which {eval_seconds:.1f} s evaluation and {checkpoint_seconds:.1f} s "
+        "checkpoints" + ("" if loop.finished else "; continue with --resume")
+    )
     return {
         "best": str(out_dir / "best.safetensors"),
         "last": str(last_path),
@@ -232,7 +267,11 @@ def train(
 
 
 def load_model(
-    path: Path, world: distributed.World, tc: TrainConfig, device: torch.device, precision: str,
+    path: Path,
+    world: distributed.World,
+    tc: TrainConfig,
+    device: torch.device,
+    precision: str,
 ) -> tuple[torch.nn.Module, CheckpointManifest]:
     """The model to train, on `device`: FSDP builds it sharded from the meta device and streams the
     weights into the shards; LoRA under bf16 autocast keeps the frozen matrices in the checkpoint's dtype
@@ -260,9 +299,17 @@ def training_peak(config: Config, path: Path, precision: str) -> memory.Estimate
     frozen = stored if streamed else 4
     adapter = None if tc.lora is None else accounting.lora_parameters(arch, tc.lora.projections(), tc.lora.rank)
     step = accounting.training_memory(
-        arch, n_params, batch=tc.batch_size, precision=precision, optimizer=tc.optimizer, momentum=tc.momentum,
-        activation_checkpointing=tc.activation_checkpointing, adapter=adapter, fused_dropout=False,
-        frozen_bytes=frozen)
+        arch,
+        n_params,
+        batch=tc.batch_size,
+        precision=precision,
+        optimizer=tc.optimizer,
+        momentum=tc.momentum,
+        activation_checkpointing=tc.activation_checkpointing,
+        adapter=adapter,
+        fused_dropout=False,
+        frozen_bytes=frozen,
+    )
     loading = n_params * (stored if streamed else 4 + stored)  # a full load: the fp32 model + the file's tensors
     return memory.train_peak(step, loading, tc.lora is not None)
 
@@ -297,11 +344,19 @@ def training_data(config: Config, block: int) -> TokenWindows | ExampleBatches:
         train, val = load_examples(config, "train"), load_examples(config, "val")
         longest = int(np.diff(train.starts).max())
         if longest > block:
-            raise UserError(f"a training example has {longest} tokens, more than model.block_size {block}; "
-                            "re-run 'bigmodel prepare' (it truncates to the context)")
+            raise UserError(
+                f"a training example has {longest} tokens, more than model.block_size {block}; "
+                "re-run 'bigmodel prepare' (it truncates to the context)"
+            )
         return ExampleBatches(train, val, tc.batch_size, tc.grad_accum_steps, tc.eval_batches, pad_id, config.seed)
-    return TokenWindows(load_tokens(config, "train"), load_tokens(config, "val"), block, tc.batch_size,
-                        tc.grad_accum_steps, tc.eval_batches)
+    return TokenWindows(
+        load_tokens(config, "train"),
+        load_tokens(config, "val"),
+        block,
+        tc.batch_size,
+        tc.grad_accum_steps,
+        tc.eval_batches,
+    )
 
 
 def _saved_step(path: Path) -> str:

@@ -22,8 +22,10 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("train.tensorboard needs TensorBoard, which is not installed; install the extra "
-                                "(pip install 'bigmodel[tensorboard]') or set train.tensorboard: false") from None
+                raise UserError(
+                    "train.tensorboard needs TensorBoard, which is not installed; install the extra "
+                    "(pip install 'bigmodel[tensorboard]') or set train.tensorboard: false"
+                ) from None
             self._board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1, flush_secs=10)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -55,8 +55,10 @@ class LoopState:
         schedule (too many epochs, too high a rate) did the model no good."""
         if self.best_step is None or self.best_step > first_eval_step or not self.evals_since_best:
             return ""
-        return (f" -- the first evaluation; the {self.evals_since_best} after it were all worse (try a lower "
-                "train.lr or fewer train.epochs)")
+        return (
+            f" -- the first evaluation; the {self.evals_since_best} after it were all worse (try a lower "
+            "train.lr or fewer train.epochs)"
+        )
 
     def out_of_patience(self, patience: int | None) -> bool:
         """Early stopping: `patience` evaluations in a row without a better score (said on the console)."""
@@ -79,8 +81,13 @@ def save_model(path: Path, model: torch.nn.Module, manifest: CheckpointManifest,
 
 
 def save_training_state(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator,
-    loop: LoopState, manifest: CheckpointManifest, world: World = SINGLE,
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: torch.Generator,
+    loop: LoopState,
+    manifest: CheckpointManifest,
+    world: World = SINGLE,
 ) -> None:
     """The resumable checkpoint, consolidated: the same file whatever the world size that wrote it.
     Under FSDP every rank must call it (it gathers the shards); rank 0 writes."""
@@ -190,8 +197,10 @@ def clear_run(out_dir: Path) -> None:
 
     previous = previous_run(out_dir)
     if previous is not None:
-        console.info(f"train: replacing the {'finished' if previous.finished else 'unfinished'} run in {out_dir} "
-                     f"(step {previous.step})")
+        console.info(
+            f"train: replacing the {'finished' if previous.finished else 'unfinished'} run in {out_dir} "
+            f"(step {previous.step})"
+        )
     for name in RUN_ARTIFACTS:
         path = out_dir / name
         if path.is_dir():
@@ -203,8 +212,14 @@ def clear_run(out_dir: Path) -> None:
 # Settings that may change between a run and its resume without changing what it computes: logging,
 # checkpoint frequency, and how the work is spread (checkpoints are consolidated; any world size and
 # sharding resumes any other's).
-RESUME_NEUTRAL = ("train.log_every", "train.tensorboard", "train.save_every", "train.distributed",
-                  "train.activation_checkpointing", "train.fsdp.")
+RESUME_NEUTRAL = (
+    "train.log_every",
+    "train.tensorboard",
+    "train.save_every",
+    "train.distributed",
+    "train.activation_checkpointing",
+    "train.fsdp.",
+)
 RESUME_SECTIONS = ("seed", "data", "model", "init", "train")
 
 
@@ -213,8 +228,11 @@ def config_changes(saved: dict[str, Any], config: Config) -> dict[str, list[Any]
     {"train.lr": [saved, now], ...}, leaving out the RESUME_NEUTRAL ones."""
     now = config.model_dump(mode="json", by_alias=True)
     before, after = (flatten({k: c.get(k) for k in RESUME_SECTIONS}) for c in (saved, now))
-    return {key: [before.get(key), after.get(key)] for key in sorted(before.keys() | after.keys())
-            if before.get(key) != after.get(key) and not key.startswith(RESUME_NEUTRAL)}
+    return {
+        key: [before.get(key), after.get(key)]
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key) and not key.startswith(RESUME_NEUTRAL)
+    }
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -244,21 +262,34 @@ def _check_matches_import(config: Config, init_manifest: CheckpointManifest) -> 
 
     source = init_manifest.import_.source if init_manifest.import_ is not None else None
     if source != str(config.init.from_):
-        raise UserError(f"the init checkpoint was not imported from {config.init.from_} (it came from "
-                        f"{source or 'bigmodel init'}); re-run 'bigmodel init'")
+        raise UserError(
+            f"the init checkpoint was not imported from {config.init.from_} (it came from "
+            f"{source or 'bigmodel init'}); re-run 'bigmodel init'"
+        )
     arch = init_manifest.architecture
     assert not isinstance(arch, TabularArch)  # (an import is a decoder or an encoder)
     pretrained.check_config(config.model, arch, Path(source))
-    changed = [key for key in ("block_size", "dropout")
-               if key in config.model.model_fields_set and getattr(config.model, key) != getattr(arch, key)]
+    changed = [
+        key
+        for key in ("block_size", "dropout")
+        if key in config.model.model_fields_set and getattr(config.model, key) != getattr(arch, key)
+    ]
     if changed:
-        raise UserError(f"model.{changed[0]} changed since the import ({getattr(arch, changed[0])!r} in the init "
-                        "checkpoint); re-run 'bigmodel init'")
+        raise UserError(
+            f"model.{changed[0]} changed since the import ({getattr(arch, changed[0])!r} in the init "
+            "checkpoint); re-run 'bigmodel init'"
+        )
 
 
 def start_or_resume(
-    out_dir: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    sampler: torch.Generator, patience: int | None, world: World = SINGLE, config: Config | None = None,
+    out_dir: Path,
+    resume: bool,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: torch.Generator,
+    patience: int | None,
+    world: World = SINGLE,
+    config: Config | None = None,
     allow_changes: bool = False,
 ) -> tuple[LoopState, bool]:
     """A fresh loop (the old run's artifacts cleared), or the state of last.safetensors with the log cut back
@@ -275,8 +306,10 @@ def start_or_resume(
     changes = config_changes(read_manifest(last_path).config, config) if config is not None else {}
     if changes and not allow_changes:
         listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changes.items())
-        raise UserError(f"--resume: the config changed since {last_path.name} was written: {listed}; undo the "
-                        "changes, or add --allow-changes to resume with them (recorded in the checkpoints)")
+        raise UserError(
+            f"--resume: the config changed since {last_path.name} was written: {listed}; undo the "
+            "changes, or add --allow-changes to resume with them (recorded in the checkpoints)"
+        )
     loop = restore_training_state(last_path, model, optimizer, sampler)
     if changes:
         loop.resumed_with_changes.append({"step": loop.step, "changes": changes})
@@ -294,12 +327,24 @@ def stop_step(total_steps: int, until_step: int | None, step: int) -> int:
 
 
 def checkpoint_manifest(
-    init_manifest: CheckpointManifest, config: Config, loop: LoopState, metrics: dict[str, float],
-    lineage: dict[str, str], adapter: AdapterRecord | None = None, precision: str | None = None,
+    init_manifest: CheckpointManifest,
+    config: Config,
+    loop: LoopState,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    adapter: AdapterRecord | None = None,
+    precision: str | None = None,
 ) -> CheckpointManifest:
     """What every checkpoint of a training run says about itself (a LoRA run's: its adapter and base)."""
     return CheckpointManifest(
-        family=init_manifest.family, architecture=init_manifest.architecture, data=init_manifest.data,
-        config=config.model_dump(mode="json", by_alias=True), step=loop.step, metrics=metrics, lineage=lineage,
-        adapter=adapter, resumed_with_changes=loop.resumed_with_changes or None, precision=precision,
+        family=init_manifest.family,
+        architecture=init_manifest.architecture,
+        data=init_manifest.data,
+        config=config.model_dump(mode="json", by_alias=True),
+        step=loop.step,
+        metrics=metrics,
+        lineage=lineage,
+        adapter=adapter,
+        resumed_with_changes=loop.resumed_with_changes or None,
+        precision=precision,
     )

@@ -32,10 +32,14 @@ from bigmodel.train.state import check_matches_config
 
 
 def train(
-    config: Config, resume: bool, out_dir: Path, start_from: Path | None = None,
+    config: Config,
+    resume: bool,
+    out_dir: Path,
+    start_from: Path | None = None,
     after_step: Callable[[torch.nn.Module], None] | None = None,
     loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    until_step: int | None = None, allow_changes: bool = False,
+    until_step: int | None = None,
+    allow_changes: bool = False,
 ) -> dict[str, Any]:
     """until_step: stop (resumably) after this step without changing the schedule (chunked jobs);
     start_from: train from this checkpoint instead of init (compress fine-tunes this way);
@@ -77,16 +81,36 @@ def train(
             x, target = augment_batch(x, target, tc.augment, model, n_outputs, config.seed, step, augmented_rows)
         return loss_fn(model(x), target, model)
 
-    task = EpochTask(examples=len(train_x), unit="rows", steps_per_epoch=math.ceil(len(train_x) / tc.batch_size),
-                     batches=batches, loss=loss, evaluate=lambda: evaluate(model, val_x, val_y, loss_fn))
+    task = EpochTask(
+        examples=len(train_x),
+        unit="rows",
+        steps_per_epoch=math.ceil(len(train_x) / tc.batch_size),
+        batches=batches,
+        loss=loss,
+        evaluate=lambda: evaluate(model, val_x, val_y, loss_fn),
+    )
     lineage = {"init": sha256_file(init_path), "data": sha256_file(config.stage_dir("prepare") / DATA_FILE)}
 
     # ---- loop
-    outputs = epochs.run(config, model, optimizer, task, out_dir, resume, init_manifest, lineage,
-                         until_step=until_step, allow_changes=allow_changes, after_step=after_step)
+    outputs = epochs.run(
+        config,
+        model,
+        optimizer,
+        task,
+        out_dir,
+        resume,
+        init_manifest,
+        lineage,
+        until_step=until_step,
+        allow_changes=allow_changes,
+        after_step=after_step,
+    )
     if augmented_rows:
-        console.info("train: augmented " + ", ".join(f"{kind} {rows:,} rows" for kind, rows in augmented_rows.items())
-                     + f" of {drawn[0]:,} training rows drawn")
+        console.info(
+            "train: augmented "
+            + ", ".join(f"{kind} {rows:,} rows" for kind, rows in augmented_rows.items())
+            + f" of {drawn[0]:,} training rows drawn"
+        )
     return {**outputs, "augmented_rows": augmented_rows}
 
 
@@ -94,9 +118,7 @@ def _loss_fn(task: str) -> Any:
     if task == "classification":
         return lambda out, y, model: F.cross_entropy(out, y)
     # Regression trains on the standardised target, the scale the network predicts.
-    return lambda out, y, model: F.mse_loss(
-        out.squeeze(-1), (y - model.target_mean) / model.target_std
-    )
+    return lambda out, y, model: F.mse_loss(out.squeeze(-1), (y - model.target_mean) / model.target_std)
 
 
 @torch.no_grad()
