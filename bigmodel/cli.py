@@ -37,13 +37,26 @@ class CommandLine(TyperGroup):
     """The root command: usage errors (a missing -c, an unknown flag) follow the same contract as every
     other mistake: one line on stderr, exit 2, and with --json exactly one JSON object on stdout."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,  # type: ignore[override]
-             standalone_mode: bool = True, **extra: Any) -> Any:  # (click's windows_expand_args passes via extra)
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         _ARGV[:] = argv
         try:
-            code = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
-                                standalone_mode=False, **extra)
+            code = super().main(
+                args=argv,
+                prog_name=prog_name,
+                complete_var=complete_var,
+                standalone_mode=False,
+                windows_expand_args=windows_expand_args,
+                **extra,
+            )
         except click.exceptions.NoArgsIsHelpError as exc:  # bare `bigmodel`: the help, as before
             exc.show()
             code = exc.exit_code
@@ -84,8 +97,12 @@ app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("-c", "--config", help="Experiment YAML file. Without it, --run-dir DIR of an existing run uses "
-                 "the config that run recorded (DIR/config.yaml)."),
+    typer.Option(
+        "-c",
+        "--config",
+        help="Experiment YAML file. Without it, --run-dir DIR of an existing run uses "
+        "the config that run recorded (DIR/config.yaml).",
+    ),
 ]
 
 
@@ -104,8 +121,12 @@ def _complete_stages(incomplete: str) -> list[str]:
 
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", metavar="KEY=VALUE", autocompletion=_complete_keys,
-                 help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        autocompletion=_complete_keys,
+        help="Override a config key, e.g. --set train.lr=0.001 (repeatable).",
+    ),
 ]
 RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", metavar="DIR", help="Override run_dir.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (outputs, metrics) on stdout.")]
@@ -113,14 +134,22 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 DeviceOpt = Annotated[
     Optional[str],
-    typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda or mps: where PyTorch runs (the config's device); for infer, "
-                 "the ONNX Runtime provider (cpu or cuda)."),
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        help="auto, cpu, cuda or mps: where PyTorch runs (the config's device); for infer, "
+        "the ONNX Runtime provider (cpu or cuda).",
+    ),
 ]
 
 ProviderOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--provider", metavar="NAME", help="ONNX Runtime execution provider, in priority order "
-                 "(repeatable): cpu, cuda, tensorrt or a full provider name (infer.providers)."),
+    typer.Option(
+        "--provider",
+        metavar="NAME",
+        help="ONNX Runtime execution provider, in priority order "
+        "(repeatable): cpu, cuda, tensorrt or a full provider name (infer.providers).",
+    ),
 ]
 
 
@@ -151,13 +180,13 @@ def device_providers(device: str) -> list[str]:
 
     has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     if device == "cuda" and not has_cuda:
-        raise UserError("--device cuda: this onnxruntime has no CUDA provider; install onnxruntime-gpu or use --device cpu")
+        raise UserError(
+            "--device cuda: this onnxruntime has no CUDA provider; install onnxruntime-gpu or use --device cpu"
+        )
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
 
 
-def execute(
-    name: str, action: Callable[[], dict[str, Any] | None], json_out: bool, quiet: bool, debug: bool
-) -> None:
+def execute(name: str, action: Callable[[], dict[str, Any] | None], json_out: bool, quiet: bool, debug: bool) -> None:
     """Run `action`, map its failure to an exit code and one stderr line, print --json output (unless
     the action returns None: it reported itself). In a torchrun job only rank 0 speaks; every rank
     then leaves through distributed.shutdown."""
@@ -174,8 +203,14 @@ def execute(
             outputs = exc.outputs if isinstance(exc, GateFailed) else {}
             _fail(name, EXIT_FAILED, "failed", str(exc), json_out, debug, outputs)
         except Interrupted as exc:
-            _fail(name, 130, "interrupted", f"{exc}" + (f"; resume with: {resume_command()}" if exc.resumable else ""),
-                  json_out, debug)
+            _fail(
+                name,
+                130,
+                "interrupted",
+                f"{exc}" + (f"; resume with: {resume_command()}" if exc.resumable else ""),
+                json_out,
+                debug,
+            )
         except KeyboardInterrupt:
             _fail(name, 130, "interrupted", "stopped by the user", json_out, debug)
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
@@ -230,8 +265,9 @@ def filesystem_problem(exc: OSError) -> str:
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _fail(name: str, code: int, prefix: str, problem: str, json_out: bool, debug: bool,
-          outputs: dict[str, Any] | None = None) -> None:
+def _fail(
+    name: str, code: int, prefix: str, problem: str, json_out: bool, debug: bool, outputs: dict[str, Any] | None = None
+) -> None:
     """One line on stderr ('<prefix>: <problem>'); with --json also the one object, whose `error` is
     the problem alone."""
     problem = ANSI_CODES.sub("", problem)  # a library's coloured message must not colour a log or a pipe
@@ -249,8 +285,9 @@ def _fail(name: str, code: int, prefix: str, problem: str, json_out: bool, debug
         traceback.print_exc()
     print(message.replace("\n", " "), file=sys.stderr, flush=True)
     if json_out:
-        console.emit_json({**(outputs or {}), "ok": False, "command": name, "exit_code": code,
-                           "error": problem.replace("\n", " ")})
+        console.emit_json(
+            {**(outputs or {}), "ok": False, "command": name, "exit_code": code, "error": problem.replace("\n", " ")}
+        )
     raise typer.Exit(code)
 
 
@@ -268,8 +305,9 @@ def _stage_command(name: str, summary: str) -> None:
     ) -> None:
         from bigmodel.stages import STAGES
 
-        execute(name, lambda: STAGES[name].run(load(config, with_device(set_, device), run_dir)),
-                json_out, quiet, debug)
+        execute(
+            name, lambda: STAGES[name].run(load(config, with_device(set_, device), run_dir)), json_out, quiet, debug
+        )
 
     app.command(name, help=summary, epilog=section_help(name) or None)(command)
 
@@ -289,20 +327,31 @@ def train_command(
     ] = False,
     until_step: Annotated[
         Optional[int],
-        typer.Option("--until-step", min=1, help="Stop after this step (schedule unchanged, resumable "
-                     "checkpoint written); continue later with --resume. For time-limited jobs."),
+        typer.Option(
+            "--until-step",
+            min=1,
+            help="Stop after this step (schedule unchanged, resumable "
+            "checkpoint written); continue later with --resume. For time-limited jobs.",
+        ),
     ] = None,
     restart: Annotated[
         bool, typer.Option("--restart", help="Discard an unfinished run in train/ and start over.")
     ] = False,
     allow_changes: Annotated[
-        bool, typer.Option("--allow-changes", help="--resume even though training settings changed "
-                           "(the changed keys are recorded in the checkpoints).")
+        bool,
+        typer.Option(
+            "--allow-changes",
+            help="--resume even though training settings changed (the changed keys are recorded in the checkpoints).",
+        ),
     ] = False,
     nproc: Annotated[
         Optional[int],
-        typer.Option("--nproc", min=1, help="Train on N processes on this machine: launches torchrun "
-                     "(train.distributed picks DDP or FSDP). Multi-node: run torchrun yourself (README)."),
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train on N processes on this machine: launches torchrun "
+            "(train.distributed picks DDP or FSDP). Multi-node: run torchrun yourself (README).",
+        ),
     ] = None,
     device: DeviceOpt = None,
     run_dir: RunDirOpt = None,
@@ -315,9 +364,19 @@ def train_command(
 
     set_ = with_device(set_, device)
     if nproc is None:
-        execute("train", lambda: STAGES["train"].run(load(config, set_, run_dir), resume=resume,
-                                                     until_step=until_step, restart=restart,
-                                                     allow_changes=allow_changes), json_out, quiet, debug)
+        execute(
+            "train",
+            lambda: STAGES["train"].run(
+                load(config, set_, run_dir),
+                resume=resume,
+                until_step=until_step,
+                restart=restart,
+                allow_changes=allow_changes,
+            ),
+            json_out,
+            quiet,
+            debug,
+        )
         return
     exit_code = 0
 
@@ -325,9 +384,19 @@ def train_command(
         nonlocal exit_code
         from bigmodel.train.launch import train_on_processes
 
-        exit_code = train_on_processes(nproc, config_path(config, run_dir), list(set_ or []), run_dir, resume=resume,
-                                       until_step=until_step, json_out=json_out, quiet=quiet, debug=debug,
-                                       restart=restart, allow_changes=allow_changes)
+        exit_code = train_on_processes(
+            nproc,
+            config_path(config, run_dir),
+            list(set_ or []),
+            run_dir,
+            resume=resume,
+            until_step=until_step,
+            json_out=json_out,
+            quiet=quiet,
+            debug=debug,
+            restart=restart,
+            allow_changes=allow_changes,
+        )
 
     execute("train", launch, json_out, quiet, debug)
     if exit_code:
@@ -343,7 +412,8 @@ def eval_command(
         typer.Option("--fail-under", metavar="METRIC=VALUE", help="Exit 1 when METRIC < VALUE (repeatable)."),
     ] = None,
     checkpoint: Annotated[
-        Optional[str], typer.Option("--checkpoint", help="best, last, init, or a .safetensors/.onnx file (eval.checkpoint).")
+        Optional[str],
+        typer.Option("--checkpoint", help="best, last, init, or a .safetensors/.onnx file (eval.checkpoint)."),
     ] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Metrics file (eval.output).")] = None,
     device: DeviceOpt = None,
@@ -376,16 +446,24 @@ def infer_command(
     config: Annotated[Optional[Path], typer.Option("-c", "--config", help="Experiment YAML file.")] = None,
     set_: SetOpt = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="ONNX model (infer.model).")] = None,
-    input_: Annotated[Optional[str], typer.Option("--input", "-i", help="Rows to predict or prompts, '-' for stdin.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where predictions go, '-' for stdout.")] = None,
+    input_: Annotated[
+        Optional[str], typer.Option("--input", "-i", help="Rows to predict or prompts, '-' for stdin.")
+    ] = None,
+    output: Annotated[
+        Optional[str], typer.Option("--output", "-o", help="Where predictions go, '-' for stdout.")
+    ] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="gpt: the prompt to continue.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="gpt: tokens to generate.")] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option("--max-new-tokens", "-n", help="gpt: tokens to generate.")
+    ] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="gpt: 0 is greedy.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="gpt: sample among the k likeliest tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="gpt: nucleus sampling probability mass.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="gpt: sampling seed.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="gpt: stop at this string (repeatable).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="gpt: prompts are user messages in the model's chat template.")] = False,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="gpt: prompts are user messages in the model's chat template.")
+    ] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="gpt, --chat: a system message.")] = None,
     bench: Annotated[bool, typer.Option("--bench", help="gpt: measure prefill and per-token latency instead.")] = False,
     batch: Annotated[int, typer.Option("--batch", min=1, help="--bench: sequences decoded together.")] = 1,
@@ -405,14 +483,29 @@ def infer_command(
     def action() -> dict[str, Any]:
         from bigmodel.infer.command import run_from_flags
 
-        given = {"model": model, "input": input_, "output": output, "prompt": prompt,
-                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "seed": seed, "stop": stop or None, "chat": chat or None, "system": system,
-                 "providers": chosen_providers(device, provider)}
-        bench_settings = ({"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                           "repeats": repeats} if bench else None)
-        return run_from_flags({k: v for k, v in given.items() if v is not None}, set_, config, run_dir, json_out,
-                              bench_settings)
+        given = {
+            "model": model,
+            "input": input_,
+            "output": output,
+            "prompt": prompt,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+            "stop": stop or None,
+            "chat": chat or None,
+            "system": system,
+            "providers": chosen_providers(device, provider),
+        }
+        bench_settings = (
+            {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats}
+            if bench
+            else None
+        )
+        return run_from_flags(
+            {k: v for k, v in given.items() if v is not None}, set_, config, run_dir, json_out, bench_settings
+        )
 
     execute("infer", action, json_out, quiet, debug)
 
@@ -447,8 +540,18 @@ def serve_command(
         from bigmodel import serve
         from bigmodel.config import ServeConfig, section_sets
 
-        given = {k: v for k, v in (("model", model), ("host", host), ("port", port), ("api_key", api_key),
-                                   ("max_batch", max_batch), ("max_queue", max_queue)) if v is not None}
+        given = {
+            k: v
+            for k, v in (
+                ("model", model),
+                ("host", host),
+                ("port", port),
+                ("api_key", api_key),
+                ("max_batch", max_batch),
+                ("max_queue", max_queue),
+            )
+            if v is not None
+        }
         providers = chosen_providers(device, provider)
         if providers is not None:
             from bigmodel.infer.command import check_infer_flags
@@ -459,8 +562,9 @@ def serve_command(
                 raise UserError("serve needs -c CONFIG, or --model FILE.onnx")
             settings = _validated(ServeConfig, {**section_sets(set_, "serve", "serve.max_tokens=64"), **given}, "serve")
             return serve.serve(model, settings, providers or ["CPUExecutionProvider"], None)
-        overrides = list(set_ or []) + [f"serve.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}"
-                                        for k, v in given.items()]
+        overrides = list(set_ or []) + [
+            f"serve.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in given.items()
+        ]
         if providers is not None:
             overrides.append(f"infer.providers={json.dumps(providers)}")
         return serve.run(load(config, overrides, run_dir))
@@ -507,8 +611,13 @@ def plan_command(
         from bigmodel import plan
 
         overrides = list(set_ or [])
-        for key, value in (("tokens", tokens), ("hardware", hardware), ("devices", devices), ("days", days),
-                           ("price", price)):
+        for key, value in (
+            ("tokens", tokens),
+            ("hardware", hardware),
+            ("devices", devices),
+            ("days", days),
+            ("price", price),
+        ):
             if value is not None:
                 overrides.append(f"plan.{key}={value}")
         report = plan.run(load(config, overrides, run_dir))
@@ -538,8 +647,12 @@ def report_command(
 def pipeline_command(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.", autocompletion=_complete_stages)] = None,
-    stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.", autocompletion=_complete_stages)] = None,
+    start: Annotated[
+        Optional[str], typer.Option("--from", help="First stage to run.", autocompletion=_complete_stages)
+    ] = None,
+    stop: Annotated[
+        Optional[str], typer.Option("--to", help="Last stage to run.", autocompletion=_complete_stages)
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run stages even when up to date.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished train run.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished train run, start over.")] = False,
@@ -557,9 +670,18 @@ def pipeline_command(
 
     execute(
         "pipeline",
-        lambda: pipeline.run(load(config, with_device(set_, device), run_dir), start, stop, force,
-                             resume=resume, restart=restart, verify=verify),
-        json_out, quiet, debug,
+        lambda: pipeline.run(
+            load(config, with_device(set_, device), run_dir),
+            start,
+            stop,
+            force,
+            resume=resume,
+            restart=restart,
+            verify=verify,
+        ),
+        json_out,
+        quiet,
+        debug,
     )
 
 
@@ -583,7 +705,9 @@ def inspect_command(
 
 @app.command("runs")
 def runs_command(
-    folder: Annotated[Path, typer.Argument(help="Where to look for runs (folders with a config.yaml record).")] = Path("runs"),
+    folder: Annotated[Path, typer.Argument(help="Where to look for runs (folders with a config.yaml record).")] = Path(
+        "runs"
+    ),
     compare: Annotated[
         Optional[tuple[Path, Path]],
         typer.Option("--compare", metavar="RUN_A RUN_B", help="Config keys that differ and metrics side by side."),
@@ -615,7 +739,9 @@ def print_runs(rows: list[dict[str, Any]], folder: Path) -> None:
     table = [["run", "family", "last stage", "step", "metric", "when"]]
     for row in rows:
         metric = ", ".join(f"{k} {v:.4g}" for k, v in list(row["metric"].items())[:2]) or "-"
-        table.append([row["path"], row["family"], row["last_stage"], str(row["step"] or "-"), metric, row["when"] or "-"])
+        table.append(
+            [row["path"], row["family"], row["last_stage"], str(row["step"] or "-"), metric, row["when"] or "-"]
+        )
     print_table(table)
 
 
@@ -641,7 +767,9 @@ def _number(value: Any) -> str:
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, debug: DebugOpt = False) -> None:
+def config_show(
+    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, debug: DebugOpt = False
+) -> None:
     """Print the fully resolved config (defaults filled in, paths absolute) as YAML."""
     from bigmodel.config import dump_yaml
 
