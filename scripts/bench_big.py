@@ -183,7 +183,7 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
 
     from bigmodel import registry
     from bigmodel import tokenizer as tokenizers
-    from bigmodel.export.gpt import Sequence, _ort_logits, reference_logits
+    from bigmodel.export.gpt import Sequence, ort_logits, reference_logits
     from bigmodel.infer.session import open_session
 
     weights, manifest = registry.open_weights(checkpoint)
@@ -202,7 +202,7 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
         "prompt_tokens": int(ids.shape[1]),
         "max_abs_logit_fp32": round(float(np.abs(reference).max()), 3),
         "bigmodel_int4": distance(
-            _ort_logits(open_session(ours, ["CPUExecutionProvider"], 2), arch, Sequence([ids]), "fp32")[0]
+            ort_logits(open_session(ours, ["CPUExecutionProvider"], 2), arch, Sequence([ids]), "fp32")[0]
         ),
     }
     if builder is not None:

@@ -572,8 +572,8 @@ def check_parity(
     reference_alone = [[logits[:1] for logits in reference], short_reference]
     # ONNX Runtime only now: the reference's layers are gone, so the two never share the memory
     session = open_session(path, ["CPUExecutionProvider"], threads)
-    ours = [o.astype(np.float32) for o in _ort_logits(session, arch, main, dtype)]
-    batched = _ort_logits(session, arch, padded, dtype)
+    ours = [o.astype(np.float32) for o in ort_logits(session, arch, main, dtype)]
+    batched = ort_logits(session, arch, padded, dtype)
     del session
     diffs = [float(np.abs(o - r).max()) for o, r in zip(ours, reference)]
     padded_diffs = [
@@ -639,7 +639,8 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean((want - want.mean(-1, keepdims=True)) ** 2)))
 
 
-def _ort_logits(session: Any, arch: DecoderArch, sequence: Sequence, dtype: str) -> list[np.ndarray]:
+def ort_logits(session: Any, arch: DecoderArch, sequence: Sequence, dtype: str) -> list[np.ndarray]:
+    """An exported decoder's logits for each chunk of `sequence`, run in order through its own KV cache."""
     cache = CacheLayout.of(arch, "fp16" if dtype == "fp16" else "fp32").empty(len(sequence.chunks[0]))
     found = []
     for chunk in sequence.chunks:
