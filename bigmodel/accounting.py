@@ -57,7 +57,7 @@ def encoder_matmul_parameters(arch: EncoderArch, n_params: int) -> int:
 def block_parameters(arch: DecoderArch) -> int:
     """Parameters of the largest transformer block (what FSDP gathers at once)."""
     d, bias = arch.n_embd, int(arch.bias)
-    norms = 2 * d * (1 + int(bias and arch.norm == "layernorm"))
+    norms = 2 * d * (1 + int(bias and arch.norm == "layernorm")) + 2 * arch.head_size * int(arch.qk_norm)
     qkv = arch.q_width + 2 * arch.kv_width
     attention = d * qkv + qkv * int(arch.qkv_bias) + arch.q_width * d + d * bias
     hidden = max(arch.mlp_hidden)

@@ -66,6 +66,9 @@ class DecoderArch(Arch):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False  # Linear layers and LayerNorms
     qkv_bias: bool = False  # the query/key/value projection (Qwen2 has it without the others)
+    # RMSNorm of each query and key head before the rotation (Qwen3, OLMo 2; Dehghani et al. 2023,
+    # "Scaling Vision Transformers to 22 Billion Parameters"), with the model's norm_eps.
+    qk_norm: bool = False
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None

@@ -281,6 +281,9 @@ class GPTConfig(Section):
     qkv_bias: bool | None = Field(
         None, description="Bias in the query/key/value projection (Qwen2 has it alone). Default: bias."
     )
+    qk_norm: bool = Field(
+        False, description="RMSNorm of each query and key head before the rotation (QK-norm: Qwen3, OLMo 2)."
+    )
     position: Literal["learned", "rope"] = Field(
         "learned", description="Position encoding: learned embeddings (GPT-2) or rotary (rope, Llama)."
     )
@@ -362,7 +365,8 @@ class InitConfig(Section):
         None,
         alias="from",
         description="Import a pretrained decoder instead of initialising one: a Hugging Face model folder "
-        "(config.json + safetensors; gpt2, llama, mistral, qwen2) or a llama GGUF file. Its tokenizer is "
+        "(config.json + safetensors; gpt2, llama, mistral, qwen2, qwen3, phi3, bert) or a llama, qwen2 or "
+        "qwen3 GGUF file. Its tokenizer is "
         "used by prepare, and the model section is filled from it.",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -655,8 +659,8 @@ class ExportConfig(Section):
     checkpoint: CheckpointRef = "best"
     format: Literal["onnx", "hf", "both"] = Field(
         "onnx",
-        description="onnx: model.onnx for ONNX Runtime; hf: a Hugging Face folder (export/hf: gpt2, llama "
-        "or qwen2, checked by loading it in transformers); both.",
+        description="onnx: model.onnx for ONNX Runtime; hf: a Hugging Face folder (export/hf: gpt2, llama, "
+        "qwen2 or qwen3, checked by loading it in transformers); both.",
     )
     opset: int = Field(
         23,

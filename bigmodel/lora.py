@@ -215,7 +215,7 @@ def settings_of(record: AdapterRecord) -> LoRAConfig:
 
 
 def peft_tensors(model: nn.Module, model_type: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The adapters under PEFT's names for the Hugging Face `model_type` (gpt2, llama, qwen2), and the
+    """The adapters under PEFT's names for the Hugging Face `model_type` (gpt2, llama, qwen2, qwen3), and the
     adapter_config.json entries that differ per module.
 
     GPT-2's q, k and v are one Conv1D (c_attn), so PEFT adapts them as one module: adapters on k of

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 TEXT = (
@@ -50,7 +52,8 @@ def write_tokenizer(folder: Path, vocab_size: int = 300) -> int:
 
 def make(kind: str, folder: Path, **overrides: object) -> Path:
     """gpt2, llama (GQA 4/2, untied), llama_tied_scaled (llama3 rope scaling), mistral, qwen2 (q/k/v bias,
-    untied head)."""
+    untied head), qwen3 (QK-norm, tied head, and a head size of its own: 128, Qwen3Config's default, which is
+    what transformers' GGUF reader assumes), phi3 (q/k/v and gate/up fused in the file)."""
     import transformers
 
     vocab = write_tokenizer(folder) + 12  # a model vocabulary larger than the tokenizer's, as real ones often are
@@ -84,6 +87,8 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
             **llama_shape, sliding_window=4096, head_dim=16, tie_word_embeddings=False, **common
         ),
         "qwen2": lambda: transformers.Qwen2Config(**llama_shape, tie_word_embeddings=False, **common),
+        "qwen3": lambda: transformers.Qwen3Config(**llama_shape, head_dim=128, tie_word_embeddings=True, **common),
+        "phi3": lambda: transformers.Phi3Config(**llama_shape, tie_word_embeddings=False, pad_token_id=0, **common),
     }
     config = configs[kind]()
     for key, value in overrides.items():
@@ -98,17 +103,19 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
     return folder
 
 
-def write_gguf(folder: Path, path: Path) -> Path:
-    """A llama.cpp-style GGUF file (F32 tensors) of the llama folder `folder`, written with the `gguf`
-    package as llama.cpp's converter writes it: its names, q/k rows permuted for its RoPE layout, and the
-    tokenizer as vocabulary + merges + token types."""
+def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -> Path:
+    """A llama.cpp-style GGUF file (F32 tensors) of the llama, qwen2 or qwen3 folder `folder`, written with
+    the `gguf` package as llama.cpp's converter writes it: its names, a llama's q/k rows permuted for its
+    RoPE layout, and the tokenizer as vocabulary + merges + token types. `dtypes`: a tensor's numpy type
+    other than float32, by its GGUF name."""
     import gguf
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
     spec = json.loads((folder / "tokenizer.json").read_text())
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    writer = gguf.GGUFWriter(str(path), "llama")
+    architecture = config["model_type"]  # llama, qwen2 or qwen3: llama.cpp's architecture names too
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -118,7 +125,10 @@ def write_gguf(folder: Path, path: Path) -> Path:
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
     tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
     tokens += [f"<unused{i}>" for i in range(config["vocab_size"] - len(tokens))]  # the model's padded rows
@@ -151,19 +161,21 @@ def write_gguf(folder: Path, path: Path) -> Path:
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
     }
     for name, tensor in load_file(str(folder / "model.safetensors")).items():
         if name.startswith("model.layers."):
             index, rest = name.removeprefix("model.layers.").split(".", 1)
-            module = rest.removesuffix(".weight")
-            if module == "self_attn.q_proj":
+            module, _, kind = rest.rpartition(".")
+            if architecture == "llama" and module == "self_attn.q_proj":  # (qwen's are written unpermuted)
                 tensor = permute(tensor, n_head)
-            elif module == "self_attn.k_proj":
+            elif architecture == "llama" and module == "self_attn.k_proj":
                 tensor = permute(tensor, n_kv)
-            gguf_name = f"blk.{index}.{layer[module]}.weight"
+            gguf_name = f"blk.{index}.{layer[module]}.{kind}"
         else:
             gguf_name = names[name]
-        writer.add_tensor(gguf_name, tensor.float().numpy())
+        writer.add_tensor(gguf_name, tensor.float().numpy().astype((dtypes or {}).get(gguf_name, np.float32)))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -74,7 +74,7 @@ def run(config: Path, *stages: str, sets: tuple[str, ...] = ()) -> None:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {kind: hf_models.make(kind, root / kind) for kind in ("llama", "gpt2")}
+    return {kind: hf_models.make(kind, root / kind) for kind in ("llama", "gpt2", "qwen3", "phi3")}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -344,7 +344,13 @@ def test_lora_resume_after_kill_9_is_bitwise_identical(sources: dict[str, Path],
 
 
 @pytest.mark.parametrize(
-    "kind, targets", [pytest.param("llama", ["all-linear"], marks=pytest.mark.slow), ("gpt2", ["q", "v", "down"])]
+    "kind, targets",
+    [
+        pytest.param("llama", ["all-linear"], marks=pytest.mark.slow),
+        ("gpt2", ["q", "v", "down"]),
+        pytest.param("qwen3", ["all-linear"], marks=pytest.mark.slow),
+        pytest.param("phi3", ["q", "v", "gate"], marks=pytest.mark.slow),
+    ],
 )
 def test_peft_loads_the_exported_adapter_with_the_same_logits(
     sources: dict[str, Path], tmp_path: Path, kind: str, targets: list[str]
@@ -356,10 +362,13 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(
     folder = tmp_path / "run" / "export" / "peft"
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"
-    assert adapter_config["base_model_name_or_path"] == str(sources[kind].absolute())  # an HF folder: named as is
+    base_folder = (  # an HF folder with PEFT's module names is named as is; Phi-3's fused one is written as llama
+        tmp_path / "run" / "export" / "peft-base" if kind == "phi3" else sources[kind]
+    )
+    assert adapter_config["base_model_name_or_path"] == str(base_folder.absolute())
     shown = cli("inspect", folder, "--json")
     assert shown.code == 0 and shown.json()["kind"] == "peft adapter" and shown.json()["r"] == 4, shown.stderr
-    assert shown.json()["parameters"] > 0 and shown.json()["base_model_name_or_path"] == str(sources[kind].absolute())
+    assert shown.json()["parameters"] > 0 and shown.json()["base_model_name_or_path"] == str(base_folder.absolute())
     base = transformers.AutoModelForCausalLM.from_pretrained(
         adapter_config["base_model_name_or_path"], dtype=torch.float32
     )

@@ -75,9 +75,12 @@ def ort_greedy(model_path: Path, prompt_ids: list[int], new_tokens: int) -> list
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     made = {
-        kind: hf_models.make(kind, root / kind) for kind in ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2")
+        kind: hf_models.make(kind, root / kind)
+        for kind in ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3")
     }
     made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
+    made["qwen2_gguf"] = hf_models.write_gguf(made["qwen2"], root / "qwen2.gguf")
+    made["qwen3_gguf"] = hf_models.write_gguf(made["qwen3"], root / "qwen3.gguf")
     return made
 
 
@@ -92,7 +95,7 @@ def imported_llama(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3"])
 def test_import_trains_exports_and_generates_like_transformers(
     kind: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -105,8 +108,9 @@ def test_import_trains_exports_and_generates_like_transformers(
     parity = manifest.import_.parity
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["same_greedy_tokens"]
     arch = manifest.architecture
-    if kind == "mistral":
+    if kind in ("mistral", "qwen3"):
         assert arch.head_size * arch.n_head != arch.n_embd  # a head size of its own
+    assert arch.qk_norm == (kind == "qwen3")
     if kind != "gpt2":
         assert arch.position == "rope" and arch.norm == "rmsnorm" and arch.n_kv_head == 2 and arch.n_head == 4
     assert arch.qkv_bias == (kind in ("gpt2", "qwen2"))
@@ -125,8 +129,9 @@ def test_import_trains_exports_and_generates_like_transformers(
     onnx_path = tmp_path / "run" / "export" / "model.onnx"
     ops = [node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node]
     # opset 23: per layer one Attention node (the cache appended inside it) and, with rope, one RotaryEmbedding
-    layers = ops[ops.index("Attention") : len(ops) - ops[::-1].index("Attention")]
-    assert ops.count("Attention") == arch.n_layer and "Concat" not in layers  # no cache copies between them
+    assert ops.count("Attention") == arch.n_layer  # and no cache copies between them:
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    assert not any(node.op_type == "Concat" and any(i.startswith("past_") for i in node.input) for node in graph.node)
     assert ops.count("RotaryEmbedding") == (arch.n_layer if arch.position == "rope" else 0)
     ours = ort_greedy(onnx_path, ids, 20)
     theirs = hf_greedy(source, ids, 20)
@@ -138,22 +143,79 @@ def test_import_trains_exports_and_generates_like_transformers(
     assert np.isfinite(result.json()["stages"]["eval"]["loss"])
 
 
-def test_gguf_import_equals_the_folders_bit_for_bit(sources: dict[str, Path], tmp_path: Path) -> None:
-    """The GGUF file of the llama (q/k permuted, llama.cpp's names) imports to exactly the folder's weights,
-    and passes the gate against transformers reading the GGUF itself."""
+@pytest.mark.parametrize("folder,gguf", [("llama", "gguf"), ("qwen2", "qwen2_gguf"), ("qwen3", "qwen3_gguf")])
+def test_gguf_import_equals_the_folders_bit_for_bit(
+    folder: str, gguf: str, sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """The GGUF file of the llama (q/k permuted, llama.cpp's names), the qwen2 (unpermuted, q/k/v biases) or
+    the qwen3 (unpermuted, QK-norm) imports to exactly the folder's weights, and passes the gate against
+    transformers reading the GGUF."""
     from bigmodel import pretrained
     from bigmodel.pretrained import build
 
-    from_folder, from_gguf = pretrained.describe(sources["llama"]), pretrained.describe(sources["gguf"])
+    from_folder, from_gguf = pretrained.describe(sources[folder]), pretrained.describe(sources[gguf])
     assert from_gguf.arch.norm_eps == pytest.approx(from_folder.arch.norm_eps)  # GGUF stores it as float32
     assert from_gguf.arch.model_copy(update={"norm_eps": from_folder.arch.norm_eps}) == from_folder.arch
     a, b = build.build(from_folder, from_folder.arch), build.build(from_gguf, from_gguf.arch)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
-    result = cli("pipeline", "-c", import_config(tmp_path, sources["gguf"]), "--to", "init", "-q")
+    result = cli("pipeline", "-c", import_config(tmp_path, sources[gguf]), "--to", "init", "-q")
     assert result.code == 0, result.stderr
     parity = read_manifest(tmp_path / "run" / "init" / "model.safetensors").import_.parity
     assert parity["passed"] and parity["same_greedy_tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen3", "phi3"])
+def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
+    kind: str, sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """export.dtype int4 (weights written and quantised tensor by tensor) of the newer architectures: the
+    gate against the model its blocks hold passes, and the file generates."""
+    config = import_config(tmp_path, sources[kind])
+    sets = ("--set", "export.checkpoint=init", "--set", "export.dtype=int4")
+    result = cli("pipeline", "-c", config, "--to", "export", *sets, "--json", "-q")
+    assert result.code == 0, result.stderr
+    assert result.json()["stages"]["export"]["passed"]
+    generated = cli("infer", "-c", config, "--prompt", "The quick", "-n", "5", "-t", "0", "--json")
+    assert generated.code == 0 and generated.json()["new_tokens"] == 5, generated.stderr
+
+
+def test_fused_phi3_projections_split_at_import_and_partial_rotary_is_refused(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """Phi-3's qkv_proj is our c_attn as it is; its gate_up_proj is split into gate and up (so LoRA and every
+    later stage see the usual modules): the logits equal transformers'. A partial rotary factor (Phi-4-mini's
+    0.75) is refused by name, never approximated by rotating whole heads."""
+    from bigmodel import pretrained
+    from bigmodel.pretrained import build
+
+    source = pretrained.describe(sources["phi3"])
+    assert {name.rpartition(".")[2] for name in source.targets if "gate_up_proj" in name} == {
+        "weight#gate",
+        "weight#up",
+    }
+    model = build.build(source, source.arch).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(sources["phi3"])).eval()
+    ids = torch.tensor([[5, 9, 17, 3, 22, 8, 40, 11]])
+    with torch.no_grad():
+        assert (model(ids)[0] - reference(ids).logits).abs().max() < 1e-4
+    partial = Path(shutil.copytree(sources["phi3"], tmp_path / "partial"))
+    config = json.loads((partial / "config.json").read_text())
+    config["rope_parameters"]["partial_rotary_factor"] = 0.75
+    (partial / "config.json").write_text(json.dumps(config))
+    result = cli("pipeline", "-c", import_config(tmp_path, partial), "--to", "init")
+    assert result.code == 2 and "partial_rotary_factor 0.75" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_gguf_tensor_type_gguf_cannot_dequantise_is_refused_by_name(sources: dict[str, Path], tmp_path: Path) -> None:
+    from bigmodel import pretrained
+    from bigmodel.errors import UserError
+
+    # one tensor in float64, a type the gguf package does not dequantise
+    path = hf_models.write_gguf(sources["llama"], tmp_path / "f64.gguf", {"output_norm.weight": np.float64})
+    with pytest.raises(UserError, match="output_norm.weight is of type F64, which the installed gguf package cannot"):
+        pretrained.describe(path)
 
 
 def test_gguf_tokenizer_equals_the_folders(sources: dict[str, Path]) -> None:
@@ -279,7 +341,7 @@ def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[
 # ------------------------------------------------------------------------------ export.format: hf
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama_tied_scaled"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama_tied_scaled", "qwen3", "phi3"])
 def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str, Path], tmp_path: Path) -> None:
     """export.format hf writes a folder transformers loads with bigmodel's logits; the written folder
     imports back into the same weights."""

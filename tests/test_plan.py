@@ -47,6 +47,22 @@ def test_parameters_equal_what_init_builds(tmp_path: Path) -> None:
     assert report["storage"]["checkpoint"] <= written <= report["storage"]["checkpoint"] * 1.25
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"bias": True},
+        {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "head_size": 16, "qk_norm": True},
+    ],
+)
+def test_block_parameters_are_what_a_block_holds(options: dict) -> None:
+    """What FSDP gathers at once (and the import's memory guard reads): one block's parameters."""
+    from bigmodel.models.gpt import Block
+
+    arch = DecoderArch(vocab_size=50, n_layer=1, n_head=4, n_embd=32, block_size=8, **options)
+    assert accounting.block_parameters(arch) == sum(p.numel() for p in Block(arch, 0).parameters())
+
+
 @pytest.mark.parametrize("targets", [["q", "v"], ["all-linear"]])
 def test_lora_parameters_of_an_encoder_are_what_lora_trains(targets: list[str]) -> None:
     """plan's adapter count for a BERT (it crashed: an encoder had no `mlp`) against lora.apply's."""

@@ -3,7 +3,8 @@
 The decoder is written as the Hugging Face architecture that computes exactly the same function:
 - learned positions + LayerNorm + GELU -> `gpt2` (biases the model does not have are written as zeros,
   which changes nothing; GPT-2's Conv1D layers store weights transposed);
-- rotary positions + RMSNorm + SwiGLU -> `llama`, or `qwen2` when the q/k/v projection has a bias.
+- rotary positions + RMSNorm + SwiGLU -> `llama`, `qwen2` when the q/k/v projection has a bias, `qwen3`
+  with QK-norm.
 Anything else has no Hugging Face twin and is refused by name. The folder is published only when
 transformers, loading it, gives bigmodel's logits on held-out text within export.atol (the round trip).
 """
@@ -107,8 +108,9 @@ def imported_context(config: Config) -> int | None:
 def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     """A LoRA checkpoint's adapter as a PEFT folder (export/peft) for the Hugging Face twin of its base.
     peft loads the base named in adapter_config.json with transformers: an imported Hugging Face folder
-    is named as it is; any other base (a GGUF file, a model bigmodel initialised) is written beside the
-    adapter as a Hugging Face folder (export/peft-base, round-trip checked) and named instead."""
+    is named as it is when its modules have the names the adapter's do; any other base (a GGUF file, a model
+    bigmodel initialised, a Phi-3 folder whose q/k/v and gate/up are fused) is written beside the adapter as
+    a Hugging Face folder (export/peft-base, round-trip checked) and named instead."""
     from bigmodel import lora
     from bigmodel.checkpoint import read_manifest
 
@@ -118,7 +120,7 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
         )
     source = config.init.from_
     outputs: dict[str, Any] = {}
-    if source is not None and (Path(source) / "config.json").is_file():
+    if source is not None and _model_type(Path(source)) in PEFT_NAMED:
         base = str(Path(source).absolute())
     else:
         outputs = export_checkpoint(config, config.stage_dir("init") / "model.safetensors", out_dir, PEFT_BASE_FOLDER)
@@ -135,6 +137,18 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     return {**outputs, "peft_folder": str(final), "peft_base": base}
 
 
+# Hugging Face model types whose modules PEFT finds under the adapter's names (q_proj, ..., gate_proj, ...).
+PEFT_NAMED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+def _model_type(folder: Path) -> str | None:
+    """A Hugging Face folder's model_type (None: not a folder with a config.json)."""
+    if not (folder / "config.json").is_file():
+        return None
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return str(model_type) if model_type is not None else None
+
+
 def publish_folder(folder: Path, final: Path) -> None:
     """Replace `final` by `folder` (written beside it, in a temporary folder of the same parent)."""
     if final.exists():
@@ -142,17 +156,24 @@ def publish_folder(folder: Path, final: Path) -> None:
     folder.rename(final)
 
 
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def hf_model_type(arch: DecoderArch) -> str:
     uniform = len(set(arch.mlp_hidden)) == 1
     gpt2_like = (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh")
-    if gpt2_like and arch.n_kv_head == arch.n_head and arch.q_width == arch.n_embd and uniform:
+    if gpt2_like and arch.n_kv_head == arch.n_head and arch.q_width == arch.n_embd and uniform and not arch.qk_norm:
         return "gpt2"
     if (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu") and not arch.bias and uniform:
-        return "qwen2" if arch.qkv_bias else "llama"
+        if arch.qk_norm:
+            if not arch.qkv_bias:
+                return "qwen3"
+        else:
+            return "qwen2" if arch.qkv_bias else "llama"
     raise UserError(
         f"export.format 'hf': no Hugging Face architecture computes this model (position "
         f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
-        f"bias {arch.bias}); gpt2 and llama/qwen2 shapes can be written"
+        f"bias {arch.bias}, qk_norm {arch.qk_norm}); gpt2, llama, qwen2 and qwen3 shapes can be written"
     )
 
 
@@ -190,7 +211,7 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
         rope = {**rope, "rope_type": scaling.pop("kind"), **scaling}
     return {
         **common,
-        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [HF_CLASSES[model_type]],
         "hidden_size": arch.n_embd,
         "intermediate_size": arch.mlp_hidden[0],
         "num_hidden_layers": arch.n_layer,
@@ -244,7 +265,8 @@ def _llama_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
     for i in range(arch.n_layer):
         prefix, hf_prefix = f"transformer.h.{i}.", f"model.layers.{i}."
         for ours, hf in ours_to_hf.items():
-            tensors[hf_prefix + hf] = state[prefix + ours]
+            if prefix + ours in state:  # (q_norm and k_norm: QK-norm models only)
+                tensors[hf_prefix + hf] = state[prefix + ours]
         for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
             q, k, v = state[f"{prefix}attn.c_attn.{kind}"].split(list(widths.values()))
             for module, part in LLAMA_QKV.items():

@@ -121,6 +121,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(arch.n_embd, arch.q_width + 2 * arch.kv_width, bias=arch.qkv_bias)
         self.c_proj = nn.Linear(arch.q_width, arch.n_embd, bias=arch.bias)
         self.resid_dropout = nn.Dropout(self.dropout)
+        # QK-norm: one RMSNorm over each head's hs values, its weight shared by the heads (arch.qk_norm)
+        self.q_norm = RMSNorm(arch.head_size, arch.norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_size, arch.norm_eps) if arch.qk_norm else None
 
     def forward(
         self,
@@ -136,6 +139,9 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         heads = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_size).transpose(1, 2)
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh+nkv, T, hs), v
+        if self.q_norm is not None and self.k_norm is not None:  # each head normalised over its hs values
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         if rope is not None:  # queries and keys rotate together: one rotation instead of two
             qk = apply_rope(qk, *rope)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
@@ -166,6 +172,11 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q_width, kv_width = self.arch.q_width, self.arch.kv_width
         qk, v = self.c_attn(x).split([q_width + kv_width, kv_width], dim=-1)  # (B, T, (nh+nkv) hs), (B, T, nkv hs)
+        if self.q_norm is not None and self.k_norm is not None:  # per head: (B, T, heads, hs), then packed again
+            q, k = qk.split([q_width, kv_width], dim=-1)
+            q = self.q_norm(q.view(B, T, self.n_head, self.head_size)).view(B, T, q_width)
+            k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_size)).view(B, T, kv_width)
+            qk = torch.cat([q, k], dim=-1)
         if rope is not None:  # the operator takes cos/sin (B, T, hs/2): our rotate-half tables repeat that half
             half = self.head_size // 2
             cos, sin = (table.expand(B, 1, T, self.head_size)[:, 0, :, :half] for table in rope)

@@ -1,8 +1,9 @@
-"""GGUF files (llama.cpp's format) of llama-architecture models, read with the `gguf` package.
+"""GGUF files (llama.cpp's format) of llama, qwen2 and qwen3 models, read with the `gguf` package.
 
-Quantised tensors are dequantised to float32 one at a time. llama.cpp's converter permutes the rows of
-the query and key projections (its RoPE pairs neighbouring dimensions, Hugging Face's rotate-half pairs
-i with i + hs/2); the permutation is undone here, per head, with n_kv_head heads for the keys. The
+Quantised tensors are dequantised to float32 one at a time. llama.cpp's converter permutes the rows of a
+llama's query and key projections (its RoPE pairs neighbouring dimensions, Hugging Face's rotate-half pairs
+i with i + hs/2); the permutation is undone here, per head, with n_kv_head heads for the keys (qwen2 and
+qwen3 files are written unpermuted: llama.cpp runs them in the rotate-half order). The
 tokenizer is rebuilt from the vocabulary and merges the file carries (byte-level BPE, as transformers
 does for `tokenizer.ggml.model == "gpt2"`).
 """
@@ -18,7 +19,8 @@ from bigmodel.arch import DecoderArch, RopeScaling
 from bigmodel.errors import UserError
 from bigmodel.pretrained import Source, Target, decoder_targets
 
-SUPPORTED = ("llama",)
+SUPPORTED = ("llama", "qwen2", "qwen3")
+PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
 LAYER = {
     "attn_norm.weight": "ln_1.weight",
     "ffn_norm.weight": "ln_2.weight",
@@ -26,6 +28,8 @@ LAYER = {
     "ffn_gate.weight": "mlp.c_gate.weight",
     "ffn_up.weight": "mlp.c_fc.weight",
     "ffn_down.weight": "mlp.c_proj.weight",
+    "attn_q_norm.weight": "attn.q_norm.weight",  # QK-norm (qwen3)
+    "attn_k_norm.weight": "attn.k_norm.weight",
 }
 
 
@@ -43,9 +47,9 @@ def describe(path: Path) -> Source:
     if architecture not in SUPPORTED:
         raise UserError(
             f"{path}: GGUF architecture {architecture!r} is not supported; bigmodel imports "
-            f"{', '.join(SUPPORTED)} GGUF files (and gpt2/llama/mistral/qwen2 Hugging Face folders)"
+            f"{', '.join(SUPPORTED)} GGUF files (and gpt2/llama/mistral/qwen2/qwen3 Hugging Face folders)"
         )
-    arch = _arch(meta, reader, path)
+    arch = _arch(meta, reader, path, architecture)
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise UserError(
@@ -55,6 +59,13 @@ def describe(path: Path) -> Source:
     targets = _targets(arch, tensors, path)
     shapes = {name: tuple(reversed([int(d) for d in tensors[name].shape])) for name in targets}
     kinds = sorted({tensors[name].tensor_type.name for name in targets})
+    for kind in {tensors[name].tensor_type for name in targets}:
+        if not _dequantizable(kind):
+            first = next(name for name in targets if tensors[name].tensor_type == kind)
+            raise UserError(
+                f"{path}: tensor {first} is of type {kind.name}, which the installed gguf package cannot "
+                "dequantise; use a file of another quantisation (Q4_K, Q8_0, F16, ...) or the model's folder"
+            )
     tokenizer_json, special, template = tokenizer_of(reader, path)
     return Source(
         path=path,
@@ -67,49 +78,53 @@ def describe(path: Path) -> Source:
         dtype="/".join(kinds),
         shapes=shapes,
         targets=targets,
-        fetch=lambda name: _fetch(path, arch, tensors[name]),
+        fetch=lambda name: _fetch(path, arch, tensors[name], architecture in PERMUTED),
         notes=[],
     )
 
 
-def _arch(meta: dict[str, Any], reader: Any, path: Path) -> DecoderArch:
+def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> DecoderArch:
+    """The architecture from the file's `<architecture>.*` metadata (llama.cpp's keys)."""
+
     def key(name: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{name}", default)
+        value = meta.get(f"{architecture}.{name}", default)
         if value is None:
-            raise UserError(f"{path}: GGUF metadata llama.{name} is missing")
+            raise UserError(f"{path}: GGUF metadata {architecture}.{name} is missing")
         return value
 
-    if meta.get("llama.expert_count"):
+    if meta.get(f"{architecture}.expert_count"):
         raise UserError(
-            f"{path}: a mixture-of-experts model (llama.expert_count = {meta['llama.expert_count']}) "
-            "cannot be imported; bigmodel's decoder has one MLP per layer"
+            f"{path}: a mixture-of-experts model ({architecture}.expert_count = "
+            f"{meta[f'{architecture}.expert_count']}) cannot be imported; bigmodel's decoder has one MLP per layer"
         )
     scaling = None
-    kind = meta.get("llama.rope.scaling.type", "none")
+    kind = meta.get(f"{architecture}.rope.scaling.type", "none")
     if kind == "linear":
         scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor")))
     elif kind not in ("none", None):
         raise UserError(f"{path}: rope scaling {kind!r} is not supported (bigmodel reproduces 'linear' and 'llama3')")
     n_embd, n_head, n_layer = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
     tokens = reader.fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in reader.fields else []
+    names = {t.name for t in reader.tensors}
     return DecoderArch(
-        vocab_size=int(meta.get("llama.vocab_size") or len(tokens)),
+        vocab_size=int(meta.get(f"{architecture}.vocab_size") or len(tokens)),
         n_layer=n_layer,
         n_head=n_head,
         n_kv_head=int(key("attention.head_count_kv", n_head)),
         n_embd=n_embd,
-        head_size=int(meta.get("llama.attention.key_length") or n_embd // n_head),
+        head_size=int(meta.get(f"{architecture}.attention.key_length") or n_embd // n_head),
         block_size=int(key("context_length")),
         mlp_hidden=[int(key("feed_forward_length"))] * n_layer,
         bias=False,
-        qkv_bias=False,
+        qkv_bias="blk.0.attn_q.bias" in names,  # (qwen2)
+        qk_norm="blk.0.attn_q_norm.weight" in names,  # (qwen3)
         position="rope",
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         norm="rmsnorm",
         norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         mlp="swiglu",
-        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        tie_embeddings="output.weight" not in names,
     )
 
 
@@ -124,10 +139,25 @@ def _targets(arch: DecoderArch, tensors: dict[str, Any], path: Path) -> dict[str
     extra = sorted(set(tensors) - set(targets))
     if extra:
         raise UserError(
-            f"{path}: tensors {', '.join(extra[:4])} have no place in a llama decoder; this GGUF "
+            f"{path}: tensors {', '.join(extra[:4])} have no place in the decoder its metadata describes; this GGUF "
             "file is a variant bigmodel does not import"
         )
     return targets
+
+
+def _dequantizable(kind: Any) -> bool:
+    """Whether the `gguf` package dequantises tensors of this type (one block of zeros, tried)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    block, size = GGML_QUANT_SIZES[kind]
+    try:
+        dequantize(np.zeros((1, size) if block > 1 else size, np.uint8), kind)
+    except NotImplementedError:
+        return False
+    except Exception:  # another complaint about the probe itself: leave the type to the real read
+        return True
+    return True
 
 
 def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -136,7 +166,7 @@ def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _fetch(path: Path, arch: DecoderArch, tensor: Any) -> Any:
+def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool) -> Any:
     """One tensor, dequantised to float32 in PyTorch's (out, in) layout. Its bytes are read from the file
     into a buffer of their own, not through the reader's memory map: mapped pages would stay resident."""
     import torch
@@ -151,9 +181,9 @@ def _fetch(path: Path, arch: DecoderArch, tensor: Any) -> Any:
     # The reader gives numpy order (GGUF lists dimensions fastest-first); dequantised, that is
     # PyTorch's (out, in).
     weight = dequantize(data, tensor.tensor_type).reshape(tuple(reversed([int(d) for d in tensor.shape])))
-    if tensor.name.endswith("attn_q.weight"):
+    if permuted and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
         weight = unpermute(weight, arch.n_head)
-    elif tensor.name.endswith("attn_k.weight"):
+    elif permuted and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
         weight = unpermute(weight, arch.n_kv_head)
     return torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 

@@ -1,7 +1,7 @@
 """Hugging Face model folders: config.json + model.safetensors (or a sharded index) + tokenizer.json.
 
 The architecture is read from config.json's `model_type` (never from the folder's name): gpt2, llama,
-mistral and qwen2 (decoders) and bert (encoders: BertModel, BertForMaskedLM, BertForSequenceClassification
+mistral, qwen2, qwen3 and phi3 (decoders) and bert (encoders: BertModel, BertForMaskedLM, BertForSequenceClassification
 folders). Weights are read from safetensors only; a folder with only `pytorch_model.bin`
 (a pickle, which can run code when loaded) is refused.
 """
@@ -20,9 +20,11 @@ from bigmodel.errors import UserError
 from bigmodel.pretrained import REFERENCE, Source, Target, decoder_targets
 from bigmodel.weights import ShardedWeights
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "bert")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# A part of a fused file tensor, named "<file tensor>#<part>": Phi-3's gate_up_proj holds gate's rows, then up's.
+PART = "#"
 # Buffers some GPT-2 files carry beside the weights (the causal mask, rotary caches): not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids")
 
@@ -52,7 +54,7 @@ def describe(folder: Path) -> Source:
     shapes = {name: weights.entry(name).shape for name in weights.names()}
     dtypes = {name: weights.entry(name).dtype for name in weights.names()}
     targets = targets_of(arch, shapes, folder)
-    kinds = sorted({dtypes[name] for name in targets}, key=str)
+    kinds = sorted({dtypes[name.partition(PART)[0]] for name in targets}, key=str)
     bad = [kind for kind in kinds if kind not in FLOAT_DTYPES]
     if bad:
         raise UserError(
@@ -158,6 +160,12 @@ def rope_settings(config: dict[str, Any], origin: str) -> tuple[float, RopeScali
         params = {**(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
     kind = params.get("rope_type") or params.get("type") or "default"
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))
+    if partial != 1.0:
+        raise UserError(
+            f"{origin}: partial_rotary_factor {partial} (rotary positions on part of each head) is not supported; "
+            "bigmodel rotates whole heads, so the model would compute something else"
+        )
     if kind == "default":
         return theta, None
     if kind not in ("linear", "llama3"):
@@ -174,8 +182,8 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
     origin = f"{folder}/config.json"
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
-    if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
-        raise UserError(f"{origin}: attention_bias/mlp_bias on a llama model are not supported")
+    if model_type in ("llama", "qwen3", "phi3") and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise UserError(f"{origin}: attention_bias/mlp_bias on a {model_type} model are not supported")
     n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layer = int(config["num_hidden_layers"])
     theta, scaling = rope_settings(config, origin)
@@ -190,6 +198,7 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         mlp_hidden=[int(config["intermediate_size"])] * n_layer,
         bias=False,
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         position="rope",
         rope_theta=theta,
         rope_scaling=scaling,
@@ -231,7 +240,10 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _fetch(weights: ShardedWeights, name: str, transposed: set[str]) -> torch.Tensor:
-    tensor = weights.read(name)
+    file_name, _, part = name.partition(PART)
+    tensor = weights.read(file_name)
+    if part:  # a fused tensor's half (gate_up_proj: gate's rows first)
+        tensor = tensor.chunk(2, dim=0)[FUSED_PARTS.index(part)]
     return tensor.t() if name in transposed else tensor
 
 
@@ -271,6 +283,8 @@ LLAMA_LAYER = {
     "mlp.gate_proj.weight": "mlp.c_gate.weight",
     "mlp.up_proj.weight": "mlp.c_fc.weight",
     "mlp.down_proj.weight": "mlp.c_proj.weight",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",  # QK-norm (qwen3)
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
 }
 
 
@@ -284,6 +298,32 @@ def _llama_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder
     else:
         top["lm_head.weight"] = "lm_head.weight"
     targets = decoder_targets(arch, list(shapes), top, "model.layers.", LLAMA_LAYER, LLAMA_QKV)
+    _unplaced(shapes, targets, folder)
+    return targets
+
+
+FUSED_PARTS = ("gate", "up")
+PHI3_LAYER = {
+    **LLAMA_LAYER,
+    "self_attn.qkv_proj.weight": "attn.c_attn.weight",  # q, k and v rows, in our c_attn's order
+    f"mlp.gate_up_proj.weight{PART}gate": "mlp.c_gate.weight",
+    f"mlp.gate_up_proj.weight{PART}up": "mlp.c_fc.weight",
+}
+
+
+def _phi3_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
+    """Phi-3: llama's layout with q/k/v in one qkv_proj (our c_attn as it is) and gate and up in one
+    gate_up_proj, split here into its halves (so LoRA's targets and every later stage see gate and up)."""
+    for name in [n for n in shapes if n.endswith("mlp.gate_up_proj.weight")]:
+        rows, columns = shapes.pop(name)
+        for part in FUSED_PARTS:
+            shapes[f"{name}{PART}{part}"] = (rows // 2, columns)
+    top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
+    if arch.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    else:
+        top["lm_head.weight"] = "lm_head.weight"
+    targets = decoder_targets(arch, list(shapes), top, "model.layers.", PHI3_LAYER, {})
     _unplaced(shapes, targets, folder)
     return targets
 
@@ -386,6 +426,8 @@ KINDS: dict[str, tuple[ArchOf, TargetsOf]] = {
     "llama": (_llama_arch, _llama_targets),
     "mistral": (_llama_arch, _llama_targets),
     "qwen2": (_llama_arch, _llama_targets),
+    "qwen3": (_llama_arch, _llama_targets),
+    "phi3": (_llama_arch, _phi3_targets),
     "bert": (_bert_arch, _bert_targets),
 }
 
