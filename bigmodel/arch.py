@@ -72,6 +72,8 @@ class DecoderArch(Arch):
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    # Partial rotary: only the first rotary_dim values of each head turn (Phi-4-mini, GPT-NeoX); None: all.
+    rotary_dim: int | None = Field(None, gt=0)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
@@ -105,8 +107,10 @@ class DecoderArch(Arch):
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if len(self.mlp_hidden) != self.n_layer:
             raise ValueError(f"mlp_hidden has {len(self.mlp_hidden)} widths for {self.n_layer} layers")
-        if self.position == "rope" and self.head_size % 2:
-            raise ValueError(f"rope needs an even head_size (got {self.head_size})")
+        if self.position == "rope" and self.rope_dim % 2:
+            raise ValueError(f"rope needs an even number of rotated values per head (got {self.rope_dim})")
+        if self.rotary_dim is not None and self.rotary_dim > self.head_size:
+            raise ValueError(f"rotary_dim {self.rotary_dim} exceeds head_size {self.head_size}")
         return self
 
     @property
@@ -120,6 +124,11 @@ class DecoderArch(Arch):
     @property
     def kv_width(self) -> int:
         return self.n_kv_head * self.head_size
+
+    @property
+    def rope_dim(self) -> int:
+        """The values of each head that rope turns (all of them unless rotary_dim says fewer)."""
+        return self.rotary_dim or self.head_size
 
 
 class TabularArch(Arch):

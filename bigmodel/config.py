@@ -288,6 +288,12 @@ class GPTConfig(Section):
         "learned", description="Position encoding: learned embeddings (GPT-2) or rotary (rope, Llama)."
     )
     rope_theta: float = Field(10000.0, gt=0.0, description="rope: base of the rotation frequencies.")
+    rotary_dim: int | None = Field(
+        None,
+        gt=0,
+        description="rope: turn only the first rotary_dim values of each head (partial rotary, as "
+        "Phi-4-mini and GPT-NeoX). Default: the whole head.",
+    )
     norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="layernorm (GPT-2) or rmsnorm (Llama).")
     norm_eps: float = Field(1e-5, gt=0.0, description="Epsilon of the norms.")
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = Field(

@@ -53,7 +53,8 @@ def write_tokenizer(folder: Path, vocab_size: int = 300) -> int:
 def make(kind: str, folder: Path, **overrides: object) -> Path:
     """gpt2, llama (GQA 4/2, untied), llama_tied_scaled (llama3 rope scaling), mistral, qwen2 (q/k/v bias,
     untied head), qwen3 (QK-norm, tied head, and a head size of its own: 128, Qwen3Config's default, which is
-    what transformers' GGUF reader assumes), phi3 (q/k/v and gate/up fused in the file)."""
+    what transformers' GGUF reader assumes), phi3 (q/k/v and gate/up fused in the file), phi3_partial (rope
+    on 6 of each head's 8 values, tied head: Phi-4-mini's options)."""
     import transformers
 
     vocab = write_tokenizer(folder) + 12  # a model vocabulary larger than the tokenizer's, as real ones often are
@@ -89,6 +90,13 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
         "qwen2": lambda: transformers.Qwen2Config(**llama_shape, tie_word_embeddings=False, **common),
         "qwen3": lambda: transformers.Qwen3Config(**llama_shape, head_dim=128, tie_word_embeddings=True, **common),
         "phi3": lambda: transformers.Phi3Config(**llama_shape, tie_word_embeddings=False, pad_token_id=0, **common),
+        "phi3_partial": lambda: transformers.Phi3Config(  # Phi-4-mini's partial rotary (its 0.75, of 8 values: 6)
+            **llama_shape,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            **common,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+        ),
     }
     config = configs[kind]()
     for key, value in overrides.items():

@@ -76,7 +76,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     made = {
         kind: hf_models.make(kind, root / kind)
-        for kind in ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3")
+        for kind in ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3", "phi3_partial")
     }
     made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
     made["qwen2_gguf"] = hf_models.write_gguf(made["qwen2"], root / "qwen2.gguf")
@@ -95,7 +95,9 @@ def imported_llama(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize(
+    "kind", ["gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3", "phi3_partial"]
+)
 def test_import_trains_exports_and_generates_like_transformers(
     kind: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -206,7 +208,7 @@ def test_llama_3_2_1b_shapes_import_export_and_generate_like_transformers(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "phi3_partial"])
 def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
     kind: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -221,31 +223,53 @@ def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
     assert generated.code == 0 and generated.json()["new_tokens"] == 5, generated.stderr
 
 
-def test_fused_phi3_projections_split_at_import_and_partial_rotary_is_refused(
+def test_fused_phi3_projections_split_at_import_and_partial_rotary_is_exact(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
     """Phi-3's qkv_proj is our c_attn as it is; its gate_up_proj is split into gate and up (so LoRA and every
     later stage see the usual modules): the logits equal transformers'. A partial rotary factor (Phi-4-mini's
-    0.75) is refused by name, never approximated by rotating whole heads."""
+    0.75) turns that share of each head, as transformers does; one that leaves an odd count is refused."""
     from bigmodel import pretrained
     from bigmodel.pretrained import build
 
-    source = pretrained.describe(sources["phi3"])
-    assert {name.rpartition(".")[2] for name in source.targets if "gate_up_proj" in name} == {
-        "weight#gate",
-        "weight#up",
-    }
-    model = build.build(source, source.arch).eval()
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(sources["phi3"])).eval()
     ids = torch.tensor([[5, 9, 17, 3, 22, 8, 40, 11]])
-    with torch.no_grad():
-        assert (model(ids)[0] - reference(ids).logits).abs().max() < 1e-4
-    partial = Path(shutil.copytree(sources["phi3"], tmp_path / "partial"))
-    config = json.loads((partial / "config.json").read_text())
-    config["rope_parameters"]["partial_rotary_factor"] = 0.75
-    (partial / "config.json").write_text(json.dumps(config))
-    result = cli("pipeline", "-c", import_config(tmp_path, partial), "--to", "init")
-    assert result.code == 2 and "partial_rotary_factor 0.75" in result.stderr and "Traceback" not in result.stderr
+    for kind, turned in (("phi3", None), ("phi3_partial", 6)):
+        source = pretrained.describe(sources[kind])
+        assert source.arch.rotary_dim == turned
+        parts = {name.rpartition(".")[2] for name in source.targets if "gate_up_proj" in name}
+        assert parts == {"weight#gate", "weight#up"}
+        model = build.build(source, source.arch).eval()
+        reference = transformers.AutoModelForCausalLM.from_pretrained(str(sources[kind])).eval()
+        with torch.no_grad():
+            assert (model(ids)[0] - reference(ids).logits).abs().max() < 1e-4, kind
+    odd = Path(shutil.copytree(sources["phi3"], tmp_path / "odd"))
+    config = json.loads((odd / "config.json").read_text())
+    config["rope_parameters"]["partial_rotary_factor"] = 0.375  # 3 of 8 values
+    (odd / "config.json").write_text(json.dumps(config))
+    result = cli("pipeline", "-c", import_config(tmp_path, odd), "--to", "init")
+    assert result.code == 2 and "partial_rotary_factor 0.375 turns 3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hf_export_of_a_partial_rotary_model_is_refused_by_name() -> None:
+    from bigmodel.arch import DecoderArch
+    from bigmodel.errors import UserError
+    from bigmodel.export.hf import hf_model_type
+
+    arch = DecoderArch(
+        vocab_size=50,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        block_size=8,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        rotary_dim=4,
+    )
+    assert hf_model_type(arch.model_copy(update={"rotary_dim": None})) == "llama"
+    with pytest.raises(UserError, match="rotary_dim 4"):
+        hf_model_type(arch)
 
 
 def test_a_gguf_tensor_type_gguf_cannot_dequantise_is_refused_by_name(sources: dict[str, Path], tmp_path: Path) -> None:

@@ -164,7 +164,13 @@ def hf_model_type(arch: DecoderArch) -> str:
     gpt2_like = (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh")
     if gpt2_like and arch.n_kv_head == arch.n_head and arch.q_width == arch.n_embd and uniform and not arch.qk_norm:
         return "gpt2"
-    if (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu") and not arch.bias and uniform:
+    whole_heads = arch.rotary_dim is None  # (llama, qwen2 and qwen3 turn every value of a head)
+    if (
+        (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu")
+        and not arch.bias
+        and uniform
+        and whole_heads
+    ):
         if arch.qk_norm:
             if not arch.qkv_bias:
                 return "qwen3"
@@ -173,7 +179,8 @@ def hf_model_type(arch: DecoderArch) -> str:
     raise UserError(
         f"export.format 'hf': no Hugging Face architecture computes this model (position "
         f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
-        f"bias {arch.bias}, qk_norm {arch.qk_norm}); gpt2, llama, qwen2 and qwen3 shapes can be written"
+        f"bias {arch.bias}, qk_norm {arch.qk_norm}, rotary_dim {arch.rotary_dim}); gpt2, llama, qwen2 and qwen3 "
+        "shapes can be written"
     )
 
 

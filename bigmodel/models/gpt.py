@@ -71,7 +71,7 @@ def make_norm(arch: DecoderArch) -> nn.Module:
 
 def rope_inverse_frequencies(arch: DecoderArch) -> torch.Tensor:
     """(hs/2,) rotation frequencies theta^(-2i/hs), rescaled as the checkpoint's rope_scaling says."""
-    hs = arch.head_size
+    hs = arch.rope_dim  # (partial rotary: the rotated values only)
     inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
     scaling = arch.rope_scaling
     if scaling is None:
@@ -101,7 +101,11 @@ def rope_cos_sin(arch: DecoderArch, positions: torch.Tensor) -> tuple[torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, h, T, hs) by position: pairs (i, i + hs/2) turn by their angle (rotate-half, as HF)."""
+    """Rotate (B, h, T, hs) by position: pairs (i, i + hs/2) turn by their angle (rotate-half, as HF).
+    Tables narrower than the head (partial rotary, r values): the first r values turn, the rest pass."""
+    turned = cos.size(-1)
+    if turned < x.size(-1):
+        return torch.cat([apply_rope(x[..., :turned], cos, sin), x[..., turned:]], dim=-1)
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -177,10 +181,16 @@ class CausalSelfAttention(nn.Module):
             q = self.q_norm(q.view(B, T, self.n_head, self.head_size)).view(B, T, q_width)
             k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_size)).view(B, T, kv_width)
             qk = torch.cat([q, k], dim=-1)
-        if rope is not None:  # the operator takes cos/sin (B, T, hs/2): our rotate-half tables repeat that half
-            half = self.head_size // 2
-            cos, sin = (table.expand(B, 1, T, self.head_size)[:, 0, :, :half] for table in rope)
-            qk = torch.onnx.ops.rotary_embedding(qk, cos, sin, num_heads=self.n_head + self.n_kv_head)
+        if rope is not None:  # the operator takes cos/sin (B, T, r/2): our rotate-half tables repeat that half
+            turned = self.arch.rope_dim  # (r < hs: partial rotary, the operator's rotary_embedding_dim)
+            cos, sin = (table.expand(B, 1, T, turned)[:, 0, :, : turned // 2] for table in rope)
+            qk = torch.onnx.ops.rotary_embedding(
+                qk,
+                cos,
+                sin,
+                num_heads=self.n_head + self.n_kv_head,
+                rotary_embedding_dim=turned if turned != self.head_size else 0,
+            )
         q, k = qk.split([q_width, kv_width], dim=-1)
         y, keys, values, _ = torch.onnx.ops.attention(  # y (B, T, nh hs); keys, values (B, nkv, P+T, hs)
             q, k, v, mask.to(q.dtype), past[0], past[1], q_num_heads=self.n_head, kv_num_heads=self.n_kv_head

@@ -160,12 +160,6 @@ def rope_settings(config: dict[str, Any], origin: str) -> tuple[float, RopeScali
         params = {**(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
     kind = params.get("rope_type") or params.get("type") or "default"
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))
-    if partial != 1.0:
-        raise UserError(
-            f"{origin}: partial_rotary_factor {partial} (rotary positions on part of each head) is not supported; "
-            "bigmodel rotates whole heads, so the model would compute something else"
-        )
     if kind == "default":
         return theta, None
     if kind not in ("linear", "llama3"):
@@ -175,6 +169,21 @@ def rope_settings(config: dict[str, Any], origin: str) -> tuple[float, RopeScali
         )
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     return theta, RopeScaling(kind=kind, **{k: params[k] for k in keys if k in params})
+
+
+def rotary_dim(config: dict[str, Any], head_size: int, origin: str) -> int | None:
+    """How many values of each head rope turns, from partial_rotary_factor (None: all of them)."""
+    params = config.get("rope_parameters") or {}
+    factor = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))
+    if factor == 1.0:
+        return None
+    turned = int(head_size * factor)  # as transformers computes it
+    if turned % 2 or turned <= 0:
+        raise UserError(
+            f"{origin}: partial_rotary_factor {factor} turns {turned} of each head's {head_size} values; rope "
+            "needs an even number of them"
+        )
+    return turned
 
 
 def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> DecoderArch:
@@ -187,13 +196,15 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
     n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layer = int(config["num_hidden_layers"])
     theta, scaling = rope_settings(config, origin)
+    head_size = int(config.get("head_dim") or n_embd // n_head)
     return DecoderArch(
+        rotary_dim=rotary_dim(config, head_size, origin),
         vocab_size=int(config["vocab_size"]),
         n_layer=n_layer,
         n_head=n_head,
         n_kv_head=int(config.get("num_key_value_heads") or n_head),
         n_embd=n_embd,
-        head_size=int(config.get("head_dim") or n_embd // n_head),
+        head_size=head_size,
         block_size=_context(config, "max_position_embeddings", notes),
         mlp_hidden=[int(config["intermediate_size"])] * n_layer,
         bias=False,
