@@ -6,9 +6,11 @@ reads everything it needs from that one file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +32,44 @@ def export_dynamo(
     dynamic_shapes: Any,
     opset: int,
 ) -> None:
-    """torch.onnx.export(dynamo=True) with its chatter kept off stdout (which --json owns)."""
+    """The ONNX file of `module`, traced and optimised by torch.onnx.export(dynamo=True)."""
+    with quiet_export():
+        dynamo_program(module, example_inputs, input_names, output_names, dynamic_shapes, opset).save(str(path))
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """torch.onnx's chatter kept off stdout (which --json owns): its logs and warnings silenced, its prints
+    sent to stderr."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with console.stdout_to_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            example_inputs,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
-        assert program is not None  # (dynamo=True always returns the program)
-        program.save(str(path))
+        yield
+
+
+def dynamo_program(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: Any,
+    opset: int,
+    optimize: bool = True,
+) -> Any:
+    """torch.onnx.export(dynamo=True)'s program (call it inside `quiet_export`)."""
+    program = torch.onnx.export(
+        module,
+        example_inputs,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        opset_version=opset,
+        dynamo=True,
+        optimize=optimize,
+        verbose=False,
+    )
+    assert program is not None  # (dynamo=True always returns the program)
+    return program
 
 
 def stamp_and_check(path: Path, metadata: OnnxMetadata, external_data: bool = False) -> None:

@@ -20,7 +20,6 @@ ONNX Runtime can map them) and records where they are: the process holds one ten
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +31,7 @@ import onnx
 import torch
 from onnx import helper
 
-from bigmodel import console
-from bigmodel.export.onnx_file import value_rank
+from bigmodel.export.onnx_file import dynamo_program, quiet_export, value_rank
 from bigmodel.io import FULL, disk_full
 
 ALIGN = 4096
@@ -67,21 +65,10 @@ def trace(
     import onnx_ir as ir
     from onnxscript._framework_apis.torch_2_8 import optimize
 
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with console.stdout_to_stderr(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            example_inputs,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            dynamo=True,
-            optimize=False,
-            verbose=False,
+    with quiet_export():
+        program = dynamo_program(
+            module, example_inputs, input_names, output_names, dynamic_shapes, opset, optimize=False
         )
-    assert program is not None  # (dynamo=True always returns the program)
     model = program.model
     graph = model.graph
     weights = {}
