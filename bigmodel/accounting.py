@@ -40,11 +40,12 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
 
 def flops_per_token(arch: TransformerArch, n_params_no_pos: int) -> int:
     """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus 12·L·H·Q·T for
-    attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). N: the parameters that take part
-    in a matmul (a GPT's without its position table; an encoder's see encoder_matmul_parameters)."""
-    L, H = arch.n_layer, arch.n_head
-    Q, T = arch.head_size, arch.block_size
-    return 6 * n_params_no_pos + 12 * L * H * Q * T
+    attention scores and values (PaLM, Chowdhery et al. 2022, appendix B), T at most the window on a local
+    layer. N: the parameters that take part in a matmul (a GPT's without its position table; an encoder's
+    see encoder_matmul_parameters)."""
+    H, Q, T = arch.n_head, arch.head_size, arch.block_size
+    windows = getattr(arch, "windows", (None,) * arch.n_layer)  # (a decoder's; an encoder's are global)
+    return 6 * n_params_no_pos + 12 * H * Q * sum(min(T, window or T) for window in windows)
 
 
 def encoder_matmul_parameters(arch: EncoderArch, n_params: int) -> int:

@@ -74,6 +74,11 @@ class DecoderArch(Arch):
     rope_scaling: RopeScaling | None = None
     # Partial rotary: only the first rotary_dim values of each head turn (Phi-4-mini, GPT-NeoX); None: all.
     rotary_dim: int | None = Field(None, gt=0)
+    # Sliding-window attention (Child et al. 2019; Beltagy et al. 2020; Mistral 7B): a query at position i
+    # sees the keys j with i - sliding_window < j <= i, on the layers `local_layers` marks (None: every
+    # layer; Qwen2's max_window_layers and Gemma's alternation make some layers global).
+    sliding_window: int | None = Field(None, gt=0)
+    local_layers: tuple[bool, ...] | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
@@ -111,6 +116,10 @@ class DecoderArch(Arch):
             raise ValueError(f"rope needs an even number of rotated values per head (got {self.rope_dim})")
         if self.rotary_dim is not None and self.rotary_dim > self.head_size:
             raise ValueError(f"rotary_dim {self.rotary_dim} exceeds head_size {self.head_size}")
+        if self.local_layers is not None and len(self.local_layers) != self.n_layer:
+            raise ValueError(f"local_layers has {len(self.local_layers)} entries for {self.n_layer} layers")
+        if self.local_layers is not None and self.sliding_window is None:
+            raise ValueError("local_layers needs a sliding_window")
         return self
 
     @property
@@ -124,6 +133,19 @@ class DecoderArch(Arch):
     @property
     def kv_width(self) -> int:
         return self.n_kv_head * self.head_size
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of this layer; None where it attends to the whole context (a window as long
+        as the context is no window)."""
+        if self.sliding_window is None or self.sliding_window >= self.block_size:
+            return None
+        if self.local_layers is not None and not self.local_layers[layer]:
+            return None
+        return self.sliding_window
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        return tuple(self.window(layer) for layer in range(self.n_layer))
 
     @property
     def rope_dim(self) -> int:

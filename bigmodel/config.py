@@ -288,6 +288,12 @@ class GPTConfig(Section):
         "learned", description="Position encoding: learned embeddings (GPT-2) or rotary (rope, Llama)."
     )
     rope_theta: float = Field(10000.0, gt=0.0, description="rope: base of the rotation frequencies.")
+    sliding_window: int | None = Field(
+        None,
+        gt=0,
+        description="Sliding-window attention on every layer: a token sees itself and the sliding_window - 1 "
+        "tokens before it (Mistral). Default: the whole context.",
+    )
     rotary_dim: int | None = Field(
         None,
         gt=0,

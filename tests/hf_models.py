@@ -51,7 +51,8 @@ def write_tokenizer(folder: Path, vocab_size: int = 300) -> int:
 
 
 def make(kind: str, folder: Path, **overrides: object) -> Path:
-    """gpt2, llama (GQA 4/2, untied), llama_tied_scaled (llama3 rope scaling), mistral, qwen2 (q/k/v bias,
+    """gpt2, llama (GQA 4/2, untied), llama_tied_scaled (llama3 rope scaling), mistral, mistral_window (a
+    sliding window of 8 on every layer), qwen2_window (window 8 on layer 1 only), qwen2 (q/k/v bias,
     untied head), qwen3 (QK-norm, tied head, and a head size of its own: 128, Qwen3Config's default, which is
     what transformers' GGUF reader assumes), phi3 (q/k/v and gate/up fused in the file), phi3_partial (rope
     on 6 of each head's 8 values, tied head: Phi-4-mini's options)."""
@@ -87,7 +88,18 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
         "mistral": lambda: transformers.MistralConfig(
             **llama_shape, sliding_window=4096, head_dim=16, tie_word_embeddings=False, **common
         ),
+        "mistral_window": lambda: transformers.MistralConfig(  # a window shorter than the context
+            **llama_shape, sliding_window=8, head_dim=16, tie_word_embeddings=False, **common
+        ),
         "qwen2": lambda: transformers.Qwen2Config(**llama_shape, tie_word_embeddings=False, **common),
+        "qwen2_window": lambda: transformers.Qwen2Config(  # layer 0 global, layer 1 local (window 8)
+            **llama_shape,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+            tie_word_embeddings=False,
+            **common,
+        ),
         "qwen3": lambda: transformers.Qwen3Config(**llama_shape, head_dim=128, tie_word_embeddings=True, **common),
         "phi3": lambda: transformers.Phi3Config(**llama_shape, tie_word_embeddings=False, pad_token_id=0, **common),
         "phi3_partial": lambda: transformers.Phi3Config(  # Phi-4-mini's partial rotary (its 0.75, of 8 values: 6)

@@ -76,7 +76,10 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     made = {
         kind: hf_models.make(kind, root / kind)
-        for kind in ("gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3", "phi3_partial")
+        for kind in (
+            *("gpt2", "llama", "llama_tied_scaled", "mistral", "mistral_window", "qwen2", "qwen2_window"),
+            *("qwen3", "phi3", "phi3_partial"),
+        )
     }
     made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
     made["qwen2_gguf"] = hf_models.write_gguf(made["qwen2"], root / "qwen2.gguf")
@@ -96,7 +99,11 @@ def imported_llama(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind", ["gpt2", "llama", "llama_tied_scaled", "mistral", "qwen2", "qwen3", "phi3", "phi3_partial"]
+    "kind",
+    [
+        *("gpt2", "llama", "llama_tied_scaled", "mistral", "mistral_window", "qwen2", "qwen2_window"),
+        *("qwen3", "phi3", "phi3_partial"),
+    ],
 )
 def test_import_trains_exports_and_generates_like_transformers(
     kind: str, sources: dict[str, Path], tmp_path: Path
@@ -110,12 +117,14 @@ def test_import_trains_exports_and_generates_like_transformers(
     parity = manifest.import_.parity
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["same_greedy_tokens"]
     arch = manifest.architecture
-    if kind in ("mistral", "qwen3"):
+    if kind in ("mistral", "mistral_window", "qwen3"):
         assert arch.head_size * arch.n_head != arch.n_embd  # a head size of its own
+    # a window shorter than the context is computed, on the layers that have it (one sliding in qwen2_window)
+    assert arch.windows == {"mistral_window": (8, 8), "qwen2_window": (None, 8)}.get(kind, (None, None))
     assert arch.qk_norm == (kind == "qwen3")
     if kind != "gpt2":
         assert arch.position == "rope" and arch.norm == "rmsnorm" and arch.n_kv_head == 2 and arch.n_head == 4
-    assert arch.qkv_bias == (kind in ("gpt2", "qwen2"))
+    assert arch.qkv_bias == (kind in ("gpt2", "qwen2", "qwen2_window"))
 
     # The model's logits are O(1), so the 1e-4 gate above is a real test of the arithmetic.
     model, _ = registry.load_model(init)
@@ -138,6 +147,8 @@ def test_import_trains_exports_and_generates_like_transformers(
     ours = ort_greedy(onnx_path, ids, 20)
     theirs = hf_greedy(source, ids, 20)
     assert ours == theirs[: len(ours)] and (len(ours) == 20 or ours[-1] == 2)
+    if any(arch.windows):  # decoded well past the window: its mask, not the context, decided the tokens
+        assert len(ids) + len(ours) > 2 * (arch.sliding_window or 0)
 
     # A few steps of continued pre-training, then eval: the recipe runs unchanged on the import.
     result = cli("pipeline", "-c", config, "--to", "eval", "--json", "-q")
@@ -208,7 +219,7 @@ def test_llama_3_2_1b_shapes_import_export_and_generate_like_transformers(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3", "phi3", "phi3_partial"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "phi3_partial", "qwen2_window"])
 def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
     kind: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -405,10 +416,12 @@ def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[
 # ------------------------------------------------------------------------------ export.format: hf
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama_tied_scaled", "qwen3", "phi3"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "qwen2", "llama_tied_scaled", "qwen3", "phi3", "mistral_window", "qwen2_window"]
+)
 def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str, Path], tmp_path: Path) -> None:
     """export.format hf writes a folder transformers loads with bigmodel's logits; the written folder
-    imports back into the same weights."""
+    imports back into the same weights (and the same sliding windows, checked on 32 tokens past them)."""
     config = import_config(tmp_path, sources[kind], model={"block_size": 32})  # the source's context is 64
     result = cli(
         "pipeline",
@@ -444,6 +457,7 @@ def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str
     from bigmodel.pretrained import build
 
     again = pretrained.describe(folder)
+    assert again.arch.windows == pretrained.describe(sources[kind]).arch.windows
     rebuilt = build.build(again, again.arch)
     original, _ = registry.load_model(tmp_path / "run" / "init" / "model.safetensors")
     for (name, a), (_, b) in zip(original.state_dict().items(), rebuilt.state_dict().items()):

@@ -21,7 +21,7 @@ from bigmodel import tokenizer as tokenizers
 from bigmodel.arch import DecoderArch
 from bigmodel.checkpoint import read_manifest
 from bigmodel.errors import UserError
-from bigmodel.models.gpt import GPT, causal_mask
+from bigmodel.models.gpt import GPT, causal_mask, window_mask
 from bigmodel.train import lm as train_lm
 from tests.conftest import cli, write_config
 
@@ -183,9 +183,13 @@ def test_prepare_globs_and_missing_files(tmp_path: Path) -> None:
 # ---- the model
 
 
-def test_kv_cache_decoding_equals_the_full_forward() -> None:
+WINDOWED = {"sliding_window": 4, "local_layers": (False, True)}  # layer 1 local, layer 0 global
+
+
+@pytest.mark.parametrize("options", [{}, WINDOWED], ids=["global", "sliding-window"])
+def test_kv_cache_decoding_equals_the_full_forward(options: dict) -> None:
     torch.manual_seed(0)
-    model = GPT(DecoderArch(**ARCH)).eval()
+    model = GPT(DecoderArch(**ARCH, **options)).eval()
     idx = torch.randint(0, 50, (3, 12))
     full, _ = model(idx)
     logits, past = model(idx[:, :5])  # a prompt of 5, then one token at a time
@@ -196,18 +200,47 @@ def test_kv_cache_decoding_equals_the_full_forward() -> None:
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+def test_a_local_layer_trains_the_same_with_activation_checkpointing() -> None:
+    """Training a model with a local layer (its window mask built for sequences longer than the window):
+    the gradients are the same when each block is recomputed in backward."""
+    torch.manual_seed(0)
+    model = GPT(DecoderArch(**ARCH, **WINDOWED)).train()
+    idx = torch.randint(0, 50, (2, 12))
+
+    def gradients() -> list[torch.Tensor]:
+        logits, _ = model(idx)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), idx[:, 1:].reshape(-1))
+        return list(torch.autograd.grad(loss, list(model.parameters())))
+
+    plain = gradients()
+    model.activation_checkpointing = True
+    for a, b in zip(plain, gradients()):
+        assert torch.allclose(a, b, atol=1e-6)
+    model.activation_checkpointing = False
+    model.blocks[1].window = None  # the same weights attending globally: other gradients
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, gradients()))
+
+
 def test_causal_mask_is_bottom_right_aligned() -> None:
     mask = causal_mask(2, 5)  # 3 past tokens, 2 new
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    # a window of 2: each query sees itself and the one key before it (transformers' key > query - window)
+    assert window_mask(2, 5, 2).tolist() == [[False, False, True, True, False], [False, False, False, True, True]]
 
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_head": 4, "n_kv_head": 2, "head_size": 8}],
+    [
+        {},
+        {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_head": 4, "n_kv_head": 2, "head_size": 8},
+        {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", **WINDOWED},
+    ],
+    ids=["gpt2", "llama", "sliding-window"],
 )
 def test_left_padded_rows_in_one_batch_get_their_own_numbers(options: dict) -> None:
     """Rows of 7, 3 and 1 tokens left-padded into one batch, then a cached step: each row's logits are the
-    ones it gets alone (learned positions; and rotary, RMSNorm, SwiGLU, grouped-query attention)."""
+    ones it gets alone (learned positions; and rotary, RMSNorm, SwiGLU, grouped-query attention; and a
+    window of 4 on one layer, shorter than the longest row)."""
     arch = {**ARCH, "n_kv_head": 2, "head_size": 16, "mlp_hidden": (128, 128), **options}
     torch.manual_seed(0)
     model = GPT(DecoderArch(**arch)).eval()
@@ -505,11 +538,13 @@ def test_compiled_training_saves_plain_checkpoints(tmp_path: Path) -> None:
         assert not any("_orig_mod" in key for key in handle.keys())
 
 
-def test_gpt_forward_equals_an_independent_textbook_computation() -> None:
+@pytest.mark.parametrize("options", [{}, WINDOWED], ids=["global", "sliding-window"])
+def test_gpt_forward_equals_an_independent_textbook_computation(options: dict) -> None:
     """The same weights through explicit matrix products (no SDPA, no nn modules): the model computes
-    exactly pre-LN attention + MLP blocks with a causal softmax and a tied output head."""
+    exactly pre-LN attention + MLP blocks with a causal softmax and a tied output head (and on a local
+    layer, a query sees only the keys less than its window behind it)."""
     torch.manual_seed(0)
-    arch = {**ARCH, "bias": True}
+    arch = {**ARCH, "bias": True, **options}
     model = GPT(DecoderArch(**arch)).eval()
     from bigmodel.models.gpt import init_weights
 
@@ -527,12 +562,15 @@ def test_gpt_forward_equals_an_independent_textbook_computation() -> None:
 
     x = p["transformer.wte.weight"][idx] + p["transformer.wpe.weight"][:T]
     causal = torch.ones(T, T).tril().bool()
+    query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
     for i in range(arch["n_layer"]):
+        local = "sliding_window" in arch and arch["local_layers"][i]
+        allowed = causal & (query - key < arch["sliding_window"]) if local else causal
         pre = f"transformer.h.{i}"
         qkv = ln(x, f"{pre}.ln_1") @ p[f"{pre}.attn.c_attn.weight"].T + p[f"{pre}.attn.c_attn.bias"]
         q, k, v = (t.reshape(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=-1))
         scores = (q @ k.transpose(-1, -2)) / (C // H) ** 0.5
-        att = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
         att = att.transpose(1, 2).reshape(B, T, C)
         x = x + att @ p[f"{pre}.attn.c_proj.weight"].T + p[f"{pre}.attn.c_proj.bias"]
         h = ln(x, f"{pre}.ln_2") @ p[f"{pre}.mlp.c_fc.weight"].T + p[f"{pre}.mlp.c_fc.bias"]

@@ -156,13 +156,26 @@ def publish_folder(folder: Path, final: Path) -> None:
     folder.rename(final)
 
 
-HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def hf_model_type(arch: DecoderArch) -> str:
     uniform = len(set(arch.mlp_hidden)) == 1
     gpt2_like = (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh")
-    if gpt2_like and arch.n_kv_head == arch.n_head and arch.q_width == arch.n_embd and uniform and not arch.qk_norm:
+    windows = set(arch.windows)  # {None}: global attention everywhere
+    if (
+        gpt2_like
+        and arch.n_kv_head == arch.n_head
+        and arch.q_width == arch.n_embd
+        and uniform
+        and not arch.qk_norm
+        and windows == {None}
+    ):
         return "gpt2"
     whole_heads = arch.rotary_dim is None  # (llama, qwen2 and qwen3 turn every value of a head)
     if (
@@ -171,16 +184,20 @@ def hf_model_type(arch: DecoderArch) -> str:
         and uniform
         and whole_heads
     ):
-        if arch.qk_norm:
+        if arch.qk_norm:  # qwen2 and qwen3 name each layer's attention (layer_types): any windows
             if not arch.qkv_bias:
                 return "qwen3"
-        else:
-            return "qwen2" if arch.qkv_bias else "llama"
+        elif arch.qkv_bias:
+            return "qwen2"
+        elif windows == {None}:
+            return "llama"
+        elif None not in windows:  # a window on every layer
+            return "mistral"
     raise UserError(
         f"export.format 'hf': no Hugging Face architecture computes this model (position "
         f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
-        f"bias {arch.bias}, qk_norm {arch.qk_norm}, rotary_dim {arch.rotary_dim}); gpt2, llama, qwen2 and qwen3 "
-        "shapes can be written"
+        f"bias {arch.bias}, qk_norm {arch.qk_norm}, rotary_dim {arch.rotary_dim}, sliding windows "
+        f"{arch.windows}); gpt2, llama, mistral (a window on every layer), qwen2 and qwen3 shapes can be written"
     )
 
 
@@ -232,9 +249,20 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
         "rope_theta": arch.rope_theta,
         "attention_bias": False,
         "mlp_bias": False,
-        "use_sliding_window": False,
+        **_sliding_window(model_type, arch),
         "attention_dropout": 0.0,
     }
+
+
+def _sliding_window(model_type: str, arch: DecoderArch) -> dict[str, Any]:
+    """config.json's window keys: Mistral's window covers every layer; Qwen2/3 name each layer's kind."""
+    window = next((w for w in arch.windows if w is not None), None)
+    if model_type == "mistral":
+        return {"sliding_window": window}
+    if window is None:
+        return {"use_sliding_window": False, "sliding_window": None}
+    kinds = ["full_attention" if w is None else "sliding_attention" for w in arch.windows]
+    return {"use_sliding_window": True, "sliding_window": window, "layer_types": kinds}
 
 
 def _gpt2_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:

@@ -8,7 +8,10 @@ MLP, dropout, and an output head tied to the token embedding (Press & Wolf 2017)
 - norm: LayerNorm, or RMSNorm (Zhang & Sennrich 2019), computed in fp32 as Llama does;
 - MLP: GELU (exact or tanh), or SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer");
 - grouped-query attention (Ainslie et al. 2023): n_kv_head key/value heads shared by n_head query heads;
-  the KV cache stores n_kv_head heads.
+  the KV cache stores n_kv_head heads;
+- sliding-window attention (Beltagy et al. 2020; Mistral 7B) on the layers the architecture marks local:
+  their mask also hides the keys a window or more behind the query (every other layer sees the whole
+  context), in training, in the cached decode and in the exported graph.
 
 The forward takes an optional KV cache (`past`: per layer, keys and values of the tokens already seen)
 and returns the updated one (`present`), so one graph serves both the prompt and every decode step. An
@@ -32,6 +35,9 @@ from torch.utils.checkpoint import checkpoint
 from bigmodel.arch import DecoderArch
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, nkv, P, hs) keys, values
+# The additive attention masks (B or 1, 1, T, P+T) of the global and of the local (sliding-window) layers;
+# None where attention is plainly causal (training through SDPA's is_causal).
+Masks = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 class LayerNorm(nn.Module):
@@ -198,16 +204,18 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y), (keys, values)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
         if mask is not None:
-            # Decoding over a cache. SDPA with grouped heads (enable_gqa: each key/value head serves
-            # n_head / n_kv_head query heads, the cache is never copied). Export at opset >= 23 writes
-            # this step with ONNX's own operators instead (_decode_onnx).
+            # Decoding over a cache, or a local layer's window. SDPA with grouped heads (enable_gqa: each
+            # key/value head serves n_head / n_kv_head query heads, the cache is never copied). Export at
+            # opset >= 23 writes the decode step with ONNX's own operators instead (_decode_onnx).
             grouped = self.n_kv_head != self.n_head
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=grouped)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout, enable_gqa=grouped
+            )
         # Training: causal without a cache, through SDPA's fused kernels (flash attention).
         if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
             k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
-        dropout = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
@@ -223,6 +231,16 @@ def causal_mask(n_new: int, n_total: int) -> torch.Tensor:
     query = torch.arange(n_new).unsqueeze(1)
     key = torch.arange(n_total).unsqueeze(0)
     return key <= query + past
+
+
+def window_mask(n_new: int, n_total: int, window: int) -> torch.Tensor:
+    """(n_new, n_total) bool, True where a local layer may attend: causal, and the key less than `window`
+    positions behind the query (key > query - window, as transformers' sliding_window_overlay). Positions
+    are the cache's, padding included: a row's padding shifts its query and keys alike."""
+    past = n_total - n_new
+    query = torch.arange(n_new).unsqueeze(1) + past
+    key = torch.arange(n_total).unsqueeze(0)
+    return (key <= query) & (key > query - window)
 
 
 def padded_causal_mask(n_new: int, n_total: int, left_padding: torch.Tensor) -> torch.Tensor:
@@ -266,6 +284,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, arch: DecoderArch, layer: int) -> None:
         super().__init__()
+        self.window = arch.window(layer)  # a local layer's sliding window (None: global attention)
         self.ln_1 = make_norm(arch)
         self.attn = CausalSelfAttention(arch)
         self.ln_2 = make_norm(arch)
@@ -276,8 +295,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
+        masks: Masks = (None, None),
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        mask = masks[1] if self.window is not None else masks[0]
         attended, present = self.attn(self.ln_1(x), past, rope, mask)
         x = x + attended
         x = x + self.mlp(self.ln_2(x))
@@ -337,13 +357,13 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens. With
         left_padding (B,), row b's first left_padding[b] positions (past and idx together) are padding."""
         P = 0 if past is None else past[0][0].size(2)
-        x, rope, mask = self.embed(idx, P, left_padding, decoding=past is not None)
+        x, rope, masks = self.embed(idx, P, left_padding, decoding=past is not None)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and past is None:
-                x, layer_kv = checkpoint(block, x, None, rope, use_reentrant=False)
+                x, layer_kv = checkpoint(block, x, None, rope, masks, use_reentrant=False)
             else:
-                x, layer_kv = block(x, None if past is None else past[i], rope, mask)
+                x, layer_kv = block(x, None if past is None else past[i], rope, masks)
             present.append(layer_kv)
         return self.head(x), present
 
@@ -353,10 +373,11 @@ class GPT(nn.Module):
         P: int,
         left_padding: torch.Tensor | None = None,
         decoding: bool = True,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, Masks]:
         """What the blocks read for tokens idx (B, T) after P cached ones: the embedded tokens (B, T, C),
-        the rotary tables (rope models) and the additive attention mask (when decoding over a cache or
-        with left padding; None in training, where attention is causal through SDPA)."""
+        the rotary tables (rope models) and the additive attention masks of the global and the local
+        layers (`Masks`: when decoding over a cache or with left padding; in training only a local
+        layer's, when the sequence is longer than its window)."""
         T = idx.size(1)
         if self.block_size < P + T:
             raise ValueError(f"context of {P + T} tokens exceeds block_size {self.block_size}")
@@ -367,15 +388,24 @@ class GPT(nn.Module):
             allowed = padded_causal_mask(T, P + T, left_padding)  # (B, 1, T, P+T)
         elif decoding:
             allowed = causal_mask(T, P + T).to(idx.device)[None, None]  # (1, 1, T, P+T)
+        local = None  # where a local layer may look: also within its window
+        window = self.arch.sliding_window if any(self.arch.windows) else None
+        if window is not None and (allowed is not None or window < T):
+            near = window_mask(T, P + T, window).to(idx.device)[None, None]  # (1, 1, T, P+T)
+            local = near if allowed is None else allowed & near
         x = self.transformer["wte"](idx)  # (B, T, C)
-        mask = None if allowed is None else additive(allowed, x.dtype)  # built once, shared by the layers
+        # built once, shared by the layers
+        masks = (
+            None if allowed is None else additive(allowed, x.dtype),
+            None if local is None else additive(local, x.dtype),
+        )
         rope = None
         if self.arch.position == "learned":
             x = x + self.transformer["wpe"](pos)
         else:
             cos, sin = rope_cos_sin(self.arch, pos)  # fp32; an fp16 model (export dtype fp16) rotates in fp16
             rope = (cos.to(x.dtype), sin.to(x.dtype))
-        return self.transformer["drop"](x), rope, mask
+        return self.transformer["drop"](x), rope, masks
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm and the output head: (B, T, C) -> logits (B, T, V)."""

@@ -8,8 +8,8 @@ layout) when it is needed, so an import holds one parameter at a time (pretraine
 The source is untrusted input: nothing in it is executed (custom code named by `auto_map` is ignored,
 `trust_remote_code` is never used), nothing is unpickled (`pytorch_model.bin` is refused), and every
 tensor's name, shape and dtype is checked against the architecture before anything is allocated.
-Anything the decoder cannot represent exactly (sliding windows it would cut, mixtures of experts,
-unknown rope scaling) is refused by name.
+Anything the decoder cannot represent exactly (mixtures of experts, rope scalings other than linear and
+llama3) is refused by name.
 """
 
 from __future__ import annotations

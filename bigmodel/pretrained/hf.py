@@ -100,22 +100,31 @@ def _optional_json(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ architecture
 
 
-def _context(config: dict[str, Any], key: str, notes: list[str]) -> int:
-    """The context length, limited to the sliding window when there is one: within the window, sliding-
-    window attention is exactly full attention, so the model is exact up to that length."""
-    context = int(config[key])
+def sliding_windows(config: dict[str, Any], n_layer: int, origin: str) -> tuple[int | None, tuple[bool, ...] | None]:
+    """The sliding window and which layers use it, as transformers reads config.json: `layer_types`
+    ("sliding_attention" per local layer) where the config has it; otherwise Qwen2's use_sliding_window with
+    max_window_layers (the layers from there on slide), or Mistral's window on every layer."""
     window = config.get("sliding_window")
-    layer_types = config.get("layer_types") or []
-    sliding = window is not None and (
-        config.get("use_sliding_window", True) is not False or "sliding_attention" in layer_types
-    )
-    if sliding and window is not None and int(window) < context:
-        notes.append(
-            f"context limited to the sliding window of {window} tokens (max_position_embeddings "
-            f"{context}): attention is exact within the window"
-        )
-        context = int(window)
-    return context
+    if window is None or config.get("use_sliding_window", True) is False:
+        return None, None
+    if not isinstance(window, int) or window <= 0:
+        raise UserError(f"{origin}: sliding_window {window!r} must be a positive number of tokens")
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+        if unknown or len(layer_types) != n_layer:
+            raise UserError(
+                f"{origin}: layer_types must name full_attention or sliding_attention for each of the "
+                f"{n_layer} layers (got {unknown or len(layer_types)})"
+            )
+        local = tuple(kind == "sliding_attention" for kind in layer_types)
+    elif "max_window_layers" in config and "use_sliding_window" in config:  # Qwen2 before layer_types
+        local = tuple(layer >= int(config["max_window_layers"]) for layer in range(n_layer))
+    else:
+        local = (True,) * n_layer
+    if not any(local):
+        return None, None
+    return window, None if all(local) else local
 
 
 def _gpt2_arch(config: dict[str, Any], notes: list[str], folder: Path) -> DecoderArch:
@@ -197,6 +206,7 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
     n_layer = int(config["num_hidden_layers"])
     theta, scaling = rope_settings(config, origin)
     head_size = int(config.get("head_dim") or n_embd // n_head)
+    window, local = sliding_windows(config, n_layer, origin)
     return DecoderArch(
         rotary_dim=rotary_dim(config, head_size, origin),
         vocab_size=int(config["vocab_size"]),
@@ -205,11 +215,13 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         n_kv_head=int(config.get("num_key_value_heads") or n_head),
         n_embd=n_embd,
         head_size=head_size,
-        block_size=_context(config, "max_position_embeddings", notes),
+        block_size=int(config["max_position_embeddings"]),
         mlp_hidden=[int(config["intermediate_size"])] * n_layer,
         bias=False,
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
+        sliding_window=window,
+        local_layers=local,
         position="rope",
         rope_theta=theta,
         rope_scaling=scaling,
