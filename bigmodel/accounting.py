@@ -32,7 +32,8 @@ LOGIT_BYTES = 4 * 4
 # With dropout, scaled_dot_product_attention on CPU cannot use its fused kernel: the math path keeps every
 # attention score for backward (scores, softmax, dropout mask, dropped probabilities): 13.5 bytes per score
 # measured for the encoder, 16.5 for GPT (fp32, torch 2.13, scripts/check_plan_memory.py). CUDA's flash
-# kernel fuses dropout and keeps none.
+# kernel fuses dropout and keeps none. Soft-capped attention (Gemma 2) is written out everywhere: its
+# scores, their tanh, the masked scores and the probabilities are kept alike (counted the same).
 UNFUSED_SCORE_BYTES = 15
 # Optimizer state per parameter (fp32): Adam/AdamW keep two moments; SGD a momentum buffer (if any).
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
@@ -58,11 +59,12 @@ def encoder_matmul_parameters(arch: EncoderArch, n_params: int) -> int:
 def block_parameters(arch: DecoderArch) -> int:
     """Parameters of the largest transformer block (what FSDP gathers at once)."""
     d, bias = arch.n_embd, int(arch.bias)
-    norms = 2 * d * (1 + int(bias and arch.norm == "layernorm")) + 2 * arch.head_size * int(arch.qk_norm)
+    norm_count = 4 if arch.sandwich_norms else 2
+    norms = norm_count * d * (1 + int(bias and arch.norm == "layernorm")) + 2 * arch.head_size * int(arch.qk_norm)
     qkv = arch.q_width + 2 * arch.kv_width
     attention = d * qkv + qkv * int(arch.qkv_bias) + arch.q_width * d + d * bias
     hidden = max(arch.mlp_hidden)
-    matrices = 3 if arch.mlp == "swiglu" else 2
+    matrices = 3 if arch.gated_mlp else 2
     mlp = matrices * d * hidden + (matrices - 1) * hidden * bias + d * bias
     return norms + attention + mlp
 
@@ -131,7 +133,7 @@ def lora_parameters(arch: TransformerArch, targets: tuple[str, ...], rank: int) 
     total = 0
     for hidden in arch.mlp_hidden:
         shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "up": (d, hidden), "down": (hidden, d)}
-        if arch.mlp == "swiglu":
+        if getattr(arch, "gated_mlp", False):  # (an encoder's MLP is GELU)
             shapes["gate"] = (d, hidden)
         total += sum(rank * sum(shapes[t]) for t in targets if t in shapes)
     return total
@@ -148,7 +150,8 @@ def activation_memory(
     tokens = batch * arch.block_size
     per_value = BLOCK_ACTIVATION_BYTES[precision] / GPT2_BLOCK_VALUES
     per_block = int(per_value * tokens * max(block_activation_values(arch)))
-    if arch.dropout > 0 and not fused_dropout:
+    softcapped = getattr(arch, "attention_softcap", None) is not None  # written out on every device (Gemma 2)
+    if (arch.dropout > 0 and not fused_dropout) or softcapped:
         per_block += UNFUSED_SCORE_BYTES * batch * arch.n_head * arch.block_size**2
     if checkpointing:
         blocks = arch.n_layer * 4 * tokens * arch.n_embd + 2 * per_block
@@ -165,8 +168,8 @@ def block_activation_values(arch: TransformerArch) -> list[int]:
     SwiGLU the gate and up outputs, silu's output and their product (4 hidden)."""
     d = arch.n_embd
     attention = arch.q_width + 2 * arch.kv_width + 2 * arch.q_width
-    swiglu = getattr(arch, "mlp", "gelu") == "swiglu"  # an encoder's MLP is GELU
-    return [4 * d + attention + (4 if swiglu else 2) * hidden for hidden in arch.mlp_hidden]
+    gated = getattr(arch, "gated_mlp", False)  # an encoder's MLP is GELU
+    return [4 * d + attention + (4 if gated else 2) * hidden for hidden in arch.mlp_hidden]
 
 
 def inference_memory(

@@ -79,10 +79,23 @@ class DecoderArch(Arch):
     # layer; Qwen2's max_window_layers and Gemma's alternation make some layers global).
     sliding_window: int | None = Field(None, gt=0)
     local_layers: tuple[bool, ...] | None = None
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    # The rotary base of the local layers, unscaled (Gemma 3: 10000 there, rope_theta on the global ones).
+    local_rope_theta: float | None = Field(None, gt=0)
+    # rmsnorm_unit_offset: RMSNorm whose weight is stored as its offset from 1, x / rms(x) * (1 + w),
+    # multiplied in fp32 before the cast (Gemma).
+    norm: Literal["layernorm", "rmsnorm", "rmsnorm_unit_offset"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    # Gated MLPs: swiglu = silu(gate) * up (Llama), geglu_tanh = gelu_tanh(gate) * up (Gemma).
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "geglu_tanh"] = "gelu"
     tie_embeddings: bool = True
+    # Gemma's options: token embeddings times sqrt(n_embd); a norm after attention and after the MLP too
+    # ("sandwich"); attention scores scaled by attention_scale instead of head_size^-0.5; and scores and
+    # logits soft-capped, cap * tanh(x / cap) (Gemma 2).
+    embedding_scale: bool = False
+    sandwich_norms: bool = False
+    attention_scale: float | None = Field(None, gt=0)
+    attention_softcap: float | None = Field(None, gt=0)
+    logit_softcap: float | None = Field(None, gt=0)
     # Structured pruning's bookkeeping: the widths and head count before the first pruning.
     original_widths: tuple[int, ...] | None = None
     original_heads: int | None = None
@@ -120,6 +133,8 @@ class DecoderArch(Arch):
             raise ValueError(f"local_layers has {len(self.local_layers)} entries for {self.n_layer} layers")
         if self.local_layers is not None and self.sliding_window is None:
             raise ValueError("local_layers needs a sliding_window")
+        if self.local_rope_theta is not None and (self.sliding_window is None or self.position != "rope"):
+            raise ValueError("local_rope_theta needs rope and a sliding_window")
         return self
 
     @property
@@ -134,14 +149,24 @@ class DecoderArch(Arch):
     def kv_width(self) -> int:
         return self.n_kv_head * self.head_size
 
+    def is_local(self, layer: int) -> bool:
+        """Whether this layer is a sliding-window one (its rotary base is local_rope_theta if set)."""
+        return self.sliding_window is not None and (self.local_layers is None or self.local_layers[layer])
+
     def window(self, layer: int) -> int | None:
         """The sliding window of this layer; None where it attends to the whole context (a window as long
         as the context is no window)."""
-        if self.sliding_window is None or self.sliding_window >= self.block_size:
-            return None
-        if self.local_layers is not None and not self.local_layers[layer]:
+        if not self.is_local(layer) or self.sliding_window is None or self.sliding_window >= self.block_size:
             return None
         return self.sliding_window
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp in ("swiglu", "geglu_tanh")
+
+    @property
+    def rmsnorm(self) -> bool:
+        return self.norm in ("rmsnorm", "rmsnorm_unit_offset")
 
     @property
     def windows(self) -> tuple[int | None, ...]:

@@ -140,8 +140,9 @@ def apply(model: nn.Module, settings: LoRAConfig, seed: int, trains_also: tuple[
     prefixes `trains_also` (a new task head) stay trainable and are saved with the adapters."""
     arch: DecoderArch | EncoderArch = model.arch  # type: ignore[assignment]
     mlp = arch.mlp
+    gated = getattr(arch, "gated_mlp", False)  # (an encoder's MLP is GELU)
     wanted = settings.projections()
-    if "gate" in wanted and mlp != "swiglu" and "gate" in settings.targets:
+    if "gate" in wanted and not gated and "gate" in settings.targets:
         raise UserError(
             f"train.lora.targets 'gate': this model's MLP ({mlp}) has no gate projection; use up, down or mlp"
         )
@@ -151,7 +152,7 @@ def apply(model: nn.Module, settings: LoRAConfig, seed: int, trains_also: tuple[
     for block in model.blocks:  # type: ignore[union-attr]
         by_module: dict[str, list[str]] = {}
         for target in wanted:
-            if target == "gate" and mlp != "swiglu":
+            if target == "gate" and not gated:
                 continue  # a group (mlp, all-linear) on a GELU MLP: nothing to adapt there
             by_module.setdefault(MODULES[target], []).append(target)
         for path, targets in by_module.items():
@@ -215,7 +216,7 @@ def settings_of(record: AdapterRecord) -> LoRAConfig:
 
 
 def peft_tensors(model: nn.Module, model_type: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The adapters under PEFT's names for the Hugging Face `model_type` (gpt2, llama, qwen2, qwen3), and the
+    """The adapters under PEFT's names for the Hugging Face `model_type` (gpt2, or llama's module names), and the
     adapter_config.json entries that differ per module.
 
     GPT-2's q, k and v are one Conv1D (c_attn), so PEFT adapts them as one module: adapters on k of

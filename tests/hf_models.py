@@ -52,7 +52,8 @@ def write_tokenizer(folder: Path, vocab_size: int = 300) -> int:
 
 def make(kind: str, folder: Path, **overrides: object) -> Path:
     """gpt2, llama (GQA 4/2, untied), llama_tied_scaled (llama3 rope scaling), mistral, mistral_window (a
-    sliding window of 8 on every layer), qwen2_window (window 8 on layer 1 only), qwen2 (q/k/v bias,
+    sliding window of 8 on every layer), qwen2_window (window 8 on layer 1 only), gemma2 and gemma3 (their
+    norms, caps, scales, windows and rotary bases; tied heads), qwen2 (q/k/v bias,
     untied head), qwen3 (QK-norm, tied head, and a head size of its own: 128, Qwen3Config's default, which is
     what transformers' GGUF reader assumes), phi3 (q/k/v and gate/up fused in the file), phi3_partial (rope
     on 6 of each head's 8 values, tied head: Phi-4-mini's options)."""
@@ -101,6 +102,30 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
             **common,
         ),
         "qwen3": lambda: transformers.Qwen3Config(**llama_shape, head_dim=128, tie_word_embeddings=True, **common),
+        # Gemma 2: soft caps low enough to bend these scores and logits, its own attention scale and head size,
+        # layer 0 local (window 8), layer 1 global
+        "gemma2": lambda: transformers.Gemma2Config(
+            **llama_shape,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            sliding_window=8,
+            **common,
+        ),
+        # Gemma 3 (text): QK-norm, a local rotary base on the sliding layer, linear scaling on the global one
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            **llama_shape,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            },
+            **common,
+        ),
         "phi3": lambda: transformers.Phi3Config(**llama_shape, tie_word_embeddings=False, pad_token_id=0, **common),
         "phi3_partial": lambda: transformers.Phi3Config(  # Phi-4-mini's partial rotary (its 0.75, of 8 values: 6)
             **llama_shape,

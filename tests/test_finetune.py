@@ -74,7 +74,7 @@ def run(config: Path, *stages: str, sets: tuple[str, ...] = ()) -> None:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {kind: hf_models.make(kind, root / kind) for kind in ("llama", "gpt2", "qwen3", "phi3")}
+    return {kind: hf_models.make(kind, root / kind) for kind in ("llama", "gpt2", "qwen3", "phi3", "gemma2", "gemma3")}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -350,6 +350,8 @@ def test_lora_resume_after_kill_9_is_bitwise_identical(sources: dict[str, Path],
         ("gpt2", ["q", "v", "down"]),
         pytest.param("qwen3", ["all-linear"], marks=pytest.mark.slow),
         pytest.param("phi3", ["q", "v", "gate"], marks=pytest.mark.slow),
+        pytest.param("gemma2", ["all-linear"], marks=pytest.mark.slow),
+        pytest.param("gemma3", ["q", "v", "gate"], marks=pytest.mark.slow),
     ],
 )
 def test_peft_loads_the_exported_adapter_with_the_same_logits(

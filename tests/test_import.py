@@ -78,7 +78,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         kind: hf_models.make(kind, root / kind)
         for kind in (
             *("gpt2", "llama", "llama_tied_scaled", "mistral", "mistral_window", "qwen2", "qwen2_window"),
-            *("qwen3", "phi3", "phi3_partial"),
+            *("qwen3", "phi3", "phi3_partial", "gemma2", "gemma3"),
         )
     }
     made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
@@ -102,7 +102,7 @@ def imported_llama(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     "kind",
     [
         *("gpt2", "llama", "llama_tied_scaled", "mistral", "mistral_window", "qwen2", "qwen2_window"),
-        *("qwen3", "phi3", "phi3_partial"),
+        *("qwen3", "phi3", "phi3_partial", "gemma2", "gemma3"),
     ],
 )
 def test_import_trains_exports_and_generates_like_transformers(
@@ -117,13 +117,19 @@ def test_import_trains_exports_and_generates_like_transformers(
     parity = manifest.import_.parity
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["same_greedy_tokens"]
     arch = manifest.architecture
-    if kind in ("mistral", "mistral_window", "qwen3"):
+    if kind in ("mistral", "mistral_window", "qwen3", "gemma2", "gemma3"):
         assert arch.head_size * arch.n_head != arch.n_embd  # a head size of its own
     # a window shorter than the context is computed, on the layers that have it (one sliding in qwen2_window)
-    assert arch.windows == {"mistral_window": (8, 8), "qwen2_window": (None, 8)}.get(kind, (None, None))
-    assert arch.qk_norm == (kind == "qwen3")
+    windows = {"mistral_window": (8, 8), "qwen2_window": (None, 8), "gemma2": (8, None), "gemma3": (8, None)}
+    assert arch.windows == windows.get(kind, (None, None))
+    assert arch.qk_norm == (kind in ("qwen3", "gemma3"))
     if kind != "gpt2":
-        assert arch.position == "rope" and arch.norm == "rmsnorm" and arch.n_kv_head == 2 and arch.n_head == 4
+        assert arch.position == "rope" and arch.rmsnorm and arch.n_kv_head == 2 and arch.n_head == 4
+    if kind.startswith("gemma"):  # all of Gemma's options in use, Gemma 2's caps and Gemma 3's local base
+        assert arch.embedding_scale and arch.sandwich_norms and arch.mlp == "geglu_tanh"
+        assert arch.attention_scale == 24**-0.5 and arch.norm == "rmsnorm_unit_offset"
+        assert (arch.attention_softcap, arch.logit_softcap) == ((2.0, 3.0) if kind == "gemma2" else (None, None))
+        assert arch.local_rope_theta == (10000.0 if kind == "gemma3" else None)
     assert arch.qkv_bias == (kind in ("gpt2", "qwen2", "qwen2_window"))
 
     # The model's logits are O(1), so the 1e-4 gate above is a real test of the arithmetic.
@@ -219,7 +225,7 @@ def test_llama_3_2_1b_shapes_import_export_and_generate_like_transformers(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3", "phi3", "phi3_partial", "qwen2_window"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "phi3_partial", "qwen2_window", "gemma2", "gemma3"])
 def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
     kind: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -232,6 +238,10 @@ def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
     assert result.json()["stages"]["export"]["passed"]
     generated = cli("infer", "-c", config, "--prompt", "The quick", "-n", "5", "-t", "0", "--json")
     assert generated.code == 0 and generated.json()["new_tokens"] == 5, generated.stderr
+    if kind == "gemma2":  # a tied table in two widths: the head's 4-bit blocks and the lookup's 8-bit ones
+        widths = ("--set", "export.int4.head=int4", "--set", "export.int4.embeddings=int8")
+        result = cli("export", "-c", config, *sets, *widths, "--json", "-q")
+        assert result.code == 0 and result.json()["passed"], result.stderr
 
 
 def test_fused_phi3_projections_split_at_import_and_partial_rotary_is_exact(
@@ -417,7 +427,8 @@ def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[
 
 
 @pytest.mark.parametrize(
-    "kind", ["llama", "qwen2", "llama_tied_scaled", "qwen3", "phi3", "mistral_window", "qwen2_window"]
+    "kind",
+    ["llama", "qwen2", "llama_tied_scaled", "qwen3", "phi3", "mistral_window", "qwen2_window", "gemma2", "gemma3"],
 )
 def test_hf_export_of_an_imported_model_round_trips(kind: str, sources: dict[str, Path], tmp_path: Path) -> None:
     """export.format hf writes a folder transformers loads with bigmodel's logits; the written folder

@@ -274,7 +274,8 @@ def _trace(
     """The decoder graph, weightless. A deep model of identical layers (widths and windows) is traced with two and the second
     is repeated (`repeat_layers`): the exporter's time grows with the layers traced (~1.5 s each here),
     and 32 identical layers need not be traced 32 times."""
-    if arch.n_layer > 2 and len(set(arch.mlp_hidden)) == 1 and len(set(arch.windows)) == 1:
+    kinds = {(arch.is_local(layer), arch.window(layer)) for layer in range(arch.n_layer)}
+    if arch.n_layer > 2 and len(set(arch.mlp_hidden)) == 1 and len(kinds) == 1:
         local = None if arch.local_layers is None else arch.local_layers[:2]
         short = arch.model_copy(update={"n_layer": 2, "mlp_hidden": arch.mlp_hidden[:2], "local_layers": local})
         with torch.device("meta"):
@@ -489,7 +490,7 @@ def reference_logits(
             assert blocks is not None
             blocks.apply(module, names[id(module)])
 
-    states: dict[str, list[list[Any]]] = {variant: [] for variant in variants}  # per sequence, chunk: [x, rope, masks]
+    states: dict[str, list[list[Any]]] = {variant: [] for variant in variants}  # per sequence, chunk: [x, ropes, masks]
     embeddings = [model.transformer["wte"], *([model.transformer["wpe"]] if "wpe" in model.transformer else [])]
     with streaming.materialized(model, embeddings, fetch):
         for variant in variants:
@@ -510,8 +511,8 @@ def reference_logits(
                 for row in states[variant]:
                     cache = None
                     for state in row:
-                        x, rope, masks = state
-                        state[0], cache = block(x, cache, rope, masks)
+                        x, ropes, masks = state
+                        state[0], cache = block(x, cache, ropes, masks)
     logits = {}
     with streaming.materialized(model, [model.transformer["ln_f"], model.lm_head], fetch):
         for variant in variants:

@@ -31,7 +31,7 @@ from bigmodel.io import write_json
 from bigmodel.manifests import DataInfo
 from bigmodel.models.gpt import GPT
 from bigmodel.pretrained import build
-from bigmodel.pretrained.hf import LLAMA_LAYER, LLAMA_QKV
+from bigmodel.pretrained.hf import GEMMA_LAYER, LLAMA_LAYER, LLAMA_QKV
 
 FOLDER = "hf"
 PEFT_FOLDER = "peft"
@@ -120,15 +120,16 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
         )
     source = config.init.from_
     outputs: dict[str, Any] = {}
-    if source is not None and _model_type(Path(source)) in PEFT_NAMED:
-        base = str(Path(source).absolute())
-    else:
-        outputs = export_checkpoint(config, config.stage_dir("init") / "model.safetensors", out_dir, PEFT_BASE_FOLDER)
-        base = str((out_dir / PEFT_BASE_FOLDER).absolute())
     model, manifest = registry.load_model(ckpt, merge=False)
     arch = manifest.architecture
     assert isinstance(arch, DecoderArch)
-    model_type = hf_model_type(arch)
+    source_type = _model_type(Path(source)) if source is not None else None
+    if source is not None and source_type in PEFT_NAMED:
+        base, model_type = str(Path(source).absolute()), source_type
+    else:
+        model_type = hf_model_type(arch)  # (refuses, by name, a model no written folder computes)
+        outputs = export_checkpoint(config, config.stage_dir("init") / "model.safetensors", out_dir, PEFT_BASE_FOLDER)
+        base = str((out_dir / PEFT_BASE_FOLDER).absolute())
     final = out_dir / PEFT_FOLDER
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:  # published whole, or not at all
@@ -138,7 +139,7 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
 
 
 # Hugging Face model types whose modules PEFT finds under the adapter's names (q_proj, ..., gate_proj, ...).
-PEFT_NAMED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+PEFT_NAMED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 
 def _model_type(folder: Path) -> str | None:
@@ -161,6 +162,8 @@ HF_CLASSES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 
@@ -177,9 +180,14 @@ def hf_model_type(arch: DecoderArch) -> str:
         and windows == {None}
     ):
         return "gpt2"
-    whole_heads = arch.rotary_dim is None  # (llama, qwen2 and qwen3 turn every value of a head)
+    whole_heads = arch.rotary_dim is None  # (llama, qwen2, qwen3 and gemma turn every value of a head)
+    gemma = _gemma_type(arch, uniform and whole_heads)
+    if gemma is not None:
+        return gemma
     if (
-        (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu")
+        not (arch.embedding_scale or arch.sandwich_norms or arch.attention_scale or arch.local_rope_theta)
+        and not (arch.attention_softcap or arch.logit_softcap)
+        and (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu")
         and not arch.bias
         and uniform
         and whole_heads
@@ -197,8 +205,24 @@ def hf_model_type(arch: DecoderArch) -> str:
         f"export.format 'hf': no Hugging Face architecture computes this model (position "
         f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
         f"bias {arch.bias}, qk_norm {arch.qk_norm}, rotary_dim {arch.rotary_dim}, sliding windows "
-        f"{arch.windows}); gpt2, llama, mistral (a window on every layer), qwen2 and qwen3 shapes can be written"
+        f"{arch.windows}); gpt2, llama, mistral (a window on every layer), qwen2, qwen3, gemma2 and gemma3_text "
+        "shapes can be written"
     )
+
+
+def _gemma_type(arch: DecoderArch, plain_layers: bool) -> str | None:
+    """gemma2 (soft caps, one rotary base) or gemma3_text (QK-norm, no caps, a local base) when every one of
+    Gemma's options is on and the rest is Gemma's."""
+    gemma = (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm_unit_offset", "geglu_tanh") and (
+        arch.embedding_scale and arch.sandwich_norms and not arch.bias and not arch.qkv_bias and plain_layers
+    )
+    if not gemma:
+        return None
+    if not arch.qk_norm and arch.local_rope_theta is None:
+        return "gemma2"
+    if arch.qk_norm and not (arch.attention_softcap or arch.logit_softcap):
+        return "gemma3_text"
+    return None
 
 
 def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int | None = None) -> dict[str, Any]:
@@ -233,6 +257,8 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
     if arch.rope_scaling is not None:
         scaling = arch.rope_scaling.model_dump()
         rope = {**rope, "rope_type": scaling.pop("kind"), **scaling}
+    if model_type.startswith("gemma"):
+        return {**common, **_gemma_config(model_type, arch, rope, context)}
     return {
         **common,
         "architectures": [HF_CLASSES[model_type]],
@@ -250,6 +276,40 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
         "attention_bias": False,
         "mlp_bias": False,
         **_sliding_window(model_type, arch),
+        "attention_dropout": 0.0,
+    }
+
+
+def _gemma_config(model_type: str, arch: DecoderArch, rope: dict[str, Any], context: int | None) -> dict[str, Any]:
+    kinds = ["sliding_attention" if arch.is_local(layer) else "full_attention" for layer in range(arch.n_layer)]
+    if model_type == "gemma3_text":  # each kind of layer its own rotary parameters
+        local = {"rope_type": "default", "rope_theta": arch.local_rope_theta or arch.rope_theta}
+        rope = {"full_attention": rope, "sliding_attention": local}
+    scalar = round((arch.attention_scale or arch.head_size**-0.5) ** -2, 6)  # scores scaled by scalar^-0.5
+    if not scalar.is_integer():  # (transformers takes a whole number)
+        raise UserError(
+            f"export.format 'hf': attention scale {arch.attention_scale} is not 1/sqrt of a whole number, which "
+            f"{model_type}'s query_pre_attn_scalar must be"
+        )
+    return {
+        "architectures": [HF_CLASSES[model_type]],
+        "hidden_size": arch.n_embd,
+        "intermediate_size": arch.mlp_hidden[0],
+        "num_hidden_layers": arch.n_layer,
+        "num_attention_heads": arch.n_head,
+        "num_key_value_heads": arch.n_kv_head,
+        "head_dim": arch.head_size,
+        "max_position_embeddings": max(arch.block_size, context or 0),
+        "rms_norm_eps": arch.norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": rope,
+        "query_pre_attn_scalar": int(scalar),
+        "attn_logit_softcapping": arch.attention_softcap,
+        "final_logit_softcapping": arch.logit_softcap,
+        # (no window: one as long as the context)
+        "sliding_window": arch.sliding_window or max(arch.block_size, context or 0),
+        "layer_types": kinds,
+        "attention_bias": False,
         "attention_dropout": 0.0,
     }
 
@@ -289,7 +349,7 @@ def _gpt2_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
 
 def _llama_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
     state = {name: t.detach() for name, t in model.state_dict().items()}
-    ours_to_hf = {ours: hf for hf, ours in LLAMA_LAYER.items()}
+    ours_to_hf = {ours: hf for hf, ours in (GEMMA_LAYER if arch.sandwich_norms else LLAMA_LAYER).items()}
     widths = {"q": arch.q_width, "k": arch.kv_width, "v": arch.kv_width}
     tensors = {
         "model.embed_tokens.weight": state["transformer.wte.weight"],

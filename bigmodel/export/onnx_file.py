@@ -112,11 +112,15 @@ def value_rank(graph: onnx.GraphProto, name: str) -> int | None:
 
 def output_head(model: onnx.ModelProto) -> str | None:
     """The name of the MatMul that computes a decoder's logits (the graph output, perhaps through a bias
-    Add or a Reshape); None for graphs without one (tabular models)."""
+    Add, a Reshape or a soft cap's Div, Tanh and Mul); None for graphs without one (tabular models)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
     while node is not None and node.op_type != "MatMul":
-        node = producers.get(node.input[0]) if node.op_type in ("Add", "Identity", "Reshape") else None
+        if node.op_type not in ("Add", "Identity", "Reshape", "Div", "Tanh", "Mul"):
+            return None
+        computed = [producers[name] for name in node.input if name in producers]  # (not constants)
+        computed = [source for source in computed if source.op_type != "Constant"]
+        node = computed[0] if len(computed) == 1 else None
     return node.name if node is not None else None
 
 

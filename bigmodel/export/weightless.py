@@ -293,6 +293,8 @@ class GraphWeights:
             return quantized[key]
         quantizer = block_quantizer(bits, block_size)
         blocks, scales = f"{weight}_Q{bits}", f"{weight}_scales"
+        if scales in self.dims:  # the matrix in other bits too (a tied table: the head and the lookup differ)
+            scales = f"{weight}_Q{bits}_scales"
         K, N = self.dims[weight]
 
         def make(weight: str = weight) -> list[Array]:

@@ -11,7 +11,11 @@ MLP, dropout, and an output head tied to the token embedding (Press & Wolf 2017)
   the KV cache stores n_kv_head heads;
 - sliding-window attention (Beltagy et al. 2020; Mistral 7B) on the layers the architecture marks local:
   their mask also hides the keys a window or more behind the query (every other layer sees the whole
-  context), in training, in the cached decode and in the exported graph.
+  context), in training, in the cached decode and in the exported graph;
+- Gemma's (Gemma Team 2024): RMSNorm with a (1 + w) weight, embeddings times sqrt(n_embd), GeGLU, a norm
+  after attention and after the MLP as well as before ("sandwich"), its own attention scale, attention
+  scores and logits soft-capped (cap * tanh(x / cap), Gemma 2), and a rotary base of their own on the
+  local layers (Gemma 3).
 
 The forward takes an optional KV cache (`past`: per layer, keys and values of the tokens already seen)
 and returns the updated one (`present`), so one graph serves both the prompt and every decode step. An
@@ -38,6 +42,9 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, nkv, P, hs) 
 # The additive attention masks (B or 1, 1, T, P+T) of the global and of the local (sliding-window) layers;
 # None where attention is plainly causal (training through SDPA's is_causal).
 Masks = tuple[torch.Tensor | None, torch.Tensor | None]
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin
+# The rotary tables of the global and of the local layers (the local one only with local_rope_theta).
+Ropes = tuple[Rope | None, Rope | None]
 
 
 class LayerNorm(nn.Module):
@@ -54,32 +61,38 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight (Zhang & Sennrich 2019), in fp32 whatever the input dtype (as Llama)."""
+    """x / rms(x) * weight (Zhang & Sennrich 2019), in fp32 whatever the input dtype (as Llama). With
+    unit_offset the weight is stored as its offset from 1 and applied in fp32 before the cast (Gemma)."""
 
-    def __init__(self, ndim: int, eps: float) -> None:
+    def __init__(self, ndim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(ndim) if unit_offset else torch.ones(ndim))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         # x / sqrt(...) rather than x * rsqrt(...): the exported graph then has the pattern ONNX Runtime
         # fuses into one SimplifiedLayerNormalization node (seven small nodes fewer per norm when decoding).
         normed = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return normed.to(x.dtype) * self.weight
 
 
-def make_norm(arch: DecoderArch) -> nn.Module:
-    if arch.norm == "rmsnorm":
-        return RMSNorm(arch.n_embd, arch.norm_eps)
-    return LayerNorm(arch.n_embd, arch.bias, arch.norm_eps)
+def make_norm(arch: DecoderArch, width: int | None = None) -> nn.Module:
+    """The architecture's norm over `width` values (default n_embd)."""
+    if arch.rmsnorm:
+        return RMSNorm(width or arch.n_embd, arch.norm_eps, unit_offset=arch.norm == "rmsnorm_unit_offset")
+    return LayerNorm(width or arch.n_embd, arch.bias, arch.norm_eps)
 
 
-def rope_inverse_frequencies(arch: DecoderArch) -> torch.Tensor:
-    """(hs/2,) rotation frequencies theta^(-2i/hs), rescaled as the checkpoint's rope_scaling says."""
+def rope_inverse_frequencies(arch: DecoderArch, local: bool = False) -> torch.Tensor:
+    """(hs/2,) rotation frequencies theta^(-2i/hs), rescaled as the checkpoint's rope_scaling says; `local`:
+    the local layers' own base, unscaled (Gemma 3)."""
     hs = arch.rope_dim  # (partial rotary: the rotated values only)
-    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
-    scaling = arch.rope_scaling
+    theta = arch.local_rope_theta if local and arch.local_rope_theta else arch.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    scaling = None if local else arch.rope_scaling
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":  # position interpolation (Chen et al. 2023)
@@ -96,10 +109,11 @@ def rope_inverse_frequencies(arch: DecoderArch) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(arch: DecoderArch, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(arch: DecoderArch, positions: torch.Tensor, local: bool = False) -> Rope:
     """cos, sin (T, hs) for the rotary embedding of these positions (T,); (B, 1, T, hs) for per-row
     positions (B, T), which broadcast over the heads of (B, h, T, hs)."""
-    freqs = positions.float()[..., None] * rope_inverse_frequencies(arch).to(positions.device)  # (..., T, hs/2)
+    inverse = rope_inverse_frequencies(arch, local).to(positions.device)
+    freqs = positions.float()[..., None] * inverse  # (..., T, hs/2)
     angles = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: the two halves share frequencies
     if positions.dim() == 2:
         angles = angles.unsqueeze(1)
@@ -132,8 +146,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(arch.q_width, arch.n_embd, bias=arch.bias)
         self.resid_dropout = nn.Dropout(self.dropout)
         # QK-norm: one RMSNorm over each head's hs values, its weight shared by the heads (arch.qk_norm)
-        self.q_norm = RMSNorm(arch.head_size, arch.norm_eps) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_size, arch.norm_eps) if arch.qk_norm else None
+        unit_offset = arch.norm == "rmsnorm_unit_offset"
+        self.q_norm = RMSNorm(arch.head_size, arch.norm_eps, unit_offset) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_size, arch.norm_eps, unit_offset) if arch.qk_norm else None
+        self.scale = arch.attention_scale  # None: head_size^-0.5
+        self.softcap = arch.attention_softcap
 
     def forward(
         self,
@@ -199,24 +216,50 @@ class CausalSelfAttention(nn.Module):
             )
         q, k = qk.split([q_width, kv_width], dim=-1)
         y, keys, values, _ = torch.onnx.ops.attention(  # y (B, T, nh hs); keys, values (B, nkv, P+T, hs)
-            q, k, v, mask.to(q.dtype), past[0], past[1], q_num_heads=self.n_head, kv_num_heads=self.n_kv_head
+            q,
+            k,
+            v,
+            mask.to(q.dtype),
+            past[0],
+            past[1],
+            q_num_heads=self.n_head,
+            kv_num_heads=self.n_kv_head,
+            scale=self.scale,
+            softcap=self.softcap or 0.0,
         )
         return self.c_proj(y), (keys, values)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
+        if self.softcap is not None:
+            return self._attend_softcapped(q, k, v, mask, dropout, self.softcap)
         if mask is not None:
             # Decoding over a cache, or a local layer's window. SDPA with grouped heads (enable_gqa: each
             # key/value head serves n_head / n_kv_head query heads, the cache is never copied). Export at
             # opset >= 23 writes the decode step with ONNX's own operators instead (_decode_onnx).
             grouped = self.n_kv_head != self.n_head
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout, enable_gqa=grouped
+                q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout, enable_gqa=grouped, scale=self.scale
             )
         # Training: causal without a cache, through SDPA's fused kernels (flash attention).
         if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
             k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.scale)
+
+    def _attend_softcapped(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float, cap: float
+    ) -> torch.Tensor:
+        """Attention with its scores soft-capped before the mask, cap * tanh(s / cap) (Gemma 2): written
+        out, as no fused kernel takes a cap (every score is kept for backward)."""
+        if self.n_kv_head != self.n_head:
+            k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
+        scale = self.scale if self.scale is not None else self.head_size**-0.5
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, S)
+        scores = cap * torch.tanh(scores / cap)
+        if mask is None:  # training: causal
+            mask = additive(causal_mask(q.size(2), k.size(2)).to(q.device)[None, None], scores.dtype)
+        probs = F.softmax((scores + mask.to(scores.dtype)).float(), dim=-1).to(q.dtype)
+        return F.dropout(probs, dropout, self.training) @ v
 
 
 def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
@@ -263,45 +306,56 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """GELU: c_proj(gelu(c_fc(x))). SwiGLU: c_proj(silu(c_gate(x)) * c_fc(x)) (Shazeer 2020)."""
+    """GELU: c_proj(gelu(c_fc(x))). Gated (Shazeer 2020, "GLU Variants Improve Transformer"):
+    c_proj(act(c_gate(x)) * c_fc(x)), act silu (SwiGLU) or tanh-approximated gelu (GeGLU)."""
 
     def __init__(self, arch: DecoderArch, hidden: int) -> None:
         super().__init__()
-        self.swiglu = arch.mlp == "swiglu"
-        if self.swiglu:
+        self.gated = arch.gated_mlp
+        if self.gated:
             self.c_gate = nn.Linear(arch.n_embd, hidden, bias=arch.bias)
         self.c_fc = nn.Linear(arch.n_embd, hidden, bias=arch.bias)
-        # gelu_tanh is GPT-2's own activation (Hendrycks & Gimpel 2016, tanh approximation).
-        self.act = nn.SiLU() if self.swiglu else nn.GELU(approximate="tanh" if arch.mlp == "gelu_tanh" else "none")
+        # gelu_tanh is GPT-2's own activation (Hendrycks & Gimpel 2016, tanh approximation), and Gemma's gate.
+        tanh = arch.mlp in ("gelu_tanh", "geglu_tanh")
+        self.act = nn.SiLU() if arch.mlp == "swiglu" else nn.GELU(approximate="tanh" if tanh else "none")
         self.c_proj = nn.Linear(hidden, arch.n_embd, bias=arch.bias)
         self.dropout = nn.Dropout(arch.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.act(self.c_gate(x)) * self.c_fc(x) if self.swiglu else self.act(self.c_fc(x))
+        hidden = self.act(self.c_gate(x)) * self.c_fc(x) if self.gated else self.act(self.c_fc(x))
         return self.dropout(self.c_proj(hidden))
 
 
 class Block(nn.Module):
     def __init__(self, arch: DecoderArch, layer: int) -> None:
         super().__init__()
-        self.window = arch.window(layer)  # a local layer's sliding window (None: global attention)
+        self.local = arch.is_local(layer)  # a sliding-window layer (with the local rotary base, if any)
+        self.window = arch.window(layer)  # its window; None where attention sees the whole context
         self.ln_1 = make_norm(arch)
         self.attn = CausalSelfAttention(arch)
         self.ln_2 = make_norm(arch)
         self.mlp = MLP(arch, arch.mlp_hidden[layer])
+        # Sandwich norms (Gemma): the attention's and the MLP's outputs normed before the residual add too.
+        self.attn_out_norm = make_norm(arch) if arch.sandwich_norms else None
+        self.mlp_out_norm = make_norm(arch) if arch.sandwich_norms else None
 
     def forward(
         self,
         x: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ropes: Ropes = (None, None),
         masks: Masks = (None, None),
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         mask = masks[1] if self.window is not None else masks[0]
+        rope = ropes[1] if self.local and ropes[1] is not None else ropes[0]
         attended, present = self.attn(self.ln_1(x), past, rope, mask)
+        if self.attn_out_norm is not None:
+            attended = self.attn_out_norm(attended)
         x = x + attended
-        x = x + self.mlp(self.ln_2(x))
-        return x, present
+        transformed = self.mlp(self.ln_2(x))
+        if self.mlp_out_norm is not None:
+            transformed = self.mlp_out_norm(transformed)
+        return x + transformed, present
 
 
 class GPT(nn.Module):
@@ -325,6 +379,11 @@ class GPT(nn.Module):
         if arch.tie_embeddings:
             self.lm_head.weight = self.transformer["wte"].weight  # type: ignore[assignment]
             self.tied_weights = {"lm_head.weight": "transformer.wte.weight"}
+        # Gemma scales the embeddings by sqrt(n_embd) rounded to the weights' dtype (as transformers does)
+        self.embedding_scales = {
+            dtype: torch.tensor(arch.n_embd**0.5, dtype=dtype, device="cpu").item()
+            for dtype in (torch.float32, torch.bfloat16, torch.float16)
+        }
         # Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"):
         # keep only each block's input in training and recompute the rest in backward.
         self.activation_checkpointing = False
@@ -344,7 +403,7 @@ class GPT(nn.Module):
         groups = []
         for i in range(len(self.blocks)):
             prefix = f"transformer.h.{i}.mlp"
-            makers = [f"{prefix}.c_gate", f"{prefix}.c_fc"] if self.arch.mlp == "swiglu" else [f"{prefix}.c_fc"]
+            makers = [f"{prefix}.c_gate", f"{prefix}.c_fc"] if self.arch.gated_mlp else [f"{prefix}.c_fc"]
             groups.append((makers, f"{prefix}.c_proj"))
         return groups
 
@@ -357,13 +416,13 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens. With
         left_padding (B,), row b's first left_padding[b] positions (past and idx together) are padding."""
         P = 0 if past is None else past[0][0].size(2)
-        x, rope, masks = self.embed(idx, P, left_padding, decoding=past is not None)
+        x, ropes, masks = self.embed(idx, P, left_padding, decoding=past is not None)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and past is None:
-                x, layer_kv = checkpoint(block, x, None, rope, masks, use_reentrant=False)
+                x, layer_kv = checkpoint(block, x, None, ropes, masks, use_reentrant=False)
             else:
-                x, layer_kv = block(x, None if past is None else past[i], rope, masks)
+                x, layer_kv = block(x, None if past is None else past[i], ropes, masks)
             present.append(layer_kv)
         return self.head(x), present
 
@@ -373,9 +432,10 @@ class GPT(nn.Module):
         P: int,
         left_padding: torch.Tensor | None = None,
         decoding: bool = True,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, Masks]:
+    ) -> tuple[torch.Tensor, Ropes, Masks]:
         """What the blocks read for tokens idx (B, T) after P cached ones: the embedded tokens (B, T, C),
-        the rotary tables (rope models) and the additive attention masks of the global and the local
+        the rotary tables (rope models: the global layers', and the local layers' where they have a base of
+        their own) and the additive attention masks of the global and the local
         layers (`Masks`: when decoding over a cache or with left padding; in training only a local
         layer's, when the sequence is longer than its window)."""
         T = idx.size(1)
@@ -394,22 +454,28 @@ class GPT(nn.Module):
             near = window_mask(T, P + T, window).to(idx.device)[None, None]  # (1, 1, T, P+T)
             local = near if allowed is None else allowed & near
         x = self.transformer["wte"](idx)  # (B, T, C)
+        if self.arch.embedding_scale:
+            x = x * self.embedding_scales[x.dtype]
         # built once, shared by the layers
         masks = (
             None if allowed is None else additive(allowed, x.dtype),
             None if local is None else additive(local, x.dtype),
         )
-        rope = None
+        ropes: Ropes = (None, None)
         if self.arch.position == "learned":
             x = x + self.transformer["wpe"](pos)
-        else:
-            cos, sin = rope_cos_sin(self.arch, pos)  # fp32; an fp16 model (export dtype fp16) rotates in fp16
-            rope = (cos.to(x.dtype), sin.to(x.dtype))
-        return self.transformer["drop"](x), rope, masks
+        else:  # fp32 tables; an fp16 model (export dtype fp16) rotates in fp16
+            kinds = (False, True) if self.arch.local_rope_theta is not None else (False,)
+            tables = [tuple(t.to(x.dtype) for t in rope_cos_sin(self.arch, pos, local)) for local in kinds]
+            ropes = (tables[0], tables[1] if len(tables) > 1 else None)  # type: ignore[assignment]
+        return self.transformer["drop"](x), ropes, masks
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The final norm and the output head: (B, T, C) -> logits (B, T, V)."""
-        return self.lm_head(self.transformer["ln_f"](x))
+        """The final norm and the output head: (B, T, C) -> logits (B, T, V), soft-capped where the model
+        caps them (Gemma 2)."""
+        logits = self.lm_head(self.transformer["ln_f"](x))
+        cap = self.arch.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def reference_output(self, idx: torch.Tensor) -> torch.Tensor:
         """What an import is checked on against transformers' causal LM: the logits (B, T, V)."""

@@ -20,7 +20,7 @@ from bigmodel.errors import UserError
 from bigmodel.pretrained import REFERENCE, Source, Target, decoder_targets
 from bigmodel.weights import ShardedWeights
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "bert")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "bert")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # A part of a fused file tensor, named "<file tensor>#<part>": Phi-3's gate_up_proj holds gate's rows, then up's.
@@ -232,6 +232,85 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
     )
 
 
+def _gemma_arch(config: dict[str, Any], notes: list[str], folder: Path) -> DecoderArch:
+    """Gemma 2 and Gemma 3 (text): llama's layout with a (1 + w) RMSNorm, sandwich norms, GeGLU, embeddings
+    times sqrt(hidden), attention scaled by query_pre_attn_scalar, local (sliding) and global layers, and
+    Gemma 2's soft-capped scores and logits / Gemma 3's QK-norm and local rotary base."""
+    model_type = config["model_type"]
+    origin = f"{folder}/config.json"
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation != "gelu_pytorch_tanh" or config.get("attention_bias"):
+        raise UserError(
+            f"{origin}: a {model_type} with hidden_activation {activation!r} or attention_bias is not supported "
+            "(GeGLU with the tanh gelu, no biases)"
+        )
+    if config.get("use_bidirectional_attention"):
+        raise UserError(
+            f"{origin}: use_bidirectional_attention (an encoder) is not supported; bigmodel imports the causal LM"
+        )
+    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    n_layer = int(config["num_hidden_layers"])
+    head_size = int(config.get("head_dim") or n_embd // n_head)
+    if config.get("layer_types") is None:  # configs from before layer_types: Gemma 2 alternates, Gemma 3 5:1
+        pattern = int(config.get("sliding_window_pattern") or (2 if model_type == "gemma2" else 6))
+        config = {
+            **config,
+            "layer_types": [
+                "full_attention" if (layer + 1) % pattern == 0 else "sliding_attention" for layer in range(n_layer)
+            ],
+        }
+    window, local = sliding_windows(config, n_layer, origin)
+    theta, scaling, local_theta = _gemma_rope(config, origin)
+    return DecoderArch(
+        vocab_size=int(config["vocab_size"]),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=int(config.get("num_key_value_heads") or n_head),
+        n_embd=n_embd,
+        head_size=head_size,
+        block_size=int(config["max_position_embeddings"]),
+        mlp_hidden=[int(config["intermediate_size"])] * n_layer,
+        bias=False,
+        qkv_bias=False,
+        qk_norm=model_type == "gemma3_text",
+        sliding_window=window,
+        local_layers=local,
+        local_rope_theta=local_theta if window is not None else None,
+        position="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm="rmsnorm_unit_offset",
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        mlp="geglu_tanh",
+        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        embedding_scale=True,
+        sandwich_norms=True,
+        attention_scale=float(config.get("query_pre_attn_scalar") or head_size) ** -0.5,
+        attention_softcap=_positive(config.get("attn_logit_softcapping")),
+        logit_softcap=_positive(config.get("final_logit_softcapping")),
+    )
+
+
+def _positive(value: Any) -> float | None:
+    return float(value) if value else None
+
+
+def _gemma_rope(config: dict[str, Any], origin: str) -> tuple[float, RopeScaling | None, float | None]:
+    """The global layers' rotary base and scaling, and the local layers' base (Gemma 3's own; Gemma 2's
+    local layers rotate as the global ones): from rope_parameters keyed by layer type (transformers >= 5)
+    or rope_theta/rope_scaling/rope_local_base_freq."""
+    params = config.get("rope_parameters") or {}
+    if "full_attention" in params:
+        theta, scaling = rope_settings({"rope_parameters": params["full_attention"]}, origin)
+        local = params.get("sliding_attention", params["full_attention"])
+        local_theta, local_scaling = rope_settings({"rope_parameters": local}, origin)
+        if local_scaling is not None:
+            raise UserError(f"{origin}: a rope scaling on the sliding layers is not supported (their base is plain)")
+        return theta, scaling, local_theta
+    theta, scaling = rope_settings(config, origin)
+    return theta, scaling, _positive(config.get("rope_local_base_freq"))
+
+
 # ------------------------------------------------------------------------------------------ weights
 
 
@@ -321,6 +400,25 @@ def _llama_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder
     else:
         top["lm_head.weight"] = "lm_head.weight"
     targets = decoder_targets(arch, list(shapes), top, "model.layers.", LLAMA_LAYER, LLAMA_QKV)
+    _unplaced(shapes, targets, folder)
+    return targets
+
+
+GEMMA_LAYER = {
+    **LLAMA_LAYER,
+    "post_attention_layernorm.weight": "attn_out_norm.weight",  # (llama's post-attention norm is our ln_2)
+    "pre_feedforward_layernorm.weight": "ln_2.weight",
+    "post_feedforward_layernorm.weight": "mlp_out_norm.weight",
+}
+
+
+def _gemma_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
+    top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
+    if arch.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    else:
+        top["lm_head.weight"] = "lm_head.weight"
+    targets = decoder_targets(arch, list(shapes), top, "model.layers.", GEMMA_LAYER, LLAMA_QKV)
     _unplaced(shapes, targets, folder)
     return targets
 
@@ -451,6 +549,8 @@ KINDS: dict[str, tuple[ArchOf, TargetsOf]] = {
     "qwen2": (_llama_arch, _llama_targets),
     "qwen3": (_llama_arch, _llama_targets),
     "phi3": (_llama_arch, _phi3_targets),
+    "gemma2": (_gemma_arch, _gemma_targets),
+    "gemma3_text": (_gemma_arch, _gemma_targets),
     "bert": (_bert_arch, _bert_targets),
 }
 
