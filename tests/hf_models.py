@@ -152,7 +152,8 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
     """A llama.cpp-style GGUF file (F32 tensors) of the llama, qwen2 or qwen3 folder `folder`, written with
     the `gguf` package as llama.cpp's converter writes it: its names, a llama's q/k rows permuted for its
     RoPE layout, and the tokenizer as vocabulary + merges + token types. `dtypes`: a tensor's numpy type
-    other than float32, by its GGUF name."""
+    other than float32, or a K-quant type (Q4_K, Q5_K, Q6_K: random blocks in place of its values), by its
+    GGUF name."""
     import gguf
     from safetensors.torch import load_file
 
@@ -220,7 +221,11 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
             gguf_name = f"blk.{index}.{layer[module]}.{kind}"
         else:
             gguf_name = names[name]
-        writer.add_tensor(gguf_name, tensor.float().numpy().astype((dtypes or {}).get(gguf_name, np.float32)))
+        kind = (dtypes or {}).get(gguf_name, np.float32)
+        if isinstance(kind, gguf.GGMLQuantizationType):  # blocks of that type, at random (see k_quant_blocks)
+            writer.add_tensor(gguf_name, k_quant_blocks(kind, tensor.numel(), tensor.shape[0]), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, tensor.float().numpy().astype(kind))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -301,3 +306,20 @@ def make_bert(folder: Path, head: str = "none", labels: int = 3) -> Path:
                 param.add_(torch.randn_like(param) * 0.2)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def k_quant_blocks(kind: object, values: int, rows: int) -> np.ndarray:
+    """(rows, bytes per row) uint8: random blocks of a K-quant type (256 values each) whose f16 scales are
+    small and finite, as a real file's are. The gguf package dequantises K-quants but cannot make them, so
+    the quants and sub-block scales are random bytes; what is tested is that a file of such blocks imports
+    to exactly what gguf dequantises, and to what transformers reads from it."""
+    import gguf
+
+    per_block, size = gguf.GGML_QUANT_SIZES[kind]
+    blocks = np.random.default_rng(0).integers(0, 256, size=(values // per_block, size), dtype=np.uint8)
+    scale = np.array([2e-4, 1e-4], np.float16).view(np.uint8)  # d, dmin
+    if kind == gguf.GGMLQuantizationType.Q6_K:  # d last, after ql, qh and int8 sub-block scales
+        blocks[:, -2:] = np.array([3e-5], np.float16).view(np.uint8)
+    else:  # Q4_K, Q5_K: d and dmin first
+        blocks[:, :4] = scale
+    return blocks.reshape(rows, -1)

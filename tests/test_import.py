@@ -184,6 +184,48 @@ def test_gguf_import_equals_the_folders_bit_for_bit(
     assert parity["passed"] and parity["same_greedy_tokens"]
 
 
+def test_k_quant_gguf_tensors_import_as_gguf_dequantises_them(tmp_path: Path) -> None:
+    """A GGUF file whose matrices are Q4_K, Q5_K and Q6_K blocks (what most downloaded GGUF files hold; 256
+    values a block, so a model 256 wide): each imports to exactly what the gguf package dequantises (a
+    llama's q/k rows unpermuted), and the import passes its gate against transformers reading the file."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from bigmodel import pretrained
+    from bigmodel.pretrained import build
+    from bigmodel.pretrained.gguf_file import unpermute
+
+    q = gguf.GGMLQuantizationType
+    folder = hf_models.make(
+        "llama", tmp_path / "wide", hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64
+    )
+    per_layer = {"attn_q": q.Q4_K, "attn_k": q.Q5_K, "attn_v": q.Q6_K, "ffn_up": q.Q5_K, "ffn_down": q.Q4_K}
+    kinds = {f"blk.{i}.{name}.weight": kind for i in range(2) for name, kind in per_layer.items()}
+    kinds.update({"token_embd.weight": q.Q4_K, "output.weight": q.Q6_K})
+    path = hf_models.write_gguf(folder, tmp_path / "k-quants.gguf", dtypes=kinds)
+    source = pretrained.describe(path)
+    assert source.dtype == "F32/Q4_K/Q5_K/Q6_K"
+    state = build.build(source, source.arch).state_dict()
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+    def dequantized(name: str) -> torch.Tensor:
+        tensor = tensors[name]
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        return torch.from_numpy(np.ascontiguousarray(values, np.float32))
+
+    assert torch.equal(state["transformer.wte.weight"], dequantized("token_embd.weight"))
+    assert torch.equal(state["lm_head.weight"], dequantized("output.weight"))
+    c_attn = state["transformer.h.1.attn.c_attn.weight"]
+    assert torch.equal(c_attn[:256], torch.from_numpy(unpermute(dequantized("blk.1.attn_q.weight").numpy(), 4)))
+    assert torch.equal(c_attn[256:384], torch.from_numpy(unpermute(dequantized("blk.1.attn_k.weight").numpy(), 2)))
+    assert torch.equal(c_attn[384:], dequantized("blk.1.attn_v.weight"))
+    assert torch.equal(state["transformer.h.0.mlp.c_proj.weight"], dequantized("blk.0.ffn_down.weight"))
+    result = cli("pipeline", "-c", import_config(tmp_path, path), "--to", "init", "-q")
+    assert result.code == 0, result.stderr
+    parity = read_manifest(tmp_path / "run" / "init" / "model.safetensors").import_.parity
+    assert parity["passed"] and parity["same_greedy_tokens"]
+
+
 @pytest.mark.slow
 def test_llama_3_2_1b_shapes_import_export_and_generate_like_transformers(tmp_path: Path) -> None:
     """Llama 3.2 1B's layer shapes (hidden 2048, 32 query heads over 8 KV heads of 64, MLP 8192), its rope
