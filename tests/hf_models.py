@@ -149,7 +149,7 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
 
 
 def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -> Path:
-    """A llama.cpp-style GGUF file (F32 tensors) of the llama, qwen2 or qwen3 folder `folder`, written with
+    """A llama.cpp-style GGUF file (F32 tensors) of the llama, qwen2, qwen3 or phi3 folder `folder`, written with
     the `gguf` package as llama.cpp's converter writes it: its names, a llama's q/k rows permuted for its
     RoPE layout, and the tokenizer as vocabulary + merges + token types. `dtypes`: a tensor's numpy type
     other than float32, or a K-quant type (Q4_K, Q5_K, Q6_K: random blocks in place of its values), by its
@@ -160,7 +160,7 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
     config = json.loads((folder / "config.json").read_text())
     spec = json.loads((folder / "tokenizer.json").read_text())
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    architecture = config["model_type"]  # llama, qwen2 or qwen3: llama.cpp's architecture names too
+    architecture = config["model_type"]  # llama, qwen2, qwen3 or phi3: llama.cpp's architecture names too
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -172,7 +172,8 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    writer.add_rope_dimension_count(head_dim)
+    factor = config["rope_parameters"].get("partial_rotary_factor", 1.0)  # (phi3: llama.cpp's n_rot)
+    writer.add_rope_dimension_count(int(head_dim * factor))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
@@ -183,6 +184,8 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
     writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     writer.add_eos_token_id(2)
+    if config.get("pad_token_id") is not None:  # (transformers' Phi3Config otherwise pads with id 32000)
+        writer.add_pad_token_id(config["pad_token_id"])
     writer.add_chat_template(CHATML)
 
     def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:  # llama.cpp's convert_hf_to_gguf
@@ -209,6 +212,8 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
         "mlp.down_proj": "ffn_down",
         "self_attn.q_norm": "attn_q_norm",
         "self_attn.k_norm": "attn_k_norm",
+        "self_attn.qkv_proj": "attn_qkv",  # phi3's fused projections, kept fused as llama.cpp does
+        "mlp.gate_up_proj": "ffn_up",
     }
     for name, tensor in load_file(str(folder / "model.safetensors")).items():
         if name.startswith("model.layers."):

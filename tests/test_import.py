@@ -84,6 +84,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
     made["qwen2_gguf"] = hf_models.write_gguf(made["qwen2"], root / "qwen2.gguf")
     made["qwen3_gguf"] = hf_models.write_gguf(made["qwen3"], root / "qwen3.gguf")
+    made["phi3_gguf"] = hf_models.write_gguf(made["phi3"], root / "phi3.gguf")
     return made
 
 
@@ -162,13 +163,15 @@ def test_import_trains_exports_and_generates_like_transformers(
     assert np.isfinite(result.json()["stages"]["eval"]["loss"])
 
 
-@pytest.mark.parametrize("folder,gguf", [("llama", "gguf"), ("qwen2", "qwen2_gguf"), ("qwen3", "qwen3_gguf")])
+@pytest.mark.parametrize(
+    "folder,gguf", [("llama", "gguf"), ("qwen2", "qwen2_gguf"), ("qwen3", "qwen3_gguf"), ("phi3", "phi3_gguf")]
+)
 def test_gguf_import_equals_the_folders_bit_for_bit(
     folder: str, gguf: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The GGUF file of the llama (q/k permuted, llama.cpp's names), the qwen2 (unpermuted, q/k/v biases) or
-    the qwen3 (unpermuted, QK-norm) imports to exactly the folder's weights, and passes the gate against
-    transformers reading the GGUF."""
+    """The GGUF file of the llama (q/k permuted, llama.cpp's names), the qwen2 (unpermuted, q/k/v biases),
+    the qwen3 (unpermuted, QK-norm) or the phi3 (fused attn_qkv and ffn_up) imports to exactly the folder's
+    weights, and passes the gate against transformers reading the GGUF."""
     from bigmodel import pretrained
     from bigmodel.pretrained import build
 

@@ -1,9 +1,11 @@
-"""GGUF files (llama.cpp's format) of llama, qwen2 and qwen3 models, read with the `gguf` package.
+"""GGUF files (llama.cpp's format) of llama, qwen2, qwen3 and phi3 models, read with the `gguf` package.
 
 Quantised tensors are dequantised to float32 one at a time. llama.cpp's converter permutes the rows of a
 llama's query and key projections (its RoPE pairs neighbouring dimensions, Hugging Face's rotate-half pairs
 i with i + hs/2); the permutation is undone here, per head, with n_kv_head heads for the keys (qwen2 and
-qwen3 files are written unpermuted: llama.cpp runs them in the rotate-half order). The
+qwen3 files are written unpermuted: llama.cpp runs them in the rotate-half order). A phi3 file keeps
+Phi-3's fused projections: attn_qkv is our c_attn as it is, and ffn_up (gate's rows, then up's) is split
+into gate and up as the Hugging Face import splits gate_up_proj. The
 tokenizer is rebuilt from the vocabulary and merges the file carries (byte-level BPE, as transformers
 does for `tokenizer.ggml.model == "gpt2"`).
 """
@@ -18,8 +20,10 @@ import numpy as np
 from bigmodel.arch import DecoderArch, RopeScaling
 from bigmodel.errors import UserError
 from bigmodel.pretrained import Source, Target, decoder_targets
+from bigmodel.pretrained.hf import FUSED_PARTS, PART
 
-SUPPORTED = ("llama", "qwen2", "qwen3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "phi3")
+FUSED_UP = ("phi3",)  # architectures whose ffn_up holds the gate's rows and then the up projection's
 PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
 LAYER = {
     "attn_norm.weight": "ln_1.weight",
@@ -30,6 +34,9 @@ LAYER = {
     "ffn_down.weight": "mlp.c_proj.weight",
     "attn_q_norm.weight": "attn.q_norm.weight",  # QK-norm (qwen3)
     "attn_k_norm.weight": "attn.k_norm.weight",
+    "attn_qkv.weight": "attn.c_attn.weight",  # (phi3: q, k and v rows, in our order)
+    f"ffn_up.weight{PART}gate": "mlp.c_gate.weight",  # (phi3's fused ffn_up, split)
+    f"ffn_up.weight{PART}up": "mlp.c_fc.weight",
 }
 
 
@@ -47,7 +54,7 @@ def describe(path: Path) -> Source:
     if architecture not in SUPPORTED:
         raise UserError(
             f"{path}: GGUF architecture {architecture!r} is not supported; bigmodel imports "
-            f"{', '.join(SUPPORTED)} GGUF files (and gpt2/llama/mistral/qwen2/qwen3 Hugging Face folders)"
+            f"{', '.join(SUPPORTED)} GGUF files (and more types as Hugging Face folders: docs/pretrained.md)"
         )
     arch = _arch(meta, reader, path, architecture)
     tensors = {t.name: t for t in reader.tensors}
@@ -56,12 +63,18 @@ def describe(path: Path) -> Source:
             f"{path}: the file carries rope_freqs (Llama 3.1-style rope scaling baked into a tensor), "
             "which bigmodel does not import; use the model's Hugging Face folder"
         )
-    targets = _targets(arch, tensors, path)
-    shapes = {name: tuple(reversed([int(d) for d in tensors[name].shape])) for name in targets}
-    kinds = sorted({tensors[name].tensor_type.name for name in targets})
-    for kind in {tensors[name].tensor_type for name in targets}:
+    if "rope_factors_long.weight" in tensors:
+        raise UserError(
+            f"{path}: the file carries rope_factors_long/short (Phi-3's longrope scaling), which bigmodel does not "
+            "reproduce; the model would compute something else"
+        )
+    names = _names(tensors, architecture)
+    targets = _targets(arch, names, path)
+    shapes = {name: _shape(tensors, name) for name in targets}
+    kinds = sorted({tensors[_file(name)].tensor_type.name for name in targets})
+    for kind in {tensors[_file(name)].tensor_type for name in targets}:
         if not _dequantizable(kind):
-            first = next(name for name in targets if tensors[name].tensor_type == kind)
+            first = next(_file(name) for name in targets if tensors[_file(name)].tensor_type == kind)
             raise UserError(
                 f"{path}: tensor {first} is of type {kind.name}, which the installed gguf package cannot "
                 "dequantise; use a file of another quantisation (Q4_K, Q8_0, F16, ...) or the model's folder"
@@ -78,9 +91,31 @@ def describe(path: Path) -> Source:
         dtype="/".join(kinds),
         shapes=shapes,
         targets=targets,
-        fetch=lambda name: _fetch(path, arch, tensors[name], architecture in PERMUTED),
+        fetch=lambda name: _fetch(path, arch, tensors[_file(name)], architecture in PERMUTED, name),
         notes=[],
     )
+
+
+def _names(tensors: dict[str, Any], architecture: str) -> list[str]:
+    """The file's tensors as the import places them: a fused ffn_up (phi3) as its two halves."""
+    names = []
+    for name in tensors:
+        if architecture in FUSED_UP and name.endswith(".ffn_up.weight"):
+            names += [f"{name}{PART}{part}" for part in FUSED_PARTS]
+        else:
+            names.append(name)
+    return names
+
+
+def _file(name: str) -> str:
+    """The file tensor a placed name reads (a fused tensor's half: the whole)."""
+    return name.partition(PART)[0]
+
+
+def _shape(tensors: dict[str, Any], name: str) -> tuple[int, ...]:
+    """PyTorch's (out, in) shape of a placed tensor; a half of a fused one has half its rows."""
+    rows, *rest = reversed([int(d) for d in tensors[_file(name)].shape])
+    return (rows // 2 if PART in name else rows, *rest)
 
 
 def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> DecoderArch:
@@ -106,13 +141,18 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
     n_embd, n_head, n_layer = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
     tokens = reader.fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in reader.fields else []
     names = {t.name for t in reader.tensors}
+    head_size = int(meta.get(f"{architecture}.attention.key_length") or n_embd // n_head)
+    turned = int(meta.get(f"{architecture}.rope.dimension_count") or head_size)  # (partial rotary: fewer)
+    if turned % 2 or not 0 < turned <= head_size:
+        raise UserError(f"{path}: {architecture}.rope.dimension_count {turned} is not an even count up to {head_size}")
     return DecoderArch(
+        rotary_dim=turned if turned < head_size else None,
         vocab_size=int(meta.get(f"{architecture}.vocab_size") or len(tokens)),
         n_layer=n_layer,
         n_head=n_head,
         n_kv_head=int(key("attention.head_count_kv", n_head)),
         n_embd=n_embd,
-        head_size=int(meta.get(f"{architecture}.attention.key_length") or n_embd // n_head),
+        head_size=head_size,
         block_size=int(key("context_length")),
         mlp_hidden=[int(key("feed_forward_length"))] * n_layer,
         bias=False,
@@ -128,15 +168,15 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
     )
 
 
-def _targets(arch: DecoderArch, tensors: dict[str, Any], path: Path) -> dict[str, Target]:
+def _targets(arch: DecoderArch, names: list[str], path: Path) -> dict[str, Target]:
     top = {
         "token_embd.weight": "transformer.wte.weight",
         "output_norm.weight": "transformer.ln_f.weight",
         "output.weight": "lm_head.weight",
     }
     qkv = {"attn_q": "q", "attn_k": "k", "attn_v": "v"}
-    targets = decoder_targets(arch, list(tensors), top, "blk.", LAYER, qkv)
-    extra = sorted(set(tensors) - set(targets))
+    targets = decoder_targets(arch, names, top, "blk.", LAYER, qkv)
+    extra = sorted(set(names) - set(targets))
     if extra:
         raise UserError(
             f"{path}: tensors {', '.join(extra[:4])} have no place in the decoder its metadata describes; this GGUF "
@@ -166,9 +206,10 @@ def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool) -> Any:
-    """One tensor, dequantised to float32 in PyTorch's (out, in) layout. Its bytes are read from the file
-    into a buffer of their own, not through the reader's memory map: mapped pages would stay resident."""
+def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str) -> Any:
+    """One tensor, dequantised to float32 in PyTorch's (out, in) layout (`name`: the placed name, a half of a
+    fused tensor reads its rows). Its bytes are read from the file into a buffer of their own, not through
+    the reader's memory map: mapped pages would stay resident."""
     import torch
     from gguf.quants import dequantize
 
@@ -185,6 +226,8 @@ def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool) -> Any:
         weight = unpermute(weight, arch.n_head)
     elif permuted and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
         weight = unpermute(weight, arch.n_kv_head)
+    if PART in name:  # gate's rows first, then up's
+        weight = np.split(weight, 2)[FUSED_PARTS.index(name.partition(PART)[2])]
     return torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
