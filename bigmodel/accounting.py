@@ -63,10 +63,20 @@ def block_parameters(arch: DecoderArch) -> int:
     norms = norm_count * d * (1 + int(bias and arch.norm == "layernorm")) + 2 * arch.head_size * int(arch.qk_norm)
     qkv = arch.q_width + 2 * arch.kv_width
     attention = d * qkv + qkv * int(arch.qkv_bias) + arch.q_width * d + d * bias
-    hidden = max(arch.mlp_hidden)
+    return norms + attention + mlp_parameters(arch, max(arch.mlp_hidden)) * max(1, arch.n_experts) + d * arch.n_experts
+
+
+def mlp_parameters(arch: DecoderArch, hidden: int) -> int:
+    """One MLP of `hidden` width (one expert of a mixture)."""
+    d, bias = arch.n_embd, int(arch.bias)
     matrices = 3 if arch.gated_mlp else 2
-    mlp = matrices * d * hidden + (matrices - 1) * hidden * bias + d * bias
-    return norms + attention + mlp
+    return matrices * d * hidden + (matrices - 1) * hidden * bias + d * bias
+
+
+def active_parameters(arch: DecoderArch, total: int) -> int:
+    """The parameters a token passes through: a mixture's unpicked experts left out (all, when dense)."""
+    idle = max(0, arch.n_experts - arch.experts_per_token)
+    return total - idle * sum(mlp_parameters(arch, hidden) for hidden in arch.mlp_hidden)
 
 
 def training_memory(
@@ -135,6 +145,8 @@ def lora_parameters(arch: TransformerArch, targets: tuple[str, ...], rank: int) 
         shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "up": (d, hidden), "down": (hidden, d)}
         if getattr(arch, "gated_mlp", False):  # (an encoder's MLP is GELU)
             shapes["gate"] = (d, hidden)
+        if getattr(arch, "n_experts", 0):  # a mixture's experts get no adapters (bigmodel/lora.py)
+            shapes = {name: shape for name, shape in shapes.items() if name not in ("gate", "up", "down")}
         total += sum(rank * sum(shapes[t]) for t in targets if t in shapes)
     return total
 
@@ -169,7 +181,8 @@ def block_activation_values(arch: TransformerArch) -> list[int]:
     d = arch.n_embd
     attention = arch.q_width + 2 * arch.kv_width + 2 * arch.q_width
     gated = getattr(arch, "gated_mlp", False)  # an encoder's MLP is GELU
-    return [4 * d + attention + (4 if gated else 2) * hidden for hidden in arch.mlp_hidden]
+    experts = max(1, getattr(arch, "n_experts", 0))  # every expert runs on every token (models/gpt.py)
+    return [4 * d + attention + (4 if gated else 2) * hidden * experts for hidden in arch.mlp_hidden]
 
 
 def inference_memory(

@@ -96,6 +96,13 @@ class DecoderArch(Arch):
     attention_scale: float | None = Field(None, gt=0)
     attention_softcap: float | None = Field(None, gt=0)
     logit_softcap: float | None = Field(None, gt=0)
+    # Mixture of experts (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): each layer's MLP is n_experts gated
+    # MLPs of mlp_hidden width, of which a router's softmax picks experts_per_token per token, their outputs
+    # weighted by the picked scores (renormalised to sum to 1 when normalize_expert_weights: Mixtral; as
+    # configured for Qwen3-MoE). 0: one dense MLP.
+    n_experts: int = Field(0, ge=0)
+    experts_per_token: int = Field(0, ge=0)
+    normalize_expert_weights: bool = True
     # Structured pruning's bookkeeping: the widths and head count before the first pruning.
     original_widths: tuple[int, ...] | None = None
     original_heads: int | None = None
@@ -135,6 +142,11 @@ class DecoderArch(Arch):
             raise ValueError("local_layers needs a sliding_window")
         if self.local_rope_theta is not None and (self.sliding_window is None or self.position != "rope"):
             raise ValueError("local_rope_theta needs rope and a sliding_window")
+        if self.n_experts and not (0 < self.experts_per_token <= self.n_experts and self.gated_mlp):
+            raise ValueError(
+                f"a mixture of {self.n_experts} experts needs 1..{self.n_experts} experts_per_token (got "
+                f"{self.experts_per_token}) and a gated MLP (swiglu or geglu_tanh)"
+            )
         return self
 
     @property
@@ -159,6 +171,11 @@ class DecoderArch(Arch):
         if not self.is_local(layer) or self.sliding_window is None or self.sliding_window >= self.block_size:
             return None
         return self.sliding_window
+
+    @property
+    def active_experts(self) -> int:
+        """The MLPs a token passes through in each layer (1 for a dense model)."""
+        return self.experts_per_token if self.n_experts else 1
 
     @property
     def gated_mlp(self) -> bool:

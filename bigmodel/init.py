@@ -177,6 +177,7 @@ def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, 
     precision = training_precision(config.train.precision, resolve_device(config.device))
     return {
         "parameters": counts["total"],
+        **({"active_parameters": accounting.active_parameters(arch, counts["total"])} if arch.n_experts else {}),
         "parameters_without_position_embeddings": counts["without_position_embeddings"],
         "flops_per_token": accounting.flops_per_token(arch, counts["without_position_embeddings"]),
         "training_memory_bytes": accounting.training_memory(

@@ -142,6 +142,13 @@ def apply(model: nn.Module, settings: LoRAConfig, seed: int, trains_also: tuple[
     mlp = arch.mlp
     gated = getattr(arch, "gated_mlp", False)  # (an encoder's MLP is GELU)
     wanted = settings.projections()
+    experts = bool(getattr(arch, "n_experts", 0))  # a mixture of experts: adapters on the attention only
+    named_mlp = sorted({"gate", "up", "down", "mlp"} & set(settings.targets))
+    if experts and named_mlp:
+        raise UserError(
+            f"train.lora.targets: adapters on a mixture of experts' MLPs ({', '.join(named_mlp)}) are not "
+            "supported; target the attention (q, k, v, o, or attention; all-linear adapts only those there)"
+        )
     if "gate" in wanted and not gated and "gate" in settings.targets:
         raise UserError(
             f"train.lora.targets 'gate': this model's MLP ({mlp}) has no gate projection; use up, down or mlp"
@@ -151,9 +158,7 @@ def apply(model: nn.Module, settings: LoRAConfig, seed: int, trains_also: tuple[
     generator = torch.Generator().manual_seed(seed)
     for block in model.blocks:  # type: ignore[union-attr]
         by_module: dict[str, list[str]] = {}
-        for target in wanted:
-            if target == "gate" and not gated:
-                continue  # a group (mlp, all-linear) on a GELU MLP: nothing to adapt there
+        for target in adapted_projections(arch, settings):
             by_module.setdefault(MODULES[target], []).append(target)
         for path, targets in by_module.items():
             parent_path, _, child = path.rpartition(".")
@@ -193,15 +198,33 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def adapted_projections(arch: Any, settings: LoRAConfig) -> tuple[str, ...]:
+    """The projections that get adapters: the targets, groups expanded, less what a group names but the
+    model lacks (a GELU MLP's gate; a mixture's expert MLPs, which are not adapted)."""
+    gated = getattr(arch, "gated_mlp", False)  # (an encoder's MLP is GELU)
+    experts = bool(getattr(arch, "n_experts", 0))
+    return tuple(
+        target
+        for target in settings.projections()
+        if not ((target == "gate" and not gated) or (experts and target in ("gate", "up", "down")))
+    )
+
+
 def manifest_record(
-    settings: LoRAConfig, trainable: int, base_path: Path, base_sha256: str, trains_also: tuple[str, ...] = ()
+    settings: LoRAConfig,
+    trainable: int,
+    base_path: Path,
+    base_sha256: str,
+    trains_also: tuple[str, ...] = (),
+    arch: Any = None,
 ) -> AdapterRecord:
-    """What an adapter checkpoint says about itself: enough to rebuild the adapters on the right base."""
+    """What an adapter checkpoint says about itself: enough to rebuild the adapters on the right base (the
+    projections adapted on `arch`'s model)."""
     return AdapterRecord(
         rank=settings.rank,
         alpha=settings.alpha,
         dropout=settings.dropout,
-        targets=list(settings.projections()),
+        targets=list(settings.projections() if arch is None else adapted_projections(arch, settings)),
         trainable_parameters=trainable,
         trains_also=list(trains_also),
         base=AdapterBase(path=str(base_path), sha256=base_sha256),

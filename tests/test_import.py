@@ -78,7 +78,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         kind: hf_models.make(kind, root / kind)
         for kind in (
             *("gpt2", "llama", "llama_tied_scaled", "mistral", "mistral_window", "qwen2", "qwen2_window"),
-            *("qwen3", "phi3", "phi3_partial", "gemma2", "gemma3"),
+            *("qwen3", "phi3", "phi3_partial", "gemma2", "gemma3", "mixtral", "qwen3_moe"),
         )
     }
     made["gguf"] = hf_models.write_gguf(made["llama"], root / "llama.gguf")
@@ -103,7 +103,7 @@ def imported_llama(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     "kind",
     [
         *("gpt2", "llama", "llama_tied_scaled", "mistral", "mistral_window", "qwen2", "qwen2_window"),
-        *("qwen3", "phi3", "phi3_partial", "gemma2", "gemma3"),
+        *("qwen3", "phi3", "phi3_partial", "gemma2", "gemma3", "mixtral", "qwen3_moe"),
     ],
 )
 def test_import_trains_exports_and_generates_like_transformers(
@@ -118,12 +118,13 @@ def test_import_trains_exports_and_generates_like_transformers(
     parity = manifest.import_.parity
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["same_greedy_tokens"]
     arch = manifest.architecture
-    if kind in ("mistral", "mistral_window", "qwen3", "gemma2", "gemma3"):
+    if kind in ("mistral", "mistral_window", "qwen3", "gemma2", "gemma3", "qwen3_moe"):
         assert arch.head_size * arch.n_head != arch.n_embd  # a head size of its own
     # a window shorter than the context is computed, on the layers that have it (one sliding in qwen2_window)
     windows = {"mistral_window": (8, 8), "qwen2_window": (None, 8), "gemma2": (8, None), "gemma3": (8, None)}
     assert arch.windows == windows.get(kind, (None, None))
-    assert arch.qk_norm == (kind in ("qwen3", "gemma3"))
+    assert arch.qk_norm == (kind in ("qwen3", "gemma3", "qwen3_moe"))
+    assert (arch.n_experts, arch.experts_per_token) == ((4, 2) if kind in ("mixtral", "qwen3_moe") else (0, 0))
     if kind != "gpt2":
         assert arch.position == "rope" and arch.rmsnorm and arch.n_kv_head == 2 and arch.n_head == 4
     if kind.startswith("gemma"):  # all of Gemma's options in use, Gemma 2's caps and Gemma 3's local base
@@ -270,7 +271,9 @@ def test_llama_3_2_1b_shapes_import_export_and_generate_like_transformers(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3", "phi3", "phi3_partial", "qwen2_window", "gemma2", "gemma3"])
+@pytest.mark.parametrize(
+    "kind", ["qwen3", "phi3", "phi3_partial", "qwen2_window", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
+)
 def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
     kind: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -460,6 +463,29 @@ def test_what_cannot_be_represented_is_refused_by_name(
     line = one_line_error(cli("init", "-c", config, "-q"))
     assert all(word in line for word in words), line
     assert not (tmp_path / "run" / "init" / "model.safetensors").exists()
+
+
+def test_a_mixture_of_experts_adapts_its_attention_and_refuses_the_rest_by_name(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """LoRA all-linear on a mixture adapts the attention only; adapters named on its experts, structured
+    pruning and a Hugging Face folder are each one line, exit 2, nothing written."""
+    train = {"max_steps": 2, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "lora": {"rank": 4}}
+    config = import_config(tmp_path, sources["mixtral"], train=train)
+    result = cli("pipeline", "-c", config, "--to", "train", "-q")
+    assert result.code == 0, result.stderr
+    from bigmodel import lora
+
+    adapted, _ = registry.load_model(tmp_path / "run" / "train" / "best.safetensors", merge=False)
+    adapters = lora.adapter_tensors(adapted)
+    assert adapters and all(".attn." in name for name in adapters)
+    named = import_config(tmp_path, sources["mixtral"], train={**train, "lora": {"rank": 4, "targets": ["mlp"]}})
+    assert "mixture of experts' MLPs (mlp)" in one_line_error(cli("train", "-c", named, "-q"))
+    prune = "compress.steps=[{method: prune, kind: structured, sparsity: 0.5}]"
+    line = one_line_error(cli("compress", "-c", config, "--set", "compress.checkpoint=init", "--set", prune, "-q"))
+    assert "mixture of experts" in line
+    line = one_line_error(cli("export", "-c", config, "--set", "export.checkpoint=init", "--set", "export.format=hf"))
+    assert "mixture of experts" in line and not (tmp_path / "run" / "export" / "hf").exists()
 
 
 def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[str, Path], tmp_path: Path) -> None:

@@ -221,6 +221,34 @@ def test_a_local_layer_trains_the_same_with_activation_checkpointing() -> None:
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, gradients()))
 
 
+@pytest.mark.parametrize("normalize", [True, False], ids=["mixtral", "qwen3-moe"])
+def test_a_mixture_of_experts_sends_each_token_through_its_top_experts(normalize: bool) -> None:
+    """Each token's output is the sum of its two likeliest experts (router softmax), weighted by their scores
+    (renormalised, Mixtral; or not, Qwen3-MoE), computed here token by token; plan counts the experts."""
+    from bigmodel import accounting
+
+    options = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "normalize_expert_weights": normalize}
+    arch = DecoderArch(**ARCH, **options, n_experts=4, experts_per_token=2)
+    torch.manual_seed(0)
+    model = GPT(arch).eval()
+    moe = model.blocks[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = moe(x)
+        for b in range(2):
+            for t in range(5):
+                scores = torch.softmax(moe.router(x[b, t]), dim=-1)
+                top = scores.topk(2)
+                weights = top.values / top.values.sum() if normalize else top.values
+                expected = sum(w * moe.experts[int(e)](x[b, t]) for w, e in zip(weights, top.indices))
+                assert torch.allclose(out[b, t], expected, atol=1e-6)
+    assert accounting.block_parameters(arch) == sum(p.numel() for p in model.blocks[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert accounting.active_parameters(arch, total) == total - 2 * 2 * 3 * 32 * 128  # 2 idle experts, 2 layers
+    with pytest.raises(ValueError, match="experts_per_token"):
+        DecoderArch(**ARCH, **options, n_experts=4, experts_per_token=5)
+
+
 def test_causal_mask_is_bottom_right_aligned() -> None:
     mask = causal_mask(2, 5)  # 3 past tokens, 2 new
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]

@@ -51,6 +51,11 @@ def apply(step: PruneStep, config: Config, current: Artifact, folder: Path, numb
 def run(step: PruneStep, config: Config, checkpoint: Path, work_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Prune (and fine-tune) `checkpoint`; returns the new checkpoint and a per-layer sparsity report."""
     model, manifest = registry.load_model(checkpoint)
+    if step.kind == "structured" and isinstance(manifest.architecture, DecoderArch) and manifest.architecture.n_experts:
+        raise UserError(
+            "compress prune structured: a mixture of experts has no one MLP per layer to narrow (nor are its "
+            "heads pruned); use kind: unstructured, or quantize"
+        )
     rounds = step.rounds if step.schedule == "gradual" else 1
     masks: Masks = {}
     for r in range(1, rounds + 1):

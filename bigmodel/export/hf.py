@@ -168,6 +168,11 @@ HF_CLASSES = {
 
 
 def hf_model_type(arch: DecoderArch) -> str:
+    if arch.n_experts:
+        raise UserError(
+            "export.format 'hf' (and a PEFT adapter's base) of a mixture of experts is not written by bigmodel; "
+            "export.format onnx serves it"
+        )
     uniform = len(set(arch.mlp_hidden)) == 1
     gpt2_like = (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh")
     windows = set(arch.windows)  # {None}: global attention everywhere

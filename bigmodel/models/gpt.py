@@ -15,7 +15,9 @@ MLP, dropout, and an output head tied to the token embedding (Press & Wolf 2017)
 - Gemma's (Gemma Team 2024): RMSNorm with a (1 + w) weight, embeddings times sqrt(n_embd), GeGLU, a norm
   after attention and after the MLP as well as before ("sandwich"), its own attention scale, attention
   scores and logits soft-capped (cap * tanh(x / cap), Gemma 2), and a rotary base of their own on the
-  local layers (Gemma 3).
+  local layers (Gemma 3);
+- a mixture of experts in place of the MLP (Shazeer et al. 2017; Mixtral): a router's softmax picks
+  experts_per_token of n_experts gated MLPs per token and weights their outputs by the picked scores.
 
 The forward takes an optional KV cache (`past`: per layer, keys and values of the tokens already seen)
 and returns the updated one (`present`), so one graph serves both the prompt and every decode step. An
@@ -326,6 +328,31 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(hidden))
 
 
+class MixtureOfExperts(nn.Module):
+    """n_experts gated MLPs and a router (Mixtral, Qwen3-MoE): each token's output is the sum of its top
+    experts_per_token experts' outputs, weighted by their softmax scores (renormalised over the picked ones
+    when the architecture says so). Every expert is computed on every token and the unpicked ones weighted
+    by exactly 0: the same numbers as running only the picked experts, in one fixed shape that traces and
+    exports as a plain graph (n_experts / experts_per_token times the MLP FLOPs of a routed kernel)."""
+
+    def __init__(self, arch: DecoderArch, hidden: int) -> None:
+        super().__init__()
+        self.top_k, self.normalize = arch.experts_per_token, arch.normalize_expert_weights
+        self.router = nn.Linear(arch.n_embd, arch.n_experts, bias=False)
+        self.experts = nn.ModuleList([MLP(arch, hidden) for _ in range(arch.n_experts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = F.softmax(self.router(x).float(), dim=-1)  # (B, T, E), in fp32 as transformers does
+        picked, chosen = scores.topk(self.top_k, dim=-1)  # (B, T, k)
+        if self.normalize:
+            picked = picked / picked.sum(dim=-1, keepdim=True)
+        weights = torch.zeros_like(scores).scatter(-1, chosen, picked).to(x.dtype)  # (B, T, E); 0 unpicked
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):  # in expert order, as transformers adds them up
+            out = out + weights[..., e : e + 1] * expert(x)
+        return out
+
+
 class Block(nn.Module):
     def __init__(self, arch: DecoderArch, layer: int) -> None:
         super().__init__()
@@ -334,7 +361,8 @@ class Block(nn.Module):
         self.ln_1 = make_norm(arch)
         self.attn = CausalSelfAttention(arch)
         self.ln_2 = make_norm(arch)
-        self.mlp = MLP(arch, arch.mlp_hidden[layer])
+        hidden = arch.mlp_hidden[layer]
+        self.mlp: nn.Module = MixtureOfExperts(arch, hidden) if arch.n_experts else MLP(arch, hidden)
         # Sandwich norms (Gemma): the attention's and the MLP's outputs normed before the residual add too.
         self.attn_out_norm = make_norm(arch) if arch.sandwich_norms else None
         self.mlp_out_norm = make_norm(arch) if arch.sandwich_norms else None

@@ -182,6 +182,9 @@ def _transformers_fetch(model: Any, weights: ShardedWeights) -> streaming.Fetch:
         for candidate in candidates:
             if candidate in have:
                 return weights.read(candidate)
+        experts = _expert_tensor(names[0], have, weights)
+        if experts is not None:
+            return experts
         # Not in the files: what transformers' from_pretrained would initialise at random. It cannot be a
         # weight bigmodel's model uses (the import plan refused that), only a part of transformers' class
         # outside the output compared (BertModel's pooler over an MLM folder): zeros.
@@ -272,3 +275,32 @@ def enforce(report: dict[str, Any], stage: str, checked: str, unpublished: str) 
             f"{report['max_abs_diff']:.3g} > {allowed}; {unpublished}",
             {"parity": report},
         )
+
+
+def _expert_tensor(name: str, have: set[str], weights: ShardedWeights) -> torch.Tensor | None:
+    """A mixture's router or experts as transformers (>= 5) holds them, gathered from files that keep one
+    tensor per expert (pretrained.hf.EXPERT_FILES): the experts of a layer as (E, 2I, C) gate_up_proj (each
+    expert's gate rows, then its up rows) and (E, C, I) down_proj, under `mlp` whatever the file calls the
+    module (Mixtral's block_sparse_moe). None for any other name."""
+    from bigmodel.pretrained.hf import EXPERT_FILES
+
+    layer, found, leaf = name.rpartition(".mlp.")
+    if not found:
+        return None
+    for module, gate, up, down in EXPERT_FILES.values():
+        base = f"{layer}.{module}"
+        if leaf == "gate.weight" and f"{base}.gate.weight" in have:
+            return weights.read(f"{base}.gate.weight")
+        count = 0
+        while f"{base}.experts.{count}.{down}.weight" in have:
+            count += 1
+        if count and leaf == "experts.down_proj":
+            return torch.stack([weights.read(f"{base}.experts.{e}.{down}.weight") for e in range(count)])
+        if count and leaf == "experts.gate_up_proj":
+            return torch.stack(
+                [
+                    torch.cat([weights.read(f"{base}.experts.{e}.{part}.weight") for part in (gate, up)])
+                    for e in range(count)
+                ]
+            )
+    return None

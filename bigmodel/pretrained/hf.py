@@ -20,7 +20,10 @@ from bigmodel.errors import UserError
 from bigmodel.pretrained import REFERENCE, Source, Target, decoder_targets
 from bigmodel.weights import ShardedWeights
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "bert")
+SUPPORTED = (
+    *("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "bert"),
+)
+MIXTURES = ("mixtral", "qwen3_moe")  # the mixture-of-experts types whose routing bigmodel computes
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # A part of a fused file tensor, named "<file tensor>#<part>": Phi-3's gate_up_proj holds gate's rows, then up's.
@@ -38,10 +41,10 @@ def describe(folder: Path) -> Source:
             f"{', '.join(SUPPORTED)} (read from config.json, whatever the folder is called)"
         )
     moe = [key for key in MOE_KEYS if config.get(key)]
-    if moe:
+    if moe and model_type not in MIXTURES:
         raise UserError(
-            f"{folder}: a mixture-of-experts model ({moe[0]} = {config[moe[0]]}) cannot be imported; "
-            "bigmodel's decoder has one MLP per layer"
+            f"{folder}: a mixture-of-experts {model_type} ({moe[0]} = {config[moe[0]]}) cannot be imported: its "
+            f"routing is not implemented; bigmodel computes the experts of {', '.join(MIXTURES)}"
         )
     notes = []
     if config.get("auto_map"):
@@ -200,14 +203,18 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
     origin = f"{folder}/config.json"
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
-    if model_type in ("llama", "qwen3", "phi3") and (config.get("attention_bias") or config.get("mlp_bias")):
+    if model_type in ("llama", "qwen3", "phi3", *MIXTURES) and (config.get("attention_bias") or config.get("mlp_bias")):
         raise UserError(f"{origin}: attention_bias/mlp_bias on a {model_type} model are not supported")
     n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_layer = int(config["num_hidden_layers"])
     theta, scaling = rope_settings(config, origin)
     head_size = int(config.get("head_dim") or n_embd // n_head)
     window, local = sliding_windows(config, n_layer, origin)
+    experts, per_token, normalize, width = _experts(config, origin)
     return DecoderArch(
+        n_experts=experts,
+        experts_per_token=per_token,
+        normalize_expert_weights=normalize,
         rotary_dim=rotary_dim(config, head_size, origin),
         vocab_size=int(config["vocab_size"]),
         n_layer=n_layer,
@@ -216,10 +223,10 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         n_embd=n_embd,
         head_size=head_size,
         block_size=int(config["max_position_embeddings"]),
-        mlp_hidden=[int(config["intermediate_size"])] * n_layer,
+        mlp_hidden=[width] * n_layer,
         bias=False,
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         sliding_window=window,
         local_layers=local,
         position="rope",
@@ -230,6 +237,29 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         mlp="swiglu",
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+
+
+def _experts(config: dict[str, Any], origin: str) -> tuple[int, int, bool, int]:
+    """A mixture's experts, experts per token, whether the picked scores are renormalised, and each expert's
+    width (0, 0, True and intermediate_size for a dense model). Mixtral renormalises; Qwen3-MoE as its
+    norm_topk_prob says, and every layer must be a mixture (no dense layers between)."""
+    model_type = config["model_type"]
+    if model_type == "mixtral":
+        return (
+            int(config["num_local_experts"]),
+            int(config["num_experts_per_tok"]),
+            True,
+            int(config["intermediate_size"]),
+        )
+    if model_type == "qwen3_moe":
+        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+            raise UserError(
+                f"{origin}: dense layers between the mixtures (mlp_only_layers, decoder_sparse_step) are not supported"
+            )
+        experts = int(config.get("num_experts") or config["num_local_experts"])  # (transformers >= 5 writes the latter)
+        per_token = int(config["num_experts_per_tok"])
+        return experts, per_token, bool(config.get("norm_topk_prob", False)), int(config["moe_intermediate_size"])
+    return 0, 0, True, int(config["intermediate_size"])
 
 
 def _gemma_arch(config: dict[str, Any], notes: list[str], folder: Path) -> DecoderArch:
@@ -423,6 +453,32 @@ def _gemma_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder
     return targets
 
 
+# Where a mixture's router and experts are in each type's files: (module, gate, up, down) under a layer.
+EXPERT_FILES = {
+    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _mixture_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
+    """Llama's layout with each layer's MLP a router (`<module>.gate`) and experts (`<module>.experts.E.*`)."""
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
+    module, gate, up, down = EXPERT_FILES[model_type]
+    layer = {name: ours for name, ours in LLAMA_LAYER.items() if not name.startswith("mlp.")}
+    layer[f"{module}.gate.weight"] = "mlp.router.weight"
+    for e in range(arch.n_experts):
+        for theirs, ours in ((gate, "c_gate"), (up, "c_fc"), (down, "c_proj")):
+            layer[f"{module}.experts.{e}.{theirs}.weight"] = f"mlp.experts.{e}.{ours}.weight"
+    top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
+    if arch.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    else:
+        top["lm_head.weight"] = "lm_head.weight"
+    targets = decoder_targets(arch, list(shapes), top, "model.layers.", layer, LLAMA_QKV)
+    _unplaced(shapes, targets, folder)
+    return targets
+
+
 FUSED_PARTS = ("gate", "up")
 PHI3_LAYER = {
     **LLAMA_LAYER,
@@ -551,6 +607,8 @@ KINDS: dict[str, tuple[ArchOf, TargetsOf]] = {
     "phi3": (_llama_arch, _phi3_targets),
     "gemma2": (_gemma_arch, _gemma_targets),
     "gemma3_text": (_gemma_arch, _gemma_targets),
+    "mixtral": (_llama_arch, _mixture_targets),
+    "qwen3_moe": (_llama_arch, _mixture_targets),
     "bert": (_bert_arch, _bert_targets),
 }
 

@@ -78,7 +78,7 @@ def train(
     if tc.lora is not None:  # freeze the encoder; the adapters train, and a classifier's new head with them
         trains_also = ("head.",) if arch.task == "classification" else ()
         trainable = lora.apply(model, tc.lora, config.seed, trains_also)
-        adapter = lora.manifest_record(tc.lora, trainable, init_path, sha256_file(init_path), trains_also)
+        adapter = lora.manifest_record(tc.lora, trainable, init_path, sha256_file(init_path), trains_also, arch)
     model.to(device)
     optimizer = build_optimizer(model, tc)
     specials = init_manifest.data.special_ids or {}

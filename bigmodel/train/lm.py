@@ -83,7 +83,7 @@ def train(
     adapter = None
     if tc.lora is not None:  # freeze the model; only the adapters train (and are saved)
         trainable = lora.apply(model, tc.lora, config.seed)
-        adapter = lora.manifest_record(tc.lora, trainable, init_path, sha256_file(init_path))
+        adapter = lora.manifest_record(tc.lora, trainable, init_path, sha256_file(init_path), arch=model.arch)
     model.activation_checkpointing = tc.activation_checkpointing
     optimizer = build_optimizer(model, tc)
     parallel_model = distributed.wrap_ddp(model, device) if world.mode == "ddp" else model
