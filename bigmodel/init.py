@@ -177,7 +177,7 @@ def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, 
     precision = training_precision(config.train.precision, resolve_device(config.device))
     return {
         "parameters": counts["total"],
-        **({"active_parameters": accounting.active_parameters(arch, counts["total"])} if arch.n_experts else {}),
+        **(_active(arch, counts["without_position_embeddings"]) if arch.n_experts else {}),
         "parameters_without_position_embeddings": counts["without_position_embeddings"],
         "flops_per_token": accounting.flops_per_token(arch, counts["without_position_embeddings"]),
         "training_memory_bytes": accounting.training_memory(
@@ -190,6 +190,13 @@ def _report(model: torch.nn.Module, arch: AnyArch, config: Config) -> dict[str, 
             activation_checkpointing=config.train.activation_checkpointing,
         ),
     }
+
+
+def _active(arch: DecoderArch, matmul_parameters: int) -> dict[str, int]:
+    """A mixture's parameters and training FLOPs per token counting only the experts a token is routed to
+    (bigmodel computes every expert: `flops_per_token` is what it runs, this is what the routing needs)."""
+    active = accounting.active_parameters(arch, matmul_parameters)
+    return {"active_parameters": active, "active_flops_per_token": accounting.flops_per_token(arch, active)}
 
 
 def _load_statistics(model: torch.nn.Module, stats: dict[str, Any]) -> None:

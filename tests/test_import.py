@@ -472,8 +472,12 @@ def test_a_mixture_of_experts_adapts_its_attention_and_refuses_the_rest_by_name(
     pruning and a Hugging Face folder are each one line, exit 2, nothing written."""
     train = {"max_steps": 2, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "lora": {"rank": 4}}
     config = import_config(tmp_path, sources["mixtral"], train=train)
-    result = cli("pipeline", "-c", config, "--to", "train", "-q")
+    result = cli("pipeline", "-c", config, "--to", "train", "--json", "-q")
     assert result.code == 0, result.stderr
+    init = result.json()["stages"]["init"]  # 2 of 4 experts per token: half of the experts' weights idle
+    expert = 3 * 32 * 48
+    assert init["active_parameters"] == init["parameters"] - 2 * 2 * expert
+    assert init["active_flops_per_token"] == init["flops_per_token"] - 6 * 2 * 2 * expert
     from bigmodel import lora
 
     adapted, _ = registry.load_model(tmp_path / "run" / "train" / "best.safetensors", merge=False)
