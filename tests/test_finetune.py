@@ -193,6 +193,65 @@ def test_a_hostile_or_broken_chat_template_is_one_line_naming_it(template: str) 
     assert "set data.template: chatml" in message and "\n" not in message
 
 
+# Templates written for these tests in the styles newer models publish, with the constructs theirs use:
+# Gemma's (BOS written by the template, a system turn folded into the first user turn or refused, roles
+# checked to alternate, the assistant shown as 'model', contents trimmed, `is string`, a slice of the
+# messages) and Qwen3's (a namespace carried across a loop, dot access, `is defined` / `is false` and the
+# enable_thinking switch that opens an empty thinking block).
+GEMMA_STYLE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set prefix = messages[0]['content'] | trim + '\n\n' -%}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set prefix = '' -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+    {%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception('roles must alternate user/assistant') }}
+    {%- endif -%}
+    {{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + (prefix if loop.first else '') }}
+    {%- if m['content'] is string -%}{{ m['content'] | trim }}{%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
+QWEN3_STYLE = """{%- set ns = namespace(last_user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+    {{- '<|im_start|>' + m.role + '\n' + m.content.strip() -}}
+    {%- if loop.index0 == ns.last_user -%}{{- ' (latest)' -}}{%- endif -%}
+    {{- '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}
+{%- endif -%}"""
+
+
+@pytest.mark.parametrize("template", [GEMMA_STYLE, QWEN3_STYLE], ids=["gemma-style", "qwen3-style"])
+@pytest.mark.parametrize("with_system", [False, True], ids=["user-first", "system-first"])
+def test_newer_template_constructs_render_as_transformers_renders_them(
+    sources: dict[str, Path], template: str, with_system: bool
+) -> None:
+    from bigmodel import chat
+
+    messages = [m for m in CHAT["messages"] if with_system or m["role"] != "system"]
+    reference = transformers.AutoTokenizer.from_pretrained(str(sources["llama"]))
+    reference.bos_token = "<|endoftext|>"
+    theirs = reference.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert chat.render(template, messages, {"bos": "<|endoftext|>", "eos": "<|im_end|>"}) == theirs
+    assert theirs.startswith("<|endoftext|><start_of_turn>user\n" if template == GEMMA_STYLE else "<|im_start|>")
+
+
+def test_a_template_that_refuses_the_messages_is_one_line_with_its_reason() -> None:
+    from bigmodel import chat
+    from bigmodel.errors import UserError
+
+    refusing = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    with pytest.raises(UserError, match="chat template refused the messages: System role not supported"):
+        chat.render(refusing + GEMMA_STYLE, CHAT["messages"], {"bos": "<s>"})
+
+
 def test_prepare_blames_a_broken_template_not_the_first_record(sources: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "broken"
     folder.mkdir()
