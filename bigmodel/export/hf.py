@@ -266,6 +266,20 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
         return {**common, **_gemma_config(model_type, arch, rope, context)}
     return {
         **common,
+        **_rotary_shape(model_type, arch, context),
+        "hidden_act": "silu",
+        "rope_parameters": rope,
+        "rope_theta": arch.rope_theta,
+        "attention_bias": False,
+        "mlp_bias": False,
+        **_sliding_window(model_type, arch),
+        "attention_dropout": 0.0,
+    }
+
+
+def _rotary_shape(model_type: str, arch: DecoderArch, context: int | None) -> dict[str, Any]:
+    """config.json's class and shape keys of a llama-like model (llama, mistral, qwen, gemma)."""
+    return {
         "architectures": [HF_CLASSES[model_type]],
         "hidden_size": arch.n_embd,
         "intermediate_size": arch.mlp_hidden[0],
@@ -275,13 +289,6 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
         "head_dim": arch.head_size,
         "max_position_embeddings": max(arch.block_size, context or 0),
         "rms_norm_eps": arch.norm_eps,
-        "hidden_act": "silu",
-        "rope_parameters": rope,
-        "rope_theta": arch.rope_theta,
-        "attention_bias": False,
-        "mlp_bias": False,
-        **_sliding_window(model_type, arch),
-        "attention_dropout": 0.0,
     }
 
 
@@ -297,15 +304,7 @@ def _gemma_config(model_type: str, arch: DecoderArch, rope: dict[str, Any], cont
             f"{model_type}'s query_pre_attn_scalar must be"
         )
     return {
-        "architectures": [HF_CLASSES[model_type]],
-        "hidden_size": arch.n_embd,
-        "intermediate_size": arch.mlp_hidden[0],
-        "num_hidden_layers": arch.n_layer,
-        "num_attention_heads": arch.n_head,
-        "num_key_value_heads": arch.n_kv_head,
-        "head_dim": arch.head_size,
-        "max_position_embeddings": max(arch.block_size, context or 0),
-        "rms_norm_eps": arch.norm_eps,
+        **_rotary_shape(model_type, arch, context),
         "hidden_activation": "gelu_pytorch_tanh",
         "rope_parameters": rope,
         "query_pre_attn_scalar": int(scalar),

@@ -205,25 +205,17 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         raise UserError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
     if model_type in ("llama", "qwen3", "phi3", *MIXTURES) and (config.get("attention_bias") or config.get("mlp_bias")):
         raise UserError(f"{origin}: attention_bias/mlp_bias on a {model_type} model are not supported")
-    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
-    n_layer = int(config["num_hidden_layers"])
+    shape = _shape(config)
     theta, scaling = rope_settings(config, origin)
-    head_size = int(config.get("head_dim") or n_embd // n_head)
-    window, local = sliding_windows(config, n_layer, origin)
+    window, local = sliding_windows(config, shape["n_layer"], origin)
     experts, per_token, normalize, width = _experts(config, origin)
     return DecoderArch(
+        **shape,
         n_experts=experts,
         experts_per_token=per_token,
         normalize_expert_weights=normalize,
-        rotary_dim=rotary_dim(config, head_size, origin),
-        vocab_size=int(config["vocab_size"]),
-        n_layer=n_layer,
-        n_head=n_head,
-        n_kv_head=int(config.get("num_key_value_heads") or n_head),
-        n_embd=n_embd,
-        head_size=head_size,
-        block_size=int(config["max_position_embeddings"]),
-        mlp_hidden=[width] * n_layer,
+        rotary_dim=rotary_dim(config, shape["head_size"], origin),
+        mlp_hidden=[width] * shape["n_layer"],
         bias=False,
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
@@ -237,6 +229,20 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         mlp="swiglu",
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+
+
+def _shape(config: dict[str, Any]) -> dict[str, int]:
+    """The sizes every llama-like config.json states alike."""
+    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    return {
+        "vocab_size": int(config["vocab_size"]),
+        "n_layer": int(config["num_hidden_layers"]),
+        "n_head": n_head,
+        "n_kv_head": int(config.get("num_key_value_heads") or n_head),
+        "n_embd": n_embd,
+        "head_size": int(config.get("head_dim") or n_embd // n_head),
+        "block_size": int(config["max_position_embeddings"]),
+    }
 
 
 def _experts(config: dict[str, Any], origin: str) -> tuple[int, int, bool, int]:
@@ -278,9 +284,8 @@ def _gemma_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         raise UserError(
             f"{origin}: use_bidirectional_attention (an encoder) is not supported; bigmodel imports the causal LM"
         )
-    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
-    n_layer = int(config["num_hidden_layers"])
-    head_size = int(config.get("head_dim") or n_embd // n_head)
+    shape = _shape(config)
+    n_layer = shape["n_layer"]
     if config.get("layer_types") is None:  # configs from before layer_types: Gemma 2 alternates, Gemma 3 5:1
         pattern = int(config.get("sliding_window_pattern") or (2 if model_type == "gemma2" else 6))
         config = {
@@ -292,13 +297,7 @@ def _gemma_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
     window, local = sliding_windows(config, n_layer, origin)
     theta, scaling, local_theta = _gemma_rope(config, origin)
     return DecoderArch(
-        vocab_size=int(config["vocab_size"]),
-        n_layer=n_layer,
-        n_head=n_head,
-        n_kv_head=int(config.get("num_key_value_heads") or n_head),
-        n_embd=n_embd,
-        head_size=head_size,
-        block_size=int(config["max_position_embeddings"]),
+        **shape,
         mlp_hidden=[int(config["intermediate_size"])] * n_layer,
         bias=False,
         qkv_bias=False,
@@ -315,7 +314,7 @@ def _gemma_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         tie_embeddings=bool(config.get("tie_word_embeddings", True)),
         embedding_scale=True,
         sandwich_norms=True,
-        attention_scale=float(config.get("query_pre_attn_scalar") or head_size) ** -0.5,
+        attention_scale=float(config.get("query_pre_attn_scalar") or shape["head_size"]) ** -0.5,
         attention_softcap=_positive(config.get("attn_logit_softcapping")),
         logit_softcap=_positive(config.get("final_logit_softcapping")),
     )
@@ -424,12 +423,20 @@ LLAMA_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj
 
 
 def _llama_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
+    return _layered_targets(arch, shapes, folder, LLAMA_LAYER, LLAMA_QKV)
+
+
+def _layered_targets(
+    arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path, layer: dict[str, str], qkv: dict[str, str]
+) -> dict[str, Target]:
+    """Llama's top-level names (embed_tokens, norm, lm_head) and `model.layers.N.` tensors placed by `layer`
+    and `qkv` (see decoder_targets); every file tensor must find a place."""
     top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
     if arch.tie_embeddings:
         shapes.pop("lm_head.weight", None)  # some files store the tied head too: it is the embedding
     else:
         top["lm_head.weight"] = "lm_head.weight"
-    targets = decoder_targets(arch, list(shapes), top, "model.layers.", LLAMA_LAYER, LLAMA_QKV)
+    targets = decoder_targets(arch, list(shapes), top, "model.layers.", layer, qkv)
     _unplaced(shapes, targets, folder)
     return targets
 
@@ -443,14 +450,7 @@ GEMMA_LAYER = {
 
 
 def _gemma_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
-    top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
-    if arch.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
-    else:
-        top["lm_head.weight"] = "lm_head.weight"
-    targets = decoder_targets(arch, list(shapes), top, "model.layers.", GEMMA_LAYER, LLAMA_QKV)
-    _unplaced(shapes, targets, folder)
-    return targets
+    return _layered_targets(arch, shapes, folder, GEMMA_LAYER, LLAMA_QKV)
 
 
 # Where a mixture's router and experts are in each type's files: (module, gate, up, down) under a layer.
@@ -469,14 +469,7 @@ def _mixture_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], fold
     for e in range(arch.n_experts):
         for theirs, ours in ((gate, "c_gate"), (up, "c_fc"), (down, "c_proj")):
             layer[f"{module}.experts.{e}.{theirs}.weight"] = f"mlp.experts.{e}.{ours}.weight"
-    top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
-    if arch.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
-    else:
-        top["lm_head.weight"] = "lm_head.weight"
-    targets = decoder_targets(arch, list(shapes), top, "model.layers.", layer, LLAMA_QKV)
-    _unplaced(shapes, targets, folder)
-    return targets
+    return _layered_targets(arch, shapes, folder, layer, LLAMA_QKV)
 
 
 FUSED_PARTS = ("gate", "up")
@@ -495,14 +488,7 @@ def _phi3_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder:
         rows, columns = shapes.pop(name)
         for part in FUSED_PARTS:
             shapes[f"{name}{PART}{part}"] = (rows // 2, columns)
-    top = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
-    if arch.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
-    else:
-        top["lm_head.weight"] = "lm_head.weight"
-    targets = decoder_targets(arch, list(shapes), top, "model.layers.", PHI3_LAYER, {})
-    _unplaced(shapes, targets, folder)
-    return targets
+    return _layered_targets(arch, shapes, folder, PHI3_LAYER, {})
 
 
 def _bert_arch(config: dict[str, Any], notes: list[str], folder: Path) -> EncoderArch:
