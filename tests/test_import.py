@@ -465,6 +465,7 @@ def test_what_cannot_be_represented_is_refused_by_name(
     assert not (tmp_path / "run" / "init" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_mixture_of_experts_adapts_its_attention_and_refuses_the_rest_by_name(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
