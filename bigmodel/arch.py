@@ -173,11 +173,6 @@ class DecoderArch(Arch):
         return self.sliding_window
 
     @property
-    def active_experts(self) -> int:
-        """The MLPs a token passes through in each layer (1 for a dense model)."""
-        return self.experts_per_token if self.n_experts else 1
-
-    @property
     def gated_mlp(self) -> bool:
         return self.mlp in ("swiglu", "geglu_tanh")
 
