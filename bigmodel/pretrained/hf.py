@@ -462,8 +462,11 @@ EXPERT_FILES = {
 
 def _mixture_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
     """Llama's layout with each layer's MLP a router (`<module>.gate`) and experts (`<module>.experts.E.*`)."""
-    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
-    module, gate, up, down = EXPERT_FILES[model_type]
+    # the layout whose router the files hold (config.json was read by describe: not read again)
+    module, gate, up, down = next(
+        (layout for layout in EXPERT_FILES.values() if f"model.layers.0.{layout[0]}.gate.weight" in shapes),
+        EXPERT_FILES["mixtral"],  # (none: _unplaced names the missing router)
+    )
     layer = {name: ours for name, ours in LLAMA_LAYER.items() if not name.startswith("mlp.")}
     layer[f"{module}.gate.weight"] = "mlp.router.weight"
     for e in range(arch.n_experts):
