@@ -60,7 +60,8 @@ def block_parameters(arch: DecoderArch) -> int:
     """Parameters of the largest transformer block (what FSDP gathers at once)."""
     d, bias = arch.n_embd, int(arch.bias)
     norm_count = 4 if arch.sandwich_norms else 2
-    norms = norm_count * d * (1 + int(bias and arch.norm == "layernorm")) + 2 * arch.head_size * int(arch.qk_norm)
+    qk_norms = (2 * arch.head_size if arch.qk_norm_per_head else arch.q_width + arch.kv_width) * int(arch.qk_norm)
+    norms = norm_count * d * (1 + int(bias and arch.norm == "layernorm")) + qk_norms
     qkv = arch.q_width + 2 * arch.kv_width
     attention = d * qkv + qkv * int(arch.qkv_bias) + arch.q_width * d + d * bias
     return norms + attention + mlp_parameters(arch, max(arch.mlp_hidden)) * max(1, arch.n_experts) + d * arch.n_experts

@@ -66,9 +66,12 @@ class DecoderArch(Arch):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False  # Linear layers and LayerNorms
     qkv_bias: bool = False  # the query/key/value projection (Qwen2 has it without the others)
-    # RMSNorm of each query and key head before the rotation (Qwen3, OLMo 2; Dehghani et al. 2023,
-    # "Scaling Vision Transformers to 22 Billion Parameters"), with the model's norm_eps.
+    # RMSNorm of the queries and keys before the rotation (Dehghani et al. 2023, "Scaling Vision Transformers
+    # to 22 Billion Parameters"), with the model's norm_eps: of each head over its head_size values, one weight
+    # shared by the heads (Qwen3, Gemma 3), or with qk_norm_per_head off over all heads' values at once, one
+    # weight per value (OLMoE, OLMo 2).
     qk_norm: bool = False
+    qk_norm_per_head: bool = True
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None

@@ -53,8 +53,8 @@ def write_tokenizer(folder: Path, vocab_size: int = 300) -> int:
 def make(kind: str, folder: Path, **overrides: object) -> Path:
     """gpt2, llama (GQA 4/2, untied), llama_tied_scaled (llama3 rope scaling), mistral, mistral_window (a
     sliding window of 8 on every layer), qwen2_window (window 8 on layer 1 only), gemma2 and gemma3 (their
-    norms, caps, scales, windows and rotary bases; tied heads), mixtral and qwen3_moe (4 experts, 2 per
-    token), qwen2 (q/k/v bias,
+    norms, caps, scales, windows and rotary bases; tied heads), mixtral, qwen3_moe and olmoe (4 experts, 2
+    per token), qwen2 (q/k/v bias,
     untied head), qwen3 (QK-norm, tied head, and a head size of its own: 128, Qwen3Config's default, which is
     what transformers' GGUF reader assumes), phi3 (q/k/v and gate/up fused in the file), phi3_partial (rope
     on 6 of each head's 8 values, tied head: Phi-4-mini's options)."""
@@ -135,6 +135,15 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
             **llama_shape,
             head_dim=16,
             moe_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+            **common,
+        ),
+        # OLMoE: QK-norm over all heads at once, the picked scores not renormalised
+        "olmoe": lambda: transformers.OlmoeConfig(
+            **llama_shape,
             num_experts=4,
             num_experts_per_tok=2,
             norm_topk_prob=False,

@@ -74,7 +74,10 @@ def run(config: Path, *stages: str, sets: tuple[str, ...] = ()) -> None:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {kind: hf_models.make(kind, root / kind) for kind in ("llama", "gpt2", "qwen3", "phi3", "gemma2", "gemma3")}
+    return {
+        kind: hf_models.make(kind, root / kind)
+        for kind in ("llama", "gpt2", "qwen3", "phi3", "gemma2", "gemma3", "olmoe")
+    }
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -411,6 +414,7 @@ def test_lora_resume_after_kill_9_is_bitwise_identical(sources: dict[str, Path],
         pytest.param("phi3", ["q", "v", "gate"], marks=pytest.mark.slow),
         pytest.param("gemma2", ["all-linear"], marks=pytest.mark.slow),
         pytest.param("gemma3", ["q", "v", "gate"], marks=pytest.mark.slow),
+        pytest.param("olmoe", ["all-linear"], marks=pytest.mark.slow),  # (a mixture: its attention adapted)
     ],
 )
 def test_peft_loads_the_exported_adapter_with_the_same_logits(

@@ -53,6 +53,15 @@ def test_parameters_equal_what_init_builds(tmp_path: Path) -> None:
         {},
         {"bias": True},
         {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "head_size": 16, "qk_norm": True},
+        {
+            "position": "rope",
+            "norm": "rmsnorm",
+            "mlp": "swiglu",
+            "n_kv_head": 2,
+            "qk_norm": True,
+            "qk_norm_per_head": False,
+        },
+        {"mlp": "swiglu", "sandwich_norms": True, "n_experts": 4, "experts_per_token": 2},
     ],
 )
 def test_block_parameters_are_what_a_block_holds(options: dict) -> None:

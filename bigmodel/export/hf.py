@@ -3,8 +3,11 @@
 The decoder is written as the Hugging Face architecture that computes exactly the same function:
 - learned positions + LayerNorm + GELU -> `gpt2` (biases the model does not have are written as zeros,
   which changes nothing; GPT-2's Conv1D layers store weights transposed);
-- rotary positions + RMSNorm + SwiGLU -> `llama`, `qwen2` when the q/k/v projection has a bias, `qwen3`
-  with QK-norm.
+- rotary positions + RMSNorm + SwiGLU -> `llama` (`mistral` with a window on every layer), `qwen2` when the
+  q/k/v projection has a bias, `qwen3` with QK-norm;
+- Gemma's norms, scales and caps -> `gemma2` or `gemma3_text`;
+- a mixture of experts -> `mixtral` (renormalised scores), `qwen3_moe` (per-head QK-norm) or `olmoe`
+  (QK-norm over all heads).
 Anything else has no Hugging Face twin and is refused by name. The folder is published only when
 transformers, loading it, gives bigmodel's logits on held-out text within export.atol (the round trip).
 """
@@ -31,7 +34,7 @@ from bigmodel.io import write_json
 from bigmodel.manifests import DataInfo
 from bigmodel.models.gpt import GPT
 from bigmodel.pretrained import build
-from bigmodel.pretrained.hf import GEMMA_LAYER, LLAMA_LAYER, LLAMA_QKV
+from bigmodel.pretrained.hf import EXPERT_FILES, GEMMA_LAYER, LLAMA_LAYER, LLAMA_QKV, mixture_layer
 
 FOLDER = "hf"
 PEFT_FOLDER = "peft"
@@ -69,7 +72,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, name: str = FOL
             "tokenizer (data.tokenizer.kind: bpe) or an imported model's"
         )
     model_type = hf_model_type(arch)
-    tensors = (_gpt2_tensors if model_type == "gpt2" else _llama_tensors)(model, arch)
+    tensors = _gpt2_tensors(model, arch) if model_type == "gpt2" else _llama_tensors(model, arch, model_type)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
@@ -139,7 +142,7 @@ def export_peft(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
 
 
 # Hugging Face model types whose modules PEFT finds under the adapter's names (q_proj, ..., gate_proj, ...).
-PEFT_NAMED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+PEFT_NAMED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "olmoe")
 
 
 def _model_type(folder: Path) -> str | None:
@@ -164,15 +167,13 @@ HF_CLASSES = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 
 
 def hf_model_type(arch: DecoderArch) -> str:
-    if arch.n_experts:
-        raise UserError(
-            "export.format 'hf' (and a PEFT adapter's base) of a mixture of experts is not written by bigmodel; "
-            "export.format onnx serves it"
-        )
     uniform = len(set(arch.mlp_hidden)) == 1
     gpt2_like = (arch.position, arch.norm) == ("learned", "layernorm") and arch.mlp in ("gelu", "gelu_tanh")
     windows = set(arch.windows)  # {None}: global attention everywhere
@@ -186,17 +187,22 @@ def hf_model_type(arch: DecoderArch) -> str:
     ):
         return "gpt2"
     whole_heads = arch.rotary_dim is None  # (llama, qwen2, qwen3 and gemma turn every value of a head)
-    gemma = _gemma_type(arch, uniform and whole_heads)
+    gemma = _gemma_type(arch, uniform and whole_heads and not arch.n_experts and arch.qk_norm_per_head)
     if gemma is not None:
         return gemma
-    if (
+    llama_like = (
         not (arch.embedding_scale or arch.sandwich_norms or arch.attention_scale or arch.local_rope_theta)
         and not (arch.attention_softcap or arch.logit_softcap)
         and (arch.position, arch.norm, arch.mlp) == ("rope", "rmsnorm", "swiglu")
         and not arch.bias
         and uniform
         and whole_heads
-    ):
+    )
+    if llama_like and arch.n_experts:
+        mixture = _mixture_type(arch)
+        if mixture is not None:
+            return mixture
+    elif llama_like and arch.qk_norm_per_head:
         if arch.qk_norm:  # qwen2 and qwen3 name each layer's attention (layer_types): any windows
             if not arch.qkv_bias:
                 return "qwen3"
@@ -210,9 +216,22 @@ def hf_model_type(arch: DecoderArch) -> str:
         f"export.format 'hf': no Hugging Face architecture computes this model (position "
         f"{arch.position}, norm {arch.norm}, mlp {arch.mlp}, {arch.n_kv_head}/{arch.n_head} kv heads, "
         f"bias {arch.bias}, qk_norm {arch.qk_norm}, rotary_dim {arch.rotary_dim}, sliding windows "
-        f"{arch.windows}); gpt2, llama, mistral (a window on every layer), qwen2, qwen3, gemma2 and gemma3_text "
-        "shapes can be written"
+        f"{arch.windows}, {arch.n_experts} experts); gpt2, llama, mistral (a window on every layer), qwen2, qwen3, "
+        "gemma2, gemma3_text, mixtral, qwen3_moe and olmoe shapes can be written"
     )
+
+
+def _mixture_type(arch: DecoderArch) -> str | None:
+    """mixtral (no QK-norm, scores renormalised, a window on every layer or none), qwen3_moe (per-head
+    QK-norm) or olmoe (QK-norm over all heads), both without windows; None: none of them."""
+    windows = set(arch.windows)
+    if arch.qkv_bias:
+        return None
+    if not arch.qk_norm:
+        return "mixtral" if arch.normalize_expert_weights and (windows == {None} or None not in windows) else None
+    if windows != {None}:
+        return None
+    return "qwen3_moe" if arch.qk_norm_per_head else "olmoe"
 
 
 def _gemma_type(arch: DecoderArch, plain_layers: bool) -> str | None:
@@ -273,8 +292,22 @@ def _hf_config(model_type: str, arch: DecoderArch, data: DataInfo, context: int 
         "attention_bias": False,
         "mlp_bias": False,
         **_sliding_window(model_type, arch),
+        **_experts(model_type, arch),
         "attention_dropout": 0.0,
     }
+
+
+def _experts(model_type: str, arch: DecoderArch) -> dict[str, Any]:
+    """config.json's mixture keys (none for a dense model), as each type names them."""
+    if not arch.n_experts:
+        return {}
+    picked = {"num_experts_per_tok": arch.experts_per_token, "output_router_logits": False}
+    if model_type == "mixtral":  # (always renormalised)
+        return {**picked, "num_local_experts": arch.n_experts}
+    scores = {**picked, "num_experts": arch.n_experts, "norm_topk_prob": arch.normalize_expert_weights}
+    if model_type == "qwen3_moe":  # every layer a mixture of experts moe_intermediate_size wide
+        return {**scores, "moe_intermediate_size": arch.mlp_hidden[0], "decoder_sparse_step": 1, "mlp_only_layers": []}
+    return {**scores, "clip_qkv": None}
 
 
 def _rotary_shape(model_type: str, arch: DecoderArch, context: int | None) -> dict[str, Any]:
@@ -321,8 +354,10 @@ def _gemma_config(model_type: str, arch: DecoderArch, rope: dict[str, Any], cont
 def _sliding_window(model_type: str, arch: DecoderArch) -> dict[str, Any]:
     """config.json's window keys: Mistral's window covers every layer; Qwen2/3 name each layer's kind."""
     window = next((w for w in arch.windows if w is not None), None)
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return {"sliding_window": window}
+    if model_type == "olmoe":
+        return {}
     if window is None:
         return {"use_sliding_window": False, "sliding_window": None}
     kinds = ["full_attention" if w is None else "sliding_attention" for w in arch.windows]
@@ -351,9 +386,13 @@ def _gpt2_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _llama_tensors(model: GPT, arch: DecoderArch) -> dict[str, torch.Tensor]:
+def _llama_tensors(model: GPT, arch: DecoderArch, model_type: str) -> dict[str, torch.Tensor]:
     state = {name: t.detach() for name, t in model.state_dict().items()}
-    ours_to_hf = {ours: hf for hf, ours in (GEMMA_LAYER if arch.sandwich_norms else LLAMA_LAYER).items()}
+    if arch.n_experts:
+        layer = mixture_layer(arch.n_experts, EXPERT_FILES[model_type])
+    else:
+        layer = GEMMA_LAYER if arch.sandwich_norms else LLAMA_LAYER
+    ours_to_hf = {ours: hf for hf, ours in layer.items()}
     widths = {"q": arch.q_width, "k": arch.kv_width, "v": arch.kv_width}
     tensors = {
         "model.embed_tokens.weight": state["transformer.wte.weight"],

@@ -147,10 +147,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(arch.n_embd, arch.q_width + 2 * arch.kv_width, bias=arch.qkv_bias)
         self.c_proj = nn.Linear(arch.q_width, arch.n_embd, bias=arch.bias)
         self.resid_dropout = nn.Dropout(self.dropout)
-        # QK-norm: one RMSNorm over each head's hs values, its weight shared by the heads (arch.qk_norm)
+        # QK-norm (arch.qk_norm): one RMSNorm over each head's hs values, its weight shared by the heads, or
+        # over all nh * hs query (nkv * hs key) values at once (qk_norm_per_head off: OLMoE)
         unit_offset = arch.norm == "rmsnorm_unit_offset"
-        self.q_norm = RMSNorm(arch.head_size, arch.norm_eps, unit_offset) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_size, arch.norm_eps, unit_offset) if arch.qk_norm else None
+        self.per_head_norm = arch.qk_norm_per_head
+        q_norm_width, k_norm_width = (arch.head_size,) * 2 if arch.qk_norm_per_head else (arch.q_width, arch.kv_width)
+        self.q_norm = RMSNorm(q_norm_width, arch.norm_eps, unit_offset) if arch.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_width, arch.norm_eps, unit_offset) if arch.qk_norm else None
         self.scale = arch.attention_scale  # None: head_size^-0.5
         self.softcap = arch.attention_softcap
 
@@ -166,9 +169,12 @@ class CausalSelfAttention(nn.Module):
         if self.onnx_operators and past is not None and mask is not None:
             return self._decode_onnx(x, past, rope, mask)
         B, T, _ = x.shape
-        heads = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_size).transpose(1, 2)
+        qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs)
+        if not self.per_head_norm:
+            qkv = self._norm_whole_qk(qkv)
+        heads = qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_size).transpose(1, 2)
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh+nkv, T, hs), v
-        if self.q_norm is not None and self.k_norm is not None:  # each head normalised over its hs values
+        if self.per_head_norm and self.q_norm is not None and self.k_norm is not None:  # each head over its hs
             q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         if rope is not None:  # queries and keys rotate together: one rotation instead of two
@@ -200,8 +206,11 @@ class CausalSelfAttention(nn.Module):
         last axis, (B, T, heads * hs), so the graph has no reshapes or transposes around them."""
         B, T, _ = x.shape
         q_width, kv_width = self.arch.q_width, self.arch.kv_width
-        qk, v = self.c_attn(x).split([q_width + kv_width, kv_width], dim=-1)  # (B, T, (nh+nkv) hs), (B, T, nkv hs)
-        if self.q_norm is not None and self.k_norm is not None:  # per head: (B, T, heads, hs), then packed again
+        qkv = self.c_attn(x)
+        if not self.per_head_norm:
+            qkv = self._norm_whole_qk(qkv)
+        qk, v = qkv.split([q_width + kv_width, kv_width], dim=-1)  # (B, T, (nh+nkv) hs), (B, T, nkv hs)
+        if self.per_head_norm and self.q_norm is not None and self.k_norm is not None:  # per head, packed again
             q, k = qk.split([q_width, kv_width], dim=-1)
             q = self.q_norm(q.view(B, T, self.n_head, self.head_size)).view(B, T, q_width)
             k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_size)).view(B, T, kv_width)
@@ -230,6 +239,14 @@ class CausalSelfAttention(nn.Module):
             softcap=self.softcap or 0.0,
         )
         return self.c_proj(y), (keys, values)
+
+    def _norm_whole_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, T, (nh + 2 nkv) hs) with the queries normalised over their nh * hs values and the keys over
+        their nkv * hs (QK-norm over the whole projection, OLMoE's); no QK-norm: unchanged."""
+        if self.q_norm is None or self.k_norm is None:
+            return qkv
+        q, k, v = qkv.split([self.arch.q_width, self.arch.kv_width, self.arch.kv_width], dim=-1)
+        return torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0

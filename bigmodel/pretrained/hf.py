@@ -1,8 +1,8 @@
 """Hugging Face model folders: config.json + model.safetensors (or a sharded index) + tokenizer.json.
 
 The architecture is read from config.json's `model_type` (never from the folder's name): gpt2, llama,
-mistral, qwen2, qwen3 and phi3 (decoders) and bert (encoders: BertModel, BertForMaskedLM, BertForSequenceClassification
-folders). Weights are read from safetensors only; a folder with only `pytorch_model.bin`
+mistral, qwen2, qwen3, phi3, gemma2, gemma3_text and the mixtures of experts mixtral, qwen3_moe and olmoe
+(decoders) and bert (encoders: BertModel, BertForMaskedLM, BertForSequenceClassification folders). Weights are read from safetensors only; a folder with only `pytorch_model.bin`
 (a pickle, which can run code when loaded) is refused.
 """
 
@@ -21,9 +21,10 @@ from bigmodel.pretrained import REFERENCE, Source, Target, decoder_targets
 from bigmodel.weights import ShardedWeights
 
 SUPPORTED = (
-    *("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "bert"),
+    *("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"),
+    *("mixtral", "qwen3_moe", "olmoe", "bert"),
 )
-MIXTURES = ("mixtral", "qwen3_moe")  # the mixture-of-experts types whose routing bigmodel computes
+MIXTURES = ("mixtral", "qwen3_moe", "olmoe")  # the mixture-of-experts types whose routing bigmodel computes
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # A part of a fused file tensor, named "<file tensor>#<part>": Phi-3's gate_up_proj holds gate's rows, then up's.
@@ -205,6 +206,8 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         raise UserError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
     if model_type in ("llama", "qwen3", "phi3", *MIXTURES) and (config.get("attention_bias") or config.get("mlp_bias")):
         raise UserError(f"{origin}: attention_bias/mlp_bias on a {model_type} model are not supported")
+    if config.get("clip_qkv") is not None:
+        raise UserError(f"{origin}: clip_qkv (queries, keys and values clamped) is not supported; the model needs it")
     shape = _shape(config)
     theta, scaling = rope_settings(config, origin)
     window, local = sliding_windows(config, shape["n_layer"], origin)
@@ -218,7 +221,8 @@ def _llama_arch(config: dict[str, Any], notes: list[str], folder: Path) -> Decod
         mlp_hidden=[width] * shape["n_layer"],
         bias=False,
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "olmoe"),
+        qk_norm_per_head=model_type != "olmoe",  # (OLMoE normalises all heads' queries, and keys, as one vector)
         sliding_window=window,
         local_layers=local,
         position="rope",
@@ -247,8 +251,8 @@ def _shape(config: dict[str, Any]) -> dict[str, int]:
 
 def _experts(config: dict[str, Any], origin: str) -> tuple[int, int, bool, int]:
     """A mixture's experts, experts per token, whether the picked scores are renormalised, and each expert's
-    width (0, 0, True and intermediate_size for a dense model). Mixtral renormalises; Qwen3-MoE as its
-    norm_topk_prob says, and every layer must be a mixture (no dense layers between)."""
+    width (0, 0, True and intermediate_size for a dense model). Mixtral renormalises; Qwen3-MoE and OLMoE as
+    their norm_topk_prob says, and every layer of a Qwen3-MoE must be a mixture (no dense layers between)."""
     model_type = config["model_type"]
     if model_type == "mixtral":
         return (
@@ -265,6 +269,10 @@ def _experts(config: dict[str, Any], origin: str) -> tuple[int, int, bool, int]:
         experts = int(config.get("num_experts") or config["num_local_experts"])  # (transformers >= 5 writes the latter)
         per_token = int(config["num_experts_per_tok"])
         return experts, per_token, bool(config.get("norm_topk_prob", False)), int(config["moe_intermediate_size"])
+    if model_type == "olmoe":
+        experts = int(config.get("num_experts") or config["num_local_experts"])
+        per_token = int(config["num_experts_per_tok"])
+        return experts, per_token, bool(config.get("norm_topk_prob", False)), int(config["intermediate_size"])
     return 0, 0, True, int(config["intermediate_size"])
 
 
@@ -457,22 +465,30 @@ def _gemma_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder
 EXPERT_FILES = {
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "olmoe": ("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 
 
+def mixture_layer(n_experts: int, layout: tuple[str, str, str, str]) -> dict[str, str]:
+    """A mixture layer's file names (under `model.layers.N.`) -> bigmodel's: llama's attention and norms, the
+    router `<module>.gate` and the experts `<module>.experts.E.<gate|up|down>`."""
+    module, gate, up, down = layout
+    layer = {name: ours for name, ours in LLAMA_LAYER.items() if not name.startswith("mlp.")}
+    layer[f"{module}.gate.weight"] = "mlp.router.weight"
+    for e in range(n_experts):
+        for theirs, ours in ((gate, "c_gate"), (up, "c_fc"), (down, "c_proj")):
+            layer[f"{module}.experts.{e}.{theirs}.weight"] = f"mlp.experts.{e}.{ours}.weight"
+    return layer
+
+
 def _mixture_targets(arch: DecoderArch, shapes: dict[str, tuple[int, ...]], folder: Path) -> dict[str, Target]:
-    """Llama's layout with each layer's MLP a router (`<module>.gate`) and experts (`<module>.experts.E.*`)."""
+    """Llama's layout with each layer's MLP a router and experts (mixture_layer)."""
     # the layout whose router the files hold (config.json was read by describe: not read again)
-    module, gate, up, down = next(
+    layout = next(
         (layout for layout in EXPERT_FILES.values() if f"model.layers.0.{layout[0]}.gate.weight" in shapes),
         EXPERT_FILES["mixtral"],  # (none: _unplaced names the missing router)
     )
-    layer = {name: ours for name, ours in LLAMA_LAYER.items() if not name.startswith("mlp.")}
-    layer[f"{module}.gate.weight"] = "mlp.router.weight"
-    for e in range(arch.n_experts):
-        for theirs, ours in ((gate, "c_gate"), (up, "c_fc"), (down, "c_proj")):
-            layer[f"{module}.experts.{e}.{theirs}.weight"] = f"mlp.experts.{e}.{ours}.weight"
-    return _layered_targets(arch, shapes, folder, layer, LLAMA_QKV)
+    return _layered_targets(arch, shapes, folder, mixture_layer(arch.n_experts, layout), LLAMA_QKV)
 
 
 FUSED_PARTS = ("gate", "up")
@@ -598,6 +614,7 @@ KINDS: dict[str, tuple[ArchOf, TargetsOf]] = {
     "gemma3_text": (_gemma_arch, _gemma_targets),
     "mixtral": (_llama_arch, _mixture_targets),
     "qwen3_moe": (_llama_arch, _mixture_targets),
+    "olmoe": (_llama_arch, _mixture_targets),
     "bert": (_bert_arch, _bert_targets),
 }
 
