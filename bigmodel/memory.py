@@ -191,12 +191,15 @@ def export_file_bytes(arch: Any, parameters: int, dtype: str, head: str = "int8"
 
 def export_peak(arch: Any, parameters: int, checkpoint_dtype: str, dtype: str) -> Estimate:
     """export of a decoder: one matrix read, converted to fp32 and transposed (fp32/fp16) or quantised
-    (int4); the gate's fp32 reference holds one layer (and the embedding); ONNX Runtime then holds the file."""
+    (int4) -- a routed mixture's experts one layer at a time; the gate's fp32 reference holds one layer
+    (and the embedding); ONNX Runtime then holds the file."""
     from bigmodel.accounting import block_parameters
 
     largest = largest_matrix(arch)
     stored = DTYPE_BYTES.get(checkpoint_dtype, 4)
     write = largest * (stored + 4 + 4)
+    if arch.n_experts:  # a routed mixture's layer: its experts' gate and up stacked, then converted
+        write = max(write, arch.n_experts * 2 * max(arch.mlp_hidden) * arch.n_embd * (stored + 4) + largest * stored)
     reference = (block_parameters(arch) + largest) * (stored + 4)
     session = int(SESSION_OVER_FILE * export_file_bytes(arch, parameters, dtype))
     fixes = ["--set export.dtype=int4 (a 4-bit file: about an eighth of fp32)"] if dtype != "int4" else []

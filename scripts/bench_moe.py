@@ -1,13 +1,21 @@
-"""One mixture-of-experts layer in ONNX Runtime, two ways, timed in the same run; prints JSON.
+"""A mixture of experts in ONNX Runtime, routed (what bigmodel exports) vs masked dense; prints JSON.
 
     python scripts/bench_moe.py [--hidden 1024] [--inner 3584] [--experts 8] [--top 2] [--threads 2]
+    python scripts/bench_moe.py --model olmoe-1b-7b --layers 4 --work /tmp/moe [--dtype int4]
 
-The graph bigmodel exports computes every expert on every token and weights the unpicked ones by exactly 0
-(models/gpt.py, MixtureOfExperts: plain MatMuls, exact, any runtime). ONNX Runtime also has routed kernels
-that run only the picked experts: com.microsoft MoE (float) and QMoE (4-bit blocks). This measures both
-forms of one Mixtral-shaped layer (softmax router, top-k renormalised, SwiGLU experts) on random weights at
-decode (1 token) and prefill (64 tokens): median milliseconds over interleaved rounds, and each form's max
-abs difference from the float masked-dense graph (the routed kernels must agree with it: the same model).
+One layer (the default): a Mixtral-shaped layer (softmax router, top-k renormalised, SwiGLU experts) on random
+weights, built by hand in the two forms bigmodel can export (`export.experts`): ONNX Runtime's routed kernels
+that run only the picked experts (com.microsoft MoE, float, and QMoE, 4-bit blocks) and the masked-dense graph
+that computes every expert on every token and weights the unpicked ones by exactly 0 (standard operators, any
+runtime). Median milliseconds over interleaved rounds at decode (1 token) and prefill (64 tokens), and each
+form's max abs difference from the float dense graph (the same model).
+
+--model: a whole model through bigmodel itself. A random-weight folder of the published shape
+(scripts/make_random_model.py, --layers cuts it down) is imported (`init`, gated against transformers),
+exported twice from the same checkpoint (`export.experts` routed and dense, each through the export gate),
+and both files decode greedily through bigmodel's Decoder at batch 1 (16-token prompt), interleaved: median
+milliseconds per decode step and for the prompt, export seconds and peak RSS, file bytes, and the largest
+logit difference between the two files on the prompt.
 """
 
 from __future__ import annotations
@@ -15,15 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from bigmodel.export.weightless import block_quantizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bigmodel.export.weightless import block_quantizer  # noqa: E402
 
 
 def dense_graph(router: np.ndarray, gate_up: np.ndarray, down: np.ndarray, top: int, int4: bool) -> bytes:
@@ -136,6 +148,78 @@ def model(nodes: list[Any], inits: list[Any], hidden: int) -> bytes:
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
+def whole_model(args: argparse.Namespace) -> dict[str, Any]:
+    """Import a random-weight mixture, export it routed and dense, decode both interleaved."""
+    import numpy as np
+
+    from bigmodel.infer.gpt import Decoder
+    from bigmodel.infer.session import open_model
+    from bigmodel.manifests import DecoderMetadata
+    from bigmodel.memory import onnx_file_bytes
+    from scripts.bench_big import bigmodel, cpu_name, timed_child
+
+    work: Path = args.work
+    folder, run = work / "model", work / "run"
+    if not (folder / "config.json").is_file():
+        layers = ["--layers", str(args.layers)] if args.layers else []
+        script = str(Path(__file__).parent / "make_random_model.py")
+        made = timed_child([sys.executable, script, "--shape", args.model, "--out", str(folder), *layers])
+        if made["exit_code"]:
+            raise SystemExit(f"make_random_model failed: {made.get('stderr_tail')}")
+    config = work / "moe.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "seed": 0,
+                "threads": args.threads,
+                "run_dir": str(run),
+                "data": {"format": "text", "path": "{stdlib}/textwrap.py"},
+                "init": {"from": str(folder)},
+                "model": {"block_size": 512},
+                "export": {"checkpoint": "init", "dtype": args.dtype},
+            }
+        )
+    )
+    report: dict[str, Any] = {"cpu": cpu_name(), "model": args.model, "layers": args.layers, "dtype": args.dtype}
+    report["prepare"] = bigmodel("prepare", config=config)
+    report["init"] = bigmodel("init", config=config)
+    paths = {}
+    for form in ("routed", "dense"):
+        exported = bigmodel("export", "--set", f"export.experts={form}", config=config)
+        target = work / f"export-{form}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(run / "export"), target)
+        paths[form] = target / "model.onnx"
+        report[f"export_{form}"] = {**exported, "file_bytes": onnx_file_bytes(paths[form])}
+    decoders = {}
+    for form, path in paths.items():
+        session, meta = open_model(path, ["CPUExecutionProvider"], args.threads, DecoderMetadata)
+        decoders[form] = Decoder.from_session(session, meta, path)
+    prompt = np.random.default_rng(0).integers(10, 40000, size=(1, 16)).astype(np.int64)
+    first = {form: d.run(prompt, d.empty_cache(1))[0] for form, d in decoders.items()}
+    report["prompt_logits_max_abs_diff"] = float(np.abs(first["routed"] - first["dense"]).max())
+    steps: dict[str, list[float]] = {form: [] for form in decoders}
+    prefill: dict[str, list[float]] = {form: [] for form in decoders}
+    for r in range(args.rounds):
+        for form in list(decoders)[r % 2 :] + list(decoders)[: r % 2]:
+            decoder = decoders[form]
+            start = time.perf_counter()
+            logits, cache = decoder.run(prompt, decoder.empty_cache(1))
+            prefill[form].append(time.perf_counter() - start)
+            for _ in range(args.new_tokens):
+                token = np.array([[int(logits[0, -1].argmax())]], np.int64)
+                start = time.perf_counter()
+                logits, cache = decoder.run(token, cache)
+                steps[form].append(time.perf_counter() - start)
+    for form in decoders:
+        report[f"decode_ms_{form}"] = round(statistics.median(steps[form]) * 1000, 2)
+        report[f"prompt_ms_{form}"] = round(statistics.median(prefill[form]) * 1000, 1)
+    report["decode_speedup_routed"] = round(report["decode_ms_dense"] / report["decode_ms_routed"], 2)
+    report["prompt_speedup_routed"] = round(report["prompt_ms_dense"] / report["prompt_ms_routed"], 2)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -144,7 +228,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--model", default=None, help="a make_random_model.py shape: the whole-model comparison")
+    parser.add_argument("--layers", type=int, default=None, help="--model: fewer layers than published")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_moe"), help="--model: working folder")
+    parser.add_argument("--dtype", choices=["fp32", "int4"], default="int4", help="--model: export.dtype")
+    parser.add_argument("--new-tokens", type=int, default=16, help="--model: decode steps per round")
     args = parser.parse_args()
+    if args.model:
+        print(json.dumps(whole_model(args), indent=2))
+        return
     rng = np.random.default_rng(0)
     c, i, e = args.hidden, args.inner, args.experts
     router = rng.standard_normal((e, c)).astype(np.float32) * 0.05

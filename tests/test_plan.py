@@ -85,6 +85,7 @@ def test_lora_parameters_of_an_encoder_are_what_lora_trains(targets: list[str]) 
     assert accounting.lora_parameters(arch, settings.projections(), 4) == trained > 0
 
 
+@pytest.mark.slow  # (19 s: the default run stays under 10 minutes)
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
 def test_an_encoders_memory_estimate_is_within_25_percent_of_a_measured_step() -> None:
     """A masked-LM encoder with dropout on this CPU (attention keeps its scores: the unfused path) and a

@@ -42,7 +42,7 @@ from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequa
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
 from bigmodel.manifests import DecoderMetadata
-from bigmodel.models.gpt import GPT, CausalSelfAttention
+from bigmodel.models.gpt import GPT, CausalSelfAttention, MixtureOfExperts
 from bigmodel.runtime import peak_rss_bytes
 from bigmodel.weights import check_free_space
 
@@ -81,6 +81,10 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     arch = manifest.architecture
     if not isinstance(arch, DecoderArch):
         raise UserError(f"{ckpt} holds a {arch.family} model, not a decoder")
+    if xc.experts != "routed" and not arch.n_experts:
+        raise UserError(
+            f"export.experts {xc.experts!r} applies to a mixture of experts; {ckpt} holds a dense model: remove it"
+        )
     with torch.device("meta"):
         parameters = sum(p.numel() for p in GPT(arch).parameters())
     stored = manifest.stored_dtype
@@ -109,6 +113,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
                 weights=weight_format(xc.dtype, xc.int4, arch.n_embd),
                 lineage={"checkpoint": sha256_file(ckpt)},
             ),
+            routed=xc.experts == "routed",
         )
         external = xc.external_data or written["weight_bytes"] > INLINE_LIMIT
         if not external:
@@ -155,6 +160,8 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     }
     if xc.dtype == "int4":
         outputs.update(relative_error=parity["relative_error"], against_fp32=parity["against_fp32"])
+    if "experts" in report:  # a mixture: routed (ONNX Runtime's MoE node) or dense
+        outputs["experts"] = report["experts"]
     if xc.optimize:
         optimized = optimize_offline(final, out_dir / "model.optimized.onnx")
         if blocks is not None:  # the published file's blocks (the optimised graph may store them otherwise)
@@ -228,22 +235,37 @@ def write_decoder(
     int4: Int4Export | None = None,
     metadata: DecoderMetadata | None = None,
     repeat_layers: bool = True,
+    routed: bool = True,
 ) -> dict[str, Any]:
     """The decoder graph of `arch` at `path` (+ `path.data`), its weights read from `weights` (names as a
     checkpoint stores them, 'model.<parameter>') one at a time; returns what was written. `repeat_layers`:
-    trace two layers and repeat the second (False: trace every layer)."""
+    trace two layers and repeat the second (False: trace every layer). `routed`: a mixture of experts' layers
+    as ONNX Runtime's MoE operator where it computes them (SwiGLU experts), else as the dense graph."""
     float_type = FLOAT_TYPES[dtype]
+    settings = int4 or Int4Export()
+    routed_block = expert_block(arch, settings.block_size) if dtype == "int4" else settings.block_size
+    if routed and arch.n_experts and (arch.mlp != "swiglu" or routed_block is None):
+        reason = "ONNX Runtime's MoE takes SwiGLU experts" if arch.mlp != "swiglu" else "QMoE needs whole blocks of 16"
+        console.info(
+            f"export: the experts are written dense ({reason}; widths {arch.n_embd} and {max(arch.mlp_hidden)})"
+        )
+        routed = False
+    routed = routed and arch.n_experts > 0
     with torch.device("meta"):
         step = DecoderStep(GPT(arch).to(float_type)).eval()
     aliases = {name: names for names in streaming.aliases_of(step).values() for name in names}
     graph, traced = (
-        _trace(step, arch, opset, float_type) if repeat_layers else _trace_all(step, arch, opset, float_type)
+        _trace(step, arch, opset, float_type, routed)
+        if repeat_layers
+        else _trace_all(step, arch, opset, float_type, routed)
     )
     for node in graph.graph.node:  # the exporter's module scopes were for repeat_layers only
         del node.metadata_props[:]
     fetch = streaming.fetch_from(weights)
 
     def read(name: str) -> torch.Tensor:  # in the checkpoint's dtype: converted once it is laid out
+        if name.endswith(ROUTED_WEIGHTS):
+            return routed_experts_weight(fetch, name, arch.n_experts)
         return fetch(aliases.get(name, [name]))
 
     plan = GraphWeights(graph, traced, read, float_type)
@@ -251,7 +273,6 @@ def write_decoder(
     merged = plan.merge_shared_input_matmuls()
     counts: dict[str, int] = {}
     if dtype == "int4":  # (the table is then blocks, which the lookup and the head read alike)
-        settings = int4 or Int4Export()
         block_sizes = {4: settings.block_size, 8: int8_block(arch.n_embd, settings.int8_block_size)}
         counts = plan.quantize(
             4,
@@ -261,15 +282,64 @@ def write_decoder(
             BITS[settings.head],
             BITS[settings.embedding_format],
         )
+        if routed and routed_block is not None:
+            counts["experts"] = plan.quantize_experts(4, routed_block, settings.accuracy_level, expert_rows(arch))
     else:
         plan.gather_from_transposed()
     stamp(graph, metadata)
     weight_bytes = plan.write(path)
-    return {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
+    written = {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
+    return {**written, "experts": "routed" if routed else "dense"} if arch.n_experts else written
+
+
+# The routed experts' weights as ONNX Runtime's MoE operator reads them (models/gpt.py, route_for_onnx)
+ROUTED_WEIGHTS = (".mlp.experts_gate_up", ".mlp.experts_down")
+
+
+def routed_experts_weight(fetch: streaming.Fetch, name: str, n_experts: int) -> torch.Tensor:
+    """A layer's experts stacked as the MoE operator reads them, from the checkpoint's expert matrices:
+    `experts_gate_up` (E, 2 I, C) with each expert's gate and up rows interleaved (g0, u0, g1, u1, ...),
+    `experts_down` (E, C, I). One layer's experts in memory at a time."""
+    module, _, kind = name.rpartition(".")
+    parts = ["c_proj"] if kind == "experts_down" else ["c_gate", "c_fc"]
+    stacked: torch.Tensor | None = None  # (E, rows, parts, K), filled in place: one matrix read at a time
+    for e in range(n_experts):
+        for p, part in enumerate(parts):
+            matrix = fetch([f"{module}.experts.{e}.{part}.weight"])
+            if stacked is None:
+                stacked = matrix.new_empty(n_experts, matrix.shape[0], len(parts), matrix.shape[1])
+            stacked[e, :, p] = matrix
+    assert stacked is not None
+    return stacked.flatten(1, 2)  # gate_up: row i's gate, then its up
+
+
+def expert_block(arch: DecoderArch, block_size: int) -> int | None:
+    """The QMoE block of an int4 mixture: export.int4.block_size, or the widest power of 2 from 16 up that
+    divides both inner widths (C and I: QMoE's blocks are whole rows); None: no such block (dense then)."""
+    widths = (arch.n_embd, max(arch.mlp_hidden))
+    for size in (block_size, *(s for s in (128, 64, 32, 16) if s < block_size)):
+        if all(width % size == 0 for width in widths):
+            return size
+    return None
+
+
+def expert_rows(arch: DecoderArch) -> dict[str, tuple[int, list[list[str]]]]:
+    """Where each expert matrix of the checkpoint is in the routed weights (for the int4 gate's layout):
+    stacked weight -> (row step, per expert the checkpoint matrices its rows interleave, in order)."""
+    rows: dict[str, tuple[int, list[list[str]]]] = {}
+    for layer in range(arch.n_layer):
+        module = f"model.transformer.h.{layer}.mlp"
+        experts = range(arch.n_experts)
+        rows[f"{module}.experts_gate_up"] = (
+            2,
+            [[f"{module}.experts.{e}.c_gate.weight", f"{module}.experts.{e}.c_fc.weight"] for e in experts],
+        )
+        rows[f"{module}.experts_down"] = (1, [[f"{module}.experts.{e}.c_proj.weight"] for e in experts])
+    return rows
 
 
 def _trace(
-    step: DecoderStep, arch: DecoderArch, opset: int, float_type: torch.dtype
+    step: DecoderStep, arch: DecoderArch, opset: int, float_type: torch.dtype, routed: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     """The decoder graph, weightless. A deep model of identical layers (widths and windows) is traced with two and the second
     is repeated (`repeat_layers`): the exporter's time grows with the layers traced (~1.5 s each here),
@@ -280,9 +350,9 @@ def _trace(
         short = arch.model_copy(update={"n_layer": 2, "mlp_hidden": arch.mlp_hidden[:2], "local_layers": local})
         with torch.device("meta"):
             two = DecoderStep(GPT(short).to(float_type)).eval()
-        graph, weights = _trace_all(two, short, opset, float_type)
+        graph, weights = _trace_all(two, short, opset, float_type, routed)
         return repeat_layers(graph, weights, arch.n_layer)
-    return _trace_all(step, arch, opset, float_type)
+    return _trace_all(step, arch, opset, float_type, routed)
 
 
 def repeat_layers(
@@ -370,7 +440,7 @@ def _repeat_io(values: Any, kind: str, n_layer: int) -> None:
 
 
 def _trace_all(
-    step: DecoderStep, arch: DecoderArch, opset: int, float_type: torch.dtype
+    step: DecoderStep, arch: DecoderArch, opset: int, float_type: torch.dtype, routed: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
     block = arch.block_size
     # Example sizes are arbitrary but distinct and > 1, so none of them is specialised into the graph.
@@ -386,7 +456,7 @@ def _trace_all(
     seq = torch.export.Dim("seq", min=1, max=block)
     past_len = torch.export.Dim("past", min=0, max=block)
     cache_dims = [{0: batch, 2: past_len}] * arch.n_layer
-    with onnx_operators(step, opset >= 23):
+    with onnx_operators(step, opset >= 23), routed_experts(step, routed):
         return trace(
             step,
             (ids, keys, values, left_padding),
@@ -417,6 +487,20 @@ def onnx_operators(step: torch.nn.Module, enabled: bool) -> Iterator[None]:
             layer.onnx_operators = False
 
 
+@contextlib.contextmanager
+def routed_experts(step: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Trace each mixture of experts as ONNX Runtime's routed MoE node (MixtureOfExperts.route_for_onnx),
+    then restore the dense form."""
+    mixtures = [m for m in step.modules() if isinstance(m, MixtureOfExperts)] if enabled else []
+    for mixture in mixtures:
+        mixture.route_for_onnx(True)
+    try:
+        yield
+    finally:
+        for mixture in mixtures:
+            mixture.route_for_onnx(False)
+
+
 def held_out_windows(tokens: np.ndarray, batch: int, span: int) -> np.ndarray:
     """(batch, span) evenly spaced windows of held-out tokens for a parity check; tiny val splits are
     repeated (it is only a numeric check)."""
@@ -443,6 +527,7 @@ class Blocks:
     layout: dict[str, dict[str, Any]]
     initializers: Initializers
     weight_errors: dict[str, float] = field(default_factory=dict)  # per matrix: RMS(rounding) / RMS(weight)
+    _last: tuple[str, np.ndarray] | None = None
 
     def apply(self, module: torch.nn.Module, names: list[str]) -> None:
         """Replace the module's loaded fp32 weight by what the file's blocks hold (when it has blocks): a
@@ -451,9 +536,12 @@ class Blocks:
         where = next((self.layout[name + role] for name in names if name + role in self.layout), None)
         if where is None:
             return
-        rows = slice(where["first_row"], where["first_row"] + where["rows"])
-        blocks = self.initializers.read(where["blocks"])[rows]
-        scales = self.initializers.read(where["scales"])[rows]
+        step = where.get("row_step", 1)  # (a routed mixture's gate and up rows alternate)
+        rows = slice(where["first_row"], where["first_row"] + where["rows"] * step, step)
+        blocks, scales = self._read(where["blocks"]), self._read(where["scales"])
+        if "expert" in where:  # QMoE's blocks: (E, N, K bits/8), one expert's matrices at a time
+            blocks, scales = blocks[where["expert"]], scales[where["expert"]]
+        blocks, scales = blocks[rows], scales[rows]
         weight = module.get_parameter("weight").data
         total, error = float(torch.linalg.vector_norm(weight)) ** 2, 0.0
         for start in range(0, weight.shape[0], 1024):  # in place, a block of rows at a time: a vocabulary-sized
@@ -463,6 +551,12 @@ class Blocks:
             error += float(torch.linalg.vector_norm(exact.sub_(held))) ** 2  # (norms allocate nothing)
             exact.copy_(held)
         self.weight_errors[names[0]] = (error / total) ** 0.5 if total else 0.0
+
+    def _read(self, name: str) -> np.ndarray:
+        """An initializer, the last one read kept (a routed layer's experts all read the same stacked blocks)."""
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.initializers.read(name))
+        return self._last[1]
 
 
 def reference_logits(

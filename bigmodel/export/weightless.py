@@ -283,6 +283,73 @@ class GraphWeights:
             self.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return counts
 
+    def quantize_experts(
+        self,
+        bits: int,
+        block_size: int,
+        accuracy_level: int | None,
+        rows: dict[str, tuple[int, list[list[str]]]],
+    ) -> int:
+        """Each com.microsoft MoE node (a routed mixture, float experts) -> QMoE over `bits`-bit blocks of
+        `block_size` (symmetric, as MatMulNBits'), each expert matrix quantised by the same block quantizer
+        when it is written. `rows` says which checkpoint matrices each stacked weight's rows are (stacked
+        name -> (row step, per expert the matrices interleaved)): the gate reads them back. Returns how many."""
+        nodes, count = [], 0
+        for node in self.graph.node:
+            if node.op_type != "MoE" or node.domain != "com.microsoft":
+                nodes.append(node)
+                continue
+            fc1, fc1_scales = self._quantized_experts(node.input[2], bits, block_size, rows)
+            fc2, fc2_scales = self._quantized_experts(node.input[4], bits, block_size, rows)
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            attrs.update(expert_weight_bits=bits, block_size=block_size)
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            inputs = [node.input[0], node.input[1], fc1, fc1_scales, "", fc2, fc2_scales]
+            nodes.append(
+                helper.make_node(
+                    "QMoE", inputs, list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft", **attrs
+                )
+            )
+            count += 1
+        self._replace_nodes(nodes)
+        self._drop_unused()
+        return count
+
+    def _quantized_experts(
+        self, weight: str, bits: int, block_size: int, rows: dict[str, tuple[int, list[list[str]]]]
+    ) -> tuple[str, str]:
+        """The (E, N, K) stacked experts as QMoE's (E, N, K bits/8) levels and (E, N, K/block) scales."""
+        experts, n, k = self.dims[weight]
+        quantizer = block_quantizer(bits, block_size)
+        blocks, scales = f"{weight}_Q{bits}", f"{weight}_scales"
+
+        def make() -> list[Array]:
+            levels, steps = [], []
+            for matrix in self._array(weight):  # (N, K): the quantizer takes its (K, N) transpose
+                packed, scale, _ = quantizer.qbits_block_quant(made(matrix.t(), torch.float32))
+                levels.append(packed.reshape(n, -1))
+                steps.append(scale.reshape(n, -1))
+            return [np.stack(levels), np.stack(steps)]
+
+        self.groups[blocks] = Group([blocks, scales], make)
+        self.dims[blocks], self.dims[scales] = [experts, n, k * bits // 8], [experts, n, k // block_size]
+        step, sources = rows[weight]
+        for expert, matrices in enumerate(sources):
+            for first, source in enumerate(matrices):
+                self.layout[source] = {
+                    "blocks": blocks,
+                    "scales": scales,
+                    "bits": bits,
+                    "block_size": block_size,
+                    "expert": expert,
+                    "first_row": first,
+                    "row_step": step,
+                    "rows": n // step,
+                    "K": k,
+                }
+        return blocks, scales
+
     def _quantized(
         self, weight: str, bits: int, block_size: int, quantized: dict[tuple[str, int], tuple[str, str]], role: str = ""
     ) -> tuple[str, str]:

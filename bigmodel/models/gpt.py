@@ -350,15 +350,44 @@ class MixtureOfExperts(nn.Module):
     experts_per_token experts' outputs, weighted by their softmax scores (renormalised over the picked ones
     when the architecture says so). Every expert is computed on every token and the unpicked ones weighted
     by exactly 0: the same numbers as running only the picked experts, in one fixed shape that traces and
-    exports as a plain graph (n_experts / experts_per_token times the MLP FLOPs of a routed kernel)."""
+    exports as a plain graph (n_experts / experts_per_token times the MLP FLOPs of a routed kernel), or, set
+    by export (`route_for_onnx`), as ONNX Runtime's routed MoE operator, which runs only the picked experts."""
+
+    experts_gate_up: nn.Parameter  # (registered by route_for_onnx only)
+    experts_down: nn.Parameter
 
     def __init__(self, arch: DecoderArch, hidden: int) -> None:
         super().__init__()
         self.top_k, self.normalize = arch.experts_per_token, arch.normalize_expert_weights
         self.router = nn.Linear(arch.n_embd, arch.n_experts, bias=False)
         self.experts = nn.ModuleList([MLP(arch, hidden) for _ in range(arch.n_experts)])
+        self.routed = False  # (export only: route_for_onnx)
+
+    def route_for_onnx(self, enabled: bool) -> None:
+        """Export only, on the meta device: the forward becomes one com.microsoft MoE node reading the experts
+        as the operator stores them, `experts_gate_up` (E, 2 I, C) with each expert's gate and up rows
+        interleaved (g0, u0, g1, u1, ...: its SwiGLU layout) and `experts_down` (E, C, I); export writes
+        those from the experts' own weights. The operator's routing is this module's: a softmax over all
+        experts and the top k, renormalised (without `normalize`, the output is then scaled back by the picked
+        scores' total)."""
+        if not enabled:
+            for name in ("experts_gate_up", "experts_down"):
+                self._parameters.pop(name, None)
+            self.routed = False
+            return
+        first = self.experts[0]
+        assert isinstance(first, MLP) and first.gated
+        (hidden, width), like = first.c_fc.weight.shape, first.c_fc.weight
+        experts = len(self.experts)
+        gate_up = nn.Parameter(like.new_empty(experts, 2 * hidden, width), requires_grad=False)
+        down = nn.Parameter(like.new_empty(experts, width, hidden), requires_grad=False)
+        self.register_parameter("experts_gate_up", gate_up)  # (named: export reads them by these names)
+        self.register_parameter("experts_down", down)
+        self.routed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routed:  # (read as attributes, so that the exporter sees them as this module's parameters)
+            return self._routed_onnx(x, self.experts_gate_up, self.experts_down)
         scores = F.softmax(self.router(x).float(), dim=-1)  # (B, T, E), in fp32 as transformers does
         picked, chosen = scores.topk(self.top_k, dim=-1)  # (B, T, k)
         if self.normalize:
@@ -368,6 +397,35 @@ class MixtureOfExperts(nn.Module):
         for e, expert in enumerate(self.experts):  # in expert order, as transformers adds them up
             out = out + weights[..., e : e + 1] * expert(x)
         return out
+
+    def _routed_onnx(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        rows = x.reshape(B * T, C)  # (B T, C): the operator takes rows
+        # The router over rows traces as a Gemm, which int4 export leaves float: top-k is a discrete choice
+        # that rounding could flip.
+        logits = self.router(rows)  # (B T, E)
+        y = torch.onnx.ops.symbolic(
+            "com.microsoft::MoE",
+            [rows, logits, gate_up, None, down],  # (no fc1 bias)
+            {
+                "k": self.top_k,
+                # always renormalised: ONNX Runtime's CPU QMoE (1.32) renormalises whatever this says
+                "normalize_routing_weights": 1,
+                # SwiGLU, gate and up rows interleaved: silu(gate) * up, with no scaling (alpha 1) or shift
+                "activation_type": "swiglu",
+                "swiglu_fusion": 1,
+                "activation_alpha": 1.0,
+                "activation_beta": 0.0,
+            },
+            dtype=rows.dtype,
+            shape=rows.shape,
+            version=1,
+        )
+        y = y.to(x.device)  # (the operator's stand-in output is made on the default device, whatever the trace's)
+        if not self.normalize:  # the sum weighted by the picked scores themselves = renormalised one x their total
+            picked = F.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1).values  # (B T, k)
+            y = y * picked.sum(dim=-1, keepdim=True).to(y.dtype)
+        return y.view(B, T, C)
 
 
 class Block(nn.Module):
