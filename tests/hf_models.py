@@ -173,7 +173,7 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
 
 
 def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -> Path:
-    """A llama.cpp-style GGUF file (F32 tensors) of the llama, qwen2, qwen3 or phi3 folder `folder`, written with
+    """A llama.cpp-style GGUF file (F32 tensors) of the llama, qwen2, qwen3, phi3 or qwen3_moe folder `folder`, written with
     the `gguf` package as llama.cpp's converter writes it: its names, a llama's q/k rows permuted for its
     RoPE layout, and the tokenizer as vocabulary + merges + token types. `dtypes`: a tensor's numpy type
     other than float32, or a K-quant type (Q4_K, Q5_K, Q6_K: random blocks in place of its values), by its
@@ -184,12 +184,18 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
     config = json.loads((folder / "config.json").read_text())
     spec = json.loads((folder / "tokenizer.json").read_text())
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    architecture = config["model_type"]  # llama, qwen2, qwen3 or phi3: llama.cpp's architecture names too
+    # llama, qwen2, qwen3 or phi3: llama.cpp's architecture names too; qwen3_moe is its qwen3moe
+    architecture = config["model_type"].replace("qwen3_moe", "qwen3moe")
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    if experts:  # (stacked per layer below, as llama.cpp's converter writes them)
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
@@ -238,9 +244,18 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
         "self_attn.k_norm": "attn_k_norm",
         "self_attn.qkv_proj": "attn_qkv",  # phi3's fused projections, kept fused as llama.cpp does
         "mlp.gate_up_proj": "ffn_up",
+        "mlp.gate": "ffn_gate_inp",  # a mixture's router
     }
-    for name, tensor in load_file(str(folder / "model.safetensors")).items():
-        if name.startswith("model.layers."):
+    stacked = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name in [n for n in tensors if ".mlp.experts.0." in n]:  # experts x rows x columns, one per projection
+        index, projection = name.removeprefix("model.layers.").split(".")[0], name.split(".")[-2]
+        parts = [tensors.pop(name.replace(".experts.0.", f".experts.{e}.")) for e in range(experts)]
+        tensors[f"model.layers.{index}.{stacked[projection]}.weight"] = torch.stack(parts)
+    for name, tensor in tensors.items():
+        if name.endswith("_exps.weight"):
+            gguf_name = name.replace("model.layers.", "blk.")
+        elif name.startswith("model.layers."):
             index, rest = name.removeprefix("model.layers.").split(".", 1)
             module, _, kind = rest.rpartition(".")
             if architecture == "llama" and module == "self_attn.q_proj":  # (qwen's are written unpermuted)
@@ -252,7 +267,8 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
             gguf_name = names[name]
         kind = (dtypes or {}).get(gguf_name, np.float32)
         if isinstance(kind, gguf.GGMLQuantizationType):  # blocks of that type, at random (see k_quant_blocks)
-            writer.add_tensor(gguf_name, k_quant_blocks(kind, tensor.numel(), tensor.shape[0]), raw_dtype=kind)
+            blocks = k_quant_blocks(kind, tensor.numel(), tensor.shape[0]).reshape(*tensor.shape[:-1], -1)
+            writer.add_tensor(gguf_name, blocks, raw_dtype=kind)  # (stacked experts: experts x rows x bytes)
         else:
             writer.add_tensor(gguf_name, tensor.float().numpy().astype(kind))
     writer.write_header_to_file()

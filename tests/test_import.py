@@ -85,6 +85,12 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["qwen2_gguf"] = hf_models.write_gguf(made["qwen2"], root / "qwen2.gguf")
     made["qwen3_gguf"] = hf_models.write_gguf(made["qwen3"], root / "qwen3.gguf")
     made["phi3_gguf"] = hf_models.write_gguf(made["phi3"], root / "phi3.gguf")
+    # transformers' GGUF reader builds Qwen3-MoE experts of its config's default width (768) and renormalises
+    # (llama.cpp's qwen3moe does): a folder of that width is the GGUF's twin
+    made["qwen3_moe_768"] = hf_models.make(
+        "qwen3_moe", root / "qwen3_moe_768", moe_intermediate_size=768, norm_topk_prob=True
+    )
+    made["qwen3_moe_gguf"] = hf_models.write_gguf(made["qwen3_moe_768"], root / "qwen3moe.gguf")
     return made
 
 
@@ -169,14 +175,19 @@ def test_import_trains_exports_and_generates_like_transformers(
 
 
 @pytest.mark.parametrize(
-    "folder,gguf", [("llama", "gguf"), ("qwen2", "qwen2_gguf"), ("qwen3", "qwen3_gguf"), ("phi3", "phi3_gguf")]
+    "folder,gguf",
+    [
+        *(("llama", "gguf"), ("qwen2", "qwen2_gguf"), ("qwen3", "qwen3_gguf"), ("phi3", "phi3_gguf")),
+        ("qwen3_moe_768", "qwen3_moe_gguf"),
+    ],
 )
 def test_gguf_import_equals_the_folders_bit_for_bit(
     folder: str, gguf: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
     """The GGUF file of the llama (q/k permuted, llama.cpp's names), the qwen2 (unpermuted, q/k/v biases),
-    the qwen3 (unpermuted, QK-norm) or the phi3 (fused attn_qkv and ffn_up) imports to exactly the folder's
-    weights, and passes the gate against transformers reading the GGUF."""
+    the qwen3 (unpermuted, QK-norm), the phi3 (fused attn_qkv and ffn_up) or the qwen3_moe (experts stacked
+    per layer) imports to exactly the folder's weights, and passes the gate against transformers reading the
+    GGUF."""
     from bigmodel import pretrained
     from bigmodel.pretrained import build
 
@@ -232,6 +243,29 @@ def test_k_quant_gguf_tensors_import_as_gguf_dequantises_them(tmp_path: Path) ->
     assert result.code == 0, result.stderr
     parity = read_manifest(tmp_path / "run" / "init" / "model.safetensors").import_.parity
     assert parity["passed"] and parity["same_greedy_tokens"]
+
+
+def test_each_expert_of_a_k_quant_stacked_gguf_tensor_is_its_own_blocks(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """A qwen3moe file's stacked experts in Q6_K blocks: each expert imports to exactly its slice of what the
+    gguf package dequantises from the whole tensor (each read from its own byte range)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from bigmodel import pretrained
+    from bigmodel.pretrained import build
+
+    kinds = {f"blk.{i}.ffn_down_exps.weight": gguf.GGMLQuantizationType.Q6_K for i in range(2)}  # 768 = 3 blocks
+    path = hf_models.write_gguf(sources["qwen3_moe_768"], tmp_path / "q6k-experts.gguf", dtypes=kinds)
+    source = pretrained.describe(path)
+    assert source.dtype == "F32/Q6_K" and source.arch.n_experts == 4
+    state = build.build(source, source.arch).state_dict()
+    tensor = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_down_exps.weight")
+    whole = dequantize(tensor.data, tensor.tensor_type).reshape(4, 32, 768)
+    for e in range(4):
+        assert torch.equal(state[f"transformer.h.1.mlp.experts.{e}.c_proj.weight"], torch.from_numpy(whole[e]))
+    assert len({float(whole[e].std()) for e in range(4)}) == 4  # four different experts
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
-"""GGUF files (llama.cpp's format) of llama, qwen2, qwen3 and phi3 models, read with the `gguf` package.
+"""GGUF files (llama.cpp's format) of llama, qwen2, qwen3, phi3 and qwen3moe models, read with the `gguf` package.
 
 Quantised tensors are dequantised to float32 one at a time. llama.cpp's converter permutes the rows of a
 llama's query and key projections (its RoPE pairs neighbouring dimensions, Hugging Face's rotate-half pairs
 i with i + hs/2); the permutation is undone here, per head, with n_kv_head heads for the keys (qwen2 and
 qwen3 files are written unpermuted: llama.cpp runs them in the rotate-half order). A phi3 file keeps
 Phi-3's fused projections: attn_qkv is our c_attn as it is, and ffn_up (gate's rows, then up's) is split
-into gate and up as the Hugging Face import splits gate_up_proj. The
+into gate and up as the Hugging Face import splits gate_up_proj. A qwen3moe file stacks each layer's
+experts in one tensor per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns);
+each expert's rows are read from their own byte range of it (whole quantisation blocks), and its router is
+ffn_gate_inp. The
 tokenizer is rebuilt from the vocabulary and merges the file carries (byte-level BPE, as transformers
 does for `tokenizer.ggml.model == "gpt2"`).
 """
@@ -22,7 +25,9 @@ from bigmodel.errors import UserError
 from bigmodel.pretrained import Source, Target, decoder_targets
 from bigmodel.pretrained.hf import FUSED_PARTS, PART
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "phi3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "phi3", "qwen3moe")
+MIXTURES = ("qwen3moe",)  # mixture-of-experts architectures: experts stacked per layer, renormalised top-k
+EXPERTS = {"ffn_gate_exps": "c_gate", "ffn_up_exps": "c_fc", "ffn_down_exps": "c_proj"}
 FUSED_UP = ("phi3",)  # architectures whose ffn_up holds the gate's rows and then the up projection's
 PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
 LAYER = {
@@ -68,7 +73,7 @@ def describe(path: Path) -> Source:
             f"{path}: the file carries rope_factors_long/short (Phi-3's longrope scaling), which bigmodel does not "
             "reproduce; the model would compute something else"
         )
-    names = _names(tensors, architecture)
+    names = _names(tensors, architecture, arch.n_experts)
     targets = _targets(arch, names, path)
     shapes = {name: _shape(tensors, name) for name in targets}
     kinds = sorted({tensors[_file(name)].tensor_type.name for name in targets})
@@ -96,12 +101,15 @@ def describe(path: Path) -> Source:
     )
 
 
-def _names(tensors: dict[str, Any], architecture: str) -> list[str]:
-    """The file's tensors as the import places them: a fused ffn_up (phi3) as its two halves."""
+def _names(tensors: dict[str, Any], architecture: str, experts: int) -> list[str]:
+    """The file's tensors as the import places them: a fused ffn_up (phi3) as its two halves, a stacked
+    experts tensor (qwen3moe) as its experts ("<name>#<expert>")."""
     names = []
     for name in tensors:
         if architecture in FUSED_UP and name.endswith(".ffn_up.weight"):
             names += [f"{name}{PART}{part}" for part in FUSED_PARTS]
+        elif experts and name.endswith(tuple(f".{stacked}.weight" for stacked in EXPERTS)):
+            names += [f"{name}{PART}{e}" for e in range(experts)]
         else:
             names.append(name)
     return names
@@ -113,9 +121,13 @@ def _file(name: str) -> str:
 
 
 def _shape(tensors: dict[str, Any], name: str) -> tuple[int, ...]:
-    """PyTorch's (out, in) shape of a placed tensor; a half of a fused one has half its rows."""
-    rows, *rest = reversed([int(d) for d in tensors[_file(name)].shape])
-    return (rows // 2 if PART in name else rows, *rest)
+    """PyTorch's (out, in) shape of a placed tensor; a half of a fused one has half its rows, an expert of a
+    stacked one is one of its (out, in) matrices."""
+    dims = tuple(reversed([int(d) for d in tensors[_file(name)].shape]))
+    part = name.partition(PART)[2]
+    if part.isdigit():
+        return dims[1:]
+    return (dims[0] // 2, *dims[1:]) if part else dims
 
 
 def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> DecoderArch:
@@ -127,7 +139,8 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
             raise UserError(f"{path}: GGUF metadata {architecture}.{name} is missing")
         return value
 
-    if meta.get(f"{architecture}.expert_count"):
+    experts = int(meta.get(f"{architecture}.expert_count") or 0)
+    if experts and architecture not in MIXTURES:
         raise UserError(
             f"{path}: a mixture-of-experts model ({architecture}.expert_count = "
             f"{meta[f'{architecture}.expert_count']}) cannot be imported; bigmodel's decoder has one MLP per layer"
@@ -145,7 +158,11 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
     turned = int(meta.get(f"{architecture}.rope.dimension_count") or head_size)  # (partial rotary: fewer)
     if turned % 2 or not 0 < turned <= head_size:
         raise UserError(f"{path}: {architecture}.rope.dimension_count {turned} is not an even count up to {head_size}")
+    width = int(key("expert_feed_forward_length") if experts else key("feed_forward_length"))
     return DecoderArch(
+        n_experts=experts,
+        experts_per_token=int(key("expert_used_count")) if experts else 0,
+        normalize_expert_weights=True,  # (llama.cpp's qwen3moe renormalises the picked scores)
         rotary_dim=turned if turned < head_size else None,
         vocab_size=int(meta.get(f"{architecture}.vocab_size") or len(tokens)),
         n_layer=n_layer,
@@ -154,7 +171,7 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
         n_embd=n_embd,
         head_size=head_size,
         block_size=int(key("context_length")),
-        mlp_hidden=[int(key("feed_forward_length"))] * n_layer,
+        mlp_hidden=[width] * n_layer,
         bias=False,
         qkv_bias="blk.0.attn_q.bias" in names,  # (qwen2)
         qk_norm="blk.0.attn_q_norm.weight" in names,  # (qwen3)
@@ -175,7 +192,14 @@ def _targets(arch: DecoderArch, names: list[str], path: Path) -> dict[str, Targe
         "output.weight": "lm_head.weight",
     }
     qkv = {"attn_q": "q", "attn_k": "k", "attn_v": "v"}
-    targets = decoder_targets(arch, names, top, "blk.", LAYER, qkv)
+    layer = dict(LAYER)
+    if arch.n_experts:  # the router, and each expert of the stacked tensors
+        layer["ffn_gate_inp.weight"] = "mlp.router.weight"
+        for stacked, ours in EXPERTS.items():
+            layer.update(
+                {f"{stacked}.weight{PART}{e}": f"mlp.experts.{e}.{ours}.weight" for e in range(arch.n_experts)}
+            )
+    targets = decoder_targets(arch, names, top, "blk.", layer, qkv)
     extra = sorted(set(names) - set(targets))
     if extra:
         raise UserError(
@@ -213,21 +237,27 @@ def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str
     import torch
     from gguf.quants import dequantize
 
-    raw = np.empty(int(tensor.n_bytes), dtype=np.uint8)
+    part = name.partition(PART)[2]
+    size, offset = int(tensor.n_bytes), int(tensor.data_offset)
+    stored = tuple(tensor.data.shape)  # the reader's view of the bytes (numpy order)
+    dims = tuple(reversed([int(d) for d in tensor.shape]))  # GGUF lists dimensions fastest-first
+    if part.isdigit():  # one expert of a stacked tensor: its own byte range (rows are whole blocks)
+        size //= dims[0]
+        offset += int(part) * size
+        stored, dims = stored[1:], dims[1:]
+    raw = np.empty(size, dtype=np.uint8)
     with open(path, "rb", buffering=0) as handle:
-        handle.seek(int(tensor.data_offset))
+        handle.seek(offset)
         if handle.readinto(raw.data) != raw.size:
             raise UserError(f"{path} is truncated (tensor {tensor.name}); re-download it")
-    data = raw.view(tensor.data.dtype).reshape(tensor.data.shape)  # the reader's own view of these bytes
-    # The reader gives numpy order (GGUF lists dimensions fastest-first); dequantised, that is
-    # PyTorch's (out, in).
-    weight = dequantize(data, tensor.tensor_type).reshape(tuple(reversed([int(d) for d in tensor.shape])))
+    data = raw.view(tensor.data.dtype).reshape(stored)
+    weight = dequantize(data, tensor.tensor_type).reshape(dims)  # PyTorch's (out, in)
     if permuted and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
         weight = unpermute(weight, arch.n_head)
     elif permuted and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
         weight = unpermute(weight, arch.n_kv_head)
-    if PART in name:  # gate's rows first, then up's
-        weight = np.split(weight, 2)[FUSED_PARTS.index(name.partition(PART)[2])]
+    if part in FUSED_PARTS:  # gate's rows first, then up's
+        weight = np.split(weight, 2)[FUSED_PARTS.index(part)]
     return torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
