@@ -246,6 +246,40 @@ def test_newer_template_constructs_render_as_transformers_renders_them(
     assert theirs.startswith("<|endoftext|><start_of_turn>user\n" if template == GEMMA_STYLE else "<|im_start|>")
 
 
+VENDOR_TEMPLATES = sorted((Path(__file__).parent / "data" / "chat_templates").glob("*.jinja"))
+
+
+@pytest.mark.parametrize("path", VENDOR_TEMPLATES, ids=[path.stem for path in VENDOR_TEMPLATES])
+@pytest.mark.parametrize("with_system", [False, True], ids=["user-first", "system-first"])
+@pytest.mark.parametrize("add_generation_prompt", [True, False], ids=["open", "closed"])
+def test_vendors_chat_templates_render_as_transformers_renders_them(
+    sources: dict[str, Path], path: Path, with_system: bool, add_generation_prompt: bool
+) -> None:
+    """Gemma 2's, Llama 3.2's, Phi-3.5's and Qwen3's own templates (tests/data/chat_templates) give the text
+    apply_chat_template gives, or refuse what it refuses (Gemma: a system turn) with its reason, one line."""
+    from bigmodel import chat
+    from bigmodel.errors import UserError
+
+    assert len(VENDOR_TEMPLATES) == 4
+    template = path.read_text(encoding="utf-8")
+    messages = [m for m in CHAT["messages"] if with_system or m["role"] != "system"]
+    reference = transformers.AutoTokenizer.from_pretrained(str(sources["llama"]))
+    reference.bos_token = "<|endoftext|>"
+    tokens = {"bos": "<|endoftext|>", "eos": "<|im_end|>"}
+    try:
+        theirs = reference.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # (jinja2's TemplateError from the template's raise_exception)
+        with pytest.raises(UserError) as refused:
+            chat.render(template, messages, tokens, add_generation_prompt)
+        assert str(exc) in str(refused.value) and "\n" not in str(refused.value)
+        assert path.stem.startswith("google-gemma") and with_system
+        return
+    assert chat.render(template, messages, tokens, add_generation_prompt) == theirs
+    assert messages[-1]["content"].strip() in theirs
+
+
 def test_a_template_that_refuses_the_messages_is_one_line_with_its_reason() -> None:
     from bigmodel import chat
     from bigmodel.errors import UserError
