@@ -242,6 +242,18 @@ def test_a_mixture_of_experts_sends_each_token_through_its_top_experts(normalize
                 weights = top.values / top.values.sum() if normalize else top.values
                 expected = sum(w * moe.experts[int(e)](x[b, t]) for w, e in zip(weights, top.indices))
                 assert torch.allclose(out[b, t], expected, atol=1e-6)
+    # Only the picked experts run (gathered rows); one that no token picks still takes part in the step, with
+    # zero gradients rather than none (DDP expects every parameter to get one).
+    x = torch.randn(2, 5, 32).abs()
+    with torch.no_grad():
+        moe.router.weight[3] = -10.0  # (all-positive inputs: expert 3's score is never in the top 2)
+    seen = [0] * 4  # rows each expert computes
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda module, args, out, e=e: seen.__setitem__(e, seen[e] + out.shape[0]))
+    moe(x).sum().backward()
+    assert seen[3] == 0 and sum(seen) == 2 * 5 * 2  # each of the 10 tokens through its 2 experts, no more
+    assert all(p.grad is not None and not p.grad.any() for p in moe.experts[3].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.experts[0].parameters())
     assert accounting.block_parameters(arch) == sum(p.numel() for p in model.blocks[0].parameters())
     total = sum(p.numel() for p in model.parameters())
     assert accounting.active_parameters(arch, total) == total - 2 * 2 * 3 * 32 * 128  # 2 idle experts, 2 layers

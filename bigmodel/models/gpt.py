@@ -346,12 +346,14 @@ class MLP(nn.Module):
 
 
 class MixtureOfExperts(nn.Module):
-    """n_experts gated MLPs and a router (Mixtral, Qwen3-MoE): each token's output is the sum of its top
+    """n_experts gated MLPs and a router (Mixtral, Qwen3-MoE, OLMoE): each token's output is the sum of its top
     experts_per_token experts' outputs, weighted by their softmax scores (renormalised over the picked ones
-    when the architecture says so). Every expert is computed on every token and the unpicked ones weighted
-    by exactly 0: the same numbers as running only the picked experts, in one fixed shape that traces and
-    exports as a plain graph (n_experts / experts_per_token times the MLP FLOPs of a routed kernel), or, set
-    by export (`route_for_onnx`), as ONNX Runtime's routed MoE operator, which runs only the picked experts."""
+    when the architecture says so). Three spellings of the same function:
+    - eager (training, eval, the gates): each expert runs on the tokens that picked it, gathered, and adds
+      into their rows in expert order (as transformers does): experts_per_token / n_experts of the FLOPs;
+    - traced (torch.compile, export's dense form): every expert on every token, the unpicked weighted by
+      exactly 0 -- one fixed shape, a plain graph;
+    - set by export (`route_for_onnx`): ONNX Runtime's routed MoE operator."""
 
     experts_gate_up: nn.Parameter  # (registered by route_for_onnx only)
     experts_down: nn.Parameter
@@ -361,7 +363,7 @@ class MixtureOfExperts(nn.Module):
         self.top_k, self.normalize = arch.experts_per_token, arch.normalize_expert_weights
         self.router = nn.Linear(arch.n_embd, arch.n_experts, bias=False)
         self.experts = nn.ModuleList([MLP(arch, hidden) for _ in range(arch.n_experts)])
-        self.routed = False  # (export only: route_for_onnx)
+        self.onnx_routed = False  # (export only: route_for_onnx)
 
     def route_for_onnx(self, enabled: bool) -> None:
         """Export only, on the meta device: the forward becomes one com.microsoft MoE node reading the experts
@@ -373,7 +375,7 @@ class MixtureOfExperts(nn.Module):
         if not enabled:
             for name in ("experts_gate_up", "experts_down"):
                 self._parameters.pop(name, None)
-            self.routed = False
+            self.onnx_routed = False
             return
         first = self.experts[0]
         assert isinstance(first, MLP) and first.gated
@@ -383,20 +385,35 @@ class MixtureOfExperts(nn.Module):
         down = nn.Parameter(like.new_empty(experts, width, hidden), requires_grad=False)
         self.register_parameter("experts_gate_up", gate_up)  # (named: export reads them by these names)
         self.register_parameter("experts_down", down)
-        self.routed = True
+        self.onnx_routed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routed:  # (read as attributes, so that the exporter sees them as this module's parameters)
+        if self.onnx_routed:  # (read as attributes, so that the exporter sees them as this module's parameters)
             return self._routed_onnx(x, self.experts_gate_up, self.experts_down)
         scores = F.softmax(self.router(x).float(), dim=-1)  # (B, T, E), in fp32 as transformers does
         picked, chosen = scores.topk(self.top_k, dim=-1)  # (B, T, k)
         if self.normalize:
             picked = picked / picked.sum(dim=-1, keepdim=True)
-        weights = torch.zeros_like(scores).scatter(-1, chosen, picked).to(x.dtype)  # (B, T, E); 0 unpicked
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):  # in expert order, as transformers adds them up
-            out = out + weights[..., e : e + 1] * expert(x)
-        return out
+        if x.is_meta or torch.compiler.is_compiling():  # a trace: one shape whatever the routing
+            weights = torch.zeros_like(scores).scatter(-1, chosen, picked).to(x.dtype)  # (B, T, E); 0 unpicked
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):  # in expert order, as transformers adds them up
+                out = out + weights[..., e : e + 1] * expert(x)
+            return out
+        return self._gathered(x, picked, chosen)
+
+    def _gathered(self, x: torch.Tensor, picked: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Each expert on the rows of the tokens that picked it, weighted and added back in expert order. An
+        expert no token picked still runs (on no rows), so every parameter takes part in the step (DDP
+        expects them all)."""
+        B, T, C = x.shape
+        rows = x.reshape(B * T, C)
+        picked, chosen = picked.reshape(B * T, -1), chosen.reshape(B * T, -1)  # (B T, k)
+        out = torch.zeros_like(rows)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # the rows that picked e, and in which place
+            out = out.index_add(0, token, expert(rows[token]) * picked[token, slot, None].to(x.dtype))
+        return out.view(B, T, C)
 
     def _routed_onnx(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
