@@ -221,42 +221,45 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
     return found
 
 
-def run_shape(args: argparse.Namespace) -> dict[str, Any]:
-    from bigmodel.memory import onnx_file_bytes
-
-    work = args.work / args.shape
+def random_model_run(
+    work: Path, shape: str, threads: int, block_size: int, dtype: str, layers: int | None = None
+) -> tuple[Path, Path, Path]:
+    """A random-weight folder of a published shape at work/model (made once, by make_random_model.py) and a
+    config at work/<shape>.yaml that imports it (run in work/run) and exports its init checkpoint in `dtype`:
+    (folder, run dir, config)."""
     folder, run = work / "model", work / "run"
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"shape": args.shape, "threads": args.threads, "cpu": cpu_name()}
     if not (folder / "config.json").is_file():
-        made = timed_child(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "make_random_model.py"),
-                "--shape",
-                args.shape,
-                "--out",
-                str(folder),
-            ]
-        )
+        script = str(ROOT / "scripts" / "make_random_model.py")
+        cut = ["--layers", str(layers)] if layers else []
+        made = timed_child([sys.executable, script, "--shape", shape, "--out", str(folder), *cut])
         if made["exit_code"]:
             raise SystemExit(f"make_random_model failed: {made.get('stderr_tail')}")
-    sizes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    report["source_bf16_bytes"] = sizes
-    config = work / "big.yaml"
+    config = work / f"{shape}.yaml"
     config.write_text(
         json.dumps(
             {
                 "seed": 0,
-                "threads": args.threads,
+                "threads": threads,
                 "run_dir": str(run),
                 "data": {"format": "text", "path": "{stdlib}/textwrap.py"},
                 "init": {"from": str(folder)},
-                "model": {"block_size": 2048},
-                "export": {"checkpoint": "init", "dtype": "int4"},
+                "model": {"block_size": block_size},
+                "export": {"checkpoint": "init", "dtype": dtype},
             }
         )
     )
+    return folder, run, config
+
+
+def run_shape(args: argparse.Namespace) -> dict[str, Any]:
+    from bigmodel.memory import onnx_file_bytes
+
+    work = args.work / args.shape
+    report: dict[str, Any] = {"shape": args.shape, "threads": args.threads, "cpu": cpu_name()}
+    folder, run, config = random_model_run(work, args.shape, args.threads, 2048, "int4")
+    sizes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    report["source_bf16_bytes"] = sizes
     bf16 = sizes
     targets = {"init": 0.5 * bf16 + GiB, "export": 0.5 * bf16 + GiB}
     stages: dict[str, Any] = {}

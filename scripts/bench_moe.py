@@ -156,37 +156,16 @@ def whole_model(args: argparse.Namespace) -> dict[str, Any]:
     from bigmodel.infer.session import open_model
     from bigmodel.manifests import DecoderMetadata
     from bigmodel.memory import onnx_file_bytes
-    from scripts.bench_big import bigmodel, cpu_name, timed_child
+    from scripts.bench_big import bigmodel, cpu_name, random_model_run
 
-    work: Path = args.work
-    folder, run = work / "model", work / "run"
-    if not (folder / "config.json").is_file():
-        layers = ["--layers", str(args.layers)] if args.layers else []
-        script = str(Path(__file__).parent / "make_random_model.py")
-        made = timed_child([sys.executable, script, "--shape", args.model, "--out", str(folder), *layers])
-        if made["exit_code"]:
-            raise SystemExit(f"make_random_model failed: {made.get('stderr_tail')}")
-    config = work / "moe.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "seed": 0,
-                "threads": args.threads,
-                "run_dir": str(run),
-                "data": {"format": "text", "path": "{stdlib}/textwrap.py"},
-                "init": {"from": str(folder)},
-                "model": {"block_size": 512},
-                "export": {"checkpoint": "init", "dtype": args.dtype},
-            }
-        )
-    )
+    _, run, config = random_model_run(args.work, args.model, args.threads, 512, args.dtype, args.layers)
     report: dict[str, Any] = {"cpu": cpu_name(), "model": args.model, "layers": args.layers, "dtype": args.dtype}
     report["prepare"] = bigmodel("prepare", config=config)
     report["init"] = bigmodel("init", config=config)
     paths = {}
     for form in ("routed", "dense"):
         exported = bigmodel("export", "--set", f"export.experts={form}", config=config)
-        target = work / f"export-{form}"
+        target = args.work / f"export-{form}"
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(run / "export"), target)

@@ -527,7 +527,7 @@ class Blocks:
     layout: dict[str, dict[str, Any]]
     initializers: Initializers
     weight_errors: dict[str, float] = field(default_factory=dict)  # per matrix: RMS(rounding) / RMS(weight)
-    _last: tuple[str, np.ndarray] | None = None
+    _recent: dict[str, np.ndarray] = field(default_factory=dict)
 
     def apply(self, module: torch.nn.Module, names: list[str]) -> None:
         """Replace the module's loaded fp32 weight by what the file's blocks hold (when it has blocks): a
@@ -553,10 +553,11 @@ class Blocks:
         self.weight_errors[names[0]] = (error / total) ** 0.5 if total else 0.0
 
     def _read(self, name: str) -> np.ndarray:
-        """An initializer, the last one read kept (a routed layer's experts all read the same stacked blocks)."""
-        if self._last is None or self._last[0] != name:
-            self._last = (name, self.initializers.read(name))
-        return self._last[1]
+        """An initializer, the last two read kept: a routed layer's experts read their gate and up rows from one
+        stacked tensor and their down rows from another, expert after expert."""
+        if name not in self._recent:
+            self._recent = {**dict(list(self._recent.items())[-1:]), name: self.initializers.read(name)}
+        return self._recent[name]
 
 
 def reference_logits(

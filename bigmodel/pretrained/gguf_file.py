@@ -142,8 +142,9 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
     experts = int(meta.get(f"{architecture}.expert_count") or 0)
     if experts and architecture not in MIXTURES:
         raise UserError(
-            f"{path}: a mixture-of-experts model ({architecture}.expert_count = "
-            f"{meta[f'{architecture}.expert_count']}) cannot be imported; bigmodel's decoder has one MLP per layer"
+            f"{path}: a mixture-of-experts {architecture} file ({architecture}.expert_count = {experts}) is not "
+            f"read by bigmodel (GGUF mixtures: {', '.join(MIXTURES)}); import the model's Hugging Face folder "
+            "(mixtral, qwen3_moe and olmoe folders are)"
         )
     scaling = None
     kind = meta.get(f"{architecture}.rope.scaling.type", "none")
