@@ -173,9 +173,10 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
 
 
 def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -> Path:
-    """A llama.cpp-style GGUF file (F32 tensors) of the llama, qwen2, qwen3, phi3 or qwen3_moe folder `folder`, written with
-    the `gguf` package as llama.cpp's converter writes it: its names, a llama's q/k rows permuted for its
-    RoPE layout, and the tokenizer as vocabulary + merges + token types. `dtypes`: a tensor's numpy type
+    """A llama.cpp-style GGUF file (F32 tensors) of a llama, qwen2, qwen3, phi3, qwen3_moe, gemma2 or gemma3_text
+    folder `folder`, written with the `gguf` package as llama.cpp's converter writes it: its names, a llama's
+    q/k rows permuted for its RoPE layout, Gemma's norms as 1 + w, a mixture's experts stacked, and the
+    tokenizer as vocabulary + merges + token types. `dtypes`: a tensor's numpy type
     other than float32, or a K-quant type (Q4_K, Q5_K, Q6_K: random blocks in place of its values), by its
     GGUF name."""
     import gguf
@@ -185,7 +186,8 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
     spec = json.loads((folder / "tokenizer.json").read_text())
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     # llama, qwen2, qwen3 or phi3: llama.cpp's architecture names too; qwen3_moe is its qwen3moe
-    architecture = config["model_type"].replace("qwen3_moe", "qwen3moe")
+    architecture = {"qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}.get(config["model_type"], config["model_type"])
+    gemma = architecture.startswith("gemma")
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -198,7 +200,14 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    rope = config["rope_parameters"]
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])  # (gemma3's: the global layers')
+    if gemma:  # what llama.cpp's Gemma converters write beside the common keys
+        writer.add_sliding_window(config["sliding_window"])
+        if config.get("attn_logit_softcapping"):
+            writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        if config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
@@ -252,7 +261,16 @@ def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -
         index, projection = name.removeprefix("model.layers.").split(".")[0], name.split(".")[-2]
         parts = [tensors.pop(name.replace(".experts.0.", f".experts.{e}.")) for e in range(experts)]
         tensors[f"model.layers.{index}.{stacked[projection]}.weight"] = torch.stack(parts)
+    if gemma:  # Gemma's sandwich norms; its pre-MLP norm is llama.cpp's ffn_norm
+        layer.update(
+            post_attention_layernorm="post_attention_norm",
+            pre_feedforward_layernorm="ffn_norm",
+            post_feedforward_layernorm="post_ffw_norm",
+        )
+        tensors.pop("lm_head.weight", None)  # (tied: llama.cpp's converter leaves it out)
     for name, tensor in tensors.items():
+        if gemma and name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w) norm weights with the 1
+            tensor = tensor + 1
         if name.endswith("_exps.weight"):
             gguf_name = name.replace("model.layers.", "blk.")
         elif name.startswith("model.layers."):

@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's format) of llama, qwen2, qwen3, phi3 and qwen3moe models, read with the `gguf` package.
+"""GGUF files (llama.cpp's format) of llama, qwen2, qwen3, phi3, qwen3moe, gemma2 and gemma3 models, read with
+the `gguf` package.
 
 Quantised tensors are dequantised to float32 one at a time. llama.cpp's converter permutes the rows of a
 llama's query and key projections (its RoPE pairs neighbouring dimensions, Hugging Face's rotate-half pairs
@@ -8,7 +9,8 @@ Phi-3's fused projections: attn_qkv is our c_attn as it is, and ffn_up (gate's r
 into gate and up as the Hugging Face import splits gate_up_proj. A qwen3moe file stacks each layer's
 experts in one tensor per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps: experts x rows x columns);
 each expert's rows are read from their own byte range of it (whole quantisation blocks), and its router is
-ffn_gate_inp. The
+ffn_gate_inp. Gemma files store each norm's weight as 1 + w (subtracted here, as transformers does) and carry
+the soft caps and window; what they leave out is read as llama.cpp reads it (_gemma_options). The
 tokenizer is rebuilt from the vocabulary and merges the file carries (byte-level BPE, as transformers
 does for `tokenizer.ggml.model == "gpt2"`).
 """
@@ -25,7 +27,8 @@ from bigmodel.errors import UserError
 from bigmodel.pretrained import Source, Target, decoder_targets
 from bigmodel.pretrained.hf import FUSED_PARTS, PART
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "phi3", "qwen3moe")
+SUPPORTED = ("llama", "qwen2", "qwen3", "phi3", "qwen3moe", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")  # norms stored as 1 + w (llama.cpp's converter adds the 1), no q/k permutation
 MIXTURES = ("qwen3moe",)  # mixture-of-experts architectures: experts stacked per layer, renormalised top-k
 EXPERTS = {"ffn_gate_exps": "c_gate", "ffn_up_exps": "c_fc", "ffn_down_exps": "c_proj"}
 FUSED_UP = ("phi3",)  # architectures whose ffn_up holds the gate's rows and then the up projection's
@@ -40,6 +43,8 @@ LAYER = {
     "attn_q_norm.weight": "attn.q_norm.weight",  # QK-norm (qwen3)
     "attn_k_norm.weight": "attn.k_norm.weight",
     "attn_qkv.weight": "attn.c_attn.weight",  # (phi3: q, k and v rows, in our order)
+    "post_attention_norm.weight": "attn_out_norm.weight",  # (gemma's sandwich norms; its ffn_norm is ln_2)
+    "post_ffw_norm.weight": "mlp_out_norm.weight",
     f"ffn_up.weight{PART}gate": "mlp.c_gate.weight",  # (phi3's fused ffn_up, split)
     f"ffn_up.weight{PART}up": "mlp.c_fc.weight",
 }
@@ -96,7 +101,9 @@ def describe(path: Path) -> Source:
         dtype="/".join(kinds),
         shapes=shapes,
         targets=targets,
-        fetch=lambda name: _fetch(path, arch, tensors[_file(name)], architecture in PERMUTED, name),
+        fetch=lambda name: _fetch(
+            path, arch, tensors[_file(name)], architecture in PERMUTED, name, architecture in GEMMA
+        ),
         notes=[],
     )
 
@@ -160,7 +167,9 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
     if turned % 2 or not 0 < turned <= head_size:
         raise UserError(f"{path}: {architecture}.rope.dimension_count {turned} is not an even count up to {head_size}")
     width = int(key("expert_feed_forward_length") if experts else key("feed_forward_length"))
+    gemma = _gemma_options(meta, architecture, n_layer, n_embd // n_head, head_size) if architecture in GEMMA else {}
     return DecoderArch(
+        **gemma,
         n_experts=experts,
         experts_per_token=int(key("expert_used_count")) if experts else 0,
         normalize_expert_weights=True,  # (llama.cpp's qwen3moe renormalises the picked scores)
@@ -179,11 +188,48 @@ def _arch(meta: dict[str, Any], reader: Any, path: Path, architecture: str) -> D
         position="rope",
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
-        norm="rmsnorm",
         norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        mlp="swiglu",
         tie_embeddings="output.weight" not in names,
+        **({} if gemma else {"norm": "rmsnorm", "mlp": "swiglu"}),
     )
+
+
+# Where llama.cpp's Gemma runs attention at 1/sqrt(n_embd / n_head) instead of 1/sqrt(head_dim): the 27B
+# models, which it recognises by their layer count (gemma_pytorch's query_pre_attn_scalar for them).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# Every how many layers one is global (the rest slide), as llama.cpp reads a Gemma file without the key.
+GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+
+
+def _gemma_options(
+    meta: dict[str, Any], architecture: str, n_layer: int, head_width: int, head_size: int
+) -> dict[str, Any]:
+    """The Gemma options of a gemma2/gemma3 file, as llama.cpp reads it: (1 + w) norms, sandwich norms, GeGLU,
+    embeddings x sqrt(n_embd); the sliding window on all but every pattern-th layer (Gemma 2's default window
+    4096; Gemma 3 slides only when the file says), Gemma 3's local rotary base (10000 unless stated); the
+    soft caps the file states; attention at 1/sqrt(head_dim) (the 27B models: 1/sqrt(n_embd / n_head))."""
+    window = int(meta.get(f"{architecture}.attention.sliding_window") or (4096 if architecture == "gemma2" else 0))
+    pattern = meta.get(f"{architecture}.attention.sliding_window_pattern", GEMMA_PATTERN[architecture])
+    if isinstance(pattern, list):  # (per layer, as newer files write it)
+        local = tuple(bool(flag) for flag in pattern)
+    else:
+        local = tuple(layer % int(pattern) < int(pattern) - 1 for layer in range(n_layer))
+    sliding = window > 0 and any(local)
+    scalar = head_width if n_layer == GEMMA_27B_LAYERS[architecture] else head_size
+    return {
+        "norm": "rmsnorm_unit_offset",
+        "mlp": "geglu_tanh",
+        "embedding_scale": True,
+        "sandwich_norms": True,
+        "sliding_window": window if sliding else None,
+        "local_layers": (None if all(local) else local) if sliding else None,
+        "local_rope_theta": (
+            float(meta.get("gemma3.rope.freq_base_swa", 10000.0)) if sliding and architecture == "gemma3" else None
+        ),
+        "attention_scale": float(scalar) ** -0.5,
+        "attention_softcap": meta.get(f"{architecture}.attn_logit_softcapping") or None,
+        "logit_softcap": meta.get(f"{architecture}.final_logit_softcapping") or None,
+    }
 
 
 def _targets(arch: DecoderArch, names: list[str], path: Path) -> dict[str, Target]:
@@ -231,7 +277,7 @@ def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str) -> Any:
+def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str, unit_offset: bool = False) -> Any:
     """One tensor, dequantised to float32 in PyTorch's (out, in) layout (`name`: the placed name, a half of a
     fused tensor reads its rows). Its bytes are read from the file into a buffer of their own, not through
     the reader's memory map: mapped pages would stay resident."""
@@ -259,6 +305,8 @@ def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str
         weight = unpermute(weight, arch.n_kv_head)
     if part in FUSED_PARTS:  # gate's rows first, then up's
         weight = np.split(weight, 2)[FUSED_PARTS.index(part)]
+    if unit_offset and tensor.name.endswith("norm.weight"):  # stored as 1 + w: bigmodel keeps w (as transformers)
+        weight = weight - 1
     return torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
