@@ -716,8 +716,9 @@ class ExportConfig(Section):
     experts: Literal["routed", "dense"] = Field(
         "routed",
         description="gpt, a mixture of experts: routed writes each layer's experts as one ONNX Runtime MoE "
-        "node (QMoE in int4, the router kept float) that computes only the picked experts (~3x faster than dense "
-        "at 2 of 8 experts: scripts/bench_moe.py); dense computes every expert on every token and weights the "
+        "node (QMoE in int4, the router kept float) that computes only the picked experts (4x faster decoding "
+        "than dense on an OLMoE-shaped model, 8 of 64: docs/benchmarks.md); dense computes every expert on every "
+        "token and weights the "
         "unpicked ones by 0 in standard ONNX operators, for runtimes without com.microsoft's MoE. The same "
         "numbers either way (each through the gate).",
     )
