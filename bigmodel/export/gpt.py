@@ -553,10 +553,10 @@ class Blocks:
         self.weight_errors[names[0]] = (error / total) ** 0.5 if total else 0.0
 
     def _read(self, name: str) -> np.ndarray:
-        """An initializer, the last two read kept: a routed layer's experts read their gate and up rows from one
-        stacked tensor and their down rows from another, expert after expert."""
+        """An initializer, the last four read kept: a routed layer's experts read their gate and up rows from
+        one stacked tensor's blocks and scales and their down rows from another's, expert after expert."""
         if name not in self._recent:
-            self._recent = {**dict(list(self._recent.items())[-1:]), name: self.initializers.read(name)}
+            self._recent = {**dict(list(self._recent.items())[-3:]), name: self.initializers.read(name)}
         return self._recent[name]
 
 
