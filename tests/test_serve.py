@@ -154,6 +154,32 @@ def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:
         assert status == 200 and time.perf_counter() - started < 20
 
 
+def test_tokenize_and_detokenize_answer_in_vllms_shapes(lm_run: Path) -> None:  # noqa: F811
+    """/tokenize gives the ids a completion of the prompt starts from (its usage counts them), /detokenize
+    turns them back into the text; ids outside the vocabulary and malformed bodies are 400s naming the field."""
+    with server("--model", onnx_of(lm_run)) as base:
+        status, tokenized = http(base, "/tokenize", {"prompt": "def hello"})
+        assert status == 200 and tokenized["count"] == len(tokenized["tokens"]) > 0
+        status, completed = http(base, "/v1/completions", {"prompt": "def hello", "max_tokens": 1})
+        assert status == 200 and completed["usage"]["prompt_tokens"] == tokenized["count"]
+        assert tokenized["max_model_len"] >= tokenized["count"]
+        assert http(base, "/detokenize", {"tokens": tokenized["tokens"]}) == (200, {"prompt": "def hello"})
+        cases = [
+            ("/detokenize", {"tokens": [tokenized["tokens"][0], 10**6]}, "tokens", "tokens.1: 1000000"),
+            ("/detokenize", {"tokens": ["a"]}, "tokens", "tokens"),
+            ("/tokenize", {}, "prompt", "a prompt or messages"),
+            ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt", "one of"),
+            ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens", "unknown field"),
+            ("/tokenize", {"messages": [{"role": "user", "content": "x"}]}, "messages", "no chat template"),
+        ]
+        for path, body, param, fragment in cases:
+            status, answer = http(base, path, body)
+            assert status == 400 and answer["error"]["param"] == param and fragment in answer["error"]["message"], (
+                body,
+                answer,
+            )
+
+
 def test_max_batch_and_max_queue_bound_the_work_and_a_full_queue_answers_503(lm_run: Path) -> None:  # noqa: F811
     with server(
         "--model", onnx_of(lm_run), "--max-batch", "1", "--max-queue", "1", "--set", "serve.context_shift=true"

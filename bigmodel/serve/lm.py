@@ -1,4 +1,5 @@
-"""Language models over HTTP, the OpenAI way: /v1/completions, /v1/chat/completions, /v1/models.
+"""Language models over HTTP, the OpenAI way: /v1/completions, /v1/chat/completions, /v1/models; and vLLM's
+/tokenize and /detokenize (the ids a completion of the prompt starts from; ids back to text).
 
 Generation is infer's own (`infer.gpt.Generation`: the same sampling, stop strings, end-of-sequence and
 chat template); requests that arrive together are decoded together in one batch by the scheduler's
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from bigmodel.config import InferConfig, ServeConfig
-from bigmodel.infer.gpt import Decoder, Generation
+from bigmodel.infer.gpt import Decoder, Generation, encode_prompt
 from bigmodel.manifests import DecoderMetadata
 from bigmodel.serve import app
 from bigmodel.serve.app import Metrics, Queue, RequestError, json_body
@@ -67,6 +68,23 @@ class Message(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a prompt, or a conversation rendered with the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
 
 
 class Engine(app.Engine):
@@ -129,7 +147,36 @@ class Engine(app.Engine):
                 request, messages, body, body.max_completion_tokens or body.max_tokens, True, queue, metrics
             )
 
-        return [("/v1/completions", ["POST"], completions), ("/v1/chat/completions", ["POST"], chat)]
+        async def tokenize(request: Request) -> Response:
+            body = _parse(TokenizeRequest, await json_body(request))
+            if (body.prompt is None) == (body.messages is None):
+                raise RequestError("give a prompt or messages (one of them)", "prompt")
+            if body.messages is not None and not self.decoder.chat_template:
+                raise RequestError("this model has no chat template (imported models bring theirs)", "messages")
+            prompt: Any = (
+                body.prompt if body.messages is None else [m.model_dump(exclude_none=True) for m in body.messages]
+            )
+            settings = InferConfig(chat=body.messages is not None)  # the ids a completion of it would start from
+            ids = await asyncio.to_thread(encode_prompt, self.decoder, prompt, settings)
+            return JSONResponse({"count": len(ids), "max_model_len": self.decoder.block_size, "tokens": ids})
+
+        async def detokenize(request: Request) -> Response:
+            body = _parse(DetokenizeRequest, await json_body(request))
+            vocabulary = self.decoder.tokenizer.vocab_size
+            outside = next((i for i, token in enumerate(body.tokens) if not 0 <= token < vocabulary), None)
+            if outside is not None:
+                raise RequestError(
+                    f"tokens.{outside}: {body.tokens[outside]} is not a token id of this model (0..{vocabulary - 1})",
+                    "tokens",
+                )
+            return JSONResponse({"prompt": self.decoder.tokenizer.decode(body.tokens)})
+
+        return [
+            ("/v1/completions", ["POST"], completions),
+            ("/v1/chat/completions", ["POST"], chat),
+            ("/tokenize", ["POST"], tokenize),
+            ("/detokenize", ["POST"], detokenize),
+        ]
 
     async def _answer(
         self,
@@ -346,4 +393,10 @@ def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
         raise RequestError(f"{field}: {problem}" if field else problem, path[0] if path else None) from None
 
 
-_FIELDS = {*ChatRequest.model_fields, *CompletionRequest.model_fields, *Message.model_fields}
+_FIELDS = {
+    *ChatRequest.model_fields,
+    *CompletionRequest.model_fields,
+    *Message.model_fields,
+    *TokenizeRequest.model_fields,
+    *DetokenizeRequest.model_fields,
+}
