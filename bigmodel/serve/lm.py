@@ -153,8 +153,10 @@ class Engine(app.Engine):
                 raise RequestError("give a prompt or messages (one of them)", "prompt")
             if body.messages is not None and not self.decoder.chat_template:
                 raise RequestError("this model has no chat template (imported models bring theirs)", "messages")
-            prompt: Any = (
-                body.prompt if body.messages is None else [m.model_dump(exclude_none=True) for m in body.messages]
+            prompt: Any = (  # (messages as the chat route passes them to the template)
+                body.prompt
+                if body.messages is None
+                else [{"role": m.role, "content": m.content} for m in body.messages]
             )
             settings = InferConfig(chat=body.messages is not None)  # the ids a completion of it would start from
             ids = await asyncio.to_thread(encode_prompt, self.decoder, prompt, settings)
