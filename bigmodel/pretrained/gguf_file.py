@@ -101,9 +101,7 @@ def describe(path: Path) -> Source:
         dtype="/".join(kinds),
         shapes=shapes,
         targets=targets,
-        fetch=lambda name: _fetch(
-            path, arch, tensors[_file(name)], architecture in PERMUTED, name, architecture in GEMMA
-        ),
+        fetch=lambda name: _fetch(path, arch, tensors[_file(name)], architecture in PERMUTED, name),
         notes=[],
     )
 
@@ -277,7 +275,7 @@ def unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str, unit_offset: bool = False) -> Any:
+def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str) -> Any:
     """One tensor, dequantised to float32 in PyTorch's (out, in) layout (`name`: the placed name, a half of a
     fused tensor reads its rows). Its bytes are read from the file into a buffer of their own, not through
     the reader's memory map: mapped pages would stay resident."""
@@ -305,7 +303,7 @@ def _fetch(path: Path, arch: DecoderArch, tensor: Any, permuted: bool, name: str
         weight = unpermute(weight, arch.n_kv_head)
     if part in FUSED_PARTS:  # gate's rows first, then up's
         weight = np.split(weight, 2)[FUSED_PARTS.index(part)]
-    if unit_offset and tensor.name.endswith("norm.weight"):  # stored as 1 + w: bigmodel keeps w (as transformers)
+    if arch.norm == "rmsnorm_unit_offset" and tensor.name.endswith("norm.weight"):  # (Gemma's) stored as 1 + w
         weight = weight - 1
     return torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 

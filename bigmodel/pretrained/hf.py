@@ -261,18 +261,16 @@ def _experts(config: dict[str, Any], origin: str) -> tuple[int, int, bool, int]:
             True,
             int(config["intermediate_size"]),
         )
-    if model_type == "qwen3_moe":
-        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+    if model_type in ("qwen3_moe", "olmoe"):
+        if model_type == "qwen3_moe" and (
+            config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1
+        ):
             raise UserError(
                 f"{origin}: dense layers between the mixtures (mlp_only_layers, decoder_sparse_step) are not supported"
             )
         experts = int(config.get("num_experts") or config["num_local_experts"])  # (transformers >= 5 writes the latter)
-        per_token = int(config["num_experts_per_tok"])
-        return experts, per_token, bool(config.get("norm_topk_prob", False)), int(config["moe_intermediate_size"])
-    if model_type == "olmoe":
-        experts = int(config.get("num_experts") or config["num_local_experts"])
-        per_token = int(config["num_experts_per_tok"])
-        return experts, per_token, bool(config.get("norm_topk_prob", False)), int(config["intermediate_size"])
+        width = config["moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"]
+        return experts, int(config["num_experts_per_tok"]), bool(config.get("norm_topk_prob", False)), int(width)
     return 0, 0, True, int(config["intermediate_size"])
 
 
