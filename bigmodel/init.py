@@ -115,15 +115,20 @@ def import_pretrained(config: Config) -> dict[str, Any]:
     )
     path = config.stage_dir("init") / "model.safetensors"
     entries = [(f"model.{name}", dtype, shape) for name, shape in plan.shapes.items()]
+    reference = None
+    if config.init.verify:  # transformers' side of the gate reads the source: it runs while the import writes
+        tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
+        reference = build.Reference(source, build.parity_ids(tok, arch.block_size))
     with safetensors_writer(path, entries, manifest.header()) as out:
         for name in plan.shapes:
             out.write(f"model.{name}", plan.assemble(name, dtype))
         out.flush()
         seconds = time.perf_counter() - start
-        if config.init.verify:
-            tok = tokenizers.from_json(source.tokenizer_json, f"{source_path} (tokenizer)")
+        if reference is not None:
             written = streaming.fetch_from(SafetensorsFile(out.tmp), "model.")
-            parity = build.check_parity(written, arch, source, tok, config.init.atol, config.init.rtol)
+            parity = build.check_parity(
+                written, arch, source, tok, config.init.atol, config.init.rtol, reference=reference
+            )
             build.enforce(
                 parity,
                 "init",

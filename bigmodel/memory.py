@@ -156,8 +156,9 @@ def import_peak(
     arch: Any, source_format: str, source_dtype: str, checkpoint_dtype: str, parameters: int, verify: bool
 ) -> Estimate:
     """init with init.from: one parameter read (source dtype) and converted (checkpoint dtype); the gate
-    holds one module in fp32 per implementation at a time -- except transformers reading a GGUF, which
-    dequantises the whole file in fp32."""
+    holds one module in fp32 per implementation at a time -- transformers' side while the import writes
+    (for a folder: pretrained.build.Reference), except that reading a GGUF it dequantises the whole file
+    in fp32, after the write."""
     largest = largest_matrix(arch)
     source_bytes = DTYPE_BYTES.get(source_dtype, 4)  # a quantised GGUF is dequantised to fp32 as it is read
     parts = {"runtime": TORCH_RUNTIME, "one parameter": largest * (source_bytes + DTYPE_BYTES[checkpoint_dtype])}
@@ -171,7 +172,9 @@ def import_peak(
                 "import the model's Hugging Face folder instead of the GGUF (its gate streams), or "
                 "--set init.verify=false (the checkpoint is then recorded as unverified)"
             )
-        parts["one parameter"] = max(parts["one parameter"], gate)
+            parts["one parameter"] = max(parts["one parameter"], gate)
+        else:
+            parts["the gate's module, while writing"] = gate
     return Estimate("init", parts, fixes)
 
 

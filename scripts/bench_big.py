@@ -12,7 +12,8 @@ reports (wait4): `bigmodel prepare`, `init` (the import with its parity gate aga
 Each peak is printed beside the stage's target (issue 31) and beside plan's prediction.
 
 Then, in the same run, the onnxruntime-genai builder (`-p int4 -e cpu`) on the same folder -- its wall time,
-peak and file size -- and decoding at batch 1 (16-token prompt, --new-tokens new tokens, --threads threads)
+peak and file size; with --time-rounds N, init + export and the builder again until each ran N times,
+interleaved, and the ratio of their medians (this machine's speed drifts ~10% between runs) -- and decoding at batch 1 (16-token prompt, --new-tokens new tokens, --threads threads)
 of both int4 files, interleaved over --rounds rounds (medians): bigmodel's through `infer --bench`, the
 builder's through onnxruntime-genai's own Generator. Last, both files' logits on a fixed prompt against the
 fp32 model (computed layer by layer from the checkpoint, which init's gate holds to transformers within
@@ -307,29 +308,22 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     builder_dir = work / "builder"
     fits = args.builder_anyway or args.shape not in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b")
     if args.builder and fits:
-        build = timed_child(
-            [
-                sys.executable,
-                "-m",
-                "onnxruntime_genai.models.builder",
-                "-i",
-                str(folder),
-                "-o",
-                str(builder_dir),
-                "-p",
-                "int4",
-                "-e",
-                "cpu",
-                "-c",
-                str(work / "builder_cache"),
-            ],
-            env={"HF_HUB_OFFLINE": "1"},
-        )
-        build.pop("output", None)
-        built = builder_dir / "model.onnx"
-        build["file_bytes"] = onnx_file_bytes(built) if built.exists() else None
+        build = run_builder(folder, builder_dir, work / "builder_cache")
         report["builder"] = build
         report["init_plus_export_over_builder"] = round(report["init_plus_export_seconds"] / build["seconds"], 2)
+        if args.time_rounds > 1:  # more rounds, interleaved (this machine drifts ~10% between runs): medians
+            ours_times, builder_times = [report["init_plus_export_seconds"]], [build["seconds"]]
+            for _ in range(args.time_rounds - 1):
+                builder_times.append(run_builder(folder, builder_dir, work / "builder_cache")["seconds"])
+                ours_times.append(
+                    bigmodel("init", config=config)["seconds"] + bigmodel("export", config=config)["seconds"]
+                )
+            report["time_rounds"] = {
+                "init_plus_export_seconds": ours_times,
+                "builder_seconds": builder_times,
+                "ratio_per_round": [round(a / b, 2) for a, b in zip(ours_times, builder_times)],
+                "ratio_of_medians": round(statistics.median(ours_times) / statistics.median(builder_times), 2),
+            }
     elif args.builder:
         report["builder"] = {
             "skipped": "needs ~60 GB here (it loads the whole model, then fp32 copies); --builder-anyway runs it"
@@ -386,6 +380,21 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def run_builder(folder: Path, out: Path, cache: Path) -> dict[str, Any]:
+    """onnxruntime-genai's model builder (int4, CPU) on the folder: its wall time, peak and file size."""
+    from bigmodel.memory import onnx_file_bytes
+
+    build = timed_child(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+        + ["-i", str(folder), "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(cache)],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    build.pop("output", None)
+    built = out / "model.onnx"
+    build["file_bytes"] = onnx_file_bytes(built) if built.exists() else None
+    return build
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -400,6 +409,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--time-rounds", type=int, default=1, help="init + export and the builder timed this many times, interleaved"
+    )
     parser.add_argument("--no-builder", dest="builder", action="store_false")
     parser.add_argument("--builder-anyway", action="store_true")
     parser.add_argument("--child", choices=["builder-decode", "logits"], help=argparse.SUPPRESS)

@@ -468,6 +468,24 @@ def test_the_parity_gate_catches_a_wrong_weight(sources: dict[str, Path]) -> Non
     assert report["layers_max_abs_diff"][0] < 1e-4 < report["layers_max_abs_diff"][1]
 
 
+def test_the_gates_reference_computed_beside_the_write_is_the_same_bit_for_bit(sources: dict[str, Path]) -> None:
+    """init runs transformers' side of the gate in a background thread while it writes: same numbers as
+    computed in the caller's thread, and an error there reaches the caller."""
+    from bigmodel import pretrained
+    from bigmodel.pretrained import build
+
+    source = pretrained.describe(sources["llama"])
+    ids = build.parity_ids(tokenizers.from_json(source.tokenizer_json), source.arch.block_size)
+    (beside, beside_layers, _), (inline, inline_layers, _) = (
+        build.Reference(source, ids).result(),
+        build.Reference(source, ids, background=False).result(),
+    )
+    assert np.array_equal(beside, inline)
+    assert all(np.array_equal(a, b) for a, b in zip(beside_layers, inline_layers, strict=True))
+    with pytest.raises(IndexError):  # a token id outside the vocabulary: transformers' embedding raises
+        build.Reference(source, np.array([[source.arch.vocab_size]])).result()
+
+
 def test_unverified_import_is_recorded_as_such(sources: dict[str, Path], tmp_path: Path) -> None:
     config = import_config(tmp_path, sources["gpt2"], model={"block_size": 32})
     result = cli(

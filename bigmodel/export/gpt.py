@@ -21,7 +21,7 @@ import contextlib
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import torch
 from bigmodel import console, decoder_graph, memory, registry, streaming
 from bigmodel import parity as gate
 from bigmodel.arch import DecoderArch
+from bigmodel.background import Background
 from bigmodel.config import Config, Int4Export
 from bigmodel.datasets import load_tokens
 from bigmodel.decoder_graph import CacheLayout
@@ -77,6 +78,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     xc = config.export
     memory.map_large_allocations()
     start = time.perf_counter()
+    checkpoint_sha256 = Background(lambda: sha256_file(ckpt))  # for the lineage: hashed while the graph is traced
     weights, manifest = registry.open_weights(ckpt)
     arch = manifest.architecture
     if not isinstance(arch, DecoderArch):
@@ -106,12 +108,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             xc.opset,
             xc.dtype,
             xc.int4,
-            decoder_graph.metadata(
+            lambda: decoder_graph.metadata(
                 arch,
                 manifest.data,
                 "fp16" if xc.dtype == "fp16" else "fp32",
                 weights=weight_format(xc.dtype, xc.int4, arch.n_embd),
-                lineage={"checkpoint": sha256_file(ckpt)},
+                lineage={"checkpoint": checkpoint_sha256.result()},
             ),
             routed=xc.experts == "routed",
         )
@@ -233,14 +235,16 @@ def write_decoder(
     opset: int,
     dtype: str = "fp32",
     int4: Int4Export | None = None,
-    metadata: DecoderMetadata | None = None,
+    metadata: Callable[[], DecoderMetadata] | None = None,
     repeat_layers: bool = True,
     routed: bool = True,
 ) -> dict[str, Any]:
     """The decoder graph of `arch` at `path` (+ `path.data`), its weights read from `weights` (names as a
     checkpoint stores them, 'model.<parameter>') one at a time; returns what was written. `repeat_layers`:
     trace two layers and repeat the second (False: trace every layer). `routed`: a mixture of experts' layers
-    as ONNX Runtime's MoE operator where it computes them (SwiGLU experts), else as the dense graph."""
+    as ONNX Runtime's MoE operator where it computes them (SwiGLU experts), else as the dense graph.
+    `metadata` is asked for once the graph is traced (the checkpoint's hash, in its lineage, is computed
+    meanwhile)."""
     float_type = FLOAT_TYPES[dtype]
     settings = int4 or Int4Export()
     routed_block = expert_block(arch, settings.block_size) if dtype == "int4" else settings.block_size
@@ -286,7 +290,7 @@ def write_decoder(
             counts["experts"] = plan.quantize_experts(4, routed_block, settings.accuracy_level, expert_rows(arch))
     else:
         plan.gather_from_transposed()
-    stamp(graph, metadata)
+    stamp(graph, None if metadata is None else metadata())
     weight_bytes = plan.write(path)
     written = {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
     return {**written, "experts": "routed" if routed else "dense"} if arch.n_experts else written
