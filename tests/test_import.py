@@ -783,3 +783,13 @@ def test_serve_chat_completions_speak_the_models_template(imported_llama: Path, 
             chunks[0].choices[0].delta.role == "assistant"
             and chunks[-1].usage.completion_tokens == expected["new_tokens"]
         )
+        # logprobs: each greedy token is the likeliest of its top_logprobs, in OpenAI's chat shape
+        scored = client.chat.completions.create(
+            model="run", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+        )
+        content = scored.choices[0].logprobs.content
+        assert scored.choices[0].message.content == expected["completion"]
+        assert "".join(t.token for t in content) == expected["completion"] and len(content) <= 6
+        for token in content:
+            assert len(token.top_logprobs) == 2 and token.logprob == token.top_logprobs[0].logprob <= 0
+            assert bytes(token.bytes) == token.token.encode()

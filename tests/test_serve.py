@@ -124,7 +124,14 @@ def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:
             ({"prompt": "def ", "bogus": 1}, "bogus: unknown field", "bogus"),
             ({"prompt": 5}, "prompt", "prompt"),
             ({"prompt": "def ", "temperature": -1}, "temperature", "temperature"),
-            ({"prompt": "def ", "n": 2}, "n", "n"),
+            ({"prompt": "def ", "n": 0}, "n", "n"),
+            ({"prompt": "def ", "logprobs": 21}, "logprobs", "logprobs"),
+            ({"prompt": [[1, 2], [3, 99999]]}, "prompt.1.1: 99999 is not a token id", "prompt"),
+            ({"prompt": []}, "give a prompt", "prompt"),
+            ({"prompt": [[]]}, "prompt: empty", "prompt"),
+            ({"prompt": "def ", "max_tokens": 0}, "with echo", "max_tokens"),
+            ({"prompt": ["def "] * 3, "n": 50}, "at most 128", "prompt"),
+            ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, "does not echo", "echo"),
             ({"prompt": "\u65e5\u672c"}, "vocabulary", None),
             ({"messages": [{"role": "user", "content": "hi"}]}, "no chat template", "messages"),
         ]
@@ -152,6 +159,71 @@ def test_bad_requests_get_openai_style_errors_never_a_500(lm_run: Path) -> None:
         started = time.perf_counter()
         status, answer = http(base, "/v1/completions", {"prompt": "def ", "max_tokens": 3}, auth)
         assert status == 200 and time.perf_counter() - started < 20
+
+
+def test_logprobs_echo_batches_and_n_speak_what_evaluation_clients_send(lm_run: Path) -> None:  # noqa: F811
+    """lm-evaluation-harness's loglikelihood request (token-id prompts in a batch, echo, max_tokens 0,
+    logprobs 1) scores each prompt token as ONNX Runtime's own logits do; greedy tokens are the top of
+    their logprobs; n samples are seeds seed..seed+n-1; streamed logprobs equal the whole answer's."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bigmodel import decoder_graph
+    from bigmodel.decoder_graph import CacheLayout
+    from bigmodel.infer.session import file_metadata
+
+    model = onnx_of(lm_run)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    meta = file_metadata(model)
+
+    def expected_logprobs(ids: list[int]) -> np.ndarray:  # each token after the first, from the graph itself
+        cache = CacheLayout.from_metadata(meta).empty(1)
+        logits = session.run(None, decoder_graph.feeds(np.array([ids]), cache))[0][0].astype(np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        return np.array([log_probs[t, ids[t + 1]] for t in range(len(ids) - 1)])
+
+    with server("--model", model) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        prompts = [[5, 17, 23, 4, 9], [40, 2, 2]]
+        scored = client.completions.create(
+            model="run", prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0
+        )
+        assert [c.index for c in scored.choices] == [0, 1]
+        status, tokenized = http(base, "/detokenize", {"tokens": prompts[0]})
+        assert status == 200
+        assert scored.choices[0].text == tokenized["prompt"] and scored.choices[0].finish_reason == "length"
+        for choice, ids in zip(scored.choices, prompts):
+            logprobs = choice.logprobs
+            assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+            assert len(logprobs.tokens) == len(ids) and logprobs.text_offset[0] == 0
+            np.testing.assert_allclose(logprobs.token_logprobs[1:], expected_logprobs(ids), atol=1e-5)
+            for token, value, top in zip(logprobs.tokens[1:], logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]):
+                assert top[token] == value and 1 <= len(top) <= 2  # the best one, and the chosen
+        assert scored.usage.prompt_tokens == 8 and scored.usage.completion_tokens == 0
+
+        greedy = client.completions.create(model="run", prompt="def ", max_tokens=6, logprobs=3, temperature=0)
+        choice = greedy.choices[0]
+        assert "".join(choice.logprobs.tokens) == choice.text and len(choice.logprobs.tokens) == 6
+        for value, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+            assert value == max(top.values()) and len(top) == 3  # greedy: the chosen token is the likeliest
+        offsets = choice.logprobs.text_offset
+        assert offsets == [sum(len(t) for t in choice.logprobs.tokens[:i]) for i in range(6)]
+        pieces = list(
+            client.completions.create(model="run", prompt="def ", max_tokens=6, logprobs=3, temperature=0, stream=True)
+        )
+        streamed = [
+            v for p in pieces if p.choices and p.choices[0].logprobs for v in p.choices[0].logprobs.token_logprobs
+        ]
+        assert streamed == choice.logprobs.token_logprobs
+
+        samples = client.completions.create(model="run", prompt="def ", max_tokens=8, n=3, seed=7)
+        alone = [
+            client.completions.create(model="run", prompt="def ", max_tokens=8, seed=7 + j).choices[0].text
+            for j in range(3)
+        ]
+        assert [c.text for c in samples.choices] == alone and len(set(alone)) > 1
+        assert samples.usage.prompt_tokens == 4 and samples.usage.completion_tokens == 24
 
 
 def test_tokenize_and_detokenize_answer_in_vllms_shapes(lm_run: Path) -> None:  # noqa: F811

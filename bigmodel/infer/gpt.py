@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from typing_extensions import TypeIs
 
 from bigmodel import chat, console, decoder_graph
 from bigmodel import tokenizer as tokenizers
@@ -120,6 +121,33 @@ def pick(logits: np.ndarray, settings: InferConfig, rng: np.random.Generator) ->
     return int(rng.choice(len(probs), p=probs))
 
 
+@dataclass
+class Scored:
+    """A token's log-probability under the model (its raw distribution: before temperature, top-k and
+    top-p) and the likeliest tokens at its position, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def score(logits: np.ndarray, tokens: list[int], top: int) -> list[Scored]:
+    """For (T, V) logits and the T tokens that followed each position: each token's log-probability (log
+    softmax in float64) and the `top` likeliest at its position."""
+    values = logits.astype(np.float64)
+    peak = values.max(-1, keepdims=True)
+    log_probs = values - peak - np.log(np.exp(values - peak).sum(-1, keepdims=True))
+    best = np.argsort(-log_probs, axis=-1, kind="stable")[:, :top] if top else np.zeros((len(tokens), 0), np.int64)
+    return [
+        Scored(int(token), float(row[token]), [(int(i), float(row[i])) for i in ranked])
+        for row, token, ranked in zip(log_probs, tokens, best)
+    ]
+
+
+def is_token_ids(prompt: object) -> TypeIs[list[int]]:
+    return isinstance(prompt, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in prompt)
+
+
 def prompt_rng(seed: int, prompt: str) -> np.random.Generator:
     """A prompt's random stream depends on the seed and the prompt alone, not on its position."""
     return np.random.default_rng([seed, zlib.crc32(prompt.encode("utf-8"))])
@@ -132,17 +160,37 @@ class Generation:
     """One prompt's decoding, token by token: its random stream, the text so far, what may be shown of
     it yet, and why it ended (max_new_tokens, a stop string, or the model's end-of-sequence token)."""
 
-    def __init__(self, decoder: Decoder, prompt: Prompt, settings: InferConfig, seed: int) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        prompt: Prompt | list[int],
+        settings: InferConfig,
+        seed: int,
+        logprobs: int | None = None,
+    ) -> None:
+        """`prompt`: text, a conversation (settings.chat) or token ids as they are. `logprobs`: record each
+        new token's log-probability and the `logprobs` likeliest alternatives (`scored`)."""
         self.decoder, self.prompt, self.settings = decoder, prompt, settings
-        self.prompt_ids = encode_prompt(decoder, prompt, settings)
+        self.prompt_ids = list(prompt) if is_token_ids(prompt) else encode_prompt(decoder, prompt, settings)
         self.rng = prompt_rng(seed, prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True))
         self.new_ids: list[int] = []
         self.text, self.shown = "", 0
         self.stop_reason: str | None = None  # set once it ended
+        self.logprobs = logprobs
+        self.scored: list[Scored] = []  # the new tokens' log-probabilities, with `logprobs`
+        self.prompt_scored: list[Scored] | None = None  # the prompt's, once `score_prompt` ran
 
     def pick(self, logits: np.ndarray) -> int:
         """The next token from the last position's logits (V,), with this prompt's settings and stream."""
-        return pick(logits, self.settings, self.rng)
+        token = pick(logits, self.settings, self.rng)
+        if self.logprobs is not None and token not in self.decoder.eos_ids:  # (the end is not in the text)
+            self.scored += score(logits[None], [token], self.logprobs)
+        return token
+
+    def score_prompt(self, logits: np.ndarray) -> None:
+        """The prompt's tokens after the first, scored by the logits of the positions before them
+        ((len(prompt) - 1, V)): what an echo of the prompt reports."""
+        self.prompt_scored = score(logits, self.prompt_ids[1:], self.logprobs or 0)
 
     def accept(self, token: int) -> str:
         """Take the next token; return the new text that is safe to show (held back: what could still

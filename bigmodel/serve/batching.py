@@ -38,6 +38,7 @@ class Request:
     generation: Generation
     on_text: Callable[[str], None]
     on_end: Callable[[dict[str, Any] | BaseException], None]
+    echo: bool = False  # score the prompt's own tokens (generation.score_prompt) when it is read
     cancelled: threading.Event = field(default_factory=threading.Event)
     logits: np.ndarray | None = None  # (V,) at its last position: what the next token is picked from
     next_token: int = 0
@@ -132,7 +133,7 @@ class Scheduler:
     def _turn(self) -> None:
         """Pick every row's next token, retire the finished, and run one step for the rest."""
         for request in self.cached + self.windowed:
-            if request.cancelled.is_set():
+            if request.cancelled.is_set() or request.generation.stop_reason:
                 continue
             generation = request.generation
             assert request.logits is not None  # every request in a batch has run at least one step
@@ -179,6 +180,12 @@ class Scheduler:
         logits, cache = self.decoder.run(ids, self.decoder.empty_cache(len(new)), pad)
         for row, (request, n) in enumerate(zip(new, lengths)):
             request.logits, request.length = logits[row, -1], n
+            generation = request.generation
+            if request.echo:
+                generation.score_prompt(logits[row, longest - n : -1])
+            if generation.settings.max_new_tokens == 0:  # only the prompt was asked for: it ends here
+                generation.stop_reason = "max_new_tokens"  # (its row leaves the batch at the next turn)
+                request.on_end(generation.result())
         self._join(new, cache, pad)
 
     def _join(self, new: list[Request], cache: KVCache, pad: np.ndarray) -> None:
