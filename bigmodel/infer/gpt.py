@@ -137,11 +137,20 @@ def score(logits: np.ndarray, tokens: list[int], top: int) -> list[Scored]:
     values = logits.astype(np.float64)
     peak = values.max(-1, keepdims=True)
     log_probs = values - peak - np.log(np.exp(values - peak).sum(-1, keepdims=True))
-    best = np.argsort(-log_probs, axis=-1, kind="stable")[:, :top] if top else np.zeros((len(tokens), 0), np.int64)
-    return [
-        Scored(int(token), float(row[token]), [(int(i), float(row[i])) for i in ranked])
-        for row, token, ranked in zip(log_probs, tokens, best)
-    ]
+    return [Scored(int(token), float(row[token]), _likeliest(row, top)) for row, token in zip(log_probs, tokens)]
+
+
+def _likeliest(row: np.ndarray, top: int) -> list[tuple[int, float]]:
+    """The `top` largest entries of a (V,) row, best first, equal values by index (as a stable sort of the
+    whole row ranks them): a partition finds the top-th value, and only the entries at or above it are
+    sorted -- not all V of them for every scored position of an echoed prompt."""
+    top = min(top, len(row))
+    if not top:
+        return []
+    kth = np.partition(row, len(row) - top)[len(row) - top]
+    candidates = np.flatnonzero(row >= kth)
+    ranked = candidates[np.argsort(-row[candidates], kind="stable")][:top]
+    return [(int(i), float(row[i])) for i in ranked]
 
 
 def is_token_ids(prompt: object) -> TypeIs[list[int]]:

@@ -192,13 +192,7 @@ class Engine(app.Engine):
 
         async def detokenize(request: Request) -> Response:
             body = _parse(DetokenizeRequest, await json_body(request))
-            vocabulary = self.decoder.tokenizer.vocab_size
-            outside = next((i for i, token in enumerate(body.tokens) if not 0 <= token < vocabulary), None)
-            if outside is not None:
-                raise RequestError(
-                    f"tokens.{outside}: {body.tokens[outside]} is not a token id of this model (0..{vocabulary - 1})",
-                    "tokens",
-                )
+            self._check_token_ids(body.tokens, "tokens", "tokens")
             return JSONResponse({"prompt": self.decoder.tokenizer.decode(body.tokens)})
 
         return [
@@ -220,19 +214,22 @@ class Engine(app.Engine):
             prompts = [*prompt]
         if not prompts:
             raise RequestError("prompt: give a prompt (text or token ids), or a list of them", "prompt")
-        vocabulary = self.decoder.tokenizer.vocab_size
         for i, each in enumerate(prompts):
             where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
             if not each:
                 raise RequestError(f"{where}: empty; give at least one character or token", "prompt")
             if isinstance(each, list):
-                outside = next((j for j, token in enumerate(each) if not 0 <= token < vocabulary), None)
-                if outside is not None:
-                    raise RequestError(
-                        f"{where}.{outside}: {each[outside]} is not a token id of this model (0..{vocabulary - 1})",
-                        "prompt",
-                    )
+                self._check_token_ids(each, where, "prompt")
         return prompts
+
+    def _check_token_ids(self, ids: list[int], where: str, param: str) -> None:
+        """A 400 naming the first id outside the vocabulary, by its place (`where`.index)."""
+        vocabulary = self.decoder.tokenizer.vocab_size
+        outside = next((i for i, token in enumerate(ids) if not 0 <= token < vocabulary), None)
+        if outside is not None:
+            raise RequestError(
+                f"{where}.{outside}: {ids[outside]} is not a token id of this model (0..{vocabulary - 1})", param
+            )
 
     async def _answer(
         self,
@@ -458,9 +455,10 @@ class _Choice:
 
     def on_end(self, result: dict[str, Any] | BaseException) -> None:
         if isinstance(result, dict):
-            if self.echo_pending or self.sent < len(self.generation.scored):
-                self.outbox.put(self.index, self._piece("", self.kept()))
-            result = {**result, "prompt_text": self.prompt_text()}
+            kept = self.kept()
+            if self.echo_pending or self.sent < kept:
+                self.outbox.put(self.index, self._piece("", kept))
+            result = {**result, "prompt_text": self.prompt_text(), "scored_tokens": kept}
         self.outbox.put(self.index, result)
 
     def kept(self) -> int:
@@ -498,7 +496,7 @@ class _Reply:
         for choice, result in ended:
             finish = FINISH[result["stop_reason"]]
             generation = choice.generation
-            scored: list[Scored | int] = list(generation.scored[: choice.kept()])
+            scored: list[Scored | int] = list(generation.scored[: result["scored_tokens"]])
             text = result["completion"]
             if generation.prompt_scored is not None:  # echo
                 text = result["prompt_text"] + text
