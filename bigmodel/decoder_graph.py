@@ -1,18 +1,21 @@
 """The contract of an exported decoder graph, shared by export, infer, quantize and compress's measure.
 
 Graph: input_ids (B, T) int64, past_keys.{i} / past_values.{i} (B, nkv, P, hs) for each layer i (float32;
-float16 for an fp16 export: metadata dtype), left_padding (B,) int64 -> logits (B, T, V),
+float16 for an fp16 export: metadata dtype), attention_mask (B, P+T) int64 -> logits (B, T, V),
 present_keys.{i} / present_values.{i} (B, nkv, P+T, hs), in the same float type. nkv is the number of
 key/value heads (n_head unless the model uses grouped-query attention). Batch, T and P are dynamic and P
-may be 0, so one file serves the prompt (empty past) and every decode step. left_padding lets sequences
-of different lengths share a batch: row b's first left_padding[b] positions (of past and input_ids
-together) are padding, which no query attends to, and its positions count from its first real token.
+may be 0, so one file serves the prompt (empty past) and every decode step. attention_mask lets
+sequences of different lengths share a batch: 0 marks padding (of past and input_ids together), which
+no query attends to, and each row's positions count its real tokens only. bigmodel pads on the left
+(callers hand `feeds` a count of padding per row); onnxruntime-genai, whose runtime loads these graphs
+(export/genai.py), pads on the right, and Hugging Face's names are the same.
 
 One cache tensor per layer: each layer's Attention node reads its own input and writes its own output,
 and a step copies nothing else (a stacked (L, B, nkv, P, hs) cache costs a slice per layer going in and a
 copy of the whole cache coming out, every token). Files exported before this (November 2026) take the
-stack as `past_keys` / `past_values` and return `present_keys` / `present_values`; files from before
-left_padding existed lack that input. `feeds` and `outputs` speak every layout, so callers only ever hold
+stack as `past_keys` / `past_values` and return `present_keys` / `present_values`; files exported
+before December 2026 take `left_padding` (B,), the count of padding positions in front of each row,
+instead of the mask, and files from before that lack both. `feeds` and `outputs` speak every layout, so callers only ever hold
 a `KVCache`.
 
 Metadata (manifests.DecoderMetadata) makes the file self-contained: the tokenizer, its special tokens
@@ -43,7 +46,7 @@ def input_names(n_layer: int) -> tuple[str, ...]:
         "input_ids",
         *(f"past_keys.{i}" for i in range(n_layer)),
         *(f"past_values.{i}" for i in range(n_layer)),
-        "left_padding",
+        "attention_mask",
     )
 
 
@@ -123,6 +126,9 @@ def feeds(
     if left_padding is None:
         left_padding = np.zeros(len(ids), np.int64)
     named: dict[str, np.ndarray] = {"input_ids": ids, "left_padding": left_padding}
+    if "attention_mask" in inputs:
+        width = cache.length + ids.shape[1]
+        named["attention_mask"] = (np.arange(width)[None, :] >= left_padding[:, None]).astype(np.int64)
     if STACKED in inputs:
         named.update(past_keys=np.stack(cache.keys), past_values=np.stack(cache.values))
     else:

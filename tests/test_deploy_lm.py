@@ -15,7 +15,7 @@ import torch
 
 from bigmodel import registry, streaming
 from bigmodel import tokenizer as tokenizers
-from bigmodel.export.gpt import DecoderStep, check_parity
+from bigmodel.export.gpt import check_parity
 from bigmodel.infer.session import file_metadata
 from bigmodel.manifests import DecoderMetadata, read_onnx_metadata
 from tests.conftest import cli, cli_subprocess
@@ -47,7 +47,7 @@ def test_export_writes_one_checked_graph_with_everything_infer_needs(lm_run: Pat
     model = onnx.load(str(onnx_of(lm_run)))
     onnx.checker.check_model(model, full_check=True)
     names = [i.name for i in model.graph.input]
-    assert names == ["input_ids", "past_keys.0", "past_values.0", "left_padding"]  # lm_config: one layer
+    assert names == ["input_ids", "past_keys.0", "past_values.0", "attention_mask"]  # lm_config: one layer
     # opset 23: each layer's attention is one ONNX Attention node (ONNX Runtime runs it as one kernel)
     assert [node.op_type for node in model.graph.node].count("Attention") == 1  # lm_config: one layer
     meta = file_metadata(onnx_of(lm_run))
@@ -278,41 +278,51 @@ def test_an_onnx_file_from_before_grouped_query_attention_still_generates(lm_run
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 
-def export_stacked(lm_run: Path, path: Path, left_padding: bool) -> None:
-    """The trained model in an older file layout: one stacked (L, B, nkv, P, hs) cache tensor each for keys
-    and values (before November 2026), and without the left_padding input (before batching)."""
+def export_older(lm_run: Path, path: Path, layout: str) -> None:
+    """The trained model in an older file layout: "stacked", one (L, B, nkv, P, hs) cache tensor each for
+    keys and values and left_padding (before November 2026); "stacked-no-left-padding" (before batching);
+    "left-padding", per-layer caches and left_padding (B,) in place of the attention mask (before
+    December 2026)."""
     from bigmodel.export.onnx_file import export_dynamo, stamp_and_check
 
     model, _ = registry.load_model(lm_run.parent / "run" / "train" / "best.safetensors")
-    step = DecoderStep(model.eval())
+    model.eval()
 
-    class Stacked(torch.nn.Module):
+    class Older(torch.nn.Module):
         def forward(
             self,
             input_ids: torch.Tensor,
-            past_keys: torch.Tensor,
-            past_values: torch.Tensor,  # noqa: ANN201
+            past_keys: Any,
+            past_values: Any,  # noqa: ANN201
             left_padding: torch.Tensor | None = None,
         ):
-            logits, keys, values = step(input_ids, list(past_keys), list(past_values), left_padding)
-            return logits, torch.stack(keys), torch.stack(values)
+            logits, present = model(input_ids, list(zip(past_keys, past_values)), left_padding)
+            keys, values = [k for k, _ in present], [v for _, v in present]
+            return (
+                (logits, keys, values) if layout == "left-padding" else (logits, torch.stack(keys), torch.stack(values))
+            )
 
-    past = torch.zeros(1, 2, 2, 2, 16)
-    batch, seq, past_len = torch.export.Dim("b", max=64), torch.export.Dim("t", max=32), torch.export.Dim("p", max=32)
-    dims = {
-        "input_ids": {0: batch, 1: seq},
-        "past_keys": {1: batch, 3: past_len},
-        "past_values": {1: batch, 3: past_len},
-    }
-    inputs: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, dtype=torch.long), past, past.clone())
-    names = ["input_ids", "past_keys", "past_values"]
-    if left_padding:
-        inputs, names, dims = (
-            (*inputs, torch.zeros(2, dtype=torch.long)),
-            [*names, "left_padding"],
-            {**dims, "left_padding": {0: batch}},
-        )
-    export_dynamo(Stacked(), inputs, path, names, ["logits", "present_keys", "present_values"], dims, 18)
+    batch, seq, past_len = torch.export.Dim("b", max=64), torch.export.Dim("t", max=32), torch.export.Dim("p", max=31)
+    padding = torch.zeros(2, dtype=torch.long)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    if layout == "left-padding":  # (lm_config: one layer)
+        past = [torch.zeros(2, 2, 2, 16)]
+        inputs: tuple[Any, ...] = (ids, past, [past[0].clone()], padding)
+        names = ["input_ids", "past_keys.0", "past_values.0", "left_padding"]
+        outputs = ["logits", "present_keys.0", "present_values.0"]
+        cache = [{0: batch, 2: past_len}]
+        dims: dict[str, Any] = {"input_ids": {0: batch, 1: seq}, "past_keys": cache, "past_values": cache}
+    else:
+        stacked = torch.zeros(1, 2, 2, 2, 16)
+        inputs, names = (ids, stacked, stacked.clone()), ["input_ids", "past_keys", "past_values"]
+        outputs = ["logits", "present_keys", "present_values"]
+        cache_dims = {1: batch, 3: past_len}
+        dims = {"input_ids": {0: batch, 1: seq}, "past_keys": cache_dims, "past_values": cache_dims}
+        if layout == "stacked":
+            inputs, names = (*inputs, padding), [*names, "left_padding"]
+    if "left_padding" in names:
+        dims["left_padding"] = {0: batch}
+    export_dynamo(Older(), inputs, path, names, outputs, dims, 18)
     current = onnx.load(str(onnx_of(lm_run)))
     stamp_and_check(path, read_onnx_metadata({p.key: p.value for p in current.metadata_props}, "current"))
 
@@ -339,15 +349,19 @@ def serve_two(path: Path, max_batch: int) -> tuple[Any, list[dict]]:
     return scheduler, sorted(ends, key=lambda end: end["prompt"])
 
 
-@pytest.mark.parametrize("left_padding", [True, False], ids=["stacked-cache", "stacked-no-left-padding"])
-def test_onnx_files_of_older_layouts_generate_the_same_and_serve(
-    lm_run: Path, tmp_path: Path, left_padding: bool
-) -> None:
-    """Files with the stacked cache (exported before per-layer caches) still generate the same text; one
-    without left_padding (exported before batching) is served one request at a time, the others batched."""
+@pytest.mark.parametrize("layout", ["stacked", "stacked-no-left-padding", "left-padding"])
+def test_onnx_files_of_older_layouts_generate_the_same_and_serve(lm_run: Path, tmp_path: Path, layout: str) -> None:
+    """Files with the stacked cache (exported before per-layer caches) or left_padding in place of the
+    attention mask still generate the same text; one without either (exported before batching) is served
+    one request at a time, the others batched."""
     old = tmp_path / "old.onnx"
-    export_stacked(lm_run, old, left_padding)
-    assert [i.name for i in onnx.load(str(old)).graph.input][1:3] == ["past_keys", "past_values"]
+    export_older(lm_run, old, layout)
+    inputs = [i.name for i in onnx.load(str(old)).graph.input]
+    assert inputs[1:3] == (
+        ["past_keys.0", "past_values.0"] if layout == "left-padding" else ["past_keys", "past_values"]
+    )
+    left_padding = layout != "stacked-no-left-padding"
+    assert ("left_padding" in inputs) == left_padding and "attention_mask" not in inputs
     args = ("--prompt", "def ", "-n", "12", "-t", "0", "--json", "-o")
     assert cli("infer", "--model", onnx_of(lm_run), *args, tmp_path / "a.jsonl").code == 0
     before = cli("infer", "--model", old, *args, tmp_path / "b.jsonl")

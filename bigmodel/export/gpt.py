@@ -67,9 +67,9 @@ class DecoderStep(torch.nn.Module):
         input_ids: torch.Tensor,
         past_keys: list[torch.Tensor],
         past_values: list[torch.Tensor],
-        left_padding: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        logits, present = self.model(input_ids, list(zip(past_keys, past_values)), left_padding)
+        logits, present = self.model(input_ids, list(zip(past_keys, past_values)), attention_mask=attention_mask)
         return logits, [k for k, _ in present], [v for _, v in present]
 
 
@@ -455,25 +455,28 @@ def _trace_all(
             [torch.zeros(2, arch.n_kv_head, p_example, arch.head_size, dtype=float_type) for _ in range(arch.n_layer)]
             for _ in range(2)
         )  # distinct tensors, one per input
-        left_padding = torch.zeros(2, dtype=torch.long)
+        attention_mask = torch.ones(2, p_example + t_example, dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=block)
-    past_len = torch.export.Dim("past", min=0, max=block)
+    past_len = torch.export.Dim("past", min=0, max=block - 1)  # (and at least one new token)
     cache_dims = [{0: batch, 2: past_len}] * arch.n_layer
     with onnx_operators(step, opset >= 23), routed_experts(step, routed):
-        return trace(
+        graph, weights = trace(
             step,
-            (ids, keys, values, left_padding),
+            (ids, keys, values, attention_mask),
             list(decoder_graph.input_names(arch.n_layer)),
             list(decoder_graph.output_names(arch.n_layer)),
             {
                 "input_ids": {0: batch, 1: seq},
                 "past_keys": cache_dims,
                 "past_values": cache_dims,
-                "left_padding": {0: batch},
+                "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},  # (past + seq)
             },
             opset,
         )
+    mask = next(value for value in graph.graph.input if value.name == "attention_mask")
+    mask.type.tensor_type.shape.dim[1].dim_param = "past+seq"  # (the exporter's name for it is a serial number)
+    return graph, weights
 
 
 @contextlib.contextmanager

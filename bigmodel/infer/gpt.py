@@ -67,7 +67,7 @@ class Decoder:
     @property
     def batches_padded_rows(self) -> bool:
         """Whether rows of different lengths can share a batch (the graph takes left_padding)."""
-        return self.inputs is None or "left_padding" in self.inputs
+        return self.inputs is None or "left_padding" in self.inputs or "attention_mask" in self.inputs
 
     def chat_prompt(self, messages: list[chat.Message]) -> str:
         """The conversation rendered with the model's own chat template, the assistant's turn opened."""

@@ -23,7 +23,8 @@ The forward takes an optional KV cache (`past`: per layer, keys and values of th
 and returns the updated one (`present`), so one graph serves both the prompt and every decode step. An
 optional `left_padding` (B,) lets rows of different lengths share a batch (a server decoding many requests
 together): row b's first left_padding[b] positions are padding, its real tokens are numbered from 0, and
-no query attends to padding.
+no query attends to padding. `attention_mask` (B, P + T) says the same for padding anywhere (the exported
+graph takes it, as Hugging Face's models and onnxruntime-genai's runtime do: it pads batches on the right).
 Shapes: B batch, T new tokens, P past tokens, C n_embd, nh query heads, nkv key/value heads, hs head
 size, V vocab.
 """
@@ -305,16 +306,22 @@ def window_mask(n_new: int, n_total: int, window: int) -> torch.Tensor:
     return (key <= query) & (key > query - window)
 
 
-def padded_causal_mask(n_new: int, n_total: int, left_padding: torch.Tensor) -> torch.Tensor:
-    """(B, 1, n_new, n_total) bool: causal (bottom-right), and no key in a row's left padding. A padding
-    query still sees itself: a softmax row with nothing allowed is NaN, and a NaN in a padding position's
-    value would poison the real rows' sums even at weight zero."""
-    key = torch.arange(n_total, device=left_padding.device)
-    query_position = torch.arange(n_new, device=left_padding.device) + (n_total - n_new)
+def masked_causal_mask(n_new: int, real: torch.Tensor) -> torch.Tensor:
+    """(B, 1, n_new, S) bool for a (B, S) mask of real positions (S = past + new): causal (bottom-right),
+    and no key where the mask says padding. A padding query still sees itself: a softmax row with nothing
+    allowed is NaN, and a NaN in a padding position's value would poison the real rows' sums even at
+    weight zero."""
+    n_total = real.size(1)
+    key = torch.arange(n_total, device=real.device)
+    query_position = torch.arange(n_new, device=real.device) + (n_total - n_new)
     is_self = key[None, :] == query_position[:, None]  # (T, S)
-    real_key = key[None, :] >= left_padding[:, None]  # (B, S)
-    causal = causal_mask(n_new, n_total).to(left_padding.device)  # (T, S)
-    return (causal[None] & (real_key[:, None, :] | is_self[None]))[:, None]
+    causal = causal_mask(n_new, n_total).to(real.device)  # (T, S)
+    return (causal[None] & (real[:, None, :] | is_self[None]))[:, None]
+
+
+def left_padding_mask(left_padding: torch.Tensor, n_total: int) -> torch.Tensor:
+    """(B, S) bool: True from each row's first real position (row b's first left_padding[b] are padding)."""
+    return torch.arange(n_total, device=left_padding.device)[None, :] >= left_padding[:, None]
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -532,11 +539,13 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         past: KVCache | None = None,
         left_padding: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """idx (B, T) token ids -> logits (B, T, V) and the KV cache including these tokens. With
-        left_padding (B,), row b's first left_padding[b] positions (past and idx together) are padding."""
+        left_padding (B,), row b's first left_padding[b] positions (past and idx together) are padding;
+        or, more generally, attention_mask (B, P + T): 1 at real positions, 0 at padding anywhere."""
         P = 0 if past is None else past[0][0].size(2)
-        x, ropes, masks = self.embed(idx, P, left_padding, decoding=past is not None)
+        x, ropes, masks = self.embed(idx, P, left_padding, decoding=past is not None, attention_mask=attention_mask)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and past is None:
@@ -552,6 +561,7 @@ class GPT(nn.Module):
         P: int,
         left_padding: torch.Tensor | None = None,
         decoding: bool = True,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Ropes, Masks]:
         """What the blocks read for tokens idx (B, T) after P cached ones: the embedded tokens (B, T, C),
         the rotary tables (rope models: the global layers', and the local layers' where they have a base of
@@ -563,9 +573,11 @@ class GPT(nn.Module):
             raise ValueError(f"context of {P + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(P, P + T, dtype=torch.long, device=idx.device)  # (T,)
         allowed = None  # where attention may look, when decoding (training attends causally through SDPA)
-        if left_padding is not None:  # each row counts its positions from its first real token
-            pos = (pos[None, :] - left_padding[:, None]).clamp(min=0)  # (B, T); padding sits at 0
-            allowed = padded_causal_mask(T, P + T, left_padding)  # (B, 1, T, P+T)
+        real = left_padding_mask(left_padding, P + T) if left_padding is not None else attention_mask
+        if real is not None:  # each row counts its positions over its real tokens only
+            real = real.bool()  # (B, P+T)
+            pos = (real.long().cumsum(1)[:, -T:] - 1).clamp(min=0)  # (B, T); padding sits at 0
+            allowed = masked_causal_mask(T, real)  # (B, 1, T, P+T)
         elif decoding:
             allowed = causal_mask(T, P + T).to(idx.device)[None, None]  # (1, 1, T, P+T)
         local = None  # where a local layer may look: also within its window

@@ -7,13 +7,14 @@ One thread owns the ONNX session. Each turn of its loop it
    `Generation`: the same sampling, stop strings and end-of-sequence as `bigmodel infer`) and hands the
    new text to the request;
 3. drops the rows that ended or whose client left, and the cache positions that are padding in every row;
-4. runs one decode step for the rest: input_ids (B, 1), the cache, left_padding (B,).
-The graph's left_padding input keeps every row's numbers its own (export checks this: `padded_parity`).
+4. runs one decode step for the rest: input_ids (B, 1), the cache, each row's left padding (B,) -- the
+graph's attention mask over it (decoder_graph.feeds).
+The graph's attention mask keeps every row's numbers its own (export's gate checks left-padded rows).
 A request alone in the batch runs exactly as `bigmodel infer` would, bit for bit.
 
 A row whose context is full (block_size tokens) re-reads its last block_size tokens each step, as infer
 does; such rows need neither cache nor padding, so they run together in a batch of their own. A graph
-exported before left_padding existed cannot mix lengths: it decodes one request at a time.
+exported before padding existed (neither attention_mask nor left_padding) cannot mix lengths: it decodes one request at a time.
 """
 
 from __future__ import annotations
