@@ -667,12 +667,18 @@ class Int4Export(Section):
         return self
 
 
+ExportFormat = Literal["onnx", "hf", "genai"]
+FORMATS_OF = {"onnx": ["onnx"], "hf": ["hf"], "genai": ["onnx", "genai"], "both": ["onnx", "hf"]}
+
+
 class ExportConfig(Section):
     checkpoint: CheckpointRef = "best"
-    format: Literal["onnx", "hf", "both"] = Field(
+    format: Literal["onnx", "hf", "genai", "both"] | list[ExportFormat] = Field(
         "onnx",
         description="onnx: model.onnx for ONNX Runtime; hf: a Hugging Face folder (export/hf: gpt2, llama, "
-        "qwen2 or qwen3, checked by loading it in transformers); both.",
+        "qwen2 or qwen3, checked by loading it in transformers); genai: model.onnx and export/genai, the folder "
+        "onnxruntime-genai's runtime loads (genai_config.json, tokenizer files; checked by generating with it); "
+        "both: onnx and hf; or a list, e.g. [onnx, hf, genai].",
     )
     opset: int = Field(
         23,
@@ -740,6 +746,20 @@ class ExportConfig(Section):
         description="dtype fp16: max abs logit difference allowed against the fp32 PyTorch model "
         "(fp16 keeps ~3 significant digits; logits of 10-30 differ by a few hundredths).",
     )
+
+    @property
+    def formats(self) -> list[str]:
+        """What the export writes, in the order it writes them (genai is made from the ONNX file)."""
+        chosen = self.format if isinstance(self.format, list) else [self.format]
+        wanted = {written for name in chosen for written in FORMATS_OF[name]}
+        return [name for name in ("onnx", "hf", "genai") if name in wanted]
+
+    @field_validator("format")
+    @classmethod
+    def _some_format(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("export.format [] writes nothing: name one or more of onnx, hf, genai")
+        return value
 
     @model_validator(mode="after")
     def _settings_of_another_dtype(self) -> ExportConfig:
@@ -1238,9 +1258,9 @@ class Config(Section):
                     "train.lora trains under DDP only (the adapters are small: sharding them saves "
                     "nothing); set train.distributed 'ddp'"
                 )
-        if self.export.format != "onnx" and self.model.family != "gpt":
+        if self.export.formats != ["onnx"] and self.model.family != "gpt":
             problems.append(
-                f"export.format '{self.export.format}' writes decoder language models; use 'onnx' for "
+                f"export.format {self.export.format!r} writes decoder language models; use 'onnx' for "
                 f"model.family '{self.model.family}'"
             )
         if self.export.dtype == "fp16" and self.model.family != "gpt":

@@ -152,8 +152,12 @@ def _infer_inputs(config: Config) -> list[Path]:
 
 def _export_outputs(config: Config) -> list[Path]:
     folder = config.stage_dir("export")
-    onnx, hf = folder / "model.onnx", folder / "hf" / "model.safetensors"
-    return {"onnx": [onnx], "hf": [hf], "both": [onnx, hf]}[config.export.format]
+    written = {
+        "onnx": folder / "model.onnx",
+        "hf": folder / "hf" / "model.safetensors",
+        "genai": folder / "genai" / "genai_config.json",
+    }
+    return [written[name] for name in config.export.formats]
 
 
 def _eval_stamp(config: Config) -> str:

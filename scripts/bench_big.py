@@ -17,8 +17,10 @@ interleaved, and the ratio of their medians (this machine's speed drifts ~10% be
 of both int4 files, interleaved over --rounds rounds (medians): bigmodel's through `infer --bench`, the
 builder's through onnxruntime-genai's own Generator. Last, both files' logits on a fixed prompt against the
 fp32 model (computed layer by layer from the checkpoint, which init's gate holds to transformers within
-1e-4): max and mean abs difference, and top-1 agreement. --no-builder skips the builder (on the 8B class
-it needs ~60 GB; --builder-anyway runs it there too, to record what happens).
+1e-4): max and mean abs difference, and top-1 agreement. bigmodel's int4 file is also written as
+onnxruntime-genai's folder (export.format genai, outside the timed export) and decoded by og's own
+Generator beside the builder's. --no-builder skips the builder (on the 8B class it needs ~60 GB;
+--builder-anyway runs it there too, to record what happens).
 """
 
 from __future__ import annotations
@@ -328,7 +330,12 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
         report["builder"] = {
             "skipped": "needs ~60 GB here (it loads the whole model, then fp32 copies); --builder-anyway runs it"
         }
-    decode: dict[str, list[float]] = {"bigmodel_int4": [], "builder_int4": []}
+    # bigmodel's export as onnxruntime-genai's folder (export.format genai; made here, outside the timed
+    # export): og's own Generator decodes it beside the builder's file
+    genai = timed_child([sys.executable, __file__, "--child", "genai-folder", "--work", str(config)])
+    report["genai_folder"] = {key: genai.get(key) for key in ("seconds", "peak_rss_gib", "error") if key in genai}
+    ours_genai = run / "export" / "genai"
+    decode: dict[str, list[float]] = {"bigmodel_int4": [], "builder_int4": [], "og_on_bigmodel_int4": []}
     have_builder = (builder_dir / "genai_config.json").is_file()
     for _ in range(args.rounds):  # interleaved: this machine's speed drifts between runs
         ours = bigmodel(
@@ -346,7 +353,9 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
         )
         if ours.get("output"):
             decode["bigmodel_int4"].append(ours["output"]["tokens_per_s"])
-        if have_builder:
+        for name, folder_of in (("builder_int4", builder_dir), ("og_on_bigmodel_int4", ours_genai)):
+            if not (folder_of / "genai_config.json").is_file():
+                continue
             theirs = timed_child(
                 [
                     sys.executable,
@@ -354,7 +363,7 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
                     "--child",
                     "builder-decode",
                     "--work",
-                    str(builder_dir),
+                    str(folder_of),
                     "--threads",
                     str(args.threads),
                     "--new-tokens",
@@ -362,16 +371,15 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
                 ]
             )
             if theirs.get("output"):
-                decode["builder_int4"].append(theirs["output"]["tokens_per_s"])
+                decode[name].append(theirs["output"]["tokens_per_s"])
     report["decode_tokens_per_s"] = {
         name: {"median": statistics.median(rates), "rounds": rates} for name, rates in decode.items() if rates
     }
-    if len(report["decode_tokens_per_s"]) == 2:
-        report["decode_bigmodel_over_builder"] = round(
-            report["decode_tokens_per_s"]["bigmodel_int4"]["median"]
-            / report["decode_tokens_per_s"]["builder_int4"]["median"],
-            2,
-        )
+    rates = {name: found["median"] for name, found in report["decode_tokens_per_s"].items()}
+    if "bigmodel_int4" in rates and "builder_int4" in rates:
+        report["decode_bigmodel_over_builder"] = round(rates["bigmodel_int4"] / rates["builder_int4"], 2)
+    if "og_on_bigmodel_int4" in rates and "builder_int4" in rates:  # the same runtime on both files
+        report["decode_og_on_bigmodel_over_builder"] = round(rates["og_on_bigmodel_int4"] / rates["builder_int4"], 2)
     distance = timed_child(
         [sys.executable, __file__, "--child", "logits", "--work", str(work)]
         + (["--with-builder"] if have_builder else [])
@@ -414,12 +422,19 @@ def main() -> None:
     )
     parser.add_argument("--no-builder", dest="builder", action="store_false")
     parser.add_argument("--builder-anyway", action="store_true")
-    parser.add_argument("--child", choices=["builder-decode", "logits"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["builder-decode", "logits", "genai-folder"], help=argparse.SUPPRESS)
     parser.add_argument("--with-builder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.child == "builder-decode":
         print(json.dumps(builder_decode(args.work, args.threads, 16, args.new_tokens)))
+    elif args.child == "genai-folder":  # (--work: the run's config)
+        from bigmodel.config import load_config
+        from bigmodel.export import genai
+
+        config = load_config(args.work)
+        out = config.stage_dir("export")
+        print(json.dumps(genai.export_folder(config, out / "model.onnx", out)))
     elif args.child == "logits":
         print(
             json.dumps(

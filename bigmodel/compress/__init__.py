@@ -63,7 +63,7 @@ def run(config: Config) -> dict[str, Any]:
         config = config.derive("compress", export={"dtype": "fp32"})
     out_dir = config.stage_dir("compress")
     checkpoint = registry.stage_checkpoint(config, cc.checkpoint, "compress")
-    current = Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, out_dir / "fp32", "onnx")["model"]))
+    current = Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, out_dir / "fp32", ["onnx"])["model"]))
     rows = [measure(config, "fp32 (export)", current.model)]
     methods: dict[str, Step] = {"prune": prune, "distill": distill, "quantize": quantize}  # type: ignore[dict-item]
     sparsity: dict[str, dict[str, float]] = {}

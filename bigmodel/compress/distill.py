@@ -36,7 +36,7 @@ def apply(step: DistillStep, config: Config, current: Artifact, folder: Path, nu
 
     work_dir = folder / f"step{number}"
     checkpoint = run(step, config, current.checkpoint, work_dir)
-    return Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, work_dir, "onnx")["model"]))
+    return Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, work_dir, ["onnx"])["model"]))
 
 
 def run(step: DistillStep, config: Config, teacher_path: Path, work_dir: Path) -> Path:

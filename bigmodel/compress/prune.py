@@ -45,7 +45,7 @@ def apply(step: PruneStep, config: Config, current: Artifact, folder: Path, numb
 
     work_dir = folder / f"step{number}"
     checkpoint, report = run(step, config, current.checkpoint, work_dir)
-    return Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, work_dir, "onnx")["model"]), report)
+    return Artifact(checkpoint, Path(export_checkpoint(config, checkpoint, work_dir, ["onnx"])["model"]), report)
 
 
 def run(step: PruneStep, config: Config, checkpoint: Path, work_dir: Path) -> tuple[Path, dict[str, Any]]:

@@ -35,7 +35,7 @@ from bigmodel.config import Config, Int4Export, QuantizeStep
 from bigmodel.export.onnx_file import output_head
 from bigmodel.export.weightless import int8_block
 from bigmodel.families import family
-from bigmodel.io import atomic_path
+from bigmodel.io import atomic_path, clone
 
 # The quantizer and its symbolic shape inference know ops by type alone, and take the standard ONNX Attention
 # (opset 23; decoders export their attention as one) for ONNX Runtime's contrib op of the same name, whose
@@ -160,7 +160,7 @@ def run_streamed(step: QuantizeStep, config: Config, checkpoint: Path, out: Path
     work = out.with_name(f".{out.name}.work")
     shutil.rmtree(work, ignore_errors=True)  # (an interrupted run's)
     try:
-        _publish(Path(export_checkpoint(derived, checkpoint, work, "onnx")["model"]), out, clone_it=False)
+        _publish(Path(export_checkpoint(derived, checkpoint, work, ["onnx"])["model"]), out, clone_it=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -218,24 +218,6 @@ def _publish(model: Path, target: Path, clone_it: bool) -> None:
                 entry.value = pairs[0][1].name
     with atomic_path(target) as tmp:
         onnx.save(graph, str(tmp))
-
-
-def clone(source: Path, target: Path) -> None:
-    """A copy of `source` at `target` that shares its blocks where the filesystem can (a reflink: XFS,
-    btrfs), else a plain copy. Not a hard link: onnx refuses external data with several links."""
-    import fcntl
-    import shutil
-
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        try:
-            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
-            return
-        except OSError:  # not supported here: copy
-            pass
-    shutil.copyfile(source, target)
-
-
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def _int4(source: Path, target: Path, step: QuantizeStep) -> None:

@@ -18,18 +18,25 @@ def run(config: Config) -> dict[str, Any]:
     )
 
 
-def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: str | None = None) -> dict[str, Any]:
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: list[str] | None = None) -> dict[str, Any]:
     """The gated export of any checkpoint into any folder (compress uses it, ONNX only, before quantising)."""
     from bigmodel.families import family
 
-    chosen = formats or config.export.format
+    chosen = formats or config.export.formats
+    if "genai" in chosen:  # (refused before the ONNX export it is made from)
+        from bigmodel.checkpoint import read_manifest
+        from bigmodel.export import genai
+
+        genai.check_ready(read_manifest(ckpt).data.tokenizer, str(ckpt))
     outputs: dict[str, Any] = {}
-    if chosen in ("onnx", "both"):
+    if "onnx" in chosen:
         outputs.update(family(config.model.family).module("exporter").export_checkpoint(config, ckpt, out_dir))
-    if chosen in ("hf", "both"):
+    if "hf" in chosen:
         from bigmodel.export import hf
 
         outputs.update(hf.export_checkpoint(config, ckpt, out_dir))
+    if "genai" in chosen:
+        outputs.update(genai.export_folder(config, out_dir / "model.onnx", out_dir))
     if config.export.peft and formats is None:
         from bigmodel.export import hf
 

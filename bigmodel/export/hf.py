@@ -427,21 +427,27 @@ def _write_folder(
         {name: t.float() for name, t in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
     )
     (folder / "config.json").write_text(json.dumps(_hf_config(model_type, arch, data, context), indent=2))
-    tokenizer_json = data.tokenizer or ""
+    write_tokenizer_files(folder, data.tokenizer or "", data.special_tokens or {}, data.chat_template, arch.block_size)
+
+
+def write_tokenizer_files(
+    folder: Path, tokenizer_json: str, special: dict[str, Any], chat_template: str | None, max_length: int
+) -> None:
+    """tokenizer.json and tokenizer_config.json as Hugging Face's fast tokenizer (and onnxruntime-genai's,
+    which reads the same two files) takes them: special tokens by their text, the chat template."""
     (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     tok = tokenizers.from_json(tokenizer_json)
-    special = data.special_tokens or {}
 
     def text(token_id: Any) -> str | None:
         return tok.id_to_token(token_id) if isinstance(token_id, int) else None  # type: ignore[attr-defined]
 
     settings = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": arch.block_size,
+        "model_max_length": max_length,
         "bos_token": text(special.get("bos")),
         "eos_token": text((special.get("eos") or [None])[0]),
         "pad_token": text(special.get("pad")),
-        "chat_template": data.chat_template,
+        "chat_template": chat_template,
     }
     (folder / "tokenizer_config.json").write_text(
         json.dumps({k: v for k, v in settings.items() if v is not None}, indent=2)
