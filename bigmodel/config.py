@@ -111,11 +111,14 @@ class TextDataConfig(Section):
     format: Literal["text"] = Field("text", description="Kind of data: 'text' (files or JSONL).")
     path: Path | None = Field(
         None,
-        description="A text file, a glob ('corpus/*.txt'), or a .jsonl file. '{stdlib}' expands to "
-        "this Python's standard-library folder.",
+        description="A text file, a glob ('corpus/*.txt'), a .jsonl or .parquet file (a document per record), "
+        "or a Hugging Face datasets folder (Dataset.save_to_disk). '{stdlib}' expands to this Python's "
+        "standard-library folder.",
     )
     paths: list[Path] = Field([], description="More files or globs, read after data.path.")
-    jsonl_field: str = Field("text", description="Field holding the text in .jsonl sources.")
+    jsonl_field: str = Field(
+        "text", description="Field (column) holding the text in .jsonl, .parquet and datasets-folder sources."
+    )
     encoding: str = Field(
         "utf-8",
         description="Text encoding of the source files, e.g. latin-1 or cp1252 (any Python codec name).",
@@ -163,17 +166,19 @@ class TextDataConfig(Section):
 
 
 class SFTDataConfig(Section):
-    """Supervised fine-tuning examples in JSONL, one per line, in any of three shapes:
+    """Supervised fine-tuning examples in JSONL (one per line), Parquet or a datasets folder (one per row),
+    in any of three shapes:
     {"prompt", "completion"}; Alpaca {"instruction", "input", "output"}; or chat {"messages": [{"role",
     "content"}, ...]} (system/user/assistant, OpenAI style)."""
 
     format: Literal["sft"] = Field("sft", description="Kind of data: 'sft' (instruction or chat examples, JSONL).")
     path: Path = Field(
-        description="JSONL file of training examples (a val split is held out of it unless data.val_path is set)."
+        description="JSONL or Parquet file, or datasets folder (save_to_disk), of training examples (a val "
+        "split is held out of it unless data.val_path is set)."
     )
     val_path: Path | None = Field(
         None,
-        description="JSONL file of validation examples. Default: hold out data.val_fraction of data.path (seeded).",
+        description="Validation examples (JSONL, Parquet or a datasets folder). Default: hold out data.val_fraction of data.path (seeded).",
     )
     val_fraction: Fraction = Field(0.1, description="Fraction of the examples held out for validation (no val_path).")
     template: Literal["auto", "model", "chatml", "plain"] = Field(
@@ -205,8 +210,9 @@ class TextClassificationDataConfig(Section):
         "CSV or JSONL, or a .txt corpus for masked-LM pre-training).",
     )
     path: Path = Field(
-        description="CSV file (header row; .csv.gz too) or .jsonl file of texts, or a .txt corpus "
-        "(masked-LM pre-training: split in order into train, val and test windows)."
+        description="CSV file (header row; .csv.gz too), .jsonl or .parquet file, or datasets folder "
+        "(save_to_disk) of texts, or a .txt corpus (masked-LM pre-training: split in order into train, val and "
+        "test windows)."
     )
     text: str = Field("text", description="Column (CSV) or field (JSONL) holding the text.")
     text_pair: str | None = Field(

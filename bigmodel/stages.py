@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigmodel import records
 from bigmodel.config import STDIO, Config
 from bigmodel.console import is_main_process
 from bigmodel.datasets import prepared_files
@@ -129,7 +130,8 @@ def _sources(config: Config) -> list[Path]:
     """prepare's inputs: the data file (globs are not tracked; use --force after adding files), and an
     imported model's files (its tokenizer is prepare's)."""
     path = config.data.path
-    return [*([path] if path is not None and path.is_file() else []), *_pretrained_files(config)]
+    read = records.files_of(path) if path is not None and (path.is_file() or records.is_datasets_folder(path)) else []
+    return [*read, *_pretrained_files(config)]
 
 
 def _pretrained_files(config: Config) -> list[Path]:

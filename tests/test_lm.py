@@ -160,7 +160,7 @@ def test_jsonl_sources_and_their_errors(tmp_path: Path) -> None:
     )
     assert prepare(config)["cleaning"]["documents_kept"] == 40
     result = cli("prepare", "-c", config, "--set", "data.jsonl_field=text")
-    assert result.code == 2 and "line 1 has no text field 'text'" in result.stderr
+    assert result.code == 2 and "line 1 has no field 'text' (set data.jsonl_field" in result.stderr
 
 
 def test_prepare_globs_and_missing_files(tmp_path: Path) -> None:

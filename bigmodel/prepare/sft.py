@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel import chat, console
+from bigmodel import chat, console, records
 from bigmodel import sft as examples
 from bigmodel.config import Config, GPTConfig, SFTDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, sft_files
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open, atomic_path, jsonl_objects, sha256_file, write_json
+from bigmodel.io import atomic_open, atomic_path, sha256_file, write_json
 from bigmodel.prepare.text import pretrained_tokenizer
 
 
@@ -106,9 +106,10 @@ def run(config: Config) -> dict[str, Any]:
         "format": "sft",
         "format_version": 1,
         "sources": [
-            {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+            {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size}
             for p in (data.path, data.val_path)
             if p is not None
+            for f in records.files_of(p)
         ],
         "tokenizer": {
             "kind": "pretrained",
@@ -173,19 +174,13 @@ def _records(data: SFTDataConfig, rng: np.random.Generator) -> Any:
     probability val_fraction (seeded, one draw per example in file order)."""
     sources = [(data.path, None)] + ([(data.val_path, "val")] if data.val_path is not None else [])
     for path, fixed in sources:
-        if not path.is_file():
+        if not (path.is_file() or records.is_datasets_folder(path)):
             raise UserError(f"data.{'val_path' if fixed else 'path'}: file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                for line_no, raw in jsonl_objects(handle, path):
-                    where = f"{path}: line {line_no}"
-                    record = examples.read_record(raw, where)
-                    split = fixed or (
-                        "train" if data.val_path is not None or rng.random() >= data.val_fraction else "val"
-                    )
-                    yield split, where, record
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        for line, raw in records.read(path, None):
+            where = f"{path}: {line}"
+            record = examples.read_record(raw, where)
+            split = fixed or ("train" if data.val_path is not None or rng.random() >= data.val_fraction else "val")
+            yield split, where, record
 
 
 def _fit(

@@ -25,12 +25,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from bigmodel import console
+from bigmodel import console, records
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import Config, TextDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, shard_name
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open, atomic_path, jsonl_objects, sha256_file, write_json
+from bigmodel.io import atomic_open, atomic_path, sha256_file, write_json
 
 
 @dataclass
@@ -85,7 +85,11 @@ def run(config: Config) -> dict[str, Any]:
     manifest = {
         "kind": "text-data",
         "format_version": 1,
-        "sources": [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files],
+        "sources": [
+            {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size}
+            for p in files
+            for f in records.files_of(p)
+        ],
         "tokenizer": {
             "kind": "pretrained" if pretrained else tok.kind,
             "vocab_size": tok.vocab_size,
@@ -142,7 +146,7 @@ def source_files(data: TextDataConfig) -> list[Path]:
             if not matched:
                 raise UserError(f"data.path: no files match {pattern!r}; check the pattern")
             files.extend(matched)
-        elif Path(pattern).is_file():
+        elif Path(pattern).is_file() or records.is_datasets_folder(Path(pattern)):
             files.append(Path(pattern))
         else:
             raise UserError(f"data.path: file not found: {pattern} (set data.path to a text file or glob)")
@@ -152,11 +156,12 @@ def source_files(data: TextDataConfig) -> list[Path]:
 def _documents(files: list[Path], data: TextDataConfig) -> Iterator[Iterator[str]]:
     """Each document as an iterator of raw text chunks (a whole file streams in several)."""
     for path in files:
+        if records.is_records(path):  # JSONL, Parquet, a datasets folder: one document per record
+            yield from _record_documents(path, data)
+            continue
         with open(path, encoding=data.encoding, errors="strict", newline="") as handle:
-            if path.suffix == ".jsonl":
-                documents: Iterator[Iterator[str]] = _jsonl_documents(handle, path, data.jsonl_field)
-            elif data.document == "file":
-                documents = iter([_file_chunks(handle, data.chunk_chars)])
+            if data.document == "file":
+                documents: Iterator[Iterator[str]] = iter([_file_chunks(handle, data.chunk_chars)])
             elif data.document == "line":
                 documents = (iter([line]) for line in handle)
             else:
@@ -226,13 +231,13 @@ def _paragraphs(handle: Any) -> Iterator[str]:
         yield "".join(lines)
 
 
-def _jsonl_documents(handle: Any, path: Path, key: str) -> Iterator[Iterator[str]]:
-    for line_no, record in jsonl_objects(handle, path):
-        if not isinstance(record.get(key), str):
-            raise UserError(
-                f"{path}: line {line_no} has no text field '{key}' (set data.jsonl_field to the field's name)"
-            )
-        yield iter([record[key]])
+def _record_documents(path: Path, data: TextDataConfig) -> Iterator[Iterator[str]]:
+    field = data.jsonl_field
+    hint = "set data.jsonl_field to the text's field"
+    for where, record in records.read(path, [field], hint, data.encoding):
+        if not isinstance(record.get(field), str):
+            raise UserError(f"{path}: {where}: field '{field}' is not text ({hint})")
+        yield iter([record[field]])
 
 
 # ------------------------------------------------------------------------------------------ cleaning

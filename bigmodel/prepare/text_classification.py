@@ -30,10 +30,11 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from bigmodel import console
+from bigmodel import records as records_io
 from bigmodel.config import BERTConfig, Config, TextClassificationDataConfig
 from bigmodel.datasets import DATA_FILE, MANIFEST_FILE, TOKENIZER_FILE
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open, atomic_path, jsonl_objects, require_file, sha256_file, write_json
+from bigmodel.io import atomic_open, atomic_path, require_file, write_json
 from bigmodel.prepare.tabular import SPLITS, label_order, seeded_split
 from bigmodel.tabular_io import read_csv, read_text
 
@@ -43,7 +44,13 @@ SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def run(config: Config) -> dict[str, Any]:
     data, model = _sections(config)
-    path = require_file(data.path, "data.path", "set data.path to a CSV or JSONL file of texts, or a .txt corpus")
+    path = data.path
+    if not records_io.is_datasets_folder(path):
+        require_file(
+            path,
+            "data.path",
+            "set data.path to a CSV, JSONL or Parquet file of texts, a datasets folder, or a .txt corpus",
+        )
     out_dir = config.stage_dir("prepare")
     records: list[dict[str, Any]] | None
     labels: list[str]
@@ -66,7 +73,7 @@ def run(config: Config) -> dict[str, Any]:
     manifest = {
         "kind": "text-classification-data",
         "format_version": 2,
-        "source": {"path": str(path), "sha256": sha256_file(path)},
+        "source": {"path": str(path), "sha256": records_io.sha256_of(path)},
         "task": config.task,
         "text": data.text if records is not None else None,
         "text_pair": data.text_pair if records is not None else None,
@@ -228,11 +235,11 @@ class _Fractions:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The rows of a CSV (by header name) or the objects of a JSONL file."""
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        records = [record for _, record in jsonl_objects(read_text(path).splitlines(), path)]
+    """The rows of a CSV (by header name), or the records of a JSONL or Parquet file or a datasets folder."""
+    if records_io.is_records(path):
+        records = [record for _, record in records_io.read(path, None)]
         if not records:
-            raise UserError(f"{path}: no records; one JSON object per line is expected")
+            raise UserError(f"{path}: no records; one JSON object per line (or a row per text) is expected")
         return records
     header, rows = read_csv(path)
     return [dict(zip(header, row)) for row in rows]
