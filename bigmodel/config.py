@@ -561,6 +561,13 @@ class TrainConfig(Section):
     tensorboard: bool = Field(
         False, description="Also log metrics to TensorBoard in <run_dir>/train/tensorboard (the 'tensorboard' extra)."
     )
+    mlflow: bool | str = Field(
+        False,
+        description="Also record the run in MLflow (the 'mlflow' extra): the resolved config as parameters, "
+        "every metrics.jsonl line, metrics.jsonl and config.yaml as artifacts. true: $MLFLOW_TRACKING_URI, else "
+        "a local store, sqlite:///<run_dir>/mlflow.db; or a tracking URI (http://host:5000, sqlite:///path.db). "
+        "The experiment is the run folder's name; a resumed run continues its MLflow run.",
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: ddp replicates the model on every rank; fsdp (FSDP2) shards "

@@ -38,6 +38,7 @@ COMMON_TRAIN_KEYS = frozenset(
         "patience",
         "grad_clip",
         "tensorboard",
+        "mlflow",
         "save_every",
     }
 )

@@ -27,6 +27,7 @@ from bigmodel.manifests import AdapterRecord, CheckpointManifest
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import lr_at, set_lr
 from bigmodel.train.state import checkpoint_manifest, save_model, save_training_state, start_or_resume, stop_step
+from bigmodel.train.tracking import MlflowRun
 
 
 @dataclass
@@ -85,7 +86,8 @@ def run(
         + (f", from step {loop.step}" if loop.step else "")
     )
     last_step = stop_step(total_steps, until_step, loop.step)
-    log = MetricsLog(metrics_path, tc.tensorboard, loop.step)
+    tracking = MlflowRun(config, out_dir, resuming=loop.step > 0) if tc.mlflow is not False else None
+    log = MetricsLog(metrics_path, tc.tensorboard, loop.step, tracking=tracking)
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:
             epoch, done = divmod(loop.step, steps_per_epoch)
@@ -138,7 +140,7 @@ def run(
                     last_step = loop.step
                     break
 
-    log.close()
+    log.close(finished=loop.finished)
     if not best_metrics and (out_dir / "best.safetensors").is_file():  # resumed after the best was found
         best_metrics = read_manifest(out_dir / "best.safetensors").metrics
     summary = ", ".join(f"{k} {v:.4g}" for k, v in best_metrics.items())

@@ -50,6 +50,7 @@ from bigmodel.train.state import (
     start_or_resume,
     stop_step,
 )
+from bigmodel.train.tracking import MlflowRun
 
 
 def train(
@@ -109,7 +110,8 @@ def train(
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
     last_step = stop_step(total_steps, until_step, loop.step)
-    log = MetricsLog(metrics_path, tc.tensorboard, loop.step, writes=world.is_main)
+    tracking = MlflowRun(config, out_dir, resuming=loop.step > 0) if tc.mlflow is not False and world.is_main else None
+    log = MetricsLog(metrics_path, tc.tensorboard, loop.step, writes=world.is_main, tracking=tracking)
 
     lineage = (
         {"init": sha256_file(init_path), "data": sha256_file(prepared_files(config)[1])} if world.is_main else {}
@@ -228,7 +230,7 @@ def train(
             if stop:
                 break
 
-    log.close()
+    log.close(finished=loop.finished)
     elapsed = time.perf_counter() - start
     tokens_per_s = tokens_trained / max(elapsed, 1e-9)
     best = (

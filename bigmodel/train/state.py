@@ -178,7 +178,7 @@ def run_lock(folder: Path) -> Iterator[None]:
 
 
 # What a new run replaces: every artifact an old run of this folder may have left behind.
-RUN_ARTIFACTS = ("best.safetensors", "last.safetensors", "metrics.jsonl", "tensorboard")
+RUN_ARTIFACTS = ("best.safetensors", "last.safetensors", "metrics.jsonl", "tensorboard", "mlflow.json")
 
 
 def previous_run(out_dir: Path) -> LoopState | None:
@@ -215,6 +215,7 @@ def clear_run(out_dir: Path) -> None:
 RESUME_NEUTRAL = (
     "train.log_every",
     "train.tensorboard",
+    "train.mlflow",
     "train.save_every",
     "train.distributed",
     "train.activation_checkpointing",
