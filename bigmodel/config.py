@@ -680,19 +680,30 @@ class Int4Export(Section):
         return self
 
 
-ExportFormat = Literal["onnx", "hf", "genai"]
-FORMATS_OF = {"onnx": ["onnx"], "hf": ["hf"], "genai": ["onnx", "genai"], "both": ["onnx", "hf"]}
+ExportFormat = Literal["onnx", "hf", "genai", "gguf"]
+FORMATS_OF = {"onnx": ["onnx"], "hf": ["hf"], "genai": ["onnx", "genai"], "gguf": ["gguf"], "both": ["onnx", "hf"]}
+WRITE_ORDER = ("onnx", "hf", "genai", "gguf")
+
+
+class GGUFExport(Section):
+    dtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16",
+        description="format gguf: the matrices' type (norms and biases stay f32, as llama.cpp writes them); "
+        "q8_0 is llama.cpp's 8-bit blocks of 32 (a matrix whose rows are not whole blocks: f16).",
+    )
 
 
 class ExportConfig(Section):
     checkpoint: CheckpointRef = "best"
-    format: Literal["onnx", "hf", "genai", "both"] | list[ExportFormat] = Field(
+    format: Literal["onnx", "hf", "genai", "gguf", "both"] | list[ExportFormat] = Field(
         "onnx",
         description="onnx: model.onnx for ONNX Runtime; hf: a Hugging Face folder (export/hf: gpt2, llama, "
         "qwen2 or qwen3, checked by loading it in transformers); genai: model.onnx and export/genai, the folder "
         "onnxruntime-genai's runtime loads (genai_config.json, tokenizer files; checked by generating with it); "
-        "both: onnx and hf; or a list, e.g. [onnx, hf, genai].",
+        "gguf: model.gguf for llama.cpp (llama, qwen2, qwen3; export.gguf.dtype); both: onnx and hf; or a list, "
+        "e.g. [onnx, hf, genai, gguf].",
     )
+    gguf: GGUFExport = Field(default_factory=lambda: GGUFExport(), description="format gguf: how it is written.")
     opset: int = Field(
         23,
         ge=18,
@@ -765,13 +776,13 @@ class ExportConfig(Section):
         """What the export writes, in the order it writes them (genai is made from the ONNX file)."""
         chosen = self.format if isinstance(self.format, list) else [self.format]
         wanted = {written for name in chosen for written in FORMATS_OF[name]}
-        return [name for name in ("onnx", "hf", "genai") if name in wanted]
+        return [name for name in WRITE_ORDER if name in wanted]
 
     @field_validator("format")
     @classmethod
     def _some_format(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
-            raise ValueError("export.format [] writes nothing: name one or more of onnx, hf, genai")
+            raise ValueError("export.format [] writes nothing: name one or more of onnx, hf, genai, gguf")
         return value
 
     @model_validator(mode="after")

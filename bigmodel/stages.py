@@ -158,6 +158,7 @@ def _export_outputs(config: Config) -> list[Path]:
         "onnx": folder / "model.onnx",
         "hf": folder / "hf" / "model.safetensors",
         "genai": folder / "genai" / "genai_config.json",
+        "gguf": folder / "model.gguf",
     }
     return [written[name] for name in config.export.formats]
 

@@ -28,6 +28,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: list[s
         from bigmodel.export import genai
 
         genai.check_ready(read_manifest(ckpt).data.tokenizer, str(ckpt))
+    if "gguf" in chosen:
+        from bigmodel.checkpoint import read_manifest
+        from bigmodel.export import gguf_file
+
+        manifest = read_manifest(ckpt)
+        gguf_file.check_ready(manifest.architecture, manifest.data.tokenizer, str(ckpt))  # type: ignore[arg-type]
     outputs: dict[str, Any] = {}
     if "onnx" in chosen:
         outputs.update(family(config.model.family).module("exporter").export_checkpoint(config, ckpt, out_dir))
@@ -37,6 +43,8 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: list[s
         outputs.update(hf.export_checkpoint(config, ckpt, out_dir))
     if "genai" in chosen:
         outputs.update(genai.export_folder(config, out_dir / "model.onnx", out_dir))
+    if "gguf" in chosen:
+        outputs.update(gguf_file.export_checkpoint(config, ckpt, out_dir))
     if config.export.peft and formats is None:
         from bigmodel.export import hf
 

@@ -1,0 +1,295 @@
+"""export.format gguf: a checkpoint as a GGUF file for llama.cpp (and ollama, LM Studio, llama-cpp-python).
+
+Written with the `gguf` package the way llama.cpp's converter (convert_hf_to_gguf.py) writes a Hugging
+Face model: its architecture names (llama, qwen2, qwen3), its tensor names -- the same table bigmodel's GGUF
+import reads (pretrained/gguf_file.py), inverted here, so the two cannot drift -- a llama's q/k rows
+permuted for llama.cpp's RoPE layout (qwen2/qwen3 files are not), norms and biases in F32, and the
+tokenizer as byte-level BPE vocabulary + merges + token types, special tokens and the chat template.
+Matrices in `export.gguf.dtype`: f32, f16, bf16 or q8_0 (the gguf package's own quantiser; a matrix whose
+rows are not whole blocks of 32 is written f16, as llama.cpp does).
+
+The file is streamed: every tensor's size is known from the architecture, so the header is written first
+and then each tensor, read from the checkpoint one at a time. The gate reads the written file back with
+bigmodel's GGUF import (the reader init.from uses, itself held to transformers' GGUF loader) and requires
+every tensor to equal the checkpoint's after the same rounding (f32: bit for bit) -- names, shapes,
+permutation and tokenizer; llama.cpp running it is checked in the tests (llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigmodel import console, registry, streaming
+from bigmodel import tokenizer as tokenizers
+from bigmodel.arch import DecoderArch
+from bigmodel.config import Config
+from bigmodel.errors import GateFailed, UserError
+from bigmodel.export.hf import hf_model_type
+from bigmodel.io import atomic_path, write_json
+from bigmodel.manifests import DataInfo
+from bigmodel.pretrained import decoder_targets
+from bigmodel.pretrained.gguf_file import LAYER, PART, PERMUTED
+
+FILE = "model.gguf"
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # Hugging Face model type -> GGUF's
+Q8_BLOCK = 32
+
+
+def check_ready(arch: DecoderArch, tokenizer_json: str | None, where: str) -> str:
+    """The GGUF architecture a checkpoint is written as; refused (before anything is exported) when
+    llama.cpp has no mapping bigmodel writes, or the tokenizer is not byte-level BPE."""
+    try:
+        model_type = hf_model_type(arch)
+    except UserError:
+        model_type = "none"
+    if model_type not in ARCHITECTURES or any(arch.windows) or arch.n_experts:
+        raise UserError(
+            f"export.format 'gguf': {where} is a {model_type} model, which bigmodel does not write as GGUF yet "
+            f"(it writes {', '.join(ARCHITECTURES)} without sliding windows or experts); use format onnx or hf"
+        )
+    if arch.rope_scaling is not None and arch.rope_scaling.kind != "linear":
+        raise UserError(
+            f"export.format 'gguf': rope scaling {arch.rope_scaling.kind!r} is written by llama.cpp as a "
+            "rope_freqs tensor, which bigmodel does not write yet; use format onnx or hf"
+        )
+    if not isinstance(tokenizers.from_json(tokenizer_json or "", f"{where} (tokenizer)"), tokenizers.BPETokenizer):
+        raise UserError(
+            "export.format 'gguf': llama.cpp reads byte-level BPE tokenizers, and a character-level tokenizer has "
+            "no such form; use a BPE tokenizer (data.tokenizer.kind: bpe) or an imported model's"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+    """`ckpt` as out_dir/model.gguf, published once bigmodel's GGUF import reads it back as the checkpoint."""
+    weights, manifest = registry.open_weights(ckpt)
+    arch = manifest.architecture
+    assert isinstance(arch, DecoderArch)  # (config validation: format gguf is for decoders)
+    architecture = check_ready(arch, manifest.data.tokenizer, str(ckpt))
+    dtype = config.export.gguf.dtype
+    plan = tensor_plan(arch, set(weights.names()), architecture)
+    final = out_dir / FILE
+    with atomic_path(final) as tmp:  # (renamed into place only once the gate passed)
+        written = write(tmp, arch, architecture, manifest.data, weights, plan, dtype)
+        report = check(tmp, weights, plan, architecture, arch, dtype)
+        write_json(out_dir / "gguf_parity.json", {"checkpoint": str(ckpt), "file": str(final), **report})
+        verdict = "ok" if report["passed"] else "FAILED"
+        console.info(
+            f"export: GGUF ({architecture}, {dtype}) read back by bigmodel's GGUF import: {report['tensors']} "
+            f"tensors, max abs difference {report['max_abs_diff']:.3g} after {dtype} rounding -> {verdict}"
+        )
+        if not report["passed"]:
+            raise GateFailed(
+                f"export.format 'gguf': the written file does not read back as the checkpoint (tensor "
+                f"{report['worst']}); it was not published",
+                {"gguf": report},
+            )
+    console.info(f"export: {final} ({written:,} bytes; llama.cpp: llama-cli -m {final})")
+    return {"gguf_file": str(final), "gguf_dtype": dtype, "gguf_bytes": written}
+
+
+def tensor_plan(arch: DecoderArch, stored: set[str], architecture: str) -> dict[str, tuple[str, int, int]]:
+    """GGUF tensor name -> (checkpoint name, first row, rows), in the order llama.cpp's converter writes
+    them: the inverse of the import's table (a fused c_attn is written as attn_q, attn_k and attn_v)."""
+    top = {
+        "token_embd.weight": "transformer.wte.weight",
+        "output_norm.weight": "transformer.ln_f.weight",
+        "output.weight": "lm_head.weight",
+    }
+    layer = {gguf: ours for gguf, ours in LAYER.items() if PART not in gguf and gguf != "attn_qkv.weight"}
+    names = [*top] + [
+        f"blk.{i}.{rest}"
+        for i in range(arch.n_layer)
+        for rest in [*layer, *(f"attn_{p}.{kind}" for p in "qkv" for kind in ("weight", "bias"))]
+    ]
+    rows = {"attn_q": arch.q_width, "attn_k": arch.kv_width, "attn_v": arch.kv_width}
+    plan = {}
+    for name, (ours, first) in decoder_targets(
+        arch, names, top, "blk.", layer, {f"attn_{p}": p for p in "qkv"}
+    ).items():
+        if f"model.{ours}" not in stored or (name == "output.weight" and arch.tie_embeddings):
+            continue  # (a tied head: llama.cpp reads token_embd; absent norms, biases, QK-norms)
+        module = name.split(".")[-2]
+        plan[name] = (f"model.{ours}", first, rows.get(module, 0))
+    del architecture  # (the same table for llama, qwen2 and qwen3; only the permutation differs)
+    return plan
+
+
+def _tensor(
+    weights: streaming.Readable, source: tuple[str, int, int], name: str, arch: DecoderArch, architecture: str
+) -> torch.Tensor:
+    """One GGUF tensor's values in fp32 (PyTorch's (out, in) layout), permuted where llama.cpp permutes."""
+    ours, first, rows = source
+    value = weights.read(ours)
+    if rows:
+        value = value[first : first + rows]
+    value = value.float()
+    if architecture in PERMUTED and name.split(".")[-2] in ("attn_q", "attn_k"):
+        heads = arch.n_head if ".attn_q." in name else arch.n_kv_head
+        value = permute(value, heads)
+    return value.contiguous()
+
+
+def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order for its RoPE (neighbouring dimensions paired): per head, rows (0, 1, ...,
+    hs-1) -> (0, hs/2, 1, hs/2+1, ...); bigmodel's import undoes it (pretrained/gguf_file.unpermute)."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def encoded(value: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+    """(the bytes as a uint8 array of shape (rows, bytes per row), their GGML type): 1-D tensors in F32."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if value.dim() == 1 or dtype == "f32":
+        array, kind = value.numpy().astype(np.float32), Q.F32
+    elif dtype == "bf16":
+        array, kind = value.to(torch.bfloat16).view(torch.int16).numpy(), Q.BF16
+    elif dtype == "q8_0" and value.shape[-1] % Q8_BLOCK == 0:
+        return quantize(value.numpy(), Q.Q8_0), Q.Q8_0
+    else:  # f16, and q8_0's matrices whose rows are not whole blocks
+        array, kind = value.numpy().astype(np.float16), Q.F16
+    return array.view(np.uint8).reshape(*array.shape[:-1], -1), kind
+
+
+def write(
+    path: Path,
+    arch: DecoderArch,
+    architecture: str,
+    data: DataInfo,
+    weights: streaming.Readable,
+    plan: dict[str, tuple[str, int, int]],
+    dtype: str,
+) -> int:
+    """The GGUF file: metadata, then every tensor's description, then each tensor read, converted, written."""
+    import gguf
+
+    from bigmodel.models.gpt import GPT
+
+    with torch.device("meta"):
+        shapes = {f"model.{n}": tuple(t.shape) for n, t in GPT(arch).state_dict(keep_vars=True).items()}
+    writer = gguf.GGUFWriter(str(path), architecture)
+    _metadata(writer, arch, data)
+    for name, (ours, _, rows) in plan.items():  # sizes first: the header lists every tensor before any data
+        shape = (rows, *shapes[ours][1:]) if rows else shapes[ours]
+        one_row, kind = encoded(torch.zeros((1, *shape[1:]) if len(shape) > 1 else (shape[0],)), dtype)
+        byte_shape = (shape[0], one_row.shape[-1]) if len(shape) > 1 else one_row.shape
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, source in plan.items():
+        array, _ = encoded(_tensor(weights, source, name, arch, architecture), dtype)
+        writer.write_tensor_data(array)
+    writer.close()
+    return path.stat().st_size
+
+
+def _metadata(writer: Any, arch: DecoderArch, data: DataInfo) -> None:
+    writer.add_name("bigmodel export")
+    writer.add_block_count(arch.n_layer)
+    writer.add_context_length(arch.block_size)
+    writer.add_embedding_length(arch.n_embd)
+    writer.add_feed_forward_length(arch.mlp_hidden[0])
+    writer.add_head_count(arch.n_head)
+    writer.add_head_count_kv(arch.n_kv_head)
+    writer.add_rope_freq_base(arch.rope_theta)
+    writer.add_layer_norm_rms_eps(arch.norm_eps)
+    writer.add_rope_dimension_count(arch.head_size)
+    writer.add_key_length(arch.head_size)
+    writer.add_value_length(arch.head_size)
+    writer.add_vocab_size(arch.vocab_size)
+    if arch.rope_scaling is not None:  # (linear only: check_ready)
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(arch.rope_scaling.factor)
+    _tokenizer(writer, arch, data)
+
+
+def _tokenizer(writer: Any, arch: DecoderArch, data: DataInfo) -> None:
+    """Byte-level BPE as llama.cpp's converter writes it: every token in id order (the model's rows past the
+    tokenizer's padded with unused tokens), its type (1 normal, 3 control, 4 user-defined, 5 unused), the
+    merges, special token ids, whether a BOS is added, and the chat template."""
+    import json
+
+    spec = json.loads(data.tokenizer or "{}")
+    vocab = dict(spec["model"]["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    vocab.update({content: t["id"] for content, t in added.items()})
+    by_id = {i: token for token, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(arch.vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"<unused{i}>")
+            types.append(5)
+        else:
+            tokens.append(token)
+            types.append((3 if added[token].get("special") else 4) if token in added else 1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    special = data.special_tokens or {}
+    if special.get("bos") is not None:
+        writer.add_bos_token_id(special["bos"])
+    eos = special.get("eos") or []
+    if eos:
+        writer.add_eos_token_id(eos[0])
+    if special.get("pad") is not None:
+        writer.add_pad_token_id(special["pad"])
+    bos = special.get("bos")
+    adds_bos = bos is not None and tokenizers.from_json(data.tokenizer or "").encode("a")[:1] == [bos]
+    writer.add_add_bos_token(adds_bos)
+    if data.chat_template:
+        writer.add_chat_template(data.chat_template)
+
+
+def check(
+    path: Path,
+    weights: streaming.Readable,
+    plan: dict[str, tuple[str, int, int]],
+    architecture: str,
+    arch: DecoderArch,
+    dtype: str,
+) -> dict[str, Any]:
+    """The written file read back by bigmodel's GGUF import, against the checkpoint rounded as written."""
+    from gguf.quants import dequantize
+
+    from bigmodel.pretrained.gguf_file import describe
+
+    source = describe(path)
+    missing = sorted(set(plan) - set(source.targets))
+    worst, largest = "", 0.0
+    for name, origin in plan.items():
+        if name in missing:
+            continue
+        expected = _tensor(weights, origin, name, arch, architecture)
+        array, kind = encoded(expected, dtype)
+        rounded = dequantize(array, kind).reshape(expected.shape)
+        if name.split(".")[-2] in ("attn_q", "attn_k") and architecture in PERMUTED:  # the import undoes it
+            from bigmodel.pretrained.gguf_file import unpermute
+
+            heads = arch.n_head if ".attn_q." in name else arch.n_kv_head
+            rounded = unpermute(rounded, heads)
+        difference = float(np.abs(source.fetch(name).numpy() - rounded).max()) if rounded.size else 0.0
+        if difference > largest or not worst:
+            worst, largest = name, max(largest, difference)
+    tokenizer_same = source.tokenizer_json is not None
+    return {
+        "architecture": architecture,
+        "dtype": dtype,
+        "tensors": len(plan) - len(missing),
+        "missing": missing,
+        "max_abs_diff": largest,
+        "worst": worst,
+        "tokenizer": tokenizer_same,
+        "passed": not missing and largest == 0.0,
+    }

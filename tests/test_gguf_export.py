@@ -1,0 +1,139 @@
+"""export.format gguf: llama.cpp's file format written from a checkpoint. The oracles: transformers' own
+GGUF loader (bigmodel's import gate compares with it when the written file is imported again) and
+llama.cpp itself through llama-cpp-python (slow tier, where it is installed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from bigmodel import tokenizer as tokenizers
+from bigmodel.checkpoint import read_manifest
+from tests import hf_models
+from tests.conftest import cli, write_config
+from tests.test_deploy_lm import lm_run  # noqa: F401  (a fixture: a tiny trained model, character-level)
+
+pytest.importorskip("gguf")
+TEXT = "def add(a, b):\n    return a + b  # The quick brown fox"
+
+
+def imported(tmp: Path, kind: str) -> Path:
+    """A tiny random `kind` model imported (init) from a folder transformers wrote; its config."""
+    source = hf_models.make(kind, tmp / kind)
+    (tmp / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
+    config = write_config(
+        tmp / f"{kind}.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": f"run-{kind}",
+            "data": {"format": "text", "path": "corpus.txt"},
+            "init": {"from": str(source)},
+            "export": {"checkpoint": "init", "format": "gguf"},
+        },
+    )
+    for stage in ("prepare", "init"):
+        result = cli(stage, "-c", config, "-q")
+        assert result.code == 0, result.stderr
+    return config
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_a_gguf_export_imports_again_as_the_same_model(tmp_path: Path, kind: str) -> None:
+    config = imported(tmp_path, kind)
+    result = cli("export", "-c", config, "--set", "export.gguf.dtype=f32", "-q")
+    assert result.code == 0, result.stderr
+    written = tmp_path / f"run-{kind}" / "export" / "model.gguf"
+    report = json.loads((written.parent / "gguf_parity.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] == 0 and not report["missing"]
+    # the written file imported again: transformers' GGUF loader agrees with it (init's gate), and the
+    # weights are the checkpoint's bit for bit
+    again = write_config(
+        tmp_path / "again.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": "again",
+            "data": {"format": "text", "path": "corpus.txt"},
+            "init": {"from": str(written)},
+        },
+    )
+    for stage in ("prepare", "init"):
+        result = cli(stage, "-c", again, "-q")
+        assert result.code == 0, result.stderr
+    ours = load_file(str(tmp_path / f"run-{kind}" / "init" / "model.safetensors"))
+    back = load_file(str(tmp_path / "again" / "init" / "model.safetensors"))
+    assert set(ours) == set(back) and all(bool((ours[k].float() == back[k].float()).all()) for k in ours)
+    first, second = (
+        tokenizers.from_json(read_manifest(tmp_path / run / "init" / "model.safetensors").data.tokenizer or "")
+        for run in (f"run-{kind}", "again")
+    )
+    assert first.encode(TEXT) == second.encode(TEXT)
+
+
+def test_gguf_dtypes_round_as_llama_cpp_writes_them(tmp_path: Path) -> None:
+    config = imported(tmp_path, "llama")
+    sizes = {}
+    for dtype in ("f32", "f16", "bf16", "q8_0"):
+        result = cli("export", "-c", config, "--set", f"export.gguf.dtype={dtype}", "--json", "-q")
+        assert result.code == 0, result.stderr
+        assert result.json()["gguf_dtype"] == dtype
+        report = json.loads((tmp_path / "run-llama" / "export" / "gguf_parity.json").read_text())
+        assert report["passed"] and report["dtype"] == dtype
+        sizes[dtype] = (tmp_path / "run-llama" / "export" / "model.gguf").stat().st_size
+    assert sizes["f32"] > sizes["f16"] == sizes["bf16"] > sizes["q8_0"]
+
+
+def test_what_llama_cpp_cannot_take_is_refused_before_exporting(lm_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    result = cli("export", "-c", lm_run, "--set", "export.format=gguf")
+    assert result.code == 2 and "export.format 'gguf'" in result.stderr
+    assert "does not write as GGUF yet" in result.stderr  # (learned positions: a gpt2-shaped model)
+    assert (
+        len(result.stderr.strip().splitlines()) == 1 and not (lm_run.parent / "run" / "export" / "model.gguf").exists()
+    )
+    config = imported(tmp_path, "olmoe")  # a mixture of experts
+    result = cli("export", "-c", config)
+    assert result.code == 2 and "does not write as GGUF yet" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_llama_cpp_runs_the_gguf_export_as_bigmodel_does(tmp_path: Path, dtype: str) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    config = imported(tmp_path, "llama")
+    result = cli(
+        "export", "-c", config, "--set", "export.format=[onnx, gguf]", "--set", f"export.gguf.dtype={dtype}", "-q"
+    )
+    assert result.code == 0, result.stderr
+    export = tmp_path / "run-llama" / "export"
+    model = llama_cpp.Llama(str(export / "model.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    meta = read_manifest(tmp_path / "run-llama" / "init" / "model.safetensors")
+    ids = tokenizers.from_json(meta.data.tokenizer or "").encode(TEXT)
+    assert model.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # llama.cpp's tokenizer agrees
+    model.eval(ids)
+    theirs = np.array(model.scores[: len(ids)], dtype=np.float32)
+    from bigmodel.infer.gpt import Decoder
+    from bigmodel.infer.session import open_model
+    from bigmodel.manifests import DecoderMetadata
+
+    session, onnx_meta = open_model(export / "model.onnx", ["CPUExecutionProvider"], 1, DecoderMetadata)
+    decoder = Decoder.from_session(session, onnx_meta, export / "model.onnx")
+    ours, _ = decoder.run(np.array([ids]), decoder.empty_cache(1))
+    tolerance = 1e-3 if dtype == "f32" else 0.05 * float(np.abs(ours).max())
+    assert float(np.abs(ours[0] - theirs).max()) <= tolerance
+    # 32 greedy tokens: llama.cpp's sampler at temperature 0 against bigmodel infer's
+    model.reset()
+    theirs_tokens = []
+    for token in model.generate(ids, temp=0.0, top_k=1):
+        theirs_tokens.append(token)
+        if len(theirs_tokens) == 32:
+            break
+    from bigmodel.config import InferConfig
+
+    ours_tokens = list(decoder.tokens(ids, InferConfig(temperature=0, max_new_tokens=32), np.random.default_rng(0)))
+    stop = next((i for i, t in enumerate(ours_tokens) if t in decoder.eos_ids), len(ours_tokens))
+    assert theirs_tokens[:stop] == ours_tokens[:stop]
