@@ -172,6 +172,30 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
     return folder
 
 
+def imported_run(tmp: Path, kind: str, run_dir: str, export: dict[str, Any], stages: tuple[str, ...] = ()) -> Path:
+    """A config importing a tiny random `kind` model (written by transformers) over a small Python corpus,
+    with these export settings; `stages` run now (each must succeed). Returns the config's path."""
+    from tests.conftest import cli, write_config
+
+    source = make(kind, tmp / kind)
+    (tmp / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
+    config = write_config(
+        tmp / f"{run_dir}.yaml",
+        {
+            "seed": 0,
+            "threads": 1,
+            "run_dir": run_dir,
+            "data": {"format": "text", "path": "corpus.txt"},
+            "init": {"from": str(source)},
+            "export": {"checkpoint": "init", **export},
+        },
+    )
+    for stage in stages:
+        result = cli(stage, "-c", config, "-q")
+        assert result.code == 0, f"{stage}: {result.stderr}"
+    return config
+
+
 def write_gguf(folder: Path, path: Path, dtypes: dict[str, Any] | None = None) -> Path:
     """A llama.cpp-style GGUF file (F32 tensors) of a llama, qwen2, qwen3, phi3, qwen3_moe, gemma2 or gemma3_text
     folder `folder`, written with the `gguf` package as llama.cpp's converter writes it: its names, a llama's

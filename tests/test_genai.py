@@ -33,22 +33,13 @@ def og_greedy(og: object, model: object, ids: list[int], new_tokens: int) -> lis
 @pytest.mark.parametrize("dtype", ["fp32", "int4"])
 def test_onnxruntime_genai_generates_what_bigmodel_infer_does(tmp_path: Path, dtype: str) -> None:
     og = pytest.importorskip("onnxruntime_genai")
-    source = hf_models.make("llama", tmp_path / "llama")
-    (tmp_path / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
-    config = write_config(
-        tmp_path / "c.yaml",
-        {
-            "seed": 0,
-            "threads": 1,
-            "run_dir": "run",
-            "data": {"format": "text", "path": "corpus.txt"},
-            "init": {"from": str(source)},
-            "export": {"checkpoint": "init", "format": ["onnx", "genai"], "dtype": dtype, "external_data": True},
-        },
+    config = hf_models.imported_run(
+        tmp_path,
+        "llama",
+        "run",
+        {"format": ["onnx", "genai"], "dtype": dtype, "external_data": True},
+        ("prepare", "init", "export"),
     )
-    for stage in ("prepare", "init", "export"):
-        result = cli(stage, "-c", config, "-q")
-        assert result.code == 0, result.stderr
     export = tmp_path / "run" / "export"
     folder = export / "genai"
     assert sorted(p.name for p in folder.iterdir()) == [

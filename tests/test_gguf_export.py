@@ -23,23 +23,7 @@ TEXT = "def add(a, b):\n    return a + b  # The quick brown fox"
 
 def imported(tmp: Path, kind: str) -> Path:
     """A tiny random `kind` model imported (init) from a folder transformers wrote; its config."""
-    source = hf_models.make(kind, tmp / kind)
-    (tmp / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
-    config = write_config(
-        tmp / f"{kind}.yaml",
-        {
-            "seed": 0,
-            "threads": 1,
-            "run_dir": f"run-{kind}",
-            "data": {"format": "text", "path": "corpus.txt"},
-            "init": {"from": str(source)},
-            "export": {"checkpoint": "init", "format": "gguf"},
-        },
-    )
-    for stage in ("prepare", "init"):
-        result = cli(stage, "-c", config, "-q")
-        assert result.code == 0, result.stderr
-    return config
+    return hf_models.imported_run(tmp, kind, f"run-{kind}", {"format": "gguf"}, ("prepare", "init"))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])

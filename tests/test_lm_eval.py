@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests import hf_models
-from tests.conftest import cli, write_config
 from tests.test_serve import server
 
 QUESTIONS = [
@@ -80,22 +79,7 @@ def test_lm_eval_against_serve_equals_lm_eval_on_the_hf_export(tmp_path: Path, m
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    source = hf_models.make("llama", tmp_path / "llama")
-    (tmp_path / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
-    config = write_config(
-        tmp_path / "import.yaml",
-        {
-            "seed": 0,
-            "threads": 1,
-            "run_dir": "run",
-            "data": {"format": "text", "path": "corpus.txt"},
-            "init": {"from": str(source)},
-            "export": {"checkpoint": "init", "format": "both"},
-        },
-    )
-    for stage in ("prepare", "init", "export"):
-        result = cli(stage, "-c", config, "-q")
-        assert result.code == 0, result.stderr
+    hf_models.imported_run(tmp_path, "llama", "run", {"format": "both"}, ("prepare", "init", "export"))
     hf_folder = tmp_path / "run" / "export" / "hf"
     tasks = write_tasks(tmp_path / "tasks")
     theirs = evaluate("hf", f"pretrained={hf_folder},dtype=float32,device=cpu", tasks, 1)
