@@ -686,10 +686,11 @@ WRITE_ORDER = ("onnx", "hf", "genai", "gguf")
 
 
 class GGUFExport(Section):
-    dtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+    dtype: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] = Field(
         "f16",
         description="format gguf: the matrices' type (norms and biases stay f32, as llama.cpp writes them); "
-        "q8_0 is llama.cpp's 8-bit blocks of 32 (a matrix whose rows are not whole blocks: f16).",
+        "q8_0 is llama.cpp's 8-bit blocks of 32 (a matrix whose rows are not whole blocks: f16); q4_k_m is "
+        "llama.cpp's 4-bit K-quant mix, made by its own quantizer from the f16 file (needs llama-cpp-python).",
     )
 
 

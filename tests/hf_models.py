@@ -172,12 +172,15 @@ def make(kind: str, folder: Path, **overrides: object) -> Path:
     return folder
 
 
-def imported_run(tmp: Path, kind: str, run_dir: str, export: dict[str, Any], stages: tuple[str, ...] = ()) -> Path:
-    """A config importing a tiny random `kind` model (written by transformers) over a small Python corpus,
-    with these export settings; `stages` run now (each must succeed). Returns the config's path."""
+def imported_run(
+    tmp: Path, kind: str, run_dir: str, export: dict[str, Any], stages: tuple[str, ...] = (), **overrides: object
+) -> Path:
+    """A config importing a tiny random `kind` model (written by transformers; `overrides` of its config)
+    over a small Python corpus, with these export settings; `stages` run now (each must succeed). Returns
+    the config's path."""
     from tests.conftest import cli, write_config
 
-    source = make(kind, tmp / kind)
+    source = make(kind, tmp / kind, **overrides)
     (tmp / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
     config = write_config(
         tmp / f"{run_dir}.yaml",

@@ -5,6 +5,7 @@ llama.cpp itself through llama-cpp-python (slow tier, where it is installed)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,40 @@ def test_what_llama_cpp_cannot_take_is_refused_before_exporting(lm_run: Path, tm
     assert result.code == 2 and "does not write as GGUF yet" in result.stderr
 
 
+def test_k_quants_without_llama_cpp_are_refused_before_exporting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = imported(tmp_path, "llama")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # a machine without llama-cpp-python: its import fails
+    result = cli("export", "-c", config, "--set", "export.gguf.dtype=q4_k_m")
+    assert result.code == 2 and "pip install llama-cpp-python" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run-llama" / "export" / "model.gguf").exists()
+
+
+@pytest.mark.slow
+def test_q4_k_m_is_llama_cpps_own_quantisation_of_the_f16_file(tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    # widths of whole K-quant super-blocks (256), so the mix is really Q4_K/Q6_K, not fallbacks
+    config = hf_models.imported_run(
+        tmp_path, "llama", "run", {"format": "gguf"}, ("prepare", "init"), hidden_size=256, intermediate_size=512
+    )
+    export = tmp_path / "run" / "export"
+    assert cli("export", "-c", config, "--set", "export.gguf.dtype=f16", "-q").code == 0
+    (export / "model.gguf").rename(export / "f16.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    out = str(export / "theirs.gguf").encode()
+    assert llama_cpp.llama_model_quantize(str(export / "f16.gguf").encode(), out, ctypes.byref(params)) == 0
+    result = cli("export", "-c", config, "--set", "export.gguf.dtype=q4_k_m", "-q")
+    assert result.code == 0, result.stderr
+    report = json.loads((export / "gguf_parity.json").read_text())
+    assert report["passed"] and 0.0 < report["max_relative_rms_error"] < report["limit"]
+    assert (export / "model.gguf").read_bytes() == (export / "theirs.gguf").read_bytes()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_llama_cpp_runs_the_gguf_export_as_bigmodel_does(tmp_path: Path, dtype: str) -> None:
@@ -94,7 +129,15 @@ def test_llama_cpp_runs_the_gguf_export_as_bigmodel_does(tmp_path: Path, dtype: 
     )
     assert result.code == 0, result.stderr
     export = tmp_path / "run-llama" / "export"
-    model = llama_cpp.Llama(str(export / "model.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    model = llama_cpp.Llama(  # an f32 KV cache (llama.cpp's default is f16, which alone moves logits ~1e-2)
+        str(export / "model.gguf"),
+        n_ctx=128,
+        logits_all=True,
+        n_threads=1,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        verbose=False,
+    )
     meta = read_manifest(tmp_path / "run-llama" / "init" / "model.safetensors")
     ids = tokenizers.from_json(meta.data.tokenizer or "").encode(TEXT)
     assert model.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # llama.cpp's tokenizer agrees
@@ -109,15 +152,17 @@ def test_llama_cpp_runs_the_gguf_export_as_bigmodel_does(tmp_path: Path, dtype: 
     ours, _ = decoder.run(np.array([ids]), decoder.empty_cache(1))
     tolerance = 1e-3 if dtype == "f32" else 0.05 * float(np.abs(ours).max())
     assert float(np.abs(ours[0] - theirs).max()) <= tolerance
-    # 32 greedy tokens: llama.cpp's sampler at temperature 0 against bigmodel infer's
+    # greedy tokens, as many as the context holds (up to 32; past it bigmodel slides its window and
+    # llama.cpp runs beyond the trained context): llama.cpp's sampler at temperature 0 against bigmodel's
+    new = min(32, decoder.block_size - len(ids))
     model.reset()
     theirs_tokens = []
     for token in model.generate(ids, temp=0.0, top_k=1):
         theirs_tokens.append(token)
-        if len(theirs_tokens) == 32:
+        if len(theirs_tokens) == new:
             break
     from bigmodel.config import InferConfig
 
-    ours_tokens = list(decoder.tokens(ids, InferConfig(temperature=0, max_new_tokens=32), np.random.default_rng(0)))
+    ours_tokens = list(decoder.tokens(ids, InferConfig(temperature=0, max_new_tokens=new), np.random.default_rng(0)))
     stop = next((i for i, t in enumerate(ours_tokens) if t in decoder.eos_ids), len(ours_tokens))
-    assert theirs_tokens[:stop] == ours_tokens[:stop]
+    assert new >= 16 and theirs_tokens[:stop] == ours_tokens[:stop]

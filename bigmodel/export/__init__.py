@@ -33,7 +33,12 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: list[s
         from bigmodel.export import gguf_file
 
         manifest = read_manifest(ckpt)
-        gguf_file.check_ready(manifest.architecture, manifest.data.tokenizer, str(ckpt))  # type: ignore[arg-type]
+        gguf_file.check_ready(
+            manifest.architecture,  # type: ignore[arg-type]
+            manifest.data.tokenizer,
+            str(ckpt),
+            config.export.gguf.dtype,
+        )
     outputs: dict[str, Any] = {}
     if "onnx" in chosen:
         outputs.update(family(config.model.family).module("exporter").export_checkpoint(config, ckpt, out_dir))

@@ -17,6 +17,7 @@ permutation and tokenizer; llama.cpp running it is checked in the tests (llama-c
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,19 @@ from bigmodel.pretrained import decoder_targets
 from bigmodel.pretrained.gguf_file import LAYER, PART, PERMUTED
 
 FILE = "model.gguf"
+SAMPLE = "def add(a, b):\n    return a + b  # 1905: héllo, wörld! 你好 🙂\n\tThe quick brown fox."
+# llama.cpp's K-quant mixes, made by its own quantizer (llama-cpp-python) from the f16 file
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # Hugging Face model type -> GGUF's
 Q8_BLOCK = 32
 
 
-def check_ready(arch: DecoderArch, tokenizer_json: str | None, where: str) -> str:
+def check_ready(arch: DecoderArch, tokenizer_json: str | None, where: str, dtype: str = "f16") -> str:
     """The GGUF architecture a checkpoint is written as; refused (before anything is exported) when
-    llama.cpp has no mapping bigmodel writes, or the tokenizer is not byte-level BPE."""
+    llama.cpp has no mapping bigmodel writes, the tokenizer is not byte-level BPE, or a K-quant is asked
+    for without llama.cpp's quantizer installed."""
+    if dtype in K_QUANTS:
+        _llama_cpp(dtype)
     try:
         model_type = hf_model_type(arch)
     except UserError:
@@ -69,18 +76,31 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     weights, manifest = registry.open_weights(ckpt)
     arch = manifest.architecture
     assert isinstance(arch, DecoderArch)  # (config validation: format gguf is for decoders)
-    architecture = check_ready(arch, manifest.data.tokenizer, str(ckpt))
     dtype = config.export.gguf.dtype
+    architecture = check_ready(arch, manifest.data.tokenizer, str(ckpt), dtype)
     plan = tensor_plan(arch, set(weights.names()), architecture)
     final = out_dir / FILE
+    tokenizer_json = manifest.data.tokenizer or ""
     with atomic_path(final) as tmp:  # (renamed into place only once the gate passed)
-        written = write(tmp, arch, architecture, manifest.data, weights, plan, dtype)
-        report = check(tmp, weights, plan, architecture, arch, dtype)
+        if dtype in K_QUANTS:
+            with tempfile.TemporaryDirectory(dir=out_dir) as work:  # llama.cpp's quantizer reads a float file
+                f16 = Path(work) / "model.f16.gguf"
+                write(f16, arch, architecture, manifest.data, weights, plan, "f16")
+                quantize_with_llama_cpp(f16, tmp, dtype)
+            written = tmp.stat().st_size
+        else:
+            written = write(tmp, arch, architecture, manifest.data, weights, plan, dtype)
+        report = check(tmp, weights, plan, architecture, arch, dtype, tokenizer_json)
         write_json(out_dir / "gguf_parity.json", {"checkpoint": str(ckpt), "file": str(final), **report})
         verdict = "ok" if report["passed"] else "FAILED"
+        measure = (
+            f"max abs difference {report['max_abs_diff']:.3g} after {dtype} rounding"
+            if dtype not in K_QUANTS
+            else f"worst relative RMS error {report['max_relative_rms_error']:.3f} (limit {report['limit']})"
+        )
         console.info(
             f"export: GGUF ({architecture}, {dtype}) read back by bigmodel's GGUF import: {report['tensors']} "
-            f"tensors, max abs difference {report['max_abs_diff']:.3g} after {dtype} rounding -> {verdict}"
+            f"tensors, {measure}, tokenizer {'agrees' if report['tokenizer_agrees'] else 'DISAGREES'} -> {verdict}"
         )
         if not report["passed"]:
             raise GateFailed(
@@ -90,6 +110,29 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             )
     console.info(f"export: {final} ({written:,} bytes; llama.cpp: llama-cli -m {final})")
     return {"gguf_file": str(final), "gguf_dtype": dtype, "gguf_bytes": written}
+
+
+def quantize_with_llama_cpp(source: Path, target: Path, dtype: str) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize, through llama-cpp-python) from `source` to `target`."""
+    import ctypes
+
+    llama_cpp = _llama_cpp(dtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[dtype])
+    params.nthread = max(1, torch.get_num_threads())
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise UserError(f"export.gguf.dtype {dtype}: llama.cpp's quantizer failed on {source}")
+
+
+def _llama_cpp(dtype: str) -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(
+            f"export.gguf.dtype {dtype} is made by llama.cpp's own quantizer, through llama-cpp-python, which is "
+            "not installed: pip install llama-cpp-python (or choose f16, bf16, f32 or q8_0)"
+        ) from None
+    return llama_cpp
 
 
 def tensor_plan(arch: DecoderArch, stored: set[str], architecture: str) -> dict[str, tuple[str, int, int]]:
@@ -259,37 +302,54 @@ def check(
     architecture: str,
     arch: DecoderArch,
     dtype: str,
+    tokenizer_json: str,
 ) -> dict[str, Any]:
-    """The written file read back by bigmodel's GGUF import, against the checkpoint rounded as written."""
+    """The written file read back by bigmodel's GGUF import: each tensor against the checkpoint rounded
+    as written (f32, f16, bf16, q8_0: equal), or, for llama.cpp's K-quants (whose per-tensor types its
+    quantizer picks), within MAX_ROUNDING relative RMS error of the checkpoint; and its tokenizer encoding a
+    sample text as the checkpoint's does."""
     from gguf.quants import dequantize
 
-    from bigmodel.pretrained.gguf_file import describe
+    from bigmodel.export.gpt import MAX_ROUNDING
+    from bigmodel.pretrained.gguf_file import describe, unpermute
 
     source = describe(path)
     missing = sorted(set(plan) - set(source.targets))
-    worst, largest = "", 0.0
+    exact = dtype not in K_QUANTS
+    worst, largest, worst_rounding = "", 0.0, 0.0
     for name, origin in plan.items():
         if name in missing:
             continue
-        expected = _tensor(weights, origin, name, arch, architecture)
-        array, kind = encoded(expected, dtype)
-        rounded = dequantize(array, kind).reshape(expected.shape)
-        if name.split(".")[-2] in ("attn_q", "attn_k") and architecture in PERMUTED:  # the import undoes it
-            from bigmodel.pretrained.gguf_file import unpermute
+        written = _tensor(weights, origin, name, arch, architecture).numpy()  # (as written: permuted)
+        permuted = architecture in PERMUTED and name.split(".")[-2] in ("attn_q", "attn_k")
+        heads = arch.n_head if ".attn_q." in name else arch.n_kv_head
 
-            heads = arch.n_head if ".attn_q." in name else arch.n_kv_head
-            rounded = unpermute(rounded, heads)
-        difference = float(np.abs(source.fetch(name).numpy() - rounded).max()) if rounded.size else 0.0
-        if difference > largest or not worst:
-            worst, largest = name, max(largest, difference)
-    tokenizer_same = source.tokenizer_json is not None
+        def as_read(value: np.ndarray, permuted: bool = permuted, heads: int = heads) -> np.ndarray:
+            return unpermute(value, heads) if permuted else value  # (the import undoes the permutation)
+
+        read = source.fetch(name).numpy()
+        if exact:
+            array, kind = encoded(torch.from_numpy(written), dtype)
+            target = as_read(dequantize(array, kind).reshape(written.shape))
+            difference = float(np.abs(read - target).max()) if target.size else 0.0
+        else:
+            target = as_read(written)
+            scale = float(np.sqrt(np.mean(target**2))) or 1.0
+            difference = float(np.sqrt(np.mean((read - target) ** 2))) / scale
+        if difference >= largest:
+            worst, largest = name, difference
+        worst_rounding = max(worst_rounding, difference)
+    theirs, ours = (tokenizers.from_json(text) for text in (source.tokenizer_json, tokenizer_json))
+    agrees = theirs.encode(SAMPLE) == ours.encode(SAMPLE)
+    within = largest == 0.0 if exact else largest <= MAX_ROUNDING
     return {
         "architecture": architecture,
         "dtype": dtype,
         "tensors": len(plan) - len(missing),
         "missing": missing,
-        "max_abs_diff": largest,
+        ("max_abs_diff" if exact else "max_relative_rms_error"): largest,
+        **({} if exact else {"limit": MAX_ROUNDING}),
         "worst": worst,
-        "tokenizer": tokenizer_same,
-        "passed": not missing and largest == 0.0,
+        "tokenizer_agrees": agrees,
+        "passed": not missing and within and agrees,
     }
