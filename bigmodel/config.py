@@ -798,6 +798,10 @@ class ExportConfig(Section):
                     f"export.{key} applies to export.dtype {dtype} (the dtype is {self.dtype}); "
                     f"set export.dtype={dtype} or remove it"
                 )
+        if self.gguf != GGUFExport() and "gguf" not in self.formats:
+            raise ValueError(
+                f"export.gguf applies to export.format gguf (the format is {self.format!r}); add gguf or remove it"
+            )
         return self
 
 

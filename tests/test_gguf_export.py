@@ -83,6 +83,9 @@ def test_what_llama_cpp_cannot_take_is_refused_before_exporting(lm_run: Path, tm
     config = imported(tmp_path, "olmoe")  # a mixture of experts
     result = cli("export", "-c", config)
     assert result.code == 2 and "does not write as GGUF yet" in result.stderr
+    # a GGUF setting without the GGUF format is not silently ignored
+    result = cli("export", "-c", config, "--set", "export.format=onnx", "--set", "export.gguf.dtype=q8_0")
+    assert result.code == 2 and "export.gguf applies to export.format gguf" in result.stderr
 
 
 def test_k_quants_without_llama_cpp_are_refused_before_exporting(

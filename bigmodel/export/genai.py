@@ -48,6 +48,11 @@ def export_folder(config: Config, model: Path, out_dir: Path) -> dict[str, Any]:
     if not isinstance(meta, DecoderMetadata):
         raise UserError(f"export.format 'genai' writes decoder language models; {model} is not one")
     check_ready(meta.tokenizer, str(model))
+    import onnx
+
+    inputs = [value.name for value in onnx.load(str(model), load_external_data=False).graph.input]
+    if "attention_mask" not in inputs:  # (exported before December 2026: a left_padding count)
+        raise UserError(f"{model} takes no attention_mask (an older export); export it again for onnxruntime-genai")
     og = _genai()
     memory.guard(
         memory.runtime_peak("export (genai)", meta.architecture, memory.onnx_file_bytes(model), 2, meta.block_size),
@@ -101,7 +106,7 @@ def _genai() -> Any:
 
 
 def write_folder(model: Path, meta: DecoderMetadata, folder: Path) -> None:
-    """The graph taking og's attention_mask, the export's weights (cloned), genai_config.json, tokenizer files."""
+    """The export's graph and weights (cloned), genai_config.json and the tokenizer files."""
     for source in (model, model.with_name(f"{model.name}.data")):
         if source.exists():  # (a small model is one self-contained file)
             clone(source, folder / source.name)

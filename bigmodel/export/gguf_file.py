@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel import console, registry, streaming
+from bigmodel import console, memory, registry, streaming
 from bigmodel import tokenizer as tokenizers
 from bigmodel.arch import DecoderArch
 from bigmodel.config import Config
@@ -34,6 +34,7 @@ from bigmodel.io import atomic_path, write_json
 from bigmodel.manifests import DataInfo
 from bigmodel.pretrained import decoder_targets
 from bigmodel.pretrained.gguf_file import LAYER, PART, PERMUTED
+from bigmodel.weights import check_free_space
 
 FILE = "model.gguf"
 SAMPLE = "def add(a, b):\n    return a + b  # 1905: héllo, wörld! 你好 🙂\n\tThe quick brown fox."
@@ -78,7 +79,15 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     assert isinstance(arch, DecoderArch)  # (config validation: format gguf is for decoders)
     dtype = config.export.gguf.dtype
     architecture = check_ready(arch, manifest.data.tokenizer, str(ckpt), dtype)
-    plan = tensor_plan(arch, set(weights.names()), architecture)
+    plan = tensor_plan(arch, set(weights.names()))
+    largest = memory.largest_matrix(arch)  # one tensor at a time: as stored, in fp32, encoded; read back alike
+    memory.guard(
+        memory.Estimate("export (gguf)", {"runtime": memory.TORCH_RUNTIME, "one tensor": largest * (4 + 4 + 4 + 4)}),
+        config.memory_limit,
+    )
+    per_value = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.07, "q4_k_m": 2}[dtype]  # (q4_k_m: its f16 file first)
+    parameters = sum(int(np.prod(shape)) for shape in parameter_shapes(arch).values())
+    check_free_space(out_dir, int(1.1 * parameters * per_value), "export (gguf)")
     final = out_dir / FILE
     tokenizer_json = manifest.data.tokenizer or ""
     with atomic_path(final) as tmp:  # (renamed into place only once the gate passed)
@@ -135,7 +144,16 @@ def _llama_cpp(dtype: str) -> Any:
     return llama_cpp
 
 
-def tensor_plan(arch: DecoderArch, stored: set[str], architecture: str) -> dict[str, tuple[str, int, int]]:
+def parameter_shapes(arch: DecoderArch) -> dict[str, tuple[int, ...]]:
+    """Each checkpoint tensor's shape ('model.<parameter>'; a tied head under both names), from the model
+    built on the meta device."""
+    from bigmodel.models.gpt import GPT
+
+    with torch.device("meta"):
+        return {f"model.{n}": tuple(t.shape) for n, t in GPT(arch).state_dict(keep_vars=True).items()}
+
+
+def tensor_plan(arch: DecoderArch, stored: set[str]) -> dict[str, tuple[str, int, int]]:
     """GGUF tensor name -> (checkpoint name, first row, rows), in the order llama.cpp's converter writes
     them: the inverse of the import's table (a fused c_attn is written as attn_q, attn_k and attn_v)."""
     top = {
@@ -158,7 +176,6 @@ def tensor_plan(arch: DecoderArch, stored: set[str], architecture: str) -> dict[
             continue  # (a tied head: llama.cpp reads token_embd; absent norms, biases, QK-norms)
         module = name.split(".")[-2]
         plan[name] = (f"model.{ours}", first, rows.get(module, 0))
-    del architecture  # (the same table for llama, qwen2 and qwen3; only the permutation differs)
     return plan
 
 
@@ -213,10 +230,7 @@ def write(
     """The GGUF file: metadata, then every tensor's description, then each tensor read, converted, written."""
     import gguf
 
-    from bigmodel.models.gpt import GPT
-
-    with torch.device("meta"):
-        shapes = {f"model.{n}": tuple(t.shape) for n, t in GPT(arch).state_dict(keep_vars=True).items()}
+    shapes = parameter_shapes(arch)
     writer = gguf.GGUFWriter(str(path), architecture)
     _metadata(writer, arch, data)
     for name, (ours, _, rows) in plan.items():  # sizes first: the header lists every tensor before any data
