@@ -568,6 +568,14 @@ class TrainConfig(Section):
         "a local store, sqlite:///<run_dir>/mlflow.db; or a tracking URI (http://host:5000, sqlite:///path.db). "
         "The experiment is the run folder's name; a resumed run continues its MLflow run.",
     )
+
+    @field_validator("mlflow")
+    @classmethod
+    def _a_tracking_uri(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("train.mlflow '' names no tracking URI: set true (a local store) or a URI")
+        return value
+
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: ddp replicates the model on every rank; fsdp (FSDP2) shards "

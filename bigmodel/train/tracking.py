@@ -71,8 +71,12 @@ class MlflowRun:
         self.artifacts = [out_dir / "metrics.jsonl", run_folder(config) / "config.yaml"]
         self.checkpoint = out_dir / "best.safetensors"
         self.logged: Counter[tuple[str, int]] = Counter()  # (key, step) entries MLflow holds from before a resume
-        if resuming and self.record.is_file():
-            self.run_id = _read_record(self.record)
+        previous = _read_record(self.record) if resuming and self.record.is_file() else None
+        if previous is not None and previous["tracking_uri"] != self.uri:
+            console.info(f"train: the run was recorded in {previous['tracking_uri']}; continuing in a new MLflow run")
+            previous = None
+        if previous is not None:
+            self.run_id = previous["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
             for key in self.client.get_run(self.run_id).data.metrics:
                 self.logged.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key))
@@ -129,12 +133,13 @@ class MlflowRun:
         self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
 
 
-def _read_record(path: Path) -> str:
+def _read_record(path: Path) -> dict[str, str]:
     import json
 
     try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["run_id"])
-    except (OSError, ValueError, KeyError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return {"run_id": str(record["run_id"]), "tracking_uri": str(record["tracking_uri"])}
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: not the MLflow record bigmodel writes; delete it to start a new MLflow run") from None
 
 
