@@ -742,7 +742,8 @@ class ExportConfig(Section):
     peft: bool = Field(
         False,
         description="A LoRA checkpoint: also write its adapter as a PEFT folder (export/peft: "
-        "adapter_config.json + adapter_model.safetensors) for the Hugging Face ecosystem.",
+        "adapter_config.json + adapter_model.safetensors) for the Hugging Face ecosystem; with format gguf, "
+        "also export/base.gguf + export/lora.gguf for llama.cpp (--lora).",
     )
     dtype: Literal["fp32", "fp16", "int4"] = Field(
         "fp32",

@@ -169,3 +169,40 @@ def test_llama_cpp_runs_the_gguf_export_as_bigmodel_does(tmp_path: Path, dtype: 
     ours_tokens = list(decoder.tokens(ids, InferConfig(temperature=0, max_new_tokens=new), np.random.default_rng(0)))
     stop = next((i for i, t in enumerate(ours_tokens) if t in decoder.eos_ids), len(ours_tokens))
     assert new >= 16 and theirs_tokens[:stop] == ours_tokens[:stop]
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_gguf_lora_to_its_base_as_the_merged_model(tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    export = {"format": "gguf", "peft": True, "checkpoint": "best", "gguf": {"dtype": "f32"}}
+    config = hf_models.imported_run(tmp_path, "llama", "run", export)
+    (tmp_path / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 80)  # (a val split for training)
+    for stage in ("prepare", "init"):
+        assert cli(stage, "-c", config, "-q").code == 0
+    sets = ["train.lora={rank: 4, targets: [all-linear]}", "train.max_steps=6", "train.lr=0.05", "train.eval_every=3"]
+    result = cli("train", "-c", config, *[a for s in sets for a in ("--set", s)], "-q")
+    assert result.code == 0, result.stderr
+    result = cli("export", "-c", config, "-q")
+    assert result.code == 0, result.stderr
+    out = tmp_path / "run" / "export"
+    ids = tokenizers.from_json(read_manifest(out.parent / "init" / "model.safetensors").data.tokenizer or "").encode(
+        TEXT
+    )
+
+    def logits(model: str, lora: str | None = None) -> np.ndarray:
+        llm = llama_cpp.Llama(
+            str(out / model),
+            lora_path=None if lora is None else str(out / lora),
+            n_ctx=128,
+            logits_all=True,
+            n_threads=1,
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
+            verbose=False,
+        )
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+    merged, adapted, base = logits("model.gguf"), logits("base.gguf", "lora.gguf"), logits("base.gguf")
+    assert float(np.abs(adapted - merged).max()) <= 1e-3  # base + adapter in llama.cpp = bigmodel's merge
+    assert float(np.abs(base - merged).max()) > 1e-2  # (the adapter does change the model)

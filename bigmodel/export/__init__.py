@@ -54,4 +54,6 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: list[s
         from bigmodel.export import hf
 
         outputs.update(hf.export_peft(config, ckpt, out_dir))
+        if "gguf" in chosen:  # the adapter for llama.cpp too, beside its base
+            outputs.update(gguf_file.export_lora(config, ckpt, out_dir))
     return outputs

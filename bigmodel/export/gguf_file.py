@@ -72,8 +72,9 @@ def check_ready(arch: DecoderArch, tokenizer_json: str | None, where: str, dtype
     return ARCHITECTURES[model_type]
 
 
-def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
-    """`ckpt` as out_dir/model.gguf, published once bigmodel's GGUF import reads it back as the checkpoint."""
+def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, file: str = FILE) -> dict[str, Any]:
+    """`ckpt` as out_dir/`file`, published once bigmodel's GGUF import reads it back as the checkpoint (an
+    adapter checkpoint: merged into its base)."""
     weights, manifest = registry.open_weights(ckpt)
     arch = manifest.architecture
     assert isinstance(arch, DecoderArch)  # (config validation: format gguf is for decoders)
@@ -88,7 +89,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     per_value = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.07, "q4_k_m": 2}[dtype]  # (q4_k_m: its f16 file first)
     parameters = sum(int(np.prod(shape)) for shape in parameter_shapes(arch).values())
     check_free_space(out_dir, int(1.1 * parameters * per_value), "export (gguf)")
-    final = out_dir / FILE
+    final = out_dir / file
     tokenizer_json = manifest.data.tokenizer or ""
     with atomic_path(final) as tmp:  # (renamed into place only once the gate passed)
         if dtype in K_QUANTS:
@@ -119,6 +120,68 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             )
     console.info(f"export: {final} ({written:,} bytes; llama.cpp: llama-cli -m {final})")
     return {"gguf_file": str(final), "gguf_dtype": dtype, "gguf_bytes": written}
+
+
+# PEFT's Llama module names (lora.LLAMA_MODULES) -> llama.cpp's
+ADAPTED = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+LORA_FILE, BASE_FILE = "lora.gguf", "base.gguf"
+
+
+def export_lora(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+    """A LoRA checkpoint as llama.cpp takes one: its base as out_dir/base.gguf (the base checkpoint,
+    written and gated as any GGUF export) and the adapter as out_dir/lora.gguf (`llama-cli -m base.gguf
+    --lora lora.gguf`), as llama.cpp's convert_lora_to_gguf writes PEFT adapters: lora_a (r x in) and
+    lora_b (out x r) per adapted matrix in F32, a llama's q/k lora_b rows permuted like its weights, and
+    adapter.lora.alpha (llama.cpp scales by alpha / r, as bigmodel does)."""
+    import gguf
+
+    from bigmodel import lora
+    from bigmodel.checkpoint import read_manifest
+
+    record = read_manifest(ckpt).adapter
+    if record is None:
+        raise UserError(
+            f"export.peft: {ckpt} is not a LoRA adapter checkpoint (train with train.lora); remove export.peft"
+        )
+    model, manifest = registry.load_model(ckpt, merge=False)
+    arch = manifest.architecture
+    assert isinstance(arch, DecoderArch)
+    architecture = check_ready(arch, manifest.data.tokenizer, str(ckpt))
+    outputs = export_checkpoint(config, Path(record.base.path), out_dir, BASE_FILE)
+    tensors, patterns = lora.peft_tensors(model, "llama")
+    settings = lora.settings_of(record)
+    with atomic_path(out_dir / LORA_FILE) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), architecture)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(settings.alpha))
+        count = 0
+        for name, tensor in tensors.items():  # base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight
+            layer, _, rest = name.removeprefix("base_model.model.model.layers.").partition(".")
+            module, _, kind = rest.removesuffix(".weight").rpartition(".")
+            target = f"blk.{layer}.{ADAPTED[module]}.weight"
+            value = tensor.float()
+            if kind == "lora_B" and architecture in PERMUTED and ADAPTED[module] in ("attn_q", "attn_k"):
+                value = permute(value, arch.n_head if ADAPTED[module] == "attn_q" else arch.n_kv_head)
+            writer.add_tensor(f"{target}.{kind.lower()}", value.contiguous().numpy())
+            count += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    del patterns  # (one module per adapter on Llama-style models: no per-module ranks)
+    console.info(
+        f"export: {out_dir / LORA_FILE} ({count // 2} adapted matrices, rank {settings.rank}; base {BASE_FILE})"
+    )
+    return {**{f"base_{k}": v for k, v in outputs.items()}, "gguf_lora_file": str(out_dir / LORA_FILE)}
 
 
 def quantize_with_llama_cpp(source: Path, target: Path, dtype: str) -> None:
