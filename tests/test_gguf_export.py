@@ -71,6 +71,10 @@ def test_gguf_dtypes_round_as_llama_cpp_writes_them(tmp_path: Path) -> None:
         assert report["passed"] and report["dtype"] == dtype
         sizes[dtype] = (tmp_path / "run-llama" / "export" / "model.gguf").stat().st_size
     assert sizes["f32"] > sizes["f16"] == sizes["bf16"] > sizes["q8_0"]
+    # ollama's Modelfile beside it: the file, ChatML (the tiny model's own template renders as ChatML), its stop
+    lines = (tmp_path / "run-llama" / "export" / "Modelfile").read_text().splitlines()
+    assert "FROM ./model.gguf" in lines and 'PARAMETER stop "<|im_end|>"' in lines and "PARAMETER num_ctx 64" in lines
+    assert any(line.startswith('TEMPLATE """{{- range .Messages }}<|im_start|>') for line in lines)
 
 
 def test_what_llama_cpp_cannot_take_is_refused_before_exporting(lm_run: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -17,6 +17,7 @@ permutation and tokenizer; llama.cpp running it is checked in the tests (llama-c
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,53 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, file: str = FIL
                 f"{report['worst']}); it was not published",
                 {"gguf": report},
             )
-    console.info(f"export: {final} ({written:,} bytes; llama.cpp: llama-cli -m {final})")
+    if file == FILE:  # (the model users run; a LoRA's base is not)
+        with atomic_path(out_dir / MODELFILE) as tmp:
+            tmp.write_text(modelfile(config, arch, manifest.data, file), encoding="utf-8")
+    console.info(f"export: {final} ({written:,} bytes; llama.cpp: llama-cli -m {final}; ollama: {MODELFILE})")
     return {"gguf_file": str(final), "gguf_dtype": dtype, "gguf_bytes": written}
+
+
+MODELFILE = "Modelfile"
+# ollama's ChatML template (Go text/template), written when the model's own template renders as ChatML
+OLLAMA_CHATML = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+
+
+def modelfile(config: Config, arch: DecoderArch, data: DataInfo, gguf_name: str) -> str:
+    """An ollama Modelfile for the GGUF beside it (`ollama create NAME -f Modelfile`): FROM, the template --
+    ollama's ChatML when the model's own chat template renders conversations exactly as ChatML does (with
+    and without a system message), else none, and ollama reads the template the GGUF file carries -- a stop
+    for each end-of-sequence token, the context length, and infer's sampling settings."""
+    from bigmodel import chat
+
+    lines = [f"# ollama create NAME -f {MODELFILE} (written by bigmodel export)", f"FROM ./{gguf_name}"]
+    tok = tokenizers.from_json(data.tokenizer or "")
+    special = data.special_tokens or {}
+    texts = chat.token_texts(tok, special)
+    conversations = [
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "2+2?"},
+        ],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    ]
+    if data.chat_template and all(
+        chat.render(data.chat_template, c, texts) == chat.render(chat.CHATML, c, texts) for c in conversations
+    ):
+        lines.append(f'TEMPLATE """{OLLAMA_CHATML}"""')
+    for token in special.get("eos") or []:
+        lines.append(f"PARAMETER stop {json.dumps(tok.id_to_token(token))}")  # type: ignore[attr-defined]
+    lines.append(f"PARAMETER num_ctx {arch.block_size}")
+    settings = config.infer
+    lines.append(f"PARAMETER temperature {settings.temperature}")
+    if settings.top_k is not None:
+        lines.append(f"PARAMETER top_k {settings.top_k}")
+    if settings.top_p is not None:
+        lines.append(f"PARAMETER top_p {settings.top_p}")
+    return "\n".join(lines) + "\n"
 
 
 # PEFT's Llama module names (lora.LLAMA_MODULES) -> llama.cpp's
@@ -337,8 +383,6 @@ def _tokenizer(writer: Any, arch: DecoderArch, data: DataInfo) -> None:
     """Byte-level BPE as llama.cpp's converter writes it: every token in id order (the model's rows past the
     tokenizer's padded with unused tokens), its type (1 normal, 3 control, 4 user-defined, 5 unused), the
     merges, special token ids, whether a BOS is added, and the chat template."""
-    import json
-
     spec = json.loads(data.tokenizer or "{}")
     vocab = dict(spec["model"]["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
