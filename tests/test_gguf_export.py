@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,21 @@ from tests.test_deploy_lm import lm_run  # noqa: F401  (a fixture: a tiny traine
 
 pytest.importorskip("gguf")
 TEXT = "def add(a, b):\n    return a + b  # The quick brown fox"
+
+
+def llama_cpp_model(llama_cpp: Any, path: Path, lora: Path | None = None) -> Any:
+    """llama.cpp on a GGUF file (and adapter), one thread, every position's logits, and an f32 KV cache:
+    llama.cpp's default f16 cache alone moves the logits ~1e-2."""
+    return llama_cpp.Llama(
+        str(path),
+        lora_path=None if lora is None else str(lora),
+        n_ctx=128,
+        logits_all=True,
+        n_threads=1,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        verbose=False,
+    )
 
 
 def imported(tmp: Path, kind: str) -> Path:
@@ -136,15 +152,7 @@ def test_llama_cpp_runs_the_gguf_export_as_bigmodel_does(tmp_path: Path, dtype: 
     )
     assert result.code == 0, result.stderr
     export = tmp_path / "run-llama" / "export"
-    model = llama_cpp.Llama(  # an f32 KV cache (llama.cpp's default is f16, which alone moves logits ~1e-2)
-        str(export / "model.gguf"),
-        n_ctx=128,
-        logits_all=True,
-        n_threads=1,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        verbose=False,
-    )
+    model = llama_cpp_model(llama_cpp, export / "model.gguf")
     meta = read_manifest(tmp_path / "run-llama" / "init" / "model.safetensors")
     ids = tokenizers.from_json(meta.data.tokenizer or "").encode(TEXT)
     assert model.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # llama.cpp's tokenizer agrees
@@ -196,16 +204,7 @@ def test_llama_cpp_applies_the_gguf_lora_to_its_base_as_the_merged_model(tmp_pat
     )
 
     def logits(model: str, lora: str | None = None) -> np.ndarray:
-        llm = llama_cpp.Llama(
-            str(out / model),
-            lora_path=None if lora is None else str(out / lora),
-            n_ctx=128,
-            logits_all=True,
-            n_threads=1,
-            type_k=llama_cpp.GGML_TYPE_F32,
-            type_v=llama_cpp.GGML_TYPE_F32,
-            verbose=False,
-        )
+        llm = llama_cpp_model(llama_cpp, out / model, None if lora is None else out / lora)
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
