@@ -76,3 +76,17 @@ def test_an_epoch_recipe_records_into_a_named_tracking_uri(tmp_path: Path) -> No
     client = MlflowClient(uri)
     assert history(client, run_id) == jsonl_metrics(run_dir / "metrics.jsonl")
     assert not list(tmp_path.rglob("mlflow.db"))  # nothing in the run folder: the URI was named
+
+
+def test_an_unreachable_tracking_server_stops_before_the_previous_run_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = lm_config(tmp_path, max_steps=4)
+    for stage in ("prepare", "init", "train"):
+        assert cli(stage, "-c", config, "-q").code == 0
+    metrics = (tmp_path / "run" / "train" / "metrics.jsonl").read_text()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    result = cli("train", "-c", config, "--set", "train.mlflow=http://127.0.0.1:9", "--restart")
+    assert result.code == 2 and "train.mlflow: cannot record in http://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "run" / "train" / "metrics.jsonl").read_text() == metrics  # the previous run is intact

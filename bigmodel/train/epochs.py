@@ -62,6 +62,8 @@ def run(
     eval_every = tc.eval_every or steps_per_epoch
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
     unused_sampler = torch.Generator()  # batches come from per-epoch orders instead
+    # (before the previous run's files are replaced: a tracking store that cannot be reached stops here)
+    tracking = MlflowRun(config, out_dir, resuming=resume) if tc.mlflow is not False else None
     loop, stopped_early = start_or_resume(
         out_dir, resume, model, optimizer, unused_sampler, tc.patience, config=config, allow_changes=allow_changes
     )
@@ -86,7 +88,6 @@ def run(
         + (f", from step {loop.step}" if loop.step else "")
     )
     last_step = stop_step(total_steps, until_step, loop.step)
-    tracking = MlflowRun(config, out_dir, resuming=loop.step > 0) if tc.mlflow is not False else None
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step, tracking=tracking)
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:

@@ -104,13 +104,14 @@ def train(
     # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
     last_path = out_dir / "last.safetensors"
+    # (before the previous run's files are replaced: a tracking store that cannot be reached stops here)
+    tracking = MlflowRun(config, out_dir, resuming=resume) if tc.mlflow is not False and world.is_main else None
     loop, stopped_early = start_or_resume(
         out_dir, resume, model, optimizer, sampler, tc.patience, world, config, allow_changes
     )
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
     last_step = stop_step(total_steps, until_step, loop.step)
-    tracking = MlflowRun(config, out_dir, resuming=loop.step > 0) if tc.mlflow is not False and world.is_main else None
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step, writes=world.is_main, tracking=tracking)
 
     lineage = (

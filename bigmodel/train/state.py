@@ -178,7 +178,8 @@ def run_lock(folder: Path) -> Iterator[None]:
 
 
 # What a new run replaces: every artifact an old run of this folder may have left behind.
-RUN_ARTIFACTS = ("best.safetensors", "last.safetensors", "metrics.jsonl", "tensorboard", "mlflow.json")
+# (train/mlflow.json is not among them: a new run's MLflow record replaces it before this runs)
+RUN_ARTIFACTS = ("best.safetensors", "last.safetensors", "metrics.jsonl", "tensorboard")
 
 
 def previous_run(out_dir: Path) -> LoopState | None:

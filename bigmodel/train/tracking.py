@@ -72,6 +72,18 @@ class MlflowRun:
         self.checkpoint = out_dir / "best.safetensors"
         self.logged: Counter[tuple[str, int]] = Counter()  # (key, step) entries MLflow holds from before a resume
         previous = _read_record(self.record) if resuming and self.record.is_file() else None
+        try:
+            self._open(config, out_dir, previous)
+        except UserError:
+            raise
+        except Exception as exc:  # the tracking server or store: before any step runs, one line
+            raise UserError(
+                f"train.mlflow: cannot record in {self.uri} ({type(exc).__name__}: {str(exc)[:200]}); start the "
+                "tracking server, fix the URI, or set train.mlflow: true (a local store) or false"
+            ) from exc
+        console.info(f"train: MLflow run {self.run_id} in {self.uri}")
+
+    def _open(self, config: Config, out_dir: Path, previous: dict[str, str] | None) -> None:
         if previous is not None and previous["tracking_uri"] != self.uri:
             console.info(f"train: the run was recorded in {previous['tracking_uri']}; continuing in a new MLflow run")
             previous = None
@@ -82,7 +94,6 @@ class MlflowRun:
                 self.logged.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key))
         else:
             self.run_id = self._new_run(config, out_dir)
-        console.info(f"train: MLflow run {self.run_id} in {self.uri}")
 
     def _new_run(self, config: Config, out_dir: Path) -> str:
         name = run_folder(config).name
