@@ -62,9 +62,10 @@ def test_mlflow_holds_metrics_jsonl_params_and_artifacts_across_a_resume(tmp_pat
     assert len(client.search_runs([run.info.experiment_id])) == 2
 
 
-def test_an_epoch_recipe_records_into_a_named_tracking_uri(tmp_path: Path) -> None:
+def test_an_epoch_recipe_records_into_a_named_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.chdir(tmp_path)
     config = tiny_digits(tmp_path)
     for stage in ("prepare", "init"):
         assert cli(stage, "-c", config, "-q").code == 0
@@ -76,6 +77,9 @@ def test_an_epoch_recipe_records_into_a_named_tracking_uri(tmp_path: Path) -> No
     client = MlflowClient(uri)
     assert history(client, run_id) == jsonl_metrics(run_dir / "metrics.jsonl")
     assert not list(tmp_path.rglob("mlflow.db"))  # nothing in the run folder: the URI was named
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert artifacts == {"metrics.jsonl", "config.yaml"} and (tmp_path / "mlartifacts").is_dir()  # beside the db
+    assert not (tmp_path / "mlruns").exists()  # (MLflow's default: the working directory)
 
 
 def test_an_unreachable_tracking_server_stops_before_the_previous_run_is_replaced(

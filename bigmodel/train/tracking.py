@@ -101,8 +101,10 @@ class MlflowRun:
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            local = self.uri.startswith("sqlite:///") and config.train.mlflow is True
-            artifacts = (run_folder(config) / "mlartifacts").as_uri() if local else None
+            # a sqlite store's artifacts beside its database (MLflow's default is ./mlruns, wherever it runs);
+            # a server's, where the server keeps them
+            database = self.uri.removeprefix("sqlite:///") if self.uri.startswith("sqlite:///") else None
+            artifacts = (Path(database).resolve().parent / "mlartifacts").as_uri() if database else None
             experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
         run = self.client.create_run(
             experiment_id,
