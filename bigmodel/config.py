@@ -94,6 +94,13 @@ class CleaningConfig(Section):
     dedupe: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
     min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (after cleaning).")
     max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
+    redact: list[Literal["email", "phone", "ip", "credit_card", "secret"]] = Field(
+        [],
+        description="Replace these by a typed placeholder (<EMAIL>, <PHONE>, <IP>, <CREDIT_CARD>, <SECRET>) "
+        "before tokenising: emails, phone numbers, IPv4/IPv6 addresses, card numbers (Luhn-checked) and common "
+        "key shapes (AWS, GitHub, Slack, OpenAI, Google keys, private key blocks); counted per kind in the "
+        "prepare report and manifest, with masked examples (bigmodel inspect).",
+    )
 
 
 class BPEDropoutAugment(Section):

@@ -31,6 +31,7 @@ from bigmodel.config import Config, TextDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, shard_name
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path, sha256_file, write_json
+from bigmodel.prepare.redact import Redactions
 
 
 @dataclass
@@ -43,6 +44,12 @@ class Report:
     chars_seen: int = 0
     chars_kept: int = 0
     control_chars_removed: int = 0
+    redactions: Redactions = field(default_factory=Redactions)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the manifest: redactions as counts per kind and masked examples."""
+        found = {k: v for k, v in self.__dict__.items() if k != "redactions"}
+        return {**found, "redacted": self.redactions.counts, "redacted_examples": self.redactions.examples}
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -105,10 +112,17 @@ def run(config: Config) -> dict[str, Any]:
         "tokens": counts["tokens"],
         "characters": counts["chars"],
         "augment": {"steps": [a.model_dump() for a in data.augment], "train_tokens_added": counts["augmented_tokens"]},
-        "cleaning": report.__dict__,
+        "cleaning": report.as_dict(),
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.dropped.items() if v) or "none"
+    if data.cleaning.redact:
+        found = report.redactions.counts
+        console.info(
+            "prepare: redacted "
+            + (", ".join(f"{found.get(kind, 0)} {kind}" for kind in data.cleaning.redact))
+            + " (bigmodel inspect shows masked examples)"
+        )
     console.info(
         f"prepare: {len(files)} files, {report.documents_kept}/{report.documents_seen} documents kept "
         f"(dropped: {dropped}), {report.chars_kept:,} characters"
@@ -254,6 +268,8 @@ def clean(text: str, data: TextDataConfig, report: Report | None = None) -> str:
         text, removed = _CONTROL.subn("", text)
         if report is not None:
             report.control_chars_removed += removed
+    if data.cleaning.redact:  # (counted in the scan, which passes its report; the encoding pass redacts alike)
+        text = (report.redactions if report is not None else Redactions()).redact(text, data.cleaning.redact)
     return text
 
 
