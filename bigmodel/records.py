@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from bigmodel.errors import UserError
-from bigmodel.io import jsonl_objects
+from bigmodel.io import jsonl_objects, sha256_file
 
 BATCH_ROWS = 1024  # rows converted to Python at a time: memory follows this, not the file
 
@@ -34,6 +34,20 @@ def is_datasets_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
+def is_source(path: Path) -> bool:
+    """Whether `path` is something prepare reads: a file, or a datasets folder."""
+    return path.is_file() or is_datasets_folder(path)
+
+
+def source_entries(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """A manifest's record of its sources: every file read (a datasets folder's each), its sha256 and size."""
+    return [
+        {"path": str(file), "sha256": sha256_file(file), "bytes": file.stat().st_size}
+        for path in paths
+        for file in files_of(path)
+    ]
+
+
 def files_of(path: Path) -> list[Path]:
     """The files a source is read from (a datasets folder: its description and its Arrow files), for
     manifests and staleness checks."""
@@ -45,8 +59,6 @@ def files_of(path: Path) -> list[Path]:
 def sha256_of(path: Path) -> str:
     """A source's sha256: a file's own; a datasets folder's over its files' names and digests."""
     from hashlib import sha256
-
-    from bigmodel.io import sha256_file
 
     if not is_datasets_folder(path):
         return sha256_file(path)

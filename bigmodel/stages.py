@@ -130,7 +130,7 @@ def _sources(config: Config) -> list[Path]:
     """prepare's inputs: the data file (globs are not tracked; use --force after adding files), and an
     imported model's files (its tokenizer is prepare's)."""
     path = config.data.path
-    read = records.files_of(path) if path is not None and (path.is_file() or records.is_datasets_folder(path)) else []
+    read = records.files_of(path) if path is not None and records.is_source(path) else []
     return [*read, *_pretrained_files(config)]
 
 

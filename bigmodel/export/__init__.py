@@ -23,22 +23,20 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path, formats: list[s
     from bigmodel.families import family
 
     chosen = formats or config.export.formats
-    if "genai" in chosen:  # (refused before the ONNX export it is made from)
+    if "genai" in chosen or "gguf" in chosen:  # refused before the ONNX export or any file is written
         from bigmodel.checkpoint import read_manifest
-        from bigmodel.export import genai
-
-        genai.check_ready(read_manifest(ckpt).data.tokenizer, str(ckpt))
-    if "gguf" in chosen:
-        from bigmodel.checkpoint import read_manifest
-        from bigmodel.export import gguf_file
+        from bigmodel.export import genai, gguf_file
 
         manifest = read_manifest(ckpt)
-        gguf_file.check_ready(
-            manifest.architecture,  # type: ignore[arg-type]
-            manifest.data.tokenizer,
-            str(ckpt),
-            config.export.gguf.dtype,
-        )
+        if "genai" in chosen:
+            genai.check_ready(manifest.data.tokenizer, str(ckpt))
+        if "gguf" in chosen:
+            gguf_file.check_ready(
+                manifest.architecture,  # type: ignore[arg-type]
+                manifest.data.tokenizer,
+                str(ckpt),
+                config.export.gguf.dtype,
+            )
     outputs: dict[str, Any] = {}
     if "onnx" in chosen:
         outputs.update(family(config.model.family).module("exporter").export_checkpoint(config, ckpt, out_dir))

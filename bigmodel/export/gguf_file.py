@@ -202,7 +202,7 @@ def export_lora(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     assert isinstance(arch, DecoderArch)
     architecture = check_ready(arch, manifest.data.tokenizer, str(ckpt))
     outputs = export_checkpoint(config, Path(record.base.path), out_dir, BASE_FILE)
-    tensors, patterns = lora.peft_tensors(model, "llama")
+    tensors, _ = lora.peft_tensors(model, "llama")  # (Llama-style modules: one per adapter, no per-module ranks)
     settings = lora.settings_of(record)
     with atomic_path(out_dir / LORA_FILE) as tmp:
         writer = gguf.GGUFWriter(str(tmp), architecture)
@@ -213,17 +213,15 @@ def export_lora(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
         for name, tensor in tensors.items():  # base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight
             layer, _, rest = name.removeprefix("base_model.model.model.layers.").partition(".")
             module, _, kind = rest.removesuffix(".weight").rpartition(".")
-            target = f"blk.{layer}.{ADAPTED[module]}.weight"
-            value = tensor.float()
-            if kind == "lora_B" and architecture in PERMUTED and ADAPTED[module] in ("attn_q", "attn_k"):
-                value = permute(value, arch.n_head if ADAPTED[module] == "attn_q" else arch.n_kv_head)
-            writer.add_tensor(f"{target}.{kind.lower()}", value.contiguous().numpy())
+            target = f"blk.{layer}.{ADAPTED[module]}.weight.{kind.lower()}"
+            heads = permuted_heads(target, arch, architecture)
+            value = tensor.float() if heads is None else permute(tensor.float(), heads)
+            writer.add_tensor(target, value.contiguous().numpy())
             count += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    del patterns  # (one module per adapter on Llama-style models: no per-module ranks)
     console.info(
         f"export: {out_dir / LORA_FILE} ({count // 2} adapted matrices, rank {settings.rank}; base {BASE_FILE})"
     )
@@ -288,6 +286,16 @@ def tensor_plan(arch: DecoderArch, stored: set[str]) -> dict[str, tuple[str, int
     return plan
 
 
+def permuted_heads(name: str, arch: DecoderArch, architecture: str) -> int | None:
+    """The heads whose rows llama.cpp permutes in GGUF tensor `name` (a llama's attn_q and attn_k, and
+    their adapters' lora_b), None when it is written as it is."""
+    parts = name.split(".")  # blk.N.<module>.weight[.lora_b]
+    module = parts[2] if parts[0] == "blk" else ""
+    if architecture not in PERMUTED or module not in ("attn_q", "attn_k") or parts[-1] == "lora_a":
+        return None
+    return arch.n_head if module == "attn_q" else arch.n_kv_head
+
+
 def _tensor(
     weights: streaming.Readable, source: tuple[str, int, int], name: str, arch: DecoderArch, architecture: str
 ) -> torch.Tensor:
@@ -297,10 +305,8 @@ def _tensor(
     if rows:
         value = value[first : first + rows]
     value = value.float()
-    if architecture in PERMUTED and name.split(".")[-2] in ("attn_q", "attn_k"):
-        heads = arch.n_head if ".attn_q." in name else arch.n_kv_head
-        value = permute(value, heads)
-    return value.contiguous()
+    heads = permuted_heads(name, arch, architecture)
+    return (value if heads is None else permute(value, heads)).contiguous()
 
 
 def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -432,34 +438,29 @@ def check(
     from gguf.quants import dequantize
 
     from bigmodel.export.gpt import MAX_ROUNDING
-    from bigmodel.pretrained.gguf_file import describe, unpermute
+    from bigmodel.pretrained.gguf_file import describe
 
     source = describe(path)
     missing = sorted(set(plan) - set(source.targets))
     exact = dtype not in K_QUANTS
-    worst, largest, worst_rounding = "", 0.0, 0.0
+    worst, largest = "", 0.0
     for name, origin in plan.items():
         if name in missing:
             continue
-        written = _tensor(weights, origin, name, arch, architecture).numpy()  # (as written: permuted)
-        permuted = architecture in PERMUTED and name.split(".")[-2] in ("attn_q", "attn_k")
-        heads = arch.n_head if ".attn_q." in name else arch.n_kv_head
-
-        def as_read(value: np.ndarray, permuted: bool = permuted, heads: int = heads) -> np.ndarray:
-            return unpermute(value, heads) if permuted else value  # (the import undoes the permutation)
-
-        read = source.fetch(name).numpy()
+        written = _tensor(weights, origin, name, arch, architecture)
+        read = source.fetch(name)  # (the import undoes llama.cpp's permutation: compared as written)
+        heads = permuted_heads(name, arch, architecture)
+        read = (read if heads is None else permute(read, heads)).numpy()
         if exact:
-            array, kind = encoded(torch.from_numpy(written), dtype)
-            target = as_read(dequantize(array, kind).reshape(written.shape))
+            array, kind = encoded(written, dtype)
+            target = dequantize(array, kind).reshape(written.shape)
             difference = float(np.abs(read - target).max()) if target.size else 0.0
         else:
-            target = as_read(written)
+            target = written.numpy()
             scale = float(np.sqrt(np.mean(target**2))) or 1.0
             difference = float(np.sqrt(np.mean((read - target) ** 2))) / scale
         if difference >= largest:
             worst, largest = name, difference
-        worst_rounding = max(worst_rounding, difference)
     theirs, ours = (tokenizers.from_json(text) for text in (source.tokenizer_json, tokenizer_json))
     agrees = theirs.encode(SAMPLE) == ours.encode(SAMPLE)
     within = largest == 0.0 if exact else largest <= MAX_ROUNDING

@@ -23,7 +23,7 @@ from bigmodel import sft as examples
 from bigmodel.config import Config, GPTConfig, SFTDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, sft_files
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open, atomic_path, sha256_file, write_json
+from bigmodel.io import atomic_open, atomic_path, write_json
 from bigmodel.prepare.text import pretrained_tokenizer
 
 
@@ -105,12 +105,7 @@ def run(config: Config) -> dict[str, Any]:
         "kind": "sft-data",
         "format": "sft",
         "format_version": 1,
-        "sources": [
-            {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size}
-            for p in (data.path, data.val_path)
-            if p is not None
-            for f in records.files_of(p)
-        ],
+        "sources": records.source_entries(p for p in (data.path, data.val_path) if p is not None),
         "tokenizer": {
             "kind": "pretrained",
             "vocab_size": tok.vocab_size,
@@ -174,7 +169,7 @@ def _records(data: SFTDataConfig, rng: np.random.Generator) -> Any:
     probability val_fraction (seeded, one draw per example in file order)."""
     sources = [(data.path, None)] + ([(data.val_path, "val")] if data.val_path is not None else [])
     for path, fixed in sources:
-        if not (path.is_file() or records.is_datasets_folder(path)):
+        if not records.is_source(path):
             raise UserError(f"data.{'val_path' if fixed else 'path'}: file not found: {path}")
         for line, raw in records.read(path, None):
             where = f"{path}: {line}"

@@ -30,7 +30,7 @@ from bigmodel import tokenizer as tokenizers
 from bigmodel.config import Config, TextDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, shard_name
 from bigmodel.errors import UserError
-from bigmodel.io import atomic_open, atomic_path, sha256_file, write_json
+from bigmodel.io import atomic_open, atomic_path, write_json
 from bigmodel.prepare.redact import Redactions
 
 
@@ -92,11 +92,7 @@ def run(config: Config) -> dict[str, Any]:
     manifest = {
         "kind": "text-data",
         "format_version": 1,
-        "sources": [
-            {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size}
-            for p in files
-            for f in records.files_of(p)
-        ],
+        "sources": records.source_entries(files),
         "tokenizer": {
             "kind": "pretrained" if pretrained else tok.kind,
             "vocab_size": tok.vocab_size,
@@ -160,7 +156,7 @@ def source_files(data: TextDataConfig) -> list[Path]:
             if not matched:
                 raise UserError(f"data.path: no files match {pattern!r}; check the pattern")
             files.extend(matched)
-        elif Path(pattern).is_file() or records.is_datasets_folder(Path(pattern)):
+        elif records.is_source(Path(pattern)):
             files.append(Path(pattern))
         else:
             raise UserError(f"data.path: file not found: {pattern} (set data.path to a text file or glob)")
@@ -269,7 +265,8 @@ def clean(text: str, data: TextDataConfig, report: Report | None = None) -> str:
         if report is not None:
             report.control_chars_removed += removed
     if data.cleaning.redact:  # (counted in the scan, which passes its report; the encoding pass redacts alike)
-        text = (report.redactions if report is not None else Redactions()).redact(text, data.cleaning.redact)
+        found = report.redactions if report is not None else Redactions(keeps_examples=False)
+        text = found.redact(text, data.cleaning.redact)
     return text
 
 
