@@ -62,6 +62,32 @@ GPT2_MODULES = {
 }
 
 
+class LoRADown(nn.ParameterDict):
+    """The adapters' A matrices of one projection (r x in each, by adapter name): h (..., in) -> the
+    adapters' h A^T side by side (..., k*r). A module that computes with its own parameters, so Opacus can
+    hook it for per-example gradients (bigmodel/train/privacy.py); the names stay `lora_A.<adapter>`."""
+
+    __call__ = nn.Module.__call__  # (a ParameterDict refuses to be called; this one computes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h @ a.t() for a in self.values()], dim=-1)
+
+
+class LoRAUp(nn.ParameterDict):
+    """The adapters' B matrices (rows x r each, by adapter name): the down-projections (..., k*r) -> each
+    adapter's scale * (h A^T) B^T side by side (..., sum of rows), in the order of the adapters."""
+
+    __call__ = nn.Module.__call__
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, down: torch.Tensor) -> torch.Tensor:
+        pieces = down.split([b.shape[1] for b in self.values()], dim=-1)
+        return torch.cat([(u @ b.t()) * self.scale for u, b in zip(pieces, self.values(), strict=True)], dim=-1)
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear plus low-rank updates of some of its output rows: y = base(x), then for each
     adapter (first row a, rows n): y[..., a:a+n] += scale * (dropout(x) A^T) B^T."""
@@ -77,30 +103,32 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.rows = rows  # adapter name -> (first row, rows)
+        # adapter name -> (first row, rows), in row order (the order of the up-projection's pieces)
+        self.rows = dict(sorted(rows.items(), key=lambda item: item[1][0]))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
         device = base.weight.device
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        for name, (_, n_rows) in rows.items():
-            a = torch.empty(rank, base.in_features)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear's default (PEFT's too)
-            self.lora_A[name] = nn.Parameter(a.to(device))
+        self.lora_A = LoRADown()
+        self.lora_B = LoRAUp(self.scale)
+        drawn = {}
+        for name in rows:  # A is drawn in the order the targets are given (the same numbers whatever the rows)
+            drawn[name] = torch.empty(rank, base.in_features)
+            nn.init.kaiming_uniform_(drawn[name], a=math.sqrt(5), generator=generator)  # nn.Linear's (PEFT's too)
+        for name, (_, n_rows) in self.rows.items():
+            self.lora_A[name] = nn.Parameter(drawn[name].to(device))
             self.lora_B[name] = nn.Parameter(torch.zeros(n_rows, rank, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (B, T, out)
-        h = self.dropout(x)
-        updates = {name: (h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scale for name in self.rows}
+        updates = self.lora_B(self.lora_A(self.dropout(x)))  # (B, T, adapted rows)
         if len(self.rows) == 1 and next(iter(self.rows.values())) == (0, self.base.out_features):
-            return y + next(iter(updates.values()))
-        pieces, row = [], 0
-        for name, (first, n_rows) in sorted(self.rows.items(), key=lambda item: item[1][0]):
+            return y + updates
+        pieces, row, done = [], 0, 0
+        for first, n_rows in self.rows.values():
             if first > row:
                 pieces.append(y[..., row:first])
-            pieces.append(y[..., first : first + n_rows] + updates[name])
-            row = first + n_rows
+            pieces.append(y[..., first : first + n_rows] + updates[..., done : done + n_rows])
+            row, done = first + n_rows, done + n_rows
         if row < self.base.out_features:
             pieces.append(y[..., row:])
         return torch.cat(pieces, dim=-1)

@@ -37,7 +37,8 @@ class Embeddings(nn.Module):
         self.drop = nn.Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+        # (B, T): each row its own positions, so per-example gradients (train.privacy) see the batch
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
         x = self.wte(input_ids) + self.wpe(positions) + self.wtt(token_type_ids)  # (B, T, C)
         return self.drop(self.ln(x))
 
