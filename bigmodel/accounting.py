@@ -8,6 +8,8 @@ was measured on this implementation (tests/test_plan.py re-measures it on CPU).
 
 from __future__ import annotations
 
+import math
+
 from bigmodel.arch import DecoderArch, EncoderArch
 
 TransformerArch = DecoderArch | EncoderArch
@@ -96,6 +98,7 @@ def training_memory(
     adapter: int | None = None,
     fused_dropout: bool = True,
     frozen_bytes: int = 4,
+    per_example: int = 0,
 ) -> dict[str, int]:
     """Peak bytes on one device for a training step with `batch` sequences on that device.
 
@@ -107,6 +110,8 @@ def training_memory(
     fused_dropout False: attention with dropout keeps its scores (CPU; see UNFUSED_SCORE_BYTES).
     frozen_bytes: bytes per frozen base weight with an adapter (2: LoRA under bf16 autocast keeps a bf16
     checkpoint's matrices as they are, and autocast then has nothing to copy).
+    per_example: rows whose gradients are kept one by one (train.privacy: Opacus's per-example gradients of
+    the trainable parameters, for the largest Poisson batch the step is likely to draw).
     """
     shards = devices if sharding == "fsdp" else 1
     weights = 4 * n_params // shards
@@ -127,6 +132,7 @@ def training_memory(
         weights += 4 * adapter
         gradients = 4 * adapter * (2 if sharding == "ddp" and devices > 1 else 1)
         optimizer_bytes = 4 * states * adapter
+    gradients += 4 * per_example * (adapter if adapter is not None else n_params // shards)
     memory = {
         "weights": weights,
         "gradients": gradients,
@@ -136,6 +142,12 @@ def training_memory(
     }
     memory["total"] = weights + optimizer_bytes + max(gradients, activations) + runtime
     return memory
+
+
+def poisson_ceiling(batch: int) -> int:
+    """The largest batch a private run's Poisson sampling (mean `batch`) draws but about once in 30,000
+    steps: the mean plus four standard deviations (at most sqrt(batch))."""
+    return batch + math.ceil(4 * math.sqrt(batch))
 
 
 def lora_parameters(arch: TransformerArch, targets: tuple[str, ...], rank: int) -> int:

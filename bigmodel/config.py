@@ -488,6 +488,42 @@ class LoRAConfig(Section):
         return tuple(name for name in LORA_GROUPS["all-linear"] if name in wanted)
 
 
+class PrivacyConfig(Section):
+    """Differentially private training: DP-SGD (Abadi et al. 2016) through Opacus. Each step draws its
+    examples by Poisson sampling (each with probability batch_size / examples), clips every example's
+    gradient to max_grad_norm and adds Gaussian noise of std noise_multiplier x max_grad_norm; the
+    accountant turns (sample rate, noise, steps) into the (epsilon, delta) the run has spent."""
+
+    target_epsilon: float | None = Field(
+        None, gt=0.0, description="Pick the noise so the whole schedule spends this epsilon (at delta)."
+    )
+    noise_multiplier: float | None = Field(
+        None, ge=0.0, description="Or set the noise directly: std of the noise / max_grad_norm."
+    )
+    delta: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="The delta of (epsilon, delta). Default: 1 / (10 x training examples), below the "
+        "1 / examples that a meaningful guarantee needs.",
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Each example's gradient is clipped to this L2 norm.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp",
+        description="rdp: Renyi DP (Mironov 2017), Opacus's default; prv: privacy random variables "
+        "(Gopi et al. 2021), a tighter epsilon for the same noise.",
+    )
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacyConfig:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "train.privacy: set exactly one of target_epsilon (the noise is chosen to spend it) and "
+                "noise_multiplier"
+            )
+        return self
+
+
 # Fine-tuning a pretrained model wants far gentler defaults than training from scratch (HF Trainer's 3 epochs;
 # 2e-5 is BERT's and full fine-tuning's usual rate, 2e-4 LoRA's, as in QLoRA and most SFT recipes).
 FINE_TUNE_EPOCHS, FINE_TUNE_LR, FINE_TUNE_LORA_LR = 3, 2e-5, 2e-4
@@ -603,6 +639,13 @@ class TrainConfig(Section):
         description="Train low-rank adapters instead of every weight, e.g. {rank: 8, alpha: 16, targets: "
         "[attention]}; checkpoints then hold the adapter only, tied to the init checkpoint by its sha256.",
     )
+    privacy: PrivacyConfig | None = Field(
+        None,
+        description="Train with differential privacy (DP-SGD through Opacus, the 'privacy' extra), e.g. "
+        "{target_epsilon: 3} or {noise_multiplier: 1.0, max_grad_norm: 1.0}: the MLP, an encoder classifier, "
+        "or LoRA adapters of a decoder on sft data. The epsilon spent is logged at every evaluation and kept "
+        "in every checkpoint.",
+    )
 
     @model_validator(mode="after")
     def _optimizer_settings_agree(self) -> TrainConfig:
@@ -616,9 +659,42 @@ class TrainConfig(Section):
             problems.append(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if self.epochs is None and self.max_steps is None:
             problems.append("set train.epochs or train.max_steps")
+        if self.privacy is not None:
+            problems += self._private_training_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _private_training_problems(self) -> list[str]:
+        """What DP-SGD cannot be combined with, by name (each example's gradient must be its own,
+        clipped once per step; the step's examples drawn by Poisson sampling)."""
+        problems = []
+        if self.grad_clip is not None:
+            problems.append(
+                "train.grad_clip with train.privacy: DP-SGD clips each example's gradient at "
+                "train.privacy.max_grad_norm instead; remove train.grad_clip"
+            )
+        if self.grad_accum_steps != 1:
+            problems.append(
+                "train.grad_accum_steps with train.privacy: a private step's examples are one Poisson "
+                "draw; set grad_accum_steps 1 and raise train.batch_size"
+            )
+        if self.compile:
+            problems.append("train.compile with train.privacy: Opacus's per-example hooks need eager mode")
+        if self.activation_checkpointing:
+            problems.append(
+                "train.activation_checkpointing with train.privacy: recomputed forwards would be seen "
+                "twice by Opacus's hooks; remove it"
+            )
+        if self.precision == "bf16":
+            problems.append("train.precision 'bf16' with train.privacy: private training runs in fp32")
+        mixing = [augment.kind for augment in self.augment if augment.kind == "mixup"]
+        if mixing:
+            problems.append(
+                "train.augment mixup with train.privacy: a mixed row carries two examples, so one "
+                "example's gradient is no longer its own; remove mixup"
+            )
+        return problems
 
 
 CheckpointRef = Annotated[
@@ -1251,6 +1327,31 @@ class Config(Section):
             raw = {**raw, "train": {**gentle, **train}}
         return raw
 
+    def _private_task_problems(self, task: str) -> list[str]:
+        """Which models and data DP-SGD trains here: the MLP, an encoder classifier, a decoder's LoRA
+        adapters on sft examples (the unit the guarantee is about must be one example)."""
+        if task == "embedding":
+            return [
+                "train.privacy with model.task 'embedding': its in-batch negatives make each text's gradient "
+                "depend on the others in the batch; train a classifier, or train without privacy"
+            ]
+        if task == "mlm":
+            return ["train.privacy with model.task 'mlm' is not supported; train a classifier privately"]
+        if task != "lm":
+            return []
+        problems = []
+        if self.data.format != "sft":
+            problems.append(
+                "train.privacy on data.format 'text': a random window of a token stream is not an example "
+                "the guarantee could be about; use data.format 'sft' (one example per record)"
+            )
+        if self.train.lora is None:
+            problems.append(
+                "train.privacy for a decoder trains LoRA adapters (per-example gradients of the whole model "
+                "are too big to keep); set train.lora"
+            )
+        return problems
+
     @property
     def task(self) -> str:
         """classification, regression (tabular data), lm (text data for a decoder); an encoder's
@@ -1303,6 +1404,15 @@ class Config(Section):
                     "train.lora trains under DDP only (the adapters are small: sharding them saves "
                     "nothing); set train.distributed 'ddp'"
                 )
+        if self.train.privacy is not None:
+            problems += self._private_task_problems(task)
+            problems += [
+                f"compress.steps[{i}] ({step.method}) uses the training data outside train.privacy's "
+                "account, so the model's epsilon would no longer hold; compress without data (prune with "
+                "finetune_steps 0, dynamic or weight-only quantize) or train without privacy"
+                for i, step in enumerate(self.compress.steps)
+                if getattr(step, "needs_data", False)
+            ]
         if self.export.formats != ["onnx"] and self.model.family != "gpt":
             problems.append(
                 f"export.format {self.export.format!r} writes decoder language models; use 'onnx' for "

@@ -19,7 +19,7 @@ from bigmodel.errors import UserError
 
 # The train.* keys each recipe reads (a set key it does not read is refused by the config, naming both).
 # Every recipe: the optimizer and schedule, the batch, how long, when to evaluate and save, when to stop,
-# clipping, TensorBoard.
+# clipping, TensorBoard, MLflow, differential privacy (train.privacy).
 COMMON_TRAIN_KEYS = frozenset(
     {
         "optimizer",
@@ -40,6 +40,7 @@ COMMON_TRAIN_KEYS = frozenset(
         "tensorboard",
         "mlflow",
         "save_every",
+        "privacy",
     }
 )
 # train/lm.py: one loop for every language model, on one process or many (torchrun: DDP, FSDP2).

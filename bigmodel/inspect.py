@@ -234,6 +234,7 @@ def _checkpoint(path: Path) -> dict[str, Any]:
         "lineage": manifest.lineage,
         **({"import": fields["import"]} if manifest.import_ is not None else {}),
         **({"adapter": fields["adapter"]} if manifest.adapter is not None else {}),
+        **({"privacy": fields["privacy"]} if manifest.privacy is not None else {}),
         **({"training": {k: v for k, v in loop.items() if k != "resumed_with_changes"}} if loop is not None else {}),
         **({"resumed_with_changes": manifest.resumed_with_changes} if manifest.resumed_with_changes else {}),
         "config": manifest.config,

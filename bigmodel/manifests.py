@@ -101,6 +101,22 @@ class ResumeRecord(Record):
     optimizer_scalars: dict[str, dict[str, Any]]
 
 
+class PrivacyRecord(Record):
+    """What a differentially private run (train.privacy) has spent when its checkpoint was written. The
+    accountant's history travels with it: a resumed run continues the same account."""
+
+    epsilon: float | None  # spent so far, at delta (None: no noise, no guarantee)
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float  # each example's probability of being in a step (Poisson sampling)
+    steps: int  # private steps taken
+    accountant: str  # rdp or prv
+    unit: str  # what the guarantee protects: a training row, text or example
+    # Opacus's accountant history: [noise_multiplier, sample_rate, steps] per stretch of equal settings
+    history: list[tuple[float, float, int]]
+
+
 class PruningRecord(Record):
     kind: str
     sparsity: float
@@ -131,6 +147,7 @@ class CheckpointManifest(Record):
     precision: str | None = None
     resumed_with_changes: list[dict[str, Any]] | None = None
     pruning: PruningRecord | None = None
+    privacy: PrivacyRecord | None = None
 
     def header(self) -> dict[str, str]:
         """The safetensors metadata that makes a file a bigmodel checkpoint."""

@@ -207,6 +207,7 @@ class RunPlan:
             adapter=None if full else self.adapter,
             fused_dropout=self.config.plan.hardware != "local",  # local: this CPU
             frozen_bytes=self.frozen_bytes,
+            per_example=accounting.poisson_ceiling(tc.batch_size) if tc.privacy is not None else 0,
         )
 
     def compute_seconds(self, devices: int) -> float:

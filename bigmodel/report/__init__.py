@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel import console
+from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path, jsonl_objects, read_json
@@ -58,6 +59,11 @@ def collect(config: Config) -> dict[str, Any]:
     for name, path in (("init", stage("init") / "model.safetensors"), ("train", stage("train") / "best.safetensors")):
         if path.is_file():
             found[name] = inspect.run(path)
+    if (stage("train") / "last.safetensors").is_file() and "train" in found:
+        # A private run's guarantee is what the whole run spent (its best checkpoint was chosen among all).
+        privacy = read_manifest(stage("train") / "last.safetensors").privacy
+        if privacy is not None:
+            found["train"]["privacy"] = privacy.model_dump(mode="json")
     if (stage("train") / "metrics.jsonl").is_file():
         path = stage("train") / "metrics.jsonl"
         records = [record for _, record in jsonl_objects(path.read_text().splitlines(), path)]
@@ -107,6 +113,11 @@ def draw(artifacts: dict[str, Any], config: Config, plots: Any) -> dict[str, tup
             figures["tokens_per_s.png"] = (
                 "Training throughput per logging window.",
                 plots.series(records, "tokens_per_s", "throughput", "tokens/s"),
+            )
+        if any("epsilon" in r for r in records):
+            figures["epsilon.png"] = (
+                "The privacy spent (epsilon at the run's delta) against optimizer steps.",
+                plots.series(records, "epsilon", "privacy spent", "epsilon"),
             )
         if any("val_accuracy" in r for r in records):
             figures["val_accuracy.png"] = (

@@ -75,6 +75,22 @@ def _summary(artifacts: dict[str, Any]) -> str:
                 + (f"; best val loss {best['val_loss']:.4f} at step {best['step']:,}" if best else ""),
             )
         )
+    privacy = train.get("privacy")
+    if privacy:
+        spent = privacy["epsilon"]
+        rows.append(
+            (
+                "privacy",
+                (
+                    f"(epsilon {spent:.3g}, delta {privacy['delta']:.2g})"
+                    if spent is not None
+                    else "no noise: no guarantee"
+                )
+                + f"-differentially private per training {privacy['unit']} (DP-SGD, {privacy['accountant']} "
+                f"accountant): noise multiplier {privacy['noise_multiplier']:.3g}, clip {privacy['max_grad_norm']:g}, "
+                f"sample rate {privacy['sample_rate']:.3g}, {privacy['steps']:,} steps",
+            )
+        )
     evaluation = artifacts.get("eval")
     if evaluation:
         scores = evaluation.get("metrics", {})

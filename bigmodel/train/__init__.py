@@ -31,6 +31,11 @@ def run(
             f"distributed training (torchrun, --nproc) is not available for the "
             f"{model_family.name} family; train it in one process"
         )
+    if launched_by_torchrun() and config.train.privacy is not None:
+        raise UserError(
+            "train.privacy under torchrun is not supported (the noise and the account are per process); "
+            "train privately in one process"
+        )
     recipe = model_family.module("recipe")
     out_dir = config.stage_dir("train")
     # One training job per run directory; within a distributed job rank 0 holds the lock for all.

@@ -9,6 +9,7 @@ weighs the same however the step is split into micro-batches and processes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,9 +126,16 @@ class ExampleBatches:
     def step(self, step: int, sampler: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
         del sampler
         first = step * self.rows_per_step
-        rows = [self.train.example(self._index(r)) for r in range(first, first + self.rows_per_step)]
-        x, y = pad(rows, self.pad_id)
-        return x, y, sum(len(ids) for ids, _ in rows)
+        return self.rows([self._index(r) for r in range(first, first + self.rows_per_step)])
+
+    def rows(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """These training examples padded to the longest: x, y (B, T) and their tokens (B may be 0)."""
+        examples = [self.train.example(int(i)) for i in indices]
+        if not examples:
+            empty = torch.zeros((0, 1), dtype=torch.long)
+            return empty, empty, 0
+        x, y = pad(examples, self.pad_id)
+        return x, y, sum(len(ids) for ids, _ in examples)
 
     def _index(self, row: int) -> int:
         epoch, position = divmod(row, len(self.train))
@@ -141,6 +149,13 @@ class ExampleBatches:
         del n_micro
         # Ranks' gradients are averaged (DDP), so each rank's share is scaled up by the world size.
         return masked_loss_sum(logits, y) * (world.size / max(step_targets, 1))
+
+    @staticmethod
+    def per_example_objective(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's mean of each example's mean loss per trained token: what DP-SGD trains on, so each
+        example's gradient (Opacus's per-example gradients of a mean) is that of its own loss."""
+        losses = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")  # (B, T)
+        return (losses.sum(1) / (y != IGNORE).sum(1).clamp(min=1)).mean()
 
     def val_loss(
         self, model: torch.nn.Module, autocast: object, device: torch.device, world: distributed.World

@@ -5,7 +5,9 @@ A recipe sets up its model, optimizer and data, and hands the loop an `EpochTask
 validation scores. The loop does the rest the same way for every family: learning-rate schedule, gradient
 clipping, evaluation every `eval_every` steps, best.safetensors on a better val score, the resumable
 last.safetensors (both atomic; `--resume` continues bitwise), metrics.jsonl, early stopping after
-`patience` evaluations without improvement, and stopping resumably at `until_step`.
+`patience` evaluations without improvement, and stopping resumably at `until_step`. With train.privacy the
+step is DP-SGD (train/privacy.py): Poisson batches of row numbers instead of the task's, the optimizer
+clips and noises per example, and the epsilon spent is logged and kept in every checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,13 +31,18 @@ from bigmodel.train.optim import lr_at, set_lr
 from bigmodel.train.state import checkpoint_manifest, save_model, save_training_state, start_or_resume, stop_step
 from bigmodel.train.tracking import MlflowRun
 
+if TYPE_CHECKING:
+    from bigmodel.train.privacy import DPSGD
+
 
 @dataclass
 class EpochTask:
     examples: int  # training examples, for the log
     unit: str  # what an example is ("rows", "texts")
     steps_per_epoch: int
-    batches: Callable[[int], Sequence[Any]]  # epoch -> its steps_per_epoch batches, from (seed, epoch) alone
+    # epoch -> its steps_per_epoch batches, from (seed, epoch) alone; a batch is anything `loss` takes that
+    # has a len(), and must accept an array of row numbers (a private run's Poisson batches)
+    batches: Callable[[int], Sequence[Any]]
     loss: Callable[[Any, int], torch.Tensor]  # (batch, step) -> the training loss
     evaluate: Callable[[], dict[str, float]]  # val scores: "loss", and "accuracy" where monitored
 
@@ -62,16 +69,28 @@ def run(
     eval_every = tc.eval_every or steps_per_epoch
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
     unused_sampler = torch.Generator()  # batches come from per-epoch orders instead
+    private = _private(config, model, optimizer, task, total_steps)
+    if private is not None:
+        optimizer = private.optimizer  # it steps the recipe's optimizer (whose state the checkpoints hold)
     # (before the previous run's files are replaced: a tracking store that cannot be reached stops here)
     tracking = MlflowRun(config, out_dir, resuming=resume) if tc.mlflow is not False else None
     loop, stopped_early = start_or_resume(
         out_dir, resume, model, optimizer, unused_sampler, tc.patience, config=config, allow_changes=allow_changes
     )
+    if private is not None and resume:
+        private.resume_from(last_path)
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
 
     def manifest(metrics: dict[str, float]) -> CheckpointManifest:
-        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter)
+        return checkpoint_manifest(
+            init_manifest, config, loop, metrics, lineage, adapter, privacy=private.record() if private else None
+        )
+
+    def batches(epoch: int) -> Sequence[Any]:
+        if private is None:
+            return task.batches(epoch)
+        return private.epoch_batches(config.seed, epoch, steps_per_epoch)
 
     best_metrics: dict[str, float] = {}
     start = time.perf_counter()
@@ -87,23 +106,29 @@ def run(
         f"{task.unit}, {total_steps} steps ({steps_per_epoch}/epoch), eval every {eval_every}"
         + (f", from step {loop.step}" if loop.step else "")
     )
+    if private is not None:
+        console.info(f"train: {private.describe(total_steps)}")
     last_step = stop_step(total_steps, until_step, loop.step)
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step, tracking=tracking)
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:
             epoch, done = divmod(loop.step, steps_per_epoch)
-            for batch in task.batches(epoch)[done:]:
+            for batch in batches(epoch)[done:]:
                 model.train()
                 lr = lr_at(loop.step, total_steps, tc)
                 set_lr(optimizer, lr)
-                loss = task.loss(batch, loop.step)
+                # (an empty batch: a private run's Poisson draw can be; its step is the noise alone)
+                loss = task.loss(batch, loop.step) if len(batch) else torch.tensor(0.0)
                 if not torch.isfinite(loss):
                     raise RunFailed(
                         f"train: loss became {loss.item()} at step {loop.step + 1}; lower train.lr or "
                         "set train.grad_clip (the last good checkpoints were kept)"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(batch):
+                    loss.backward()
+                elif private is not None:
+                    private.no_examples()
                 if tc.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
@@ -122,6 +147,7 @@ def run(
                             "lr": lr,
                             "train_loss": loss.item(),
                             **{f"val_{k}": v for k, v in val.items()},
+                            **(private.log_fields() if private else {}),
                             "elapsed_s": round(time.perf_counter() - start, 3),
                         }
                     )
@@ -164,3 +190,15 @@ def run(
         "best_step": loop.best_step,
         "best_metrics": best_metrics,
     }
+
+
+def _private(
+    config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, task: EpochTask, total_steps: int
+) -> DPSGD | None:
+    """train.privacy's DP-SGD around the recipe's model and optimizer, or None."""
+    if config.train.privacy is None:
+        return None
+    from bigmodel.train.privacy import DPSGD
+
+    unit = task.unit.removesuffix("s")
+    return DPSGD(model, optimizer, config.train.privacy, task.examples, config.train.batch_size, total_steps, unit)

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from bigmodel.train.state import (
 )
 from bigmodel.train.tracking import MlflowRun
 
+if TYPE_CHECKING:
+    from bigmodel.train.privacy import DPSGD
+
 
 def train(
     config: Config,
@@ -74,7 +77,8 @@ def train(
     tc = config.train
     world, device = distributed.start(tc, setup_torch(config))
     init_path = start_from or config.stage_dir("init") / "model.safetensors"
-    precision = training_precision(tc.precision, device)
+    # (private training runs in fp32: the config refuses bf16, and auto resolves to fp32)
+    precision = training_precision(tc.precision, device) if tc.privacy is None else "fp32"
     if device.type == "cpu" and world.size == 1:  # (accelerators and several processes: plan's per-device figures)
         memory.guard(training_peak(config, init_path, precision), config.memory_limit)
     model, init_manifest = load_model(init_path, world, tc, device, precision)
@@ -100,6 +104,9 @@ def train(
     # a short run's loss curve gets a point every step, a long one's about 50 points
     log_every = tc.log_every or min(50, max(1, math.ceil(total_steps / 50)))
     save_every = tc.save_every or eval_every
+    private = _private(config, model, optimizer, data, total_steps)
+    if private is not None:
+        optimizer = private.optimizer  # it steps the recipe's optimizer (whose state the checkpoints hold)
 
     # ---- resume
     metrics_path = out_dir / "metrics.jsonl"
@@ -109,6 +116,8 @@ def train(
     loop, stopped_early = start_or_resume(
         out_dir, resume, model, optimizer, sampler, tc.patience, world, config, allow_changes
     )
+    if private is not None and resume:
+        private.resume_from(last_path)
     if stopped_early:
         total_steps = loop.step  # that run had stopped early: there is nothing left to do
     last_step = stop_step(total_steps, until_step, loop.step)
@@ -126,7 +135,8 @@ def train(
 
     def manifest(metrics: dict[str, float]) -> CheckpointManifest:
         # with what train.precision resolved to on this device ('auto' records which it became)
-        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter, precision)
+        privacy = private.record() if private is not None else None
+        return checkpoint_manifest(init_manifest, config, loop, metrics, lineage, adapter, precision, privacy)
 
     # The step runs through DDP (and torch.compile) when asked; checkpoints and evaluation use `model`.
     step_model = compile_deterministic(parallel_model) if tc.compile else parallel_model
@@ -147,6 +157,8 @@ def train(
         + (f", from step {loop.step}" if loop.step else "")
         + (f", {world.size} processes ({world.mode}, {micro_batch} rows per micro-batch)" if world.size > 1 else "")
     )
+    if private is not None:
+        console.info(f"train: {private.describe(total_steps)}")
     start, last_loss, tokens_trained = time.perf_counter(), float("nan"), 0
     eval_seconds = checkpoint_seconds = 0.0  # where the loop's time goes besides the steps
     window_start, window_tokens = start, 0  # tokens/s is reported per log window
@@ -155,10 +167,17 @@ def train(
             model.train()
             lr = lr_at(loop.step, total_steps, tc)
             set_lr(optimizer, lr)
-            # Every rank draws the whole step's rows and keeps its own of them.
-            x_all, y_all, step_tokens = data.step(loop.step, sampler)
+            if private is None:
+                # Every rank draws the whole step's rows and keeps its own of them.
+                x_all, y_all, step_tokens = data.step(loop.step, sampler)
+                micro_batches = list(zip(x_all[my_rows].split(micro_batch), y_all[my_rows].split(micro_batch)))
+            else:  # a Poisson draw, one backward (Opacus counts each as a step); empty: the noise alone
+                assert isinstance(data, ExampleBatches)  # (the config refuses privacy on token windows)
+                x_all, y_all, step_tokens = data.rows(private.batch(config.seed, loop.step))
+                micro_batches = [(x_all, y_all)] if len(x_all) else []
+                if not micro_batches:
+                    private.no_examples()
             step_targets = int((y_all != IGNORE).sum())
-            micro_batches = list(zip(x_all[my_rows].split(micro_batch), y_all[my_rows].split(micro_batch)))
             step_loss = 0.0
             for i, (x, y) in enumerate(micro_batches):
                 x, y = x.to(device), y.to(device)
@@ -167,6 +186,8 @@ def train(
                         logits, _ = step_model(x)
                         if loss_hook is not None:
                             loss = loss_hook(logits, x, y) / len(micro_batches)
+                        elif private is not None:
+                            loss = ExampleBatches.per_example_objective(logits, y)
                         else:
                             loss = data.objective(logits, y, len(micro_batches), step_targets, world)
                     loss.backward()
@@ -214,6 +235,7 @@ def train(
                         "train_loss": step_loss,
                         "lr": lr,
                         "tokens": loop.tokens_seen,
+                        **(private.log_fields() if private is not None else {}),
                     }
                 )
                 if loop.scored(val_loss):
@@ -269,6 +291,24 @@ def train(
     }
 
 
+def _private(
+    config: Config,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TokenWindows | ExampleBatches,
+    total_steps: int,
+) -> DPSGD | None:
+    """train.privacy's DP-SGD around the adapters and their optimizer, or None."""
+    if config.train.privacy is None:
+        return None
+    from bigmodel.train.privacy import DPSGD
+
+    assert isinstance(data, ExampleBatches)  # (the config refuses privacy on token windows)
+    return DPSGD(
+        model, optimizer, config.train.privacy, len(data.train), config.train.batch_size, total_steps, "example"
+    )
+
+
 def load_model(
     path: Path,
     world: distributed.World,
@@ -312,6 +352,7 @@ def training_peak(config: Config, path: Path, precision: str) -> memory.Estimate
         adapter=adapter,
         fused_dropout=False,
         frozen_bytes=frozen,
+        per_example=accounting.poisson_ceiling(tc.batch_size) if tc.privacy is not None else 0,
     )
     loading = n_params * (stored if streamed else 4 + stored)  # a full load: the fp32 model + the file's tensors
     return memory.train_peak(step, loading, tc.lora is not None)

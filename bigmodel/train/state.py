@@ -27,7 +27,7 @@ from bigmodel.datasets import data_manifest
 from bigmodel.distributed import SINGLE, World, gather, like, load_weights
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open
-from bigmodel.manifests import AdapterRecord, CheckpointManifest, ResumeRecord
+from bigmodel.manifests import AdapterRecord, CheckpointManifest, PrivacyRecord, ResumeRecord
 
 
 @dataclass
@@ -336,6 +336,7 @@ def checkpoint_manifest(
     lineage: dict[str, str],
     adapter: AdapterRecord | None = None,
     precision: str | None = None,
+    privacy: PrivacyRecord | None = None,
 ) -> CheckpointManifest:
     """What every checkpoint of a training run says about itself (a LoRA run's: its adapter and base)."""
     return CheckpointManifest(
@@ -349,4 +350,5 @@ def checkpoint_manifest(
         adapter=adapter,
         resumed_with_changes=loop.resumed_with_changes or None,
         precision=precision,
+        privacy=privacy,
     )
