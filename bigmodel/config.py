@@ -88,12 +88,9 @@ class TokenizerConfig(Section):
         return self
 
 
-class CleaningConfig(Section):
-    normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation form.")
-    strip_control: bool = Field(True, description="Drop control characters other than newline and tab.")
-    dedupe: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
-    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (after cleaning).")
-    max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
+class RedactionConfig(Section):
+    """What every text format's prepare can take out of the texts before they are tokenised."""
+
     redact: list[Literal["email", "phone", "ip", "credit_card", "secret"]] = Field(
         [],
         description="Replace these by a typed placeholder (<EMAIL>, <PHONE>, <IP>, <CREDIT_CARD>, <SECRET>) "
@@ -101,6 +98,14 @@ class CleaningConfig(Section):
         "key shapes (AWS, GitHub, Slack, OpenAI, Google keys, private key blocks); counted per kind in the "
         "prepare report and manifest, with masked examples (bigmodel inspect).",
     )
+
+
+class CleaningConfig(RedactionConfig):
+    normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation form.")
+    strip_control: bool = Field(True, description="Drop control characters other than newline and tab.")
+    dedupe: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (after cleaning).")
+    max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
 
 
 class BPEDropoutAugment(Section):
@@ -204,6 +209,10 @@ class SFTDataConfig(Section):
         description="An example longer than model.block_size tokens: truncate (cut its end; counted "
         "and reported) or error (refuse the data, naming the line).",
     )
+    cleaning: RedactionConfig = Field(
+        default_factory=RedactionConfig,
+        description="Redaction of every text of the records (messages, prompts, completions) before rendering.",
+    )
 
 
 class TextClassificationDataConfig(Section):
@@ -241,6 +250,10 @@ class TextClassificationDataConfig(Section):
         ge=100,
         description="Size of the WordPiece vocabulary trained on the training texts when no "
         "init.from brings the model's own tokenizer.",
+    )
+    cleaning: RedactionConfig = Field(
+        default_factory=RedactionConfig,
+        description="Redaction of the text column(s) (not the label) before tokenising, in every file prepare writes.",
     )
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 KINDS = ("email", "phone", "ip", "credit_card", "secret")
 PLACEHOLDER = {kind: f"<{kind.upper()}>" for kind in KINDS}
@@ -47,6 +48,28 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     ),
 }
 ORDER = ("secret", "email", "credit_card", "ip", "phone")  # the most specific first: a card is not a phone
+
+
+def redact_strings(value: Any, kinds: Collection[str], found: Redactions) -> Any:
+    """Every string in a JSON-like record redacted (its keys kept): the texts of an sft record."""
+    if isinstance(value, str):
+        return found.redact(value, kinds)
+    if isinstance(value, list):
+        return [redact_strings(item, kinds, found) for item in value]
+    if isinstance(value, dict):
+        return {key: redact_strings(item, kinds, found) for key, item in value.items()}
+    return value
+
+
+def announce(found: Redactions, kinds: Collection[str]) -> None:
+    """prepare's line: what was taken out, per kind asked for (zero counts too: never silent)."""
+    from bigmodel import console
+
+    console.info(
+        "prepare: redacted "
+        + ", ".join(f"{found.counts.get(kind, 0)} {kind}" for kind in kinds)
+        + " (bigmodel inspect shows masked examples)"
+    )
 
 
 def luhn(digits: str) -> bool:

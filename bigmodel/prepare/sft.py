@@ -24,6 +24,7 @@ from bigmodel.config import Config, GPTConfig, SFTDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, sft_files
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path, write_json
+from bigmodel.prepare import redact
 from bigmodel.prepare.text import pretrained_tokenizer
 
 
@@ -66,7 +67,8 @@ def run(config: Config) -> dict[str, Any]:
         }
         starts: dict[str, list[int]] = {"train": [0], "val": [0]}
         rng = np.random.default_rng(config.seed)
-        for split, where, record in _records(data, rng):
+        redactions = redact.Redactions()
+        for split, where, record in _records(data, rng, redactions):
             example = renderer.example(record, where)
             kept = _fit(example, limit, data.too_long, where, counts[split])
             if kept is None:
@@ -130,9 +132,12 @@ def run(config: Config) -> dict[str, Any]:
         "truncated": {s: c.truncated for s, c in counts.items()},
         "dropped_no_trained_tokens": {s: c.dropped_no_trained_tokens for s, c in counts.items()},
         "shapes": {s: c.shapes for s, c in counts.items()},
+        "cleaning": {"redacted": redactions.counts, "redacted_examples": redactions.examples},
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
     _report(manifest)
+    if data.cleaning.redact:
+        redact.announce(redactions, data.cleaning.redact)
     return {
         "manifest": str(out_dir / MANIFEST_FILE),
         "examples": manifest["examples"],
@@ -164,15 +169,18 @@ def _template(kind: str, model_template: str | None, source: Path) -> str | None
     return model_template
 
 
-def _records(data: SFTDataConfig, rng: np.random.Generator) -> Any:
-    """(split, "file: line N", Record) for every example; without val_path each goes to val with
-    probability val_fraction (seeded, one draw per example in file order)."""
+def _records(data: SFTDataConfig, rng: np.random.Generator, redactions: redact.Redactions) -> Any:
+    """(split, "file: line N", Record) for every example (its texts redacted as data.cleaning.redact asks);
+    without val_path each goes to val with probability val_fraction (seeded, one draw per example in file
+    order)."""
     sources = [(data.path, None)] + ([(data.val_path, "val")] if data.val_path is not None else [])
     for path, fixed in sources:
         if not records.is_source(path):
             raise UserError(f"data.{'val_path' if fixed else 'path'}: file not found: {path}")
         for line, raw in records.read(path, None):
             where = f"{path}: {line}"
+            if data.cleaning.redact:
+                raw = redact.redact_strings(raw, data.cleaning.redact, redactions)
             record = examples.read_record(raw, where)
             split = fixed or ("train" if data.val_path is not None or rng.random() >= data.val_fraction else "val")
             yield split, where, record

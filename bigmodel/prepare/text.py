@@ -31,6 +31,7 @@ from bigmodel.config import Config, TextDataConfig
 from bigmodel.datasets import MANIFEST_FILE, TOKENIZER_FILE, shard_name
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path, write_json
+from bigmodel.prepare import redact
 from bigmodel.prepare.redact import Redactions
 
 
@@ -113,12 +114,7 @@ def run(config: Config) -> dict[str, Any]:
     write_json(out_dir / MANIFEST_FILE, manifest)
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.dropped.items() if v) or "none"
     if data.cleaning.redact:
-        found = report.redactions.counts
-        console.info(
-            "prepare: redacted "
-            + (", ".join(f"{found.get(kind, 0)} {kind}" for kind in data.cleaning.redact))
-            + " (bigmodel inspect shows masked examples)"
-        )
+        redact.announce(report.redactions, data.cleaning.redact)
     console.info(
         f"prepare: {len(files)} files, {report.documents_kept}/{report.documents_seen} documents kept "
         f"(dropped: {dropped}), {report.chars_kept:,} characters"

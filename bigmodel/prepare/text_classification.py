@@ -35,6 +35,7 @@ from bigmodel.config import BERTConfig, Config, TextClassificationDataConfig
 from bigmodel.datasets import DATA_FILE, MANIFEST_FILE, TOKENIZER_FILE
 from bigmodel.errors import UserError
 from bigmodel.io import atomic_open, atomic_path, require_file, write_json
+from bigmodel.prepare import redact
 from bigmodel.prepare.tabular import SPLITS, label_order, seeded_split
 from bigmodel.tabular_io import read_csv, read_text
 
@@ -54,11 +55,12 @@ def run(config: Config) -> dict[str, Any]:
     out_dir = config.stage_dir("prepare")
     records: list[dict[str, Any]] | None
     labels: list[str]
+    redactions = redact.Redactions()
     if path.suffix == ".txt":
-        arrays, tok, source, splits, truncated = _corpus(config, path)
+        arrays, tok, source, splits, truncated = _corpus(config, path, redactions)
         records, labels, what = None, [], "windows"
     else:
-        arrays, tok, source, splits, truncated, records, labels = _records(config, path)
+        arrays, tok, source, splits, truncated, records, labels = _records(config, path, redactions)
         what = "pairs" if config.task == "embedding" else "texts"
     with atomic_path(out_dir / DATA_FILE) as tmp:
         save_file(arrays, str(tmp))
@@ -95,6 +97,7 @@ def run(config: Config) -> dict[str, Any]:
             name: int(sum(arrays[key].size for key in (f"{name}_ids", f"{name}_b_ids") if key in arrays))
             for name in SPLITS
         },
+        "cleaning": {"redacted": redactions.counts, "redacted_examples": redactions.examples},
         "class_counts": (
             {name: np.bincount(arrays[f"{name}_y"], minlength=len(labels)).tolist() for name in SPLITS}
             if labels
@@ -110,6 +113,8 @@ def run(config: Config) -> dict[str, Any]:
         + f"; vocab {manifest['vocab_size']}"
         + (f"; {cut} texts truncated to {model.block_size} tokens" if cut else "")
     )
+    if data.cleaning.redact:
+        redact.announce(redactions, data.cleaning.redact)
     return {
         "manifest": str(out_dir / MANIFEST_FILE),
         "data": str(out_dir / DATA_FILE),
@@ -125,13 +130,18 @@ def _sections(config: Config) -> tuple[TextClassificationDataConfig, BERTConfig]
 
 
 def _records(
-    config: Config, path: Path
+    config: Config, path: Path, redactions: redact.Redactions
 ) -> tuple[dict[str, np.ndarray], Any, str | None, dict[str, int], dict[str, int], list[dict[str, Any]], list[str]]:
     """The texts of a CSV/JSONL file, split seeded (stratified by label for a classifier), tokenized.
     Returns arrays, tokenizer, its source, split sizes, truncation counts, the test records and labels."""
     (data, model), task = _sections(config), config.task
     records = read_records(path)
     columns = [data.text] + ([data.text_pair] if data.text_pair else [])
+    if data.cleaning.redact:  # the texts only (a label is not personal data), before anything is kept
+        records = [
+            {k: redact.redact_strings(v, data.cleaning.redact, redactions) if k in columns else v for k, v in r.items()}
+            for r in records
+        ]
     if task == "embedding" and not data.text_pair:
         raise UserError(
             "data.text_pair: an embedding model learns from and is scored on pairs of texts that belong "
@@ -179,7 +189,7 @@ def _records(
 
 
 def _corpus(
-    config: Config, path: Path
+    config: Config, path: Path, redactions: redact.Redactions
 ) -> tuple[dict[str, np.ndarray], Any, str | None, dict[str, int], dict[str, int]]:
     """A .txt corpus for masked-LM pre-training: paragraphs (blank-line separated) in order, the first ones
     train, the next validate, the last test (by characters; no passage is in two splits); each split's
@@ -189,7 +199,11 @@ def _corpus(
             f"{path}: a .txt corpus has no labels or pairs, it trains model.task mlm (got "
             f"'{config.task}'); use a CSV or JSONL file for {config.task}"
         )
-    paragraphs = [" ".join(block.split()) for block in read_text(path).split("\n\n")]
+    text = read_text(path)
+    kinds = _sections(config)[0].cleaning.redact
+    if kinds:
+        text = redactions.redact(text, kinds)
+    paragraphs = [" ".join(block.split()) for block in text.split("\n\n")]
     paragraphs = [p for p in paragraphs if p]
     ends = np.cumsum([len(p) for p in paragraphs]) if paragraphs else np.array([0])
     total = int(ends[-1])
