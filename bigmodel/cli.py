@@ -628,6 +628,39 @@ def plan_command(
     execute("plan", action, json_out, quiet, debug)
 
 
+@app.command("explain", epilog=section_help("explain"))
+def explain_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    input_: Annotated[
+        Optional[Path],
+        typer.Option("--input", "-i", help="Rows, texts or prompts to explain (explain.input)."),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[str],
+        typer.Option("--checkpoint", help="best, last, init, or a .safetensors file (explain.checkpoint)."),
+    ] = None,
+    rows: Annotated[Optional[int], typer.Option("--rows", "-n", min=1, help="How many inputs (explain.rows).")] = None,
+    device: DeviceOpt = None,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Which inputs drive the model's outputs: Captum's attributions on a checkpoint, per feature, token or
+    prompt token (<run_dir>/explain/attributions.json; the report renders them)."""
+    from bigmodel import explain
+
+    def action() -> dict[str, Any]:
+        overrides = with_device(set_, device)
+        for key, value in (("input", input_), ("checkpoint", checkpoint), ("rows", rows)):
+            if value is not None:
+                overrides.append(f"explain.{key}={json.dumps(value if key == 'rows' else str(value))}")
+        return explain.run(load(config, overrides, run_dir))
+
+    execute("explain", action, json_out, quiet, debug)
+
+
 @app.command("report")
 def report_command(
     config: ConfigOpt = None,

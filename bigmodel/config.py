@@ -1264,6 +1264,45 @@ class PlanConfig(Section):
     )
 
 
+class ExplainConfig(Section):
+    """bigmodel explain: Captum's attributions on a checkpoint (tabular: Integrated Gradients per feature;
+    an encoder classifier: Layer Integrated Gradients per token; a decoder: LLMAttribution per prompt token)."""
+
+    checkpoint: CheckpointRef = "best"
+    input: Path | None = Field(
+        None,
+        description="What to explain: a CSV of rows (mlp: the feature columns by name), a JSONL/CSV of texts "
+        "(bert: the data's text column), or prompts, one per line or a .jsonl's 'prompt' (gpt). Default: the "
+        "prepared test split (mlp, bert).",
+    )
+    rows: int = Field(5, gt=0, description="How many inputs to explain (from the first).")
+    steps: int = Field(
+        50, gt=0, description="mlp, bert: Integrated Gradients' steps along the path (more: a smaller delta)."
+    )
+    baseline: Literal["mean", "zeros"] = Field(
+        "mean", description="mlp: the baseline row, the training rows' mean or all zeros."
+    )
+    prompts: list[str] = Field([], description="gpt: prompts to explain (instead of explain.input).")
+    max_new_tokens: int = Field(
+        16, gt=0, description="gpt: tokens of the model's greedy continuation that the prompt tokens are scored for."
+    )
+    baseline_token: str | None = Field(
+        None,
+        description="gpt: the token a prompt token is replaced by when it is ablated. Default: the tokenizer's "
+        "pad or end-of-text token (a character vocabulary: the space).",
+    )
+    output: Path | None = Field(
+        None, description="Where the attributions go. Default: <run_dir>/explain/attributions.json."
+    )
+
+
+FAMILY_EXPLAIN_KEYS = {
+    "mlp": {"checkpoint", "input", "rows", "steps", "baseline", "output"},
+    "bert": {"checkpoint", "input", "rows", "steps", "output"},
+    "gpt": {"checkpoint", "input", "rows", "prompts", "max_new_tokens", "baseline_token", "output"},
+}
+
+
 class Config(Section):
     """One experiment, from raw data to predictions."""
 
@@ -1301,6 +1340,7 @@ class Config(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
 
     @field_validator("memory_limit", mode="before")
     @classmethod
@@ -1417,6 +1457,17 @@ class Config(Section):
                     "train.lora trains under DDP only (the adapters are small: sharding them saves "
                     "nothing); set train.distributed 'ddp'"
                 )
+        reads = FAMILY_EXPLAIN_KEYS.get(self.model.family, set())
+        unread = [
+            key
+            for key, field in ExplainConfig.model_fields.items()
+            if key not in reads and getattr(self.explain, key) != field.get_default(call_default_factory=True)
+        ]
+        if unread:
+            problems.append(
+                f"explain.{unread[0]} is not read when explaining model.family '{self.model.family}' (it reads "
+                f"{', '.join(sorted(FAMILY_EXPLAIN_KEYS.get(self.model.family, set())))}); remove it"
+            )
         if self.train.privacy is not None:
             problems += self._private_task_problems(task)
             problems += [
@@ -1850,6 +1901,7 @@ COMMAND_SECTIONS = {
     "infer": ("infer",),
     "plan": ("plan",),
     "serve": ("serve",),
+    "explain": ("explain",),
 }
 SHARED_KEYS = ("run_dir", "seed", "threads", "device")
 
@@ -1867,6 +1919,10 @@ def section_help(command: str) -> str:
             fields = [(f.alias or n, f) for n, f in model.model_fields.items()]
             blocks.append(_key_block(title, fields, prefix + "."))
     return "\n\n".join("\b\n" + block for block in blocks)
+
+
+# The config's sections, in the order of the pipeline (the key reference and --set completion list them so).
+CONFIG_SECTIONS = ("data", "model", "init", "train", "eval", "compress", "export", "infer", "serve", "plan", "explain")
 
 
 def key_reference() -> str:
@@ -1909,7 +1965,7 @@ def key_reference() -> str:
         "",
         *table([(name, Config.model_fields[name]) for name in SHARED_KEYS], ""),
     ]
-    for section in ("data", "model", "init", "train", "eval", "compress", "export", "infer", "serve", "plan"):
+    for section in CONFIG_SECTIONS:
         for title, prefix, model in _groups(section, Config.model_fields[section].annotation):
             fields = [(f.alias or n, f) for n, f in model.model_fields.items()]
             lines += ["", f"## {title}", "", *table(fields, prefix + ".", readers=title == "train")]
@@ -1919,7 +1975,7 @@ def key_reference() -> str:
 def config_keys() -> list[str]:
     """Every settable key path (train.lr, data.cleaning.dedupe, ...), for shell completion of --set."""
     keys = set(SHARED_KEYS)
-    for section in ("data", "model", "init", "train", "eval", "compress", "export", "infer", "serve", "plan"):
+    for section in CONFIG_SECTIONS:
         for _, prefix, model in _groups(section, Config.model_fields[section].annotation):
             if "[]" in prefix:
                 continue  # list items are set as a whole list

@@ -74,6 +74,7 @@ class Family:
     exporter: str  # export_checkpoint(config, ckpt, out_dir), calibration_feeds(...), latency_feeds(session, meta)
     inferer: str  # run_model(session, meta, path, settings, source, dest, seed, bench_settings): ONNX Runtime only
     server: str  # Engine(session, meta, path, name, settings): `bigmodel serve`'s routes (ONNX Runtime only)
+    explainer: str  # explain(config, checkpoint): `bigmodel explain`'s attributions (Captum, on the checkpoint)
     infer_output: str  # default file name of infer's output
     test_split: str | None  # infer's default input: the file prepare writes the test split to (None: none)
     distributed: bool  # trains under torchrun (DDP/FSDP)
@@ -101,6 +102,7 @@ FAMILIES: dict[str, Family] = {
         exporter="bigmodel.export.gpt",
         inferer="bigmodel.infer.gpt",
         server="bigmodel.serve.lm",
+        explainer="bigmodel.explain.lm",
         infer_output="generations.jsonl",
         test_split=None,
         distributed=True,
@@ -118,6 +120,7 @@ FAMILIES: dict[str, Family] = {
         exporter="bigmodel.export.tabular",
         inferer="bigmodel.infer.tabular",
         server="bigmodel.serve.tabular",
+        explainer="bigmodel.explain.tabular",
         infer_output="predictions.csv",
         test_split="test.csv",
         distributed=False,
@@ -134,6 +137,7 @@ FAMILIES: dict[str, Family] = {
         exporter="bigmodel.export.encoder",
         inferer="bigmodel.infer.encoder",
         server="bigmodel.serve.encoder",
+        explainer="bigmodel.explain.encoder",
         infer_output="predictions.jsonl",
         test_split="test.jsonl",
         distributed=False,

@@ -118,6 +118,13 @@ class Server(Protocol):
 
 
 # The family table's role names (Family fields) and what each must provide.
+class Explainer(Protocol):
+    """explain/<family>.py: Captum's attributions for some inputs, on a PyTorch checkpoint: a dict with kind,
+    unit, method, baseline, items (one per input) and summary lines (explain/__init__.py writes it)."""
+
+    def explain(self, config: Config, checkpoint: Path) -> dict[str, Any]: ...
+
+
 ROLES: dict[str, type] = {
     "model": Model,
     "recipe": Recipe,
@@ -125,4 +132,5 @@ ROLES: dict[str, type] = {
     "exporter": Exporter,
     "inferer": Inferer,
     "server": Server,
+    "explainer": Explainer,
 }

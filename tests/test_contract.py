@@ -468,7 +468,7 @@ def _parameters(function: object) -> list[tuple[str, object, bool]]:
     ]  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("role", ["model", "recipe", "evaluator", "exporter", "inferer", "server"])
+@pytest.mark.parametrize("role", ["model", "recipe", "evaluator", "exporter", "inferer", "server", "explainer"])
 def test_every_familys_modules_play_their_roles_as_the_protocols_say(role: str) -> None:
     """Each family's module for a role has every member of the role's Protocol (bigmodel/roles.py), with
     the same parameter names, kinds and defaults: any stage can call any family's module the same way."""

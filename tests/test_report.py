@@ -176,3 +176,39 @@ def test_the_report_renders_in_a_real_browser(fresh_run: Path, tmp_path: Path) -
     band = pixels.crop((0, 400, 1280, 700))
     left, right = band.crop((0, 0, 640, 300)), band.crop((640, 0, 1280, 300))
     assert min(sum(half.histogram()[:200]) for half in (left, right)) > 1000
+
+
+@pytest.mark.slow
+def test_explanations_paint_in_a_real_browser(fresh_run: Path, tmp_path: Path) -> None:
+    """explain's feature bars and shaded tokens, as Chromium paints the report: the bars' green (towards the
+    explained output) and red (against) are on the page. Skipped where no Chromium is installed."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium installed")
+    pytest.importorskip("captum")
+    from PIL import Image
+
+    assert cli("explain", "-c", fresh_run, "-q", "--rows", "2").code == 0
+    assert cli("report", "-c", fresh_run, "-q").code == 0
+    page = fresh_run.parent / "run" / "report" / "index.html"
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,9000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 24)
+    painted = {rgb: n for n, rgb in colours}
+    assert painted.get((0x1A, 0x7F, 0x37), 0) > 500 and painted.get((0xCF, 0x22, 0x2E), 0) > 500

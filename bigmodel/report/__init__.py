@@ -71,6 +71,8 @@ def collect(config: Config) -> dict[str, Any]:
     for name, file in (("eval", "metrics.json"), ("compress", "report.json"), ("export", "parity.json")):
         if (stage(name) / file).is_file():
             found[name] = read_json(stage(name) / file, f"{name} output")
+    if (stage("explain") / "attributions.json").is_file():
+        found["explain"] = read_json(stage("explain") / "attributions.json", "explain output")
     samples = _infer_samples(stage("infer"))
     if samples:
         found["infer"] = samples

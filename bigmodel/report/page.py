@@ -20,6 +20,8 @@ table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.2em 0.
 th { text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: #f6f8fa; padding: 0.8em; overflow: auto; font-size: 12px; white-space: pre-wrap; }
 figure { margin: 1em 0; } summary { cursor: pointer; color: #555; } figcaption { color: #555; } img { max-width: 100%; border: 1px solid #eee; }
+.bar { display: inline-block; height: 0.8em; vertical-align: middle; } .pos { background: #1a7f37; } .neg { background: #cf222e; }
+.tokens { line-height: 1.9; } .tokens span { padding: 0.1em 0.15em; border-radius: 3px; white-space: pre-wrap; }
 .pass { color: #1a7f37; font-weight: bold; } .fail { color: #cf222e; font-weight: bold; } .dim { color: #777; }
 """
 
@@ -30,6 +32,7 @@ def render(config: Config, artifacts: dict[str, Any], figures: dict[str, tuple[s
         _summary(artifacts),
         _figures(figures),
         _stage_metrics(artifacts),
+        _explanations(artifacts.get("explain")),
         _samples(artifacts),
         _section("Config", _folded("the resolved config", dump_yaml(config))),
         _section(
@@ -173,6 +176,81 @@ def _stage_metrics(artifacts: dict[str, Any]) -> str:
     return _section("Metrics of every stage", "\n".join(parts)) if parts else ""
 
 
+EXPLAINED = 4  # items of explain's output the page shows
+BAR_PX = 240  # the longest attribution bar
+
+
+def _explanations(found: dict[str, Any] | None) -> str:
+    """explain's attributions: bars per feature (tabular), tokens shaded by attribution (text): green for
+    towards the output explained, red against, the stronger the more."""
+    if not found or not found.get("items"):
+        return ""
+    head = (
+        f"<p>{_e(found['method'])}; baseline: {_e(found['baseline'])}. "
+        f'<span class="dim">({_e(len(found["items"]))} {_e(found["unit"])} in explain/attributions.json)</span></p>'
+    )
+    items = found["items"][:EXPLAINED]
+    if found["kind"] == "tabular":
+        parts = _explained_rows(found.get("importance", []), items)
+    elif found["kind"] == "text_classification":
+        parts = [
+            f"<h3>{_e(item['prediction'])} ({item['probability']:.2f})</h3>"
+            f'<p class="tokens">{_shaded([(t["token"], t["attribution"]) for t in item["tokens"]], " ")}</p>'
+            f'<p class="dim">{_e(item["explains"])}; convergence delta {item["delta"]:.2e}</p>'
+            for item in items
+        ]
+    else:  # a decoder: the prompt's tokens shaded, then what the model said
+        parts = [
+            f'<p class="tokens">{_shaded(list(zip(item["prompt_tokens"], item["sequence_attributions"], strict=False)), "")}'
+            f"<b> &rarr; </b>{_e(item['generated'])}</p>"
+            for item in items
+        ]
+    return _section("Explanations", "\n".join([head, *parts]))
+
+
+def _explained_rows(importance: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[str]:
+    """The features by mean |attribution| over the rows explained, then each row's strongest features."""
+    ranked = importance[:20]
+    top = max((r["mean_abs_attribution"] for r in ranked), default=0.0)
+    parts = [
+        "<h3>features by mean |attribution|</h3>" + _bars([(r["name"], r["mean_abs_attribution"]) for r in ranked], top)
+    ]
+    for item in items:
+        features = sorted(item["features"], key=lambda f: -abs(f["attribution"]))[:12]
+        top = max((abs(f["attribution"]) for f in features), default=0.0)
+        parts.append(
+            f"<h3>row {_e(item['index'])}: {_e(item['prediction'])}</h3>"
+            f'<p class="dim">{_e(item["explains"])}: {item["f_input"]:.4g} vs {item["f_baseline"]:.4g} at the '
+            f"baseline; convergence delta {item['delta']:.2e}</p>"
+            + _bars([(f"{f['name']} = {f['value']:.4g}", f["attribution"]) for f in features], top)
+        )
+    return parts
+
+
+def _bars(rows: list[tuple[str, float]], top: float) -> str:
+    body = [
+        [
+            _e(name),
+            _num(value),
+            f'<span class="bar {"pos" if value >= 0 else "neg"}" style="width: '
+            f'{round(BAR_PX * abs(value) / top) if top else 0}px"></span>',
+        ]
+        for name, value in rows
+    ]
+    return _table(["", "attribution", ""], body, escape=False)
+
+
+def _shaded(tokens: list[tuple[str, float]], gap: str) -> str:
+    top = max((abs(value) for _, value in tokens), default=0.0) or 1.0
+    spans = []
+    for token, value in tokens:
+        colour = "26,127,55" if value >= 0 else "207,34,46"
+        spans.append(
+            f'<span title="{value:.4g}" style="background: rgba({colour},{abs(value) / top:.2f})">{_e(token)}</span>'
+        )
+    return gap.join(spans)
+
+
 def _samples(artifacts: dict[str, Any]) -> str:
     generated = artifacts.get("eval", {}).get("samples") or []
     texts = [str(s) for s in generated]
@@ -234,11 +312,13 @@ def compact_json(value: Any, indent: str = "") -> str:
     return json.dumps(value, default=str)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(header: list[str], rows: list[list[str]], escape: bool = True) -> str:
+    """escape False: the cells are HTML already (the caller escaped what came from the artifacts)."""
+    cell = _e if escape else str
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join(
-        f"<tr><td>{_e(row[0])}</td>"
-        + "".join(f'<td class="num">{_e(c)}</td>' if _is_number(c) else f"<td>{_e(c)}</td>" for c in row[1:])
+        f"<tr><td>{cell(row[0])}</td>"
+        + "".join(f'<td class="num">{cell(c)}</td>' if _is_number(c) else f"<td>{cell(c)}</td>" for c in row[1:])
         + "</tr>"
         for row in rows
     )
