@@ -214,7 +214,9 @@ def test_an_encoder_classifier_and_a_decoders_lora_adapters_train_privately_end_
     for config, unit in ((encoder, "text"), (decoder, "example")):
         result = cli("pipeline", "-c", config, "--to", "train")
         assert result.code == 0, result.stderr
-        assert f"the guarantee is per training {unit}" in result.stderr
+        assert f"the guarantee is per training {unit}" in result.stderr  # said before, and after:
+        last = next(line for line in result.stderr.splitlines() if line.startswith("train: step "))
+        assert f"-differentially private per training {unit}" in last
         run = config.parent / "run" if (config.parent / "run").is_dir() else Path(_yaml(config)["run_dir"])
         record = read_manifest(run / "train" / "last.safetensors").privacy
         assert record is not None and record.steps == 6 and record.unit == unit and record.epsilon is not None
@@ -308,3 +310,32 @@ def test_resuming_a_run_trained_without_privacy_privately_is_refused(tmp_path: P
         "train", "-c", config, "--resume", "--allow-changes", "-q", "--set", "train.privacy.noise_multiplier=1"
     )
     assert result.code == 2 and "trained without train.privacy" in result.stderr
+
+
+def test_a_private_lora_run_stopped_and_resumed_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    """The decoder's loop (train/lm.py) resumes a private run exactly too: the same Poisson draws, noise,
+    adapters, optimizer state and privacy account."""
+    from tests import hf_models
+    from tests.test_finetune import records, sft_config
+    from tests.test_lm import _state
+
+    config = sft_config(
+        tmp_path,
+        hf_models.make("llama", tmp_path / "hf"),
+        rows=records(20),
+        lora={"rank": 2, "targets": ["attention"]},
+        max_steps=8,
+        eval_every=4,
+        save_every=2,
+        privacy={"noise_multiplier": 0.8},
+    )
+    assert cli("pipeline", "-c", config, "--to", "train", "-q").code == 0
+    last = tmp_path / "run" / "train" / "last.safetensors"
+    uninterrupted, account = _state(last), read_manifest(last).privacy
+    assert cli("train", "-c", config, "-q", "--restart", "--until-step", "3").code == 0
+    assert read_manifest(last).privacy.steps == 3  # type: ignore[union-attr]
+    assert cli("train", "-c", config, "-q", "--resume").code == 0
+    resumed = _state(last)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "resume diverged"
+    assert read_manifest(last).privacy == account

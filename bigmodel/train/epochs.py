@@ -110,6 +110,7 @@ def run(
         console.info(f"train: {private.describe(total_steps)}")
     last_step = stop_step(total_steps, until_step, loop.step)
     log = MetricsLog(metrics_path, tc.tensorboard, loop.step, tracking=tracking)
+    spent: dict[str, float] = {}  # a private run's epsilon at the last evaluation, shown with the progress
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:
             epoch, done = divmod(loop.step, steps_per_epoch)
@@ -135,11 +136,12 @@ def run(
                 if after_step is not None:
                     after_step(model)
                 loop.step += 1
-                progress.update(loop.step, loss=loss.item(), lr=lr)
+                progress.update(loop.step, loss=loss.item(), lr=lr, **spent)
 
                 stop = False
                 if loop.step % eval_every == 0 or loop.step == total_steps:
                     val = task.evaluate()
+                    spent = private.log_fields() if private else {}
                     log.write(
                         {
                             "step": loop.step,
@@ -147,7 +149,7 @@ def run(
                             "lr": lr,
                             "train_loss": loss.item(),
                             **{f"val_{k}": v for k, v in val.items()},
-                            **(private.log_fields() if private else {}),
+                            **spent,
                             "elapsed_s": round(time.perf_counter() - start, 3),
                         }
                     )
@@ -178,6 +180,7 @@ def run(
             if loop.best_step is not None
             else f"no evaluation yet (the first is at step {eval_every})"
         )
+        + (private.spent_note() if private else "")
         + ("" if loop.finished else "; continue with --resume")
     )
     return {

@@ -162,6 +162,7 @@ def train(
     start, last_loss, tokens_trained = time.perf_counter(), float("nan"), 0
     eval_seconds = checkpoint_seconds = 0.0  # where the loop's time goes besides the steps
     window_start, window_tokens = start, 0  # tokens/s is reported per log window
+    spent: dict[str, float] = {}  # a private run's epsilon at the last evaluation, shown with the progress
     with console.Progress("train", last_step) as progress:
         while loop.step < last_step:
             model.train()
@@ -212,7 +213,7 @@ def train(
 
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-            progress.update(loop.step, loss=step_loss, lr=lr, tok_s=round(tokens_per_s))
+            progress.update(loop.step, loss=step_loss, lr=lr, tok_s=round(tokens_per_s), **spent)
             if loop.step % log_every == 0:
                 log.write(
                     {
@@ -227,6 +228,7 @@ def train(
             stop = False
             if loop.step % eval_every == 0 or loop.step == total_steps:
                 val_loss = data.val_loss(model, autocast, device, world)
+                spent = private.log_fields() if private is not None else {}
                 eval_seconds += time.perf_counter() - now
                 log.write(
                     {
@@ -235,7 +237,7 @@ def train(
                         "train_loss": step_loss,
                         "lr": lr,
                         "tokens": loop.tokens_seen,
-                        **(private.log_fields() if private is not None else {}),
+                        **spent,
                     }
                 )
                 if loop.scored(val_loss):
@@ -271,7 +273,9 @@ def train(
         f"train: step {loop.step} of {total_steps}, {best}, {tokens_per_s:,.0f} tokens/s, "
         f"peak RSS {(peak_rss_bytes() or 0) / 2**20:,.0f} MiB; {seconds['setup']:.1f} s setup, "
         f"{elapsed:.1f} s loop of which {eval_seconds:.1f} s evaluation and {checkpoint_seconds:.1f} s "
-        "checkpoints" + ("" if loop.finished else "; continue with --resume")
+        "checkpoints"
+        + (private.spent_note() if private is not None else "")
+        + ("" if loop.finished else "; continue with --resume")
     )
     return {
         "best": str(out_dir / "best.safetensors"),

@@ -186,6 +186,13 @@ class DPSGD:
             f"steps ({self.settings.accountant}); the guarantee is per training {self.unit}"
         )
 
+    def spent_note(self) -> str:
+        """For train's last line: what the run has spent."""
+        spent = self.epsilon()
+        if spent is None:
+            return "; no noise: no privacy guarantee"
+        return f"; ({spent:.3g}, {self.delta:.2g})-differentially private per training {self.unit}"
+
     def log_fields(self) -> dict[str, float]:
         """metrics.jsonl's fields at an evaluation: the epsilon spent (none without noise)."""
         spent = self.epsilon()
