@@ -1296,13 +1296,6 @@ class ExplainConfig(Section):
     )
 
 
-FAMILY_EXPLAIN_KEYS = {
-    "mlp": {"checkpoint", "input", "rows", "steps", "baseline", "output"},
-    "bert": {"checkpoint", "input", "rows", "steps", "output"},
-    "gpt": {"checkpoint", "input", "rows", "prompts", "max_new_tokens", "baseline_token", "output"},
-}
-
-
 class Config(Section):
     """One experiment, from raw data to predictions."""
 
@@ -1457,17 +1450,7 @@ class Config(Section):
                     "train.lora trains under DDP only (the adapters are small: sharding them saves "
                     "nothing); set train.distributed 'ddp'"
                 )
-        reads = FAMILY_EXPLAIN_KEYS.get(self.model.family, set())
-        unread = [
-            key
-            for key, field in ExplainConfig.model_fields.items()
-            if key not in reads and getattr(self.explain, key) != field.get_default(call_default_factory=True)
-        ]
-        if unread:
-            problems.append(
-                f"explain.{unread[0]} is not read when explaining model.family '{self.model.family}' (it reads "
-                f"{', '.join(sorted(FAMILY_EXPLAIN_KEYS.get(self.model.family, set())))}); remove it"
-            )
+        problems += self._unread_explain_keys()
         if self.train.privacy is not None:
             problems += self._private_task_problems(task)
             problems += [
@@ -1530,6 +1513,24 @@ class Config(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _unread_explain_keys(self) -> list[str]:
+        """explain.* keys set to something other than their default that this family's explainer never reads."""
+        from bigmodel.families import FAMILIES
+
+        family = FAMILIES[self.model.family]
+        unread = [
+            key
+            for key, field in ExplainConfig.model_fields.items()
+            if key not in family.explain_keys
+            and getattr(self.explain, key) != field.get_default(call_default_factory=True)
+        ]
+        if not unread:
+            return []
+        return [
+            f"explain.{unread[0]} is not read when explaining model.family '{family.name}' (it reads "
+            f"{', '.join(sorted(family.explain_keys))}); remove it"
+        ]
 
     def _unread_train_keys(self, problems: list[str]) -> list[str]:
         """train.* keys set to something other than their default that this family's recipe never reads

@@ -60,6 +60,8 @@ LM_TRAIN_KEYS = COMMON_TRAIN_KEYS | {
 # train/epochs.py under train/encoder.py and train/tabular.py: epochs over rows, the best by train.monitor.
 ENCODER_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"monitor", "lora"}
 TABULAR_TRAIN_KEYS = COMMON_TRAIN_KEYS | {"monitor", "augment", "loss"}
+# The explain.* keys each explainer reads (bigmodel/explain/<family>.py).
+COMMON_EXPLAIN_KEYS = frozenset({"checkpoint", "input", "rows", "output"})
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Family:
     distributed: bool  # trains under torchrun (DDP/FSDP)
     streams_int4: bool = False  # its exporter writes int4 as it streams (export.dtype int4; compress reuses it)
     train_keys: frozenset[str] = COMMON_TRAIN_KEYS  # the train.* keys its recipe reads
+    explain_keys: frozenset[str] = COMMON_EXPLAIN_KEYS  # the explain.* keys its explainer reads
 
     @property
     def arch(self) -> type[Arch]:
@@ -108,6 +111,7 @@ FAMILIES: dict[str, Family] = {
         distributed=True,
         streams_int4=True,
         train_keys=LM_TRAIN_KEYS,
+        explain_keys=COMMON_EXPLAIN_KEYS | {"prompts", "max_new_tokens", "baseline_token"},
     ),
     "mlp": Family(
         name="mlp",
@@ -125,6 +129,7 @@ FAMILIES: dict[str, Family] = {
         test_split="test.csv",
         distributed=False,
         train_keys=TABULAR_TRAIN_KEYS,
+        explain_keys=COMMON_EXPLAIN_KEYS | {"steps", "baseline"},
     ),
     "bert": Family(
         name="bert",
@@ -142,6 +147,7 @@ FAMILIES: dict[str, Family] = {
         test_split="test.jsonl",
         distributed=False,
         train_keys=ENCODER_TRAIN_KEYS,
+        explain_keys=COMMON_EXPLAIN_KEYS | {"steps"},
     ),
 }
 

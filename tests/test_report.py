@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,36 +140,28 @@ def test_no_color_is_respected(tmp_path: Path) -> None:
     assert not color.search(plain.stdout)
 
 
-@pytest.mark.slow
-def test_the_report_renders_in_a_real_browser(fresh_run: Path, tmp_path: Path) -> None:
-    """Chromium (headless) loads the page from disk and paints it: not blank, plots side by side on a
-    laptop-wide window. Skipped where no Chromium is installed (apt-get install chromium)."""
+def screenshot(page: Path, shot: Path, height: int) -> Any:
+    """Headless Chromium's picture of the page, 1280 pixels wide (skips where no Chromium is installed:
+    apt-get install chromium)."""
     import shutil
+
+    from PIL import Image
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no Chromium installed")
-    from PIL import Image
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    command += [f"--window-size=1280,{height}", f"--screenshot={shot}", page.as_uri()]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    return Image.open(shot)
 
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_real_browser(fresh_run: Path, tmp_path: Path) -> None:
+    """Chromium (headless) loads the page from disk and paints it: not blank, plots side by side on a
+    laptop-wide window."""
     assert cli("report", "-c", fresh_run, "-q").code == 0
-    page = fresh_run.parent / "run" / "report" / "index.html"
-    shot = tmp_path / "page.png"
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--window-size=1280,3000",
-            f"--screenshot={shot}",
-            page.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    pixels = Image.open(shot).convert("L")
+    pixels = screenshot(fresh_run.parent / "run" / "report" / "index.html", tmp_path / "page.png", 3000).convert("L")
     assert pixels.size == (1280, 3000)
     histogram = pixels.histogram()
     assert sum(histogram[:200]) / sum(histogram) > 0.02  # text and plots, not an empty page
@@ -181,34 +174,11 @@ def test_the_report_renders_in_a_real_browser(fresh_run: Path, tmp_path: Path) -
 @pytest.mark.slow
 def test_explanations_paint_in_a_real_browser(fresh_run: Path, tmp_path: Path) -> None:
     """explain's feature bars and shaded tokens, as Chromium paints the report: the bars' green (towards the
-    explained output) and red (against) are on the page. Skipped where no Chromium is installed."""
-    import shutil
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("no Chromium installed")
+    explained output) and red (against) are on the page."""
     pytest.importorskip("captum")
-    from PIL import Image
-
     assert cli("explain", "-c", fresh_run, "-q", "--rows", "2").code == 0
     assert cli("report", "-c", fresh_run, "-q").code == 0
     page = fresh_run.parent / "run" / "report" / "index.html"
-    shot = tmp_path / "page.png"
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--window-size=1280,9000",
-            f"--screenshot={shot}",
-            page.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 24)
+    colours = screenshot(page, tmp_path / "page.png", 9000).convert("RGB").getcolors(maxcolors=1 << 24)
     painted = {rgb: n for n, rgb in colours}
     assert painted.get((0x1A, 0x7F, 0x37), 0) > 500 and painted.get((0xCF, 0x22, 0x2E), 0) > 500

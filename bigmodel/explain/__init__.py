@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bigmodel import console
+from bigmodel import console, registry
 from bigmodel.config import Config
 from bigmodel.errors import UserError
 from bigmodel.families import family
@@ -49,6 +49,8 @@ def run(config: Config) -> dict[str, Any]:
     if not checkpoint.is_file():
         raise UserError(f"explain.checkpoint: no checkpoint at {checkpoint}; run 'bigmodel train' first")
     captum()
+    # a LoRA checkpoint of another run's base would be explained on this run's base: refused by sha256
+    registry.check_adapter_base(checkpoint, config.stage_dir("init") / "model.safetensors")
     explainer = family(config.model.family).module("explainer")
     result = explainer.explain(config, checkpoint)
     out = ec.output or config.stage_dir("explain") / ATTRIBUTIONS_FILE

@@ -82,7 +82,6 @@ def explain(config: Config, checkpoint: Path) -> dict[str, Any]:
     from captum.attr import FeatureAblation, LLMAttribution, TextTokenInput
 
     ec = config.explain
-    registry.check_adapter_base(checkpoint, config.stage_dir("init") / "model.safetensors")
     model, manifest = registry.load_model(checkpoint)  # (a LoRA checkpoint is merged into its base)
     assert isinstance(model, GPT)  # the family table sends only decoders here
     model.eval()
