@@ -258,6 +258,7 @@ def test_empty_poisson_draws_are_noise_only_steps_and_counted(tmp_path: Path) ->
     assert record is not None and record.steps == 30 and record.epsilon is not None and record.epsilon > 0
 
 
+@pytest.mark.slow  # (30 s; the default tier resumes a private LoRA run exactly, below)
 def test_a_private_run_resumes_after_kill_9_bitwise(tmp_path: Path) -> None:
     from tests.test_lm import assert_resume_after_kill_is_exact
 
