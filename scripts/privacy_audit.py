@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_big import cpu_name  # noqa: E402
 from scripts.bench_import import bigmodel  # noqa: E402
 from scripts.text_classification_results import build, minilm_folder  # noqa: E402
 
@@ -168,22 +169,13 @@ def main() -> None:
         "seed": args.seed,
         "threads": args.threads,
         "docstrings_model": args.docstrings_model,
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "work": str(work),
     }
     for data, config in sets.items():
         results[data] = [one_run(work, f"{data}-eps{e:g}", config, e, args.seed) for e in epsilons]
         print(json.dumps({data: results[data]}), file=sys.stderr)
     print(json.dumps(results, indent=2))
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

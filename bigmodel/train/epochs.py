@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,13 +26,11 @@ from bigmodel.checkpoint import read_manifest
 from bigmodel.config import Config
 from bigmodel.errors import RunFailed
 from bigmodel.manifests import AdapterRecord, CheckpointManifest
+from bigmodel.train import privacy
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import lr_at, set_lr
 from bigmodel.train.state import checkpoint_manifest, save_model, save_training_state, start_or_resume, stop_step
 from bigmodel.train.tracking import MlflowRun
-
-if TYPE_CHECKING:
-    from bigmodel.train.privacy import DPSGD
 
 
 @dataclass
@@ -69,7 +67,7 @@ def run(
     eval_every = tc.eval_every or steps_per_epoch
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.safetensors"
     unused_sampler = torch.Generator()  # batches come from per-epoch orders instead
-    private = _private(config, model, optimizer, task, total_steps)
+    private = privacy.start(config, model, optimizer, task.examples, total_steps, task.unit.removesuffix("s"))
     if private is not None:
         optimizer = private.optimizer  # it steps the recipe's optimizer (whose state the checkpoints hold)
     # (before the previous run's files are replaced: a tracking store that cannot be reached stops here)
@@ -193,15 +191,3 @@ def run(
         "best_step": loop.best_step,
         "best_metrics": best_metrics,
     }
-
-
-def _private(
-    config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, task: EpochTask, total_steps: int
-) -> DPSGD | None:
-    """train.privacy's DP-SGD around the recipe's model and optimizer, or None."""
-    if config.train.privacy is None:
-        return None
-    from bigmodel.train.privacy import DPSGD
-
-    unit = task.unit.removesuffix("s")
-    return DPSGD(model, optimizer, config.train.privacy, task.examples, config.train.batch_size, total_steps, unit)

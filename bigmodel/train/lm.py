@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from bigmodel.models.gpt import GPT
 from bigmodel.registry import count_parameters
 from bigmodel.runtime import compile_deterministic, native_bf16, peak_rss_bytes, setup_torch, training_precision
 from bigmodel.scoring import IGNORE
+from bigmodel.train import privacy
 from bigmodel.train.batches import ExampleBatches, TokenWindows
 from bigmodel.train.log import MetricsLog
 from bigmodel.train.optim import build_optimizer, lr_at, set_lr
@@ -51,9 +52,6 @@ from bigmodel.train.state import (
     stop_step,
 )
 from bigmodel.train.tracking import MlflowRun
-
-if TYPE_CHECKING:
-    from bigmodel.train.privacy import DPSGD
 
 
 def train(
@@ -104,7 +102,8 @@ def train(
     # a short run's loss curve gets a point every step, a long one's about 50 points
     log_every = tc.log_every or min(50, max(1, math.ceil(total_steps / 50)))
     save_every = tc.save_every or eval_every
-    private = _private(config, model, optimizer, data, total_steps)
+    # (the config refuses privacy on token windows: a private run's data are examples)
+    private = privacy.start(config, model, optimizer, len(data.train), total_steps, "example")
     if private is not None:
         optimizer = private.optimizer  # it steps the recipe's optimizer (whose state the checkpoints hold)
 
@@ -293,24 +292,6 @@ def train(
         "peak_rss_bytes": peak_rss_bytes(),
         "seconds": seconds,  # setup (model, data, resume) before the loop; the loop, and its evals and saves
     }
-
-
-def _private(
-    config: Config,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: TokenWindows | ExampleBatches,
-    total_steps: int,
-) -> DPSGD | None:
-    """train.privacy's DP-SGD around the adapters and their optimizer, or None."""
-    if config.train.privacy is None:
-        return None
-    from bigmodel.train.privacy import DPSGD
-
-    assert isinstance(data, ExampleBatches)  # (the config refuses privacy on token windows)
-    return DPSGD(
-        model, optimizer, config.train.privacy, len(data.train), config.train.batch_size, total_steps, "example"
-    )
 
 
 def load_model(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bigmodel.checkpoint import read_manifest
-from bigmodel.config import PrivacyConfig
+from bigmodel.config import Config, PrivacyConfig
 from bigmodel.errors import UserError
 from bigmodel.lora import LoRADown, LoRAUp
 from bigmodel.manifests import PrivacyRecord
@@ -36,6 +36,15 @@ SAMPLING_STREAM = 0xD9  # keeps the Poisson draws apart from every other stream 
 # RDP orders: Opacus's defaults (1.1 ... 63) and on to 256, where short or lightly sampled runs find their
 # tightest bound (Opacus warns when the best order is its largest).
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 257))
+
+
+def start(
+    config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, examples: int, total_steps: int, unit: str
+) -> DPSGD | None:
+    """train.privacy's DP-SGD around a recipe's model (its trainable part) and optimizer, or None."""
+    if config.train.privacy is None:
+        return None
+    return DPSGD(model, optimizer, config.train.privacy, examples, config.train.batch_size, total_steps, unit)
 
 
 def _opacus() -> Any:
