@@ -192,7 +192,7 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
     weights, manifest = registry.open_weights(checkpoint)
     arch = manifest.architecture
     ids = np.array([tokenizers.from_json(manifest.data.tokenizer or "").encode(PROMPT)], dtype=np.int64)
-    reference = reference_logits(weights, arch, [Sequence([ids])])["fp32"][0][0]
+    reference = reference_logits(weights, arch, {"fp32": [Sequence([ids])]})["fp32"][0][0]
 
     def distance(got: np.ndarray) -> dict[str, float]:
         return {

