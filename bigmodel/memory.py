@@ -156,16 +156,19 @@ def import_peak(
     arch: Any, source_format: str, source_dtype: str, checkpoint_dtype: str, parameters: int, verify: bool
 ) -> Estimate:
     """init with init.from: one parameter read (source dtype) and converted (checkpoint dtype); the gate
-    holds one module in fp32 per implementation at a time -- transformers' side while the import writes
-    (for a folder: pretrained.build.Reference), except that reading a GGUF it dequantises the whole file
-    in fp32, after the write."""
+    holds one module in fp32 per implementation at a time, and up to a layer's freed fp32 copies for the
+    next layer to reuse (streaming.Converted) -- transformers' side while the import writes (for a folder:
+    pretrained.build.Reference), except that reading a GGUF it dequantises the whole file in fp32, after
+    the write."""
+    from bigmodel.accounting import block_parameters
+
     largest = largest_matrix(arch)
     source_bytes = DTYPE_BYTES.get(source_dtype, 4)  # a quantised GGUF is dequantised to fp32 as it is read
     parts = {"runtime": TORCH_RUNTIME, "one parameter": largest * (source_bytes + DTYPE_BYTES[checkpoint_dtype])}
     fixes = []
     if verify:
         parts["runtime"] += TRANSFORMERS_RUNTIME
-        gate = largest * (source_bytes + 4)
+        gate = largest * (source_bytes + 4) + block_parameters(arch) * 4
         if source_format == "gguf":
             gate += 4 * parameters
             fixes.append(
@@ -174,7 +177,7 @@ def import_peak(
             )
             parts["one parameter"] = max(parts["one parameter"], gate)
         else:
-            parts["the gate's module, while writing"] = gate
+            parts["the gate's module and a layer's kept copies, while writing"] = gate
     return Estimate("init", parts, fixes)
 
 

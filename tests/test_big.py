@@ -236,6 +236,33 @@ def test_compress_int4_reuses_an_export_of_the_same_checkpoint_and_settings(impo
     assert not linked.exists() and not list(int4.parent.glob(".*.work"))  # a self-contained file now
 
 
+def test_streamed_layers_reuse_the_previous_layers_fp32_copies() -> None:
+    """A layer-by-layer pass converts each layer's bf16 weights into the previous layer's freed fp32 copies
+    (same numbers as a fresh conversion); a weight already fp32 is the file's own tensor and is never
+    written into; a table over KEPT_MAX is not kept."""
+    convert = streaming.Converted()
+    like = torch.empty(4, 8, device="meta")
+    first = torch.randn(4, 8).to(torch.bfloat16)
+    copy = convert(first, like)
+    assert copy.dtype == torch.float32 and torch.equal(copy, first.float())
+    convert.release(copy)
+    second = torch.randn(4, 8).to(torch.bfloat16)
+    again = convert(second, like)
+    assert again.data_ptr() == copy.data_ptr() and torch.equal(again, second.float())  # the same memory, refilled
+    own = torch.randn(4, 8)  # already fp32: used as it is, never handed out for a later conversion
+    assert convert(own, like) is own
+    convert.release(own)
+    kept = own.clone()
+    assert convert(torch.randn(4, 8).to(torch.bfloat16), like).data_ptr() != own.data_ptr()
+    assert torch.equal(own, kept)
+    convert.KEPT_MAX = 64  # bytes: a 4 x 8 fp32 copy (128 bytes) is now a "table"
+    big = convert(torch.randn(4, 8).to(torch.bfloat16), like)
+    convert.release(big)
+    assert convert(torch.randn(4, 8).to(torch.bfloat16), like).data_ptr() != big.data_ptr()
+    with pytest.raises(ValueError, match="shape"):
+        convert(torch.zeros(8, 4), like)
+
+
 def test_8bit_blocks_are_the_widest_that_divide_the_width() -> None:
     assert [int8_block(width, None) for width in (4096, 3584, 2048, 576, 960, 100)] == [256, 256, 256, 64, 64, 16]
     assert int8_block(576, 32) == 32  # as configured

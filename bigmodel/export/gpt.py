@@ -603,7 +603,8 @@ def reference_logits(
 
     states: dict[str, list[list[Any]]] = {variant: [] for variant in variants}  # per sequence, chunk: [x, ropes, masks]
     embeddings = [model.transformer["wte"], *([model.transformer["wpe"]] if "wpe" in model.transformer else [])]
-    with streaming.materialized(model, embeddings, fetch):
+    convert = streaming.Converted()  # each layer's fp32 copies reuse the previous layer's
+    with streaming.materialized(model, embeddings, fetch, convert):
         for variant in variants:
             if variant == "int4":
                 to_blocks(embeddings)
@@ -615,7 +616,7 @@ def reference_logits(
                     past += chunk.shape[1]
                 states[variant].append(row)
     for block in model.blocks:
-        with streaming.materialized(model, [block], fetch):
+        with streaming.materialized(model, [block], fetch, convert):
             for variant in variants:
                 if variant == "int4":
                     to_blocks([m for m in block.modules() if isinstance(m, torch.nn.Linear)])
@@ -625,7 +626,7 @@ def reference_logits(
                         x, ropes, masks = state
                         state[0], cache = block(x, cache, ropes, masks)
     logits: dict[str, list[list[np.ndarray]]] = {}
-    with streaming.materialized(model, [model.transformer["ln_f"], model.lm_head], fetch):
+    with streaming.materialized(model, [model.transformer["ln_f"], model.lm_head], fetch, convert):
         for variant in variants:
             if variant == "int4":
                 to_blocks([model.lm_head])
