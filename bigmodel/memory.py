@@ -112,6 +112,10 @@ def _libc() -> Any:
         return None
 
 
+# The most a layer-by-layer pass keeps of freed fp32 weight copies for the next layer (streaming.Converted)
+KEPT_COPIES = 1 << 30
+
+
 def map_large_allocations() -> None:
     """Allocate every block of 4 MiB or more with its own memory map, so a freed tensor goes back to the OS
     at once. By default glibc raises that threshold as large blocks are freed (up to 32 MiB) and keeps the
@@ -168,7 +172,7 @@ def import_peak(
     fixes = []
     if verify:
         parts["runtime"] += TRANSFORMERS_RUNTIME
-        gate = largest * (source_bytes + 4) + block_parameters(arch) * 4
+        gate = largest * (source_bytes + 4) + min(block_parameters(arch) * 4, KEPT_COPIES)
         if source_format == "gguf":
             gate += 4 * parameters
             fixes.append(

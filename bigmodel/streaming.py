@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from bigmodel import memory
+
 Fetch = Callable[[list[str]], torch.Tensor]
 
 
@@ -35,19 +37,20 @@ def aliases_of(model: nn.Module) -> dict[int, list[str]]:
 
 
 class Converted:
-    """Where streamed weights are converted (bf16 -> fp32): into the freed copies of the previous layer's
-    weights of the same shape when there are some, else into new memory. New memory costs: each large
-    block is its own memory map (memory.map_large_allocations), whose pages the kernel faults in and zeroes
-    as the conversion first writes them -- ~1 s of a 2.8 s pass over a 1B model here, saved once the shapes
-    repeat from layer to layer. Holds at most one layer's freed copies; none larger than KEPT_MAX (a
-    vocabulary-sized table is not kept while the layers run). Only copies it made are reused: a weight
-    already in the asked dtype is the file's own tensor."""
+    """Where streamed weights are converted (bf16 -> fp32): into freed copies of earlier weights of the
+    same shape when there are some (the previous layer's: the shapes repeat from layer to layer), else into
+    new memory. New memory costs: each large block is its own memory map (memory.map_large_allocations),
+    whose pages the kernel faults in and zeroes as the conversion first writes them -- ~1 s of a 2.8 s
+    pass over a 1B model here. Keeps at most memory.KEPT_COPIES bytes of freed copies, the oldest dropped
+    first (layers of different widths cannot pile up), none larger than KEPT_MAX (a vocabulary-sized
+    table is not kept while the layers run). Only copies it made are reused: a weight already in the
+    asked dtype is the file's own tensor."""
 
     KEPT_MAX = 256 * 2**20
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
-        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._free: list[torch.Tensor] = []  # freed copies, oldest first
         self._made: dict[int, torch.Tensor] = {}  # the live copies made here, by id
 
     def __call__(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -56,15 +59,18 @@ class Converted:
             raise ValueError(f"streamed weight of shape {tuple(tensor.shape)} where {tuple(like.shape)} belongs")
         if not tensor.is_floating_point() or tensor.dtype == self.dtype:
             return tensor
-        free = self._free.get((tuple(tensor.shape), self.dtype))
-        copy = free.pop().copy_(tensor) if free else tensor.to(self.dtype)
+        kept = next((i for i, free in enumerate(self._free) if free.shape == tensor.shape), None)
+        copy = self._free.pop(kept).copy_(tensor) if kept is not None else tensor.to(self.dtype)
         self._made[id(copy)] = copy
         return copy
 
     def release(self, tensor: torch.Tensor) -> None:
-        """`tensor` is no longer used: kept for the next weight of its shape if this made it."""
-        if self._made.pop(id(tensor), None) is tensor and tensor.nbytes <= self.KEPT_MAX:
-            self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+        """`tensor` is no longer used: kept for a later weight of its shape if this made it."""
+        if self._made.pop(id(tensor), None) is not tensor or tensor.nbytes > self.KEPT_MAX:
+            return
+        self._free.append(tensor)
+        while sum(free.nbytes for free in self._free) > memory.KEPT_COPIES:
+            self._free.pop(0)
 
 
 class _Slot:

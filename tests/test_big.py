@@ -236,10 +236,10 @@ def test_compress_int4_reuses_an_export_of_the_same_checkpoint_and_settings(impo
     assert not linked.exists() and not list(int4.parent.glob(".*.work"))  # a self-contained file now
 
 
-def test_streamed_layers_reuse_the_previous_layers_fp32_copies() -> None:
+def test_streamed_layers_reuse_the_previous_layers_fp32_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer-by-layer pass converts each layer's bf16 weights into the previous layer's freed fp32 copies
     (same numbers as a fresh conversion); a weight already fp32 is the file's own tensor and is never
-    written into; a table over KEPT_MAX is not kept."""
+    written into; a table over KEPT_MAX is not kept, nor more than KEPT_COPIES bytes (the oldest go)."""
     convert = streaming.Converted()
     like = torch.empty(4, 8, device="meta")
     first = torch.randn(4, 8).to(torch.bfloat16)
@@ -261,6 +261,13 @@ def test_streamed_layers_reuse_the_previous_layers_fp32_copies() -> None:
     assert convert(torch.randn(4, 8).to(torch.bfloat16), like).data_ptr() != big.data_ptr()
     with pytest.raises(ValueError, match="shape"):
         convert(torch.zeros(8, 4), like)
+    monkeypatch.setattr("bigmodel.memory.KEPT_COPIES", 256)  # bytes: two 2 x 16 fp32 copies
+    capped, small = streaming.Converted(), torch.empty(2, 16, device="meta")
+    made = [capped(torch.randn(2, 16).to(torch.bfloat16), small) for _ in range(3)]
+    for copy in made:
+        capped.release(copy)
+    reused = {capped(torch.randn(2, 16).to(torch.bfloat16), small).data_ptr() for _ in range(3)}
+    assert made[0].data_ptr() not in reused and {made[1].data_ptr(), made[2].data_ptr()} <= reused
 
 
 def test_8bit_blocks_are_the_widest_that_divide_the_width() -> None:
