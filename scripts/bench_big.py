@@ -225,11 +225,17 @@ def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[
 
 
 def random_model_run(
-    work: Path, shape: str, threads: int, block_size: int, dtype: str, layers: int | None = None
+    work: Path,
+    shape: str,
+    threads: int,
+    block_size: int,
+    dtype: str,
+    layers: int | None = None,
+    head: str | None = None,
 ) -> tuple[Path, Path, Path]:
     """A random-weight folder of a published shape at work/model (made once, by make_random_model.py) and a
-    config at work/<shape>.yaml that imports it (run in work/run) and exports its init checkpoint in `dtype`:
-    (folder, run dir, config)."""
+    config at work/<shape>.yaml that imports it (run in work/run) and exports its init checkpoint in `dtype`
+    (int4 with the head in `head`'s format when given): (folder, run dir, config)."""
     folder, run = work / "model", work / "run"
     work.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.json").is_file():
@@ -248,7 +254,7 @@ def random_model_run(
                 "data": {"format": "text", "path": "{stdlib}/textwrap.py"},
                 "init": {"from": str(folder)},
                 "model": {"block_size": block_size},
-                "export": {"checkpoint": "init", "dtype": dtype},
+                "export": {"checkpoint": "init", "dtype": dtype, **({"int4": {"head": head}} if head else {})},
             }
         )
     )
@@ -260,7 +266,7 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
 
     work = args.work / args.shape
     report: dict[str, Any] = {"shape": args.shape, "threads": args.threads, "cpu": cpu_name()}
-    folder, run, config = random_model_run(work, args.shape, args.threads, 2048, "int4")
+    folder, run, config = random_model_run(work, args.shape, args.threads, 2048, "int4", head=args.head)
     sizes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     report["source_bf16_bytes"] = sizes
     bf16 = sizes
@@ -419,6 +425,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--time-rounds", type=int, default=1, help="init + export and the builder timed this many times, interleaved"
+    )
+    parser.add_argument(
+        "--head", choices=["int8", "int4"], help="export.int4.head (default: export's own, 8-bit blocks)"
     )
     parser.add_argument("--no-builder", dest="builder", action="store_false")
     parser.add_argument("--builder-anyway", action="store_true")
