@@ -17,7 +17,6 @@ renders the file (feature bars; tokens shaded by attribution).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from bigmodel import console, registry
@@ -63,10 +62,3 @@ def run(config: Config) -> dict[str, Any]:
     for line in result.get("summary", []):
         console.info(f"explain: {line}")
     return {"output": str(out), "items": len(result["items"]), "method": result["method"]}
-
-
-def read(path: Path) -> dict[str, Any]:
-    """An attributions.json (the report reads it)."""
-    from bigmodel.io import read_json
-
-    return read_json(path, "explain output")

@@ -22,6 +22,7 @@ from bigmodel import registry
 from bigmodel import tokenizer as tokenizers
 from bigmodel.config import Config
 from bigmodel.errors import UserError
+from bigmodel.io import jsonl_objects
 from bigmodel.models.gpt import GPT
 
 
@@ -163,8 +164,6 @@ def _baseline_id(token: str | None, tok: HFStyleTokenizer, special: dict[str, An
 
 def _prompts(config: Config) -> list[str]:
     """explain.prompts, else explain.input's lines (a .jsonl's 'prompt' fields)."""
-    import json
-
     ec = config.explain
     if ec.prompts:
         return list(ec.prompts)
@@ -172,13 +171,12 @@ def _prompts(config: Config) -> list[str]:
         raise UserError("explain: give the prompts to explain (explain.prompts, or --input FILE of prompts)")
     if not ec.input.is_file():
         raise UserError(f"explain.input {ec.input} does not exist")
-    lines = [line for line in ec.input.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if ec.input.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise UserError(f"{ec.input}: line {number} has no 'prompt' string")
-            prompts.append(record["prompt"])
-        return prompts
-    return lines
+    lines = ec.input.read_text(encoding="utf-8").splitlines()
+    if ec.input.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, record in jsonl_objects(lines, ec.input):
+        if not isinstance(record.get("prompt"), str):
+            raise UserError(f"{ec.input}: line {number} has no 'prompt' string")
+        prompts.append(record["prompt"])
+    return prompts
