@@ -1,12 +1,15 @@
 """Decode speed of two int4 files of the same weights, in one process, interleaved; prints JSON.
 
     python scripts/bench_decode.py --ours RUN/export/model.onnx --builder BUILDER_DIR [--rounds 5]
+        [--prompt-tokens 16] [--ours-genai RUN/export/genai]
 
-Per decode step at batch 1 (a 16-token prompt, then --new-tokens greedy steps), median milliseconds of:
+Per decode step at batch 1 (a --prompt-tokens prompt, then --new-tokens greedy steps), median milliseconds of:
   ours            bigmodel's file through bigmodel's own Decoder (what `bigmodel infer` runs)
   builder_plain   the onnxruntime-genai builder's file in a plain session.run loop (its cache fed back)
   builder_genai   the builder's file through onnxruntime-genai's own Generator (its runtime)
-Rounds alternate the three (in a rotating order), because this machine's speed drifts by tens of percent
+  ours_genai      with --ours-genai: bigmodel's file as onnxruntime-genai's folder (export.format genai)
+                  through the same Generator: the two files in one runtime
+Rounds alternate the ways (in a rotating order), because this machine's speed drifts by tens of percent
 between runs; compare within a round. scripts/bench_big.py makes both files (and measures each in its own process).
 --profile adds ONNX Runtime's own profile of the two plain loops: kernel microseconds per step by operator
 type, and MatMulNBits by (bits, K, N): where a step's time goes in each graph.
@@ -30,11 +33,14 @@ from bigmodel.infer.gpt import Decoder  # noqa: E402
 from bigmodel.infer.session import open_model  # noqa: E402
 from bigmodel.manifests import DecoderMetadata  # noqa: E402
 
-PROMPT = np.random.default_rng(0).integers(10, 40000, size=(1, 16)).astype(np.int64)
+
+def prompt_ids(tokens: int) -> np.ndarray:
+    """The same random prompt (1, tokens) for every way."""
+    return np.random.default_rng(0).integers(10, 40000, size=(1, tokens)).astype(np.int64)
 
 
-def ours(decoder: Decoder, steps: int) -> list[float]:
-    logits, cache = decoder.run(PROMPT, decoder.empty_cache(1))
+def ours(decoder: Decoder, prompt: np.ndarray, steps: int) -> list[float]:
+    logits, cache = decoder.run(prompt, decoder.empty_cache(1))
     times = []
     for _ in range(steps):
         token = np.array([[int(logits[0, -1].argmax())]], np.int64)
@@ -44,14 +50,16 @@ def ours(decoder: Decoder, steps: int) -> list[float]:
     return times
 
 
-def builder_plain(session: ort.InferenceSession, layers: int, kv_heads: int, head: int, steps: int) -> list[float]:
+def builder_plain(
+    session: ort.InferenceSession, layers: int, kv_heads: int, head: int, prompt: np.ndarray, steps: int
+) -> list[float]:
     names = [o.name for o in session.get_outputs()]
-    feeds = {"input_ids": PROMPT, "attention_mask": np.ones((1, PROMPT.shape[1]), np.int64)}
+    feeds = {"input_ids": prompt, "attention_mask": np.ones((1, prompt.shape[1]), np.int64)}
     for i in range(layers):
         for part in ("key", "value"):
             feeds[f"past_key_values.{i}.{part}"] = np.zeros((1, kv_heads, 0, head), np.float32)
     out = dict(zip(names, session.run(None, feeds)))
-    total, times = PROMPT.shape[1], []
+    total, times = prompt.shape[1], []
     for _ in range(steps):
         total += 1
         feeds = {
@@ -67,19 +75,30 @@ def builder_plain(session: ort.InferenceSession, layers: int, kv_heads: int, hea
     return times
 
 
-def builder_genai(model: object, steps: int) -> list[float]:
+def builder_genai(model: object, prompt: np.ndarray, steps: int) -> list[float]:
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=PROMPT.shape[1] + steps + 1, do_sample=False, batch_size=1)
+    params.set_search_options(max_length=prompt.shape[1] + steps + 1, do_sample=False, batch_size=1)
     generator = og.Generator(model, params)
-    generator.append_tokens(PROMPT.astype(np.int32))
+    generator.append_tokens(prompt.astype(np.int32))  # runs the prompt
+    generator.generate_next_token()  # only picks from the prompt's logits: not a decode step
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         generator.generate_next_token()
         times.append(time.perf_counter() - start)
     return times
+
+
+def genai_config(folder: Path, threads: int) -> Any:
+    """onnxruntime-genai's config of `folder` on the CPU with `threads` threads."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return config
 
 
 def kernel_profile(session_of: Any, loop: Any) -> dict[str, Any]:
@@ -120,6 +139,8 @@ def main() -> None:
     parser.add_argument("--builder", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="the context before the timed steps")
+    parser.add_argument("--ours-genai", type=Path, help="bigmodel's export.format genai folder of --ours")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also ONNX Runtime's per-operator profile")
     args = parser.parse_args()
@@ -131,23 +152,29 @@ def main() -> None:
     options.intra_op_num_threads = args.threads
     theirs = ort.InferenceSession(str(args.builder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     shape = json.loads((args.builder / "genai_config.json").read_text())["model"]["decoder"]
-    config = og.Config(str(args.builder))
-    config.clear_providers()
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
-    genai_model = og.Model(config)
+    genai_model = og.Model(genai_config(args.builder, args.threads))
+    prompt = prompt_ids(args.prompt_tokens)
     runs = {
-        "ours": lambda: ours(decoder, args.new_tokens),
+        "ours": lambda: ours(decoder, prompt, args.new_tokens),
         "builder_plain": lambda: builder_plain(
-            theirs, shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_size"], args.new_tokens
+            theirs,
+            shape["num_hidden_layers"],
+            shape["num_key_value_heads"],
+            shape["head_size"],
+            prompt,
+            args.new_tokens,
         ),
-        "builder_genai": lambda: builder_genai(genai_model, args.new_tokens),
+        "builder_genai": lambda: builder_genai(genai_model, prompt, args.new_tokens),
     }
+    if args.ours_genai:
+        ours_genai = og.Model(genai_config(args.ours_genai, args.threads))
+        runs["ours_genai"] = lambda: builder_genai(ours_genai, prompt, args.new_tokens)
     for run in runs.values():  # warm-up
         run()
     rounds: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for number in range(args.rounds):  # the order rotates: no file is always first after the other's run
-        for name in names[number % 3 :] + names[: number % 3]:
+        for name in names[number % len(names) :] + names[: number % len(names)]:
             rounds[name].append(round(1000 * statistics.median(runs[name]()), 2))
     profiles = {}
     if args.profile:
@@ -164,7 +191,7 @@ def main() -> None:
         profiles = {
             "ours": kernel_profile(
                 profiled(args.ours),
-                lambda session: ours(Decoder.from_session(session, meta, args.ours), args.new_tokens),
+                lambda session: ours(Decoder.from_session(session, meta, args.ours), prompt, args.new_tokens),
             ),
             "builder_plain": kernel_profile(
                 profiled(args.builder / "model.onnx"),
@@ -173,6 +200,7 @@ def main() -> None:
                     shape["num_hidden_layers"],
                     shape["num_key_value_heads"],
                     shape["head_size"],
+                    prompt,
                     args.new_tokens,
                 ),
             ),
@@ -187,6 +215,7 @@ def main() -> None:
                     round(a / b, 3) for a, b in zip(rounds["ours"], rounds["builder_plain"])
                 ],
                 "threads": args.threads,
+                "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens,
             },
             indent=2,
