@@ -817,6 +817,14 @@ class ExportConfig(Section):
         "(ONNX Runtime >= 1.23 runs it on CPU as one kernel: faster decoding); 18 for older runtimes or "
         "providers without that op (attention written out as MatMul and Softmax nodes).",
     )
+    attention: Literal["auto", "onnx", "ort"] = Field(
+        "auto",
+        description="gpt: how the decoder graph attends. ort: one ONNX Runtime GroupQueryAttention node per "
+        "layer, rows padded on the right and the KV cache written in place (infer and onnxruntime-genai bind "
+        "one buffer per layer as past and present: no copy of the cache per token); onnx: ONNX's own "
+        "Attention (opset 23), for any ONNX runtime; auto: ort where ONNX Runtime's operator computes the "
+        "model (opset 23, head size and rotary width multiples of 16, no separate local rotary base), else onnx.",
+    )
     atol: float = Field(1e-4, gt=0.0, description="Parity gate: max abs difference allowed between ONNX and PyTorch.")
     rtol: float = Field(
         1e-5,

@@ -10,6 +10,13 @@ no query attends to, and each row's positions count its real tokens only. bigmod
 (callers hand `feeds` a count of padding per row); onnxruntime-genai, whose runtime loads these graphs
 (export/genai.py), pads on the right, and Hugging Face's names are the same.
 
+Graphs exported with export.attention ort (metadata attention: group_query) take the same inputs and give
+the same outputs, but each layer attends with ONNX Runtime's GroupQueryAttention, which pads on the
+right: a row's real tokens come first (the mask is ones, then zeros), its length is the mask's sum, and
+a step writes its keys and values at each row's end -- in place where one buffer per layer is bound as
+both past and present (`SharedCache`: what onnxruntime-genai does; the buffers hold as many positions
+as will be decoded). Run with plain arrays instead, a present is a new array of P+T positions as before.
+
 One cache tensor per layer: each layer's Attention node reads its own input and writes its own output,
 and a step copies nothing else (a stacked (L, B, nkv, P, hs) cache costs a slice per layer going in and a
 copy of the whole cache coming out, every token). Files exported before this (November 2026) take the
@@ -74,14 +81,20 @@ class KVCache:
         """Without the first `positions` positions (padding in every row)."""
         return KVCache(tuple(k[:, :, positions:] for k in self.keys), tuple(v[:, :, positions:] for v in self.values))
 
-    def left_padded(self, width: int) -> KVCache:
-        """Zeros in front up to `width` positions."""
+    def drop_back(self, positions: int) -> KVCache:
+        """Without the last `positions` positions (padding in every row)."""
+        end = self.length - positions
+        return KVCache(tuple(k[:, :, :end] for k in self.keys), tuple(v[:, :, :end] for v in self.values))
+
+    def padded(self, width: int, right: bool = False) -> KVCache:
+        """Zeros in front (at the end: `right`) up to `width` positions."""
         missing = width - self.length
         if missing == 0:
             return self
 
         def pad(t: np.ndarray) -> np.ndarray:
-            return np.concatenate([np.zeros((t.shape[0], t.shape[1], missing, t.shape[3]), t.dtype), t], axis=2)
+            zeros = np.zeros((t.shape[0], t.shape[1], missing, t.shape[3]), t.dtype)
+            return np.concatenate([t, zeros] if right else [zeros, t], axis=2)
 
         return KVCache(tuple(map(pad, self.keys)), tuple(map(pad, self.values)))
 
@@ -117,23 +130,34 @@ class CacheLayout:
 
 
 def feeds(
-    ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None, inputs: Sequence[str] | None = None
+    ids: np.ndarray,
+    cache: KVCache,
+    padding: np.ndarray | None = None,
+    inputs: Sequence[str] | None = None,
+    right: bool = False,
 ) -> dict[str, np.ndarray]:
-    """A run's inputs by name, for a graph with these `inputs` (default: today's layout); no padding
-    unless given."""
+    """A run's inputs by name, for a graph with these `inputs` (default: today's layout): `padding` (B,)
+    positions of each row (past and ids together) are padding, in front or, `right`, at the end (a
+    GroupQueryAttention graph); no padding unless given."""
     n_layer = len(cache.keys)
     inputs = input_names(n_layer) if inputs is None else inputs
-    if left_padding is None:
-        left_padding = np.zeros(len(ids), np.int64)
-    named: dict[str, np.ndarray] = {"input_ids": ids, "left_padding": left_padding}
+    if padding is None:
+        padding = np.zeros(len(ids), np.int64)
+    named: dict[str, np.ndarray] = {"input_ids": ids, "left_padding": padding}
     if "attention_mask" in inputs:
-        width = cache.length + ids.shape[1]
-        named["attention_mask"] = (np.arange(width)[None, :] >= left_padding[:, None]).astype(np.int64)
+        named["attention_mask"] = attention_mask(cache.length + ids.shape[1], padding, right)
     if STACKED in inputs:
         named.update(past_keys=np.stack(cache.keys), past_values=np.stack(cache.values))
     else:
         named.update(zip(input_names(n_layer)[1:-1], (*cache.keys, *cache.values)))
     return {name: value for name, value in named.items() if name in inputs}
+
+
+def attention_mask(width: int, padding: np.ndarray, right: bool = False) -> np.ndarray:
+    """(B, width) int64: 1 at real positions, 0 at each row's `padding` in front (at the end: `right`)."""
+    positions = np.arange(width)[None, :]
+    real = positions < width - padding[:, None] if right else positions >= padding[:, None]
+    return real.astype(np.int64)
 
 
 def outputs(results: Sequence[np.ndarray]) -> tuple[np.ndarray, KVCache]:
@@ -150,7 +174,12 @@ def session_inputs(session: Any) -> tuple[str, ...]:
 
 
 def metadata(
-    arch: DecoderArch, data: DataInfo, dtype: Literal["fp32", "fp16"], weights: str, lineage: dict[str, str]
+    arch: DecoderArch,
+    data: DataInfo,
+    dtype: Literal["fp32", "fp16"],
+    weights: str,
+    lineage: dict[str, str],
+    attention: Literal["onnx", "group_query"] = "onnx",
 ) -> DecoderMetadata:
     """What infer needs from the file: the tokenizer (with its special tokens and chat template), shapes,
     the float type and the weights' format."""
@@ -168,4 +197,5 @@ def metadata(
         architecture=arch,
         weights=weights,
         lineage=lineage,
+        attention=attention,
     )

@@ -218,6 +218,9 @@ class DecoderMetadata(OnnxMetadata):
     n_kv_head: int | None = None  # files exported before grouped-query attention cache n_head heads
     head_size: int
     weights: str | None = None  # fp32, fp16 or int4's blocks (export/gpt.py weight_format)
+    # group_query: ONNX Runtime's GroupQueryAttention, rows padded on the right, the cache writable in place
+    # (export.attention ort); onnx: ONNX's Attention or its spelled-out form, rows padded on the left
+    attention: Literal["onnx", "group_query"] = "onnx"
 
     @property
     def kv_heads(self) -> int:

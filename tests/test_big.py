@@ -27,6 +27,7 @@ from bigmodel.arch import DecoderArch
 from bigmodel.checkpoint import read_manifest
 from bigmodel.compress import quantize
 from bigmodel.config import Int4Export, LoRAConfig, QuantizeStep, load_config
+from bigmodel.errors import UserError
 from bigmodel.export import gpt as export_gpt
 from bigmodel.export.weightless import Initializers, int8_block
 from bigmodel.memory import onnx_file_bytes
@@ -135,6 +136,55 @@ def test_repeated_layers_are_the_full_trace(kind: str, tmp_path: Path) -> None:
     assert [i.name for i in repeated.input] == [i.name for i in full.input]
     assert [o.name for o in repeated.output] == [o.name for o in full.output]
     assert sorted(tuple(i.dims) for i in repeated.initializer) == sorted(tuple(i.dims) for i in full.initializer)
+
+
+ROPE = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}
+GROUP_QUERY_KINDS = {
+    "rope-llama3-qk-norm": {
+        **ROPE,
+        "qk_norm": True,
+        "rope_scaling": {"kind": "llama3", "factor": 8.0, "original_max_position_embeddings": 16},
+    },
+    "learned": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qkv_bias": True},
+    "mixture": {**ROPE, "n_experts": 4, "experts_per_token": 2},
+    "windows": {**ROPE, "sliding_window": 8, "local_layers": [True, False, True]},
+    "partial-rotary": {**ROPE, "n_embd": 128, "rotary_dim": 16},
+    "scale-softcap": {**ROPE, "attention_scale": 0.1, "attention_softcap": 5.0},
+}
+
+
+@pytest.mark.parametrize("kind", list(GROUP_QUERY_KINDS))
+def test_group_query_graphs_decode_like_pytorch(kind: str, tmp_path: Path) -> None:
+    """export.attention ort: each layer's attention is one GroupQueryAttention node (rotating q and k itself
+    from tables written like weights), and the fp32 gate holds a prompt + 8 steps and right-padded rows to
+    1e-5 -- with llama3-scaled rope and QK-norm, learned positions, a routed mixture, sliding windows on
+    alternate layers (shorter than the prompt), partial rotary, and an attention scale and soft cap."""
+    options = {"n_embd": 64, **GROUP_QUERY_KINDS[kind]}
+    arch = DecoderArch(vocab_size=300, n_layer=3, n_head=4, block_size=64, mlp_hidden=[96] * 3, **options)
+    assert export_gpt.attends_group_query(arch, 23, "auto")
+    torch.manual_seed(0)
+    model = GPT(arch).eval()
+    init_weights(model, "gpt2", 0.02)
+    weights = streaming.StateDict(model, "model.")
+    path = tmp_path / "model.onnx"
+    export_gpt.write_decoder(arch, weights, path, 23, group_query=True)
+    report = export_gpt.check_parity(weights, path, np.arange(400) % 300, arch, (1e-4, 1e-5), 8, 1, right_padded=True)
+    assert report["passed"] and report["max_abs_diff"] < 1e-5 and report["padded"]["side"] == "right"
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    assert ops["GroupQueryAttention"] == 3 and ops["Attention"] == ops["RotaryEmbedding"] == 0
+
+
+def test_export_attention_auto_takes_group_query_where_onnx_runtime_computes_the_model() -> None:
+    shape = {"vocab_size": 300, "n_layer": 2, "n_head": 4, "block_size": 64, "mlp_hidden": [96] * 2, **ROPE}
+    wide = DecoderArch(n_embd=64, **shape)  # heads of 16
+    assert export_gpt.attends_group_query(wide, 23, "auto") and export_gpt.attends_group_query(wide, 23, "ort")
+    assert not export_gpt.attends_group_query(wide, 23, "onnx") and not export_gpt.attends_group_query(wide, 18, "auto")
+    narrow = DecoderArch(n_embd=32, **shape)  # heads of 8: the operator takes multiples of 16
+    assert not export_gpt.attends_group_query(narrow, 23, "auto")
+    with pytest.raises(UserError, match="head size 8"):
+        export_gpt.attends_group_query(narrow, 23, "ort")
+    local_base = DecoderArch(n_embd=64, sliding_window=8, local_rope_theta=10.0, **shape)  # Gemma 3's tables
+    assert not export_gpt.attends_group_query(local_base, 23, "auto")
 
 
 def _matmul_blocks(path: Path) -> collections.Counter:

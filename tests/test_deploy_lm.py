@@ -48,10 +48,11 @@ def test_export_writes_one_checked_graph_with_everything_infer_needs(lm_run: Pat
     onnx.checker.check_model(model, full_check=True)
     names = [i.name for i in model.graph.input]
     assert names == ["input_ids", "past_keys.0", "past_values.0", "attention_mask"]  # lm_config: one layer
-    # opset 23: each layer's attention is one ONNX Attention node (ONNX Runtime runs it as one kernel)
-    assert [node.op_type for node in model.graph.node].count("Attention") == 1  # lm_config: one layer
+    # export.attention auto, heads of 16: each layer's attention is one GroupQueryAttention node (ONNX
+    # Runtime's, which writes the cache in place); export.attention onnx writes ONNX's Attention (below)
+    assert [node.op_type for node in model.graph.node].count("GroupQueryAttention") == 1  # lm_config: one layer
     meta = file_metadata(onnx_of(lm_run))
-    assert isinstance(meta, DecoderMetadata) and meta.block_size == 32
+    assert isinstance(meta, DecoderMetadata) and meta.block_size == 32 and meta.attention == "group_query"
     assert tokenizers.from_json(meta.tokenizer).vocab_size > 50
     report = json.loads((lm_run.parent / "run" / "export" / "parity.json").read_text())
     assert report["passed"] and report["decode_steps"] == 8 and report["max_abs_diff"] < 1e-4
@@ -324,7 +325,8 @@ def export_older(lm_run: Path, path: Path, layout: str) -> None:
         dims["left_padding"] = {0: batch}
     export_dynamo(Older(), inputs, path, names, outputs, dims, 18)
     current = onnx.load(str(onnx_of(lm_run)))
-    stamp_and_check(path, read_onnx_metadata({p.key: p.value for p in current.metadata_props}, "current"))
+    meta = read_onnx_metadata({p.key: p.value for p in current.metadata_props}, "current")
+    stamp_and_check(path, meta.model_copy(update={"attention": "onnx"}))  # (older files: ONNX's attention)
 
 
 def serve_two(path: Path, max_batch: int) -> tuple[Any, list[dict]]:
@@ -547,3 +549,60 @@ def test_a_checkpoint_of_the_other_family_is_refused(lm_run: Path, digits_run: P
         assert len(result.stderr.strip().splitlines()) == 1
     onnx = cli("eval", "-c", digits_run, "--set", f"eval.checkpoint={onnx_of(lm_run)}")  # refused: touches nothing
     assert onnx.code == 2 and "'gpt' model; this needs a 'tabular' model" in onnx.stderr
+
+
+# ---- the KV cache written in place (export.attention ort: GroupQueryAttention)
+
+
+def test_infer_decodes_into_buffers_written_in_place_with_the_arrays_numbers(lm_run: Path) -> None:
+    """lm_config's heads are 16 wide, so export.attention auto wrote GroupQueryAttention: infer binds one
+    buffer per layer as both past and present, and a step writes into it (the present *is* that buffer:
+    no copy of the cache) -- with the logits and the cache contents of the plain run that returns new
+    arrays each step, bit for bit, over a prompt of two rows and 8 steps."""
+    from bigmodel.infer.gpt import ArrayCache, Decoder, SharedCache
+    from bigmodel.infer.session import open_model
+
+    session, meta = open_model(onnx_of(lm_run), ["CPUExecutionProvider"], 1)
+    decoder = Decoder.from_session(session, meta, onnx_of(lm_run))
+    assert meta.attention == "group_query" and decoder.right_padded
+    shared, arrays = decoder.sequences(2, 20), ArrayCache(decoder, 2)
+    assert isinstance(shared, SharedCache)
+    ids = np.random.default_rng(0).integers(0, 50, (2, 6))
+    for _ in range(9):
+        got, want = shared.run(ids), arrays.run(ids)
+        assert np.array_equal(got, want)
+        ids = got[:, -1:].argmax(-1)
+    presents = [value for value in shared.binding.get_outputs() if len(value.shape()) == 4]
+    assert [p.data_ptr() for p in presents] == [b.data_ptr() for b in shared.buffers]
+    assert shared.length == arrays.length == 14
+    for buffer, array in zip(shared.buffers, (*arrays.cache.keys, *arrays.cache.values)):
+        assert np.array_equal(buffer.numpy()[:, :, :14], array)
+    with pytest.raises(ValueError, match="exceed"):
+        shared.run(np.zeros((2, 7), np.int64))
+
+
+def test_export_attention_onnx_writes_onnx_attention_and_decodes_and_serves_the_same(
+    lm_run: Path, tmp_path: Path
+) -> None:
+    """export.attention onnx: ONNX's own Attention (rows padded in front) for runtimes without ONNX Runtime's
+    operators -- the same greedy text and the same batched serving as the default file; ort where the
+    operator cannot compute the model (opset 18 here) is refused in one line."""
+    import shutil
+
+    shutil.copytree(lm_run.parent / "run", tmp_path / "run")
+    shutil.copy(lm_run, tmp_path / "lm.yaml")
+    result = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.attention=onnx", "--json", "-q")
+    assert result.code == 0, result.stderr
+    model = onnx.load(str(onnx_of(tmp_path / "lm.yaml")))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Attention") == 1 and "GroupQueryAttention" not in ops
+    meta = file_metadata(onnx_of(tmp_path / "lm.yaml"))
+    assert isinstance(meta, DecoderMetadata) and meta.attention == "onnx"
+    args = ("--prompt", "def ", "-t", "0", "-n", "12")
+    assert generate(tmp_path / "lm.yaml", *args)[0]["completion"] == generate(lm_run, *args)[0]["completion"]
+    scheduler, ends = serve_two(onnx_of(tmp_path / "lm.yaml"), max_batch=8)
+    assert scheduler.largest_batch == 2
+    assert [e["completion"] for e in ends] == [e["completion"] for e in serve_two(onnx_of(lm_run), max_batch=8)[1]]
+    refused = cli("export", "-c", tmp_path / "lm.yaml", "--set", "export.attention=ort", "--set", "export.opset=18")
+    assert refused.code == 2 and "export.attention ort" in refused.stderr and "opset 18" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -30,12 +30,18 @@ def og_greedy(og: object, model: object, ids: list[int], new_tokens: int) -> lis
     return [int(t) for t in generator.get_sequence(0)[len(ids) :]]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int4"])
-def test_onnxruntime_genai_generates_what_bigmodel_infer_does(tmp_path: Path, dtype: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [("llama", "fp32"), ("mistral", "int4")],
+    ids=["onnx-attention-fp32", "group-query-int4"],
+)
+def test_onnxruntime_genai_generates_what_bigmodel_infer_does(tmp_path: Path, kind: str, dtype: str) -> None:
+    """og runs the folder as bigmodel infer runs the file: ONNX's Attention (the tiny Llama's heads of 8), and
+    GroupQueryAttention (the tiny Mistral's heads of 16) with og's buffers shared between past and present."""
     og = pytest.importorskip("onnxruntime_genai")
     config = hf_models.imported_run(
         tmp_path,
-        "llama",
+        kind,
         "run",
         {"format": ["onnx", "genai"], "dtype": dtype, "external_data": True},
         ("prepare", "init", "export"),
@@ -54,7 +60,9 @@ def test_onnxruntime_genai_generates_what_bigmodel_infer_does(tmp_path: Path, dt
     assert report["passed"] and report["tokens_equal"] and report["tokenizer_agrees"]
 
     meta = file_metadata(export / "model.onnx")
-    assert isinstance(meta, DecoderMetadata)
+    assert isinstance(meta, DecoderMetadata) and meta.attention == ("group_query" if kind == "mistral" else "onnx")
+    search = json.loads((folder / "genai_config.json").read_text())["search"]
+    assert search["past_present_share_buffer"] == (meta.attention == "group_query")
     ours_tokenizer = tokenizers.from_json(meta.tokenizer)
     model = og.Model(str(folder))
     tokenizer = og.Tokenizer(model)

@@ -8,6 +8,8 @@ them) -- beside genai_config.json (the architecture, special tokens, a greedy de
 tokenizer.json + tokenizer_config.json, which og's tokenizer reads as Hugging Face's does (with the chat
 template). og pads a batch's shorter prompts on the right and masks its pad token wherever a prompt
 holds it; the graph numbers each row's positions over its real tokens, so padding anywhere is skipped.
+A GroupQueryAttention graph (metadata attention group_query) is run as the builder's are: og binds one
+buffer per layer as past and present and the graph writes each step into it (past_present_share_buffer).
 
 The gate is og itself: its tokenizer must encode held-out text to bigmodel's tokens, and its generator,
 decoding greedily from held-out prompts, must see the logits bigmodel's runtime computes for the same
@@ -153,7 +155,9 @@ def genai_config(meta: DecoderMetadata) -> dict[str, Any]:
         "do_sample": False,
         "num_beams": 1,
         "max_length": meta.block_size,
-        "past_present_share_buffer": False,  # (the graph returns past + new as a new tensor)
+        # A GroupQueryAttention graph writes the new keys and values into buffers of max_length positions
+        # bound as both past and present; ONNX's Attention returns past + new as a new tensor.
+        "past_present_share_buffer": meta.attention == "group_query",
     }
     return {"model": model, "search": search}
 

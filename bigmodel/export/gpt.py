@@ -18,6 +18,7 @@ as external data).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import tempfile
 import time
@@ -43,7 +44,7 @@ from bigmodel.export.weightless import GATHER, GraphWeights, Initializers, dequa
 from bigmodel.infer.session import open_model, open_session
 from bigmodel.io import sha256_file, write_json
 from bigmodel.manifests import DecoderMetadata
-from bigmodel.models.gpt import GPT, CausalSelfAttention, MixtureOfExperts
+from bigmodel.models.gpt import GPT, CausalSelfAttention, GroupQueryInputs, MixtureOfExperts, rope_cos_sin
 from bigmodel.runtime import peak_rss_bytes
 from bigmodel.weights import check_free_space
 
@@ -73,6 +74,81 @@ class DecoderStep(torch.nn.Module):
         return logits, [k for k, _ in present], [v for _, v in present]
 
 
+ROTARY_TABLES = ("rotary_cos", "rotary_sin")  # GroupQueryStep's tables: weights computed, not read
+
+
+class GroupQueryStep(DecoderStep):
+    """The step with every layer's attention one com.microsoft GroupQueryAttention node (export.attention
+    ort): the same inputs and outputs, rows padded on the right (bigmodel/decoder_graph.py). The node reads
+    each row's length (the attention mask's sum, minus one) and the mask's width, and rotates with tables
+    of every position up to block_size, written into the file like weights (`rotary_tables`)."""
+
+    model: GPT
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__(model)
+        arch = model.arch
+        if arch.position == "rope":  # (on the meta device with the model: values only when written)
+            for name in ROTARY_TABLES:
+                self.register_buffer(
+                    name, torch.empty(arch.block_size, arch.rope_dim // 2, dtype=model.lm_head.weight.dtype)
+                )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        assert attention_mask is not None  # (the graph always takes it)
+        inputs = GroupQueryInputs(
+            seqlens_k=attention_mask.sum(1, dtype=torch.int32) - 1,
+            total=torch.ones_like(attention_mask[0], dtype=torch.int32).sum(dtype=torch.int32),
+            cos=getattr(self, "rotary_cos", None),
+            sin=getattr(self, "rotary_sin", None),
+        )
+        blocks = self.model.layers()
+        for block in blocks:
+            block.attn.group_query = dataclasses.replace(inputs, window=block.window)
+        try:
+            return super().forward(input_ids, past_keys, past_values, attention_mask)
+        finally:
+            for block in blocks:
+                block.attn.group_query = None
+
+
+def rotary_tables(arch: DecoderArch) -> dict[str, torch.Tensor]:
+    """GroupQueryAttention's cos and sin caches (block_size, r/2) in fp32: the model's own tables of
+    positions 0 .. block_size - 1 (its rope scaling included), one half of the rotate-half layout."""
+    cos, sin = rope_cos_sin(arch, torch.arange(arch.block_size))
+    half = arch.rope_dim // 2
+    return {"rotary_cos": cos[:, :half].contiguous(), "rotary_sin": sin[:, :half].contiguous()}
+
+
+def attends_group_query(arch: DecoderArch, opset: int, choice: str) -> bool:
+    """Whether the graph attends with ONNX Runtime's GroupQueryAttention (export.attention): `ort` asks for
+    it (an error where it cannot compute this model), `auto` takes it where it can, `onnx` never."""
+    if choice == "onnx":
+        return False
+    cannot = [
+        *(["opset 18 (no in-graph attention operators)"] if opset < 23 else []),
+        *([f"head size {arch.head_size} (it takes multiples of 16)"] if arch.head_size % 16 else []),
+        *(["a rotary base of the local layers' own"] if arch.local_rope_theta else []),
+        *(
+            [f"rotary on {arch.rope_dim} values per head (it takes multiples of 16)"]
+            if arch.position == "rope" and arch.rope_dim % 16
+            else []
+        ),
+    ]
+    if cannot and choice == "ort":
+        raise UserError(
+            f"export.attention ort: ONNX Runtime's GroupQueryAttention cannot compute this model ({'; '.join(cannot)}); "
+            "set export.attention to auto or onnx"
+        )
+    return not cannot
+
+
 def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, Any]:
     """Export `ckpt` to out_dir/model.onnx through the checker and the parity gate."""
     xc = config.export
@@ -98,6 +174,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         "export",
     )
     final = out_dir / "model.onnx"
+    group_query = attends_group_query(arch, xc.opset, xc.attention)
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         tmp = Path(work) / "model.onnx"
@@ -114,8 +191,10 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
                 "fp16" if xc.dtype == "fp16" else "fp32",
                 weights=weight_format(xc.dtype, xc.int4, arch.n_embd),
                 lineage={"checkpoint": checkpoint_sha256.result()},
+                attention="group_query" if group_query else "onnx",
             ),
             routed=xc.experts == "routed",
+            group_query=group_query,
         )
         external = xc.external_data or written["weight_bytes"] > INLINE_LIMIT
         if not external:
@@ -126,12 +205,22 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         layout = written.pop("layout")
         blocks = Blocks(layout, Initializers(tmp)) if xc.dtype == "int4" else None
         parity = check_parity(
-            weights, tmp, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads, xc.dtype, blocks
+            weights,
+            tmp,
+            val_tokens,
+            arch,
+            _tolerance(xc),
+            xc.parity_steps,
+            config.threads,
+            xc.dtype,
+            blocks,
+            group_query,
         )
         report = {
             "checkpoint": str(ckpt),
             "model": str(final),
             "opset": xc.opset,
+            "attention": "group_query" if group_query else "onnx",
             "dtype": xc.dtype,
             "weights": weight_format(xc.dtype, xc.int4, arch.n_embd),
             "external_data": external,
@@ -169,7 +258,16 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         if blocks is not None:  # the published file's blocks (the optimised graph may store them otherwise)
             blocks = Blocks(blocks.layout, Initializers(final))
         check = check_parity(
-            weights, optimized, val_tokens, arch, _tolerance(xc), xc.parity_steps, config.threads, xc.dtype, blocks
+            weights,
+            optimized,
+            val_tokens,
+            arch,
+            _tolerance(xc),
+            xc.parity_steps,
+            config.threads,
+            xc.dtype,
+            blocks,
+            group_query,
         )
         outputs["optimized_model"] = str(optimized)
         outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
@@ -215,7 +313,7 @@ def gate_line(parity: dict[str, Any], dtype: str) -> str:
     agreement, held-out loss)."""
     where = (
         f"parity on a {parity['prompt_tokens']}-token prompt + {parity['decode_steps']} decode steps (batch "
-        f"{parity['batch']}, held-out text; and left-padded rows of "
+        f"{parity['batch']}, held-out text; and {parity['padded'].get('side', 'left')}-padded rows of "
         f"{'/'.join(map(str, parity['padded']['prompt_tokens']))} tokens against each alone)"
     )
     if dtype == "int4":
@@ -238,13 +336,14 @@ def write_decoder(
     metadata: Callable[[], DecoderMetadata] | None = None,
     repeat_layers: bool = True,
     routed: bool = True,
+    group_query: bool = False,
 ) -> dict[str, Any]:
     """The decoder graph of `arch` at `path` (+ `path.data`), its weights read from `weights` (names as a
     checkpoint stores them, 'model.<parameter>') one at a time; returns what was written. `repeat_layers`:
     trace two layers and repeat the second (False: trace every layer). `routed`: a mixture of experts' layers
     as ONNX Runtime's MoE operator where it computes them (SwiGLU experts), else as the dense graph.
-    `metadata` is asked for once the graph is traced (the checkpoint's hash, in its lineage, is computed
-    meanwhile)."""
+    `group_query`: attend with ONNX Runtime's GroupQueryAttention (`GroupQueryStep`). `metadata` is asked
+    for once the graph is traced (the checkpoint's hash, in its lineage, is computed meanwhile)."""
     float_type = FLOAT_TYPES[dtype]
     settings = int4 or Int4Export()
     routed_block = expert_block(arch, settings.block_size) if dtype == "int4" else settings.block_size
@@ -255,8 +354,9 @@ def write_decoder(
         )
         routed = False
     routed = routed and arch.n_experts > 0
+    kind = GroupQueryStep if group_query else DecoderStep
     with torch.device("meta"):
-        step = DecoderStep(GPT(arch).to(float_type)).eval()
+        step = kind(GPT(arch).to(float_type)).eval()
     aliases = {name: names for names in streaming.aliases_of(step).values() for name in names}
     graph, traced = (
         _trace(step, arch, opset, float_type, routed)
@@ -266,8 +366,11 @@ def write_decoder(
     for node in graph.graph.node:  # the exporter's module scopes were for repeat_layers only
         del node.metadata_props[:]
     fetch = streaming.fetch_from(weights)
+    computed = rotary_tables(arch) if group_query and arch.position == "rope" else {}
 
     def read(name: str) -> torch.Tensor:  # in the checkpoint's dtype: converted once it is laid out
+        if name in computed:
+            return computed[name]
         if name.endswith(ROUTED_WEIGHTS):
             return routed_experts_weight(fetch, name, arch.n_experts)
         return fetch(aliases.get(name, [name]))
@@ -292,7 +395,12 @@ def write_decoder(
         plan.gather_from_transposed()
     stamp(graph, None if metadata is None else metadata())
     weight_bytes = plan.write(path)
-    written = {"weight_bytes": weight_bytes, "merged_matmuls": merged, "quantized": counts, "layout": plan.layout}
+    written = {
+        "weight_bytes": weight_bytes,
+        "merged_matmuls": merged,
+        "quantized": counts,
+        "layout": plan.layout,
+    }
     return {**written, "experts": "routed" if routed else "dense"} if arch.n_experts else written
 
 
@@ -353,7 +461,7 @@ def _trace(
         local = None if arch.local_layers is None else arch.local_layers[:2]
         short = arch.model_copy(update={"n_layer": 2, "mlp_hidden": arch.mlp_hidden[:2], "local_layers": local})
         with torch.device("meta"):
-            two = DecoderStep(GPT(short).to(float_type)).eval()
+            two = type(step)(GPT(short).to(float_type)).eval()
         graph, weights = _trace_all(two, short, opset, float_type, routed)
         return repeat_layers(graph, weights, arch.n_layer)
     return _trace_all(step, arch, opset, float_type, routed)
@@ -476,6 +584,10 @@ def _trace_all(
         )
     mask = next(value for value in graph.graph.input if value.name == "attention_mask")
     mask.type.tensor_type.shape.dim[1].dim_param = "past+seq"  # (the exporter's name for it is a serial number)
+    if isinstance(step, GroupQueryStep):  # bound as both past and present, a present is the past's buffer
+        for value in graph.graph.output:
+            if value.name.startswith("present_"):
+                value.type.tensor_type.shape.dim[2].dim_param = "present"
     return graph, weights
 
 
@@ -520,10 +632,11 @@ def held_out_windows(tokens: np.ndarray, batch: int, span: int) -> np.ndarray:
 @dataclass
 class Sequence:
     """Token chunks fed one after another with a growing cache (the prompt, then one token per decode
-    step), optionally left-padded rows."""
+    step), optionally padded rows: `padding` positions per row, in front (or at the end: `right_padded`)."""
 
     chunks: list[np.ndarray]  # each (B, T)
-    left_padding: np.ndarray | None = None
+    padding: np.ndarray | None = None
+    right_padded: bool = False
 
 
 @dataclass
@@ -610,7 +723,8 @@ def reference_logits(
                 to_blocks(embeddings)
             for sequence in sequences[variant]:
                 past, row = 0, []
-                padding = None if sequence.left_padding is None else torch.from_numpy(sequence.left_padding)
+                assert not sequence.right_padded  # (the reference reads each row alone)
+                padding = None if sequence.padding is None else torch.from_numpy(sequence.padding)
                 for chunk in sequence.chunks:
                     row.append(list(model.embed(torch.from_numpy(chunk), past, padding)))
                     past += chunk.shape[1]
@@ -644,10 +758,11 @@ def check_parity(
     threads: int | None,
     dtype: str = "fp32",
     blocks: Blocks | None = None,
+    right_padded: bool = False,
 ) -> dict[str, Any]:
     """Prompt + decode steps on held-out text through ORT with its own cache, against PyTorch computing
-    the same (`reference_logits`); then the same with rows of different lengths left-padded into one batch,
-    against PyTorch on each row alone. fp32/fp16 are compared with the fp32 model and pass when the largest
+    the same (`reference_logits`); then the same with rows of different lengths padded into one batch (on
+    the left; on the right for a GroupQueryAttention graph, `right_padded`), against PyTorch on each row alone. fp32/fp16 are compared with the fp32 model and pass when the largest
     difference is within atol + rtol x the largest |logit| PyTorch gave (`tolerance`). int4 is compared with
     the model its blocks hold and passes when the relative error (RMS of the difference over the RMS of the
     reference logits around their mean) is within tolerance[0]; its distance from the fp32 model is
@@ -662,17 +777,12 @@ def check_parity(
     )
     lengths = [prompt_len, max(1, prompt_len // 2)]
     pad = np.array([prompt_len - n for n in lengths], dtype=np.int64)
+    side = "right" if right_padded else "left"
+    prompts = [w[prompt_len - n : prompt_len] for w, n in zip(windows, lengths)]
     padded = Sequence(
-        [
-            np.stack(
-                [
-                    np.concatenate([np.zeros(p, np.int64), w[prompt_len - n : prompt_len]])
-                    for w, p, n in zip(windows, pad, lengths)
-                ]
-            )
-        ]
-        + main.chunks[1:],
+        [np.stack([np.pad(p, (0, k) if right_padded else (k, 0)) for p, k in zip(prompts, pad)])] + main.chunks[1:],
         pad,
+        right_padded,
     )
     # Each padded row alone: row 0 keeps its whole prompt (main's row 0); row 1 is its shorter prompt.
     short = Sequence([windows[1:2, prompt_len - lengths[1] : prompt_len]] + [chunk[1:2] for chunk in main.chunks[1:]])
@@ -695,7 +805,11 @@ def check_parity(
     del session
     diffs = [float(np.abs(o - r).max()) for o, r in zip(ours, reference)]
     padded_diffs = [
-        float(np.abs((got[row, pad[row] :] if i == 0 else got[row]).astype(np.float32) - want[i][0]).max())
+        float(
+            np.abs(
+                (_real(got[row], pad[row], right_padded) if i == 0 else got[row]).astype(np.float32) - want[i][0]
+            ).max()
+        )
         for row, want in enumerate(reference_alone)
         for i, got in enumerate(batched)
     ]
@@ -707,11 +821,11 @@ def check_parity(
         "prompt_tokens": prompt_len,
         "decode_steps": decode_steps,
         "max_abs_diff_per_step": diffs,
-        "padded": {"prompt_tokens": lengths, "max_abs_diff": max(padded_diffs)},
+        "padded": {"prompt_tokens": lengths, "max_abs_diff": max(padded_diffs), "side": side},
         "max_abs_diff": overall,
         "worst": ("the prompt" if worst == 0 else f"decode step {worst}")
         if max(diffs) >= max(padded_diffs)
-        else "the left-padded batch",
+        else f"the {side}-padded batch",
     }
     if dtype != "int4":
         return {**report, **gate.verdict(overall, scale, atol, rtol)}
@@ -742,7 +856,12 @@ def check_parity(
 
 
 def _joined(sequence: Sequence) -> Sequence:
-    return Sequence([np.concatenate(sequence.chunks, axis=1)], sequence.left_padding)
+    return Sequence([np.concatenate(sequence.chunks, axis=1)], sequence.padding, sequence.right_padded)
+
+
+def _real(logits: np.ndarray, pad: int, right_padded: bool) -> np.ndarray:
+    """A padded prompt row's (T, V) logits at its real positions."""
+    return logits[: len(logits) - pad] if right_padded else logits[pad:]
 
 
 def _split(logits: np.ndarray, sequence: Sequence) -> list[np.ndarray]:
@@ -763,7 +882,7 @@ def ort_logits(session: Any, arch: DecoderArch, sequence: Sequence, dtype: str) 
     found = []
     for chunk in sequence.chunks:
         logits, cache = decoder_graph.outputs(
-            session.run(None, decoder_graph.feeds(chunk, cache, sequence.left_padding))
+            session.run(None, decoder_graph.feeds(chunk, cache, sequence.padding, right=sequence.right_padded))
         )
         found.append(logits)
     return found
@@ -779,19 +898,24 @@ def _mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:
 def calibration_feeds(config: Config, model: Path, batches: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     """Static quantisation's calibration data: decoding as it happens. The fp32 graph reads the first
     half of each training window, and the second half is fed with that real cache (an empty cache
-    would give the cache inputs no range). The cache is shaped as `model` says (pruning may change it)."""
+    would give the cache inputs no range). The cache is shaped as `model` says (pruning may change it).
+    A GroupQueryAttention graph reads several new tokens after a cache one row at a time (its operator's
+    rule), so its windows come as batches of one."""
     session, meta = open_model(model, ["CPUExecutionProvider"], config.threads, DecoderMetadata)
     tokens = load_tokens(config, "train")
     block, batch = meta.block_size, config.train.batch_size
     half = max(1, block // 2)
-    empty = CacheLayout.from_metadata(meta).empty(batch)
     inputs = decoder_graph.session_inputs(session)
     feeds = []
     for _ in range(batches):
         starts = rng.integers(0, len(tokens) - block, size=batch)
         ids = np.stack([tokens[s : s + block] for s in starts]).astype(np.int64)
-        _, cache = decoder_graph.outputs(session.run(None, decoder_graph.feeds(ids[:, :half], empty, inputs=inputs)))
-        feeds.append(decoder_graph.feeds(ids[:, half:], cache, inputs=inputs))
+        for rows in np.split(ids, batch) if meta.attention == "group_query" else [ids]:
+            empty = CacheLayout.from_metadata(meta).empty(len(rows))
+            _, cache = decoder_graph.outputs(
+                session.run(None, decoder_graph.feeds(rows[:, :half], empty, inputs=inputs))
+            )
+            feeds.append(decoder_graph.feeds(rows[:, half:], cache, inputs=inputs))
     return feeds
 
 

@@ -7,8 +7,10 @@ window is full each step re-reads the last block_size tokens (the same policy as
 
 Prompts are processed one at a time, so each prompt's output is exactly what it would be alone (the
 random stream of a prompt depends only on the seed and the prompt). `Generation` is one prompt's
-decoding state apart from the graph: `bigmodel serve` drives many of them through one left-padded batch
-(serve/batching.py). The graph takes any batch size (see `bench`).
+decoding state apart from the graph: `bigmodel serve` drives many of them through one padded batch
+(serve/batching.py). The graph takes any batch size (see `bench`). A GroupQueryAttention file
+(export.attention ort) decodes into cache buffers it writes in place (`SharedCache`); other files get
+their cache back as new arrays each step (`ArrayCache`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -48,6 +50,7 @@ class Decoder:
     chat_template: str | None = None
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids
     inputs: tuple[str, ...] | None = None  # the graph's input names (older files: a stacked cache, no left_padding)
+    right_padded: bool = False  # a GroupQueryAttention graph: rows padded at the end, its cache writable in place
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, meta: DecoderMetadata, path: Path) -> Decoder:
@@ -62,6 +65,7 @@ class Decoder:
             meta.chat_template,
             special,
             decoder_graph.session_inputs(session),
+            meta.attention == "group_query",
         )
 
     @property
@@ -80,25 +84,98 @@ class Decoder:
     def empty_cache(self, batch: int) -> KVCache:
         return self.cache.empty(batch)
 
-    def run(
-        self, ids: np.ndarray, cache: KVCache, left_padding: np.ndarray | None = None
-    ) -> tuple[np.ndarray, KVCache]:
-        """Logits (B, T, V) for `ids` after what `cache` holds, and the cache with them."""
-        return decoder_graph.outputs(self.session.run(None, decoder_graph.feeds(ids, cache, left_padding, self.inputs)))
+    def run(self, ids: np.ndarray, cache: KVCache, padding: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+        """Logits (B, T, V) for `ids` after what `cache` holds, and the cache with them; `padding` (B,):
+        each row's padding positions (in front; at the end for a right_padded graph)."""
+        named = decoder_graph.feeds(ids, cache, padding, self.inputs, self.right_padded)
+        return decoder_graph.outputs(self.session.run(None, named))
+
+    def sequences(self, batch: int, capacity: int) -> Sequences:
+        """`batch` sequences decoded together, up to `capacity` positions each: in buffers the graph writes
+        in place where it can (a GroupQueryAttention graph on the CPU), else in arrays each run returns."""
+        if self.right_padded and self.session.get_providers()[0] == "CPUExecutionProvider":
+            return SharedCache(self, batch, capacity)
+        return ArrayCache(self, batch)
 
     def tokens(self, prompt_ids: list[int], settings: InferConfig, rng: np.random.Generator) -> Iterator[int]:
         """New token ids after the prompt, one at a time."""
         ids = list(prompt_ids[-self.block_size :])
-        logits, cache = self.run(np.array([ids], dtype=np.int64), self.empty_cache(1))
+        cache = self.sequences(1, min(self.block_size, len(ids) + settings.max_new_tokens))
+        logits = cache.run(np.array([ids], dtype=np.int64))
         for _ in range(settings.max_new_tokens):
             next_id = pick(logits[0, -1], settings, rng)
             yield next_id
             ids.append(next_id)
             if cache.length + 1 > self.block_size:  # window full: re-read the last block_size tokens
-                window = np.array([ids[-self.block_size :]], dtype=np.int64)
-                logits, cache = self.run(window, self.empty_cache(1))
+                cache.clear()
+                logits = cache.run(np.array([ids[-self.block_size :]], dtype=np.int64))
             else:
-                logits, cache = self.run(np.array([[next_id]], dtype=np.int64), cache)
+                logits = cache.run(np.array([[next_id]], dtype=np.int64))
+
+
+class Sequences(Protocol):
+    """Sequences of one length decoded together: each run appends `ids` (B, T) and returns their logits."""
+
+    @property
+    def length(self) -> int: ...  # positions cached
+
+    def run(self, ids: np.ndarray) -> np.ndarray: ...  # (B, T, V)
+
+    def clear(self) -> None: ...  # back to no positions
+
+
+class ArrayCache:
+    """The cache as arrays: each run feeds them and gets new ones back (the graph's present = past + new)."""
+
+    def __init__(self, decoder: Decoder, batch: int) -> None:
+        self.decoder, self.batch = decoder, batch
+        self.cache = decoder.empty_cache(batch)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def run(self, ids: np.ndarray) -> np.ndarray:
+        logits, self.cache = self.decoder.run(ids, self.cache)
+        return logits
+
+    def clear(self) -> None:
+        self.cache = self.decoder.empty_cache(self.batch)
+
+
+class SharedCache:
+    """One buffer of `capacity` positions per layer for the keys and one for the values, bound through
+    ONNX Runtime's IOBinding as both the past and the present of every run: a GroupQueryAttention graph
+    writes each step's keys and values into them in place, so a step copies nothing of the cache
+    (onnxruntime-genai runs the builder's graphs so). The buffers' positions past `length` hold no data
+    that is ever read: the attention mask's width tells the graph where each row ends."""
+
+    def __init__(self, decoder: Decoder, batch: int, capacity: int) -> None:
+        self.decoder, self.batch, self.capacity = decoder, batch, capacity
+        self.length = 0
+        layout = decoder.cache
+        self.binding = decoder.session.io_binding()
+        shape = [batch, layout.n_kv_head, capacity, layout.head_size]
+        self.buffers = []  # keys, then values, layer by layer (decoder_graph.input_names)
+        for name in decoder_graph.input_names(layout.n_layer)[1:-1]:
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder_graph.DTYPES[layout.dtype])
+            self.binding.bind_ortvalue_input(name, buffer)
+            self.binding.bind_ortvalue_output(name.replace("past_", "present_"), buffer)
+            self.buffers.append(buffer)
+
+    def run(self, ids: np.ndarray) -> np.ndarray:
+        width = self.length + ids.shape[1]
+        if width > self.capacity:
+            raise ValueError(f"{width} positions exceed the cache's {self.capacity}")
+        self.binding.bind_cpu_input("input_ids", ids)
+        self.binding.bind_cpu_input("attention_mask", np.ones((self.batch, width), np.int64))
+        self.binding.bind_output("logits")  # (its shape changes between the prompt and the steps)
+        self.decoder.session.run_with_iobinding(self.binding)
+        self.length = width
+        return next(o for o in self.binding.get_outputs() if len(o.shape()) == 3).numpy()  # (the caches: 4-D)
+
+    def clear(self) -> None:
+        self.length = 0
 
 
 def pick(logits: np.ndarray, settings: InferConfig, rng: np.random.Generator) -> int:
@@ -411,15 +488,16 @@ def bench(decoder: Decoder, batch: int, prompt_tokens: int, new_tokens: int, rep
     prefill, per_token, rates = [], [], []
     for _ in range(repeats + 1):  # the first round warms up and is not counted
         ids = rng.integers(0, vocab, size=(batch, prompt_tokens), dtype=np.int64)
+        cache = decoder.sequences(batch, prompt_tokens + new_tokens)
         start = time.perf_counter()
-        logits, cache = decoder.run(ids, decoder.empty_cache(batch))
+        logits = cache.run(ids)
         first = time.perf_counter() - start
         steps = []
         decode_start = time.perf_counter()
         for _ in range(new_tokens):
             step_start = time.perf_counter()
             next_ids = logits[:, -1].argmax(-1).reshape(batch, 1).astype(np.int64)
-            logits, cache = decoder.run(next_ids, cache)
+            logits = cache.run(next_ids)
             steps.append(time.perf_counter() - step_start)
         decode = time.perf_counter() - decode_start
         prefill.append(first)

@@ -32,6 +32,7 @@ size, V vocab.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +49,18 @@ Masks = tuple[torch.Tensor | None, torch.Tensor | None]
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin
 # The rotary tables of the global and of the local layers (the local one only with local_rope_theta).
 Ropes = tuple[Rope | None, Rope | None]
+
+
+@dataclass
+class GroupQueryInputs:
+    """What ONNX Runtime's GroupQueryAttention reads besides q, k, v and the cache (export only: set on
+    every attention layer by export/gpt.py's GroupQueryStep for the trace)."""
+
+    seqlens_k: torch.Tensor  # (B,) int32: each row's real tokens after this step, minus one
+    total: torch.Tensor  # () int32: the attention mask's width (past + new positions)
+    cos: torch.Tensor | None  # (block_size, r/2): the rotary tables of every position; None: no rotary
+    sin: torch.Tensor | None
+    window: int | None = None  # the layer's sliding window
 
 
 class LayerNorm(nn.Module):
@@ -138,6 +151,8 @@ class CausalSelfAttention(nn.Module):
     # Set by export at opset >= 23 (`onnx_operators`): the decode step is written with ONNX's own
     # RotaryEmbedding and Attention operators, which ONNX Runtime runs as one kernel each.
     onnx_operators: bool = False
+    # Set by export with export.attention ort (`_decode_group_query`).
+    group_query: GroupQueryInputs | None = None
 
     def __init__(self, arch: DecoderArch) -> None:
         super().__init__()
@@ -167,6 +182,8 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """`mask` (B or 1, 1, T, P+T): additive, 0 where attention is allowed, -inf elsewhere; given
         whenever there is a cache (decoding), absent in training (causal attention without a cache)."""
+        if self.group_query is not None and past is not None:
+            return self._decode_group_query(x, past, self.group_query)
         if self.onnx_operators and past is not None and mask is not None:
             return self._decode_onnx(x, past, rope, mask)
         B, T, _ = x.shape
@@ -240,6 +257,42 @@ class CausalSelfAttention(nn.Module):
             softcap=self.softcap or 0.0,
         )
         return self.c_proj(y), (keys, values)
+
+    def _decode_group_query(
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor], inputs: GroupQueryInputs
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The decode step as one com.microsoft GroupQueryAttention node (export only: in eager the
+        operator is a stand-in without values). It rotates q and k itself, from tables of every position
+        and each row's length (seqlens_k), and writes the new keys and values at each row's end: where
+        the runtime binds one buffer as both past and present, in place -- no copy of the cache per step,
+        as onnxruntime-genai runs it. Rows are padded on the right (the operator's convention)."""
+        B, T, _ = x.shape
+        q_width, kv_width = self.arch.q_width, self.arch.kv_width
+        qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs): the operator takes them packed
+        if not self.per_head_norm:
+            qkv = self._norm_whole_qk(qkv)
+        elif self.q_norm is not None and self.k_norm is not None:  # per head, packed again
+            q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+            q = self.q_norm(q.view(B, T, self.n_head, self.head_size)).view(B, T, q_width)
+            k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_size)).view(B, T, kv_width)
+            qkv = torch.cat([q, k, v], dim=-1)
+        optional = {"scale": self.scale, "softcap": self.softcap, "local_window_size": inputs.window}
+        # (local_window_size: the keys a query sees, its own included -- the window, as here)
+        attributes = {
+            "num_heads": self.n_head,
+            "kv_num_heads": self.n_kv_head,
+            "do_rotary": int(inputs.cos is not None),
+        }
+        present = (B, self.n_kv_head, past[0].size(2) + T, self.head_size)  # (the buffer's length when bound)
+        y, keys, values = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            [qkv, None, None, past[0], past[1], inputs.seqlens_k, inputs.total, inputs.cos, inputs.sin],
+            {**attributes, **{key: value for key, value in optional.items() if value is not None}},
+            dtypes=(x.dtype, past[0].dtype, past[1].dtype),
+            shapes=((B, T, q_width), present, present),
+            version=1,
+        )
+        return self.c_proj(y.to(x.device)), (keys.to(x.device), values.to(x.device))
 
     def _norm_whole_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         """(B, T, (nh + 2 nkv) hs) with the queries normalised over their nh * hs values and the keys over

@@ -1,15 +1,17 @@
 """Continuous batching for decoder models: requests that arrive together are decoded together.
 
 One thread owns the ONNX session. Each turn of its loop it
-1. admits waiting requests, up to `max_batch` rows: their prompts, left-padded to the longest, go
-   through the graph in one run, and their caches join the batch's (the shorter side left-padded);
+1. admits waiting requests, up to `max_batch` rows: their prompts, padded to the longest, go
+   through the graph in one run, and their caches join the batch's (the shorter side padded);
 2. picks every row's next token with that request's own settings and random stream (infer's
    `Generation`: the same sampling, stop strings and end-of-sequence as `bigmodel infer`) and hands the
    new text to the request;
 3. drops the rows that ended or whose client left, and the cache positions that are padding in every row;
-4. runs one decode step for the rest: input_ids (B, 1), the cache, each row's left padding (B,) -- the
+4. runs one decode step for the rest: input_ids (B, 1), the cache, each row's padding (B,) -- the
 graph's attention mask over it (decoder_graph.feeds).
-The graph's attention mask keeps every row's numbers its own (export's gate checks left-padded rows).
+Rows are padded in front, or at the end for a GroupQueryAttention graph (Decoder.right_padded), whose
+operator writes each row's new keys and values after its own last token. The attention mask keeps
+every row's numbers its own (export's gate checks padded rows).
 A request alone in the batch runs exactly as `bigmodel infer` would, bit for bit.
 
 A row whose context is full (block_size tokens) re-reads its last block_size tokens each step, as infer
@@ -168,35 +170,38 @@ class Scheduler:
         if self.cached:  # positions that are padding in every row are dead weight
             drop = int(self._pad.min())
             if drop:
-                self._cache = self._cache.drop_front(drop)
+                right = self.decoder.right_padded
+                self._cache = self._cache.drop_back(drop) if right else self._cache.drop_front(drop)
                 self._pad = self._pad - drop
 
     def _prefill(self, new: list[Request]) -> None:
         lengths = [len(r.generation.prompt_ids) for r in new]
         longest = max(lengths)
         pad = np.array([longest - n for n in lengths], dtype=np.int64)
+        right = self.decoder.right_padded
         ids = np.zeros((len(new), longest), dtype=np.int64)
         for row, (request, n) in enumerate(zip(new, lengths)):
-            ids[row, longest - n :] = request.generation.prompt_ids
+            ids[row, slice(0, n) if right else slice(longest - n, longest)] = request.generation.prompt_ids
         logits, cache = self.decoder.run(ids, self.decoder.empty_cache(len(new)), pad)
         for row, (request, n) in enumerate(zip(new, lengths)):
-            request.logits, request.length = logits[row, -1], n
+            real = logits[row, :n] if right else logits[row, longest - n :]  # (n, V): the prompt's positions
+            request.logits, request.length = real[-1], n
             generation = request.generation
             if request.echo:
-                generation.score_prompt(logits[row, longest - n : -1])
+                generation.score_prompt(real[:-1])
             if generation.settings.max_new_tokens == 0:  # only the prompt was asked for: it ends here
                 generation.stop_reason = "max_new_tokens"  # (its row leaves the batch at the next turn)
                 request.on_end(generation.result())
         self._join(new, cache, pad)
 
     def _join(self, new: list[Request], cache: KVCache, pad: np.ndarray) -> None:
-        """Add prefilled rows to the cache; the side with fewer positions is left-padded to the other's."""
+        """Add prefilled rows to the cache; the side with fewer positions is padded to the other's."""
         if not self.cached:
             self.cached, self._cache, self._pad = list(new), cache, pad
             return
-        width = max(self._cache.length, cache.length)
+        width, right = max(self._cache.length, cache.length), self.decoder.right_padded
         old_pad, new_pad = self._pad + width - self._cache.length, pad + width - cache.length
-        self._cache = self._cache.left_padded(width).joined(cache.left_padded(width))
+        self._cache = self._cache.padded(width, right).joined(cache.padded(width, right))
         self._pad = np.concatenate([old_pad, new_pad])
         self.cached += new
 
