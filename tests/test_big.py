@@ -156,8 +156,8 @@ GROUP_QUERY_KINDS = {
 @pytest.mark.parametrize("kind", list(GROUP_QUERY_KINDS))
 def test_group_query_graphs_decode_like_pytorch(kind: str, tmp_path: Path) -> None:
     """export.attention ort: each layer's attention is one GroupQueryAttention node (rotating q and k itself
-    from tables written like weights), and the fp32 gate holds a prompt + 8 steps and right-padded rows to
-    1e-5 -- with llama3-scaled rope and QK-norm, learned positions, a routed mixture, sliding windows on
+    from tables written like weights), residual sums and their norms are fused, and the fp32 gate holds a
+    prompt + 8 steps and right-padded rows to 1e-5 -- with llama3-scaled rope and QK-norm, learned positions, a routed mixture, sliding windows on
     alternate layers (shorter than the prompt), partial rotary, and an attention scale and soft cap."""
     options = {"n_embd": 64, **GROUP_QUERY_KINDS[kind]}
     arch = DecoderArch(vocab_size=300, n_layer=3, n_head=4, block_size=64, mlp_hidden=[96] * 3, **options)
@@ -172,6 +172,10 @@ def test_group_query_graphs_decode_like_pytorch(kind: str, tmp_path: Path) -> No
     assert report["passed"] and report["max_abs_diff"] < 1e-5 and report["padded"]["side"] == "right"
     ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
     assert ops["GroupQueryAttention"] == 3 and ops["Attention"] == ops["RotaryEmbedding"] == 0
+    # each residual Add and the norm of its sum are one node (2 per layer; and the embeddings' sum with
+    # learned positions): fewer nodes per decode step
+    fused = ops["SkipSimplifiedLayerNormalization"] + ops["SkipLayerNormalization"]
+    assert fused == 2 * 3 + (kind == "learned")
 
 
 def test_export_attention_auto_takes_group_query_where_onnx_runtime_computes_the_model() -> None:
