@@ -1,9 +1,11 @@
-"""Decoding with the KV cache written in place: the measured design for bigmodel's decoder graph; prints JSON.
+"""Decoding with the KV cache written in place: the design measured before export wrote it; prints JSON.
 
     python scripts/bench_shared_cache.py --ours RUN/export/model.onnx --builder BUILDER_DIR --out DIR
         [--prompt-tokens 16 1024] [--rounds 8]
 
-Today's graph attends with ONNX's Attention (opset 23), whose present cache is the past one plus the new
+(Session 24. Export now writes GroupQueryAttention itself -- export.attention auto -- and `bigmodel infer`
+binds the buffers; this script rewrites a file exported with export.attention onnx, the graph of then.)
+That graph attends with ONNX's Attention (opset 23), whose present cache is the past one plus the new
 token: every step copies the whole cache inside ONNX Runtime, and `bigmodel infer` copies it again into numpy
 and back. onnxruntime-genai runs the builder's file with buffers of the whole length bound as both past and
 present, which its GroupQueryAttention writes in place. This script rewrites a copy of bigmodel's graph

@@ -25,6 +25,8 @@ optional `left_padding` (B,) lets rows of different lengths share a batch (a ser
 together): row b's first left_padding[b] positions are padding, its real tokens are numbered from 0, and
 no query attends to padding. `attention_mask` (B, P + T) says the same for padding anywhere (the exported
 graph takes it, as Hugging Face's models and onnxruntime-genai's runtime do: it pads batches on the right).
+Export writes the cached attention with ONNX's Attention operator, or with ONNX Runtime's
+GroupQueryAttention, which rotates q and k itself and writes the cache in place (`_decode_group_query`).
 Shapes: B batch, T new tokens, P past tokens, C n_embd, nh query heads, nkv key/value heads, hs head
 size, V vocab.
 """
@@ -51,7 +53,7 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin
 Ropes = tuple[Rope | None, Rope | None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroupQueryInputs:
     """What ONNX Runtime's GroupQueryAttention reads besides q, k, v and the cache (export only: set on
     every attention layer by export/gpt.py's GroupQueryStep for the trace)."""
