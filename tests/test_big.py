@@ -150,6 +150,16 @@ GROUP_QUERY_KINDS = {
     "windows": {**ROPE, "sliding_window": 8, "local_layers": [True, False, True]},
     "partial-rotary": {**ROPE, "n_embd": 128, "rotary_dim": 16},
     "scale-softcap": {**ROPE, "attention_scale": 0.1, "attention_softcap": 5.0},
+    # Gemma 2's: (1 + w) computed in the graph after the sum it normalises, sandwich norms, alternate windows
+    "gemma2": {
+        **ROPE,
+        "norm": "rmsnorm_unit_offset",
+        "sandwich_norms": True,
+        "embedding_scale": True,
+        "sliding_window": 8,
+        "local_layers": [True, False, True],
+        "attention_softcap": 5.0,
+    },
 }
 
 
@@ -157,8 +167,9 @@ GROUP_QUERY_KINDS = {
 def test_group_query_graphs_decode_like_pytorch(kind: str, tmp_path: Path) -> None:
     """export.attention ort: each layer's attention is one GroupQueryAttention node (rotating q and k itself
     from tables written like weights), residual sums and their norms are fused, and the fp32 gate holds a
-    prompt + 8 steps and right-padded rows to 1e-5 -- with llama3-scaled rope and QK-norm, learned positions, a routed mixture, sliding windows on
-    alternate layers (shorter than the prompt), partial rotary, and an attention scale and soft cap."""
+    prompt + 8 steps and right-padded rows to 1e-5 -- with llama3-scaled rope and QK-norm, learned
+    positions, a routed mixture, sliding windows on alternate layers (shorter than the prompt), partial
+    rotary, an attention scale and soft cap, and Gemma 2's norms and windows."""
     options = {"n_embd": 64, **GROUP_QUERY_KINDS[kind]}
     arch = DecoderArch(vocab_size=300, n_layer=3, n_head=4, block_size=64, mlp_hidden=[96] * 3, **options)
     assert export_gpt.attends_group_query(arch, 23, "auto")
@@ -168,6 +179,7 @@ def test_group_query_graphs_decode_like_pytorch(kind: str, tmp_path: Path) -> No
     weights = streaming.StateDict(model, "model.")
     path = tmp_path / "model.onnx"
     export_gpt.write_decoder(arch, weights, path, 23, group_query=True)
+    onnx.checker.check_model(str(path), full_check=True)  # (nodes in order too: ONNX Runtime would sort them)
     report = export_gpt.check_parity(weights, path, np.arange(400) % 300, arch, (1e-4, 1e-5), 8, 1, right_padded=True)
     assert report["passed"] and report["max_abs_diff"] < 1e-5 and report["padded"]["side"] == "right"
     ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)

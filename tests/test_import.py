@@ -24,7 +24,7 @@ from bigmodel import tokenizer as tokenizers
 from bigmodel.checkpoint import read_manifest
 from bigmodel.config import InferConfig
 from bigmodel.infer.gpt import Decoder
-from bigmodel.infer.session import open_model
+from bigmodel.infer.session import file_metadata, open_model
 from bigmodel.manifests import DecoderMetadata
 from tests import hf_models
 from tests.conftest import cli, write_config
@@ -174,11 +174,18 @@ def test_import_trains_exports_and_generates_like_transformers(
     assert result.code == 0, result.stderr
     onnx_path = tmp_path / "run" / "export" / "model.onnx"
     ops = [node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node]
-    # opset 23: per layer one Attention node (the cache appended inside it) and, with rope, one RotaryEmbedding
-    assert ops.count("Attention") == arch.n_layer  # and no cache copies between them:
+    # opset 23, per layer one attention node: ONNX Runtime's GroupQueryAttention where it computes the model
+    # (export.attention auto: heads of 16 or more, no local rotary base; the cache written in place, the
+    # rotation inside), else ONNX's Attention (the cache appended inside it) and, with rope, RotaryEmbedding
+    meta = file_metadata(onnx_path)
+    assert isinstance(meta, DecoderMetadata)
+    group_query = arch.head_size % 16 == 0 and arch.rope_dim % 16 == 0 and not arch.local_rope_theta
+    assert meta.attention == ("group_query" if group_query else "onnx")
+    assert ops.count("GroupQueryAttention" if group_query else "Attention") == arch.n_layer  # and no copies:
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     assert not any(node.op_type == "Concat" and any(i.startswith("past_") for i in node.input) for node in graph.node)
-    assert ops.count("RotaryEmbedding") == (arch.n_layer if arch.position == "rope" else 0)
+    rotated = arch.position == "rope" and not group_query
+    assert ops.count("RotaryEmbedding") == (arch.n_layer if rotated else 0)
     assert ops.count("MoE") == (arch.n_layer if arch.n_experts else 0)  # a mixture: ONNX Runtime's routed kernel
     ours = ort_greedy(onnx_path, ids, 20)  # (20 tokens: ORT's generator does not stop at EOS)
     theirs = hf_greedy(source, ids, 20)  # (transformers stops at EOS)

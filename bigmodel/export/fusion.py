@@ -30,15 +30,27 @@ def fuse_skip_norms(graph: onnx.GraphProto) -> int:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     constants = {init.name: init for init in graph.initializer}
-    replaced: dict[int, onnx.NodeProto] = {}
+    position = {id(node): i for i, node in enumerate(graph.node)}
+    replaced: dict[int, onnx.NodeProto] = {}  # the pattern's last node -> the fused node, in its place
     dropped: set[int] = set()
+
+    def in_order(total: onnx.NodeProto, last: onnx.NodeProto, pattern: list[onnx.NodeProto]) -> bool:
+        """Whether the fused node can take `last`'s place: nothing outside the pattern reads the sum before
+        it (its other inputs -- the weight, even one computed, as Gemma's 1 + w -- are made before it)."""
+        inside = {id(node) for node in pattern}
+        return all(
+            position[id(reader)] > position[id(last)] or id(reader) in inside for reader in readers[total.output[0]]
+        )
+
     for norm in (node for node in graph.node if node.op_type == "LayerNormalization"):
         total = producer.get(norm.input[0])
         attributes = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
         if not _residual_sum(total, constants) or attributes.get("axis", -1) != -1 or len(norm.output) > 1:
             continue
         assert total is not None
-        replaced[id(total)] = helper.make_node(
+        if not in_order(total, norm, [norm]):
+            continue
+        replaced[id(norm)] = helper.make_node(
             "SkipLayerNormalization",
             [total.input[0], total.input[1], *norm.input[1:]],  # (gamma, and beta where it has one)
             [norm.output[0], "", "", total.output[0]],
@@ -46,14 +58,14 @@ def fuse_skip_norms(graph: onnx.GraphProto) -> int:
             name=f"{total.name}_skip_norm",
             epsilon=attributes.get("epsilon", 1e-5),
         )
-        dropped.add(id(norm))
+        dropped.add(id(total))
     for div in (node for node in graph.node if node.op_type == "Div"):
         found = _rms_norm(div, producer, readers, constants)
-        if found is None:
+        if found is None or not in_order(found[0], found[2], found[1]):
             continue
         total, pattern, mul, epsilon = found
         gamma = next(name for name in mul.input if name != div.output[0])
-        replaced[id(total)] = helper.make_node(
+        replaced[id(mul)] = helper.make_node(
             "SkipSimplifiedLayerNormalization",
             [total.input[0], total.input[1], gamma],
             [mul.output[0], "", "", total.output[0]],
@@ -61,8 +73,7 @@ def fuse_skip_norms(graph: onnx.GraphProto) -> int:
             name=f"{total.name}_skip_norm",
             epsilon=epsilon,
         )
-        dropped |= {id(node) for node in pattern}
-    # (the fused node takes the Add's place: its inputs are made before it, its outputs read after it)
+        dropped |= {id(node) for node in pattern if node is not mul} | {id(total)}
     nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped]
     del graph.node[:]
     graph.node.extend(nodes)

@@ -164,6 +164,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         raise UserError(
             f"export.experts {xc.experts!r} applies to a mixture of experts; {ckpt} holds a dense model: remove it"
         )
+    group_query = attends_group_query(arch, xc.opset, xc.attention)  # (refused before anything is written)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in GPT(arch).parameters())
     stored = manifest.stored_dtype
@@ -175,8 +176,22 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         "export",
     )
     final = out_dir / "model.onnx"
-    group_query = attends_group_query(arch, xc.opset, xc.attention)
     val_tokens = np.asarray(load_tokens(config, "val"), dtype=np.int64)
+
+    def run_gate(path: Path, blocks: Blocks | None) -> dict[str, Any]:
+        return check_parity(
+            weights,
+            path,
+            val_tokens,
+            arch,
+            _tolerance(xc),
+            xc.parity_steps,
+            config.threads,
+            xc.dtype,
+            blocks,
+            group_query,
+        )
+
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         tmp = Path(work) / "model.onnx"
         written = write_decoder(
@@ -205,18 +220,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         seconds = time.perf_counter() - start
         layout = written.pop("layout")
         blocks = Blocks(layout, Initializers(tmp)) if xc.dtype == "int4" else None
-        parity = check_parity(
-            weights,
-            tmp,
-            val_tokens,
-            arch,
-            _tolerance(xc),
-            xc.parity_steps,
-            config.threads,
-            xc.dtype,
-            blocks,
-            group_query,
-        )
+        parity = run_gate(tmp, blocks)
         report = {
             "checkpoint": str(ckpt),
             "model": str(final),
@@ -258,18 +262,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
         optimized = optimize_offline(final, out_dir / "model.optimized.onnx")
         if blocks is not None:  # the published file's blocks (the optimised graph may store them otherwise)
             blocks = Blocks(blocks.layout, Initializers(final))
-        check = check_parity(
-            weights,
-            optimized,
-            val_tokens,
-            arch,
-            _tolerance(xc),
-            xc.parity_steps,
-            config.threads,
-            xc.dtype,
-            blocks,
-            group_query,
-        )
+        check = run_gate(optimized, blocks)
         outputs["optimized_model"] = str(optimized)
         outputs["optimized_max_abs_diff"] = check["max_abs_diff"]
         console.info(f"export: ORT-optimized graph -> {optimized} (max abs diff {check['max_abs_diff']:.3g})")
