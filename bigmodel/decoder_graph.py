@@ -77,14 +77,10 @@ class KVCache:
         """Only these batch rows."""
         return KVCache(tuple(k[keep] for k in self.keys), tuple(v[keep] for v in self.values))
 
-    def drop_front(self, positions: int) -> KVCache:
-        """Without the first `positions` positions (padding in every row)."""
-        return KVCache(tuple(k[:, :, positions:] for k in self.keys), tuple(v[:, :, positions:] for v in self.values))
-
-    def drop_back(self, positions: int) -> KVCache:
-        """Without the last `positions` positions (padding in every row)."""
-        end = self.length - positions
-        return KVCache(tuple(k[:, :, :end] for k in self.keys), tuple(v[:, :, :end] for v in self.values))
+    def trimmed(self, positions: int, right: bool = False) -> KVCache:
+        """Without the first (the last: `right`) `positions` positions (padding in every row)."""
+        kept = slice(0, self.length - positions) if right else slice(positions, None)
+        return KVCache(tuple(k[:, :, kept] for k in self.keys), tuple(v[:, :, kept] for v in self.values))
 
     def padded(self, width: int, right: bool = False) -> KVCache:
         """Zeros in front (at the end: `right`) up to `width` positions."""

@@ -124,7 +124,7 @@ def rotary_tables(arch: DecoderArch) -> dict[str, torch.Tensor]:
     positions 0 .. block_size - 1 (its rope scaling included), one half of the rotate-half layout."""
     cos, sin = rope_cos_sin(arch, torch.arange(arch.block_size))
     half = arch.rope_dim // 2
-    return {"rotary_cos": cos[:, :half].contiguous(), "rotary_sin": sin[:, :half].contiguous()}
+    return dict(zip(ROTARY_TABLES, (cos[:, :half].contiguous(), sin[:, :half].contiguous())))
 
 
 def attends_group_query(arch: DecoderArch, opset: int, choice: str) -> bool:

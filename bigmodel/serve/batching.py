@@ -170,8 +170,7 @@ class Scheduler:
         if self.cached:  # positions that are padding in every row are dead weight
             drop = int(self._pad.min())
             if drop:
-                right = self.decoder.right_padded
-                self._cache = self._cache.drop_back(drop) if right else self._cache.drop_front(drop)
+                self._cache = self._cache.trimmed(drop, self.decoder.right_padded)
                 self._pad = self._pad - drop
 
     def _prefill(self, new: list[Request]) -> None:
