@@ -185,21 +185,37 @@ def import_peak(
     return Estimate("init", parts, fixes)
 
 
-def export_file_bytes(arch: Any, parameters: int, dtype: str, head: str = "int8", embeddings: str = "int8") -> int:
+def export_file_bytes(arch: Any, parameters: int, dtype: str, int4: Any = None, group_query: bool = False) -> int:
     """The ONNX file's size: fp32/fp16 store every weight once (a tied table too); int4 stores the matrices
-    in 4-bit blocks (+ an fp32 scale per 32), head and embedding as asked."""
+    in 4-bit blocks (+ an fp32 scale per block), head and embedding as `int4` (export.int4, default
+    settings when None) asks; a GroupQueryAttention graph adds its fp32 cos and sin tables of every
+    position (block_size x rotary/2 each)."""
+    from bigmodel.config import Int4Export
+    from bigmodel.export.weightless import int8_block
+
+    tables_of_positions = (
+        2 * arch.block_size * (arch.rope_dim // 2) * 4 if group_query and arch.position == "rope" else 0
+    )
     if dtype in ("fp32", "fp16"):
-        return parameters * DTYPE_BYTES[dtype]
+        return parameters * DTYPE_BYTES[dtype] + tables_of_positions
+    int4 = int4 or Int4Export()
     table = arch.vocab_size * arch.n_embd
     tables = 1 if arch.tie_embeddings else 2
-    block_bytes = {"int4": 0.5 + 4 / 32, "int8": 1 + 4 / 32, "fp32": 4}
+    block_bytes = {
+        "int4": 0.5 + 4 / int4.block_size,
+        "int8": 1 + 4 / int8_block(arch.n_embd, int4.int8_block_size),
+        "fp32": 4,
+    }
     matrices = parameters - tables * table
-    head_bytes = table * block_bytes[head]
-    embedding_bytes = 0.0 if arch.tie_embeddings and head == embeddings else table * block_bytes[embeddings]
-    return int(matrices * block_bytes["int4"] + head_bytes + embedding_bytes)
+    head_bytes = table * block_bytes[int4.head]
+    shared = arch.tie_embeddings and int4.head == int4.embedding_format
+    embedding_bytes = 0.0 if shared else table * block_bytes[int4.embedding_format]
+    return int(matrices * block_bytes["int4"] + head_bytes + embedding_bytes + tables_of_positions)
 
 
-def export_peak(arch: Any, parameters: int, checkpoint_dtype: str, dtype: str) -> Estimate:
+def export_peak(
+    arch: Any, parameters: int, checkpoint_dtype: str, dtype: str, int4: Any = None, group_query: bool = False
+) -> Estimate:
     """export of a decoder: one matrix read, converted to fp32 and transposed (fp32/fp16) or quantised
     (int4) -- a routed mixture's experts one layer at a time; the gate's fp32 reference holds one layer
     (and the embedding); ONNX Runtime then holds the file."""
@@ -211,7 +227,7 @@ def export_peak(arch: Any, parameters: int, checkpoint_dtype: str, dtype: str) -
     if arch.n_experts:  # a routed mixture's layer: its experts' gate and up stacked, then converted
         write = max(write, arch.n_experts * 2 * max(arch.mlp_hidden) * arch.n_embd * (stored + 4) + largest * stored)
     reference = (block_parameters(arch) + largest) * (stored + 4)
-    session = int(SESSION_OVER_FILE * export_file_bytes(arch, parameters, dtype))
+    session = int(SESSION_OVER_FILE * export_file_bytes(arch, parameters, dtype, int4, group_query))
     fixes = ["--set export.dtype=int4 (a 4-bit file: about an eighth of fp32)"] if dtype != "int4" else []
     return Estimate(
         f"export ({dtype})",

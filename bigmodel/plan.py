@@ -338,9 +338,13 @@ def stage_memory(config: Config, arch: AnyArch, n_params: int) -> dict[str, Any]
         source = pretrained.describe(config.init.from_)
         stored = stored_dtype(config, source)
         found["init"] = memory.import_peak(arch, source.format, source.dtype, stored, n_params, config.init.verify)
+    from bigmodel.export.gpt import attends_group_query
+
+    xc = config.export  # (export itself refuses `attention: ort` where the operator cannot compute the model)
+    group_query = attends_group_query(arch, xc.opset, "auto" if xc.attention == "ort" else xc.attention)
     for dtype in ("fp32", "int4"):
-        found[f"export_{dtype}"] = memory.export_peak(arch, n_params, stored, dtype)
-    int4_file = memory.export_file_bytes(arch, n_params, "int4")
+        found[f"export_{dtype}"] = memory.export_peak(arch, n_params, stored, dtype, xc.int4, group_query)
+    int4_file = memory.export_file_bytes(arch, n_params, "int4", xc.int4, group_query)
     context = min(arch.block_size, config.infer.max_new_tokens + PROMPT_ROOM)
     found["infer_int4"] = memory.runtime_peak("infer", arch, int4_file, 1, context)
     serve_context = min(arch.block_size, config.serve.max_tokens + PROMPT_ROOM)

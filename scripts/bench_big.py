@@ -14,8 +14,9 @@ Each peak is printed beside the stage's target (issue 31) and beside plan's pred
 Then, in the same run, the onnxruntime-genai builder (`-p int4 -e cpu`) on the same folder -- its wall time,
 peak and file size; with --time-rounds N, init + export and the builder again until each ran N times,
 interleaved, and the ratio of their medians (this machine's speed drifts ~10% between runs) -- and decoding at batch 1 (16-token prompt, --new-tokens new tokens, --threads threads)
-of both int4 files, interleaved over --rounds rounds (medians): bigmodel's through `infer --bench`, the
-builder's through onnxruntime-genai's own Generator. Last, both files' logits on a fixed prompt against the
+of both int4 files, over --rounds rounds in a rotating order, each way the median of 3 timed runs after a
+warm-up: bigmodel's through `infer --bench`, the builder's through onnxruntime-genai's own Generator; the
+ratios are medians of the per-round ratios. Last, both files' logits on a fixed prompt against the
 fp32 model (computed layer by layer from the checkpoint, which init's gate holds to transformers within
 1e-4): max and mean abs difference, and top-1 agreement. bigmodel's int4 file is also written as
 onnxruntime-genai's folder (export.format genai, outside the timed export) and decoded by og's own
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+REPEATS = 3  # timed decode runs per way and round (after a warm-up): their median
 GiB = 2**30
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers that"
 
@@ -168,7 +170,7 @@ def builder_decode(folder: Path, threads: int, prompt_tokens: int, new_tokens: i
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
     rates = []
-    for _ in range(2):  # a warm-up, then the measured one
+    for _ in range(1 + REPEATS):  # a warm-up, then REPEATS measured (as `infer --bench --repeats`): the median
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=prompt_tokens + new_tokens + 1, do_sample=False, batch_size=1)
         generator = og.Generator(model, params)
@@ -181,7 +183,7 @@ def builder_decode(folder: Path, threads: int, prompt_tokens: int, new_tokens: i
         for _ in range(new_tokens):
             generator.generate_next_token()
         rates.append(new_tokens / (time.perf_counter() - start))
-    return {"tokens_per_s": round(rates[-1], 1)}
+    return {"tokens_per_s": round(statistics.median(rates[1:]), 1)}
 
 
 def logits_distance(checkpoint: Path, ours: Path, builder: Path | None) -> dict[str, Any]:
@@ -347,49 +349,52 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     ours_genai = run / "export" / "genai"
     decode: dict[str, list[float]] = {"bigmodel_int4": [], "builder_int4": [], "og_on_bigmodel_int4": []}
     have_builder = (builder_dir / "genai_config.json").is_file()
-    for _ in range(args.rounds):  # interleaved: this machine's speed drifts between runs
-        ours = bigmodel(
-            "infer",
-            "--bench",
-            "--batch",
-            "1",
-            "--prompt-tokens",
-            "16",
-            "--new-tokens",
-            str(args.new_tokens),
-            "--repeats",
-            "3",
-            config=config,
-        )
-        if ours.get("output"):
-            decode["bigmodel_int4"].append(ours["output"]["tokens_per_s"])
-        for name, folder_of in (("builder_int4", builder_dir), ("og_on_bigmodel_int4", ours_genai)):
-            if not (folder_of / "genai_config.json").is_file():
-                continue
-            theirs = timed_child(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    "builder-decode",
-                    "--work",
-                    str(folder_of),
-                    "--threads",
-                    str(args.threads),
+    folders = {"builder_int4": builder_dir, "og_on_bigmodel_int4": ours_genai}
+    ways = ["bigmodel_int4", *(name for name, folder in folders.items() if (folder / "genai_config.json").is_file())]
+    for round_number in range(args.rounds):  # interleaved, the order rotated: this machine's speed drifts
+        for name in ways[round_number % len(ways) :] + ways[: round_number % len(ways)]:
+            if name == "bigmodel_int4":
+                found = bigmodel(
+                    "infer",
+                    "--bench",
+                    "--batch",
+                    "1",
+                    "--prompt-tokens",
+                    "16",
                     "--new-tokens",
                     str(args.new_tokens),
-                ]
-            )
-            if theirs.get("output"):
-                decode[name].append(theirs["output"]["tokens_per_s"])
+                    "--repeats",
+                    str(REPEATS),
+                    config=config,
+                )
+            else:
+                found = timed_child(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        "builder-decode",
+                        "--work",
+                        str(folders[name]),
+                        "--threads",
+                        str(args.threads),
+                        "--new-tokens",
+                        str(args.new_tokens),
+                    ]
+                )
+            decode[name].append(found["output"]["tokens_per_s"] if found.get("output") else float("nan"))
     report["decode_tokens_per_s"] = {
         name: {"median": statistics.median(rates), "rounds": rates} for name, rates in decode.items() if rates
     }
-    rates = {name: found["median"] for name, found in report["decode_tokens_per_s"].items()}
-    if "bigmodel_int4" in rates and "builder_int4" in rates:
-        report["decode_bigmodel_over_builder"] = round(rates["bigmodel_int4"] / rates["builder_int4"], 2)
-    if "og_on_bigmodel_int4" in rates and "builder_int4" in rates:  # the same runtime on both files
-        report["decode_og_on_bigmodel_over_builder"] = round(rates["og_on_bigmodel_int4"] / rates["builder_int4"], 2)
+    # each way over the builder's file within a round (the machine drifts less within a round than across)
+    for name, key in (
+        ("bigmodel_int4", "decode_bigmodel_over_builder"),
+        ("og_on_bigmodel_int4", "decode_og_on_bigmodel_over_builder"),
+    ):
+        if decode[name] and decode["builder_int4"]:
+            ratios = [ours / theirs for ours, theirs in zip(decode[name], decode["builder_int4"], strict=True)]
+            report[key] = round(statistics.median(ratios), 3)
+            report[key + "_per_round"] = [round(ratio, 3) for ratio in ratios]
     distance = timed_child(
         [sys.executable, __file__, "--child", "logits", "--work", str(work)]
         + (["--with-builder"] if have_builder else [])

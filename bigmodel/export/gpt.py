@@ -168,11 +168,11 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
     with torch.device("meta"):
         parameters = sum(p.numel() for p in GPT(arch).parameters())
     stored = manifest.stored_dtype
-    memory.guard(memory.export_peak(arch, parameters, stored, xc.dtype), config.memory_limit)
+    memory.guard(memory.export_peak(arch, parameters, stored, xc.dtype, xc.int4, group_query), config.memory_limit)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_free_space(
         out_dir,
-        int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4.head, xc.int4.embedding_format)),
+        int(1.1 * memory.export_file_bytes(arch, parameters, xc.dtype, xc.int4, group_query)),
         "export",
     )
     final = out_dir / "model.onnx"
