@@ -299,7 +299,7 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
         "--new-tokens",
         str(args.new_tokens),
         "--repeats",
-        "3",
+        str(REPEATS),
         config=config,
     )
     stages["serve"] = serve_one_request(config, args.new_tokens)
