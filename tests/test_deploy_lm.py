@@ -581,6 +581,47 @@ def test_infer_decodes_into_buffers_written_in_place_with_the_arrays_numbers(lm_
         shared.run(np.zeros((2, 7), np.int64))
 
 
+def test_serve_keeps_the_batch_in_slots_written_in_place_with_the_arrays_numbers(lm_run: Path) -> None:
+    """serve's batch on a GroupQueryAttention file: each row's keys and values in its slot of buffers the
+    graph writes in place -- rows of different lengths prefilled together, steps, a row leaving from the
+    middle (the rows after it move down), a row joining a running batch, the buffers outgrown -- with the logits of the batch
+    kept as arrays each run returns, bit for bit, and each slot holding that row's cached positions."""
+    from bigmodel.infer.gpt import Decoder
+    from bigmodel.infer.session import open_model
+    from bigmodel.serve.batching import ArrayRows, Scheduler, SlotRows
+
+    session, meta = open_model(onnx_of(lm_run), ["CPUExecutionProvider"], 1)
+    decoder = Decoder.from_session(session, meta, onnx_of(lm_run))
+    scheduler = Scheduler(decoder, max_batch=4)
+    scheduler.stop()
+    assert isinstance(scheduler._rows, SlotRows)
+    slots, arrays = SlotRows(decoder, 4, capacity=4), ArrayRows(decoder)  # (4 positions: it has to grow)
+    rng = np.random.default_rng(0)
+
+    def both(call: str, *args: object) -> np.ndarray:
+        got, want = getattr(slots, call)(*args), getattr(arrays, call)(*args)
+        assert np.array_equal(got, want), call
+        return got
+
+    lengths = np.array([5, 9, 2])
+    logits = both("add", rng.integers(0, 50, (3, 9)), 9 - lengths)  # (right-padded: the ids past each length)
+    for _ in range(3):
+        logits = both("step", logits[:, -1].argmax(-1)[:, None])
+    slots.keep([0, 2]), arrays.keep([0, 2])  # the 9-token row leaves: the last row moves into its slot
+    assert slots.lengths.tolist() == [8, 5]
+    both("step", rng.integers(0, 50, (2, 1)))
+    both("add", rng.integers(0, 50, (1, 7)), np.zeros(1, np.int64))  # joins in the third slot
+    for _ in range(2):
+        both("step", rng.integers(0, 50, (3, 1)))
+    assert slots.lengths.tolist() == [11, 8, 9] and slots.capacity == 18  # 4 -> 9 (the prompt) -> 18
+    width = arrays.cache.length  # (right-padded arrays: row b's positions are its first lengths[b])
+    for buffer, array in zip(slots.buffers, (*arrays.cache.keys, *arrays.cache.values)):
+        for row, used in enumerate(slots.lengths):
+            assert np.array_equal(buffer[row, :, :used], array[row, :, :used]) and used <= width
+    with pytest.raises(ValueError, match="slots"):
+        slots.add(np.zeros((2, 3), np.int64), np.zeros(2, np.int64))
+
+
 def test_export_attention_onnx_writes_onnx_attention_and_decodes_and_serves_the_same(
     lm_run: Path, tmp_path: Path
 ) -> None:

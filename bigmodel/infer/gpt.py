@@ -90,10 +90,16 @@ class Decoder:
         named = decoder_graph.feeds(ids, cache, padding, self.inputs, self.right_padded)
         return decoder_graph.outputs(self.session.run(None, named))
 
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether the graph can write each run's keys and values into buffers bound as both its past and
+        its present (GroupQueryAttention, on the CPU: the buffers are host memory)."""
+        return self.right_padded and self.session.get_providers()[0] == "CPUExecutionProvider"
+
     def sequences(self, batch: int, capacity: int) -> Sequences:
         """`batch` sequences decoded together, up to `capacity` positions each: in buffers the graph writes
-        in place where it can (a GroupQueryAttention graph on the CPU), else in arrays each run returns."""
-        if self.right_padded and self.session.get_providers()[0] == "CPUExecutionProvider":
+        in place where it can (writes_in_place), else in arrays each run returns."""
+        if self.writes_in_place:
             return SharedCache(self, batch, capacity)
         return ArrayCache(self, batch)
 

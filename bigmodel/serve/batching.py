@@ -11,7 +11,10 @@ One thread owns the ONNX session. Each turn of its loop it
 graph's attention mask over it (decoder_graph.feeds).
 Rows are padded in front, or at the end for a GroupQueryAttention graph (Decoder.right_padded), whose
 operator writes each row's new keys and values after its own last token. The attention mask keeps
-every row's numbers its own (export's gate checks padded rows).
+every row's numbers its own (export's gate checks padded rows). Such a graph on the CPU keeps the batch's
+cache in slots it writes in place (`SlotRows`): nothing of the cache is copied per step, a request joins
+by its own prefill into the next free slots, and one that leaves moves only the rows after it. Otherwise
+each run returns the cache as new arrays (`ArrayRows`).
 A request alone in the batch runs exactly as `bigmodel infer` would, bit for bit.
 
 A row whose context is full (block_size tokens) re-reads its last block_size tokens each step, as infer
@@ -25,11 +28,12 @@ import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import onnxruntime as ort
 
-from bigmodel.decoder_graph import KVCache
+from bigmodel import decoder_graph
 from bigmodel.infer.gpt import Decoder, Generation
 
 
@@ -51,6 +55,130 @@ class Request:
         return (self.generation.prompt_ids + self.generation.new_ids)[-block_size:]
 
 
+class CachedRows(Protocol):
+    """The keys and values of the batch's rows, in the scheduler's row order."""
+
+    def add(self, ids: np.ndarray, padding: np.ndarray) -> np.ndarray: ...  # new rows' prompts: (k, L, V)
+
+    def step(self, ids: np.ndarray) -> np.ndarray: ...  # one token for every row (B, 1): (B, 1, V)
+
+    def keep(self, rows: list[int]) -> None: ...  # only these rows (ascending), in this order
+
+    def clear(self) -> None: ...
+
+
+class ArrayRows:
+    """The cache as arrays each run returns (ONNX's Attention: the present is the past plus the new
+    positions), padded per row; rows join by padding the side with fewer positions."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache, self.padding = self.decoder.empty_cache(0), np.zeros(0, np.int64)
+
+    def add(self, ids: np.ndarray, padding: np.ndarray) -> np.ndarray:
+        logits, cache = self.decoder.run(ids, self.decoder.empty_cache(len(ids)), padding)
+        if not len(self.padding):
+            self.cache, self.padding = cache, padding
+            return logits
+        width, right = max(self.cache.length, cache.length), self.decoder.right_padded
+        old_pad, new_pad = self.padding + width - self.cache.length, padding + width - cache.length
+        self.cache = self.cache.padded(width, right).joined(cache.padded(width, right))
+        self.padding = np.concatenate([old_pad, new_pad])
+        return logits
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        logits, self.cache = self.decoder.run(ids, self.cache, self.padding)
+        return logits
+
+    def keep(self, rows: list[int]) -> None:
+        self.cache, self.padding = self.cache.rows(rows), self.padding[rows]
+        drop = int(self.padding.min()) if len(rows) else 0  # positions that are padding in every row
+        if drop:
+            self.cache = self.cache.trimmed(drop, self.decoder.right_padded)
+            self.padding = self.padding - drop
+
+
+class SlotRows:
+    """A GroupQueryAttention graph's cache written in place: per layer one keys and one values buffer of
+    (max_batch slots, kv heads, capacity positions, head size), the live rows in the first slots in the
+    scheduler's order. Each run binds its rows' slots (a view: no copy) as both past and present, and the
+    attention mask's ones say how long each row is -- the operator writes row b's new keys and values at
+    its own length and attends over that. New rows are prefilled into the next free slots, right-padded
+    (what lies past a row's length is never read: its next step overwrites it). The capacity doubles when
+    a row needs more, up to block_size (one copy of what is cached, each time); the OS zeroes the buffers
+    lazily, so slots never used take no memory."""
+
+    def __init__(self, decoder: Decoder, slots: int, capacity: int = 256) -> None:
+        self.decoder, self.slots = decoder, slots
+        self.names = decoder_graph.input_names(decoder.cache.n_layer)[1:-1]  # keys, then values, per layer
+        self.buffers: list[np.ndarray] = []
+        self.lengths = np.zeros(0, np.int64)  # each live row's cached positions
+        self._grow(min(capacity, decoder.block_size))
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+    def _grow(self, capacity: int) -> None:
+        layout = self.decoder.cache
+        shape = (self.slots, layout.n_kv_head, capacity, layout.head_size)
+        used = int(self.lengths.max()) if len(self.lengths) else 0
+        grown = [np.zeros(shape, decoder_graph.DTYPES[layout.dtype]) for _ in self.names]
+        for new, old in zip(grown, self.buffers):
+            new[: len(self.lengths), :, :used] = old[: len(self.lengths), :, :used]
+        self.buffers = grown
+
+    def _room(self, positions: int) -> None:
+        if positions > self.capacity:
+            self._grow(min(self.decoder.block_size, max(positions, 2 * self.capacity)))
+
+    def clear(self) -> None:
+        self.lengths = np.zeros(0, np.int64)
+
+    def add(self, ids: np.ndarray, padding: np.ndarray) -> np.ndarray:
+        lengths = ids.shape[1] - padding
+        start = len(self.lengths)
+        if start + len(ids) > self.slots:
+            raise ValueError(f"{start + len(ids)} rows exceed the {self.slots} slots")
+        self._room(ids.shape[1])
+        logits = self._run(ids, start, lengths)
+        self.lengths = np.concatenate([self.lengths, lengths])
+        return logits
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        self._room(int(self.lengths.max()) + 1)
+        logits = self._run(ids, 0, self.lengths + 1)
+        self.lengths = self.lengths + 1
+        return logits
+
+    def keep(self, rows: list[int]) -> None:
+        """Move each kept row down into the first free slot before it (rows ascend, so no source is
+        overwritten before it is read): one copy of each row after a leaving one, once."""
+        for slot, row in enumerate(rows):
+            if row != slot:
+                used = int(self.lengths[row])
+                for buffer in self.buffers:
+                    buffer[slot, :, :used] = buffer[row, :, :used]
+        self.lengths = self.lengths[rows]
+
+    def _run(self, ids: np.ndarray, start: int, lengths: np.ndarray) -> np.ndarray:
+        """Logits (k, T, V) of `ids` for the rows in slots start .. start + k, each `lengths` long after it."""
+        binding = self.decoder.session.io_binding()
+        for name, buffer in zip(self.names, self.buffers):
+            rows = ort.OrtValue.ortvalue_from_numpy(buffer[start : start + len(ids)])  # (host memory: a view)
+            binding.bind_ortvalue_input(name, rows)
+            binding.bind_ortvalue_output(name.replace("past_", "present_"), rows)
+        width = int(lengths.max())
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", decoder_graph.attention_mask(width, width - lengths, right=True))
+        binding.bind_output("logits")
+        self.decoder.session.run_with_iobinding(binding)
+        return next(o for o in binding.get_outputs() if len(o.shape()) == 3).numpy()  # (the caches: 4-D)
+
+
 class Scheduler:
     """The decoding thread and its batch. `submit` from any thread; `waiting` and `rows` for metrics."""
 
@@ -63,8 +191,9 @@ class Scheduler:
         self._cut: BaseException | None = None  # set by cut(): every request ends with it at the next turn
         self.cached: list[Request] = []  # rows in the shared KV cache, in its batch order
         self.windowed: list[Request] = []  # rows whose context is full
-        self._cache = decoder.empty_cache(0)  # the cached rows' keys and values
-        self._pad = np.zeros(0, np.int64)
+        self._rows: CachedRows = (  # the cached rows' keys and values
+            SlotRows(decoder, self.max_batch) if decoder.writes_in_place else ArrayRows(decoder)
+        )
         self.steps = 0
         self.largest_batch = 0
         self._thread = threading.Thread(target=self._loop, name="bigmodel-decoder", daemon=True)
@@ -108,6 +237,7 @@ class Scheduler:
                 for request in self.cached + self.windowed:
                     request.on_end(exc)
                 self.cached, self.windowed = [], []
+                self._rows.clear()
 
     def _admit(self) -> bool:
         """Wait for work; move waiting requests into the batch (prefilled). False when stopping."""
@@ -121,7 +251,7 @@ class Scheduler:
                     request.on_end(self._cut)
                 self._waiting.clear()
                 self.cached, self.windowed, self._cut = [], [], None
-                self._cache, self._pad = self.decoder.empty_cache(0), np.zeros(0, np.int64)
+                self._rows.clear()
                 return True
             new = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - self.rows))]
         new = [r for r in new if not r.cancelled.is_set()]
@@ -130,6 +260,7 @@ class Scheduler:
                 self._prefill(new)
             except Exception as exc:  # noqa: BLE001 - those requests fail; the batch goes on
                 for request in new:
+                    request.cancelled.set()  # (it leaves the rows at the next turn, if it joined them)
                     request.on_end(exc)
         return True
 
@@ -165,13 +296,7 @@ class Scheduler:
         self.windowed += [r for r in self.cached if live(r) and r.length + 1 > self.decoder.block_size]
         if len(keep) < len(self.cached):
             self.cached = [self.cached[i] for i in keep]
-            self._cache = self._cache.rows(keep)
-            self._pad = self._pad[keep]
-        if self.cached:  # positions that are padding in every row are dead weight
-            drop = int(self._pad.min())
-            if drop:
-                self._cache = self._cache.trimmed(drop, self.decoder.right_padded)
-                self._pad = self._pad - drop
+            self._rows.keep(keep)
 
     def _prefill(self, new: list[Request]) -> None:
         lengths = [len(r.generation.prompt_ids) for r in new]
@@ -181,7 +306,8 @@ class Scheduler:
         ids = np.zeros((len(new), longest), dtype=np.int64)
         for row, (request, n) in enumerate(zip(new, lengths)):
             ids[row, slice(0, n) if right else slice(longest - n, longest)] = request.generation.prompt_ids
-        logits, cache = self.decoder.run(ids, self.decoder.empty_cache(len(new)), pad)
+        logits = self._rows.add(ids, pad)  # (a run that fails leaves the rows as they were)
+        self.cached += new  # (in the rows' order from here on: one that fails below is cancelled)
         for row, (request, n) in enumerate(zip(new, lengths)):
             real = logits[row, :n] if right else logits[row, longest - n :]  # (n, V): the prompt's positions
             request.logits, request.length = real[-1], n
@@ -191,22 +317,10 @@ class Scheduler:
             if generation.settings.max_new_tokens == 0:  # only the prompt was asked for: it ends here
                 generation.stop_reason = "max_new_tokens"  # (its row leaves the batch at the next turn)
                 request.on_end(generation.result())
-        self._join(new, cache, pad)
-
-    def _join(self, new: list[Request], cache: KVCache, pad: np.ndarray) -> None:
-        """Add prefilled rows to the cache; the side with fewer positions is padded to the other's."""
-        if not self.cached:
-            self.cached, self._cache, self._pad = list(new), cache, pad
-            return
-        width, right = max(self._cache.length, cache.length), self.decoder.right_padded
-        old_pad, new_pad = self._pad + width - self._cache.length, pad + width - cache.length
-        self._cache = self._cache.padded(width, right).joined(cache.padded(width, right))
-        self._pad = np.concatenate([old_pad, new_pad])
-        self.cached += new
 
     def _step_cached(self) -> None:
         ids = np.array([[r.next_token] for r in self.cached], dtype=np.int64)
-        logits, self._cache = self.decoder.run(ids, self._cache, self._pad)
+        logits = self._rows.step(ids)
         for row, request in enumerate(self.cached):
             request.logits, request.length = logits[row, -1], request.length + 1
 
