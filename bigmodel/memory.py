@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigmodel.config import Int4Export
 from bigmodel.errors import UserError
 
 GiB = 2**30
@@ -187,13 +188,14 @@ def import_peak(
     return Estimate("init", parts, fixes)
 
 
-def export_file_bytes(arch: Any, parameters: int, dtype: str, int4: Any = None, group_query: bool = False) -> int:
+def export_file_bytes(
+    arch: Any, parameters: int, dtype: str, int4: Int4Export | None = None, group_query: bool = False
+) -> int:
     """The ONNX file's size: fp32/fp16 store every weight once (a tied table too); int4 stores the matrices
     in 4-bit blocks (+ an fp32 scale per block), head and embedding as `int4` (export.int4, default
     settings when None) asks; a GroupQueryAttention graph adds its fp32 cos and sin tables of every
     position (block_size x rotary/2 each)."""
-    from bigmodel.config import Int4Export
-    from bigmodel.export.weightless import int8_block
+    from bigmodel.export.weightless import int8_block  # (here: it brings torch and onnx)
 
     tables_of_positions = (
         2 * arch.block_size * (arch.rope_dim // 2) * 4 if group_query and arch.position == "rope" else 0
@@ -216,7 +218,12 @@ def export_file_bytes(arch: Any, parameters: int, dtype: str, int4: Any = None, 
 
 
 def export_peak(
-    arch: Any, parameters: int, checkpoint_dtype: str, dtype: str, int4: Any = None, group_query: bool = False
+    arch: Any,
+    parameters: int,
+    checkpoint_dtype: str,
+    dtype: str,
+    int4: Int4Export | None = None,
+    group_query: bool = False,
 ) -> Estimate:
     """export of a decoder: one matrix read, converted to fp32 and transposed (fp32/fp16) or quantised
     (int4) -- a routed mixture's experts one layer at a time; the gate's fp32 reference holds one layer

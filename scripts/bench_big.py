@@ -267,6 +267,12 @@ def random_model_run(
     return folder, run, config
 
 
+def infer_bench(config: Path, new_tokens: int) -> dict[str, Any]:
+    """`bigmodel infer --bench` at batch 1 after a 16-token prompt: the median of REPEATS timed runs."""
+    args = ("--bench", "--batch", "1", "--prompt-tokens", "16", "--new-tokens", str(new_tokens))
+    return bigmodel("infer", *args, "--repeats", str(REPEATS), config=config)
+
+
 def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     from bigmodel.memory import onnx_file_bytes
 
@@ -289,19 +295,7 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     model = run / "export" / "model.onnx"
     file_bytes = onnx_file_bytes(model) if model.exists() else 0
     targets.update(infer=1.3 * file_bytes + GiB, serve=1.3 * file_bytes + GiB)
-    stages["infer"] = bigmodel(
-        "infer",
-        "--bench",
-        "--batch",
-        "1",
-        "--prompt-tokens",
-        "16",
-        "--new-tokens",
-        str(args.new_tokens),
-        "--repeats",
-        str(REPEATS),
-        config=config,
-    )
+    stages["infer"] = infer_bench(config, args.new_tokens)
     stages["serve"] = serve_one_request(config, args.new_tokens)
     for name, prediction in (
         ("init", "init"),
@@ -354,19 +348,7 @@ def run_shape(args: argparse.Namespace) -> dict[str, Any]:
     for round_number in range(args.rounds):  # interleaved, the order rotated: this machine's speed drifts
         for name in ways[round_number % len(ways) :] + ways[: round_number % len(ways)]:
             if name == "bigmodel_int4":
-                found = bigmodel(
-                    "infer",
-                    "--bench",
-                    "--batch",
-                    "1",
-                    "--prompt-tokens",
-                    "16",
-                    "--new-tokens",
-                    str(args.new_tokens),
-                    "--repeats",
-                    str(REPEATS),
-                    config=config,
-                )
+                found = infer_bench(config, args.new_tokens)
             else:
                 found = timed_child(
                     [
