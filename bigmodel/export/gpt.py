@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -165,6 +165,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             f"export.experts {xc.experts!r} applies to a mixture of experts; {ckpt} holds a dense model: remove it"
         )
     group_query = attends_group_query(arch, xc.opset, xc.attention)  # (refused before anything is written)
+    attention: Literal["onnx", "group_query"] = "group_query" if group_query else "onnx"
     with torch.device("meta"):
         parameters = sum(p.numel() for p in GPT(arch).parameters())
     stored = manifest.stored_dtype
@@ -207,7 +208,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
                 "fp16" if xc.dtype == "fp16" else "fp32",
                 weights=weight_format(xc.dtype, xc.int4, arch.n_embd),
                 lineage={"checkpoint": checkpoint_sha256.result()},
-                attention="group_query" if group_query else "onnx",
+                attention=attention,
             ),
             routed=xc.experts == "routed",
             group_query=group_query,
@@ -225,7 +226,7 @@ def export_checkpoint(config: Config, ckpt: Path, out_dir: Path) -> dict[str, An
             "checkpoint": str(ckpt),
             "model": str(final),
             "opset": xc.opset,
-            "attention": "group_query" if group_query else "onnx",
+            "attention": attention,
             "dtype": xc.dtype,
             "weights": weight_format(xc.dtype, xc.int4, arch.n_embd),
             "external_data": external,
@@ -761,8 +762,9 @@ def check_parity(
 ) -> dict[str, Any]:
     """Prompt + decode steps on held-out text through ORT with its own cache, against PyTorch computing
     the same (`reference_logits`); then the same with rows of different lengths padded into one batch (on
-    the left; on the right for a GroupQueryAttention graph, `right_padded`), against PyTorch on each row alone. fp32/fp16 are compared with the fp32 model and pass when the largest
-    difference is within atol + rtol x the largest |logit| PyTorch gave (`tolerance`). int4 is compared with
+    the left; on the right for a GroupQueryAttention graph, `right_padded`), against PyTorch on each row
+    alone. fp32/fp16 are compared with the fp32 model and pass when the largest difference is within
+    atol + rtol x the largest |logit| PyTorch gave (`tolerance`). int4 is compared with
     the model its blocks hold and passes when the relative error (RMS of the difference over the RMS of the
     reference logits around their mean) is within tolerance[0]; its distance from the fp32 model is
     measured beside (`against_fp32`: relative error, mean and max abs diff, top-1 agreement, held-out loss)."""

@@ -162,26 +162,42 @@ class SharedCache:
         layout = decoder.cache
         self.binding = decoder.session.io_binding()
         shape = [batch, layout.n_kv_head, capacity, layout.head_size]
-        self.buffers = []  # keys, then values, layer by layer (decoder_graph.input_names)
-        for name in decoder_graph.input_names(layout.n_layer)[1:-1]:
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder_graph.DTYPES[layout.dtype])
-            self.binding.bind_ortvalue_input(name, buffer)
-            self.binding.bind_ortvalue_output(name.replace("past_", "present_"), buffer)
-            self.buffers.append(buffer)
+        dtype = decoder_graph.DTYPES[layout.dtype]
+        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype) for _ in cache_names(layout)]
+        bind_past_and_present(self.binding, layout, self.buffers)
 
     def run(self, ids: np.ndarray) -> np.ndarray:
         width = self.length + ids.shape[1]
         if width > self.capacity:
             raise ValueError(f"{width} positions exceed the cache's {self.capacity}")
-        self.binding.bind_cpu_input("input_ids", ids)
-        self.binding.bind_cpu_input("attention_mask", np.ones((self.batch, width), np.int64))
-        self.binding.bind_output("logits")  # (its shape changes between the prompt and the steps)
-        self.decoder.session.run_with_iobinding(self.binding)
+        logits = run_bound(self.decoder.session, self.binding, ids, np.ones((self.batch, width), np.int64))
         self.length = width
-        return next(o for o in self.binding.get_outputs() if len(o.shape()) == 3).numpy()  # (the caches: 4-D)
+        return logits
 
     def clear(self) -> None:
         self.length = 0
+
+
+def cache_names(layout: CacheLayout) -> tuple[str, ...]:
+    """The graph's cache inputs: keys, then values, layer by layer (decoder_graph.input_names)."""
+    return decoder_graph.input_names(layout.n_layer)[1:-1]
+
+
+def bind_past_and_present(binding: Any, layout: CacheLayout, values: list[ort.OrtValue]) -> None:
+    """Bind each of `values` (in cache_names' order) as both its layer's past and its present: a
+    GroupQueryAttention graph then writes the run's keys and values into it."""
+    for name, value in zip(cache_names(layout), values, strict=True):
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+
+
+def run_bound(session: ort.InferenceSession, binding: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Run `binding` (its cache bound) on `ids` and the attention `mask`; the logits (B, T, V)."""
+    binding.bind_cpu_input("input_ids", ids)
+    binding.bind_cpu_input("attention_mask", mask)
+    binding.bind_output("logits")  # (its shape changes between the prompt and the steps)
+    session.run_with_iobinding(binding)
+    return next(o for o in binding.get_outputs() if len(o.shape()) == 3).numpy()  # (the caches: 4-D)
 
 
 def pick(logits: np.ndarray, settings: InferConfig, rng: np.random.Generator) -> int:

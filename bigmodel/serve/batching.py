@@ -34,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bigmodel import decoder_graph
-from bigmodel.infer.gpt import Decoder, Generation
+from bigmodel.infer.gpt import Decoder, Generation, bind_past_and_present, cache_names, run_bound
 
 
 @dataclass
@@ -113,8 +113,7 @@ class SlotRows:
 
     def __init__(self, decoder: Decoder, slots: int, capacity: int = 256) -> None:
         self.decoder, self.slots = decoder, slots
-        self.names = decoder_graph.input_names(decoder.cache.n_layer)[1:-1]  # keys, then values, per layer
-        self.buffers: list[np.ndarray] = []
+        self.buffers: list[np.ndarray] = []  # keys, then values, layer by layer (cache_names)
         self.lengths = np.zeros(0, np.int64)  # each live row's cached positions
         self._grow(min(capacity, decoder.block_size))
 
@@ -126,7 +125,7 @@ class SlotRows:
         layout = self.decoder.cache
         shape = (self.slots, layout.n_kv_head, capacity, layout.head_size)
         used = int(self.lengths.max()) if len(self.lengths) else 0
-        grown = [np.zeros(shape, decoder_graph.DTYPES[layout.dtype]) for _ in self.names]
+        grown = [np.zeros(shape, decoder_graph.DTYPES[layout.dtype]) for _ in cache_names(layout)]
         for new, old in zip(grown, self.buffers):
             new[: len(self.lengths), :, :used] = old[: len(self.lengths), :, :used]
         self.buffers = grown
@@ -167,16 +166,13 @@ class SlotRows:
     def _run(self, ids: np.ndarray, start: int, lengths: np.ndarray) -> np.ndarray:
         """Logits (k, T, V) of `ids` for the rows in slots start .. start + k, each `lengths` long after it."""
         binding = self.decoder.session.io_binding()
-        for name, buffer in zip(self.names, self.buffers):
-            rows = ort.OrtValue.ortvalue_from_numpy(buffer[start : start + len(ids)])  # (host memory: a view)
-            binding.bind_ortvalue_input(name, rows)
-            binding.bind_ortvalue_output(name.replace("past_", "present_"), rows)
+        rows = slice(start, start + len(ids))  # (host memory: OrtValues over views of the buffers, no copy)
+        bind_past_and_present(
+            binding, self.decoder.cache, [ort.OrtValue.ortvalue_from_numpy(buffer[rows]) for buffer in self.buffers]
+        )
         width = int(lengths.max())
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", decoder_graph.attention_mask(width, width - lengths, right=True))
-        binding.bind_output("logits")
-        self.decoder.session.run_with_iobinding(binding)
-        return next(o for o in binding.get_outputs() if len(o.shape()) == 3).numpy()  # (the caches: 4-D)
+        mask = decoder_graph.attention_mask(width, width - lengths, right=True)
+        return run_bound(self.decoder.session, binding, ids, mask)
 
 
 class Scheduler:
